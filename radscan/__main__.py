@@ -1,0 +1,3 @@
+from radscan.cli import main
+
+main()

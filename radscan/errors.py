@@ -1,0 +1,54 @@
+"""Exit codes and the errors that carry them.
+
+Every command maps its outcome to one of these codes, so that cron wrappers and schedulers can tell
+"nothing to do" from "some files were bad" from "the model is broken". Codes above 63 follow BSD
+sysexits(3). 1 is left for genuine crashes (an uncaught exception) and 2 for usage errors (Click).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import click
+
+__all__ = [
+    "ExitCode",
+    "RadscanError",
+    "NoInputError",
+    "ModelError",
+    "LockHeldError",
+    "OutputError",
+]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    CRASH = 1  # an unexpected exception: a bug, please report it
+    USAGE = 2  # bad options or arguments (Click's own code)
+    PARTIAL = 3  # finished, but some files could not be used (status "error" rows)
+    DATA = 65  # EX_DATAERR: a missing or invalid model file
+    NO_INPUT = 66  # EX_NOINPUT: a path does not exist or holds no files
+    CANT_CREATE = 73  # EX_CANTCREAT: an output cannot be written
+    LOCKED = 75  # EX_TEMPFAIL: another run holds the lock on these outputs; try again later
+
+
+class RadscanError(click.ClickException):
+    """An error the user can act on: printed as one line, no traceback, with its own exit code."""
+
+    exit_code = ExitCode.CRASH
+
+
+class NoInputError(RadscanError):
+    exit_code = ExitCode.NO_INPUT
+
+
+class ModelError(RadscanError):
+    exit_code = ExitCode.DATA
+
+
+class LockHeldError(RadscanError):
+    exit_code = ExitCode.LOCKED
+
+
+class OutputError(RadscanError):
+    exit_code = ExitCode.CANT_CREATE

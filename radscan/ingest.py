@@ -1,0 +1,183 @@
+"""From folders to model inputs: find files, tell their kind by content, read them in parallel.
+
+`find_files` walks the inputs (cheap: names and stat only); `ingest_file` turns one file into an
+`ImageRecord` and, when usable, its 128x128 model input; `iter_ingested` runs `ingest_file` over
+worker processes and streams the results back in input order, so memory stays flat however many
+files there are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from radscan.dicom import read_dicom
+from radscan.policy import Policy
+from radscan.preprocess import PREPROCESS_VERSION, to_model_input
+from radscan.raster import read_raster
+from radscan.records import ImageRecord, one_line
+
+__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested"]
+
+log = logging.getLogger(__name__)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Names that promise an image: such a file with other content is an error, not a skip.
+_IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima", ".jpg", ".jpeg", ".png"}
+# Groups a DICOM data set without preamble can start with: file meta, or identifying (ACR-NEMA).
+_FIRST_GROUPS = (0x0002, 0x0008)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A file found under a root; `problem` is set when it could not even be listed or opened."""
+
+    root: str
+    path: str  # relative to root, forward slashes
+    problem: str = ""
+
+    @property
+    def full_path(self) -> Path:
+        return Path(self.root) / self.path
+
+
+Ingested = tuple[ImageRecord, "np.ndarray | None"]
+
+
+def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
+    """Every file under `inputs` (files or folders), sorted, each once.
+
+    Symbolic links are followed, but a folder is entered only once (by device and inode), so link
+    loops end. Folders that cannot be listed and broken links are returned with a `problem`.
+    `exclude` names outputs (e.g. the previews folder) that must not be read back as inputs.
+    """
+    excluded = {p.resolve() for p in exclude}
+    seen_dirs: set[tuple[int, int]] = set()
+    found: list[Found] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found.extend(_walk(path, path, seen_dirs, excluded))
+        else:
+            found.append(Found(str(path.parent), path.name))
+    return found
+
+
+def _walk(root: Path, folder: Path, seen: set[tuple[int, int]], excluded: set[Path]) -> Iterator[Found]:
+    rel_folder = folder.relative_to(root).as_posix()
+    try:
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in seen or folder.resolve() in excluded:
+            return
+        seen.add((stat.st_dev, stat.st_ino))
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        yield Found(str(root), rel_folder, f"cannot list folder: {exc.strerror or one_line(exc)}")
+        return
+    for entry in entries:
+        rel = entry.name if rel_folder == "." else f"{rel_folder}/{entry.name}"
+        try:
+            if entry.is_dir():  # follows links; loops are cut by `seen`
+                yield from _walk(root, Path(entry.path), seen, excluded)
+            elif entry.is_file():
+                if Path(entry.path).resolve() not in excluded:
+                    yield Found(str(root), rel)
+            elif entry.is_symlink():
+                yield Found(str(root), rel, "broken symbolic link")
+            else:
+                yield Found(str(root), rel, "not a regular file (device, socket or pipe)")
+        except OSError as exc:
+            yield Found(str(root), rel, f"cannot stat: {exc.strerror or one_line(exc)}")
+
+
+def sniff_kind(head: bytes) -> str:
+    """'dicom', 'jpeg', 'png' or 'other', from the first 132 bytes of a file (never its name)."""
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if _looks_like_bare_dicom(head):
+        return "dicom"
+    return "other"
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A data set with no preamble (ACR-NEMA style or stripped meta): the first element is a tag of
+    group 0002/0008 in either byte order, followed by an explicit VR or a short implicit length."""
+    if len(head) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)
+        if group in _FIRST_GROUPS:
+            vr = head[4:6]
+            if vr.isalpha() and vr.isupper():
+                return True
+            return int.from_bytes(head[4:8], order) < 0x10000
+    return False
+
+
+def ingest_file(found: Found, policy: Policy) -> Ingested:
+    """One file -> its record and, when usable, its (128, 128) uint8 model input.
+
+    Never raises: whatever goes wrong becomes the record's status and reason.
+    """
+    record = ImageRecord(path=found.path, root=found.root, kind="other",
+                         preprocess_version=PREPROCESS_VERSION)
+    if found.problem:
+        return record.fail(found.problem), None
+    path = found.full_path
+    try:
+        record.file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+        record.kind = sniff_kind(head)
+        if record.kind == "other":
+            return _not_an_image(record, path, head), None
+        if record.kind == "dicom":
+            grey = read_dicom(path, record, policy)
+        else:
+            record.study_key = Path(found.path).parent.as_posix()
+            grey = read_raster(path, record, policy)
+        if grey is None:
+            return record, None
+        return record, to_model_input(grey)
+    except Exception as exc:  # the last line of defence: one bad file never stops a run
+        log.debug("unexpected error on %s", found.path, exc_info=True)
+        return record.fail(f"unexpected error: {type(exc).__name__}: {one_line(exc)}"), None
+
+
+def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
+    name = path.name
+    if name.startswith("._"):
+        return record.skip("macOS resource-fork file (AppleDouble), not an image")
+    if not head:
+        reason = "empty file (0 bytes)"
+    else:
+        reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return record.fail(f"named like an image but {reason}: incomplete transfer or wrong file?")
+    return record.skip(reason)
+
+
+def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1) -> Iterator[Ingested]:
+    """`ingest_file` over `files` in worker processes, yielded in input order.
+
+    Results stream back as they complete (joblib's generator output with a bounded number of
+    tasks in flight), so only a few decoded images exist at any time. ``workers=1`` runs in this
+    process (for debugging and tests).
+    """
+    if workers == 1 or len(files) <= 1:
+        yield from (ingest_file(found, policy) for found in files)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=workers, return_as="generator", pre_dispatch="4*n_jobs", batch_size=4)
+    yield from parallel(delayed(ingest_file)(found, policy) for found in files)

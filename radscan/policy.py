@@ -1,0 +1,43 @@
+"""Which files radscan uses: the selection rules, in one place, shared by scan, train and score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "parse_list"]
+
+FRAME_POLICIES = ("skip", "first", "middle")
+DEFAULT_MODALITIES = ("CR", "DX")
+# Values seen in the wild for a chest film; an empty BodyPartExamined is accepted (often unset).
+DEFAULT_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Selection rules for DICOM images (JPEG/PNG files carry no header and are always used).
+
+    Attributes
+    ----------
+    modalities : allowed Modality values; ``None`` allows any (``--modalities all``)
+    body_parts : allowed BodyPartExamined values when the tag is set; ``None`` allows any
+    frames : multi-frame objects: ``skip`` them, or use the ``first`` or ``middle`` frame
+    for_processing : also use images whose PresentationIntentType is FOR PROCESSING (raw detector
+        data that is not meant for display; off by default)
+    max_pixels : refuse images larger than this per frame (decompression bombs, corrupt headers)
+    """
+
+    modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
+    body_parts: tuple[str, ...] | None = DEFAULT_BODY_PARTS
+    frames: str = "skip"
+    for_processing: bool = False
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        if self.frames not in FRAME_POLICIES:
+            raise ValueError(f"frames must be one of {FRAME_POLICIES}, not {self.frames!r}")
+
+
+def parse_list(text: str) -> tuple[str, ...] | None:
+    """'CR,DX' -> ('CR', 'DX'); 'all' or '*' -> None (no restriction)."""
+    items = tuple(item.strip().upper() for item in text.split(",") if item.strip())
+    return None if not items or items in (("ALL",), ("*",)) else items

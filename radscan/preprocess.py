@@ -1,0 +1,84 @@
+"""The one preprocessing function: display-correct grey image -> the model's 128x128 input.
+
+Every path through radscan (scan previews, training, scoring, evaluation) ends here, so a model
+only ever sees images made by this code. The readers (`radscan.dicom`, `radscan.raster`) bring any
+file to a display-correct 8-bit grey image with the helpers below; `to_model_input` resizes it.
+
+Notes
+-----
+Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling):
+
+1. stored values -> modality LUT (rescale slope/intercept or LUT sequence)
+2. VOI LUT sequence, else the first window, else a robust percentile window (>8-bit data), else
+   the full stored range (8-bit data such as JPEGs)
+3. MONOCHROME1 inverted exactly once, so that air is dark in every output
+4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs)
+5. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
+   reference and the Kermany 224 px training set both squash the whole film into a square.
+
+Bump `PREPROCESS_VERSION` whenever any step changes output pixels: model files record it and
+refuse input made by another version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "MODEL_SIZE",
+    "PREPROCESS_VERSION",
+    "PERCENTILE_WINDOW",
+    "percentile_window",
+    "window_to_uint8",
+    "to_model_input",
+]
+
+MODEL_SIZE = 128
+PREPROCESS_VERSION = "rs-pre-1"
+# Robust window for data that carries none: ignores collimator edges, labels and burnt-in text.
+PERCENTILE_WINDOW = (0.5, 99.5)
+
+
+def percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """Low/high window limits from the robust percentiles of `values` (subsampled for speed)."""
+    sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
+    low, high = np.percentile(sample, PERCENTILE_WINDOW)
+    return float(low), float(high)
+
+
+def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -> np.ndarray:
+    """Map `values` linearly from [low, high] to 0..255 (clipped), inverted if asked.
+
+    Parameters
+    ----------
+    values : (H, W) array of any real dtype
+    low, high : the values that become black and white (before inversion)
+    invert : True for MONOCHROME1 data (high values are displayed dark)
+    """
+    if values.dtype == np.uint8 and (low, high) == (0.0, 255.0):
+        grey = values  # already display values: skip the float round trip
+    else:
+        span = max(high - low, np.finfo(np.float32).eps)
+        scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)
+        grey = np.rint(np.clip(scaled, 0.0, 255.0, out=scaled)).astype(np.uint8)
+    return 255 - grey if invert else np.ascontiguousarray(grey)
+
+
+def to_model_input(grey: np.ndarray) -> np.ndarray:
+    """Resize a display-correct 8-bit grey image to the model's input.
+
+    Parameters
+    ----------
+    grey : (H, W) uint8, display-correct (air dark, bone bright)
+
+    Returns
+    -------
+    (128, 128) uint8. The model maps it to [-1, 1] as ``x / 127.5 - 1``.
+    """
+    if grey.dtype != np.uint8 or grey.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 grey image, got {grey.dtype} {grey.shape}")
+    image = Image.fromarray(grey)
+    if image.size != (MODEL_SIZE, MODEL_SIZE):
+        image = image.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(image)

@@ -1,0 +1,61 @@
+"""JPEG and PNG files -> display-correct 8-bit grey image."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from radscan.policy import Policy
+from radscan.preprocess import percentile_window, window_to_uint8
+from radscan.records import ImageRecord, one_line
+
+__all__ = ["read_raster"]
+
+_HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
+    """Decode a JPEG/PNG into a (H, W) uint8 display image, filling the QC fields of `record`.
+
+    8-bit images are used as stored (voi_source ``full-range``); 16-bit PNGs keep their depth
+    until a robust percentile window maps them to 8 bits. Colour is reduced to luma (ITU-R 601),
+    alpha is dropped and the EXIF orientation is applied. Returns ``None`` (with `record` marked
+    as an error) when the file cannot be decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                record.photometric = image.mode
+                record.columns, record.rows = image.size
+                record.frames = getattr(image, "n_frames", 1)
+                record.frame_used = 0
+                if image.width * image.height > policy.max_pixels:
+                    record.fail(
+                        f"image of {image.width}x{image.height} pixels exceeds the limit of "
+                        f"{policy.max_pixels:,} (corrupt header or decompression bomb)"
+                    )
+                    return None
+                image.load()
+                return _to_grey(ImageOps.exif_transpose(image), record)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError, EOFError) as exc:
+        record.fail(f"cannot decode {record.kind.upper()}: {one_line(exc)} (truncated or corrupt file?)")
+        return None
+
+
+def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
+    if image.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(image)
+        record.bits_stored = 32 if image.mode in ("I", "F") else 16
+        record.voi_source = "percentile"
+        low, high = percentile_window(values)
+        return window_to_uint8(values, low, high, invert=False)
+    if image.mode != "L":
+        image = image.convert("L")
+    record.bits_stored = 8
+    record.voi_source = "full-range"
+    return np.asarray(image)

@@ -1,0 +1,86 @@
+"""The typed record that travels from ingest to every report: one per input file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line"]
+
+
+class Status:
+    OK = "ok"
+    SKIPPED = "skipped"  # deliberately not used (policy: not an image, other modality, ...)
+    ERROR = "error"  # should have been used but could not be read
+
+
+# DICOM keywords copied verbatim into the inventory and the worklist, in column order.
+DICOM_FIELDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "AccessionNumber",
+    "PatientID",
+    "StudyDate",
+    "Modality",
+    "ViewPosition",
+    "BodyPartExamined",
+)
+
+
+@dataclass
+class ImageRecord:
+    """What radscan knows about one input file. Field order is the CSV column order."""
+
+    path: str  # relative to the scanned root, with forward slashes
+    root: str  # the scanned root, as given on the command line
+    kind: str  # dicom / jpeg / png / other
+    status: str = Status.OK
+    reason: str = ""
+    study_key: str = ""  # StudyInstanceUID for DICOM; the folder (relative to root) for JPEG/PNG
+    StudyInstanceUID: str = ""
+    SeriesInstanceUID: str = ""
+    SOPInstanceUID: str = ""
+    AccessionNumber: str = ""
+    PatientID: str = ""
+    StudyDate: str = ""
+    Modality: str = ""
+    ViewPosition: str = ""
+    BodyPartExamined: str = ""
+    # QC fields
+    transfer_syntax: str = ""
+    photometric: str = ""
+    inverted: bool = False
+    voi_source: str = ""  # lut / window / full-range / percentile
+    bits_stored: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int | None = None
+    frame_used: int | None = None
+    file_size: int | None = None
+    preprocess_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def skip(self, reason: str) -> ImageRecord:
+        self.status, self.reason = Status.SKIPPED, reason
+        return self
+
+    def fail(self, reason: str) -> ImageRecord:
+        self.status, self.reason = Status.ERROR, reason
+        return self
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat dict for CSV writing; `extra` columns (e.g. preview_png) come last."""
+        row = asdict(self)
+        extra = row.pop("extra")
+        row.update(extra)
+        return row
+
+
+RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as a short single line, for the `reason` column."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
