@@ -171,6 +171,7 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
         record.voi_source = "full-range"
         return window_to_uint8(luma, 0.0, float(np.iinfo(rgb.dtype).max), invert=False)
 
+    _drop_empty_display_elements(ds)
     values = apply_modality_lut(stored, ds)
     if "VOILUTSequence" in ds:
         values, (low, high) = apply_voi(values, ds), _voi_lut_range(ds)
@@ -188,6 +189,20 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
     return window_to_uint8(values, low, high, invert=record.inverted)
+
+
+def _drop_empty_display_elements(ds: Dataset) -> None:
+    """Empty rescale/window values and LUT sequences without descriptor or data (all seen in the
+    wild) mean "not given": drop them, as viewers do, rather than fail the image."""
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if keyword in ds and ds[keyword].value in (None, "", []):
+            del ds[keyword]
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        items = ds.get(keyword)
+        if items is not None and not (
+            len(items) and items[0].get("LUTDescriptor") and items[0].get("LUTData") is not None
+        ):
+            del ds[keyword]
 
 
 def _has_window(ds: Dataset) -> bool:
@@ -225,7 +240,7 @@ def _decode_failure(ds: Dataset, exc: Exception) -> str:
     if not decoder.is_available:
         return f"{syntax} needs a decoder plugin: pip install 'radscan[codecs]' (missing: {missing})"
     reason = f"cannot decode the pixel data ({syntax}): {one_line(exc)}"
-    if "libjpeg" in missing:
+    if "libjpeg" in missing and "does not support" in str(exc):
         reason += "; the GPL-3.0 decoder pylibjpeg-libjpeg may read it: pip install 'radscan[codecs-gpl]'"
     return reason
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line"]
+
+
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class Status:
@@ -83,4 +87,5 @@ RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as a short single line, for the `reason` column."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _OBJECT_ADDRESS.sub("<object>", text)  # keep reasons identical from run to run
     return text if len(text) <= limit else text[: limit - 3] + "..."
