@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Invalid values in real-world headers are common; read them as they are instead of warning on each.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 # Elements larger than this are read only when used: pixel data of skipped files is never loaded.
 _DEFER_SIZE = "64 KB"
@@ -52,12 +53,17 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
     """Read one DICOM file: fill `record`, decide whether it is used, decode it if so.
 
     Returns a (H, W) uint8 display image, or ``None`` when the file is skipped or unreadable
-    (then ``record.status`` and ``record.reason`` say why).
+    (then ``record.status`` and ``record.reason`` say why). pydicom's warnings about malformed
+    values are silenced: what matters about a file ends up in its reason.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_dicom(path, record, policy)
+
+
+def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
     except Exception as exc:  # pydicom raises many types on malformed headers
         record.fail(f"cannot parse the DICOM header: {one_line(exc)}")
         return None
@@ -84,9 +90,7 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
     index = {"skip": 0, "first": 0, "middle": frames // 2}[policy.frames]
     record.frame_used = index
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
+        stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
     except Exception as exc:
         record.fail(_decode_failure(ds, exc))
         return None
@@ -174,6 +178,8 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
     _drop_empty_display_elements(ds)
     values = apply_modality_lut(stored, ds)
     if "VOILUTSequence" in ds:
+        if values.dtype.kind == "f":  # a LUT is indexed by integers (rescaled values are float)
+            values = np.rint(values).astype(np.int32)
         values, (low, high) = apply_voi(values, ds), _voi_lut_range(ds)
         record.voi_source = "lut"
     elif _has_window(ds):

@@ -1,0 +1,120 @@
+"""The command line end to end: help, exit codes, JSON summary, environment variables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from radscan import __version__
+from radscan.cli import cli
+from radscan.errors import ExitCode
+
+from .conftest import CXR_DIR, DICOM_DIR
+
+
+def _run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, auto_envvar_prefix="RADSCAN")
+
+
+def test_every_command_has_help_with_an_example():
+    result = _run("--help")
+    assert result.exit_code == 0 and "research and triage support" in result.output
+    for name, command in cli.commands.items():
+        sub = _run(name, "--help")
+        assert sub.exit_code == 0, name
+        assert command.help and "Example" in sub.output and "Exit codes" in sub.output
+
+
+def test_version():
+    result = _run("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.fixture()
+def study_folder(tmp_path) -> Path:
+    """A user's folder: DICOM without extensions, JPEGs in patient folders, a stray text file."""
+    root = tmp_path / "incoming"
+    (root / "study1").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "study1" / "IM000001")
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "study1" / "SR000001")
+    (root / "patient2").mkdir()
+    for jpeg in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]:
+        shutil.copy(jpeg, root / "patient2" / jpeg.name)
+    (root / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def test_scan_writes_inventory_previews_and_json(study_folder, tmp_path):
+    out, previews = tmp_path / "out" / "inventory.csv", tmp_path / "out" / "previews"
+    result = _run("scan", str(study_folder), "--out", str(out), "--previews", str(previews), "--json")
+    assert result.exit_code == ExitCode.OK, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 5 and summary["counts"] == {"ok": 3, "skipped": 2, "error": 0}
+    with open(out, newline="") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    jpegs = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]
+    assert set(rows) == {"study1/IM000001", "study1/SR000001", "notes.txt",
+                         *(f"patient2/{jpeg.name}" for jpeg in jpegs)}
+    assert rows["study1/IM000001"]["kind"] == "dicom" and rows["notes.txt"]["kind"] == "other"
+    jpeg_rows = [row for path, row in rows.items() if path.startswith("patient2/")]
+    assert all(row["study_key"] == "patient2" for row in jpeg_rows)
+    assert len(list(previews.glob("*.png"))) == 3
+    for row in rows.values():
+        assert (row["preview_png"] != "") == (row["status"] == "ok")
+        if row["preview_png"]:
+            assert (out.parent / row["preview_png"]).is_file()
+
+
+def test_scan_exit_code_when_files_are_bad(study_folder, tmp_path):
+    (study_folder / "study1" / "IM000002.dcm").write_bytes(b"<html>not dicom</html>" * 10)
+    result = _run("scan", str(study_folder), "--out", str(tmp_path / "inv.csv"))
+    assert result.exit_code == ExitCode.PARTIAL
+    assert "1 error" in result.stderr
+
+
+def test_missing_or_empty_input_is_no_input(tmp_path):
+    result = _run("scan", str(tmp_path / "nope"), "--out", str(tmp_path / "inv.csv"))
+    assert result.exit_code == ExitCode.NO_INPUT and "does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = _run("scan", str(tmp_path / "empty"), "--out", str(tmp_path / "inv.csv"))
+    assert result.exit_code == ExitCode.NO_INPUT and "no files found" in result.output
+    assert not (tmp_path / "inv.csv").exists()
+
+
+def test_bad_option_is_a_usage_error(tmp_path):
+    result = _run("scan", str(tmp_path), "--out", str(tmp_path / "x.csv"), "--frames", "all")
+    assert result.exit_code == ExitCode.USAGE
+
+
+def test_options_from_environment(study_folder, tmp_path):
+    env = {"RADSCAN_SCAN_MODALITIES": "MR", "RADSCAN_SCAN_WORKERS": "1"}
+    result = _run("scan", str(study_folder), "--out", str(tmp_path / "inv.csv"), "--json", env=env)
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["counts"]["ok"] == 2  # the CR film is now out of scope
+
+
+def test_console_script_runs_as_a_module(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "radscan", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_failed_run_keeps_the_previous_inventory(study_folder, tmp_path, monkeypatch):
+    out = tmp_path / "inv.csv"
+    assert _run("scan", str(study_folder), "--out", str(out)).exit_code == 0
+    before = out.read_bytes()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr("radscan.scan.iter_ingested", lambda *a, **k: (explode() for _ in [0]))
+    result = _run("scan", str(study_folder), "--out", str(out))
+    assert result.exit_code == ExitCode.CRASH
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".inv.csv")] == []

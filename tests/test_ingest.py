@@ -1,0 +1,146 @@
+"""Reading single files: JPEG/PNG chest sets, kind sniffing, folder walking, hostile bytes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from radscan.ingest import Found, find_files, ingest_file, iter_ingested, sniff_kind
+from radscan.policy import Policy
+from radscan.preprocess import to_model_input
+
+from .conftest import CXR_DIR, DICOM_DIR
+
+
+def _ingest(path: Path):
+    return ingest_file(Found(str(path.parent), path.name), Policy())
+
+
+def _sample(folder: str, count: int) -> list[Path]:
+    files = sorted((CXR_DIR / folder).iterdir())
+    return files[:: max(1, len(files) // count)][:count]
+
+
+RASTERS = (
+    _sample("kermany_pediatric_224/train_normal", 4)  # 224x224 RGB JPEG
+    + _sample("kermany_pediatric_fullres/normal", 4)  # full-size grey JPEG, many sizes
+    + _sample("kermany_pediatric_fullres/abnormal", 4)
+    + _sample("nih_cxr14_64px/test_abnormal", 4)  # 64x64 RGB/RGBA PNG (upsampled)
+)
+
+
+@pytest.mark.parametrize("path", RASTERS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_chest_jpeg_and_png_load_at_any_size(path):
+    record, image = _ingest(path)
+    assert record.status == "ok", record.reason
+    assert record.kind == ("jpeg" if path.suffix == ".jpeg" else "png")
+    assert image.shape == (128, 128) and image.dtype == np.uint8
+    assert record.rows > 0 and record.columns > 0 and record.voi_source == "full-range"
+    assert record.study_key == Path(record.path).parent.as_posix()
+    assert 20 < image.mean() < 235 and image.std() > 10  # a picture, not a flat field
+
+
+def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(1000, 5000, 300, dtype=np.uint16), (200, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    record, image = _ingest(tmp_path / "ramp16.png")
+    assert record.status == "ok" and record.bits_stored == 16 and record.voi_source == "percentile"
+    assert image[:, 0].mean() < 10 and image[:, -1].mean() > 245  # 12-bit content fills the 8 bits
+
+
+def test_sniffing_uses_content_not_names():
+    assert sniff_kind((DICOM_DIR / "fo-dicom/CR-MONO1-10-chest").read_bytes()[:132]) == "dicom"
+    assert sniff_kind((DICOM_DIR / "pydicom/rtstruct.dcm").read_bytes()[:132]) == "dicom"  # no preamble
+    assert sniff_kind((DICOM_DIR / "pydicom/ExplVR_BigEndNoMeta.dcm").read_bytes()[:132]) == "dicom"
+    assert sniff_kind((DICOM_DIR / "not-dicom/html_page_named_test1.dcm").read_bytes()[:132]) == "other"
+    assert sniff_kind(b"\xff\xd8\xff\xe0" + bytes(128)) == "jpeg"
+    assert sniff_kind(b"\x89PNG\r\n\x1a\n" + bytes(128)) == "png"
+    assert sniff_kind(b"") == "other"
+
+
+def test_walk_survives_links_loops_and_excludes_outputs(tmp_path):
+    studies = tmp_path / "studies"
+    (studies / "a").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", studies / "a" / "IMG0001")
+    (studies / "a" / "loop").symlink_to(studies)  # a symlink loop
+    (studies / "a" / "dangling").symlink_to(tmp_path / "missing")
+    (studies / "b").symlink_to(studies / "a")  # the same folder twice: entered once
+    previews = studies / "previews"
+    previews.mkdir()
+    (previews / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    odd = os.fsdecode(b"caf\xe9-\xff.dcm")  # not UTF-8
+    (studies / odd).write_bytes(b"")
+
+    found = find_files([studies], exclude=[previews])
+    paths = [f.path for f in found]
+    assert paths.count("a/IMG0001") == 1 and "b/IMG0001" not in paths
+    assert not any(p.startswith("previews") for p in paths)
+    problems = {f.path: f.problem for f in found if f.problem}
+    assert problems == {"a/dangling": "broken symbolic link"}
+    records = [record for record, _ in iter_ingested(found, Policy(), workers=1)]
+    by_path = {r.path: r for r in records}
+    assert by_path["a/IMG0001"].status == "ok"
+    assert by_path["a/dangling"].status == "error"
+    assert by_path[odd].status == "error" and "empty file" in by_path[odd].reason
+
+
+def test_parallel_and_serial_ingest_agree():
+    files = find_files([DICOM_DIR / "nih-cxr14-udacity", CXR_DIR / "kermany_pediatric_fullres/normal"])[:12]
+    serial = list(iter_ingested(files, Policy(), workers=1))
+    parallel = list(iter_ingested(files, Policy(), workers=2))
+    assert [r.path for r, _ in serial] == [r.path for r, _ in parallel]  # input order kept
+    for (a, x), (b, y) in zip(serial, parallel, strict=True):
+        assert a == b and ((x is None and y is None) or np.array_equal(x, y))
+
+
+def test_to_model_input_rejects_anything_but_8bit_grey():
+    with pytest.raises(ValueError):
+        to_model_input(np.zeros((10, 10), dtype=np.float32))
+
+
+SEEDS = {
+    "dicom_mono1": (DICOM_DIR / "fo-dicom/CR-MONO1-10-chest").read_bytes(),
+    "dicom_dx": (DICOM_DIR / "highdicom/dx_image.dcm").read_bytes(),
+    "dicom_jpeg": (DICOM_DIR / "pylibjpeg-data/JPEGBaseline_1s_1f_u_08_08.dcm").read_bytes(),
+    "jpeg": sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[0].read_bytes(),
+    "png": sorted((CXR_DIR / "nih_cxr14_64px/test_normal").iterdir())[0].read_bytes(),
+}
+WIDE = Policy(modalities=None, body_parts=None, frames="first")
+
+
+@st.composite
+def damaged(draw):
+    name = draw(st.sampled_from(sorted(SEEDS)))
+    data = bytearray(SEEDS[name])
+    for _ in range(draw(st.integers(0, 8))):  # flip bytes, mostly in the header
+        position = draw(st.integers(0, min(len(data) - 1, draw(st.sampled_from([512, 4096, len(data)])))))
+        data[position] = draw(st.integers(0, 255))
+    cut = draw(st.one_of(st.none(), st.integers(0, len(data))))
+    return name, bytes(data if cut is None else data[:cut])
+
+
+FUZZ_EXAMPLES = int(os.environ.get("RADSCAN_FUZZ_EXAMPLES", "150"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=damaged())
+def test_damaged_bytes_never_raise(tmp_path, case):
+    name, data = case
+    path = tmp_path / f"{name}.dcm"
+    path.write_bytes(data)
+    for policy in (Policy(), WIDE):
+        record, image = ingest_file(Found(str(tmp_path), path.name), policy)
+        assert record.status in ("ok", "skipped", "error")
+        assert (record.status == "ok") == (image is not None)
+        assert (record.reason == "") == (record.status == "ok")
+        if image is not None:
+            assert image.shape == (128, 128) and image.dtype == np.uint8
