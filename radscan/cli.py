@@ -54,7 +54,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     For research and triage support only: radscan does not diagnose.
     """
     _configure_logging(-1 if quiet else verbose)
-    ctx.obj = {"progress": not quiet}
+    ctx.obj = {"quiet": quiet}
 
 
 def selection_options(command: Callable) -> Callable:
@@ -109,10 +109,10 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     """
     from radscan.scan import scan as run_scan
 
-    summary = run_scan(paths, out, previews, policy, workers, progress=ctx.obj["progress"])
+    summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"])
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=None))
-    else:
+    elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(
             f"{summary.files} files: {counts['ok']} ok, {counts['skipped']} skipped, "

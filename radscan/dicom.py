@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from pydicom.uid import (
 )
 
 from radscan.policy import Policy
-from radscan.preprocess import percentile_window, window_to_uint8
+from radscan.preprocess import percentile_window, subsample, window_to_uint8
 from radscan.records import DICOM_FIELDS, ImageRecord, one_line
 
 __all__ = ["read_dicom", "skip_reason"]
@@ -176,7 +177,9 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
         return window_to_uint8(luma, 0.0, float(np.iinfo(rgb.dtype).max), invert=False)
 
     _drop_empty_display_elements(ds)
-    values = apply_modality_lut(stored, ds)
+    domain, position = _integer_domain(stored)
+    source = stored if domain is None else domain
+    values = apply_modality_lut(source, ds)
     if "VOILUTSequence" in ds:
         if values.dtype.kind == "f":  # a LUT is indexed by integers (rescaled values are float)
             values = np.rint(values).astype(np.int32)
@@ -185,16 +188,37 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
     elif _has_window(ds):
         values, (low, high) = apply_windowing(values, ds), _window_range(ds)
         record.voi_source = "window"
-    elif (record.bits_stored or 16) <= 8 and values is stored and stored.dtype.kind in "ui":
-        low, high = float(np.iinfo(stored.dtype).min), float(np.iinfo(stored.dtype).max)
+    elif (record.bits_stored or 16) <= 8 and values is source and source.dtype.kind in "ui":
+        low, high = float(np.iinfo(source.dtype).min), float(np.iinfo(source.dtype).max)
         record.voi_source = "full-range"
     else:
-        low, high = percentile_window(values)
+        sample = subsample(stored)
+        low, high = percentile_window(subsample(values) if domain is None else values[position(sample)])
         record.voi_source = "percentile"
     record.inverted = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
-    return window_to_uint8(values, low, high, invert=record.inverted)
+    grey = window_to_uint8(values, low, high, invert=record.inverted)
+    return grey if domain is None else np.take(grey, position(stored))
+
+
+def _integer_domain(stored: np.ndarray) -> tuple[np.ndarray | None, Callable[[np.ndarray], np.ndarray]]:
+    """Every value an 8/16-bit integer image can hold, and where each pixel falls in that list.
+
+    The grey pipeline is pointwise, so running it once over the (at most 65,536) possible values
+    and looking each pixel up is exact, and much cheaper than running pydicom's float64 LUT and
+    window code over millions of pixels. Other dtypes (float, 32-bit, byte-swapped) return None.
+    """
+    kind = stored.dtype
+    if kind in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        return np.arange(np.iinfo(kind).max + 1, dtype=kind), lambda pixels: pixels
+    if kind in (np.dtype(np.int8), np.dtype(np.int16)):
+        info = np.iinfo(kind)
+        unsigned = np.dtype(f"uint{info.bits}")
+        offset = unsigned.type(-info.min)
+        # two's complement with the sign bit flipped is the value minus the minimum: its position
+        return np.arange(info.min, info.max + 1, dtype=kind), lambda pixels: pixels.view(unsigned) ^ offset
+    return None, lambda pixels: pixels
 
 
 def _drop_empty_display_elements(ds: Dataset) -> None:

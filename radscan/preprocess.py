@@ -30,6 +30,7 @@ __all__ = [
     "PREPROCESS_VERSION",
     "PERCENTILE_WINDOW",
     "percentile_window",
+    "subsample",
     "window_to_uint8",
     "to_model_input",
 ]
@@ -40,10 +41,14 @@ PREPROCESS_VERSION = "rs-pre-1"
 PERCENTILE_WINDOW = (0.5, 99.5)
 
 
+def subsample(image: np.ndarray, size: int = 512) -> np.ndarray:
+    """A regular grid of about `size` x `size` pixels: enough for robust percentiles, and fast."""
+    return image[:: max(1, image.shape[0] // size), :: max(1, image.shape[1] // size)]
+
+
 def percentile_window(values: np.ndarray) -> tuple[float, float]:
-    """Low/high window limits from the robust percentiles of `values` (subsampled for speed)."""
-    sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
-    low, high = np.percentile(sample, PERCENTILE_WINDOW)
+    """Low/high window limits from the robust percentiles of `values` (pass a `subsample`)."""
+    low, high = np.percentile(values, PERCENTILE_WINDOW)
     return float(low), float(high)
 
 

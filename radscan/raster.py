@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radscan.policy import Policy
-from radscan.preprocess import percentile_window, window_to_uint8
+from radscan.preprocess import percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord, one_line
 
 __all__ = ["read_raster"]
@@ -52,7 +52,7 @@ def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
         values = np.asarray(image)
         record.bits_stored = 32 if image.mode in ("I", "F") else 16
         record.voi_source = "percentile"
-        low, high = percentile_window(values)
+        low, high = percentile_window(subsample(values))
         return window_to_uint8(values, low, high, invert=False)
     if image.mode != "L":
         image = image.convert("L")
