@@ -19,6 +19,8 @@ from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
 
+PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
+
 log = logging.getLogger("radscan")
 
 EXIT_CODES_HELP = """\b
@@ -121,6 +123,123 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
         )
     if summary.counts["error"]:
         ctx.exit(ExitCode.PARTIAL)
+
+
+def _read_settings(path: Path) -> dict:
+    """Model settings from a JSON or TOML file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    return json.loads(text)
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+                             show_default=True, help="Where the model runs: auto picks CUDA, then MPS, then CPU.")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("normals", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory to create (weights, metadata, training log).")
+@click.option("--val-normal", multiple=True, type=click.Path(path_type=str),
+              help="Labelled normal images for choosing the epoch and threshold (repeatable).")
+@click.option("--val-abnormal", multiple=True, type=click.Path(path_type=str),
+              help="Labelled abnormal images, with --val-normal.")
+@click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default="small", show_default=True,
+              help="Architecture size: reference (~46 M parameters, for GPUs), small or tiny (CPU).")
+@click.option("--config", "settings_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON or TOML file of model settings that override the preset (see SimSIDConfig).")
+@click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
+@click.option("--score", "score_kind", type=click.Choice(["discriminator", "residual", "combined"]),
+              help="What the anomaly score is made of (overrides the preset).")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--max-minutes", type=float, help="Time budget; training stops after the batch that crosses it.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
+@click.option("--calibration-fraction", type=float, default=0.15, show_default=True,
+              help="Share of the normals held out (never trained on) for calibration.")
+@click.option("--target-specificity", type=float, default=0.95, show_default=True,
+              help="Without validation data, the threshold flags this share of calibration normals as normal.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
+@click.option("--name", help="Model name recorded in the metadata (default: the folder name).")
+@device_option
+@selection_options
+@workers_option
+@json_option
+@click.pass_context
+def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
+          val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
+          score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, seed: int,
+          calibration_fraction: float, target_specificity: float, resume: bool, name: str | None, device: str,
+          policy: Policy, workers: int, as_json: bool) -> None:
+    """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
+
+    A calibration share of the normals is held out; it sets the score's scale and the flag threshold
+    (or, with --val-normal/--val-abnormal, the validation set picks the epoch and threshold).
+    Checkpoints are written every epoch: an interrupted run continues with --resume.
+
+    \b
+    Example:
+      radscan train /data/normals --out models/site-2026 --preset small --max-minutes 120
+    """
+    from radscan.model.config import preset as make_preset
+    from radscan.model.runtime import resolve_device
+    from radscan.train import TrainConfig
+    from radscan.train import train as run_train
+
+    overrides = _read_settings(settings_file) if settings_file else {}
+    overrides.update({k: v for k, v in {"memory_kind": memory, "score_kind": score_kind}.items() if v})
+    try:
+        model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        torch_device = resolve_device(device)
+        tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, seed=seed,
+                           calibration_fraction=calibration_fraction, target_specificity=target_specificity)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
+                       resume, progress=not ctx.obj["quiet"], name=name)
+    summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+               "selection": result.selection, "stopped_by_budget": result.stopped_by_budget, **result.metrics}
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not ctx.obj["quiet"]:
+        click.echo(f"model written to {result.model_dir} (best epoch {result.best_epoch} of {result.epochs_run})",
+                   err=True)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@json_option
+def info(model_dir: Path, as_json: bool) -> None:
+    """Verify a model directory (hash, format, preprocessing version) and print its metadata.
+
+    \b
+    Example:
+      radscan info models/kermany-small
+    """
+    from radscan.model.io import load_model
+
+    _, metadata = load_model(model_dir)
+    if as_json:
+        click.echo(json.dumps(metadata))
+        return
+    calibration, training = metadata.get("calibration", {}), metadata.get("training", {})
+    lines = [
+        f"name            {metadata.get('name')}  version {metadata.get('version')}",
+        f"radscan         {metadata.get('radscan_version')}  preprocessing {metadata.get('preprocess_version')}",
+        f"parameters      {metadata.get('parameters'):,}",
+        f"score           {calibration.get('score_kind')}  threshold {calibration.get('threshold'):.4f} "
+        f"({calibration.get('method')})",
+        f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs "
+        f"(best {training.get('best_epoch')}, by {training.get('selection')})",
+        f"metrics         {json.dumps(metadata.get('metrics', {}))}",
+        f"weights sha256  {metadata['weights']['sha256']}",
+    ]
+    click.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -22,6 +22,15 @@ from PIL import Image
 __all__ = ["atomic_output", "CsvStream", "write_png", "png_name"]
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on success, rename it onto `path`.
@@ -33,6 +42,7 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         kwargs = {"newline": "", "encoding": "utf-8"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle

@@ -1,0 +1,122 @@
+"""Every size and switch of the SimSID model, in one dataclass, with named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+__all__ = ["SimSIDConfig", "PRESETS", "preset"]
+
+
+@dataclass(frozen=True)
+class SimSIDConfig:
+    """Hyper-parameters of SimSID (Xiang et al., TPAMI 2024); defaults are the reference preset.
+
+    Shapes for the reference: a 128x128 image is cut into a 2x2 grid of 64x64 patches; each patch
+    is encoded to 512x4x4; the in-painting block works on 2048-d vectors (128 channels x 4 x 4).
+    """
+
+    image_size: int = 128
+    patch_grid: int = 2  # patches per side (2 -> four 64x64 patches)
+    widths: tuple[int, ...] = (32, 64, 128, 256, 512)  # encoder stages; the first keeps resolution
+    # in-painting block
+    inpaint: bool = True  # False: the student decodes encoder features (ablation)
+    inpaint_channels: int = 128  # bottleneck is projected to this many channels before the memory
+    memory_slots: int = 200
+    memory_topk: int = 4  # slots that survive the sparse read
+    memory_kind: str = "queue"  # "queue": FIFO of recent training features; "learned": parameters
+    memory_levels: tuple[str, ...] = ("patch",)  # add "image" for a memory shared by all patches
+    attention_heads: int = 8
+    ffn_dim: int = 512
+    position_bits: int = 3  # binary code of the patch index, as constant channels
+    mask_ratio: float = 1.0  # training: probability that a location takes the in-painted value
+    # decoder memories (student only), one per sub-window position, at the two skip levels
+    decoder_memory: bool = True
+    decoder_memory_slots: int = 200
+    decoder_windows: int = 2  # each patch map is cut into 2x2 sub-windows
+    # discriminator
+    d_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    d_norm: str = "instance"  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
+    # scoring
+    score_kind: str = "discriminator"  # "discriminator", "residual" or "combined" (sum of both z-scores)
+    residual_blur_sigma: float = 2.0  # pixels, for the residual map
+
+    def __post_init__(self) -> None:
+        if self.image_size % (self.patch_grid * 2 ** (len(self.widths) - 1)):
+            raise ValueError("image_size must be divisible by patch_grid * 2**(len(widths)-1)")
+        if self.memory_kind not in ("queue", "learned"):
+            raise ValueError(f"memory_kind must be 'queue' or 'learned', not {self.memory_kind!r}")
+        if not set(self.memory_levels) <= {"patch", "image"} or not self.memory_levels:
+            raise ValueError("memory_levels must be a non-empty subset of ('patch', 'image')")
+        if self.d_norm not in ("instance", "batch"):
+            raise ValueError(f"d_norm must be 'instance' or 'batch', not {self.d_norm!r}")
+        if self.score_kind not in ("discriminator", "residual", "combined"):
+            raise ValueError(f"unknown score_kind {self.score_kind!r}")
+        if 2**self.position_bits < self.patches:
+            raise ValueError(f"position_bits={self.position_bits} cannot number {self.patches} patches")
+        if self.memory_topk > min(self.memory_slots, self.decoder_memory_slots):
+            raise ValueError("memory_topk must not exceed the number of memory slots")
+        if self.inpaint_dim % self.attention_heads:
+            raise ValueError("the in-painting width must be divisible by attention_heads")
+
+    @property
+    def patches(self) -> int:
+        return self.patch_grid**2
+
+    @property
+    def patch_size(self) -> int:
+        return self.image_size // self.patch_grid
+
+    @property
+    def bottleneck_size(self) -> int:
+        """Side of the encoder's bottleneck map per patch (4 for 64x64 patches)."""
+        return self.patch_size // 2 ** (len(self.widths) - 1)
+
+    @property
+    def inpaint_dim(self) -> int:
+        """Length of the vector the memory and attention work on (2048 for the reference)."""
+        return self.inpaint_channels * self.bottleneck_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SimSIDConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+PRESETS: dict[str, SimSIDConfig] = {
+    # The published architecture (ZhangLab configuration), without its unused 2048x2048 conv.
+    "reference": SimSIDConfig(),
+    # A CPU-trainable model: quarter widths, 512-d in-painting, 100-slot memories.
+    "small": SimSIDConfig(
+        widths=(16, 32, 64, 128, 256),
+        inpaint_channels=32,
+        memory_slots=100,
+        attention_heads=4,
+        ffn_dim=256,
+        decoder_memory_slots=100,
+        d_widths=(8, 16, 32, 64, 128),
+    ),
+    # The smallest useful model: eighth widths, 256-d in-painting; for quick CPU runs and tests.
+    "tiny": SimSIDConfig(
+        widths=(8, 16, 32, 64, 128),
+        inpaint_channels=16,
+        memory_slots=100,
+        attention_heads=4,
+        ffn_dim=128,
+        decoder_memory_slots=100,
+        d_widths=(8, 16, 32, 64, 128),
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> SimSIDConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return replace(PRESETS[name], **overrides)
+

@@ -1,0 +1,148 @@
+"""Model directories: safetensors weights + JSON metadata, verified on every load.
+
+A model directory holds ``model.safetensors`` (weights and calibration buffers: a format that
+loads without executing code) and ``model.json`` (architecture, preprocessing version,
+calibration, training summary, metrics, radscan version, sha256 of the weights). Loading refuses,
+with a one-line reason and exit code 65, anything that does not check out: a missing or altered
+weights file, a pickle, another preprocessing version, keys that do not match the architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from radscan import __version__
+from radscan.errors import ModelError
+from radscan.model.config import SimSIDConfig
+from radscan.model.simsid import SimSID
+from radscan.preprocess import PREPROCESS_VERSION
+from radscan.report import atomic_output
+
+__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
+
+FORMAT = "radscan-model/1"
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+_PICKLE_SIGNATURES = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path:
+    """Write weights then metadata (each atomically); returns the metadata path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    weights = directory / WEIGHTS_FILE
+    tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, weights)
+    calibration = metadata.setdefault("calibration", {})
+    calibration.update({
+        "mean": model.calibration_mean.tolist(),
+        "std": model.calibration_std.tolist(),
+        "threshold": float(model.threshold),
+        "score_kind": model.cfg.score_kind,
+    })
+    full = {
+        "format": FORMAT,
+        "radscan_version": __version__,
+        "preprocess_version": PREPROCESS_VERSION,
+        "config": model.cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **metadata,
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
+    }
+    with atomic_output(directory / METADATA_FILE) as handle:
+        json.dump(full, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    return directory / METADATA_FILE
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    return int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:9] == b"{"
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if not directory.is_dir():
+        raise ModelError(f"model directory not found: {directory}")
+    if not path.is_file():
+        raise ModelError(f"{directory} is not a radscan model: {METADATA_FILE} is missing")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a {FORMAT} file")
+    return metadata
+
+
+def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[SimSID, dict[str, Any]]:
+    """Load and verify a model directory; the model is returned in eval mode on `device`."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    if metadata.get("preprocess_version") != PREPROCESS_VERSION:
+        raise ModelError(
+            f"model made for preprocessing {metadata.get('preprocess_version')!r}, but this radscan "
+            f"preprocesses with {PREPROCESS_VERSION!r}: retrain it, or use the radscan version that made it "
+            f"({metadata.get('radscan_version')})"
+        )
+    weights = directory / metadata.get("weights", {}).get("file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise ModelError(f"weights file missing: {weights}")
+    if not _looks_like_safetensors(weights):
+        with open(weights, "rb") as handle:
+            pickled = handle.read(4).startswith(_PICKLE_SIGNATURES)
+        kind = "a pickle (torch.save) file: radscan never unpickles model files" if pickled else "not safetensors"
+        raise ModelError(f"{weights} is {kind}")
+    if sha256_file(weights) != metadata.get("weights", {}).get("sha256"):
+        raise ModelError(f"{weights} does not match the sha256 in {METADATA_FILE}: the file was altered or "
+                         "corrupted; restore it or retrain")
+    try:
+        config = SimSIDConfig.from_dict(metadata["config"])
+        state = load_file(str(weights))
+    except (KeyError, TypeError, ValueError, SafetensorError, OSError) as exc:
+        raise ModelError(f"cannot load {directory}: {exc}") from None
+    model = SimSID(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"weights do not fit the architecture in {METADATA_FILE}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    _check_calibration(model, metadata)
+    return model.to(device).eval(), metadata
+
+
+def _check_calibration(model: SimSID, metadata: dict[str, Any]) -> None:
+    """The calibration lives in the (hashed) weights; the JSON copy is for people. They must agree."""
+    stated = metadata.get("calibration", {})
+    actual = {"threshold": float(model.threshold), "mean": model.calibration_mean.tolist(),
+              "std": model.calibration_std.tolist()}
+    for key, value in actual.items():
+        expected = stated.get(key)
+        same = expected is not None and torch.allclose(torch.tensor(value, dtype=torch.float64),
+                                                       torch.tensor(expected, dtype=torch.float64),
+                                                       rtol=1e-6, atol=1e-7)
+        if not same:
+            raise ModelError(f"calibration {key} in {METADATA_FILE} ({expected}) differs from the weights "
+                             f"({value}): the metadata was edited; recalibrate instead")

@@ -1,0 +1,320 @@
+"""SimSID: space-aware memory, feature in-painting, teacher/student generators and a discriminator.
+
+Implemented from the description in Xiang et al., "Exploiting Structural Consistency of Chest
+Anatomy for Unsupervised Anomaly Detection in Radiography Images", IEEE TPAMI 2024 (SimSID), and
+shared/design/SIMSID.md. No code of the published implementation is used.
+
+Data flow for the reference preset (B images, P = 4 patches):
+
+    image (B, 1, 128, 128) -> patches (B*P, 1, 64, 64) -> Encoder -> 32@64, 64@32, 128@16, 256@8, 512@4
+    bottleneck 512@4 -> Inpainter (memory + attention over neighbours) -> 512@4
+    student Decoder(in-painted, skips 256@8 and 128@16, decoder memories) -> (B, 1, 128, 128)
+    teacher Decoder(detached bottleneck and skips, no memories)          -> (B, 1, 128, 128)
+    Discriminator(image) -> one logit per image (high = looks real)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radscan.model.config import SimSIDConfig
+from radscan.model.memory import MemoryBank, SpaceAwareMemory
+
+__all__ = ["SimSID", "Generated", "ScoreResult", "to_model_tensor"]
+
+
+def to_model_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 128, 128) uint8 model inputs (see `radscan.preprocess`) -> (B, 1, 128, 128) in [-1, 1]."""
+    batch = torch.as_tensor(images).to(device, non_blocking=True)
+    return (batch.float() / 127.5 - 1.0).unsqueeze(1)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class ResBlock(nn.Module):
+    """conv3x3-BN-ReLU (changes width/stride), then a residual unit conv-BN-ReLU-conv-BN, add, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.entry = _conv_bn_relu(cin, cout, stride=stride)
+        self.body = nn.Sequential(
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        return F.relu(x + self.body(x))
+
+
+def split_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*P, C, H/grid, W/grid), patches row-major, P fastest."""
+    b, c, h, w = images.shape
+    p = h // grid
+    return images.view(b, c, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, c, p, p)
+
+
+def merge_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """Inverse of `split_patches`."""
+    n, c, p, _ = patches.shape
+    b = n // (grid * grid)
+    return patches.view(b, grid, grid, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * p, grid * p)
+
+
+class Encoder(nn.Module):
+    """Residual stages; the first keeps the resolution, each later one halves it."""
+
+    def __init__(self, cfg: SimSIDConfig):
+        super().__init__()
+        widths = cfg.widths
+        self.stages = nn.ModuleList(
+            ResBlock(1 if i == 0 else widths[i - 1], width, stride=1 if i == 0 else 2)
+            for i, width in enumerate(widths)
+        )
+
+    def forward(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        """(B*P, 1, p, p) -> the output of every stage, finest first."""
+        features = []
+        for stage in self.stages:
+            patches = stage(patches)
+            features.append(patches)
+        return features
+
+
+class Inpainter(nn.Module):
+    """Rebuilds each patch's bottleneck from memory reads of its 8 grid neighbours (zero-padded),
+    attended to by the patch's own projected feature, plus a binary code of its position."""
+
+    def __init__(self, cfg: SimSIDConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, channels = cfg.inpaint_dim, cfg.inpaint_channels
+        self.project = _conv_bn_relu(cfg.widths[-1], channels, kernel=1)
+        self.memory = SpaceAwareMemory(cfg.patches, cfg.memory_slots, dim, cfg.memory_kind, cfg.memory_topk,
+                                       cfg.memory_levels)
+        self.attention = nn.MultiheadAttention(dim, cfg.attention_heads, batch_first=True)
+        self.norm_attention = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.ReLU(inplace=True),
+                                          nn.Linear(cfg.ffn_dim, dim))
+        self.norm_feed_forward = nn.LayerNorm(dim)
+        self.restore = _conv_bn_relu(channels + cfg.position_bits, cfg.widths[-1], kernel=1)
+        self.register_buffer("neighbours", _grid_neighbours(cfg.patch_grid), persistent=False)
+        self.register_buffer("position_code", _position_code(cfg), persistent=False)
+
+    def forward(self, bottleneck: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*P, C, s, s) -> in-painted (B*P, C, s, s) and the projected features (B, P, D) that
+        training pushes into a queue memory."""
+        cfg = self.cfg
+        n, _, side, _ = bottleneck.shape
+        b = n // cfg.patches
+        query = self.project(bottleneck).reshape(b, cfg.patches, cfg.inpaint_dim)
+        reads = self.memory(query)  # (B, P, D)
+        padded = torch.cat([reads, reads.new_zeros(b, 1, cfg.inpaint_dim)], dim=1)
+        context = padded[:, self.neighbours].reshape(n, 8, cfg.inpaint_dim)  # (B*P, 8, D)
+        attended, _ = self.attention(query.reshape(n, 1, -1), context, context, need_weights=False)
+        hidden = F.relu(self.norm_attention(attended.squeeze(1) + reads.reshape(n, -1)))
+        hidden = F.relu(self.norm_feed_forward(hidden + self.feed_forward(hidden)))
+        hidden = hidden.reshape(n, cfg.inpaint_channels, side, side)
+        code = self.position_code.repeat(b, 1, 1, 1).to(hidden.dtype)
+        inpainted = self.restore(torch.cat([hidden, code], dim=1))
+        if self.training and cfg.mask_ratio < 1.0:  # masked shortcut: some locations keep the encoder value
+            keep = torch.rand(n, 1, side, side, device=bottleneck.device) < cfg.mask_ratio
+            inpainted = torch.where(keep, inpainted, bottleneck)
+        return inpainted, query
+
+
+def _grid_neighbours(grid: int) -> torch.Tensor:
+    """(P, 8) indices of each patch's 8 neighbours; P (one past the last) marks padding."""
+    pad = grid * grid
+    table = []
+    for row in range(grid):
+        for col in range(grid):
+            table.append([
+                (row + dr) * grid + (col + dc) if 0 <= row + dr < grid and 0 <= col + dc < grid else pad
+                for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)
+            ])
+    return torch.tensor(table, dtype=torch.long)
+
+
+def _position_code(cfg: SimSIDConfig) -> torch.Tensor:
+    """(P, bits, s, s): patch index in binary, one constant channel per bit."""
+    bits = [[(index >> bit) & 1 for bit in range(cfg.position_bits)] for index in range(cfg.patches)]
+    code = torch.tensor(bits, dtype=torch.float32)[:, :, None, None]
+    return code.expand(-1, -1, cfg.bottleneck_size, cfg.bottleneck_size).contiguous()
+
+
+class DecoderMemory(nn.Module):
+    """Cuts each patch's feature map into w x w sub-windows; every sub-window position has a
+    learned memory shared by all patches, whose sparse read replaces the features."""
+
+    def __init__(self, channels: int, side: int, cfg: SimSIDConfig):
+        super().__init__()
+        self.windows = cfg.decoder_windows
+        window = side // self.windows
+        self.bank = MemoryBank(self.windows**2, cfg.decoder_memory_slots, channels * window * window,
+                               "learned", cfg.memory_topk)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, c, side, _ = features.shape
+        w, window = self.windows, side // self.windows
+        tiles = features.view(n, c, w, window, w, window).permute(0, 2, 4, 1, 3, 5).reshape(n, w * w, -1)
+        read = self.bank(tiles)
+        return read.view(n, w, w, c, window, window).permute(0, 3, 1, 4, 2, 5).reshape(n, c, side, side)
+
+
+class Decoder(nn.Module):
+    """Up-path: two skip levels per patch (with optional decoder memories), merge the patches,
+    then full-image levels up to the input size; tanh output in [-1, 1]."""
+
+    def __init__(self, cfg: SimSIDConfig, memories: bool):
+        super().__init__()
+        w, side = cfg.widths, cfg.bottleneck_size
+        self.grid = cfg.patch_grid
+        self.skip_blocks = nn.ModuleList([ResBlock(w[-1] + w[-2], w[-2]), ResBlock(w[-2] + w[-3], w[-3])])
+        self.memories = nn.ModuleList(
+            [DecoderMemory(w[-2], side * 2, cfg), DecoderMemory(w[-3], side * 4, cfg)] if memories else []
+        )
+        self.image_blocks = nn.ModuleList(ResBlock(w[i], w[i - 1]) for i in range(len(w) - 3, 0, -1))
+        self.head = nn.Conv2d(w[0], 1, 1)
+
+    def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """bottleneck (B*P, C, s, s), skips [finer: (B*P, ., 4s, 4s), coarser: (B*P, ., 2s, 2s)]
+        -> image (B, 1, H, W) and the feature map of each level (for distillation)."""
+        levels = []
+        x = bottleneck
+        for index, (block, skip) in enumerate(zip(self.skip_blocks, reversed(skips), strict=True)):
+            x = block(torch.cat([_upsample(x), skip], dim=1))
+            if self.memories:
+                x = self.memories[index](x)
+            levels.append(x)
+        x = merge_patches(x, self.grid)
+        for block in self.image_blocks:
+            x = block(_upsample(x))
+            levels.append(x)
+        return torch.tanh(self.head(x)), levels
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class Discriminator(nn.Module):
+    """Five 5x5 stride-2 convolutions with LeakyReLU(0.2), normalised from the second on, and a
+    linear layer to one logit. "instance" normalisation makes each image's logit independent of
+    the rest of its batch; "batch" is the reference's BatchNorm (scored with running statistics)."""
+
+    def __init__(self, cfg: SimSIDConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for index, cout in enumerate(cfg.d_widths):
+            layers.append(nn.Conv2d(cin, cout, 5, 2, 2, bias=index == 0))
+            if index:
+                norm = nn.InstanceNorm2d(cout, affine=True) if cfg.d_norm == "instance" else nn.BatchNorm2d(cout)
+                layers.append(norm)
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.d_widths)
+        self.logit = nn.Linear(cfg.d_widths[-1] * side * side, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B,) logits, high = real."""
+        return self.logit(self.features(images).flatten(1)).squeeze(1)
+
+
+class Generated(NamedTuple):
+    student: torch.Tensor  # (B, 1, H, W)
+    teacher: torch.Tensor | None
+    student_levels: list[torch.Tensor]
+    teacher_levels: list[torch.Tensor]
+    memory_query: torch.Tensor | None  # (B, P, D), for the queue memory
+
+
+class ScoreResult(NamedTuple):
+    scores: torch.Tensor  # (B,) in 0..1, high = anomalous
+    raw_scores: torch.Tensor  # (B,) before calibration, high = anomalous
+    residual_maps: torch.Tensor  # (B, H, W) smoothed |input - student reconstruction|, in 0..2
+    components: torch.Tensor  # (B, 2) raw discriminator and residual scores
+
+
+class SimSID(nn.Module):
+    """The whole model. `generate` is for training; `score` is the frozen inference API."""
+
+    def __init__(self, cfg: SimSIDConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.inpainter = Inpainter(cfg) if cfg.inpaint else None
+        self.student = Decoder(cfg, memories=cfg.decoder_memory)
+        self.teacher = Decoder(cfg, memories=False)
+        self.discriminator = Discriminator(cfg)
+        # Calibration travels with the weights: mean/std of the raw discriminator and residual
+        # scores on held-out normals, and the flag threshold on the 0..1 score.
+        self.register_buffer("calibration_mean", torch.zeros(2))
+        self.register_buffer("calibration_std", torch.ones(2))
+        self.register_buffer("threshold", torch.tensor(0.5))
+        self.register_buffer("blur_kernel", _gaussian_kernel(cfg.residual_blur_sigma), persistent=False)
+
+    def generate(self, images: torch.Tensor, with_teacher: bool = True) -> Generated:
+        """(B, 1, H, W) in [-1, 1] -> student (and teacher) reconstructions."""
+        features = self.encoder(split_patches(images, self.cfg.patch_grid))
+        bottleneck, skips = features[-1], features[-3:-1]
+        query = None
+        inpainted = bottleneck
+        if self.inpainter is not None:
+            inpainted, query = self.inpainter(bottleneck)
+        student, student_levels = self.student(inpainted, skips)
+        teacher, teacher_levels = None, []
+        if with_teacher:
+            teacher, teacher_levels = self.teacher(bottleneck.detach(), [s.detach() for s in skips])
+        return Generated(student, teacher, student_levels, teacher_levels, query)
+
+    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) -> raw scores (B, 2) [discriminator, residual] (high = anomalous) and the
+        unsmoothed residual (B, H, W)."""
+        student = self.generate(images, with_teacher=False).student
+        residual = (images - student).abs().squeeze(1)
+        discriminator = -self.discriminator(student)  # D says "real" for normal reconstructions
+        return torch.stack([discriminator, residual.flatten(1).mean(1)], dim=1).float(), residual
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor) -> ScoreResult:
+        """Frozen scoring of (B, 1, H, W) images in [-1, 1]: no memory writes, no randomness, and
+        each image's result independent of the rest of the batch. Call `eval()` first."""
+        if self.training:
+            raise RuntimeError("call model.eval() before scoring")
+        components, residual = self.raw_scores(images)
+        raw, z = self.calibrated(components)
+        maps = F.conv2d(residual.unsqueeze(1).float(), self.blur_kernel, padding=self.blur_kernel.shape[-1] // 2)
+        return ScoreResult(torch.sigmoid(z), raw, maps.squeeze(1), components)
+
+    def z_scores(self, components: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw (B, 2) components -> the calibrated z-score of every score kind."""
+        z = (components - self.calibration_mean.to(components)) / self.calibration_std.to(components)
+        # the combination is the sum of two unit-variance z-scores, rescaled to unit variance
+        return {"discriminator": z[:, 0], "residual": z[:, 1], "combined": z.sum(dim=1) / np.sqrt(2.0)}
+
+    def calibrated(self, components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw score, z-score) of the configured score kind; the score is sigmoid(z)."""
+        kind = self.cfg.score_kind
+        z = self.z_scores(components)[kind]
+        raw = {"discriminator": components[:, 0], "residual": components[:, 1]}.get(kind, z)
+        return raw, z
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * sigma**2)) if sigma > 0 else (x == 0).float()
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
