@@ -60,14 +60,14 @@ def split_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, C, H, W) -> (B*P, C, H/grid, W/grid), patches row-major, P fastest."""
     b, c, h, w = images.shape
     p = h // grid
-    return images.view(b, c, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, c, p, p)
+    return images.reshape(b, c, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, c, p, p)
 
 
 def merge_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
     """Inverse of `split_patches`."""
     n, c, p, _ = patches.shape
     b = n // (grid * grid)
-    return patches.view(b, grid, grid, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * p, grid * p)
+    return patches.reshape(b, grid, grid, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * p, grid * p)
 
 
 class Encoder(nn.Module):
@@ -166,9 +166,9 @@ class DecoderMemory(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         n, c, side, _ = features.shape
         w, window = self.windows, side // self.windows
-        tiles = features.view(n, c, w, window, w, window).permute(0, 2, 4, 1, 3, 5).reshape(n, w * w, -1)
+        tiles = features.reshape(n, c, w, window, w, window).permute(0, 2, 4, 1, 3, 5).reshape(n, w * w, -1)
         read = self.bank(tiles)
-        return read.view(n, w, w, c, window, window).permute(0, 3, 1, 4, 2, 5).reshape(n, c, side, side)
+        return read.reshape(n, w, w, c, window, window).permute(0, 3, 1, 4, 2, 5).reshape(n, c, side, side)
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,146 @@
+"""The SimSID model: sizes, memory semantics, frozen and batch-invariant scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from radscan.model.config import PRESETS, SimSIDConfig, preset
+from radscan.model.memory import MemoryBank, sparse_read
+from radscan.model.simsid import SimSID, merge_patches, split_patches, to_model_tensor
+
+from .conftest import CXR_DIR
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_reference_preset_sizes_and_shapes():
+    model = SimSID(PRESETS["reference"])
+    # ~46 M as published without the unused 2048x2048 conv; most of it in the 2048-d attention
+    assert 45_000_000 < _count(model) < 46_500_000
+    assert 7_500_000 < _count(model.encoder) < 8_000_000
+    assert 16_000_000 < _count(model.inpainter.attention) < 17_500_000
+    assert 1_000_000 < _count(model.discriminator) < 1_200_000
+    assert model.inpainter.memory.banks["patch"].slots.shape == (4, 200, 2048)  # a buffer: queue variant
+    assert "inpainter.memory.banks.patch.slots" not in dict(model.named_parameters())
+    images = torch.rand(2, 1, 128, 128) * 2 - 1
+    out = model.generate(images)
+    assert out.student.shape == out.teacher.shape == (2, 1, 128, 128)
+    assert [tuple(t.shape) for t in out.student_levels] == [(8, 256, 8, 8), (8, 128, 16, 16), (2, 64, 64, 64),
+                                                            (2, 32, 128, 128)]
+    assert out.memory_query.shape == (2, 4, 2048)
+    assert float(out.student.detach().abs().max()) <= 1.0  # tanh output
+
+
+def test_learned_memory_is_a_parameter():
+    model = SimSID(preset("tiny", memory_kind="learned"))
+    assert "inpainter.memory.banks.patch.slots" in dict(model.named_parameters())
+
+
+def test_no_dead_weights():
+    """Every parameter receives a gradient from the training losses (no unused layers)."""
+    model = SimSID(preset("tiny", memory_levels=("patch", "image")))
+    images = torch.rand(2, 1, 128, 128) * 2 - 1
+    out = model.generate(images)
+    loss = (out.student - images).pow(2).mean() + (out.teacher - images).pow(2).mean()
+    loss = loss + sum((s - t.detach()).pow(2).mean() for s, t in zip(out.student_levels, out.teacher_levels))
+    loss = loss + model.discriminator(out.student).mean()
+    loss.backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []
+
+
+def test_patches_split_and_merge_row_major():
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    patches = split_patches(image, 2)
+    assert patches[:, 0, 0, 0].tolist() == [0.0, 2.0, 8.0, 10.0]  # top-left, top-right, bottom-left, bottom-right
+    assert torch.equal(merge_patches(patches, 2), image)
+
+
+def test_sparse_read_keeps_topk_weights_summing_to_one():
+    torch.manual_seed(0)
+    query, slots = torch.randn(5, 3, 16, requires_grad=True), torch.randn(3, 20, 16)
+    read, weights = sparse_read(query, slots, topk=4)
+    assert read.shape == (5, 3, 16)
+    assert ((weights > 0).sum(-1) == 4).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(5, 3))
+    dense = torch.softmax(torch.einsum("nkd,ksd->nks", query, slots), -1)
+    assert torch.equal(weights.topk(4).indices.sort().values, dense.topk(4).indices.sort().values)
+    assert torch.allclose(read, torch.einsum("nks,ksd->nkd", weights, slots))
+    read.sum().backward()  # gradients flow as through the dense softmax: every slot weight has one
+    assert query.grad is not None and query.grad.abs().sum() > 0
+
+
+def test_queue_memory_is_written_only_in_training():
+    bank = MemoryBank(banks=2, slots=5, dim=3, kind="queue", topk=2)
+    before = bank.slots.clone()
+    bank.eval()
+    bank.push(torch.ones(4, 2, 3))
+    assert torch.equal(bank.slots, before)
+    bank.train()
+    bank.push(torch.ones(4, 2, 3))
+    assert (bank.slots[:, :4] == 1).all() and torch.equal(bank.slots[:, 4], before[:, 4])
+    bank.push(2 * torch.ones(3, 2, 3))  # FIFO: wraps around, overwriting the oldest
+    assert (bank.slots[:, 4] == 2).all() and (bank.slots[:, :2] == 2).all() and (bank.slots[:, 2:4] == 1).all()
+
+
+def test_scoring_does_not_write_memory_and_is_repeatable():
+    model = SimSID(preset("tiny")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(3, 1, 128, 128) * 2 - 1
+    first, second = model.score(images), model.score(images)
+    assert torch.equal(first.scores, second.scores) and torch.equal(first.residual_maps, second.residual_maps)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="eval"):
+        model.train().score(images)
+
+
+def _real_batch(count: int) -> torch.Tensor:
+    from PIL import Image
+
+    from radscan.preprocess import to_model_input
+
+    files = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:count]
+    return to_model_tensor(np.stack([to_model_input(np.asarray(Image.open(f).convert("L"))) for f in files]))
+
+
+@pytest.mark.parametrize("d_norm", ["instance", "batch"])
+def test_score_is_batch_invariant(d_norm):
+    torch.manual_seed(0)
+    model = SimSID(preset("tiny", d_norm=d_norm, score_kind="combined"))
+    model.train()
+    model.generate(_real_batch(16))  # move BN running statistics away from their initial values
+    model.eval()
+    batch = _real_batch(16)
+    together = model.score(batch)
+    for index in (0, 7, 15):
+        alone = model.score(batch[index:index + 1])
+        assert torch.allclose(alone.scores, together.scores[index:index + 1], atol=1e-5)
+        assert torch.allclose(alone.components, together.components[index:index + 1], atol=1e-5)
+        assert torch.allclose(alone.residual_maps, together.residual_maps[index:index + 1], atol=1e-5)
+
+
+def test_score_orientation_and_calibration():
+    model = SimSID(preset("tiny")).eval()
+    images = _real_batch(4)
+    components = model.score(images).components
+    model.calibration_mean.copy_(components.mean(0))
+    model.calibration_std.copy_(components.std(0))
+    result = model.score(images)
+    z = (components[:, 0] - components[:, 0].mean()) / components[:, 0].std()
+    assert torch.allclose(result.scores, torch.sigmoid(z), atol=1e-6)  # high raw -> high score
+    assert ((result.scores > 0) & (result.scores < 1)).all()
+    assert result.residual_maps.shape == (4, 128, 128) and (result.residual_maps >= 0).all()
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        SimSIDConfig(memory_kind="lstm")
+    with pytest.raises(ValueError):
+        SimSIDConfig(patch_grid=3)
+    with pytest.raises(ValueError):
+        SimSIDConfig.from_dict({"widths": [1, 2], "nonsense": 1})
+    assert SimSIDConfig.from_dict(PRESETS["small"].to_dict()) == PRESETS["small"]
