@@ -46,7 +46,8 @@ def test_no_dead_weights():
     images = torch.rand(2, 1, 128, 128) * 2 - 1
     out = model.generate(images)
     loss = (out.student - images).pow(2).mean() + (out.teacher - images).pow(2).mean()
-    loss = loss + sum((s - t.detach()).pow(2).mean() for s, t in zip(out.student_levels, out.teacher_levels))
+    pairs = zip(out.student_levels, out.teacher_levels, strict=True)
+    loss = loss + sum((s - t.detach()).pow(2).mean() for s, t in pairs)
     loss = loss + model.discriminator(out.student).mean()
     loss.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
