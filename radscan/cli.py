@@ -49,14 +49,31 @@ def _configure_logging(verbosity: int) -> None:
 @click.version_option(__version__, "--version", prog_name="radscan")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr, no progress bar.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="RADSCAN_CONFIG", help="TOML settings file with one table per command (e.g. [score]).")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None) -> None:
     """radscan: unsupervised anomaly triage of chest radiographs (DICOM, JPEG, PNG).
 
     For research and triage support only: radscan does not diagnose.
+
+    Settings come from, highest first: command-line options, RADSCAN_<COMMAND>_<OPTION>
+    environment variables, the --config TOML file (tables [scan], [train], [score]; keys are
+    option names with underscores), then the defaults.
     """
     _configure_logging(-1 if quiet else verbose)
     ctx.obj = {"quiet": quiet}
+    if config_file:
+        ctx.default_map = _read_config(config_file)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        settings = _read_settings(path)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    return {command: {key.replace("-", "_"): value for key, value in table.items()}
+            for command, table in settings.items() if isinstance(table, dict)}
 
 
 def selection_options(command: Callable) -> Callable:
@@ -70,10 +87,13 @@ def selection_options(command: Callable) -> Callable:
                   help="Multi-frame objects: skip them, or use their first or middle frame.")
     @click.option("--for-processing", is_flag=True,
                   help="Also use FOR PROCESSING images (raw detector data, normally skipped).")
+    @click.option("--read-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+                  help="Seconds after which a file whose decoding hangs is given up (status error).")
     @functools.wraps(command)
-    def wrapper(*args, modalities: str, body_parts: str, frames: str, for_processing: bool, **kwargs):
+    def wrapper(*args, modalities: str, body_parts: str, frames: str, for_processing: bool, read_timeout: float,
+                **kwargs):
         policy = Policy(modalities=parse_list(modalities), body_parts=parse_list(body_parts),
-                        frames=frames, for_processing=for_processing)
+                        frames=frames, for_processing=for_processing, read_timeout=read_timeout)
         return command(*args, policy=policy, **kwargs)
 
     return wrapper
@@ -151,7 +171,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="Labelled abnormal images, with --val-normal.")
 @click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default="small", show_default=True,
               help="Architecture size: reference (~46 M parameters, for GPUs), small or tiny (CPU).")
-@click.option("--config", "settings_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--model-config", "settings_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON or TOML file of model settings that override the preset (see SimSIDConfig).")
 @click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
 @click.option("--score", "score_kind", type=click.Choice(["discriminator", "residual", "combined"]),
@@ -240,6 +260,66 @@ def info(model_dir: Path, as_json: bool) -> None:
         f"weights sha256  {metadata['weights']['sha256']}",
     ]
     click.echo("\n".join(lines))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Image-level worklist CSV (replaced atomically). The study CSV, residual PNGs, state "
+                   "store and lock go beside it.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory (default: the model shipped in models/).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@device_option
+@click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for residual-map PNGs [default: <out>_residuals/].")
+@click.option("--no-residuals", is_flag=True, help="Do not write residual PNGs.")
+@click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
+              help="Study-level worklist CSV [default: <out>_studies.csv].")
+@click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
+              help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed.")
+@click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY).")
+@click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
+              help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600).")
+@selection_options
+@workers_option
+@json_option
+@click.pass_context
+def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model_dir: Path | None, batch_size: int,
+          device: str, residuals: Path | None, no_residuals: bool, studies: Path | None, phi: str,
+          phi_key: str | None, phi_key_file: Path, policy: Policy, workers: int, as_json: bool) -> None:
+    """Score every chest radiograph under PATHS and write the triage worklist.
+
+    Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
+    file including those not scored), a study-level CSV and residual-map PNGs. Reruns score only new
+    or changed files and rescore everything when the model changes; a second run on the same
+    outputs exits at once with code 75. Research and triage support only, not diagnosis.
+
+    \b
+    Example:
+      radscan score /data/incoming --out /data/worklist/report.csv
+      radscan score /data/incoming --out report.csv --model models/site-2026 --phi hash --json
+    """
+    from radscan.score import OutputPaths, ScoreSettings, load_phi_key
+    from radscan.score import score as run_score
+
+    if residuals and no_residuals:
+        raise click.UsageError("--residuals and --no-residuals exclude each other")
+    key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
+    outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals)
+    settings = ScoreSettings(model_dir=model_dir, batch_size=batch_size, device=device, workers=workers, phi=phi,
+                             phi_key=key, policy=policy, progress=not ctx.obj["quiet"])
+    summary = run_score(paths, outputs, settings)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    elif not ctx.obj["quiet"]:
+        counts = summary.counts
+        click.echo(f"{summary.files} files: {counts['ok']} scored ({summary.reused} unchanged), "
+                   f"{counts['skipped']} skipped, {counts['error']} error; {summary.flagged_studies} of "
+                   f"{summary.studies} studies flagged -> {summary.report}", err=True)
+    if summary.counts["error"]:
+        ctx.exit(ExitCode.PARTIAL)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "ModelError",
     "LockHeldError",
     "OutputError",
+    "SettingError",
 ]
 
 
@@ -52,3 +53,9 @@ class LockHeldError(RadscanError):
 
 class OutputError(RadscanError):
     exit_code = ExitCode.CANT_CREATE
+
+
+class SettingError(RadscanError):
+    """A setting that cannot be honoured here (e.g. --device cuda without a GPU): a usage error."""
+
+    exit_code = ExitCode.USAGE

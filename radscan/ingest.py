@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
     if found.problem:
         return record.fail(found.problem), None
     path = found.full_path
+    _inject_fault(found)
     try:
         record.file_size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -167,17 +169,65 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     return record.skip(reason)
 
 
-def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1) -> Iterator[Ingested]:
+_BATCH = 4  # files per task sent to a worker
+
+
+def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_flight: int = 0) -> Iterator[Ingested]:
     """`ingest_file` over `files` in worker processes, yielded in input order.
 
     Results stream back as they complete (joblib's generator output with a bounded number of
-    tasks in flight), so only a few decoded images exist at any time. ``workers=1`` runs in this
-    process (for debugging and tests).
+    tasks in flight: at least `in_flight`, so that workers keep decoding while the caller is busy,
+    e.g. with a model batch), so only a few decoded images exist at any time.
+
+    A decoder that crashes its process (a segfault in a C library) or hangs past `timeout` does
+    not stop the run: the files that were in flight are retried one by one in their own worker,
+    and the one that fails again gets an error row. ``workers=1`` runs in this process, without
+    that protection (for debugging).
     """
-    if workers == 1 or len(files) <= 1:
+    if workers == 1:
         yield from (ingest_file(found, policy) for found in files)
         return
+    from joblib import Parallel, delayed, effective_n_jobs
+
+    ahead = max(4 * effective_n_jobs(workers), in_flight)
+    timeout = policy.read_timeout
+    done = 0
+    while done < len(files):
+        parallel = Parallel(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
+                            timeout=timeout)
+        try:
+            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:]):
+                yield result
+                done += 1
+        except Exception as exc:  # TerminatedWorkerError, TimeoutError: a worker died or hung
+            log.warning("a worker failed (%s); retrying the files in flight one by one", type(exc).__name__)
+            for found in files[done:done + ahead + _BATCH * effective_n_jobs(workers)]:
+                yield _ingest_isolated(found, policy, timeout)
+                done += 1
+
+
+def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
+    """`ingest_file` alone in a worker process, so that a crash or hang costs only this file."""
     from joblib import Parallel, delayed
 
-    parallel = Parallel(n_jobs=workers, return_as="generator", pre_dispatch="4*n_jobs", batch_size=4)
-    yield from parallel(delayed(ingest_file)(found, policy) for found in files)
+    try:
+        return Parallel(n_jobs=2, timeout=timeout)([delayed(ingest_file)(found, policy)])[0]
+    except Exception as exc:  # joblib raises multiprocessing's TimeoutError, not the builtin one
+        if "Timeout" in type(exc).__name__:
+            reason = f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"
+        else:
+            reason = f"the decoder crashed on this file (worker process died: {type(exc).__name__})"
+    record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION)
+    return record.fail(reason), None
+
+
+def _inject_fault(found: Found) -> None:
+    """Fault injection for the tests of crash and hang recovery (RADSCAN_TEST_FAULT=crash:NAME or
+    hang:NAME makes the worker reading a file of that name die or hang)."""
+    fault = os.environ.get("RADSCAN_TEST_FAULT", "")
+    kind, _, name = fault.partition(":")
+    if name and Path(found.path).name == name:
+        if kind == "crash":
+            os._exit(139)
+        if kind == "hang":
+            time.sleep(3600)

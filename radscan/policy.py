@@ -1,4 +1,4 @@
-"""Which files radscan uses: the selection rules, in one place, shared by scan, train and score."""
+"""Which files radscan uses and the limits on reading them, in one place, shared by all commands."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class Policy:
     for_processing : also use images whose PresentationIntentType is FOR PROCESSING (raw detector
         data that is not meant for display; off by default)
     max_pixels : refuse images larger than this per frame (decompression bombs, corrupt headers)
+    read_timeout : give up a file whose decoding takes longer than this many seconds
     """
 
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
@@ -31,6 +32,7 @@ class Policy:
     frames: str = "skip"
     for_processing: bool = False
     max_pixels: int = 100_000_000
+    read_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:

@@ -106,3 +106,40 @@ def write_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(buffer, format="PNG")
     with atomic_output(path, "wb", durable=False) as handle:
         handle.write(buffer.getvalue())
+
+
+# Residual maps are shown on a fixed scale, so that colours mean the same in every picture:
+# 0 .. RESIDUAL_SCALE_MAX in model units (the image spans -1..1, so 0.5 is a quarter of full range).
+RESIDUAL_SCALE_MAX = 0.5
+_PANEL = 512
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """0..1 -> black, red, yellow, white ("hot"), as (..., 3) uint8."""
+    t = np.clip(values, 0.0, 1.0)[..., None] * 3.0 - np.array([0.0, 1.0, 2.0])
+    return (np.clip(t, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def render_residual(image: np.ndarray, residual: np.ndarray, caption: str) -> np.ndarray:
+    """The model input beside the same input overlaid with its residual heat map, 512 px each,
+    with a colour bar and a caption (no identifiers). `image` (128, 128) uint8, `residual`
+    (128, 128) float in model units. Returns (H, W, 3) uint8."""
+    from PIL import ImageDraw
+
+    grey = Image.fromarray(image).resize((_PANEL, _PANEL), Image.Resampling.BICUBIC).convert("RGB")
+    heat = np.clip(residual / RESIDUAL_SCALE_MAX, 0.0, 1.0)
+    heat_big = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((_PANEL, _PANEL),
+                                                                               Image.Resampling.BILINEAR)) / 255.0
+    alpha = (0.75 * heat_big)[..., None]
+    overlay = (np.asarray(grey) * (1 - alpha) + heat_colours(heat_big) * alpha).astype(np.uint8)
+    bar = np.repeat(heat_colours(np.linspace(1.0, 0.0, _PANEL))[:, None, :], 24, axis=1)
+    canvas = Image.new("RGB", (2 * _PANEL + 90, _PANEL + 28), "black")
+    canvas.paste(grey, (0, 28))
+    canvas.paste(Image.fromarray(overlay), (_PANEL, 28))
+    canvas.paste(Image.fromarray(bar), (2 * _PANEL + 8, 28))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 8), caption, fill="white")
+    draw.text((2 * _PANEL + 36, 28), f"{RESIDUAL_SCALE_MAX:g}", fill="white")
+    draw.text((2 * _PANEL + 36, _PANEL + 16), "0", fill="white")
+    draw.text((2 * _PANEL + 36, 28 + _PANEL // 2), "|input -\nrecon|", fill="white")
+    return np.asarray(canvas)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from radscan.errors import SettingError
 from radscan.model.simsid import ScoreResult, SimSID, to_model_tensor
 
 __all__ = ["resolve_device", "autocast", "score_arrays", "DEVICES"]
@@ -24,9 +25,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+        raise SettingError("--device cuda was asked for, but no CUDA GPU is available")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for, but Apple MPS is not available")
+        raise SettingError("--device mps was asked for, but Apple MPS is not available")
     return torch.device(name)
 
 

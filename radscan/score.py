@@ -1,0 +1,352 @@
+"""`radscan score`: the nightly job. Decode in worker processes, score in batches with the frozen
+model, write the triage worklist (image and study CSVs) and residual PNGs.
+
+Runs are incremental (a state store beside the report remembers every file's result, keyed by
+the file's identity and the run's fingerprint), locked (one run per output location) and atomic
+(outputs are renamed into place only when complete; results are committed batch by batch, so a
+killed run resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from radscan import __version__
+from radscan.errors import ModelError, NoInputError, OutputError
+from radscan.ingest import Found, find_files, iter_ingested
+from radscan.model.io import load_model
+from radscan.model.runtime import autocast
+from radscan.model.simsid import SimSID, to_model_tensor
+from radscan.policy import Policy
+from radscan.preprocess import PREPROCESS_VERSION
+from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
+from radscan.report import atomic_output, png_name, render_residual, write_png
+from radscan.state import FileIdentity, StateStore, hold_lock
+
+__all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
+           "default_model_dir", "PHI_FIELDS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "kermany-small"
+PHI_FIELDS = ("PatientID", "AccessionNumber")
+RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "study_score", "study_flag", "residual_png")
+PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
+                      "scored_at", "run_id")
+_QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "reason", "study_key",
+                                                   "preprocess_version", *DICOM_FIELDS))
+REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
+                  "status", "reason", *_QC)
+STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
+                 "images_flagged", "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber",
+                 "PatientID", "StudyDate", "Modality", "threshold", "model_name", "model_version")
+
+
+def default_model_dir() -> Path:
+    """The model shipped in the repository's models/ folder."""
+    return Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    report: Path
+    studies: Path
+    residuals: Path | None
+    state: Path
+    lock: Path
+
+    @classmethod
+    def beside(cls, report: Path, studies: Path | None = None, residuals: Path | None = None,
+               write_residuals: bool = True) -> OutputPaths:
+        stem = report.with_suffix("")
+        return cls(report=report, studies=studies or Path(f"{stem}_studies.csv"),
+                   residuals=(residuals or Path(f"{stem}_residuals")) if write_residuals else None,
+                   state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    model_dir: Path | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = -1
+    phi: str = "keep"  # keep | hash | drop
+    phi_key: bytes | None = None
+    policy: Policy = Policy()
+    progress: bool = True
+
+
+@dataclass
+class ScoreSummary:
+    files: int
+    counts: dict[str, int]
+    flagged_images: int
+    flagged_studies: int
+    studies: int
+    scored_now: int
+    reused: int
+    duration_s: float
+    images_per_s: float
+    report: str
+    studies_csv: str
+    residuals: str | None
+    model: str
+    run_id: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PhiFilter:
+    """keep, drop, or replace identifiers by a keyed HMAC (same patient -> same token every night)."""
+
+    def __init__(self, mode: str, key: bytes | None):
+        if mode not in ("keep", "hash", "drop"):
+            raise ValueError(f"--phi must be keep, hash or drop, not {mode!r}")
+        if mode == "hash" and not key:
+            raise ValueError("--phi hash needs a key")
+        self.mode, self._key = mode, key
+
+    def apply(self, record: ImageRecord) -> None:
+        if self.mode == "keep":
+            return
+        for field in PHI_FIELDS:
+            value = getattr(record, field)
+            if self.mode == "drop" or not value:
+                setattr(record, field, "")
+            else:
+                setattr(record, field, hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:16])
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the mode or key changes (stored rows must then be rebuilt)."""
+        key = hashlib.sha256(self._key).hexdigest()[:8] if self._key else ""
+        return f"{self.mode}:{key}"
+
+
+def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
+    """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use."""
+    if explicit:
+        return explicit.encode()
+    if key_file.exists():
+        return key_file.read_bytes().strip()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secrets.token_hex(32).encode() + b"\n")
+    log.warning("created a new PHI key in %s: keep it safe; hashed identifiers only link across runs "
+                "made with the same key", key_file)
+    return key_file.read_bytes().strip()
+
+
+class _Scorer:
+    """The model side of the pipeline: batches in, rows and residual PNGs out."""
+
+    def __init__(self, model: SimSID, metadata: dict[str, Any], device: torch.device, residuals: Path | None,
+                 link_base: Path, run_id: str):
+        self.model, self.device, self.residuals, self.link_base = model, device, residuals, link_base
+        self.threshold = float(model.threshold)
+        self.provenance = {
+            "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
+            "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
+            "radscan_version": __version__, "run_id": run_id,
+        }
+        # PNG encoding releases the GIL: a couple of threads keep it off the critical path
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png")
+
+    def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> list[dict[str, Any]]:
+        batch = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        with autocast(self.device):
+            result = self.model.score(to_model_tensor(batch, self.device))
+        scores, raws = result.scores.float().cpu().numpy(), result.raw_scores.float().cpu().numpy()
+        maps = result.residual_maps.float().cpu().numpy()
+        scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows, writes = [], []
+        for record, image, score, raw, residual in zip(records, images, scores, raws, maps, strict=True):
+            flag = bool(score >= self.threshold)
+            if self.residuals is not None:
+                path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
+                caption = f"score {score:.3f}  threshold {self.threshold:.3f}  {'FLAGGED' if flag else ''}"
+                writes.append(self._writer.submit(_write_residual, path, image, residual, caption))
+                record.extra["residual_png"] = os.path.relpath(path, self.link_base)
+            record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
+                                threshold=round(self.threshold, 6), flag=flag, scored_at=scored_at,
+                                **self.provenance)
+            rows.append(record.as_row())
+        for write in writes:
+            write.result()  # a PNG that cannot be written fails the run loudly (exit 73), not silently
+        return rows
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+
+def _write_residual(path: Path, image: np.ndarray, residual: np.ndarray, caption: str) -> None:
+    try:
+        write_png(path, render_residual(image, residual, caption))
+    except OSError as exc:
+        raise OutputError(f"cannot write residual PNG {path}: {exc.strerror or exc}") from None
+
+
+def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
+    """Score every image under `inputs` and write the worklist; see the module docstring."""
+    started = time.monotonic()
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+    model_dir = settings.model_dir or default_model_dir()
+    if not model_dir.exists():
+        raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
+    from radscan.model.runtime import resolve_device
+
+    device = resolve_device(settings.device)
+    model, metadata = load_model(model_dir, device)
+    phi = PhiFilter(settings.phi, settings.phi_key)
+    fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
+                            phi.fingerprint, str(outputs.residuals is not None)])
+    run_id = uuid.uuid4().hex[:12]
+
+    with hold_lock(outputs.lock):
+        files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
+                                            *([outputs.residuals] if outputs.residuals else [])])
+        if not files:
+            raise NoInputError(f"no files found under {', '.join(inputs)}")
+        store = StateStore(outputs.state, fingerprint)
+        try:
+            rows, todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)
+            log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(rows), len(todo))
+            scorer = _Scorer(model, metadata, device, outputs.residuals, outputs.report.parent, run_id)
+            try:
+                rows.extend(_score_new(todo, settings, phi, scorer, store))
+            finally:
+                scorer.close()
+        finally:
+            store.close()
+        report, studies = build_worklist(rows, float(model.threshold), metadata)
+        write_csv(report, outputs.report, REPORT_COLUMNS)
+        write_csv(studies, outputs.studies, STUDY_COLUMNS)
+
+    counts = report["status"].value_counts().reindex([Status.OK, Status.SKIPPED, Status.ERROR], fill_value=0)
+    duration = time.monotonic() - started
+    return ScoreSummary(
+        files=len(files), counts={k: int(v) for k, v in counts.items()},
+        flagged_images=sum(1 for row in rows if row.get("flag") is True),
+        flagged_studies=int(studies["study_flag"].astype(bool).sum()), studies=len(studies),
+        scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
+        images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
+        report=str(outputs.report), studies_csv=str(outputs.studies),
+        residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
+    )
+
+
+def _identity(found: Found) -> FileIdentity:
+    key = f"{Path(found.root).resolve()}\0{found.path}"
+    try:
+        stat = found.full_path.stat()
+        return FileIdentity(key, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return FileIdentity(key, -1, -1)
+
+
+def _reuse_stored(files: list[Found], store: StateStore, link_base: Path | None) -> tuple[list[dict], list[Found]]:
+    """Rows still valid in the store (files with errors are always retried; a scored row whose
+    residual PNG has gone is scored again), and the files left to read."""
+    rows, todo = [], []
+    for found in files:
+        row = None if found.problem else store.lookup(_identity(found))
+        usable = row is not None and row["status"] != Status.ERROR and (
+            link_base is None or row["status"] != Status.OK or (link_base / row.get("residual_png", "")).is_file())
+        if usable:
+            rows.append(row)
+        else:
+            todo.append(found)
+    return rows, todo
+
+
+def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, scorer: _Scorer,
+               store: StateStore) -> list[dict[str, Any]]:
+    """Decode `todo` in workers while the model scores full batches; commit each batch."""
+    rows: list[dict[str, Any]] = []
+    batch: list[tuple[FileIdentity, ImageRecord, np.ndarray]] = []
+    unscored: list[tuple[FileIdentity, dict[str, Any]]] = []
+
+    def flush() -> None:
+        scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch]) if batch else []
+        done = unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)]
+        store.save(done)
+        rows.extend(row for _, row in done)
+        batch.clear()
+        unscored.clear()
+
+    results = iter_ingested(todo, settings.policy, settings.workers, in_flight=2 * settings.batch_size)
+    for found, (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
+                                       desc="score", disable=None if settings.progress else True):
+        phi.apply(record)
+        if image is None:
+            unscored.append((_identity(found), record.as_row()))
+        else:
+            batch.append((_identity(found), record, image))
+        if len(batch) >= settings.batch_size or len(unscored) >= 4 * settings.batch_size:
+            flush()
+    flush()
+    return rows
+
+
+def build_worklist(rows: list[dict[str, Any]], threshold: float,
+                   metadata: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Image rows -> (report sorted by study score then score, highest first; one row per study)."""
+    report = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS)
+    scored = report[report["status"] == Status.OK].copy()
+    scored["score"] = scored["score"].astype(float)
+    scored["flag"] = scored["flag"].astype(bool)
+    top = scored.sort_values(["score", "path"], ascending=[False, True]).drop_duplicates("study_key")
+    studies = scored.groupby("study_key").agg(images_scored=("path", "size"), images_flagged=("flag", "sum"))
+    studies = studies.join(top.set_index("study_key")[["score", "path", "residual_png", "StudyInstanceUID",
+                                                       "AccessionNumber", "PatientID", "StudyDate", "Modality"]])
+    studies = studies.rename(columns={"score": "study_score", "path": "top_path", "residual_png": "top_residual_png"})
+    studies["images"] = report.groupby("study_key")["path"].size().reindex(studies.index)
+    studies["study_flag"] = studies["images_flagged"] > 0
+    studies["threshold"] = threshold
+    studies["model_name"], studies["model_version"] = metadata.get("name", ""), metadata.get("version", "")
+    studies = studies.reset_index().sort_values(["study_score", "study_key"], ascending=[False, True])
+    studies["study_rank"] = range(1, len(studies) + 1)
+
+    report = report.drop(columns=["study_score", "study_flag"]).merge(
+        studies[["study_key", "study_score", "study_flag"]], on="study_key", how="left")
+    report["_score"] = pd.to_numeric(report["score"], errors="coerce")
+    report = report.sort_values(["study_score", "_score", "root", "path"], ascending=[False, False, True, True],
+                                na_position="last").drop(columns="_score")
+    ok = report["status"] == Status.OK
+    report["rank"] = pd.Series(range(1, int(ok.sum()) + 1), index=report.index[ok])
+    return report.reindex(columns=REPORT_COLUMNS), studies.reindex(columns=STUDY_COLUMNS)
+
+
+def write_csv(frame: pd.DataFrame, path: Path, columns: Sequence[str]) -> None:
+    frame = frame.reindex(columns=columns)
+    for column in ("flag", "study_flag", "inverted"):  # lower-case booleans, as in the inventory
+        if column in frame:
+            frame[column] = frame[column].map({True: "true", False: "false"})
+    try:
+        with atomic_output(path) as handle:
+            frame.to_csv(handle, index=False, float_format="%.6g")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
