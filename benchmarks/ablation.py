@@ -48,7 +48,7 @@ def run_variant(variant: str, out: Path, args: argparse.Namespace) -> Path:
         return folder  # already finished
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as settings:
         json.dump(overrides, settings)
-    command += ["--config", settings.name]
+    command += ["--model-config", settings.name]
     subprocess.run(command, check=True)
     return folder
 

@@ -68,12 +68,24 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None)
 
 
 def _read_config(path: Path) -> dict:
+    """TOML tables [scan], [train], [score] of option names -> Click's default_map."""
     try:
         settings = _read_settings(path)
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
-    return {command: {key.replace("-", "_"): value for key, value in table.items()}
-            for command, table in settings.items() if isinstance(table, dict)}
+    default_map = {}
+    for name, table in settings.items():
+        command = cli.commands.get(name)
+        if command is None or not isinstance(table, dict):
+            raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
+        by_option = {opt.lstrip("-").replace("-", "_"): param.name for param in command.params
+                     for opt in param.opts if opt.startswith("--")}
+        unknown = sorted(k for k in table if k.replace("-", "_") not in by_option)
+        if unknown:
+            raise click.BadParameter(f"[{name}] in {path}: unknown option(s) {', '.join(unknown)}",
+                                     param_hint="--config")
+        default_map[name] = {by_option[k.replace("-", "_")]: v for k, v in table.items()}
+    return default_map
 
 
 def selection_options(command: Callable) -> Callable:
@@ -267,8 +279,8 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Image-level worklist CSV (replaced atomically). The study CSV, residual PNGs, state "
                    "store and lock go beside it.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Model directory (default: the model shipped in models/).")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
+              help="Model directory (default: the model shipped in models/; or RADSCAN_MODEL).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
@@ -286,7 +298,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 @workers_option
 @json_option
 @click.pass_context
-def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model_dir: Path | None, batch_size: int,
+def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, studies: Path | None, phi: str,
           phi_key: str | None, phi_key_file: Path, policy: Policy, workers: int, as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
@@ -308,7 +320,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model_dir: Path
         raise click.UsageError("--residuals and --no-residuals exclude each other")
     key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
     outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals)
-    settings = ScoreSettings(model_dir=model_dir, batch_size=batch_size, device=device, workers=workers, phi=phi,
+    settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"])
     summary = run_score(paths, outputs, settings)
     if as_json:

@@ -65,6 +65,9 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
 def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
     try:
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
+        truncated = len(ds) == 0  # pydicom gives up the whole data set when the pixel data is cut short
+        if truncated:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)  # keep what the header says
     except Exception as exc:  # pydicom raises many types on malformed headers
         record.fail(f"cannot parse the DICOM header: {one_line(exc)}")
         return None
@@ -73,6 +76,12 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     reason = skip_reason(ds, policy)
     if reason:
         record.skip(reason)
+        return None
+    if truncated:
+        record.fail("the file ends inside its pixel data (truncated or incomplete transfer?)")
+        return None
+    if not any(tag in ds for tag in _PIXEL_TAGS):
+        record.fail("an image object without pixel data: truncated or incomplete file?")
         return None
 
     frames = record.frames or 1
@@ -107,9 +116,10 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
     sop_class = UID(_text(_meta(ds), "MediaStorageSOPClassUID") or _text(ds, "SOPClassUID"))
     if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         return "DICOMDIR: a media index, not an image (its images are scanned as files)"
-    if not any(tag in ds for tag in _PIXEL_TAGS):
-        kind = sop_class.name if sop_class else "unknown SOP class"
-        return f"no pixel data: not an image ({kind})"
+    has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
+    is_image_class = "Image Storage" in sop_class.name
+    if not has_pixels and not is_image_class:
+        return f"no pixel data: not an image ({sop_class.name if sop_class else 'unknown SOP class'})"
     modality = _text(ds, "Modality").upper()
     if policy.modalities is not None and modality not in policy.modalities:
         shown = f"Modality {modality} is not scored" if modality else "no Modality: not scored"
@@ -131,7 +141,7 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
 def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     for keyword in DICOM_FIELDS:
         setattr(record, keyword, _text(ds, keyword))
-    record.study_key = record.StudyInstanceUID
+    record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = _text(_meta(ds), "TransferSyntaxUID")
     record.photometric = _text(ds, "PhotometricInterpretation").upper()
     record.bits_stored = _int(ds, "BitsStored")

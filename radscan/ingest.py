@@ -130,8 +130,9 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
 
     Never raises: whatever goes wrong becomes the record's status and reason.
     """
-    record = ImageRecord(path=found.path, root=found.root, kind="other",
-                         preprocess_version=PREPROCESS_VERSION)
+    # the folder is the study unless the file says otherwise (DICOM StudyInstanceUID)
+    record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
+                         study_key=Path(found.path).parent.as_posix())
     if found.problem:
         return record.fail(found.problem), None
     path = found.full_path
@@ -146,7 +147,6 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         if record.kind == "dicom":
             grey = read_dicom(path, record, policy)
         else:
-            record.study_key = Path(found.path).parent.as_posix()
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
@@ -165,7 +165,7 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     else:
         reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
     if path.suffix.lower() in _IMAGE_SUFFIXES:
-        return record.fail(f"named like an image but {reason}: incomplete transfer or wrong file?")
+        return record.fail(f"{reason}, although named like an image: incomplete transfer or wrong file?")
     return record.skip(reason)
 
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line"]
+__all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line", "printable"]
 
 
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -41,7 +41,7 @@ class ImageRecord:
     kind: str  # dicom / jpeg / png / other
     status: str = Status.OK
     reason: str = ""
-    study_key: str = ""  # StudyInstanceUID for DICOM; the folder (relative to root) for JPEG/PNG
+    study_key: str = ""  # StudyInstanceUID for DICOM; else the folder (relative to root)
     StudyInstanceUID: str = ""
     SeriesInstanceUID: str = ""
     SOPInstanceUID: str = ""
@@ -76,12 +76,18 @@ class ImageRecord:
     def as_row(self) -> dict[str, Any]:
         """A flat dict for CSV writing; `extra` columns (e.g. preview_png) come last."""
         row = asdict(self)
+        row["path"], row["root"] = printable(self.path), printable(self.root)
         extra = row.pop("extra")
         row.update(extra)
         return row
 
 
 RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

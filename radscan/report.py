@@ -43,7 +43,8 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
-        kwargs = {"newline": "", "encoding": "utf-8"} if "b" not in mode else {}
+        # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
+        kwargs = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             if durable:

@@ -41,7 +41,7 @@ from radscan.report import atomic_output, png_name, render_residual, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
-           "default_model_dir", "PHI_FIELDS"]
+           "default_model_dir", "PHI_FIELDS", "load_phi_key"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
-                 "images_flagged", "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber",
-                 "PatientID", "StudyDate", "Modality", "threshold", "model_name", "model_version")
+                 "images_flagged", "images_error", "top_path", "top_residual_png", "StudyInstanceUID",
+                 "AccessionNumber", "PatientID", "StudyDate", "Modality", "threshold", "model_name", "model_version")
 
 
 def default_model_dir() -> Path:
@@ -250,7 +250,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     return ScoreSummary(
         files=len(files), counts={k: int(v) for k, v in counts.items()},
         flagged_images=sum(1 for row in rows if row.get("flag") is True),
-        flagged_studies=int(studies["study_flag"].astype(bool).sum()), studies=len(studies),
+        flagged_studies=int(studies["study_flag"].sum()), studies=len(studies),
         scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
@@ -313,30 +313,38 @@ def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, score
 
 def build_worklist(rows: list[dict[str, Any]], threshold: float,
                    metadata: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Image rows -> (report sorted by study score then score, highest first; one row per study)."""
+    """Image rows -> (report sorted by study score then score, highest first; one row per study).
+
+    A study is listed when it holds an image that was scored or that failed (a study whose only
+    image could not be read must not vanish from the worklist); studies holding only skipped
+    objects (an SR, a CT) have nothing to triage.
+    """
     report = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS)
-    scored = report[report["status"] == Status.OK].copy()
-    scored["score"] = scored["score"].astype(float)
-    scored["flag"] = scored["flag"].astype(bool)
-    top = scored.sort_values(["score", "path"], ascending=[False, True]).drop_duplicates("study_key")
-    studies = scored.groupby("study_key").agg(images_scored=("path", "size"), images_flagged=("flag", "sum"))
-    studies = studies.join(top.set_index("study_key")[["score", "path", "residual_png", "StudyInstanceUID",
-                                                       "AccessionNumber", "PatientID", "StudyDate", "Modality"]])
-    studies = studies.rename(columns={"score": "study_score", "path": "top_path", "residual_png": "top_residual_png"})
-    studies["images"] = report.groupby("study_key")["path"].size().reindex(studies.index)
+    report["score"] = pd.to_numeric(report["score"], errors="coerce")
+    status = report["status"]
+    per_study = report.assign(scored=status == Status.OK, failed=status == Status.ERROR,
+                              flagged=report["flag"].eq(True)).groupby("study_key")
+    counts = per_study.agg(images=("path", "size"), images_scored=("scored", "sum"), images_error=("failed", "sum"),
+                           images_flagged=("flagged", "sum"))
+    top = (report[status.isin([Status.OK, Status.ERROR])]
+           .sort_values(["score", "root", "path"], ascending=[False, True, True], na_position="last")
+           .drop_duplicates("study_key").set_index("study_key"))
+    studies = top[["score", "path", "residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID",
+                   "StudyDate", "Modality"]].rename(
+        columns={"score": "study_score", "path": "top_path", "residual_png": "top_residual_png"}).join(counts)
     studies["study_flag"] = studies["images_flagged"] > 0
     studies["threshold"] = threshold
     studies["model_name"], studies["model_version"] = metadata.get("name", ""), metadata.get("version", "")
-    studies = studies.reset_index().sort_values(["study_score", "study_key"], ascending=[False, True])
+    studies = studies.reset_index().sort_values(["study_score", "study_key"], ascending=[False, True],
+                                                na_position="last")
     studies["study_rank"] = range(1, len(studies) + 1)
 
     report = report.drop(columns=["study_score", "study_flag"]).merge(
         studies[["study_key", "study_score", "study_flag"]], on="study_key", how="left")
-    report["_score"] = pd.to_numeric(report["score"], errors="coerce")
-    report = report.sort_values(["study_score", "_score", "root", "path"], ascending=[False, False, True, True],
-                                na_position="last").drop(columns="_score")
+    report = report.sort_values(["study_score", "score", "root", "path"], ascending=[False, False, True, True],
+                                na_position="last")
     ok = report["status"] == Status.OK
-    report["rank"] = pd.Series(range(1, int(ok.sum()) + 1), index=report.index[ok])
+    report["rank"] = pd.Series(range(1, int(ok.sum()) + 1), index=report.index[ok], dtype="Int64")
     return report.reindex(columns=REPORT_COLUMNS), studies.reindex(columns=STUDY_COLUMNS)
 
 

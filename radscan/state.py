@@ -61,7 +61,7 @@ class StateStore:
 
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS results (
-            key TEXT PRIMARY KEY,
+            key BLOB PRIMARY KEY,
             size INTEGER NOT NULL,
             mtime_ns INTEGER NOT NULL,
             fingerprint TEXT NOT NULL,
@@ -81,13 +81,13 @@ class StateStore:
         """The stored row for this file if it is still valid (same file, same fingerprint)."""
         found = self._db.execute(
             "SELECT row FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND fingerprint = ?",
-            (identity.key, identity.size, identity.mtime_ns, self.fingerprint),
+            (_blob(identity.key), identity.size, identity.mtime_ns, self.fingerprint),
         ).fetchone()
         return json.loads(found[0]) if found else None
 
     def save(self, items: Iterable[tuple[FileIdentity, dict[str, Any]]]) -> None:
         """Store rows in one transaction (all or nothing)."""
-        rows = [(i.key, i.size, i.mtime_ns, self.fingerprint, row["status"], json.dumps(row, default=str))
+        rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], json.dumps(row, default=str))
                 for i, row in items]
         with self._db:
             self._db.execute("BEGIN")
@@ -95,3 +95,8 @@ class StateStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _blob(key: str) -> bytes:
+    """File names need not be UTF-8: keep their exact bytes (JSON rows escape them as ASCII)."""
+    return key.encode("utf-8", "surrogateescape")

@@ -31,3 +31,19 @@ def dicom_dir() -> Path:
 @pytest.fixture(scope="session")
 def cxr_dir() -> Path:
     return CXR_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny SimSID trained for one epoch on 48 real normals: enough to exercise scoring."""
+    import shutil
+
+    from radscan.model.config import preset
+    from radscan.train import TrainConfig, train
+
+    normals = tmp_path_factory.mktemp("model_normals")
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[48:96]:
+        shutil.copy(path, normals / path.name)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    train([str(normals)], out, preset("tiny"), TrainConfig(epochs=1, batch_size=8), workers=1, progress=False)
+    return out

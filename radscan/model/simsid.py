@@ -101,7 +101,7 @@ class Inpainter(nn.Module):
         self.project = _conv_bn_relu(cfg.widths[-1], channels, kernel=1)
         self.memory = SpaceAwareMemory(cfg.patches, cfg.memory_slots, dim, cfg.memory_kind, cfg.memory_topk,
                                        cfg.memory_levels)
-        self.attention = nn.MultiheadAttention(dim, cfg.attention_heads, batch_first=True)
+        self.attention = NeighbourAttention(dim, cfg.attention_heads)
         self.norm_attention = nn.LayerNorm(dim)
         self.feed_forward = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.ReLU(inplace=True),
                                           nn.Linear(cfg.ffn_dim, dim))
@@ -120,8 +120,8 @@ class Inpainter(nn.Module):
         reads = self.memory(query)  # (B, P, D)
         padded = torch.cat([reads, reads.new_zeros(b, 1, cfg.inpaint_dim)], dim=1)
         context = padded[:, self.neighbours].reshape(n, 8, cfg.inpaint_dim)  # (B*P, 8, D)
-        attended, _ = self.attention(query.reshape(n, 1, -1), context, context, need_weights=False)
-        hidden = F.relu(self.norm_attention(attended.squeeze(1) + reads.reshape(n, -1)))
+        attended = self.attention(query.reshape(n, -1), context)
+        hidden = F.relu(self.norm_attention(attended + reads.reshape(n, -1)))
         hidden = F.relu(self.norm_feed_forward(hidden + self.feed_forward(hidden)))
         hidden = hidden.reshape(n, cfg.inpaint_channels, side, side)
         code = self.position_code.repeat(b, 1, 1, 1).to(hidden.dtype)
@@ -130,6 +130,31 @@ class Inpainter(nn.Module):
             keep = torch.rand(n, 1, side, side, device=bottleneck.device) < cfg.mask_ratio
             inpainted = torch.where(keep, inpainted, bottleneck)
         return inpainted, query
+
+
+class NeighbourAttention(nn.Module):
+    """Multi-head attention of one query per patch over its neighbours' memory reads.
+
+    Written out rather than nn.MultiheadAttention: its fused inference kernel gives a sample a
+    slightly different result depending on its position in the batch, and radscan's scores must
+    not depend on the batch at all. Same parameters and arithmetic as the standard layer.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """query (N, D), context (N, K, D) -> (N, D)."""
+        n, k, dim = context.shape
+        head = dim // self.heads
+        q = self.query(query).view(n, self.heads, 1, head)
+        keys, values = self.key_value(context).view(n, k, 2, self.heads, head).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax((q * head**-0.5) @ keys.transpose(-1, -2), dim=-1)  # (N, H, 1, K)
+        return self.out((weights @ values).reshape(n, dim))
 
 
 def _grid_neighbours(grid: int) -> torch.Tensor:
@@ -247,6 +272,10 @@ class ScoreResult(NamedTuple):
     components: torch.Tensor  # (B, 2) raw discriminator and residual scores
 
 
+# Images per model call when scoring: CPU, GPU (larger chunks keep a GPU busy).
+_SCORE_CHUNK = (16, 128)
+
+
 class SimSID(nn.Module):
     """The whole model. `generate` is for training; `score` is the frozen inference API."""
 
@@ -290,10 +319,20 @@ class SimSID(nn.Module):
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> ScoreResult:
         """Frozen scoring of (B, 1, H, W) images in [-1, 1]: no memory writes, no randomness, and
-        each image's result independent of the rest of the batch. Call `eval()` first."""
+        each image's result bit-identical whatever else is in the batch. Call `eval()` first.
+
+        Every normalisation is per sample, but convolution and matrix kernels pick their blocking
+        by batch size, which moves results in the last float bits; the calibration's division by a
+        small spread can make that visible. So the model always runs on chunks of the same size
+        (zero-padded), and a sample's result never depends on how the caller batched it.
+        """
         if self.training:
             raise RuntimeError("call model.eval() before scoring")
-        components, residual = self.raw_scores(images)
+        count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
+        padded = F.pad(images, (0, 0, 0, 0, 0, 0, 0, (-count) % chunk))
+        parts = [self.raw_scores(padded[start:start + chunk]) for start in range(0, padded.shape[0], chunk)]
+        components = torch.cat([c for c, _ in parts])[:count]
+        residual = torch.cat([r for _, r in parts])[:count]
         raw, z = self.calibrated(components)
         maps = F.conv2d(residual.unsqueeze(1).float(), self.blur_kernel, padding=self.blur_kernel.shape[-1] // 2)
         return ScoreResult(torch.sigmoid(z), raw, maps.squeeze(1), components)

@@ -1,0 +1,275 @@
+"""`radscan score` end to end on real files: worklist, residuals, nightly reruns, kill -9, lock, PHI,
+bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from radscan.cli import cli
+from radscan.errors import ExitCode
+from radscan.score import REPORT_COLUMNS, STUDY_COLUMNS
+from radscan.state import hold_lock
+
+from .conftest import CXR_DIR, DICOM_DIR
+
+PATIENT_ID = "TEST^SECRET-4711"
+
+
+def _run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, auto_envvar_prefix="RADSCAN")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture()
+def studies(tmp_path) -> Path:
+    """DICOM studies (one with two images, one with an identifier to protect), JPEG studies, an SR."""
+    import pydicom
+
+    root = tmp_path / "incoming"
+    (root / "cr1").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "cr1" / "IM1")
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", root / "cr1" / "IM2")  # another study UID
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    ds.PatientID = PATIENT_ID
+    (root / "nih").mkdir()
+    ds.save_as(root / "nih" / "a.dcm")
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+    ds.save_as(root / "nih" / "b.dcm")
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "nih" / "sr.dcm")
+    for label, folder in (("normal", "test_normal"), ("pneumonia", "test_abnormal")):
+        for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / folder).iterdir())[:3]):
+            (root / f"{label}{index}").mkdir()
+            shutil.copy(jpeg, root / f"{label}{index}" / jpeg.name)
+    return root
+
+
+def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
+    out = tmp_path / "out" / "report.csv"
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json", "--workers", "2")
+    assert result.exit_code == ExitCode.OK, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 11 and summary["counts"] == {"ok": 10, "skipped": 1, "error": 0}
+
+    rows = _rows(out)
+    assert tuple(rows[0]) == REPORT_COLUMNS
+    assert len(rows) == 11 and len({r["path"] for r in rows}) == 11
+    scored = [r for r in rows if r["status"] == "ok"]
+    keys = [(-float(r["study_score"]), -float(r["score"])) for r in scored]
+    assert keys == sorted(keys), "not sorted by study score, then score"
+    assert [int(r["rank"]) for r in scored] == list(range(1, 11))
+    for r in scored:
+        assert 0.0 < float(r["score"]) < 1.0
+        assert (r["flag"] == "true") == (float(r["score"]) >= float(r["threshold"]))
+        assert r["model_sha256"] and r["preprocess_version"] == "rs-pre-1" and r["run_id"] == summary["run_id"]
+    nih = [r for r in rows if r["path"].startswith("nih/") and r["status"] == "ok"]
+    assert float(nih[0]["study_score"]) == pytest.approx(max(float(r["score"]) for r in nih))
+
+    study_rows = _rows(out.parent / "report_studies.csv")
+    assert tuple(study_rows[0]) == STUDY_COLUMNS
+    assert len(study_rows) == 9  # cr1 holds two studies (two StudyInstanceUIDs); nih is one
+    assert [float(s["study_score"]) for s in study_rows] == sorted((float(s["study_score"]) for s in study_rows),
+                                                                   reverse=True)
+    nih_study = next(s for s in study_rows if s["top_path"].startswith("nih/"))
+    assert (nih_study["images"], nih_study["images_scored"], nih_study["images_error"]) == ("2", "2", "0")
+
+    pngs = [out.parent / r["residual_png"] for r in scored]
+    assert all(p.is_file() for p in pngs) and len(set(pngs)) == 10
+    pictures = [np.asarray(Image.open(p)) for p in pngs[:3]]
+    assert pictures[0].shape == (540, 1114, 3)
+    assert not np.array_equal(pictures[0], pictures[1])
+    assert all(PATIENT_ID not in p.name for p in pngs)
+    assert not Image.open(pngs[0]).info.get("text")
+
+
+def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_model, tmp_path):
+    out = tmp_path / "report.csv"
+    args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json"]
+    first = json.loads(_run(*args).stdout)
+    first_rows = {r["path"]: r for r in _rows(out)}
+    again = json.loads(_run(*args).stdout)
+    assert (again["scored_now"], again["reused"]) == (0, 11)
+    assert {r["path"]: r["score"] for r in _rows(out)} == {p: r["score"] for p, r in first_rows.items()}
+    assert {r["run_id"] for r in _rows(out) if r["status"] == "ok"} == {first["run_id"]}
+
+    new = studies / "normal9"
+    new.mkdir()
+    shutil.copy(sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[10], new / "x.jpeg")
+    touched = studies / "normal0" / next((studies / "normal0").iterdir()).name
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    third = json.loads(_run(*args).stdout)
+    assert (third["files"], third["scored_now"], third["reused"]) == (12, 2, 10)
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other_model)
+    meta = json.loads((other_model / "model.json").read_text())
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(other_model / "model.safetensors"))
+    state["threshold"] = state["threshold"] * 0 + 0.5
+    save_file(state, str(other_model / "model.safetensors"))
+    meta["calibration"]["threshold"] = 0.5
+    meta["weights"]["sha256"] = hashlib.sha256((other_model / "model.safetensors").read_bytes()).hexdigest()
+    (other_model / "model.json").write_text(json.dumps(meta))
+    fourth = json.loads(_run("score", str(studies), "--out", str(out), "--model", str(other_model), "--json").stdout)
+    assert (fourth["scored_now"], fourth["reused"]) == (12, 0)
+    assert {r["threshold"] for r in _rows(out) if r["status"] == "ok"} == {"0.5"}
+
+
+def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_path):
+    out = tmp_path / "report.csv"
+    with hold_lock(tmp_path / "report.lock"):
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.LOCKED and "try again later" in result.output
+    assert not out.exists()
+
+
+def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tiny_model, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    files = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:60]
+    for path in files[:10]:
+        shutil.copy(path, folder / path.name)
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "radscan", "-q", "score", str(folder), "--out", str(out),
+                "--model", str(tiny_model), "--batch-size", "4", "--workers", "2"]
+
+    out = tmp_path / "out" / "report.csv"
+    subprocess.run(command(out), check=True)
+    before = out.read_bytes()
+    for path in files[10:]:
+        shutil.copy(path, folder / path.name)
+
+    process = subprocess.Popen(command(out), start_new_session=True)
+    state = tmp_path / "out" / "report.state.sqlite"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        with sqlite3.connect(state) as db:
+            if db.execute("SELECT count(*) FROM results").fetchone()[0] >= 22:
+                break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed; make the test set larger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert out.read_bytes() == before  # the previous report is untouched
+
+    subprocess.run(command(out), check=True)
+    rows = _rows(out)
+    assert len(rows) == 60 and len({r["path"] for r in rows}) == 60
+    assert all(r["status"] == "ok" for r in rows)
+    clean = tmp_path / "clean" / "report.csv"
+    subprocess.run(command(clean), check=True)
+    assert {r["path"]: r["score"] for r in rows} == {r["path"]: r["score"] for r in _rows(clean)}
+
+
+def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
+    runs = iter(range(100))
+
+    def patient_ids(*extra: str, env=None) -> set[str]:
+        out = tmp_path / f"run{next(runs)}" / "report.csv"
+        result = _run("-v", "score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra, env=env)
+        assert result.exit_code == 0, result.output
+        assert PATIENT_ID not in result.output
+        text = out.read_text() + (out.parent / "report_studies.csv").read_text()
+        assert (PATIENT_ID in text) == (not extra)
+        return {r["PatientID"] for r in _rows(out) if r["path"].startswith("nih/") and r["status"] == "ok"}
+
+    assert patient_ids() == {PATIENT_ID}
+    hashed = patient_ids("--phi", "hash", "--phi-key", "k1")
+    assert len(hashed) == 1 and len(next(iter(hashed))) == 16 and hashed != {PATIENT_ID}
+    assert patient_ids("--phi", "hash", env={"RADSCAN_PHI_KEY": "k1"}) == hashed  # same key, same token
+    assert patient_ids("--phi", "hash", "--phi-key", "k2") != hashed
+    key_file = tmp_path / "keys" / "phi.key"
+    from_file = patient_ids("--phi", "hash", "--phi-key-file", str(key_file))
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert patient_ids("--phi", "hash", "--phi-key-file", str(key_file)) == from_file
+    assert patient_ids("--phi", "drop") == {""}
+
+
+def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[0]
+    shutil.copy(good, bad / "good.jpeg")
+    chest = (DICOM_DIR / "fo-dicom/CR-MONO1-10-chest").read_bytes()
+    (bad / "truncated.dcm").write_bytes((DICOM_DIR / "pydicom-data/RG1_J2KI.dcm").read_bytes()[:30000])
+    (bad / "random.dcm").write_bytes(np.random.default_rng(0).bytes(5000))
+    (bad / "empty.dcm").write_bytes(b"")
+    (bad / "headless").write_bytes(chest[:2000])  # a bare DICOM header, pixels cut off
+    (bad / "bomb.png").write_bytes(_png_claiming(60000, 60000))
+    (bad / "corrupt.jpeg").write_bytes(good.read_bytes()[:600] + b"\x00" * 100)
+    (bad / os.fsdecode(b"bad-\xff\xfe-name.dcm")).write_bytes(b"not dicom")
+    (bad / "loop").symlink_to(bad)
+    (bad / "dangling.dcm").symlink_to(tmp_path / "nowhere")
+    import pydicom
+
+    huge = pydicom.dcmread(DICOM_DIR / "highdicom/dx_image.dcm")
+    huge.Rows = huge.Columns = 60000  # a header that claims a 3.6 gigapixel image
+    huge.save_as(bad / "huge.dcm")
+
+    out = tmp_path / "report.csv"
+    result = _run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json")
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    rows = {r["path"]: r for r in _rows(out)}
+    assert rows["good.jpeg"]["status"] == "ok"
+    for name in ("truncated.dcm", "random.dcm", "empty.dcm", "headless", "bomb.png", "corrupt.jpeg",
+                 "dangling.dcm", "huge.dcm", "bad-\\xff\\xfe-name.dcm"):  # undecodable bytes shown escaped
+        assert rows[name]["status"] == "error", (name, rows[name])
+        assert rows[name]["reason"], name
+    assert "exceeds the limit" in rows["huge.dcm"]["reason"]
+    studies = _rows(tmp_path / "report_studies.csv")
+    assert studies[0]["top_path"] == "good.jpeg" and studies[0]["study_key"] == "."  # the folder is the study
+    truncated = next(s for s in studies if s["top_path"] == "truncated.dcm")  # its own StudyInstanceUID
+    assert (truncated["images_scored"], truncated["images_error"], truncated["study_score"]) == ("0", "1", "")
+    assert not any(path.startswith("loop/") for path in rows)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG signature and header that claims an enormous image, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_missing_model_is_exit_65(studies, tmp_path):
+    result = _run("score", str(studies), "--out", str(tmp_path / "r.csv"), "--model", str(tmp_path / "nope"))
+    assert result.exit_code == ExitCode.DATA and "radscan train" in result.output
+
+
+def test_settings_from_toml_and_environment(studies, tiny_model, tmp_path):
+    config = tmp_path / "radscan.toml"
+    config.write_text(f'[score]\nmodel = "{tiny_model}"\nno_residuals = true\nmodalities = "MR"\n')
+    out = tmp_path / "report.csv"
+    result = _run("--config", str(config), "score", str(studies), "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["residuals"] is None and summary["counts"]["ok"] == 6  # DICOMs out of scope: MR only
+    result = _run("--config", str(config), "score", str(studies), "--out", str(out), "--json",
+                  env={"RADSCAN_SCORE_MODALITIES": "CR,DX"})
+    assert json.loads(result.stdout)["counts"]["ok"] == 10  # the environment beats the file
