@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
-from radscan.report import atomic_output, png_name, render_residual, write_png
+from radscan.report import CsvStream, png_name, render_residual, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
@@ -230,28 +229,26 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                             *([outputs.residuals] if outputs.residuals else [])])
         if not files:
             raise NoInputError(f"no files found under {', '.join(inputs)}")
-        store = StateStore(outputs.state, fingerprint)
+        store = StateStore(outputs.state, fingerprint, run_id)
         try:
-            rows, todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)
-            log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(rows), len(todo))
+            todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)
+            log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
+                     len(todo))
             scorer = _Scorer(model, metadata, device, outputs.residuals, outputs.report.parent, run_id)
             try:
-                rows.extend(_score_new(todo, settings, phi, scorer, store))
+                _score_new(todo, settings, phi, scorer, store)
             finally:
                 scorer.close()
+            studies = write_worklist(store, outputs, float(model.threshold), metadata)
+            counts = store.counts()
         finally:
             store.close()
-        report, studies = build_worklist(rows, float(model.threshold), metadata)
-        write_csv(report, outputs.report, REPORT_COLUMNS)
-        write_csv(studies, outputs.studies, STUDY_COLUMNS)
 
-    counts = report["status"].value_counts().reindex([Status.OK, Status.SKIPPED, Status.ERROR], fill_value=0)
     duration = time.monotonic() - started
+    flagged_images = counts.pop("flagged")
     return ScoreSummary(
-        files=len(files), counts={k: int(v) for k, v in counts.items()},
-        flagged_images=sum(1 for row in rows if row.get("flag") is True),
-        flagged_studies=int(studies["study_flag"].sum()), studies=len(studies),
-        scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
+        files=len(files), counts=counts, flagged_images=flagged_images, flagged_studies=studies[1],
+        studies=studies[0], scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
@@ -267,33 +264,32 @@ def _identity(found: Found) -> FileIdentity:
         return FileIdentity(key, -1, -1)
 
 
-def _reuse_stored(files: list[Found], store: StateStore, link_base: Path | None) -> tuple[list[dict], list[Found]]:
-    """Rows still valid in the store (files with errors are always retried; a scored row whose
-    residual PNG has gone is scored again), and the files left to read."""
-    rows, todo = [], []
+def _reuse_stored(files: list[Found], store: StateStore, link_base: Path | None) -> list[Found]:
+    """Mark the rows still valid in the store as seen by this run; return the files left to read.
+    Files with errors are always retried; a scored row whose residual PNG has gone is scored again."""
+    todo, unchanged = [], []
     for found in files:
-        row = None if found.problem else store.lookup(_identity(found))
+        identity = _identity(found)
+        row = None if found.problem else store.lookup(identity)
         usable = row is not None and row["status"] != Status.ERROR and (
             link_base is None or row["status"] != Status.OK or (link_base / row.get("residual_png", "")).is_file())
         if usable:
-            rows.append(row)
+            unchanged.append(identity)
         else:
             todo.append(found)
-    return rows, todo
+    store.mark_seen(unchanged)
+    return todo
 
 
 def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, scorer: _Scorer,
-               store: StateStore) -> list[dict[str, Any]]:
+               store: StateStore) -> None:
     """Decode `todo` in workers while the model scores full batches; commit each batch."""
-    rows: list[dict[str, Any]] = []
     batch: list[tuple[FileIdentity, ImageRecord, np.ndarray]] = []
     unscored: list[tuple[FileIdentity, dict[str, Any]]] = []
 
     def flush() -> None:
         scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch]) if batch else []
-        done = unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)]
-        store.save(done)
-        rows.extend(row for _, row in done)
+        store.save(unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)])
         batch.clear()
         unscored.clear()
 
@@ -308,53 +304,34 @@ def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, score
         if len(batch) >= settings.batch_size or len(unscored) >= 4 * settings.batch_size:
             flush()
     flush()
-    return rows
 
 
-def build_worklist(rows: list[dict[str, Any]], threshold: float,
-                   metadata: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Image rows -> (report sorted by study score then score, highest first; one row per study).
-
-    A study is listed when it holds an image that was scored or that failed (a study whose only
-    image could not be read must not vanish from the worklist); studies holding only skipped
-    objects (an SR, a CT) have nothing to triage.
-    """
-    report = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS)
-    report["score"] = pd.to_numeric(report["score"], errors="coerce")
-    status = report["status"]
-    per_study = report.assign(scored=status == Status.OK, failed=status == Status.ERROR,
-                              flagged=report["flag"].eq(True)).groupby("study_key")
-    counts = per_study.agg(images=("path", "size"), images_scored=("scored", "sum"), images_error=("failed", "sum"),
-                           images_flagged=("flagged", "sum"))
-    top = (report[status.isin([Status.OK, Status.ERROR])]
-           .sort_values(["score", "root", "path"], ascending=[False, True, True], na_position="last")
-           .drop_duplicates("study_key").set_index("study_key"))
-    studies = top[["score", "path", "residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID",
-                   "StudyDate", "Modality"]].rename(
-        columns={"score": "study_score", "path": "top_path", "residual_png": "top_residual_png"}).join(counts)
-    studies["study_flag"] = studies["images_flagged"] > 0
-    studies["threshold"] = threshold
-    studies["model_name"], studies["model_version"] = metadata.get("name", ""), metadata.get("version", "")
-    studies = studies.reset_index().sort_values(["study_score", "study_key"], ascending=[False, True],
-                                                na_position="last")
-    studies["study_rank"] = range(1, len(studies) + 1)
-
-    report = report.drop(columns=["study_score", "study_flag"]).merge(
-        studies[["study_key", "study_score", "study_flag"]], on="study_key", how="left")
-    report = report.sort_values(["study_score", "score", "root", "path"], ascending=[False, False, True, True],
-                                na_position="last")
-    ok = report["status"] == Status.OK
-    report["rank"] = pd.Series(range(1, int(ok.sum()) + 1), index=report.index[ok], dtype="Int64")
-    return report.reindex(columns=REPORT_COLUMNS), studies.reindex(columns=STUDY_COLUMNS)
-
-
-def write_csv(frame: pd.DataFrame, path: Path, columns: Sequence[str]) -> None:
-    frame = frame.reindex(columns=columns)
-    for column in ("flag", "study_flag", "inverted"):  # lower-case booleans, as in the inventory
-        if column in frame:
-            frame[column] = frame[column].map({True: "true", False: "false"})
+def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
+                   metadata: dict[str, Any]) -> tuple[int, int]:
+    """Stream the image and study CSVs from the store, each replaced atomically.
+    Returns (studies, flagged studies)."""
     try:
-        with atomic_output(path) as handle:
-            frame.to_csv(handle, index=False, float_format="%.6g")
+        with CsvStream(outputs.report, REPORT_COLUMNS) as report:
+            rank = 0
+            for row in store.worklist():
+                if row["status"] == Status.OK:
+                    rank += 1
+                    row["rank"] = rank
+                report.write(row)
+        studies = flagged = 0
+        with CsvStream(outputs.studies, STUDY_COLUMNS) as study_csv:
+            for study in store.studies():
+                top = study.pop("top")
+                studies += 1
+                flagged += study["images_flagged"] > 0
+                study_csv.write({
+                    **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
+                                                         "StudyDate", "Modality")},
+                    **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
+                    "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
+                    "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
+                    "model_version": metadata.get("version", ""),
+                })
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
+    return studies, flagged

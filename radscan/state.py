@@ -57,8 +57,13 @@ class FileIdentity:
 
 
 class StateStore:
-    """SQLite table of per-file results for one output location."""
+    """SQLite table of per-file results for one output location.
 
+    The worklist is built from this table by SQL (grouping by study, sorting by score), streamed
+    row by row: memory stays flat however many files a run sees.
+    """
+
+    SCHEMA_VERSION = 2
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS results (
             key BLOB PRIMARY KEY,
@@ -66,15 +71,24 @@ class StateStore:
             mtime_ns INTEGER NOT NULL,
             fingerprint TEXT NOT NULL,
             status TEXT NOT NULL,
+            study_key TEXT NOT NULL,
+            score REAL,
+            flag INTEGER NOT NULL,
+            sort_root TEXT NOT NULL,
+            sort_path TEXT NOT NULL,
+            seen TEXT NOT NULL,
             row TEXT NOT NULL
         )
     """
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.fingerprint = fingerprint
+    def __init__(self, path: Path, fingerprint: str, run_id: str):
+        self.fingerprint, self.run_id = fingerprint, run_id
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != self.SCHEMA_VERSION:
+            self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
+            self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
         self._db.execute(self._SCHEMA)
 
     def lookup(self, identity: FileIdentity) -> dict[str, Any] | None:
@@ -85,13 +99,59 @@ class StateStore:
         ).fetchone()
         return json.loads(found[0]) if found else None
 
+    def mark_seen(self, identities: Iterable[FileIdentity]) -> None:
+        """Stored rows that this run lists again, unchanged."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE results SET seen = ? WHERE key = ?",
+                                 [(self.run_id, _blob(i.key)) for i in identities])
+
     def save(self, items: Iterable[tuple[FileIdentity, dict[str, Any]]]) -> None:
-        """Store rows in one transaction (all or nothing)."""
-        rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], json.dumps(row, default=str))
+        """Store rows (seen by this run) in one transaction: all or nothing."""
+        rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], row["study_key"],
+                 row.get("score"), int(row.get("flag") is True), row["root"], row["path"], self.run_id,
+                 json.dumps(row, default=str))
                 for i, row in items]
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
+    _STUDY = """study AS (
+        SELECT study_key, MAX(score) AS study_score, COUNT(*) AS images, SUM(status = 'ok') AS images_scored,
+               SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error
+        FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error')) > 0)"""
+
+    def worklist(self) -> Iterator[dict[str, Any]]:
+        """This run's rows, by study score then score (highest first), with their study's result."""
+        query = f"""WITH {self._CURRENT}, {self._STUDY}
+            SELECT c.row, s.study_score, s.images_flagged > 0 FROM current c LEFT JOIN study s USING (study_key)
+            ORDER BY s.study_score IS NULL, s.study_score DESC, c.score IS NULL, c.score DESC, c.sort_root,
+                     c.sort_path"""
+        for row, study_score, study_flag in self._db.execute(query, {"run": self.run_id}):
+            yield {**json.loads(row), "study_score": study_score,
+                   "study_flag": None if study_flag is None else bool(study_flag)}
+
+    def studies(self) -> Iterator[dict[str, Any]]:
+        """One entry per study with a scored or failed image, highest study score first, with the
+        row of its top image (highest score, else its first failed image)."""
+        query = f"""WITH {self._CURRENT}, {self._STUDY},
+            ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
+                PARTITION BY study_key ORDER BY score IS NULL, score DESC, sort_root, sort_path) AS n
+                FROM current WHERE status IN ('ok', 'error'))
+            SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error, r.row
+            FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
+            ORDER BY s.study_score IS NULL, s.study_score DESC, s.study_key"""
+        for key, study_score, images, scored, flagged, errors, row in self._db.execute(query, {"run": self.run_id}):
+            yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
+                   "images_flagged": flagged, "images_error": errors, "top": json.loads(row)}
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",
+                                      (self.run_id,)).fetchall())
+        flagged = self._db.execute("SELECT SUM(flag) FROM results WHERE seen = ?", (self.run_id,)).fetchone()[0]
+        return {"ok": found.get("ok", 0), "skipped": found.get("skipped", 0), "error": found.get("error", 0),
+                "flagged": flagged or 0}
 
     def close(self) -> None:
         self._db.close()
