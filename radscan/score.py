@@ -36,7 +36,7 @@ from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
-from radscan.report import CsvStream, png_name, render_residual, write_png
+from radscan.report import CsvStream, atomic_output, png_name, render_residual, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
@@ -44,7 +44,9 @@ __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLU
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "kermany-small"
+DEFAULT_MODEL_NAME = "kermany-tiny"
+DISCLAIMER = ("radscan scores are for research and triage support only: they order a reading list and "
+              "are not a diagnosis")
 PHI_FIELDS = ("PatientID", "AccessionNumber")
 RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "study_score", "study_flag", "residual_png")
 PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
@@ -108,6 +110,7 @@ class ScoreSummary:
     residuals: str | None
     model: str
     run_id: str
+    disclaimer: str = DISCLAIMER
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +187,8 @@ class _Scorer:
             flag = bool(score >= self.threshold)
             if self.residuals is not None:
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
-                caption = f"score {score:.3f}  threshold {self.threshold:.3f}  {'FLAGGED' if flag else ''}"
+                caption = (f"score {score:.3f}   threshold {self.threshold:.3f}   {'FLAGGED   ' if flag else ''}"
+                           f"(research and triage support only, not a diagnosis)")
                 writes.append(self._writer.submit(_write_residual, path, image, residual, caption))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
@@ -240,6 +244,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             finally:
                 scorer.close()
             studies = write_worklist(store, outputs, float(model.threshold), metadata)
+            _write_readme(outputs, metadata)
             counts = store.counts()
         finally:
             store.close()
@@ -335,3 +340,21 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
     except OSError as exc:
         raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
     return studies, flagged
+
+
+def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
+    """A short note beside the worklist, for whoever opens the folder."""
+    text = f"""About {outputs.report.name} (written by radscan {__version__})
+
+{DISCLAIMER}.
+
+{outputs.report.name}: one row per input file, sorted by study score then image score, highest first.
+  score 0..1 (high = anomalous); flag = score >= threshold; status ok/skipped/error with a reason.
+{outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
+{outputs.residuals.name + "/" if outputs.residuals else "(no residual maps)"}: each scored image beside its
+  residual map |input - reconstruction|; bright colours mark what the model could not reconstruct.
+Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
+  threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.
+"""
+    with atomic_output(Path(f"{outputs.report.with_suffix('')}_README.txt")) as handle:
+        handle.write(text)
