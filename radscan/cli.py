@@ -334,5 +334,85 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         ctx.exit(ExitCode.PARTIAL)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--normal", multiple=True, required=True, type=click.Path(path_type=str),
+              help="Folder or file of normal images (repeatable).")
+@click.option("--abnormal", multiple=True, required=True, type=click.Path(path_type=str),
+              help="Folder or file of abnormal images (repeatable).")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
+              help="Model directory (default: the model shipped in models/).")
+@click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC curve as a PNG.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@device_option
+@selection_options
+@workers_option
+@json_option
+@click.pass_context
+def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, ...], model: Path | None,
+             roc: Path | None, batch_size: int, device: str, policy: Policy, workers: int, as_json: bool) -> None:
+    """Measure a model on labelled folders: AUC with a bootstrap 95% interval, average precision,
+    and sensitivity / specificity / F1 at the model's threshold.
+
+    \b
+    Example:
+      radscan evaluate --normal test/normal --abnormal test/pneumonia --roc roc.png
+    """
+    from radscan.evaluate import evaluate as run_evaluate
+    from radscan.score import default_model_dir
+
+    result = run_evaluate(normal, abnormal, model or default_model_dir(), batch_size, device, workers, policy,
+                          progress=not ctx.obj["quiet"], roc_png=roc)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    at, best = result["at_model_threshold"], result["at_best_accuracy_threshold_on_this_set"]
+    low, high = result["auc_ci95"]
+    click.echo("\n".join([
+        f"model {result['model_name']}: {result['normal']} normal, {result['abnormal']} abnormal images",
+        f"AUC {result['auc']:.3f} (95% CI {low:.3f}-{high:.3f}), average precision {result['average_precision']:.3f}",
+        f"at the model's threshold {at['threshold']:.4f}: sensitivity {at['sensitivity']:.3f}, specificity "
+        f"{at['specificity']:.3f}, F1 {at['f1']:.3f}, accuracy {at['accuracy']:.3f}",
+        f"at the best-accuracy threshold on this set (optimistic, as papers report): accuracy "
+        f"{best['accuracy']:.3f}, F1 {best['f1']:.3f}",
+    ]))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--normals", multiple=True, required=True, type=click.Path(path_type=str),
+              help="The site's own normal images, not used for training or evaluation (repeatable).")
+@click.option("--target-specificity", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
+              help="Share of these normals that the new threshold keeps below it.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the recalibrated model here (default: replace MODEL_DIR's calibration in place).")
+@device_option
+@selection_options
+@workers_option
+@json_option
+@click.pass_context
+def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], target_specificity: float,
+              out: Path | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
+    """Re-derive a model's score scale and flag threshold from a site's own normal studies.
+
+    Scores NORMALS with the model; their mean and spread become the score's scale and the
+    --target-specificity quantile the threshold. Use it to adapt a model (the shipped one too) to a
+    site's scanners and population before relying on its flags.
+
+    \b
+    Example:
+      radscan calibrate models/kermany-tiny --normals /data/site-normals --out models/site-calibrated
+    """
+    from radscan.model.runtime import resolve_device
+    from radscan.train import recalibrate
+
+    result = recalibrate(model_dir, normals, out, target_specificity, policy, workers, resolve_device(device),
+                         progress=not ctx.obj["quiet"])
+    if as_json:
+        click.echo(json.dumps(result))
+    elif not ctx.obj["quiet"]:
+        click.echo(f"threshold {result['threshold']:.4f} from {result['n_calibration']} normals -> "
+                   f"{result['model']}", err=True)
+
+
 def main() -> None:
     cli(auto_envvar_prefix="RADSCAN")

@@ -237,7 +237,9 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     model.calibration_std.copy_(components.std(0).clamp_min(1e-6))
     scores = torch.sigmoid(model.calibrated(components)[1]).numpy()
     if target_specificity is not None:
-        model.threshold.fill_(float(np.quantile(scores, target_specificity)))
+        # the smallest threshold that keeps at least the target share of these normals unflagged
+        kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
+        model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
     return scores, components
 
 
@@ -389,3 +391,30 @@ def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarra
         metrics["val_specificity"] = float(1 - flagged[labels == 0].mean())
     metrics["calibration_specificity"] = float((cal_scores < float(model.threshold)).mean())
     return metrics
+
+
+def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, target_specificity: float,
+                policy: Policy | None = None, workers: int = -1, device: torch.device | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Re-derive a model's score scale and threshold from a site's own normal images (never from
+    images it will be evaluated on), writing the model to `out_dir` (default: in place)."""
+    import shutil
+
+    from radscan.model.io import load_model
+
+    device = device or torch.device("cpu")
+    model, metadata = load_model(model_dir, device)
+    images = load_images(normals, policy or Policy(), workers, progress, label="calibration normals")[0]
+    scores = calibrate(model, images, 64, device, target_specificity)[0]
+    out_dir = Path(out_dir or model_dir)
+    if out_dir.resolve() != Path(model_dir).resolve():
+        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    kept = {k: v for k, v in metadata.items()
+            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights")}
+    kept["calibration"] = {"method": f"{len(images)} normals at specificity {target_specificity}",
+                           "n_calibration": len(images), "target_specificity": target_specificity,
+                           "normals": [str(p) for p in normals],
+                           "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    save_model(model, out_dir, kept)
+    return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
+            "calibration_specificity": float((scores < float(model.threshold)).mean())}

@@ -1,0 +1,83 @@
+"""`radscan evaluate` and `radscan calibrate` on small labelled sets of real radiographs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from radscan.cli import cli
+from radscan.evaluate import bootstrap_auc, metrics_at
+from radscan.model.io import load_model
+from radscan.model.runtime import score_arrays
+from radscan.policy import Policy
+from radscan.train import load_images
+
+from .conftest import CXR_DIR
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("labelled")
+    for label, folder, count in (("normal", "test_normal", 12), ("abnormal", "test_abnormal", 10)):
+        (root / label).mkdir()
+        for path in sorted((CXR_DIR / "kermany_pediatric_224" / folder).iterdir())[:count]:
+            shutil.copy(path, root / label / path.name)
+    return root / "normal", root / "abnormal"
+
+
+def _mann_whitney_auc(normal: np.ndarray, abnormal: np.ndarray) -> float:
+    """P(abnormal score > normal score) + half the ties, counted pair by pair."""
+    greater = (abnormal[:, None] > normal[None, :]).sum()
+    ties = (abnormal[:, None] == normal[None, :]).sum()
+    return (greater + 0.5 * ties) / (len(normal) * len(abnormal))
+
+
+def test_evaluate_agrees_with_an_independent_auc(labelled, tiny_model, tmp_path):
+    normal, abnormal = labelled
+    roc = tmp_path / "roc.png"
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal),
+                                      "--model", str(tiny_model), "--roc", str(roc), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    model, _ = load_model(tiny_model)
+    scores = [score_arrays(model, load_images([str(f)], Policy(), 1, False)[0]).scores.numpy()
+              for f in (normal, abnormal)]
+    assert report["auc"] == pytest.approx(_mann_whitney_auc(*scores), abs=1e-9)
+    assert (report["normal"], report["abnormal"]) == (12, 10)
+    low, high = report["auc_ci95"]
+    assert low <= report["auc"] <= high
+    at = report["at_model_threshold"]
+    assert at["threshold"] == pytest.approx(float(model.threshold))
+    assert at["specificity"] == pytest.approx((scores[0] < at["threshold"]).mean())
+    assert at["sensitivity"] == pytest.approx((scores[1] >= at["threshold"]).mean())
+    assert Image.open(roc).size == (560, 560)
+
+
+def test_metrics_at_a_threshold():
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.4, 0.6, 0.7, 0.3])
+    m = metrics_at(labels, scores, 0.5)
+    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.5, pytest.approx(2 / 3), 0.6)
+    assert m["f1"] == pytest.approx(0.5)
+    low, high = bootstrap_auc(labels, scores, rounds=200)
+    assert 0.0 <= low <= high <= 1.0
+
+
+def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_path):
+    normal, _ = labelled
+    out = tmp_path / "calibrated"
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), "--out", str(out),
+                                      "--target-specificity", "0.9", "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    model, metadata = load_model(out)  # verifies hash and calibration consistency
+    assert metadata["calibration"]["n_calibration"] == 12
+    assert metadata["calibration"]["method"] == "12 normals at specificity 0.9"
+    scores = score_arrays(model, load_images([str(normal)], Policy(), 1, False)[0]).scores.numpy()
+    assert (scores >= float(model.threshold)).mean() <= 0.1 + 1e-9
+    assert load_model(tiny_model)[1]["weights"]["sha256"] != metadata["weights"]["sha256"]  # original untouched
