@@ -169,6 +169,10 @@ def _read_settings(path: Path) -> dict:
     return json.loads(text)
 
 
+model_option = click.option(
+    "--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
+    help="Model directory (default: the model shipped in models/; or RADSCAN_MODEL).",
+)
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
                              show_default=True, help="Where the model runs: auto picks CUDA, then MPS, then CPU.")
 
@@ -279,8 +283,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Image-level worklist CSV (replaced atomically). The study CSV, residual PNGs, state "
                    "store and lock go beside it.")
-@click.option("--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
-              help="Model directory (default: the model shipped in models/; or RADSCAN_MODEL).")
+@model_option
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
@@ -339,8 +342,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
               help="Folder or file of normal images (repeatable).")
 @click.option("--abnormal", multiple=True, required=True, type=click.Path(path_type=str),
               help="Folder or file of abnormal images (repeatable).")
-@click.option("--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
-              help="Model directory (default: the model shipped in models/).")
+@model_option
 @click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC curve as a PNG.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
