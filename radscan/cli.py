@@ -201,6 +201,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--target-specificity", type=float, default=0.95, show_default=True,
               help="Without validation data, the threshold flags this share of calibration normals as normal.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
+@click.option("--init-from", type=click.Path(file_okay=False, path_type=Path),
+              help="Start from the weights of this model directory (same architecture), e.g. to train on.")
 @click.option("--name", help="Model name recorded in the metadata (default: the folder name).")
 @device_option
 @selection_options
@@ -210,8 +212,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
           score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, seed: int,
-          calibration_fraction: float, target_specificity: float, resume: bool, name: str | None, device: str,
-          policy: Policy, workers: int, as_json: bool) -> None:
+          calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
+          name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
 
     A calibration share of the normals is held out; it sets the score's scale and the flag threshold
@@ -237,7 +239,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
-                       resume, progress=not ctx.obj["quiet"], name=name)
+                       resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from)
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
                "selection": result.selection, "stopped_by_budget": result.stopped_by_budget, **result.metrics}
     if as_json:

@@ -264,8 +264,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     name: str | None = None,
+    init_from: Path | None = None,
 ) -> TrainingResult:
-    """Train, select the best epoch, calibrate and save a model directory at `out_dir`."""
+    """Train, select the best epoch, calibrate and save a model directory at `out_dir`.
+
+    `init_from` starts from the weights of an existing model directory of the same architecture
+    (to continue training a model, e.g. the shipped one, on more epochs or a site's normals)."""
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)
@@ -294,6 +298,15 @@ def train(
     log.info("training on %d images, calibrating on %d, device %s", len(train_images), len(calibration), device)
 
     trainer = Trainer(model_cfg, tcfg, device)
+    if init_from is not None and not resume:
+        from radscan.model.io import load_model
+
+        start, start_metadata = load_model(init_from)
+        if start.cfg != model_cfg:
+            raise RadscanError(f"{init_from} has another architecture than the one asked for: use its preset and "
+                               "settings (see radscan info)")
+        trainer.model.load_state_dict(start.state_dict())
+        log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
     start_epoch, best = 0, {"epoch": -1, "metric": None, "state": None}
     if resume and checkpoint_path.exists():
         start_epoch, best = trainer.restore(_load_checkpoint(checkpoint_path, device))
@@ -367,6 +380,7 @@ def train(
             "epochs_run": epoch + 1, "best_epoch": best["epoch"], "selection": selection,
             "stopped_by_budget": stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(device), "train_config": asdict(tcfg),
+            "init_from": str(init_from) if init_from else None,
         },
         "metrics": metrics,
     }
