@@ -285,8 +285,8 @@ def train(
                                          label="normals")
     is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
     with CsvStream(out_dir / "training_split.csv", ("path", "study_key", "split")) as split_csv:
-        for name, study, held_out in zip(names, studies, is_calibration, strict=True):
-            split_csv.write({"path": name, "study_key": study, "split": "calibration" if held_out else "train"})
+        for path, study, held_out in zip(names, studies, is_calibration, strict=True):
+            split_csv.write({"path": path, "study_key": study, "split": "calibration" if held_out else "train"})
     train_images, calibration = images[~is_calibration], images[is_calibration]
     if len(train_images) < tcfg.batch_size:
         raise NoInputError(f"only {len(train_images)} training images after the calibration split; "

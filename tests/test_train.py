@@ -54,6 +54,9 @@ def test_a_few_steps_on_real_images_lower_the_loss(normals):
 def test_trained_model_loads_back_with_identical_scores(trained, normals):
     model, metadata = load_model(trained)
     assert metadata["training"]["n_images"] == 48 and metadata["calibration"]["n_calibration"] == 7
+    assert metadata["name"] == "tiny"  # the folder's name
+    split = (trained / "training_split.csv").read_text().splitlines()
+    assert len(split) == 49 and sum(line.endswith(",calibration") for line in split) == 7
     assert metadata["calibration"]["method"].startswith("calibration normals at specificity 0.95")
     assert (trained / "train_log.jsonl").read_text().count("\n") == 2
     assert not (trained / "checkpoint.pt").exists()
