@@ -28,7 +28,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-_FILE_MODE = _file_mode()
+FILE_MODE = _file_mode()
 
 
 @contextlib.contextmanager
@@ -42,7 +42,7 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
         kwargs = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as handle:

@@ -24,7 +24,7 @@ from radscan.errors import ModelError
 from radscan.model.config import SimSIDConfig
 from radscan.model.simsid import SimSID
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.report import atomic_output
+from radscan.report import FILE_MODE, atomic_output
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
 
@@ -50,6 +50,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, weights)
     calibration = metadata.setdefault("calibration", {})
     calibration.update({
