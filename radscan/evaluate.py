@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import resolve_device, score_arrays
 from radscan.policy import Policy
 from radscan.report import atomic_output
-from radscan.train import load_images
 
 __all__ = ["evaluate", "metrics_at", "bootstrap_auc", "draw_roc"]
 

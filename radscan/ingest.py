@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from radscan.dicom import read_dicom
+from radscan.errors import NoInputError
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION, to_model_input
 from radscan.raster import read_raster
-from radscan.records import ImageRecord, one_line
+from radscan.records import ImageRecord, Status, one_line
+from radscan.report import CsvStream
 
-__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested"]
+__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images"]
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +234,35 @@ def _inject_fault(found: Found) -> None:
             os._exit(139)
         if kind == "hang":
             time.sleep(3600)
+
+
+def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
+                inventory: Path | None = None, label: str = "") -> tuple[np.ndarray, list[str], list[str]]:
+    """Every usable image under `paths` through the one preprocessing function.
+
+    Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
+    `inventory`, every file found is listed there with its status (nothing silently dropped).
+    """
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+    files = find_files(paths)
+    images, names, studies = [], [], []
+    counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}
+    stream = CsvStream(inventory, ("path", "root", "kind", "status", "reason")) if inventory else None
+    for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
+                              desc=f"read {label}".strip(), disable=None if progress else True):
+        counts[record.status] += 1
+        if stream:
+            stream.write(record.as_row())
+        if image is not None:
+            images.append(image)
+            names.append(record.path)
+            studies.append(record.study_key)
+    if stream:
+        stream.commit()
+    log.info("%s: %d usable images (%d skipped, %d errors)", label or "input", counts[Status.OK],
+             counts[Status.SKIPPED], counts[Status.ERROR])
+    if not images:
+        raise NoInputError(f"no usable images under {', '.join(paths)}")
+    return np.stack(images), names, studies

@@ -27,16 +27,15 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from radscan.errors import NoInputError, RadscanError
-from radscan.ingest import find_files, iter_ingested
+from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import save_model
 from radscan.model.runtime import autocast, score_arrays
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
-from radscan.records import Status
 from radscan.report import CsvStream
 
-__all__ = ["TrainConfig", "train", "load_images", "TrainingResult"]
+__all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +76,6 @@ class TrainingResult:
     selection: str
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_budget: bool = False
-
-
-def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
-                inventory: Path | None = None, label: str = "") -> tuple[np.ndarray, list[str], list[str]]:
-    """Every usable image under `paths` through the one preprocessing function.
-
-    Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
-    `inventory`, every file found is listed there with its status (nothing silently dropped).
-    """
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
-    files = find_files(paths)
-    images, names, studies = [], [], []
-    counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}
-    stream = CsvStream(inventory, ("path", "root", "kind", "status", "reason")) if inventory else None
-    for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
-                              desc=f"read {label}".strip(), disable=None if progress else True):
-        counts[record.status] += 1
-        if stream:
-            stream.write(record.as_row())
-        if image is not None:
-            images.append(image)
-            names.append(record.path)
-            studies.append(record.study_key)
-    if stream:
-        stream.commit()
-    log.info("%s: %d usable images (%d skipped, %d errors)", label or "input", counts[Status.OK],
-             counts[Status.SKIPPED], counts[Status.ERROR])
-    if not images:
-        raise NoInputError(f"no usable images under {', '.join(paths)}")
-    return np.stack(images), names, studies
 
 
 def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndarray:

@@ -13,10 +13,10 @@ from PIL import Image
 
 from radscan.cli import cli
 from radscan.evaluate import bootstrap_auc, metrics_at
+from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import score_arrays
 from radscan.policy import Policy
-from radscan.train import load_images
 
 from .conftest import CXR_DIR
 

@@ -14,12 +14,13 @@ from click.testing import CliRunner
 
 from radscan.cli import cli
 from radscan.errors import ExitCode, ModelError
+from radscan.ingest import load_images
 from radscan.model.config import preset
 from radscan.model.io import WEIGHTS_FILE, load_model
 from radscan.model.runtime import score_arrays
 from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy
-from radscan.train import TrainConfig, Trainer, load_images, train
+from radscan.train import TrainConfig, Trainer, train
 
 from .conftest import CXR_DIR
 
