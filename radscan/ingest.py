@@ -26,7 +26,8 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line
 from radscan.report import CsvStream
 
-__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images"]
+__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images",
+           "check_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,13 @@ class Found:
 
 
 Ingested = tuple[ImageRecord, "np.ndarray | None"]
+
+
+def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
+    """Every input path must exist (a broken link counts as missing): else exit code 66."""
+    missing = [str(p) for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
 
 
 def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
@@ -243,9 +251,7 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
     `inventory`, every file found is listed there with its status (nothing silently dropped).
     """
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+    check_inputs(paths)
     files = find_files(paths)
     images, names, studies = [], [], []
     counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}

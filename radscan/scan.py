@@ -13,13 +13,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from radscan.errors import NoInputError
-from radscan.ingest import find_files, iter_ingested
+from radscan.ingest import check_inputs, find_files, iter_ingested
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import RECORD_COLUMNS, Status
 from radscan.report import CsvStream, png_name, write_png
 
-__all__ = ["ScanSummary", "scan", "check_inputs", "INVENTORY_COLUMNS"]
+__all__ = ["ScanSummary", "scan", "INVENTORY_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ class ScanSummary:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def check_inputs(inputs: Sequence[str]) -> None:
-    missing = [p for p in inputs if not os.path.exists(p)]
-    if missing:
-        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
 
 
 def scan(

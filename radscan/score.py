@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError
-from radscan.ingest import Found, find_files, iter_ingested
+from radscan.ingest import Found, check_inputs, find_files, iter_ingested
 from radscan.model.io import load_model
 from radscan.model.runtime import autocast
 from radscan.model.simsid import SimSID, to_model_tensor
@@ -213,9 +213,7 @@ def _write_residual(path: Path, image: np.ndarray, residual: np.ndarray, caption
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
-    missing = [p for p in inputs if not os.path.exists(p)]
-    if missing:
-        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+    check_inputs(inputs)
     model_dir = settings.model_dir or default_model_dir()
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
