@@ -37,8 +37,6 @@ from radscan.records import DICOM_FIELDS, ImageRecord, one_line
 
 __all__ = ["read_dicom", "skip_reason"]
 
-log = logging.getLogger(__name__)
-
 # Invalid values in real-world headers are common; read them as they are instead of warning on each.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -267,9 +267,11 @@ def _identity(found: Found) -> FileIdentity:
         return FileIdentity(key, -1, -1)
 
 
-def _reuse_stored(files: list[Found], store: StateStore, link_base: Path | None) -> list[Found]:
-    """Mark the rows still valid in the store as seen by this run; return the files left to read.
-    Files with errors are always retried; a scored row whose residual PNG has gone is scored again."""
+def _reuse_stored(files: list[Found], store: StateStore,
+                  link_base: Path | None) -> list[tuple[Found, FileIdentity]]:
+    """Mark the rows still valid in the store as seen by this run; return the files left to read,
+    with the identity they were looked up by. Files with errors are always retried; a scored row
+    whose residual PNG has gone is scored again."""
     todo, unchanged = [], []
     for found in files:
         identity = _identity(found)
@@ -279,12 +281,12 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path | None)
         if usable:
             unchanged.append(identity)
         else:
-            todo.append(found)
+            todo.append((found, identity))
     store.mark_seen(unchanged)
     return todo
 
 
-def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, scorer: _Scorer,
+def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, scorer: _Scorer,
                store: StateStore) -> None:
     """Decode `todo` in workers while the model scores full batches; commit each batch."""
     batch: list[tuple[FileIdentity, ImageRecord, np.ndarray]] = []
@@ -296,14 +298,15 @@ def _score_new(todo: list[Found], settings: ScoreSettings, phi: PhiFilter, score
         batch.clear()
         unscored.clear()
 
-    results = iter_ingested(todo, settings.policy, settings.workers, in_flight=2 * settings.batch_size)
-    for found, (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
-                                       desc="score", disable=None if settings.progress else True):
+    results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
+                            in_flight=2 * settings.batch_size)
+    for (_, identity), (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
+                                               desc="score", disable=None if settings.progress else True):
         phi.apply(record)
         if image is None:
-            unscored.append((_identity(found), record.as_row()))
+            unscored.append((identity, record.as_row()))
         else:
-            batch.append((_identity(found), record, image))
+            batch.append((identity, record, image))
         if len(batch) >= settings.batch_size or len(unscored) >= 4 * settings.batch_size:
             flush()
     flush()

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "checkpoint_best.pt"
 LOG_FILE = "train_log.jsonl"
-KINDS = ("discriminator", "residual", "combined")
 
 
 @dataclass(frozen=True)
