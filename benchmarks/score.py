@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1_000, 10_000],
+                        help="input counts of the memory runs")
     args = parser.parse_args()
     ingest_script = str(Path(__file__).parent / "ingest.py")
 
@@ -86,24 +89,25 @@ def main() -> None:
         files = build_set(tmp_path / "set", args.copies)
         floor_cmd = [sys.executable, ingest_script, "--floor-only", str(tmp_path / "set"), "--workers",
                      str(args.workers)]
-        timed(floor_cmd)  # warm caches
         floors, scores = [], []
-        for repeat in range(args.repeats):
-            out = tmp_path / f"run{repeat}" / "report.csv"  # a fresh output: everything is scored
-            score_cmd = [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
-                         "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
-                         str(args.workers), "--device", args.device]
-            floors.append(timed(floor_cmd))
-            scores.append(timed(score_cmd))
-        floor, score = statistics.median(floors), statistics.median(scores)
-        print(f"mixed set: {len(files)} files, median of {args.repeats}")
-        print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
-        print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
-        print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
-        print(f"model only, batch 64   : {model_only(args.model, args.device):7.1f} images/s")
+        if not args.skip_speed:
+            timed(floor_cmd)  # warm caches
+            for repeat in range(args.repeats):
+                out = tmp_path / f"run{repeat}" / "report.csv"  # a fresh output: everything is scored
+                score_cmd = [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
+                             "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
+                             str(args.workers), "--device", args.device]
+                floors.append(timed(floor_cmd))
+                scores.append(timed(score_cmd))
+            floor, score = statistics.median(floors), statistics.median(scores)
+            print(f"mixed set: {len(files)} files, median of {args.repeats}")
+            print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
+            print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
+            print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
+            print(f"model only, batch 64   : {model_only(args.model, args.device):7.1f} images/s")
 
         if not args.skip_memory:
-            for count in (1_000, 10_000):
+            for count in args.counts:
                 folder = tmp_path / f"many{count}"
                 link_many(folder, count)
                 command = [sys.executable, "-m", "radscan", "-q", "score", str(folder), "--out",
