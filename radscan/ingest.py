@@ -181,14 +181,18 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
 
 
 _BATCH = 4  # files per task sent to a worker
+_WINDOW = 512  # files per joblib call (the workers stay up between calls)
 
 
 def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_flight: int = 0) -> Iterator[Ingested]:
     """`ingest_file` over `files` in worker processes, yielded in input order.
 
-    Results stream back as they complete (joblib's generator output with a bounded number of
-    tasks in flight: at least `in_flight`, so that workers keep decoding while the caller is busy,
-    e.g. with a model batch), so only a few decoded images exist at any time.
+    Results stream back as they complete (joblib's generator output with at least `in_flight`
+    tasks ahead, so that workers keep decoding while the caller is busy, e.g. with a model batch).
+    joblib dispatches a new task whenever one completes, whether or not the caller has taken the
+    result, so a caller slower than the decoders would pile up every decoded image of the run:
+    the files go to joblib in windows of `_WINDOW` results at most, which bounds memory whatever
+    the number of files.
 
     A decoder that crashes its process (a segfault in a C library) or hangs past `timeout` does
     not stop the run: the files that were in flight are retried one by one in their own worker,
@@ -204,15 +208,16 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
     timeout = policy.read_timeout
     done = 0
     while done < len(files):
+        end = min(done + max(_WINDOW, 2 * ahead), len(files))
         parallel = Parallel(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
                             timeout=timeout)
         try:
-            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:]):
+            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:end]):
                 yield result
                 done += 1
         except Exception as exc:  # TerminatedWorkerError, TimeoutError: a worker died or hung
             log.warning("a worker failed (%s); retrying the files in flight one by one", type(exc).__name__)
-            for found in files[done:done + ahead + _BATCH * effective_n_jobs(workers)]:
+            for found in files[done:min(end, done + ahead + _BATCH * effective_n_jobs(workers))]:
                 yield _ingest_isolated(found, policy, timeout)
                 done += 1
 

@@ -31,7 +31,7 @@ from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import Found, check_inputs, find_files, iter_ingested
 from radscan.model.io import load_model
-from radscan.model.runtime import autocast, release_free_memory
+from radscan.model.runtime import autocast
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
@@ -297,7 +297,6 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         store.save(unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)])
         batch.clear()
         unscored.clear()
-        release_free_memory()
 
     results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
                             in_flight=2 * settings.batch_size)

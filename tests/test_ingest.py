@@ -101,6 +101,41 @@ def test_parallel_and_serial_ingest_agree():
         assert a == b and ((x is None and y is None) or np.array_equal(x, y))
 
 
+class _CountingFiles(list):
+    """A file list that counts how many files have been handed out for decoding."""
+
+    handed_out = 0
+
+    def __getitem__(self, index):
+        items = super().__getitem__(index)
+        if not isinstance(index, slice):
+            return items
+
+        def counted():
+            for item in items:
+                _CountingFiles.handed_out += 1
+                yield item
+        return counted()
+
+
+def test_decoding_stays_a_bounded_distance_ahead_of_a_slow_caller(monkeypatch):
+    """joblib dispatches a new task whenever one completes, taken or not: without windows, a caller
+    slower than the decoders (the model, on small images) would hold every decoded image of the run."""
+    import time
+
+    import radscan.ingest
+
+    monkeypatch.setattr(radscan.ingest, "_WINDOW", 16)
+    files = find_files([CXR_DIR / "kermany_pediatric_224/train_normal"])[:120]
+    counting = _CountingFiles(files)
+    _CountingFiles.handed_out = 0
+    results = iter_ingested(counting, Policy(), workers=2, in_flight=8)
+    next(results)
+    time.sleep(3)  # the workers could decode all 120 small images in this time
+    assert _CountingFiles.handed_out <= 16
+    assert sum(1 for _ in results) == 119
+
+
 def test_to_model_input_rejects_anything_but_8bit_grey():
     with pytest.raises(ValueError):
         to_model_input(np.zeros((10, 10), dtype=np.float32))

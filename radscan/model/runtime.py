@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +11,7 @@ import torch
 from radscan.errors import SettingError
 from radscan.model.simsid import ScoreResult, SimSID, to_model_tensor
 
-__all__ = ["resolve_device", "autocast", "score_arrays", "release_free_memory", "DEVICES"]
+__all__ = ["resolve_device", "autocast", "score_arrays", "DEVICES"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -39,26 +36,6 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@functools.cache
-def _malloc_trim():  # noqa: ANN202  (a ctypes function, or None off glibc)
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc only; elsewhere a no-op).
-
-    A long scoring run interleaves torch's large activation buffers with the small arrays that
-    arrive from the decode workers on other threads; glibc keeps the freed gaps, so the resident
-    size creeps up with the number of files although nothing is retained. Trimming after each
-    batch keeps it flat; a fixed mmap threshold did the same but made scoring 2.4x slower."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
