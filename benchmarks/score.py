@@ -5,6 +5,7 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
    radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
    (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
 2. Model only: images/s of `model.score` at batch 64 on random inputs.
+   The same run without residual PNGs shows what the pictures cost.
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
    inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
@@ -89,7 +90,7 @@ def main() -> None:
         files = build_set(tmp_path / "set", args.copies)
         floor_cmd = [sys.executable, ingest_script, "--floor-only", str(tmp_path / "set"), "--workers",
                      str(args.workers)]
-        floors, scores = [], []
+        floors, scores, bares = [], [], []
         if not args.skip_speed:
             timed(floor_cmd)  # warm caches
             for repeat in range(args.repeats):
@@ -97,13 +98,18 @@ def main() -> None:
                 score_cmd = [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
                              "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
                              str(args.workers), "--device", args.device]
+                bare_cmd = [*score_cmd[:score_cmd.index("--out") + 1], str(out.with_name("bare.csv")),
+                            *score_cmd[score_cmd.index("--out") + 2:], "--no-residuals"]
                 floors.append(timed(floor_cmd))
                 scores.append(timed(score_cmd))
-            floor, score = statistics.median(floors), statistics.median(scores)
+                bares.append(timed(bare_cmd))
+            floor, score, bare = (statistics.median(times) for times in (floors, scores, bares))
             print(f"mixed set: {len(files)} files, median of {args.repeats}")
             print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
             print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
             print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
+            print(f"score --no-residuals   : {bare:7.2f} s  {len(files) / bare:7.1f} images/s  "
+                  f"({bare / floor:.2f} x the floor)")
             print(f"model only, batch 64   : {model_only(args.model, args.device):7.1f} images/s")
 
         if not args.skip_memory:

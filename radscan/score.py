@@ -9,6 +9,7 @@ killed run resumes where it stopped).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -17,27 +18,27 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import Found, check_inputs, find_files, iter_ingested
-from radscan.model.io import load_model
-from radscan.model.runtime import autocast
-from radscan.model.simsid import SimSID, to_model_tensor
+from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
 from radscan.report import CsvStream, atomic_output, png_name, render_residual, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
+
+if TYPE_CHECKING:
+    from radscan.model.simsid import SimSID
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
            "default_model_dir", "PHI_FIELDS", "load_phi_key"]
@@ -159,12 +160,13 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
 
 
 class _Scorer:
-    """The model side of the pipeline: batches in, rows and residual PNGs out."""
+    """The model side of the pipeline: batches in, rows and residual PNGs out. The model arrives
+    from a loading thread (importing torch and loading weights takes 1-2 s, hidden behind the
+    first decodes); the first use waits for it and raises the loader's error, if any."""
 
-    def __init__(self, model: SimSID, metadata: dict[str, Any], device: torch.device, residuals: Path | None,
-                 link_base: Path, run_id: str):
-        self.model, self.device, self.residuals, self.link_base = model, device, residuals, link_base
-        self.threshold = float(model.threshold)
+    def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
+                 run_id: str):
+        self._loading, self.residuals, self.link_base = loading, residuals, link_base
         self.provenance = {
             "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
             "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
@@ -173,26 +175,34 @@ class _Scorer:
         # PNG encoding releases the GIL: a couple of threads keep it off the critical path
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png")
 
+    @functools.cached_property
+    def model(self) -> SimSID:
+        return self._loading.result()
+
+    @functools.cached_property
+    def threshold(self) -> float:
+        return float(self.model.threshold)
+
     def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> list[dict[str, Any]]:
-        batch = torch.from_numpy(np.stack(images))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        with autocast(self.device):
-            result = self.model.score(to_model_tensor(batch, self.device))
-        scores, raws = result.scores.float().cpu().numpy(), result.raw_scores.float().cpu().numpy()
-        maps = result.residual_maps.float().cpu().numpy()
+        from radscan.model.runtime import score_arrays
+
+        threshold = self.threshold  # also makes sure the model loaded before any row is saved
+        if not records:
+            return []
+        result = score_arrays(self.model, np.stack(images), batch_size=len(images))
+        scores, raws, maps = (t.numpy() for t in (result.scores, result.raw_scores, result.residual_maps))
         scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows, writes = [], []
         for record, image, score, raw, residual in zip(records, images, scores, raws, maps, strict=True):
-            flag = bool(score >= self.threshold)
+            flag = bool(score >= threshold)
             if self.residuals is not None:
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
-                caption = (f"score {score:.3f}   threshold {self.threshold:.3f}   {'FLAGGED   ' if flag else ''}"
+                caption = (f"score {score:.3f}   threshold {threshold:.3f}   {'FLAGGED   ' if flag else ''}"
                            f"(research and triage support only, not a diagnosis)")
                 writes.append(self._writer.submit(_write_residual, path, image, residual, caption))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
-                                threshold=round(self.threshold, 6), flag=flag, scored_at=scored_at,
+                                threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
                                 **self.provenance)
             rows.append(record.as_row())
         for write in writes:
@@ -201,6 +211,14 @@ class _Scorer:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+
+
+def _load_model(model_dir: Path, device_name: str) -> SimSID:
+    """Import torch, pick the device and load (and verify) the weights: run in a thread."""
+    from radscan.model.io import load_model
+    from radscan.model.runtime import resolve_device
+
+    return load_model(model_dir, resolve_device(device_name))[0]
 
 
 def _write_residual(path: Path, image: np.ndarray, residual: np.ndarray, caption: str) -> None:
@@ -217,16 +235,14 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     model_dir = settings.model_dir or default_model_dir()
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
-    from radscan.model.runtime import resolve_device
-
-    device = resolve_device(settings.device)
-    model, metadata = load_model(model_dir, device)
+    metadata = read_metadata(model_dir)
     phi = PhiFilter(settings.phi, settings.phi_key)
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
                             phi.fingerprint, str(outputs.residuals is not None)])
     run_id = uuid.uuid4().hex[:12]
 
-    with hold_lock(outputs.lock):
+    with hold_lock(outputs.lock), ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
+        loading = loader.submit(_load_model, model_dir, settings.device)
         files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
                                             *([outputs.residuals] if outputs.residuals else [])])
         if not files:
@@ -236,12 +252,13 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
-            scorer = _Scorer(model, metadata, device, outputs.residuals, outputs.report.parent, run_id)
+            scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id)
             try:
                 _score_new(todo, settings, phi, scorer, store)
+                threshold = scorer.threshold  # the model is verified even when nothing was new
             finally:
                 scorer.close()
-            studies = write_worklist(store, outputs, float(model.threshold), metadata)
+            studies = write_worklist(store, outputs, threshold, metadata)
             _write_readme(outputs, metadata)
             counts = store.counts()
         finally:
@@ -293,7 +310,7 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
     unscored: list[tuple[FileIdentity, dict[str, Any]]] = []
 
     def flush() -> None:
-        scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch]) if batch else []
+        scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch])
         store.save(unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)])
         batch.clear()
         unscored.clear()

@@ -9,7 +9,6 @@ weights file, a pickle, another preprocessing version, keys that do not match th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,24 +21,14 @@ from safetensors.torch import load_file, save_file
 from radscan import __version__
 from radscan.errors import ModelError
 from radscan.model.config import SimSIDConfig
+from radscan.model.metadata import FORMAT, METADATA_FILE, WEIGHTS_FILE, read_metadata, sha256_file
 from radscan.model.simsid import SimSID
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.report import FILE_MODE, atomic_output
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
 
-FORMAT = "radscan-model/1"
-WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "model.json"
 _PICKLE_SIGNATURES = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path:
@@ -81,22 +70,6 @@ def _looks_like_safetensors(path: Path) -> bool:
     if len(head) < 9:
         return False
     return int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:9] == b"{"
-
-
-def read_metadata(directory: Path) -> dict[str, Any]:
-    directory = Path(directory)
-    path = directory / METADATA_FILE
-    if not directory.is_dir():
-        raise ModelError(f"model directory not found: {directory}")
-    if not path.is_file():
-        raise ModelError(f"{directory} is not a radscan model: {METADATA_FILE} is missing")
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a {FORMAT} file")
-    return metadata
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[SimSID, dict[str, Any]]:

@@ -49,6 +49,9 @@ def score_arrays(model: SimSID, images: np.ndarray, batch_size: int = 64,
     device = device or next(model.parameters()).device
     parts = []
     for batch in iter_batches(images, batch_size):
+        batch = torch.from_numpy(batch)
+        if device.type == "cuda":
+            batch = batch.pin_memory()  # lets the copy to the GPU run without blocking
         with autocast(device):
             result = model.score(to_model_tensor(batch, device))
         parts.append(ScoreResult(*(t.float().cpu() for t in result)))
