@@ -1,7 +1,9 @@
 """Design choices measured by validation AUC: trains one model per variant with `radscan train`
 and tabulates, from each training log, the best validation AUC of every score kind.
 
-Each variant is PRESET[:key=value,...], e.g. ``tiny:d_norm=batch`` or ``small:memory_kind=learned``.
+Each variant is PRESET[:key=value,...], e.g. ``tiny:d_norm=batch`` or ``small:memory_kind=learned``;
+the keys lr, cosine_epochs and batch_size set the training recipe instead of the model
+(``tiny:lr=0.0005``).
 Runs resume where they stopped (rerun the same command after an interruption).
 
     python benchmarks/ablation.py --out /tmp/ablation --epochs 12 tiny tiny:d_norm=batch
@@ -34,12 +36,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return preset, overrides
 
 
+RECIPE_KEYS = ("lr", "cosine_epochs", "batch_size")
+
+
 def run_variant(variant: str, out: Path, args: argparse.Namespace) -> Path:
     preset, overrides = parse_variant(variant)
+    recipe = {key: overrides.pop(key) for key in RECIPE_KEYS if key in overrides}
     folder = out / variant.replace(":", "__").replace(",", "_").replace("=", "-")
     command = [sys.executable, "-m", "radscan", "-q", "train", str(args.train), "--out", str(folder),
                "--preset", preset, "--epochs", str(args.epochs), "--val-normal", str(args.val_normal),
                "--val-abnormal", str(args.val_abnormal), "--seed", str(args.seed)]
+    for key, value in recipe.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
     if args.max_minutes:
         command += ["--max-minutes", str(args.max_minutes)]
     if (folder / "checkpoint.pt").exists():

@@ -195,6 +195,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--max-minutes", type=float, help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of both networks.")
+@click.option("--cosine-epochs", type=int, default=300, show_default=True,
+              help="Length of the generator's cosine learning-rate decay, in epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=float, default=0.15, show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
@@ -211,7 +214,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.pass_context
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
-          score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, seed: int,
+          score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, lr: float,
+          cosine_epochs: int, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
@@ -234,7 +238,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
-        tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, seed=seed,
+        tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                           cosine_t_max=cosine_epochs, seed=seed,
                            calibration_fraction=calibration_fraction, target_specificity=target_specificity)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
