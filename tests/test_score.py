@@ -273,3 +273,24 @@ def test_settings_from_toml_and_environment(studies, tiny_model, tmp_path):
     result = _run("--config", str(config), "score", str(studies), "--out", str(out), "--json",
                   env={"RADSCAN_SCORE_MODALITIES": "CR,DX"})
     assert json.loads(result.stdout)["counts"]["ok"] == 10  # the environment beats the file
+
+
+def test_a_damaged_model_stops_the_run_before_anything_is_stored(studies, tiny_model, tmp_path):
+    """The weights load (and are verified) in a thread while the first files decode: a model that
+    fails verification must still leave the last worklist and the store as they were."""
+    out = tmp_path / "report.csv"
+    assert _run("score", str(studies), "--out", str(out), "--model", str(tiny_model)).exit_code == ExitCode.OK
+    before = out.read_bytes()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # the sha256 in model.json no longer matches
+    new_study = studies / "late"
+    new_study.mkdir()
+    shutil.copy(sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[5], new_study / "late.jpeg")
+
+    result = _run("score", str(studies), "--out", str(out), "--model", str(damaged))
+    assert result.exit_code == ExitCode.DATA and "sha256" in result.output
+    assert out.read_bytes() == before
+    rerun = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
+    assert json.loads(rerun.stdout)["scored_now"] == 1  # only the new file: nothing was stored by the failed run
