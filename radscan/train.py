@@ -398,6 +398,10 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
                            "n_calibration": len(images), "target_specificity": target_specificity,
                            "normals": [str(p) for p in normals],
                            "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    specificity = float((scores < float(model.threshold)).mean())
+    # figures taken at the old threshold no longer describe the model; AUCs do not depend on it
+    kept["metrics"] = {**{k: v for k, v in metadata.get("metrics", {}).items() if "auc" in k},
+                       "calibration_specificity": specificity}
     save_model(model, out_dir, kept)
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
-            "calibration_specificity": float((scores < float(model.threshold)).mean())}
+            "calibration_specificity": specificity}
