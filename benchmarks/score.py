@@ -4,12 +4,13 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
 1. Mixed set (the ingest benchmark's: 80 full-resolution Kermany JPEGs + 10 large compressed DICOM
    radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
    (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
-2. Model only: images/s of `model.score` at batch 64 on random inputs.
    The same run without residual PNGs shows what the pictures cost.
+2. Model only: images/s of `model.score` at batch 64 on random inputs.
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
    inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
-    python benchmarks/score.py --model models/kermany-small [--copies 2] [--repeats 3] [--skip-memory]
+    python benchmarks/score.py --model models/kermany-tiny [--copies 2] [--repeats 3] [--skip-memory]
+                                [--skip-speed] [--counts 1000 10000]
 """
 
 from __future__ import annotations
