@@ -2,7 +2,7 @@
 and tabulates, from each training log, the best validation AUC of every score kind.
 
 Each variant is PRESET[:key=value,...], e.g. ``tiny:d_norm=batch`` or ``small:memory_kind=learned``;
-the keys lr, cosine_epochs and batch_size set the training recipe instead of the model
+the keys lr, cosine_epochs, batch_size and ema set the training recipe instead of the model
 (``tiny:lr=0.0005``).
 Runs resume where they stopped (rerun the same command after an interruption).
 
@@ -36,7 +36,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return preset, overrides
 
 
-RECIPE_KEYS = ("lr", "cosine_epochs", "batch_size")
+RECIPE_KEYS = ("lr", "cosine_epochs", "batch_size", "ema")
 
 
 def run_variant(variant: str, out: Path, args: argparse.Namespace) -> Path:

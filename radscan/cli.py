@@ -198,6 +198,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of both networks.")
 @click.option("--cosine-epochs", type=int, default=300, show_default=True,
               help="Length of the generator's cosine learning-rate decay, in epochs.")
+@click.option("--ema", "ema_decay", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Validate and ship an exponential moving average of the weights with this decay per "
+                   "batch (e.g. 0.995); steadier than the last snapshot.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=float, default=0.15, show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
@@ -215,7 +218,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
           score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, lr: float,
-          cosine_epochs: int, seed: int,
+          cosine_epochs: int, ema_decay: float | None, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
@@ -239,7 +242,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
         tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
-                           cosine_t_max=cosine_epochs, seed=seed,
+                           cosine_t_max=cosine_epochs, ema_decay=ema_decay, seed=seed,
                            calibration_fraction=calibration_fraction, target_specificity=target_specificity)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None

@@ -64,6 +64,7 @@ class TrainConfig:
     scale: tuple[float, float] = (0.95, 1.05)
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95
+    ema_decay: float | None = None  # validate and ship an exponential moving average of the weights
     seed: int = 0
 
 
@@ -117,6 +118,28 @@ class Trainer:
         self.opt_d = torch.optim.Adam(d_params, lr=tcfg.lr, betas=tcfg.betas)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_g, T_max=tcfg.cosine_t_max,
                                                                    eta_min=tcfg.cosine_eta_min)
+        # The adversarial game moves the discriminator's view of "real" from batch to batch, so the
+        # score of a single snapshot is noisy; an average of the weights is the usual remedy.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tcfg.ema_decay else None
+
+    @property
+    def evaluated(self) -> SimSID:
+        """The weights that are validated, calibrated and shipped: the average when there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for averaged, live in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            averaged.lerp_(live, 1.0 - self.tcfg.ema_decay)
+        for averaged, live in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            averaged.copy_(live)  # normalisation statistics and the memory queue follow the live model
+
+    def sync_ema(self) -> None:
+        """Restart the average from the live weights (after loading weights from elsewhere)."""
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
 
     def step(self, batch: torch.Tensor, generator_step: bool) -> dict[str, float]:
         """One batch: a discriminator step, and a generator step when asked (same forward)."""
@@ -135,6 +158,7 @@ class Trainer:
         self.opt_d.step()
         losses = {"d": d_loss.item()}
         if not generator_step:
+            self._update_ema()
             return losses
         with autocast(self.device):
             student = F.mse_loss(out.student.float(), batch)
@@ -152,18 +176,24 @@ class Trainer:
             model.inpainter.memory.push(out.memory_query)
         losses.update(g=g_loss.item(), student=student.item(), teacher=teacher.item(), distill=distill.item(),
                       adversarial=adversarial.item())
+        self._update_ema()
         return losses
 
     def state(self, epoch: int, best: dict[str, Any]) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(),
-                "epoch": epoch, "best": best}
+        state = {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
+                 "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(),
+                 "epoch": epoch, "best": best}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self.model.load_state_dict(state["model"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         return int(state["epoch"]), dict(state["best"])
 
 
@@ -272,6 +302,7 @@ def train(
             raise RadscanError(f"{init_from} has another architecture than the one asked for: use its preset and "
                                "settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
+        trainer.sync_ema()
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
     start_epoch, best = 0, {"epoch": -1, "metric": None, "state": None}
     if resume and checkpoint_path.exists():
@@ -310,7 +341,7 @@ def train(
                     break
             bar.close()
             trainer.schedule.step()
-            metrics = evaluate_epoch(trainer.model, calibration, validation, 64, device)
+            metrics = evaluate_epoch(trainer.evaluated, calibration, validation, 64, device)
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
@@ -319,8 +350,9 @@ def train(
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
             value = metrics[selection]
             if best["metric"] is None or (value > best["metric"] if higher_is_better else value < best["metric"]):
+                weights = trainer.evaluated.state_dict()
                 best = {"epoch": epoch + 1, "metric": value,
-                        "state": copy.deepcopy({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})}
+                        "state": copy.deepcopy({k: v.detach().cpu() for k, v in weights.items()})}
                 _save_checkpoint(best["state"], out_dir / BEST_FILE)
             _save_checkpoint(trainer.state(epoch + 1, {k: v for k, v in best.items() if k != "state"}),
                              checkpoint_path)
@@ -328,7 +360,7 @@ def train(
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
 
-    model = trainer.model
+    model = trainer.evaluated
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()

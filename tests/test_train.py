@@ -76,8 +76,9 @@ def test_same_seed_same_data_same_model(trained, normals, tmp_path):
     assert (again / WEIGHTS_FILE).read_bytes() == (trained / WEIGHTS_FILE).read_bytes()
 
 
-def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monkeypatch):
-    config = TrainConfig(epochs=3, batch_size=8, seed=5)
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monkeypatch, ema_decay):
+    config = TrainConfig(epochs=3, batch_size=8, seed=5, ema_decay=ema_decay)
     train([str(normals)], tmp_path / "straight", TINY, config, workers=1, progress=False)
 
     import radscan.train as train_module
@@ -101,6 +102,22 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
     straight = (tmp_path / "straight" / WEIGHTS_FILE).read_bytes()
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == straight
+
+
+def test_ema_is_the_running_average_of_the_live_weights():
+    trainer = Trainer(TINY, TrainConfig(batch_size=2, ema_decay=0.5, seed=1), torch.device("cpu"))
+    expected = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    batch = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for index in range(3):
+        trainer.step(batch, generator_step=index % 2 == 1)
+        for name, p in trainer.model.named_parameters():
+            expected[name] = 0.5 * expected[name] + 0.5 * p.detach()
+    assert trainer.evaluated is trainer.ema
+    for name, p in trainer.ema.named_parameters():
+        torch.testing.assert_close(p, expected[name])
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.model.parameters()))
+    for averaged, live in zip(trainer.ema.buffers(), trainer.model.buffers(), strict=True):
+        assert torch.equal(averaged, live)  # the memory queue and norm statistics follow the live model
 
 
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
