@@ -115,7 +115,8 @@ def test_ema_is_the_running_average_of_the_live_weights():
     assert trainer.evaluated is trainer.ema
     for name, p in trainer.ema.named_parameters():
         torch.testing.assert_close(p, expected[name])
-    assert not all(torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.model.parameters(),
+                                                      strict=True))
     for averaged, live in zip(trainer.ema.buffers(), trainer.model.buffers(), strict=True):
         assert torch.equal(averaged, live)  # the memory queue and norm statistics follow the live model
 
