@@ -94,16 +94,16 @@ def main() -> None:
         floors, scores, bares = [], [], []
         if not args.skip_speed:
             timed(floor_cmd)  # warm caches
+            def score_cmd(out: Path, *extra: str) -> list[str]:
+                return [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
+                        "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
+                        str(args.workers), "--device", args.device, *extra]
+
             for repeat in range(args.repeats):
-                out = tmp_path / f"run{repeat}" / "report.csv"  # a fresh output: everything is scored
-                score_cmd = [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
-                             "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
-                             str(args.workers), "--device", args.device]
-                bare_cmd = [*score_cmd[:score_cmd.index("--out") + 1], str(out.with_name("bare.csv")),
-                            *score_cmd[score_cmd.index("--out") + 2:], "--no-residuals"]
+                run = tmp_path / f"run{repeat}"  # fresh outputs: everything is scored
                 floors.append(timed(floor_cmd))
-                scores.append(timed(score_cmd))
-                bares.append(timed(bare_cmd))
+                scores.append(timed(score_cmd(run / "report.csv")))
+                bares.append(timed(score_cmd(run / "bare.csv", "--no-residuals")))
             floor, score, bare = (statistics.median(times) for times in (floors, scores, bares))
             print(f"mixed set: {len(files)} files, median of {args.repeats}")
             print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
