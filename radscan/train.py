@@ -31,7 +31,7 @@ from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import save_model
 from radscan.model.runtime import autocast, score_arrays
-from radscan.model.simsid import SimSID, to_model_tensor
+from radscan.model.simsid import Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.report import CsvStream
 
@@ -157,9 +157,14 @@ class Trainer:
         d_loss.backward()
         self.opt_d.step()
         losses = {"d": d_loss.item()}
-        if not generator_step:
-            self._update_ema()
-            return losses
+        if generator_step:
+            losses.update(self._generator_step(out, batch))
+        self._update_ema()
+        return losses
+
+    def _generator_step(self, out: Generated, batch: torch.Tensor) -> dict[str, float]:
+        """Student, teacher, distillation and adversarial losses on the discriminator step's forward."""
+        t, model = self.tcfg, self.model
         with autocast(self.device):
             student = F.mse_loss(out.student.float(), batch)
             teacher = F.mse_loss(out.teacher.float(), batch)
@@ -174,10 +179,8 @@ class Trainer:
         self.opt_g.step()
         if out.memory_query is not None and model.inpainter is not None:
             model.inpainter.memory.push(out.memory_query)
-        losses.update(g=g_loss.item(), student=student.item(), teacher=teacher.item(), distill=distill.item(),
-                      adversarial=adversarial.item())
-        self._update_ema()
-        return losses
+        return {"g": g_loss.item(), "student": student.item(), "teacher": teacher.item(),
+                "distill": distill.item(), "adversarial": adversarial.item()}
 
     def state(self, epoch: int, best: dict[str, Any]) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
