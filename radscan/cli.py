@@ -17,6 +17,7 @@ import click
 
 from radscan import __version__
 from radscan.errors import ExitCode
+from radscan.model.config import SCORE_KINDS
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
@@ -181,32 +182,39 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.argument("normals", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory to create (weights, metadata, training log).")
-@click.option("--val-normal", multiple=True, type=click.Path(path_type=str),
-              help="Labelled normal images for choosing the epoch and threshold (repeatable).")
 @click.option("--val-abnormal", multiple=True, type=click.Path(path_type=str),
-              help="Labelled abnormal images, with --val-normal.")
+              help="Labelled abnormal images (repeatable): every epoch's validation AUC goes into the "
+                   "training log. Measured only: the model and its threshold do not depend on them.")
+@click.option("--val-normal", multiple=True, type=click.Path(path_type=str),
+              help="Labelled normal images for validation (default: the held-out calibration normals).")
 @click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default="small", show_default=True,
               help="Architecture size: reference (~46 M parameters, for GPUs), small or tiny (CPU).")
 @click.option("--model-config", "settings_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON or TOML file of model settings that override the preset (see SimSIDConfig).")
 @click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
-@click.option("--score", "score_kind", type=click.Choice(["discriminator", "residual", "combined"]),
-              help="What the anomaly score is made of (overrides the preset).")
+@click.option("--score", "score_kind", type=click.Choice(list(SCORE_KINDS)),
+              help="What the anomaly score is made of (default critic; see README 'Score kinds').")
+@click.option("--critic-snapshots", type=click.IntRange(1),
+              help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--max-minutes", type=float, help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of both networks.")
 @click.option("--cosine-epochs", type=int, default=300, show_default=True,
               help="Length of the generator's cosine learning-rate decay, in epochs.")
-@click.option("--ema", "ema_decay", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-              help="Validate and ship an exponential moving average of the weights with this decay per "
-                   "batch (e.g. 0.995): steadier than single snapshots, but it scored worse in the "
-                   "README's CPU ablation.")
+@click.option("--gamma", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Augmentation: gamma drawn in [1/(1+G), 1+G] per image.")
+@click.option("--contrast", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Augmentation: contrast factor drawn in [1/(1+C), 1+C] per image.")
+@click.option("--blur", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Augmentation: Gaussian blur up to this sigma (pixels at 128 px) on half the images.")
+@click.option("--noise", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Augmentation: Gaussian noise up to this standard deviation (grey range 0..1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=float, default=0.15, show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
 @click.option("--target-specificity", type=float, default=0.95, show_default=True,
-              help="Without validation data, the threshold flags this share of calibration normals as normal.")
+              help="The flag threshold keeps this share of the calibration normals unflagged.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
 @click.option("--init-from", type=click.Path(file_okay=False, path_type=Path),
               help="Start from the weights of this model directory (same architecture), e.g. to train on.")
@@ -218,19 +226,22 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.pass_context
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
-          score_kind: str | None, epochs: int, max_minutes: float | None, batch_size: int, lr: float,
-          cosine_epochs: int, ema_decay: float | None, seed: int,
+          score_kind: str | None, critic_snapshots: int | None, epochs: int, max_minutes: float | None,
+          batch_size: int, lr: float, cosine_epochs: int, gamma: float, contrast: float, blur: float,
+          noise: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
 
-    A calibration share of the normals is held out; it sets the score's scale and the flag threshold
-    (or, with --val-normal/--val-abnormal, the validation set picks the epoch and threshold).
-    Checkpoints are written every epoch: an interrupted run continues with --resume.
+    A calibration share of the normals is held out; it sets the score's scale and the flag
+    threshold. The last epoch's weights are shipped (with the critics of the last
+    --critic-snapshots epochs). Checkpoints are written every epoch: an interrupted run continues
+    with --resume.
 
     \b
-    Example:
-      radscan train /data/normals --out models/site-2026 --preset small --max-minutes 120
+    Examples:
+      radscan train /data/normals --out models/site-2026 --preset tiny --epochs 60 --critic-snapshots 10
+      radscan train /data/normals --out models/try --val-abnormal /data/pneumonia-val --max-minutes 30
     """
     from radscan.model.config import preset as make_preset
     from radscan.model.runtime import resolve_device
@@ -238,24 +249,25 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     from radscan.train import train as run_train
 
     overrides = _read_settings(settings_file) if settings_file else {}
-    overrides.update({k: v for k, v in {"memory_kind": memory, "score_kind": score_kind}.items() if v})
+    overrides.update({k: v for k, v in {"memory_kind": memory, "score_kind": score_kind,
+                                        "critic_snapshots": critic_snapshots}.items() if v})
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
         tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
-                           cosine_t_max=cosine_epochs, ema_decay=ema_decay, seed=seed,
+                           cosine_t_max=cosine_epochs, gamma=gamma, contrast=contrast, blur=blur, noise=noise,
+                           seed=seed,
                            calibration_fraction=calibration_fraction, target_specificity=target_specificity)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
                        resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from)
-    summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-               "selection": result.selection, "stopped_by_budget": result.stopped_by_budget, **result.metrics}
+    summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
+               "stopped_by_budget": result.stopped_by_budget, **result.metrics}
     if as_json:
         click.echo(json.dumps(summary))
     elif not ctx.obj["quiet"]:
-        click.echo(f"model written to {result.model_dir} (best epoch {result.best_epoch} of {result.epochs_run})",
-                   err=True)
+        click.echo(f"model written to {result.model_dir} ({result.epochs_run} epochs)", err=True)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -275,14 +287,16 @@ def info(model_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(metadata))
         return
     calibration, training = metadata.get("calibration", {}), metadata.get("training", {})
+    config = metadata.get("config", {})
     lines = [
         f"name            {metadata.get('name')}  version {metadata.get('version')}",
         f"radscan         {metadata.get('radscan_version')}  preprocessing {metadata.get('preprocess_version')}",
         f"parameters      {metadata.get('parameters'):,}",
-        f"score           {calibration.get('score_kind')}  threshold {calibration.get('threshold'):.4f} "
-        f"({calibration.get('method')})",
-        f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs "
-        f"(best {training.get('best_epoch')}, by {training.get('selection')})",
+        f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
+        f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
+        f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
+        f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "
+        f"{training.get('minutes')} min on {training.get('device')}",
         f"metrics         {json.dumps(metadata.get('metrics', {}))}",
         f"weights sha256  {metadata['weights']['sha256']}",
     ]

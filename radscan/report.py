@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-__all__ = ["atomic_output", "CsvStream", "write_png", "png_name"]
+__all__ = ["atomic_output", "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -110,10 +110,14 @@ def write_png(path: Path, image: np.ndarray) -> None:
         handle.write(buffer.getvalue())
 
 
-# Residual maps are shown on a fixed scale, so that colours mean the same in every picture:
-# 0 .. RESIDUAL_SCALE_MAX in model units (the image spans -1..1, so 0.5 is a quarter of full range).
+# Maps are shown on fixed scales, so that colours mean the same in every picture. The score map
+# is in z-score units per image area (see SimSID._score_chunk): 0 .. SCORE_MAP_SCALE_MAX; the
+# reconstruction difference in model units (the image spans -1..1, so 0.5 is a quarter of it).
+SCORE_MAP_SCALE_MAX = 20.0
 RESIDUAL_SCALE_MAX = 0.5
 _PANEL = 512
+_SMALL = 256
+_BAR = 16
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -122,28 +126,48 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return (np.clip(t, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def render_residual(image: np.ndarray, residual: np.ndarray, caption: str) -> np.ndarray:
-    """The model input beside the same input overlaid with its residual heat map, 512 px each,
-    with a colour bar and a caption (no identifiers). `image` (128, 128) uint8, `residual`
-    (128, 128) float in model units. Returns (H, W, 3) uint8.
-
-    The overlay is blended at model resolution and both panels are enlarged with nearest-neighbour
-    resampling: the picture shows exactly the pixels the model saw, and the blocky result
-    deflates about 5x smaller and 3x faster than a smoothed one (this runs once per image)."""
-    from PIL import ImageDraw
-
-    heat = np.clip(residual / RESIDUAL_SCALE_MAX, 0.0, 1.0)
-    grey = Image.fromarray(image).convert("RGB")
+def _overlay(grey: Image.Image, heat: np.ndarray, side: int) -> Image.Image:
+    """`heat` (128, 128) in 0..1 blended over the grey input (more opaque where hotter), enlarged."""
     opacity = Image.fromarray((0.75 * 255 * heat).astype(np.uint8))
-    overlay = Image.composite(Image.fromarray(heat_colours(heat)), grey, opacity)
-    bar = np.repeat(heat_colours(np.linspace(1.0, 0.0, _PANEL))[:, None, :], 24, axis=1)
-    canvas = Image.new("RGB", (2 * _PANEL + 90, _PANEL + 28), "black")
-    canvas.paste(grey.resize((_PANEL, _PANEL), Image.Resampling.NEAREST), (0, 28))
-    canvas.paste(overlay.resize((_PANEL, _PANEL), Image.Resampling.NEAREST), (_PANEL, 28))
-    canvas.paste(Image.fromarray(bar), (2 * _PANEL + 8, 28))
+    blended = Image.composite(Image.fromarray(heat_colours(heat)), grey, opacity)
+    return blended.resize((side, side), Image.Resampling.NEAREST)
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, height: int, top: str) -> None:
+    bar = np.repeat(heat_colours(np.linspace(1.0, 0.0, height))[:, None, :], _BAR, axis=1)
+    canvas.paste(Image.fromarray(bar), (x, y))
+    draw.text((x + _BAR + 4, y), top, fill="white")
+    draw.text((x + _BAR + 4, y + height - 12), "0", fill="white")
+
+
+def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str) -> np.ndarray:
+    """The picture of one scored film (no identifiers), (H, W, 3) uint8:
+
+    - left, 512 px: the model input (`image`, (128, 128) uint8);
+    - middle, 512 px, the main panel: where the film raises the anomaly score (`score_map`,
+      (128, 128) float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX);
+    - right, 256 px, secondary: the reconstruction difference |input - reconstruction| (`residual`,
+      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), which the score does not use;
+    - a caption line on top.
+
+    Overlays are blended at model resolution and enlarged with nearest-neighbour resampling: the
+    picture shows exactly the pixels the model saw, and the blocky result deflates about 5x
+    smaller and 3x faster than a smoothed one (this runs once per image)."""
+    grey = Image.fromarray(image).convert("RGB")
+    top = 28
+    width = 2 * _PANEL + 2 * (_BAR + 40) + _SMALL + 8
+    canvas = Image.new("RGB", (width, _PANEL + top + 16), "black")
     draw = ImageDraw.Draw(canvas)
+    canvas.paste(grey.resize((_PANEL, _PANEL), Image.Resampling.NEAREST), (0, top))
+    canvas.paste(_overlay(grey, np.clip(score_map / SCORE_MAP_SCALE_MAX, 0, 1), _PANEL), (_PANEL, top))
+    _colour_bar(draw, canvas, 2 * _PANEL + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g}")
+    small_x = 2 * _PANEL + _BAR + 48
+    canvas.paste(_overlay(grey, np.clip(residual / RESIDUAL_SCALE_MAX, 0, 1), _SMALL), (small_x, top + 14))
+    _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 14, _SMALL, f"{RESIDUAL_SCALE_MAX:g}")
     draw.text((6, 8), caption, fill="white")
-    draw.text((2 * _PANEL + 36, 28), f"{RESIDUAL_SCALE_MAX:g}", fill="white")
-    draw.text((2 * _PANEL + 36, _PANEL + 16), "0", fill="white")
-    draw.text((2 * _PANEL + 36, 28 + _PANEL // 2), "|input -\nrecon|", fill="white")
+    draw.text((6, _PANEL + top + 2), "model input (128 px)", fill="white")
+    draw.text((_PANEL + 6, _PANEL + top + 2), "where the film raises the anomaly score", fill="white")
+    draw.text((small_x, top), "reconstruction difference", fill="white")
+    draw.text((small_x, top + _SMALL + 18), "|input - reconstruction|:\nnot used by the score;\n"
+              "pneumonia often reconstructs\ncloser than normal", fill="grey")
     return np.asarray(canvas)

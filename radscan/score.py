@@ -34,7 +34,7 @@ from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
-from radscan.report import CsvStream, atomic_output, png_name, render_residual, write_png
+from radscan.report import CsvStream, atomic_output, png_name, render_explanation, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 if TYPE_CHECKING:
@@ -189,17 +189,19 @@ class _Scorer:
         threshold = self.threshold  # also makes sure the model loaded before any row is saved
         if not records:
             return []
-        result = score_arrays(self.model, np.stack(images), batch_size=len(images))
-        scores, raws, maps = (t.numpy() for t in (result.scores, result.raw_scores, result.residual_maps))
+        result = score_arrays(self.model, np.stack(images), batch_size=len(images), explain=self.residuals is not None)
+        scores, raws, explanations, residuals = (t.numpy() for t in (result.scores, result.raw_scores,
+                                                                     result.explanation_maps, result.residual_maps))
         scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows, writes = [], []
-        for record, image, score, raw, residual in zip(records, images, scores, raws, maps, strict=True):
+        for record, image, score, raw, explanation, residual in zip(records, images, scores, raws, explanations,
+                                                                     residuals, strict=True):
             flag = bool(score >= threshold)
             if self.residuals is not None:
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
                 caption = (f"score {score:.3f}   threshold {threshold:.3f}   {'FLAGGED   ' if flag else ''}"
                            f"(research and triage support only, not a diagnosis)")
-                writes.append(self._writer.submit(_write_residual, path, image, residual, caption))
+                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual, caption))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
                                 threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
@@ -221,9 +223,10 @@ def _load_model(model_dir: Path, device_name: str) -> SimSID:
     return load_model(model_dir, resolve_device(device_name))[0]
 
 
-def _write_residual(path: Path, image: np.ndarray, residual: np.ndarray, caption: str) -> None:
+def _write_picture(path: Path, image: np.ndarray, explanation: np.ndarray, residual: np.ndarray,
+                   caption: str) -> None:
     try:
-        write_png(path, render_residual(image, residual, caption))
+        write_png(path, render_explanation(image, explanation, residual, caption))
     except OSError as exc:
         raise OutputError(f"cannot write residual PNG {path}: {exc.strerror or exc}") from None
 

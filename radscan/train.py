@@ -2,14 +2,20 @@
 
 Training follows the reference recipe (shared/design/SIMSID.md part B): random shift/scale
 augmentation; the discriminator steps every batch and the generator every second batch on the
-same forward pass; Adam (lr 1e-4, betas 0.5/0.999), weight decay and a cosine schedule on the
-generator. A calibration split of the normals is never trained on: it gives the score's mean and
-spread and the flag threshold.
+same forward pass; Adam (betas 0.5/0.999), weight decay and a cosine schedule on the generator.
+radscan adds, each measured on validation (README "Ablation"): variation of the acquisition
+(gamma, contrast, blur, noise) so the critic judges anatomy rather than exposure, and snapshot
+critics: the discriminators of the last K epochs travel with the model and their z-scored
+verdicts are averaged, so the score does not hang on one epoch of the adversarial game.
+
+The shipped weights are those of the last epoch (no epoch is picked with labelled data; the
+recipe's length is). A calibration split of the normals is never trained on: it gives each
+score's mean and spread, the mean normal film and the flag threshold. Labelled validation
+images, when given, are only measured, epoch by epoch, into the training log.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -31,7 +37,7 @@ from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import save_model
 from radscan.model.runtime import autocast, score_arrays
-from radscan.model.simsid import Generated, SimSID, to_model_tensor
+from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.report import CsvStream
 
@@ -40,7 +46,6 @@ __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-BEST_FILE = "checkpoint_best.pt"
 LOG_FILE = "train_log.jsonl"
 
 
@@ -62,9 +67,13 @@ class TrainConfig:
     w_discriminator: float = 0.005
     shift: float = 0.05  # augmentation: translation, fraction of the image size
     scale: tuple[float, float] = (0.95, 1.05)
+    # augmentation of the acquisition (see vary_acquisition); 0 turns each off
+    gamma: float = 0.0  # gamma drawn log-uniformly in [1/(1+g), 1+g]
+    contrast: float = 0.0  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
+    blur: float = 0.0  # Gaussian blur of sigma uniform in [0, blur] pixels, on half the images
+    noise: float = 0.0  # Gaussian noise of standard deviation uniform in [0, noise] (image range 0..1)
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95
-    ema_decay: float | None = None  # validate and ship an exponential moving average of the weights
     seed: int = 0
 
 
@@ -72,8 +81,6 @@ class TrainConfig:
 class TrainingResult:
     model_dir: Path
     epochs_run: int
-    best_epoch: int
-    selection: str
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_budget: bool = False
 
@@ -103,6 +110,43 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: float, scal
     return F.grid_sample(images + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1
 
 
+def vary_acquisition(images: torch.Tensor, generator: torch.Generator, tcfg: TrainConfig) -> torch.Tensor:
+    """Per-image random gamma, contrast, blur and noise: how exposure, processing and detector
+    differ between sites and years. (B, 1, H, W) in [-1, 1] -> same shape and range.
+
+    Without it the critic learns the training site's grey levels along with the anatomy, and a
+    normal film from another setting looks abnormal to it (README "Ablation")."""
+    if not (tcfg.gamma or tcfg.contrast or tcfg.blur or tcfg.noise):
+        return images
+    b, device = images.shape[0], images.device
+    draw = torch.rand(b, 5, generator=generator).to(device)
+    x = (images + 1) / 2
+    if tcfg.gamma:
+        x = x.clamp_min(1e-6) ** torch.exp((2 * draw[:, 0] - 1) * math.log1p(tcfg.gamma)).view(b, 1, 1, 1)
+    if tcfg.contrast:
+        factor = torch.exp((2 * draw[:, 1] - 1) * math.log1p(tcfg.contrast)).view(b, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor + mean).clamp(0, 1)
+    if tcfg.blur:
+        sigma = torch.where(draw[:, 2] < 0.5, draw[:, 3] * 2 * tcfg.blur, torch.zeros_like(draw[:, 3]))
+        x = _blur_each(x, sigma, radius=max(1, math.ceil(3 * tcfg.blur)))
+    if tcfg.noise:
+        level = draw[:, 4].view(b, 1, 1, 1) * tcfg.noise
+        x = (x + level * torch.randn(x.shape, generator=generator).to(device)).clamp(0, 1)
+    return x * 2 - 1
+
+
+def _blur_each(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with its own sigma (pixels; 0 = unchanged) for each image."""
+    b = images.shape[0]
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    weights = torch.exp(-(offsets**2) / (2 * sigma.clamp_min(1e-3).view(b, 1) ** 2))
+    weights = (weights / weights.sum(dim=1, keepdim=True)).view(b, 1, 1, -1)
+    flat = F.pad(images.transpose(0, 1), (radius, radius, radius, radius), mode="replicate")  # (1, B, H, W)
+    flat = F.conv2d(flat, weights, groups=b)
+    return F.conv2d(flat, weights.transpose(-1, -2), groups=b).transpose(0, 1)
+
+
 class Trainer:
     """The optimisation state of one run: model, optimisers, schedule; checkpointable."""
 
@@ -112,34 +156,22 @@ class Trainer:
         # channels-last convolutions are about 25% faster on the CPU (oneDNN) and on tensor cores
         self.model = SimSID(cfg).to(device, memory_format=torch.channels_last)
         d_params = list(self.model.discriminator.parameters())
-        d_ids = {id(p) for p in d_params}
-        g_params = [p for p in self.model.parameters() if id(p) not in d_ids]
+        not_generator = {id(p) for p in [*d_params, *self.model.snapshot_critics.parameters()]}
+        g_params = [p for p in self.model.parameters() if id(p) not in not_generator]
         self.opt_g = torch.optim.Adam(g_params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.g_weight_decay)
         self.opt_d = torch.optim.Adam(d_params, lr=tcfg.lr, betas=tcfg.betas)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_g, T_max=tcfg.cosine_t_max,
                                                                    eta_min=tcfg.cosine_eta_min)
-        # The adversarial game moves the discriminator's view of "real" from batch to batch, so the
-        # score of a single snapshot is noisy; an average of the weights is the usual remedy.
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tcfg.ema_decay else None
-
-    @property
-    def evaluated(self) -> SimSID:
-        """The weights that are validated, calibrated and shipped: the average when there is one."""
-        return self.ema if self.ema is not None else self.model
+        self.model.snapshot_critics.requires_grad_(False)
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        for averaged, live in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-            averaged.lerp_(live, 1.0 - self.tcfg.ema_decay)
-        for averaged, live in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-            averaged.copy_(live)  # normalisation statistics and the memory queue follow the live model
-
-    def sync_ema(self) -> None:
-        """Restart the average from the live weights (after loading weights from elsewhere)."""
-        if self.ema is not None:
-            self.ema.load_state_dict(self.model.state_dict())
+    def take_snapshot(self) -> None:
+        """Push the discriminator as it is now onto the snapshot critics (newest first, oldest
+        dropped). Called before each epoch, so after epoch e the model carries D_e (live) and
+        D_{e-1} .. D_{e-K+1}; the snapshots are weights of the model, so checkpoints keep them."""
+        critics = self.model.critics
+        for newer, older in zip(critics[-2::-1], critics[:0:-1], strict=True):
+            older.load_state_dict(newer.state_dict())
 
     def step(self, batch: torch.Tensor, generator_step: bool) -> dict[str, float]:
         """One batch: a discriminator step, and a generator step when asked (same forward)."""
@@ -159,7 +191,6 @@ class Trainer:
         losses = {"d": d_loss.item()}
         if generator_step:
             losses.update(self._generator_step(out, batch))
-        self._update_ema()
         return losses
 
     def _generator_step(self, out: Generated, batch: torch.Tensor) -> dict[str, float]:
@@ -182,22 +213,17 @@ class Trainer:
         return {"g": g_loss.item(), "student": student.item(), "teacher": teacher.item(),
                 "distill": distill.item(), "adversarial": adversarial.item()}
 
-    def state(self, epoch: int, best: dict[str, Any]) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
-                 "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(),
-                 "epoch": epoch, "best": best}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(), "epoch": epoch}
 
-    def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load a checkpoint; returns the number of epochs it had completed."""
         self.model.load_state_dict(state["model"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.schedule.load_state_dict(state["schedule"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        return int(state["epoch"]), dict(state["best"])
+        return int(state["epoch"])
 
 
 def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -213,24 +239,43 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
                    batch_size: int, device: torch.device) -> dict[str, float]:
-    """Calibration statistics, and validation AUC of every score kind when labelled data is given."""
+    """Calibrate on the held-out normals, then, with labelled validation data, the validation AUC
+    of every score kind, and of the live discriminator alone (no snapshots)."""
     model.eval()
     components = calibrate(model, calibration, batch_size, device, target_specificity=None)[1]
-    metrics = {"calibration_discriminator_mean": float(components[:, 0].mean()),
-               "calibration_residual_mean": float(components[:, 1].mean())}
+    metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
+               for column, kind in enumerate(COMPONENTS) if kind != "critic"}
     if validation is not None:
         normal, abnormal = validation
-        components = score_arrays(model, np.concatenate([normal, abnormal]), batch_size, device).components
+        images = np.concatenate([normal, abnormal])
+        components = score_arrays(model, images, batch_size, device).components
         labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
         for kind, z in model.z_scores(components).items():
             metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
+        with torch.inference_mode():
+            live = torch.cat([model.discriminator(to_model_tensor(part, device)).float().cpu()
+                              for part in np.array_split(images, max(1, len(images) // batch_size))])
+        metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
 
 
 def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch.device,
               target_specificity: float | None) -> tuple[np.ndarray, torch.Tensor]:
-    """Set the score's mean/std from held-out normals and, with a target specificity, the flag
-    threshold as that quantile of their scores. Returns their scores and raw components."""
+    """Calibrate `model` in place on held-out normal images ((N, 128, 128) uint8):
+
+    1. the mean normal film (the explanation maps' reference);
+    2. each critic's negated-logit mean and spread, so the snapshot critics average as z-scores;
+    3. mean and spread of every score kind's raw value (each kind's z-score is relative to them);
+    4. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
+
+    Returns the normals' 0..1 scores (N,) and raw components (N, 3)."""
+    model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
+                                            model.normal_mean.device)[0, 0])
+    with torch.inference_mode():
+        logits = torch.cat([model.critic_logits(to_model_tensor(part, device)).cpu()
+                            for part in np.array_split(normals, max(1, len(normals) // batch_size))])
+    model.critic_mean.copy_(logits.mean(0))
+    model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
     components = score_arrays(model, normals, batch_size, device).components
     model.calibration_mean.copy_(components.mean(0))
     model.calibration_std.copy_(components.std(0).clamp_min(1e-6))
@@ -240,14 +285,6 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
         kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
         model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
     return scores, components
-
-
-def _youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
 
 
 def train(
@@ -265,10 +302,15 @@ def train(
     name: str | None = None,
     init_from: Path | None = None,
 ) -> TrainingResult:
-    """Train, select the best epoch, calibrate and save a model directory at `out_dir`.
+    """Train for `tcfg.epochs` epochs, calibrate the last epoch's model and save it at `out_dir`.
 
-    `init_from` starts from the weights of an existing model directory of the same architecture
-    (to continue training a model, e.g. the shipped one, on more epochs or a site's normals)."""
+    Validation (labelled abnormal images, with `val_normal` or else the calibration normals as
+    the normal class) is measured every epoch into the training log and on the final model into
+    its metadata; it never changes the model. `init_from` starts from the weights of an existing
+    model directory of the same architecture (to continue training, e.g., the shipped one).
+
+    Raises RadscanError for an unfinished run without `resume`, or fewer epochs than critic
+    snapshots; NoInputError when there are too few normals for one batch."""
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)
@@ -276,8 +318,12 @@ def train(
     if checkpoint_path.exists() and not resume:
         raise RadscanError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")
-    if bool(val_normal) != bool(val_abnormal):
-        raise RadscanError("--val-normal and --val-abnormal go together")
+    if val_normal and not val_abnormal:
+        raise RadscanError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
+                           "are the validation normals)")
+    if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
+        raise RadscanError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
+                           "train longer or keep fewer snapshots")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
@@ -291,8 +337,10 @@ def train(
         raise NoInputError(f"only {len(train_images)} training images after the calibration split; "
                            f"need at least one batch of {tcfg.batch_size}")
     validation = None
-    if val_normal:
-        validation = (load_images(val_normal, policy, workers, progress, label="validation normals")[0],
+    if val_abnormal:
+        validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals")[0]
+                              if val_normal else calibration)
+        validation = (validation_normals,
                       load_images(val_abnormal, policy, workers, progress, label="validation abnormals")[0])
     log.info("training on %d images, calibrating on %d, device %s", len(train_images), len(calibration), device)
 
@@ -305,16 +353,11 @@ def train(
             raise RadscanError(f"{init_from} has another architecture than the one asked for: use its preset and "
                                "settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
-        trainer.sync_ema()
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
-    start_epoch, best = 0, {"epoch": -1, "metric": None, "state": None}
+    start_epoch = 0
     if resume and checkpoint_path.exists():
-        start_epoch, best = trainer.restore(_load_checkpoint(checkpoint_path, device))
-        if (out_dir / BEST_FILE).exists():
-            best["state"] = _load_checkpoint(out_dir / BEST_FILE, device)
+        start_epoch = trainer.restore(_load_checkpoint(checkpoint_path, device))
         log.info("resumed after epoch %d", start_epoch)
-    selection = f"val_auc_{model_cfg.score_kind}" if validation else "calibration_residual_mean"
-    higher_is_better = validation is not None
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
     stopped_by_budget = False
     epoch = start_epoch
@@ -323,6 +366,7 @@ def train(
 
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as training_log:
         for epoch in range(start_epoch, tcfg.epochs):
+            trainer.take_snapshot()
             generator = torch.Generator().manual_seed(tcfg.seed * 100_003 + epoch)
             torch.manual_seed(tcfg.seed * 100_003 + epoch)
             order = torch.randperm(len(train_images), generator=generator)
@@ -334,6 +378,7 @@ def train(
             for index in bar:
                 rows = order[index * tcfg.batch_size:(index + 1) * tcfg.batch_size]
                 batch = augment(to_model_tensor(tensor_images[rows], device), generator, tcfg.shift, tcfg.scale)
+                batch = vary_acquisition(batch, generator, tcfg)
                 losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1)
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -344,41 +389,35 @@ def train(
                     break
             bar.close()
             trainer.schedule.step()
-            metrics = evaluate_epoch(trainer.evaluated, calibration, validation, 64, device)
+            metrics = evaluate_epoch(trainer.model, calibration, validation, 64, device)
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
             training_log.write(json.dumps(record) + "\n")
             training_log.flush()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            value = metrics[selection]
-            if best["metric"] is None or (value > best["metric"] if higher_is_better else value < best["metric"]):
-                weights = trainer.evaluated.state_dict()
-                best = {"epoch": epoch + 1, "metric": value,
-                        "state": copy.deepcopy({k: v.detach().cpu() for k, v in weights.items()})}
-                _save_checkpoint(best["state"], out_dir / BEST_FILE)
-            _save_checkpoint(trainer.state(epoch + 1, {k: v for k, v in best.items() if k != "state"}),
-                             checkpoint_path)
+            _save_checkpoint(trainer.state(epoch + 1), checkpoint_path)
             if stopped_by_budget:
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
+    if epoch + 1 < model_cfg.critic_snapshots and init_from is None:
+        raise RadscanError(f"stopped after {epoch + 1} epochs, fewer than the {model_cfg.critic_snapshots} critic "
+                           "snapshots: raise --max-minutes and rerun with --resume")
 
-    model = trainer.evaluated
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
+    model = trainer.model.eval()
     metrics = finalize(model, calibration, validation, tcfg, device)
     metadata = {
         "name": name or out_dir.name,
         "version": datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "calibration": {"method": metrics.pop("threshold_method"), "n_calibration": int(len(calibration)),
-                        "target_specificity": tcfg.target_specificity},
+        "calibration": {"method": f"calibration normals at specificity {tcfg.target_specificity}",
+                        "n_calibration": int(len(calibration)), "target_specificity": tcfg.target_specificity},
         "training": {
             "inputs": [str(p) for p in normals],
             "n_images": int(len(images)), "n_train": int(len(train_images)),
-            "validation": {"normal": [str(p) for p in val_normal], "abnormal": [str(p) for p in val_abnormal]},
-            "epochs_run": epoch + 1, "best_epoch": best["epoch"], "selection": selection,
+            "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
+                           "abnormal": [str(p) for p in val_abnormal]} if validation else None,
+            "epochs_run": epoch + 1, "shipped": "last epoch",
             "stopped_by_budget": stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(device), "train_config": asdict(tcfg),
             "init_from": str(init_from) if init_from else None,
@@ -386,28 +425,24 @@ def train(
         "metrics": metrics,
     }
     save_model(model, out_dir, metadata)
-    for leftover in (checkpoint_path, out_dir / BEST_FILE):
-        leftover.unlink(missing_ok=True)
-    return TrainingResult(out_dir, epoch + 1, best["epoch"], selection, metrics, stopped_by_budget)
+    checkpoint_path.unlink(missing_ok=True)
+    return TrainingResult(out_dir, epoch + 1, metrics, stopped_by_budget)
 
 
 def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
              tcfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Calibrate the chosen weights and set the threshold: on validation data when given (Youden's
-    J), else at the target specificity on the calibration normals."""
+    """Calibrate the final weights with the threshold at the target specificity on the calibration
+    normals; with validation data, its AUC and the sensitivity/specificity at that threshold."""
     cal_scores = calibrate(model, calibration, 64, device, tcfg.target_specificity)[0]
-    metrics: dict[str, Any] = {"threshold_method": f"calibration normals at specificity {tcfg.target_specificity}"}
+    metrics: dict[str, Any] = {"calibration_specificity": float((cal_scores < float(model.threshold)).mean())}
     if validation is not None:
         normal, abnormal = validation
         scores = score_arrays(model, np.concatenate([normal, abnormal]), 64, device).scores.numpy()
         labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
-        model.threshold.fill_(_youden_threshold(scores, labels))
-        metrics["threshold_method"] = "validation set, Youden's J"
-        metrics["val_auc"] = float(roc_auc_score(labels, scores))
         flagged = scores >= float(model.threshold)
-        metrics["val_sensitivity"] = float(flagged[labels == 1].mean())
-        metrics["val_specificity"] = float(1 - flagged[labels == 0].mean())
-    metrics["calibration_specificity"] = float((cal_scores < float(model.threshold)).mean())
+        metrics.update(val_auc=float(roc_auc_score(labels, scores)),
+                       val_sensitivity=float(flagged[labels == 1].mean()),
+                       val_specificity=float(1 - flagged[labels == 0].mean()))
     return metrics
 
 

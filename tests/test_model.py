@@ -108,37 +108,90 @@ def _real_batch(count: int) -> torch.Tensor:
     return to_model_tensor(np.stack([to_model_input(np.asarray(Image.open(f).convert("L"))) for f in files]))
 
 
-@pytest.mark.parametrize("d_norm", ["instance", "batch"])
-def test_score_is_batch_invariant(d_norm):
+def _calibrated_tiny(**overrides) -> SimSID:
+    """A tiny model with moved BN statistics and a small calibration spread, as after training."""
     torch.manual_seed(0)
-    model = SimSID(preset("tiny", d_norm=d_norm, score_kind="combined"))
+    model = SimSID(preset("tiny", **overrides))
     model.train()
     model.generate(_real_batch(16))  # move BN running statistics away from their initial values
     model.eval()
     model.calibration_std.fill_(1e-3)  # a small spread, as after training, magnifies any difference
+    return model
+
+
+@pytest.mark.parametrize(("d_norm", "score_kind"), [("instance", "critic"), ("batch", "seed")])
+def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
+    model = _calibrated_tiny(d_norm=d_norm, score_kind=score_kind, critic_snapshots=2)
     batch = torch.cat([_real_batch(16), _real_batch(24)[8:]])  # 32 images
     together = model.score(batch)
+    assert together.explanation_maps.shape == (32, 128, 128) and (together.explanation_maps >= 0).all()
+    assert together.explanation_maps.abs().sum() > 0
     for index in (0, 7, 15, 31):
         alone = model.score(batch[index:index + 1])
-        assert torch.equal(alone.scores, together.scores[index:index + 1])
-        assert torch.equal(alone.components, together.components[index:index + 1])
-        assert torch.equal(alone.residual_maps, together.residual_maps[index:index + 1])
+        for field in ("scores", "components", "residual_maps", "explanation_maps"):
+            assert torch.equal(getattr(alone, field), getattr(together, field)[index:index + 1]), field
     shuffled = torch.randperm(32)
     assert torch.equal(model.score(batch[shuffled]).scores, together.scores[shuffled])
     assert torch.equal(model.score(batch[5:12]).scores, together.scores[5:12])
 
 
-def test_score_orientation_and_calibration():
+def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():
     model = SimSID(preset("tiny")).eval()
     images = _real_batch(4)
+    with torch.no_grad():
+        logits = model.discriminator(images)
+    model.critic_mean.fill_(-logits.mean())
+    model.critic_std.fill_(logits.std())
     components = model.score(images).components
     model.calibration_mean.copy_(components.mean(0))
     model.calibration_std.copy_(components.std(0))
     result = model.score(images)
-    z = (components[:, 0] - components[:, 0].mean()) / components[:, 0].std()
-    assert torch.allclose(result.scores, torch.sigmoid(z), atol=1e-6)  # high raw -> high score
+    critic_z = (-logits - model.critic_mean) / model.critic_std
+    z = (critic_z - model.calibration_mean[0]) / model.calibration_std[0]
+    torch.testing.assert_close(result.scores, torch.sigmoid(z))  # high -D(I) -> high score
+    torch.testing.assert_close(result.raw_scores, critic_z)
     assert ((result.scores > 0) & (result.scores < 1)).all()
     assert result.residual_maps.shape == (4, 128, 128) and (result.residual_maps >= 0).all()
+
+
+def test_seed_and_residual_kinds_are_computed_as_documented():
+    images = _real_batch(4)
+    for kind in ("seed", "residual"):
+        model = SimSID(preset("tiny", score_kind=kind)).eval()
+        with torch.no_grad():
+            student = model.generate(images, with_teacher=False).student
+        expected = -model.discriminator(student) if kind == "seed" else (images - student).abs().mean((1, 2, 3))
+        torch.testing.assert_close(model.score(images, explain=False).raw_scores, expected.detach())
+
+
+def test_snapshot_critics_average_their_z_scores():
+    model = SimSID(preset("tiny", critic_snapshots=3)).eval()
+    images = _real_batch(4)
+    with torch.no_grad():
+        for critic in model.snapshot_critics:  # each snapshot its own weights, as after training
+            for weight in critic.parameters():
+                weight.add_(0.05 * torch.randn_like(weight))
+        logits = torch.stack([-critic(images) for critic in model.critics], dim=1)
+    model.critic_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    model.critic_std.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    expected = ((logits - model.critic_mean) / model.critic_std).mean(1)
+    torch.testing.assert_close(model.score(images, explain=False).components[:, 0], expected)
+
+
+class _LeftHalfCritic(torch.nn.Module):
+    """A critic that only looks at the left half of the film: the further from mid-grey, the less real."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return -(images[..., :64] ** 2).mean(dim=(1, 2, 3))
+
+
+def test_explanation_is_zero_where_the_score_does_not_depend_on_the_pixels():
+    model = SimSID(preset("tiny")).eval()
+    model.discriminator = _LeftHalfCritic()
+    maps = model.score(_real_batch(3)).explanation_maps
+    radius = model.blur_kernel.shape[-1] // 2
+    assert (maps[..., 64 + radius:] == 0).all()
+    assert (maps[..., :64 - radius] > 0).float().mean() > 0.2
 
 
 def test_config_rejects_bad_values():

@@ -24,8 +24,8 @@ from radscan.train import TrainConfig, Trainer, train
 
 from .conftest import CXR_DIR
 
-TINY = preset("tiny")
-FAST = TrainConfig(epochs=2, batch_size=8, seed=3)
+TINY = preset("tiny", critic_snapshots=2)
+FAST = TrainConfig(epochs=2, batch_size=8, seed=3, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_trained_model_loads_back_with_identical_scores(trained, normals):
     split = (trained / "training_split.csv").read_text().splitlines()
     assert len(split) == 49 and sum(line.endswith(",calibration") for line in split) == 7
     assert metadata["calibration"]["method"].startswith("calibration normals at specificity 0.95")
+    assert metadata["config"]["critic_snapshots"] == 2 and len(model.snapshot_critics) == 1
     assert (trained / "train_log.jsonl").read_text().count("\n") == 2
     assert not (trained / "checkpoint.pt").exists()
     images = load_images([str(normals)], Policy(), workers=1, progress=False)[0]
@@ -66,6 +67,9 @@ def test_trained_model_loads_back_with_identical_scores(trained, normals):
     again = score_arrays(load_model(trained)[0], images)
     assert torch.equal(first.scores, again.scores)
     assert torch.equal(first.residual_maps, again.residual_maps)
+    for live, loaded in zip(model.critics, load_model(trained)[0].critics, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(live.state_dict().values(), loaded.state_dict().values(),
+                                                     strict=True))
     # the threshold flags about 5% of normals: at most 1 of the 7 calibration normals scores above it
     assert 0.0 < float(model.threshold) < 1.0
 
@@ -76,9 +80,8 @@ def test_same_seed_same_data_same_model(trained, normals, tmp_path):
     assert (again / WEIGHTS_FILE).read_bytes() == (trained / WEIGHTS_FILE).read_bytes()
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.9])
-def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monkeypatch, ema_decay):
-    config = TrainConfig(epochs=3, batch_size=8, seed=5, ema_decay=ema_decay)
+def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monkeypatch):
+    config = TrainConfig(epochs=3, batch_size=8, seed=5, gamma=0.3, blur=1.0)
     train([str(normals)], tmp_path / "straight", TINY, config, workers=1, progress=False)
 
     import radscan.train as train_module
@@ -104,21 +107,30 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == straight
 
 
-def test_ema_is_the_running_average_of_the_live_weights():
-    trainer = Trainer(TINY, TrainConfig(batch_size=2, ema_decay=0.5, seed=1), torch.device("cpu"))
-    expected = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+def test_snapshot_critics_are_the_discriminators_of_the_last_epochs():
+    trainer = Trainer(preset("tiny", critic_snapshots=3), TrainConfig(batch_size=2, seed=1), torch.device("cpu"))
     batch = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    for index in range(3):
-        trainer.step(batch, generator_step=index % 2 == 1)
-        for name, p in trainer.model.named_parameters():
-            expected[name] = 0.5 * expected[name] + 0.5 * p.detach()
-    assert trainer.evaluated is trainer.ema
-    for name, p in trainer.ema.named_parameters():
-        torch.testing.assert_close(p, expected[name])
-    assert not all(torch.equal(a, b) for a, b in zip(trainer.ema.parameters(), trainer.model.parameters(),
-                                                      strict=True))
-    for averaged, live in zip(trainer.ema.buffers(), trainer.model.buffers(), strict=True):
-        assert torch.equal(averaged, live)  # the memory queue and norm statistics follow the live model
+    seen = []
+    for _ in range(3):  # three "epochs" of one step each
+        trainer.take_snapshot()
+        trainer.step(batch, generator_step=True)
+        seen.append({k: v.clone() for k, v in trainer.model.discriminator.state_dict().items()})
+    for critic, expected in zip(trainer.model.critics, reversed(seen), strict=True):
+        assert all(torch.equal(v, expected[k]) for k, v in critic.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.model.snapshot_critics.parameters())
+
+
+def test_acquisition_variation_keeps_shape_and_range_and_can_be_off():
+    from radscan.train import vary_acquisition
+
+    images = to_model_tensor(np.random.default_rng(0).integers(0, 256, (6, 128, 128), dtype=np.uint8))
+    off = vary_acquisition(images, torch.Generator().manual_seed(0), TrainConfig())
+    assert off is images
+    varied = vary_acquisition(images, torch.Generator().manual_seed(0), FAST)
+    assert varied.shape == images.shape and varied.min() >= -1 and varied.max() <= 1
+    assert not torch.equal(varied, images)
+    again = vary_acquisition(images, torch.Generator().manual_seed(0), FAST)
+    assert torch.equal(varied, again)  # seeded: a resumed run sees the same augmentation
 
 
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
@@ -168,30 +180,50 @@ def test_edited_threshold_or_preprocessing_is_refused(trained, tmp_path):
         load_model(copy)
 
 
+@pytest.mark.parametrize(("key", "value"), [("score_kind", "seed"), ("memory_topk", 2),
+                                            ("residual_blur_sigma", 1.0), ("critic_snapshots", 1)])
+def test_edited_model_settings_are_refused(trained, tmp_path, key, value):
+    copy = _copy(trained, tmp_path)
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata["config"][key] = value
+    (copy / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="edited"):
+        load_model(copy)
+
+
 def test_missing_model_is_a_model_error(tmp_path):
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "nothing")])
     assert result.exit_code == ExitCode.DATA and "not found" in result.output
 
 
 def test_cli_train_with_validation_and_info(normals, tmp_path):
-    abnormal = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:8]
-    normal = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:8]
-    for folder, files in (("val_n", normal), ("val_a", abnormal)):
-        (tmp_path / folder).mkdir()
-        for f in files:
-            shutil.copy(f, tmp_path / folder / f.name)
+    (tmp_path / "val_a").mkdir()
+    for f in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:8]:
+        shutil.copy(f, tmp_path / "val_a" / f.name)
     out = tmp_path / "model"
     result = CliRunner().invoke(cli, [
-        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--batch-size", "8",
-        "--val-normal", str(tmp_path / "val_n"), "--val-abnormal", str(tmp_path / "val_a"), "--json",
-        "--workers", "1",
+        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "2", "--batch-size", "8",
+        "--val-abnormal", str(tmp_path / "val_a"), "--json", "--workers", "1", "--critic-snapshots", "2",
+        "--score", "critic", "--gamma", "0.2",
     ])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["selection"] == "val_auc_discriminator" and 0.0 <= summary["val_auc"] <= 1.0
+    assert 0.0 <= summary["val_auc"] <= 1.0 and summary["epochs_run"] == 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"val_auc_critic", "val_auc_critic_live", "val_auc_seed", "val_auc_residual"} <= set(log[-1])
     info = CliRunner().invoke(cli, ["info", str(out), "--json"])
     assert info.exit_code == 0
-    assert json.loads(info.stdout)["calibration"]["method"] == "validation set, Youden's J"
+    metadata = json.loads(info.stdout)
+    assert metadata["config"]["critic_snapshots"] == 2 and metadata["config"]["score_kind"] == "critic"
+    assert metadata["training"]["validation"]["normal"] == ["the calibration normals"]
+    assert metadata["training"]["train_config"]["gamma"] == 0.2
+    text = CliRunner().invoke(cli, ["info", str(out)]).output
+    assert "critic: the discriminator's verdict on the film itself" in text
+    # the threshold comes from the calibration normals, never from labelled validation data
+    assert metadata["calibration"]["method"] == "calibration normals at specificity 0.95"
+    too_few = CliRunner().invoke(cli, ["-q", "train", str(normals), "--out", str(tmp_path / "m2"), "--preset",
+                                       "tiny", "--epochs", "1", "--critic-snapshots", "2", "--workers", "1"])
+    assert too_few.exit_code != 0 and "snapshots" in too_few.output
 
 
 def test_init_from_starts_from_a_models_weights(trained, normals, tmp_path):
@@ -200,7 +232,11 @@ def test_init_from_starts_from_a_models_weights(trained, normals, tmp_path):
     train([str(normals)], continued, TINY, frozen, workers=1, progress=False, init_from=trained)
     start, end = load_model(trained)[0], load_model(continued)[0]
     for name, weight in start.named_parameters():
-        assert torch.equal(weight, dict(end.named_parameters())[name]), name
+        if not name.startswith("snapshot_critics."):
+            assert torch.equal(weight, dict(end.named_parameters())[name]), name
+    # the new run's snapshot is the starting model's critic, which did not move during the epoch
+    for name, weight in start.discriminator.named_parameters():
+        assert torch.equal(weight, dict(end.snapshot_critics[0].named_parameters())[name]), name
     assert json.loads((continued / "model.json").read_text())["training"]["init_from"] == str(trained)
     with pytest.raises(Exception, match="architecture"):
         train([str(normals)], tmp_path / "other", preset("small"), frozen, workers=1, progress=False,

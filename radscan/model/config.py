@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["SimSIDConfig", "PRESETS", "preset"]
+__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS"]
+
+# The anomaly scores a model can report (high = anomalous), each z-scored on held-out normals.
+SCORE_KINDS: dict[str, str] = {
+    "critic": "the discriminator's verdict on the film itself, -D(I): how little it looks like the normal "
+              "chests of training (averaged over the critics of the last epochs' snapshots)",
+    "seed": "the discriminator's verdict on the student's reconstruction, -D(G_s(E(I))): the seed "
+            "report's score, kept for comparison",
+    "residual": "the mean absolute difference between the film and the student's reconstruction",
+}
 
 
 @dataclass(frozen=True)
@@ -37,9 +46,10 @@ class SimSIDConfig:
     # discriminator
     d_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     d_norm: str = "instance"  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
-    # scoring
-    score_kind: str = "discriminator"  # "discriminator", "residual" or "combined" (sum of both z-scores)
-    residual_blur_sigma: float = 2.0  # pixels, for the residual map
+    # scoring (see SCORE_KINDS)
+    score_kind: str = "critic"
+    critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
+    residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the explanation and residual maps
 
     def __post_init__(self) -> None:
         if self.image_size % (self.patch_grid * 2 ** (len(self.widths) - 1)):
@@ -50,8 +60,10 @@ class SimSIDConfig:
             raise ValueError("memory_levels must be a non-empty subset of ('patch', 'image')")
         if self.d_norm not in ("instance", "batch"):
             raise ValueError(f"d_norm must be 'instance' or 'batch', not {self.d_norm!r}")
-        if self.score_kind not in ("discriminator", "residual", "combined"):
-            raise ValueError(f"unknown score_kind {self.score_kind!r}")
+        if self.score_kind not in SCORE_KINDS:
+            raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
+        if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:
+            raise ValueError("critic_snapshots must be a whole number >= 1")
         if 2**self.position_bits < self.patches:
             raise ValueError(f"position_bits={self.position_bits} cannot number {self.patches} patches")
         if self.memory_topk > min(self.memory_slots, self.decoder_memory_slots):

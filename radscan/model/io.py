@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from radscan import __version__
@@ -38,16 +38,15 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": FORMAT})
+    # the configuration is stored inside the hashed weights file too: it changes scores, so an edit
+    # of model.json alone must not go unnoticed (see _check_config)
+    # (one metadata key: safetensors writes several in a random order, and same seed must give same bytes)
+    sealed = json.dumps({"format": FORMAT, "config": model.cfg.to_dict()}, sort_keys=True)
+    save_file(state, str(tmp), metadata={"radscan": sealed})
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, weights)
     calibration = metadata.setdefault("calibration", {})
-    calibration.update({
-        "mean": model.calibration_mean.tolist(),
-        "std": model.calibration_std.tolist(),
-        "threshold": float(model.threshold),
-        "score_kind": model.cfg.score_kind,
-    })
+    calibration.update({**_calibration_copy(model), "score_kind": model.cfg.score_kind})
     full = {
         "format": FORMAT,
         "radscan_version": __version__,
@@ -96,8 +95,13 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     try:
         config = SimSIDConfig.from_dict(metadata["config"])
         state = load_file(str(weights))
-    except (KeyError, TypeError, ValueError, SafetensorError, OSError) as exc:
+        with safe_open(str(weights), framework="pt") as handle:
+            sealed = json.loads((handle.metadata() or {}).get("radscan", "{}")).get("config")
+    except (KeyError, TypeError, ValueError, AttributeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot load {directory}: {exc}") from None
+    if sealed != json.loads(json.dumps(config.to_dict())):
+        raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the weights file: "
+                         "the metadata was edited; retrain or restore it")
     model = SimSID(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -108,12 +112,17 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     return model.to(device, memory_format=torch.channels_last).eval(), metadata
 
 
+def _calibration_copy(model: SimSID) -> dict[str, Any]:
+    """The calibration values that model.json repeats for people (the mean normal film is not)."""
+    return {"threshold": float(model.threshold), "mean": model.calibration_mean.tolist(),
+            "std": model.calibration_std.tolist(), "critic_mean": model.critic_mean.tolist(),
+            "critic_std": model.critic_std.tolist()}
+
+
 def _check_calibration(model: SimSID, metadata: dict[str, Any]) -> None:
     """The calibration lives in the (hashed) weights; the JSON copy is for people. They must agree."""
     stated = metadata.get("calibration", {})
-    actual = {"threshold": float(model.threshold), "mean": model.calibration_mean.tolist(),
-              "std": model.calibration_std.tolist()}
-    for key, value in actual.items():
+    for key, value in _calibration_copy(model).items():
         expected = stated.get(key)
         same = expected is not None and torch.allclose(torch.tensor(value, dtype=torch.float64),
                                                        torch.tensor(expected, dtype=torch.float64),

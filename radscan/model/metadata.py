@@ -12,7 +12,7 @@ from radscan.errors import ModelError
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file"]
 
-FORMAT = "radscan-model/1"
+FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 
@@ -38,5 +38,8 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a {FORMAT} file")
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        older = str(found).startswith("radscan-model/")
+        hint = " (made by another radscan version: retrain it with this one)" if older else ""
+        raise ModelError(f"{path} is not a {FORMAT} file{hint}")
     return metadata

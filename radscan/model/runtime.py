@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from radscan.errors import SettingError
-from radscan.model.simsid import ScoreResult, SimSID, to_model_tensor
+from radscan.model.simsid import COMPONENTS, ScoreResult, SimSID, to_model_tensor
 
 __all__ = ["resolve_device", "autocast", "score_arrays", "DEVICES"]
 
@@ -44,8 +44,9 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def score_arrays(model: SimSID, images: np.ndarray, batch_size: int = 64,
-                 device: torch.device | None = None) -> ScoreResult:
-    """Score (N, 128, 128) uint8 model inputs in batches; results concatenated on the CPU."""
+                 device: torch.device | None = None, explain: bool = False) -> ScoreResult:
+    """Score (N, 128, 128) uint8 model inputs in batches; results concatenated on the CPU.
+    `explain` computes the explanation maps too (a backward pass; zeros otherwise)."""
     device = device or next(model.parameters()).device
     parts = []
     for batch in iter_batches(images, batch_size):
@@ -53,9 +54,9 @@ def score_arrays(model: SimSID, images: np.ndarray, batch_size: int = 64,
         if device.type == "cuda":
             batch = batch.pin_memory()  # lets the copy to the GPU run without blocking
         with autocast(device):
-            result = model.score(to_model_tensor(batch, device))
+            result = model.score(to_model_tensor(batch, device), explain=explain)
         parts.append(ScoreResult(*(t.float().cpu() for t in result)))
     if not parts:
-        empty = torch.zeros(0)
-        return ScoreResult(empty, empty, torch.zeros(0, *images.shape[1:]), torch.zeros(0, 2))
+        empty, maps = torch.zeros(0), torch.zeros(0, *images.shape[1:])
+        return ScoreResult(empty, empty, maps, maps, torch.zeros(0, len(COMPONENTS)))
     return ScoreResult(*(torch.cat(column) for column in zip(*parts, strict=True)))

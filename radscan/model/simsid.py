@@ -11,6 +11,11 @@ Data flow for the reference preset (B images, P = 4 patches):
     student Decoder(in-painted, skips 256@8 and 128@16, decoder memories) -> (B, 1, 128, 128)
     teacher Decoder(detached bottleneck and skips, no memories)          -> (B, 1, 128, 128)
     Discriminator(image) -> one logit per image (high = looks real)
+
+Scoring (radscan's choice, measured on validation; see README "Score kinds"): the discriminator,
+trained to tell normal films from reconstructions, is a critic of what a normal chest looks like;
+its negated logit on the film itself, z-scored on held-out normals and averaged over the snapshots
+of the last epochs, is the default anomaly score.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import nn
 from radscan.model.config import SimSIDConfig
 from radscan.model.memory import MemoryBank, SpaceAwareMemory
 
-__all__ = ["SimSID", "Generated", "ScoreResult", "to_model_tensor"]
+__all__ = ["SimSID", "Generated", "ScoreResult", "COMPONENTS", "to_model_tensor"]
 
 
 def to_model_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -266,11 +271,14 @@ class Generated(NamedTuple):
 
 
 class ScoreResult(NamedTuple):
-    scores: torch.Tensor  # (B,) in 0..1, high = anomalous
-    raw_scores: torch.Tensor  # (B,) before calibration, high = anomalous
+    scores: torch.Tensor  # (B,) sigmoid of the configured kind's z-score, in 0..1, high = anomalous
+    raw_scores: torch.Tensor  # (B,) the configured kind before calibration, high = anomalous
+    explanation_maps: torch.Tensor  # (B, H, W) >= 0: where the film raises the score (see SimSID._score_chunk)
     residual_maps: torch.Tensor  # (B, H, W) smoothed |input - student reconstruction|, in 0..2
-    components: torch.Tensor  # (B, 2) raw discriminator and residual scores
+    components: torch.Tensor  # (B, 3) raw scores of every kind, columns in COMPONENTS order
 
+
+COMPONENTS = ("critic", "seed", "residual")  # the columns of ScoreResult.components
 
 # Images per model call when scoring: CPU, GPU (larger chunks keep a GPU busy).
 _SCORE_CHUNK = (16, 128)
@@ -287,12 +295,25 @@ class SimSID(nn.Module):
         self.student = Decoder(cfg, memories=cfg.decoder_memory)
         self.teacher = Decoder(cfg, memories=False)
         self.discriminator = Discriminator(cfg)
-        # Calibration travels with the weights: mean/std of the raw discriminator and residual
-        # scores on held-out normals, and the flag threshold on the 0..1 score.
-        self.register_buffer("calibration_mean", torch.zeros(2))
-        self.register_buffer("calibration_std", torch.ones(2))
+        # Frozen copies of the discriminator from the epochs before the last (newest first): the
+        # adversarial game moves any one critic's view from epoch to epoch; their average does not.
+        self.snapshot_critics = nn.ModuleList(Discriminator(cfg) for _ in range(cfg.critic_snapshots - 1))
+        # Calibration travels with the weights (all set by radscan.train.calibrate on held-out normals):
+        # each critic's logit mean/spread, then mean/spread of every score kind's raw value, the flag
+        # threshold on the 0..1 score, and the mean normal film (the explanation's reference).
+        critics = cfg.critic_snapshots
+        self.register_buffer("critic_mean", torch.zeros(critics))
+        self.register_buffer("critic_std", torch.ones(critics))
+        self.register_buffer("calibration_mean", torch.zeros(len(COMPONENTS)))
+        self.register_buffer("calibration_std", torch.ones(len(COMPONENTS)))
         self.register_buffer("threshold", torch.tensor(0.5))
+        self.register_buffer("normal_mean", torch.zeros(cfg.image_size, cfg.image_size))
         self.register_buffer("blur_kernel", _gaussian_kernel(cfg.residual_blur_sigma), persistent=False)
+
+    @property
+    def critics(self) -> list[Discriminator]:
+        """The live discriminator, then the snapshots, newest first."""
+        return [self.discriminator, *self.snapshot_critics]
 
     def generate(self, images: torch.Tensor, with_teacher: bool = True) -> Generated:
         """(B, 1, H, W) in [-1, 1] -> student (and teacher) reconstructions."""
@@ -308,18 +329,31 @@ class SimSID(nn.Module):
             teacher, teacher_levels = self.teacher(bottleneck.detach(), [s.detach() for s in skips])
         return Generated(student, teacher, student_levels, teacher_levels, query)
 
-    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, H, W) -> raw scores (B, 2) [discriminator, residual] (high = anomalous) and the
-        unsmoothed residual (B, H, W)."""
-        student = self.generate(images, with_teacher=False).student
-        residual = (images - student).abs().squeeze(1)
-        discriminator = -self.discriminator(student)  # D says "real" for normal reconstructions
-        return torch.stack([discriminator, residual.flatten(1).mean(1)], dim=1).float(), residual
+    def critic_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, K) negated logit of every critic (high = does not look like a normal film)."""
+        return torch.stack([-critic(images).float() for critic in self.critics], dim=1)
 
-    @torch.inference_mode()
-    def score(self, images: torch.Tensor) -> ScoreResult:
+    def critic_score(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B,) mean over the K critics of their z-scored negated logits."""
+        logits = self.critic_logits(images)
+        return ((logits - self.critic_mean.to(logits)) / self.critic_std.to(logits)).mean(dim=1)
+
+    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) -> raw scores (B, 3) of every kind (COMPONENTS order; high = anomalous) and
+        the unsmoothed residual |input - student| (B, H, W).
+
+        The generator sees a detached copy unless the configured score depends on it, so the
+        explanation's gradient of the critic score does not traverse the generator."""
+        through_generator = self.cfg.score_kind != "critic"
+        student = self.generate(images if through_generator else images.detach(), with_teacher=False).student
+        residual = (images - student).abs().squeeze(1)
+        seed = -self.discriminator(student).float()  # D says "real" for normal reconstructions
+        return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float()], dim=1), residual
+
+    def score(self, images: torch.Tensor, explain: bool = True) -> ScoreResult:
         """Frozen scoring of (B, 1, H, W) images in [-1, 1]: no memory writes, no randomness, and
         each image's result bit-identical whatever else is in the batch. Call `eval()` first.
+        `explain=False` skips the explanation maps (returned as zeros), which need a backward pass.
 
         Every normalisation is per sample, but convolution and matrix kernels pick their blocking
         by batch size, which moves results in the last float bits; the calibration's division by a
@@ -330,25 +364,50 @@ class SimSID(nn.Module):
             raise RuntimeError("call model.eval() before scoring")
         count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
         padded = F.pad(images, (0, 0, 0, 0, 0, 0, 0, (-count) % chunk))
-        parts = [self.raw_scores(padded[start:start + chunk]) for start in range(0, padded.shape[0], chunk)]
-        components = torch.cat([c for c, _ in parts])[:count]
-        residual = torch.cat([r for _, r in parts])[:count]
+        parts = [self._score_chunk(padded[start:start + chunk], explain) for start in range(0, padded.shape[0], chunk)]
+        components, residual, explanation = (torch.cat(column)[:count] for column in zip(*parts, strict=True))
         raw, z = self.calibrated(components)
-        maps = F.conv2d(residual.unsqueeze(1).float(), self.blur_kernel, padding=self.blur_kernel.shape[-1] // 2)
-        return ScoreResult(torch.sigmoid(z), raw, maps.squeeze(1), components)
+        return ScoreResult(torch.sigmoid(z), raw, explanation, self.smooth(residual), components)
+
+    def _score_chunk(self, images: torch.Tensor, explain: bool) -> tuple[torch.Tensor, ...]:
+        """Components (B, 3), residual (B, H, W) and explanation maps (B, H, W) of one chunk.
+
+        The explanation is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
+        of integrated gradients, Sundararajan et al. 2017) of the calibrated score, against the mean
+        normal film of the calibration normals: each pixel's first-order share of how much the
+        z-score would fall if that pixel looked like the average normal chest, in z-score units per
+        image area (the map's mean is that fall), >= 0. Smoothed like the residual map; the
+        negative part (pixels that make the film look more normal) is dropped.
+        """
+        if not explain:
+            with torch.inference_mode():
+                components, residual = self.raw_scores(images)
+            return components, residual, torch.zeros_like(residual)
+        with torch.enable_grad():
+            images = images.detach().requires_grad_(True)
+            components, residual = self.raw_scores(images)
+            z = self.calibrated(components)[1]
+            (gradient,) = torch.autograd.grad(z.sum(), images)
+        # per pixel, times the pixel count: a map that is c everywhere means the film is c z-units
+        # above the mean normal film (to first order), whatever the image size
+        attribution = (gradient * (images - self.normal_mean.to(images))).squeeze(1) * images[0, 0].numel()
+        explanation = self.smooth(attribution).clamp_min(0)
+        return components.detach(), residual.detach(), explanation.detach()
+
+    def smooth(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B, H, W) Gaussian blur (sigma `residual_blur_sigma` pixels), zero padding."""
+        kernel = self.blur_kernel.to(maps.dtype)
+        return F.conv2d(maps.unsqueeze(1), kernel, padding=kernel.shape[-1] // 2).squeeze(1)
 
     def z_scores(self, components: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw (B, 2) components -> the calibrated z-score of every score kind."""
+        """Raw (B, 3) components -> the calibrated z-score of every score kind."""
         z = (components - self.calibration_mean.to(components)) / self.calibration_std.to(components)
-        # the combination is the sum of two unit-variance z-scores, rescaled to unit variance
-        return {"discriminator": z[:, 0], "residual": z[:, 1], "combined": z.sum(dim=1) / np.sqrt(2.0)}
+        return dict(zip(COMPONENTS, z.unbind(dim=1), strict=True))
 
     def calibrated(self, components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw score, z-score) of the configured score kind; the score is sigmoid(z)."""
-        kind = self.cfg.score_kind
-        z = self.z_scores(components)[kind]
-        raw = {"discriminator": components[:, 0], "residual": components[:, 1]}.get(kind, z)
-        return raw, z
+        column = COMPONENTS.index(self.cfg.score_kind)
+        return components[:, column], self.z_scores(components)[self.cfg.score_kind]
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
