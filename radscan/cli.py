@@ -202,6 +202,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of both networks.")
 @click.option("--cosine-epochs", type=int, default=300, show_default=True,
               help="Length of the generator's cosine learning-rate decay, in epochs.")
+@click.option("--aspect", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Augmentation: width/height ratio changed by a factor in [1/(1+A), 1+A] per image.")
 @click.option("--gamma", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: gamma drawn in [1/(1+G), 1+G] per image.")
 @click.option("--contrast", type=click.FloatRange(0), default=0.0, show_default=True,
@@ -227,7 +229,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
           score_kind: str | None, critic_snapshots: int | None, epochs: int, max_minutes: float | None,
-          batch_size: int, lr: float, cosine_epochs: int, gamma: float, contrast: float, blur: float,
+          batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
@@ -255,9 +257,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
         tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
-                           cosine_t_max=cosine_epochs, gamma=gamma, contrast=contrast, blur=blur, noise=noise,
-                           seed=seed,
-                           calibration_fraction=calibration_fraction, target_specificity=target_specificity)
+                           cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
+                           noise=noise, seed=seed, calibration_fraction=calibration_fraction, target_specificity=target_specificity)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,

@@ -67,6 +67,7 @@ class TrainConfig:
     w_discriminator: float = 0.005
     shift: float = 0.05  # augmentation: translation, fraction of the image size
     scale: tuple[float, float] = (0.95, 1.05)
+    aspect: float = 0.0  # width/height ratio changed by a factor drawn log-uniformly in [1/(1+a), 1+a]
     # augmentation of the acquisition (see vary_acquisition); 0 turns each off
     gamma: float = 0.0  # gamma drawn log-uniformly in [1/(1+g), 1+g]
     contrast: float = 0.0  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
@@ -98,14 +99,20 @@ def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndar
     return mask
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, shift: float, scale: tuple[float, float]) -> torch.Tensor:
-    """Random translation (up to `shift` of the size) and zoom, nearest neighbour, black fill."""
+def augment(images: torch.Tensor, generator: torch.Generator, tcfg: TrainConfig) -> torch.Tensor:
+    """Random translation (up to `shift` of the size), zoom and, with `aspect`, a change of the
+    width/height ratio (films are squashed to a square from many shapes); nearest neighbour,
+    black fill. (B, 1, H, W) in [-1, 1] -> same."""
     b = images.shape[0]
     rand = torch.rand(b, 3, generator=generator).to(images.device)
-    zoom = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
+    zoom = tcfg.scale[0] + (tcfg.scale[1] - tcfg.scale[0]) * rand[:, 0]
+    stretch = torch.ones_like(zoom)
+    if tcfg.aspect:
+        stretch = torch.exp((2 * torch.rand(b, generator=generator).to(images.device) - 1) * math.log1p(tcfg.aspect))
     theta = torch.zeros(b, 2, 3, device=images.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom
-    theta[:, :, 2] = (rand[:, 1:] * 2 - 1) * shift * 2  # normalised coordinates span 2
+    theta[:, 0, 0] = 1.0 / (zoom * stretch.sqrt())
+    theta[:, 1, 1] = stretch.sqrt() / zoom
+    theta[:, :, 2] = (rand[:, 1:] * 2 - 1) * tcfg.shift * 2  # normalised coordinates span 2
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1
 
@@ -377,7 +384,7 @@ def train(
             epoch_started = time.monotonic()
             for index in bar:
                 rows = order[index * tcfg.batch_size:(index + 1) * tcfg.batch_size]
-                batch = augment(to_model_tensor(tensor_images[rows], device), generator, tcfg.shift, tcfg.scale)
+                batch = augment(to_model_tensor(tensor_images[rows], device), generator, tcfg)
                 batch = vary_acquisition(batch, generator, tcfg)
                 losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1)
                 for key, value in losses.items():

@@ -25,7 +25,7 @@ from radscan.train import TrainConfig, Trainer, train
 from .conftest import CXR_DIR
 
 TINY = preset("tiny", critic_snapshots=2)
-FAST = TrainConfig(epochs=2, batch_size=8, seed=3, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
+FAST = TrainConfig(epochs=2, batch_size=8, seed=3, aspect=0.2, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
 
 
 @pytest.fixture(scope="module")
