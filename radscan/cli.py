@@ -258,7 +258,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         torch_device = resolve_device(device)
         tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
-                           noise=noise, seed=seed, calibration_fraction=calibration_fraction, target_specificity=target_specificity)
+                           noise=noise, seed=seed, calibration_fraction=calibration_fraction,
+                           target_specificity=target_specificity)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
