@@ -93,7 +93,10 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     pngs = [out.parent / r["residual_png"] for r in scored]
     assert all(p.is_file() for p in pngs) and len(set(pngs)) == 10
     pictures = [np.asarray(Image.open(p)) for p in pngs[:3]]
-    assert pictures[0].shape == (540, 1114, 3)
+    assert pictures[0].shape == (556, 1400, 3)
+    input_panel, score_panel = pictures[0][28:540, :512].astype(int), pictures[0][28:540, 512:1024].astype(int)
+    assert (input_panel[..., 0] == input_panel[..., 2]).all()  # the input, grey
+    assert (score_panel[..., 0] - score_panel[..., 2] > 40).any()  # the score map, in colour over it
     assert not np.array_equal(pictures[0], pictures[1])
     assert all(PATIENT_ID not in p.name for p in pngs)
     assert not Image.open(pngs[0]).info.get("text")
@@ -122,11 +125,14 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     meta = json.loads((other_model / "model.json").read_text())
     import hashlib
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(other_model / "model.safetensors"))
+    with safe_open(str(other_model / "model.safetensors"), framework="pt") as handle:
+        sealed = handle.metadata()  # the model's settings, sealed in the weights file
     state["threshold"] = state["threshold"] * 0 + 0.5
-    save_file(state, str(other_model / "model.safetensors"))
+    save_file(state, str(other_model / "model.safetensors"), metadata=sealed)
     meta["calibration"]["threshold"] = 0.5
     meta["weights"]["sha256"] = hashlib.sha256((other_model / "model.safetensors").read_bytes()).hexdigest()
     (other_model / "model.json").write_text(json.dumps(meta))
