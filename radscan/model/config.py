@@ -49,6 +49,7 @@ class SimSIDConfig:
     # scoring (see SCORE_KINDS)
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
+    critic_view_shift: float = 0.05  # fraction of the size: the critic averages 4 diagonally shifted views (0: none)
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the explanation and residual maps
 
     def __post_init__(self) -> None:
@@ -64,6 +65,8 @@ class SimSIDConfig:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
         if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:
             raise ValueError("critic_snapshots must be a whole number >= 1")
+        if not 0 <= self.critic_view_shift < 0.5:
+            raise ValueError("critic_view_shift must be in [0, 0.5)")
         if 2**self.position_bits < self.patches:
             raise ValueError(f"position_bits={self.position_bits} cannot number {self.patches} patches")
         if self.memory_topk > min(self.memory_slots, self.decoder_memory_slots):

@@ -329,9 +329,26 @@ class SimSID(nn.Module):
             teacher, teacher_levels = self.teacher(bottleneck.detach(), [s.detach() for s in skips])
         return Generated(student, teacher, student_levels, teacher_levels, query)
 
+    def critic_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The views the critics judge: the film shifted by `critic_view_shift` of its size along
+        each diagonal, black fill (within the training's shift augmentation), or the film itself.
+
+        Test-time views: one film seen four ways is judged more steadily than one view (validation
+        AUC 0.903 -> 0.951 for the shipped recipe, README "Ablation")."""
+        step = round(self.cfg.critic_view_shift * images.shape[-1])
+        if step == 0:
+            return [images]
+        padded = F.pad(images, (step, step, step, step), value=-1.0)  # -1 is black
+        side_h, side_w = images.shape[-2:]
+        return [padded[..., top:top + side_h, left:left + side_w]
+                for top in (0, 2 * step) for left in (0, 2 * step)]
+
     def critic_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) -> (B, K) negated logit of every critic (high = does not look like a normal film)."""
-        return torch.stack([-critic(images).float() for critic in self.critics], dim=1)
+        """(B, 1, H, W) -> (B, K) negated logit of every critic, averaged over the views (high =
+        does not look like a normal film)."""
+        views = self.critic_views(images)
+        return torch.stack([sum(-critic(view).float() for view in views) / len(views) for critic in self.critics],
+                           dim=1)
 
     def critic_score(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B,) mean over the K critics of their z-scored negated logits."""
