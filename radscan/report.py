@@ -113,7 +113,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
 # Maps are shown on fixed scales, so that colours mean the same in every picture. The score map
 # is in z-score units per image area (see SimSID._score_chunk): 0 .. SCORE_MAP_SCALE_MAX; the
 # reconstruction difference in model units (the image spans -1..1, so 0.5 is a quarter of it).
-SCORE_MAP_SCALE_MAX = 20.0
+SCORE_MAP_SCALE_MAX = 30.0
 RESIDUAL_SCALE_MAX = 0.5
 _PANEL = 512
 _SMALL = 256

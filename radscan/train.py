@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
+EXPLANATION_NORMAL_QUANTILE = 0.95
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
     """Calibrate on the held-out normals, then, with labelled validation data, the validation AUC
     of every score kind, and of the live discriminator alone (no snapshots)."""
     model.eval()
-    components = calibrate(model, calibration, batch_size, device, target_specificity=None)[1]
+    components = calibrate(model, calibration, batch_size, device, target_specificity=None, explanation=False)[1]
     metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
                for column, kind in enumerate(COMPONENTS) if kind != "critic"}
     if validation is not None:
@@ -267,13 +268,15 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
 
 
 def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch.device,
-              target_specificity: float | None) -> tuple[np.ndarray, torch.Tensor]:
+              target_specificity: float | None, explanation: bool = True) -> tuple[np.ndarray, torch.Tensor]:
     """Calibrate `model` in place on held-out normal images ((N, 128, 128) uint8):
 
     1. the mean normal film (the explanation maps' reference);
     2. each critic's negated-logit mean and spread, so the snapshot critics average as z-scores;
     3. mean and spread of every score kind's raw value (each kind's z-score is relative to them);
-    4. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
+    4. with `explanation`, per pixel, the 95th percentile of the normals' explanation maps (the
+       maps show only what exceeds it);
+    5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
 
     Returns the normals' 0..1 scores (N,) and raw components (N, 3)."""
     model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
@@ -286,6 +289,10 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     components = score_arrays(model, normals, batch_size, device).components
     model.calibration_mean.copy_(components.mean(0))
     model.calibration_std.copy_(components.std(0).clamp_min(1e-6))
+    if explanation:
+        model.explanation_normal.zero_()
+        maps = score_arrays(model, normals, batch_size, device, explain=True).explanation_maps
+        model.explanation_normal.copy_(torch.quantile(maps, EXPLANATION_NORMAL_QUANTILE, dim=0))
     scores = torch.sigmoid(model.calibrated(components)[1]).numpy()
     if target_specificity is not None:
         # the smallest threshold that keeps at least the target share of these normals unflagged

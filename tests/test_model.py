@@ -189,7 +189,7 @@ def test_explanation_is_zero_where_the_score_does_not_depend_on_the_pixels():
     model = SimSID(preset("tiny")).eval()
     model.discriminator = _LeftHalfCritic()
     maps = model.score(_real_batch(3)).explanation_maps
-    radius = model.blur_kernel.shape[-1] // 2
+    radius = model.explanation_kernel.shape[-1] // 2
     assert (maps[..., 64 + radius:] == 0).all()
     assert (maps[..., :64 - radius] > 0).float().mean() > 0.2
 

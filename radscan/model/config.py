@@ -50,7 +50,8 @@ class SimSIDConfig:
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
     critic_view_shift: float = 0.05  # fraction of the size: the critic averages 4 diagonally shifted views (0: none)
-    residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the explanation and residual maps
+    residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
+    explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
     def __post_init__(self) -> None:
         if self.image_size % (self.patch_grid * 2 ** (len(self.widths) - 1)):

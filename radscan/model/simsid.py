@@ -300,7 +300,8 @@ class SimSID(nn.Module):
         self.snapshot_critics = nn.ModuleList(Discriminator(cfg) for _ in range(cfg.critic_snapshots - 1))
         # Calibration travels with the weights (all set by radscan.train.calibrate on held-out normals):
         # each critic's logit mean/spread, then mean/spread of every score kind's raw value, the flag
-        # threshold on the 0..1 score, and the mean normal film (the explanation's reference).
+        # threshold on the 0..1 score, the mean normal film (the explanation's reference) and, per
+        # pixel, the 95th percentile of the normals' explanation maps (what a normal film shows).
         critics = cfg.critic_snapshots
         self.register_buffer("critic_mean", torch.zeros(critics))
         self.register_buffer("critic_std", torch.ones(critics))
@@ -308,7 +309,9 @@ class SimSID(nn.Module):
         self.register_buffer("calibration_std", torch.ones(len(COMPONENTS)))
         self.register_buffer("threshold", torch.tensor(0.5))
         self.register_buffer("normal_mean", torch.zeros(cfg.image_size, cfg.image_size))
+        self.register_buffer("explanation_normal", torch.zeros(cfg.image_size, cfg.image_size))
         self.register_buffer("blur_kernel", _gaussian_kernel(cfg.residual_blur_sigma), persistent=False)
+        self.register_buffer("explanation_kernel", _gaussian_kernel(cfg.explanation_blur_sigma), persistent=False)
 
     @property
     def critics(self) -> list[Discriminator]:
@@ -384,7 +387,7 @@ class SimSID(nn.Module):
         parts = [self._score_chunk(padded[start:start + chunk], explain) for start in range(0, padded.shape[0], chunk)]
         components, residual, explanation = (torch.cat(column)[:count] for column in zip(*parts, strict=True))
         raw, z = self.calibrated(components)
-        return ScoreResult(torch.sigmoid(z), raw, explanation, self.smooth(residual), components)
+        return ScoreResult(torch.sigmoid(z), raw, explanation, self.smooth(residual, self.blur_kernel), components)
 
     def _score_chunk(self, images: torch.Tensor, explain: bool) -> tuple[torch.Tensor, ...]:
         """Components (B, 3), residual (B, H, W) and explanation maps (B, H, W) of one chunk.
@@ -393,8 +396,12 @@ class SimSID(nn.Module):
         of integrated gradients, Sundararajan et al. 2017) of the calibrated score, against the mean
         normal film of the calibration normals: each pixel's first-order share of how much the
         z-score would fall if that pixel looked like the average normal chest, in z-score units per
-        image area (the map's mean is that fall), >= 0. Smoothed like the residual map; the
-        negative part (pixels that make the film look more normal) is dropped.
+        image area (before the negative part is dropped, the map's mean is that fall). Gradients of
+        a critic are speckled pixel to pixel, so the map is smoothed over regions
+        (`explanation_blur_sigma`). Normal films too have regions that push their score up, so
+        what is shown is the excess over the 95th percentile of the calibration normals' maps at
+        that pixel (`explanation_normal`); the rest, and what makes the film look more normal, is
+        zero: >= 0.
         """
         if not explain:
             with torch.inference_mode():
@@ -408,12 +415,14 @@ class SimSID(nn.Module):
         # per pixel, times the pixel count: a map that is c everywhere means the film is c z-units
         # above the mean normal film (to first order), whatever the image size
         attribution = (gradient * (images - self.normal_mean.to(images))).squeeze(1) * images[0, 0].numel()
-        explanation = self.smooth(attribution).clamp_min(0)
+        smoothed = self.smooth(attribution, self.explanation_kernel)
+        explanation = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
         return components.detach(), residual.detach(), explanation.detach()
 
-    def smooth(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) -> (B, H, W) Gaussian blur (sigma `residual_blur_sigma` pixels), zero padding."""
-        kernel = self.blur_kernel.to(maps.dtype)
+    @staticmethod
+    def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B, H, W) convolved with a (1, 1, k, k) Gaussian `kernel`, zero padding."""
+        kernel = kernel.to(maps.dtype)
         return F.conv2d(maps.unsqueeze(1), kernel, padding=kernel.shape[-1] // 2).squeeze(1)
 
     def z_scores(self, components: torch.Tensor) -> dict[str, torch.Tensor]:
