@@ -136,7 +136,7 @@ def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
 
 
 def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():
-    model = SimSID(preset("tiny")).eval()
+    model = SimSID(preset("tiny", critic_view_shift=0.0)).eval()  # one view: D(I) itself
     images = _real_batch(4)
     with torch.no_grad():
         logits = model.discriminator(images)
@@ -165,7 +165,7 @@ def test_seed_and_residual_kinds_are_computed_as_documented():
 
 
 def test_snapshot_critics_average_their_z_scores():
-    model = SimSID(preset("tiny", critic_snapshots=3)).eval()
+    model = SimSID(preset("tiny", critic_snapshots=3, critic_view_shift=0.0)).eval()
     images = _real_batch(4)
     with torch.no_grad():
         for critic in model.snapshot_critics:  # each snapshot its own weights, as after training
@@ -178,6 +178,22 @@ def test_snapshot_critics_average_their_z_scores():
     torch.testing.assert_close(model.score(images, explain=False).components[:, 0], expected)
 
 
+def test_critic_judges_four_diagonally_shifted_views():
+    model = SimSID(preset("tiny", critic_view_shift=0.05)).eval()
+    images = _real_batch(2)
+    step = round(0.05 * 128)  # 6 pixels
+    padded = torch.nn.functional.pad(images, (step,) * 4, value=-1.0)
+    views = [padded[..., top:top + 128, left:left + 128] for top in (0, 2 * step) for left in (0, 2 * step)]
+    assert views[0][..., :step, :].eq(-1).all()
+    assert torch.equal(views[0][..., step:, step:], images[..., :-step, :-step])
+    with torch.no_grad():
+        expected = torch.stack([-model.discriminator(v) for v in views]).mean(0)
+        torch.testing.assert_close(model.critic_logits(images)[:, 0], expected)
+        unshifted = SimSID(preset("tiny", critic_view_shift=0.0)).eval()
+        unshifted.load_state_dict(model.state_dict())
+        torch.testing.assert_close(unshifted.critic_logits(images)[:, 0], -model.discriminator(images))
+
+
 class _LeftHalfCritic(torch.nn.Module):
     """A critic that only looks at the left half of the film: the further from mid-grey, the less real."""
 
@@ -186,7 +202,7 @@ class _LeftHalfCritic(torch.nn.Module):
 
 
 def test_explanation_is_zero_where_the_score_does_not_depend_on_the_pixels():
-    model = SimSID(preset("tiny")).eval()
+    model = SimSID(preset("tiny", critic_view_shift=0.0)).eval()
     model.discriminator = _LeftHalfCritic()
     maps = model.score(_real_batch(3)).explanation_maps
     radius = model.explanation_kernel.shape[-1] // 2
