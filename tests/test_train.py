@@ -74,6 +74,18 @@ def test_trained_model_loads_back_with_identical_scores(trained, normals):
     assert 0.0 < float(model.threshold) < 1.0
 
 
+def test_explanation_maps_show_what_calibration_normals_do_not(trained, normals):
+    model = load_model(trained)[0]
+    held_out = [str(normals / line.split(",")[0]) for line in (trained / "training_split.csv").read_text().splitlines()
+                if line.endswith(",calibration")]
+    maps = score_arrays(model, load_images(held_out, Policy(), workers=1, progress=False)[0], explain=True)
+    # each pixel is shown only above the 95th percentile of these normals' maps: here 7 normals,
+    # so at most one of them shows any given pixel
+    assert maps.explanation_maps.shape == (7, 128, 128)
+    assert ((maps.explanation_maps > 0).sum(dim=0) <= 1).all()
+    assert model.explanation_normal.max() > 0 and model.normal_mean.abs().max() > 0
+
+
 def test_same_seed_same_data_same_model(trained, normals, tmp_path):
     again = tmp_path / "again"
     train([str(normals)], again, TINY, FAST, workers=1, progress=False)
