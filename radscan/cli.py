@@ -308,14 +308,15 @@ def info(model_dir: Path, as_json: bool) -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Image-level worklist CSV (replaced atomically). The study CSV, residual PNGs, state "
+              help="Image-level worklist CSV (replaced atomically). The study CSV, explanation PNGs, state "
                    "store and lock go beside it.")
 @model_option
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for residual-map PNGs [default: <out>_residuals/].")
-@click.option("--no-residuals", is_flag=True, help="Do not write residual PNGs.")
+              help="Folder for the explanation PNGs (score map and reconstruction difference) "
+                   "[default: <out>_residuals/].")
+@click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
               help="Study-level worklist CSV [default: <out>_studies.csv].")
 @click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
@@ -334,7 +335,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     """Score every chest radiograph under PATHS and write the triage worklist.
 
     Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
-    file including those not scored), a study-level CSV and residual-map PNGs. Reruns score only new
+    file including those not scored), a study-level CSV and explanation PNGs. Reruns score only new
     or changed files and rescore everything when the model changes; a second run on the same
     outputs exits at once with code 75. Research and triage support only, not diagnosis.
 

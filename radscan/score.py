@@ -1,5 +1,5 @@
 """`radscan score`: the nightly job. Decode in worker processes, score in batches with the frozen
-model, write the triage worklist (image and study CSVs) and residual PNGs.
+model, write the triage worklist (image and study CSVs) and explanation PNGs.
 
 Runs are incremental (a state store beside the report remembers every file's result, keyed by
 the file's identity and the run's fingerprint), locked (one run per output location) and atomic
@@ -160,7 +160,7 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
 
 
 class _Scorer:
-    """The model side of the pipeline: batches in, rows and residual PNGs out. The model arrives
+    """The model side of the pipeline: batches in, rows and explanation PNGs out. The model arrives
     from a loading thread (importing torch and loading weights takes 1-2 s, hidden behind the
     first decodes); the first use waits for it and raises the loader's error, if any."""
 
@@ -228,7 +228,7 @@ def _write_picture(path: Path, image: np.ndarray, explanation: np.ndarray, resid
     try:
         write_png(path, render_explanation(image, explanation, residual, caption))
     except OSError as exc:
-        raise OutputError(f"cannot write residual PNG {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write explanation PNG {path}: {exc.strerror or exc}") from None
 
 
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
@@ -291,7 +291,7 @@ def _reuse_stored(files: list[Found], store: StateStore,
                   link_base: Path | None) -> list[tuple[Found, FileIdentity]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by. Files with errors are always retried; a scored row
-    whose residual PNG has gone is scored again."""
+    whose explanation PNG has gone is scored again."""
     todo, unchanged = [], []
     for found in files:
         identity = _identity(found)
@@ -372,9 +372,11 @@ def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
 {outputs.report.name}: one row per input file, sorted by study score then image score, highest first.
   score 0..1 (high = anomalous); flag = score >= threshold; status ok/skipped/error with a reason.
 {outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
-{outputs.residuals.name + "/" if outputs.residuals else "(no residual maps)"}: each scored image beside its
-  residual map |input - reconstruction|; bright colours mark what the model could not reconstruct.
+{outputs.residuals.name + "/" if outputs.residuals else "(no pictures)"}: each scored image beside a map of
+  where it raises the anomaly score (bright = more than 95% of normal films show there), and, smaller,
+  the reconstruction difference |input - reconstruction|, which the score does not use.
 Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
+  score {metadata.get("config", {}).get("score_kind")},
   threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.
 """
     with atomic_output(Path(f"{outputs.report.with_suffix('')}_README.txt")) as handle:
