@@ -8,7 +8,8 @@ A faithful map lowers the score more than either.
     python benchmarks/explanation.py --model models/kermany-tiny
 
 Runs on the validation pneumonias (never the test split) and prints the mean fall of the
-calibrated z-score for both, and the share of films where the map's pixels lower it more.
+calibrated z-score for the map and both baselines, and the share of films where the map's pixels
+lower it more.
 """
 
 from __future__ import annotations

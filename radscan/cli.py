@@ -209,7 +209,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--contrast", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: contrast factor drawn in [1/(1+C), 1+C] per image.")
 @click.option("--blur", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Augmentation: Gaussian blur up to this sigma (pixels at 128 px) on half the images.")
+              help="Augmentation: on half the images a Gaussian blur of sigma drawn in [0, 2B] pixels "
+                   "(at 128 px; mean B).")
 @click.option("--noise", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: Gaussian noise up to this standard deviation (grey range 0..1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")

@@ -140,14 +140,15 @@ def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, 
     draw.text((x + _BAR + 4, y + height - 12), "0", fill="white")
 
 
-def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str) -> np.ndarray:
+def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str,
+                       score_kind: str = "critic") -> np.ndarray:
     """The picture of one scored film (no identifiers), (H, W, 3) uint8:
 
     - left, 512 px: the model input (`image`, (128, 128) uint8);
     - middle, 512 px, the main panel: where the film raises the anomaly score (`score_map`,
       (128, 128) float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX);
     - right, 256 px, secondary: the reconstruction difference |input - reconstruction| (`residual`,
-      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), which the score does not use;
+      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), labelled with its part in `score_kind`;
     - a caption line on top.
 
     Overlays are blended at model resolution and enlarged with nearest-neighbour resampling: the
@@ -168,6 +169,7 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     draw.text((6, _PANEL + top + 2), "model input (128 px)", fill="white")
     draw.text((_PANEL + 6, _PANEL + top + 2), "where the film raises the anomaly score", fill="white")
     draw.text((small_x, top), "reconstruction difference", fill="white")
-    draw.text((small_x, top + _SMALL + 18), "|input - reconstruction|:\nnot used by the score;\n"
-              "pneumonia often reconstructs\ncloser than normal", fill="grey")
+    note = ("not used by the score;\npneumonia often reconstructs\ncloser than normal" if score_kind == "critic"
+            else f"the {score_kind} score is made\nfrom the reconstruction")
+    draw.text((small_x, top + _SMALL + 18), f"|input - reconstruction|:\n{note}", fill="grey")
     return np.asarray(canvas)

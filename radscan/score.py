@@ -201,7 +201,8 @@ class _Scorer:
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
                 caption = (f"score {score:.3f}   threshold {threshold:.3f}   {'FLAGGED   ' if flag else ''}"
                            f"(research and triage support only, not a diagnosis)")
-                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual, caption))
+                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual, caption,
+                                                  self.model.cfg.score_kind))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
                                 threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
@@ -224,9 +225,9 @@ def _load_model(model_dir: Path, device_name: str) -> SimSID:
 
 
 def _write_picture(path: Path, image: np.ndarray, explanation: np.ndarray, residual: np.ndarray,
-                   caption: str) -> None:
+                   caption: str, score_kind: str) -> None:
     try:
-        write_png(path, render_explanation(image, explanation, residual, caption))
+        write_png(path, render_explanation(image, explanation, residual, caption, score_kind))
     except OSError as exc:
         raise OutputError(f"cannot write explanation PNG {path}: {exc.strerror or exc}") from None
 
@@ -374,7 +375,7 @@ def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
 {outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
 {outputs.residuals.name + "/" if outputs.residuals else "(no pictures)"}: each scored image beside a map of
   where it raises the anomaly score (bright = more than 95% of normal films show there), and, smaller,
-  the reconstruction difference |input - reconstruction|, which the score does not use.
+  the reconstruction difference |input - reconstruction| (the default critic score does not use it).
 Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
   score {metadata.get("config", {}).get("score_kind")},
   threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.

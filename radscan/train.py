@@ -72,7 +72,7 @@ class TrainConfig:
     # augmentation of the acquisition (see vary_acquisition); 0 turns each off
     gamma: float = 0.0  # gamma drawn log-uniformly in [1/(1+g), 1+g]
     contrast: float = 0.0  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
-    blur: float = 0.0  # Gaussian blur of sigma uniform in [0, blur] pixels, on half the images
+    blur: float = 0.0  # on half the images, a Gaussian blur of sigma uniform in [0, 2 * blur] pixels (mean blur)
     noise: float = 0.0  # Gaussian noise of standard deviation uniform in [0, noise] (image range 0..1)
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95
@@ -281,8 +281,8 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     Returns the normals' 0..1 scores (N,) and raw components (N, 3)."""
     model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
                                             model.normal_mean.device)[0, 0])
-    with torch.inference_mode():
-        logits = torch.cat([model.critic_logits(to_model_tensor(part, device)).cpu()
+    with torch.inference_mode(), autocast(device):  # the same precision as scoring
+        logits = torch.cat([model.critic_logits(to_model_tensor(part, device)).float().cpu()
                             for part in np.array_split(normals, max(1, len(normals) // batch_size))])
     model.critic_mean.copy_(logits.mean(0))
     model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
@@ -359,7 +359,8 @@ def train(
     log.info("training on %d images, calibrating on %d, device %s", len(train_images), len(calibration), device)
 
     trainer = Trainer(model_cfg, tcfg, device)
-    if init_from is not None and not resume:
+    resuming = resume and checkpoint_path.exists()
+    if init_from is not None and not resuming:
         from radscan.model.io import load_model
 
         start, start_metadata = load_model(init_from)
@@ -369,7 +370,7 @@ def train(
         trainer.model.load_state_dict(start.state_dict())
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
     start_epoch = 0
-    if resume and checkpoint_path.exists():
+    if resuming:
         start_epoch = trainer.restore(_load_checkpoint(checkpoint_path, device))
         log.info("resumed after epoch %d", start_epoch)
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf

@@ -203,6 +203,15 @@ def test_edited_model_settings_are_refused(trained, tmp_path, key, value):
         load_model(copy)
 
 
+def test_weights_file_named_elsewhere_is_refused(trained, tmp_path):
+    copy = _copy(trained, tmp_path)
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata["weights"]["file"] = str(tmp_path / "elsewhere.safetensors")
+    (copy / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="edited"):
+        load_model(copy)
+
+
 def test_missing_model_is_a_model_error(tmp_path):
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "nothing")])
     assert result.exit_code == ExitCode.DATA and "not found" in result.output

@@ -9,14 +9,16 @@ weights file, a pickle, another preprocessing version, keys that do not match th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from radscan import __version__
 from radscan.errors import ModelError
@@ -38,15 +40,16 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    # the configuration is stored inside the hashed weights file too: it changes scores, so an edit
-    # of model.json alone must not go unnoticed (see _check_config)
-    # (one metadata key: safetensors writes several in a random order, and same seed must give same bytes)
-    sealed = json.dumps({"format": FORMAT, "config": model.cfg.to_dict()}, sort_keys=True)
+    # what changes scores besides the tensors (format, preprocessing, settings) is sealed inside the
+    # hashed weights file too, so an edit of model.json alone is refused by load_model. One metadata
+    # key: safetensors writes several in a random order, and the same seed must give the same bytes.
+    sealed = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION,
+                         "config": model.cfg.to_dict()}, sort_keys=True)
     save_file(state, str(tmp), metadata={"radscan": sealed})
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, weights)
     calibration = metadata.setdefault("calibration", {})
-    calibration.update({**_calibration_copy(model), "score_kind": model.cfg.score_kind})
+    calibration.update(_calibration_copy(model))
     full = {
         "format": FORMAT,
         "radscan_version": __version__,
@@ -62,17 +65,16 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     return directory / METADATA_FILE
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def _looks_like_safetensors(data: bytes) -> bool:
     """safetensors: an 8-byte little-endian header length, then a JSON header."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9:
-        return False
-    return int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:9] == b"{"
+    return len(data) >= 9 and int.from_bytes(data[:8], "little") < len(data) and data[8:9] == b"{"
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[SimSID, dict[str, Any]]:
-    """Load and verify a model directory; the model is returned in eval mode on `device`."""
+    """Load and verify a model directory; the model is returned in eval mode on `device`.
+
+    The weights file is read once: the bytes that are hashed are the bytes that are loaded.
+    Raises ModelError (exit 65) with a one-line reason for anything that does not check out."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     if metadata.get("preprocess_version") != PREPROCESS_VERSION:
@@ -81,25 +83,27 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
             f"preprocesses with {PREPROCESS_VERSION!r}: retrain it, or use the radscan version that made it "
             f"({metadata.get('radscan_version')})"
         )
-    weights = directory / metadata.get("weights", {}).get("file", WEIGHTS_FILE)
+    weights = directory / WEIGHTS_FILE
+    if metadata.get("weights", {}).get("file", WEIGHTS_FILE) != WEIGHTS_FILE:
+        raise ModelError(f"{METADATA_FILE} names another weights file than {WEIGHTS_FILE}: it was edited")
     if not weights.is_file():
         raise ModelError(f"weights file missing: {weights}")
-    if not _looks_like_safetensors(weights):
-        with open(weights, "rb") as handle:
-            pickled = handle.read(4).startswith(_PICKLE_SIGNATURES)
-        kind = "a pickle (torch.save) file: radscan never unpickles model files" if pickled else "not safetensors"
+    data = weights.read_bytes()
+    if not _looks_like_safetensors(data):
+        kind = ("a pickle (torch.save) file: radscan never unpickles model files"
+                if data.startswith(_PICKLE_SIGNATURES) else "not safetensors")
         raise ModelError(f"{weights} is {kind}")
-    if sha256_file(weights) != metadata.get("weights", {}).get("sha256"):
+    if hashlib.sha256(data).hexdigest() != metadata.get("weights", {}).get("sha256"):
         raise ModelError(f"{weights} does not match the sha256 in {METADATA_FILE}: the file was altered or "
                          "corrupted; restore it or retrain")
     try:
         config = SimSIDConfig.from_dict(metadata["config"])
-        state = load_file(str(weights))
-        with safe_open(str(weights), framework="pt") as handle:
-            sealed = json.loads((handle.metadata() or {}).get("radscan", "{}")).get("config")
+        state = safetensors.torch.load(data)
+        sealed = _sealed(data)
     except (KeyError, TypeError, ValueError, AttributeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot load {directory}: {exc}") from None
-    if not isinstance(sealed, dict) or _config_or_none(sealed) != config:
+    if (sealed.get("format"), sealed.get("preprocess_version")) != (FORMAT, PREPROCESS_VERSION) \
+            or _config_or_none(sealed.get("config")) != config:
         raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the weights file: "
                          "the metadata was edited; retrain or restore it")
     model = SimSID(config)
@@ -112,10 +116,17 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     return model.to(device, memory_format=torch.channels_last).eval(), metadata
 
 
-def _config_or_none(values: dict[str, Any]) -> SimSIDConfig | None:
+def _sealed(data: bytes) -> dict[str, Any]:
+    """The settings save_model sealed into the safetensors header (`__metadata__`), or {}."""
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    sealed = json.loads(header.get("__metadata__", {}).get("radscan", "{}"))
+    return sealed if isinstance(sealed, dict) else {}
+
+
+def _config_or_none(values: Any) -> SimSIDConfig | None:
     try:
         return SimSIDConfig.from_dict(values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return None
 
 

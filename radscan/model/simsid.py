@@ -362,10 +362,10 @@ class SimSID(nn.Module):
         """(B, 1, H, W) -> raw scores (B, 3) of every kind (COMPONENTS order; high = anomalous) and
         the unsmoothed residual |input - student| (B, H, W).
 
-        The generator sees a detached copy unless the configured score depends on it, so the
+        The generator runs without autograd unless the configured score depends on it, so the
         explanation's gradient of the critic score does not traverse the generator."""
-        through_generator = self.cfg.score_kind != "critic"
-        student = self.generate(images if through_generator else images.detach(), with_teacher=False).student
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.score_kind != "critic"):
+            student = self.generate(images, with_teacher=False).student
         residual = (images - student).abs().squeeze(1)
         seed = -self.discriminator(student).float()  # D says "real" for normal reconstructions
         return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float()], dim=1), residual
@@ -382,6 +382,9 @@ class SimSID(nn.Module):
         """
         if self.training:
             raise RuntimeError("call model.eval() before scoring")
+        if explain and torch.is_inference_mode_enabled():
+            raise RuntimeError("explanation maps need a gradient: call score(..., explain=False) "
+                               "inside torch.inference_mode()")
         count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
         padded = F.pad(images, (0, 0, 0, 0, 0, 0, 0, (-count) % chunk))
         parts = [self._score_chunk(padded[start:start + chunk], explain) for start in range(0, padded.shape[0], chunk)]
