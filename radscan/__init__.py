@@ -3,4 +3,4 @@
 Research and triage support only; not a diagnostic device.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
