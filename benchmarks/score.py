@@ -5,7 +5,8 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
    radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
    (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
    The same run without residual PNGs shows what the pictures cost.
-2. Model only: images/s of `model.score` at batch 64 on random inputs.
+2. Model only: images/s of `model.score` at batch 64 on random inputs, with the explanation maps
+   (a backward pass through the critics, what a run with PNGs pays) and without (--no-residuals).
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
    inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest import DATA, build_set, timed  # noqa: E402  (the same mixed set and floor as benchmarks/ingest.py)
 
 
-def model_only(model_dir: str, device: str) -> float:
+def model_only(model_dir: str, device: str, explain: bool) -> float:
     import numpy as np
     import torch
 
@@ -38,10 +39,10 @@ def model_only(model_dir: str, device: str) -> float:
     model, _ = load_model(Path(model_dir), resolve_device(device))
     batch = to_model_tensor(np.random.default_rng(0).integers(0, 256, (64, 128, 128), dtype=np.uint8),
                             next(model.parameters()).device)
-    model.score(batch)
+    model.score(batch, explain=explain)
     started, rounds = time.perf_counter(), 4
     for _ in range(rounds):
-        model.score(batch)
+        model.score(batch, explain=explain)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 64 * rounds / (time.perf_counter() - started)
@@ -111,7 +112,9 @@ def main() -> None:
             print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
             print(f"score --no-residuals   : {bare:7.2f} s  {len(files) / bare:7.1f} images/s  "
                   f"({bare / floor:.2f} x the floor)")
-            print(f"model only, batch 64   : {model_only(args.model, args.device):7.1f} images/s")
+            for explain in (True, False):
+                rate = model_only(args.model, args.device, explain)
+                print(f"model only, batch 64   : {rate:7.1f} images/s ({'with' if explain else 'without'} maps)")
 
         if not args.skip_memory:
             for count in args.counts:
