@@ -196,11 +196,12 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="What the anomaly score is made of (default critic; see README 'Score kinds').")
 @click.option("--critic-snapshots", type=click.IntRange(1),
               help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
-@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--max-minutes", type=float, help="Time budget; training stops after the batch that crosses it.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of both networks.")
-@click.option("--cosine-epochs", type=int, default=300, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(0), default=1e-4, show_default=True,
+              help="Adam learning rate of both networks.")
+@click.option("--cosine-epochs", type=click.IntRange(1), default=300, show_default=True,
               help="Length of the generator's cosine learning-rate decay, in epochs.")
 @click.option("--aspect", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: width/height ratio changed by a factor in [1/(1+A), 1+A] per image.")
@@ -214,9 +215,10 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--noise", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: Gaussian noise up to this standard deviation (grey range 0..1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
-@click.option("--calibration-fraction", type=float, default=0.15, show_default=True,
+@click.option("--calibration-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
+              show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
-@click.option("--target-specificity", type=float, default=0.95, show_default=True,
+@click.option("--target-specificity", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
               help="The flag threshold keeps this share of the calibration normals unflagged.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
 @click.option("--init-from", type=click.Path(file_okay=False, path_type=Path),
@@ -281,7 +283,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 
     \b
     Example:
-      radscan info models/kermany-small
+      radscan info models/kermany-tiny
     """
     from radscan.model.io import load_model
 

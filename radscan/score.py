@@ -364,6 +364,14 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
     return studies, flagged
 
 
+def _pictures_note(outputs: OutputPaths) -> str:
+    if outputs.residuals is None:
+        return "No pictures were written (--no-residuals)."
+    return (f"{outputs.residuals.name}/: each scored image beside a map of where it raises the anomaly score\n"
+            "  (bright = more than 95% of normal films show there), and, smaller, the reconstruction difference\n"
+            "  |input - reconstruction| (the critic score, the default, does not use it).")
+
+
 def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
     """A short note beside the worklist, for whoever opens the folder."""
     text = f"""About {outputs.report.name} (written by radscan {__version__})
@@ -373,9 +381,7 @@ def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
 {outputs.report.name}: one row per input file, sorted by study score then image score, highest first.
   score 0..1 (high = anomalous); flag = score >= threshold; status ok/skipped/error with a reason.
 {outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
-{outputs.residuals.name + "/" if outputs.residuals else "(no pictures)"}: each scored image beside a map of
-  where it raises the anomaly score (bright = more than 95% of normal films show there), and, smaller,
-  the reconstruction difference |input - reconstruction| (the default critic score does not use it).
+{_pictures_note(outputs)}
 Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
   score {metadata.get("config", {}).get("score_kind")},
   threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 EXPLANATION_NORMAL_QUANTILE = 0.95
+MIN_CALIBRATION = 5
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,11 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
        maps show only what exceeds it);
     5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
 
-    Returns the normals' 0..1 scores (N,) and raw components (N, 3)."""
+    Returns the normals' 0..1 scores (N,) and raw components (N, 3). Raises NoInputError for fewer
+    than MIN_CALIBRATION normals (a spread and a quantile need more than a handful)."""
+    if len(normals) < MIN_CALIBRATION:
+        raise NoInputError(f"only {len(normals)} usable calibration normals; at least {MIN_CALIBRATION} are needed "
+                           "(a few hundred give a threshold that transfers)")
     model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
                                             model.normal_mean.device)[0, 0])
     with torch.inference_mode(), autocast(device):  # the same precision as scoring
@@ -329,6 +334,9 @@ def train(
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_FILE
+    if (out_dir / "model.json").exists() and not checkpoint_path.exists():
+        raise RadscanError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
+                           "overwrites a model)")
     if checkpoint_path.exists() and not resume:
         raise RadscanError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")

@@ -203,6 +203,21 @@ def test_edited_model_settings_are_refused(trained, tmp_path, key, value):
         load_model(copy)
 
 
+def test_train_never_overwrites_a_model_and_calibration_needs_normals(trained, normals, tmp_path):
+    before = (trained / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(Exception, match="already holds a trained model"):
+        train([str(normals)], trained, TINY, FAST, workers=1, progress=False)
+    assert (trained / WEIGHTS_FILE).read_bytes() == before
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(normals.iterdir())[:2]:
+        shutil.copy(path, few / path.name)
+    result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(few), "--out",
+                                      str(tmp_path / "recalibrated"), "--workers", "1"])
+    assert result.exit_code == ExitCode.NO_INPUT and "at least 5" in result.output
+    assert load_model(trained)[0] is not None  # the model itself is untouched
+
+
 def test_weights_file_named_elsewhere_is_refused(trained, tmp_path):
     copy = _copy(trained, tmp_path)
     metadata = json.loads((copy / "model.json").read_text())
