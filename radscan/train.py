@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,8 +35,8 @@ from tqdm import tqdm
 from radscan.errors import NoInputError, RadscanError
 from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
-from radscan.model.io import save_model
-from radscan.model.runtime import autocast, score_arrays
+from radscan.model.io import METADATA_FILE, save_model
+from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.report import CsvStream
@@ -261,11 +261,18 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
         labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
         for kind, z in model.z_scores(components).items():
             metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
-        with torch.inference_mode():
-            live = torch.cat([model.discriminator(to_model_tensor(part, device)).float().cpu()
-                              for part in np.array_split(images, max(1, len(images) // batch_size))])
+        live = _in_batches(model.discriminator, images, batch_size, device)
         metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
+
+
+def _in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """`network` over (N, 128, 128) uint8 model inputs, batch by batch, without autograd; results
+    concatenated as float32 on the CPU."""
+    with torch.inference_mode():
+        return torch.cat([network(to_model_tensor(batch, device)).float().cpu()
+                          for batch in iter_batches(images, batch_size)])
 
 
 def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch.device,
@@ -286,9 +293,8 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
                            "(a few hundred give a threshold that transfers)")
     model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
                                             model.normal_mean.device)[0, 0])
-    with torch.inference_mode(), autocast(device):  # the same precision as scoring
-        logits = torch.cat([model.critic_logits(to_model_tensor(part, device)).float().cpu()
-                            for part in np.array_split(normals, max(1, len(normals) // batch_size))])
+    with autocast(device):  # the same precision as scoring
+        logits = _in_batches(model.critic_logits, normals, batch_size, device)
     model.critic_mean.copy_(logits.mean(0))
     model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
     components = score_arrays(model, normals, batch_size, device).components
@@ -334,7 +340,7 @@ def train(
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    if (out_dir / "model.json").exists() and not checkpoint_path.exists():
+    if (out_dir / METADATA_FILE).exists() and not checkpoint_path.exists():
         raise RadscanError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
                            "overwrites a model)")
     if checkpoint_path.exists() and not resume:
