@@ -45,7 +45,8 @@ class SimSIDConfig:
     decoder_windows: int = 2  # each patch map is cut into 2x2 sub-windows
     # discriminator
     d_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    d_norm: str = "instance"  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
+    d_norm: str = "instance"
+    critic_blur_sigma: float = 0.0  # pixels, fixed Gaussian low-pass in front of the discriminator (0: none)  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
     # scoring (see SCORE_KINDS)
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
@@ -66,6 +67,8 @@ class SimSIDConfig:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
         if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:
             raise ValueError("critic_snapshots must be a whole number >= 1")
+        if not 0 <= self.critic_blur_sigma <= 8:
+            raise ValueError("critic_blur_sigma must be in [0, 8] pixels")
         if not 0 <= self.critic_view_shift < 0.5:
             raise ValueError("critic_view_shift must be in [0, 0.5)")
         if 2**self.position_bits < self.patches:

@@ -240,10 +240,17 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
 class Discriminator(nn.Module):
     """Five 5x5 stride-2 convolutions with LeakyReLU(0.2), normalised from the second on, and a
     linear layer to one logit. "instance" normalisation makes each image's logit independent of
-    the rest of its batch; "batch" is the reference's BatchNorm (scored with running statistics)."""
+    the rest of its batch; "batch" is the reference's BatchNorm (scored with running statistics).
+
+    With `critic_blur_sigma` > 0 the critic sees its input through a fixed Gaussian low-pass
+    (replicated edges). Reconstructions are smoother than films, so an unrestricted critic learns
+    sharpness as its main cue, and a normal film that is a little softer (another detector, another
+    resizing) then looks as abnormal as pneumonia (README "Robustness to the acquisition")."""
 
     def __init__(self, cfg: SimSIDConfig):
         super().__init__()
+        self.register_buffer("low_pass", _gaussian_kernel(cfg.critic_blur_sigma) if cfg.critic_blur_sigma else
+                             torch.ones(1, 1, 1, 1), persistent=False)
         layers: list[nn.Module] = []
         cin = 1
         for index, cout in enumerate(cfg.d_widths):
@@ -259,6 +266,9 @@ class Discriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B,) logits, high = real."""
+        if self.low_pass.shape[-1] > 1:
+            radius = self.low_pass.shape[-1] // 2
+            images = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"), self.low_pass.to(images.dtype))
         return self.logit(self.features(images).flatten(1)).squeeze(1)
 
 

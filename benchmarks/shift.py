@@ -1,0 +1,142 @@
+"""Robustness to the acquisition, on validation data only: how far held-out changes of how a normal
+film was acquired or processed move the calibrated score, and what they do to the ranking.
+
+Each change is applied to the model's own calibration normals (held out from training, listed in
+`training_split.csv`) after preprocessing; the 400 validation pneumonias of
+kermany_pediatric_224/val_abnormal stay as they are. A normal film from another detector, another
+resizing or another processing chain should not look abnormal, so a robust score keeps, under every
+change, the normals' mean z near 0, the share flagged at the stored threshold near the target
+(5% at specificity 0.95) and the AUC against the pneumonias near the unchanged one. Several of the
+changes (resolution, sharpening, zoom, rotation, JPEG) are not in the training augmentation; the
+official test split is never read.
+
+    python benchmarks/shift.py models/kermany-tiny [OTHER_MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from sklearn.metrics import roc_auc_score
+
+from radscan.ingest import load_images
+from radscan.model.io import load_model
+from radscan.model.runtime import score_arrays
+from radscan.policy import Policy
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "kermany_pediatric_224"
+Change = Callable[[np.ndarray], np.ndarray]  # (N, 128, 128) uint8 -> same
+
+
+def each_image(change: Callable[[Image.Image], Image.Image]) -> Change:
+    return lambda images: np.stack([np.asarray(change(Image.fromarray(image)).convert("L")) for image in images])
+
+
+def jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
+    def recompress(image: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+    return recompress
+
+
+def zoom(factor: float) -> Callable[[Image.Image], Image.Image]:
+    """> 1: a tighter field of view (centre crop); < 1: a wider one (black border)."""
+    def rescale(image: Image.Image) -> Image.Image:
+        side = image.width
+        scaled = image.resize((round(side * factor),) * 2, Image.BILINEAR)
+        offset = abs(scaled.width - side) // 2
+        if factor >= 1:
+            return scaled.crop((offset, offset, offset + side, offset + side))
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(scaled, (offset, offset))
+        return canvas
+    return rescale
+
+
+def gamma(power: float) -> Change:
+    return lambda images: np.round(255 * (images / 255.0) ** power).astype(np.uint8)
+
+
+def noise(sd: float) -> Change:
+    rng = np.random.default_rng(0)
+    return lambda images: np.clip(images + rng.normal(0, sd, images.shape), 0, 255).astype(np.uint8)
+
+
+CHANGES: dict[str, Change] = {
+    "half resolution (down 2x, up again)": each_image(
+        lambda im: im.resize((im.width // 2,) * 2, Image.BILINEAR).resize(im.size, Image.BILINEAR)),
+    "softer (Gaussian blur 1.5 px)": each_image(lambda im: im.filter(ImageFilter.GaussianBlur(1.5))),
+    "sharper (unsharp mask 2 px, 100%)": each_image(lambda im: im.filter(ImageFilter.UnsharpMask(2, 100, 0))),
+    "JPEG quality 20": each_image(jpeg(20)),
+    "histogram equalised": each_image(ImageOps.equalize),
+    "gamma 0.6 (brighter)": gamma(0.6),
+    "gamma 1.6 (darker)": gamma(1.6),
+    "noise sd 8 grey levels": noise(8),
+    "field of view 15% tighter": each_image(zoom(1.15)),
+    "field of view 15% wider": each_image(zoom(0.87)),
+    "rotated 5 degrees": each_image(lambda im: im.rotate(5, resample=Image.BILINEAR)),
+}
+
+
+def calibration_normals(model_dir: Path, train: Path) -> np.ndarray:
+    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
+    paths = [str(train / row["path"]) for row in rows if row["split"] == "calibration"]
+    return load_images(paths, Policy(), workers=2, progress=False)[0]
+
+
+def measure(model_dir: Path, abnormal: np.ndarray, train: Path) -> list[tuple[str, float, float, float]]:
+    """Rows (change, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
+    model, _ = load_model(model_dir)
+    model.eval()
+    threshold = float(model.threshold)
+
+    def scores(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return score_arrays(model, images).scores.double().numpy()
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-12, 1 - 1e-12)
+        return np.log(p / (1 - p))
+
+    normals, pneumonia = calibration_normals(model_dir, train), scores(abnormal)
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
+    rows = []
+    for name, change in {"unchanged": lambda images: images, **CHANGES}.items():
+        shifted = scores(change(normals))
+        rows.append((name, float(logit(shifted).mean()), float((shifted >= threshold).mean()),
+                     float(roc_auc_score(labels, np.r_[shifted, pneumonia]))))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--train", type=Path, default=DATA / "train_normal")
+    parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
+    args = parser.parse_args()
+    abnormal = load_images([str(args.val_abnormal)], Policy(), workers=2, progress=False)[0]
+    for model_dir in args.models:
+        rows = measure(model_dir, abnormal, args.train)
+        print(f"\n{model_dir}: calibration normals changed, validation pneumonias as they are")
+        print("| change | normals' mean z | normals flagged | AUC |")
+        print("|---|---|---|---|")
+        for name, z, flagged, auc in rows:
+            print(f"| {name} | {z:+.2f} | {flagged:.0%} | {auc:.3f} |")
+        changed = rows[1:]
+        print(f"| **mean over the {len(changed)} changes** | {statistics.mean(r[1] for r in changed):+.2f} "
+              f"| {statistics.mean(r[2] for r in changed):.0%} | {statistics.mean(r[3] for r in changed):.3f} |")
+        worst = min(changed, key=lambda r: r[3])
+        print(f"worst: {worst[0]} (AUC {worst[3]:.3f}, {worst[2]:.0%} flagged)")
+
+
+if __name__ == "__main__":
+    main()
