@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -23,6 +24,7 @@ from pydicom.pixels import (
     get_decoder,
     pixel_array,
 )
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -33,19 +35,30 @@ from pydicom.uid import (
 
 from radscan.policy import Policy
 from radscan.preprocess import percentile_window, subsample, window_to_uint8
-from radscan.records import DICOM_FIELDS, ImageRecord, one_line
+from radscan.records import DICOM_FIELDS, ImageRecord
 
 __all__ = ["read_dicom", "skip_reason"]
 
 # Invalid values in real-world headers are common; read them as they are instead of warning on each.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 logging.getLogger("pydicom").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 # Elements larger than this are read only when used: pixel data of skipped files is never loaded.
 _DEFER_SIZE = "64 KB"
 _PIXEL_DATA = 0x7FE00010
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Image Pixel module values without which pixel data cannot be laid out (PS3.3 C.7.6.3)
+_LAYOUT = (("Rows", "Rows"), ("Columns", "Columns"), ("BitsAllocated", "Bits Allocated"))
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_KNOWN_PHOTOMETRIC = (*_GREY, "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+                      "YBR_PARTIAL_420", "XYB")
+# Bits per LUT entry (third LUT Descriptor value): PS3.3 C.11.1.1.1 (modality), C.11.2.1.1 (VOI)
+_MODALITY_LUT_BITS = (8, 16)
+_VOI_LUT_BITS = (8, *range(10, 17))
+# VOI LUT Function defined terms (PS3.3 C.11.2.1.3), keyed by the normalised header text
+_VOI_FUNCTIONS = {"": "LINEAR", "LINEAR": "LINEAR", "LINEAR_EXACT": "LINEAR_EXACT", "SIGMOID": "SIGMOID"}
 
 
 def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
@@ -66,8 +79,9 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         truncated = len(ds) == 0  # pydicom gives up the whole data set when the pixel data is cut short
         if truncated:
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)  # keep what the header says
-    except Exception as exc:  # pydicom raises many types on malformed headers
-        record.fail(f"cannot parse the DICOM header: {one_line(exc)}")
+    except Exception:  # pydicom raises many types on malformed headers; its messages are for programmers
+        log.debug("cannot parse %s", path, exc_info=True)
+        record.fail("cannot read the DICOM header: the file is damaged or not a valid DICOM data set")
         return None
 
     _fill_header_fields(ds, record)
@@ -94,18 +108,24 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     except ValueError as exc:
         record.fail(str(exc))
         return None
+    problem = _repair_image_pixel_module(ds) or _pixel_data_size_problem(ds)
+    if problem:
+        record.fail(problem)
+        return None
 
     index = {"skip": 0, "first": 0, "middle": frames // 2}[policy.frames]
     record.frame_used = index
     try:
         stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
     except Exception as exc:
+        log.debug("cannot decode %s", path, exc_info=True)
         record.fail(_decode_failure(ds, exc))
         return None
     try:
         return _display_grey(stored, ds, record)
-    except Exception as exc:
-        record.fail(f"cannot apply the display pipeline (LUT/window values?): {one_line(exc)}")
+    except Exception:  # every header value has a fallback: reaching this is a radscan bug
+        log.warning("display pipeline failed on %s", path, exc_info=True)
+        record.fail("cannot apply the display values of the header (Modality LUT, VOI LUT or window)")
         return None
 
 
@@ -174,8 +194,89 @@ def _is_encapsulated(ds: Dataset) -> bool:
     return bool(undefined) if undefined is not None else element.length == _UNDEFINED_LENGTH
 
 
+def _repair_image_pixel_module(ds: Dataset) -> str:
+    """Give the Image Pixel module (PS3.3 C.7.6.3) the values the decoder needs, or say why not.
+
+    Rows, Columns and Bits Allocated lay the pixel data out: without them nothing can be decoded
+    (the reason names them). The others have a next valid choice that archives' viewers make too:
+    Bits Stored absent, 0 or larger than Bits Allocated -> Bits Allocated (the container);
+    Pixel Representation absent or not 0/1 -> 0 (unsigned); Samples per Pixel absent -> 1 for
+    grey data; Photometric Interpretation in another case or with stray spaces -> its upper-case
+    defined term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion).
+    """
+    missing = [name for keyword, name in _LAYOUT if not _int(ds, keyword)]
+    if missing:
+        return f"the header gives no {' / '.join(missing)} (absent or 0): the pixel data cannot be laid out"
+    allocated = _int(ds, "BitsAllocated") or 0
+    if not 0 < (_int(ds, "BitsStored") or 0) <= allocated:
+        ds.BitsStored = allocated
+        ds.HighBit = allocated - 1
+    if _int(ds, "PixelRepresentation") not in (0, 1):
+        ds.PixelRepresentation = 0
+    if "NumberOfFrames" in ds and (_int(ds, "NumberOfFrames") or 0) < 1:
+        ds.NumberOfFrames = 1  # empty, 0 or not a number: one frame, as without the element
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    samples = _int(ds, "SamplesPerPixel")
+    if samples is None:
+        samples = 1 if photometric in ("", *_GREY) or photometric not in _KNOWN_PHOTOMETRIC else 3
+        ds.SamplesPerPixel = samples
+    if photometric not in _KNOWN_PHOTOMETRIC:
+        if samples != 1:
+            shown = f"'{photometric}'" if photometric else "absent"
+            return f"colour data ({samples} samples per pixel) with Photometric Interpretation {shown}"
+        photometric = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
+    return ""
+
+
+def _pixel_data_size_problem(ds: Dataset) -> str:
+    """'' when the length of native pixel data fits Rows x Columns x frames, else why not.
+
+    PS3.5 8.1.1 and 7.1.1: native pixel data is exactly the image's bits, padded to an even
+    length with one byte; a pad of one 16-bit word is tolerated as well (seen in the wild). Too
+    little data cannot be shown; more data than the header's image size means Rows or Columns
+    are wrong, and reading the first part would show a sheared image. Compressed data is
+    checked by its decoder.
+    """
+    try:
+        if UID(_text(_meta(ds), "TransferSyntaxUID")).is_encapsulated:
+            return ""
+    except ValueError:  # not a transfer syntax pydicom knows: its decoder lookup says so
+        return ""
+    keyword = next((keyword for keyword in _PIXEL_TAGS if keyword in ds), None)
+    if keyword is None:
+        return ""
+    try:  # the declared length of a deferred element may promise more than the file holds
+        held = len(ds[keyword].value)  # native data is loaded whole for decoding anyway
+    except Exception:
+        return "the file ends inside its pixel data (truncated or incomplete transfer?)"
+    try:
+        needed = get_expected_length(ds, "bytes")
+    except Exception:  # a layout pydicom cannot compute: leave it to the decoder
+        return ""
+    if needed <= held <= needed + 2:
+        return ""
+    size = f"Rows x Columns ({_int(ds, 'Rows')} x {_int(ds, 'Columns')}"
+    frames = _int(ds, "NumberOfFrames") or 1
+    samples = _int(ds, "SamplesPerPixel") or 1
+    size += (f" x {frames} frames" if frames > 1 else "") + (f" x {samples} samples" if samples > 1 else "")
+    size += f", {_int(ds, 'BitsAllocated')} bits allocated)"
+    if held < needed:
+        return (f"the pixel data holds {held:,} bytes, less than the {needed:,} that {size} need: "
+                "truncated file, or Rows/Columns wrong in the header")
+    return (f"the pixel data holds {held:,} bytes, more than the {needed:,} that {size} need: "
+            "Rows/Columns disagree with the pixel data, so the image cannot be laid out without shearing")
+
+
 def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:
-    """Stored values -> (H, W) uint8 as a radiologist's display would show them."""
+    """Stored values -> (H, W) uint8 as a radiologist's display would show them.
+
+    Grey data follows PS3.4 N.2.1.1: Modality LUT or rescale (PS3.3 C.11.1), then the first
+    usable VOI LUT, else the first usable window pair (C.11.2), else an automatic window, then
+    MONOCHROME1 / INVERSE inversion. Header values that cannot be used fall back to the next
+    choice instead of failing the image. Padding (C.7.5.1.1.2) takes no part in the automatic
+    window and is shown black.
+    """
     photometric = record.photometric
     if stored.ndim == 3 or photometric == "PALETTE COLOR":
         rgb = apply_color_lut(stored, ds) if photometric == "PALETTE COLOR" else stored
@@ -184,30 +285,37 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
         record.voi_source = "full-range"
         return window_to_uint8(luma, 0.0, float(np.iinfo(rgb.dtype).max), invert=False)
 
-    _drop_empty_display_elements(ds)
-    domain, position = _integer_domain(stored)
-    source = stored if domain is None else domain
-    values = apply_modality_lut(source, ds)
-    if "VOILUTSequence" in ds:
-        if values.dtype.kind == "f":  # a LUT is indexed by integers (rescaled values are float)
-            values = np.rint(values).astype(np.int32)
-        values, (low, high) = apply_voi(values, ds), _voi_lut_range(ds)
-        record.voi_source = "lut"
-    elif _has_window(ds):
-        values, (low, high) = apply_windowing(values, ds), _window_range(ds)
-        record.voi_source = "window"
-    elif (record.bits_stored or 16) <= 8 and values is source and source.dtype.kind in "ui":
-        low, high = float(np.iinfo(source.dtype).min), float(np.iinfo(source.dtype).max)
-        record.voi_source = "full-range"
-    else:
-        sample = subsample(stored)
-        low, high = percentile_window(subsample(values) if domain is None else values[position(sample)])
-        record.voi_source = "percentile"
     record.inverted = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
+    domain, position = _integer_domain(stored)
+    source = stored if domain is None else domain
+    values = _modality_values(source, ds)
+    sample = subsample(stored)
+    sample_values = subsample(values) if domain is None else values[position(sample)]
+    padding = _tagged_padding(stored, ds)
+    shown = sample_values if padding is None else sample_values[~subsample(padding)]
+
+    voi = _first_usable_voi_lut(values, ds)
+    window = None if voi is not None else _first_usable_window(ds, shown)
+    if voi is not None:
+        values, (low, high) = voi
+        record.voi_source = "lut"
+    elif window is not None:
+        values, (low, high) = apply_windowing(values, window), _window_range(window)
+        record.voi_source = "window"
+    elif (_int(ds, "BitsStored") or 16) <= 8 and values is source and source.dtype.kind in "ui":
+        low, high = _stored_range(ds)  # BitsStored, not the 16-bit word that may hold 8-bit data
+        record.voi_source = "full-range"
+    else:
+        if padding is None:
+            padding = _untagged_padding(stored, record.inverted)
+            shown = sample_values if padding is None else sample_values[~subsample(padding)]
+        low, high = percentile_window(shown)
+        record.voi_source = "percentile"
     grey = window_to_uint8(values, low, high, invert=record.inverted)
-    return grey if domain is None else np.take(grey, position(stored))
+    grey = grey if domain is None else np.take(grey, position(stored))
+    return grey if padding is None else np.where(padding, np.uint8(0), grey)
 
 
 def _integer_domain(stored: np.ndarray) -> tuple[np.ndarray | None, Callable[[np.ndarray], np.ndarray]]:
@@ -229,25 +337,110 @@ def _integer_domain(stored: np.ndarray) -> tuple[np.ndarray | None, Callable[[np
     return None, lambda pixels: pixels
 
 
-def _drop_empty_display_elements(ds: Dataset) -> None:
-    """Empty rescale/window values and LUT sequences without descriptor or data (all seen in the
-    wild) mean "not given": drop them, as viewers do, rather than fail the image."""
-    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
-        if keyword in ds and ds[keyword].value in (None, "", []):
-            del ds[keyword]
-    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
-        items = ds.get(keyword)
-        if items is not None and not (
-            len(items) and items[0].get("LUTDescriptor") and items[0].get("LUTData") is not None
-        ):
-            del ds[keyword]
+def _stored_range(ds: Dataset) -> tuple[float, float]:
+    """The smallest and largest stored value that Bits Stored and Pixel Representation allow
+    (PS3.3 C.7.6.3.1.1): 0..2**n - 1 unsigned, -2**(n-1)..2**(n-1) - 1 two's complement."""
+    bits = _int(ds, "BitsStored") or 16
+    if _int(ds, "PixelRepresentation") == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
 
 
-def _has_window(ds: Dataset) -> bool:
+def _modality_values(source: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT stage (PS3.3 C.11.1) with pydicom's `apply_modality_lut`.
+
+    A Modality LUT Sequence that cannot be used (no descriptor or data, fewer entries than the
+    descriptor says, an entry size other than 8 or 16 bits: C.11.1.1.1) is dropped in favour of
+    the rescale. A Rescale Slope that is absent, empty, not a number or 0 means 1; such a Rescale
+    Intercept means 0 (a slope of 0 would map every pixel to one value). An identity rescale is
+    dropped, so that 8-bit data keeps its own range.
+    """
+    items = ds.get("ModalityLUTSequence")
+    if items is not None and not (len(items) and _usable_lut(items[0], _MODALITY_LUT_BITS)):
+        del ds.ModalityLUTSequence
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            del ds[keyword]
+    slope = 1.0 if slope is None or slope == 0 else slope
+    intercept = 0.0 if intercept is None else intercept
+    if (slope, intercept) != (1.0, 0.0):
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     try:
-        return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+        return apply_modality_lut(source, ds)
+    except Exception:  # a LUT pydicom cannot apply after all: the rescale is the next choice
+        if "ModalityLUTSequence" not in ds:
+            raise
+        del ds.ModalityLUTSequence
+        return apply_modality_lut(source, ds)
+
+
+def _first_usable_voi_lut(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """The first usable item of the VOI LUT Sequence (PS3.3 C.11.2.1.1) applied with pydicom's
+    `apply_voi`, and the range of its entries; None when there is none."""
+    items = ds.get("VOILUTSequence") or []
+    for index, item in enumerate(items):
+        if not _usable_lut(item, _VOI_LUT_BITS):
+            continue
+        # a LUT is indexed by integers (rescaled values are float)
+        indices = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
+        try:
+            return apply_voi(indices, ds, index), _voi_lut_range(ds, index)
+        except Exception:  # an item pydicom cannot apply: try the next, then the window
+            log.debug("VOI LUT item %d unusable", index, exc_info=True)
+    return None
+
+
+def _usable_lut(item: Dataset, bits: tuple[int, ...]) -> bool:
+    """Whether a LUT item has a three-valued LUT Descriptor with an allowed entry size and at
+    least as many LUT Data entries as the descriptor announces (PS3.3 C.11.1.1.1, C.11.2.1.1;
+    0 entries means 2**16)."""
+    try:
+        entries, _, depth = (int(value) for value in item.get("LUTDescriptor"))
+        data = item.get("LUTData")
     except Exception:
         return False
+    if data is None or depth not in bits:
+        return False
+    count = len(data) // 2 if isinstance(data, bytes) else len(data) if isinstance(data, (list, MultiValue)) else 1
+    return count >= (entries or 2**16)
+
+
+def _first_usable_window(ds: Dataset, shown: np.ndarray) -> Dataset | None:
+    """The first usable Window Center / Width pair (PS3.3 C.11.2.1.2), as a small dataset for
+    pydicom's `apply_windowing`; None when no pair is usable.
+
+    A pair is unusable when a value is absent, empty or not a finite number, when the width is
+    out of range for its function (LINEAR needs >= 1, LINEAR_EXACT and SIGMOID > 0: C.11.2.1.2.1,
+    C.11.2.1.3), or when every pixel of the image (`shown`, the rescaled values of a sample without
+    padding) lies on one side of the window, which would display a blank image. The VOI LUT
+    Function (C.11.2.1.3) is read case-insensitively; empty or unknown means LINEAR, the default;
+    a single value applies to every pair and several are paired with the windows by position.
+
+    The dataset handed to pydicom holds only the chosen pair and an unsigned 16-bit output range.
+    pydicom derives the output range from the stored range put through the rescale, and with a
+    negative Rescale Slope that range comes out reversed, which turns the window upside down;
+    C.11.2.1.2.1 maps values below the window to the minimum output and values above to the
+    maximum, whatever the slope.
+    """
+    centers, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
+    functions = [_VOI_FUNCTIONS.get(name, "LINEAR") for name in _texts(ds, "VOILUTFunction")] or ["LINEAR"]
+    low, high = (float(shown.min()), float(shown.max())) if shown.size else (-np.inf, np.inf)
+    for index, (center, width) in enumerate(zip(centers, widths, strict=False)):  # unequal counts: the pairs there are
+        if len(functions) == 1:
+            function = functions[0]
+        else:
+            function = functions[index] if index < len(functions) else "LINEAR"
+        if center is None or width is None or width < (1 if function == "LINEAR" else np.nextafter(0, 1)):
+            continue
+        if high <= center - width / 2 or low > center + width / 2:
+            continue
+        window = Dataset()
+        window.PhotometricInterpretation = "MONOCHROME2"
+        window.BitsStored, window.PixelRepresentation = 16, 0
+        window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center, width, function
+        return window
+    return None
 
 
 def _window_range(ds: Dataset) -> tuple[float, float]:
@@ -257,17 +450,54 @@ def _window_range(ds: Dataset) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _voi_lut_range(ds: Dataset) -> tuple[float, float]:
-    """The smallest and largest entries of the first VOI LUT, found by looking the whole input
-    domain up through pydicom's own `apply_voi`."""
-    entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
+def _voi_lut_range(ds: Dataset, index: int = 0) -> tuple[float, float]:
+    """The smallest and largest entries of a VOI LUT, found by looking the whole input domain up
+    through pydicom's own `apply_voi`."""
+    entries, first_mapped = ds.VOILUTSequence[index].LUTDescriptor[:2]
     domain = np.arange(first_mapped, first_mapped + (entries or 2**16))
-    lut = apply_voi(domain, ds)
+    lut = apply_voi(domain, ds, index)
     return float(lut.min()), float(lut.max())
 
 
+def _tagged_padding(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """(H, W) bool: the pixels whose stored value is the Pixel Padding Value, or lies between it
+    and the Pixel Padding Range Limit (inclusive), PS3.3 C.7.5.1.1.2. Both are stored values,
+    compared before the Modality LUT. None when the header tags no padding, or none is found, or
+    everything would be padding."""
+    value = _number(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _number(ds, "PixelPaddingRangeLimit")
+    if stored.dtype.kind == "i":  # US/SS is ambiguous: a signed value may have been read as unsigned
+        bits = 8 * stored.dtype.itemsize
+        value, limit = (v - 2**bits if v is not None and v >= 2 ** (bits - 1) else v for v in (value, limit))
+    if limit is None:
+        mask = stored == value
+    else:
+        mask = (stored >= min(value, limit)) & (stored <= max(value, limit))
+    return mask if mask.any() and not mask.all() else None
+
+
+def _untagged_padding(stored: np.ndarray, inverted: bool) -> np.ndarray | None:
+    """(H, W) bool: padding that the header does not tag, or None.
+
+    A border of one value at the black end of the data (the smallest stored value, or the largest
+    when the image is inverted) that fills at least half of the image's outer edge: the padding of
+    PS3.3 C.7.5.1.1.2 without its Pixel Padding Value. Those pixels are black whatever the window,
+    so excluding them changes only the automatic window, which they would otherwise drag to their
+    value (a wide black frame takes far more than the percentile's tail).
+    """
+    value = stored.max() if inverted else stored.min()
+    edge = np.concatenate([stored[0], stored[-1], stored[1:-1, 0], stored[1:-1, -1]])
+    if np.count_nonzero(edge == value) * 2 < edge.size:
+        return None
+    mask = stored == value
+    return None if mask.all() else mask
+
+
 def _decode_failure(ds: Dataset, exc: Exception) -> str:
-    """A reason for a decode failure that says what to do about it."""
+    """A reason for a decode failure that says what to do about it (the decoder's own message is
+    logged, not shown: it is written for programmers)."""
     uid = UID(_text(_meta(ds), "TransferSyntaxUID"))
     syntax = f"{uid.name} ({uid})" if uid.name != uid else str(uid)
     try:
@@ -277,7 +507,11 @@ def _decode_failure(ds: Dataset, exc: Exception) -> str:
     missing = " ".join(decoder.missing_dependencies)
     if not decoder.is_available:
         return f"{syntax} needs a decoder plugin: pip install 'radscan[codecs]' (missing: {missing})"
-    reason = f"cannot decode the pixel data ({syntax}): {one_line(exc)}"
+    if uid.is_compressed:
+        problem = "the compressed image is damaged or uses a variant the installed decoders do not support"
+    else:
+        problem = "the pixel data does not fit the header's Image Pixel values (Bits Allocated, Samples per Pixel)"
+    reason = f"cannot decode the pixel data ({syntax}): {problem}"
     if "libjpeg" in missing and "does not support" in str(exc):
         reason += "; the GPL-3.0 decoder pylibjpeg-libjpeg may read it: pip install 'radscan[codecs-gpl]'"
     return reason
@@ -297,6 +531,44 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     text = str(value) if not isinstance(value, bytes) else value.decode("latin-1", "replace")
     return " ".join(text.split()).strip("\x00 ")
+
+
+def _texts(ds: Dataset, keyword: str) -> list[str]:
+    """Every value of a multi-valued text element, each stripped and upper-cased; [] when absent.
+    An empty element gives [''] (present but empty)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return []
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    return [str(item).strip(" \x00").upper() for item in items] or [""]
+
+
+def _numbers(ds: Dataset, keyword: str) -> list[float | None]:
+    """Every value of a numeric element (DS, IS, US, SS) as a float, None for each value that is
+    empty or not a finite number; [] when absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return []
+    if value is None or value == "":
+        return []
+    numbers: list[float | None] = []
+    for item in list(value) if isinstance(value, (list, MultiValue)) else [value]:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            number = None
+        numbers.append(number if number is not None and np.isfinite(number) else None)
+    return numbers
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a numeric element when it is a finite number, else None."""
+    numbers = _numbers(ds, keyword)
+    return numbers[0] if numbers else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
