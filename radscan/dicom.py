@@ -223,7 +223,7 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     if photometric not in _KNOWN_PHOTOMETRIC:
         if samples != 1:
             shown = f"'{photometric}'" if photometric else "absent"
-            return f"colour data ({samples} samples per pixel) with Photometric Interpretation {shown}"
+            return f"unknown Photometric Interpretation for colour data: {shown}, {samples} samples per pixel"
         photometric = "MONOCHROME2"
     ds.PhotometricInterpretation = photometric
     return ""
@@ -262,10 +262,10 @@ def _pixel_data_size_problem(ds: Dataset) -> str:
     size += (f" x {frames} frames" if frames > 1 else "") + (f" x {samples} samples" if samples > 1 else "")
     size += f", {_int(ds, 'BitsAllocated')} bits allocated)"
     if held < needed:
-        return (f"the pixel data holds {held:,} bytes, less than the {needed:,} that {size} need: "
-                "truncated file, or Rows/Columns wrong in the header")
-    return (f"the pixel data holds {held:,} bytes, more than the {needed:,} that {size} need: "
-            "Rows/Columns disagree with the pixel data, so the image cannot be laid out without shearing")
+        return (f"too little pixel data for the header's image size: {held:,} bytes, but {size} need "
+                f"{needed:,} (truncated file, or Rows/Columns wrong in the header)")
+    return (f"more pixel data than the header's image size: {held:,} bytes, but {size} need {needed:,}; "
+            "Rows/Columns disagree with the pixel data, and the image would be shown sheared")
 
 
 def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:

@@ -90,7 +90,7 @@ def _walk(root: Path, folder: Path, seen: set[tuple[int, int]], excluded: set[Pa
         seen.add((stat.st_dev, stat.st_ino))
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        yield Found(str(root), rel_folder, f"cannot list folder: {exc.strerror or one_line(exc)}")
+        yield Found(str(root), rel_folder, f"cannot list folder: {_os_reason(exc)}")
         return
     for entry in entries:
         rel = entry.name if rel_folder == "." else f"{rel_folder}/{entry.name}"
@@ -105,7 +105,12 @@ def _walk(root: Path, folder: Path, seen: set[tuple[int, int]], excluded: set[Pa
             else:
                 yield Found(str(root), rel, "not a regular file (device, socket or pipe)")
         except OSError as exc:
-            yield Found(str(root), rel, f"cannot stat: {exc.strerror or one_line(exc)}")
+            yield Found(str(root), rel, f"cannot stat: {_os_reason(exc)}")
+
+
+def _os_reason(exc: OSError) -> str:
+    """The operating system's words for an error ("Permission denied"), never Python's repr."""
+    return exc.strerror or "the operating system refused access"
 
 
 def sniff_kind(head: bytes) -> str:
@@ -163,8 +168,10 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             return record, None
         return record, to_model_input(grey)
     except Exception as exc:  # the last line of defence: one bad file never stops a run
-        log.debug("unexpected error on %s", found.path, exc_info=True)
-        return record.fail(f"unexpected error: {type(exc).__name__}: {one_line(exc)}"), None
+        # the exception is for the developers (the log); the reason is for the PACS admin
+        log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
+        log.debug("traceback", exc_info=True)
+        return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -232,7 +239,8 @@ def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
         if "Timeout" in type(exc).__name__:
             reason = f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"
         else:
-            reason = f"the decoder crashed on this file (worker process died: {type(exc).__name__})"
+            log.warning("worker for %s failed: %s", found.path, type(exc).__name__)
+            reason = "the decoder crashed on this file (its worker process died)"
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION)
     return record.fail(reason), None
 

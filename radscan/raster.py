@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radscan.policy import Policy
 from radscan.preprocess import percentile_window, subsample, window_to_uint8
-from radscan.records import ImageRecord, one_line
+from radscan.records import ImageRecord
 
 __all__ = ["read_raster"]
+
+log = logging.getLogger(__name__)
 
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
@@ -41,9 +44,14 @@ def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
                     return None
                 image.load()
                 return _to_grey(ImageOps.exif_transpose(image), record)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError, EOFError) as exc:
-        record.fail(f"cannot decode {record.kind.upper()}: {one_line(exc)} (truncated or corrupt file?)")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        record.fail(f"the {record.kind.upper()} declares more pixels than can be decoded safely "
+                    "(corrupt header or decompression bomb)")
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        # Pillow's own message is written for programmers: logged, not put in the reason
+        log.debug("cannot decode %s", path, exc_info=True)
+        record.fail(f"cannot decode the {record.kind.upper()}: the file is truncated or corrupt")
         return None
 
 

@@ -140,7 +140,7 @@ def test_wide_policy_decodes_every_syntax_that_has_a_decoder(wide_rows):
 
 def test_decode_errors_say_what_to_do(wide_rows):
     assert "no decoder exists" in wide_rows["pydicom-data/liver_deflate.dcm"]["reason"]
-    assert "less than the 8,192" in wide_rows["pydicom/MR_truncated.dcm"]["reason"]
+    assert "too little pixel data" in wide_rows["pydicom/MR_truncated.dcm"]["reason"]
     if not HAVE_LIBJPEG:
         assert "radscan[codecs-gpl]" in wide_rows["pydicom/JPGExtended.dcm"]["reason"]
 
