@@ -200,9 +200,10 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     Rows, Columns and Bits Allocated lay the pixel data out: without them nothing can be decoded
     (the reason names them). The others have a next valid choice that archives' viewers make too:
     Bits Stored absent, 0 or larger than Bits Allocated -> Bits Allocated (the container);
-    Pixel Representation absent or not 0/1 -> 0 (unsigned); Samples per Pixel absent -> 1 for
-    grey data; Photometric Interpretation in another case or with stray spaces -> its upper-case
-    defined term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion).
+    Pixel Representation absent or not 0/1 -> 0 (unsigned); Samples per Pixel absent or not 1/3
+    -> what the Photometric Interpretation implies; Number of Frames empty or 0 -> 1;
+    Photometric Interpretation in another case or with stray spaces -> its upper-case defined
+    term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion).
     """
     missing = [name for keyword, name in _LAYOUT if not _int(ds, keyword)]
     if missing:
@@ -217,8 +218,8 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
         ds.NumberOfFrames = 1  # empty, 0 or not a number: one frame, as without the element
     photometric = _text(ds, "PhotometricInterpretation").upper()
     samples = _int(ds, "SamplesPerPixel")
-    if samples is None:
-        samples = 1 if photometric in ("", *_GREY) or photometric not in _KNOWN_PHOTOMETRIC else 3
+    if samples not in (1, 3):  # absent, 0 or out of range (C.7.6.3.1.1): as the photometric says
+        samples = 3 if photometric in _KNOWN_PHOTOMETRIC and photometric not in (*_GREY, "PALETTE COLOR") else 1
         ds.SamplesPerPixel = samples
     if photometric not in _KNOWN_PHOTOMETRIC:
         if samples != 1:

@@ -16,6 +16,7 @@ from radscan.policy import Policy
 from radscan.preprocess import to_model_input
 
 from .conftest import CXR_DIR, DICOM_DIR
+from .test_dicom_edge import assert_plain
 
 
 def _ingest(path: Path):
@@ -177,5 +178,7 @@ def test_damaged_bytes_never_raise(tmp_path, case):
         assert record.status in ("ok", "skipped", "error")
         assert (record.status == "ok") == (image is not None)
         assert (record.reason == "") == (record.status == "ok")
+        if record.status == "error":  # whatever broke, the reason is in plain words
+            assert_plain(record.reason)
         if image is not None:
             assert image.shape == (128, 128) and image.dtype == np.uint8

@@ -13,6 +13,8 @@ from PIL import Image
 from radscan.policy import Policy
 from radscan.scan import scan
 
+from .test_dicom_edge import assert_plain
+
 HAVE_LIBJPEG = importlib.util.find_spec("libjpeg") is not None
 
 # Under the default policy (CR/DX chest, single frame, for presentation) these are used ...
@@ -143,6 +145,14 @@ def test_decode_errors_say_what_to_do(wide_rows):
     assert "too little pixel data" in wide_rows["pydicom/MR_truncated.dcm"]["reason"]
     if not HAVE_LIBJPEG:
         assert "radscan[codecs-gpl]" in wide_rows["pydicom/JPGExtended.dcm"]["reason"]
+
+
+def test_reasons_are_plain_words(default_rows, wide_rows):
+    # decoders' and Python's own messages go to the log; a row's reason is for a PACS admin
+    for rows in (default_rows, wide_rows):
+        for row in rows.values():
+            if row["status"] == "error":
+                assert_plain(row["reason"])
 
 
 def _lungs_darker_than_mediastinum(preview: np.ndarray) -> bool:
