@@ -8,6 +8,7 @@ files there are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,11 +24,11 @@ from radscan.errors import NoInputError
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION, to_model_input
 from radscan.raster import read_raster
-from radscan.records import ImageRecord, Status, one_line
+from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
 __all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images",
-           "check_inputs"]
+           "check_inputs", "folder_study_key"]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
     """
     # the folder is the study unless the file says otherwise (DICOM StudyInstanceUID)
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
-                         study_key=Path(found.path).parent.as_posix())
+                         study_key=folder_study_key(found))
     if found.problem:
         return record.fail(found.problem), None
     path = found.full_path
@@ -172,6 +173,27 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
         log.debug("traceback", exc_info=True)
         return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
+
+
+def folder_study_key(found: Found) -> str:
+    """The study of a file whose content names none (JPEG, PNG, a DICOM without StudyInstanceUID):
+    the folder that holds it, as the resolved scanned root joined with the folder relative to it,
+    e.g. ``/data/incoming/p1``; a file directly in the root gets the root itself.
+
+    Root and folder together, so that ``rootA/p1`` and ``rootB/p1`` stay two studies and a flat
+    folder is a study of its own rather than ".". Resolved, so that the key does not depend on how
+    the root is spelled on the command line and stays the same from run to run (the state store
+    reuses rows across runs; its file identity resolves the root the same way). It names nothing
+    that the `root` and `path` columns do not: no identifier is added. Bytes that are not UTF-8 are
+    shown escaped, as in `path`.
+    """
+    return printable((Path(_resolved(found.root)) / found.path).parent.as_posix())
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(root: str) -> str:
+    """A root resolved once per process, not once per file."""
+    return str(Path(root).resolve())
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -241,7 +263,8 @@ def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
         else:
             log.warning("worker for %s failed: %s", found.path, type(exc).__name__)
             reason = "the decoder crashed on this file (its worker process died)"
-    record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION)
+    record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
+                         study_key=folder_study_key(found))
     return record.fail(reason), None
 
 

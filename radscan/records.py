@@ -41,7 +41,7 @@ class ImageRecord:
     kind: str  # dicom / jpeg / png / other
     status: str = Status.OK
     reason: str = ""
-    study_key: str = ""  # StudyInstanceUID for DICOM; else the folder (relative to root)
+    study_key: str = ""  # StudyInstanceUID for DICOM; else the folder: resolved root + relative folder
     StudyInstanceUID: str = ""
     SeriesInstanceUID: str = ""
     SOPInstanceUID: str = ""

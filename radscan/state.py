@@ -63,7 +63,9 @@ class StateStore:
     row by row: memory stays flat however many files a run sees.
     """
 
-    SCHEMA_VERSION = 2
+    # 3: JPEG/PNG study keys name their root (0.2.0 keyed them by the relative folder alone), and
+    # DICOM header handling changed the display of some files: rows of older stores are not reused.
+    SCHEMA_VERSION = 3
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS results (
             key BLOB PRIMARY KEY,

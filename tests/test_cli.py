@@ -64,7 +64,7 @@ def test_scan_writes_inventory_previews_and_json(study_folder, tmp_path):
                          *(f"patient2/{jpeg.name}" for jpeg in jpegs)}
     assert rows["study1/IM000001"]["kind"] == "dicom" and rows["notes.txt"]["kind"] == "other"
     jpeg_rows = [row for path, row in rows.items() if path.startswith("patient2/")]
-    assert all(row["study_key"] == "patient2" for row in jpeg_rows)
+    assert all(row["study_key"] == (study_folder.resolve() / "patient2").as_posix() for row in jpeg_rows)
     assert len(list(previews.glob("*.png"))) == 3
     for row in rows.values():
         assert (row["preview_png"] != "") == (row["status"] == "ok")

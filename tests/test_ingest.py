@@ -43,7 +43,7 @@ def test_chest_jpeg_and_png_load_at_any_size(path):
     assert record.kind == ("jpeg" if path.suffix == ".jpeg" else "png")
     assert image.shape == (128, 128) and image.dtype == np.uint8
     assert record.rows > 0 and record.columns > 0 and record.voi_source == "full-range"
-    assert record.study_key == Path(record.path).parent.as_posix()
+    assert record.study_key == path.parent.resolve().as_posix()
     assert 20 < image.mean() < 235 and image.std() > 10  # a picture, not a flat field
 
 
@@ -55,6 +55,35 @@ def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
     record, image = _ingest(tmp_path / "ramp16.png")
     assert record.status == "ok" and record.bits_stored == 16 and record.voi_source == "percentile"
     assert image[:, 0].mean() < 10 and image[:, -1].mean() > 245  # 12-bit content fills the 8 bits
+
+
+def test_jpeg_studies_are_keyed_by_root_and_folder(tmp_path, monkeypatch):
+    """The same folder name under two roots is two studies, a flat folder is a study of its own
+    (not "."), and the key does not depend on how the root is spelled (issue 10, item 3). DICOM
+    files keep their StudyInstanceUID wherever they lie."""
+    jpegs = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3]
+    for root, jpeg in (("rootA", jpegs[0]), ("rootB", jpegs[1])):
+        (tmp_path / root / "p1").mkdir(parents=True)
+        shutil.copy(jpeg, tmp_path / root / "p1" / "x.jpeg")
+        shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", tmp_path / root / "p1" / "IM1")
+    shutil.copy(jpegs[2], tmp_path / "rootA" / "flat.jpeg")
+
+    def keys(*roots) -> dict[str, str]:
+        return {f"{Path(f.root).resolve().name}:{f.path}": ingest_file(f, Policy())[0].study_key
+                for f in find_files(roots)}
+
+    found = keys(tmp_path / "rootA", tmp_path / "rootB")
+    assert found["rootA:p1/x.jpeg"] == (tmp_path / "rootA" / "p1").resolve().as_posix()
+    assert found["rootB:p1/x.jpeg"] == (tmp_path / "rootB" / "p1").resolve().as_posix()
+    assert found["rootA:flat.jpeg"] == (tmp_path / "rootA").resolve().as_posix()
+    assert found["rootA:p1/IM1"] == found["rootB:p1/IM1"] != ""  # one StudyInstanceUID, one study
+    assert found["rootA:p1/IM1"] not in (found["rootA:p1/x.jpeg"], found["rootB:p1/x.jpeg"])
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "rootA")
+    for spelling in ("rootA", "./rootA/", "link", str(tmp_path / "rootA")):
+        assert keys(spelling)["rootA:p1/x.jpeg"] == found["rootA:p1/x.jpeg"], spelling
+    assert keys("rootA/p1/x.jpeg")["p1:x.jpeg"] == found["rootA:p1/x.jpeg"]  # a file given by itself
 
 
 def test_sniffing_uses_content_not_names():

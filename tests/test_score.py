@@ -141,6 +141,30 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     assert {r["threshold"] for r in _rows(out) if r["status"] == "ok"} == {"0.5"}
 
 
+def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
+    """JPEG/PNG studies are keyed by root and folder (issue 10, item 3): rootA/p1 and rootB/p1 are two
+    studies in the worklist, a flat folder is its own study, and a rerun with the roots spelled
+    differently reuses every stored row under the same keys."""
+    jpegs = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3]
+    for root, jpeg in (("rootA", jpegs[0]), ("rootB", jpegs[1])):
+        (tmp_path / root / "p1").mkdir(parents=True)
+        shutil.copy(jpeg, tmp_path / root / "p1" / jpeg.name)
+    shutil.copy(jpegs[2], tmp_path / "rootB" / jpegs[2].name)
+    out = tmp_path / "out" / "report.csv"
+    args = ["--out", str(out), "--model", str(tiny_model), "--json", "--workers", "1", "--no-residuals"]
+    first = json.loads(_run("score", str(tmp_path / "rootA"), str(tmp_path / "rootB"), *args).stdout)
+    assert (first["files"], first["studies"]) == (3, 3)
+    keys = {row["study_key"] for row in _rows(out.parent / "report_studies.csv")}
+    assert keys == {(tmp_path / name).resolve().as_posix() for name in ("rootA/p1", "rootB/p1", "rootB")}
+    for row in _rows(out):
+        assert row["study_key"] == (Path(row["root"]).resolve() / row["path"]).parent.as_posix()
+
+    monkeypatch.chdir(tmp_path)
+    again = json.loads(_run("score", "rootA/", "./rootB", *args).stdout)
+    assert (again["scored_now"], again["reused"], again["studies"]) == (0, 3, 3)
+    assert {row["study_key"] for row in _rows(out.parent / "report_studies.csv")} == keys
+
+
 def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_path):
     out = tmp_path / "report.csv"
     with hold_lock(tmp_path / "report.lock"):
@@ -244,7 +268,8 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
         assert rows[name]["reason"], name
     assert "exceeds the limit" in rows["huge.dcm"]["reason"]
     studies = _rows(tmp_path / "report_studies.csv")
-    assert studies[0]["top_path"] == "good.jpeg" and studies[0]["study_key"] == "."  # the folder is the study
+    assert studies[0]["top_path"] == "good.jpeg"
+    assert studies[0]["study_key"] == bad.resolve().as_posix()  # the folder (here the root itself) is the study
     truncated = next(s for s in studies if s["top_path"] == "truncated.dcm")  # its own StudyInstanceUID
     assert (truncated["images_scored"], truncated["images_error"], truncated["study_score"]) == ("0", "1", "")
     assert not any(path.startswith("loop/") for path in rows)
