@@ -45,8 +45,8 @@ class SimSIDConfig:
     decoder_windows: int = 2  # each patch map is cut into 2x2 sub-windows
     # discriminator
     d_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    d_norm: str = "instance"
-    critic_blur_sigma: float = 0.0  # pixels, fixed Gaussian low-pass in front of the discriminator (0: none)  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
+    d_norm: str = "instance"  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
+    critic_blur_sigma: float = 0.0  # pixels, fixed Gaussian low-pass in front of the discriminator (0: none)
     # scoring (see SCORE_KINDS)
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
