@@ -16,6 +16,7 @@ images, when given, are only measured, epoch by epoch, into the training log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -357,9 +358,12 @@ def train(
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
                                          label="normals")
     is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
+    # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
+    # digest of each, enough to see which images went to one side together
     with CsvStream(out_dir / "training_split.csv", ("path", "study_key", "split")) as split_csv:
         for path, study, held_out in zip(names, studies, is_calibration, strict=True):
-            split_csv.write({"path": path, "study_key": study, "split": "calibration" if held_out else "train"})
+            split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
+                             .hexdigest()[:16], "split": "calibration" if held_out else "train"})
     train_images, calibration = images[~is_calibration], images[is_calibration]
     if len(train_images) < tcfg.batch_size:
         raise NoInputError(f"only {len(train_images)} training images after the calibration split; "
