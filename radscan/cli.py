@@ -19,6 +19,7 @@ from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
+from radscan.qc import DEFAULT_VIEWS, QC_MODES
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 
@@ -224,6 +225,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--init-from", type=click.Path(file_okay=False, path_type=Path),
               help="Start from the weights of this model directory (same architecture), e.g. to train on.")
 @click.option("--name", help="Model name recorded in the metadata (default: the folder name).")
+@click.option("--age-range", type=str, metavar="MIN-MAX",
+              help="Patient ages (years) of the training population, e.g. 1-5: when scoring, DICOM films of "
+                   "patients outside it are marked qc_status warn.")
 @device_option
 @selection_options
 @workers_option
@@ -235,7 +239,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
-          name: str | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
+          name: str | None, age_range: str | None, device: str, policy: Policy, workers: int,
+          as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
 
     A calibration share of the normals is held out; it sets the score's scale and the flag
@@ -263,16 +268,29 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
                            noise=noise, seed=seed, calibration_fraction=calibration_fraction,
                            target_specificity=target_specificity)
+        ages = _age_range(age_range) if age_range else None
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
-                       resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from)
+                       resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from, age_range=ages)
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
                "stopped_by_budget": result.stopped_by_budget, **result.metrics}
     if as_json:
         click.echo(json.dumps(summary))
     elif not ctx.obj["quiet"]:
         click.echo(f"model written to {result.model_dir} ({result.epochs_run} epochs)", err=True)
+
+
+def _age_range(text: str) -> tuple[float, float]:
+    """'1-5' -> (1.0, 5.0) years; ValueError otherwise."""
+    low, sep, high = text.partition("-")
+    try:
+        ages = (float(low), float(high))
+    except ValueError:
+        ages = None
+    if not sep or ages is None or not 0 <= ages[0] <= ages[1] <= 130:
+        raise ValueError(f"--age-range must be MIN-MAX in years, e.g. 1-5, not {text!r}")
+    return ages
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -328,13 +346,19 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
               help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600).")
+@click.option("--qc", "qc_mode", type=click.Choice(QC_MODES), default="strict", show_default=True,
+              help="Quality control before scoring: strict = films that fail it (turned, inverted, blank, "
+                   "lateral, not a chest) get status rejected and no score; warn = scored but marked; off.")
+@click.option("--views", default=",".join(DEFAULT_VIEWS), show_default=True,
+              help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
 @selection_options
 @workers_option
 @json_option
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, studies: Path | None, phi: str,
-          phi_key: str | None, phi_key_file: Path, policy: Policy, workers: int, as_json: bool) -> None:
+          phi_key: str | None, phi_key_file: Path, qc_mode: str, views: str, policy: Policy, workers: int,
+          as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
     Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
@@ -355,14 +379,16 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
     outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
-                             phi_key=key, policy=policy, progress=not ctx.obj["quiet"])
+                             phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
+                             views=parse_list(views))
     summary = run_score(paths, outputs, settings)
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(f"{summary.files} files: {counts['ok']} scored ({summary.reused} unchanged), "
-                   f"{counts['skipped']} skipped, {counts['error']} error; {summary.flagged_studies} of "
+                   f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
+                   f"{summary.flagged_studies} of "
                    f"{summary.studies} studies flagged -> {summary.report}", err=True)
     if summary.counts["error"]:
         ctx.exit(ExitCode.PARTIAL)

@@ -159,6 +159,7 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
 def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     for keyword in DICOM_FIELDS:
         setattr(record, keyword, _text(ds, keyword))
+    record.ImageType = "\\".join(_texts(ds, "ImageType"))
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = _text(_meta(ds), "TransferSyntaxUID")
     record.photometric = _text(ds, "PhotometricInterpretation").upper()

@@ -16,6 +16,7 @@ class Status:
     OK = "ok"
     SKIPPED = "skipped"  # deliberately not used (policy: not an image, other modality, ...)
     ERROR = "error"  # should have been used but could not be read
+    REJECTED = "rejected"  # read, but failed quality control: not a film the model can judge (radscan.qc)
 
 
 # DICOM keywords copied verbatim into the inventory and the worklist, in column order.
@@ -29,6 +30,8 @@ DICOM_FIELDS = (
     "Modality",
     "ViewPosition",
     "BodyPartExamined",
+    "ImageType",
+    "PatientAge",
 )
 
 
@@ -51,6 +54,11 @@ class ImageRecord:
     Modality: str = ""
     ViewPosition: str = ""
     BodyPartExamined: str = ""
+    ImageType: str = ""  # values joined with backslashes, as the standard writes them
+    PatientAge: str = ""  # Age String (nnnD/W/M/Y); 90 years and over are written as 090Y outside --phi keep
+    # quality control (radscan.qc): pass / warn / fail, and why
+    qc_status: str = ""
+    qc_reason: str = ""
     # QC fields
     transfer_syntax: str = ""
     photometric: str = ""

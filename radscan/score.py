@@ -33,6 +33,7 @@ from radscan.ingest import Found, check_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
+from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, load_reference
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
 from radscan.report import CsvStream, atomic_output, png_name, render_explanation, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
@@ -57,8 +58,9 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
-                 "images_flagged", "images_error", "top_path", "top_residual_png", "StudyInstanceUID",
-                 "AccessionNumber", "PatientID", "StudyDate", "Modality", "threshold", "model_name", "model_version")
+                 "images_flagged", "images_error", "images_rejected", "study_note", "top_path", "top_residual_png",
+                 "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "Modality", "threshold", "model_name",
+                 "model_version")
 
 
 def default_model_dir() -> Path:
@@ -93,6 +95,8 @@ class ScoreSettings:
     phi_key: bytes | None = None
     policy: Policy = Policy()
     progress: bool = True
+    qc: str = "strict"  # strict | warn | off (radscan.qc)
+    views: tuple[str, ...] | None = DEFAULT_VIEWS
 
 
 @dataclass
@@ -130,6 +134,9 @@ class PhiFilter:
     def apply(self, record: ImageRecord) -> None:
         if self.mode == "keep":
             return
+        age = age_in_years(record.PatientAge)
+        if age is not None and age >= 90:  # HIPAA Safe Harbor: ages over 89 are one category
+            record.PatientAge = "090Y"
         for field in PHI_FIELDS:
             value = getattr(record, field)
             if self.mode == "drop" or not value:
@@ -241,8 +248,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
     phi = PhiFilter(settings.phi, settings.phi_key)
+    qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
-                            phi.fingerprint, str(outputs.residuals is not None)])
+                            phi.fingerprint, str(outputs.residuals is not None), qc.fingerprint])
     run_id = uuid.uuid4().hex[:12]
 
     with hold_lock(outputs.lock), ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
@@ -258,7 +266,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                      len(todo))
             scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id)
             try:
-                _score_new(todo, settings, phi, scorer, store)
+                _score_new(todo, settings, phi, qc, scorer, store)
                 threshold = scorer.threshold  # the model is verified even when nothing was new
             finally:
                 scorer.close()
@@ -307,13 +315,41 @@ def _reuse_stored(files: list[Found], store: StateStore,
     return todo
 
 
-def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, scorer: _Scorer,
-               store: StateStore) -> None:
-    """Decode `todo` in workers while the model scores full batches; commit each batch."""
+def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
+                    views: tuple[str, ...] | None) -> QualityControl:
+    """The QC step for a model: its verified QC reference and training population (ModelError, exit
+    65, if the reference does not check out). A model made without a reference gets the header and
+    contrast checks only, with a warning."""
+    reference = load_reference(model_dir, metadata) if mode != "off" else None
+    if reference is None and mode != "off":
+        log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
+                    "caught; retrain it with this radscan version", model_dir)
+    ages = metadata.get("population", {}).get("age_years")
+    return QualityControl(mode, views, reference, tuple(ages) if ages else None)
+
+
+def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:
+    """Record each verdict on its record; a failed image becomes status `rejected` with the QC
+    reason and is not scored. Returns, per image, whether it goes on to the model."""
+    verdicts = qc.check(records, np.stack(images)) if records else []
+    for record, verdict in zip(records, verdicts, strict=True):
+        record.qc_status, record.qc_reason = verdict.status, verdict.reason
+        if verdict.status == "fail":
+            record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
+    return [verdict.status != "fail" for verdict in verdicts]
+
+
+def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,
+               scorer: _Scorer, store: StateStore) -> None:
+    """Decode `todo` in workers while the model scores full batches (after QC); commit each batch."""
     batch: list[tuple[FileIdentity, ImageRecord, np.ndarray]] = []
     unscored: list[tuple[FileIdentity, dict[str, Any]]] = []
 
     def flush() -> None:
+        judged = apply_qc(qc, [r for _, r, _ in batch], [i for _, _, i in batch])
+        unscored.extend((identity, record.as_row()) for (identity, record, _), ok in zip(batch, judged, strict=True)
+                        if not ok)
+        batch[:] = [item for item, ok in zip(batch, judged, strict=True) if ok]
         scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch])
         store.save(unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)])
         batch.clear()
@@ -355,6 +391,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
                     **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
                                                          "StudyDate", "Modality")},
                     **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
+                    "study_note": _study_note(study),
                     "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
                     "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
                     "model_version": metadata.get("version", ""),
@@ -362,6 +399,18 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
     except OSError as exc:
         raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
     return studies, flagged
+
+
+def _study_note(study: dict[str, Any]) -> str:
+    """What a reader must know about a study besides its score: images that were not judged."""
+    notes = []
+    if study["images_rejected"]:
+        notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
+    if study["images_error"]:
+        notes.append(f"{study['images_error']} image(s) could not be read")
+    if notes and not study["images_scored"]:
+        notes.append("no image of this study was scored: review it yourself")
+    return "; ".join(notes)
 
 
 def _pictures_note(outputs: OutputPaths) -> str:

@@ -121,8 +121,9 @@ class StateStore:
     _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
     _STUDY = """study AS (
         SELECT study_key, MAX(score) AS study_score, COUNT(*) AS images, SUM(status = 'ok') AS images_scored,
-               SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error
-        FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error')) > 0)"""
+               SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
+               SUM(status = 'rejected') AS images_rejected
+        FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
         """This run's rows, by study score then score (highest first), with their study's result."""
@@ -135,25 +136,28 @@ class StateStore:
                    "study_flag": None if study_flag is None else bool(study_flag)}
 
     def studies(self) -> Iterator[dict[str, Any]]:
-        """One entry per study with a scored or failed image, highest study score first, with the
-        row of its top image (highest score, else its first failed image)."""
+        """One entry per study with a scored, failed or rejected image, highest study score first,
+        with the row of its top image (highest score, else its first unscored image)."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
                 PARTITION BY study_key ORDER BY score IS NULL, score DESC, sort_root, sort_path) AS n
-                FROM current WHERE status IN ('ok', 'error'))
-            SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error, r.row
+                FROM current WHERE status IN ('ok', 'error', 'rejected'))
+            SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
+                   s.images_rejected, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY s.study_score IS NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, row in self._db.execute(query, {"run": self.run_id}):
+        for key, study_score, images, scored, flagged, errors, rejected, row in self._db.execute(
+                query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
-                   "images_flagged": flagged, "images_error": errors, "top": json.loads(row)}
+                   "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
+                   "top": json.loads(row)}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",
                                       (self.run_id,)).fetchall())
         flagged = self._db.execute("SELECT SUM(flag) FROM results WHERE seen = ?", (self.run_id,)).fetchone()[0]
         return {"ok": found.get("ok", 0), "skipped": found.get("skipped", 0), "error": found.get("error", 0),
-                "flagged": flagged or 0}
+                "rejected": found.get("rejected", 0), "flagged": flagged or 0}
 
     def close(self) -> None:
         self._db.close()

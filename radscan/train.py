@@ -40,6 +40,7 @@ from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
+from radscan.qc import fit_reference, save_reference
 from radscan.report import CsvStream
 
 __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
@@ -327,6 +328,7 @@ def train(
     progress: bool = True,
     name: str | None = None,
     init_from: Path | None = None,
+    age_range: tuple[float, float] | None = None,
 ) -> TrainingResult:
     """Train for `tcfg.epochs` epochs, calibrate the last epoch's model and save it at `out_dir`.
 
@@ -457,6 +459,13 @@ def train(
         },
         "metrics": metrics,
     }
+    if age_range:
+        metadata["population"] = {"age_years": list(age_range)}
+    if len(train_images) >= 50:  # the QC step's reference: what an upright frontal training film looks like
+        metadata["qc"] = save_reference(fit_reference(train_images), out_dir)
+    else:
+        log.warning("only %d training images: no QC reference (needs 50); wrong-way-round and non-chest "
+                    "images will not be caught when this model scores", len(train_images))
     save_model(model, out_dir, metadata)
     checkpoint_path.unlink(missing_ok=True)
     return TrainingResult(out_dir, epoch + 1, metrics, stopped_by_budget)

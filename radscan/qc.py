@@ -1,0 +1,367 @@
+"""Input quality control between preprocessing and the model: never score a film the model cannot judge.
+
+Every usable image gets a verdict before it reaches the model:
+
+* ``pass``: scored as usual;
+* ``warn``: scored, with a reason that says why its score may not mean what it usually means
+  (a patient outside the age range the model was trained on, a film that may be mirrored);
+* ``fail``: not scored (status ``rejected``): a lateral or other non-frontal view, a blank or
+  burnt-out image, a film that is upside down, turned, inverted, or not a chest radiograph.
+
+Header checks use the DICOM attributes (ViewPosition, ImageType, PatientAge); JPEG and PNG files
+carry none and are judged on the pixels alone. The image checks need no labels: they compare the
+film with the training normals, which the model directory carries as a *QC reference*
+(``qc.safetensors``): the mean and the leading principal components ("eigen-chests", Turk and
+Pentland 1991) of the training normals at 16x16, each image standardised to zero mean and unit
+variance. A film's *distance* is its mean squared residual outside that subspace (distance from
+feature space). An upright frontal chest is closer to the subspace than any turned, mirrored
+or inverted copy of itself; a dental panoramic, a hand or a photograph is far from it whichever way
+it is turned. Every limit is calibrated on the training normals when the model is trained
+(`fit_reference`) and recorded in the reference (README "Input quality control").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radscan.errors import ModelError
+from radscan.records import ImageRecord
+
+__all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
+           "fit_reference", "save_reference", "load_reference", "features", "age_in_years"]
+
+QC_FILE = "qc.safetensors"
+QC_MODES = ("strict", "warn", "off")
+DEFAULT_VIEWS = ("PA", "AP")
+FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
+COMPONENTS = 10  # principal components kept; chosen on validation chest films (README)
+_LATERAL = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO"}
+
+
+@dataclass(frozen=True)
+class QCLimits:
+    """The QC limits of a model, calibrated on its training normals (see `fit_reference`).
+
+    Attributes
+    ----------
+    min_contrast : grey levels (0..255) between the 1st and 99th percentile of the 128x128 input
+        below which a film is blank or washed out (half the lowest of the training normals)
+    max_extreme : share of pixels at pure black (0) or white (255) above which a film is burnt out
+        or mostly border (twice the 99.5th percentile of the training normals, at least 0.5)
+    max_plane_share : share of a film's 16x16 layout (variance) that a tilted plane explains, above
+        which it is a grey ramp with no anatomy (a tenth of the smallest unexplained share among
+        the training normals is left)
+    max_distance : distance from the eigen-chest subspace above which an image is not a frontal
+        chest radiograph (3x the 99th percentile of the training normals)
+    orientation_margin : a film fails when a turned, flipped or inverted copy of it is closer to the
+        subspace than this fraction of its own distance: the reciprocal of the smallest ratio
+        (copy / as it is) among the training normals, whose upright form always fits best
+    mirror_margin : the same for a left-right mirror, which changes a chest less (the heart and
+        aortic knob); only a warning, because a mirrored film is still a chest film
+    """
+
+    min_contrast: float
+    max_extreme: float
+    max_plane_share: float
+    max_distance: float
+    orientation_margin: float
+    mirror_margin: float
+
+
+@dataclass(frozen=True)
+class QCReference:
+    """The eigen-chest subspace of a model's training normals and the limits calibrated on them.
+
+    mean : (256,) float32, the mean standardised 16x16 training normal, flattened
+    basis : (COMPONENTS, 256) float32, orthonormal rows (leading principal components)
+    """
+
+    mean: np.ndarray
+    basis: np.ndarray
+    limits: QCLimits
+    n_reference: int
+
+    def distance(self, vectors: np.ndarray) -> np.ndarray:
+        """(N, 256) standardised features -> (N,) mean squared residual outside the subspace."""
+        centred = vectors - self.mean
+        residual = centred - (centred @ self.basis.T) @ self.basis
+        return np.mean(residual**2, axis=1)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # pass / warn / fail
+    reason: str = ""
+
+
+def features(images: np.ndarray) -> np.ndarray:
+    """(N, 128, 128) uint8 model inputs -> (N, 256) float64: each film averaged down to 16x16 and
+    standardised (zero mean, unit variance), so that exposure and contrast do not matter."""
+    return _standardised(_thumbnails(images))
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, S, S) -> (N, 16, 16) block means (S a multiple of 16)."""
+    images = np.asarray(images)
+    n, side = images.shape[0], images.shape[-1]
+    step = side // FEATURE_SIDE
+    sums = images.reshape(n, FEATURE_SIDE, step, FEATURE_SIDE, step).sum(axis=(2, 4), dtype=np.uint32)
+    return sums / float(step * step)
+
+
+def _standardised(thumbnails: np.ndarray) -> np.ndarray:
+    flat = thumbnails.reshape(thumbnails.shape[0], -1)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    return flat / np.maximum(flat.std(axis=1, keepdims=True), 1e-6)
+
+
+# Ways a film arrives wrong, as the transform that brings it back upright, with what to call it.
+# np.rot90 turns anticlockwise: a film that fits once turned anticlockwise was turned clockwise.
+_UPRIGHTING: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
+    "rot90": (lambda x: np.rot90(x, 1, axes=(1, 2)), "turned 90 degrees clockwise"),
+    "rot270": (lambda x: np.rot90(x, 3, axes=(1, 2)), "turned 90 degrees anticlockwise"),
+    "rot180": (lambda x: np.rot90(x, 2, axes=(1, 2)), "upside down (turned 180 degrees)"),
+    "flipud": (lambda x: x[:, ::-1, :], "mirrored top to bottom"),
+    "transpose": (lambda x: x.transpose(0, 2, 1), "turned 90 degrees and mirrored"),
+    "antitranspose": (lambda x: np.rot90(x, 1, axes=(1, 2))[:, ::-1, :], "turned 90 degrees and mirrored"),
+}
+_MIRROR = lambda x: x[:, :, ::-1]  # noqa: E731
+
+
+def _orientation_distances(reference: QCReference, small: np.ndarray) -> dict[str, np.ndarray]:
+    """Distance of each film as it is ("upright"), mirrored left-right, and after every uprighting
+    transform, with and without inverted grey levels (a standardised film inverts by negation).
+    Turning and mirroring commute with the block means, so they act on the (N, 16, 16) thumbnails."""
+    out: dict[str, np.ndarray] = {}
+    for name, transform in {"upright": lambda x: x, "mirror": _MIRROR,
+                            **{k: t for k, (t, _) in _UPRIGHTING.items()}}.items():
+        vectors = _standardised(np.ascontiguousarray(transform(small)))
+        out[name] = reference.distance(vectors)
+        out["inverted" if name == "upright" else f"inverted {name}"] = reference.distance(-vectors)
+    return out
+
+
+def _plane_share(small: np.ndarray) -> np.ndarray:
+    """(N, 16, 16) thumbnails -> (N,) share of the variance of each that a plane a + b x + c y
+    explains: 1 for a linear grey ramp, a few percent for a chest film."""
+    rows, cols = np.mgrid[0:FEATURE_SIDE, 0:FEATURE_SIDE]
+    design = np.stack([np.ones(rows.size), cols.ravel(), rows.ravel()], axis=1)
+    flat = small.reshape(len(small), -1)
+    fitted = design @ np.linalg.lstsq(design, flat.T, rcond=None)[0]
+    total = ((flat - flat.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    return 1 - ((flat - fitted.T) ** 2).sum(axis=1) / np.maximum(total, 1e-9)
+
+
+def _grey_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 128, 128) uint8 -> (p1..p99 range in grey levels, share of pixels at 0 or 255), from
+    each image's 256-bin histogram of every second pixel in each direction (a sort of every pixel
+    would cost more than the rest of QC)."""
+    n = images.shape[0]
+    flat = images[:, ::2, ::2].reshape(n, -1)
+    offsets = (np.arange(n, dtype=np.int64) * 256)[:, None]
+    histograms = np.bincount((flat + offsets).ravel(), minlength=256 * n).reshape(n, 256)
+    cumulative = np.cumsum(histograms, axis=1) / flat.shape[1]
+    low = (cumulative < 0.01).sum(axis=1)  # the first grey level with >= 1% of pixels at or below it
+    high = (cumulative < 0.99).sum(axis=1)
+    extreme = np.maximum(histograms[:, 0], histograms[:, 255]) / flat.shape[1]
+    return (high - low).astype(np.float64), extreme
+
+
+def fit_reference(train: np.ndarray) -> QCReference:
+    """Fit the eigen-chest subspace and every QC limit on (N, 128, 128) uint8 training normals
+    (N >= 50). Raises ValueError for fewer."""
+    if len(train) < 50:
+        raise ValueError(f"the QC reference needs at least 50 training normals, got {len(train)}")
+    vectors = features(train)
+    mean = vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(vectors - mean, full_matrices=False)
+    provisional = QCReference(mean.astype(np.float32), components[:COMPONENTS].astype(np.float32),
+                              QCLimits(0, 1, 1, np.inf, 0, 0), len(train))
+    small = _thumbnails(train)
+    distances = _orientation_distances(provisional, small)
+    upright = distances["upright"]
+    wrong = np.min([d for k, d in distances.items() if k not in ("upright", "mirror")], axis=0)
+    contrast, extreme = _grey_statistics(train)
+    limits = QCLimits(
+        min_contrast=float(contrast.min() / 2),
+        max_extreme=float(max(0.5, 2 * np.percentile(extreme, 99.5))),
+        max_plane_share=float(1 - (1 - _plane_share(small).max()) / 10),
+        max_distance=float(3 * np.percentile(upright, 99)),
+        orientation_margin=float(1 / np.min(wrong / upright)),
+        mirror_margin=float(np.min(wrong / upright)) ** -2,
+    )
+    return QCReference(provisional.mean, provisional.basis, limits, len(train))
+
+
+def save_reference(reference: QCReference, directory: Path) -> dict[str, Any]:
+    """Write ``qc.safetensors`` (tensors, with the limits sealed in its header) atomically; returns
+    the block that model.json records (file, sha256, limits) so that loading can verify it."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    tmp = directory / f".{QC_FILE}.tmp"
+    sealed = json.dumps({"limits": asdict(reference.limits), "n_reference": reference.n_reference}, sort_keys=True)
+    save_file({"mean": reference.mean, "basis": reference.basis}, str(tmp), metadata={"radscan-qc": sealed})
+    os.replace(tmp, directory / QC_FILE)
+    digest = hashlib.sha256((directory / QC_FILE).read_bytes()).hexdigest()
+    return {"file": QC_FILE, "sha256": digest, "n_reference": reference.n_reference,
+            "limits": asdict(reference.limits)}
+
+
+def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | None:
+    """The verified QC reference of a model directory, or None for a model made without one.
+    Raises ModelError (exit 65) when the file is missing, altered, or disagrees with model.json."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    block = metadata.get("qc")
+    if block is None:
+        return None
+    path = Path(directory) / QC_FILE
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise ModelError(f"QC reference missing: {path} (model.json names one); restore it or retrain") from None
+    if not isinstance(block, dict) or block.get("file") != QC_FILE \
+            or hashlib.sha256(data).hexdigest() != block.get("sha256"):
+        raise ModelError(f"{path} does not match the sha256 in model.json: the file was altered or corrupted")
+    try:
+        tensors = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        sealed = json.loads(header["__metadata__"]["radscan-qc"])
+        limits = QCLimits(**sealed["limits"])
+        reference = QCReference(tensors["mean"], tensors["basis"], limits, int(sealed["n_reference"]))
+    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise ModelError(f"cannot read the QC reference {path}: {exc}") from None
+    if block.get("limits") != asdict(limits):
+        raise ModelError("the QC limits in model.json differ from those sealed in qc.safetensors: the metadata "
+                         "was edited; retrain or restore it")
+    if reference.mean.shape != (FEATURE_SIDE**2,) or reference.basis.shape[1:] != (FEATURE_SIDE**2,):
+        raise ModelError(f"the QC reference {path} has unexpected shapes")
+    return reference
+
+
+def age_in_years(text: str) -> float | None:
+    """DICOM Age String (PS3.5 6.2, VR AS: nnnD, nnnW, nnnM or nnnY) -> years; None if unreadable."""
+    text = text.strip().upper()
+    units = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
+    if len(text) != 4 or not text[:3].isdigit() or text[3] not in units:
+        return None
+    return int(text[:3]) / units[text[3]]
+
+
+@dataclass
+class QualityControl:
+    """Verdicts for usable images (the record after preprocessing and its 128x128 input).
+
+    mode : strict (failed images are not scored), warn (they are scored, marked warn) or off
+    views : allowed ViewPosition values (an absent or empty tag is accepted)
+    reference : the model's QC reference, or None (image checks other than contrast are then off)
+    age_range : (min, max) patient age in years of the training population, or None
+    """
+
+    mode: str = "strict"
+    views: tuple[str, ...] | None = DEFAULT_VIEWS
+    reference: QCReference | None = None
+    age_range: tuple[float, float] | None = None
+    limits: QCLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in QC_MODES:
+            raise ValueError(f"QC mode must be one of {QC_MODES}, not {self.mode!r}")
+        # without a reference, only the grey-level checks run, with limits that fail nothing real
+        self.limits = self.reference.limits if self.reference else QCLimits(60.0, 0.5, 0.95, np.inf, 0.0, 0.0)
+
+    @property
+    def fingerprint(self) -> str:
+        """What changes verdicts, for the run fingerprint (a changed setting re-judges every file)."""
+        reference = "none" if self.reference is None else hashlib.sha256(
+            self.reference.basis.tobytes() + json.dumps(asdict(self.limits)).encode()).hexdigest()[:16]
+        return f"qc={self.mode};views={self.views};ages={self.age_range};ref={reference}"
+
+    def check(self, records: list[ImageRecord], images: np.ndarray) -> list[Verdict]:
+        """Verdicts for a batch: (N,) records and (N, 128, 128) uint8 inputs."""
+        if self.mode == "off" or len(records) == 0:
+            return [Verdict("pass") for _ in records]
+        contrast, extreme = _grey_statistics(images)
+        small = _thumbnails(images)
+        plane = _plane_share(small)
+        distances = _orientation_distances(self.reference, small) if self.reference else None
+        verdicts = []
+        for index, record in enumerate(records):
+            problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
+                                                                             distances)
+            if problems:
+                verdicts.append(Verdict("fail" if self.mode == "strict" else "warn", "; ".join(problems)))
+                continue
+            warnings = self._warnings(record, index, distances)
+            verdicts.append(Verdict("warn", "; ".join(warnings)) if warnings else Verdict("pass"))
+        return verdicts
+
+    def _header_problems(self, record: ImageRecord) -> list[str]:
+        problems = []
+        view = record.ViewPosition.strip().upper()
+        if view and self.views is not None and view not in self.views:
+            kind = "a lateral view" if view in _LATERAL else "not a frontal view"
+            problems.append(f"{kind} (ViewPosition {view}); only {', '.join(self.views)} films are judged (--views)")
+        image_type = {value.strip().upper() for value in record.ImageType.split("\\")}
+        if image_type & {"LOCALIZER", "SCOUT"}:
+            problems.append("a localizer/scout image (ImageType), not a radiograph to judge")
+        return problems
+
+    def _image_problems(self, index: int, contrast: np.ndarray, extreme: np.ndarray, plane: float,
+                        distances: dict[str, np.ndarray] | None) -> list[str]:
+        limits = self.limits
+        if contrast[index] < limits.min_contrast:
+            return [f"nearly blank: only {contrast[index]:.0f} grey levels of contrast (training films have at "
+                    f"least {2 * limits.min_contrast:.0f}); check the window or the file"]
+        if extreme[index] > limits.max_extreme:
+            return [f"{extreme[index]:.0%} of the image is pure black or white: burnt out, blank or mostly border"]
+        if plane > limits.max_plane_share:
+            return [f"a smooth grey ramp with no anatomy ({plane:.0%} of its layout is a plane)"]
+        if distances is None:
+            return []
+        upright = distances["upright"][index]
+        name, best = min(((k, d[index]) for k, d in distances.items() if k not in ("upright", "mirror")),
+                         key=lambda item: item[1])
+        if min(upright, best) > limits.max_distance:
+            return ["does not look like a chest radiograph, whichever way it is turned (another body part, "
+                    "a lateral view, a photograph or a damaged image?)"]
+        if best < limits.orientation_margin * upright:
+            return [f"wrong way round, or not a chest film: it matches an upright frontal chest film only if it "
+                    f"is taken to be {_describe(name)}"]
+        if upright > limits.max_distance:
+            return ["does not look like a frontal chest radiograph (layout unlike every training film)"]
+        return []
+
+    def _warnings(self, record: ImageRecord, index: int, distances: dict[str, np.ndarray] | None) -> list[str]:
+        warnings = []
+        mirrored = distances is not None and \
+            distances["mirror"][index] < self.limits.mirror_margin * distances["upright"][index]
+        if mirrored:
+            warnings.append("may be mirrored left to right (heart on the right?): check the side marker")
+        age = age_in_years(record.PatientAge) if record.PatientAge else None
+        if age is not None and self.age_range is not None and not self.age_range[0] <= age <= self.age_range[1] + 1:
+            low, high = self.age_range
+            warnings.append(f"patient age {age:.0f} years is outside the model's training population "
+                            f"({low:g}-{high:g} years): its score is not comparable, do not read a flag as a finding")
+        return warnings
+
+
+def _describe(transform: str) -> str:
+    inverted = transform.startswith("inverted")
+    base = transform.removeprefix("inverted").strip()
+    parts = ["inverted (bones dark, air bright)"] if inverted else []
+    if base == "mirror":
+        parts.append("mirrored left to right")
+    elif base:
+        parts.append(_UPRIGHTING[base][1])
+    return " and ".join(parts)

@@ -1,0 +1,174 @@
+"""Quality control: films the model cannot judge are never scored as chests (issue 10)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from radscan.cli import cli
+from radscan.errors import ExitCode, ModelError
+from radscan.ingest import load_images
+from radscan.policy import Policy
+from radscan.qc import QualityControl, fit_reference, load_reference, save_reference
+from radscan.records import ImageRecord
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "kermany-tiny"
+
+
+@pytest.fixture(scope="module")
+def normals(cxr_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(training films, held-out films) of the shipped model: its training_split.csv."""
+    with open(SHIPPED / "training_split.csv", newline="") as handle:
+        split = list(csv.DictReader(handle))
+    folder = cxr_dir / "kermany_pediatric_224/train_normal"
+    train = [str(folder / row["path"]) for row in split if row["split"] == "train"][:300]
+    held_out = [str(folder / row["path"]) for row in split if row["split"] == "calibration"][:100]
+    return (load_images(train, Policy(), workers=1, progress=False)[0],
+            load_images(held_out, Policy(), workers=1, progress=False)[0])
+
+
+@pytest.fixture(scope="module")
+def qc() -> QualityControl:
+    """The shipped model's QC (reference fitted on its 1,021 training normals)."""
+    metadata = json.loads((SHIPPED / "model.json").read_text())
+    return QualityControl(reference=load_reference(SHIPPED, metadata), age_range=(1, 5))
+
+
+def test_a_reference_fitted_on_normals_passes_other_normals(normals):
+    fitted = QualityControl(reference=fit_reference(normals[0]))
+    statuses = [v.status for v in _verdicts(fitted, normals[1])]
+    assert statuses.count("fail") <= 2  # a 300-film reference is rougher than the shipped 1,021
+    with pytest.raises(ValueError, match="at least 50"):
+        fit_reference(normals[0][:49])
+
+
+def _verdicts(qc: QualityControl, images: np.ndarray, **header) -> list:
+    records = [ImageRecord(path=f"{i}.jpeg", root="r", kind="jpeg", **header) for i in range(len(images))]
+    return qc.check(records, np.ascontiguousarray(images))
+
+
+def test_upright_normals_pass(qc, normals):
+    statuses = [v.status for v in _verdicts(qc, normals[1])]
+    assert statuses.count("fail") == 0
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda x: np.rot90(x, 1, axes=(1, 2)), "turned 90 degrees anticlockwise"),
+    (lambda x: np.rot90(x, 3, axes=(1, 2)), "turned 90 degrees clockwise"),
+    (lambda x: np.rot90(x, 2, axes=(1, 2)), "upside down"),
+    (lambda x: x[:, ::-1, :], "mirrored top to bottom"),
+    (lambda x: 255 - x, "inverted"),
+])
+def test_wrong_way_round_films_fail_and_say_how(qc, normals, change, words):
+    verdicts = _verdicts(qc, change(normals[1]))
+    assert all(v.status == "fail" for v in verdicts)
+    assert sum(words in v.reason for v in verdicts) >= 0.9 * len(verdicts)
+
+
+def test_blank_noise_and_gradient_images_fail(qc):
+    blank = np.stack([np.full((128, 128), value, np.uint8) for value in (0, 128, 255)])
+    noise = np.random.default_rng(0).integers(0, 256, (5, 128, 128)).astype(np.uint8)
+    ramp = np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))[None]
+    verdicts = _verdicts(qc, np.concatenate([blank, noise, ramp]))
+    assert [v.status for v in verdicts] == ["fail"] * 9
+    assert all("blank" in v.reason or "black or white" in v.reason for v in verdicts[:3])
+
+
+def test_left_right_mirror_is_a_warning_not_a_failure(qc, normals):
+    verdicts = _verdicts(qc, normals[1][:, :, ::-1])
+    assert not any(v.status == "fail" for v in verdicts)
+    assert sum(v.status == "warn" and "mirrored left to right" in v.reason for v in verdicts) >= 0.5 * len(verdicts)
+
+
+def test_header_view_and_image_type(qc, normals):
+    film = normals[1][:1]
+    assert _verdicts(qc, film, ViewPosition="PA")[0].status == "pass"
+    assert _verdicts(qc, film, ViewPosition="")[0].status == "pass"  # absent: accepted
+    lateral = _verdicts(qc, film, ViewPosition="LL")[0]
+    assert lateral.status == "fail" and "lateral view (ViewPosition LL)" in lateral.reason
+    assert _verdicts(qc, film, ImageType="DERIVED\\PRIMARY\\LOCALIZER")[0].status == "fail"
+    everything = QualityControl(reference=qc.reference, views=None)
+    assert _verdicts(everything, film, ViewPosition="LL")[0].status == "pass"
+
+
+def test_patients_outside_the_training_ages_are_scored_with_a_warning(qc, normals):
+    film = normals[1][:1]
+    assert _verdicts(qc, film, PatientAge="003Y")[0].status == "pass"
+    assert _verdicts(qc, film, PatientAge="018M")[0].status == "pass"  # 1.5 years (PS3.5 6.2, VR AS)
+    adult = _verdicts(qc, film, PatientAge="045Y")[0]
+    assert adult.status == "warn" and "45 years" in adult.reason and "1-5" in adult.reason
+
+
+def test_modes_warn_and_off(qc, normals):
+    turned = np.rot90(normals[1][:2], 1, axes=(1, 2))
+    warn = QualityControl(mode="warn", reference=qc.reference)
+    assert [v.status for v in _verdicts(warn, turned)] == ["warn", "warn"]
+    off = QualityControl(mode="off", reference=qc.reference)
+    assert [v.status for v in _verdicts(off, turned)] == ["pass", "pass"]
+
+
+def test_reference_round_trip_and_verification(qc, tmp_path):
+    block = save_reference(qc.reference, tmp_path)
+    loaded = load_reference(tmp_path, {"qc": block})
+    assert np.array_equal(loaded.basis, qc.reference.basis) and loaded.limits == qc.reference.limits
+    edited = json.loads(json.dumps(block))
+    edited["limits"]["max_distance"] *= 10
+    with pytest.raises(ModelError, match="edited"):
+        load_reference(tmp_path, {"qc": edited})
+    data = bytearray((tmp_path / "qc.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "qc.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        load_reference(tmp_path, {"qc": block})
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_score_rejects_wrong_way_round_and_foreign_films_end_to_end(cxr_dir, dicom_dir, tmp_path):
+    """The shipped model's QC on real files: a turned and an inverted copy of a normal film and the
+    dental panoramic CR are listed as rejected with reasons and no score; the upright film is scored."""
+    study = tmp_path / "in" / "p1"
+    study.mkdir(parents=True)
+    film = Image.open(cxr_dir / "kermany_pediatric_224/test_normal" / sorted(
+        (cxr_dir / "kermany_pediatric_224/test_normal").iterdir())[0].name).convert("L")
+    film.save(study / "upright.png")
+    film.transpose(Image.Transpose.ROTATE_90).save(study / "turned.png")
+    Image.fromarray(255 - np.asarray(film)).save(study / "inverted.png")
+    shutil.copy(dicom_dir / "fo-dicom/CR-ModalitySequenceLUT.dcm", study / "dental")
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(tmp_path / "in"), "--out", str(out), "--model",
+                                      str(SHIPPED), "--no-residuals", "--workers", "1", "--json"])
+    assert result.exit_code == ExitCode.OK, result.output
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert rows["upright.png"]["status"] == "ok" and rows["upright.png"]["qc_status"] == "pass"
+    for name in ("turned.png", "inverted.png", "dental"):
+        row = rows[name]
+        assert row["status"] == "rejected" and row["qc_status"] == "fail" and row["score"] == "", row
+        assert row["reason"].startswith("not judged:") and row["rank"] == ""
+    assert "inverted" in rows["inverted.png"]["qc_reason"] and "turned 90" in rows["turned.png"]["qc_reason"]
+    summary = json.loads(result.stdout)
+    assert summary["counts"]["rejected"] == 3 and summary["counts"]["ok"] == 1
+    studies = {r["study_key"].rsplit("/", 1)[-1]: r for r in _rows(out.with_name("report_studies.csv"))}
+    assert studies["p1"]["images_rejected"] == "2" and "2 image(s) not judged" in studies["p1"]["study_note"]
+    dental = next(r for key, r in studies.items() if key != "p1")  # keyed by its StudyInstanceUID
+    assert dental["images_scored"] == "0" and "review it yourself" in dental["study_note"]
+
+    # --qc warn: the same films are scored, and marked
+    warned = tmp_path / "warn" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(tmp_path / "in"), "--out", str(warned), "--model",
+                                      str(SHIPPED), "--no-residuals", "--workers", "1", "--qc", "warn"])
+    assert result.exit_code == ExitCode.OK, result.output
+    rows = {Path(r["path"]).name: r for r in _rows(warned)}
+    assert rows["turned.png"]["status"] == "ok" and rows["turned.png"]["qc_status"] == "warn"
+    assert rows["turned.png"]["score"] != ""
