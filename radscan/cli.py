@@ -19,7 +19,7 @@ from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
-from radscan.qc import DEFAULT_VIEWS, QC_MODES
+from radscan.qc import DEFAULT_VIEWS, QC_MODES, QualityControl, quality_control
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 
@@ -122,37 +122,67 @@ json_option = click.option(
 )
 
 
+model_option = click.option(
+    "--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
+    help="Model directory (default: the model shipped in models/; or RADSCAN_MODEL).",
+)
+qc_option = click.option(
+    "--qc", "qc_mode", type=click.Choice(QC_MODES), default="strict", show_default=True,
+    help="Quality control before scoring: strict = films that fail it (turned, inverted, blank, lateral, not a "
+         "chest) get status rejected and no score; warn = scored but marked; off.")
+views_option = click.option(
+    "--views", default=",".join(DEFAULT_VIEWS), show_default=True,
+    help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
+
+
+def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityControl:
+    """The QC step of `model` (default: the shipped one), as `radscan score` runs it."""
+    from radscan.model.metadata import read_metadata
+    from radscan.score import default_model_dir
+
+    model_dir = model or default_model_dir()
+    metadata = read_metadata(model_dir) if qc_mode != "off" else {}
+    return quality_control(model_dir, metadata, qc_mode, parse_list(views))
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Inventory CSV to write (replaced atomically).")
 @click.option("--previews", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the exact 128x128 model inputs as 8-bit PNGs.")
+@model_option
+@qc_option
+@views_option
 @selection_options
 @workers_option
 @json_option
 @click.pass_context
-def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path | None, policy: Policy,
-         workers: int, as_json: bool) -> None:
+def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path | None, model: Path | None,
+         qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Inventory PATHS: one CSV row per file with its kind, status, reason, study keys and QC fields.
 
-    Files are recognised by content (any name, no extension needed). With --previews, the exact
-    images the model would see are written as PNGs, to check orientation, inversion and windowing.
+    Files are recognised by content (any name, no extension needed). Usable images get the quality
+    control verdict `radscan score` would give them with --model (status rejected, qc_status,
+    qc_reason). With --previews, the exact images the model would see are written as PNGs, to check
+    orientation, inversion and windowing.
 
     \b
     Example:
       radscan scan /data/incoming --out inventory.csv --previews previews/
+      radscan scan /data/incoming --out inventory.csv --qc off --modalities all
     """
     from radscan.scan import scan as run_scan
 
-    summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"])
+    qc = _quality_control(model, qc_mode, views) if qc_mode != "off" else None
+    summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=None))
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(
-            f"{summary.files} files: {counts['ok']} ok, {counts['skipped']} skipped, "
-            f"{counts['error']} error -> {summary.inventory}",
+            f"{summary.files} files: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
+            f"{counts['skipped']} skipped, {counts['error']} error -> {summary.inventory}",
             err=True,
         )
     if summary.counts["error"]:
@@ -171,10 +201,6 @@ def _read_settings(path: Path) -> dict:
     return json.loads(text)
 
 
-model_option = click.option(
-    "--model", type=click.Path(file_okay=False, path_type=Path), envvar="RADSCAN_MODEL",
-    help="Model directory (default: the model shipped in models/; or RADSCAN_MODEL).",
-)
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
                              show_default=True, help="Where the model runs: auto picks CUDA, then MPS, then CPU.")
 
@@ -346,11 +372,8 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
               help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600).")
-@click.option("--qc", "qc_mode", type=click.Choice(QC_MODES), default="strict", show_default=True,
-              help="Quality control before scoring: strict = films that fail it (turned, inverted, blank, "
-                   "lateral, not a chest) get status rejected and no score; warn = scored but marked; off.")
-@click.option("--views", default=",".join(DEFAULT_VIEWS), show_default=True,
-              help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
+@qc_option
+@views_option
 @selection_options
 @workers_option
 @json_option

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,10 +34,13 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError
-from radscan.records import ImageRecord
+from radscan.records import ImageRecord, Status
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
-           "fit_reference", "save_reference", "load_reference", "features", "age_in_years"]
+           "fit_reference", "save_reference", "load_reference", "features", "age_in_years", "quality_control",
+           "apply_qc"]
+
+log = logging.getLogger(__name__)
 
 QC_FILE = "qc.safetensors"
 QC_MODES = ("strict", "warn", "off")
@@ -365,3 +369,27 @@ def _describe(transform: str) -> str:
     elif base:
         parts.append(_UPRIGHTING[base][1])
     return " and ".join(parts)
+
+
+def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
+                    views: tuple[str, ...] | None) -> QualityControl:
+    """The QC step for a model: its verified QC reference and training population (ModelError, exit
+    65, if the reference does not check out). A model made without a reference gets the header and
+    contrast checks only, with a warning."""
+    reference = load_reference(model_dir, metadata) if mode != "off" else None
+    if reference is None and mode != "off":
+        log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
+                    "caught; retrain it with this radscan version", model_dir)
+    ages = metadata.get("population", {}).get("age_years")
+    return QualityControl(mode, views, reference, tuple(ages) if ages else None)
+
+
+def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:
+    """Record each verdict on its record; a failed image becomes status `rejected` with the QC
+    reason and is not scored. Returns, per image, whether it goes on to the model."""
+    verdicts = qc.check(records, np.stack(images)) if records else []
+    for record, verdict in zip(records, verdicts, strict=True):
+        record.qc_status, record.qc_reason = verdict.status, verdict.reason
+        if verdict.status == "fail":
+            record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
+    return [verdict.status != "fail" for verdict in verdicts]

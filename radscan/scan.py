@@ -16,6 +16,7 @@ from radscan.errors import NoInputError
 from radscan.ingest import check_inputs, find_files, iter_ingested
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
+from radscan.qc import QualityControl, apply_qc
 from radscan.records import RECORD_COLUMNS, Status
 from radscan.report import CsvStream, png_name, write_png
 
@@ -47,11 +48,14 @@ def scan(
     policy: Policy | None = None,
     workers: int = -1,
     progress: bool = True,
+    qc: QualityControl | None = None,
 ) -> ScanSummary:
     """Read every file under `inputs` and write one inventory row per file to `out`.
 
     With `previews`, each usable image's 128x128 model input is written there as an 8-bit PNG
-    named by a hash of its path (no patient identifiers), and the row links to it.
+    named by a hash of its path (no patient identifiers), and the row links to it. With `qc`,
+    each usable image gets the verdict `radscan score` would give it (status `rejected` when it
+    fails).
     """
     started = time.monotonic()
     policy = policy or Policy()
@@ -61,12 +65,14 @@ def scan(
         raise NoInputError(f"no files found under {', '.join(inputs)}")
     log.info("found %d files under %d input path(s)", len(files), len(inputs))
 
-    counts: Counter[str] = Counter({Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0})
+    counts: Counter[str] = Counter({Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0, Status.REJECTED: 0})
     reasons: Counter[str] = Counter()
     results = iter_ingested(files, policy, workers)
     with CsvStream(out, INVENTORY_COLUMNS) as inventory:
         for record, image in tqdm(results, total=len(files), unit="file", desc="scan",
                                   disable=None if progress else True):
+            if image is not None and qc is not None:
+                apply_qc(qc, [record], [image])
             if image is not None and previews is not None:
                 preview = previews / png_name(str(Path(record.root).resolve()), record.path)
                 write_png(preview, image)

@@ -33,7 +33,7 @@ from radscan.ingest import Found, check_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, load_reference
+from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
 from radscan.report import CsvStream, atomic_output, png_name, render_explanation, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
@@ -313,30 +313,6 @@ def _reuse_stored(files: list[Found], store: StateStore,
             todo.append((found, identity))
     store.mark_seen(unchanged)
     return todo
-
-
-def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
-                    views: tuple[str, ...] | None) -> QualityControl:
-    """The QC step for a model: its verified QC reference and training population (ModelError, exit
-    65, if the reference does not check out). A model made without a reference gets the header and
-    contrast checks only, with a warning."""
-    reference = load_reference(model_dir, metadata) if mode != "off" else None
-    if reference is None and mode != "off":
-        log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
-                    "caught; retrain it with this radscan version", model_dir)
-    ages = metadata.get("population", {}).get("age_years")
-    return QualityControl(mode, views, reference, tuple(ages) if ages else None)
-
-
-def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:
-    """Record each verdict on its record; a failed image becomes status `rejected` with the QC
-    reason and is not scored. Returns, per image, whether it goes on to the model."""
-    verdicts = qc.check(records, np.stack(images)) if records else []
-    for record, verdict in zip(records, verdicts, strict=True):
-        record.qc_status, record.qc_reason = verdict.status, verdict.reason
-        if verdict.status == "fail":
-            record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
-    return [verdict.status != "fail" for verdict in verdicts]
 
 
 def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,

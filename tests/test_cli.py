@@ -56,7 +56,7 @@ def test_scan_writes_inventory_previews_and_json(study_folder, tmp_path):
     result = _run("scan", str(study_folder), "--out", str(out), "--previews", str(previews), "--json")
     assert result.exit_code == ExitCode.OK, result.output
     summary = json.loads(result.stdout)
-    assert summary["files"] == 5 and summary["counts"] == {"ok": 3, "skipped": 2, "error": 0}
+    assert summary["files"] == 5 and summary["counts"] == {"ok": 3, "skipped": 2, "error": 0, "rejected": 0}
     with open(out, newline="") as handle:
         rows = {row["path"]: row for row in csv.DictReader(handle)}
     jpegs = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]

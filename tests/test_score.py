@@ -66,7 +66,7 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json", "--workers", "2")
     assert result.exit_code == ExitCode.OK, result.output
     summary = json.loads(result.stdout)
-    assert summary["files"] == 11 and summary["counts"] == {"ok": 10, "skipped": 1, "error": 0}
+    assert summary["files"] == 11 and summary["counts"] == {"ok": 10, "skipped": 1, "error": 0, "rejected": 0}
 
     rows = _rows(out)
     assert tuple(rows[0]) == REPORT_COLUMNS
