@@ -254,9 +254,12 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
 
 
 def age_in_years(text: str) -> float | None:
-    """DICOM Age String (PS3.5 6.2, VR AS: nnnD, nnnW, nnnM or nnnY) -> years; None if unreadable."""
+    """DICOM Age String (PS3.5 6.2, VR AS: nnnD, nnnW, nnnM or nnnY) -> years; None if unreadable.
+    A bare number of up to three digits, which some archives write, is read as years."""
     text = text.strip().upper()
     units = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
+    if text.isdigit() and len(text) <= 3:
+        return float(text)
     if len(text) != 4 or not text[:3].isdigit() or text[3] not in units:
         return None
     return int(text[:3]) / units[text[3]]
