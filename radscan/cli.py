@@ -19,7 +19,7 @@ from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
-from radscan.qc import DEFAULT_VIEWS, QC_MODES, QualityControl, quality_control
+from radscan.qc import DEFAULT_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 
@@ -319,19 +319,29 @@ def _age_range(text: str) -> tuple[float, float]:
     return ages
 
 
+def _describe_qc(reference: QCReference | None, metadata: dict) -> str:
+    if reference is None:
+        return "no reference: wrong-way-round and non-chest images are not caught"
+    ages = metadata.get("population", {}).get("age_years")
+    population = f"; population aged {ages[0]:g}-{ages[1]:g} years" if ages else ""
+    return f"reference of {reference.n_reference} training normals{population}"
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @json_option
 def info(model_dir: Path, as_json: bool) -> None:
-    """Verify a model directory (hash, format, preprocessing version) and print its metadata.
+    """Verify a model directory (hashes, format, preprocessing version) and print its metadata.
 
     \b
     Example:
       radscan info models/kermany-tiny
     """
     from radscan.model.io import load_model
+    from radscan.qc import load_reference
 
     _, metadata = load_model(model_dir)
+    reference = load_reference(model_dir, metadata)
     if as_json:
         click.echo(json.dumps(metadata))
         return
@@ -343,6 +353,7 @@ def info(model_dir: Path, as_json: bool) -> None:
         f"parameters      {metadata.get('parameters'):,}",
         f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
         f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
+        f"quality control {_describe_qc(reference, metadata)}",
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "
         f"{training.get('minutes')} min on {training.get('device')}",
