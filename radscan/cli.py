@@ -221,6 +221,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
 @click.option("--score", "score_kind", type=click.Choice(list(SCORE_KINDS)),
               help="What the anomaly score is made of (default critic; see README 'Score kinds').")
+@click.option("--critic-blur", type=click.FloatRange(0, 8), metavar="SIGMA",
+              help="Gaussian low-pass (pixels) in front of the discriminator, so that the critic judges "
+                   "anatomy and opacity rather than sharpness (overrides the preset; 0 = none).")
 @click.option("--critic-snapshots", type=click.IntRange(1),
               help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
@@ -261,7 +264,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.pass_context
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
-          score_kind: str | None, critic_snapshots: int | None, epochs: int, max_minutes: float | None,
+          score_kind: str | None, critic_blur: float | None, critic_snapshots: int | None, epochs: int,
+          max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
@@ -287,6 +291,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     overrides = _read_settings(settings_file) if settings_file else {}
     overrides.update({k: v for k, v in {"memory_kind": memory, "score_kind": score_kind,
                                         "critic_snapshots": critic_snapshots}.items() if v})
+    if critic_blur is not None:
+        overrides["critic_blur_sigma"] = critic_blur
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
