@@ -194,6 +194,24 @@ def test_critic_judges_four_diagonally_shifted_views():
         torch.testing.assert_close(unshifted.critic_logits(images)[:, 0], -model.discriminator(images))
 
 
+def test_critic_low_pass_hides_detail_finer_than_its_sigma():
+    """critic_blur_sigma: the discriminator sees the film through a Gaussian of that sigma, so a
+    pixel-scale pattern (a checkerboard at 0.5 cycles/px, which a Gaussian of sigma 1.5 attenuates to
+    about 1e-5; the truncated kernel and the replicated edges leave more) barely moves its verdict,
+    while the film's layout still does."""
+    images = _real_batch(2)
+    checker = 0.2 * (torch.arange(128)[:, None] + torch.arange(128)[None, :]).remainder(2).float().mul(2).sub(1)
+    sharp = SimSID(preset("tiny")).eval()
+    blurred = SimSID(preset("tiny", critic_blur_sigma=1.5)).eval()
+    blurred.load_state_dict(sharp.state_dict())
+    with torch.no_grad():
+        moved_sharp = (sharp.discriminator(images + checker) - sharp.discriminator(images)).abs()
+        moved_blurred = (blurred.discriminator(images + checker) - blurred.discriminator(images)).abs()
+        turned = (blurred.discriminator(images.flip(-2)) - blurred.discriminator(images)).abs()
+    assert (moved_blurred < 0.02 * moved_sharp).all()
+    assert (turned > 10 * moved_blurred).all()
+
+
 class _LeftHalfCritic(torch.nn.Module):
     """A critic that only looks at the left half of the film: the further from mid-grey, the less real."""
 
