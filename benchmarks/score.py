@@ -4,7 +4,8 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
 1. Mixed set (the ingest benchmark's: 80 full-resolution Kermany JPEGs + 10 large compressed DICOM
    radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
    (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
-   The same run without residual PNGs shows what the pictures cost.
+   The same run without residual PNGs shows what the pictures cost, and without PNGs and with
+   `--qc off` what the quality control costs (goal: at most 10% of the throughput).
 2. Model only: images/s of `model.score` at batch 64 on random inputs, with the explanation maps
    (a backward pass through the critics, what a run with PNGs pays) and without (--no-residuals).
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
@@ -92,7 +93,7 @@ def main() -> None:
         files = build_set(tmp_path / "set", args.copies)
         floor_cmd = [sys.executable, ingest_script, "--floor-only", str(tmp_path / "set"), "--workers",
                      str(args.workers)]
-        floors, scores, bares = [], [], []
+        floors, scores, bares, unchecked = [], [], [], []
         if not args.skip_speed:
             timed(floor_cmd)  # warm caches
             def score_cmd(out: Path, *extra: str) -> list[str]:
@@ -105,13 +106,16 @@ def main() -> None:
                 floors.append(timed(floor_cmd))
                 scores.append(timed(score_cmd(run / "report.csv")))
                 bares.append(timed(score_cmd(run / "bare.csv", "--no-residuals")))
-            floor, score, bare = (statistics.median(times) for times in (floors, scores, bares))
+                unchecked.append(timed(score_cmd(run / "noqc.csv", "--no-residuals", "--qc", "off")))
+            floor, score, bare, no_qc = (statistics.median(t) for t in (floors, scores, bares, unchecked))
             print(f"mixed set: {len(files)} files, median of {args.repeats}")
             print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
             print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
             print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
             print(f"score --no-residuals   : {bare:7.2f} s  {len(files) / bare:7.1f} images/s  "
                   f"({bare / floor:.2f} x the floor)")
+            print(f"  ... and --qc off     : {no_qc:7.2f} s  {len(files) / no_qc:7.1f} images/s  "
+                  f"(QC costs {1 - no_qc / bare:.1%} of the throughput; goal <= 10%)")
             for explain in (True, False):
                 rate = model_only(args.model, args.device, explain)
                 print(f"model only, batch 64   : {rate:7.1f} images/s ({'with' if explain else 'without'} maps)")
