@@ -86,11 +86,19 @@ class CsvStream:
             self.abort(exc)
 
 
+# Text that a spreadsheet would run as a formula (OWASP "CSV Injection"): a file name or a DICOM
+# value such as =HYPERLINK(...) or @SUM(...) is written with a leading apostrophe, which
+# spreadsheets show as text. Numbers (negative scores) are not text and are written as they are.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
     return value
 
 

@@ -118,3 +118,17 @@ def test_failed_run_keeps_the_previous_inventory(study_folder, tmp_path, monkeyp
     assert result.exit_code == ExitCode.CRASH
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".inv.csv")] == []
+
+
+def test_names_that_spreadsheets_would_run_are_written_as_text(tmp_path, cxr_dir):
+    """OWASP CSV injection: folder and file names starting with = + - @ reach the CSV as text."""
+    source = next((cxr_dir / "kermany_pediatric_224/train_normal").iterdir())
+    (tmp_path / "in" / "=HYPERLINK(1)").mkdir(parents=True)
+    for name in ("=HYPERLINK(1)/a.jpeg", "@SUM(1).jpeg", "-2+3.jpeg", "+1.jpeg", "b=1.jpeg"):
+        shutil.copy(source, tmp_path / "in" / name)
+    out = tmp_path / "inventory.csv"
+    result = _run("scan", str(tmp_path / "in"), "--out", str(out))
+    assert result.exit_code == ExitCode.OK, result.output
+    with open(out, newline="") as handle:
+        paths = sorted(row["path"] for row in csv.DictReader(handle))
+    assert paths == ["'+1.jpeg", "'-2+3.jpeg", "'=HYPERLINK(1)/a.jpeg", "'@SUM(1).jpeg", "b=1.jpeg"]
