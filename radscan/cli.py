@@ -80,14 +80,23 @@ def _read_config(path: Path) -> dict:
         command = cli.commands.get(name)
         if command is None or not isinstance(table, dict):
             raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
-        by_option = {opt.lstrip("-").replace("-", "_"): param.name for param in command.params
+        by_option = {opt.lstrip("-").replace("-", "_"): param for param in command.params
                      for opt in param.opts if opt.startswith("--")}
         unknown = sorted(k for k in table if k.replace("-", "_") not in by_option)
         if unknown:
             raise click.BadParameter(f"[{name}] in {path}: unknown option(s) {', '.join(unknown)}",
                                      param_hint="--config")
-        default_map[name] = {by_option[k.replace("-", "_")]: v for k, v in table.items()}
+        default_map[name] = {by_option[k.replace("-", "_")].name: _setting(by_option[k.replace("-", "_")], v)
+                             for k, v in table.items()}
     return default_map
+
+
+def _setting(param: click.Parameter, value: object) -> object:
+    """A TOML value as the option expects it: a list for a comma-separated option (modalities =
+    ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
+    if isinstance(value, list) and not getattr(param, "multiple", False):
+        return ",".join(str(item) for item in value)
+    return value
 
 
 def selection_options(command: Callable) -> Callable:

@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -331,11 +332,14 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         batch.clear()
         unscored.clear()
 
+    dicom = Counter()  # DICOM files read this run, and those skipped: a policy that skips all is a mistake
     results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
                             in_flight=2 * settings.batch_size)
     for (_, identity), (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
                                                desc="score", disable=None if settings.progress else True):
         phi.apply(record)
+        if record.kind == "dicom":
+            dicom[record.status] += 1
         if image is None:
             unscored.append((identity, record.as_row()))
         else:
@@ -343,6 +347,14 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         if len(batch) >= settings.batch_size or len(unscored) >= 4 * settings.batch_size:
             flush()
     flush()
+    if dicom and dicom[Status.SKIPPED] == dicom.total():
+        log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
+                    "policy (modalities %s, body parts %s); check --modalities and --body-parts",
+                    dicom.total(), _listed(settings.policy.modalities), _listed(settings.policy.body_parts))
+
+
+def _listed(values: tuple[str, ...] | None) -> str:
+    return "all" if values is None else ",".join(values)
 
 
 def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,

@@ -306,6 +306,20 @@ def test_settings_from_toml_and_environment(studies, tiny_model, tmp_path):
     assert json.loads(result.stdout)["counts"]["ok"] == 10  # the environment beats the file
 
 
+def test_toml_lists_are_accepted_and_a_policy_that_skips_every_dicom_is_loud(studies, tiny_model, tmp_path):
+    """modalities = ["CR", "DX"] in TOML means what --modalities CR,DX means (it used to skip every
+    DICOM with exit 0); a selection that skips all DICOM files says so in the log."""
+    config = tmp_path / "radscan.toml"
+    config.write_text(f'[score]\nmodel = "{tiny_model}"\nno_residuals = true\nmodalities = ["CR", "DX"]\n')
+    result = _run("--config", str(config), "score", str(studies), "--out", str(tmp_path / "a.csv"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["ok"] == 10
+    config.write_text(f'[score]\nmodel = "{tiny_model}"\nno_residuals = true\nmodalities = ["MR"]\n')
+    result = _run("--config", str(config), "score", str(studies), "--out", str(tmp_path / "b.csv"))
+    assert result.exit_code == 0, result.output
+    assert "none of the 5 DICOM files read in this run was used" in result.stderr
+
+
 def test_a_damaged_model_stops_the_run_before_anything_is_stored(studies, tiny_model, tmp_path):
     """The weights load (and are verified) in a thread while the first files decode: a model that
     fails verification must still leave the last worklist and the store as they were."""
