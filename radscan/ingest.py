@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from radscan.dicom import read_dicom
-from radscan.errors import NoInputError
+from radscan.errors import NoInputError, SettingError
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION, to_model_input
 from radscan.raster import read_raster
@@ -54,6 +54,19 @@ class Found:
 
 
 Ingested = tuple[ImageRecord, "np.ndarray | None"]
+
+
+def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[Path | None]) -> None:
+    """Refuse (SettingError, exit 2) an output that is an input file or lies inside an input
+    folder: it would overwrite a radiograph, or be read back as an input by the next run."""
+    roots = [Path(path).resolve() for path in inputs]
+    for output in filter(None, outputs):
+        target = Path(output).resolve()
+        for root in roots:
+            if target == root or root in target.parents:
+                raise SettingError(f"the output {output} is {'an input file' if target == root else 'inside the input'}"
+                                   f" {root}: radscan would overwrite or read back its own outputs; write them "
+                                   "outside the folders it reads")
 
 
 def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:

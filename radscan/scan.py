@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from radscan.errors import NoInputError
-from radscan.ingest import check_inputs, find_files, iter_ingested
+from radscan.ingest import check_inputs, check_outputs_apart, find_files, iter_ingested
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, apply_qc
@@ -60,6 +60,7 @@ def scan(
     started = time.monotonic()
     policy = policy or Policy()
     check_inputs(inputs)
+    check_outputs_apart(inputs, [out, previews])
     files = find_files(inputs, exclude=[p for p in (out, previews) if p is not None])
     if not files:
         raise NoInputError(f"no files found under {', '.join(inputs)}")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError
-from radscan.ingest import Found, check_inputs, find_files, iter_ingested
+from radscan.ingest import Found, check_inputs, check_outputs_apart, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
@@ -84,6 +84,11 @@ class OutputPaths:
         return cls(report=report, studies=studies or Path(f"{stem}_studies.csv"),
                    residuals=(residuals or Path(f"{stem}_residuals")) if write_residuals else None,
                    state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"))
+
+    @property
+    def readme(self) -> Path:
+        """The note beside the worklist for whoever opens the folder."""
+        return Path(f"{self.report.with_suffix('')}_README.txt")
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
     check_inputs(inputs)
+    check_outputs_apart(inputs, [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock,
+                                 outputs.readme])
     model_dir = settings.model_dir or default_model_dir()
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
@@ -423,5 +430,5 @@ Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weigh
   score {metadata.get("config", {}).get("score_kind")},
   threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.
 """
-    with atomic_output(Path(f"{outputs.report.with_suffix('')}_README.txt")) as handle:
+    with atomic_output(outputs.readme) as handle:
         handle.write(text)

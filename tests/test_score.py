@@ -339,3 +339,17 @@ def test_a_damaged_model_stops_the_run_before_anything_is_stored(studies, tiny_m
     assert out.read_bytes() == before
     rerun = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
     assert json.loads(rerun.stdout)["scored_now"] == 1  # only the new file: nothing was stored by the failed run
+
+
+def test_outputs_that_would_destroy_or_feed_back_into_inputs_are_refused(studies, tiny_model, tmp_path):
+    """--out naming an input radiograph used to overwrite it with CSV; --out inside the input tree
+    read radscan's own README back as an input. Both are usage errors now, and nothing is written."""
+    image = next((studies / "normal0").iterdir())
+    before = image.read_bytes()
+    for out in (image, studies / "report.csv"):
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+        assert result.exit_code == ExitCode.USAGE, result.output
+        assert "outside the folders it reads" in result.output
+    assert image.read_bytes() == before and not (studies / "report.csv").exists()
+    result = _run("scan", str(studies), "--out", str(studies / "nih" / "inventory.csv"))
+    assert result.exit_code == ExitCode.USAGE and not (studies / "nih" / "inventory.csv").exists()
