@@ -10,26 +10,45 @@ most the batch in flight, and the next run resumes from there.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radscan.errors import LockHeldError
+from radscan.errors import LockHeldError, OutputError
 
-__all__ = ["hold_lock", "StateStore", "FileIdentity"]
+__all__ = ["hold_lock", "StateStore", "FileIdentity", "refuse_link"]
+
+log = logging.getLogger(__name__)
+
+
+def refuse_link(path: Path) -> None:
+    """An output that is a symbolic link is refused (OutputError, exit 73): writing through a link
+    that radscan did not make would truncate or replace whatever it points to."""
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link: radscan does not write through links it did not make; "
+                          "remove the link or choose another --out")
 
 
 @contextmanager
 def hold_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the duration, or fail at once with exit code 75."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    """Hold an exclusive lock on `path` for the duration, or fail at once with exit code 75.
+    The lock file is opened without following a symbolic link (exit 73 if it is one)."""
+    refuse_link(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+    handle = os.fdopen(descriptor, "r+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,13 +104,39 @@ class StateStore:
 
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        if self._db.execute("PRAGMA user_version").fetchone()[0] != self.SCHEMA_VERSION:
-            self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
-            self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
-        self._db.execute(self._SCHEMA)
+        for part in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            refuse_link(part)
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as exc:
+            # a damaged store must not stop every night: the scores in it are reproducible
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.warning("the state store %s is damaged (%s): moved aside to %s; every file is scored again",
+                        path, exc, aside.name)
+            with contextlib.suppress(Exception):
+                self._db.close()
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{path}{suffix}").exists():
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            self._db = self._open(path)
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        """Connect, check and prepare the store. A file that is not a database or fails SQLite's
+        integrity check raises sqlite3.DatabaseError (damaged); one that cannot be opened or
+        written (read-only, disk full) raises OutputError (exit 73)."""
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != self.SCHEMA_VERSION:
+                self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
+                self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
+            self._db.execute(self._SCHEMA)
+        except sqlite3.OperationalError as exc:
+            raise OutputError(f"cannot open or write the state store {path}: {exc}") from None
+        return self._db
 
     def lookup(self, identity: FileIdentity) -> dict[str, Any] | None:
         """The stored row for this file if it is still valid (same file, same fingerprint)."""

@@ -353,3 +353,38 @@ def test_outputs_that_would_destroy_or_feed_back_into_inputs_are_refused(studies
     assert image.read_bytes() == before and not (studies / "report.csv").exists()
     result = _run("scan", str(studies), "--out", str(studies / "nih" / "inventory.csv"))
     assert result.exit_code == ExitCode.USAGE and not (studies / "nih" / "inventory.csv").exists()
+
+
+def test_a_damaged_state_store_is_moved_aside_and_rebuilt(studies, tiny_model, tmp_path):
+    """Random bytes or a truncated file in report.state.sqlite used to stop every night with
+    "database disk image is malformed" (exit 1) until a person deleted it."""
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals", "--json")
+    assert _run(*args).exit_code == 0
+    state = out.with_name("report.state.sqlite")
+    for damage in (lambda data: data[: len(data) // 3], lambda data: bytes(reversed(data))):
+        for extra in out.parent.glob("report.state.sqlite-*"):
+            extra.unlink()
+        state.write_bytes(damage(state.read_bytes()))
+        result = _run(*args)
+        assert result.exit_code == 0, result.output
+        assert "is damaged" in result.stderr and json.loads(result.stdout)["scored_now"] == 11
+    assert len(list(out.parent.glob("report.state.sqlite.damaged-*"))) >= 1
+
+
+@pytest.mark.parametrize("name", ["report.lock", "report.state.sqlite"])
+def test_outputs_that_are_symlinks_are_refused_and_their_targets_untouched(studies, tiny_model, tmp_path, name):
+    """A report.lock linked to another file had that file truncated to "pid N"; a state file
+    linked to another SQLite database had that database's results table dropped."""
+    import sqlite3
+
+    out = tmp_path / "out" / "report.csv"
+    out.parent.mkdir()
+    target = tmp_path / "precious.db"
+    with sqlite3.connect(target) as db:
+        db.execute("CREATE TABLE results (x)")
+    before = target.read_bytes()
+    (out.parent / name).symlink_to(target)
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert result.exit_code == ExitCode.CANT_CREATE, result.output
+    assert "symbolic link" in result.output and target.read_bytes() == before
