@@ -96,6 +96,9 @@ def _setting(param: click.Parameter, value: object) -> object:
     ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
     if isinstance(value, list) and not getattr(param, "multiple", False):
         return ",".join(str(item) for item in value)
+    wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
+    if wants_text and not getattr(param, "is_flag", False) and not isinstance(value, (str, list)):
+        raise click.BadParameter(f"{param.name} = {value!r}: expected text in quotes", param_hint="--config")
     return value
 
 
@@ -122,8 +125,14 @@ def selection_options(command: Callable) -> Callable:
     return wrapper
 
 
+def _check_workers(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value == 0 or value < -1:
+        raise click.BadParameter("must be -1 (one per CPU core) or a number of processes >= 1")
+    return value
+
+
 workers_option = click.option(
-    "--workers", type=int, default=-1, show_default=True,
+    "--workers", type=int, default=-1, show_default=True, callback=_check_workers,
     help="Decoding processes (-1: one per CPU core; 1: no worker processes).",
 )
 json_option = click.option(

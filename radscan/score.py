@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from radscan import __version__
-from radscan.errors import ModelError, NoInputError, OutputError
+from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import Found, check_inputs, check_outputs_apart, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
@@ -158,13 +158,21 @@ class PhiFilter:
 
 
 def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
-    """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use."""
+    """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use.
+    Raises SettingError (exit 2) for an empty key file, OutputError (73) when it cannot be made."""
     if explicit:
         return explicit.encode()
     if key_file.exists():
-        return key_file.read_bytes().strip()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        key = key_file.read_bytes().strip()
+        if not key:
+            raise SettingError(f"the PHI key file {key_file} is empty: put the site's key in it, or delete it to "
+                               "have a new one made (identifiers hashed before will then not match)")
+        return key
+    try:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OutputError(f"cannot create the PHI key file {key_file}: {exc.strerror or exc}") from None
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(secrets.token_hex(32).encode() + b"\n")
     log.warning("created a new PHI key in %s: keep it safe; hashed identifiers only link across runs "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from radscan.errors import NoInputError, RadscanError
+from radscan.errors import NoInputError, SettingError
 from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import METADATA_FILE, save_model
@@ -337,23 +337,23 @@ def train(
     its metadata; it never changes the model. `init_from` starts from the weights of an existing
     model directory of the same architecture (to continue training, e.g., the shipped one).
 
-    Raises RadscanError for an unfinished run without `resume`, or fewer epochs than critic
+    Raises SettingError (exit 2) for an unfinished run without `resume`, or fewer epochs than critic
     snapshots; NoInputError when there are too few normals for one batch."""
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if (out_dir / METADATA_FILE).exists() and not checkpoint_path.exists():
-        raise RadscanError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
+        raise SettingError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
                            "overwrites a model)")
     if checkpoint_path.exists() and not resume:
-        raise RadscanError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
+        raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")
     if val_normal and not val_abnormal:
-        raise RadscanError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
+        raise SettingError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
                            "are the validation normals)")
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
-        raise RadscanError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
+        raise SettingError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
                            "train longer or keep fewer snapshots")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -385,7 +385,7 @@ def train(
 
         start, start_metadata = load_model(init_from)
         if start.cfg != model_cfg:
-            raise RadscanError(f"{init_from} has another architecture than the one asked for: use its preset and "
+            raise SettingError(f"{init_from} has another architecture than the one asked for: use its preset and "
                                "settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
@@ -436,7 +436,7 @@ def train(
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
     if epoch + 1 < model_cfg.critic_snapshots and init_from is None:
-        raise RadscanError(f"stopped after {epoch + 1} epochs, fewer than the {model_cfg.critic_snapshots} critic "
+        raise SettingError(f"stopped after {epoch + 1} epochs, fewer than the {model_cfg.critic_snapshots} critic "
                            "snapshots: raise --max-minutes and rerun with --resume")
 
     model = trainer.model.eval()

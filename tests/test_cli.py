@@ -132,3 +132,22 @@ def test_names_that_spreadsheets_would_run_are_written_as_text(tmp_path, cxr_dir
     with open(out, newline="") as handle:
         paths = sorted(row["path"] for row in csv.DictReader(handle))
     assert paths == ["'+1.jpeg", "'-2+3.jpeg", "'=HYPERLINK(1)/a.jpeg", "'@SUM(1).jpeg", "b=1.jpeg"]
+
+
+@pytest.mark.parametrize("case", ["workers 0", "empty key file", "toml number for a path", "val-normal alone"])
+def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
+    """Exit 1 means a bug in radscan and nothing else: these are the user's to fix (exit 2)."""
+    normals = str(cxr_dir / "kermany_pediatric_224/train_normal")
+    (tmp_path / "empty.key").touch()
+    (tmp_path / "c.toml").write_text("[score]\nmodel = 5\n")
+    args = {
+        "workers 0": ["scan", normals, "--out", str(tmp_path / "i.csv"), "--workers", "0"],
+        "empty key file": ["score", normals, "--out", str(tmp_path / "r.csv"), "--phi", "hash",
+                           "--phi-key-file", str(tmp_path / "empty.key")],
+        "toml number for a path": ["--config", str(tmp_path / "c.toml"), "score", normals, "--out",
+                                   str(tmp_path / "r.csv")],
+        "val-normal alone": ["train", normals, "--out", str(tmp_path / "m"), "--val-normal", normals],
+    }[case]
+    result = _run(*args)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "Traceback" not in result.output and result.stderr.strip().count("\n") <= 3
