@@ -289,6 +289,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             studies = write_worklist(store, outputs, threshold, metadata)
             _write_readme(outputs, metadata)
             counts = store.counts()
+            _forget(store.prune(), outputs)
         finally:
             store.close()
 
@@ -301,6 +302,24 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
     )
+
+
+def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
+    """Remove the pictures of files that are no longer among the inputs (their rows are gone from
+    the store): the worklist lists what is there now, and nothing of a removed study stays behind.
+    Only files inside the pictures folder are removed, whatever a stored row says."""
+    if rows:
+        log.info("%d files are no longer among the inputs: their rows and pictures are removed", len(rows))
+    if outputs.residuals is None:
+        return
+    folder = outputs.residuals.resolve()
+    for row in rows:
+        name = row.get("residual_png")
+        if not name:
+            continue
+        picture = (outputs.report.parent / name).resolve()
+        if picture.parent == folder and picture.suffix == ".png":
+            picture.unlink(missing_ok=True)
 
 
 def _identity(found: Found) -> FileIdentity:

@@ -126,6 +126,9 @@ class StateStore:
         written (read-only, disk full) raises OutputError (exit 73)."""
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
+            # deleted and replaced rows are overwritten with zeros, not left in free pages: a row
+            # stored under --phi keep must not outlive a switch to --phi hash in the file
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -204,7 +207,19 @@ class StateStore:
         return {"ok": found.get("ok", 0), "skipped": found.get("skipped", 0), "error": found.get("error", 0),
                 "rejected": found.get("rejected", 0), "flagged": flagged or 0}
 
+    def prune(self) -> list[dict[str, Any]]:
+        """Delete the rows of files this run did not see (deleted from the inputs, or under another
+        root) and return them, so that their pictures can go too. Call after a complete run."""
+        gone = [json.loads(row) for (row,) in self._db.execute("SELECT row FROM results WHERE seen != ?",
+                                                                 (self.run_id,))]
+        if gone:
+            self._db.execute("DELETE FROM results WHERE seen != ?", (self.run_id,))
+        return gone
+
     def close(self) -> None:
+        """Close, folding the write-ahead log into the database (so no old page lingers in it)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 
 

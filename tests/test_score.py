@@ -388,3 +388,26 @@ def test_outputs_that_are_symlinks_are_refused_and_their_targets_untouched(studi
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert result.exit_code == ExitCode.CANT_CREATE, result.output
     assert "symbolic link" in result.output and target.read_bytes() == before
+
+
+def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outlive_a_switch_to_hash(
+        studies, tiny_model, tmp_path):
+    """Rows and pictures of files deleted from the inputs used to stay forever, and the raw
+    PatientID stayed in the state file after a switch from --phi keep to --phi hash."""
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
+    assert _run(*args).exit_code == 0
+    pictures = {r["path"]: r["residual_png"] for r in _rows(out) if r["residual_png"]}
+    gone = [path for path in pictures if path.startswith("normal0/")]
+    assert gone and all((out.parent / pictures[p]).is_file() for p in gone)
+    shutil.rmtree(studies / "normal0")
+    result = _run(*args)
+    assert result.exit_code == 0 and json.loads(result.stdout)["scored_now"] == 0
+    assert not any(r["path"].startswith("normal0/") for r in _rows(out))
+    assert not any((out.parent / pictures[p]).exists() for p in gone)
+    assert all((out.parent / pictures[p]).is_file() for p in pictures if p not in gone)
+    state = out.with_name("report.state.sqlite")
+    assert PATIENT_ID.encode() in state.read_bytes()  # --phi keep stores it, as the CSV shows it
+    assert _run(*args, "--phi", "hash", "--phi-key", "k").exit_code == 0
+    stored = state.read_bytes() + b"".join(p.read_bytes() for p in out.parent.glob("report.state.sqlite-*"))
+    assert PATIENT_ID.encode() not in stored
