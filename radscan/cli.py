@@ -41,7 +41,7 @@ Exit codes:
 def _configure_logging(verbosity: int) -> None:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("radscan %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s radscan %(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -440,8 +440,9 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
                              views=parse_list(views))
     summary = run_score(paths, outputs, settings)
+    exit_code = ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK
     if as_json:
-        click.echo(json.dumps(summary.as_dict()))
+        click.echo(json.dumps({"ok": True, "exit_code": int(exit_code), **summary.as_dict()}))
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(f"{summary.files} files: {counts['ok']} scored ({summary.reused} unchanged), "
@@ -532,4 +533,27 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
 
 
 def main() -> None:
-    cli(auto_envvar_prefix="RADSCAN")
+    """The `radscan` entry point. With --json, a run that fails still prints one JSON object on
+    stdout ({"ok": false, "exit_code": ..., "error": ...}), so that a wrapper never keeps an empty
+    or stale summary."""
+    try:
+        code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
+    except click.ClickException as exc:
+        _json_failure(exc.exit_code, exc.format_message())
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _json_failure(ExitCode.CRASH, "aborted")
+        click.echo("Aborted!", err=True)
+        sys.exit(ExitCode.CRASH)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        _json_failure(ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)")
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _json_failure(exit_code: int, message: str) -> None:
+    if "--json" in sys.argv[1:]:
+        click.echo(json.dumps({"ok": False, "exit_code": int(exit_code), "error": message}))

@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import secrets
+import sys
 import time
 import uuid
 from collections import Counter
@@ -121,6 +122,11 @@ class ScoreSummary:
     residuals: str | None
     model: str
     run_id: str
+    model_name: str = ""
+    model_version: str = ""
+    model_sha256: str = ""
+    started_at: str = ""
+    finished_at: str = ""
     disclaimer: str = DISCLAIMER
 
     def as_dict(self) -> dict[str, Any]:
@@ -268,6 +274,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
                             phi.fingerprint, str(outputs.residuals is not None), qc.fingerprint])
     run_id = uuid.uuid4().hex[:12]
+    started_at = _now()
+    log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
+             metadata.get("name"), metadata.get("version"), metadata["weights"]["sha256"][:12])
 
     with hold_lock(outputs.lock), ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
         loading = loader.submit(_load_model, model_dir, settings.device)
@@ -295,13 +304,21 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
 
     duration = time.monotonic() - started
     flagged_images = counts.pop("flagged")
+    log.info("run %s finished in %.1f s: %d files, %s; %d of %d studies flagged", run_id, duration, len(files),
+             ", ".join(f"{count} {status}" for status, count in counts.items()), studies[1], studies[0])
     return ScoreSummary(
         files=len(files), counts=counts, flagged_images=flagged_images, flagged_studies=studies[1],
         studies=studies[0], scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
+        model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
+        model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
     )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
@@ -367,10 +384,12 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         unscored.clear()
 
     dicom = Counter()  # DICOM files read this run, and those skipped: a policy that skips all is a mistake
+    progress = _ProgressLog(len(todo), quiet=not settings.progress or sys.stderr.isatty())
     results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
                             in_flight=2 * settings.batch_size)
     for (_, identity), (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
                                                desc="score", disable=None if settings.progress else True):
+        progress.tick()
         phi.apply(record)
         if record.kind == "dicom":
             dicom[record.status] += 1
@@ -385,6 +404,25 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",
                     dicom.total(), _listed(settings.policy.modalities), _listed(settings.policy.body_parts))
+
+
+class _ProgressLog:
+    """Where no progress bar is drawn (cron, a log file), a log line every minute or every 1,000
+    files, so that a long run shows it is alive and how far it got."""
+
+    def __init__(self, total: int, quiet: bool, every_s: float = 60.0, every_files: int = 1000):
+        self.total, self.quiet, self.every_s, self.every_files = total, quiet, every_s, every_files
+        self.done, self._last_time, self._last_done = 0, time.monotonic(), 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if now - self._last_time >= self.every_s or self.done - self._last_done >= self.every_files:
+            log.info("read %d of %d files (%.1f files/s)", self.done, self.total,
+                     (self.done - self._last_done) / max(now - self._last_time, 1e-9))
+            self._last_time, self._last_done = now, self.done
 
 
 def _listed(values: tuple[str, ...] | None) -> str:

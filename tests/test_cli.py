@@ -151,3 +151,25 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     result = _run(*args)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "Traceback" not in result.output and result.stderr.strip().count("\n") <= 3
+
+
+def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):
+    """Under cron: --json prints an object even when the run fails (a wrapper kept an empty
+    last-run.json), and -v logs carry timestamps and a start and an end line with the run id."""
+    source = next((cxr_dir / "kermany_pediatric_224/train_normal").iterdir())
+    (tmp_path / "in").mkdir()
+    shutil.copy(source, tmp_path / "in" / source.name)
+    command = [sys.executable, "-m", "radscan", "-v", "score", str(tmp_path / "in"), "--no-residuals", "--json",
+               "--workers", "1"]
+    failed = subprocess.run([*command, "--out", str(tmp_path / "a.csv"), "--model", str(tmp_path / "none")],
+                            capture_output=True, text=True)
+    assert failed.returncode == ExitCode.DATA
+    assert json.loads(failed.stdout) == {"ok": False, "exit_code": 65, "error": json.loads(failed.stdout)["error"]}
+    assert "no model at" in json.loads(failed.stdout)["error"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out" / "b.csv")], capture_output=True, text=True)
+    summary = json.loads(done.stdout)
+    assert done.returncode == 0 and summary["ok"] and summary["exit_code"] == 0 and summary["model_sha256"]
+    lines = done.stderr.splitlines()
+    assert any(f"run {summary['run_id']} started" in line for line in lines)
+    assert any(f"run {summary['run_id']} finished" in line for line in lines)
+    assert all(line[:4].isdigit() and line[10] == "T" for line in lines if "radscan INFO" in line)

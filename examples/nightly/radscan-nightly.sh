@@ -13,13 +13,19 @@ venv="${RADSCAN_VENV:-/opt/radscan/.venv}"
 mkdir -p "$output/logs"
 log="$output/logs/$(date +%Y-%m-%d).log"
 
+# --json prints one object even when the run fails ({"ok": false, "exit_code": ..., "error": ...});
+# it is written beside and renamed, so last-run.json is never empty or half-written.
 "$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --json \
-    >"$output/last-run.json" 2>>"$log"
+    >"$output/.last-run.json.tmp" 2>>"$log"
 status=$?
+mv -f "$output/.last-run.json.tmp" "$output/last-run.json"
 case $status in
-  0)  ;;                                                                 # all scored
-  3)  echo "$(date -Is) some files could not be used: see status=error rows" >>"$log" ;;
+  0)  date -Is >"$output/last_success" ;;                                # all scored: for monitoring
+  3)  date -Is >"$output/last_success"
+      echo "$(date -Is) some files could not be used: see status=error rows" >>"$log" ;;
   75) echo "$(date -Is) previous run still holds the lock; skipped" >>"$log"; status=0 ;;
-  *)  echo "$(date -Is) radscan failed with exit code $status" >>"$log" ;;
+  *)  echo "$(date -Is) radscan failed with exit code $status" >>"$log"
+      # a line on stderr: cron mails it (MAILTO), so a failed night does not go unnoticed
+      echo "radscan nightly run failed (exit $status): see $log and $output/last-run.json" >&2 ;;
 esac
 exit $status
