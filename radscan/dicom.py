@@ -160,6 +160,8 @@ def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     for keyword in DICOM_FIELDS:
         setattr(record, keyword, _text(ds, keyword))
     record.ImageType = "\\".join(_texts(ds, "ImageType"))
+    if len(record.StudyDate) == 8 and record.StudyDate.isdigit():  # DA (PS3.5 6.2): YYYYMMDD -> ISO 8601
+        record.StudyDate = f"{record.StudyDate[:4]}-{record.StudyDate[4:6]}-{record.StudyDate[6:]}"
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = _text(_meta(ds), "TransferSyntaxUID")
     record.photometric = _text(ds, "PhotometricInterpretation").upper()

@@ -52,7 +52,8 @@ DEFAULT_MODEL_NAME = "kermany-tiny"
 DISCLAIMER = ("radscan scores are for research and triage support only: they order a reading list and "
               "are not a diagnosis")
 PHI_FIELDS = ("PatientID", "AccessionNumber")
-RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "study_score", "study_flag", "residual_png")
+RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "new_this_run", "study_score", "study_flag",
+                  "residual_png")
 PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
                       "scored_at", "run_id")
 _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "reason", "study_key",
@@ -60,9 +61,9 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
-                 "images_flagged", "images_error", "images_rejected", "study_note", "top_path", "top_residual_png",
-                 "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "Modality", "threshold", "model_name",
-                 "model_version")
+                 "images_flagged", "images_error", "images_rejected", "images_new", "study_note", "top_path",
+                 "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "Modality",
+                 "threshold", "model_name", "model_version")
 
 
 def default_model_dir() -> Path:
@@ -391,6 +392,7 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
                                                desc="score", disable=None if settings.progress else True):
         progress.tick()
         phi.apply(record)
+        record.extra["read_by_run"] = scorer.provenance["run_id"]  # for new_this_run
         if record.kind == "dicom":
             dicom[record.status] += 1
         if image is None:
@@ -440,6 +442,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
                 if row["status"] == Status.OK:
                     rank += 1
                     row["rank"] = rank
+                row["new_this_run"] = row.get("read_by_run") == store.run_id
                 report.write(row)
         studies = flagged = 0
         with CsvStream(outputs.studies, STUDY_COLUMNS) as study_csv:

@@ -170,7 +170,8 @@ class StateStore:
     _STUDY = """study AS (
         SELECT study_key, MAX(score) AS study_score, COUNT(*) AS images, SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
-               SUM(status = 'rejected') AS images_rejected
+               SUM(status = 'rejected') AS images_rejected,
+               SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new
         FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
@@ -191,14 +192,14 @@ class StateStore:
                 PARTITION BY study_key ORDER BY score IS NULL, score DESC, sort_root, sort_path) AS n
                 FROM current WHERE status IN ('ok', 'error', 'rejected'))
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, r.row
+                   s.images_rejected, s.images_new, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY s.study_score IS NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, row in self._db.execute(
+        for key, study_score, images, scored, flagged, errors, rejected, new, row in self._db.execute(
                 query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
-                   "top": json.loads(row)}
+                   "images_new": new, "top": json.loads(row)}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

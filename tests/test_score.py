@@ -411,3 +411,19 @@ def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outliv
     assert _run(*args, "--phi", "hash", "--phi-key", "k").exit_code == 0
     stored = state.read_bytes() + b"".join(p.read_bytes() for p in out.parent.glob("report.state.sqlite-*"))
     assert PATIENT_ID.encode() not in stored
+
+
+def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model, tmp_path):
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert _run(*args).exit_code == 0
+    assert {r["new_this_run"] for r in _rows(out)} == {"true"}
+    (studies / "late").mkdir()
+    shutil.copy(next((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir()), studies / "late" / "x.jpeg")
+    assert _run(*args).exit_code == 0
+    rows = _rows(out)
+    assert [r["path"] for r in rows if r["new_this_run"] == "true"] == ["late/x.jpeg"]
+    by_study = {r["study_key"]: r for r in _rows(out.with_name("report_studies.csv"))}
+    assert [k for k, r in by_study.items() if r["images_new"] != "0"] == [str((studies / "late").resolve())]
+    dates = {r["StudyDate"] for r in rows if r["StudyDate"]}
+    assert dates and all(len(d) == 10 and d[4] == d[7] == "-" for d in dates)  # ISO 8601, not DICOM's YYYYMMDD
