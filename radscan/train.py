@@ -311,7 +311,22 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
         # the smallest threshold that keeps at least the target share of these normals unflagged
         kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
         model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
+        _warn_if_unsupported(scores, float(model.threshold), target_specificity)
     return scores, components
+
+
+def _warn_if_unsupported(scores: np.ndarray, threshold: float, target_specificity: float) -> None:
+    """A threshold at specificity s is a quantile of the normals' scores: with fewer than 5 normals
+    expected above it, it is mostly noise; and ties can make it flag more normals than intended."""
+    expected_above = len(scores) * (1 - target_specificity)
+    if expected_above < 5:
+        log.warning("the threshold rests on %d calibration normals, so only %.1f are expected above it at "
+                    "specificity %.2f: it will move a lot with other normals; use at least %d",
+                    len(scores), expected_above, target_specificity, int(np.ceil(5 / (1 - target_specificity) - 1e-9)))
+    flagged = float((scores >= threshold).mean())
+    if flagged > 2 * (1 - target_specificity):
+        log.warning("the threshold flags %.0f%% of the calibration normals, more than twice the %.0f%% aimed for",
+                    100 * flagged, 100 * (1 - target_specificity))
 
 
 def train(

@@ -75,6 +75,8 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), "--out", str(out),
                                       "--target-specificity", "0.9", "--json", "--workers", "1"])
     assert result.exit_code == 0, result.output
+    # 12 normals at specificity 0.9: 1.2 expected above the threshold, a quantile that is mostly noise
+    assert "the threshold rests on 12 calibration normals" in result.stderr and "use at least 50" in result.stderr
     model, metadata = load_model(out)  # verifies hash and calibration consistency
     assert metadata["calibration"]["n_calibration"] == 12
     assert metadata["calibration"]["method"] == "12 normals at specificity 0.9"
