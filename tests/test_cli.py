@@ -13,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from radscan import __version__
+
+REPO = Path(__file__).resolve().parents[1]
 from radscan.cli import cli
 from radscan.errors import ExitCode
 
@@ -173,3 +175,23 @@ def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):
     assert any(f"run {summary['run_id']} started" in line for line in lines)
     assert any(f"run {summary['run_id']} finished" in line for line in lines)
     assert all(line[:4].isdigit() and line[10] == "T" for line in lines if "radscan INFO" in line)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("weights"),
+    lambda m: m["config"].update(widths=[8, 16, 32, 64, 256]),
+    lambda m: m["config"].update(image_size=-128),
+    lambda m: m["calibration"].update(threshold="high"),
+    lambda m: m.update(qc="yes"),
+    lambda m: m["population"].update(age_years=[5]),
+], ids=["no weights", "widths", "negative size", "threshold type", "qc block", "ages"])
+def test_malformed_model_metadata_is_exit_65_with_one_line(edit, tmp_path):
+    """model.json edited by hand: every command that reads it refuses with one line (issue 11 item 1)."""
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "kermany-tiny", model)
+    metadata = json.loads((model / "model.json").read_text())
+    edit(metadata)
+    (model / "model.json").write_text(json.dumps(metadata))
+    result = _run("info", str(model))
+    assert result.exit_code == ExitCode.DATA, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

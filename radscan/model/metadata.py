@@ -42,4 +42,36 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         older = str(found).startswith("radscan-model/")
         hint = " (made by another radscan version: retrain it with this one)" if older else ""
         raise ModelError(f"{path} is not a {FORMAT} file{hint}")
+    _check_shape(metadata, path)
     return metadata
+
+
+# What every reader of model.json relies on, with the type it must have: a file edited by hand
+# must fail here with one line (exit 65), not later with a KeyError or a TypeError.
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "weights": (dict,), "weights.sha256": (str,), "weights.file": (str,),
+    "calibration": (dict,), "calibration.threshold": (int, float), "preprocess_version": (str,),
+}
+_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "name": (str,), "version": (str,), "qc": (dict,), "population": (dict,), "population.age_years": (list,),
+    "metrics": (dict,), "training": (dict,),
+}
+
+
+def _check_shape(metadata: dict[str, Any], path: Path) -> None:
+    """ModelError for a missing required key or a value of the wrong type (model.json edited)."""
+    for table, required in ((_REQUIRED, True), (_OPTIONAL, False)):
+        for dotted, types in table.items():
+            value: Any = metadata
+            for part in dotted.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is None:
+                if required:
+                    raise ModelError(f"{path} has no {dotted!r}: the file is damaged or was edited; restore it")
+                continue
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ModelError(f"{path}: {dotted!r} must be {' or '.join(t.__name__ for t in types)}, not "
+                                 f"{type(value).__name__}: the file was edited; restore it")
+    ages = metadata.get("population", {}).get("age_years")
+    if ages is not None and (len(ages) != 2 or not all(isinstance(a, (int, float)) for a in ages) or ages[0] > ages[1]):
+        raise ModelError(f"{path}: population.age_years must be [min, max] in years")
