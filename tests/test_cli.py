@@ -13,12 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from radscan import __version__
-
-REPO = Path(__file__).resolve().parents[1]
 from radscan.cli import cli
 from radscan.errors import ExitCode
 
 from .conftest import CXR_DIR, DICOM_DIR
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, env: dict | None = None):
