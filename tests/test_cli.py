@@ -18,7 +18,6 @@ from radscan.errors import ExitCode
 
 from .conftest import CXR_DIR, DICOM_DIR
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
