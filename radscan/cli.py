@@ -19,7 +19,7 @@ from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
-from radscan.qc import DEFAULT_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
+from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 
@@ -148,8 +148,21 @@ qc_option = click.option(
     "--qc", "qc_mode", type=click.Choice(QC_MODES), default="strict", show_default=True,
     help="Quality control before scoring: strict = films that fail it (turned, inverted, blank, lateral, not a "
          "chest) get status rejected and no score; warn = scored but marked; off.")
+def _check_views(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--views: ViewPosition terms (PS3.3 C.8.11.7) or 'all'; an empty or unknown term is refused,
+    so that a typo neither switches the check off nor rejects every film."""
+    views = parse_list(value)
+    if not value.strip():
+        raise click.BadParameter("give ViewPosition values such as PA,AP, or 'all'")
+    unknown = sorted(set(views or ()) - KNOWN_VIEWS)
+    if unknown:
+        raise click.BadParameter(f"unknown ViewPosition value(s) {', '.join(unknown)}: use "
+                                 f"{', '.join(sorted(KNOWN_VIEWS))} (comma-separated), or 'all'")
+    return value
+
+
 views_option = click.option(
-    "--views", default=",".join(DEFAULT_VIEWS), show_default=True,
+    "--views", default=",".join(DEFAULT_VIEWS), show_default=True, callback=_check_views,
     help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
 
 
@@ -346,7 +359,7 @@ def _age_range(text: str) -> tuple[float, float]:
 def _describe_qc(reference: QCReference | None, metadata: dict) -> str:
     if reference is None:
         return "no reference: wrong-way-round and non-chest images are not caught"
-    ages = metadata.get("population", {}).get("age_years")
+    ages = (metadata.get("population") or {}).get("age_years")
     population = f"; population aged {ages[0]:g}-{ages[1]:g} years" if ages else ""
     return f"reference of {reference.n_reference} training normals{population}"
 

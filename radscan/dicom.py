@@ -533,6 +533,12 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if value is None:
         return ""
+    if isinstance(value, (list, MultiValue)):  # several values: joined as the standard writes them
+        return "\\".join(_text_value(item) for item in value)
+    return _text_value(value)
+
+
+def _text_value(value: object) -> str:
     text = str(value) if not isinstance(value, bytes) else value.decode("latin-1", "replace")
     return " ".join(text.split()).strip("\x00 ")
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from radscan.errors import ModelError
 from radscan.records import ImageRecord, Status
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
-           "fit_reference", "save_reference", "load_reference", "features", "age_in_years", "quality_control",
+           "fit_reference", "save_reference", "load_reference", "features", "age_in_years", "age_string",
+           "quality_control",
            "apply_qc"]
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,11 @@ QC_MODES = ("strict", "warn", "off")
 DEFAULT_VIEWS = ("PA", "AP")
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 COMPONENTS = 10  # principal components kept; chosen on validation chest films (README)
-_LATERAL = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO"}
+_LATERAL = {"LL", "RL", "LAT", "LATERAL"}
+_DECUBITUS = {"LLD", "RLD"}
+# ViewPosition defined terms for radiographs (PS3.3 C.8.11.7) and common variants: --views is checked
+# against them, so that a typo does not silently reject every film
+KNOWN_VIEWS = {"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAT", "LATERAL"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ class QCReference:
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # pass / warn / fail
+    status: str  # pass / warn / fail, or "" when not checked (--qc off)
     reason: str = ""
 
 
@@ -253,16 +259,25 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
     return reference
 
 
+_AGE = re.compile(r"^\s*(\d{1,4})\s*([DWMY]|DAYS?|WEEKS?|MONTHS?|YEARS?)?\s*$", re.IGNORECASE)
+_AGE_UNITS = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
+
+
 def age_in_years(text: str) -> float | None:
-    """DICOM Age String (PS3.5 6.2, VR AS: nnnD, nnnW, nnnM or nnnY) -> years; None if unreadable.
-    A bare number of up to three digits, which some archives write, is read as years."""
-    text = text.strip().upper()
-    units = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
-    if text.isdigit() and len(text) <= 3:
-        return float(text)
-    if len(text) != 4 or not text[:3].isdigit() or text[3] not in units:
+    """Patient Age -> years, or None if unreadable. The standard form is the Age String (PS3.5 6.2,
+    VR AS: nnnD, nnnW, nnnM or nnnY); archives also hold "45", "45Y", "60 Y" or "45 years", read
+    the same way (a bare number is years)."""
+    match = _AGE.match(text or "")
+    if not match:
         return None
-    return int(text[:3]) / units[text[3]]
+    unit = (match.group(2) or "Y")[0].upper()
+    return int(match.group(1)) / _AGE_UNITS[unit]
+
+
+def age_string(years: float) -> str:
+    """Years -> the Age String (PS3.5 6.2) radscan writes outside --phi keep: whole years, and
+    ages of 90 and over as 090Y (HIPAA Safe Harbor makes them one category)."""
+    return f"{min(int(years), 90):03d}Y"
 
 
 @dataclass
@@ -297,7 +312,7 @@ class QualityControl:
     def check(self, records: list[ImageRecord], images: np.ndarray) -> list[Verdict]:
         """Verdicts for a batch: (N,) records and (N, 128, 128) uint8 inputs."""
         if self.mode == "off" or len(records) == 0:
-            return [Verdict("pass") for _ in records]
+            return [Verdict("") for _ in records]  # not checked
         contrast, extreme = _grey_statistics(images)
         small = _thumbnails(images)
         plane = _plane_share(small)
@@ -307,7 +322,7 @@ class QualityControl:
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
                                                                              distances)
             if problems:
-                verdicts.append(Verdict("fail" if self.mode == "strict" else "warn", "; ".join(problems)))
+                verdicts.append(Verdict("fail", "; ".join(problems)))  # --qc warn scores it anyway
                 continue
             warnings = self._warnings(record, index, distances)
             verdicts.append(Verdict("warn", "; ".join(warnings)) if warnings else Verdict("pass"))
@@ -317,7 +332,8 @@ class QualityControl:
         problems = []
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
-            kind = "a lateral view" if view in _LATERAL else "not a frontal view"
+            kind = ("a lateral view" if view in _LATERAL else "a decubitus view" if view in _DECUBITUS
+                    else "not a frontal view")
             problems.append(f"{kind} (ViewPosition {view}); only {', '.join(self.views)} films are judged (--views)")
         image_type = {value.strip().upper() for value in record.ImageType.split("\\")}
         if image_type & {"LOCALIZER", "SCOUT"}:
@@ -356,9 +372,11 @@ class QualityControl:
         if mirrored:
             warnings.append("may be mirrored left to right (heart on the right?): check the side marker")
         age = age_in_years(record.PatientAge) if record.PatientAge else None
-        if age is not None and self.age_range is not None and not self.age_range[0] <= age <= self.age_range[1] + 1:
+        # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
+        if age is not None and self.age_range is not None and not self.age_range[0] <= age < self.age_range[1] + 1:
             low, high = self.age_range
-            warnings.append(f"patient age {age:.0f} years is outside the model's training population "
+            shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
+            warnings.append(f"patient age {shown} years is outside the model's training population "
                             f"({low:g}-{high:g} years): its score is not comparable, do not read a flag as a finding")
         return warnings
 
@@ -383,16 +401,18 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
     if reference is None and mode != "off":
         log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
                     "caught; retrain it with this radscan version", model_dir)
-    ages = metadata.get("population", {}).get("age_years")
+    ages = (metadata.get("population") or {}).get("age_years")
     return QualityControl(mode, views, reference, tuple(ages) if ages else None)
 
 
 def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:
-    """Record each verdict on its record; a failed image becomes status `rejected` with the QC
-    reason and is not scored. Returns, per image, whether it goes on to the model."""
+    """Record each verdict on its record; under --qc strict a failed image becomes status `rejected`
+    with the QC reason and is not scored (under --qc warn it is scored, and keeps qc_status fail).
+    Returns, per image, whether it goes on to the model."""
     verdicts = qc.check(records, np.stack(images)) if records else []
+    rejecting = qc.mode == "strict"
     for record, verdict in zip(records, verdicts, strict=True):
         record.qc_status, record.qc_reason = verdict.status, verdict.reason
-        if verdict.status == "fail":
+        if rejecting and verdict.status == "fail":
             record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
-    return [verdict.status != "fail" for verdict in verdicts]
+    return [not (rejecting and verdict.status == "fail") for verdict in verdicts]

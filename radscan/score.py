@@ -35,7 +35,7 @@ from radscan.ingest import Found, check_inputs, check_outputs_apart, find_files,
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, apply_qc, quality_control
+from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
 from radscan.report import CsvStream, atomic_output, png_name, render_explanation, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
@@ -147,9 +147,9 @@ class PhiFilter:
     def apply(self, record: ImageRecord) -> None:
         if self.mode == "keep":
             return
-        age = age_in_years(record.PatientAge)
-        if age is not None and age >= 90:  # HIPAA Safe Harbor: ages over 89 are one category
-            record.PatientAge = "090Y"
+        if record.PatientAge:  # written as whole years, 90 and over as 090Y (HIPAA); unreadable: dropped
+            age = age_in_years(record.PatientAge)
+            record.PatientAge = "" if age is None else age_string(age)
         for field in PHI_FIELDS:
             value = getattr(record, field)
             if self.mode == "drop" or not value:
@@ -229,6 +229,8 @@ class _Scorer:
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
                 caption = (f"score {score:.3f}   threshold {threshold:.3f}   {'FLAGGED   ' if flag else ''}"
                            f"(research and triage support only, not a diagnosis)")
+                if record.qc_status in ("warn", "fail"):
+                    caption += f"   QC {record.qc_status.upper()}: {record.qc_reason}"
                 writes.append(self._writer.submit(_write_picture, path, image, explanation, residual, caption,
                                                   self.model.cfg.score_kind))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
@@ -467,6 +469,9 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
 def _study_note(study: dict[str, Any]) -> str:
     """What a reader must know about a study besides its score: images that were not judged."""
     notes = []
+    if study["images_qc_warned"]:
+        notes.append(f"{study['images_qc_warned']} scored image(s) with a quality control warning: read qc_reason "
+                     "before the flag")
     if study["images_rejected"]:
         notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
     if study["images_error"]:

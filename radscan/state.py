@@ -171,7 +171,8 @@ class StateStore:
         SELECT study_key, MAX(score) AS study_score, COUNT(*) AS images, SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
-               SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new
+               SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new,
+               SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned
         FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
@@ -185,21 +186,22 @@ class StateStore:
                    "study_flag": None if study_flag is None else bool(study_flag)}
 
     def studies(self) -> Iterator[dict[str, Any]]:
-        """One entry per study with a scored, failed or rejected image, highest study score first,
-        with the row of its top image (highest score, else its first unscored image)."""
+        """One entry per study with a scored, failed or rejected image, with the row of its top
+        image (highest score, else its first unscored image). Studies of which no image could be
+        judged come first (someone must look at them), then the rest by study score, highest first."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
                 PARTITION BY study_key ORDER BY score IS NULL, score DESC, sort_root, sort_path) AS n
                 FROM current WHERE status IN ('ok', 'error', 'rejected'))
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, r.row
+                   s.images_rejected, s.images_new, s.images_qc_warned, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
-            ORDER BY s.study_score IS NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, row in self._db.execute(
+            ORDER BY s.study_score IS NOT NULL, s.study_score DESC, s.study_key"""
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, row in self._db.execute(
                 query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
-                   "images_new": new, "top": json.loads(row)}
+                   "images_new": new, "images_qc_warned": warned, "top": json.loads(row)}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

@@ -16,7 +16,7 @@ from radscan.cli import cli
 from radscan.errors import ExitCode, ModelError
 from radscan.ingest import load_images
 from radscan.policy import Policy
-from radscan.qc import QualityControl, fit_reference, load_reference, save_reference
+from radscan.qc import QualityControl, apply_qc, fit_reference, load_reference, save_reference
 from radscan.records import ImageRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,14 +105,25 @@ def test_patients_outside_the_training_ages_are_scored_with_a_warning(qc, normal
     assert _verdicts(qc, film, PatientAge="018M")[0].status == "pass"  # 1.5 years (PS3.5 6.2, VR AS)
     adult = _verdicts(qc, film, PatientAge="045Y")[0]
     assert adult.status == "warn" and "45 years" in adult.reason and "1-5" in adult.reason
+    for text in ("45", "45Y", "60 Y", "45 years", "0095Y", "072M", "006Y"):  # archives' spellings; 6 > 5.99
+        assert _verdicts(qc, film, PatientAge=text)[0].status == "warn", text
+    infant = _verdicts(qc, film, PatientAge="011M")[0]
+    assert infant.status == "warn" and "0.9 years" in infant.reason
+    assert _verdicts(qc, film, PatientAge="005Y")[0].status == "pass"
 
 
 def test_modes_warn_and_off(qc, normals):
-    turned = np.rot90(normals[1][:2], 1, axes=(1, 2))
+    """--qc warn keeps the verdict (fail stays fail: the film is scored, not rejected); --qc off
+    gives no verdict at all rather than a "pass" nobody made."""
+    turned = np.ascontiguousarray(np.rot90(normals[1][:2], 1, axes=(1, 2)))
+    records = [ImageRecord(path=f"{i}.jpeg", root="r", kind="jpeg") for i in range(2)]
     warn = QualityControl(mode="warn", reference=qc.reference)
-    assert [v.status for v in _verdicts(warn, turned)] == ["warn", "warn"]
+    assert apply_qc(warn, records, list(turned)) == [True, True]
+    assert [r.qc_status for r in records] == ["fail", "fail"] and records[0].status == "ok"
+    strict = QualityControl(mode="strict", reference=qc.reference)
+    assert apply_qc(strict, records, list(turned)) == [False, False] and records[0].status == "rejected"
     off = QualityControl(mode="off", reference=qc.reference)
-    assert [v.status for v in _verdicts(off, turned)] == ["pass", "pass"]
+    assert [v.status for v in _verdicts(off, turned)] == ["", ""]
 
 
 def test_reference_round_trip_and_verification(qc, tmp_path):
@@ -163,6 +174,7 @@ def test_score_rejects_wrong_way_round_and_foreign_films_end_to_end(cxr_dir, dic
     assert studies["p1"]["images_rejected"] == "2" and "2 image(s) not judged" in studies["p1"]["study_note"]
     dental = next(r for key, r in studies.items() if key != "p1")  # keyed by its StudyInstanceUID
     assert dental["images_scored"] == "0" and "review it yourself" in dental["study_note"]
+    assert dental["study_rank"] == "1"  # nothing of it could be judged: it goes first, not last
 
     # --qc warn: the same films are scored, and marked
     warned = tmp_path / "warn" / "report.csv"
@@ -170,8 +182,10 @@ def test_score_rejects_wrong_way_round_and_foreign_films_end_to_end(cxr_dir, dic
                                       str(SHIPPED), "--no-residuals", "--workers", "1", "--qc", "warn"])
     assert result.exit_code == ExitCode.OK, result.output
     rows = {Path(r["path"]).name: r for r in _rows(warned)}
-    assert rows["turned.png"]["status"] == "ok" and rows["turned.png"]["qc_status"] == "warn"
+    assert rows["turned.png"]["status"] == "ok" and rows["turned.png"]["qc_status"] == "fail"
     assert rows["turned.png"]["score"] != ""
+    studies = {r["study_key"].rsplit("/", 1)[-1]: r for r in _rows(warned.with_name("report_studies.csv"))}
+    assert "2 scored image(s) with a quality control warning" in studies["p1"]["study_note"]
 
 
 def test_scan_inventory_carries_the_verdicts(dicom_dir, tmp_path):

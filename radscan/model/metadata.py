@@ -72,6 +72,6 @@ def _check_shape(metadata: dict[str, Any], path: Path) -> None:
             if not isinstance(value, types) or isinstance(value, bool):
                 raise ModelError(f"{path}: {dotted!r} must be {' or '.join(t.__name__ for t in types)}, not "
                                  f"{type(value).__name__}: the file was edited; restore it")
-    ages = metadata.get("population", {}).get("age_years")
+    ages = (metadata.get("population") or {}).get("age_years")
     if ages is not None and (len(ages) != 2 or not all(isinstance(a, (int, float)) for a in ages) or ages[0] > ages[1]):
         raise ModelError(f"{path}: population.age_years must be [min, max] in years")
