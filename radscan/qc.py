@@ -397,6 +397,10 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
     """The QC step for a model: its verified QC reference and training population (ModelError, exit
     65, if the reference does not check out). A model made without a reference gets the header and
     contrast checks only, with a warning."""
+    from radscan.model.metadata import check_sealed_extras, read_sealed
+
+    if mode != "off":
+        check_sealed_extras(read_sealed(model_dir), metadata)
     reference = load_reference(model_dir, metadata) if mode != "off" else None
     if reference is None and mode != "off":
         log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "

@@ -201,3 +201,27 @@ def test_scan_inventory_carries_the_verdicts(dicom_dir, tmp_path):
     for chest in ("fo-dicom/CR-MONO1-10-chest", "pydicom-data/RG1_J2KI.dcm", "pylibjpeg-data/966_fixed.dcm"):
         assert rows[chest]["status"] == "ok" and rows[chest]["qc_status"] == "pass", rows[chest]
     assert json.loads(result.stdout)["counts"]["rejected"] == 3  # and the dog's thorax (highdicom)
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("qc"), lambda m: m.update(qc=None),
+                                  lambda m: m["population"].update(age_years=[0, 120]), lambda m: m.pop("population")],
+                         ids=["qc removed", "qc null", "population widened", "population removed"])
+def test_switching_quality_control_off_through_model_json_is_refused(edit, tmp_path, cxr_dir):
+    """The QC reference's sha256 and the training population are sealed in the weights file:
+    editing model.json to drop or widen them exits 65 in scan, score and info alike."""
+    model = tmp_path / "model"
+    shutil.copytree(SHIPPED, model)
+    metadata = json.loads((model / "model.json").read_text())
+    edit(metadata)
+    (model / "model.json").write_text(json.dumps(metadata))
+    film = next((cxr_dir / "kermany_pediatric_224/test_normal").iterdir())
+    (tmp_path / "in").mkdir()
+    shutil.copy(film, tmp_path / "in" / film.name)
+    for args in (["scan", str(tmp_path / "in"), "--out", str(tmp_path / "i.csv"), "--model", str(model)],
+                 ["score", str(tmp_path / "in"), "--out", str(tmp_path / "o" / "r.csv"), "--model", str(model),
+                  "--no-residuals", "--workers", "1"],
+                 ["info", str(model)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == ExitCode.DATA, (args[0], result.output)
+        assert "edited" in result.output
+    assert not (tmp_path / "o" / "r.csv").exists()

@@ -23,7 +23,16 @@ from safetensors.torch import save_file
 from radscan import __version__
 from radscan.errors import ModelError
 from radscan.model.config import SimSIDConfig
-from radscan.model.metadata import FORMAT, METADATA_FILE, WEIGHTS_FILE, read_metadata, sha256_file
+from radscan.model.metadata import (
+    FORMAT,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    check_sealed_extras,
+    read_metadata,
+    sealed_extras,
+    sealed_settings,
+    sha256_file,
+)
 from radscan.model.simsid import SimSID
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.report import FILE_MODE, atomic_output
@@ -44,7 +53,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     # hashed weights file too, so an edit of model.json alone is refused by load_model. One metadata
     # key: safetensors writes several in a random order, and the same seed must give the same bytes.
     sealed = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION,
-                         "config": model.cfg.to_dict()}, sort_keys=True)
+                         "config": model.cfg.to_dict(), **sealed_extras(metadata)}, sort_keys=True)
     save_file(state, str(tmp), metadata={"radscan": sealed})
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, weights)
@@ -106,6 +115,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
             or _config_or_none(sealed.get("config")) != config:
         raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the weights file: "
                          "the metadata was edited; retrain or restore it")
+    check_sealed_extras(sealed, metadata)
     model = SimSID(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -118,9 +128,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
 
 def _sealed(data: bytes) -> dict[str, Any]:
     """The settings save_model sealed into the safetensors header (`__metadata__`), or {}."""
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    sealed = json.loads(header.get("__metadata__", {}).get("radscan", "{}"))
-    return sealed if isinstance(sealed, dict) else {}
+    return sealed_settings(data[:8 + int.from_bytes(data[:8], "little")])
 
 
 def _config_or_none(values: Any) -> SimSIDConfig | None:

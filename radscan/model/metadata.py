@@ -10,7 +10,8 @@ from typing import Any
 
 from radscan.errors import ModelError
 
-__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file"]
+__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "sealed_extras",
+           "sealed_settings", "read_sealed", "check_sealed_extras"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -23,6 +24,43 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Besides the settings, what else changes a result and is sealed in the weights file: the QC
+    reference (its sha256: removing the "qc" block from model.json must not switch quality control
+    off) and the training population (the age warnings)."""
+    return {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
+
+
+def sealed_settings(header: bytes) -> dict[str, Any]:
+    """The settings sealed in a safetensors file's header (its first 8 + n bytes), or {}."""
+    try:
+        table = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
+        sealed = json.loads(table.get("__metadata__", {}).get("radscan", "{}"))
+    except (ValueError, AttributeError):
+        return {}
+    return sealed if isinstance(sealed, dict) else {}
+
+
+def read_sealed(directory: Path) -> dict[str, Any]:
+    """The sealed settings of a model directory's weights file, reading only its header (for
+    commands that do not load the weights, such as `scan`)."""
+    try:
+        with open(Path(directory) / WEIGHTS_FILE, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            return sealed_settings(size.to_bytes(8, "little") + handle.read(min(size, 1 << 24)))
+    except OSError as exc:
+        raise ModelError(f"cannot read {Path(directory) / WEIGHTS_FILE}: {exc.strerror or exc}") from None
+
+
+def check_sealed_extras(sealed: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """ModelError (exit 65) when model.json's QC reference or population differs from the sealed one."""
+    for key, stated in sealed_extras(metadata).items():
+        if key in sealed and sealed[key] != stated:  # weights sealed before radscan 0.3 carry neither
+            what = "QC reference" if key == "qc_sha256" else "training population"
+            raise ModelError(f"the {what} in {METADATA_FILE} differs from the one sealed in {WEIGHTS_FILE}: the "
+                             "metadata was edited; restore it")
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
