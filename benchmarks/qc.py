@@ -75,7 +75,7 @@ def main() -> None:
     print(f"| mirrored left to right (a warning only) | {share(mirrored, 'fail')} failed, "
           f"{share(mirrored, 'warn')} warned |")
 
-    chest, foreign = [], []
+    chest, foreign, foreign_images = [], [], []
     permissive = Policy(modalities=None, body_parts=None, frames="first")
     manifest = {r["file"]: r for r in csv.DictReader(open(DATA / "dicom" / "manifest.csv", newline=""))}
     for record, image in iter_ingested(find_files([str(DATA / "dicom")]), permissive, 2):
@@ -84,14 +84,27 @@ def main() -> None:
         status = verdicts(qc, image[None], [record])[0]
         is_chest = "chest" in manifest.get(record.path, {}).get("category", "").split(";")
         (chest if is_chest else foreign).append((record.path, record.Modality, record.BodyPartExamined, status))
+        if not is_chest:
+            foreign_images.append(image)
     print(f"| real non-chest DICOM images (all that can be read, any modality) | "
           f"{share([s for *_, s in foreign], 'fail')} |")
+    if foreign_images:
+        turned = np.concatenate([op(np.rot90(np.stack(foreign_images), k, axes=(1, 2))) for k in range(4)
+                                 for op in (lambda x: x, lambda x: x[:, :, ::-1], lambda x: 255 - x,
+                                            lambda x: 255 - x[:, :, ::-1])])
+        print(f"| the same in all 16 orientations and polarities (a foreign image stored 'the right way') | "
+              f"{share(verdicts(qc, turned), 'fail')} |")
     for path, modality, part, status in foreign:
         if status != "fail":
             print(f"|   not stopped: {path} ({modality} {part or 'no BodyPartExamined'}) | {status} |")
 
+    framed, letterboxed = normals.copy(), normals.copy()
+    framed[:, :13], framed[:, -13:], framed[:, :, :13], framed[:, :, -13:] = 255, 255, 255, 255
+    letterboxed[:, :13], letterboxed[:, -13:] = 0, 0
     real = {
         "Kermany calibration normals (held out)": normals,
+        "  the same with a white (unexposed) border of 10%": framed,
+        "  the same with black bars of 10% top and bottom": letterboxed,
         "Kermany validation pneumonias": load_images([str(cxr / "kermany_pediatric_224/val_abnormal")], Policy(), 2,
                                                      False)[0],
         "Kermany full resolution (40 N + 40 P)": load_images([str(cxr / "kermany_pediatric_fullres")], Policy(), 2,

@@ -12,8 +12,8 @@ Header checks use the DICOM attributes (ViewPosition, ImageType, PatientAge); JP
 carry none and are judged on the pixels alone. The image checks need no labels: they compare the
 film with the training normals, which the model directory carries as a *QC reference*
 (``qc.safetensors``): the mean and the leading principal components ("eigen-chests", Turk and
-Pentland 1991) of the training normals at 16x16, each image standardised to zero mean and unit
-variance. A film's *distance* is its mean squared residual outside that subspace (distance from
+Pentland 1991) of the training normals at 16x16 (the central 12x12 of it), each image
+standardised to zero mean and unit variance. A film's *distance* is its mean squared residual outside that subspace (distance from
 feature space). An upright frontal chest is closer to the subspace than any turned, mirrored
 or inverted copy of itself; a dental panoramic, a hand or a photograph is far from it whichever way
 it is turned. Every limit is calibrated on the training normals when the model is trained
@@ -48,7 +48,11 @@ QC_FILE = "qc.safetensors"
 QC_MODES = ("strict", "warn", "off")
 DEFAULT_VIEWS = ("PA", "AP")
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
-COMPONENTS = 10  # principal components kept; chosen on validation chest films (README)
+# only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
+# width (white or black) then does not make a chest look like something else
+BORDER = 2
+CENTRE = FEATURE_SIDE - 2 * BORDER
+COMPONENTS = 25  # principal components kept; chosen on validation chest films and non-chest images (README)
 _LATERAL = {"LL", "RL", "LAT", "LATERAL"}
 _DECUBITUS = {"LLD", "RLD"}
 # ViewPosition defined terms for radiographs (PS3.3 C.8.11.7) and common variants: --views is checked
@@ -66,7 +70,7 @@ class QCLimits:
         below which a film is blank or washed out (half the lowest of the training normals)
     max_extreme : share of pixels at pure black (0) or white (255) above which a film is burnt out
         or mostly border (twice the 99.5th percentile of the training normals, at least 0.5)
-    max_plane_share : share of a film's 16x16 layout (variance) that a tilted plane explains, above
+    max_plane_share : share of a film's 12x12 layout (variance) that a tilted plane explains, above
         which it is a grey ramp with no anatomy (a tenth of the smallest unexplained share among
         the training normals is left)
     max_distance : distance from the eigen-chest subspace above which an image is not a frontal
@@ -90,8 +94,9 @@ class QCLimits:
 class QCReference:
     """The eigen-chest subspace of a model's training normals and the limits calibrated on them.
 
-    mean : (256,) float32, the mean standardised 16x16 training normal, flattened
-    basis : (COMPONENTS, 256) float32, orthonormal rows (leading principal components)
+    mean : (144,) float32, the mean standardised thumbnail (central 12x12 of 16x16) of the training
+        normals, flattened
+    basis : (COMPONENTS, 144) float32, orthonormal rows (leading principal components)
     """
 
     mean: np.ndarray
@@ -100,7 +105,7 @@ class QCReference:
     n_reference: int
 
     def distance(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, 256) standardised features -> (N,) mean squared residual outside the subspace."""
+        """(N, 144) standardised features -> (N,) mean squared residual outside the subspace."""
         centred = vectors - self.mean
         residual = centred - (centred @ self.basis.T) @ self.basis
         return np.mean(residual**2, axis=1)
@@ -113,18 +118,19 @@ class Verdict:
 
 
 def features(images: np.ndarray) -> np.ndarray:
-    """(N, 128, 128) uint8 model inputs -> (N, 256) float64: each film averaged down to 16x16 and
-    standardised (zero mean, unit variance), so that exposure and contrast do not matter."""
+    """(N, 128, 128) uint8 model inputs -> (N, 144) float64: each film averaged down to 16x16, its
+    central 12x12 kept, standardised (zero mean, unit variance) so that exposure and contrast do
+    not matter."""
     return _standardised(_thumbnails(images))
 
 
 def _thumbnails(images: np.ndarray) -> np.ndarray:
-    """(N, S, S) -> (N, 16, 16) block means (S a multiple of 16)."""
+    """(N, S, S) -> (N, 12, 12): the central 12x12 of the 16x16 block means (S a multiple of 16)."""
     images = np.asarray(images)
     n, side = images.shape[0], images.shape[-1]
     step = side // FEATURE_SIDE
     sums = images.reshape(n, FEATURE_SIDE, step, FEATURE_SIDE, step).sum(axis=(2, 4), dtype=np.uint32)
-    return sums / float(step * step)
+    return sums[:, BORDER:FEATURE_SIDE - BORDER, BORDER:FEATURE_SIDE - BORDER] / float(step * step)
 
 
 def _standardised(thumbnails: np.ndarray) -> np.ndarray:
@@ -149,7 +155,8 @@ _MIRROR = lambda x: x[:, :, ::-1]  # noqa: E731
 def _orientation_distances(reference: QCReference, small: np.ndarray) -> dict[str, np.ndarray]:
     """Distance of each film as it is ("upright"), mirrored left-right, and after every uprighting
     transform, with and without inverted grey levels (a standardised film inverts by negation).
-    Turning and mirroring commute with the block means, so they act on the (N, 16, 16) thumbnails."""
+    Turning and mirroring commute with the block means and the central crop, so they act on the
+    (N, 12, 12) thumbnails."""
     out: dict[str, np.ndarray] = {}
     for name, transform in {"upright": lambda x: x, "mirror": _MIRROR,
                             **{k: t for k, (t, _) in _UPRIGHTING.items()}}.items():
@@ -160,9 +167,9 @@ def _orientation_distances(reference: QCReference, small: np.ndarray) -> dict[st
 
 
 def _plane_share(small: np.ndarray) -> np.ndarray:
-    """(N, 16, 16) thumbnails -> (N,) share of the variance of each that a plane a + b x + c y
+    """(N, 12, 12) thumbnails -> (N,) share of the variance of each that a plane a + b x + c y
     explains: 1 for a linear grey ramp, a few percent for a chest film."""
-    rows, cols = np.mgrid[0:FEATURE_SIDE, 0:FEATURE_SIDE]
+    rows, cols = np.mgrid[0:CENTRE, 0:CENTRE]
     design = np.stack([np.ones(rows.size), cols.ravel(), rows.ravel()], axis=1)
     flat = small.reshape(len(small), -1)
     fitted = design @ np.linalg.lstsq(design, flat.T, rcond=None)[0]
@@ -254,7 +261,7 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
     if block.get("limits") != asdict(limits):
         raise ModelError("the QC limits in model.json differ from those sealed in qc.safetensors: the metadata "
                          "was edited; retrain or restore it")
-    if reference.mean.shape != (FEATURE_SIDE**2,) or reference.basis.shape[1:] != (FEATURE_SIDE**2,):
+    if reference.mean.shape != (CENTRE**2,) or reference.basis.shape[1:] != (CENTRE**2,):
         raise ModelError(f"the QC reference {path} has unexpected shapes")
     return reference
 
