@@ -81,7 +81,8 @@ def scan(
             inventory.write(record.as_row())
             counts[record.status] += 1
             if record.status != Status.OK:
-                reasons[record.reason.split(":")[0].split(" (")[0]] += 1
+                reason = record.qc_reason if record.status == Status.REJECTED else record.reason
+                reasons[reason.split(":")[0].split(" (")[0]] += 1
 
     summary = ScanSummary(
         files=len(files),
