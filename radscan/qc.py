@@ -16,8 +16,9 @@ Pentland 1991) of the training normals at 16x16 (the central 12x12 of it), each 
 standardised to zero mean and unit variance. A film's *distance* is its mean squared residual
 outside that subspace (distance from feature space). An upright frontal chest is closer to the
 subspace than any turned, mirrored or inverted copy of itself; a dental panoramic, a hand or a
-photograph is far from it whichever way it is turned. Every limit is calibrated on the training normals when the model is trained
-(`fit_reference`) and recorded in the reference (README "Input quality control").
+photograph is far from it whichever way it is turned. Every limit is calibrated on the training
+normals when the model is trained (`fit_reference`) and recorded in the reference (README "Input
+quality control").
 """
 
 from __future__ import annotations
