@@ -515,14 +515,15 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
 @click.option("--target-specificity", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
               help="Share of these normals that the new threshold keeps below it.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the recalibrated model here (default: replace MODEL_DIR's calibration in place).")
+              help="Write the recalibrated model to this new directory (it must not hold a model).")
+@click.option("--in-place", is_flag=True, help="Replace MODEL_DIR's calibration instead (it gets a new version).")
 @device_option
 @selection_options
 @workers_option
 @json_option
 @click.pass_context
 def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], target_specificity: float,
-              out: Path | None, device: str, policy: Policy, workers: int, as_json: bool) -> None:
+              out: Path | None, in_place: bool, device: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Re-derive a model's score scale and flag threshold from a site's own normal studies.
 
     Scores NORMALS with the model; their mean and spread become the score's scale and the
@@ -532,10 +533,16 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
     \b
     Example:
       radscan calibrate models/kermany-tiny --normals /data/site-normals --out models/site-calibrated
+      radscan calibrate models/site-calibrated --normals /data/more-normals --in-place
     """
     from radscan.model.runtime import resolve_device
     from radscan.train import recalibrate
 
+    if bool(out) == in_place:
+        raise click.UsageError("give --out NEW_DIR (a recalibrated copy) or --in-place (replace MODEL_DIR's "
+                               "calibration)")
+    if out and (out / "model.json").exists():
+        raise click.UsageError(f"{out} already holds a model: radscan never overwrites one; choose another --out")
     result = recalibrate(model_dir, normals, out, target_specificity, policy, workers, resolve_device(device),
                          progress=not ctx.obj["quiet"])
     if as_json:

@@ -521,6 +521,9 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     kept = {k: v for k, v in metadata.items()
             if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights")}
+    # a recalibrated model scores differently: it is another version of the model
+    kept["version"] = datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
+    kept["recalibrated_from"] = {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"]}
     kept["calibration"] = {"method": f"{len(images)} normals at specificity {target_specificity}",
                            "n_calibration": len(images), "target_specificity": target_specificity,
                            "normals": [str(p) for p in normals],

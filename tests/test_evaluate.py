@@ -87,3 +87,10 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
     assert metadata["metrics"] == {**{k: v for k, v in kept.items() if "auc" in k},
                                    "calibration_specificity": pytest.approx(specificity)}
     assert load_model(tiny_model)[1]["weights"]["sha256"] != metadata["weights"]["sha256"]  # original untouched
+    original = load_model(tiny_model)[1]
+    assert metadata["version"] != original["version"]  # a recalibrated model is another version
+    assert metadata["recalibrated_from"] == {"version": original["version"], "sha256": original["weights"]["sha256"]}
+    # never in place by accident, never over another model
+    for args in ([], ["--out", str(out)]):
+        refused = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), *args])
+        assert refused.exit_code == 2, refused.output
