@@ -1,0 +1,28 @@
+# Two commands from a fresh clone:  make demo  (install, then score examples/ with the shipped model)
+#                                   make test  (install with the test extras, then run the test suite)
+# Each creates the virtual environment in $(VENV) when it is missing.
+#
+# torch comes first, from TORCH_INDEX when one is given: on a machine without a GPU, use PyTorch's CPU
+# wheel index (make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu); without it, pip's default
+# index gives the CUDA build on Linux (several GB).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(VENV)/bin/radscan score examples/studies --out out/report.csv
+	@echo "worklist: out/report_studies.csv, images: out/report.csv, pictures: out/report_residuals/"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(INDEX) "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[dev,codecs]'
+	touch $@
