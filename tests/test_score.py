@@ -173,6 +173,7 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tiny_model, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()

@@ -44,6 +44,7 @@ def trained(normals, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_real_images_lower_the_loss(normals):
     images = load_images([str(normals)], Policy(), workers=1, progress=False)[0]
     batch = to_model_tensor(images[:16])
@@ -92,6 +93,7 @@ def test_same_seed_same_data_same_model(trained, normals, tmp_path):
     assert (again / WEIGHTS_FILE).read_bytes() == (trained / WEIGHTS_FILE).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monkeypatch):
     config = TrainConfig(epochs=3, batch_size=8, seed=5, gamma=0.3, blur=1.0)
     train([str(normals)], tmp_path / "straight", TINY, config, workers=1, progress=False)
