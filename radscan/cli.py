@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -556,6 +557,7 @@ def main() -> None:
     """The `radscan` entry point. With --json, a run that fails still prints one JSON object on
     stdout ({"ok": false, "exit_code": ..., "error": ...}), so that a wrapper never keeps an empty
     or stale summary."""
+    _reopen_closed_standard_streams()
     try:
         code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
     except click.ClickException as exc:
@@ -572,6 +574,22 @@ def main() -> None:
         _json_failure(ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)")
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _reopen_closed_standard_streams() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`, some schedulers), radscan and its
+    decoding workers would fail on every file; the closed stream is pointed at /dev/null instead
+    (what it would have received is lost, as its closer intended) and the run goes on."""
+    for descriptor, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != descriptor:
+                os.dup2(null, descriptor)
+                os.close(null)
+            mode = "r" if descriptor == 0 else "w"
+            setattr(sys, name, open(descriptor, mode, closefd=False))  # noqa: SIM115 (lives as long as the process)
 
 
 def _json_failure(exit_code: int, message: str) -> None:

@@ -273,9 +273,13 @@ def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
     except Exception as exc:  # joblib raises multiprocessing's TimeoutError, not the builtin one
         if "Timeout" in type(exc).__name__:
             reason = f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"
-        else:
-            log.warning("worker for %s failed: %s", found.path, type(exc).__name__)
+        elif "TerminatedWorker" in type(exc).__name__:
+            log.warning("worker for %s died", found.path)
             reason = "the decoder crashed on this file (its worker process died)"
+        else:  # the worker could not run at all: not this file's fault
+            log.warning("could not run a worker process for %s: %s: %s", found.path, type(exc).__name__, exc)
+            reason = (f"radscan could not run a worker process ({type(exc).__name__}), not a problem of this file: "
+                      "see the log; rerun, or use --workers 1")
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
                          study_key=folder_study_key(found))
     return record.fail(reason), None

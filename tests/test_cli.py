@@ -195,3 +195,20 @@ def test_malformed_model_metadata_is_exit_65_with_one_line(edit, tmp_path):
     result = _run("info", str(model))
     assert result.exit_code == ExitCode.DATA, result.output
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir):
+    """Started with stdout closed (`>&-`), every file used to fail as "the decoder crashed on this
+    file" (exit 3): the decoding workers could not start. Now the stream is pointed at /dev/null."""
+    import os
+
+    (tmp_path / "in").mkdir()
+    for path in sorted((cxr_dir / "kermany_pediatric_224/test_normal").iterdir())[:3]:
+        shutil.copy(path, tmp_path / "in" / path.name)
+    out = tmp_path / "out" / "inventory.csv"
+    command = [sys.executable, "-m", "radscan", "scan", str(tmp_path / "in"), "--out", str(out), "--workers", "2",
+               "--json", "--qc", "off"]
+    done = subprocess.run(command, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr
+    with open(out, newline="") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["ok"] * 3
