@@ -11,7 +11,6 @@ most the batch in flight, and the next run resumes from there.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radscan.errors import LockHeldError, OutputError
+from radscan.errors import LockHeldError, OutputError, SettingError
+
+try:  # POSIX: a kernel lock that is released however its holder dies (never stale)
+    import fcntl
+except ImportError:  # Windows: radscan imports and scans, but `score` cannot lock its outputs
+    fcntl = None
 
 __all__ = ["hold_lock", "StateStore", "FileIdentity", "refuse_link"]
 
@@ -42,6 +46,9 @@ def refuse_link(path: Path) -> None:
 def hold_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `path` for the duration, or fail at once with exit code 75.
     The lock file is opened without following a symbolic link (exit 73 if it is one)."""
+    if fcntl is None:
+        raise SettingError("radscan score locks its outputs with POSIX flock, which this system lacks: run it on "
+                           "Linux or macOS (scan, train, info and evaluate work here)")
     refuse_link(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
