@@ -19,6 +19,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from radscan.errors import OutputError
+
 __all__ = ["atomic_output", "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
@@ -39,18 +41,29 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     many small PNGs skip it (the rename alone keeps them whole on a crash of the process).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # read-only folder, a parent that is a file, disk full: exit 73, one line
+        blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise OutputError(f"cannot write {path}: {why}") from None
     try:
         os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
         kwargs = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            try:
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:  # a full disk shows here at the latest
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -61,13 +74,16 @@ class CsvStream:
     """Rows written as they come to a temporary file, which becomes `path` only on `commit`."""
 
     def __init__(self, path: Path, columns: Sequence[str]):
-        self._context = atomic_output(path)
+        self._context, self._context_path = atomic_output(path), path
         self._handle = self._context.__enter__()
         self._writer = csv.DictWriter(self._handle, fieldnames=list(columns), extrasaction="ignore")
         self._writer.writeheader()
 
     def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow({key: _cell(value) for key, value in row.items()})
+        try:
+            self._writer.writerow({key: _cell(value) for key, value in row.items()})
+        except OSError as exc:  # e.g. the disk filled up
+            raise OutputError(f"cannot write {self._context_path}: {exc.strerror or exc}") from None
 
     def commit(self) -> None:
         self._context.__exit__(None, None, None)
@@ -115,7 +131,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     with atomic_output(path, "wb", durable=False) as handle:
-        handle.write(buffer.getvalue())
+        try:
+            handle.write(buffer.getvalue())
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # Maps are shown on fixed scales, so that colours mean the same in every picture. The score map

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from radscan.errors import NoInputError, SettingError
+from radscan.errors import NoInputError, OutputError, SettingError
 from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import METADATA_FILE, save_model
@@ -370,7 +370,10 @@ def train(
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
         raise SettingError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
                            "train longer or keep fewer snapshots")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the model directory {out_dir}: {exc.strerror or exc}") from None
 
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
                                          label="normals")
