@@ -217,13 +217,12 @@ def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir):
 @pytest.mark.parametrize("command", ["scan", "train", "evaluate"])
 def test_an_output_under_a_file_is_exit_73_with_one_line(command, tmp_path, cxr_dir):
     """Unwritable outputs exit 73 with one line, never 1 with a traceback (issue 11 item 2)."""
-    images = str(cxr_dir / "kermany_pediatric_fullres/normal")
+    images, abnormal = (str(cxr_dir / "kermany_pediatric_fullres" / kind) for kind in ("normal", "abnormal"))
     (tmp_path / "afile").write_text("not a folder")
     args = {"scan": ["scan", images, "--out", str(tmp_path / "afile" / "inventory.csv")],
             "train": ["train", images, "--out", str(tmp_path / "afile" / "model"), "--epochs", "1"],
-            "evaluate": ["evaluate", "--normal", images, "--abnormal",
-                         str(cxr_dir / "kermany_pediatric_fullres/abnormal"), "--roc", str(tmp_path / "afile" / "roc.png")]
-            }[command]
+            "evaluate": ["evaluate", "--normal", images, "--abnormal", abnormal, "--roc",
+                         str(tmp_path / "afile" / "roc.png")]}[command]
     result = _run(*args)
     assert result.exit_code == ExitCode.CANT_CREATE, result.output
     assert "afile is a file, not a folder" in result.output or "Not a directory" in result.output
