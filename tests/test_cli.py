@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -200,8 +201,6 @@ def test_malformed_model_metadata_is_exit_65_with_one_line(edit, tmp_path):
 def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir):
     """Started with stdout closed (`>&-`), every file used to fail as "the decoder crashed on this
     file" (exit 3): the decoding workers could not start. Now the stream is pointed at /dev/null."""
-    import os
-
     (tmp_path / "in").mkdir()
     for path in sorted((cxr_dir / "kermany_pediatric_224/test_normal").iterdir())[:3]:
         shutil.copy(path, tmp_path / "in" / path.name)
@@ -227,3 +226,32 @@ def test_an_output_under_a_file_is_exit_73_with_one_line(command, tmp_path, cxr_
     assert result.exit_code == ExitCode.CANT_CREATE, result.output
     assert "afile is a file, not a folder" in result.output or "Not a directory" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_path, cxr_dir):
+    """examples/nightly: last-run.json always holds one JSON object, last_success marks completed
+    runs, and a failed run prints a line on stderr (cron mails it)."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(next((cxr_dir / "kermany_pediatric_224/test_normal").iterdir()), tmp_path / "in" / "a.jpeg")
+    env = {**os.environ, "RADSCAN_INPUT": str(tmp_path / "in"), "RADSCAN_OUTPUT": str(tmp_path / "out"),
+           "RADSCAN_VENV": sys.prefix, "RADSCAN_CONFIG": str(tmp_path / "none.toml")}
+    script = str(REPO / "examples" / "nightly" / "radscan-nightly.sh")
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "last-run.json").read_text())["ok"] is True
+    assert (tmp_path / "out" / "last_success").is_file() and done.stderr == ""
+    failed = subprocess.run(["bash", script], env={**env, "RADSCAN_MODEL": str(tmp_path / "nope")},
+                            capture_output=True, text=True)
+    assert failed.returncode == ExitCode.DATA
+    assert json.loads((tmp_path / "out" / "last-run.json").read_text()) == {
+        "ok": False, "exit_code": 65, "error": json.loads((tmp_path / "out" / "last-run.json").read_text())["error"]}
+    assert "radscan nightly run failed (exit 65)" in failed.stderr
+
+
+def test_without_posix_locks_score_refuses_with_a_reason(tmp_path, monkeypatch, cxr_dir):
+    """On a system without fcntl (Windows) radscan still imports; score says why it cannot run."""
+    from radscan import state
+
+    monkeypatch.setattr(state, "fcntl", None)
+    result = _run("score", str(cxr_dir / "kermany_pediatric_fullres/normal"), "--out", str(tmp_path / "r.csv"))
+    assert result.exit_code == ExitCode.USAGE and "POSIX flock" in result.output
