@@ -586,8 +586,10 @@ def _reopen_closed_standard_streams() -> None:
         except OSError:
             null = os.open(os.devnull, os.O_RDWR)
             if null != descriptor:
-                os.dup2(null, descriptor)
+                os.dup2(null, descriptor)  # dup2 makes it inheritable
                 os.close(null)
+            else:  # os.open gives non-inheritable descriptors: the decoding workers need this one
+                os.set_inheritable(descriptor, True)
             mode = "r" if descriptor == 0 else "w"
             setattr(sys, name, open(descriptor, mode, closefd=False))  # noqa: SIM115 (lives as long as the process)
 

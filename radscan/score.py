@@ -266,9 +266,14 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
     check_inputs(inputs)
-    check_outputs_apart(inputs, [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock,
-                                 outputs.readme])
+    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme]
+    check_outputs_apart(inputs, every_output)
+    named = [Path(path).resolve() for path in every_output if path is not None]
+    if len(set(named)) < len(named):
+        raise SettingError("two outputs have the same path (--out, --studies, --residuals or the files beside "
+                           "them): give each its own")
     model_dir = settings.model_dir or default_model_dir()
+    check_outputs_apart([model_dir], every_output)
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
@@ -287,6 +292,11 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                             *([outputs.residuals] if outputs.residuals else [])])
         if not files:
             raise NoInputError(f"no files found under {', '.join(inputs)}")
+        with_files = {Path(found.root) for found in files}
+        empty = [str(root) for root in inputs if Path(root).is_dir() and Path(root) not in with_files]
+        if empty:  # an unmounted share looks like an empty folder: its studies must not be pruned
+            raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
+                               "was changed; remove it from the command line if it is meant to be empty")
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
             todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)

@@ -35,11 +35,16 @@ log = logging.getLogger(__name__)
 
 
 def refuse_link(path: Path) -> None:
-    """An output that is a symbolic link is refused (OutputError, exit 73): writing through a link
-    that radscan did not make would truncate or replace whatever it points to."""
+    """An output that is a symbolic link, or a hard link to another name, is refused (OutputError,
+    exit 73): writing through a link that radscan did not make would truncate or replace whatever
+    it points to."""
     if path.is_symlink():
         raise OutputError(f"{path} is a symbolic link: radscan does not write through links it did not make; "
                           "remove the link or choose another --out")
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_nlink > 1:
+            raise OutputError(f"{path} is a hard link to another file: radscan does not write through links it did "
+                              "not make; remove it or choose another --out")
 
 
 @contextmanager
@@ -64,10 +69,13 @@ def hold_lock(path: Path) -> Iterator[None]:
             holder = handle.read().strip()
             raise LockHeldError(f"another radscan run ({holder or 'unknown pid'}) is writing these outputs "
                                 f"(lock {path}); try again later") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+        except OSError as exc:  # a full disk
+            raise OutputError(f"cannot write the lock file {path}: {exc.strerror or exc}") from None
         yield
     finally:
         handle.close()  # closing releases the lock
@@ -156,20 +164,30 @@ class StateStore:
         ).fetchone()
         return json.loads(found[0]) if found else None
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that fails for lack of room or permission (a full disk, a store left read-only by
+        another user's run) is exit 73 with a reason, not a crash."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise OutputError(f"cannot write the state store: {exc} (a full disk, or a store another user "
+                              "owns?)") from None
+
     def mark_seen(self, identities: Iterable[FileIdentity]) -> None:
         """Stored rows that this run lists again, unchanged."""
-        with self._db:
+        with self._writing(), self._db:
             self._db.execute("BEGIN")
             self._db.executemany("UPDATE results SET seen = ? WHERE key = ?",
                                  [(self.run_id, _blob(i.key)) for i in identities])
 
     def save(self, items: Iterable[tuple[FileIdentity, dict[str, Any]]]) -> None:
-        """Store rows (seen by this run) in one transaction: all or nothing."""
+        """Store rows (seen by this run) in one transaction: all or nothing (exit 73 if it cannot)."""
         rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], row["study_key"],
                  row.get("score"), int(row.get("flag") is True), row["root"], row["path"], self.run_id,
                  json.dumps(row, default=str))
                 for i, row in items]
-        with self._db:
+        with self._writing(), self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
@@ -223,7 +241,8 @@ class StateStore:
         gone = [json.loads(row) for (row,) in self._db.execute("SELECT row FROM results WHERE seen != ?",
                                                                  (self.run_id,))]
         if gone:
-            self._db.execute("DELETE FROM results WHERE seen != ?", (self.run_id,))
+            with self._writing():
+                self._db.execute("DELETE FROM results WHERE seen != ?", (self.run_id,))
         return gone
 
     def close(self) -> None:

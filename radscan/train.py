@@ -521,7 +521,10 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     scores = calibrate(model, images, 64, device, target_specificity)[0]
     out_dir = Path(out_dir or model_dir)
     if out_dir.resolve() != Path(model_dir).resolve():
-        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        try:
+            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        except (OSError, shutil.Error) as exc:
+            raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
     kept = {k: v for k, v in metadata.items()
             if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights")}
     # a recalibrated model scores differently: it is another version of the model
@@ -535,6 +538,9 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # figures taken at the old threshold no longer describe the model; AUCs do not depend on it
     kept["metrics"] = {**{k: v for k, v in metadata.get("metrics", {}).items() if "auc" in k},
                        "calibration_specificity": specificity}
-    save_model(model, out_dir, kept)
+    try:
+        save_model(model, out_dir, kept)
+    except OSError as exc:
+        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
             "calibration_specificity": specificity}

@@ -198,7 +198,8 @@ def test_malformed_model_metadata_is_exit_65_with_one_line(edit, tmp_path):
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir):
+@pytest.mark.parametrize("closed", [1, 2], ids=["stdout", "stderr"])
+def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir, closed):
     """Started with stdout closed (`>&-`), every file used to fail as "the decoder crashed on this
     file" (exit 3): the decoding workers could not start. Now the stream is pointed at /dev/null."""
     (tmp_path / "in").mkdir()
@@ -207,8 +208,9 @@ def test_a_closed_stdout_does_not_blame_the_files(tmp_path, cxr_dir):
     out = tmp_path / "out" / "inventory.csv"
     command = [sys.executable, "-m", "radscan", "scan", str(tmp_path / "in"), "--out", str(out), "--workers", "2",
                "--json", "--qc", "off"]
-    done = subprocess.run(command, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run(command, preexec_fn=lambda: os.close(closed), stdout=subprocess.PIPE if closed == 2 else None,
+                          stderr=subprocess.PIPE if closed == 1 else None, text=True)
+    assert done.returncode == 0, (done.stdout, done.stderr)
     with open(out, newline="") as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["ok"] * 3
 
@@ -246,6 +248,15 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     assert json.loads((tmp_path / "out" / "last-run.json").read_text()) == {
         "ok": False, "exit_code": 65, "error": json.loads((tmp_path / "out" / "last-run.json").read_text())["error"]}
     assert "radscan nightly run failed (exit 65)" in failed.stderr
+
+
+def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):
+    """A typo in RADSCAN_CONFIG used to run on the defaults (--phi keep: raw identifiers) with exit 0."""
+    env = {**os.environ, "RADSCAN_CONFIG": str(tmp_path / "radscan.tmol"), "RADSCAN_OUTPUT": str(tmp_path / "o")}
+    done = subprocess.run(["bash", str(REPO / "examples" / "nightly" / "radscan-nightly.sh")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "is not a file" in done.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_without_posix_locks_score_refuses_with_a_reason(tmp_path, monkeypatch, cxr_dir):

@@ -429,3 +429,29 @@ def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model,
     assert [k for k, r in by_study.items() if r["images_new"] != "0"] == [str((studies / "late").resolve())]
     dates = {r["StudyDate"] for r in rows if r["StudyDate"]}
     assert dates and all(len(d) == 10 and d[4] == d[7] == "-" for d in dates)  # ISO 8601, not DICOM's YYYYMMDD
+
+
+def test_an_emptied_root_stops_the_run_before_anything_is_pruned(studies, tiny_model, tmp_path):
+    """An unmounted share looks like an empty folder: with two roots, the empty one used to have all
+    its rows and pictures pruned with exit 0. Now it is exit 66 and nothing changes."""
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(next((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir()), other / "x.jpeg")
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), str(other), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert _run(*args).exit_code == 0
+    before = out.read_bytes()
+    (other / "x.jpeg").unlink()
+    result = _run(*args)
+    assert result.exit_code == ExitCode.NO_INPUT and "unmounted or emptied" in result.output
+    assert out.read_bytes() == before
+
+
+def test_two_outputs_on_one_path_or_inside_the_model_are_refused(studies, tiny_model, tmp_path):
+    out = tmp_path / "out" / "report.csv"
+    for extra in (["--studies", str(out)], ["--studies", str(out.with_name("report.lock"))]):
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra)
+        assert result.exit_code == ExitCode.USAGE and "same path" in result.output
+    result = _run("score", str(studies), "--out", str(tiny_model / "model.json"), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.USAGE
+    assert json.loads((tiny_model / "model.json").read_text())["format"]  # still the model's metadata

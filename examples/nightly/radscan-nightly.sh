@@ -5,8 +5,16 @@
 #
 # Settings: /etc/radscan.toml (or RADSCAN_CONFIG), RADSCAN_* variables, or the defaults below.
 set -u
-export RADSCAN_CONFIG="${RADSCAN_CONFIG:-/etc/radscan.toml}"
-[ -f "$RADSCAN_CONFIG" ] || unset RADSCAN_CONFIG
+# A settings file that was asked for but is missing is an error (its PHI mode, model... would be
+# silently replaced by the defaults); only the default location may be absent.
+if [ -n "${RADSCAN_CONFIG:-}" ]; then
+  if [ ! -f "$RADSCAN_CONFIG" ]; then
+    echo "radscan nightly run not started: RADSCAN_CONFIG=$RADSCAN_CONFIG is not a file" >&2
+    exit 2
+  fi
+elif [ -f /etc/radscan.toml ]; then
+  export RADSCAN_CONFIG=/etc/radscan.toml
+fi
 input="${RADSCAN_INPUT:-/data/pacs-export}"
 output="${RADSCAN_OUTPUT:-/data/radscan}"
 venv="${RADSCAN_VENV:-/opt/radscan/.venv}"
