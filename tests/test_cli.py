@@ -235,8 +235,9 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     runs, and a failed run prints a line on stderr (cron mails it)."""
     (tmp_path / "in").mkdir()
     shutil.copy(next((cxr_dir / "kermany_pediatric_224/test_normal").iterdir()), tmp_path / "in" / "a.jpeg")
+    (tmp_path / "radscan.toml").write_text("[score]\nworkers = 1\n")  # not /etc/radscan.toml
     env = {**os.environ, "RADSCAN_INPUT": str(tmp_path / "in"), "RADSCAN_OUTPUT": str(tmp_path / "out"),
-           "RADSCAN_VENV": sys.prefix, "RADSCAN_CONFIG": str(tmp_path / "none.toml")}
+           "RADSCAN_VENV": sys.prefix, "RADSCAN_CONFIG": str(tmp_path / "radscan.toml")}
     script = str(REPO / "examples" / "nightly" / "radscan-nightly.sh")
     done = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
