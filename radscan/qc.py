@@ -207,14 +207,15 @@ def fit_reference(train: np.ndarray) -> QCReference:
     distances = _orientation_distances(provisional, small)
     upright = distances["upright"]
     wrong = np.min([d for k, d in distances.items() if k not in ("upright", "mirror")], axis=0)
+    clearest_margin = float(np.min(wrong / upright))  # the least clear training normal's (copy / as is)
     contrast, extreme = _grey_statistics(train)
     limits = QCLimits(
         min_contrast=float(contrast.min() / 2),
         max_extreme=float(max(0.5, 2 * np.percentile(extreme, 99.5))),
         max_plane_share=float(1 - (1 - _plane_share(small).max()) / 10),
         max_distance=float(3 * np.percentile(upright, 99)),
-        orientation_margin=float(1 / np.min(wrong / upright)),
-        mirror_margin=float(np.min(wrong / upright)) ** -2,
+        orientation_margin=1 / clearest_margin,
+        mirror_margin=clearest_margin**-2,
     )
     return QCReference(provisional.mean, provisional.basis, limits, len(train))
 
@@ -240,6 +241,8 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
+    from radscan.model.metadata import sealed_settings
+
     block = metadata.get("qc")
     if block is None:
         return None
@@ -253,8 +256,7 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
         raise ModelError(f"{path} does not match the sha256 in model.json: the file was altered or corrupted")
     try:
         tensors = load(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        sealed = json.loads(header["__metadata__"]["radscan-qc"])
+        sealed = sealed_settings(data, "radscan-qc")
         limits = QCLimits(**sealed["limits"])
         reference = QCReference(tensors["mean"], tensors["basis"], limits, int(sealed["n_reference"]))
     except (KeyError, TypeError, ValueError, SafetensorError) as exc:
@@ -292,7 +294,8 @@ def age_string(years: float) -> str:
 class QualityControl:
     """Verdicts for usable images (the record after preprocessing and its 128x128 input).
 
-    mode : strict (failed images are not scored), warn (they are scored, marked warn) or off
+    mode : strict (failed images are not scored), warn (they are scored and keep qc_status fail)
+        or off (no verdicts)
     views : allowed ViewPosition values (an absent or empty tag is accepted)
     reference : the model's QC reference, or None (image checks other than contrast are then off)
     age_range : (min, max) patient age in years of the training population, or None
@@ -407,12 +410,13 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
     contrast checks only, with a warning."""
     from radscan.model.metadata import check_sealed_extras, read_sealed
 
+    reference = None
     if mode != "off":
         check_sealed_extras(read_sealed(model_dir), metadata)
-    reference = load_reference(model_dir, metadata) if mode != "off" else None
-    if reference is None and mode != "off":
-        log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
-                    "caught; retrain it with this radscan version", model_dir)
+        reference = load_reference(model_dir, metadata)
+        if reference is None:
+            log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
+                        "caught; retrain it with this radscan version", model_dir)
     ages = (metadata.get("population") or {}).get("age_years")
     return QualityControl(mode, views, reference, tuple(ages) if ages else None)
 

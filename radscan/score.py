@@ -220,7 +220,7 @@ class _Scorer:
         result = score_arrays(self.model, np.stack(images), batch_size=len(images), explain=self.residuals is not None)
         scores, raws, explanations, residuals = (t.numpy() for t in (result.scores, result.raw_scores,
                                                                      result.explanation_maps, result.residual_maps))
-        scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        scored_at = _now()
         rows, writes = [], []
         for record, image, score, raw, explanation, residual in zip(records, images, scores, raws, explanations,
                                                                      residuals, strict=True):

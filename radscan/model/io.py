@@ -108,7 +108,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     try:
         config = SimSIDConfig.from_dict(metadata["config"])
         state = safetensors.torch.load(data)
-        sealed = _sealed(data)
+        sealed = sealed_settings(data)
     except (KeyError, TypeError, ValueError, AttributeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot load {directory}: {exc}") from None
     if (sealed.get("format"), sealed.get("preprocess_version")) != (FORMAT, PREPROCESS_VERSION) \
@@ -124,11 +124,6 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     _check_calibration(model, metadata)
     # channels-last convolutions: 30% faster scoring on the CPU (oneDNN), same results to 1e-6
     return model.to(device, memory_format=torch.channels_last).eval(), metadata
-
-
-def _sealed(data: bytes) -> dict[str, Any]:
-    """The settings save_model sealed into the safetensors header (`__metadata__`), or {}."""
-    return sealed_settings(data[:8 + int.from_bytes(data[:8], "little")])
 
 
 def _config_or_none(values: Any) -> SimSIDConfig | None:

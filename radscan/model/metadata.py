@@ -33,11 +33,12 @@ def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
     return {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
 
 
-def sealed_settings(header: bytes) -> dict[str, Any]:
-    """The settings sealed in a safetensors file's header (its first 8 + n bytes), or {}."""
+def sealed_settings(header: bytes, key: str = "radscan") -> dict[str, Any]:
+    """The settings sealed under `key` in a safetensors file's header (pass at least its first
+    8 + n bytes, or the whole file), or {}."""
     try:
         table = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
-        sealed = json.loads(table.get("__metadata__", {}).get("radscan", "{}"))
+        sealed = json.loads(table.get("__metadata__", {}).get(key, "{}"))
     except (ValueError, AttributeError):
         return {}
     return sealed if isinstance(sealed, dict) else {}
