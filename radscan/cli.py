@@ -173,8 +173,7 @@ def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityCon
     from radscan.score import default_model_dir
 
     model_dir = model or default_model_dir()
-    metadata = read_metadata(model_dir) if qc_mode != "off" else {}
-    return quality_control(model_dir, metadata, qc_mode, parse_list(views))
+    return quality_control(model_dir, read_metadata(model_dir), qc_mode, parse_list(views))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "CsvStream", "write_png", "png_name", "render_explanation"]
+__all__ = ["atomic_output", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -45,9 +45,7 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # read-only folder, a parent that is a file, disk full: exit 73, one line
-        blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
-        raise OutputError(f"cannot write {path}: {why}") from None
+        raise cannot_write(path, exc) from None
     try:
         os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
         # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
@@ -59,15 +57,23 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
                     handle.flush()
                     os.fsync(handle.fileno())
             except OSError as exc:  # a full disk shows here at the latest
-                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+                raise cannot_write(path, exc) from None
         try:
             os.replace(tmp, path)
         except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise cannot_write(path, exc) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def cannot_write(path: Path, exc: OSError) -> OutputError:
+    """The one-line error (exit 73) for an output that cannot be written, naming a parent that is
+    a file when that is the cause (the operating system only says "File exists")."""
+    blocking = next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+    why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+    return OutputError(f"cannot write {path}: {why}")
 
 
 class CsvStream:
@@ -83,7 +89,7 @@ class CsvStream:
         try:
             self._writer.writerow({key: _cell(value) for key, value in row.items()})
         except OSError as exc:  # e.g. the disk filled up
-            raise OutputError(f"cannot write {self._context_path}: {exc.strerror or exc}") from None
+            raise cannot_write(self._context_path, exc) from None
 
     def commit(self) -> None:
         self._context.__exit__(None, None, None)
@@ -134,7 +140,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
         try:
             handle.write(buffer.getvalue())
         except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise cannot_write(path, exc) from None
 
 
 # Maps are shown on fixed scales, so that colours mean the same in every picture. The score map

@@ -37,7 +37,7 @@ from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
-from radscan.report import CsvStream, atomic_output, png_name, render_explanation, write_png
+from radscan.report import CsvStream, atomic_output, cannot_write, png_name, render_explanation, write_png
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise OutputError(f"cannot create the PHI key file {key_file}: {exc.strerror or exc}") from None
+        raise cannot_write(key_file, exc) from None
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(secrets.token_hex(32).encode() + b"\n")
     log.warning("created a new PHI key in %s: keep it safe; hashed identifiers only link across runs "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
+from radscan.report import cannot_write
 
 try:  # POSIX: a kernel lock that is released however its holder dies (never stale)
     import fcntl
@@ -59,7 +60,7 @@ def hold_lock(path: Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
-        raise OutputError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+        raise cannot_write(path, exc) from None
     handle = os.fdopen(descriptor, "r+")
     try:
         try:

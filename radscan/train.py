@@ -41,7 +41,7 @@ from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.qc import fit_reference, save_reference
-from radscan.report import CsvStream
+from radscan.report import CsvStream, cannot_write
 
 __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
 
@@ -373,7 +373,7 @@ def train(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create the model directory {out_dir}: {exc.strerror or exc}") from None
+        raise cannot_write(out_dir, exc) from None
 
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
                                          label="normals")
