@@ -39,7 +39,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return preset, overrides
 
 
-RECIPE_KEYS = ("lr", "cosine_epochs", "batch_size", "aspect", "gamma", "contrast", "blur", "noise")
+RECIPE_KEYS = ("lr", "cosine_epochs", "batch_size", "aspect", "gamma", "contrast", "blur", "noise", "synthetic")
 KINDS = ("critic", "critic_live", "seed", "residual")
 
 

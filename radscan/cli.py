@@ -275,6 +275,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                    "(at 128 px; mean B).")
 @click.option("--noise", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Augmentation: Gaussian noise up to this standard deviation (grey range 0..1).")
+@click.option("--synthetic", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of local synthetic defects (haze, brighter or darker region, lost contrast, noise) "
+                   "shown to the discriminator as abnormal (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
               show_default=True,
@@ -298,7 +301,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
           score_kind: str | None, critic_blur: float | None, critic_snapshots: int | None, epochs: int,
           max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
-          noise: float, seed: int,
+          noise: float, synthetic: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, age_range: str | None, device: str, policy: Policy, workers: int,
           as_json: bool) -> None:
@@ -329,7 +332,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         torch_device = resolve_device(device)
         tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
-                           noise=noise, seed=seed, calibration_fraction=calibration_fraction,
+                           noise=noise, synthetic=synthetic, seed=seed, calibration_fraction=calibration_fraction,
                            target_specificity=target_specificity)
         ages = _age_range(age_range) if age_range else None
     except (TypeError, ValueError) as exc:

@@ -77,6 +77,9 @@ class TrainConfig:
     contrast: float = 0.0  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
     blur: float = 0.0  # on half the images, a Gaussian blur of sigma uniform in [0, 2 * blur] pixels (mean blur)
     noise: float = 0.0  # Gaussian noise of standard deviation uniform in [0, noise] (image range 0..1)
+    # weight of a third discriminator term: films with one local synthetic anomaly count as fake
+    # (see local_anomalies); 0 turns it off
+    synthetic: float = 0.0
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95
     seed: int = 0
@@ -147,6 +150,39 @@ def vary_acquisition(images: torch.Tensor, generator: torch.Generator, tcfg: Tra
     return x * 2 - 1
 
 
+def local_anomalies(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each film with one generic local defect in a soft-edged ellipse: a haze (blur of 2-4 px), a
+    brighter or darker region (0.15-0.4 of the grey range), lost contrast (towards the region's
+    mean) or added noise. (B, 1, H, W) in [-1, 1] -> same shape and range.
+
+    Shown to the discriminator as fake, next to whole films that vary_acquisition blurred,
+    brightened or flattened as real, they teach the critic that a film differing from itself in
+    one region is abnormal and one differing from the training site everywhere is not (the
+    global-sharpness confound of README "Robustness to the acquisition"). The defects are generic
+    (the family of CutPaste, NSA and DRAEM's synthetic anomalies), not modelled on any test film."""
+    b, _, h, w = images.shape
+    device = images.device
+    draw = torch.rand(b, 8, generator=generator).to(device)
+    ys = torch.linspace(-1, 1, h, device=device).view(1, h, 1)
+    xs = torch.linspace(-1, 1, w, device=device).view(1, 1, w)
+    centre_y, centre_x = (draw[:, 0] * 1.2 - 0.6).view(b, 1, 1), (draw[:, 1] * 1.2 - 0.6).view(b, 1, 1)
+    radius_y, radius_x = (0.12 + 0.38 * draw[:, 2]).view(b, 1, 1), (0.12 + 0.38 * draw[:, 3]).view(b, 1, 1)
+    distance = ((ys - centre_y) / radius_y) ** 2 + ((xs - centre_x) / radius_x) ** 2
+    mask = ((1.3 - distance) / 0.6).clamp(0, 1).unsqueeze(1)  # 1 inside, soft rim, 0 outside
+    mask = mask * mask * (3 - 2 * mask)  # smoothstep: no sharp edge for the critic to find
+    x = (images + 1) / 2
+    kind = (draw[:, 4] * 4).long().view(b, 1, 1, 1)
+    strength = draw[:, 5].view(b, 1, 1, 1)
+    hazy = _blur_each(x, 2 + 2 * draw[:, 5], radius=12)
+    sign = torch.where(draw[:, 6] < 0.5, -1.0, 1.0).view(b, 1, 1, 1)
+    shifted = x + sign * (0.15 + 0.25 * strength)
+    region_mean = (x * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    flattened = region_mean + (x - region_mean) * (0.2 + 0.4 * strength)
+    noisy = x + (0.03 + 0.07 * strength) * torch.randn(x.shape, generator=generator).to(device)
+    defect = torch.where(kind == 0, hazy, torch.where(kind == 1, shifted, torch.where(kind == 2, flattened, noisy)))
+    return ((x + mask * (defect - x)).clamp(0, 1)) * 2 - 1
+
+
 def _blur_each(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur with its own sigma (pixels; 0 = unchanged) for each image."""
     b = images.shape[0]
@@ -184,8 +220,10 @@ class Trainer:
         for newer, older in zip(critics[-2::-1], critics[:0:-1], strict=True):
             older.load_state_dict(newer.state_dict())
 
-    def step(self, batch: torch.Tensor, generator_step: bool) -> dict[str, float]:
-        """One batch: a discriminator step, and a generator step when asked (same forward)."""
+    def step(self, batch: torch.Tensor, generator_step: bool,
+             anomalies: torch.Tensor | None = None) -> dict[str, float]:
+        """One batch: a discriminator step, and a generator step when asked (same forward).
+        `anomalies` (the batch with local synthetic defects) are a second kind of fake."""
         t, model = self.tcfg, self.model
         model.train()
         with autocast(self.device):
@@ -196,6 +234,10 @@ class Trainer:
                 F.binary_cross_entropy_with_logits(d_real.float(), torch.ones_like(d_real, dtype=torch.float32))
                 + F.binary_cross_entropy_with_logits(d_fake.float(), torch.zeros_like(d_fake, dtype=torch.float32))
             )
+            if anomalies is not None:
+                d_defect = model.discriminator(anomalies).float()
+                d_loss = d_loss + t.w_discriminator * t.synthetic * F.binary_cross_entropy_with_logits(
+                    d_defect, torch.zeros_like(d_defect))
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -432,7 +474,9 @@ def train(
                 rows = order[index * tcfg.batch_size:(index + 1) * tcfg.batch_size]
                 batch = augment(to_model_tensor(tensor_images[rows], device), generator, tcfg)
                 batch = vary_acquisition(batch, generator, tcfg)
-                losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1)
+                anomalies = local_anomalies(batch, generator) if tcfg.synthetic else None
+                losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1,
+                                      anomalies=anomalies)
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1

@@ -147,6 +147,24 @@ def test_acquisition_variation_keeps_shape_and_range_and_can_be_off():
     assert torch.equal(varied, again)  # seeded: a resumed run sees the same augmentation
 
 
+def test_synthetic_anomalies_are_local_and_count_as_fake():
+    from radscan.train import local_anomalies
+
+    images = load_images([str(CXR_DIR / "kermany_pediatric_224/train_normal")], Policy(), workers=1,
+                         progress=False)[0][:8]
+    batch = to_model_tensor(images)
+    defects = local_anomalies(batch, torch.Generator().manual_seed(0))
+    assert defects.shape == batch.shape and defects.min() >= -1 and defects.max() <= 1
+    changed = ((defects - batch).abs() > 1e-3).float().mean(dim=(1, 2, 3))
+    assert bool((changed > 0.01).all()) and bool((changed < 0.6).all())  # one region of every film, not all of it
+    assert torch.equal(defects, local_anomalies(batch, torch.Generator().manual_seed(0)))
+    losses = []
+    for weight in (0.0, 1.0):
+        trainer = Trainer(TINY, TrainConfig(batch_size=8, seed=1, synthetic=weight), torch.device("cpu"))
+        losses.append(trainer.step(batch, generator_step=False, anomalies=defects)["d"])
+    assert losses[1] > losses[0]  # the defects enter the discriminator's loss as a third, fake term
+
+
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(model_dir, target)
