@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
+__all__ = ["atomic_output", "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -41,6 +41,9 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     many small PNGs skip it (the rename alone keeps them whole on a crash of the process).
     """
     path = Path(path)
+    if path.is_symlink():  # replacing it would silently break whatever the link was set up for
+        raise OutputError(f"{path} is a symbolic link: radscan does not replace links it did not make; remove "
+                          "the link or choose another --out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,6 +69,20 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path, names: str) -> int:
+    """Delete the temporary files that atomic_output left in `folder` for outputs matching the glob
+    `names` when a run was killed (SIGKILL, power cut) before renaming them: they may hold rows of
+    that run. Call under the lock of the outputs, so that no running writer owns them. Returns how
+    many were removed."""
+    removed = 0
+    for stale in Path(folder).glob(f".{names}.*.tmp"):
+        if stale.is_file() and not stale.is_symlink():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed += 1
+    return removed
 
 
 def cannot_write(path: Path, exc: OSError) -> OutputError:

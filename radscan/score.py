@@ -10,6 +10,7 @@ killed run resumes where it stopped).
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import hmac
 import logging
@@ -37,7 +38,15 @@ from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
-from radscan.report import CsvStream, atomic_output, cannot_write, png_name, render_explanation, write_png
+from radscan.report import (
+    CsvStream,
+    atomic_output,
+    cannot_write,
+    png_name,
+    remove_stale_temporaries,
+    render_explanation,
+    write_png,
+)
 from radscan.state import FileIdentity, StateStore, hold_lock
 
 if TYPE_CHECKING:
@@ -287,6 +296,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
              metadata.get("name"), metadata.get("version"), metadata["weights"]["sha256"][:12])
 
     with hold_lock(outputs.lock), ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
+        _tidy_outputs(outputs)
         loading = loader.submit(_load_model, model_dir, settings.device)
         files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
                                             *([outputs.residuals] if outputs.residuals else [])])
@@ -328,6 +338,20 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
     )
+
+
+def _tidy_outputs(outputs: OutputPaths) -> None:
+    """Under the lock: refuse a pictures folder that is a symbolic link (pictures would land, and
+    old ones be deleted, wherever it points), and remove what a killed run left half-written."""
+    if outputs.residuals is not None and outputs.residuals.is_symlink():
+        raise OutputError(f"{outputs.residuals} is a symbolic link: radscan does not write through links it did not "
+                          "make; remove the link or choose another --residuals")
+    removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name))
+                  for path in (outputs.report, outputs.studies, outputs.readme))
+    if outputs.residuals is not None and outputs.residuals.is_dir():
+        removed += remove_stale_temporaries(outputs.residuals, "*.png")
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
 
 
 def _now() -> str:

@@ -127,13 +127,16 @@ class StateStore:
         except sqlite3.DatabaseError as exc:
             # a damaged store must not stop every night: the scores in it are reproducible
             aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-            log.warning("the state store %s is damaged (%s): moved aside to %s; every file is scored again",
-                        path, exc, aside.name)
+            log.warning("the state store %s is damaged (%s): moved aside to %s (readable by its owner only; it "
+                        "may hold identifiers of earlier runs: delete it once inspected); every file is scored "
+                        "again", path, exc, aside.name)
             with contextlib.suppress(Exception):
                 self._db.close()
             for suffix in ("", "-wal", "-shm"):
                 if Path(f"{path}{suffix}").exists():
                     os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+                    with contextlib.suppress(OSError):
+                        os.chmod(f"{aside}{suffix}", 0o600)
             self._db = self._open(path)
 
     def _open(self, path: Path) -> sqlite3.Connection:
@@ -163,7 +166,14 @@ class StateStore:
             "SELECT row FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND fingerprint = ?",
             (_blob(identity.key), identity.size, identity.mtime_ns, self.fingerprint),
         ).fetchone()
-        return json.loads(found[0]) if found else None
+        if not found:
+            return None
+        row = _parse_row(found[0])
+        if row is None:  # edited or damaged by hand: forget it, the file is read and scored again
+            log.warning("a stored row of the state store is not valid; its file is scored again")
+            with self._writing(), self._db:
+                self._db.execute("DELETE FROM results WHERE key = ?", (_blob(identity.key),))
+        return row
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -239,8 +249,8 @@ class StateStore:
     def prune(self) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another
         root) and return them, so that their pictures can go too. Call after a complete run."""
-        gone = [json.loads(row) for (row,) in self._db.execute("SELECT row FROM results WHERE seen != ?",
-                                                                 (self.run_id,))]
+        gone = [_parse_row(row) or {} for (row,) in self._db.execute("SELECT row FROM results WHERE seen != ?",
+                                                                       (self.run_id,))]
         if gone:
             with self._writing():
                 self._db.execute("DELETE FROM results WHERE seen != ?", (self.run_id,))
@@ -251,6 +261,18 @@ class StateStore:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+
+
+def _parse_row(text: Any) -> dict[str, Any] | None:
+    """A stored row, or None when it is not the JSON object with a status, root and path that
+    `save` writes (a store edited or damaged by hand must not stop the nightly run)."""
+    try:
+        row = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("status", "root", "path")):
+        return None
+    return row
 
 
 def _blob(key: str) -> bytes:

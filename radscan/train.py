@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from radscan.errors import NoInputError, OutputError, SettingError
+from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import METADATA_FILE, save_model
@@ -41,7 +41,7 @@ from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.qc import fit_reference, save_reference
-from radscan.report import CsvStream, cannot_write
+from radscan.report import CsvStream, atomic_output, cannot_write
 
 __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
 
@@ -280,14 +280,23 @@ class Trainer:
 
 
 def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """Atomic and durable: a run killed or a machine losing power mid-write keeps the previous one."""
+    with atomic_output(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    # weights_only: a checkpoint is tensors and plain containers; nothing is unpickled as code.
-    return torch.load(path, map_location=device, weights_only=True)
+    """The checkpoint of an interrupted run. weights_only: a checkpoint is tensors and plain
+    containers, and nothing in it is unpickled as code. Raises ModelError (exit 65) for a file that
+    is not one (damaged, or replaced by something else)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"model", "opt_g", "opt_d", "schedule", "epoch"} <= state.keys():
+            raise ValueError("not a radscan training checkpoint")
+        return state
+    except Exception as exc:  # torch raises many kinds for a damaged file; none is worth a traceback
+        raise ModelError(f"the training checkpoint {path} cannot be read ({type(exc).__name__}): delete it to "
+                         "train from the start, or choose another --out") from None
 
 
 def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
@@ -451,7 +460,11 @@ def train(
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
     start_epoch = 0
     if resuming:
-        start_epoch = trainer.restore(_load_checkpoint(checkpoint_path, device))
+        try:
+            start_epoch = trainer.restore(_load_checkpoint(checkpoint_path, device))
+        except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
+            raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
+                             "resume with the settings it was started with, or choose another --out") from None
         log.info("resumed after epoch %d", start_epoch)
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
     stopped_by_budget = False

@@ -374,7 +374,8 @@ def test_a_damaged_state_store_is_moved_aside_and_rebuilt(studies, tiny_model, t
     assert len(list(out.parent.glob("report.state.sqlite.damaged-*"))) >= 1
 
 
-@pytest.mark.parametrize("name", ["report.lock", "report.state.sqlite"])
+@pytest.mark.parametrize("name", ["report.lock", "report.state.sqlite", "report.csv", "report_studies.csv",
+                                  "report_README.txt"])
 def test_outputs_that_are_symlinks_are_refused_and_their_targets_untouched(studies, tiny_model, tmp_path, name):
     """A report.lock linked to another file had that file truncated to "pid N"; a state file
     linked to another SQLite database had that database's results table dropped."""
@@ -390,6 +391,38 @@ def test_outputs_that_are_symlinks_are_refused_and_their_targets_untouched(studi
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert result.exit_code == ExitCode.CANT_CREATE, result.output
     assert "symbolic link" in result.output and target.read_bytes() == before
+
+
+def test_a_pictures_folder_that_is_a_symlink_is_refused(studies, tiny_model, tmp_path):
+    """Pictures would be written, and old ones deleted, wherever the link points."""
+    out = tmp_path / "out" / "report.csv"
+    out.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out.parent / "report_residuals").symlink_to(elsewhere, target_is_directory=True)
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.CANT_CREATE and "symbolic link" in result.output
+    assert not list(elsewhere.iterdir())
+
+
+def test_what_a_killed_run_left_is_cleaned_and_bad_stored_rows_are_rescored(studies, tiny_model, tmp_path):
+    """Temporary files of a run killed before its renames may hold rows of that run; a stored row
+    edited or damaged by hand (not valid JSON) must cost a rescore, not the night."""
+    import sqlite3
+
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
+    assert _run(*args).exit_code == 0
+    first = _rows(out)
+    left = [out.parent / ".report.csv.k1ll3d.tmp", out.parent / "report_residuals" / ".abc.png.x9.tmp"]
+    for path in left:
+        path.write_text(PATIENT_ID)
+    with sqlite3.connect(out.with_name("report.state.sqlite")) as db:
+        db.execute("UPDATE results SET row = '{not json' WHERE rowid IN (SELECT rowid FROM results LIMIT 2)")
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["scored_now"] == 2 and not any(path.exists() for path in left)
+    assert sorted(row["path"] for row in _rows(out)) == sorted(row["path"] for row in first)  # no duplicates
 
 
 def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outlive_a_switch_to_hash(

@@ -116,6 +116,15 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     with pytest.raises(Exception, match="--resume"):
         train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False)
+    checkpoint = (tmp_path / "resumed" / "checkpoint.pt").read_bytes()
+    for damaged in (checkpoint[: len(checkpoint) // 2], b"not a checkpoint"):  # one line, exit 65, no traceback
+        (tmp_path / "resumed" / "checkpoint.pt").write_bytes(damaged)
+        with pytest.raises(ModelError, match="cannot be read"):
+            train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
+    (tmp_path / "resumed" / "checkpoint.pt").write_bytes(checkpoint)
+    with pytest.raises(ModelError, match="another model"):
+        train([str(normals)], tmp_path / "resumed", preset("tiny", critic_snapshots=3), config, workers=1,
+              progress=False, resume=True)
     train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
     straight = (tmp_path / "straight" / WEIGHTS_FILE).read_bytes()
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == straight
