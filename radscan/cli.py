@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -92,29 +93,51 @@ def _read_config(path: Path) -> dict:
     return default_map
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass every comparison with a bound)."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 (Click's signature)
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _setting(param: click.Parameter, value: object) -> object:
     """A TOML value as the option expects it: a list for a comma-separated option (modalities =
     ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
     if isinstance(value, list) and not getattr(param, "multiple", False):
         return ",".join(str(item) for item in value)
+    if isinstance(value, bool) and not getattr(param, "is_flag", False):
+        raise click.BadParameter(f"{param.name} = {str(value).lower()}: expected a value, not true/false",
+                                 param_hint="--config")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
+        raise click.BadParameter(f"{param.name} = {value!r}: expected a whole number", param_hint="--config")
     wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
     if wants_text and not getattr(param, "is_flag", False) and not isinstance(value, (str, list)):
         raise click.BadParameter(f"{param.name} = {value!r}: expected text in quotes", param_hint="--config")
     return value
 
 
+def _check_list(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A comma-separated selection must name something: an empty one would silently mean 'all'."""
+    if not parse_list(value) and value.strip().upper() not in ("ALL", "*"):
+        raise click.BadParameter(f"give values (e.g. {param.default}), or 'all'")
+    return value
+
+
 def selection_options(command: Callable) -> Callable:
     """The options that decide which DICOM files are used; shared by scan, train and score."""
 
-    @click.option("--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True,
+    @click.option("--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, callback=_check_list,
                   help="Comma-separated Modality values to use, or 'all'.")
-    @click.option("--body-parts", default=",".join(DEFAULT_BODY_PARTS), show_default=True,
+    @click.option("--body-parts", default=",".join(DEFAULT_BODY_PARTS), show_default=True, callback=_check_list,
                   help="BodyPartExamined values to use when the tag is set, or 'all'.")
     @click.option("--frames", type=click.Choice(FRAME_POLICIES), default="skip", show_default=True,
                   help="Multi-frame objects: skip them, or use their first or middle frame.")
     @click.option("--for-processing", is_flag=True,
                   help="Also use FOR PROCESSING images (raw detector data, normally skipped).")
-    @click.option("--read-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+    @click.option("--read-timeout", type=FiniteFloatRange(min=1), default=300, show_default=True,
                   help="Seconds after which a file whose decoding hangs is given up (status error).")
     @functools.wraps(command)
     def wrapper(*args, modalities: str, body_parts: str, frames: str, for_processing: bool, read_timeout: float,
@@ -152,9 +175,8 @@ qc_option = click.option(
 def _check_views(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """--views: ViewPosition terms (PS3.3 C.8.11.7) or 'all'; an empty or unknown term is refused,
     so that a typo neither switches the check off nor rejects every film."""
+    _check_list(ctx, param, value)
     views = parse_list(value)
-    if not value.strip():
-        raise click.BadParameter("give ViewPosition values such as PA,AP, or 'all'")
     unknown = sorted(set(views or ()) - KNOWN_VIEWS)
     if unknown:
         raise click.BadParameter(f"unknown ViewPosition value(s) {', '.join(unknown)}: use "
@@ -252,37 +274,37 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
 @click.option("--score", "score_kind", type=click.Choice(list(SCORE_KINDS)),
               help="What the anomaly score is made of (default critic; see README 'Score kinds').")
-@click.option("--critic-blur", type=click.FloatRange(0, 8), metavar="SIGMA",
+@click.option("--critic-blur", type=FiniteFloatRange(0, 8), metavar="SIGMA",
               help="Gaussian low-pass (pixels) in front of the discriminator, so that the critic judges "
                    "anatomy and opacity rather than sharpness (overrides the preset; 0 = none).")
 @click.option("--critic-snapshots", type=click.IntRange(1),
               help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--max-minutes", type=float, help="Time budget; training stops after the batch that crosses it.")
+@click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True), help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(0), default=1e-4, show_default=True,
+@click.option("--lr", type=FiniteFloatRange(0), default=1e-4, show_default=True,
               help="Adam learning rate of both networks.")
 @click.option("--cosine-epochs", type=click.IntRange(1), default=300, show_default=True,
               help="Length of the generator's cosine learning-rate decay, in epochs.")
-@click.option("--aspect", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--aspect", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Augmentation: width/height ratio changed by a factor in [1/(1+A), 1+A] per image.")
-@click.option("--gamma", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--gamma", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Augmentation: gamma drawn in [1/(1+G), 1+G] per image.")
-@click.option("--contrast", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--contrast", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Augmentation: contrast factor drawn in [1/(1+C), 1+C] per image.")
-@click.option("--blur", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--blur", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Augmentation: on half the images a Gaussian blur of sigma drawn in [0, 2B] pixels "
                    "(at 128 px; mean B).")
-@click.option("--noise", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--noise", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Augmentation: Gaussian noise up to this standard deviation (grey range 0..1).")
-@click.option("--synthetic", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--synthetic", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Weight of local synthetic defects (haze, brighter or darker region, lost contrast, noise) "
                    "shown to the discriminator as abnormal (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed + same data + CPU = same model.")
-@click.option("--calibration-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
+@click.option("--calibration-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.15,
               show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
-@click.option("--target-specificity", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
+@click.option("--target-specificity", type=FiniteFloatRange(0.5, 0.999), default=0.95, show_default=True,
               help="The flag threshold keeps this share of the calibration normals unflagged.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
 @click.option("--init-from", type=click.Path(file_okay=False, path_type=Path),
@@ -450,6 +472,12 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
 
     if residuals and no_residuals:
         raise click.UsageError("--residuals and --no-residuals exclude each other")
+    if phi_key is None and "RADSCAN_PHI_KEY" in os.environ:  # Click reads a set but empty variable as unset
+        phi_key = os.environ["RADSCAN_PHI_KEY"]
+    if phi == "hash" and phi_key is None:  # the key must not be read as, or created among, the radiographs
+        from radscan.ingest import check_outputs_apart
+
+        check_outputs_apart(paths, [phi_key_file])
     key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
     outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
@@ -515,7 +543,7 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--normals", multiple=True, required=True, type=click.Path(path_type=str),
               help="The site's own normal images, not used for training or evaluation (repeatable).")
-@click.option("--target-specificity", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
+@click.option("--target-specificity", type=FiniteFloatRange(0.5, 0.999), default=0.95, show_default=True,
               help="Share of these normals that the new threshold keeps below it.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Write the recalibrated model to this new directory (it must not hold a model).")

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-from radscan.ingest import load_images
+from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import resolve_device, score_arrays
 from radscan.policy import Policy
@@ -62,6 +62,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dir: Path, ba
              device: str = "auto", workers: int = -1, policy: Policy | None = None, progress: bool = True,
              roc_png: Path | None = None, bootstrap_rounds: int = 2000) -> dict[str, Any]:
     policy = policy or Policy()
+    check_outputs_apart([*normal, *abnormal], [roc_png])  # the picture must not overwrite a radiograph
     torch_device = resolve_device(device)
     model, metadata = load_model(model_dir, torch_device)
     normals = load_images(normal, policy, workers, progress, label="normals")[0]

@@ -175,10 +175,16 @@ class PhiFilter:
 
 def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
     """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use.
-    Raises SettingError (exit 2) for an empty key file, OutputError (73) when it cannot be made."""
-    if explicit:
+    Raises SettingError (exit 2) for an empty key (given or in the file) or a key file that is not
+    a regular file (a FIFO would hang the night), OutputError (73) when it cannot be made."""
+    if explicit is not None:
+        if not explicit.strip():  # an unset variable expanded to "": never fall back to another key silently
+            raise SettingError("the PHI key given by --phi-key or RADSCAN_PHI_KEY is empty: give the site's key, or "
+                               "leave both unset to use --phi-key-file")
         return explicit.encode()
-    if key_file.exists():
+    if key_file.exists() or key_file.is_symlink():
+        if not key_file.is_file():
+            raise SettingError(f"the PHI key file {key_file} is not a regular file: point --phi-key-file at a file")
         key = key_file.read_bytes().strip()
         if not key:
             raise SettingError(f"the PHI key file {key_file} is empty: put the site's key in it, or delete it to "

@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
-from radscan.ingest import load_images
+from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
@@ -421,6 +421,8 @@ def train(
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
         raise SettingError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
                            "train longer or keep fewer snapshots")
+    # a model written among the normals would be read back as training images next time
+    check_outputs_apart([*normals, *val_normal, *val_abnormal], [out_dir])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -573,6 +575,7 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     from radscan.model.io import load_model
 
     device = device or torch.device("cpu")
+    check_outputs_apart(normals, [out_dir or model_dir])
     model, metadata = load_model(model_dir, device)
     images = load_images(normals, policy or Policy(), workers, progress, label="calibration normals")[0]
     scores = calibrate(model, images, 64, device, target_specificity)[0]

@@ -137,13 +137,36 @@ def test_names_that_spreadsheets_would_run_are_written_as_text(tmp_path, cxr_dir
     assert paths == ["'+1.jpeg", "'-2+3.jpeg", "'=HYPERLINK(1)/a.jpeg", "'@SUM(1).jpeg", "b=1.jpeg"]
 
 
-@pytest.mark.parametrize("case", ["workers 0", "empty key file", "toml number for a path", "val-normal alone"])
+USAGE_CASES = ["workers 0", "empty key file", "toml number for a path", "val-normal alone", "nan timeout",
+               "inf specificity", "toml batch 1.5", "toml true for a number", "empty modalities", "empty phi key",
+               "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals"]
+
+
+@pytest.mark.parametrize("case", USAGE_CASES)
 def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
-    """Exit 1 means a bug in radscan and nothing else: these are the user's to fix (exit 2)."""
+    """Exit 1 means a bug in radscan and nothing else: these are the user's to fix (exit 2). None
+    of them may silently mean something else (nan passes every bound, "" meant "all", 1.5 -> 1)."""
     normals = str(cxr_dir / "kermany_pediatric_224/train_normal")
+    abnormals = str(cxr_dir / "kermany_pediatric_224/val_abnormal")
     (tmp_path / "empty.key").touch()
+    os.mkfifo(tmp_path / "fifo.key")
     (tmp_path / "c.toml").write_text("[score]\nmodel = 5\n")
+    (tmp_path / "batch.toml").write_text("[score]\nbatch_size = 1.5\n")
+    (tmp_path / "bool.toml").write_text("[score]\nworkers = true\n")
+    score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
+        "nan timeout": [*score, "--read-timeout", "nan"],
+        "inf specificity": ["calibrate", str(Path(__file__).parents[1] / "models/kermany-tiny"), normals, "--out", str(tmp_path / "m"),
+                            "--target-specificity", "inf"],
+        "toml batch 1.5": ["--config", str(tmp_path / "batch.toml"), *score],
+        "toml true for a number": ["--config", str(tmp_path / "bool.toml"), *score],
+        "empty modalities": [*score, "--modalities", " , "],
+        "empty phi key": [*score, "--phi", "hash", "--phi-key", ""],
+        "key file a fifo": [*score, "--phi", "hash", "--phi-key-file", str(tmp_path / "fifo.key")],
+        "key file among the inputs": [*score, "--phi", "hash", "--phi-key-file", f"{normals}/site.key"],
+        "roc onto an input": ["evaluate", "--normal", normals, "--abnormal", abnormals, "--roc",
+                              f"{abnormals}/roc.png"],
+        "model among the normals": ["train", normals, "--out", f"{normals}/model"],
         "workers 0": ["scan", normals, "--out", str(tmp_path / "i.csv"), "--workers", "0"],
         "empty key file": ["score", normals, "--out", str(tmp_path / "r.csv"), "--phi", "hash",
                            "--phi-key-file", str(tmp_path / "empty.key")],
