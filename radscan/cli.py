@@ -159,9 +159,25 @@ workers_option = click.option(
     "--workers", type=int, default=-1, show_default=True, callback=_check_workers,
     help="Decoding processes (-1: one per CPU core; 1: no worker processes).",
 )
+_json_requested = False  # set as soon as --json is parsed (flag, RADSCAN_* variable or TOML)
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    global _json_requested
+    _json_requested = _json_requested or bool(value)
+    return value
+
+
+# eager: known before any other option can fail, so that a failure still prints its JSON object
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout."
+    "--json", "as_json", is_flag=True, is_eager=True, callback=_remember_json,
+    help='Print a one-object JSON summary on stdout, with "ok" and "exit_code" (also on failure).'
 )
+
+
+def _echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
+    """The --json summary of a finished command: the same two leading keys for every command."""
+    click.echo(json.dumps({"ok": True, "exit_code": int(exit_code), **payload}))
 
 
 model_option = click.option(
@@ -230,7 +246,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     qc = _quality_control(model, qc_mode, views) if qc_mode != "off" else None
     summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc)
     if as_json:
-        click.echo(json.dumps(summary.as_dict(), indent=None))
+        _echo_json(summary.as_dict(), ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK)
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(
@@ -364,7 +380,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
                "stopped_by_budget": result.stopped_by_budget, **result.metrics}
     if as_json:
-        click.echo(json.dumps(summary))
+        _echo_json(summary)
     elif not ctx.obj["quiet"]:
         click.echo(f"model written to {result.model_dir} ({result.epochs_run} epochs)", err=True)
 
@@ -405,14 +421,15 @@ def info(model_dir: Path, as_json: bool) -> None:
     _, metadata = load_model(model_dir)
     reference = load_reference(model_dir, metadata)
     if as_json:
-        click.echo(json.dumps(metadata))
+        _echo_json(metadata)
         return
     calibration, training = metadata.get("calibration", {}), metadata.get("training", {})
     config = metadata.get("config", {})
     lines = [
         f"name            {metadata.get('name')}  version {metadata.get('version')}",
         f"radscan         {metadata.get('radscan_version')}  preprocessing {metadata.get('preprocess_version')}",
-        f"parameters      {metadata.get('parameters'):,}",
+        f"parameters      {metadata['parameters']:,}" if isinstance(metadata.get("parameters"), int)
+        else "parameters      ?",
         f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
         f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
         f"quality control {_describe_qc(reference, metadata)}",
@@ -486,7 +503,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     summary = run_score(paths, outputs, settings)
     exit_code = ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK
     if as_json:
-        click.echo(json.dumps({"ok": True, "exit_code": int(exit_code), **summary.as_dict()}))
+        _echo_json(summary.as_dict(), exit_code)
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(f"{summary.files} files: {counts['ok']} scored ({summary.reused} unchanged), "
@@ -525,7 +542,7 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
     result = run_evaluate(normal, abnormal, model or default_model_dir(), batch_size, device, workers, policy,
                           progress=not ctx.obj["quiet"], roc_png=roc)
     if as_json:
-        click.echo(json.dumps(result))
+        _echo_json(result)
         return
     at, best = result["at_model_threshold"], result["at_best_accuracy_threshold_on_this_set"]
     low, high = result["auc_ci95"]
@@ -577,10 +594,24 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
     result = recalibrate(model_dir, normals, out, target_specificity, policy, workers, resolve_device(device),
                          progress=not ctx.obj["quiet"])
     if as_json:
-        click.echo(json.dumps(result))
+        _echo_json(result)
     elif not ctx.obj["quiet"]:
         click.echo(f"threshold {result['threshold']:.4f} from {result['n_calibration']} normals -> "
                    f"{result['model']}", err=True)
+
+
+def _name_environment_variables() -> None:
+    """RADSCAN_<COMMAND>_<OPTION> after the option's name as typed (RADSCAN_SCORE_JSON for --json),
+    not Click's default, the Python parameter's name (which would be RADSCAN_SCORE_AS_JSON)."""
+    for command_name, command in cli.commands.items():
+        for param in command.params:
+            long_names = [name for name in param.opts if name.startswith("--")]
+            if isinstance(param, click.Option) and param.envvar is None and long_names:
+                option = long_names[0][2:].replace("-", "_").upper()
+                param.envvar = f"RADSCAN_{command_name.upper()}_{option}"
+
+
+_name_environment_variables()
 
 
 def main() -> None:
@@ -625,5 +656,5 @@ def _reopen_closed_standard_streams() -> None:
 
 
 def _json_failure(exit_code: int, message: str) -> None:
-    if "--json" in sys.argv[1:]:
+    if _json_requested or "--json" in sys.argv[1:]:
         click.echo(json.dumps({"ok": False, "exit_code": int(exit_code), "error": message}))

@@ -201,6 +201,21 @@ def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):
     assert all(line[:4].isdigit() and line[10] == "T" for line in lines if "radscan INFO" in line)
 
 
+def test_json_asked_for_by_variable_or_settings_file_also_speaks_on_failure(tmp_path):
+    """RADSCAN_SCORE_JSON (the option's name, as the README's rule says) and `json = true` in the
+    TOML work like --json, failures included; every command's summary starts with ok and exit_code."""
+    (tmp_path / "s.toml").write_text("[score]\njson = true\n")
+    base = [sys.executable, "-m", "radscan"]
+    missing = ["score", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.csv")]
+    for extra, env in (([], {"RADSCAN_SCORE_JSON": "1"}), (["--config", str(tmp_path / "s.toml")], {})):
+        failed = subprocess.run([*base, *extra, *missing], capture_output=True, text=True, env={**os.environ, **env})
+        assert failed.returncode == ExitCode.NO_INPUT
+        assert json.loads(failed.stdout)["exit_code"] == ExitCode.NO_INPUT, failed.stdout
+    shipped = str(Path(__file__).parents[1] / "models" / "kermany-tiny")
+    info = json.loads(subprocess.run([*base, "info", "--json", shipped], capture_output=True, text=True).stdout)
+    assert info["ok"] is True and info["exit_code"] == 0 and info["weights"]["sha256"]
+
+
 @pytest.mark.parametrize("edit", [
     lambda m: m.pop("weights"),
     lambda m: m["config"].update(widths=[8, 16, 32, 64, 256]),
@@ -219,6 +234,18 @@ def test_malformed_model_metadata_is_exit_65_with_one_line(edit, tmp_path):
     result = _run("info", str(model))
     assert result.exit_code == ExitCode.DATA, result.output
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_info_shows_a_model_whose_descriptive_fields_are_missing(tmp_path):
+    """Fields that change no score (the parameter count) are only shown: missing, they print "?"."""
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "kermany-tiny", model)
+    metadata = json.loads((model / "model.json").read_text())
+    del metadata["parameters"]
+    (model / "model.json").write_text(json.dumps(metadata))
+    result = _run("info", str(model))
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "parameters      ?" in result.output
 
 
 @pytest.mark.parametrize("closed", [1, 2], ids=["stdout", "stderr"])
