@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ Exit codes:
   66  no input: a path does not exist or holds no files
   73  an output cannot be written
   75  another run holds the lock on these outputs (try again later)
+  130 interrupted (Ctrl-C); 143 stopped by SIGTERM: earlier outputs are intact, rerun to finish
 """
 
 
@@ -619,22 +621,38 @@ def main() -> None:
     stdout ({"ok": false, "exit_code": ..., "error": ...}), so that a wrapper never keeps an empty
     or stale summary."""
     _reopen_closed_standard_streams()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
     except click.ClickException as exc:
         _json_failure(exc.exit_code, exc.format_message())
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        _json_failure(ExitCode.CRASH, "aborted")
-        click.echo("Aborted!", err=True)
-        sys.exit(ExitCode.CRASH)
+    except (click.exceptions.Abort, _Terminated) as exc:
+        # the run unwinds like any failure (temporary files removed, lock released, earlier outputs
+        # intact) and says so, so that a wrapper's summary is never empty
+        sigterm = isinstance(exc, _Terminated)
+        exit_code = ExitCode.TERMINATED if sigterm else ExitCode.INTERRUPTED
+        message = (f"{'stopped by SIGTERM' if sigterm else 'interrupted'}: earlier outputs are intact; run again "
+                   "to finish")
+        _json_failure(exit_code, message)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
         _json_failure(ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)")
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (BaseException: no `except Exception` swallows it)."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated
 
 
 def _reopen_closed_standard_streams() -> None:

@@ -31,6 +31,8 @@ class ExitCode(IntEnum):
     NO_INPUT = 66  # EX_NOINPUT: a path does not exist or holds no files
     CANT_CREATE = 73  # EX_CANTCREAT: an output cannot be written
     LOCKED = 75  # EX_TEMPFAIL: another run holds the lock on these outputs; try again later
+    INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C), as shells report it
+    TERMINATED = 143  # 128 + SIGTERM (systemd stop, kill): the run unwound, earlier outputs intact
 
 
 class RadscanError(click.ClickException):

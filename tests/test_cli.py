@@ -299,6 +299,15 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     assert json.loads((tmp_path / "out" / "last-run.json").read_text()) == {
         "ok": False, "exit_code": 65, "error": json.loads((tmp_path / "out" / "last-run.json").read_text())["error"]}
     assert "radscan nightly run failed (exit 65)" in failed.stderr
+    killed_venv = tmp_path / "venv"  # a radscan killed with SIGKILL prints nothing of its own
+    (killed_venv / "bin").mkdir(parents=True)
+    (killed_venv / "bin" / "radscan").write_text("#!/bin/sh\nkill -9 $$\n")
+    (killed_venv / "bin" / "radscan").chmod(0o755)
+    killed = subprocess.run(["bash", script], env={**env, "RADSCAN_VENV": str(killed_venv)}, capture_output=True,
+                            text=True)
+    assert killed.returncode == 137
+    assert json.loads((tmp_path / "out" / "last-run.json").read_text())["exit_code"] == 137
+    assert not list((tmp_path / "out").glob(".last-run.json*"))  # each run's own temporary file, renamed
 
 
 def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):

@@ -174,7 +174,10 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tiny_model, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_killed_mid_run_then_rerun_completes_without_duplicates(stop, tiny_model, tmp_path):
+    """kill -9 leaves the previous worklist as it was; SIGTERM (systemd stop, kill) also unwinds:
+    exit 143, a JSON summary that says so, no temporary files left."""
     folder = tmp_path / "many"
     folder.mkdir()
     files = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:60]
@@ -191,7 +194,7 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tiny_model, tmp_
     for path in files[10:]:
         shutil.copy(path, folder / path.name)
 
-    process = subprocess.Popen(command(out), start_new_session=True)
+    process = subprocess.Popen([*command(out), "--json"], start_new_session=True, stdout=subprocess.PIPE, text=True)
     state = tmp_path / "out" / "report.state.sqlite"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -200,9 +203,12 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tiny_model, tmp_
                 break
         time.sleep(0.05)
     assert process.poll() is None, "the run finished before it could be killed; make the test set larger"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    os.killpg(process.pid, stop)
+    summary = process.communicate()[0]
     assert out.read_bytes() == before  # the previous report is untouched
+    if stop == signal.SIGTERM:
+        assert process.returncode == 143 and json.loads(summary)["exit_code"] == 143
+        assert not list(out.parent.glob(".*.tmp")) and not list(out.parent.glob("*_residuals/.*.tmp"))
 
     subprocess.run(command(out), check=True)
     rows = _rows(out)

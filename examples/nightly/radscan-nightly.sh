@@ -21,12 +21,18 @@ venv="${RADSCAN_VENV:-/opt/radscan/.venv}"
 mkdir -p "$output/logs"
 log="$output/logs/$(date +%Y-%m-%d).log"
 
-# --json prints one object even when the run fails ({"ok": false, "exit_code": ..., "error": ...});
-# it is written beside and renamed, so last-run.json is never empty or half-written.
-"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --json \
-    >"$output/.last-run.json.tmp" 2>>"$log"
+# --json prints one object even when the run fails ({"ok": false, "exit_code": ..., "error": ...},
+# SIGTERM included); it is written to a temporary file of this run's own (overlapping runs do not
+# share one) and renamed, so last-run.json is never empty or half-written.
+summary=$(mktemp "$output/.last-run.json.XXXXXX") || exit 73
+"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --json >"$summary" 2>>"$log"
 status=$?
-mv -f "$output/.last-run.json.tmp" "$output/last-run.json"
+if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summary of its own
+  printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
+    "$status" "$log" >"$summary"
+fi
+chmod 644 "$summary"
+mv -f "$summary" "$output/last-run.json"
 case $status in
   0)  date -Is >"$output/last_success" ;;                                # all scored: for monitoring
   3)  date -Is >"$output/last_success"
