@@ -27,7 +27,7 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
-__all__ = ["Found", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images",
+__all__ = ["Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images",
            "check_inputs", "folder_study_key"]
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,25 @@ def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
         raise NoInputError(f"input path does not exist: {', '.join(missing)}")
 
 
+def distinct_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """The inputs less those named twice or lying inside another input (`/data /data/2026`,
+    `a.dcm a.dcm`), in their given order: each file is then listed once, under one root, whatever
+    the order of the command line, and no root looks empty because another one covered it."""
+    given = [str(path) for path in inputs]
+    resolved = [Path(path).resolve() for path in given]
+    kept = []
+    for index, (path, target) in enumerate(zip(given, resolved, strict=True)):
+        covered = any(other in target.parents or (other == target and other_index < index)
+                      for other_index, other in enumerate(resolved) if other_index != index)
+        if covered:
+            log.info("%s is already covered by another input: listed once", path)
+        else:
+            kept.append(path)
+    return kept
+
+
 def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
-    """Every file under `inputs` (files or folders), sorted, each once.
+    """Every file under `inputs` (files or folders), sorted, each once (see distinct_inputs).
 
     Symbolic links are followed, but a folder is entered only once (by device and inode), so link
     loops end. Folders that cannot be listed and broken links are returned with a `problem`.
@@ -86,7 +103,7 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     excluded = {p.resolve() for p in exclude}
     seen_dirs: set[tuple[int, int]] = set()
     found: list[Found] = []
-    for given in inputs:
+    for given in distinct_inputs(inputs):
         path = Path(given)
         if path.is_dir():
             found.extend(_walk(path, path, seen_dirs, excluded))

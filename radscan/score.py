@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
-from radscan.ingest import Found, check_inputs, check_outputs_apart, find_files, iter_ingested
+from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
@@ -281,6 +281,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
     check_inputs(inputs)
+    inputs = distinct_inputs(inputs)
     every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme]
     check_outputs_apart(inputs, every_output)
     named = [Path(path).resolve() for path in every_output if path is not None]

@@ -123,6 +123,20 @@ def test_walk_survives_links_loops_and_excludes_outputs(tmp_path):
     assert by_path[odd].status == "error" and "empty file" in by_path[odd].reason
 
 
+def test_inputs_named_twice_or_inside_another_are_listed_once_under_the_outer_root(tmp_path):
+    """`score /data /data/2026` used to stop with "no files found under /data/2026" (exit 66), and
+    `score a.dcm a.dcm` listed the file twice; the command line's order must not matter."""
+    (tmp_path / "data" / "2026").mkdir(parents=True)
+    (tmp_path / "data" / "a.jpeg").write_bytes(b"x")
+    (tmp_path / "data" / "2026" / "b.jpeg").write_bytes(b"x")
+    data, year = str(tmp_path / "data"), str(tmp_path / "data" / "2026")
+    expected = [Found(data, "2026/b.jpeg"), Found(data, "a.jpeg")]
+    assert find_files([data, year]) == expected
+    assert find_files([year, data, f"{data}/"]) == expected
+    single = str(tmp_path / "data" / "a.jpeg")
+    assert find_files([single, single]) == [Found(data, "a.jpeg")]
+
+
 def test_parallel_and_serial_ingest_agree():
     files = find_files([DICOM_DIR / "nih-cxr14-udacity", CXR_DIR / "kermany_pediatric_fullres/normal"])[:12]
     serial = list(iter_ingested(files, Policy(), workers=1))
