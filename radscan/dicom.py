@@ -7,6 +7,7 @@ functions: modality LUT -> VOI LUT or window -> MONOCHROME1 inversion. See `rads
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -156,12 +157,22 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
     return ""
 
 
+def iso_date(value: str) -> str:
+    """A DA value (PS3.5 6.2: YYYYMMDD, or the ACR-NEMA form YYYY.MM.DD that the standard still
+    asks readers to accept) as ISO 8601 (YYYY-MM-DD); "" for anything that is not a real calendar
+    date (20261399, 00000000, free text), so that no column sorts or filters on a wrong date."""
+    text = value.strip().replace(".", "") if len(value.strip()) == 10 else value.strip()
+    try:
+        return datetime.strptime(text, "%Y%m%d").date().isoformat() if len(text) == 8 and text.isdigit() else ""
+    except ValueError:
+        return ""
+
+
 def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     for keyword in DICOM_FIELDS:
         setattr(record, keyword, _text(ds, keyword))
     record.ImageType = "\\".join(_texts(ds, "ImageType"))
-    if len(record.StudyDate) == 8 and record.StudyDate.isdigit():  # DA (PS3.5 6.2): YYYYMMDD -> ISO 8601
-        record.StudyDate = f"{record.StudyDate[:4]}-{record.StudyDate[4:6]}-{record.StudyDate[6:]}"
+    record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = _text(_meta(ds), "TransferSyntaxUID")
     record.photometric = _text(ds, "PhotometricInterpretation").upper()

@@ -197,3 +197,15 @@ def test_lossy_jpeg2000_and_jpegls_of_one_film_agree(default_rows):
     j2k = np.asarray(Image.open(default_rows["pydicom-data/RG1_J2KI.dcm"]["preview_png"]), dtype=float)
     jls = np.asarray(Image.open(default_rows["pylibjpeg-data/RG1_JLSN.dcm"]["preview_png"]), dtype=float)
     assert np.abs(j2k - jls).mean() < 1.0  # two lossy encodings of the same NEMA RG1 film
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("20261129", "2026-11-29"), ("2026.11.29", "2026-11-29"), (" 20240229 ", "2024-02-29"),
+    ("20230229", ""), ("20261399", ""), ("00000000", ""), ("yesterday", ""), ("", ""),
+])
+def test_study_dates_are_iso_or_empty_never_wrong(value, expected):
+    """StudyDate (DA, PS3.5 6.2) reaches the worklist as ISO 8601 or not at all: a column that is
+    sorted and filtered on must not carry 2026-13-99."""
+    from radscan.dicom import iso_date
+
+    assert iso_date(value) == expected
