@@ -456,6 +456,8 @@ def info(model_dir: Path, as_json: bool) -> None:
               help="Folder for the explanation PNGs (score map and reconstruction difference) "
                    "[default: <out>_residuals/].")
 @click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass).")
+@click.option("--no-html", is_flag=True,
+              help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
               help="Study-level worklist CSV [default: <out>_studies.csv].")
 @click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
@@ -471,7 +473,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
-          device: str, residuals: Path | None, no_residuals: bool, studies: Path | None, phi: str,
+          device: str, residuals: Path | None, no_residuals: bool, no_html: bool, studies: Path | None, phi: str,
           phi_key: str | None, phi_key_file: Path, qc_mode: str, views: str, policy: Policy, workers: int,
           as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
@@ -498,7 +500,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
 
         check_outputs_apart(paths, [phi_key_file])
     key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
-    outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals)
+    outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals, write_html=not no_html)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
                              views=parse_list(views))

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
+from radscan.htmlreport import study_entry, write_worklist_html
 from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
@@ -87,14 +88,16 @@ class OutputPaths:
     residuals: Path | None
     state: Path
     lock: Path
+    html: Path | None = None
 
     @classmethod
     def beside(cls, report: Path, studies: Path | None = None, residuals: Path | None = None,
-               write_residuals: bool = True) -> OutputPaths:
+               write_residuals: bool = True, write_html: bool = True) -> OutputPaths:
         stem = report.with_suffix("")
         return cls(report=report, studies=studies or Path(f"{stem}_studies.csv"),
                    residuals=(residuals or Path(f"{stem}_residuals")) if write_residuals else None,
-                   state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"))
+                   state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"),
+                   html=Path(f"{stem}.html") if write_html else None)
 
     @property
     def readme(self) -> Path:
@@ -282,7 +285,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     started = time.monotonic()
     check_inputs(inputs)
     inputs = distinct_inputs(inputs)
-    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme]
+    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme,
+                    outputs.html]
     check_outputs_apart(inputs, every_output)
     named = [Path(path).resolve() for path in every_output if path is not None]
     if len(set(named)) < len(named):
@@ -325,9 +329,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                 threshold = scorer.threshold  # the model is verified even when nothing was new
             finally:
                 scorer.close()
-            studies = write_worklist(store, outputs, threshold, metadata)
-            _write_readme(outputs, metadata)
             counts = store.counts()
+            studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
+            _write_readme(outputs, metadata)
             _forget(store.prune(), outputs)
         finally:
             store.close()
@@ -354,7 +358,7 @@ def _tidy_outputs(outputs: OutputPaths) -> None:
         raise OutputError(f"{outputs.residuals} is a symbolic link: radscan does not write through links it did not "
                           "make; remove the link or choose another --residuals")
     removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name))
-                  for path in (outputs.report, outputs.studies, outputs.readme))
+                  for path in (outputs.report, outputs.studies, outputs.readme, outputs.html) if path is not None)
     if outputs.residuals is not None and outputs.residuals.is_dir():
         removed += remove_stale_temporaries(outputs.residuals, "*.png")
     if removed:
@@ -474,10 +478,12 @@ def _listed(values: tuple[str, ...] | None) -> str:
     return "all" if values is None else ",".join(values)
 
 
-def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
-                   metadata: dict[str, Any]) -> tuple[int, int]:
-    """Stream the image and study CSVs from the store, each replaced atomically.
+def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, metadata: dict[str, Any],
+                   run: tuple[str, dict[str, int]]) -> tuple[int, int]:
+    """Stream the image and study CSVs from the store, each replaced atomically, then the web page
+    of the studies (`outputs.html`). `run` is (run id, file counts by status).
     Returns (studies, flagged studies)."""
+    entries = []
     try:
         with CsvStream(outputs.report, REPORT_COLUMNS) as report:
             rank = 0
@@ -493,7 +499,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
                 top = study.pop("top")
                 studies += 1
                 flagged += study["images_flagged"] > 0
-                study_csv.write({
+                row = {
                     **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
                                                          "StudyDate", "Modality")},
                     **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
@@ -501,9 +507,21 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float,
                     "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
                     "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
                     "model_version": metadata.get("version", ""),
-                })
+                }
+                study_csv.write(row)
+                if outputs.html is not None:
+                    entries.append(study_entry(row))
     except OSError as exc:
         raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
+    if outputs.html is not None:
+        flagged_images = run[1].pop("flagged", 0)
+        write_worklist_html(outputs.html, entries, {
+            "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
+            "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
+            "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
+            "run_id": run[0], "finished_at": _now(), "radscan_version": __version__,
+            "report_name": outputs.report.name, "studies_name": os.path.relpath(outputs.studies, outputs.report.parent), "studies": studies,
+            "flagged_studies": flagged, "counts": {**run[1], "flagged images": flagged_images}})
     return studies, flagged
 
 

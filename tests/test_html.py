@@ -1,0 +1,118 @@
+"""The web page of the worklist, opened in a real headless browser (Chromium through Playwright).
+
+Skipped with a reason where no browser is installed; `.ci/run` installs Debian's chromium and the
+dev extras bring Playwright. Screenshots are kept in $RADSCAN_TEST_ARTIFACTS (default
+build/test-artifacts) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from radscan.cli import cli
+from radscan.htmlreport import PAGE_SIZE, write_worklist_html
+
+from .conftest import CXR_DIR
+from .test_score import studies  # noqa: F401 (the fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e .[dev]")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (CI installs it)")
+ARTIFACTS = Path(os.environ.get("RADSCAN_TEST_ARTIFACTS", Path(__file__).parents[1] / "build" / "test-artifacts"))
+# no network on these machines: Chromium's background connections would only fail
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+HOSTILE = '<img src=x onerror="document.title=\'pwned\'">.jpeg'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, page_path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+    page.goto(page_path.as_uri())
+    page.wait_for_selector("#rows tr")
+    return page, problems
+
+
+def _studies_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies, tiny_model, tmp_path,  # noqa: F811
+                                                                          browser):
+    source = next((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())
+    (studies / "evil").mkdir()
+    shutil.copy(source, studies / "evil" / HOSTILE)
+    (studies / "broken").mkdir()
+    (studies / "broken" / "half.jpeg").write_bytes(source.read_bytes()[:400])
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["score", str(studies), "--out", str(out), "--model", str(tiny_model),
+                                      "--workers", "1"])
+    assert result.exit_code == 3, result.output  # the broken file: finished, some files not used
+    rows = _studies_csv(out.with_name("report_studies.csv"))
+    page, problems = _open(browser, out.with_name("report.html"))
+    assert page.locator("#rows tr").count() == len(rows)
+    assert [int(r) for r in page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.rank)")] == \
+        [int(row["study_rank"]) for row in rows]
+    assert page.get_by_text(HOSTILE).count() == 1 and page.title().startswith("radscan worklist")  # text, not markup
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "worklist.png", full_page=True)
+
+    page.get_by_role("button", name="Flagged").click()
+    assert page.locator("#rows tr").count() == sum(row["study_flag"] == "true" for row in rows)
+    page.get_by_role("button", name="Not judged / errors").click()
+    attention = [row for row in rows if row["images_error"] != "0" or row["images_rejected"] != "0"
+                 or not row["study_score"]]
+    assert page.locator("#rows tr").count() == len(attention) >= 1
+    assert "could not be read" in page.locator("#rows").inner_text()
+    page.get_by_role("button", name="All").click()
+    page.get_by_placeholder("Filter by ID").fill("pneumonia")
+    assert page.locator("#rows tr").count() == sum("pneumonia" in row["top_path"] for row in rows)
+    page.get_by_placeholder("Filter by ID").fill("")
+    page.locator("#rows img").first.click()
+    assert page.locator("#viewer").is_visible()
+    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0  # the PNG loads
+    page.keyboard.press("Escape")
+    assert not page.locator("#viewer").is_visible()
+    assert not problems, problems
+
+
+def test_ten_thousand_studies_are_drawn_a_page_at_a_time(tmp_path, browser):
+    entries = [{"rank": i + 1, "score": 1 - i / 10_000, "flag": i < 500, "new": i % 3 == 0, "images": 1,
+                "scored": 1, "errors": 0, "rejected": 0, "note": "", "patient": f"P{i:05d}", "accession": "",
+                "uid": f"1.2.{i}", "date": "2026-11-29", "modality": "DX", "path": f"study{i}/im.dcm", "picture": ""}
+               for i in range(10_000)]
+    summary = {"disclaimer": "research only", "model_name": "m", "model_version": "1", "model_sha256": "0" * 64,
+               "score_kind": "critic", "threshold": 0.95, "run_id": "r", "finished_at": "now",
+               "radscan_version": "x", "report_name": "report.csv", "studies_name": "report_studies.csv",
+               "studies": 10_000, "flagged_studies": 500, "counts": {"ok": 10_000}}
+    write_worklist_html(tmp_path / "report.html", entries, summary)
+    page, problems = _open(browser, tmp_path / "report.html")
+    assert page.locator("#rows tr").count() == PAGE_SIZE
+    page.get_by_role("button", name="Next").click()
+    assert page.locator("#rows tr").first.get_attribute("data-rank") == str(PAGE_SIZE + 1)
+    page.get_by_role("button", name="Flagged").click()
+    assert page.locator("#shown").inner_text().startswith("500 of 10000")
+    page.get_by_placeholder("Filter by ID").fill("P09999")
+    assert page.locator("#rows tr").count() == 0  # P09999 is not flagged
+    page.get_by_role("button", name="All").click()
+    assert page.locator("#rows tr").count() == 1
+    assert not problems, problems
