@@ -15,7 +15,7 @@ INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 .PHONY: demo test
 demo: $(VENV)/.installed
 	$(VENV)/bin/radscan score examples/studies --out out/report.csv
-	@echo "worklist: out/report_studies.csv, images: out/report.csv, pictures: out/report_residuals/"
+	@echo "open out/report.html (the worklist page); CSVs: out/report_studies.csv, out/report.csv; pictures: out/report_residuals/"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
