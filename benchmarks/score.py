@@ -4,7 +4,8 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
 1. Mixed set (the ingest benchmark's: 80 full-resolution Kermany JPEGs + 10 large compressed DICOM
    radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
    (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
-   The same run without residual PNGs shows what the pictures cost, and without PNGs and with
+   `--pictures flagged` (pictures, and the gradient pass, for flagged images only) and the same run
+   without residual PNGs show what the pictures cost, and without PNGs and with
    `--qc off` what the quality control costs (goal: at most 10% of the throughput).
 2. Model only: images/s of `model.score` at batch 64 on random inputs, with the explanation maps
    (a backward pass through the critics, what a run with PNGs pays) and without (--no-residuals).
@@ -93,7 +94,7 @@ def main() -> None:
         files = build_set(tmp_path / "set", args.copies)
         floor_cmd = [sys.executable, ingest_script, "--floor-only", str(tmp_path / "set"), "--workers",
                      str(args.workers)]
-        floors, scores, bares, unchecked = [], [], [], []
+        floors, scores, flagged_only, bares, unchecked = [], [], [], [], []
         if not args.skip_speed:
             timed(floor_cmd)  # warm caches
             def score_cmd(out: Path, *extra: str) -> list[str]:
@@ -105,13 +106,17 @@ def main() -> None:
                 run = tmp_path / f"run{repeat}"  # fresh outputs: everything is scored
                 floors.append(timed(floor_cmd))
                 scores.append(timed(score_cmd(run / "report.csv")))
+                flagged_only.append(timed(score_cmd(run / "flagged.csv", "--pictures", "flagged")))
                 bares.append(timed(score_cmd(run / "bare.csv", "--no-residuals")))
                 unchecked.append(timed(score_cmd(run / "noqc.csv", "--no-residuals", "--qc", "off")))
-            floor, score, bare, no_qc = (statistics.median(t) for t in (floors, scores, bares, unchecked))
+            floor, score, flagged, bare, no_qc = (statistics.median(t)
+                                                  for t in (floors, scores, flagged_only, bares, unchecked))
             print(f"mixed set: {len(files)} files, median of {args.repeats}")
             print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
             print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
             print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
+            print(f"score --pictures flagged: {flagged:6.2f} s  {len(files) / flagged:7.1f} images/s  "
+                  f"({flagged / floor:.2f} x the floor; pictures for the flagged images only)")
             print(f"score --no-residuals   : {bare:7.2f} s  {len(files) / bare:7.1f} images/s  "
                   f"({bare / floor:.2f} x the floor)")
             print(f"  ... and --qc off     : {no_qc:7.2f} s  {len(files) / no_qc:7.1f} images/s  "

@@ -456,6 +456,9 @@ def info(model_dir: Path, as_json: bool) -> None:
               help="Folder for the explanation PNGs (score map and reconstruction difference) "
                    "[default: <out>_residuals/].")
 @click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass).")
+@click.option("--pictures", type=click.Choice(["all", "flagged"]), default="all", show_default=True,
+              help="Which scored images get an explanation picture: all, or only the flagged ones (the gradient "
+                   "pass is skipped for the rest: faster). --no-residuals writes none.")
 @click.option("--no-html", is_flag=True,
               help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
@@ -473,7 +476,8 @@ def info(model_dir: Path, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
-          device: str, residuals: Path | None, no_residuals: bool, no_html: bool, studies: Path | None, phi: str,
+          device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
+          phi: str,
           phi_key: str | None, phi_key_file: Path, qc_mode: str, views: str, policy: Policy, workers: int,
           as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
@@ -503,7 +507,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals, write_html=not no_html)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
-                             views=parse_list(views))
+                             views=parse_list(views), pictures=pictures)
     summary = run_score(paths, outputs, settings)
     exit_code = ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK
     if as_json:

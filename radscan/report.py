@@ -7,6 +7,7 @@ written under a temporary name in the same folder, flushed to disk and renamed o
 from __future__ import annotations
 
 import contextlib
+import functools
 import csv
 import hashlib
 import io
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from radscan.errors import OutputError
 
@@ -165,61 +166,85 @@ def write_png(path: Path, image: np.ndarray) -> None:
 # reconstruction difference in model units (the image spans -1..1, so 0.5 is a quarter of it).
 SCORE_MAP_SCALE_MAX = 30.0
 RESIDUAL_SCALE_MAX = 0.5
-_PANEL = 512
+COLOUR_MAP = "inferno"  # perceptually uniform and readable in grey print (matplotlib)
+_PANEL = 512  # height of the main panels, pixels
 _SMALL = 256
 _BAR = 16
+_MARGIN = 8
+
+
+@functools.lru_cache(maxsize=1)
+def _colour_table() -> np.ndarray:
+    """(256, 3) uint8 RGB of COLOUR_MAP (matplotlib is imported once, on the first picture)."""
+    from matplotlib import colormaps
+
+    return (colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
-    """0..1 -> black, red, yellow, white ("hot"), as (..., 3) uint8."""
-    t = np.clip(values, 0.0, 1.0)[..., None] * 3.0 - np.array([0.0, 1.0, 2.0])
-    return (np.clip(t, 0.0, 1.0) * 255).astype(np.uint8)
+    """0..1 -> COLOUR_MAP colours (black-purple-orange-yellow), as (..., 3) uint8."""
+    return _colour_table()[(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
-def _overlay(grey: Image.Image, heat: np.ndarray, side: int) -> Image.Image:
-    """`heat` (128, 128) in 0..1 blended over the grey input (more opaque where hotter), enlarged."""
-    opacity = Image.fromarray((0.75 * 255 * heat).astype(np.uint8))
+@functools.lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _overlay(grey: Image.Image, heat: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """`heat` (128, 128) in 0..1 blended over the grey input (more opaque where hotter), then
+    enlarged to `size` (width, height) pixel for pixel (nearest neighbour)."""
+    opacity = Image.fromarray((0.75 * 255 * np.clip(heat, 0.0, 1.0)).astype(np.uint8))
     blended = Image.composite(Image.fromarray(heat_colours(heat)), grey, opacity)
-    return blended.resize((side, side), Image.Resampling.NEAREST)
+    return blended.resize(size, Image.Resampling.NEAREST)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, height: int, top: str) -> None:
+def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, height: int, top: str,
+                bottom: str) -> None:
     bar = np.repeat(heat_colours(np.linspace(1.0, 0.0, height))[:, None, :], _BAR, axis=1)
     canvas.paste(Image.fromarray(bar), (x, y))
-    draw.text((x + _BAR + 4, y), top, fill="white")
-    draw.text((x + _BAR + 4, y + height - 12), "0", fill="white")
+    draw.text((x + _BAR + 4, y), top, fill="white", font=_font(12))
+    draw.text((x + _BAR + 4, y + height - 14), bottom, fill="white", font=_font(12))
 
 
 def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str,
-                       score_kind: str = "critic") -> np.ndarray:
-    """The picture of one scored film (no identifiers), (H, W, 3) uint8:
+                       score_kind: str = "critic", aspect: float = 1.0) -> np.ndarray:
+    """The picture of one scored film, (H, W, 3) uint8, for a reader:
 
-    - left, 512 px: the model input (`image`, (128, 128) uint8);
-    - middle, 512 px, the main panel: where the film raises the anomaly score (`score_map`,
-      (128, 128) float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX);
-    - right, 256 px, secondary: the reconstruction difference |input - reconstruction| (`residual`,
-      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), labelled with its part in `score_kind`;
-    - a caption line on top.
+    - a caption on top (`caption`, one or more lines: score, flag, identity as the PHI mode
+      allows, view, date, model; written by the caller);
+    - left: the film as the model saw it (`image`, (128, 128) uint8), shown at the film's own
+      width/height ratio `aspect` (clamped to 0.5..2; the model input is squashed to a square);
+    - middle, the main panel: where the film raises the anomaly score (`score_map`, (128, 128)
+      float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX), over the film
+      at the same ratio, in a perceptually uniform colour map with its scale;
+    - right, small: how differently the model redrew the film (`residual`, |input - reconstruction|,
+      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), and whether the score uses it (`score_kind`).
 
-    Overlays are blended at model resolution and enlarged with nearest-neighbour resampling: the
-    picture shows exactly the pixels the model saw, and the blocky result deflates about 5x
-    smaller and 3x faster than a smoothed one (this runs once per image)."""
+    Overlays are blended at model resolution and enlarged pixel for pixel (nearest neighbour): the
+    picture shows the pixels the model saw, and the blocky result deflates about 5x smaller and 3x
+    faster than a smoothed one (this runs once per image)."""
     grey = Image.fromarray(image).convert("RGB")
-    top = 28
-    width = 2 * _PANEL + 2 * (_BAR + 40) + _SMALL + 8
-    canvas = Image.new("RGB", (width, _PANEL + top + 16), "black")
+    width = round(_PANEL * min(2.0, max(0.5, aspect)))
+    lines = caption.splitlines() or [""]
+    top = 12 + 20 * len(lines)
+    small_x = 2 * width + 2 * (_BAR + 44) + _MARGIN
+    canvas = Image.new("RGB", (small_x + _SMALL + _BAR + 44, top + _PANEL + 44), "black")
     draw = ImageDraw.Draw(canvas)
-    canvas.paste(grey.resize((_PANEL, _PANEL), Image.Resampling.NEAREST), (0, top))
-    canvas.paste(_overlay(grey, np.clip(score_map / SCORE_MAP_SCALE_MAX, 0, 1), _PANEL), (_PANEL, top))
-    _colour_bar(draw, canvas, 2 * _PANEL + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g}")
-    small_x = 2 * _PANEL + _BAR + 48
-    canvas.paste(_overlay(grey, np.clip(residual / RESIDUAL_SCALE_MAX, 0, 1), _SMALL), (small_x, top + 14))
-    _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 14, _SMALL, f"{RESIDUAL_SCALE_MAX:g}")
-    draw.text((6, 8), caption, fill="white")
-    draw.text((6, _PANEL + top + 2), "model input (128 px)", fill="white")
-    draw.text((_PANEL + 6, _PANEL + top + 2), "where the film raises the anomaly score", fill="white")
-    draw.text((small_x, top), "reconstruction difference", fill="white")
-    note = ("not used by the score;\npneumonia often reconstructs\ncloser than normal" if score_kind == "critic"
-            else f"the {score_kind} score is made\nfrom the reconstruction")
-    draw.text((small_x, top + _SMALL + 18), f"|input - reconstruction|:\n{note}", fill="grey")
+    for index, line in enumerate(lines):
+        draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
+    canvas.paste(grey.resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
+    canvas.paste(_overlay(grey, score_map / SCORE_MAP_SCALE_MAX, (width, _PANEL)), (width + _MARGIN, top))
+    _colour_bar(draw, canvas, 2 * width + _MARGIN + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g}", "0")
+    small_height = round(_SMALL / min(2.0, max(0.5, aspect)))
+    draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
+    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
+    _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
+    note = ("not used by the score: pneumonia often\nreconstructs closer than normal" if score_kind == "critic"
+            else f"the {score_kind} score is made from it")
+    draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
+    draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
+    draw.text((width + _MARGIN + 4, top + _PANEL + 4),
+              "where it raises the anomaly score\n(coloured: more than 95% of normal films show there)",
+              fill="white", font=_font(13))
     return np.asarray(canvas)

@@ -38,7 +38,7 @@ from radscan.model.metadata import read_metadata
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
-from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status
+from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status, printable
 from radscan.report import (
     CsvStream,
     atomic_output,
@@ -62,6 +62,8 @@ DEFAULT_MODEL_NAME = "kermany-tiny"
 DISCLAIMER = ("radscan scores are for research and triage support only: they order a reading list and "
               "are not a diagnosis")
 PHI_FIELDS = ("PatientID", "AccessionNumber")
+# which scored images get an explanation picture; "flagged" skips the gradient pass of the rest
+PICTURE_MODES = ("all", "flagged", "none")
 RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "new_this_run", "study_score", "study_flag",
                   "residual_png")
 PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
@@ -117,6 +119,7 @@ class ScoreSettings:
     progress: bool = True
     qc: str = "strict"  # strict | warn | off (radscan.qc)
     views: tuple[str, ...] | None = DEFAULT_VIEWS
+    pictures: str = "all"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
 
 
 @dataclass
@@ -211,8 +214,9 @@ class _Scorer:
     first decodes); the first use waits for it and raises the loader's error, if any."""
 
     def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
-                 run_id: str):
+                 run_id: str, pictures: str = "all"):
         self._loading, self.residuals, self.link_base = loading, residuals, link_base
+        self.pictures = pictures if residuals is not None else "none"
         self.provenance = {
             "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
             "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
@@ -235,23 +239,31 @@ class _Scorer:
         threshold = self.threshold  # also makes sure the model loaded before any row is saved
         if not records:
             return []
-        result = score_arrays(self.model, np.stack(images), batch_size=len(images), explain=self.residuals is not None)
-        scores, raws, explanations, residuals = (t.numpy() for t in (result.scores, result.raw_scores,
-                                                                     result.explanation_maps, result.residual_maps))
+        batch = np.stack(images)
+        result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all")
+        scores, raws = result.scores.numpy(), result.raw_scores.numpy()
+        maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        explain = range(len(images)) if self.pictures == "all" else (
+            np.flatnonzero(scores >= threshold) if self.pictures == "flagged" else [])
+        if self.pictures == "flagged" and len(explain):  # the gradient pass for the flagged images only
+            result = score_arrays(self.model, batch[explain], batch_size=len(explain), explain=True)
+        if len(explain):
+            maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps.numpy(),
+                                                           result.residual_maps.numpy(), strict=True), strict=True))
         scored_at = _now()
         rows, writes = [], []
-        for record, image, score, raw, explanation, residual in zip(records, images, scores, raws, explanations,
-                                                                     residuals, strict=True):
+        for index, (record, image, score, raw) in enumerate(zip(records, images, scores, raws, strict=True)):
             flag = bool(score >= threshold)
-            if self.residuals is not None:
+            if index in maps:
+                explanation, residual = maps[index]
                 path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
-                caption = (f"score {score:.3f}   threshold {threshold:.3f}   {'FLAGGED   ' if flag else ''}"
-                           f"(research and triage support only, not a diagnosis)")
-                if record.qc_status in ("warn", "fail"):
-                    caption += f"   QC {record.qc_status.upper()}: {record.qc_reason}"
-                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual, caption,
-                                                  self.model.cfg.score_kind))
+                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual,
+                                                  picture_caption(record, float(score), self.threshold,
+                                                                  self.provenance),
+                                                  self.model.cfg.score_kind, _aspect(record)))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
+            elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
+                (self.residuals / png_name(str(Path(record.root).resolve()), record.path)).unlink(missing_ok=True)
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
                                 threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
                                 **self.provenance)
@@ -264,6 +276,28 @@ class _Scorer:
         self._writer.shutdown(wait=True)
 
 
+def picture_caption(record: ImageRecord, score: float, threshold: float, provenance: dict[str, Any]) -> str:
+    """The explanation picture's caption: the result and the disclaimer; the film's identity as
+    the PHI mode left it in `record` (hashed or dropped outside --phi keep), its view, date and
+    path, the model; a QC verdict on a third line. Header text is put on one line per field."""
+    verdict = "FLAGGED" if score >= threshold else "not flagged"
+    lines = [f"anomaly score {score:.3f} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
+             "only, not a diagnosis."]
+    identity = [f"patient {record.PatientID}" if record.PatientID else "",
+                f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
+                record.ViewPosition, record.StudyDate, record.path]
+    lines.append("  ·  ".join(part for part in identity if part)
+                 + f"  ·  model {provenance['model_name']} {provenance['model_version']}")
+    if record.qc_status in ("warn", "fail"):
+        lines.append(f"quality control {record.qc_status}: {record.qc_reason}")
+    return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
+
+
+def _aspect(record: ImageRecord) -> float:
+    """The film's width/height before it was squashed to the model's square (1 when unknown)."""
+    return record.columns / record.rows if record.rows and record.columns else 1.0
+
+
 def _load_model(model_dir: Path, device_name: str) -> SimSID:
     """Import torch, pick the device and load (and verify) the weights: run in a thread."""
     from radscan.model.io import load_model
@@ -273,9 +307,9 @@ def _load_model(model_dir: Path, device_name: str) -> SimSID:
 
 
 def _write_picture(path: Path, image: np.ndarray, explanation: np.ndarray, residual: np.ndarray,
-                   caption: str, score_kind: str) -> None:
+                   caption: str, score_kind: str, aspect: float) -> None:
     try:
-        write_png(path, render_explanation(image, explanation, residual, caption, score_kind))
+        write_png(path, render_explanation(image, explanation, residual, caption, score_kind, aspect))
     except OSError as exc:
         raise OutputError(f"cannot write explanation PNG {path}: {exc.strerror or exc}") from None
 
@@ -292,6 +326,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if len(set(named)) < len(named):
         raise SettingError("two outputs have the same path (--out, --studies, --residuals or the files beside "
                            "them): give each its own")
+    pictures = settings.pictures if outputs.residuals is not None else "none"
+    if pictures not in PICTURE_MODES:
+        raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
     if not model_dir.exists():
@@ -300,7 +337,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
-                            phi.fingerprint, str(outputs.residuals is not None), qc.fingerprint])
+                            phi.fingerprint, pictures, qc.fingerprint])
     run_id = uuid.uuid4().hex[:12]
     started_at = _now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
@@ -320,10 +357,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                "was changed; remove it from the command line if it is meant to be empty")
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
-            todo = _reuse_stored(files, store, outputs.report.parent if outputs.residuals else None)
+            todo = _reuse_stored(files, store, outputs.report.parent, pictures)
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
-            scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id)
+            scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures)
             try:
                 _score_new(todo, settings, phi, qc, scorer, store)
                 threshold = scorer.threshold  # the model is verified even when nothing was new
@@ -396,8 +433,8 @@ def _identity(found: Found) -> FileIdentity:
         return FileIdentity(key, -1, -1)
 
 
-def _reuse_stored(files: list[Found], store: StateStore,
-                  link_base: Path | None) -> list[tuple[Found, FileIdentity]]:
+def _reuse_stored(files: list[Found], store: StateStore, link_base: Path,
+                  pictures: str) -> list[tuple[Found, FileIdentity]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by. Files with errors are always retried; a scored row
     whose explanation PNG has gone is scored again."""
@@ -405,8 +442,10 @@ def _reuse_stored(files: list[Found], store: StateStore,
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
+        wants_picture = row is not None and row["status"] == Status.OK and (
+            pictures == "all" or (pictures == "flagged" and row.get("flag") is True))
         usable = row is not None and row["status"] != Status.ERROR and (
-            link_base is None or row["status"] != Status.OK or (link_base / row.get("residual_png", "")).is_file())
+            not wants_picture or (link_base / row.get("residual_png", "")).is_file())
         if usable:
             unchanged.append(identity)
         else:

@@ -227,7 +227,7 @@ def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
         result = _run("-v", "score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra, env=env)
         assert result.exit_code == 0, result.output
         assert PATIENT_ID not in result.output
-        text = out.read_text() + (out.parent / "report_studies.csv").read_text()
+        text = out.read_text() + (out.parent / "report_studies.csv").read_text() + out.with_suffix(".html").read_text()
         assert (PATIENT_ID in text) == (not extra)
         return {r["PatientID"] for r in _rows(out) if r["path"].startswith("nih/") and r["status"] == "ok"}
 
@@ -241,6 +241,23 @@ def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert patient_ids("--phi", "hash", "--phi-key-file", str(key_file)) == from_file
     assert patient_ids("--phi", "drop") == {""}
+
+
+def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
+    from radscan.records import ImageRecord
+    from radscan.score import PhiFilter, picture_caption
+
+    record = ImageRecord(path="nih/a.dcm", root="/in", kind="dicom", PatientID=PATIENT_ID,
+                         AccessionNumber="ACC\n42", ViewPosition="PA", StudyDate="2026-11-29")
+    model = {"model_name": "kermany-tiny", "model_version": "2026.11.29"}
+    assert PATIENT_ID in picture_caption(record, 0.5, 0.8, model)  # --phi keep: as in the CSV
+    PhiFilter("hash", b"site key").apply(record)
+    caption = picture_caption(record, 0.93, 0.8, model)
+    lines = caption.splitlines()
+    assert PATIENT_ID not in caption and f"patient {record.PatientID}" in lines[1]
+    assert "FLAGGED" in lines[0] and "not a diagnosis" in lines[0]
+    assert all(part in lines[1] for part in ("PA", "2026-11-29", "nih/a.dcm", "kermany-tiny 2026.11.29"))
+    assert len(lines) == 2  # no QC verdict, and a header value with a newline stays on its line
 
 
 def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
@@ -397,6 +414,26 @@ def test_outputs_that_are_symlinks_are_refused_and_their_targets_untouched(studi
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert result.exit_code == ExitCode.CANT_CREATE, result.output
     assert "symbolic link" in result.output and target.read_bytes() == before
+
+
+def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementally(studies, tiny_model, tmp_path):
+    """--pictures flagged skips the gradient pass of unflagged images: same scores and flags as
+    --pictures all, a picture for every flagged image and none for the rest, and a rerun reuses all."""
+    everything = tmp_path / "all" / "report.csv"
+    assert _run("score", str(studies), "--out", str(everything), "--model", str(tiny_model)).exit_code == 0
+    out = tmp_path / "flagged" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--pictures", "flagged", "--json")
+    assert _run(*args).exit_code == 0
+    rows = {row["path"]: row for row in _rows(out)}
+    assert {p: (r["score"], r["flag"]) for p, r in rows.items()} == \
+        {row["path"]: (row["score"], row["flag"]) for row in _rows(everything)}
+    scored = [row for row in rows.values() if row["status"] == "ok"]
+    assert any(row["flag"] == "true" for row in scored) and any(row["flag"] == "false" for row in scored)
+    for row in scored:
+        assert bool(row["residual_png"]) == (row["flag"] == "true")
+        assert not row["residual_png"] or (out.parent / row["residual_png"]).is_file()
+    assert len(list((out.parent / "report_residuals").iterdir())) == sum(row["flag"] == "true" for row in scored)
+    assert json.loads(_run(*args).stdout)["scored_now"] == 0
 
 
 def test_a_pictures_folder_that_is_a_symlink_is_refused(studies, tiny_model, tmp_path):
