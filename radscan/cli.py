@@ -28,6 +28,7 @@ PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does n
 
 log = logging.getLogger("radscan")
 
+DISCLAIMER_SHORT = "research and triage support only, not a diagnosis"
 EXIT_CODES_HELP = """\b
 Exit codes:
   0   success
@@ -527,41 +528,63 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
               help="Folder or file of normal images (repeatable).")
 @click.option("--abnormal", multiple=True, required=True, type=click.Path(path_type=str),
               help="Folder or file of abnormal images (repeatable).")
-@model_option
-@click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC curve as a PNG.")
+@click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory (repeat to compare models on the same images; default: the shipped model, "
+                   "or RADSCAN_MODEL).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the report: evaluation.html, roc.png, histogram.png, per_image.csv.")
+@click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC figure alone as a PNG.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @selection_options
 @workers_option
 @json_option
 @click.pass_context
-def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, ...], model: Path | None,
-             roc: Path | None, batch_size: int, device: str, policy: Policy, workers: int, as_json: bool) -> None:
-    """Measure a model on labelled folders: AUC with a bootstrap 95% interval, average precision,
-    and sensitivity / specificity / F1 at the model's threshold.
+def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, ...], models: tuple[Path, ...],
+             out: Path | None, roc: Path | None, batch_size: int, device: str, policy: Policy, workers: int,
+             as_json: bool) -> None:
+    """Measure models on labelled folders: AUC with a bootstrap 95% interval, average precision,
+    sensitivity / specificity / F1 and TP/FP/TN/FN at each model's threshold; with two models, a
+    paired bootstrap of their AUC difference. --out writes a report a person can read.
 
     \b
-    Example:
-      radscan evaluate --normal test/normal --abnormal test/pneumonia --roc roc.png
+    Examples:
+      radscan evaluate --normal test/normal --abnormal test/pneumonia --out eval/
+      radscan evaluate --normal test/normal --abnormal test/pneumonia --model models/a --model models/b --out cmp/
     """
     from radscan.evaluate import evaluate as run_evaluate
     from radscan.score import default_model_dir
 
-    result = run_evaluate(normal, abnormal, model or default_model_dir(), batch_size, device, workers, policy,
-                          progress=not ctx.obj["quiet"], roc_png=roc)
+    if not models:
+        models = (Path(os.environ["RADSCAN_MODEL"]) if os.environ.get("RADSCAN_MODEL") else default_model_dir(),)
+    result = run_evaluate(normal, abnormal, models, batch_size, device, workers, policy,
+                          progress=not ctx.obj["quiet"], out_dir=out, roc_png=roc)
     if as_json:
         _echo_json(result)
         return
-    at, best = result["at_model_threshold"], result["at_best_accuracy_threshold_on_this_set"]
-    low, high = result["auc_ci95"]
-    click.echo("\n".join([
-        f"model {result['model_name']}: {result['normal']} normal, {result['abnormal']} abnormal images",
-        f"AUC {result['auc']:.3f} (95% CI {low:.3f}-{high:.3f}), average precision {result['average_precision']:.3f}",
-        f"at the model's threshold {at['threshold']:.4f}: sensitivity {at['sensitivity']:.3f}, specificity "
-        f"{at['specificity']:.3f}, F1 {at['f1']:.3f}, accuracy {at['accuracy']:.3f}",
-        f"at the best-accuracy threshold on this set (optimistic, as papers report): accuracy "
-        f"{best['accuracy']:.3f}, F1 {best['f1']:.3f}",
-    ]))
+    lines = []
+    for model_result in result["models"]:
+        at, best = model_result["at_model_threshold"], model_result["at_best_accuracy_threshold_on_this_set"]
+        low, high = model_result["auc_ci95"]
+        lines += [
+            f"model {model_result['model_name']}: {model_result['normal']} normal, {model_result['abnormal']} "
+            "abnormal images",
+            f"AUC {model_result['auc']:.3f} (95% CI {low:.3f}-{high:.3f}), average precision "
+            f"{model_result['average_precision']:.3f}",
+            f"at the model's threshold {at['threshold']:.4f}: sensitivity {at['sensitivity']:.3f}, specificity "
+            f"{at['specificity']:.3f}, F1 {at['f1']:.3f}, accuracy {at['accuracy']:.3f} (TP {at['tp']}, FP "
+            f"{at['fp']}, TN {at['tn']}, FN {at['fn']})",
+            f"at the best-accuracy threshold on this set (optimistic, as papers report): accuracy "
+            f"{best['accuracy']:.3f}, F1 {best['f1']:.3f}",
+        ]
+    for comparison in result["comparisons"]:
+        low, high = comparison["ci95"]
+        lines.append(f"AUC of {comparison['second']} minus {comparison['first']}: {comparison['difference']:+.3f} "
+                     f"(95% CI {low:+.3f} to {high:+.3f}, paired bootstrap)")
+    if "outputs" in result:
+        lines.append(f"report: {result['outputs']['evaluation.html']}")
+    lines.append(f"({DISCLAIMER_SHORT})")
+    click.echo("\n".join(lines))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

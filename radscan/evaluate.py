@@ -1,10 +1,13 @@
-"""`radscan evaluate`: how well a model separates labelled normal and abnormal images.
+"""`radscan evaluate`: how well one or more models separate labelled normal and abnormal images.
 
 Metrics come from scikit-learn. AUC gets a 95% interval from a stratified bootstrap (normals and
-abnormals resampled separately, so every replicate has both classes). Sensitivity, specificity and
-F1 are reported at the model's stored threshold; accuracy and F1 at the threshold that is best on
-the evaluated set itself are reported too, clearly labelled, for comparison with papers that
-report that way (it is optimistic: the threshold is tuned on the test data).
+abnormals resampled separately, so every replicate has both classes); two models are compared on
+the same images with a paired bootstrap of the AUC difference (the same resampled images for
+both). Sensitivity, specificity, F1 and the TP/FP/TN/FN counts are reported at each model's stored
+threshold; accuracy and F1 at the threshold that is best on the evaluated set itself are reported
+too, clearly labelled, for comparison with papers that report that way (it is optimistic: the
+threshold is tuned on the test data). With an output folder: per-image scores (CSV), the ROC
+curves and score histograms (matplotlib) and one HTML page that explains them.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import resolve_device, score_arrays
 from radscan.policy import Policy
-from radscan.report import atomic_output
+from radscan.report import CsvStream, atomic_output
 
-__all__ = ["evaluate", "metrics_at", "bootstrap_auc", "draw_roc"]
+__all__ = ["evaluate", "metrics_at", "bootstrap_auc", "paired_bootstrap_auc_difference"]
+
+DISCLAIMER = ("radscan scores are for research and triage support only: they order a reading list and are not a "
+              "diagnosis")
 
 
 def metrics_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
@@ -38,6 +43,7 @@ def metrics_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
         "f1": float(f1_score(labels, predicted, zero_division=0)),
         "accuracy": float((tp + tn) / len(labels)),
         "flagged_normals": float(fp / (tn + fp)) if tn + fp else float("nan"),
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
     }
 
 
@@ -52,67 +58,136 @@ def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, rounds: int = 2000, se
     return float(low), float(high)
 
 
+def paired_bootstrap_auc_difference(labels: np.ndarray, first: np.ndarray, second: np.ndarray, rounds: int = 2000,
+                                    seed: int = 0) -> dict[str, float]:
+    """AUC(second) - AUC(first) on the same images, with its 95% percentile interval from a paired,
+    stratified bootstrap (each replicate resamples normals and abnormals separately and scores the
+    same resampled images with both models), and the share of replicates in which `second` is not
+    better (a one-sided bootstrap p-value)."""
+    rng = np.random.default_rng(seed)
+    normal, abnormal = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    differences = np.empty(rounds)
+    for index in range(rounds):
+        rows = np.r_[rng.choice(normal, len(normal)), rng.choice(abnormal, len(abnormal))]
+        differences[index] = roc_auc_score(labels[rows], second[rows]) - roc_auc_score(labels[rows], first[rows])
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": float(roc_auc_score(labels, second) - roc_auc_score(labels, first)),
+            "ci95": (float(low), float(high)), "p_not_better": float((differences <= 0).mean())}
+
+
 def _best_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     candidates = np.unique(scores)
     accuracy = [((scores >= t) == labels).mean() for t in candidates]
     return float(candidates[int(np.argmax(accuracy))])
 
 
-def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dir: Path, batch_size: int = 64,
+def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequence[Path], batch_size: int = 64,
              device: str = "auto", workers: int = -1, policy: Policy | None = None, progress: bool = True,
-             roc_png: Path | None = None, bootstrap_rounds: int = 2000) -> dict[str, Any]:
+             out_dir: Path | None = None, roc_png: Path | None = None, bootstrap_rounds: int = 2000) -> dict[str, Any]:
+    """Score the labelled images with every model in `model_dirs` (the images are read once).
+
+    Returns the first model's metrics at the top level (auc, auc_ci95, average_precision,
+    at_model_threshold with tp/fp/tn/fn, ...), every model's under "models", and, for each further
+    model, "comparisons" against the first (paired bootstrap of the AUC difference). `out_dir`
+    receives per_image.csv (path, label, model, score, flag), roc.png, histogram.png and
+    evaluation.html; `roc_png` the ROC figure alone. Raises SettingError (exit 2) for an output
+    inside the inputs, ModelError (65) for a model that cannot be verified."""
     policy = policy or Policy()
-    check_outputs_apart([*normal, *abnormal], [roc_png])  # the picture must not overwrite a radiograph
+    outputs = [roc_png, out_dir]
+    check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     torch_device = resolve_device(device)
-    model, metadata = load_model(model_dir, torch_device)
-    normals = load_images(normal, policy, workers, progress, label="normals")[0]
-    abnormals = load_images(abnormal, policy, workers, progress, label="abnormals")[0]
-    scores = score_arrays(model, np.concatenate([normals, abnormals]), batch_size, torch_device).scores.numpy()
+    loaded = [load_model(Path(model_dir), torch_device) for model_dir in model_dirs]  # verify all before reading
+    normals, normal_names, _ = load_images(normal, policy, workers, progress, label="normals")
+    abnormals, abnormal_names, _ = load_images(abnormal, policy, workers, progress, label="abnormals")
+    images = np.concatenate([normals, abnormals])
     labels = np.r_[np.zeros(len(normals), dtype=int), np.ones(len(abnormals), dtype=int)]
-    auc = float(roc_auc_score(labels, scores))
-    result = {
-        "model": str(model_dir), "model_name": metadata.get("name"), "model_sha256": metadata["weights"]["sha256"],
-        "normal": len(normals), "abnormal": len(abnormals),
-        "auc": auc, "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
-        "average_precision": float(average_precision_score(labels, scores)),
-        "at_model_threshold": metrics_at(labels, scores, float(model.threshold)),
-        "at_best_accuracy_threshold_on_this_set": metrics_at(labels, scores,
-                                                             _best_accuracy_threshold(labels, scores)),
-    }
+    results, all_scores = [], []
+    for model_dir, (model, metadata) in zip(model_dirs, loaded, strict=True):
+        scores = score_arrays(model, images, batch_size, torch_device).scores.double().numpy()
+        all_scores.append(scores)
+        results.append({
+            "model": str(model_dir), "model_name": metadata.get("name"), "model_version": metadata.get("version"),
+            "model_sha256": metadata["weights"]["sha256"], "normal": len(normals), "abnormal": len(abnormals),
+            "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
+            "average_precision": float(average_precision_score(labels, scores)),
+            "at_model_threshold": metrics_at(labels, scores, float(model.threshold)),
+            "at_best_accuracy_threshold_on_this_set": metrics_at(labels, scores,
+                                                                 _best_accuracy_threshold(labels, scores)),
+        })
+    comparisons = [{"first": results[0]["model"], "second": result["model"],
+                    "first_name": f"{results[0]['model_name']} {results[0]['model_version']}",
+                    "second_name": f"{result['model_name']} {result['model_version']}",
+                    **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
+                   for result, scores in zip(results[1:], all_scores[1:], strict=True)]
+    summary = {**results[0], "models": results, "comparisons": comparisons, "disclaimer": DISCLAIMER}
     if roc_png is not None:
+        _save_figure(_roc_figure(labels, all_scores, results), roc_png)
+        summary["roc_png"] = str(roc_png)
+    if out_dir is not None:
+        summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
+                                           results, comparisons)
+    return summary
+
+
+def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],
+                  results: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> dict[str, str]:
+    """per_image.csv, roc.png, histogram.png and evaluation.html in `out_dir` (each atomic)."""
+    from radscan.htmlreport import write_evaluation_html
+
+    paths = {name: out_dir / name for name in ("per_image.csv", "roc.png", "histogram.png", "evaluation.html")}
+    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "score", "flag")) as table:
+        for scores, result in zip(all_scores, results, strict=True):
+            threshold = result["at_model_threshold"]["threshold"]
+            for name, label, score in zip(names, labels, scores, strict=True):
+                table.write({"path": name, "label": "abnormal" if label else "normal", "model": result["model_name"],
+                             "score": round(float(score), 6), "flag": bool(score >= threshold)})
+    _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
+    _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
+    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER)
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _roc_figure(labels: np.ndarray, all_scores: list[np.ndarray], results: list[dict[str, Any]]):
+    """ROC curve of every model, its operating point at the stored threshold and the sample sizes."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 6.0), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    for scores, result in zip(all_scores, results, strict=True):
         fpr, tpr, _ = roc_curve(labels, scores)
+        low, high = result["auc_ci95"]
+        line, = axes.plot(fpr, tpr, linewidth=2,
+                          label=f"{result['model_name']}: AUC {result['auc']:.3f} (95% CI {low:.3f}-{high:.3f})")
         at = result["at_model_threshold"]
-        draw_roc(fpr, tpr, (1 - at["specificity"], at["sensitivity"]), auc, result["auc_ci95"],
-                 str(metadata.get("name")), roc_png)
-        result["roc_png"] = str(roc_png)
-    return result
+        axes.plot(1 - at["specificity"], at["sensitivity"], "o", markersize=9, markerfacecolor="none",
+                  markeredgewidth=2, color=line.get_color(),
+                  label=f"  at its threshold: sensitivity {at['sensitivity']:.2f}, specificity {at['specificity']:.2f}")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (share of normals flagged)",
+             ylabel="sensitivity (share of abnormals flagged)",
+             title=f"ROC: {results[0]['normal']} normal, {results[0]['abnormal']} abnormal images")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    return figure
 
 
-def draw_roc(fpr: np.ndarray, tpr: np.ndarray, point: tuple[float, float], auc: float,
-             interval: tuple[float, float], title: str, path: Path) -> None:
-    """The ROC curve with the chance line and the model's operating point, as a PNG."""
-    size, margin = 560, 64
-    span = size - 2 * margin
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
+def _histogram_figure(labels: np.ndarray, all_scores: list[np.ndarray], results: list[dict[str, Any]]):
+    """Score histograms of the normal and the abnormal images, per model, with the threshold."""
+    from matplotlib.figure import Figure
 
-    def xy(x: float, y: float) -> tuple[float, float]:
-        return margin + x * span, size - margin - y * span
+    figure = Figure(figsize=(6.4, 2.6 * len(results) + 0.6), dpi=100, layout="constrained")
+    for index, (scores, result) in enumerate(zip(all_scores, results, strict=True)):
+        axes = figure.add_subplot(len(results), 1, index + 1)
+        bins = np.linspace(0, 1, 41)
+        axes.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"normal ({int((labels == 0).sum())})")
+        axes.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"abnormal ({int((labels == 1).sum())})")
+        threshold = result["at_model_threshold"]["threshold"]
+        axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+        axes.set(xlabel="anomaly score (0-1)", ylabel="images", title=str(result["model_name"]))
+        axes.legend(fontsize=8, loc="upper left")
+    return figure
 
-    for tick in np.linspace(0, 1, 6):
-        draw.line([xy(tick, 0), xy(tick, 1)], fill=(230, 230, 230))
-        draw.line([xy(0, tick), xy(1, tick)], fill=(230, 230, 230))
-        draw.text((xy(tick, 0)[0] - 8, size - margin + 6), f"{tick:.1f}", fill="black")
-        draw.text((margin - 30, xy(0, tick)[1] - 6), f"{tick:.1f}", fill="black")
-    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    for start in np.arange(0, 1, 0.04):
-        draw.line([xy(start, start), xy(start + 0.02, start + 0.02)], fill="grey")
-    draw.line([xy(x, y) for x, y in zip(fpr, tpr, strict=True)], fill=(31, 119, 180), width=3)
-    px, py = xy(*point)
-    draw.ellipse([px - 6, py - 6, px + 6, py + 6], outline=(214, 39, 40), width=3)
-    draw.text((px + 10, py + 4), "model threshold", fill=(214, 39, 40))
-    draw.text((margin, 20), f"{title}: AUC {auc:.3f} (95% CI {interval[0]:.3f}-{interval[1]:.3f})", fill="black")
-    draw.text((size // 2 - 70, size - 30), "1 - specificity (FPR)", fill="black")
-    draw.text((8, margin - 24), "sensitivity (TPR)", fill="black")
-    with atomic_output(path, "wb") as handle:
-        image.save(handle, format="PNG")
+
+def _save_figure(figure, path: Path) -> None:
+    with atomic_output(Path(path), "wb") as handle:
+        figure.savefig(handle, format="png")

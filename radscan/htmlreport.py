@@ -18,7 +18,7 @@ import jinja2
 
 from radscan.report import atomic_output
 
-__all__ = ["study_entry", "write_worklist_html"]
+__all__ = ["study_entry", "write_evaluation_html", "write_worklist_html"]
 
 PAGE_SIZE = 100  # studies drawn at a time
 
@@ -55,5 +55,15 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
     """
     page = _environment().get_template("worklist.html.j2").render(
         studies=list(studies), summary=summary, page_size=PAGE_SIZE)
+    with atomic_output(path) as handle:
+        handle.write(page)
+
+
+def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],
+                          disclaimer: str) -> None:
+    """The evaluation page (`radscan evaluate --out DIR`): metrics, counts, comparisons and the
+    figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results."""
+    page = _environment().get_template("evaluation.html.j2").render(
+        models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer)
     with atomic_output(path) as handle:
         handle.write(page)

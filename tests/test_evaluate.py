@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -56,7 +57,35 @@ def test_evaluate_agrees_with_an_independent_auc(labelled, tiny_model, tmp_path)
     assert at["threshold"] == pytest.approx(float(model.threshold))
     assert at["specificity"] == pytest.approx((scores[0] < at["threshold"]).mean())
     assert at["sensitivity"] == pytest.approx((scores[1] >= at["threshold"]).mean())
-    assert Image.open(roc).size == (560, 560)
+    assert Image.open(roc).size == (640, 600)
+    assert (at["tp"], at["fn"]) == ((scores[1] >= at["threshold"]).sum(), (scores[1] < at["threshold"]).sum())
+
+
+def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny_model, tmp_path):
+    """--out: a page a person can read, the per-image CSV, the figures; two models: a paired bootstrap."""
+    normal, abnormal = labelled
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                      str(tiny_model), "--model", str(shipped), "--out", str(out), "--json",
+                                      "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    first, second = report["models"]
+    comparison = report["comparisons"][0]
+    assert comparison["difference"] == pytest.approx(second["auc"] - first["auc"])
+    assert comparison["ci95"][0] <= comparison["difference"] <= comparison["ci95"][1]
+    with open(out / "per_image.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * (12 + 10) and {row["model"] for row in rows} == {first["model_name"],
+                                                                             second["model_name"]}
+    shipped_rows = [row for row in rows if row["model"] == second["model_name"]]
+    assert sum(row["flag"] == "true" and row["label"] == "abnormal" for row in shipped_rows) == \
+        second["at_model_threshold"]["tp"]
+    page = (out / "evaluation.html").read_text()
+    assert "not a diagnosis" in page and "paired bootstrap" in page.lower() and f"{second['auc']:.3f}" in page
+    for figure in ("roc.png", "histogram.png"):
+        assert Image.open(out / figure).size[0] == 640
 
 
 def test_metrics_at_a_threshold():
