@@ -631,6 +631,32 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
                    f"{result['model']}", err=True)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the report (default: the model directory).")
+@json_option
+def report(model_dir: Path, out: Path | None, as_json: bool) -> None:
+    """Redraw a model's training report (training_report.html and its figures) from the files in
+    its directory: the training log, the calibration scores and the metadata.
+
+    \b
+    Example:
+      radscan report models/kermany-tiny
+      radscan report models/site-2026 --out /srv/reports/site-2026
+    """
+    from radscan.errors import ModelError
+    from radscan.trainreport import write_training_report
+
+    if not (model_dir / "model.json").exists():
+        raise ModelError(f"no model at {model_dir}: pass a directory made by radscan train")
+    page = write_training_report(model_dir, out)
+    if as_json:
+        _echo_json({"report": str(page)})
+    else:
+        click.echo(f"training report: {page}", err=True)
+
+
 def _name_environment_variables() -> None:
     """RADSCAN_<COMMAND>_<OPTION> after the option's name as typed (RADSCAN_SCORE_JSON for --json),
     not Click's default, the Python parameter's name (which would be RADSCAN_SCORE_AS_JSON)."""

@@ -18,7 +18,7 @@ import jinja2
 
 from radscan.report import atomic_output
 
-__all__ = ["study_entry", "write_evaluation_html", "write_worklist_html"]
+__all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html"]
 
 PAGE_SIZE = 100  # studies drawn at a time
 
@@ -65,5 +65,17 @@ def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons:
     figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results."""
     page = _environment().get_template("evaluation.html.j2").render(
         models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer)
+    with atomic_output(path) as handle:
+        handle.write(page)
+
+
+def write_training_html(path: Path, metadata: dict[str, Any], last_epoch: dict[str, Any], figures: dict[str, str],
+                        warnings: list[str], epochs: int) -> None:
+    """The training report page (radscan.trainreport): `figures` maps curves, fidelity,
+    calibration and samples to picture paths relative to the page; `warnings` are shown first."""
+    page = _environment().get_template("training.html.j2").render(
+        metadata=metadata, config=metadata.get("config", {}), training=metadata.get("training", {}),
+        calibration=metadata.get("calibration", {}), last=last_epoch, figures=figures, warnings=warnings,
+        epochs=epochs)
     with atomic_output(path) as handle:
         handle.write(page)

@@ -307,6 +307,7 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
     components = calibrate(model, calibration, batch_size, device, target_specificity=None, explanation=False)[1]
     metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
                for column, kind in enumerate(COMPONENTS) if kind != "critic"}
+    metrics.update({f"calibration_{key}": value for key, value in _fidelity(model, calibration, device).items()})
     if validation is not None:
         normal, abnormal = validation
         images = np.concatenate([normal, abnormal])
@@ -317,6 +318,15 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
         live = _in_batches(model.discriminator, images, batch_size, device)
         metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
+
+
+def _fidelity(model: SimSID, images: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Reconstruction MSE and histogram KL of the student on (up to 256 of) the calibration normals."""
+    from radscan.trainreport import reconstruction_fidelity
+
+    batch = to_model_tensor(images[:256], device)
+    with torch.inference_mode():
+        return reconstruction_fidelity(batch, model.generate(batch, with_teacher=False).student)
 
 
 def _in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
@@ -517,7 +527,7 @@ def train(
                            "snapshots: raise --max-minutes and rerun with --resume")
 
     model = trainer.model.eval()
-    metrics = finalize(model, calibration, validation, tcfg, device)
+    metrics, calibration_scores = finalize(model, calibration, validation, tcfg, device)
     metadata = {
         "name": name or out_dir.name,
         "version": datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S"),
@@ -545,13 +555,33 @@ def train(
                     "images will not be caught when this model scores", len(train_images))
     save_model(model, out_dir, metadata)
     checkpoint_path.unlink(missing_ok=True)
+    _write_report(model, out_dir, [name for name, held in zip(names, is_calibration, strict=True) if held], calibration,
+                  calibration_scores)
     return TrainingResult(out_dir, epoch + 1, metrics, stopped_by_budget)
 
 
+def _write_report(model: SimSID, out_dir: Path, names: Sequence[str], calibration: np.ndarray,
+                  scores: np.ndarray) -> None:
+    """The training report beside the model (radscan.trainreport). The model is saved before: a
+    report that cannot be drawn costs a warning, not the trained model."""
+    from radscan.trainreport import CALIBRATION_SCORES_FILE, SAMPLES_FILE, draw_samples, write_training_report
+
+    with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
+        for name, score in zip(names, scores, strict=True):
+            table.write({"path": name, "score": round(float(score), 6)})
+    try:
+        draw_samples(model, calibration[:4], out_dir / SAMPLES_FILE)
+        log.info("training report: %s", write_training_report(out_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("the training report could not be drawn (%s): the model is saved; run radscan report %s",
+                    exc, out_dir)
+
+
 def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
-             tcfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+             tcfg: TrainConfig, device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
     """Calibrate the final weights with the threshold at the target specificity on the calibration
-    normals; with validation data, its AUC and the sensitivity/specificity at that threshold."""
+    normals; with validation data, its AUC and the sensitivity/specificity at that threshold.
+    Returns the metrics and the calibration normals' 0..1 scores."""
     cal_scores = calibrate(model, calibration, 64, device, tcfg.target_specificity)[0]
     metrics: dict[str, Any] = {"calibration_specificity": float((cal_scores < float(model.threshold)).mean())}
     if validation is not None:
@@ -562,7 +592,7 @@ def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarra
         metrics.update(val_auc=float(roc_auc_score(labels, scores)),
                        val_sensitivity=float(flagged[labels == 1].mean()),
                        val_specificity=float(1 - flagged[labels == 0].mean()))
-    return metrics
+    return metrics, cal_scores
 
 
 def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, target_specificity: float,

@@ -174,6 +174,21 @@ def test_synthetic_anomalies_are_local_and_count_as_fake():
     assert losses[1] > losses[0]  # the defects enter the discriminator's loss as a third, fake term
 
 
+def test_training_report_is_written_and_redrawn(trained, tmp_path):
+    """train writes the report beside the model; radscan report redraws it elsewhere from the files."""
+    page = (trained / "training_report.html").read_text()
+    for figure in ("training_curves.png", "training_fidelity.png", "calibration_histogram.png",
+                   "training_samples.png"):
+        assert (trained / figure).is_file() and figure in page
+    assert "calibration normals: with fewer than 100" in page  # 12 held out: the warning a reader needs
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 <= e["calibration_mse"] < 1 and e["calibration_kl"] >= 0 for e in log)
+    result = CliRunner().invoke(cli, ["report", str(trained), "--out", str(tmp_path / "again"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "training_report.html").is_file()
+    assert CliRunner().invoke(cli, ["report", str(tmp_path)]).exit_code == ExitCode.DATA
+
+
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(model_dir, target)
