@@ -2,17 +2,19 @@
 scoring process's peak memory for 1,000 vs 10,000 inputs.
 
 1. Mixed set (the ingest benchmark's: 80 full-resolution Kermany JPEGs + 10 large compressed DICOM
-   radiographs, --copies times): `radscan score` with residual PNGs against the bare decode floor
-   (pydicom/Pillow decode + resize over the same worker count), fresh processes, median of --repeats.
-   `--pictures flagged` (pictures, and the gradient pass, for flagged images only) and the same run
-   without residual PNGs show what the pictures cost, and without PNGs and with
-   `--qc off` what the quality control costs (goal: at most 10% of the throughput).
+   radiographs, --copies and --large-copies times): the bare decode floor (pydicom/Pillow decode +
+   resize over the same worker count) and `radscan score` with pictures for every scored image,
+   for the flagged ones (the default), without pictures, and without pictures or QC, in fresh
+   processes, median of --repeats. Each is run on the small and the large set, and the ratio to the
+   floor is taken on the difference, the cost of each extra image: what a night of thousands of
+   files pays, without the fixed costs (importing torch, loading the model) that dominate a small
+   set. QC's cost is the last two rows (goal: at most 10% of the throughput).
 2. Model only: images/s of `model.score` at batch 64 on random inputs, with the explanation maps
    (a backward pass through the critics, what a run with PNGs pays) and without (--no-residuals).
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
    inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
-    python benchmarks/score.py --model models/kermany-tiny [--copies 2] [--repeats 3] [--skip-memory]
+    python benchmarks/score.py --model models/kermany-tiny [--copies 2] [--large-copies 6] [--repeats 3] [--skip-memory]
                                 [--skip-speed] [--counts 1000 10000]
 """
 
@@ -50,6 +52,16 @@ def model_only(model_dir: str, device: str, explain: bool) -> float:
     return 64 * rounds / (time.perf_counter() - started)
 
 
+def _flagged_share(tmp_path: Path, args: argparse.Namespace) -> float:
+    """The share of scored images the model flagged in the last small --pictures all run."""
+    import csv
+
+    reports = sorted(tmp_path.glob("small-*-1/report.csv"))  # variant 1: --pictures all
+    with open(reports[0], newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["status"] == "ok"]
+    return sum(row["flag"] == "true" for row in rows) / max(1, len(rows))
+
+
 def peak_memory_mb(command: list[str]) -> float:
     """Run `command`, polling the VmHWM (peak resident set) of its main process."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -78,7 +90,8 @@ def link_many(folder: Path, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--copies", type=int, default=2, help="copies of the mixed set in the small run")
+    parser.add_argument("--large-copies", type=int, default=6, help="copies of the mixed set in the large run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--device", default="cpu")
@@ -91,36 +104,41 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        files = build_set(tmp_path / "set", args.copies)
-        floor_cmd = [sys.executable, ingest_script, "--floor-only", str(tmp_path / "set"), "--workers",
-                     str(args.workers)]
-        floors, scores, flagged_only, bares, unchecked = [], [], [], [], []
         if not args.skip_speed:
-            timed(floor_cmd)  # warm caches
-            def score_cmd(out: Path, *extra: str) -> list[str]:
-                return [sys.executable, "-m", "radscan", "-q", "score", str(tmp_path / "set"), "--out", str(out),
-                        "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
-                        str(args.workers), "--device", args.device, *extra]
-
-            for repeat in range(args.repeats):
-                run = tmp_path / f"run{repeat}"  # fresh outputs: everything is scored
-                floors.append(timed(floor_cmd))
-                scores.append(timed(score_cmd(run / "report.csv")))
-                flagged_only.append(timed(score_cmd(run / "flagged.csv", "--pictures", "flagged")))
-                bares.append(timed(score_cmd(run / "bare.csv", "--no-residuals")))
-                unchecked.append(timed(score_cmd(run / "noqc.csv", "--no-residuals", "--qc", "off")))
-            floor, score, flagged, bare, no_qc = (statistics.median(t)
-                                                  for t in (floors, scores, flagged_only, bares, unchecked))
-            print(f"mixed set: {len(files)} files, median of {args.repeats}")
-            print(f"decode floor           : {floor:7.2f} s  {len(files) / floor:7.1f} images/s")
-            print(f"radscan score (+PNGs)  : {score:7.2f} s  {len(files) / score:7.1f} images/s")
-            print(f"score / floor          : {score / floor:7.2f} x   (goal <= 1.30)")
-            print(f"score --pictures flagged: {flagged:6.2f} s  {len(files) / flagged:7.1f} images/s  "
-                  f"({flagged / floor:.2f} x the floor; pictures for the flagged images only)")
-            print(f"score --no-residuals   : {bare:7.2f} s  {len(files) / bare:7.1f} images/s  "
-                  f"({bare / floor:.2f} x the floor)")
-            print(f"  ... and --qc off     : {no_qc:7.2f} s  {len(files) / no_qc:7.1f} images/s  "
-                  f"(QC costs {1 - no_qc / bare:.1%} of the throughput; goal <= 10%)")
+            variants = {"decode floor": None, "score, --pictures all": ["--pictures", "all"],
+                        "score, --pictures flagged (default)": ["--pictures", "flagged"],
+                        "score, --no-residuals": ["--no-residuals"],
+                        "score, --no-residuals --qc off": ["--no-residuals", "--qc", "off"]}
+            sizes = {"small": args.copies, "large": args.large_copies}
+            medians: dict[tuple[str, str], float] = {}
+            counts = {}
+            for size, copies in sizes.items():
+                folder = tmp_path / f"set-{size}"
+                counts[size] = len(build_set(folder, copies))
+                floor_cmd = [sys.executable, ingest_script, "--floor-only", str(folder), "--workers", str(args.workers)]
+                timed(floor_cmd)  # warm caches
+                for name, extra in variants.items():
+                    times = []
+                    for repeat in range(args.repeats):  # fresh outputs every time: everything is scored
+                        out = tmp_path / f"{size}-{repeat}-{len(medians)}" / "report.csv"
+                        times.append(timed(floor_cmd if extra is None else [
+                            sys.executable, "-m", "radscan", "-q", "score", str(folder), "--out", str(out),
+                            "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
+                            str(args.workers), "--device", args.device, *extra]))
+                    medians[size, name] = statistics.median(times)
+            flagged = _flagged_share(tmp_path, args)
+            extra_images = counts["large"] - counts["small"]
+            floor_rate = extra_images / (medians["large", "decode floor"] - medians["small", "decode floor"])
+            print(f"mixed set (full-resolution JPEGs and large DICOMs, {flagged:.0%} of them flagged by the model): "
+                  f"{counts['small']} and {counts['large']} files, median of {args.repeats}")
+            print("| command | seconds, small set | seconds, large set | images/s per extra image | x floor |")
+            print("|---|---|---|---|---|")
+            for name in variants:
+                marginal = medians["large", name] - medians["small", name]
+                print(f"| {name} | {medians['small', name]:.2f} | {medians['large', name]:.2f} | "
+                      f"{extra_images / marginal:.1f} | {floor_rate * marginal / extra_images:.2f} |")
+            print("x floor: the cost of each extra image against the decode floor's (fixed costs such as importing "
+                  "torch and loading the model cancel out); goal <= 1.30 with the default pictures")
             for explain in (True, False):
                 rate = model_only(args.model, args.device, explain)
                 print(f"model only, batch 64   : {rate:7.1f} images/s ({'with' if explain else 'without'} maps)")

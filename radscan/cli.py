@@ -457,9 +457,9 @@ def info(model_dir: Path, as_json: bool) -> None:
               help="Folder for the explanation PNGs (score map and reconstruction difference) "
                    "[default: <out>_residuals/].")
 @click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass).")
-@click.option("--pictures", type=click.Choice(["all", "flagged"]), default="all", show_default=True,
-              help="Which scored images get an explanation picture: all, or only the flagged ones (the gradient "
-                   "pass is skipped for the rest: faster). --no-residuals writes none.")
+@click.option("--pictures", type=click.Choice(["all", "flagged"]), default="flagged", show_default=True,
+              help="Which scored images get an explanation picture: only the flagged ones (the rest are scored "
+                   "without the generator and gradient passes: about 2x faster), or all. --no-residuals: none.")
 @click.option("--no-html", is_flag=True,
               help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),

@@ -119,7 +119,7 @@ class ScoreSettings:
     progress: bool = True
     qc: str = "strict"  # strict | warn | off (radscan.qc)
     views: tuple[str, ...] | None = DEFAULT_VIEWS
-    pictures: str = "all"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
+    pictures: str = "flagged"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
 
 
 @dataclass
@@ -240,7 +240,9 @@ class _Scorer:
         if not records:
             return []
         batch = np.stack(images)
-        result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all")
+        # without pictures, only the score itself is computed (for the critic: no generator pass)
+        result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all",
+                              components=self.pictures == "all")
         scores, raws = result.scores.numpy(), result.raw_scores.numpy()
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         explain = range(len(images)) if self.pictures == "all" else (

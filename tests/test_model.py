@@ -135,6 +135,21 @@ def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
     assert torch.equal(model.score(batch[5:12]).scores, together.scores[5:12])
 
 
+@pytest.mark.parametrize("score_kind", ["critic", "seed"])
+def test_scoring_without_the_other_components_gives_the_same_scores(score_kind):
+    """Without pictures, radscan score asks only for the configured score (for the critic, no
+    generator pass): the scores must be bit-identical to the full computation."""
+    model = _calibrated_tiny(score_kind=score_kind, critic_snapshots=2)
+    batch = _real_batch(16)
+    full = model.score(batch, explain=False)
+    lean = model.score(batch, explain=False, components=False)
+    assert torch.equal(lean.scores, full.scores) and torch.equal(lean.raw_scores, full.raw_scores)
+    if score_kind == "critic":
+        assert torch.isnan(lean.components[:, 1:]).all() and not lean.residual_maps.any()
+    else:  # the seed score needs the generator: everything is computed
+        assert torch.equal(lean.components, full.components)
+
+
 def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():
     model = SimSID(preset("tiny", critic_view_shift=0.0)).eval()  # one view: D(I) itself
     images = _real_batch(4)

@@ -63,7 +63,8 @@ def studies(tmp_path) -> Path:
 
 def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     out = tmp_path / "out" / "report.csv"
-    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json", "--workers", "2")
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json", "--workers", "2",
+                  "--pictures", "all")
     assert result.exit_code == ExitCode.OK, result.output
     summary = json.loads(result.stdout)
     assert summary["files"] == 11 and summary["counts"] == {"ok": 10, "skipped": 1, "error": 0, "rejected": 0}
@@ -93,8 +94,11 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     pngs = [out.parent / r["residual_png"] for r in scored]
     assert all(p.is_file() for p in pngs) and len(set(pngs)) == 10
     pictures = [np.asarray(Image.open(p)) for p in pngs[:3]]
-    assert pictures[0].shape == (556, 1400, 3)
-    input_panel, score_panel = pictures[0][28:540, :512].astype(int), pictures[0][28:540, 512:1024].astype(int)
+    # caption (two lines: result, identity) on top, then the film and the map at the film's own ratio
+    top, width = 52, round(512 * min(2.0, max(0.5, int(scored[0]["columns"]) / int(scored[0]["rows"]))))
+    assert pictures[0].shape[0] == top + 512 + 44
+    input_panel = pictures[0][top:top + 512, :width].astype(int)
+    score_panel = pictures[0][top:top + 512, width + 8:2 * width + 8].astype(int)
     assert (input_panel[..., 0] == input_panel[..., 2]).all()  # the input, grey
     assert (score_panel[..., 0] - score_panel[..., 2] > 40).any()  # the score map, in colour over it
     assert not np.array_equal(pictures[0], pictures[1])

@@ -44,9 +44,10 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def score_arrays(model: SimSID, images: np.ndarray, batch_size: int = 64,
-                 device: torch.device | None = None, explain: bool = False) -> ScoreResult:
+                 device: torch.device | None = None, explain: bool = False, components: bool = True) -> ScoreResult:
     """Score (N, 128, 128) uint8 model inputs in batches; results concatenated on the CPU.
-    `explain` computes the explanation maps too (a backward pass; zeros otherwise)."""
+    `explain` computes the explanation maps too (a backward pass; zeros otherwise);
+    `components=False` only what the configured score needs (see SimSID.score)."""
     device = device or next(model.parameters()).device
     parts = []
     for batch in iter_batches(images, batch_size):
@@ -54,7 +55,7 @@ def score_arrays(model: SimSID, images: np.ndarray, batch_size: int = 64,
         if device.type == "cuda":
             batch = batch.pin_memory()  # lets the copy to the GPU run without blocking
         with autocast(device):
-            result = model.score(to_model_tensor(batch, device), explain=explain)
+            result = model.score(to_model_tensor(batch, device), explain=explain, components=components)
         parts.append(ScoreResult(*(t.float().cpu() for t in result)))
     if not parts:
         empty, maps = torch.zeros(0), torch.zeros(0, *images.shape[1:])

@@ -380,10 +380,13 @@ class SimSID(nn.Module):
         seed = -self.discriminator(student).float()  # D says "real" for normal reconstructions
         return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float()], dim=1), residual
 
-    def score(self, images: torch.Tensor, explain: bool = True) -> ScoreResult:
+    def score(self, images: torch.Tensor, explain: bool = True, components: bool = True) -> ScoreResult:
         """Frozen scoring of (B, 1, H, W) images in [-1, 1]: no memory writes, no randomness, and
         each image's result bit-identical whatever else is in the batch. Call `eval()` first.
         `explain=False` skips the explanation maps (returned as zeros), which need a backward pass.
+        `components=False` (with explain=False) computes only what the configured score needs: for
+        the critic, the generator does not run (about 3x faster on a CPU); the other kinds' raw
+        components are then NaN and the residual maps zeros. Scores are the same either way.
 
         Every normalisation is per sample, but convolution and matrix kernels pick their blocking
         by batch size, which moves results in the last float bits; the calibration's division by a
@@ -397,12 +400,13 @@ class SimSID(nn.Module):
                                "inside torch.inference_mode()")
         count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
         padded = F.pad(images, (0, 0, 0, 0, 0, 0, 0, (-count) % chunk))
-        parts = [self._score_chunk(padded[start:start + chunk], explain) for start in range(0, padded.shape[0], chunk)]
+        parts = [self._score_chunk(padded[start:start + chunk], explain, components)
+                 for start in range(0, padded.shape[0], chunk)]
         components, residual, explanation = (torch.cat(column)[:count] for column in zip(*parts, strict=True))
         raw, z = self.calibrated(components)
         return ScoreResult(torch.sigmoid(z), raw, explanation, self.smooth(residual, self.blur_kernel), components)
 
-    def _score_chunk(self, images: torch.Tensor, explain: bool) -> tuple[torch.Tensor, ...]:
+    def _score_chunk(self, images: torch.Tensor, explain: bool, components: bool = True) -> tuple[torch.Tensor, ...]:
         """Components (B, 3), residual (B, H, W) and explanation maps (B, H, W) of one chunk.
 
         The explanation is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
@@ -418,6 +422,11 @@ class SimSID(nn.Module):
         """
         if not explain:
             with torch.inference_mode():
+                if not components and self.cfg.score_kind == "critic":  # the critic alone: no generator
+                    critic = self.critic_score(images).float()
+                    others = torch.full((len(images), len(COMPONENTS) - 1), torch.nan, device=critic.device)
+                    residual = images.new_zeros(images.shape[0], *images.shape[2:])
+                    return torch.cat([critic[:, None], others], dim=1), residual, residual
                 components, residual = self.raw_scores(images)
             return components, residual, torch.zeros_like(residual)
         with torch.enable_grad():
