@@ -10,7 +10,7 @@ the files there (train_log.jsonl, model.json, calibration_scores.csv, training_s
   validation AUC of every score kind per epoch when labelled validation data was given;
 - calibration_histogram.png: the calibration normals' scores with the flag threshold;
 - training_samples.png (made at training time, when the images are at hand): calibration normals
-  with the teacher's and the student's reconstructions on the 4x4 patch grid, the difference,
+  with the teacher's and the student's reconstructions on the patch grid, the difference,
   and the memory slots one patch was rebuilt from;
 - training_report.html: all of them with warnings in plain words.
 """
@@ -56,7 +56,7 @@ def reconstruction_fidelity(inputs: torch.Tensor, reconstructions: torch.Tensor)
 
 def draw_samples(model: Any, images: np.ndarray, path: Path, patch: tuple[int, int] = (1, 1)) -> None:
     """training_samples.png from up to four calibration normals ((N, 128, 128) uint8): rows of
-    input, teacher reconstruction, student reconstruction (from the in-painted features; the 4x4
+    input, teacher reconstruction, student reconstruction (from the in-painted features; the
     patch grid drawn) and |input - student|; below, the memory slots that patch `patch` (row, column)
     of the first film was read from and their weights."""
     from matplotlib.figure import Figure
