@@ -370,7 +370,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                 scorer.close()
             counts = store.counts()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
-            _write_readme(outputs, metadata)
+            _write_readme(outputs, metadata, pictures)
             _forget(store.prune(), outputs)
         finally:
             store.close()
@@ -581,15 +581,16 @@ def _study_note(study: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
-def _pictures_note(outputs: OutputPaths) -> str:
+def _pictures_note(outputs: OutputPaths, pictures: str) -> str:
     if outputs.residuals is None:
         return "No pictures were written (--no-residuals)."
-    return (f"{outputs.residuals.name}/: each scored image beside a map of where it raises the anomaly score\n"
+    which = "each flagged image" if pictures == "flagged" else "each scored image"
+    return (f"{outputs.residuals.name}/: {which} beside a map of where it raises the anomaly score\n"
             "  (bright = more than 95% of normal films show there), and, smaller, the reconstruction difference\n"
             "  |input - reconstruction| (the critic score, the default, does not use it).")
 
 
-def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
+def _write_readme(outputs: OutputPaths, metadata: dict[str, Any], pictures: str) -> None:
     """A short note beside the worklist, for whoever opens the folder."""
     text = f"""About {outputs.report.name} (written by radscan {__version__})
 
@@ -598,7 +599,8 @@ def _write_readme(outputs: OutputPaths, metadata: dict[str, Any]) -> None:
 {outputs.report.name}: one row per input file, sorted by study score then image score, highest first.
   score 0..1 (high = anomalous); flag = score >= threshold; status ok/skipped/error with a reason.
 {outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
-{_pictures_note(outputs)}
+{_pictures_note(outputs, pictures)}
+{outputs.html.name + ": the worklist as a web page (open it in a browser)." if outputs.html else ""}
 Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
   score {metadata.get("config", {}).get("score_kind")},
   threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.
