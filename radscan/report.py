@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
+__all__ = ["atomic_output", "prepare_folder", "refuse_special", "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -42,9 +42,7 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     many small PNGs skip it (the rename alone keeps them whole on a crash of the process).
     """
     path = Path(path)
-    if path.is_symlink():  # replacing it would silently break whatever the link was set up for
-        raise OutputError(f"{path} is a symbolic link: radscan does not replace links it did not make; remove "
-                          "the link or choose another --out")
+    refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -70,6 +68,31 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def refuse_special(path: Path) -> None:
+    """An output path that is a symbolic link, or exists as anything but a regular file (a device
+    such as /dev/null, a FIFO, a socket, a folder), is refused with OutputError (exit 73): renaming
+    a file over it would replace a link set up for something else, or a device node of the system."""
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link: radscan does not write through or replace links it did not "
+                          "make; remove the link or choose another --out")
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OutputError(f"{path} is {kind}: radscan writes its outputs as regular files; choose another --out")
+
+
+def prepare_folder(path: Path, option: str) -> None:
+    """Make an output folder for pictures, refusing (OutputError, exit 73) one that is a symbolic
+    link (pictures would land, and old ones be deleted, wherever it points) or that cannot be made
+    (a parent that is a file, a read-only place)."""
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link: radscan does not write through links it did not make; "
+                          f"remove the link or choose another {option}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
 
 
 def remove_stale_temporaries(folder: Path, names: str) -> int:

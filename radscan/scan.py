@@ -18,7 +18,7 @@ from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, apply_qc
 from radscan.records import RECORD_COLUMNS, Status
-from radscan.report import CsvStream, png_name, write_png
+from radscan.report import CsvStream, png_name, prepare_folder, refuse_special, write_png
 
 __all__ = ["ScanSummary", "scan", "INVENTORY_COLUMNS"]
 
@@ -61,6 +61,9 @@ def scan(
     policy = policy or Policy()
     check_inputs(inputs)
     check_outputs_apart(inputs, [out, previews])
+    refuse_special(out)
+    if previews is not None:
+        prepare_folder(previews, "--previews")
     files = find_files(inputs, exclude=[p for p in (out, previews) if p is not None])
     if not files:
         raise NoInputError(f"no files found under {', '.join(inputs)}")

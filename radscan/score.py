@@ -44,6 +44,8 @@ from radscan.report import (
     atomic_output,
     cannot_write,
     png_name,
+    prepare_folder,
+    refuse_special,
     remove_stale_temporaries,
     render_explanation,
     write_png,
@@ -333,6 +335,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
+    for path in (outputs.report, outputs.studies, outputs.readme, outputs.html, outputs.state, outputs.lock):
+        if path is not None:  # before anything is created beside them (e.g. --out /dev/null)
+            refuse_special(path)
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
@@ -393,9 +398,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
 def _tidy_outputs(outputs: OutputPaths) -> None:
     """Under the lock: refuse a pictures folder that is a symbolic link (pictures would land, and
     old ones be deleted, wherever it points), and remove what a killed run left half-written."""
-    if outputs.residuals is not None and outputs.residuals.is_symlink():
-        raise OutputError(f"{outputs.residuals} is a symbolic link: radscan does not write through links it did not "
-                          "make; remove the link or choose another --residuals")
+    if outputs.residuals is not None:
+        prepare_folder(outputs.residuals, "--residuals")
     removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name))
                   for path in (outputs.report, outputs.studies, outputs.readme, outputs.html) if path is not None)
     if outputs.residuals is not None and outputs.residuals.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
-from radscan.report import cannot_write
+from radscan.records import Status
+from radscan.report import cannot_write, refuse_special
 
 try:  # POSIX: a kernel lock that is released however its holder dies (never stale)
     import fcntl
@@ -36,12 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def refuse_link(path: Path) -> None:
-    """An output that is a symbolic link, or a hard link to another name, is refused (OutputError,
-    exit 73): writing through a link that radscan did not make would truncate or replace whatever
-    it points to."""
-    if path.is_symlink():
-        raise OutputError(f"{path} is a symbolic link: radscan does not write through links it did not make; "
-                          "remove the link or choose another --out")
+    """An output that is a symbolic link, not a regular file (a device, a FIFO), or a hard link to
+    another name, is refused (OutputError, exit 73): writing through a link that radscan did not
+    make would truncate or replace whatever it points to."""
+    refuse_special(path)
     with contextlib.suppress(OSError):
         if path.is_file() and path.stat().st_nlink > 1:
             raise OutputError(f"{path} is a hard link to another file: radscan does not write through links it did "
@@ -118,6 +118,9 @@ class StateStore:
         )
     """
 
+    _COLUMNS = ["key", "size", "mtime_ns", "fingerprint", "status", "study_key", "score", "flag", "sort_root",
+                "sort_path", "seen", "row"]
+
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
         for part in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -156,19 +159,26 @@ class StateStore:
                 self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
+            if columns != self._COLUMNS:  # a table of the same name made by something else
+                raise sqlite3.DatabaseError(f"unexpected columns {columns}")
         except sqlite3.OperationalError as exc:
             raise OutputError(f"cannot open or write the state store {path}: {exc}") from None
         return self._db
 
     def lookup(self, identity: FileIdentity) -> dict[str, Any] | None:
-        """The stored row for this file if it is still valid (same file, same fingerprint)."""
+        """The stored row for this file if it is still valid (same file, same fingerprint, and a
+        row whose score, flag and status agree with the columns they are sorted by)."""
         found = self._db.execute(
-            "SELECT row FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND fingerprint = ?",
+            "SELECT row, status, score, flag FROM results WHERE key = ? AND size = ? AND mtime_ns = ? "
+            "AND fingerprint = ?",
             (_blob(identity.key), identity.size, identity.mtime_ns, self.fingerprint),
         ).fetchone()
         if not found:
             return None
         row = _parse_row(found[0])
+        if row is not None and (row["status"], row.get("score"), int(row.get("flag") is True)) != tuple(found[1:]):
+            row = None
         if row is None:  # edited or damaged by hand: forget it, the file is read and scored again
             log.warning("a stored row of the state store is not valid; its file is scored again")
             with self._writing(), self._db:
@@ -263,6 +273,9 @@ class StateStore:
         self._db.close()
 
 
+_STATUSES = (Status.OK, Status.SKIPPED, Status.ERROR, Status.REJECTED)
+
+
 def _parse_row(text: Any) -> dict[str, Any] | None:
     """A stored row, or None when it is not the JSON object with a status, root and path that
     `save` writes (a store edited or damaged by hand must not stop the nightly run)."""
@@ -271,6 +284,11 @@ def _parse_row(text: Any) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("status", "root", "path")):
+        return None
+    score = row.get("score")
+    if row["status"] not in _STATUSES or row.get("flag") not in (True, False, None) or not (
+            score is None or (isinstance(score, (int, float)) and not isinstance(score, bool)
+                              and math.isfinite(score) and 0.0 <= score <= 1.0)):
         return None
     return row
 

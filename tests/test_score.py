@@ -440,6 +440,34 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     assert json.loads(_run(*args).stdout)["scored_now"] == 0
 
 
+@pytest.mark.parametrize("name", ["report.csv", "report.lock", "report.state.sqlite", "report.html"])
+def test_outputs_that_are_not_regular_files_are_refused_and_left_alone(studies, tiny_model, tmp_path, name):
+    """--out /dev/null (as root) used to rename regular files over the device nodes /dev/null and
+    /dev/full; a FIFO stands in for a device here."""
+    import stat
+
+    out = tmp_path / "out" / "report.csv"
+    out.parent.mkdir()
+    os.mkfifo(out.parent / name)
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.CANT_CREATE and "not a regular file" in result.output
+    assert stat.S_ISFIFO((out.parent / name).stat().st_mode)
+    assert sorted(p.name for p in out.parent.iterdir()) == [name]  # nothing made beside it either
+
+
+def test_picture_folders_under_a_file_or_behind_a_link_are_refused(studies, tiny_model, tmp_path):
+    (tmp_path / "afile").touch()
+    result = _run("score", str(studies), "--out", str(tmp_path / "o" / "r.csv"), "--model", str(tiny_model),
+                  "--residuals", str(tmp_path / "afile" / "pictures"))
+    assert result.exit_code == ExitCode.CANT_CREATE and "is a file, not a folder" in result.output
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "previews").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    result = _run("scan", str(studies), "--out", str(tmp_path / "inventory.csv"), "--previews",
+                  str(tmp_path / "previews"))
+    assert result.exit_code == ExitCode.CANT_CREATE and "symbolic link" in result.output
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
 def test_a_pictures_folder_that_is_a_symlink_is_refused(studies, tiny_model, tmp_path):
     """Pictures would be written, and old ones deleted, wherever the link points."""
     out = tmp_path / "out" / "report.csv"
@@ -470,6 +498,19 @@ def test_what_a_killed_run_left_is_cleaned_and_bad_stored_rows_are_rescored(stud
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["scored_now"] == 2 and not any(path.exists() for path in left)
     assert sorted(row["path"] for row in _rows(out)) == sorted(row["path"] for row in first)  # no duplicates
+    # a sort column or a score edited apart from its row, or another program's table: never trusted
+    for tamper, rescored in (("UPDATE results SET score = 'x' WHERE status = 'ok' AND rowid = "
+                              "(SELECT MIN(rowid) FROM results WHERE status = 'ok')", 1),
+                             ("UPDATE results SET row = json_set(row, '$.score', 'abc') WHERE rowid = "
+                              "(SELECT MIN(rowid) FROM results WHERE status = 'ok')", 1),
+                             ("UPDATE results SET row = json_set(row, '$.score', 7.5) WHERE status = 'ok'", 10),
+                             ("DROP TABLE results; CREATE TABLE results (x)", 11)):
+        with sqlite3.connect(out.with_name("report.state.sqlite")) as db:
+            db.executescript(tamper)
+        result = _run(*args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["scored_now"] == rescored, tamper
+        assert all(row["score"] == "" or 0 < float(row["score"]) < 1 for row in _rows(out))  # no "abc", no 7.5
 
 
 def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outlive_a_switch_to_hash(
