@@ -300,7 +300,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True), help="Time budget; training stops after the batch that crosses it.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0), default=1e-4, show_default=True,
               help="Adam learning rate of both networks.")
 @click.option("--cosine-epochs", type=click.IntRange(1), default=300, show_default=True,
@@ -451,7 +451,7 @@ def info(model_dir: Path, as_json: bool) -> None:
               help="Image-level worklist CSV (replaced atomically). The study CSV, explanation PNGs, state "
                    "store and lock go beside it.")
 @model_option
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @device_option
 @click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the explanation PNGs (score map and reconstruction difference) "
@@ -534,7 +534,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the report: evaluation.html, roc.png, histogram.png, per_image.csv.")
 @click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC figure alone as a PNG.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @device_option
 @selection_options
 @workers_option
@@ -729,5 +729,9 @@ def _reopen_closed_standard_streams() -> None:
 
 
 def _json_failure(exit_code: int, message: str) -> None:
-    if _json_requested or "--json" in sys.argv[1:]:
+    # also when --json's own value was the error (RADSCAN_SCORE_JSON=maybe): the wrapper still gets an object
+    asked_by_variable = any(name.startswith("RADSCAN_") and name.endswith("_JSON")
+                            and value.strip().lower() not in ("", "0", "false", "f", "no", "n", "off")
+                            for name, value in os.environ.items())
+    if _json_requested or asked_by_variable or "--json" in sys.argv[1:]:
         click.echo(json.dumps({"ok": False, "exit_code": int(exit_code), "error": message}))

@@ -555,7 +555,8 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
                 }
                 study_csv.write(row)
                 if outputs.html is not None:
-                    entries.append(study_entry(row))
+                    qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
+                    entries.append(study_entry(row, qc_reason=qc))
     except OSError as exc:
         raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
     if outputs.html is not None:

@@ -477,6 +477,9 @@ def train(
         except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
             raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
                              "resume with the settings it was started with, or choose another --out") from None
+        if not 0 <= start_epoch <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
+            raise ModelError(f"the training checkpoint {checkpoint_path} says {start_epoch} epochs were run, outside "
+                             f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
         log.info("resumed after epoch %d", start_epoch)
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
     stopped_by_budget = False

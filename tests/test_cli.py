@@ -139,7 +139,8 @@ def test_names_that_spreadsheets_would_run_are_written_as_text(tmp_path, cxr_dir
 
 USAGE_CASES = ["workers 0", "empty key file", "toml number for a path", "val-normal alone", "nan timeout",
                "inf specificity", "toml batch 1.5", "toml true for a number", "empty modalities", "empty phi key",
-               "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals"]
+               "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals",
+               "absurd batch size"]
 
 
 @pytest.mark.parametrize("case", USAGE_CASES)
@@ -167,6 +168,7 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
         "roc onto an input": ["evaluate", "--normal", normals, "--abnormal", abnormals, "--roc",
                               f"{abnormals}/roc.png"],
         "model among the normals": ["train", normals, "--out", f"{normals}/model"],
+        "absurd batch size": [*score, "--batch-size", "99999999999999999999"],
         "workers 0": ["scan", normals, "--out", str(tmp_path / "i.csv"), "--workers", "0"],
         "empty key file": ["score", normals, "--out", str(tmp_path / "r.csv"), "--phi", "hash",
                            "--phi-key-file", str(tmp_path / "empty.key")],
@@ -211,6 +213,9 @@ def test_json_asked_for_by_variable_or_settings_file_also_speaks_on_failure(tmp_
         failed = subprocess.run([*base, *extra, *missing], capture_output=True, text=True, env={**os.environ, **env})
         assert failed.returncode == ExitCode.NO_INPUT
         assert json.loads(failed.stdout)["exit_code"] == ExitCode.NO_INPUT, failed.stdout
+    unreadable = subprocess.run([*base, *missing], capture_output=True, text=True,
+                                env={**os.environ, "RADSCAN_SCORE_JSON": "maybe"})  # the variable itself is wrong
+    assert unreadable.returncode == ExitCode.USAGE and json.loads(unreadable.stdout)["exit_code"] == ExitCode.USAGE
     shipped = str(Path(__file__).parents[1] / "models" / "kermany-tiny")
     info = json.loads(subprocess.run([*base, "info", "--json", shipped], capture_output=True, text=True).stdout)
     assert info["ok"] is True and info["exit_code"] == 0 and info["weights"]["sha256"]

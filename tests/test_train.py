@@ -122,6 +122,12 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
         with pytest.raises(ModelError, match="cannot be read"):
             train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
     (tmp_path / "resumed" / "checkpoint.pt").write_bytes(checkpoint)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    state["epoch"] = 99  # an edited checkpoint must not finish (and ship) a model at once
+    torch.save(state, tmp_path / "resumed" / "checkpoint.pt")
+    with pytest.raises(ModelError, match="outside"):
+        train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
+    (tmp_path / "resumed" / "checkpoint.pt").write_bytes(checkpoint)
     with pytest.raises(ModelError, match="another model"):
         train([str(normals)], tmp_path / "resumed", preset("tiny", critic_snapshots=3), config, workers=1,
               progress=False, resume=True)
