@@ -89,6 +89,8 @@ def prepare_folder(path: Path, option: str) -> None:
     if path.is_symlink():
         raise OutputError(f"{path} is a symbolic link: radscan does not write through links it did not make; "
                           f"remove the link or choose another {option}")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} exists and is not a folder: choose another {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

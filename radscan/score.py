@@ -335,7 +335,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
-    for path in (outputs.report, outputs.studies, outputs.readme, outputs.html, outputs.state, outputs.lock):
+    state_files = [Path(f"{outputs.state}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
+    for path in (outputs.report, outputs.studies, outputs.readme, outputs.html, outputs.lock, *state_files):
         if path is not None:  # before anything is created beside them (e.g. --out /dev/null)
             refuse_special(path)
     if not model_dir.exists():

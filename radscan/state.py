@@ -123,7 +123,7 @@ class StateStore:
 
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
-        for part in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        for part in (path, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
             refuse_link(part)
         try:
             self._db = self._open(path)

@@ -440,7 +440,8 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     assert json.loads(_run(*args).stdout)["scored_now"] == 0
 
 
-@pytest.mark.parametrize("name", ["report.csv", "report.lock", "report.state.sqlite", "report.html"])
+@pytest.mark.parametrize("name", ["report.csv", "report.lock", "report.state.sqlite", "report.state.sqlite-journal",
+                                  "report.html"])
 def test_outputs_that_are_not_regular_files_are_refused_and_left_alone(studies, tiny_model, tmp_path, name):
     """--out /dev/null (as root) used to rename regular files over the device nodes /dev/null and
     /dev/full; a FIFO stands in for a device here."""
