@@ -299,7 +299,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--critic-snapshots", type=click.IntRange(1),
               help="Average the critics of the last K epochs (default 1: the last epoch's alone).")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True), help="Time budget; training stops after the batch that crosses it.")
+@click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
+              help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0), default=1e-4, show_default=True,
               help="Adam learning rate of both networks.")

@@ -7,9 +7,9 @@ functions: modality LUT -> VOI LUT or window -> MONOCHROME1 inversion. See `rads
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np

@@ -27,8 +27,8 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
-__all__ = ["Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images",
-           "check_inputs", "folder_study_key"]
+__all__ = ["Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested",
+           "load_images", "check_inputs", "folder_study_key"]
 
 log = logging.getLogger(__name__)
 

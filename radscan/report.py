@@ -7,8 +7,8 @@ written under a temporary name in the same folder, flushed to disk and renamed o
 from __future__ import annotations
 
 import contextlib
-import functools
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "prepare_folder", "refuse_special", "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "png_name", "render_explanation"]
+__all__ = ["atomic_output", "prepare_folder", "refuse_special", "remove_stale_temporaries", "cannot_write",
+           "CsvStream", "write_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:

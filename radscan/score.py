@@ -567,7 +567,8 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
             "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
             "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
             "run_id": run[0], "finished_at": _now(), "radscan_version": __version__,
-            "report_name": outputs.report.name, "studies_name": os.path.relpath(outputs.studies, outputs.report.parent), "studies": studies,
+            "report_name": outputs.report.name, "studies": studies,
+            "studies_name": os.path.relpath(outputs.studies, outputs.report.parent),
             "flagged_studies": flagged, "counts": {**run[1], "flagged images": flagged_images}})
     return studies, flagged
 

@@ -238,7 +238,8 @@ def _calibration_figure(scores: np.ndarray, threshold: float):
 
     figure = Figure(figsize=(6.4, 3.0), dpi=90, layout="constrained")
     ax = figure.add_subplot()
-    ax.hist(scores, bins=np.linspace(0, 1, 41), color="#1a73e8", alpha=0.8, label=f"calibration normals ({len(scores)})")
+    ax.hist(scores, bins=np.linspace(0, 1, 41), color="#1a73e8", alpha=0.8,
+            label=f"calibration normals ({len(scores)})")
     ax.axvline(threshold, color="black", linestyle="--",
                label=f"threshold {threshold:.3f} ({(scores >= threshold).mean():.1%} above)")
     ax.set(xlabel="anomaly score (0-1)", ylabel="images", title="held-out normals and the flag threshold")

@@ -157,7 +157,8 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
         "nan timeout": [*score, "--read-timeout", "nan"],
-        "inf specificity": ["calibrate", str(Path(__file__).parents[1] / "models/kermany-tiny"), normals, "--out", str(tmp_path / "m"),
+        "inf specificity": ["calibrate", str(Path(__file__).parents[1] / "models/kermany-tiny"), normals,
+                            "--out", str(tmp_path / "m"),
                             "--target-specificity", "inf"],
         "toml batch 1.5": ["--config", str(tmp_path / "batch.toml"), *score],
         "toml true for a number": ["--config", str(tmp_path / "bool.toml"), *score],
