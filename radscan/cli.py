@@ -646,11 +646,8 @@ def report(model_dir: Path, out: Path | None, as_json: bool) -> None:
       radscan report models/kermany-tiny
       radscan report models/site-2026 --out /srv/reports/site-2026
     """
-    from radscan.errors import ModelError
     from radscan.trainreport import write_training_report
 
-    if not (model_dir / "model.json").exists():
-        raise ModelError(f"no model at {model_dir}: pass a directory made by radscan train")
     page = write_training_report(model_dir, out)
     if as_json:
         _echo_json({"report": str(page)})

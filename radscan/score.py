@@ -50,7 +50,7 @@ from radscan.report import (
     render_explanation,
     write_png,
 )
-from radscan.state import FileIdentity, StateStore, hold_lock
+from radscan.state import FileIdentity, StateStore, hold_lock, store_files
 
 if TYPE_CHECKING:
     from radscan.model.simsid import SimSID
@@ -102,6 +102,11 @@ class OutputPaths:
                    residuals=(residuals or Path(f"{stem}_residuals")) if write_residuals else None,
                    state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"),
                    html=Path(f"{stem}.html") if write_html else None)
+
+    @property
+    def files(self) -> list[Path]:
+        """The regular files written beside the worklist (not the pictures, the lock or the store)."""
+        return [path for path in (self.report, self.studies, self.readme, self.html) if path is not None]
 
     @property
     def readme(self) -> Path:
@@ -216,9 +221,8 @@ class _Scorer:
     first decodes); the first use waits for it and raises the loader's error, if any."""
 
     def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
-                 run_id: str, pictures: str = "all"):
-        self._loading, self.residuals, self.link_base = loading, residuals, link_base
-        self.pictures = pictures if residuals is not None else "none"
+                 run_id: str, pictures: str):
+        self._loading, self.residuals, self.link_base, self.pictures = loading, residuals, link_base, pictures
         self.provenance = {
             "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
             "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
@@ -335,10 +339,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
-    state_files = [Path(f"{outputs.state}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
-    for path in (outputs.report, outputs.studies, outputs.readme, outputs.html, outputs.lock, *state_files):
-        if path is not None:  # before anything is created beside them (e.g. --out /dev/null)
-            refuse_special(path)
+    for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):
+        refuse_special(path)  # before anything is created beside them (e.g. --out /dev/null)
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
@@ -401,8 +403,7 @@ def _tidy_outputs(outputs: OutputPaths) -> None:
     old ones be deleted, wherever it points), and remove what a killed run left half-written."""
     if outputs.residuals is not None:
         prepare_folder(outputs.residuals, "--residuals")
-    removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name))
-                  for path in (outputs.report, outputs.studies, outputs.readme, outputs.html) if path is not None)
+    removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name)) for path in outputs.files)
     if outputs.residuals is not None and outputs.residuals.is_dir():
         removed += remove_stale_temporaries(outputs.residuals, "*.png")
     if removed:

@@ -32,9 +32,15 @@ try:  # POSIX: a kernel lock that is released however its holder dies (never sta
 except ImportError:  # Windows: radscan imports and scans, but `score` cannot lock its outputs
     fcntl = None
 
-__all__ = ["hold_lock", "StateStore", "FileIdentity", "refuse_link"]
+__all__ = ["hold_lock", "StateStore", "FileIdentity", "refuse_link", "store_files"]
 
 log = logging.getLogger(__name__)
+
+
+def store_files(path: Path) -> list[Path]:
+    """The state store and the files SQLite keeps beside it (write-ahead log, shared memory, rollback
+    journal): they are checked, and moved aside, together."""
+    return [Path(path), *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))]
 
 
 def refuse_link(path: Path) -> None:
@@ -123,7 +129,7 @@ class StateStore:
 
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
-        for part in (path, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        for part in store_files(path):
             refuse_link(part)
         try:
             self._db = self._open(path)
@@ -135,11 +141,12 @@ class StateStore:
                         "again", path, exc, aside.name)
             with contextlib.suppress(Exception):
                 self._db.close()
-            for suffix in ("", "-wal", "-shm"):
-                if Path(f"{path}{suffix}").exists():
-                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            for part in store_files(path):
+                if part.exists():
+                    moved = aside.with_name(aside.name + part.name[len(path.name):])
+                    os.replace(part, moved)
                     with contextlib.suppress(OSError):
-                        os.chmod(f"{aside}{suffix}", 0o600)
+                        os.chmod(moved, 0o600)
             self._db = self._open(path)
 
     def _open(self, path: Path) -> sqlite3.Connection:
