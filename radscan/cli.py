@@ -34,7 +34,8 @@ Exit codes:
   0   success
   1   crash (a bug: please report it with the traceback)
   2   usage error (bad option or argument)
-  3   finished, but some files could not be used (rows with status "error")
+  3   finished, but some files could not be used (rows with status "error"),
+      or DICOM results were not made or not sent (kept for the next run)
   65  missing or invalid model
   66  no input: a path does not exist or holds no files
   73  an output cannot be written
@@ -471,6 +472,16 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
               help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600).")
+@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write DICOM results for the PACS into DIR: per scored DICOM image a Structured Report (score, "
+                   "threshold, flag, model) and a Secondary Capture of its explanation picture, in the source "
+                   "study, marked not for diagnostic use. Needs radscan[pacs] and --phi keep.")
+@click.option("--send", "send_to", metavar="HOST:PORT",
+              help="Send the DICOM results the PACS has not yet accepted by C-STORE (needs --dicom-out). A failed "
+                   "send keeps them in DIR, says so in the rows, exits 3, and is retried by the next run.")
+@click.option("--ae-title", default="RADSCAN", show_default=True,
+              help="radscan's own AE title when sending (the PACS must know it).")
+@click.option("--called-ae", default="ANY-SCP", show_default=True, help="The PACS's AE title.")
 @qc_option
 @views_option
 @selection_options
@@ -479,8 +490,8 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
-          phi: str,
-          phi_key: str | None, phi_key_file: Path, qc_mode: str, views: str, policy: Policy, workers: int,
+          phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None, send_to: str | None,
+          ae_title: str, called_ae: str, qc_mode: str, views: str, policy: Policy, workers: int,
           as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
@@ -493,7 +504,9 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     Example:
       radscan score /data/incoming --out /data/worklist/report.csv
       radscan score /data/incoming --out report.csv --model models/site-2026 --phi hash --json
+      radscan score /data/incoming --out report.csv --dicom-out results/ --send pacs:104 --called-ae PACS
     """
+    from radscan.pacs import Destination
     from radscan.score import OutputPaths, ScoreSettings, load_phi_key
     from radscan.score import score as run_score
 
@@ -506,12 +519,15 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
 
         check_outputs_apart(paths, [phi_key_file])
     key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
-    outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals, write_html=not no_html)
+    outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals, write_html=not no_html,
+                                 dicom=dicom_out)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
-                             views=parse_list(views), pictures=pictures)
+                             views=parse_list(views), pictures=pictures,
+                             send=Destination.parse(send_to, called_ae, ae_title) if send_to else None)
     summary = run_score(paths, outputs, settings)
-    exit_code = ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK
+    results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
+    exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
     if as_json:
         _echo_json(summary.as_dict(), exit_code)
     elif not ctx.obj["quiet"]:
@@ -520,8 +536,11 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                    f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
                    f"{summary.flagged_studies} of "
                    f"{summary.studies} studies flagged -> {summary.report}", err=True)
-    if summary.counts["error"]:
-        ctx.exit(ExitCode.PARTIAL)
+        if results_kept:
+            click.echo(f"DICOM results: {summary.dicom['not_sent']} objects not sent, {summary.dicom['not_made']} "
+                       "images without results: see dicom_result and reason in the worklist", err=True)
+    if exit_code != ExitCode.OK:
+        ctx.exit(exit_code)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -31,10 +31,12 @@ import numpy as np
 from tqdm import tqdm
 
 from radscan import __version__
+from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.htmlreport import study_entry, write_worklist_html
 from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
+from radscan.pacs import Delivery, Destination, deliver, forget_results
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
@@ -67,7 +69,7 @@ PHI_FIELDS = ("PatientID", "AccessionNumber")
 # which scored images get an explanation picture; "flagged" skips the gradient pass of the rest
 PICTURE_MODES = ("all", "flagged", "none")
 RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "new_this_run", "study_score", "study_flag",
-                  "residual_png")
+                  "residual_png", "dicom_result", "dicom_sr", "dicom_sc")
 PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
                       "scored_at", "run_id")
 _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "reason", "study_key",
@@ -93,15 +95,16 @@ class OutputPaths:
     state: Path
     lock: Path
     html: Path | None = None
+    dicom: Path | None = None  # DICOM results for the PACS (radscan.pacs), when asked for
 
     @classmethod
     def beside(cls, report: Path, studies: Path | None = None, residuals: Path | None = None,
-               write_residuals: bool = True, write_html: bool = True) -> OutputPaths:
+               write_residuals: bool = True, write_html: bool = True, dicom: Path | None = None) -> OutputPaths:
         stem = report.with_suffix("")
         return cls(report=report, studies=studies or Path(f"{stem}_studies.csv"),
                    residuals=(residuals or Path(f"{stem}_residuals")) if write_residuals else None,
                    state=Path(f"{stem}.state.sqlite"), lock=Path(f"{stem}.lock"),
-                   html=Path(f"{stem}.html") if write_html else None)
+                   html=Path(f"{stem}.html") if write_html else None, dicom=dicom)
 
     @property
     def files(self) -> list[Path]:
@@ -127,6 +130,7 @@ class ScoreSettings:
     qc: str = "strict"  # strict | warn | off (radscan.qc)
     views: tuple[str, ...] | None = DEFAULT_VIEWS
     pictures: str = "flagged"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
+    send: Destination | None = None  # where the DICOM results go (needs OutputPaths.dicom)
 
 
 @dataclass
@@ -148,6 +152,7 @@ class ScoreSummary:
     model_name: str = ""
     model_version: str = ""
     model_sha256: str = ""
+    dicom: dict[str, Any] | None = None  # radscan.pacs.Delivery, with --dicom-out
     started_at: str = ""
     finished_at: str = ""
     disclaimer: str = DISCLAIMER
@@ -221,8 +226,9 @@ class _Scorer:
     first decodes); the first use waits for it and raises the loader's error, if any."""
 
     def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
-                 run_id: str, pictures: str):
+                 run_id: str, pictures: str, dicom_pictures: bool = False):
         self._loading, self.residuals, self.link_base, self.pictures = loading, residuals, link_base, pictures
+        self.dicom_pictures = dicom_pictures  # every DICOM image gets one: its Secondary Capture is made of it
         self.provenance = {
             "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
             "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
@@ -252,7 +258,7 @@ class _Scorer:
         scores, raws = result.scores.numpy(), result.raw_scores.numpy()
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         explain = range(len(images)) if self.pictures == "all" else (
-            np.flatnonzero(scores >= threshold) if self.pictures == "flagged" else [])
+            np.flatnonzero((scores >= threshold) | self._dicom(records)) if self.pictures == "flagged" else [])
         if self.pictures == "flagged" and len(explain):  # the gradient pass for the flagged images only
             result = score_arrays(self.model, batch[explain], batch_size=len(explain), explain=True)
         if len(explain):
@@ -279,6 +285,9 @@ class _Scorer:
         for write in writes:
             write.result()  # a PNG that cannot be written fails the run loudly (exit 73), not silently
         return rows
+
+    def _dicom(self, records: list[ImageRecord]) -> np.ndarray:
+        return np.array([self.dicom_pictures and record.kind == "dicom" for record in records], dtype=bool)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -328,7 +337,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     check_inputs(inputs)
     inputs = distinct_inputs(inputs)
     every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme,
-                    outputs.html]
+                    outputs.html, outputs.dicom]
     check_outputs_apart(inputs, every_output)
     named = [Path(path).resolve() for path in every_output if path is not None]
     if len(set(named)) < len(named):
@@ -337,6 +346,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     pictures = settings.pictures if outputs.residuals is not None else "none"
     if pictures not in PICTURE_MODES:
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
+    _check_dicom_settings(outputs, settings)
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
     for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):
@@ -347,7 +357,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
-                            phi.fingerprint, pictures, qc.fingerprint])
+                            phi.fingerprint, pictures + ("+dicom" if outputs.dicom else ""), qc.fingerprint])
     run_id = uuid.uuid4().hex[:12]
     started_at = _now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
@@ -357,7 +367,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         _tidy_outputs(outputs)
         loading = loader.submit(_load_model, model_dir, settings.device)
         files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
-                                            *([outputs.residuals] if outputs.residuals else [])])
+                                            *(folder for folder in (outputs.residuals, outputs.dicom) if folder)])
         if not files:
             raise NoInputError(f"no files found under {', '.join(inputs)}")
         with_files = {Path(found.root) for found in files}
@@ -367,15 +377,17 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                "was changed; remove it from the command line if it is meant to be empty")
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
-            todo = _reuse_stored(files, store, outputs.report.parent, pictures)
+            todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
-            scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures)
+            scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
+                             dicom_pictures=bool(outputs.dicom))
             try:
                 _score_new(todo, settings, phi, qc, scorer, store)
                 threshold = scorer.threshold  # the model is verified even when nothing was new
             finally:
                 scorer.close()
+            delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
             counts = store.counts()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
             _write_readme(outputs, metadata, pictures)
@@ -395,17 +407,48 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
         model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
+        dicom=delivery.as_dict() if delivery else None,
     )
+
+
+def _check_dicom_settings(outputs: OutputPaths, settings: ScoreSettings) -> None:
+    """DICOM results go into the source's study in the PACS: they need the study's real patient
+    identity (decided for 0.3: no de-identified results, whose UIDs and dates would still link them
+    to the patient) and the explanation pictures their Secondary Captures are made of."""
+    if outputs.dicom is None:
+        if settings.send is not None:
+            raise SettingError("--send sends the DICOM results that --dicom-out keeps: give --dicom-out DIR too")
+        return
+    require_highdicom()
+    if settings.phi != "keep":
+        raise SettingError(f"--dicom-out with --phi {settings.phi}: DICOM results join the source's study in the PACS "
+                           "and must carry its patient and study as they are; use --phi keep for that run (results "
+                           "with hashed or dropped identifiers would not join the study)")
+    if outputs.residuals is None:
+        raise SettingError("--dicom-out with --no-residuals: each DICOM image's Secondary Capture is its explanation "
+                           "picture; leave out --no-residuals")
+
+
+def _deliver(store: StateStore, outputs: OutputPaths, settings: ScoreSettings, provenance: dict[str, Any],
+             metadata: dict[str, Any]) -> Delivery | None:
+    """The DICOM results of the scored DICOM images, written and sent (radscan.pacs)."""
+    if outputs.dicom is None:
+        return None
+    writer = ResultWriter(outputs.dicom, provenance, metadata.get("config", {}).get("score_kind", ""))
+    return deliver(store, writer, outputs.report.parent, settings.send)
 
 
 def _tidy_outputs(outputs: OutputPaths) -> None:
     """Under the lock: refuse a pictures folder that is a symbolic link (pictures would land, and
     old ones be deleted, wherever it points), and remove what a killed run left half-written."""
-    if outputs.residuals is not None:
-        prepare_folder(outputs.residuals, "--residuals")
+    for folder, option in ((outputs.residuals, "--residuals"), (outputs.dicom, "--dicom-out")):
+        if folder is not None:
+            prepare_folder(folder, option)
     removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name)) for path in outputs.files)
     if outputs.residuals is not None and outputs.residuals.is_dir():
         removed += remove_stale_temporaries(outputs.residuals, "*.png")
+    if outputs.dicom is not None and outputs.dicom.is_dir():
+        removed += remove_stale_temporaries(outputs.dicom, "*.dcm")
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
 
@@ -420,6 +463,7 @@ def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
     Only files inside the pictures folder are removed, whatever a stored row says."""
     if rows:
         log.info("%d files are no longer among the inputs: their rows and pictures are removed", len(rows))
+    forget_results(rows, outputs.dicom, outputs.report.parent)
     if outputs.residuals is None:
         return
     folder = outputs.residuals.resolve()
@@ -441,17 +485,18 @@ def _identity(found: Found) -> FileIdentity:
         return FileIdentity(key, -1, -1)
 
 
-def _reuse_stored(files: list[Found], store: StateStore, link_base: Path,
-                  pictures: str) -> list[tuple[Found, FileIdentity]]:
+def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
+                  dicom_pictures: bool = False) -> list[tuple[Found, FileIdentity]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by. Files with errors are always retried; a scored row
-    whose explanation PNG has gone is scored again."""
+    whose explanation PNG has gone is scored again (with `dicom_pictures`, every DICOM image has one)."""
     todo, unchanged = [], []
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
         wants_picture = row is not None and row["status"] == Status.OK and (
-            pictures == "all" or (pictures == "flagged" and row.get("flag") is True))
+            pictures == "all" or (pictures == "flagged" and (row.get("flag") is True or (
+                dicom_pictures and row.get("kind") == "dicom"))))
         usable = row is not None and row["status"] != Status.ERROR and (
             not wants_picture or (link_base / row.get("residual_png", "")).is_file())
         if usable:

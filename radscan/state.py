@@ -32,7 +32,7 @@ try:  # POSIX: a kernel lock that is released however its holder dies (never sta
 except ImportError:  # Windows: radscan imports and scans, but `score` cannot lock its outputs
     fcntl = None
 
-__all__ = ["hold_lock", "StateStore", "FileIdentity", "refuse_link", "store_files"]
+__all__ = ["hold_lock", "StateStore", "StoredRow", "FileIdentity", "refuse_link", "store_files"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,20 @@ class FileIdentity:
     mtime_ns: int
 
 
+@dataclass
+class StoredRow:
+    """A row of the store as `StateStore.scored` returns it, with the key it is stored under."""
+
+    key: bytes  # resolved root, NUL, path relative to it (exact bytes)
+    row: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        """The input file (exact bytes of its name)."""
+        root, relative = self.key.decode("utf-8", "surrogateescape").split("\0", 1)
+        return Path(root) / relative
+
+
 class StateStore:
     """SQLite table of per-file results for one output location.
 
@@ -126,6 +140,16 @@ class StateStore:
 
     _COLUMNS = ["key", "size", "mtime_ns", "fingerprint", "status", "study_key", "score", "flag", "sort_root",
                 "sort_path", "seen", "row"]
+    # DICOM results a PACS has accepted (radscan.pacs): what a rerun must not send again. Kept when the
+    # results table is rebuilt: the UIDs of the objects say which model and source they belong to.
+    _SENT = """
+        CREATE TABLE IF NOT EXISTS sent (
+            sop_instance_uid TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            sent_at TEXT NOT NULL,
+            PRIMARY KEY (sop_instance_uid, destination)
+        )
+    """
 
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
@@ -166,6 +190,7 @@ class StateStore:
                 self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
+            self._db.execute(self._SENT)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
             if columns != self._COLUMNS:  # a table of the same name made by something else
                 raise sqlite3.DatabaseError(f"unexpected columns {columns}")
@@ -218,6 +243,34 @@ class StateStore:
         with self._writing(), self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def scored(self, after: bytes = b"", limit: int = 500) -> list[StoredRow]:
+        """Up to `limit` of this run's scored rows with keys after `after`, in key order. Paging by
+        key lets the caller `update` the rows it was given without disturbing the next page.
+        Returns [] when done."""
+        found = self._db.execute(
+            "SELECT key, row FROM results WHERE seen = ? AND status = 'ok' AND key > ? ORDER BY key LIMIT ?",
+            (self.run_id, after, limit)).fetchall()
+        return [StoredRow(bytes(key), parsed) for key, text in found if (parsed := _parse_row(text)) is not None]
+
+    def update(self, rows: Iterable[StoredRow]) -> None:
+        """Replace the stored row of each file (as returned by `scored`, then changed), keeping its
+        identity, fingerprint and sort columns, in one transaction."""
+        with self._writing(), self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE results SET row = ? WHERE key = ?",
+                                 [(json.dumps(item.row, default=str), item.key) for item in rows])
+
+    def was_sent(self, sop_instance_uid: str, destination: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sent WHERE sop_instance_uid = ? AND destination = ?",
+                                (sop_instance_uid, destination)).fetchone() is not None
+
+    def mark_sent(self, sop_instance_uids: Iterable[str], destination: str, sent_at: str) -> None:
+        """Record objects the destination accepted, in one transaction."""
+        with self._writing(), self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?, ?)",
+                                 [(uid, destination, sent_at) for uid in sop_instance_uids])
 
     _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
     _STUDY = """study AS (

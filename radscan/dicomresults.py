@@ -1,0 +1,254 @@
+"""DICOM results of a scored DICOM image, for the PACS (`radscan score --dicom-out DIR`).
+
+Two objects per image, made with highdicom, both in the source's study (its Study Instance UID and
+patient, a new series each) and both marked not for diagnostic use:
+
+- a **Comprehensive 3D SR** holding a TID 1500 Imaging Measurement Report: one measurement group
+  that references the source image (TID 1501), with the anomaly score and the threshold as
+  measurements, the triage flag as a qualitative evaluation, and the algorithm's identity (TID
+  4019: model name, version, sha256, score kind, radscan version); device observer radscan;
+  VerificationFlag UNVERIFIED (no person has checked it);
+- a **Secondary Capture** of the explanation picture with a burned-in banner
+  "NOT FOR DIAGNOSTIC USE" (BurnedInAnnotation YES).
+
+UIDs are derived from the source's SOP Instance UID, the model's sha256 and the preprocessing
+version (PS3.5 B.2: the 2.25 root with a hash, here through pydicom's `generate_uid`), so a rerun
+writes the same objects and a PACS that holds them sees no duplicates; a new model makes new ones.
+Codes that no standard coding scheme has (the score, its threshold, the flag) use the local scheme
+99RADSCAN (PS3.16 8.2: designators beginning with "99" are private), declared in each SR.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from radscan import __version__
+from radscan.errors import SettingError
+from radscan.report import atomic_output
+
+__all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
+           "NOT_FOR_DIAGNOSIS", "LOCAL_SCHEME"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_SCHEME = "99RADSCAN"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902  # high numbers: listed after the site's own series
+SR_SERIES = f"radscan anomaly score - {NOT_FOR_DIAGNOSIS}"
+SC_SERIES = f"radscan anomaly map - {NOT_FOR_DIAGNOSIS}"
+_BANNER = f"{NOT_FOR_DIAGNOSIS}  ·  radscan anomaly map: research and triage support only, not a diagnosis"
+# a chest film shown the usual way: rows run to the patient's left, columns to the feet (PS3.3 C.7.6.1.1.1)
+_DEFAULT_ORIENTATION = ("L", "F")
+_ORIENTATION_LETTERS = set("LRAPHF")
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "radscan DICOM results")
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the
+# results copy from the source: older files (ACR-NEMA style) may lack them
+_PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                      "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def require_highdicom() -> None:
+    """Raise SettingError (exit 2) naming the install step when highdicom is missing."""
+    if importlib.util.find_spec("highdicom") is None:
+        raise SettingError("--dicom-out needs highdicom: pip install 'radscan[pacs]'")
+
+
+@dataclass(frozen=True)
+class DicomResult:
+    """The two objects of one source image: where they are and what the PACS will know them by."""
+
+    sr_path: Path
+    sr_uid: str
+    sc_path: Path
+    sc_uid: str
+
+    @property
+    def objects(self) -> tuple[tuple[Path, str], tuple[Path, str]]:
+        return (self.sr_path, self.sr_uid), (self.sc_path, self.sc_uid)
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is the same for the same parts: a name-based UUID (RFC 9562 version 5) under the
+    2.25 root (PS3.5 B.2), at most 44 characters."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
+
+
+class ResultWriter:
+    """Writes the SR and SC of scored DICOM images into `folder` (flat; names are the new SOP
+    Instance UIDs, which hold no patient information)."""
+
+    def __init__(self, folder: Path, provenance: dict[str, Any], score_kind: str):
+        self.folder, self.provenance, self.score_kind = folder, provenance, score_kind
+        self._version = f"{provenance['model_sha256']}|{provenance['preprocess_version']}"
+
+    def planned(self, source_sop_uid: str) -> DicomResult:
+        """The objects a source image gets (whether written yet or not)."""
+        sr_uid = derived_uid("sr", source_sop_uid, self._version)
+        sc_uid = derived_uid("sc", source_sop_uid, self._version)
+        return DicomResult(self.folder / f"SR_{sr_uid}.dcm", sr_uid, self.folder / f"SC_{sc_uid}.dcm", sc_uid)
+
+    def write(self, source_path: Path, row: dict[str, Any], picture_path: Path) -> DicomResult:
+        """Write (atomically) the SR and SC of the image scored in `row`, whose explanation picture
+        is `picture_path`. The source's header is read again (no pixels) and must still be the
+        image scored (same SOP Instance UID). Raises ValueError with a reason in plain words when a
+        result cannot be made (the source changed, lacks a required UID, or highdicom refuses it);
+        OutputError (exit 73) when it cannot be written."""
+        source = _source_header(source_path, row)
+        result = self.planned(source.SOPInstanceUID)
+        picture = _picture(picture_path)
+        with warnings.catch_warnings():  # e.g. person names of the source that are not in PN form
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                report = self._report(source, row, result)
+                capture = self._capture(source, picture, result)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                raise ValueError(f"highdicom cannot make a result from this file's header: {exc}") from None
+        for dataset, path in ((report, result.sr_path), (capture, result.sc_path)):
+            with atomic_output(path, "wb") as handle:
+                dataset.save_as(handle, enforce_file_format=True)
+        return result
+
+    def _report(self, source: Dataset, row: dict[str, Any], result: DicomResult) -> Dataset:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=f"radscan {self.provenance['model_name']}", version=str(self.provenance["model_version"]),
+            parameters=[f"model sha256 {self.provenance['model_sha256']}", f"score kind {self.score_kind}",
+                        f"preprocessing {self.provenance['preprocess_version']}",
+                        f"radscan {self.provenance['radscan_version']}"],
+            manufacturer="radscan")
+        device = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=derived_uid("device", self._version), name="radscan", manufacturer_name="radscan",
+                model_name=str(self.provenance["model_name"])))
+        score, threshold, flag = float(row["score"]), float(row["threshold"]), row["flag"] is True
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("tracking", result.sr_uid),
+                                                         identifier="radscan anomaly score"),
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(name=_code("ANOMALY-SCORE", "Anomaly score (0-1, high = unlike normal films)"),
+                                  value=round(score, 6), unit=codes.UCUM.NoUnits, algorithm_id=algorithm),
+                hd.sr.Measurement(name=_code("THRESHOLD", "Anomaly score threshold"), value=round(threshold, 6),
+                                  unit=codes.UCUM.NoUnits)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=_code("TRIAGE", "Triage flag"),
+                value=_code("FLAGGED", "Flagged for priority reading") if flag else _code("NOT-FLAGGED",
+                                                                                          "Not flagged"))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                source, referenced_frame_numbers=_frames(source, row))])
+        content = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=device),
+            procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain X-ray of chest"),
+            imaging_measurements=[group])
+        report = hd.sr.Comprehensive3DSR(
+            evidence=[source], content=content[0],
+            series_instance_uid=derived_uid("sr-series", source.StudyInstanceUID, self._version),
+            series_number=SR_SERIES_NUMBER, sop_instance_uid=result.sr_uid, instance_number=1,
+            manufacturer="radscan", manufacturer_model_name=str(self.provenance["model_name"]),
+            series_description=SR_SERIES, is_complete=True, is_verified=False, software_versions=__version__,
+            coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+                LOCAL_SCHEME, name="radscan local codes", responsible_organization="radscan")])
+        return report
+
+    def _capture(self, source: Dataset, picture: np.ndarray, result: DicomResult) -> Dataset:
+        import highdicom as hd
+
+        capture = hd.sc.SCImage.from_ref_dataset(
+            source, picture, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+            series_instance_uid=derived_uid("sc-series", source.StudyInstanceUID, self._version),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=result.sc_uid, instance_number=1,
+            manufacturer="radscan", patient_orientation=_orientation(source),
+            transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SC_SERIES, software_versions=__version__,
+            manufacturer_model_name=str(self.provenance["model_name"]))
+        capture.BurnedInAnnotation = "YES"
+        capture.ImageComments = f"{NOT_FOR_DIAGNOSIS}: radscan anomaly map, research and triage support only"
+        # General Series: Laterality is Type 2C, needed for paired body parts; a chest is not one
+        capture.BodyPartExamined = "CHEST"
+        if source.get("Laterality"):
+            capture.Laterality = source.Laterality
+        return capture
+
+
+def _code(value: str, meaning: str) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value, LOCAL_SCHEME, meaning)
+
+
+def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
+    """The source's header, checked to be the file that was scored and to carry the UIDs every
+    reference needs (PS3.3 C.17.2: SOP Class, SOP Instance, Series and Study Instance UIDs)."""
+    try:
+        source = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:  # an unreadable header: a reason, not a crashed night
+        raise ValueError(f"cannot read the header again: {exc}") from None
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        value = str(source.get(keyword, "") or "")
+        if not value or not UID(value).is_valid:
+            raise ValueError(f"the file's {keyword} is missing or not a valid UID")
+    if str(source.SOPInstanceUID) != row.get("SOPInstanceUID"):
+        raise ValueError("the file changed since it was scored: it is scored again by the next run")
+    _drop_invalid_values(source)
+    for keyword in _PATIENT_AND_STUDY:  # Type 2: present, and empty when the source does not know them
+        if keyword not in source:
+            setattr(source, keyword, "")
+    return source
+
+
+def _drop_invalid_values(source: Dataset) -> None:
+    """Remove the values that break their VR (PS3.5 6.2; pydicom's validators), such as a
+    PatientAge of "62" or a StudyDate of 19401305, so that the results copy only valid ones:
+    radscan reads such archives leniently, but writes nothing invalid into the PACS."""
+    for element in list(source):
+        if element.VR == "SQ" or element.tag.group < 0x0008:
+            continue
+        values = element.value if isinstance(element.value, pydicom.multival.MultiValue) else [element.value]
+        try:
+            for value in values:
+                pydicom.valuerep.validate_value(element.VR, value, pydicom.config.RAISE)
+        except (ValueError, TypeError):
+            del source[element.tag]
+
+
+def _frames(source: Dataset, row: dict[str, Any]) -> list[int] | None:
+    """The frame that was scored (1-based, PS3.3 C.7.6.6) for a multi-frame source."""
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    return [int(row.get("frame_used") or 0) + 1] if frames > 1 else None
+
+
+def _orientation(source: Dataset) -> tuple[str, str]:
+    """The source's PatientOrientation when it is two valid values, else a chest film's usual one."""
+    value = source.get("PatientOrientation")
+    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else []
+    if len(values) == 2 and all(str(v) and set(str(v)) <= _ORIENTATION_LETTERS for v in values):
+        return str(values[0]), str(values[1])
+    return _DEFAULT_ORIENTATION
+
+
+def _picture(path: Path) -> np.ndarray:
+    """The explanation picture (RGB, uint8, height x width x 3) with the banner burned in on top."""
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read its explanation picture {path.name}: {exc}") from None
+    banner_height = 34
+    canvas = Image.new("RGB", (picture.width, picture.height + banner_height), (150, 0, 0))
+    canvas.paste(picture, (0, banner_height))
+    ImageDraw.Draw(canvas).text((8, 7), _BANNER, fill="white", font=ImageFont.load_default(size=18))
+    return np.asarray(canvas)

@@ -1,0 +1,232 @@
+"""Results back into the PACS (`radscan score --dicom-out DIR [--send HOST:PORT]`).
+
+After a run has scored its files, every scored DICOM image gets its DICOM results in DIR (a
+Structured Report and a Secondary Capture, radscan.dicomresults), and those a destination has not
+yet accepted are sent to it by C-STORE (PS3.4 Annex B; pynetdicom) over one association. The
+state store remembers what each destination accepted, so a rerun sends nothing twice. A failed
+send loses nothing: the objects stay in DIR, the row's reason says what happened, the run exits 3,
+and the next run sends them. Each row says what became of its results (`dicom_result`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from radscan.dicomresults import DicomResult, ResultWriter
+from radscan.errors import SettingError
+from radscan.records import one_line
+from radscan.state import StateStore, StoredRow
+
+__all__ = ["Destination", "Delivery", "deliver", "forget_results", "NOT_SENT"]
+
+log = logging.getLogger(__name__)
+
+NOT_SENT = "results not sent to"  # how a row's reason starts when its results did not reach the PACS
+_NAME = re.compile(r"^S[RC]_2\.25\.\d{1,39}\.dcm$")  # the names radscan gives its DICOM results
+# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success, and the warnings coercion of data
+# elements (B000), elements discarded (B006) and data set does not match SOP class (B007)
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 characters, no backslash
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM storage SCP (a PACS or router) as an association needs it."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+
+    @classmethod
+    def parse(cls, address: str, called_ae: str, calling_ae: str) -> Destination:
+        """`HOST:PORT` (a bracketed IPv6 address allowed) and the AE titles; SettingError (exit 2)
+        with what to write instead when one is malformed."""
+        match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", address.strip())
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise SettingError(f"--send must be HOST:PORT (e.g. pacs.example.org:104), not {address!r}")
+        for option, title in (("--called-ae", called_ae), ("--ae-title", calling_ae)):
+            if not _AE_TITLE.match(title) or not title.strip():
+                raise SettingError(f"{option} must be 1-16 printable ASCII characters without a backslash, not "
+                                   f"{title!r}")
+        return cls(match.group(1), int(match.group(2)), called_ae.strip(), calling_ae.strip())
+
+    def __str__(self) -> str:
+        return f"{self.called_ae}@{self.host}:{self.port}"
+
+
+@dataclass
+class Delivery:
+    """What became of this run's DICOM results (the `dicom` part of the run summary)."""
+
+    folder: str
+    destination: str | None = None
+    written: int = 0  # objects written this run
+    sent: int = 0  # objects the destination accepted this run
+    not_sent: int = 0  # objects still waiting for the destination (kept in the folder)
+    not_made: int = 0  # scored DICOM images whose results could not be made (the row says why)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.not_sent or self.not_made)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _StoreSCU:
+    """One association for the whole run, opened on first use; after a failure that leaves no
+    association (refused, timed out, aborted), every later send answers the same reason at once,
+    so a PACS that is down costs one timeout, not one per object."""
+
+    def __init__(self, destination: Destination, timeout_s: float = 30.0):
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo dataset contents
+        self.destination, self._assoc, self._broken = destination, None, ""
+        self._ae = AE(ae_title=destination.calling_ae)
+        self._ae.connection_timeout = self._ae.acse_timeout = timeout_s
+        self._ae.dimse_timeout = self._ae.network_timeout = 2 * timeout_s
+        for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+            self._ae.add_requested_context(sop_class)
+
+    def send(self, path: Path) -> str:
+        """Send one object; "" when the destination stored it, else why not (one line)."""
+        import pydicom
+
+        if self._broken:
+            return self._broken
+        if self._assoc is None or not self._assoc.is_established:
+            self._assoc = self._ae.associate(self.destination.host, self.destination.port,
+                                             ae_title=self.destination.called_ae)
+            if not self._assoc.is_established:
+                why = "association rejected" if self._assoc.is_rejected else "no association (refused, unreachable " \
+                    "or timed out)"
+                self._broken = f"{why}; check --send, --called-ae and that the PACS knows AE title " \
+                               f"{self.destination.calling_ae}"
+                return self._broken
+        try:
+            status = self._assoc.send_c_store(pydicom.dcmread(path))
+        except (ValueError, RuntimeError, OSError) as exc:  # no accepted context, a dropped connection
+            return one_line(exc)
+        code = status.get("Status") if status else None
+        if code is None:
+            self._broken = "the association was aborted or timed out during C-STORE"
+            return self._broken
+        return "" if code in _STORED else f"C-STORE refused with status 0x{code:04X}"
+
+    def close(self) -> None:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()
+
+
+def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destination: Destination | None,
+            page_size: int = 200) -> Delivery:
+    """Write the results of this run's scored DICOM images that are not yet in the folder, send
+    those `destination` has not accepted, and record in every scored row what became of them
+    (`dicom_result`, `dicom_sr`, `dicom_sc` relative to `link_base`, and the reason of a failed
+    send). Pages through the store: memory stays flat in the number of files."""
+    delivery = Delivery(folder=str(writer.folder), destination=str(destination) if destination else None)
+    scu = _StoreSCU(destination) if destination else None
+    after = b""
+    try:
+        while page := store.scored(after, page_size):
+            after = page[-1].key
+            accepted: list[str] = []
+            changed = [item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery, accepted)]
+            if accepted:
+                store.mark_sent(accepted, str(destination), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            store.update(changed)
+    finally:
+        if scu is not None:
+            scu.close()
+    if delivery.written or delivery.sent or not delivery.complete:
+        log.info("DICOM results: %d objects written to %s%s%s", delivery.written, writer.folder,
+                 f", {delivery.sent} sent to {destination}, {delivery.not_sent} waiting to be sent" if destination
+                 else "", f"; {delivery.not_made} scored DICOM images without results" if delivery.not_made else "")
+    return delivery
+
+
+def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _StoreSCU | None, store: StateStore,
+                 delivery: Delivery, accepted: list[str]) -> bool:
+    """Bring one scored row's results up to date; True when the row changed."""
+    row = item.row
+    before = (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))
+    if row.get("reason", "").startswith(NOT_SENT):
+        row["reason"] = ""
+    row["dicom_result"], result = _results_of(item, writer, link_base, delivery)
+    row["dicom_sr"] = os.path.relpath(result.sr_path, link_base) if result else ""
+    row["dicom_sc"] = os.path.relpath(result.sc_path, link_base) if result else ""
+    if result is not None and scu is not None:
+        waiting = [(path, uid) for path, uid in result.objects if not store.was_sent(uid, str(scu.destination))]
+        failures = []
+        for path, uid in waiting:
+            why = scu.send(path)
+            if why:
+                failures.append(why)
+                delivery.not_sent += 1
+            else:
+                accepted.append(uid)
+                delivery.sent += 1
+        if failures:
+            row["dicom_result"] = f"not sent: {failures[0]}"
+            row["reason"] = (f"{NOT_SENT} {scu.destination}: {failures[0]}; kept in {writer.folder.name}/ and sent "
+                             "by the next run")
+        else:
+            row["dicom_result"] = f"sent to {scu.destination}"
+    return before != (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))
+
+
+def _results_of(item: StoredRow, writer: ResultWriter, link_base: Path,
+                delivery: Delivery) -> tuple[str, DicomResult | None]:
+    """What became of a scored row's results, and the results when there are some; writes the
+    objects that are missing."""
+    row = item.row
+    if row.get("kind") != "dicom":
+        return "none: a JPEG or PNG file has no DICOM study to put results in", None
+    planned = writer.planned(row.get("SOPInstanceUID", ""))
+    _remove_superseded(row, planned, writer.folder, link_base)
+    if not (planned.sr_path.is_file() and planned.sc_path.is_file()):
+        picture = row.get("residual_png", "")
+        try:
+            if not picture:
+                raise ValueError("it has no explanation picture")
+            writer.write(item.path, row, link_base / picture)
+        except ValueError as exc:
+            delivery.not_made += 1
+            return f"none: {one_line(exc)}", None
+        delivery.written += 2
+    return "written", planned
+
+
+def _remove_superseded(row: dict[str, Any], planned: DicomResult, folder: Path, link_base: Path) -> None:
+    """Results of an earlier model or preprocessing (other UIDs) leave the folder when new ones
+    replace them, so that it never offers the PACS an outdated verdict."""
+    for key, path in (("dicom_sr", planned.sr_path), ("dicom_sc", planned.sc_path)):
+        old = row.get(key)
+        if old and (link_base / old).resolve() != path.resolve():
+            _remove_result(link_base / old, folder)
+
+
+def forget_results(rows: list[dict[str, Any]], folder: Path | None, link_base: Path) -> None:
+    """Remove the results of files no longer among the inputs (their rows were pruned)."""
+    if folder is None:
+        return
+    for row in rows:
+        for key in ("dicom_sr", "dicom_sc"):
+            if row.get(key):
+                _remove_result(link_base / row[key], folder)
+
+
+def _remove_result(path: Path, folder: Path) -> None:
+    """Delete a result file, only if it is one of radscan's, directly inside `folder`, whatever a
+    stored row says."""
+    if path.resolve().parent == folder.resolve() and _NAME.match(path.name) and not path.is_symlink():
+        path.unlink(missing_ok=True)
