@@ -1,0 +1,312 @@
+"""DICOM results for the PACS (`radscan score --dicom-out --send`): the objects validate (dciodvfy,
+highdicom), carry what they must, arrive in a real Orthanc, are queryable by C-FIND in the source
+study, are not sent twice, and a failed send loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from radscan.cli import cli
+from radscan.dicomresults import NOT_FOR_DIAGNOSIS
+from radscan.errors import ExitCode
+
+from .conftest import CXR_DIR, DICOM_DIR
+from .test_score import _rows
+
+hd = pytest.importorskip("highdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
+pytest.importorskip("pynetdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _needs(program: str, package: str) -> str:
+    """The path of `program`, or a skip that says how to install it (a failure in CI, which installs it)."""
+    found = shutil.which(program)
+    if found is None:
+        message = f"needs {program} (Debian package {package}: apt-get install {package}; .ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _score(*args: str):
+    result = CliRunner().invoke(cli, ["score", *args, "--json"], auto_envvar_prefix="RADSCAN")
+    objects = [line for line in result.output.splitlines() if line.startswith("{")]
+    return result, json.loads(objects[-1]) if objects else {}
+
+
+@pytest.fixture()
+def studies(tmp_path) -> Path:
+    """Four DICOM images in three studies (two in one study), a JPEG study and a DICOM SR."""
+    root = tmp_path / "incoming"
+    (root / "cr").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "cr" / "IM1")  # ACR-NEMA style, no PatientID
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", root / "cr" / "IM2")
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    (root / "nih").mkdir()
+    ds.save_as(root / "nih" / "a.dcm")
+    ds.SOPInstanceUID = _another(ds.SOPInstanceUID, 2)
+    ds.save_as(root / "nih" / "b.dcm")
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "nih" / "sr.dcm")
+    (root / "jpeg").mkdir()
+    jpeg = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[0]
+    shutil.copy(jpeg, root / "jpeg" / jpeg.name)
+    return root
+
+
+def _another(uid: str, number: int) -> str:
+    """Another valid UID of the same length (the sample's is already 64 characters, the maximum)."""
+    return uid[:-2] + f"{number:02d}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Orthanc:
+    """A real Orthanc on loopback ports, with its own storage, for one test module."""
+
+    AET = "ORTHANC"
+
+    def __init__(self, folder: Path):
+        self.folder, self.dicom_port, self.http_port = folder, _free_port(), _free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "radscan-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "DicomAet": self.AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "DicomCheckCalledAet": True, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "Plugins": [],
+            "DicomModalities": {"tests": ["RADSCANTEST", "127.0.0.1", 11112]},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = open(folder / "orthanc.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([_needs("Orthanc", "orthanc"), str(folder / "orthanc.json")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.rest("/system")
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
+
+    def rest(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as answer:
+            return json.loads(answer.read())
+
+    def instances(self) -> int:
+        return len(self.rest("/instances"))
+
+    def find_images(self, study_uid: str) -> list[tuple[str, str, str]]:
+        """(SOPClassUID, SOPInstanceUID, SeriesDescription) of the study's instances, by C-FIND."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
+
+        ae = AE(ae_title="RADSCANTEST")
+        ae.add_requested_context(Find)
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=self.AET)
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = ""
+        query.SOPInstanceUID = query.SOPClassUID = query.SeriesDescription = ""
+        found = [(str(i.SOPClassUID), str(i.SOPInstanceUID), str(i.get("SeriesDescription", "")))
+                 for status, i in assoc.send_c_find(query, Find) if i is not None]
+        assoc.release()
+        return found
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture()
+def orthanc(tmp_path):
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    server.stop()
+
+
+def _results(rows: list[dict[str, str]], out: Path) -> list[tuple[dict[str, str], Path, Path]]:
+    return [(row, out.parent / row["dicom_sr"], out.parent / row["dicom_sc"]) for row in rows if row["dicom_sr"]]
+
+
+def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny_model, tmp_path):
+    out, folder = tmp_path / "out" / "report.csv", tmp_path / "out" / "dicom"
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out", str(folder))
+    assert result.exit_code == ExitCode.OK, result.output
+    rows = _rows(out)
+    scored = [row for row in rows if row["status"] == "ok"]
+    dicom = [row for row in scored if row["kind"] == "dicom"]
+    assert len(dicom) == 4 and summary["dicom"]["written"] == 8 and summary["dicom"]["not_made"] == 0
+    assert sorted(path.name[:3] for path in folder.iterdir()) == ["SC_"] * 4 + ["SR_"] * 4
+    jpeg = next(row for row in scored if row["kind"] == "jpeg")
+    assert jpeg["dicom_result"].startswith("none: a JPEG or PNG file has no DICOM study") and not jpeg["dicom_sr"]
+    assert next(row for row in rows if row["path"] == "nih/sr.dcm")["status"] == "skipped"
+
+    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    for row, sr_path, sc_path in _results(rows, out):
+        source = pydicom.dcmread(studies / row["path"], stop_before_pixels=True, force=True)
+        for path in (sr_path, sc_path):
+            checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+            errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, f"{path.name} ({row['path']}): {errors}"
+            written = pydicom.dcmread(path)
+            assert written.StudyInstanceUID == source.StudyInstanceUID
+            assert written.SeriesInstanceUID != source.SeriesInstanceUID
+            assert NOT_FOR_DIAGNOSIS in written.SeriesDescription
+            assert written.get("PatientID", "") == source.get("PatientID", "")
+
+        report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+        assert report.VerificationFlag == "UNVERIFIED"
+        assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+        referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        values = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in _items(report)}
+        score = values["Anomaly score (0-1, high = unlike normal films)"].MeasuredValueSequence[0].NumericValue
+        assert abs(float(score) - float(row["score"])) < 1e-5
+        threshold = values["Anomaly score threshold"].MeasuredValueSequence[0].NumericValue
+        assert abs(float(threshold) - float(row["threshold"])) < 1e-5
+        flag = values["Triage flag"].ConceptCodeSequence[0].CodeMeaning
+        assert flag == ("Flagged for priority reading" if row["flag"] == "true" else "Not flagged")
+        algorithm = values["Algorithm Name"].TextValue
+        assert algorithm == f"radscan {row['model_name']}"
+        parameters = [item.TextValue for item in _items(report) if
+                      item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"]
+        assert f"model sha256 {row['model_sha256']}" in parameters
+
+        capture = pydicom.dcmread(sc_path)
+        assert capture.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and capture.BurnedInAnnotation == "YES"
+        assert capture.pixel_array.ndim == 3 and capture.pixel_array[5, 5, 0] > 100  # the red banner
+
+
+def _items(dataset):
+    """Every content item of an SR tree, depth first."""
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def test_uids_are_stable_so_a_rerun_rewrites_the_same_objects(studies, tiny_model, tmp_path):
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out", str(folder))
+    first = sorted(path.name for path in folder.iterdir())
+    shutil.rmtree(folder)  # results lost: the next run writes them again, under the same UIDs
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out", str(folder))
+    assert result.exit_code == ExitCode.OK and summary["scored_now"] == 0 and summary["dicom"]["written"] == 8
+    assert sorted(path.name for path in folder.iterdir()) == first
+    (studies / "nih" / "b.dcm").unlink()  # a file gone from the inputs takes its results with it
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out", str(folder))
+    assert result.exit_code == ExitCode.OK and len(list(folder.iterdir())) == 6
+
+
+def test_results_arrive_in_orthanc_once_and_are_found_in_the_source_study(studies, tiny_model, tmp_path, orthanc):
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    send = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert summary["dicom"]["sent"] == 8 and summary["dicom"]["not_sent"] == 0
+    assert orthanc.instances() == 8
+    rows = _rows(out)
+    for row, sr_path, sc_path in _results(rows, out):
+        assert row["dicom_result"] == f"{Orthanc.AET}@127.0.0.1:{orthanc.dicom_port}".join(["sent to ", ""])
+        source = pydicom.dcmread(studies / row["path"], stop_before_pixels=True, force=True)
+        found = orthanc.find_images(source.StudyInstanceUID)
+        uids = {uid for _, uid, _ in found}
+        assert pydicom.dcmread(sr_path).SOPInstanceUID in uids and pydicom.dcmread(sc_path).SOPInstanceUID in uids
+        classes = {cls for cls, _, description in found if NOT_FOR_DIAGNOSIS in description}
+        assert classes == {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"}
+
+    # the next night: nothing new, nothing sent again
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK and summary["dicom"]["sent"] == 0 and orthanc.instances() == 8
+    # a new image: only its two objects travel
+    ds = pydicom.dcmread(studies / "nih" / "a.dcm")
+    ds.SOPInstanceUID = _another(ds.SOPInstanceUID, 3)
+    ds.save_as(studies / "nih" / "c.dcm")
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK and summary["dicom"]["sent"] == 2 and orthanc.instances() == 10
+
+
+def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_model, tmp_path, orthanc):
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    down = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{_free_port()}", "--called-ae", Orthanc.AET]
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *down)
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert summary["exit_code"] == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8
+    assert len(list(folder.glob("*.dcm"))) == 8
+    waiting = [row for row in _rows(out) if row["dicom_sr"]]
+    assert len(waiting) == 4 and all(row["reason"].startswith("results not sent to") for row in waiting)
+    assert all(row["dicom_result"].startswith("not sent: ") and row["status"] == "ok" for row in waiting)
+
+    up = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *up)
+    assert result.exit_code == ExitCode.OK and summary["scored_now"] == 0 and summary["dicom"]["sent"] == 8
+    assert orthanc.instances() == 8
+    assert all(row["reason"] == "" for row in _rows(out) if row["status"] == "ok")
+
+    # a PACS that refuses the called AE title: a reason that says what to check, exit 3
+    wrong = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", "NOTORTHANC"]
+    shutil.rmtree(folder)  # written again, and not yet accepted by this (other) destination
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *wrong)
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8
+    assert "check --send, --called-ae" in next(row for row in _rows(out) if row["dicom_sr"])["reason"]
+
+
+def test_an_image_whose_results_cannot_be_made_says_why_and_exits_3(studies, tiny_model, tmp_path):
+    ds = pydicom.dcmread(studies / "nih" / "b.dcm")
+    ds.SOPInstanceUID += ".2"  # 66 characters: not a valid UID, and no object may reference it
+    ds.save_as(studies / "nih" / "b.dcm")
+    out = tmp_path / "report.csv"
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model),
+                             "--dicom-out", str(tmp_path / "dicom"))
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 1
+    assert summary["dicom"]["written"] == 6
+    row = next(row for row in _rows(out) if row["path"] == "nih/b.dcm")
+    assert row["status"] == "ok" and row["dicom_result"] == "none: the file's SOPInstanceUID is missing or not a " \
+        "valid UID"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--phi", "hash", "--phi-key", "k"], "use --phi keep"),
+    (["--phi", "drop"], "use --phi keep"),
+    (["--no-residuals"], "leave out --no-residuals"),
+    (["--send", "pacs"], "must be HOST:PORT"),
+    (["--send", "pacs:99999"], "must be HOST:PORT"),
+    (["--send", "pacs:104", "--called-ae", "A" * 17], "--called-ae must be 1-16"),
+    (["--send", "pacs:104", "--ae-title", "A\\B"], "--ae-title must be 1-16"),
+])
+def test_dicom_settings_that_cannot_work_are_usage_errors(studies, tiny_model, tmp_path, args, message):
+    result, summary = _score(str(studies), "--out", str(tmp_path / "r.csv"), "--model", str(tiny_model),
+                             "--dicom-out", str(tmp_path / "dicom"), *args)
+    assert result.exit_code == ExitCode.USAGE and message in result.output, result.output
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_send_without_dicom_out_and_dicom_out_inside_the_inputs_are_usage_errors(studies, tiny_model, tmp_path):
+    result, _ = _score(str(studies), "--out", str(tmp_path / "r.csv"), "--send", "pacs:104")
+    assert result.exit_code == ExitCode.USAGE and "give --dicom-out" in result.output
+    result, _ = _score(str(studies), "--out", str(tmp_path / "r.csv"), "--dicom-out", str(studies / "results"))
+    assert result.exit_code == ExitCode.USAGE
