@@ -38,6 +38,7 @@ Exit codes:
       or DICOM results were not made or not sent (kept for the next run)
   65  missing or invalid model
   66  no input: a path does not exist or holds no files
+  69  the Dask scheduler (--scheduler) cannot be reached or has no workers
   73  an output cannot be written
   75  another run holds the lock on these outputs (try again later)
   130 interrupted (Ctrl-C); 143 stopped by SIGTERM: earlier outputs are intact, rerun to finish
@@ -482,6 +483,10 @@ def info(model_dir: Path, as_json: bool) -> None:
 @click.option("--ae-title", default="RADSCAN", show_default=True,
               help="radscan's own AE title when sending (the PACS must know it).")
 @click.option("--called-ae", default="ANY-SCP", show_default=True, help="The PACS's AE title.")
+@click.option("--scheduler", metavar="ADDRESS|local:N",
+              help="Read and score on a Dask cluster: a scheduler address (tcp://HOST:8786) whose workers see the "
+                   "inputs and the model at the same paths, or local:N to start N worker processes here. The "
+                   "outputs are written here, as without it. Needs radscan[dask].")
 @qc_option
 @views_option
 @selection_options
@@ -491,7 +496,7 @@ def info(model_dir: Path, as_json: bool) -> None:
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
           phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None, send_to: str | None,
-          ae_title: str, called_ae: str, qc_mode: str, views: str, policy: Policy, workers: int,
+          ae_title: str, called_ae: str, scheduler: str | None, qc_mode: str, views: str, policy: Policy, workers: int,
           as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
@@ -505,6 +510,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
       radscan score /data/incoming --out /data/worklist/report.csv
       radscan score /data/incoming --out report.csv --model models/site-2026 --phi hash --json
       radscan score /data/incoming --out report.csv --dicom-out results/ --send pacs:104 --called-ae PACS
+      radscan score /archive/mimic --out report.csv --scheduler tcp://scheduler:8786
     """
     from radscan.pacs import Destination
     from radscan.score import OutputPaths, ScoreSettings, load_phi_key
@@ -524,7 +530,8 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
                              phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
                              views=parse_list(views), pictures=pictures,
-                             send=Destination.parse(send_to, called_ae, ae_title) if send_to else None)
+                             send=Destination.parse(send_to, called_ae, ae_title) if send_to else None,
+                             scheduler=scheduler)
     summary = run_score(paths, outputs, settings)
     results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
     exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK

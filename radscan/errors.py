@@ -18,6 +18,7 @@ __all__ = [
     "ModelError",
     "LockHeldError",
     "OutputError",
+    "UnavailableError",
     "SettingError",
 ]
 
@@ -29,6 +30,7 @@ class ExitCode(IntEnum):
     PARTIAL = 3  # finished, but some files could not be used (status "error" rows)
     DATA = 65  # EX_DATAERR: a missing or invalid model file
     NO_INPUT = 66  # EX_NOINPUT: a path does not exist or holds no files
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: a service the run needs cannot be used (the Dask scheduler)
     CANT_CREATE = 73  # EX_CANTCREAT: an output cannot be written
     LOCKED = 75  # EX_TEMPFAIL: another run holds the lock on these outputs; try again later
     INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C), as shells report it
@@ -51,6 +53,10 @@ class ModelError(RadscanError):
 
 class LockHeldError(RadscanError):
     exit_code = ExitCode.LOCKED
+
+
+class UnavailableError(RadscanError):
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class OutputError(RadscanError):

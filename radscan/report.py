@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from radscan.errors import OutputError
 
 __all__ = ["atomic_output", "prepare_folder", "refuse_special", "remove_stale_temporaries", "cannot_write",
-           "CsvStream", "write_png", "png_name", "render_explanation"]
+           "CsvStream", "write_png", "write_png_bytes", "encode_png", "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -175,14 +175,24 @@ def png_name(*identity: str) -> str:
     return f"{digest[:24]}.png"
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write an 8-bit grey or RGB image atomically, with no text chunks (no identifiers).
-    Fast zlib level: on a nightly run, encoding at the default level costs more than the model."""
+def encode_png(image: np.ndarray) -> bytes:
+    """An 8-bit grey or RGB image as PNG, with no text chunks (no identifiers). Fast zlib level:
+    on a nightly run, encoding at the default level costs more than the model."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an 8-bit grey or RGB image atomically as PNG (`encode_png`)."""
+    write_png_bytes(path, encode_png(image))
+
+
+def write_png_bytes(path: Path, data: bytes) -> None:
+    """Write an encoded PNG atomically."""
     with atomic_output(path, "wb", durable=False) as handle:
         try:
-            handle.write(buffer.getvalue())
+            handle.write(data)
         except OSError as exc:
             raise cannot_write(path, exc) from None
 

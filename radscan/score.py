@@ -9,6 +9,7 @@ killed run resumes where it stopped).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -20,7 +21,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -45,16 +46,18 @@ from radscan.report import (
     CsvStream,
     atomic_output,
     cannot_write,
+    encode_png,
     png_name,
     prepare_folder,
     refuse_special,
     remove_stale_temporaries,
     render_explanation,
-    write_png,
+    write_png_bytes,
 )
 from radscan.state import FileIdentity, StateStore, hold_lock, store_files
 
 if TYPE_CHECKING:
+    from radscan.cluster import Cluster
     from radscan.model.simsid import SimSID
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
@@ -131,6 +134,7 @@ class ScoreSettings:
     views: tuple[str, ...] | None = DEFAULT_VIEWS
     pictures: str = "flagged"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
     send: Destination | None = None  # where the DICOM results go (needs OutputPaths.dicom)
+    scheduler: str | None = None  # a Dask scheduler address, or local:N (radscan.cluster)
 
 
 @dataclass
@@ -220,22 +224,43 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
     return key_file.read_bytes().strip()
 
 
+@dataclass(frozen=True)
+class PictureJob:
+    """An explanation picture to draw (the arguments of render_explanation)."""
+
+    image: np.ndarray
+    explanation: np.ndarray
+    residual: np.ndarray
+    caption: str
+    score_kind: str
+    aspect: float
+
+    def png(self) -> bytes:
+        return encode_png(render_explanation(self.image, self.explanation, self.residual, self.caption,
+                                             self.score_kind, self.aspect))
+
+
+# what a batch does to the pictures folder: draw a picture at a path, or remove the stale one (None)
+PictureActions = list[tuple[Path, "PictureJob | bytes | None"]]
+
+
 class _Scorer:
-    """The model side of the pipeline: batches in, rows and explanation PNGs out. The model arrives
-    from a loading thread (importing torch and loading weights takes 1-2 s, hidden behind the
-    first decodes); the first use waits for it and raises the loader's error, if any."""
+    """The model side of the pipeline: batches in, rows and explanation pictures out. The model
+    arrives from a loading thread (importing torch and loading weights takes 1-2 s, hidden behind
+    the first decodes); the first use waits for it and raises the loader's error, if any. Pure: it
+    writes nothing, so that it runs the same on a cluster's workers (radscan.cluster)."""
 
     def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
-                 run_id: str, pictures: str, dicom_pictures: bool = False):
+                 run_id: str, pictures: str, dicom_pictures: bool = False,
+                 resolved_roots: dict[str, str] | None = None):
         self._loading, self.residuals, self.link_base, self.pictures = loading, residuals, link_base, pictures
         self.dicom_pictures = dicom_pictures  # every DICOM image gets one: its Secondary Capture is made of it
+        self.resolved_roots = resolved_roots or {}  # root as given -> resolved (on the machine that lists files)
         self.provenance = {
             "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
             "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
             "radscan_version": __version__, "run_id": run_id,
         }
-        # PNG encoding releases the GIL: a couple of threads keep it off the critical path
-        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png")
 
     @functools.cached_property
     def model(self) -> SimSID:
@@ -245,12 +270,14 @@ class _Scorer:
     def threshold(self) -> float:
         return float(self.model.threshold)
 
-    def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> list[dict[str, Any]]:
+    def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> tuple[list[dict[str, Any]],
+                                                                                   PictureActions]:
+        """Rows of the scored `records` (in order) and what to do to their pictures."""
         from radscan.model.runtime import score_arrays
 
         threshold = self.threshold  # also makes sure the model loaded before any row is saved
         if not records:
-            return []
+            return [], []
         batch = np.stack(images)
         # without pictures, only the score itself is computed (for the critic: no generator pass)
         result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all",
@@ -265,32 +292,56 @@ class _Scorer:
             maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps.numpy(),
                                                            result.residual_maps.numpy(), strict=True), strict=True))
         scored_at = _now()
-        rows, writes = [], []
+        rows, pictures = [], []
         for index, (record, image, score, raw) in enumerate(zip(records, images, scores, raws, strict=True)):
             flag = bool(score >= threshold)
             if index in maps:
                 explanation, residual = maps[index]
-                path = self.residuals / png_name(str(Path(record.root).resolve()), record.path)
-                writes.append(self._writer.submit(_write_picture, path, image, explanation, residual,
-                                                  picture_caption(record, float(score), self.threshold,
-                                                                  self.provenance),
-                                                  self.model.cfg.score_kind, _aspect(record)))
+                path = self._picture_path(record)
+                pictures.append((path, PictureJob(image, explanation, residual,
+                                                  picture_caption(record, float(score), threshold, self.provenance),
+                                                  self.model.cfg.score_kind, _aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
-                (self.residuals / png_name(str(Path(record.root).resolve()), record.path)).unlink(missing_ok=True)
+                pictures.append((self._picture_path(record), None))
             record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
                                 threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
                                 **self.provenance)
             rows.append(record.as_row())
-        for write in writes:
-            write.result()  # a PNG that cannot be written fails the run loudly (exit 73), not silently
-        return rows
+        return rows, pictures
+
+    def _picture_path(self, record: ImageRecord) -> Path:
+        root = self.resolved_roots.get(record.root) or str(Path(record.root).resolve())
+        return self.residuals / png_name(root, record.path)
 
     def _dicom(self, records: list[ImageRecord]) -> np.ndarray:
         return np.array([self.dicom_pictures and record.kind == "dicom" for record in records], dtype=bool)
 
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
+
+def judge_and_score(items: list[tuple[ImageRecord, np.ndarray | None]], qc: QualityControl,
+                    scorer: _Scorer) -> tuple[list[dict[str, Any]], PictureActions]:
+    """Quality control, then the model, for read files: one row per item (in order), and what to
+    do to the pictures folder. Unreadable items keep their record's status and reason."""
+    readable = [(index, record, image) for index, (record, image) in enumerate(items) if image is not None]
+    passed = apply_qc(qc, [record for _, record, _ in readable], [image for _, _, image in readable])
+    to_score = [item for item, ok in zip(readable, passed, strict=True) if ok]
+    scored, pictures = scorer.score([record for _, record, _ in to_score], [image for _, _, image in to_score])
+    rows = [record.as_row() for record, _ in items]
+    for (index, _, _), row in zip(to_score, scored, strict=True):
+        rows[index] = row
+    return rows, pictures
+
+
+def write_pictures(pictures: PictureActions, pool: ThreadPoolExecutor) -> None:
+    """Draw (a PictureJob) or store (PNG bytes) each picture atomically, in `pool` (PNG encoding
+    releases the GIL), or remove a stale one (None); returns when all are done. A picture that
+    cannot be written fails the run loudly (exit 73), not silently."""
+    writes = [pool.submit(_write_picture, path, picture) for path, picture in pictures if picture is not None]
+    for path, picture in pictures:
+        if picture is None:
+            path.unlink(missing_ok=True)
+    for write in writes:
+        write.result()
 
 
 def picture_caption(record: ImageRecord, score: float, threshold: float, provenance: dict[str, Any]) -> str:
@@ -323,10 +374,9 @@ def _load_model(model_dir: Path, device_name: str) -> SimSID:
     return load_model(model_dir, resolve_device(device_name))[0]
 
 
-def _write_picture(path: Path, image: np.ndarray, explanation: np.ndarray, residual: np.ndarray,
-                   caption: str, score_kind: str, aspect: float) -> None:
+def _write_picture(path: Path, picture: PictureJob | bytes) -> None:
     try:
-        write_png(path, render_explanation(image, explanation, residual, caption, score_kind, aspect))
+        write_png_bytes(path, picture.png() if isinstance(picture, PictureJob) else picture)
     except OSError as exc:
         raise OutputError(f"cannot write explanation PNG {path}: {exc.strerror or exc}") from None
 
@@ -375,18 +425,20 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         if empty:  # an unmounted share looks like an empty folder: its studies must not be pruned
             raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
                                "was changed; remove it from the command line if it is meant to be empty")
+        resolved_roots = {root: str(Path(root).resolve()) for root in inputs}
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
             todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
             scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
-                             dicom_pictures=bool(outputs.dicom))
-            try:
-                _score_new(todo, settings, phi, qc, scorer, store)
-                threshold = scorer.threshold  # the model is verified even when nothing was new
-            finally:
-                scorer.close()
+                             dicom_pictures=bool(outputs.dicom), resolved_roots=resolved_roots)
+            with _cluster(settings, model_dir, metadata, inputs, todo) as cluster:
+                if cluster is not None:
+                    cluster.prepare(phi, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
+                                    bool(outputs.dicom), resolved_roots)
+                _score_new(todo, settings, phi, qc, scorer, store, cluster)
+            threshold = scorer.threshold  # the model is verified even when nothing was new
             delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
             counts = store.counts()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
@@ -409,6 +461,22 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
         dicom=delivery.as_dict() if delivery else None,
     )
+
+
+@contextlib.contextmanager
+def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any], inputs: list[str],
+             todo: list[tuple[Found, FileIdentity]]) -> Iterator[Cluster | None]:
+    """The Dask cluster of --scheduler (closed at the end), when there is something to read."""
+    if settings.scheduler is None or not todo:
+        yield None
+        return
+    from radscan.cluster import Cluster
+
+    cluster = Cluster(settings.scheduler, settings, model_dir, metadata, [str(Path(r).resolve()) for r in inputs])
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def _check_dicom_settings(outputs: OutputPaths, settings: ScoreSettings) -> None:
@@ -508,43 +576,59 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
 
 
 def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,
-               scorer: _Scorer, store: StateStore) -> None:
-    """Decode `todo` in workers while the model scores full batches (after QC); commit each batch."""
-    batch: list[tuple[FileIdentity, ImageRecord, np.ndarray]] = []
-    unscored: list[tuple[FileIdentity, dict[str, Any]]] = []
-
-    def flush() -> None:
-        judged = apply_qc(qc, [r for _, r, _ in batch], [i for _, _, i in batch])
-        unscored.extend((identity, record.as_row()) for (identity, record, _), ok in zip(batch, judged, strict=True)
-                        if not ok)
-        batch[:] = [item for item, ok in zip(batch, judged, strict=True) if ok]
-        scored = scorer.score([r for _, r, _ in batch], [i for _, _, i in batch])
-        store.save(unscored + [(identity, row) for (identity, _, _), row in zip(batch, scored, strict=True)])
-        batch.clear()
-        unscored.clear()
-
+               scorer: _Scorer, store: StateStore, cluster: Cluster | None = None) -> None:
+    """Read, judge and score `todo`, here (decoding in worker processes while the model scores
+    full batches) or on a Dask cluster; write each batch's pictures, then commit its rows."""
     dicom = Counter()  # DICOM files read this run, and those skipped: a policy that skips all is a mistake
     progress = _ProgressLog(len(todo), quiet=not settings.progress or sys.stderr.isatty())
-    results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
-                            in_flight=2 * settings.batch_size)
-    for (_, identity), (record, image) in tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
-                                               desc="score", disable=None if settings.progress else True):
-        progress.tick()
-        phi.apply(record)
-        record.extra["read_by_run"] = scorer.provenance["run_id"]  # for new_this_run
-        if record.kind == "dicom":
-            dicom[record.status] += 1
-        if image is None:
-            unscored.append((identity, record.as_row()))
-        else:
-            batch.append((identity, record, image))
-        if len(batch) >= settings.batch_size or len(unscored) >= 4 * settings.batch_size:
-            flush()
-    flush()
+    batches = cluster.score(todo) if cluster is not None else _score_here(todo, settings, phi, qc, scorer)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png") as pool, \
+            tqdm(total=len(todo), unit="file", desc="score", disable=None if settings.progress else True) as bar:
+        for identities, rows, pictures in batches:
+            write_pictures(pictures, pool)
+            store.save(zip(identities, rows, strict=True))
+            dicom.update(row["status"] for row in rows if row["kind"] == "dicom")
+            bar.update(len(rows))
+            progress.tick(len(rows))
     if dicom and dicom[Status.SKIPPED] == dicom.total():
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",
                     dicom.total(), _listed(settings.policy.modalities), _listed(settings.policy.body_parts))
+
+
+ScoredBatch = tuple[list[FileIdentity], list[dict[str, Any]], PictureActions]
+
+
+def _score_here(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter,
+                qc: QualityControl, scorer: _Scorer) -> Iterator[ScoredBatch]:
+    """On this machine: decode in worker processes, and judge and score in batches of
+    `settings.batch_size` images (or of 4x as many files that cannot be scored)."""
+    pending: list[tuple[FileIdentity, ImageRecord, np.ndarray | None]] = []
+    results = iter_ingested([found for found, _ in todo], settings.policy, settings.workers,
+                            in_flight=2 * settings.batch_size)
+    images = 0
+    for (_, identity), (record, image) in zip(todo, results, strict=True):
+        prepare_record(record, phi, scorer.provenance["run_id"])
+        pending.append((identity, record, image))
+        images += image is not None
+        if images >= settings.batch_size or len(pending) >= 4 * settings.batch_size:
+            yield _judged(pending, qc, scorer)
+            pending, images = [], 0
+    if pending:
+        yield _judged(pending, qc, scorer)
+
+
+def _judged(pending: list[tuple[FileIdentity, ImageRecord, np.ndarray | None]], qc: QualityControl,
+            scorer: _Scorer) -> ScoredBatch:
+    rows, pictures = judge_and_score([(record, image) for _, record, image in pending], qc, scorer)
+    return [identity for identity, _, _ in pending], rows, pictures
+
+
+def prepare_record(record: ImageRecord, phi: PhiFilter, run_id: str) -> None:
+    """What every read record gets before it is judged: identifiers as the PHI mode allows, and
+    the run that read it (for new_this_run)."""
+    phi.apply(record)
+    record.extra["read_by_run"] = run_id
 
 
 class _ProgressLog:
@@ -555,8 +639,8 @@ class _ProgressLog:
         self.total, self.quiet, self.every_s, self.every_files = total, quiet, every_s, every_files
         self.done, self._last_time, self._last_done = 0, time.monotonic(), 0
 
-    def tick(self) -> None:
-        self.done += 1
+    def tick(self, files: int = 1) -> None:
+        self.done += files
         if self.quiet:
             return
         now = time.monotonic()
