@@ -1,0 +1,182 @@
+"""`radscan score --scheduler`: on a Dask LocalCluster of 2 worker processes, the same worklist
+and pictures as on one machine (real data), the same failure guarantees when a worker dies, and
+clear errors when the cluster cannot be used."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from radscan.cli import cli
+from radscan.errors import ExitCode, ModelError, NoInputError
+
+from .conftest import CXR_DIR, DICOM_DIR
+
+pytest.importorskip("distributed", reason="needs radscan[dask]: pip install -e '.[dev]'")
+
+REPO = Path(__file__).resolve().parents[1]
+# what differs between two runs of the same inputs, whatever runs them
+_PER_RUN = ("run_id", "scored_at")
+
+
+@pytest.fixture()
+def mixed(tmp_path) -> Path:
+    """Real films of every kind: DICOM CR/DX (one study of two images), paediatric JPEGs, a DICOM
+    SR (skipped), a truncated JPEG (error) and a text file."""
+    import pydicom
+
+    root = tmp_path / "incoming"
+    (root / "cr").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "cr" / "IM1")
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", root / "cr" / "IM2")
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    (root / "nih").mkdir()
+    ds.save_as(root / "nih" / "a.dcm")
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "nih" / "sr.dcm")
+    for label, folder, count in (("normal", "train_normal", 12), ("pneumonia", "val_abnormal", 12)):
+        for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / folder).iterdir())[:count]):
+            (root / f"{label}{index:02d}").mkdir()
+            shutil.copy(jpeg, root / f"{label}{index:02d}" / jpeg.name)
+    (root / "broken").mkdir()
+    (root / "broken" / "cut.jpeg").write_bytes(jpeg.read_bytes()[:300])
+    (root / "broken" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _score(*args: str):
+    result = CliRunner().invoke(cli, ["score", *args, "--json"], auto_envvar_prefix="RADSCAN")
+    objects = [line for line in result.output.splitlines() if line.startswith("{")]
+    return result, json.loads(objects[-1]) if objects else {}
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return [{key: value for key, value in row.items() if key not in _PER_RUN} for row in csv.DictReader(handle)]
+
+
+def _pictures(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.glob("*.png")}
+
+
+def _assert_same_outputs(one: Path, other: Path) -> None:
+    """Two worklists of the same inputs: equal row for row, apart from run id and timestamps."""
+    assert _table(one) == _table(other)
+    assert _table(one.with_name(one.stem + "_studies.csv")) == _table(other.with_name(other.stem + "_studies.csv"))
+    pictures = _pictures(one.with_name(one.stem + "_residuals"))
+    assert pictures and pictures == _pictures(other.with_name(other.stem + "_residuals"))
+
+
+def test_a_local_cluster_gives_the_same_worklist_and_pictures(mixed, tmp_path):
+    here, there = tmp_path / "here" / "report.csv", tmp_path / "there" / "report.csv"
+    result, alone = _score(str(mixed), "--out", str(here), "--batch-size", "8")
+    assert result.exit_code == ExitCode.PARTIAL, result.output  # the truncated JPEG
+    result, spread = _score(str(mixed), "--out", str(there), "--batch-size", "8", "--scheduler", "local:2")
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert spread["counts"] == alone["counts"] and spread["counts"]["error"] == 1 and spread["scored_now"] == 30
+    _assert_same_outputs(here, there)
+    # the next night, nothing new: only the file that failed is read again (failures are retried)
+    result, again = _score(str(mixed), "--out", str(there), "--batch-size", "8", "--scheduler", "local:2")
+    unchanged = [{k: v for k, v in row.items() if k != "new_this_run"} for row in _table(there)]
+    assert again["scored_now"] == 1 and unchanged == [{k: v for k, v in row.items() if k != "new_this_run"}
+                                                      for row in _table(here)]
+
+
+def test_a_file_that_kills_its_worker_costs_one_row_as_on_one_machine(mixed, tmp_path, monkeypatch):
+    monkeypatch.setenv("RADSCAN_TEST_FAULT", "crash:IM2")  # the worker reading cr/IM2 dies, every time
+    here, there = tmp_path / "here" / "report.csv", tmp_path / "there" / "report.csv"
+    # in a process of its own: joblib reuses worker processes started before the fault was set
+    alone = subprocess.run([sys.executable, "-m", "radscan", "score", str(mixed), "--out", str(here), "--batch-size",
+                            "8", "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == ExitCode.PARTIAL, alone.stderr[-3000:]
+    result, summary = _score(str(mixed), "--out", str(there), "--batch-size", "8", "--scheduler", "local:2")
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    row = next(row for row in _table(there) if row["path"] == "cr/IM2")
+    assert row["status"] == "error" and "crashed" in row["reason"]
+    _assert_same_outputs(here, there)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing(mixed, tmp_path):
+    """SIGKILL one of two workers while the run is going: Dask hands its batches to the other
+    (and to the restarted one) and the worklist is the single-machine one."""
+    from distributed import Client, LocalCluster
+
+    for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / "val_abnormal").iterdir())[12:72]):
+        (mixed / f"more{index:02d}").mkdir()
+        shutil.copy(jpeg, mixed / f"more{index:02d}" / jpeg.name)
+    here, there = tmp_path / "here" / "report.csv", tmp_path / "there" / "report.csv"
+    result, _ = _score(str(mixed), "--out", str(here), "--batch-size", "4")
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+        run = subprocess.Popen([sys.executable, "-m", "radscan", "score", str(mixed), "--out", str(there),
+                                "--batch-size", "4", "--scheduler", cluster.scheduler_address, "--json"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        store = there.with_name("report.state.sqlite")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None and _stored(store) < 8:
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before a worker could be killed"
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        killed_at = _stored(store)
+        output, errors = run.communicate(timeout=300)
+    assert run.returncode == ExitCode.PARTIAL, errors[-3000:]
+    assert killed_at < 90 and json.loads(output.strip().splitlines()[-1])["scored_now"] == 90
+    _assert_same_outputs(here, there)
+
+
+def _stored(store: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=0.1) as db:
+            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("scheduler, code, message", [
+    ("local:0", ExitCode.USAGE, "local:N needs a number"),
+    ("somewhere", ExitCode.USAGE, "must be a scheduler address"),
+    ("tcp://127.0.0.1:9", ExitCode.UNAVAILABLE, "cannot use the Dask scheduler"),
+])
+def test_a_cluster_that_cannot_be_used_says_so(mixed, tmp_path, scheduler, code, message, monkeypatch):
+    monkeypatch.setattr("radscan.cluster._CONNECT_TIMEOUT_S", 3)
+    result, summary = _score(str(mixed), "--out", str(tmp_path / "r.csv"), "--scheduler", scheduler)
+    assert result.exit_code == code and message in result.output, result.output
+    assert not (tmp_path / "r.csv").exists()
+
+
+class _Workers:
+    """A stand-in for a Dask client whose workers see what `missing` does not list."""
+
+    def __init__(self, missing: list[str]):
+        self.missing = missing
+
+    def run(self, function, *args):
+        return {"tcp://10.0.0.7:40000": [], "tcp://10.0.0.8:40000": self.missing}
+
+
+def test_inputs_or_a_model_a_worker_cannot_see_are_refused(tmp_path):
+    from radscan.cluster import Cluster, _visible
+
+    assert _visible([str(tmp_path), str(tmp_path / "gone")], str(tmp_path)) == [str(tmp_path / "gone")]
+    cluster = Cluster.__new__(Cluster)
+    cluster.client = _Workers(["/data/incoming"])
+    with pytest.raises(NoInputError, match="tcp://10.0.0.8:40000 cannot see /data/incoming"):
+        cluster._check_visibility(["/data/incoming"], tmp_path)
+    cluster.client = _Workers([str(tmp_path.resolve())])
+    with pytest.raises(ModelError, match="cannot see the model"):
+        cluster._check_visibility(["/data/incoming"], tmp_path)
