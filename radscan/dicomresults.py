@@ -11,15 +11,20 @@ patient, a new series each) and both marked not for diagnostic use:
 - a **Secondary Capture** of the explanation picture with a burned-in banner
   "NOT FOR DIAGNOSTIC USE" (BurnedInAnnotation YES).
 
-UIDs are derived from the source's SOP Instance UID, the model's sha256 and the preprocessing
-version (PS3.5 B.2: the 2.25 root with a hash, here through pydicom's `generate_uid`), so a rerun
-writes the same objects and a PACS that holds them sees no duplicates; a new model makes new ones.
+SOP Instance UIDs are name-based UUIDs under the 2.25 root (PS3.5 B.2) of what the object says:
+the source's SOP Instance UID and scored frame, the model's sha256, the preprocessing version, the
+score, threshold and flag. A rerun that finds the same result writes the same objects, so a PACS
+that holds them sees no duplicates; a changed result (a new model, a changed file, another frame)
+makes new objects, and its SR names the one it replaces (Predecessor Documents Sequence). Each
+input file has its own two files in the folder, named by a hash of its path (like the pictures),
+rewritten when their content is no longer the current result.
 Codes that no standard coding scheme has (the score, its threshold, the flag) use the local scheme
 99RADSCAN (PS3.16 8.2: designators beginning with "99" are private), declared in each SR.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import uuid
@@ -49,12 +54,13 @@ SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902  # high numbers: listed after th
 SR_SERIES = f"radscan anomaly score - {NOT_FOR_DIAGNOSIS}"
 SC_SERIES = f"radscan anomaly map - {NOT_FOR_DIAGNOSIS}"
 _BANNER = f"{NOT_FOR_DIAGNOSIS}  ·  radscan anomaly map: research and triage support only, not a diagnosis"
-# a chest film shown the usual way: rows run to the patient's left, columns to the feet (PS3.3 C.7.6.1.1.1)
-_DEFAULT_ORIENTATION = ("L", "F")
-_ORIENTATION_LETTERS = set("LRAPHF")
+# highdicom asks for an orientation in the patient's coordinate system; the value is then emptied
+_PANELS_ORIENTATION = ("L", "F")
+_COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "radscan DICOM results")
 # Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the
 # results copy from the source: older files (ACR-NEMA style) may lack them
+_IDENTITY = ("PatientID", "PatientName", "AccessionNumber", "IssuerOfPatientID")
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -67,7 +73,7 @@ def require_highdicom() -> None:
 
 @dataclass(frozen=True)
 class DicomResult:
-    """The two objects of one source image: where they are and what the PACS will know them by."""
+    """The two objects of one input file: where they are and what the PACS knows them by."""
 
     sr_path: Path
     sr_uid: str
@@ -86,41 +92,52 @@ def derived_uid(*parts: str) -> str:
 
 
 class ResultWriter:
-    """Writes the SR and SC of scored DICOM images into `folder` (flat; names are the new SOP
-    Instance UIDs, which hold no patient information)."""
+    """Writes the SR and SC of scored DICOM images into `folder` (flat; file names are hashes of
+    the input file's identity, which hold no patient information)."""
 
     def __init__(self, folder: Path, provenance: dict[str, Any], score_kind: str):
         self.folder, self.provenance, self.score_kind = folder, provenance, score_kind
         self._version = f"{provenance['model_sha256']}|{provenance['preprocess_version']}"
 
-    def planned(self, source_sop_uid: str) -> DicomResult:
-        """The objects a source image gets (whether written yet or not)."""
-        sr_uid = derived_uid("sr", source_sop_uid, self._version)
-        sc_uid = derived_uid("sc", source_sop_uid, self._version)
-        return DicomResult(self.folder / f"SR_{sr_uid}.dcm", sr_uid, self.folder / f"SC_{sc_uid}.dcm", sc_uid)
+    def planned(self, file_key: bytes, row: dict[str, Any]) -> DicomResult:
+        """The objects of the result in `row` of the input file stored under `file_key`."""
+        name = hashlib.sha256(b"radscan dicom results\0" + file_key).hexdigest()[:24]
+        result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag")]
+        return DicomResult(self.folder / f"SR_{name}.dcm", derived_uid("sr", self._version, *result),
+                           self.folder / f"SC_{name}.dcm", derived_uid("sc", self._version, *result))
 
-    def write(self, source_path: Path, row: dict[str, Any], picture_path: Path) -> DicomResult:
-        """Write (atomically) the SR and SC of the image scored in `row`, whose explanation picture
-        is `picture_path`. The source's header is read again (no pixels) and must still be the
-        image scored (same SOP Instance UID). Raises ValueError with a reason in plain words when a
-        result cannot be made (the source changed, lacks a required UID, or highdicom refuses it);
-        OutputError (exit 73) when it cannot be written."""
+    def write(self, source_path: Path, row: dict[str, Any], picture_path: Path, planned: DicomResult) -> None:
+        """Write (atomically) the `planned` SR and SC of the image scored in `row`, whose explanation
+        picture is `picture_path`. The source's header is read again (no pixels) and must still be
+        the image scored (same SOP Instance UID). Raises ValueError with a reason in plain words when
+        a result cannot be made (the source changed, lacks a required UID or carries identifying
+        values that are not valid DICOM, or highdicom refuses it); OutputError (exit 73) when it
+        cannot be written."""
         source = _source_header(source_path, row)
-        result = self.planned(source.SOPInstanceUID)
         picture = _picture(picture_path)
         with warnings.catch_warnings():  # e.g. person names of the source that are not in PN form
             warnings.simplefilter("ignore", UserWarning)
             try:
-                report = self._report(source, row, result)
-                capture = self._capture(source, picture, result)
+                report = self._report(source, row, planned, _predecessor(planned.sr_path, source))
+                capture = self._capture(source, picture, planned)
             except (ValueError, TypeError, AttributeError, KeyError) as exc:
                 raise ValueError(f"highdicom cannot make a result from this file's header: {exc}") from None
-        for dataset, path in ((report, result.sr_path), (capture, result.sc_path)):
+        for dataset, path in ((report, planned.sr_path), (capture, planned.sc_path)):
+            dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: whatever the source's names hold
+            if dataset.get("InstanceNumber") is not None and source.get("InstanceNumber") is not None:
+                dataset.InstanceNumber = source.InstanceNumber  # sorted like their sources in the series
+            if path.is_symlink():  # not made by radscan: replaced, never followed
+                path.unlink()
             with atomic_output(path, "wb") as handle:
                 dataset.save_as(handle, enforce_file_format=True)
-        return result
 
-    def _report(self, source: Dataset, row: dict[str, Any], result: DicomResult) -> Dataset:
+    def is_current(self, planned: DicomResult) -> bool:
+        """Whether both files hold the planned objects (regular files whose SOP Instance UIDs are
+        the planned ones): anything else, damaged or replaced, is written again."""
+        return all(_holds(path, uid) for path, uid in planned.objects)
+
+    def _report(self, source: Dataset, row: dict[str, Any], result: DicomResult,
+                predecessor: Dataset | None) -> Dataset:
         import highdicom as hd
         from pydicom.sr.codedict import codes
 
@@ -161,6 +178,7 @@ class ResultWriter:
             series_number=SR_SERIES_NUMBER, sop_instance_uid=result.sr_uid, instance_number=1,
             manufacturer="radscan", manufacturer_model_name=str(self.provenance["model_name"]),
             series_description=SR_SERIES, is_complete=True, is_verified=False, software_versions=__version__,
+            previous_versions=[predecessor] if predecessor is not None else None,
             coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
                 LOCAL_SCHEME, name="radscan local codes", responsible_organization="radscan")])
         return report
@@ -172,15 +190,18 @@ class ResultWriter:
             source, picture, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
             series_instance_uid=derived_uid("sc-series", source.StudyInstanceUID, self._version),
             series_number=SC_SERIES_NUMBER, sop_instance_uid=result.sc_uid, instance_number=1,
-            manufacturer="radscan", patient_orientation=_orientation(source),
+            manufacturer="radscan", patient_orientation=_PANELS_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SC_SERIES, software_versions=__version__,
             manufacturer_model_name=str(self.provenance["model_name"]))
+        # the picture sets panels and text side by side: no one direction of the patient runs across
+        # it, so no orientation markers (PatientOrientation is Type 2C: present and empty)
+        capture.PatientOrientation = ""
         capture.BurnedInAnnotation = "YES"
         capture.ImageComments = f"{NOT_FOR_DIAGNOSIS}: radscan anomaly map, research and triage support only"
-        # General Series: Laterality is Type 2C, needed for paired body parts; a chest is not one
+        # General Series: Laterality is Type 2C, for paired body parts only; a chest is not one
         capture.BodyPartExamined = "CHEST"
-        if source.get("Laterality"):
-            capture.Laterality = source.Laterality
+        if source.get("StudyDescription"):
+            capture.StudyDescription = source.StudyDescription
         return capture
 
 
@@ -211,18 +232,37 @@ def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
 
 
 def _drop_invalid_values(source: Dataset) -> None:
-    """Remove the values that break their VR (PS3.5 6.2; pydicom's validators), such as a
+    """Remove the values that break their VR or VM (PS3.5 6.2; pydicom's validators), such as a
     PatientAge of "62" or a StudyDate of 19401305, so that the results copy only valid ones:
-    radscan reads such archives leniently, but writes nothing invalid into the PACS."""
+    radscan reads such archives leniently, but writes nothing invalid into the PACS. An invalid
+    identifying value (PatientID, PatientName, AccessionNumber) cannot be left out, or the results
+    would not join their patient: ValueError, and no results for this image."""
     for element in list(source):
         if element.VR == "SQ" or element.tag.group < 0x0008:
             continue
-        values = element.value if isinstance(element.value, pydicom.multival.MultiValue) else [element.value]
-        try:
-            for value in values:
-                pydicom.valuerep.validate_value(element.VR, value, pydicom.config.RAISE)
-        except (ValueError, TypeError):
+        problem = _value_problem(element)
+        if problem and element.keyword in _IDENTITY:
+            raise ValueError(f"the file's {element.keyword} is not valid DICOM ({problem}): results that copy it "
+                             "would not validate, and results without it would not join the patient")
+        if problem:
             del source[element.tag]
+
+
+def _value_problem(element: pydicom.DataElement) -> str:
+    """Why a data element's value breaks its VR or VM, or ""."""
+    values = list(element.value) if isinstance(element.value, pydicom.multival.MultiValue) else [element.value]
+    if len(values) > 1 and pydicom.datadict.dictionary_has_tag(element.tag) and \
+            pydicom.datadict.dictionary_VM(element.tag) == "1":
+        return f"{len(values)} values where one is allowed"
+    for value in values:
+        text = getattr(value, "original_string", None) or (str(value) if element.VR in ("IS", "DS") else value)
+        try:
+            pydicom.valuerep.validate_value(element.VR, text, pydicom.config.RAISE)
+        except (ValueError, TypeError) as exc:
+            return str(exc).split(". ")[0]
+        if element.VR == "PN" and any(len(part) > 64 for group in str(value).split("=") for part in group.split("^")):
+            return "a name component longer than 64 characters"
+    return ""
 
 
 def _frames(source: Dataset, row: dict[str, Any]) -> list[int] | None:
@@ -231,13 +271,30 @@ def _frames(source: Dataset, row: dict[str, Any]) -> list[int] | None:
     return [int(row.get("frame_used") or 0) + 1] if frames > 1 else None
 
 
-def _orientation(source: Dataset) -> tuple[str, str]:
-    """The source's PatientOrientation when it is two valid values, else a chest film's usual one."""
-    value = source.get("PatientOrientation")
-    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else []
-    if len(values) == 2 and all(str(v) and set(str(v)) <= _ORIENTATION_LETTERS for v in values):
-        return str(values[0]), str(values[1])
-    return _DEFAULT_ORIENTATION
+def _holds(path: Path, uid: str) -> bool:
+    """Whether `path` is a regular file holding the DICOM object `uid`."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        found = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is simply not the planned one
+        return False
+    return str(found.get("SOPInstanceUID", "")) == uid
+
+
+def _predecessor(path: Path, source: Dataset) -> Dataset | None:
+    """The SR that a new one replaces (the file's earlier content), when it is one of radscan's
+    SRs of the same study: the new SR names it (PS3.3 C.17.2.2, Predecessor Documents Sequence)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        earlier = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - a damaged file has no successor to name
+        return None
+    if earlier.get("SOPClassUID") != _COMPREHENSIVE_3D_SR or earlier.get("Manufacturer") != "radscan" or \
+            earlier.get("StudyInstanceUID") != source.StudyInstanceUID:
+        return None
+    return earlier
 
 
 def _picture(path: Path) -> np.ndarray:

@@ -28,7 +28,8 @@ __all__ = ["Destination", "Delivery", "deliver", "forget_results", "NOT_SENT"]
 log = logging.getLogger(__name__)
 
 NOT_SENT = "results not sent to"  # how a row's reason starts when its results did not reach the PACS
-_NAME = re.compile(r"^S[RC]_2\.25\.\d{1,39}\.dcm$")  # the names radscan gives its DICOM results
+NOT_MADE = "no DICOM results"  # ... when they could not be made
+_NAME = re.compile(r"^S[RC]_[0-9a-f]{24}\.dcm$")  # the names radscan gives its DICOM results
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success, and the warnings coercion of data
 # elements (B000), elements discarded (B006) and data set does not match SOP class (B007)
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -97,8 +98,9 @@ class _StoreSCU:
         for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
             self._ae.add_requested_context(sop_class)
 
-    def send(self, path: Path) -> str:
-        """Send one object; "" when the destination stored it, else why not (one line)."""
+    def send(self, path: Path, uid: str) -> str:
+        """Send the object `uid` from `path`; "" when the destination stored it, else why not (one
+        line). The file is sent only if it still holds that object."""
         import pydicom
 
         if self._broken:
@@ -113,7 +115,13 @@ class _StoreSCU:
                                f"{self.destination.calling_ae}"
                 return self._broken
         try:
-            status = self._assoc.send_c_store(pydicom.dcmread(path))
+            dataset = pydicom.dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is a reason, never a crashed night
+            return f"cannot read {path.name}: {one_line(exc)}; it is written again by the next run"
+        if str(dataset.get("SOPInstanceUID", "")) != uid:
+            return f"{path.name} was changed since it was written; it is written again by the next run"
+        try:
+            status = self._assoc.send_c_store(dataset)
         except (ValueError, RuntimeError, OSError) as exc:  # no accepted context, a dropped connection
             return one_line(exc)
         code = status.get("Status") if status else None
@@ -136,11 +144,13 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
     delivery = Delivery(folder=str(writer.folder), destination=str(destination) if destination else None)
     scu = _StoreSCU(destination) if destination else None
     after = b""
+    sent_now: set[str] = set()  # accepted in this run (twins of one SOP Instance UID are sent once)
     try:
         while page := store.scored(after, page_size):
             after = page[-1].key
             accepted: list[str] = []
-            changed = [item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery, accepted)]
+            changed = [item for item in page
+                       if _deliver_row(item, writer, link_base, scu, store, delivery, accepted, sent_now)]
             if accepted:
                 store.mark_sent(accepted, str(destination), datetime.now(timezone.utc).isoformat(timespec="seconds"))
             store.update(changed)
@@ -155,25 +165,27 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
 
 
 def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _StoreSCU | None, store: StateStore,
-                 delivery: Delivery, accepted: list[str]) -> bool:
+                 delivery: Delivery, accepted: list[str], sent_now: set[str]) -> bool:
     """Bring one scored row's results up to date; True when the row changed."""
     row = item.row
     before = (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))
-    if row.get("reason", "").startswith(NOT_SENT):
+    if row.get("reason", "").startswith((NOT_SENT, NOT_MADE)):
         row["reason"] = ""
     row["dicom_result"], result = _results_of(item, writer, link_base, delivery)
     row["dicom_sr"] = os.path.relpath(result.sr_path, link_base) if result else ""
     row["dicom_sc"] = os.path.relpath(result.sc_path, link_base) if result else ""
     if result is not None and scu is not None:
-        waiting = [(path, uid) for path, uid in result.objects if not store.was_sent(uid, str(scu.destination))]
+        waiting = [(path, uid) for path, uid in result.objects
+                   if uid not in sent_now and not store.was_sent(uid, str(scu.destination))]
         failures = []
         for path, uid in waiting:
-            why = scu.send(path)
+            why = scu.send(path, uid)
             if why:
                 failures.append(why)
                 delivery.not_sent += 1
             else:
                 accepted.append(uid)
+                sent_now.add(uid)
                 delivery.sent += 1
         if failures:
             row["dicom_result"] = f"not sent: {failures[0]}"
@@ -191,28 +203,21 @@ def _results_of(item: StoredRow, writer: ResultWriter, link_base: Path,
     row = item.row
     if row.get("kind") != "dicom":
         return "none: a JPEG or PNG file has no DICOM study to put results in", None
-    planned = writer.planned(row.get("SOPInstanceUID", ""))
-    _remove_superseded(row, planned, writer.folder, link_base)
-    if not (planned.sr_path.is_file() and planned.sc_path.is_file()):
+    planned = writer.planned(item.key, row)
+    if not writer.is_current(planned):
         picture = row.get("residual_png", "")
         try:
             if not picture:
                 raise ValueError("it has no explanation picture")
-            writer.write(item.path, row, link_base / picture)
+            writer.write(item.path, row, link_base / picture, planned)
         except ValueError as exc:
             delivery.not_made += 1
+            for path, _ in planned.objects:  # an earlier result of this file is no longer its result
+                _remove_result(path, writer.folder)
+            row["reason"] = f"{NOT_MADE}: {one_line(exc)}"
             return f"none: {one_line(exc)}", None
         delivery.written += 2
     return "written", planned
-
-
-def _remove_superseded(row: dict[str, Any], planned: DicomResult, folder: Path, link_base: Path) -> None:
-    """Results of an earlier model or preprocessing (other UIDs) leave the folder when new ones
-    replace them, so that it never offers the PACS an outdated verdict."""
-    for key, path in (("dicom_sr", planned.sr_path), ("dicom_sc", planned.sc_path)):
-        old = row.get(key)
-        if old and (link_base / old).resolve() != path.resolve():
-            _remove_result(link_base / old, folder)
 
 
 def forget_results(rows: list[dict[str, Any]], folder: Path | None, link_base: Path) -> None:
@@ -228,5 +233,5 @@ def forget_results(rows: list[dict[str, Any]], folder: Path | None, link_base: P
 def _remove_result(path: Path, folder: Path) -> None:
     """Delete a result file, only if it is one of radscan's, directly inside `folder`, whatever a
     stored row says."""
-    if path.resolve().parent == folder.resolve() and _NAME.match(path.name) and not path.is_symlink():
-        path.unlink(missing_ok=True)
+    if path.parent.resolve() == folder.resolve() and _NAME.match(path.name):
+        path.unlink(missing_ok=True)  # a symbolic link is removed itself, never what it points to

@@ -310,3 +310,85 @@ def test_send_without_dicom_out_and_dicom_out_inside_the_inputs_are_usage_errors
     assert result.exit_code == ExitCode.USAGE and "give --dicom-out" in result.output
     result, _ = _score(str(studies), "--out", str(tmp_path / "r.csv"), "--dicom-out", str(studies / "results"))
     assert result.exit_code == ExitCode.USAGE
+
+
+def test_changed_sources_and_tampered_results_are_rewritten_and_resent(studies, tiny_model, tmp_path, orthanc):
+    """A file rescored with another result (same SOP Instance UID, other pixels) gets new objects
+    whose SR names the one it replaces; results replaced by garbage or a symbolic link are written
+    again (the link's target untouched) and not sent twice."""
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    send = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
+    result, _ = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK and orthanc.instances() == 8
+    before = {row["path"]: row for row in _rows(out)}
+    old_sr = pydicom.dcmread(out.parent / before["nih/a.dcm"]["dicom_sr"])
+
+    ds = pydicom.dcmread(studies / "nih" / "a.dcm")
+    pixels = ds.pixel_array.copy()
+    pixels[: pixels.shape[0] // 2] = pixels.max()  # a white upper half: another film, the same UID
+    ds.PixelData, ds.file_meta.TransferSyntaxUID = pixels.tobytes(), pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(studies / "nih" / "a.dcm", enforce_file_format=True)
+    (out.parent / before["cr/IM1"]["dicom_sc"]).write_bytes(b"garbage")
+    outside = tmp_path / "outside.dcm"
+    outside.write_bytes((out.parent / before["nih/b.dcm"]["dicom_sr"]).read_bytes())
+    replaced = out.parent / before["cr/IM2"]["dicom_sr"]
+    replaced.unlink()
+    replaced.symlink_to(outside)
+    kept = outside.read_bytes()
+
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK, result.output
+    after = {row["path"]: row for row in _rows(out)}
+    assert after["nih/a.dcm"]["score"] != before["nih/a.dcm"]["score"]
+    new_sr = pydicom.dcmread(out.parent / after["nih/a.dcm"]["dicom_sr"])
+    assert new_sr.SOPInstanceUID != old_sr.SOPInstanceUID
+    assert new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    score = next(item for item in _items(new_sr) if item.ConceptNameCodeSequence[0].CodeValue == "ANOMALY-SCORE")
+    assert abs(float(score.MeasuredValueSequence[0].NumericValue) - float(after["nih/a.dcm"]["score"])) < 1e-5
+    assert summary["dicom"]["sent"] == 2 and orthanc.instances() == 10  # only a.dcm's new SR and SC
+    assert not replaced.is_symlink() and outside.read_bytes() == kept
+    assert pydicom.dcmread(replaced).SOPInstanceUID != pydicom.dcmread(outside).SOPInstanceUID
+    assert pydicom.dcmread(out.parent / after["cr/IM1"]["dicom_sc"]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+
+
+def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tmp_path):
+    """Names in Latin-1 without a character set, a source Laterality, a two-letter patient
+    orientation and a multi-frame image all give results that dciodvfy passes (the multi-frame SR
+    references the scored frame); an identifier that is not valid DICOM gives none, with the reason."""
+    from pydicom.dataelem import DataElement
+
+    root = tmp_path / "incoming"
+    root.mkdir()
+    base = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
+    for number, (name, change) in enumerate({
+        "latin.dcm": lambda ds: ds.__setitem__(0x00100010, DataElement(0x00100010, "PN", b"M\xfcller^J\xfcrgen")),
+        "sided.dcm": lambda ds: (setattr(ds, "Laterality", "L"), setattr(ds, "PatientOrientation", ["A", "FL"])),
+        "longid.dcm": lambda ds: setattr(ds, "PatientID", "X" * 70),
+    }.items()):
+        ds = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
+        ds.SOPInstanceUID = _another(base.SOPInstanceUID, 10 + number)
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+        change(ds)
+        ds.save_as(root / name)
+    shutil.copy(dicom_dir / "fo-dicom/HasFragmentSequence.dcm", root / "frames.dcm")  # XA, 96 frames
+    out = tmp_path / "report.csv"
+    result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
+                             str(tmp_path / "dicom"), "--qc", "off", "--frames", "middle", "--modalities", "all",
+                             "--body-parts", "all", "--views", "all")
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 1, result.output
+    rows = {row["path"]: row for row in _rows(out)}
+    assert rows["longid.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM")
+    assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
+    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    for name in ("latin.dcm", "sided.dcm", "frames.dcm"):
+        for key in ("dicom_sr", "dicom_sc"):
+            path = out.parent / rows[name][key]
+            checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+            errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, f"{name} {key}: {errors}"
+    assert str(pydicom.dcmread(out.parent / rows["latin.dcm"]["dicom_sr"]).PatientName) == "Müller^Jürgen"
+    frames = pydicom.dcmread(out.parent / rows["frames.dcm"]["dicom_sr"])
+    referenced = [item.ReferencedSOPSequence[0] for item in _items(frames) if "ReferencedSOPSequence" in item]
+    assert referenced and int(referenced[0].ReferencedFrameNumber) == int(rows["frames.dcm"]["frame_used"]) + 1
