@@ -64,9 +64,10 @@ def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[P
         target = Path(output).resolve()
         for root in roots:
             if target == root or root in target.parents:
-                raise SettingError(f"the output {output} is {'an input file' if target == root else 'inside the input'}"
-                                   f" {root}: radscan would overwrite or read back its own outputs; write them "
-                                   "outside the folders it reads")
+                what = ("an input folder" if root.is_dir() else "an input file") if target == root else \
+                    f"inside the input {root}"
+                raise SettingError(f"the output {output} is {what}: radscan would overwrite or read back its own "
+                                   "outputs; write them outside the folders it reads")
 
 
 def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
