@@ -178,10 +178,13 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
-def test_killed_mid_run_then_rerun_completes_without_duplicates(stop, tiny_model, tmp_path):
+@pytest.mark.parametrize("stop, cluster", [(signal.SIGKILL, []), (signal.SIGTERM, []),
+                                           (signal.SIGKILL, ["--scheduler", "local:2"]),
+                                           (signal.SIGTERM, ["--scheduler", "local:2"])],
+                         ids=["kill -9", "SIGTERM", "kill -9 of a Dask run", "SIGTERM of a Dask run"])
+def test_killed_mid_run_then_rerun_completes_without_duplicates(stop, cluster, tiny_model, tmp_path):
     """kill -9 leaves the previous worklist as it was; SIGTERM (systemd stop, kill) also unwinds:
-    exit 143, a JSON summary that says so, no temporary files left."""
+    exit 143, a JSON summary that says so, no temporary files left. The same on a Dask cluster."""
     folder = tmp_path / "many"
     folder.mkdir()
     files = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:60]
@@ -195,10 +198,11 @@ def test_killed_mid_run_then_rerun_completes_without_duplicates(stop, tiny_model
     out = tmp_path / "out" / "report.csv"
     subprocess.run(command(out), check=True)
     before = out.read_bytes()
+    cut_short = [*command(out), *cluster, "--json"]
     for path in files[10:]:
         shutil.copy(path, folder / path.name)
 
-    process = subprocess.Popen([*command(out), "--json"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cut_short, start_new_session=True, stdout=subprocess.PIPE, text=True)
     state = tmp_path / "out" / "report.state.sqlite"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
