@@ -103,8 +103,8 @@ class _ModelPlugin(WorkerPlugin):
         from radscan.qc import quality_control
 
         try:
-            if self.torch_threads:
-                torch.set_num_threads(self.torch_threads)
+            # as many torch threads as the worker runs tasks (one per core: --nthreads 1 --nworkers N)
+            torch.set_num_threads(self.torch_threads or max(1, int(getattr(worker, "nthreads", 1) or 1)))
             directory = Path(self.model_dir)
             if not directory.is_dir():
                 raise ModelError(f"a worker cannot see the model {directory}: it must be on storage every worker "
@@ -221,7 +221,9 @@ class Cluster:
 
     def prepare(self, phi: PhiFilter, metadata: dict[str, Any], residuals: Path | None, link_base: Path, run_id: str,
                 pictures: str, dicom_pictures: bool, resolved_roots: dict[str, str]) -> None:
-        self.job = _BatchJob(self.settings.policy, phi, metadata, residuals, link_base, run_id, pictures,
+        provenance = {"name": metadata.get("name", ""), "version": metadata.get("version", ""),
+                      "weights": {"sha256": metadata["weights"]["sha256"]}}  # what the scorer reads: small
+        self.job = _BatchJob(self.settings.policy, phi, provenance, residuals, link_base, run_id, pictures,
                              dicom_pictures, resolved_roots, self.settings.policy.read_timeout)
 
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:

@@ -47,6 +47,9 @@ class SimSIDConfig:
     d_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     d_norm: str = "instance"  # "instance": per-sample (batch-invariant); "batch": BN, scored with running stats
     critic_blur_sigma: float = 0.0  # pixels, fixed Gaussian low-pass in front of the discriminator (0: none)
+    # the critic's input with its fine detail (finer than a 1 px Gaussian) scaled to this mean absolute
+    # value, model units (training normals: about 0.03), so that overall sharpness is no cue (0: as it is)
+    critic_detail: float = 0.0
     # scoring (see SCORE_KINDS)
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
@@ -69,6 +72,8 @@ class SimSIDConfig:
             raise ValueError("critic_snapshots must be a whole number >= 1")
         if not 0 <= self.critic_blur_sigma <= 8:
             raise ValueError("critic_blur_sigma must be in [0, 8] pixels")
+        if not 0 <= self.critic_detail <= 0.5:
+            raise ValueError("critic_detail must be in [0, 0.5]")
         if not 0 <= self.critic_view_shift < 0.5:
             raise ValueError("critic_view_shift must be in [0, 0.5)")
         if 2**self.position_bits < self.patches:

@@ -251,6 +251,8 @@ class Discriminator(nn.Module):
         super().__init__()
         self.register_buffer("low_pass", _gaussian_kernel(cfg.critic_blur_sigma) if cfg.critic_blur_sigma else
                              torch.ones(1, 1, 1, 1), persistent=False)
+        self.detail = cfg.critic_detail
+        self.register_buffer("detail_kernel", _gaussian_kernel(1.0), persistent=False)
         layers: list[nn.Module] = []
         cin = 1
         for index, cout in enumerate(cfg.d_widths):
@@ -266,10 +268,23 @@ class Discriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B,) logits, high = real."""
+        if self.detail:
+            images = self._equalise_detail(images)
         if self.low_pass.shape[-1] > 1:
             radius = self.low_pass.shape[-1] // 2
             images = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"), self.low_pass.to(images.dtype))
         return self.logit(self.features(images).flatten(1)).squeeze(1)
+
+
+    def _equalise_detail(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image's fine detail (the image minus its 1 px Gaussian blur) scaled to a mean
+        absolute value of `critic_detail` (gain 0.25-4): a softer or sharper acquisition, or a
+        smoother reconstruction, stops being a cue; where the detail is (or is missing) still is."""
+        radius = self.detail_kernel.shape[-1] // 2
+        smooth = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"), self.detail_kernel.to(images.dtype))
+        detail = images - smooth
+        energy = detail.abs().mean(dim=(1, 2, 3), keepdim=True)
+        return smooth + detail * (self.detail / energy.clamp_min(1e-6)).clamp(0.25, 4.0)
 
 
 class Generated(NamedTuple):
