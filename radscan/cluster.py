@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from radscan.errors import ModelError, NoInputError, SettingError, UnavailableError
-from radscan.ingest import Found, folder_study_key, ingest_file
+from radscan.ingest import CANNOT_READ, Found, folder_study_key, ingest_file
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import ImageRecord
 
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "radscan-model"
 _CONNECT_TIMEOUT_S = 30
+# the protocols a remote scheduler speaks (inproc is for Dask's own tests), HOST:PORT, IPv6 in brackets
+_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
 
 
 def parse_scheduler(text: str) -> tuple[str, int]:
@@ -58,9 +62,10 @@ def parse_scheduler(text: str) -> tuple[str, int]:
         if count.isdigit() and 1 <= int(count) <= 1024:
             return "local", int(count)
         raise SettingError(f"--scheduler local:N needs a number of worker processes from 1 to 1024, not {count!r}")
-    if "://" in text and text.split("://", 1)[1]:
+    if _ADDRESS.fullmatch(text):
         return text, 0
-    raise SettingError(f"--scheduler must be a scheduler address (tcp://HOST:8786) or local:N, not {text!r}")
+    raise SettingError(f"--scheduler must be a scheduler address (tcp://HOST:8786, tls://HOST:8786) or local:N, not "
+                       f"{text!r}")
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,8 @@ class _ModelPlugin(WorkerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, model_dir: str, sha256: str, device: str, qc_mode: str, views: tuple[str, ...] | None,
-                 torch_threads: int):
-        self.model_dir, self.sha256, self.device = model_dir, sha256, device
+                 torch_threads: int, versions: tuple[str, str]):
+        self.model_dir, self.sha256, self.device, self.versions = model_dir, sha256, device, versions
         self.qc_mode, self.views, self.torch_threads = qc_mode, views, torch_threads
         self.model: Any = None
         self.qc: Any = None
@@ -102,19 +107,26 @@ class _ModelPlugin(WorkerPlugin):
         from radscan.model.runtime import resolve_device
         from radscan.qc import quality_control
 
+        where = f"Dask worker {getattr(worker, 'address', '?')}"
         try:
+            if _versions() != self.versions:
+                raise UnavailableError(f"{where} runs radscan {_versions()[0]} (preprocessing {_versions()[1]}), the "
+                                       f"driver {self.versions[0]} ({self.versions[1]}): install the same radscan on "
+                                       "every worker")
             # as many torch threads as the worker runs tasks (one per core: --nthreads 1 --nworkers N)
             torch.set_num_threads(self.torch_threads or max(1, int(getattr(worker, "nthreads", 1) or 1)))
             directory = Path(self.model_dir)
             if not directory.is_dir():
-                raise ModelError(f"a worker cannot see the model {directory}: it must be on storage every worker "
+                raise ModelError(f"{where} cannot see the model {directory}: it must be on storage every worker "
                                  "mounts at the same path")
             metadata = read_metadata(directory)
             if metadata["weights"]["sha256"] != self.sha256:
-                raise ModelError(f"the model at {directory} on a worker is not the driver's (sha256 "
+                raise ModelError(f"the model at {directory} on {where} is not the driver's (sha256 "
                                  f"{metadata['weights']['sha256'][:12]}... instead of {self.sha256[:12]}...)")
             self.model = load_model(directory, resolve_device(self.device))[0]
             self.qc = quality_control(directory, metadata, self.qc_mode, self.views)
+        except ModelError as exc:
+            self.error = ModelError(exc.message if exc.message.startswith(where) else f"{where}: {exc.message}")
         except BaseException as exc:  # noqa: BLE001 - kept for the tasks to raise on the driver
             self.error = exc
 
@@ -137,6 +149,8 @@ def _score_batch(files: list[tuple[str, str, str]], job: _BatchJob) -> tuple[lis
     for resolved, given, path in files:
         record, image = _read(Found(resolved, path), job.policy, job.read_timeout)
         record.root = given  # rows name the root as it was given, as on one machine
+        if record.reason.startswith(CANNOT_READ):
+            record.reason += f" (on Dask worker {get_worker().address}: are the inputs mounted there?)"
         prepare_record(record, job.phi, job.run_id)
         items.append((record, image))
     loaded: Future = Future()
@@ -168,49 +182,60 @@ def _failed(found: Found, reason: str) -> ImageRecord:
     return record.fail(reason)
 
 
-def _visible(roots: list[str], model_dir: str) -> list[str]:
-    """On a worker: the input roots and model it cannot see."""
-    return [path for path in [*roots, model_dir] if not os.path.isdir(path)]
+def _visible(paths: list[str]) -> list[str]:
+    """On a worker: the paths it cannot see."""
+    return [path for path in paths if not os.path.exists(path)]
+
+
+def _versions() -> tuple[str, str]:
+    from radscan import __version__
+
+    return __version__, PREPROCESS_VERSION
 
 
 class Cluster:
     """A connection to a Dask scheduler (or a LocalCluster started for the run), ready to score."""
 
     def __init__(self, scheduler: str, settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any],
-                 roots: list[str]):
+                 roots: list[str], samples: list[str] = ()):
         address, local_workers = parse_scheduler(scheduler)
         try:
             import dask
-            from distributed import Client, LocalCluster
+            from distributed import LocalCluster
         except ImportError:
             raise SettingError("--scheduler needs Dask: pip install 'radscan[dask]'") from None
-        self.settings, self._local = settings, None
+        self.settings, self._local, self.client = settings, None, None
+        _quiet_dask()
         try:
             if local_workers:
                 # a file that kills its worker is given up after one death (Dask's default: three),
                 # then retried alone (see score)
                 dask.config.set({"distributed.scheduler.allowed-failures": 1})
                 self._local = LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+                                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)
                 address = self._local.scheduler_address
-            self.client = Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False)
-            self.client.wait_for_workers(1, timeout=_CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
+            self.client = _connect(address, scheduler)
+            self.workers = len(self.client.scheduler_info()["workers"])
+            self._check_workers(roots, model_dir, samples)
+            cores = os.cpu_count() or 1
+            self.client.register_plugin(_ModelPlugin(
+                str(model_dir.resolve()), metadata["weights"]["sha256"], settings.device, settings.qc, settings.views,
+                torch_threads=max(1, cores // local_workers) if local_workers else 0, versions=_versions()))
+        except BaseException:
             self.close()
-            raise UnavailableError(f"cannot use the Dask scheduler {scheduler}: {exc or type(exc).__name__} (is it "
-                                   "running, with workers, and reachable from here?)") from None
-        self.workers = len(self.client.scheduler_info()["workers"])
-        self._check_visibility(roots, model_dir)
-        cores = os.cpu_count() or 1
-        self.client.register_plugin(_ModelPlugin(
-            str(model_dir.resolve()), metadata["weights"]["sha256"], settings.device, settings.qc, settings.views,
-            torch_threads=max(1, cores // local_workers) if local_workers else 0))
+            raise
         self.job: _BatchJob | None = None
         log.info("Dask scheduler %s: %d workers", address, self.workers)
 
-    def _check_visibility(self, roots: list[str], model_dir: Path) -> None:
-        """Refuse (exit 66, or 65 for the model) a run whose inputs some worker cannot see."""
-        unseen = self.client.run(_visible, roots, str(model_dir.resolve()))
+    def _check_workers(self, roots: list[str], model_dir: Path, samples: list[str]) -> None:
+        """Refuse a run with a worker of another radscan (exit 69), or that cannot see the inputs
+        (exit 66: the roots and a file of each) or the model (65)."""
+        for worker, versions in sorted(self.client.run(_versions).items()):
+            if tuple(versions) != _versions():
+                raise UnavailableError(f"Dask worker {worker} runs radscan {versions[0]} (preprocessing "
+                                       f"{versions[1]}), this driver {_versions()[0]} ({_versions()[1]}): install the "
+                                       "same radscan on every worker")
+        unseen = self.client.run(_visible, [*roots, *samples, str(model_dir.resolve())])
         for worker, missing in sorted(unseen.items()):
             if str(model_dir.resolve()) in missing:
                 raise ModelError(f"Dask worker {worker} cannot see the model {model_dir}: it must be on storage "
@@ -229,7 +254,10 @@ class Cluster:
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:
         """Batches of `todo` scored on the workers, as they complete (any order), with a window of
         2 batches per worker in flight: the driver's memory does not grow with the run."""
+        from concurrent.futures import CancelledError
+
         from distributed import KilledWorker, as_completed
+        from distributed.comm.core import CommClosedError
 
         from radscan.score import prepare_record
 
@@ -249,6 +277,9 @@ class Cluster:
             batch = waiting.pop(future)
             try:
                 rows, pictures = future.result()
+            except (CancelledError, CommClosedError, OSError) as exc:
+                raise UnavailableError(f"lost the Dask scheduler during the run ({type(exc).__name__}): what was "
+                                       "scored is kept; rerun to finish") from None
             except KilledWorker:
                 future.release()
                 if len(batch) > 1:  # find the file that kills its worker: each alone
@@ -268,9 +299,49 @@ class Cluster:
                 running.add(submit(following))
 
     def close(self) -> None:
-        for part in (getattr(self, "client", None), self._local):
+        for part in (getattr(self, "client", None), getattr(self, "_local", None)):
             if part is not None:
                 try:
                     part.close()
                 except Exception as exc:  # noqa: BLE001 - closing must not hide the run's own outcome
                     log.debug("closing Dask: %s", exc)
+
+
+def _connect(address: str, scheduler: str) -> Any:
+    """A client of the scheduler at `address` with at least one worker, or UnavailableError (exit
+    69) within about twice _CONNECT_TIMEOUT_S: a port that accepts connections but does not speak
+    Dask can otherwise hang the handshake, or answer garbage."""
+    from distributed import Client
+
+    outcome: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            client = Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False)
+            try:
+                client.wait_for_workers(1, timeout=_CONNECT_TIMEOUT_S)
+            except BaseException:
+                client.close()
+                raise
+            outcome.append(client)
+        except BaseException as exc:  # noqa: BLE001 - reported below as the scheduler's failure
+            outcome.append(exc)
+
+    connecting = threading.Thread(target=attempt, daemon=True, name="radscan-dask-connect")
+    connecting.start()
+    connecting.join(2 * _CONNECT_TIMEOUT_S + 5)
+    found = outcome[0] if outcome else TimeoutError("no answer")
+    if isinstance(found, BaseException):
+        why = " ".join(str(found).split())[:200] or type(found).__name__
+        raise UnavailableError(f"cannot use the Dask scheduler {scheduler}: {why} (is it running, with workers, and "
+                               "reachable from here?)")
+    return found
+
+
+def _quiet_dask() -> None:
+    """Dask's own log lines and warnings are for Dask's developers: radscan says what matters (a
+    worker that died, a file given up) in its own log. -vv shows them."""
+    if not log.isEnabledFor(logging.DEBUG):
+        for name in ("distributed", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message=".*Port .* is already in use.*")

@@ -27,11 +27,12 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
-__all__ = ["Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested",
-           "load_images", "check_inputs", "folder_study_key"]
+__all__ = ["CANNOT_READ", "Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested",
+           "Ingested", "load_images", "check_inputs", "folder_study_key"]
 
 log = logging.getLogger(__name__)
 
+CANNOT_READ = "cannot read this file"  # how the reason of a file that the system would not give starts
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Names that promise an image: such a file with other content is an error, not a skip.
@@ -199,11 +200,19 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         if grey is None:
             return record, None
         return record, to_model_input(grey)
+    except OSError as exc:
+        if exc.errno is not None:  # the system's: gone since it was listed, unreadable, an unmounted share
+            return record.fail(f"{CANNOT_READ}: {_os_reason(exc)}"), None
+        return _unexpected(record, found, exc)  # a library's OSError about the content
     except Exception as exc:  # the last line of defence: one bad file never stops a run
-        # the exception is for the developers (the log); the reason is for the PACS admin
-        log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
-        log.debug("traceback", exc_info=True)
-        return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
+        return _unexpected(record, found, exc)
+
+
+def _unexpected(record: ImageRecord, found: Found, exc: Exception) -> Ingested:
+    # the exception is for the developers (the log); the reason is for the PACS admin
+    log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
+    log.debug("traceback", exc_info=True)
+    return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
 
 
 def folder_study_key(found: Found) -> str:

@@ -425,7 +425,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         if empty:  # an unmounted share looks like an empty folder: its studies must not be pruned
             raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
                                "was changed; remove it from the command line if it is meant to be empty")
-        resolved_roots = {root: str(Path(root).resolve()) for root in inputs}
+        # the folder each file was found under (a file given itself is found under its folder)
+        resolved_roots = {root: str(Path(root).resolve()) for root in {found.root for found in files}}
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
             todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
@@ -472,7 +473,11 @@ def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any],
         return
     from radscan.cluster import Cluster
 
-    cluster = Cluster(settings.scheduler, settings, model_dir, metadata, [str(Path(r).resolve()) for r in inputs])
+    samples = {}  # a file of each root: a worker that sees the folder but not what is in it is caught too
+    for found, _ in todo:
+        samples.setdefault(found.root, str(Path(found.root).resolve() / found.path))
+    cluster = Cluster(settings.scheduler, settings, model_dir, metadata, [str(Path(r).resolve()) for r in inputs],
+                      list(samples.values()))
     try:
         yield cluster
     finally:

@@ -150,6 +150,9 @@ def _stored(store: Path) -> int:
 @pytest.mark.parametrize("scheduler, code, message", [
     ("local:0", ExitCode.USAGE, "local:N needs a number"),
     ("somewhere", ExitCode.USAGE, "must be a scheduler address"),
+    ("xyz://127.0.0.1:8786", ExitCode.USAGE, "must be a scheduler address"),
+    ("tcp://[::1", ExitCode.USAGE, "must be a scheduler address"),
+    ("inproc://x", ExitCode.USAGE, "must be a scheduler address"),
     ("tcp://127.0.0.1:9", ExitCode.UNAVAILABLE, "cannot use the Dask scheduler"),
 ])
 def test_a_cluster_that_cannot_be_used_says_so(mixed, tmp_path, scheduler, code, message, monkeypatch):
@@ -159,24 +162,99 @@ def test_a_cluster_that_cannot_be_used_says_so(mixed, tmp_path, scheduler, code,
     assert not (tmp_path / "r.csv").exists()
 
 
-class _Workers:
-    """A stand-in for a Dask client whose workers see what `missing` does not list."""
+def test_a_port_that_does_not_speak_dask_is_exit_69_not_a_hang(mixed, tmp_path, monkeypatch):
+    """A web server where the scheduler should be keeps the handshake waiting: given up in time."""
+    import socket
+    import threading
 
-    def __init__(self, missing: list[str]):
-        self.missing = missing
+    monkeypatch.setattr("radscan.cluster._CONNECT_TIMEOUT_S", 2)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    started = time.monotonic()
+    result, summary = _score(str(mixed), "--out", str(tmp_path / "r.csv"), "--scheduler",
+                             f"tcp://127.0.0.1:{server.getsockname()[1]}")
+    assert result.exit_code == ExitCode.UNAVAILABLE, result.output
+    assert time.monotonic() - started < 30
+    server.close()
+
+
+def test_a_single_file_can_be_scored_on_a_cluster(mixed, tmp_path):
+    film = next((mixed / "pneumonia00").iterdir())
+    result, summary = _score(str(film), "--out", str(tmp_path / "r.csv"), "--scheduler", "local:1")
+    assert result.exit_code == ExitCode.OK and summary["counts"]["ok"] == 1, result.output
+
+
+@pytest.mark.slow
+def test_losing_the_scheduler_mid_run_is_exit_69_and_a_rerun_finishes(mixed, tmp_path):
+    for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / "val_abnormal").iterdir())[12:72]):
+        (mixed / f"more{index:02d}").mkdir()
+        shutil.copy(jpeg, mixed / f"more{index:02d}" / jpeg.name)
+    port = _free_port()
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+            "--no-dashboard"]
+    scheduler = subprocess.Popen(dask, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
+                               "--nthreads", "1", "--no-dashboard"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=REPO)
+    out = tmp_path / "out" / "report.csv"
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "radscan", "score", str(mixed), "--out", str(out),
+                                "--batch-size", "4", "--scheduler", f"tcp://127.0.0.1:{port}", "--json"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and run.poll() is None and _stored(out.with_name("report.state.sqlite")) < 8:
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before the scheduler could be killed"
+        scheduler.kill()
+        output, errors = run.communicate(timeout=120)
+    finally:
+        for process in (scheduler, worker):
+            process.kill()
+            process.wait()
+    assert run.returncode == ExitCode.UNAVAILABLE, errors[-2000:]
+    assert "lost the Dask scheduler" in json.loads(output.strip().splitlines()[-1])["error"]
+    result, summary = _score(str(mixed), "--out", str(out), "--batch-size", "4")
+    assert result.exit_code == ExitCode.PARTIAL and summary["reused"] > 0  # what was scored is kept
+    assert len(_table(out)) == 90
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _Workers:
+    """A stand-in for a Dask client whose second worker misses `missing` or runs `versions`."""
+
+    def __init__(self, missing: list[str], versions: tuple[str, str] | None = None):
+        from radscan.cluster import _versions
+
+        self.missing, self.versions = missing, versions or _versions()
 
     def run(self, function, *args):
+        if function.__name__ == "_versions":
+            return {"tcp://10.0.0.7:40000": function(), "tcp://10.0.0.8:40000": self.versions}
         return {"tcp://10.0.0.7:40000": [], "tcp://10.0.0.8:40000": self.missing}
 
 
-def test_inputs_or_a_model_a_worker_cannot_see_are_refused(tmp_path):
+def test_workers_that_cannot_see_the_inputs_or_run_another_radscan_are_refused(tmp_path):
     from radscan.cluster import Cluster, _visible
+    from radscan.errors import UnavailableError
 
-    assert _visible([str(tmp_path), str(tmp_path / "gone")], str(tmp_path)) == [str(tmp_path / "gone")]
+    assert _visible([str(tmp_path), str(tmp_path / "gone")]) == [str(tmp_path / "gone")]
     cluster = Cluster.__new__(Cluster)
     cluster.client = _Workers(["/data/incoming"])
     with pytest.raises(NoInputError, match="tcp://10.0.0.8:40000 cannot see /data/incoming"):
-        cluster._check_visibility(["/data/incoming"], tmp_path)
+        cluster._check_workers(["/data/incoming"], tmp_path, [])
     cluster.client = _Workers([str(tmp_path.resolve())])
     with pytest.raises(ModelError, match="cannot see the model"):
-        cluster._check_visibility(["/data/incoming"], tmp_path)
+        cluster._check_workers(["/data/incoming"], tmp_path, [])
+    cluster.client = _Workers([], versions=("0.9.9-other", "3"))
+    with pytest.raises(UnavailableError, match="tcp://10.0.0.8:40000 runs radscan 0.9.9-other"):
+        cluster._check_workers(["/data/incoming"], tmp_path, [])
