@@ -38,7 +38,7 @@ Exit codes:
       or DICOM results were not made or not sent (kept for the next run)
   65  missing or invalid model
   66  no input: a path does not exist or holds no files
-  69  the Dask scheduler (--scheduler) cannot be reached or has no workers
+  69  the Dask scheduler (--scheduler) cannot be used or was lost (rerun to finish)
   73  an output cannot be written
   75  another run holds the lock on these outputs (try again later)
   130 interrupted (Ctrl-C); 143 stopped by SIGTERM: earlier outputs are intact, rerun to finish
