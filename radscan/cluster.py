@@ -253,7 +253,8 @@ class Cluster:
 
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:
         """Batches of `todo` scored on the workers, as they complete (any order), with a window of
-        2 batches per worker in flight: the driver's memory does not grow with the run."""
+        2 batches per worker in flight (workers that join during the run count too): the driver's
+        memory does not grow with the run."""
         from concurrent.futures import CancelledError
 
         from distributed import KilledWorker, as_completed
@@ -294,9 +295,15 @@ class Cluster:
                 rows, pictures = [record.as_row()], []
             future.release()
             yield [identity for _, identity in batch], rows, pictures
-            following = next(batches, None)
-            if following:
+            # two batches per worker, counting workers that joined since (a cluster that scales up)
+            for following in islice(batches, max(1, 2 * self._worker_count() - len(waiting))):
                 running.add(submit(following))
+
+    def _worker_count(self) -> int:
+        try:
+            return max(1, len(self.client.scheduler_info()["workers"]))
+        except (KeyError, OSError):
+            return max(1, self.workers)
 
     def close(self) -> None:
         for part in (getattr(self, "client", None), getattr(self, "_local", None)):
