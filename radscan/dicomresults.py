@@ -73,12 +73,16 @@ def require_highdicom() -> None:
 
 @dataclass(frozen=True)
 class DicomResult:
-    """The two objects of one input file: where they are and what the PACS knows them by."""
+    """The two objects of one input file: where they are, what the PACS knows them by, and which
+    of the files must be (re)written because they do not hold them yet."""
 
     sr_path: Path
     sr_uid: str
     sc_path: Path
     sc_uid: str
+    predecessor: str = ""  # the SOP Instance UID of the SR this one replaces ("": none)
+    write_sr: bool = True
+    write_sc: bool = True
 
     @property
     def objects(self) -> tuple[tuple[Path, str], tuple[Path, str]]:
@@ -99,42 +103,57 @@ class ResultWriter:
         self.folder, self.provenance, self.score_kind = folder, provenance, score_kind
         self._version = f"{provenance['model_sha256']}|{provenance['preprocess_version']}"
 
-    def planned(self, file_key: bytes, row: dict[str, Any]) -> DicomResult:
-        """The objects of the result in `row` of the input file stored under `file_key`."""
+    def plan(self, file_key: bytes, row: dict[str, Any]) -> DicomResult:
+        """The objects of the result in `row` of the input file stored under `file_key`, against
+        what its files in the folder hold. An SR's UID is derived from the result and from the SR
+        it replaces, so that a new verdict (even one equal to an older verdict) is always a new
+        object that names the one before it, and a rewritten file never gives one UID two contents."""
         name = hashlib.sha256(b"radscan dicom results\0" + file_key).hexdigest()[:24]
+        sr_path, sc_path = self.folder / f"SR_{name}.dcm", self.folder / f"SC_{name}.dcm"
         result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag")]
-        return DicomResult(self.folder / f"SR_{name}.dcm", derived_uid("sr", self._version, *result),
-                           self.folder / f"SC_{name}.dcm", derived_uid("sc", self._version, *result))
+        earlier = _our_report(sr_path, row.get("StudyInstanceUID", ""))
+        before = _predecessor_uid(earlier) if earlier is not None else ""
+        if earlier is not None and earlier.SOPInstanceUID == derived_uid("sr", self._version, *result, before):
+            sr_uid, predecessor, write_sr = str(earlier.SOPInstanceUID), before, False  # the current verdict
+        else:
+            predecessor = str(earlier.SOPInstanceUID) if earlier is not None else ""
+            sr_uid, write_sr = derived_uid("sr", self._version, *result, predecessor), True
+        sc_uid = derived_uid("sc", sr_uid)
+        return DicomResult(sr_path, sr_uid, sc_path, sc_uid, predecessor, write_sr,
+                           write_sr or not _holds(sc_path, sc_uid))
 
-    def write(self, source_path: Path, row: dict[str, Any], picture_path: Path, planned: DicomResult) -> None:
-        """Write (atomically) the `planned` SR and SC of the image scored in `row`, whose explanation
-        picture is `picture_path`. The source's header is read again (no pixels) and must still be
-        the image scored (same SOP Instance UID). Raises ValueError with a reason in plain words when
-        a result cannot be made (the source changed, lacks a required UID or carries identifying
-        values that are not valid DICOM, or highdicom refuses it); OutputError (exit 73) when it
-        cannot be written."""
+    def write(self, source_path: Path, row: dict[str, Any], picture_path: Path, planned: DicomResult) -> int:
+        """Write (atomically) the files of `planned` that must be written, for the image scored in
+        `row` whose explanation picture is `picture_path`; returns how many. The source's header
+        is read again (no pixels) and must still be the image scored (same SOP Instance UID).
+        Raises ValueError with a reason in plain words when a result cannot be made (the source
+        changed, lacks a valid UID or carries identifying values that are not valid DICOM, or
+        highdicom refuses it); OutputError when a file cannot be written."""
         source = _source_header(source_path, row)
         picture = _picture(picture_path)
+        predecessor = _our_report(planned.sr_path, source.StudyInstanceUID) if planned.predecessor else None
+        if predecessor is not None and predecessor.SOPInstanceUID != planned.predecessor:
+            raise ValueError(f"{planned.sr_path.name} changed while it was read; the next run writes it")
         with warnings.catch_warnings():  # e.g. person names of the source that are not in PN form
             warnings.simplefilter("ignore", UserWarning)
             try:
-                report = self._report(source, row, planned, _predecessor(planned.sr_path, source))
-                capture = self._capture(source, picture, planned)
+                objects = []
+                if planned.write_sr:
+                    objects.append((self._report(source, row, planned, predecessor), planned.sr_path))
+                if planned.write_sc:
+                    objects.append((self._capture(source, picture, planned), planned.sc_path))
             except (ValueError, TypeError, AttributeError, KeyError) as exc:
                 raise ValueError(f"highdicom cannot make a result from this file's header: {exc}") from None
-        for dataset, path in ((report, planned.sr_path), (capture, planned.sc_path)):
+        for dataset, path in objects:
             dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: whatever the source's names hold
             if dataset.get("InstanceNumber") is not None and source.get("InstanceNumber") is not None:
                 dataset.InstanceNumber = source.InstanceNumber  # sorted like their sources in the series
-            if path.is_symlink():  # not made by radscan: replaced, never followed
-                path.unlink()
+            _carry_deidentification(dataset, source)
+            if path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir()):
+                path.unlink()  # a link or a FIFO radscan did not make: replaced, never followed or opened
             with atomic_output(path, "wb") as handle:
                 dataset.save_as(handle, enforce_file_format=True)
-
-    def is_current(self, planned: DicomResult) -> bool:
-        """Whether both files hold the planned objects (regular files whose SOP Instance UIDs are
-        the planned ones): anything else, damaged or replaced, is written again."""
-        return all(_holds(path, uid) for path, uid in planned.objects)
+        return len(objects)
 
     def _report(self, source: Dataset, row: dict[str, Any], result: DicomResult,
                 predecessor: Dataset | None) -> Dataset:
@@ -220,7 +239,7 @@ def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
         raise ValueError(f"cannot read the header again: {exc}") from None
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         value = str(source.get(keyword, "") or "")
-        if not value or not UID(value).is_valid:
+        if not value or not UID(value).is_valid or value[0] not in "012":  # PS3.5 9.1: roots 0, 1, 2 (ISO 9834)
             raise ValueError(f"the file's {keyword} is missing or not a valid UID")
     if str(source.SOPInstanceUID) != row.get("SOPInstanceUID"):
         raise ValueError("the file changed since it was scored: it is scored again by the next run")
@@ -282,9 +301,9 @@ def _holds(path: Path, uid: str) -> bool:
     return str(found.get("SOPInstanceUID", "")) == uid
 
 
-def _predecessor(path: Path, source: Dataset) -> Dataset | None:
-    """The SR that a new one replaces (the file's earlier content), when it is one of radscan's
-    SRs of the same study: the new SR names it (PS3.3 C.17.2.2, Predecessor Documents Sequence)."""
+def _our_report(path: Path, study_uid: str) -> Dataset | None:
+    """The header of the SR in `path` when it is one of radscan's, of the same study (the only
+    kind a new SR may name as replaced, PS3.3 C.17.2.3), else None."""
     if path.is_symlink() or not path.is_file():
         return None
     try:
@@ -292,9 +311,31 @@ def _predecessor(path: Path, source: Dataset) -> Dataset | None:
     except Exception:  # noqa: BLE001 - a damaged file has no successor to name
         return None
     if earlier.get("SOPClassUID") != _COMPREHENSIVE_3D_SR or earlier.get("Manufacturer") != "radscan" or \
-            earlier.get("StudyInstanceUID") != source.StudyInstanceUID:
+            earlier.get("StudyInstanceUID") != study_uid or not earlier.get("SOPInstanceUID"):
         return None
     return earlier
+
+
+def _predecessor_uid(report: Dataset) -> str:
+    """The SOP Instance UID that an SR names in its Predecessor Documents Sequence ("": none)."""
+    try:
+        return str(report.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+                   .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    except (AttributeError, IndexError):
+        return ""
+
+
+def _carry_deidentification(result: Dataset, source: Dataset) -> None:
+    """PatientIdentityRemoved YES needs the method (Type 1C, PS3.3 C.7.1.1): carried with it from
+    the source, or, where the source does not say how, not claimed."""
+    if result.get("PatientIdentityRemoved") != "YES":
+        return
+    methods = [keyword for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
+               if source.get(keyword)]
+    for keyword in methods:
+        setattr(result, keyword, source[keyword].value)
+    if not methods:
+        del result.PatientIdentityRemoved
 
 
 def _picture(path: Path) -> np.ndarray:

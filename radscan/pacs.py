@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from radscan.dicomresults import DicomResult, ResultWriter
-from radscan.errors import SettingError
+from radscan.errors import OutputError, SettingError
 from radscan.records import one_line
 from radscan.state import StateStore, StoredRow
 
@@ -148,11 +148,7 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
     try:
         while page := store.scored(after, page_size):
             after = page[-1].key
-            accepted: list[str] = []
-            changed = [item for item in page
-                       if _deliver_row(item, writer, link_base, scu, store, delivery, accepted, sent_now)]
-            if accepted:
-                store.mark_sent(accepted, str(destination), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            changed = [item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery, sent_now)]
             store.update(changed)
     finally:
         if scu is not None:
@@ -165,7 +161,7 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
 
 
 def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _StoreSCU | None, store: StateStore,
-                 delivery: Delivery, accepted: list[str], sent_now: set[str]) -> bool:
+                 delivery: Delivery, sent_now: set[str]) -> bool:
     """Bring one scored row's results up to date; True when the row changed."""
     row = item.row
     before = (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))
@@ -183,8 +179,8 @@ def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _S
             if why:
                 failures.append(why)
                 delivery.not_sent += 1
-            else:
-                accepted.append(uid)
+            else:  # recorded at once: a run killed after this object is not sent it again
+                store.mark_sent([uid], str(scu.destination), datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 sent_now.add(uid)
                 delivery.sent += 1
         if failures:
@@ -203,20 +199,20 @@ def _results_of(item: StoredRow, writer: ResultWriter, link_base: Path,
     row = item.row
     if row.get("kind") != "dicom":
         return "none: a JPEG or PNG file has no DICOM study to put results in", None
-    planned = writer.planned(item.key, row)
-    if not writer.is_current(planned):
+    planned = writer.plan(item.key, row)
+    if planned.write_sr or planned.write_sc:
         picture = row.get("residual_png", "")
         try:
             if not picture:
                 raise ValueError("it has no explanation picture")
-            writer.write(item.path, row, link_base / picture, planned)
-        except ValueError as exc:
+            delivery.written += writer.write(item.path, row, link_base / picture, planned)
+        except (ValueError, OutputError) as exc:  # this image's results, not the night's worklist
             delivery.not_made += 1
             for path, _ in planned.objects:  # an earlier result of this file is no longer its result
                 _remove_result(path, writer.folder)
-            row["reason"] = f"{NOT_MADE}: {one_line(exc)}"
-            return f"none: {one_line(exc)}", None
-        delivery.written += 2
+            why = one_line(exc) if isinstance(exc, ValueError) else f"cannot write them: {exc.message}"
+            row["reason"] = f"{NOT_MADE}: {why}"
+            return f"none: {why}", None
     return "written", planned
 
 
@@ -233,5 +229,6 @@ def forget_results(rows: list[dict[str, Any]], folder: Path | None, link_base: P
 def _remove_result(path: Path, folder: Path) -> None:
     """Delete a result file, only if it is one of radscan's, directly inside `folder`, whatever a
     stored row says."""
-    if path.parent.resolve() == folder.resolve() and _NAME.match(path.name):
+    if path.parent.resolve() == folder.resolve() and _NAME.match(path.name) and (
+            path.is_symlink() or not path.is_dir()):
         path.unlink(missing_ok=True)  # a symbolic link is removed itself, never what it points to

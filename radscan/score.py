@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -517,6 +518,11 @@ def _tidy_outputs(outputs: OutputPaths) -> None:
     for folder, option in ((outputs.residuals, "--residuals"), (outputs.dicom, "--dicom-out")):
         if folder is not None:
             prepare_folder(folder, option)
+    if outputs.dicom is not None:  # found out now, not after a night of scoring
+        try:
+            tempfile.TemporaryFile(dir=outputs.dicom).close()
+        except OSError as exc:
+            raise cannot_write(outputs.dicom, exc) from None
     removed = sum(remove_stale_temporaries(path.parent, glob.escape(path.name)) for path in outputs.files)
     if outputs.residuals is not None and outputs.residuals.is_dir():
         removed += remove_stale_temporaries(outputs.residuals, "*.png")

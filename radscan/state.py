@@ -190,13 +190,24 @@ class StateStore:
                 self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
-            self._db.execute(self._SENT)
+            self._prepare_sent()
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
             if columns != self._COLUMNS:  # a table of the same name made by something else
                 raise sqlite3.DatabaseError(f"unexpected columns {columns}")
         except sqlite3.OperationalError as exc:
             raise OutputError(f"cannot open or write the state store {path}: {exc}") from None
         return self._db
+
+    def _prepare_sent(self) -> None:
+        """The table of accepted DICOM results, rebuilt when it is not the table radscan makes (a
+        view, other columns): then the results are sent again, which a PACS takes as the same objects."""
+        kind = self._db.execute("SELECT type FROM sqlite_master WHERE name = 'sent'").fetchone()
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(sent)")]
+        if kind is not None and (kind[0] != "table" or columns != ["sop_instance_uid", "destination", "sent_at"]):
+            log.warning("the state store's table of sent DICOM results is not radscan's: rebuilt (results are sent "
+                        "again)")
+            self._db.execute(f"DROP {kind[0].upper()} IF EXISTS sent")  # a table, view, index or trigger
+        self._db.execute(self._SENT)
 
     def lookup(self, identity: FileIdentity) -> dict[str, Any] | None:
         """The stored row for this file if it is still valid (same file, same fingerprint, and a

@@ -392,3 +392,76 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
     frames = pydicom.dcmread(out.parent / rows["frames.dcm"]["dicom_sr"])
     referenced = [item.ReferencedSOPSequence[0] for item in _items(frames) if "ReferencedSOPSequence" in item]
     assert referenced and int(referenced[0].ReferencedFrameNumber) == int(rows["frames.dcm"]["frame_used"]) + 1
+
+
+def test_every_new_verdict_is_a_new_object_and_damage_is_repaired_in_place(studies, tiny_model, tmp_path, orthanc):
+    """A verdict that returns to an earlier value is a third SR naming the second (never the first
+    UID with other content); a damaged SC is rewritten alone, its SR untouched and naming nothing;
+    a FIFO where a result goes is replaced, a folder there costs that image its results (row
+    reason, exit 3), not the night's worklist; a `sent` table that is not radscan's is rebuilt."""
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    send = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
+    source = studies / "nih" / "a.dcm"
+    original = source.read_bytes()
+
+    def run():
+        result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+        return result, summary, {row["path"]: row for row in _rows(out)}
+
+    _, _, rows = run()
+    first = pydicom.dcmread(out.parent / rows["nih/a.dcm"]["dicom_sr"])
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.copy()
+    pixels[: pixels.shape[0] // 2] = pixels.max()
+    ds.PixelData, ds.file_meta.TransferSyntaxUID = pixels.tobytes(), pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(source, enforce_file_format=True)
+    _, _, rows = run()
+    second = pydicom.dcmread(out.parent / rows["nih/a.dcm"]["dicom_sr"])
+    source.write_bytes(original)  # the first film again: the first verdict again
+    result, summary, rows = run()
+    third = pydicom.dcmread(out.parent / rows["nih/a.dcm"]["dicom_sr"])
+    assert len({first.SOPInstanceUID, second.SOPInstanceUID, third.SOPInstanceUID}) == 3
+    named = third.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert named.ReferencedSOPInstanceUID == second.SOPInstanceUID and summary["dicom"]["sent"] == 2
+    assert orthanc.instances() == 12
+
+    sr_path, sc_path = out.parent / rows["cr/IM2"]["dicom_sr"], out.parent / rows["cr/IM2"]["dicom_sc"]
+    report = sr_path.read_bytes()
+    sc_path.write_bytes(b"garbage")
+    fifo = out.parent / rows["cr/IM1"]["dicom_sc"]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    blocked = out.parent / rows["nih/b.dcm"]["dicom_sr"]
+    blocked.unlink()
+    blocked.mkdir()
+    import sqlite3
+
+    with sqlite3.connect(out.with_name("report.state.sqlite")) as db:
+        db.execute("DROP TABLE sent")
+        db.execute("CREATE TABLE sent (a, b)")
+    result, summary, rows = run()
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert sr_path.read_bytes() == report and "PredecessorDocumentsSequence" not in pydicom.dcmread(sr_path)
+    assert pydicom.dcmread(sc_path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and fifo.is_file()
+    assert rows["nih/b.dcm"]["dicom_result"].startswith("none: cannot write them")
+    assert rows["nih/b.dcm"]["reason"].startswith("no DICOM results") and rows["cr/IM1"]["reason"] == ""
+    assert orthanc.instances() == 12  # everything sent again after the rebuilt table: the same objects
+
+
+def test_a_uid_with_an_illegal_root_or_an_unsupported_deidentification_claim(dicom_dir, tiny_model, tmp_path):
+    root = tmp_path / "incoming"
+    root.mkdir()
+    ds = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
+    ds.PatientIdentityRemoved = "YES"  # without the method that must go with it
+    ds.save_as(root / "claims.dcm")
+    ds.SOPInstanceUID = "9.99.999.9999"
+    ds.save_as(root / "root9.dcm")
+    out = tmp_path / "report.csv"
+    result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
+                             str(tmp_path / "dicom"), "--qc", "off")
+    rows = {row["path"]: row for row in _rows(out)}
+    assert result.exit_code == ExitCode.PARTIAL and rows["root9.dcm"]["dicom_result"].startswith("none: the file's")
+    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    for key in ("dicom_sr", "dicom_sc"):
+        checked = subprocess.run([dciodvfy, str(out.parent / rows["claims.dcm"][key])], capture_output=True, text=True)
+        assert not [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
