@@ -17,10 +17,13 @@ retried alone, and the one that still kills its worker gets an error row, as on 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import threading
+import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from radscan.errors import ModelError, NoInputError, SettingError, UnavailableError
 from radscan.ingest import CANNOT_READ, Found, folder_study_key, ingest_file
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.records import ImageRecord
+from radscan.records import ImageRecord, one_line
 
 try:  # an optional extra: radscan[dask]
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -43,14 +46,13 @@ if TYPE_CHECKING:
     from radscan.score import PhiFilter, ScoredBatch, ScoreSettings
     from radscan.state import FileIdentity
 
-__all__ = ["Cluster", "parse_scheduler", "PLUGIN_NAME"]
+__all__ = ["Cluster", "parse_scheduler"]
 
 log = logging.getLogger(__name__)
 
-PLUGIN_NAME = "radscan-model"
 _CONNECT_TIMEOUT_S = 30
 # the protocols a remote scheduler speaks (inproc is for Dask's own tests), HOST:PORT, IPv6 in brackets
-_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
+_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
 
 
 def parse_scheduler(text: str) -> tuple[str, int]:
@@ -59,10 +61,11 @@ def parse_scheduler(text: str) -> tuple[str, int]:
     text = text.strip()
     if text.startswith("local:"):
         count = text.removeprefix("local:")
-        if count.isdigit() and 1 <= int(count) <= 1024:
+        if re.fullmatch(r"[0-9]{1,4}", count) and 1 <= int(count) <= 1024:
             return "local", int(count)
         raise SettingError(f"--scheduler local:N needs a number of worker processes from 1 to 1024, not {count!r}")
-    if _ADDRESS.fullmatch(text):
+    match = _ADDRESS.fullmatch(text)
+    if match and 0 < int(match.group(3)) < 65536:
         return text, 0
     raise SettingError(f"--scheduler must be a scheduler address (tcp://HOST:8786, tls://HOST:8786) or local:N, not "
                        f"{text!r}")
@@ -82,6 +85,7 @@ class _BatchJob:
     dicom_pictures: bool
     resolved_roots: dict[str, str]
     read_timeout: float
+    plugin: str  # the name of this run's model plugin on the workers
 
 
 class _ModelPlugin(WorkerPlugin):
@@ -89,10 +93,9 @@ class _ModelPlugin(WorkerPlugin):
     or are restarted later): the verified model and quality control of the run. An error is kept
     and raised by the tasks, so that the driver reports it (a wrong model: exit 65)."""
 
-    name = PLUGIN_NAME
-
-    def __init__(self, model_dir: str, sha256: str, device: str, qc_mode: str, views: tuple[str, ...] | None,
-                 torch_threads: int, versions: tuple[str, str]):
+    def __init__(self, name: str, model_dir: str, sha256: str, device: str, qc_mode: str,
+                 views: tuple[str, ...] | None, torch_threads: int, versions: tuple[str, str]):
+        self.name = name  # one per run: two runs on one scheduler never share a model or QC settings
         self.model_dir, self.sha256, self.device, self.versions = model_dir, sha256, device, versions
         self.qc_mode, self.views, self.torch_threads = qc_mode, views, torch_threads
         self.model: Any = None
@@ -142,7 +145,7 @@ def _score_batch(files: list[tuple[str, str, str]], job: _BatchJob) -> tuple[lis
 
     from radscan.score import PictureJob, _Scorer, judge_and_score, prepare_record
 
-    plugin = get_worker().plugins[PLUGIN_NAME]
+    plugin = get_worker().plugins[job.plugin]
     if plugin.error is not None:
         raise plugin.error
     items = []
@@ -204,7 +207,7 @@ class Cluster:
             from distributed import LocalCluster
         except ImportError:
             raise SettingError("--scheduler needs Dask: pip install 'radscan[dask]'") from None
-        self.settings, self._local, self.client = settings, None, None
+        self.settings, self._local, self.client, self.plugin = settings, None, None, ""
         _quiet_dask()
         try:
             if local_workers:
@@ -218,9 +221,11 @@ class Cluster:
             self.workers = len(self.client.scheduler_info()["workers"])
             self._check_workers(roots, model_dir, samples)
             cores = os.cpu_count() or 1
+            self.plugin = f"radscan-{uuid.uuid4().hex[:12]}"
             self.client.register_plugin(_ModelPlugin(
-                str(model_dir.resolve()), metadata["weights"]["sha256"], settings.device, settings.qc, settings.views,
-                torch_threads=max(1, cores // local_workers) if local_workers else 0, versions=_versions()))
+                self.plugin, str(model_dir.resolve()), metadata["weights"]["sha256"], settings.device, settings.qc,
+                settings.views, torch_threads=max(1, cores // local_workers) if local_workers else 0,
+                versions=_versions()))
         except BaseException:
             self.close()
             raise
@@ -230,12 +235,12 @@ class Cluster:
     def _check_workers(self, roots: list[str], model_dir: Path, samples: list[str]) -> None:
         """Refuse a run with a worker of another radscan (exit 69), or that cannot see the inputs
         (exit 66: the roots and a file of each) or the model (65)."""
-        for worker, versions in sorted(self.client.run(_versions).items()):
+        for worker, versions in sorted(self._run(_versions).items()):
             if tuple(versions) != _versions():
                 raise UnavailableError(f"Dask worker {worker} runs radscan {versions[0]} (preprocessing "
                                        f"{versions[1]}), this driver {_versions()[0]} ({_versions()[1]}): install the "
                                        "same radscan on every worker")
-        unseen = self.client.run(_visible, [*roots, *samples, str(model_dir.resolve())])
+        unseen = self._run(_visible, [*roots, *samples, str(model_dir.resolve())])
         for worker, missing in sorted(unseen.items()):
             if str(model_dir.resolve()) in missing:
                 raise ModelError(f"Dask worker {worker} cannot see the model {model_dir}: it must be on storage "
@@ -244,12 +249,27 @@ class Cluster:
                 raise NoInputError(f"Dask worker {worker} cannot see {', '.join(missing)}: the inputs must be on "
                                    "storage every worker mounts at the same path as the driver")
 
+    def _run(self, function: Any, *args: Any) -> dict[str, Any]:
+        """`function` on every worker, or UnavailableError when one does not answer in time (a
+        frozen worker would otherwise hold the run before it starts)."""
+        answers: list[Any] = []
+        caller = threading.Thread(target=lambda: answers.append(_outcome(self.client.run, function, *args)),
+                                  daemon=True, name="radscan-dask-run")
+        caller.start()
+        caller.join(2 * _CONNECT_TIMEOUT_S)
+        if not answers:
+            raise UnavailableError(f"a Dask worker did not answer within {2 * _CONNECT_TIMEOUT_S} s (a frozen or "
+                                   "overloaded worker?): restart it, or run without it")
+        if isinstance(answers[0], BaseException):
+            raise UnavailableError(f"the Dask workers could not be asked: {one_line(answers[0])}")
+        return answers[0]
+
     def prepare(self, phi: PhiFilter, metadata: dict[str, Any], residuals: Path | None, link_base: Path, run_id: str,
                 pictures: str, dicom_pictures: bool, resolved_roots: dict[str, str]) -> None:
         provenance = {"name": metadata.get("name", ""), "version": metadata.get("version", ""),
                       "weights": {"sha256": metadata["weights"]["sha256"]}}  # what the scorer reads: small
         self.job = _BatchJob(self.settings.policy, phi, provenance, residuals, link_base, run_id, pictures,
-                             dicom_pictures, resolved_roots, self.settings.policy.read_timeout)
+                             dicom_pictures, resolved_roots, self.settings.policy.read_timeout, self.plugin)
 
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:
         """Batches of `todo` scored on the workers, as they complete (any order), with a window of
@@ -274,7 +294,7 @@ class Cluster:
 
         running = as_completed([submit(batch) for batch in islice(batches, 2 * max(self.workers, 1))],
                                loop=self.client.loop)
-        for future in running:
+        for future in self._completed(running):
             batch = waiting.pop(future)
             try:
                 rows, pictures = future.result()
@@ -299,6 +319,30 @@ class Cluster:
             for following in islice(batches, max(1, 2 * self._worker_count() - len(waiting))):
                 running.add(submit(following))
 
+    def _completed(self, running: Any) -> Iterator[Any]:
+        """The futures of `running` as they complete; UnavailableError when the cluster has had no
+        worker for _CONNECT_TIMEOUT_S (every worker died and none came back: waiting would be forever)."""
+        alone_since = None
+        while not running.is_empty():
+            if running.has_ready():
+                yield from running.next_batch(block=False)
+                alone_since = None
+                continue
+            if self._live_workers():
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since > _CONNECT_TIMEOUT_S:
+                raise UnavailableError(f"no Dask worker left for {_CONNECT_TIMEOUT_S} s: what was scored is kept; "
+                                       "start workers and rerun to finish")
+            time.sleep(0.05)
+
+    def _live_workers(self) -> int:
+        try:
+            return len(self.client.scheduler_info()["workers"])
+        except (KeyError, OSError):
+            return 0
+
     def _worker_count(self) -> int:
         try:
             return max(1, len(self.client.scheduler_info()["workers"]))
@@ -306,6 +350,11 @@ class Cluster:
             return max(1, self.workers)
 
     def close(self) -> None:
+        if getattr(self, "plugin", "") and getattr(self, "client", None) is not None:
+            try:  # workers that join later must not load this run's model
+                self.client.unregister_worker_plugin(self.plugin)
+            except Exception as exc:  # noqa: BLE001 - a lost scheduler forgets it anyway
+                log.debug("unregistering the model plugin: %s", exc)
         for part in (getattr(self, "client", None), getattr(self, "_local", None)):
             if part is not None:
                 try:
@@ -320,6 +369,7 @@ def _connect(address: str, scheduler: str) -> Any:
     Dask can otherwise hang the handshake, or answer garbage."""
     from distributed import Client
 
+    _probe(address, scheduler)  # a port that answers garbage fails here, before a Client exists
     outcome: list[Any] = []
 
     def attempt() -> None:
@@ -349,6 +399,35 @@ def _quiet_dask() -> None:
     """Dask's own log lines and warnings are for Dask's developers: radscan says what matters (a
     worker that died, a file given up) in its own log. -vv shows them."""
     if not log.isEnabledFor(logging.DEBUG):
-        for name in ("distributed", "tornado"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        import distributed  # noqa: F401 - its import sets levels of its own loggers, overridden here
+
+        for name in [*logging.root.manager.loggerDict, "distributed", "tornado"]:
+            if name.split(".")[0] in ("distributed", "tornado"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*Port .* is already in use.*")
+
+
+def _probe(address: str, scheduler: str) -> None:
+    """Open and close one Dask connection (with its handshake) to `address`, or UnavailableError."""
+    from distributed.comm import connect
+
+    async def handshake() -> None:
+        comm = await connect(address, timeout=_CONNECT_TIMEOUT_S)
+        await comm.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(handshake(), _CONNECT_TIMEOUT_S + 5))
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, or an answer that is not Dask's
+        why = "no answer in time" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else (
+            "it did not answer as a Dask scheduler" if isinstance(exc, (MemoryError, ValueError, TypeError))
+            else one_line(exc))
+        raise UnavailableError(f"cannot use the Dask scheduler {scheduler}: {why} (is it running, with workers, and "
+                               "reachable from here?)") from None
+
+
+def _outcome(function: Any, *args: Any) -> Any:
+    """`function(*args)`, or the exception it raised."""
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
+        return exc

@@ -398,6 +398,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if pictures not in PICTURE_MODES:
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
     _check_dicom_settings(outputs, settings)
+    if settings.scheduler is not None:  # a malformed address is a usage error before anything is made
+        from radscan.cluster import parse_scheduler
+
+        parse_scheduler(settings.scheduler)
     model_dir = settings.model_dir or default_model_dir()
     check_outputs_apart([model_dir], every_output)
     for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):

@@ -162,8 +162,9 @@ def test_a_cluster_that_cannot_be_used_says_so(mixed, tmp_path, scheduler, code,
     assert not (tmp_path / "r.csv").exists()
 
 
-def test_a_port_that_does_not_speak_dask_is_exit_69_not_a_hang(mixed, tmp_path, monkeypatch):
-    """A web server where the scheduler should be keeps the handshake waiting: given up in time."""
+@pytest.mark.parametrize("answer", [b"", os.urandom(4096)], ids=["silent", "garbage"])
+def test_a_port_that_does_not_speak_dask_is_exit_69_not_a_hang(mixed, tmp_path, monkeypatch, answer):
+    """A port that keeps the handshake waiting, or answers garbage: given up in time, one line."""
     import socket
     import threading
 
@@ -172,12 +173,19 @@ def test_a_port_that_does_not_speak_dask_is_exit_69_not_a_hang(mixed, tmp_path, 
     server.bind(("127.0.0.1", 0))
     server.listen()
     accepted = []
-    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        accepted.append(connection)
+        if answer:
+            connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
     started = time.monotonic()
     result, summary = _score(str(mixed), "--out", str(tmp_path / "r.csv"), "--scheduler",
                              f"tcp://127.0.0.1:{server.getsockname()[1]}")
     assert result.exit_code == ExitCode.UNAVAILABLE, result.output
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 30 and "Traceback" not in result.output and "PiB" not in result.output
     server.close()
 
 
