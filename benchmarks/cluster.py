@@ -135,7 +135,8 @@ def parts(args: argparse.Namespace, tmp_path: Path) -> dict[str, float]:
     cost["driver: write the PNG, commit the row, worklist share"] = _driver(tmp_path, rows, pngs, flagged,
                                                                            StateStore, FileIdentity)
     del batch
-    print(f"\n2. the cost of one image, one core (flagged share {flagged:.0%}: pictures and the gradient pass for those)")
+    print(f"\n2. the cost of one image, one core (flagged share {flagged:.0%}: pictures and the gradient pass "
+          "for those)")
     print("| part | ms per image |")
     print("|---|---|")
     for name, seconds in cost.items():
