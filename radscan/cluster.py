@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from radscan.errors import ModelError, NoInputError, SettingError, UnavailableError
-from radscan.ingest import CANNOT_READ, Found, folder_study_key, ingest_file
+from radscan.ingest import CANNOT_READ, CRASHED, Found, failed_record, hung_reason, ingest_file
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.records import ImageRecord, one_line
 
@@ -168,21 +168,33 @@ def _score_batch(files: list[tuple[str, str, str]], job: _BatchJob) -> tuple[lis
 def _read(found: Found, policy: Any, timeout: float) -> tuple[ImageRecord, Any]:
     """`ingest_file` in a thread that may take `timeout` seconds: a decoder that hangs costs its
     file an error row (the thread stays busy until it returns or the worker stops)."""
-    result: list[Any] = []
-    reader = threading.Thread(target=lambda: result.append(ingest_file(found, policy)), daemon=True,
-                              name="radscan-read")
-    reader.start()
-    reader.join(timeout)
-    if result:
-        return result[0]
-    log.warning("reading %s took longer than %g s; its thread is left behind", found.path, timeout)
-    return _failed(found, f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"), None
+    try:
+        return _in_time(timeout, ingest_file, found, policy)
+    except TimeoutError:
+        log.warning("reading %s took longer than %g s; its thread is left behind", found.path, timeout)
+        return failed_record(found, hung_reason(timeout)), None
 
 
-def _failed(found: Found, reason: str) -> ImageRecord:
-    record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
-                         study_key=folder_study_key(found))
-    return record.fail(reason)
+def _in_time(seconds: float, function: Any, *args: Any) -> Any:
+    """`function(*args)` in a daemon thread: its result, or its exception raised here, or
+    TimeoutError when it has not returned within `seconds` (the thread is then left behind)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=call, daemon=True, name="radscan-in-time")
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
 
 
 def _visible(paths: list[str]) -> list[str]:
@@ -252,17 +264,13 @@ class Cluster:
     def _run(self, function: Any, *args: Any) -> dict[str, Any]:
         """`function` on every worker, or UnavailableError when one does not answer in time (a
         frozen worker would otherwise hold the run before it starts)."""
-        answers: list[Any] = []
-        caller = threading.Thread(target=lambda: answers.append(_outcome(self.client.run, function, *args)),
-                                  daemon=True, name="radscan-dask-run")
-        caller.start()
-        caller.join(2 * _CONNECT_TIMEOUT_S)
-        if not answers:
+        try:
+            return _in_time(2 * _CONNECT_TIMEOUT_S, self.client.run, function, *args)
+        except TimeoutError:
             raise UnavailableError(f"a Dask worker did not answer within {2 * _CONNECT_TIMEOUT_S} s (a frozen or "
-                                   "overloaded worker?): restart it, or run without it")
-        if isinstance(answers[0], BaseException):
-            raise UnavailableError(f"the Dask workers could not be asked: {one_line(answers[0])}")
-        return answers[0]
+                                   "overloaded worker?): restart it, or run without it") from None
+        except Exception as exc:  # noqa: BLE001 - whatever Dask raises, the run cannot use these workers
+            raise UnavailableError(f"the Dask workers could not be asked: {one_line(exc)}") from None
 
     def prepare(self, phi: PhiFilter, metadata: dict[str, Any], residuals: Path | None, link_base: Path, run_id: str,
                 pictures: str, dicom_pictures: bool, resolved_roots: dict[str, str]) -> None:
@@ -310,7 +318,7 @@ class Cluster:
                     continue
                 found = batch[0][0]
                 log.warning("the worker reading %s died", found.path)
-                record = _failed(found, "the decoder crashed on this file (its worker process died)")
+                record = failed_record(found, CRASHED)
                 prepare_record(record, self.job.phi, self.job.run_id)
                 rows, pictures = [record.as_row()], []
             future.release()
@@ -370,29 +378,22 @@ def _connect(address: str, scheduler: str) -> Any:
     from distributed import Client
 
     _probe(address, scheduler)  # a port that answers garbage fails here, before a Client exists
-    outcome: list[Any] = []
 
-    def attempt() -> None:
+    def client_with_a_worker() -> Any:
+        client = Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False)
         try:
-            client = Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False)
-            try:
-                client.wait_for_workers(1, timeout=_CONNECT_TIMEOUT_S)
-            except BaseException:
-                client.close()
-                raise
-            outcome.append(client)
-        except BaseException as exc:  # noqa: BLE001 - reported below as the scheduler's failure
-            outcome.append(exc)
+            client.wait_for_workers(1, timeout=_CONNECT_TIMEOUT_S)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
-    connecting = threading.Thread(target=attempt, daemon=True, name="radscan-dask-connect")
-    connecting.start()
-    connecting.join(2 * _CONNECT_TIMEOUT_S + 5)
-    found = outcome[0] if outcome else TimeoutError("no answer")
-    if isinstance(found, BaseException):
-        why = " ".join(str(found).split())[:200] or type(found).__name__
+    try:
+        return _in_time(2 * _CONNECT_TIMEOUT_S + 5, client_with_a_worker)
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, no worker: the scheduler's failure
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UnavailableError(f"cannot use the Dask scheduler {scheduler}: {why} (is it running, with workers, and "
-                               "reachable from here?)")
-    return found
+                               "reachable from here?)") from None
 
 
 def _quiet_dask() -> None:
@@ -423,11 +424,3 @@ def _probe(address: str, scheduler: str) -> None:
             else one_line(exc))
         raise UnavailableError(f"cannot use the Dask scheduler {scheduler}: {why} (is it running, with workers, and "
                                "reachable from here?)") from None
-
-
-def _outcome(function: Any, *args: Any) -> Any:
-    """`function(*args)`, or the exception it raised."""
-    try:
-        return function(*args)
-    except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
-        return exc

@@ -27,12 +27,13 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
-__all__ = ["CANNOT_READ", "Found", "distinct_inputs", "find_files", "sniff_kind", "ingest_file", "iter_ingested",
-           "Ingested", "load_images", "check_inputs", "folder_study_key"]
+__all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "distinct_inputs", "find_files",
+           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs", "folder_study_key"]
 
 log = logging.getLogger(__name__)
 
 CANNOT_READ = "cannot read this file"  # how the reason of a file that the system would not give starts
+CRASHED = "the decoder crashed on this file (its worker process died)"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Names that promise an image: such a file with other content is an error, not a skip.
@@ -299,17 +300,26 @@ def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
         return Parallel(n_jobs=2, timeout=timeout)([delayed(ingest_file)(found, policy)])[0]
     except Exception as exc:  # joblib raises multiprocessing's TimeoutError, not the builtin one
         if "Timeout" in type(exc).__name__:
-            reason = f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"
+            reason = hung_reason(timeout)
         elif "TerminatedWorker" in type(exc).__name__:
             log.warning("worker for %s died", found.path)
-            reason = "the decoder crashed on this file (its worker process died)"
+            reason = CRASHED
         else:  # the worker could not run at all: not this file's fault
             log.warning("could not run a worker process for %s: %s: %s", found.path, type(exc).__name__, exc)
             reason = (f"radscan could not run a worker process ({type(exc).__name__}), not a problem of this file: "
                       "see the log; rerun, or use --workers 1")
+    return failed_record(found, reason), None
+
+
+def failed_record(found: Found, reason: str) -> ImageRecord:
+    """The record of a file whose reading did not come back (its worker died or hung)."""
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
                          study_key=folder_study_key(found))
-    return record.fail(reason), None
+    return record.fail(reason)
+
+
+def hung_reason(timeout: float) -> str:
+    return f"reading took longer than {timeout:g} s (a hung or pathologically slow decoder)"
 
 
 def _inject_fault(found: Found) -> None:

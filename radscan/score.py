@@ -439,7 +439,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                      len(todo))
             scorer = _Scorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
                              dicom_pictures=bool(outputs.dicom), resolved_roots=resolved_roots)
-            with _cluster(settings, model_dir, metadata, inputs, todo) as cluster:
+            with _cluster(settings, model_dir, metadata, resolved_roots, todo) as cluster:
                 if cluster is not None:
                     cluster.prepare(phi, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
                                     bool(outputs.dicom), resolved_roots)
@@ -470,7 +470,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
 
 
 @contextlib.contextmanager
-def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any], inputs: list[str],
+def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any], resolved_roots: dict[str, str],
              todo: list[tuple[Found, FileIdentity]]) -> Iterator[Cluster | None]:
     """The Dask cluster of --scheduler (closed at the end), when there is something to read."""
     if settings.scheduler is None or not todo:
@@ -478,10 +478,11 @@ def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any],
         return
     from radscan.cluster import Cluster
 
-    samples = {}  # a file of each root: a worker that sees the folder but not what is in it is caught too
+    samples: dict[str, str] = {}  # a file of each root: a worker that sees the folder but not its files is caught
     for found, _ in todo:
-        samples.setdefault(found.root, str(Path(found.root).resolve() / found.path))
-    cluster = Cluster(settings.scheduler, settings, model_dir, metadata, [str(Path(r).resolve()) for r in inputs],
+        if found.root not in samples:
+            samples[found.root] = str(Path(resolved_roots[found.root]) / found.path)
+    cluster = Cluster(settings.scheduler, settings, model_dir, metadata, list(resolved_roots.values()),
                       list(samples.values()))
     try:
         yield cluster

@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on (for the servers the tests start)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def dicom_manifest() -> list[dict[str, str]]:
     with open(DICOM_DIR / "manifest.csv", newline="") as handle:

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from radscan.cli import cli
 from radscan.errors import ExitCode, ModelError, NoInputError
 
-from .conftest import CXR_DIR, DICOM_DIR
+from .conftest import CXR_DIR, DICOM_DIR, free_port
 
 pytest.importorskip("distributed", reason="needs radscan[dask]: pip install -e '.[dev]'")
 
@@ -200,7 +200,7 @@ def test_losing_the_scheduler_mid_run_is_exit_69_and_a_rerun_finishes(mixed, tmp
     for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / "val_abnormal").iterdir())[12:72]):
         (mixed / f"more{index:02d}").mkdir()
         shutil.copy(jpeg, mixed / f"more{index:02d}" / jpeg.name)
-    port = _free_port()
+    port = free_port()
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
             "--no-dashboard"]
     scheduler = subprocess.Popen(dask, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,14 +227,6 @@ def test_losing_the_scheduler_mid_run_is_exit_69_and_a_rerun_finishes(mixed, tmp
     result, summary = _score(str(mixed), "--out", str(out), "--batch-size", "4")
     assert result.exit_code == ExitCode.PARTIAL and summary["reused"] > 0  # what was scored is kept
     assert len(_table(out)) == 90
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class _Workers:

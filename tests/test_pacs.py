@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from radscan.cli import cli
 from radscan.dicomresults import NOT_FOR_DIAGNOSIS
 from radscan.errors import ExitCode
 
-from .conftest import CXR_DIR, DICOM_DIR
+from .conftest import CXR_DIR, DICOM_DIR, free_port
 from .test_score import _rows
 
 hd = pytest.importorskip("highdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
@@ -71,19 +70,13 @@ def _another(uid: str, number: int) -> str:
     return uid[:-2] + f"{number:02d}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Orthanc:
     """A real Orthanc on loopback ports, with its own storage, for one test module."""
 
     AET = "ORTHANC"
 
     def __init__(self, folder: Path):
-        self.folder, self.dicom_port, self.http_port = folder, _free_port(), _free_port()
+        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "radscan-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
@@ -252,7 +245,7 @@ def test_results_arrive_in_orthanc_once_and_are_found_in_the_source_study(studie
 
 def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_model, tmp_path, orthanc):
     out, folder = tmp_path / "report.csv", tmp_path / "dicom"
-    down = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{_free_port()}", "--called-ae", Orthanc.AET]
+    down = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{free_port()}", "--called-ae", Orthanc.AET]
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *down)
     assert result.exit_code == ExitCode.PARTIAL, result.output
     assert summary["exit_code"] == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8
