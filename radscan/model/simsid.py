@@ -406,7 +406,14 @@ class SimSID(nn.Module):
         Every normalisation is per sample, but convolution and matrix kernels pick their blocking
         by batch size, which moves results in the last float bits; the calibration's division by a
         small spread can make that visible. So the model always runs on chunks of the same size
-        (zero-padded), and a sample's result never depends on how the caller batched it.
+        (zero-padded), and a sample's result never depends on how the caller batched it. Every
+        batched operation, the smoothing of the maps included, runs inside those chunks: on a CPU
+        without AVX-512 a (B, 1, H, W) convolution's result depends on B.
+
+        Where the guarantee stops: it holds on one machine with one torch build. Another instruction
+        set (torch picks its kernels by CPU capability) gives other last bits, so scores from two
+        machines agree to float rounding (about 1e-6 relative; explanation maps, through every kink
+        of the network, to about 1% of their peak), not bit for bit.
         """
         if self.training:
             raise RuntimeError("call model.eval() before scoring")
@@ -419,10 +426,10 @@ class SimSID(nn.Module):
                  for start in range(0, padded.shape[0], chunk)]
         components, residual, explanation = (torch.cat(column)[:count] for column in zip(*parts, strict=True))
         raw, z = self.calibrated(components)
-        return ScoreResult(torch.sigmoid(z), raw, explanation, self.smooth(residual, self.blur_kernel), components)
+        return ScoreResult(torch.sigmoid(z), raw, explanation, residual, components)
 
     def _score_chunk(self, images: torch.Tensor, explain: bool, components: bool = True) -> tuple[torch.Tensor, ...]:
-        """Components (B, 3), residual (B, H, W) and explanation maps (B, H, W) of one chunk.
+        """Components (B, 3), smoothed residual (B, H, W) and explanation maps (B, H, W) of one chunk.
 
         The explanation is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
         of integrated gradients, Sundararajan et al. 2017) of the calibrated score, against the mean
@@ -443,6 +450,7 @@ class SimSID(nn.Module):
                     residual = images.new_zeros(images.shape[0], *images.shape[2:])
                     return torch.cat([critic[:, None], others], dim=1), residual, residual
                 components, residual = self.raw_scores(images)
+                residual = self.smooth(residual, self.blur_kernel)
             return components, residual, torch.zeros_like(residual)
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)
@@ -454,7 +462,7 @@ class SimSID(nn.Module):
         attribution = (gradient * (images - self.normal_mean.to(images))).squeeze(1) * images[0, 0].numel()
         smoothed = self.smooth(attribution, self.explanation_kernel)
         explanation = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
-        return components.detach(), residual.detach(), explanation.detach()
+        return components.detach(), self.smooth(residual.detach(), self.blur_kernel), explanation.detach()
 
     @staticmethod
     def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
