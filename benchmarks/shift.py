@@ -101,7 +101,7 @@ def measure(model_dir: Path, abnormal: np.ndarray, train: Path) -> list[tuple[st
 
     def scores(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return score_arrays(model, images).scores.double().numpy()
+            return score_arrays(model, images, components=False).scores.double().numpy()
 
     def logit(p: np.ndarray) -> np.ndarray:
         p = np.clip(p, 1e-12, 1 - 1e-12)

@@ -36,9 +36,11 @@ from tqdm import tqdm
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
+from radscan.model.density import framing_copies
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
+from radscan.recipe import TrainConfig
 from radscan.policy import Policy
 from radscan.qc import fit_reference, save_reference
 from radscan.report import CsvStream, atomic_output, cannot_write
@@ -51,38 +53,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 EXPLANATION_NORMAL_QUANTILE = 0.95
 MIN_CALIBRATION = 5
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 300
-    batch_size: int = 16
-    max_minutes: float | None = None  # a time budget: stop after the iteration that crosses it
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    g_weight_decay: float = 1e-5
-    cosine_t_max: int = 300  # epochs
-    cosine_eta_min: float = 1e-5
-    g_every: int = 2  # generator step every second batch, on the same forward pass
-    w_student: float = 10.0
-    w_teacher: float = 0.01
-    w_distill: float = 0.001
-    w_adversarial: float = 0.005
-    w_discriminator: float = 0.005
-    shift: float = 0.05  # augmentation: translation, fraction of the image size
-    scale: tuple[float, float] = (0.95, 1.05)
-    aspect: float = 0.0  # width/height ratio changed by a factor drawn log-uniformly in [1/(1+a), 1+a]
-    # augmentation of the acquisition (see vary_acquisition); 0 turns each off
-    gamma: float = 0.0  # gamma drawn log-uniformly in [1/(1+g), 1+g]
-    contrast: float = 0.0  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
-    blur: float = 0.0  # on half the images, a Gaussian blur of sigma uniform in [0, 2 * blur] pixels (mean blur)
-    noise: float = 0.0  # Gaussian noise of standard deviation uniform in [0, noise] (image range 0..1)
-    # weight of a third discriminator term: films with one local synthetic anomaly count as fake
-    # (see local_anomalies); 0 turns it off
-    synthetic: float = 0.0
-    calibration_fraction: float = 0.15
-    target_specificity: float = 0.95
-    seed: int = 0
+FRAMING_COPIES = 2  # framings of each training normal in the feature density's fit (validation: 2 and 4 alike)
 
 
 @dataclass
@@ -299,14 +270,38 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
                          "train from the start, or choose another --out") from None
 
 
-def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
-                   batch_size: int, device: torch.device) -> dict[str, float]:
-    """Calibrate on the held-out normals, then, with labelled validation data, the validation AUC
-    of every score kind, and of the live discriminator alone (no snapshots)."""
+def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torch.device,
+                batch_size: int = 64) -> None:
+    """Fit the model's feature density (if it has one) to the training normals ((N, 128, 128)
+    uint8) and FRAMING_COPIES framings of each (radscan.model.density.framing_copies), with the
+    live discriminator as it is now. Raises ModelError when its features are not finite (a
+    diverged discriminator)."""
+    if model.density is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    with torch.inference_mode():
+        for batch in iter_batches(train_images, batch_size):
+            films = to_model_tensor(batch, device)
+            films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator)])
+            parts.append(model.density.features(model.discriminator.stages(films)).cpu())
+    try:
+        model.density.fit(torch.cat(parts).to(device))
+    except ValueError as exc:
+        raise ModelError(f"cannot fit the feature density: {exc} (the discriminator diverged?)") from None
+
+
+def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndarray,
+                   validation: tuple[np.ndarray, np.ndarray] | None, batch_size: int, device: torch.device,
+                   seed: int = 0) -> dict[str, float]:
+    """Fit the feature density to the training normals, calibrate on the held-out normals, then,
+    with labelled validation data, the validation AUC of every score kind the model computes, and
+    of the live discriminator alone (no snapshots)."""
     model.eval()
+    fit_density(model, train_images, seed, device, batch_size)
     components = calibrate(model, calibration, batch_size, device, target_specificity=None, explanation=False)[1]
     metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
-               for column, kind in enumerate(COMPONENTS) if kind != "critic"}
+               for column, kind in enumerate(COMPONENTS) if kind != "critic" and components[:, column].isfinite().all()}
     metrics.update({f"calibration_{key}": value for key, value in _fidelity(model, calibration, device).items()})
     if validation is not None:
         normal, abnormal = validation
@@ -314,7 +309,8 @@ def evaluate_epoch(model: SimSID, calibration: np.ndarray, validation: tuple[np.
         components = score_arrays(model, images, batch_size, device).components
         labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
         for kind, z in model.z_scores(components).items():
-            metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
+            if z.isfinite().all():
+                metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
         live = _in_batches(model.discriminator, images, batch_size, device)
         metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
@@ -349,7 +345,7 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
        maps show only what exceeds it);
     5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
 
-    Returns the normals' 0..1 scores (N,) and raw components (N, 3). Raises NoInputError for fewer
+    Returns the normals' 0..1 scores (N,) and raw components (N, 4). Raises NoInputError for fewer
     than MIN_CALIBRATION normals (a spread and a quantile need more than a handful)."""
     if len(normals) < MIN_CALIBRATION:
         raise NoInputError(f"only {len(normals)} usable calibration normals; at least {MIN_CALIBRATION} are needed "
@@ -361,8 +357,9 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     model.critic_mean.copy_(logits.mean(0))
     model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
     components = score_arrays(model, normals, batch_size, device).components
-    model.calibration_mean.copy_(components.mean(0))
-    model.calibration_std.copy_(components.std(0).clamp_min(1e-6))
+    # a kind the model cannot compute (NaN: the density of a model without one) keeps mean 0, spread 1
+    model.calibration_mean.copy_(components.mean(0).nan_to_num(0.0))
+    model.calibration_std.copy_(components.std(0).nan_to_num(1.0).clamp_min(1e-6))
     if explanation:
         model.explanation_normal.zero_()
         maps = score_arrays(model, normals, batch_size, device, explain=True).explanation_maps
@@ -514,7 +511,7 @@ def train(
                     break
             bar.close()
             trainer.schedule.step()
-            metrics = evaluate_epoch(trainer.model, calibration, validation, 64, device)
+            metrics = evaluate_epoch(trainer.model, train_images, calibration, validation, 64, device, tcfg.seed)
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
@@ -530,6 +527,7 @@ def train(
                            "snapshots: raise --max-minutes and rerun with --resume")
 
     model = trainer.model.eval()
+    fit_density(model, train_images, tcfg.seed, device)
     metrics, calibration_scores = finalize(model, calibration, validation, tcfg, device)
     metadata = {
         "name": name or out_dir.name,

@@ -10,7 +10,8 @@ import torch
 
 from radscan.model.config import PRESETS, SimSIDConfig, preset
 from radscan.model.memory import MemoryBank, sparse_read
-from radscan.model.simsid import SimSID, merge_patches, split_patches, to_model_tensor
+from radscan.model.density import FeatureDensity
+from radscan.model.simsid import COMPONENTS, SimSID, merge_patches, split_patches, to_model_tensor
 
 from .conftest import CXR_DIR, REPO
 
@@ -117,13 +118,18 @@ def _calibrated_tiny(**overrides) -> SimSID:
     model.train()
     model.generate(_real_batch(16))  # move BN running statistics away from their initial values
     model.eval()
+    if model.density is not None:  # a density fitted to real films, as after training
+        from radscan.train import fit_density
+
+        fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
+                    torch.device("cpu"))
     model.calibration_std.fill_(1e-3)  # a small spread, as after training, magnifies any difference
     return model
 
 
-@pytest.mark.parametrize(("d_norm", "score_kind"), [("instance", "critic"), ("batch", "seed")])
+@pytest.mark.parametrize(("d_norm", "score_kind"), [("instance", "critic"), ("batch", "seed"), ("instance", "density")])
 def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
-    model = _calibrated_tiny(d_norm=d_norm, score_kind=score_kind, critic_snapshots=2)
+    model = _calibrated_tiny(d_norm=d_norm, score_kind=score_kind, critic_snapshots=2, density_grid=8)
     batch = torch.cat([_real_batch(16), _real_batch(24)[8:]])  # 32 images
     together = model.score(batch)
     assert together.explanation_maps.shape == (32, 128, 128) and (together.explanation_maps >= 0).all()
@@ -131,7 +137,8 @@ def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
     for index in (0, 7, 15, 31):
         alone = model.score(batch[index:index + 1])
         for field in ("scores", "components", "residual_maps", "explanation_maps"):
-            assert torch.equal(getattr(alone, field), getattr(together, field)[index:index + 1]), field
+            torch.testing.assert_close(getattr(alone, field), getattr(together, field)[index:index + 1], rtol=0,
+                                       atol=0, equal_nan=True, msg=field)
     shuffled = torch.randperm(32)
     assert torch.equal(model.score(batch[shuffled]).scores, together.scores[shuffled])
     assert torch.equal(model.score(batch[5:12]).scores, together.scores[5:12])
@@ -168,19 +175,76 @@ def test_scores_agree_across_cpu_instruction_sets(tmp_path):
     assert (generic["explanation_maps"] - native["explanation_maps"]).abs().max() <= 0.02 * peak
 
 
-@pytest.mark.parametrize("score_kind", ["critic", "seed"])
+@pytest.mark.parametrize("score_kind", ["critic", "seed", "density"])
 def test_scoring_without_the_other_components_gives_the_same_scores(score_kind):
     """Without pictures, radscan score asks only for the configured score (for the critic, no
     generator pass): the scores must be bit-identical to the full computation."""
-    model = _calibrated_tiny(score_kind=score_kind, critic_snapshots=2)
+    model = _calibrated_tiny(score_kind=score_kind, critic_snapshots=2, density_grid=8)
     batch = _real_batch(16)
     full = model.score(batch, explain=False)
     lean = model.score(batch, explain=False, components=False)
     assert torch.equal(lean.scores, full.scores) and torch.equal(lean.raw_scores, full.raw_scores)
-    if score_kind == "critic":
-        assert torch.isnan(lean.components[:, 1:]).all() and not lean.residual_maps.any()
+    column = COMPONENTS.index(score_kind)
+    if score_kind in ("critic", "density"):  # no generator: the other kinds are not computed
+        others = [c for c in range(len(COMPONENTS)) if c != column]
+        assert torch.isnan(lean.components[:, others]).all() and not lean.residual_maps.any()
+        assert torch.equal(lean.components[:, column], full.components[:, column])
     else:  # the seed score needs the generator: everything is computed
         assert torch.equal(lean.components, full.components)
+    if score_kind == "density":  # its map needs no gradient: the lean path gives the same pictures
+        explained = model.score(batch, explain=True, components=False)
+        assert torch.equal(explained.explanation_maps, model.score(batch).explanation_maps)
+        assert explained.explanation_maps.any()
+
+
+def test_feature_density_is_the_gaussian_of_each_region():
+    """With no shrinkage, the fitted Gaussian is the sample one: a training sample's squared
+    Mahalanobis distance averages C (N - 1) / N in every region, the mean itself is at 0, and a
+    region moved along its own standard deviation by k is at k squared."""
+    cfg = preset("tiny", density_grid=2, density_stages=(3,))
+    density = FeatureDensity(cfg)
+    generator = torch.Generator().manual_seed(0)
+    channels, n = 64, 300
+    mixing = torch.randn(4, channels, channels, generator=generator, dtype=torch.float64) / channels**0.5
+    latent = torch.randn(n, 4, channels, generator=generator, dtype=torch.float64)
+    features = (torch.einsum("nrc,rcd->nrd", latent, mixing) + 3.0).permute(0, 2, 1).reshape(n, channels, 2, 2)
+    density.fit(features, shrinkage=0.0)
+    distances = density.distances(features.float())
+    assert distances.shape == (n, 2, 2)
+    torch.testing.assert_close(distances.double().mean(0), torch.full((2, 2), channels * (n - 1) / n,
+                                                                      dtype=torch.float64), rtol=1e-3, atol=0)
+    mean = features.mean(0, keepdim=True)
+    assert density.distances(mean.float()).abs().max() < 1e-3
+    centred = features.flatten(2)[:, :, 0] - features.flatten(2)[:, :, 0].mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]  # a principal axis of region 0
+    spread = (centred @ direction).std()
+    moved = mean.clone()
+    moved.view(1, channels, 4)[0, :, 0] += 2 * spread * direction
+    torch.testing.assert_close(density.distances(moved.float())[0, 0, 0].double(), torch.tensor(4.0, dtype=torch.float64),
+                               rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="finite"):
+        density.fit(torch.full((5, channels, 2, 2), float("nan")))
+
+
+def test_density_score_is_the_mean_of_its_region_map_in_z_units():
+    model = _calibrated_tiny(score_kind="density", density_grid=8)
+    model.calibration_std.fill_(7.0)
+    model.explanation_normal.fill_(-1000.0)  # nothing subtracted, nothing clamped: the map as it is
+    batch = _real_batch(4)
+    result = model.score(batch, components=False)
+    with torch.no_grad():
+        regions = model.density_regions(batch)
+    torch.testing.assert_close(result.raw_scores, regions.flatten(1).mean(1))
+    # the map is the regions' z, enlarged and smoothed (zero padding): its mean is about the film's z,
+    # and its peak sits over the most unlikely region
+    z = (result.raw_scores - model.calibration_mean[COMPONENTS.index("density")]) / 7.0
+    shown = result.explanation_maps - 1000.0
+    assert torch.allclose(shown.mean((1, 2)), z, atol=0.15 * z.abs().max().item())
+    peak = regions.flatten(1).argmax(1)
+    for image, region in enumerate(peak.tolist()):
+        row, col = divmod(region, 8)
+        cell = shown[image, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16]
+        assert cell.mean() >= shown[image].mean()
 
 
 def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():

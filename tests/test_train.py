@@ -24,7 +24,7 @@ from radscan.train import TrainConfig, Trainer, train
 
 from .conftest import CXR_DIR
 
-TINY = preset("tiny", critic_snapshots=2)
+TINY = preset("tiny", critic_snapshots=2, density_grid=8)  # the density is fitted, the critic scores
 FAST = TrainConfig(epochs=2, batch_size=8, seed=3, aspect=0.2, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
 
 
@@ -149,11 +149,31 @@ def test_snapshot_critics_are_the_discriminators_of_the_last_epochs():
     assert not any(p.requires_grad for p in trainer.model.snapshot_critics.parameters())
 
 
+def test_train_defaults_are_the_shipped_recipe():
+    """`radscan train NORMALS --out DIR` must make what the shipped model's card says was made."""
+    from radscan.cli import train as train_command
+    from radscan.recipe import MODEL_SETTINGS, PRESET
+
+    card = json.loads((Path(__file__).resolve().parents[1] / "models/kermany-tiny/model.json").read_text())
+    recipe, config = card["training"]["train_config"], card["config"]
+    defaults = {p.name: p.default for p in train_command.params}
+    assert defaults["preset"] == PRESET == "tiny"
+    for option, key in (("epochs", "epochs"), ("lr", "lr"), ("cosine_epochs", "cosine_t_max"), ("aspect", "aspect"),
+                        ("gamma", "gamma"), ("contrast", "contrast"), ("blur", "blur"), ("noise", "noise"),
+                        ("batch_size", "batch_size"), ("seed", "seed"), ("synthetic", "synthetic"),
+                        ("calibration_fraction", "calibration_fraction")):
+        assert defaults[option] == recipe[key] == getattr(TrainConfig(), key), option
+    for option, key in (("score_kind", "score_kind"), ("critic_snapshots", "critic_snapshots"),
+                        ("density_grid", "density_grid")):
+        assert defaults[option] == MODEL_SETTINGS[key] == config[key], option
+    assert preset(PRESET, **MODEL_SETTINGS).widths == tuple(config["widths"])
+
+
 def test_acquisition_variation_keeps_shape_and_range_and_can_be_off():
     from radscan.train import vary_acquisition
 
     images = to_model_tensor(np.random.default_rng(0).integers(0, 256, (6, 128, 128), dtype=np.uint8))
-    off = vary_acquisition(images, torch.Generator().manual_seed(0), TrainConfig())
+    off = vary_acquisition(images, torch.Generator().manual_seed(0), TrainConfig(gamma=0, contrast=0, blur=0, noise=0))
     assert off is images
     varied = vary_acquisition(images, torch.Generator().manual_seed(0), FAST)
     assert varied.shape == images.shape and varied.min() >= -1 and varied.max() <= 1

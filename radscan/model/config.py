@@ -14,6 +14,9 @@ SCORE_KINDS: dict[str, str] = {
     "seed": "the discriminator's verdict on the student's reconstruction, -D(G_s(E(I))): the seed "
             "report's score, kept for comparison",
     "residual": "the mean absolute difference between the film and the student's reconstruction",
+    "density": "how unlikely the critic's features of each region of the film are under a Gaussian model of "
+               "the same region in the training normals (PaDiM-style), averaged over the regions: one "
+               "discriminator pass, and a map of the regions that raise it",
 }
 
 
@@ -54,6 +57,10 @@ class SimSIDConfig:
     score_kind: str = "critic"
     critic_snapshots: int = 1  # discriminators of the last K epochs whose z-scored critics are averaged
     critic_view_shift: float = 0.05  # fraction of the size: the critic averages 4 diagonally shifted views (0: none)
+    # the feature density model (score kind "density"): a Gaussian per region of a grid x grid layout of the
+    # critic's features from these stages (0 = the first convolution's output); grid 0: no density model
+    density_grid: int = 0
+    density_stages: tuple[int, ...] = (1, 2, 3)
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
     explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
@@ -76,6 +83,13 @@ class SimSIDConfig:
             raise ValueError("critic_detail must be in [0, 0.5]")
         if not 0 <= self.critic_view_shift < 0.5:
             raise ValueError("critic_view_shift must be in [0, 0.5)")
+        if not self.density_stages or not set(self.density_stages) <= set(range(len(self.d_widths))):
+            raise ValueError(f"density_stages must be discriminator stages in 0..{len(self.d_widths) - 1}")
+        sides = [self.image_size // 2 ** (stage + 1) for stage in self.density_stages]
+        if self.density_grid < 0 or any(side % self.density_grid for side in sides if self.density_grid):
+            raise ValueError(f"density_grid must be 0 or divide the side of every density stage's map ({sides})")
+        if self.score_kind == "density" and not self.density_grid:
+            raise ValueError("score_kind 'density' needs a density model (density_grid > 0)")
         if 2**self.position_bits < self.patches:
             raise ValueError(f"position_bits={self.position_bits} cannot number {self.patches} patches")
         if self.memory_topk > min(self.memory_slots, self.decoder_memory_slots):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radscan.model.config import SimSIDConfig
+from radscan.model.density import FeatureDensity, upsample_regions
 from radscan.model.memory import MemoryBank, SpaceAwareMemory
 
 __all__ = ["SimSID", "Generated", "ScoreResult", "COMPONENTS", "to_model_tensor"]
@@ -268,12 +269,22 @@ class Discriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B,) logits, high = real."""
+        return self.logit(self.stages(images)[-1].flatten(1)).squeeze(1)
+
+    def stages(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 1, H, W) -> the output of every stage (after its activation), finest first: what the
+        verdict is made from, and what the feature density model (radscan.model.density) describes."""
         if self.detail:
             images = self._equalise_detail(images)
         if self.low_pass.shape[-1] > 1:
             radius = self.low_pass.shape[-1] // 2
             images = F.conv2d(F.pad(images, (radius,) * 4, mode="replicate"), self.low_pass.to(images.dtype))
-        return self.logit(self.features(images).flatten(1)).squeeze(1)
+        outputs = []
+        for layer in self.features:
+            images = layer(images)
+            if isinstance(layer, nn.LeakyReLU):
+                outputs.append(images)
+        return outputs
 
 
     def _equalise_detail(self, images: torch.Tensor) -> torch.Tensor:
@@ -300,10 +311,11 @@ class ScoreResult(NamedTuple):
     raw_scores: torch.Tensor  # (B,) the configured kind before calibration, high = anomalous
     explanation_maps: torch.Tensor  # (B, H, W) >= 0: where the film raises the score (see SimSID._score_chunk)
     residual_maps: torch.Tensor  # (B, H, W) smoothed |input - student reconstruction|, in 0..2
-    components: torch.Tensor  # (B, 3) raw scores of every kind, columns in COMPONENTS order
+    components: torch.Tensor  # (B, 4) raw scores of every kind, columns in COMPONENTS order (NaN: not computed)
 
 
-COMPONENTS = ("critic", "seed", "residual")  # the columns of ScoreResult.components
+# the columns of ScoreResult.components; models saved before "density" have three (radscan.model.io pads them)
+COMPONENTS = ("critic", "seed", "residual", "density")
 
 # Images per model call when scoring: CPU, GPU (larger chunks keep a GPU busy).
 _SCORE_CHUNK = (16, 128)
@@ -323,6 +335,8 @@ class SimSID(nn.Module):
         # Frozen copies of the discriminator from the epochs before the last (newest first): the
         # adversarial game moves any one critic's view from epoch to epoch; their average does not.
         self.snapshot_critics = nn.ModuleList(Discriminator(cfg) for _ in range(cfg.critic_snapshots - 1))
+        # the live discriminator's features, region by region, against the training normals' (fitted after training)
+        self.density = FeatureDensity(cfg) if cfg.density_grid else None
         # Calibration travels with the weights (all set by radscan.train.calibrate on held-out normals):
         # each critic's logit mean/spread, then mean/spread of every score kind's raw value, the flag
         # threshold on the 0..1 score, the mean normal film (the explanation's reference) and, per
@@ -383,24 +397,35 @@ class SimSID(nn.Module):
         logits = self.critic_logits(images)
         return ((logits - self.critic_mean.to(logits)) / self.critic_std.to(logits)).mean(dim=1)
 
-    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, H, W) -> raw scores (B, 3) of every kind (COMPONENTS order; high = anomalous) and
-        the unsmoothed residual |input - student| (B, H, W).
+    def density_regions(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, g, g): how unlikely each region of the film is under the training
+        normals' Gaussian of that region (squared Mahalanobis distance of the live discriminator's
+        pooled features; radscan.model.density). Their mean is the raw density score."""
+        return self.density.distances(self.density.features(self.discriminator.stages(images)))
+
+    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, 1, H, W) -> raw scores (B, 4) of every kind (COMPONENTS order; high = anomalous; the
+        density is NaN in a model without a density model), the unsmoothed residual |input - student|
+        (B, H, W) and the density's region distances (B, g, g), or None.
 
         The generator runs without autograd unless the configured score depends on it, so the
         explanation's gradient of the critic score does not traverse the generator."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.score_kind != "critic"):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.score_kind in ("seed", "residual")):
             student = self.generate(images, with_teacher=False).student
         residual = (images - student).abs().squeeze(1)
         seed = -self.discriminator(student).float()  # D says "real" for normal reconstructions
-        return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float()], dim=1), residual
+        regions = self.density_regions(images) if self.density is not None else None
+        density = regions.flatten(1).mean(1) if regions is not None else torch.full_like(seed, torch.nan)
+        return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float(), density],
+                           dim=1), residual, regions
 
     def score(self, images: torch.Tensor, explain: bool = True, components: bool = True) -> ScoreResult:
         """Frozen scoring of (B, 1, H, W) images in [-1, 1]: no memory writes, no randomness, and
         each image's result bit-identical whatever else is in the batch. Call `eval()` first.
-        `explain=False` skips the explanation maps (returned as zeros), which need a backward pass.
-        `components=False` (with explain=False) computes only what the configured score needs: for
-        the critic, the generator does not run (about 3x faster on a CPU); the other kinds' raw
+        `explain=False` skips the explanation maps (returned as zeros), which need a backward pass
+        (the density kind's do not). `components=False` computes only what the configured score
+        needs: for the critic (with explain=False) and the density, the generator does not run
+        (about 3x faster on a CPU; the density needs one discriminator pass); the other kinds' raw
         components are then NaN and the residual maps zeros. Scores are the same either way.
 
         Every normalisation is per sample, but convolution and matrix kernels pick their blocking
@@ -417,7 +442,7 @@ class SimSID(nn.Module):
         """
         if self.training:
             raise RuntimeError("call model.eval() before scoring")
-        if explain and torch.is_inference_mode_enabled():
+        if explain and self.cfg.score_kind != "density" and torch.is_inference_mode_enabled():
             raise RuntimeError("explanation maps need a gradient: call score(..., explain=False) "
                                "inside torch.inference_mode()")
         count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
@@ -429,9 +454,9 @@ class SimSID(nn.Module):
         return ScoreResult(torch.sigmoid(z), raw, explanation, residual, components)
 
     def _score_chunk(self, images: torch.Tensor, explain: bool, components: bool = True) -> tuple[torch.Tensor, ...]:
-        """Components (B, 3), smoothed residual (B, H, W) and explanation maps (B, H, W) of one chunk.
+        """Components (B, 4), smoothed residual (B, H, W) and explanation maps (B, H, W) of one chunk.
 
-        The explanation is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
+        The density kind's explanation is its own region map (`density_map`). The others' is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
         of integrated gradients, Sundararajan et al. 2017) of the calibrated score, against the mean
         normal film of the calibration normals: each pixel's first-order share of how much the
         z-score would fall if that pixel looked like the average normal chest, in z-score units per
@@ -442,19 +467,22 @@ class SimSID(nn.Module):
         that pixel (`explanation_normal`); the rest, and what makes the film look more normal, is
         zero: >= 0.
         """
-        if not explain:
+        kind = self.cfg.score_kind
+        if not explain or kind == "density":  # the density's map is its own regions: no gradient
             with torch.inference_mode():
-                if not components and self.cfg.score_kind == "critic":  # the critic alone: no generator
-                    critic = self.critic_score(images).float()
-                    others = torch.full((len(images), len(COMPONENTS) - 1), torch.nan, device=critic.device)
-                    residual = images.new_zeros(images.shape[0], *images.shape[2:])
-                    return torch.cat([critic[:, None], others], dim=1), residual, residual
-                components, residual = self.raw_scores(images)
+                zeros = images.new_zeros(images.shape[0], *images.shape[2:])
+                if not components and kind in ("critic", "density"):  # what the score needs alone: no generator
+                    values = torch.full((len(images), len(COMPONENTS)), torch.nan, device=images.device)
+                    regions = self.density_regions(images) if kind == "density" else None
+                    values[:, COMPONENTS.index(kind)] = (regions.flatten(1).mean(1) if regions is not None
+                                                         else self.critic_score(images).float())
+                    return values, zeros, self.density_map(regions) if explain else zeros
+                components, residual, regions = self.raw_scores(images)
                 residual = self.smooth(residual, self.blur_kernel)
-            return components, residual, torch.zeros_like(residual)
+            return components, residual, self.density_map(regions) if explain else zeros
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)
-            components, residual = self.raw_scores(images)
+            components, residual, _ = self.raw_scores(images)
             z = self.calibrated(components)[1]
             (gradient,) = torch.autograd.grad(z.sum(), images)
         # per pixel, times the pixel count: a map that is c everywhere means the film is c z-units
@@ -463,6 +491,18 @@ class SimSID(nn.Module):
         smoothed = self.smooth(attribution, self.explanation_kernel)
         explanation = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
         return components.detach(), self.smooth(residual.detach(), self.blur_kernel), explanation.detach()
+
+    def density_map(self, regions: torch.Tensor) -> torch.Tensor:
+        """The density kind's explanation: (B, g, g) region distances -> (B, H, W) >= 0.
+
+        Each region's distance calibrated like the score (so a map that is c everywhere belongs to a
+        film of z-score c: the map's mean is the film's z), enlarged bilinearly, smoothed over
+        regions (`explanation_blur_sigma`), and shown where it exceeds the 95th percentile of the
+        calibration normals' maps at that pixel (`explanation_normal`)."""
+        column = COMPONENTS.index("density")
+        z = (regions - self.calibration_mean[column]) / self.calibration_std[column]
+        smoothed = self.smooth(upsample_regions(z.float(), self.cfg.image_size), self.explanation_kernel)
+        return (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
 
     @staticmethod
     def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

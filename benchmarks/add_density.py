@@ -1,0 +1,65 @@
+"""Give a trained model directory a feature density model (score kind "density") without retraining.
+
+Fits the density on the model's own training split (`training_split.csv`, paths relative to the
+training folder), recalibrates every score kind on its calibration split with the same threshold
+rule as training, and saves the model to OUT with the chosen score kind (sealed and hashed like a
+trained model). The live discriminator's features are used, as `radscan train` does.
+
+    python benchmarks/add_density.py models/kermany-tiny ../shared/data/cxr/kermany_pediatric_224/train_normal \\
+        --out /tmp/kermany-density [--score density] [--grid 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from radscan.ingest import load_images
+from radscan.model.io import load_model, save_model
+from radscan.model.simsid import SimSID
+from radscan.policy import Policy
+from radscan.train import calibrate, fit_density
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("train", type=Path, help="the folder the model was trained on")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--score", default="density")
+    parser.add_argument("--grid", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    old, metadata = load_model(args.model)
+    cfg = dataclasses.replace(old.cfg, density_grid=args.grid, score_kind=args.score)
+    model = SimSID(cfg)
+    model.load_state_dict(old.state_dict(), strict=False)  # everything but the (new) density buffers
+    model.eval()
+    rows = list(csv.DictReader((args.model / "training_split.csv").open()))
+    split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side] for side in ("train", "calibration")}
+    train_images = load_images(split["train"], Policy(), workers=2, progress=False)[0]
+    calibration = load_images(split["calibration"], Policy(), workers=2, progress=False)[0]
+    device = torch.device("cpu")
+    fit_density(model, train_images, args.seed, device)
+    target = metadata["calibration"].get("target_specificity", 0.95)
+    calibrate(model, calibration, 64, device, target)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("training_split.csv", "training_inputs.csv", "qc.safetensors"):
+        if (args.model / name).exists():
+            (args.out / name).write_bytes((args.model / name).read_bytes())
+    metadata = {key: value for key, value in metadata.items() if key not in ("weights", "config", "format")}
+    metadata["calibration"] = {key: metadata["calibration"][key] for key in ("method", "n_calibration", "target_specificity")
+                               if key in metadata["calibration"]}
+    metadata.pop("metrics", None)  # measured on the old score kind
+    metadata["density"] = {"fitted_on": "training split", "added_after_training": True, "seed": args.seed}
+    save_model(model, args.out, metadata)
+    print(json.dumps({"out": str(args.out), "threshold": float(model.threshold)}))
+
+
+if __name__ == "__main__":
+    main()

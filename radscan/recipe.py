@@ -1,0 +1,54 @@
+"""The default recipe of `radscan train`: what the shipped model was made with, in one place.
+
+`radscan train NORMALS --out DIR` with no other option trains this recipe; the CLI's defaults and
+help are read from here, and the model card's command is this one plus paths. Every value was
+chosen on validation data (README "Ablation"). Imports nothing heavy: `radscan --help` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TrainConfig", "PRESET", "MODEL_SETTINGS"]
+
+PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs take about 20 minutes on 2 cores
+# settings over the preset: five snapshot critics, and the score is the feature density of the last
+# epoch's critic on an 8 x 8 grid of regions (README "Score kinds")
+MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained. The defaults are the recipe of the shipped model (README "Ablation":
+    recipe C, 30 epochs at lr 1e-3 with the cosine over the same 30, acquisition and aspect
+    augmentation), so `radscan train NORMALS --out DIR` makes what was validated."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    max_minutes: float | None = None  # a time budget: stop after the iteration that crosses it
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    g_weight_decay: float = 1e-5
+    cosine_t_max: int = 30  # epochs
+    cosine_eta_min: float = 1e-5
+    g_every: int = 2  # generator step every second batch, on the same forward pass
+    w_student: float = 10.0
+    w_teacher: float = 0.01
+    w_distill: float = 0.001
+    w_adversarial: float = 0.005
+    w_discriminator: float = 0.005
+    shift: float = 0.05  # augmentation: translation, fraction of the image size
+    scale: tuple[float, float] = (0.95, 1.05)
+    aspect: float = 0.15  # width/height ratio changed by a factor drawn log-uniformly in [1/(1+a), 1+a]
+    # augmentation of the acquisition (see vary_acquisition); 0 turns each off
+    gamma: float = 0.3  # gamma drawn log-uniformly in [1/(1+g), 1+g]
+    contrast: float = 0.3  # contrast factor drawn log-uniformly in [1/(1+c), 1+c], about the image mean
+    blur: float = 1.0  # on half the images, a Gaussian blur of sigma uniform in [0, 2 * blur] pixels (mean blur)
+    noise: float = 0.02  # Gaussian noise of standard deviation uniform in [0, noise] (image range 0..1)
+    # weight of a third discriminator term: films with one local synthetic anomaly count as fake
+    # (see local_anomalies); 0 turns it off
+    synthetic: float = 0.0
+    calibration_fraction: float = 0.15
+    target_specificity: float = 0.95
+    seed: int = 0
