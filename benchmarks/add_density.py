@@ -15,6 +15,7 @@ import argparse
 import csv
 import dataclasses
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def main() -> None:
     model.load_state_dict(old.state_dict(), strict=False)  # everything but the (new) density buffers
     model.eval()
     rows = list(csv.DictReader((args.model / "training_split.csv").open()))
-    split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side] for side in ("train", "calibration")}
+    split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side]
+             for side in ("train", "calibration")}
     train_images = load_images(split["train"], Policy(), workers=2, progress=False)[0]
     calibration = load_images(split["calibration"], Policy(), workers=2, progress=False)[0]
     device = torch.device("cpu")
@@ -53,9 +55,13 @@ def main() -> None:
         if (args.model / name).exists():
             (args.out / name).write_bytes((args.model / name).read_bytes())
     metadata = {key: value for key, value in metadata.items() if key not in ("weights", "config", "format")}
-    metadata["calibration"] = {key: metadata["calibration"][key] for key in ("method", "n_calibration", "target_specificity")
+    kept = ("method", "n_calibration", "target_specificity")
+    metadata["calibration"] = {key: metadata["calibration"][key] for key in kept
                                if key in metadata["calibration"]}
     metadata.pop("metrics", None)  # measured on the old score kind
+    now = datetime.now(timezone.utc)
+    metadata.update(previous_version=metadata.get("version"), version=now.strftime("%Y.%m.%d-%H%M%S"),
+                    created_at=now.isoformat(timespec="seconds"))
     metadata["density"] = {"fitted_on": "training split", "added_after_training": True, "seed": args.seed}
     save_model(model, args.out, metadata)
     print(json.dumps({"out": str(args.out), "threshold": float(model.threshold)}))

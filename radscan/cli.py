@@ -21,9 +21,9 @@ import click
 from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
-from radscan.recipe import MODEL_SETTINGS, PRESET, TrainConfig
 from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
 from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
+from radscan.recipe import MODEL_SETTINGS, PRESET, TrainConfig
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 _RECIPE = TrainConfig()  # the default recipe (radscan.recipe): every default of `radscan train` comes from it
@@ -326,7 +326,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--synthetic", type=FiniteFloatRange(0), default=_RECIPE.synthetic, show_default=True,
               help="Weight of local synthetic defects (haze, brighter or darker region, lost contrast, noise) "
                    "shown to the discriminator as abnormal (0 = off).")
-@click.option("--seed", type=int, default=_RECIPE.seed, show_default=True, help="Same seed + same data + CPU = same model.")
+@click.option("--seed", type=int, default=_RECIPE.seed, show_default=True,
+              help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               default=_RECIPE.calibration_fraction,
               show_default=True,

@@ -135,12 +135,13 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
     from radscan.htmlreport import write_evaluation_html
 
     paths = {name: out_dir / name for name in ("per_image.csv", "roc.png", "histogram.png", "evaluation.html")}
-    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "score", "flag")) as table:
+    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "score", "flag")) as table:
         for scores, result in zip(all_scores, results, strict=True):
             threshold = result["at_model_threshold"]["threshold"]
-            for name, label, score in zip(names, labels, scores, strict=True):
+            for name, label, score in zip(names, labels, scores, strict=True):  # two versions of one model differ
                 table.write({"path": name, "label": "abnormal" if label else "normal", "model": result["model_name"],
-                             "score": round(float(score), 6), "flag": bool(score >= threshold)})
+                             "model_version": result["model_version"], "score": round(float(score), 6),
+                             "flag": bool(score >= threshold)})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
     write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER)

@@ -276,8 +276,8 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
     canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
     _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
-    note = ("not used by the score: pneumonia often\nreconstructs closer than normal" if score_kind == "critic"
-            else f"the {score_kind} score is made from it")
+    note = ("not used by the score: pneumonia often\nreconstructs closer than normal"
+            if score_kind in ("critic", "density") else f"the {score_kind} score is made from it")
     draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
     draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
     draw.text((width + _MARGIN + 4, top + _PANEL + 4),

@@ -40,9 +40,9 @@ from radscan.model.density import framing_copies
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
-from radscan.recipe import TrainConfig
 from radscan.policy import Policy
 from radscan.qc import fit_reference, save_reference
+from radscan.recipe import TrainConfig
 from radscan.report import CsvStream, atomic_output, cannot_write
 
 __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]

@@ -277,7 +277,8 @@ def test_an_output_under_a_file_is_exit_73_with_one_line(command, tmp_path, cxr_
     images, abnormal = (str(cxr_dir / "kermany_pediatric_fullres" / kind) for kind in ("normal", "abnormal"))
     (tmp_path / "afile").write_text("not a folder")
     args = {"scan": ["scan", images, "--out", str(tmp_path / "afile" / "inventory.csv")],
-            "train": ["train", images, "--out", str(tmp_path / "afile" / "model"), "--epochs", "1"],
+            "train": ["train", images, "--out", str(tmp_path / "afile" / "model"), "--epochs", "1",
+                      "--critic-snapshots", "1"],
             "evaluate": ["evaluate", "--normal", images, "--abnormal", abnormal, "--roc",
                          str(tmp_path / "afile" / "roc.png")]}[command]
     result = _run(*args)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from radscan.model.config import PRESETS, SimSIDConfig, preset
-from radscan.model.memory import MemoryBank, sparse_read
 from radscan.model.density import FeatureDensity
+from radscan.model.memory import MemoryBank, sparse_read
 from radscan.model.simsid import COMPONENTS, SimSID, merge_patches, split_patches, to_model_tensor
 
 from .conftest import CXR_DIR, REPO
@@ -147,8 +147,11 @@ def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
 _SCORE_ON_CAPABILITY = """
 import sys, torch
 from tests.test_model import _calibrated_tiny, _real_batch
-result = _calibrated_tiny(critic_snapshots=2).score(_real_batch(16))
-torch.save({f: getattr(result, f) for f in ("raw_scores", "residual_maps", "explanation_maps")}, sys.argv[1])
+saved = {}
+for kind in ("critic", "density"):
+    result = _calibrated_tiny(critic_snapshots=2, density_grid=8, score_kind=kind).score(_real_batch(16))
+    saved.update({f"{kind} {f}": getattr(result, f) for f in ("raw_scores", "residual_maps", "explanation_maps")})
+torch.save(saved, sys.argv[1])
 """
 
 
@@ -156,23 +159,26 @@ torch.save({f: getattr(result, f) for f in ("raw_scores", "residual_maps", "expl
 def test_scores_agree_across_cpu_instruction_sets(tmp_path):
     """What holds between two machines (a Dask worker on another CPU, a site's server and CI): torch
     picks its kernels by CPU capability, so the last bits differ, but scores and residual maps agree
-    to float rounding and explanation maps to 2% of their peak. The generic kernels (ATEN_CPU_CAPABILITY=default, no oneDNN ISA beyond SSE4.1) stand
+    to float rounding, the density's maps too, and gradient maps to 2% of their peak. The generic kernels
+    (ATEN_CPU_CAPABILITY=default, no oneDNN ISA beyond SSE4.1) stand
     for the oldest x86-64 CPU."""
     import subprocess
     import sys
 
     results = {}
-    for name, env in {"native": {}, "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}.items():
+    generic = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    for name, env in {"native": {}, "generic": generic}.items():
         out = tmp_path / f"{name}.pt"
         subprocess.run([sys.executable, "-c", _SCORE_ON_CAPABILITY, str(out)], check=True, cwd=REPO,
                        env={**os.environ, **env})
         results[name] = torch.load(out)
     native, generic = results["native"], results["generic"]
-    for field in ("raw_scores", "residual_maps"):
-        torch.testing.assert_close(generic[field], native[field], rtol=1e-5, atol=1e-5 * native[field].abs().max().item())
+    for field in ("critic raw_scores", "critic residual_maps", "density raw_scores", "density explanation_maps"):
+        scale = native[field].abs().max().item()
+        torch.testing.assert_close(generic[field], native[field], rtol=1e-5, atol=1e-5 * scale)
     # a gradient map goes through every kink of the network: measured 0.8% of its peak on generic kernels
-    peak = native["explanation_maps"].abs().max()
-    assert (generic["explanation_maps"] - native["explanation_maps"]).abs().max() <= 0.02 * peak
+    peak = native["critic explanation_maps"].abs().max()
+    assert (generic["critic explanation_maps"] - native["critic explanation_maps"]).abs().max() <= 0.02 * peak
 
 
 @pytest.mark.parametrize("score_kind", ["critic", "seed", "density"])
@@ -220,7 +226,8 @@ def test_feature_density_is_the_gaussian_of_each_region():
     spread = (centred @ direction).std()
     moved = mean.clone()
     moved.view(1, channels, 4)[0, :, 0] += 2 * spread * direction
-    torch.testing.assert_close(density.distances(moved.float())[0, 0, 0].double(), torch.tensor(4.0, dtype=torch.float64),
+    torch.testing.assert_close(density.distances(moved.float())[0, 0, 0].double(),
+                               torch.tensor(4.0, dtype=torch.float64),
                                rtol=1e-2, atol=0)
     with pytest.raises(ValueError, match="finite"):
         density.fit(torch.full((5, channels, 2, 2), float("nan")))

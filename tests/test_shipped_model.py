@@ -30,8 +30,9 @@ def test_shipped_model_loads_and_its_metadata_is_complete():
     assert calibration["method"] and calibration["n_calibration"] >= 100
     assert 0.0 < calibration["threshold"] < 1.0
     assert metadata["training"]["n_train"] >= 900
-    # the recipe the README and the model card describe: the critic, 5 snapshot critics, last epoch
-    assert metadata["config"]["score_kind"] == "critic" and len(model.critics) == 5
+    # the recipe the README and the model card describe: the density score, 5 snapshot critics, last epoch
+    assert metadata["config"]["score_kind"] == "density" and len(model.critics) == 5
+    assert model.density is not None and model.density.precision.shape == (64, 112, 112)
     assert metadata["training"]["shipped"] == "last epoch"
     assert sum(p.numel() for p in model.parameters()) == metadata["parameters"]
     assert metadata["weights"]["bytes"] < 100 * 2**20

@@ -456,7 +456,8 @@ class SimSID(nn.Module):
     def _score_chunk(self, images: torch.Tensor, explain: bool, components: bool = True) -> tuple[torch.Tensor, ...]:
         """Components (B, 4), smoothed residual (B, H, W) and explanation maps (B, H, W) of one chunk.
 
-        The density kind's explanation is its own region map (`density_map`). The others' is gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
+        The density kind's explanation is its own region map (`density_map`). The others' is
+        gradient x (input - reference) (Shrikumar et al. 2016; the one-step form
         of integrated gradients, Sundararajan et al. 2017) of the calibrated score, against the mean
         normal film of the calibration normals: each pixel's first-order share of how much the
         z-score would fall if that pixel looked like the average normal chest, in z-score units per
