@@ -7,8 +7,9 @@ kermany_pediatric_224/val_abnormal stay as they are. A normal film from another 
 resizing or another processing chain should not look abnormal, so a robust score keeps, under every
 change, the normals' mean z near 0, the share flagged at the stored threshold near the target
 (5% at specificity 0.95) and the AUC against the pneumonias near the unchanged one. Several of the
-changes (resolution, sharpening, zoom, rotation, JPEG) are not in the training augmentation; the
-official test split is never read.
+changes (resolution, sharpening, zoom, rotation, JPEG, the field's height and the diaphragm's
+level) are not in the training augmentation; the official test split is never read. `--train`
+and `--val-abnormal` measure a model of another population (e.g. one trained on nih_adult_512).
 
     python benchmarks/shift.py models/kermany-tiny [OTHER_MODEL_DIR ...]
 """
@@ -62,6 +63,22 @@ def zoom(factor: float) -> Callable[[Image.Image], Image.Image]:
     return rescale
 
 
+def vertical(factor: float, anchor: str = "centre") -> Callable[[Image.Image], Image.Image]:
+    """The field's height changed, the width kept: > 1 a shorter field (the film stretched, rows
+    cropped), < 1 a taller one (black rows added). `anchor` "top" keeps the apices where they are
+    and moves the diaphragm down (deeper inspiration, or a field that reaches lower)."""
+    def restretch(image: Image.Image) -> Image.Image:
+        side = image.height
+        scaled = image.resize((image.width, round(side * factor)), Image.BILINEAR)
+        offset = 0 if anchor == "top" else abs(scaled.height - side) // 2
+        if factor >= 1:
+            return scaled.crop((0, offset, image.width, offset + side))
+        canvas = Image.new("L", image.size, 0)
+        canvas.paste(scaled, (0, offset))
+        return canvas
+    return restretch
+
+
 def gamma(power: float) -> Change:
     return lambda images: np.round(255 * (images / 255.0) ** power).astype(np.uint8)
 
@@ -84,6 +101,10 @@ CHANGES: dict[str, Change] = {
     "field of view 15% tighter": each_image(zoom(1.15)),
     "field of view 15% wider": each_image(zoom(0.87)),
     "rotated 5 degrees": each_image(lambda im: im.rotate(5, resample=Image.BILINEAR)),
+    # framing (issue 20): the field's height, and the diaphragm's level
+    "field 10% taller": each_image(vertical(0.9)),
+    "field 10% shorter": each_image(vertical(1.1)),
+    "diaphragm 8% lower (apices kept)": each_image(vertical(1.08, anchor="top")),
 }
 
 
