@@ -9,8 +9,9 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
    floor is taken on the difference, the cost of each extra image: what a night of thousands of
    files pays, without the fixed costs (importing torch, loading the model) that dominate a small
    set. QC's cost is the last two rows (goal: at most 10% of the throughput).
-2. Model only: images/s of `model.score` at batch 64 on random inputs, with the explanation maps
-   (a backward pass through the critics, what a run with PNGs pays) and without (--no-residuals).
+2. Model only: images/s of `model.score` at batch 64 on random inputs: with the explanation maps and
+   every score kind (what a film with a picture pays), every kind without maps, and the configured
+   score alone (what a film without a picture pays: for the density, one discriminator pass).
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
    inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ingest import DATA, build_set, timed  # noqa: E402  (the same mixed set and floor as benchmarks/ingest.py)
 
 
-def model_only(model_dir: str, device: str, explain: bool) -> float:
+def model_only(model_dir: str, device: str, explain: bool, components: bool = True) -> float:
     import numpy as np
     import torch
 
@@ -43,10 +44,10 @@ def model_only(model_dir: str, device: str, explain: bool) -> float:
     model, _ = load_model(Path(model_dir), resolve_device(device))
     batch = to_model_tensor(np.random.default_rng(0).integers(0, 256, (64, 128, 128), dtype=np.uint8),
                             next(model.parameters()).device)
-    model.score(batch, explain=explain)
+    model.score(batch, explain=explain, components=components)
     started, rounds = time.perf_counter(), 4
     for _ in range(rounds):
-        model.score(batch, explain=explain)
+        model.score(batch, explain=explain, components=components)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 64 * rounds / (time.perf_counter() - started)
@@ -139,9 +140,11 @@ def main() -> None:
                       f"{extra_images / marginal:.1f} | {floor_rate * marginal / extra_images:.2f} |")
             print("x floor: the cost of each extra image against the decode floor's (fixed costs such as importing "
                   "torch and loading the model cancel out); goal <= 1.30 with the default pictures")
-            for explain in (True, False):
-                rate = model_only(args.model, args.device, explain)
-                print(f"model only, batch 64   : {rate:7.1f} images/s ({'with' if explain else 'without'} maps)")
+            for explain, components, what in ((True, True, "with maps and every score kind: a picture"),
+                                              (False, True, "every score kind, no maps"),
+                                              (False, False, "the configured score alone: a film without a picture")):
+                rate = model_only(args.model, args.device, explain, components)
+                print(f"model only, batch 64   : {rate:7.1f} images/s, {1000 / rate:5.1f} ms per film ({what})")
 
         if not args.skip_memory:
             for count in args.counts:
