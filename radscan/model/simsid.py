@@ -13,9 +13,11 @@ Data flow for the reference preset (B images, P = 4 patches):
     Discriminator(image) -> one logit per image (high = looks real)
 
 Scoring (radscan's choice, measured on validation; see README "Score kinds"): the discriminator,
-trained to tell normal films from reconstructions, is a critic of what a normal chest looks like;
-its negated logit on the film itself, z-scored on held-out normals and averaged over the snapshots
-of the last epochs, is the default anomaly score.
+trained to tell normal films from reconstructions, learns features of what a normal chest looks
+like. The default score ("density") asks how unlikely each region of the film is in those
+features, under a Gaussian of the same region fitted to the training normals (radscan.model.density);
+the discriminator's own verdict ("critic", averaged over snapshots and views) judges sharpness
+first and is kept as a component.
 """
 
 from __future__ import annotations
