@@ -291,6 +291,16 @@ def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torc
         raise ModelError(f"cannot fit the feature density: {exc} (the discriminator diverged?)") from None
 
 
+def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
+    """A loss that is not finite means the weights are lost (too high a learning rate, or a
+    checkpoint whose weights are NaN): stop before anything is saved. Raises ModelError."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        raise ModelError(f"training diverged in epoch {epoch + 1}, batch {batch + 1}: the "
+                         f"{', '.join(f'{name} loss is {value}' for name, value in bad.items())}; no model was "
+                         f"written. Start again with a lower --lr (this run: {tcfg.lr:g}) in a new --out")
+
+
 def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndarray,
                    validation: tuple[np.ndarray, np.ndarray] | None, batch_size: int, device: torch.device,
                    seed: int = 0) -> dict[str, float]:
@@ -357,6 +367,11 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     model.critic_mean.copy_(logits.mean(0))
     model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
     components = score_arrays(model, normals, batch_size, device).components
+    computed = [c for c, kind in enumerate(COMPONENTS) if kind != "density" or model.density is not None]
+    if not (components[:, computed].isfinite().all() and model.critic_std.isfinite().all()
+            and model.critic_mean.isfinite().all()):
+        raise ModelError("the model's scores are not finite on the calibration normals: its weights are lost "
+                         "(training diverged: start again with a lower --lr); no model was written")
     # a kind the model cannot compute (NaN: the density of a model without one) keeps mean 0, spread 1
     model.calibration_mean.copy_(components.mean(0).nan_to_num(0.0))
     model.calibration_std.copy_(components.std(0).nan_to_num(1.0).clamp_min(1e-6))
@@ -502,6 +517,7 @@ def train(
                 anomalies = local_anomalies(batch, generator) if tcfg.synthetic else None
                 losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1,
                                       anomalies=anomalies)
+                _stop_if_diverged(losses, epoch, index, tcfg)
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1

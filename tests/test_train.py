@@ -136,6 +136,26 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == straight
 
 
+@pytest.mark.parametrize("how", ["learning rate 1e6", "resumed from NaN weights", "resumed from infinite weights"])
+def test_training_that_diverges_stops_with_a_clear_error_and_no_model(normals, tmp_path, how):
+    """Non-finite losses or calibration stop the run (exit 65) before a model is written; before,
+    a NaN model was saved with exit 0 and then refused as 'edited' (issue 22, item 3)."""
+    out = tmp_path / "model"
+    config = TrainConfig(epochs=2, batch_size=8, seed=3)
+    if how == "learning rate 1e6":
+        config = TrainConfig(epochs=2, batch_size=8, seed=3, lr=1e6)
+    else:
+        trainer = Trainer(TINY, config, torch.device("cpu"))
+        state = trainer.state(1)
+        bad = float("nan") if "NaN" in how else float("inf")
+        state["model"] = {k: v.float().fill_(bad) if v.is_floating_point() else v for k, v in state["model"].items()}
+        out.mkdir()
+        torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(ModelError, match="diverged|not finite"):
+        train([str(normals)], out, TINY, config, workers=1, progress=False, resume=how != "learning rate 1e6")
+    assert not (out / "model.json").exists() and not (out / WEIGHTS_FILE).exists()
+
+
 def test_snapshot_critics_are_the_discriminators_of_the_last_epochs():
     trainer = Trainer(preset("tiny", critic_snapshots=3), TrainConfig(batch_size=2, seed=1), torch.device("cpu"))
     batch = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
