@@ -31,6 +31,9 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     MediaStorageDirectoryStorage,
 )
 
@@ -53,6 +56,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Image Pixel module values without which pixel data cannot be laid out (PS3.3 C.7.6.3)
 _LAYOUT = (("Rows", "Rows"), ("Columns", "Columns"), ("BitsAllocated", "Bits Allocated"))
 _GREY = ("MONOCHROME1", "MONOCHROME2")
+# compressed transfer syntaxes whose codec fixes the order of the colour components (interleaved output)
+_INTERLEAVING_CODECS = frozenset((*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes))
 _KNOWN_PHOTOMETRIC = (*_GREY, "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
                       "YBR_PARTIAL_420", "XYB")
 # Bits per LUT entry (third LUT Descriptor value): PS3.3 C.11.1.1.1 (modality), C.11.2.1.1 (VOI)
@@ -217,7 +222,10 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     Pixel Representation absent or not 0/1 -> 0 (unsigned); Samples per Pixel absent or not 1/3
     -> what the Photometric Interpretation implies; Number of Frames empty or 0 -> 1;
     Photometric Interpretation in another case or with stray spaces -> its upper-case defined
-    term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion).
+    term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion); Planar Configuration
+    of colour data in a JPEG, JPEG-LS or JPEG 2000 transfer syntax -> 0, because those codecs order
+    the components themselves and their decoders return them interleaved (PS3.5 8.2.1: "the value
+    of Planar Configuration is irrelevant ... hence it shall be set to 0"; 8.2.3, 8.2.4 likewise).
     """
     missing = [name for keyword, name in _LAYOUT if not _int(ds, keyword)]
     if missing:
@@ -235,6 +243,8 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     if samples not in (1, 3):  # absent, 0 or out of range (C.7.6.3.1.1): as the photometric says
         samples = 3 if photometric in _KNOWN_PHOTOMETRIC and photometric not in (*_GREY, "PALETTE COLOR") else 1
         ds.SamplesPerPixel = samples
+    if samples == 3 and _meta(ds).get("TransferSyntaxUID") in _INTERLEAVING_CODECS:
+        ds.PlanarConfiguration = 0  # a stray 1 would make the decoder's interleaved output read as planes
     if photometric not in _KNOWN_PHOTOMETRIC:
         if samples != 1:
             shown = f"'{photometric}'" if photometric else "absent"

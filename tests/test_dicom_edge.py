@@ -338,3 +338,34 @@ def test_reasons_of_damaged_files_carry_no_python_messages(tmp_path):
         record, image = _ingest(tmp_path / name)
         assert record.status == "error" and image is None, (name, record.status)
         assert_plain(record.reason)
+
+
+# --- colour data whose codec fixes the component order (issue 22, item 4) ------------------------
+
+_JPEG_FAMILY_COLOUR = ("pydicom/examples_ybr_color.dcm", "pylibjpeg-data/JPEGLosslessP14SV1_3s_2f_u_08_08.dcm",
+                       "pydicom-data/HTJ2KLossless_08_RGB.dcm")
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", _JPEG_FAMILY_COLOUR)
+@pytest.mark.parametrize("planar", [1, 2, 65535, None])
+def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, name, planar):
+    """JPEG, JPEG-LS and JPEG 2000 decoders return the colour components interleaved whatever
+    Planar Configuration says (PS3.5 8.2.1); a header with 1 (or another value, or none) must give
+    the same display as the file's own 0, not an image read as three planes."""
+    import pydicom
+
+    source = DATA / "dicom" / name
+    policy = Policy(modalities=None, frames="first")
+    expected = _ingest(source, policy)[1]
+    assert expected is not None
+    ds = pydicom.dcmread(source)
+    if planar is None:
+        del ds.PlanarConfiguration
+    else:
+        ds.PlanarConfiguration = planar
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    record, image = _ingest(changed, policy)
+    assert record.status == "ok", record.reason
+    assert np.array_equal(image, expected)
