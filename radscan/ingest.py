@@ -103,43 +103,88 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     loops end. Folders that cannot be listed and broken links are returned with a `problem`.
     `exclude` names outputs (e.g. the previews folder) that must not be read back as inputs.
     """
-    excluded = {p.resolve() for p in exclude}
+    excluded = _identities(exclude)
     seen_dirs: set[tuple[int, int]] = set()
     found: list[Found] = []
     for given in distinct_inputs(inputs):
         path = Path(given)
         if path.is_dir():
-            found.extend(_walk(path, path, seen_dirs, excluded))
+            found.extend(_walk(path, seen_dirs, excluded))
         else:
             found.append(Found(str(path.parent), path.name))
     return found
 
 
-def _walk(root: Path, folder: Path, seen: set[tuple[int, int]], excluded: set[Path]) -> Iterator[Found]:
-    rel_folder = folder.relative_to(root).as_posix()
-    try:
-        stat = folder.stat()
-        if (stat.st_dev, stat.st_ino) in seen or folder.resolve() in excluded:
-            return
-        seen.add((stat.st_dev, stat.st_ino))
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        yield Found(str(root), rel_folder, f"cannot list folder: {_os_reason(exc)}")
-        return
-    for entry in entries:
-        rel = entry.name if rel_folder == "." else f"{rel_folder}/{entry.name}"
+def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each existing path: what a folder or file is, whatever path leads to it
+    (comparing resolved paths instead costs a walk up the tree for every entry)."""
+    identities = set()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue  # not there yet: nothing of it can be among the inputs
+        identities.add((stat.st_dev, stat.st_ino))
+    return identities
+
+
+def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]]) -> Iterator[Found]:
+    """Depth first, entries in name order, with an explicit stack of folder listings: a tree of
+    any depth is crawled (recursion would end at Python's limit, about 1,000 levels)."""
+    listing, problem = _list_folder(root, root, seen, excluded)
+    if problem:
+        yield problem
+    stack = [iter(listing)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        rel = Path(entry.path).relative_to(root).as_posix()
         try:
             if entry.is_dir():  # follows links; loops are cut by `seen`
-                yield from _walk(root, Path(entry.path), seen, excluded)
+                listing, problem = _list_folder(root, Path(entry.path), seen, excluded)
+                if problem:
+                    yield problem
+                stack.append(iter(listing))
             elif entry.is_file():
-                if Path(entry.path).resolve() not in excluded:
+                if not (excluded and _identity(entry) in excluded):
                     yield Found(str(root), rel)
-            elif entry.is_symlink():
-                yield Found(str(root), rel, "broken symbolic link")
             else:
-                yield Found(str(root), rel, "not a regular file (device, socket or pipe)")
+                yield Found(str(root), rel, _not_a_file(entry))
         except OSError as exc:
             yield Found(str(root), rel, f"cannot stat: {_os_reason(exc)}")
+
+
+def _list_folder(root: Path, folder: Path, seen: set[tuple[int, int]],
+                 excluded: set[tuple[int, int]]) -> tuple[list[os.DirEntry], Found | None]:
+    """A folder's entries in name order, or none when it was entered before (a link loop) or is an
+    output; a folder that cannot be listed gives a row that says why."""
+    try:
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in seen or (stat.st_dev, stat.st_ino) in excluded:
+            return [], None
+        seen.add((stat.st_dev, stat.st_ino))
+        return sorted(os.scandir(folder), key=lambda e: e.name), None
+    except OSError as exc:
+        return [], Found(str(root), folder.relative_to(root).as_posix(), f"cannot list folder: {_os_reason(exc)}")
+
+
+def _identity(entry: os.DirEntry) -> tuple[int, int]:
+    stat = entry.stat()  # follows a link: the file it names
+    return stat.st_dev, stat.st_ino
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a folder nor a regular file is not read: a link whose target is
+    missing is broken; a link to, or an entry that is, a device, socket or pipe is not a file."""
+    if entry.is_symlink():
+        try:
+            os.stat(entry.path)
+        except OSError:
+            return "broken symbolic link"
+        return "not a regular file (a symbolic link to a device, socket or pipe)"
+    return "not a regular file (device, socket or pipe)"
 
 
 def _os_reason(exc: OSError) -> str:

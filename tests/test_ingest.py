@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from radscan.ingest import Found, find_files, ingest_file, iter_ingested, sniff_kind
@@ -95,6 +95,101 @@ def test_sniffing_uses_content_not_names():
     assert sniff_kind(b"\xff\xd8\xff\xe0" + bytes(128)) == "jpeg"
     assert sniff_kind(b"\x89PNG\r\n\x1a\n" + bytes(128)) == "png"
     assert sniff_kind(b"") == "other"
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(min_value=1, max_value=2000), name_length=st.integers(min_value=1, max_value=3))
+@example(depth=1900, name_length=1)  # far past Python's recursion limit, within PATH_MAX
+@example(depth=1200, name_length=3)  # past PATH_MAX on the way down
+def test_a_tree_of_any_depth_is_crawled_or_says_why_not(tmp_path_factory, depth, name_length):
+    """The crawl does not depend on recursion depth (issue 22, item 5: RecursionError past about
+    1,000 levels). A file at the bottom is found; where the path grows past the system's limit
+    (PATH_MAX, 4,096 bytes), the folder that cannot be listed is a row that says so."""
+    import errno
+
+    root = tmp_path_factory.mktemp("deep")
+    descriptor = os.open(root, os.O_RDONLY)
+    try:  # build it relative to open folders: the full path may be longer than the system allows
+        for _ in range(depth):
+            os.mkdir("d" * name_length, dir_fd=descriptor)
+            inner = os.open("d" * name_length, os.O_RDONLY, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = inner
+        with open(os.open("film.png", os.O_WRONLY | os.O_CREAT, dir_fd=descriptor), "wb") as handle:
+            handle.write(b"\x89PNG\r\n\x1a\n")
+    finally:
+        os.close(descriptor)
+    try:
+        found = find_files([root])
+    finally:
+        _remove_chain(root, "d" * name_length, depth, "film.png")
+    assert len(found) == 1
+    expected = "/".join(["d" * name_length] * depth)
+    if not found[0].problem:
+        assert found[0].path == f"{expected}/film.png"
+    else:  # the path ran past PATH_MAX on the way down
+        assert found[0].problem == f"cannot list folder: {os.strerror(errno.ENAMETOOLONG)}"
+        assert expected.startswith(found[0].path) and len(str(root / found[0].path)) >= 4096 - 16
+
+
+def test_radscan_scan_reads_a_film_1900_folders_down(tmp_path):
+    """The reproduction through the command a user runs (0.2: RecursionError, no rows)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "deep"
+    root.mkdir()
+    descriptor = os.open(root, os.O_RDONLY)
+    for _ in range(1900):
+        os.mkdir("d", dir_fd=descriptor)
+        inner = os.open("d", os.O_RDONLY, dir_fd=descriptor)
+        os.close(descriptor)
+        descriptor = inner
+    film = (CXR_DIR / "kermany_pediatric_fullres/normal").iterdir().__next__().read_bytes()
+    with open(os.open("film.jpeg", os.O_WRONLY | os.O_CREAT, dir_fd=descriptor), "wb") as handle:
+        handle.write(film)
+    os.close(descriptor)
+    try:
+        done = subprocess.run([sys.executable, "-m", "radscan", "-q", "scan", str(root), "--out",
+                               str(tmp_path / "inventory.csv"), "--workers", "1"], capture_output=True, text=True)
+    finally:
+        _remove_chain(root, "d", 1900, "film.jpeg")
+    assert done.returncode == 0, done.stderr[-500:]
+    rows = (tmp_path / "inventory.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("/".join(["d"] * 1900) + "/film.jpeg,")
+
+
+def _remove_chain(root: Path, name: str, depth: int, leaf: str) -> None:
+    """Remove root/name/name/.../leaf without recursion or long paths (shutil.rmtree, and so
+    pytest's clean-up of old temporary folders, recurses once per level)."""
+    descriptor = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        inner = os.open(name, os.O_RDONLY, dir_fd=descriptor)
+        os.close(descriptor)
+        descriptor = inner
+    os.unlink(leaf, dir_fd=descriptor)
+    for _ in range(depth):
+        parent = os.open("..", os.O_RDONLY, dir_fd=descriptor)
+        os.close(descriptor)
+        os.rmdir(name, dir_fd=parent)
+        descriptor = parent
+    os.close(descriptor)
+
+
+def test_links_to_devices_and_pipes_are_named_for_what_they_are(tmp_path):
+    """A link whose target is a pipe or a device is not 'broken' (issue 22, item 6)."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (studies / "to-pipe.dcm").symlink_to(tmp_path / "pipe")
+    (studies / "to-device.dcm").symlink_to("/dev/null")
+    (studies / "dangling.dcm").symlink_to(tmp_path / "missing")
+    os.mkfifo(studies / "pipe.dcm")
+    problems = {f.path: f.problem for f in find_files([studies])}
+    assert problems == {"dangling.dcm": "broken symbolic link",
+                        "pipe.dcm": "not a regular file (device, socket or pipe)",
+                        "to-device.dcm": "not a regular file (a symbolic link to a device, socket or pipe)",
+                        "to-pipe.dcm": "not a regular file (a symbolic link to a device, socket or pipe)"}
 
 
 def test_walk_survives_links_loops_and_excludes_outputs(tmp_path):
