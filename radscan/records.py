@@ -94,8 +94,11 @@ RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
 
 
 def printable(name: str) -> str:
-    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become \\xNN,
+    and a backslash of the name becomes two, so that two different names never print alike
+    (``caf\\xe9`` typed in a name is ``caf\\\\xe9``; the byte 0xE9 is ``caf\\xe9``)."""
+    escaped = name.replace("\\", "\\\\")
+    return escaped.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

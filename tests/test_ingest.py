@@ -328,3 +328,27 @@ def test_damaged_bytes_never_raise(tmp_path, case):
             assert_plain(record.reason)
         if image is not None:
             assert image.shape == (128, 128) and image.dtype == np.uint8
+
+
+@given(st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b),
+                min_size=2, max_size=6, unique=True))
+@example(names=[b"caf\xe9", b"caf\\xe9"])  # the byte 0xE9, and a typed backslash-x-e-9
+def test_different_file_names_never_print_alike(names):
+    """Issue 22, item 6: the `path` column must tell any two file names apart, whatever their bytes
+    (not UTF-8, a typed backslash-x sequence, a backslash of its own)."""
+    from radscan.records import printable
+
+    shown = [printable(os.fsdecode(name)) for name in names]
+    assert len(set(shown)) == len(names)
+    assert all("\udc80" > ch or ch > "\udcff" for text in shown for ch in text)  # no lone surrogates left
+
+
+def test_names_that_printed_alike_in_0_2_are_told_apart(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for raw in (b"caf\xe9.dcm", b"caf\\xe9.dcm"):
+        (studies / os.fsdecode(raw)).write_bytes(b"")
+    paths = sorted(record.path for record, _ in iter_ingested(find_files([studies]), Policy(), workers=1))
+    from radscan.records import printable
+
+    assert sorted(printable(p) for p in paths) == ["caf\\\\xe9.dcm", "caf\\xe9.dcm"]
