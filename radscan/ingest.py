@@ -282,12 +282,21 @@ def _resolved(root: str) -> str:
     return str(Path(root).resolve())
 
 
+# compressed files and archives, by their signatures (research exports ship .dcm.gz and .zip)
+_PACKED = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "zip archive"), (b"BZh", "bzip2-compressed"),
+           (b"\xfd7zXZ\x00", "xz-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+           (b"7z\xbc\xaf\x27\x1c", "7-Zip archive"))
+
+
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     name = path.name
     if name.startswith("._"):
         return record.skip("macOS resource-fork file (AppleDouble), not an image")
+    packed = next((kind for magic, kind in _PACKED if head.startswith(magic)), None)
     if not head:
         reason = "empty file (0 bytes)"
+    elif packed:
+        reason = f"a {packed} file, not an image: unpack it to score what it holds"
     else:
         reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
     if path.suffix.lower() in _IMAGE_SUFFIXES:

@@ -352,3 +352,25 @@ def test_names_that_printed_alike_in_0_2_are_told_apart(tmp_path):
     from radscan.records import printable
 
     assert sorted(printable(p) for p in paths) == ["caf\\\\xe9.dcm", "caf\\xe9.dcm"]
+
+
+@pytest.mark.parametrize(("pack", "named"), [("gzip", "gzip-compressed"), ("zip", "zip archive"),
+                                             ("bz2", "bzip2-compressed"), ("xz", "xz-compressed")])
+def test_compressed_dicom_is_named_for_what_it_is(tmp_path, pack, named):
+    """Issue 22, item 9: a .dcm.gz of a research export was 'not a DICOM, JPEG or PNG file'."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    source = (DICOM_DIR / "highdicom/dx_image.dcm").read_bytes()
+    target = tmp_path / "studies" / f"IMG0001.dcm.{pack}"
+    target.parent.mkdir()
+    if pack == "zip":
+        with zipfile.ZipFile(target, "w") as archive:
+            archive.writestr("IMG0001.dcm", source)
+    else:
+        target.write_bytes({"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[pack](source))
+    (record, image), = iter_ingested(find_files([target.parent]), Policy(), workers=1)
+    assert image is None and record.status == "skipped"
+    assert record.reason == f"a {named} file, not an image: unpack it to score what it holds"
