@@ -39,7 +39,7 @@ from pydicom.uid import (
 
 from radscan.policy import Policy
 from radscan.preprocess import percentile_window, subsample, window_to_uint8
-from radscan.records import DICOM_FIELDS, ImageRecord
+from radscan.records import DICOM_FIELDS, ImageRecord, visible_controls
 
 __all__ = ["read_dicom", "skip_reason"]
 
@@ -561,7 +561,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _text_value(value: object) -> str:
     text = str(value) if not isinstance(value, bytes) else value.decode("latin-1", "replace")
-    return " ".join(text.split()).strip("\x00 ")
+    return visible_controls(" ".join(text.split()).strip("\x00 "))
 
 
 def _texts(ds: Dataset, keyword: str) -> list[str]:

@@ -93,11 +93,25 @@ class ImageRecord:
 RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
 
 
+# Unicode's explicit directional formatting characters (UAX #9, 2.1-2.4): embeddings, overrides and
+# isolates reorder the text after them, so a header value or a file name could make another
+# study's accession number read backwards in the page ("A12345" shown as "54321A").
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+_SHOWN_CONTROLS = {code: f"\\u{code:04x}" for code in _BIDI_CONTROLS}
+
+
+def visible_controls(text: str) -> str:
+    """`text` with every bidirectional embedding, override or isolate written out as \\uXXXX, so
+    that it is seen and reorders nothing (the page also isolates every value)."""
+    return text.translate(_SHOWN_CONTROLS)
+
+
 def printable(name: str) -> str:
     """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become \\xNN,
     and a backslash of the name becomes two, so that two different names never print alike
-    (``caf\\xe9`` typed in a name is ``caf\\\\xe9``; the byte 0xE9 is ``caf\\xe9``)."""
-    escaped = name.replace("\\", "\\\\")
+    (``caf\\xe9`` typed in a name is ``caf\\\\xe9``; the byte 0xE9 is ``caf\\xe9``); bidirectional
+    controls are written out (`visible_controls`)."""
+    escaped = visible_controls(name.replace("\\", "\\\\"))
     return escaped.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

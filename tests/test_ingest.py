@@ -374,3 +374,29 @@ def test_compressed_dicom_is_named_for_what_it_is(tmp_path, pack, named):
     (record, image), = iter_ingested(find_files([target.parent]), Policy(), workers=1)
     assert image is None and record.status == "skipped"
     assert record.reason == f"a {named} file, not an image: unpack it to score what it holds"
+
+
+_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+@given(st.text(alphabet=st.sampled_from(list(_BIDI) + list("A1\\u2e ")), max_size=20))
+def test_bidirectional_controls_are_written_out_never_kept(text):
+    """Issue 22, item 8: an override in a value or a name reversed the rest of a study line."""
+    from radscan.records import printable, visible_controls
+
+    for shown in (visible_controls(text), printable(text)):
+        assert not set(shown) & set(_BIDI)
+        assert shown.count("\\u") >= sum(text.count(ch) for ch in _BIDI)
+
+
+def test_a_header_value_with_a_right_to_left_override_is_shown_as_it_is(tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(DICOM_DIR / "highdicom/dx_image.dcm")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.AccessionNumber = "A\u202e12345"
+    ds.StudyDescription = "CHEST \u2067PA\u2069"
+    ds.save_as(tmp_path / "rlo.dcm")
+    record, _ = ingest_file(Found(str(tmp_path), "rlo.dcm"), Policy())
+    assert record.AccessionNumber == "A\\u202e12345"
+    assert not set(record.as_row()["AccessionNumber"]) & set(_BIDI)
