@@ -275,15 +275,28 @@ def _pixel_data_size_problem(ds: Dataset) -> str:
         held = len(ds[keyword].value)  # native data is loaded whole for decoding anyway
     except Exception:
         return "the file ends inside its pixel data (truncated or incomplete transfer?)"
+    frames = _int(ds, "NumberOfFrames") or 1
+    samples = _int(ds, "SamplesPerPixel") or 1
+    pixels = (_int(ds, "Rows") or 0) * (_int(ds, "Columns") or 0) * frames
+    allocated = _int(ds, "BitsAllocated") or 0
+    if allocated != 1 and allocated % 8:  # PS3.5 8.1.1: native samples fill whole bytes (or single bits)
+        whole = pixels * samples * -(-allocated // 8)
+        if whole <= held <= whole + 2:  # the data is in whole bytes: the header's count is wrong, as viewers assume
+            ds.BitsAllocated = 8 * -(-allocated // 8)
+            return ""
+        return (f"Bits Allocated {allocated} is not valid for uncompressed pixel data (1 or a multiple of 8, "
+                f"PS3.5 8.1.1), and the {held:,} bytes of pixel data fit no whole number of bytes per sample")
     try:
         needed = get_expected_length(ds, "bytes")
     except Exception:  # a layout pydicom cannot compute: leave it to the decoder
         return ""
     if needed <= held <= needed + 2:
         return ""
+    full = pixels * 3 * max(1, allocated // 8)
+    if _text(ds, "PhotometricInterpretation").upper() == "YBR_FULL_422" and full <= held <= full + 2:
+        return ("the header says YBR_FULL_422 (two samples per pixel, chroma shared), but the pixel data holds "
+                "three full samples per pixel (RGB or YBR_FULL): the Photometric Interpretation in the header is wrong")
     size = f"Rows x Columns ({_int(ds, 'Rows')} x {_int(ds, 'Columns')}"
-    frames = _int(ds, "NumberOfFrames") or 1
-    samples = _int(ds, "SamplesPerPixel") or 1
     size += (f" x {frames} frames" if frames > 1 else "") + (f" x {samples} samples" if samples > 1 else "")
     size += f", {_int(ds, 'BitsAllocated')} bits allocated)"
     if held < needed:

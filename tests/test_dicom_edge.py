@@ -369,3 +369,32 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
     record, image = _ingest(changed, policy)
     assert record.status == "ok", record.reason
     assert np.array_equal(image, expected)
+
+
+# --- reasons that name the header value that is wrong (issue 22, item 10) ------------------------
+
+@pytest.mark.parametrize("allocated", [12, 13, 14])
+def test_bits_allocated_that_is_not_whole_bytes_is_read_as_the_words_it_is_stored_in(tmp_path, allocated):
+    """A 12-bit image in 16-bit words labelled Bits Allocated 12: read as 16 (the data says so),
+    where 0.2 blamed Rows/Columns with arithmetic of 1.5 bytes per pixel."""
+    stored = _ramp(0, 4095)
+    path = _write(tmp_path / "b.dcm", stored, bits_stored=12, BitsAllocated=allocated)
+    record, image = _ingest(path)
+    assert record.status == "ok", record.reason
+    assert np.array_equal(image, _ingest(_write(tmp_path / "ok.dcm", stored, bits_stored=12))[1])
+    packed = _write(tmp_path / "packed.dcm", stored, bits_stored=12, BitsAllocated=allocated,
+                    pixel_bytes=b"\0" * (128 * 128 * allocated // 8 + 1 & ~1))
+    record, image = _ingest(packed)
+    assert image is None and f"Bits Allocated {allocated} is not valid" in record.reason
+    assert "Rows" not in record.reason
+    assert_plain(record.reason)
+
+
+def test_rgb_bytes_labelled_ybr_full_422_blame_the_photometric_interpretation(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = _write(tmp_path / "ybr.dcm", rgb[..., 0], photometric="YBR_FULL_422", pixel_bytes=rgb.tobytes(),
+                  SamplesPerPixel=3, PlanarConfiguration=0)
+    record, image = _ingest(path)
+    assert image is None and "Photometric Interpretation in the header is wrong" in record.reason
+    assert "Rows/Columns" not in record.reason
+    assert_plain(record.reason)
