@@ -50,6 +50,7 @@ __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_LOCK = "train.lock"  # held while a run trains into the folder; removed when it ends
 LOG_FILE = "train_log.jsonl"
 EXPLANATION_NORMAL_QUANTILE = 0.95
 MIN_CALIBRATION = 5
@@ -426,7 +427,23 @@ def train(
     model directory of the same architecture (to continue training, e.g., the shipped one).
 
     Raises SettingError (exit 2) for an unfinished run without `resume`, or fewer epochs than critic
-    snapshots; NoInputError when there are too few normals for one batch."""
+    snapshots; NoInputError when there are too few normals for one batch; LockHeldError (exit 75)
+    while another run trains into the same `out_dir` (two runs would interleave checkpoints)."""
+    from radscan.state import hold_lock
+
+    lock = Path(out_dir) / TRAIN_LOCK
+    with hold_lock(lock):
+        try:
+            return _train(normals, Path(out_dir), model_cfg, tcfg, val_normal, val_abnormal, policy, device, workers,
+                          resume, progress, name, init_from, age_range)
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig | None,
+           val_normal: Sequence[str], val_abnormal: Sequence[str], policy: Policy | None,
+           device: torch.device | None, workers: int, resume: bool, progress: bool, name: str | None,
+           init_from: Path | None, age_range: tuple[float, float] | None) -> TrainingResult:
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     out_dir = Path(out_dir)

@@ -368,3 +368,17 @@ def test_init_from_starts_from_a_models_weights(trained, normals, tmp_path):
     with pytest.raises(Exception, match="architecture"):
         train([str(normals)], tmp_path / "other", preset("small"), frozen, workers=1, progress=False,
               init_from=trained)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(normals, tmp_path):
+    """Issue 22, item 11: two `radscan train` runs (one with --resume) wrote into one --out at once."""
+    from radscan.errors import LockHeldError
+    from radscan.state import hold_lock
+    from radscan.train import TRAIN_LOCK
+
+    out = tmp_path / "model"
+    with hold_lock(out / TRAIN_LOCK):  # what a running `radscan train` holds
+        for resume in (False, True):
+            with pytest.raises(LockHeldError, match="another radscan run"):
+                train([str(normals)], out, TINY, FAST, workers=1, progress=False, resume=resume)
+    assert not (out / "model.json").exists()
