@@ -41,7 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radscan import __version__
 from radscan.errors import SettingError
-from radscan.report import atomic_output
+from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
            "NOT_FOR_DIAGNOSIS", "LOCAL_SCHEME"]
@@ -151,8 +151,11 @@ class ResultWriter:
             _carry_deidentification(dataset, source)
             if path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir()):
                 path.unlink()  # a link or a FIFO radscan did not make: replaced, never followed or opened
-            with atomic_output(path, "wb") as handle:
-                dataset.save_as(handle, enforce_file_format=True)
+            try:
+                with atomic_output(path, "wb") as handle:
+                    dataset.save_as(handle, enforce_file_format=True)
+            except OSError as exc:  # a full disk or a lost share: this image's results, never the worklist
+                raise cannot_write(path, exc) from None
         return len(objects)
 
     def _report(self, source: Dataset, row: dict[str, Any], result: DicomResult,

@@ -282,6 +282,30 @@ def test_an_image_whose_results_cannot_be_made_says_why_and_exits_3(studies, tin
         "valid UID"
 
 
+def test_a_full_disk_under_dicom_out_costs_the_results_not_the_worklist(studies, tiny_model, tmp_path, monkeypatch):
+    """Issue 22, item 2: ENOSPC while a result was saved ended the run with exit 1, a traceback and
+    no worklist. The results are not made (rows say why, exit 3); the worklist and the page are."""
+    import errno
+
+    from pydicom.dataset import Dataset
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Dataset, "save_as", full)
+    out = tmp_path / "report.csv"
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model),
+                             "--dicom-out", str(tmp_path / "dicom"))
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert summary["dicom"]["written"] == 0 and summary["dicom"]["not_made"] >= 1
+    assert out.exists() and (tmp_path / "report_studies.csv").exists() and (tmp_path / "report.html").exists()
+    dicom_rows = [row for row in _rows(out) if row["kind"] == "dicom" and row["status"] == "ok"]
+    assert dicom_rows and all(row["dicom_result"].startswith("none: cannot write them") for row in dicom_rows)
+    assert all("No space left on device" in row["dicom_result"] for row in dicom_rows)
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "dicom").glob("*.dcm"))  # nothing half-written left behind
+
+
 @pytest.mark.parametrize("args, message", [
     (["--phi", "hash", "--phi-key", "k"], "use --phi keep"),
     (["--phi", "drop"], "use --phi keep"),
