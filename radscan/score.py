@@ -740,7 +740,7 @@ def _pictures_note(outputs: OutputPaths, pictures: str) -> str:
     which = "each flagged image" if pictures == "flagged" else "each scored image"
     return (f"{outputs.residuals.name}/: {which} beside a map of where it raises the anomaly score\n"
             "  (bright = more than 95% of normal films show there), and, smaller, the reconstruction difference\n"
-            "  |input - reconstruction| (the critic score, the default, does not use it).")
+            "  |input - reconstruction| (the density and critic scores do not use it).")
 
 
 def _write_readme(outputs: OutputPaths, metadata: dict[str, Any], pictures: str) -> None:
