@@ -403,6 +403,13 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         click.echo(f"model written to {result.model_dir} ({result.epochs_run} epochs)", err=True)
 
 
+def _model_in_use() -> Path:
+    """The model a command uses when none is named: RADSCAN_MODEL, else the shipped one."""
+    from radscan.score import default_model_dir
+
+    return Path(os.environ["RADSCAN_MODEL"]) if os.environ.get("RADSCAN_MODEL") else default_model_dir()
+
+
 def _age_range(text: str) -> tuple[float, float]:
     """'1-5' -> (1.0, 5.0) years; ValueError otherwise."""
     low, sep, high = text.partition("-")
@@ -424,18 +431,20 @@ def _describe_qc(reference: QCReference | None, metadata: dict) -> str:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
 @json_option
-def info(model_dir: Path, as_json: bool) -> None:
-    """Verify a model directory (hashes, format, preprocessing version) and print its metadata.
+def info(model_dir: Path | None, as_json: bool) -> None:
+    """Verify a model directory (hashes, format, preprocessing version) and print its metadata;
+    without MODEL_DIR, the model `radscan score` uses (RADSCAN_MODEL, else the shipped one).
 
     \b
-    Example:
-      radscan info models/kermany-tiny
+    Examples:
+      radscan info
+      radscan info models/site-2026 --json
     """
     from radscan.model.io import load_model
     from radscan.qc import load_reference
-
+    model_dir = model_dir or _model_in_use()
     _, metadata = load_model(model_dir)
     reference = load_reference(model_dir, metadata)
     if as_json:
@@ -592,10 +601,9 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
       radscan evaluate --normal test/normal --abnormal test/pneumonia --model models/a --model models/b --out cmp/
     """
     from radscan.evaluate import evaluate as run_evaluate
-    from radscan.score import default_model_dir
 
     if not models:
-        models = (Path(os.environ["RADSCAN_MODEL"]) if os.environ.get("RADSCAN_MODEL") else default_model_dir(),)
+        models = (_model_in_use(),)
     result = run_evaluate(normal, abnormal, models, batch_size, device, workers, policy,
                           progress=not ctx.obj["quiet"], out_dir=out, roc_png=roc)
     if as_json:

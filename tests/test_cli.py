@@ -333,3 +333,11 @@ def test_without_posix_locks_score_refuses_with_a_reason(tmp_path, monkeypatch, 
     monkeypatch.setattr(state, "fcntl", None)
     result = _run("score", str(cxr_dir / "kermany_pediatric_fullres/normal"), "--out", str(tmp_path / "r.csv"))
     assert result.exit_code == ExitCode.USAGE and "POSIX flock" in result.output
+
+
+def test_info_without_a_folder_describes_the_model_score_uses(tmp_path, monkeypatch):
+    monkeypatch.delenv("RADSCAN_MODEL", raising=False)
+    shipped = _run("info", "--json")
+    assert shipped.exit_code == 0 and json.loads(shipped.output)["name"] == "kermany-tiny"
+    monkeypatch.setenv("RADSCAN_MODEL", str(tmp_path / "missing"))
+    assert _run("info").exit_code == ExitCode.DATA  # the model it would use is checked, not another
