@@ -374,13 +374,11 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     from radscan.train import train as run_train
 
     overrides = _read_settings(settings_file) if settings_file else {}
-    given = {"memory_kind": memory, "score_kind": score_kind, "critic_snapshots": critic_snapshots,
-             "density_grid": density_grid}
-    for key, value in given.items():
-        option = {"memory_kind": "memory", "score_kind": "score_kind"}.get(key, key)
-        from_default = ctx.get_parameter_source(option) in (click.core.ParameterSource.DEFAULT, None)
-        if value is not None and not (from_default and key in overrides):  # a settings file beats a default
-            overrides[key] = value
+    for option, key in (("memory", "memory_kind"), ("score_kind", "score_kind"),
+                        ("critic_snapshots", "critic_snapshots"), ("density_grid", "density_grid")):
+        given = ctx.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT
+        if ctx.params[option] is not None and (given or key not in overrides):  # a settings file beats a default
+            overrides[key] = ctx.params[option]
     if critic_blur is not None:
         overrides["critic_blur_sigma"] = critic_blur
     try:
@@ -444,6 +442,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
     """
     from radscan.model.io import load_model
     from radscan.qc import load_reference
+
     model_dir = model_dir or _model_in_use()
     _, metadata = load_model(model_dir)
     reference = load_reference(model_dir, metadata)

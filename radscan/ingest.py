@@ -180,7 +180,7 @@ def _not_a_file(entry: os.DirEntry) -> str:
     missing is broken; a link to, or an entry that is, a device, socket or pipe is not a file."""
     if entry.is_symlink():
         try:
-            os.stat(entry.path)
+            entry.stat()  # follows the link
         except OSError:
             return "broken symbolic link"
         return "not a regular file (a symbolic link to a device, socket or pipe)"

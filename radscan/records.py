@@ -96,8 +96,8 @@ RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
 # Unicode's explicit directional formatting characters (UAX #9, 2.1-2.4): embeddings, overrides and
 # isolates reorder the text after them, so a header value or a file name could make another
 # study's accession number read backwards in the page ("A12345" shown as "54321A").
-_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
-_SHOWN_CONTROLS = {code: f"\\u{code:04x}" for code in _BIDI_CONTROLS}
+_BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_SHOWN_CONTROLS = {ord(char): f"\\u{ord(char):04x}" for char in _BIDI_CONTROLS}
 
 
 def visible_controls(text: str) -> str:

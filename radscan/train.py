@@ -516,6 +516,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     tensor_images = torch.from_numpy(train_images)
     batches_per_epoch = len(train_images) // tcfg.batch_size  # drop the ragged last batch
 
+    density_fitted = False  # evaluate_epoch fits it to each epoch's weights, the last ones included
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as training_log:
         for epoch in range(start_epoch, tcfg.epochs):
             trainer.take_snapshot()
@@ -545,6 +546,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             bar.close()
             trainer.schedule.step()
             metrics = evaluate_epoch(trainer.model, train_images, calibration, validation, 64, device, tcfg.seed)
+            density_fitted = True
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
@@ -560,7 +562,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
                            "snapshots: raise --max-minutes and rerun with --resume")
 
     model = trainer.model.eval()
-    fit_density(model, train_images, tcfg.seed, device)
+    if not density_fitted:  # resumed after the last epoch: nothing was fitted in this process
+        fit_density(model, train_images, tcfg.seed, device)
     metrics, calibration_scores = finalize(model, calibration, validation, tcfg, device)
     metadata = {
         "name": name or out_dir.name,
