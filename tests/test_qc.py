@@ -50,6 +50,39 @@ def test_a_reference_fitted_on_normals_passes_other_normals(normals):
         fit_reference(normals[0][:49])
 
 
+@pytest.fixture(scope="module")
+def sites(cxr_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Two sites' (normal, pneumonia) films: Kermany children and NIH adults (validation sets only)."""
+    def read(*folders: str) -> np.ndarray:
+        return load_images([str(cxr_dir / f) for f in folders], Policy(), workers=2, progress=False)[0]
+    return {"children": (read("kermany_pediatric_224/train_normal"),
+                         read("kermany_pediatric_224/val_abnormal", "kermany_pediatric_fullres/abnormal")),
+            "adults": (read("nih_adult_512/train_normal"), read("nih_adult_512/val_abnormal"))}
+
+
+@pytest.mark.parametrize("site", ["children", "adults"])
+@pytest.mark.parametrize("n_train, seed", [(50, 0), (60, 1), (80, 2), (150, 3), (300, 4)])
+def test_a_small_site_reference_passes_unseen_chests_normal_or_not(sites, site, n_train, seed):
+    """Issue 22: limits calibrated on the training films' own distances rejected 33 of 40
+    pneumonias for a model trained on 60 normals. Whatever the number of normals (>= 50), at most
+    2% of a site's unseen chest films, normal or diseased, may fail."""
+    normal, pneumonia = sites[site]
+    order = np.random.default_rng(seed).permutation(len(normal))
+    fitted = QualityControl(reference=fit_reference(normal[order[:n_train]]))
+    for films in (normal[order[n_train:]], pneumonia):
+        statuses = [v.status for v in _verdicts(fitted, films)]
+        assert statuses.count("fail") <= 0.02 * len(films), (site, n_train, len(films))
+
+
+def test_a_small_site_reference_still_stops_turned_films(sites):
+    normal = sites["adults"][0]  # adults: the least distinct orientation of the two sites
+    fitted = QualityControl(reference=fit_reference(normal[:60]))
+    held = normal[60:]
+    for turned in (np.rot90(held, 1, axes=(1, 2)), np.rot90(held, 2, axes=(1, 2)), 255 - held):
+        statuses = [v.status for v in _verdicts(fitted, turned)]
+        assert statuses.count("fail") >= 0.95 * len(turned)
+
+
 def _verdicts(qc: QualityControl, images: np.ndarray, **header) -> list:
     records = [ImageRecord(path=f"{i}.jpeg", root="r", kind="jpeg", **header) for i in range(len(images))]
     return qc.check(records, np.ascontiguousarray(images))
