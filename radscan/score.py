@@ -81,7 +81,7 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
-                 "images_flagged", "images_error", "images_rejected", "images_new", "study_note", "top_path",
+                 "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note", "top_path",
                  "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "Modality",
                  "threshold", "model_name", "model_version")
 
@@ -688,6 +688,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
         studies = flagged = 0
         with CsvStream(outputs.studies, STUDY_COLUMNS) as study_csv:
             for study in store.studies():
+                note = _study_note(study)
                 top = study.pop("top")
                 studies += 1
                 flagged += study["images_flagged"] > 0
@@ -695,7 +696,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
                     **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
                                                          "StudyDate", "Modality")},
                     **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
-                    "study_note": _study_note(study),
+                    "study_note": note,
                     "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
                     "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
                     "model_version": metadata.get("version", ""),
@@ -729,6 +730,9 @@ def _study_note(study: dict[str, Any]) -> str:
         notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
     if study["images_error"]:
         notes.append(f"{study['images_error']} image(s) could not be read")
+    if study["images_skipped"]:
+        reason = study["top"]["reason"] if study["images_skipped"] == study["images"] else "see their rows"
+        notes.append(f"{study['images_skipped']} image(s) skipped by the selection policy ({reason})")
     if notes and not study["images_scored"]:
         notes.append("no image of this study was scored: review it yourself")
     return "; ".join(notes)

@@ -111,6 +111,13 @@ class StoredRow:
         return Path(root) / relative
 
 
+# A DICOM image the selection policy skipped (another Modality or body part, a multi-frame object,
+# raw detector data): its header names its study, and a study must not vanish from the list because
+# every image of it was skipped. Reports, presentation states and other non-images (no Rows) do.
+_SKIPPED_DICOM = ("(status = 'skipped' AND COALESCE(json_extract(row, '$.StudyInstanceUID'), '') != '' "
+                  "AND json_extract(row, '$.rows') IS NOT NULL)")
+
+
 class StateStore:
     """SQLite table of per-file results for one output location.
 
@@ -289,8 +296,10 @@ class StateStore:
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
                SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new,
-               SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned
-        FROM current GROUP BY study_key HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0)"""
+               SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
+               SUM(status = 'skipped') AS images_skipped
+        FROM current GROUP BY study_key
+        HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0 OR SUM(""" + _SKIPPED_DICOM + """) > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
         """This run's rows, by study score then score (highest first), with their study's result."""
@@ -303,22 +312,27 @@ class StateStore:
                    "study_flag": None if study_flag is None else bool(study_flag)}
 
     def studies(self) -> Iterator[dict[str, Any]]:
-        """One entry per study with a scored, failed or rejected image, with the row of its top
-        image (highest score, else its first unscored image). Studies of which no image could be
-        judged come first (someone must look at them), then the rest by study score, highest first."""
+        """One entry per study with a scored, failed or rejected image, or with a DICOM image the
+        selection policy skipped (a DX chest whose Modality says DR must not vanish from the list),
+        with the row of its top image (highest score, else its first unscored, else its first
+        skipped image). Studies of which no image could be judged come first (someone must look at
+        them), then the rest by study score, highest first, then those whose every image was
+        skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
-                PARTITION BY study_key ORDER BY score IS NULL, score DESC, sort_root, sort_path) AS n
-                FROM current WHERE status IN ('ok', 'error', 'rejected'))
+                PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, sort_root,
+                                                sort_path) AS n
+                FROM current WHERE status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, s.images_qc_warned, r.row
+                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
-            ORDER BY s.study_score IS NOT NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, row in self._db.execute(
-                query, {"run": self.run_id}):
+            ORDER BY s.images_skipped = s.images, s.study_score IS NOT NULL, s.study_score DESC, s.study_key"""
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, row in \
+                self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
-                   "images_new": new, "images_qc_warned": warned, "top": json.loads(row)}
+                   "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
+                   "top": json.loads(row)}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

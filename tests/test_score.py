@@ -106,6 +106,38 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     assert not Image.open(pngs[0]).info.get("text")
 
 
+@pytest.mark.parametrize("modality", ["DR", "OT", "MG"])
+def test_a_study_whose_every_image_the_policy_skips_still_says_so(studies, tiny_model, tmp_path, modality):
+    """Issue 22 item 10: a DX chest whose Modality says DR or OT dropped out of the study list with
+    exit 0. A study with a skipped image says so; one whose every image was skipped is listed last,
+    unflagged, with the reason; a report without pixels (the SR) makes no study of its own."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    ds.Modality, ds.StudyInstanceUID, ds.SOPInstanceUID = modality, generate_uid(), generate_uid()
+    (studies / "other").mkdir()
+    ds.save_as(studies / "other" / "chest.dcm")
+    ds.StudyInstanceUID = pydicom.dcmread(studies / "nih" / "a.dcm").StudyInstanceUID  # a third image of nih
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(studies / "nih" / "c.dcm")
+    out = tmp_path / "out" / "report.csv"
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert result.exit_code == ExitCode.OK, result.output
+
+    study_rows = _rows(out.parent / "report_studies.csv")
+    assert len(study_rows) == 10
+    last = study_rows[-1]
+    assert last["top_path"] == "other/chest.dcm" and last["study_flag"] == "false" and not last["study_score"]
+    assert (last["images"], last["images_scored"], last["images_skipped"]) == ("1", "0", "1")
+    assert f"skipped by the selection policy (Modality {modality} is not scored" in last["study_note"]
+    assert "review it yourself" in last["study_note"]
+    nih = next(s for s in study_rows if s["top_path"].startswith("nih/"))
+    assert (nih["images"], nih["images_scored"], nih["images_skipped"]) == ("3", "2", "1")
+    assert "1 image(s) skipped by the selection policy (see their rows)" in nih["study_note"]
+    assert not any(s["top_path"].endswith("sr.dcm") for s in study_rows)
+
+
 def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_model, tmp_path):
     out = tmp_path / "report.csv"
     args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json"]
