@@ -39,12 +39,17 @@ Exit codes:
   3   finished, but some files could not be used (rows with status "error"),
       or DICOM results were not made or not sent (kept for the next run)
   65  missing or invalid model
-  66  no input: a path does not exist or holds no files
+  66  no input: a path does not exist, cannot be read or holds no files
   69  the Dask scheduler (--scheduler) cannot be used or was lost (rerun to finish)
   73  an output cannot be written
   75  another run holds the lock on these outputs (try again later)
   130 interrupted (Ctrl-C); 143 stopped by SIGTERM: earlier outputs are intact, rerun to finish
 """
+
+
+# Input paths are checked by radscan, not by Click: a path that is missing or cannot be read is
+# exit 66 with the reason (ingest.check_inputs), where Click would make it a usage error (exit 2).
+INPUT_PATH = click.Path(path_type=str, readable=False)
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -222,7 +227,7 @@ def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityCon
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=INPUT_PATH)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Inventory CSV to write (replaced atomically).")
 @click.option("--previews", type=click.Path(file_okay=False, path_type=Path),
@@ -282,13 +287,13 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("normals", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("normals", nargs=-1, required=True, type=INPUT_PATH)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory to create (weights, metadata, training log).")
-@click.option("--val-abnormal", multiple=True, type=click.Path(path_type=str),
+@click.option("--val-abnormal", multiple=True, type=INPUT_PATH,
               help="Labelled abnormal images (repeatable): every epoch's validation AUC goes into the "
                    "training log. Measured only: the model and its threshold do not depend on them.")
-@click.option("--val-normal", multiple=True, type=click.Path(path_type=str),
+@click.option("--val-normal", multiple=True, type=INPUT_PATH,
               help="Labelled normal images for validation (default: the held-out calibration normals).")
 @click.option("--preset", type=click.Choice(sorted(PRESET_NAMES)), default=PRESET, show_default=True,
               help="Architecture size: reference (~46 M parameters, for GPUs), small or tiny (CPU).")
@@ -469,7 +474,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=INPUT_PATH)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Image-level worklist CSV (replaced atomically). The study CSV, explanation PNGs, state "
                    "store and lock go beside it.")
@@ -571,9 +576,9 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--normal", multiple=True, required=True, type=click.Path(path_type=str),
+@click.option("--normal", multiple=True, required=True, type=INPUT_PATH,
               help="Folder or file of normal images (repeatable).")
-@click.option("--abnormal", multiple=True, required=True, type=click.Path(path_type=str),
+@click.option("--abnormal", multiple=True, required=True, type=INPUT_PATH,
               help="Folder or file of abnormal images (repeatable).")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory (repeat to compare models on the same images; default: the shipped model, "
@@ -635,7 +640,7 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--normals", multiple=True, required=True, type=click.Path(path_type=str),
+@click.option("--normals", multiple=True, required=True, type=INPUT_PATH,
               help="The site's own normal images, not used for training or evaluation (repeatable).")
 @click.option("--target-specificity", type=FiniteFloatRange(0.5, 0.999), default=0.95, show_default=True,
               help="Share of these normals that the new threshold keeps below it.")

@@ -450,8 +450,10 @@ def _first_usable_window(ds: Dataset, shown: np.ndarray) -> Dataset | None:
 
     A pair is unusable when a value is absent, empty or not a finite number, when the width is
     out of range for its function (LINEAR needs >= 1, LINEAR_EXACT and SIGMOID > 0: C.11.2.1.2.1,
-    C.11.2.1.3), or when every pixel of the image (`shown`, the rescaled values of a sample without
-    padding) lies on one side of the window, which would display a blank image. The VOI LUT
+    C.11.2.1.3; the 1 is one stored value, so after a fractional Rescale Slope s a LINEAR width
+    down to |s| is a real window in rescaled units, applied as LINEAR_EXACT below 1), or when
+    every pixel of the image (`shown`, the rescaled values of a sample without padding) lies on
+    one side of the window, which would display a blank image. The VOI LUT
     Function (C.11.2.1.3) is read case-insensitively; empty or unknown means LINEAR, the default;
     a single value applies to every pair and several are paired with the windows by position.
 
@@ -464,13 +466,20 @@ def _first_usable_window(ds: Dataset, shown: np.ndarray) -> Dataset | None:
     centers, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
     functions = [_VOI_FUNCTIONS.get(name, "LINEAR") for name in _texts(ds, "VOILUTFunction")] or ["LINEAR"]
     low, high = (float(shown.min()), float(shown.max())) if shown.size else (-np.inf, np.inf)
+    # "Window Width >= 1" assumes one unit per stored value; after a Rescale Slope s the rescaled
+    # values step by |s|, and a window of 0.5 over values stepping by 0.001 spans 500 of them
+    step = 1.0 if "ModalityLUTSequence" in ds else min(1.0, abs(_number(ds, "RescaleSlope") or 1.0))
     for index, (center, width) in enumerate(zip(centers, widths, strict=False)):  # unequal counts: the pairs there are
         if len(functions) == 1:
             function = functions[0]
         else:
             function = functions[index] if index < len(functions) else "LINEAR"
-        if center is None or width is None or width < (1 if function == "LINEAR" else np.nextafter(0, 1)):
+        if center is None or width is None or width < (step if function == "LINEAR" else np.nextafter(0, 1)):
             continue
+        if function == "LINEAR" and width < 1:
+            # C.11.2.1.2.1's LINEAR divides by (width - 1): below one unit it is undefined, and its
+            # limit as the ramp shrinks is LINEAR_EXACT's (x - c) / w + 0.5 on the same window
+            function = "LINEAR_EXACT"
         if high <= center - width / 2 or low > center + width / 2:
             continue
         window = Dataset()

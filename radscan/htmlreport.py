@@ -18,7 +18,8 @@ import jinja2
 
 from radscan.report import atomic_output
 
-__all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html"]
+__all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html",
+           "render_worklist_html"]
 
 PAGE_SIZE = 100  # studies drawn at a time
 
@@ -54,10 +55,14 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
     model_version, model_sha256, score_kind, threshold (0..1), run_id, finished_at,
     radscan_version, report_name, studies_name, studies, flagged_studies, counts (status -> files).
     """
-    page = _environment().get_template("worklist.html.j2").render(
-        studies=list(studies), summary=summary, page_size=PAGE_SIZE)
     with atomic_output(path) as handle:
-        handle.write(page)
+        handle.write(render_worklist_html(studies, summary))
+
+
+def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The worklist page as text (see `write_worklist_html` for the arguments)."""
+    return _environment().get_template("worklist.html.j2").render(
+        studies=list(studies), summary=summary, page_size=PAGE_SIZE)
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],

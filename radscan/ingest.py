@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -73,10 +75,30 @@ def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[P
 
 
 def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
-    """Every input path must exist (a broken link counts as missing): else exit code 66."""
+    """Every input path must exist (a broken link counts as missing) and be readable (a folder:
+    listable): else NoInputError, exit code 66, naming each and why. Below the inputs, what cannot
+    be read is a row with its reason instead."""
+    inputs = list(inputs)
     missing = [str(p) for p in inputs if not os.path.exists(p)]
     if missing:
         raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+    unreadable = [f"{p} ({reason})" for p in inputs if (reason := _unreadable(p))]
+    if unreadable:
+        raise NoInputError(f"cannot read input path: {', '.join(unreadable)}")
+
+
+def _unreadable(path: str | os.PathLike) -> str:
+    """Why `path` cannot be read (a folder listed, a file opened), or ''."""
+    try:
+        if os.path.isdir(path):
+            with os.scandir(path):
+                pass
+        else:
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        return _os_reason(exc)
+    return ""
 
 
 def distinct_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
@@ -326,14 +348,14 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
     if workers == 1:
         yield from (ingest_file(found, policy) for found in files)
         return
-    from joblib import Parallel, delayed, effective_n_jobs
+    from joblib import delayed, effective_n_jobs
 
     ahead = max(4 * effective_n_jobs(workers), in_flight)
     timeout = policy.read_timeout
     done = 0
     while done < len(files):
         end = min(done + max(_WINDOW, 2 * ahead), len(files))
-        parallel = Parallel(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
+        parallel = _workers(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
                             timeout=timeout)
         try:
             for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:end]):
@@ -346,12 +368,46 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
                 done += 1
 
 
+def _workers(**kwargs: Any) -> Any:
+    """joblib's Parallel on its loky processes, each of which watches this process (`_watch_parent`)."""
+    from joblib import Parallel, parallel_config
+
+    with parallel_config(backend="loky", initializer=_watch_parent, initargs=(os.getpid(),)):
+        return Parallel(**kwargs)
+
+
+_watched_parent: int | None = None
+
+
+def _watch_parent(parent: int) -> None:
+    """Start (once per worker, as it starts) a thread that ends this process within a second of
+    `parent` dying.
+
+    Why: joblib's workers are kept for reuse and only notice a dead parent when they next ask it for
+    work; a run killed with SIGKILL left them decoding for minutes (issue 22). PR_SET_PDEATHSIG is
+    not used: it fires when the parent's *thread* that made the worker ends, which loky's manager
+    thread does in normal operation."""
+    global _watched_parent
+    if _watched_parent == parent:
+        return
+    if os.getppid() != parent:  # loky starts its workers from the run itself: the run is gone already
+        os._exit(1)
+    _watched_parent = parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="radscan-parent-watch", daemon=True).start()
+
+
 def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
     """`ingest_file` alone in a worker process, so that a crash or hang costs only this file."""
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
     try:
-        return Parallel(n_jobs=2, timeout=timeout)([delayed(ingest_file)(found, policy)])[0]
+        return _workers(n_jobs=2, timeout=timeout)([delayed(ingest_file)(found, policy)])[0]
     except Exception as exc:  # joblib raises multiprocessing's TimeoutError, not the builtin one
         if "Timeout" in type(exc).__name__:
             reason = hung_reason(timeout)

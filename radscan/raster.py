@@ -25,7 +25,9 @@ def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
 
     8-bit images are used as stored (voi_source ``full-range``); 16-bit PNGs keep their depth
     until a robust percentile window maps them to 8 bits. Colour is reduced to luma (ITU-R 601),
-    alpha is dropped and the EXIF orientation is applied. Returns ``None`` (with `record` marked
+    a transparent or translucent image (grey or colour with alpha, a palette with a transparent
+    entry) is composited over white, as a browser or viewer shows it on a white page, and the EXIF
+    orientation is applied. Returns ``None`` (with `record` marked
     as an error) when the file cannot be decoded.
     """
     try:
@@ -62,8 +64,18 @@ def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
         record.voi_source = "percentile"
         low, high = percentile_window(subsample(values))
         return window_to_uint8(values, low, high, invert=False)
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = _over_white(image)
     if image.mode != "L":
         image = image.convert("L")
     record.bits_stored = 8
     record.voi_source = "full-range"
     return np.asarray(image)
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """`image` composited over an opaque white background (PNG, ISO/IEC 15948 12.16: a viewer shows
+    alpha * colour + (1 - alpha) * background). Dropping the alpha instead showed what the file
+    stores under transparent pixels, often black, where every viewer shows the page."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

@@ -22,8 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "prepare_folder", "refuse_special", "remove_stale_temporaries", "cannot_write",
-           "CsvStream", "write_png", "write_png_bytes", "encode_png", "png_name", "render_explanation"]
+__all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
+           "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "write_png_bytes", "encode_png",
+           "png_name", "render_explanation"]
 
 
 def _file_mode() -> int:
@@ -35,39 +36,86 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator[IO[Any]]:
-    """Open a temporary file beside `path`; on success, rename it onto `path`.
+class AtomicFile:
+    """A file written under a temporary name beside `path`, which becomes `path` only on `commit`
+    (or `sync` now and `replace` later, to put several files in place together: `commit_together`).
 
     `durable` also fsyncs before the rename, so that a power cut cannot leave an empty file; the
     many small PNGs skip it (the rename alone keeps them whole on a crash of the process).
-    """
-    path = Path(path)
-    refuse_special(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # read-only folder, a parent that is a file, disk full: exit 73, one line
-        raise cannot_write(path, exc) from None
-    try:
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
-        # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
-        kwargs = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-            try:
-                if durable:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            except OSError as exc:  # a full disk shows here at the latest
-                raise cannot_write(path, exc) from None
+    Raises OutputError (exit 73) when the file cannot be made, written or renamed."""
+
+    def __init__(self, path: Path, mode: str = "w", durable: bool = True) -> None:
+        self.path, self._durable = Path(path), durable
+        refuse_special(self.path)
         try:
-            os.replace(tmp, path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:  # read-only folder, a parent that is a file, disk full: exit 73, one line
+            raise cannot_write(self.path, exc) from None
+        try:
+            os.chmod(self._tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask-based mode
+            # file names that are not UTF-8 appear with \x.. escapes rather than breaking the CSV
+            kwargs = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"} if "b" not in mode else {}
+            self.handle: IO[Any] = os.fdopen(fd, mode, **kwargs)
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+
+    def sync(self) -> None:
+        """Flush and close the temporary file (fsync when durable): all that can fail but the rename."""
+        if self.handle.closed:
+            return
+        try:
+            with self.handle:
+                if self._durable:
+                    self.handle.flush()
+                    os.fsync(self.handle.fileno())
+        except OSError as exc:  # a full disk shows here at the latest
+            raise cannot_write(self.path, exc) from None
+
+    def replace(self) -> None:
+        try:
+            os.replace(self._tmp, self.path)
         except OSError as exc:
-            raise cannot_write(path, exc) from None
-    except BaseException:
+            raise cannot_write(self.path, exc) from None
+
+    def commit(self) -> None:
+        self.sync()
+        self.replace()
+
+    def abort(self) -> None:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+
+def commit_together(files: Sequence[AtomicFile]) -> None:
+    """Put several written files in place as one step, in the order given: every file is synced
+    first (where a full disk or an I/O error shows), then the renames follow back to back, so that
+    a run killed between two of them leaves a mismatched set only within microseconds, never after
+    writing a whole file. On an error before the renames, none is put in place."""
+    try:
+        for file in files:
+            file.sync()
+    except BaseException:
+        for file in files:
+            file.abort()
+        raise
+    for file in files:
+        file.replace()
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on success, rename it onto `path` (`AtomicFile`)."""
+    file = AtomicFile(path, mode, durable)
+    try:
+        yield file.handle
+        file.commit()
+    except BaseException:
+        file.abort()
         raise
 
 
@@ -121,26 +169,32 @@ def cannot_write(path: Path, exc: OSError) -> OutputError:
 
 
 class CsvStream:
-    """Rows written as they come to a temporary file, which becomes `path` only on `commit`."""
+    """Rows written as they come to a temporary file (`file`, an AtomicFile), which becomes `path`
+    only on `commit` (or with other files, `commit_together`)."""
 
     def __init__(self, path: Path, columns: Sequence[str]):
-        self._context, self._context_path = atomic_output(path), path
-        self._handle = self._context.__enter__()
-        self._writer = csv.DictWriter(self._handle, fieldnames=list(columns), extrasaction="ignore")
-        self._writer.writeheader()
+        self.file, self._path = AtomicFile(path), path
+        self._writer = csv.DictWriter(self.file.handle, fieldnames=list(columns), extrasaction="ignore")
+        self.write_header()
+
+    def write_header(self) -> None:
+        try:
+            self._writer.writeheader()
+        except OSError as exc:
+            self.file.abort()
+            raise cannot_write(self._path, exc) from None
 
     def write(self, row: dict[str, Any]) -> None:
         try:
             self._writer.writerow({key: _cell(value) for key, value in row.items()})
         except OSError as exc:  # e.g. the disk filled up
-            raise cannot_write(self._context_path, exc) from None
+            raise cannot_write(self._path, exc) from None
 
     def commit(self) -> None:
-        self._context.__exit__(None, None, None)
+        self.file.commit()
 
-    def abort(self, exc: BaseException) -> None:
-        with contextlib.suppress(BaseException):
-            self._context.__exit__(type(exc), exc, exc.__traceback__)
+    def abort(self, exc: BaseException | None = None) -> None:
+        self.file.abort()
 
     def __enter__(self) -> CsvStream:
         return self

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from radscan import __version__
 from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
-from radscan.htmlreport import study_entry, write_worklist_html
+from radscan.htmlreport import render_worklist_html, study_entry
 from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.pacs import Delivery, Destination, deliver, forget_results
@@ -44,9 +44,11 @@ from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status, printable
 from radscan.report import (
+    AtomicFile,
     CsvStream,
     atomic_output,
     cannot_write,
+    commit_together,
     encode_png,
     png_name,
     prepare_folder,
@@ -81,9 +83,9 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
-                 "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note", "top_path",
-                 "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "Modality",
-                 "threshold", "model_name", "model_version")
+                 "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note",
+                 "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate",
+                 "Modality", "threshold", "model_name", "model_version")
 
 
 def default_model_dir() -> Path:
@@ -418,7 +420,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
              metadata.get("name"), metadata.get("version"), metadata["weights"]["sha256"][:12])
 
-    with hold_lock(outputs.lock), ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
+    with hold_lock(outputs.lock) as lock, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
         _tidy_outputs(outputs)
         loading = loader.submit(_load_model, model_dir, settings.device)
         files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
@@ -445,8 +448,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                     bool(outputs.dicom), resolved_roots)
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             threshold = scorer.threshold  # the model is verified even when nothing was new
+            lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
             counts = store.counts()
+            lock.confirm()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
             _write_readme(outputs, metadata, pictures)
             _forget(store.prune(), outputs)
@@ -672,52 +677,75 @@ def _listed(values: tuple[str, ...] | None) -> str:
 
 def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, metadata: dict[str, Any],
                    run: tuple[str, dict[str, int]]) -> tuple[int, int]:
-    """Stream the image and study CSVs from the store, each replaced atomically, then the web page
-    of the studies (`outputs.html`). `run` is (run id, file counts by status).
-    Returns (studies, flagged studies)."""
-    entries = []
+    """Stream the image and study CSVs from the store and render the web page of the studies
+    (`outputs.html`) to temporary files, then put them in place together (`commit_together`:
+    report.csv last, so that a new report.csv always comes with its own study list and page).
+    `run` is (run id, file counts by status). Returns (studies, flagged studies)."""
+    pending: list[AtomicFile] = []
     try:
-        with CsvStream(outputs.report, REPORT_COLUMNS) as report:
-            rank = 0
-            for row in store.worklist():
-                if row["status"] == Status.OK:
-                    rank += 1
-                    row["rank"] = rank
-                row["new_this_run"] = row.get("read_by_run") == store.run_id
-                report.write(row)
-        studies = flagged = 0
-        with CsvStream(outputs.studies, STUDY_COLUMNS) as study_csv:
-            for study in store.studies():
-                note = _study_note(study)
-                top = study.pop("top")
-                studies += 1
-                flagged += study["images_flagged"] > 0
-                row = {
-                    **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
-                                                         "StudyDate", "Modality")},
-                    **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
-                    "study_note": note,
-                    "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
-                    "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
-                    "model_version": metadata.get("version", ""),
-                }
-                study_csv.write(row)
-                if outputs.html is not None:
-                    qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
-                    entries.append(study_entry(row, qc_reason=qc))
-    except OSError as exc:
-        raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
-    if outputs.html is not None:
-        flagged_images = run[1].pop("flagged", 0)
-        write_worklist_html(outputs.html, entries, {
-            "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
-            "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
-            "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
-            "run_id": run[0], "finished_at": _now(), "radscan_version": __version__,
-            "report_name": outputs.report.name, "studies": studies,
-            "studies_name": os.path.relpath(outputs.studies, outputs.report.parent),
-            "flagged_studies": flagged, "counts": {**run[1], "flagged images": flagged_images}})
+        report = CsvStream(outputs.report, REPORT_COLUMNS)
+        pending.append(report.file)
+        _write_image_rows(report, store)
+        study_csv = CsvStream(outputs.studies, STUDY_COLUMNS)
+        pending.insert(0, study_csv.file)
+        entries, studies, flagged = _write_study_rows(study_csv, store, threshold, metadata,
+                                                      with_entries=outputs.html is not None)
+        if outputs.html is not None:
+            page = AtomicFile(outputs.html)
+            pending.insert(1, page)
+            counts = dict(run[1])
+            flagged_images = counts.pop("flagged", 0)
+            page.handle.write(render_worklist_html(entries, {
+                "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
+                "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
+                "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
+                "run_id": run[0], "finished_at": _now(), "radscan_version": __version__,
+                "report_name": outputs.report.name, "studies": studies,
+                "studies_name": os.path.relpath(outputs.studies, outputs.report.parent),
+                "flagged_studies": flagged, "counts": {**counts, "flagged images": flagged_images}}))
+    except BaseException as exc:
+        for file in pending:
+            file.abort()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the worklist next to {outputs.report}: {exc.strerror or exc}") from None
+        raise
+    commit_together(pending)
     return studies, flagged
+
+
+def _write_image_rows(report: CsvStream, store: StateStore) -> None:
+    rank = 0
+    for row in store.worklist():
+        if row["status"] == Status.OK:
+            rank += 1
+            row["rank"] = rank
+        row["new_this_run"] = row.get("read_by_run") == store.run_id
+        report.write(row)
+
+
+def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, metadata: dict[str, Any],
+                      with_entries: bool) -> tuple[list[dict[str, Any]], int, int]:
+    """The study list; returns the page's entries (when `with_entries`), studies, flagged studies."""
+    entries, studies, flagged = [], 0, 0
+    for study in store.studies():
+        note = _study_note(study)
+        top = study.pop("top")
+        studies += 1
+        flagged += study["images_flagged"] > 0
+        row = {
+            **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
+                                                 "StudyDate", "Modality")},
+            **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
+            "study_note": note,
+            "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
+            "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
+            "model_version": metadata.get("version", ""),
+        }
+        study_csv.write(row)
+        if with_entries:
+            qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
+            entries.append(study_entry(row, qc_reason=qc))
+    return entries, studies, flagged
 
 
 def _study_note(study: dict[str, Any]) -> str:

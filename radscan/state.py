@@ -32,7 +32,7 @@ try:  # POSIX: a kernel lock that is released however its holder dies (never sta
 except ImportError:  # Windows: radscan imports and scans, but `score` cannot lock its outputs
     fcntl = None
 
-__all__ = ["hold_lock", "StateStore", "StoredRow", "FileIdentity", "refuse_link", "store_files"]
+__all__ = ["hold_lock", "OutputLock", "StateStore", "StoredRow", "FileIdentity", "refuse_link", "store_files"]
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +54,91 @@ def refuse_link(path: Path) -> None:
                               "not make; remove it or choose another --out")
 
 
+class OutputLock:
+    """An exclusive `flock` on a lock file, which remembers the file (device, inode) it locked.
+
+    A lock file that is deleted while its run holds it (a cleanup script, an operator) would let a
+    second run create a new file at that path and lock it too; `confirm` notices, before the shared
+    outputs are written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle: Any = None
+        self._identity: tuple[int, int] | None = None
+
+    def acquire(self) -> None:
+        """Lock the file at `path` (created if absent), or raise LockHeldError (exit 75) at once."""
+        refuse_link(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from None
+        handle = os.fdopen(descriptor, "r+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                raise LockHeldError(f"another radscan run ({holder or 'unknown pid'}) is writing these outputs "
+                                    f"(lock {self.path}); try again later") from None
+            status = os.fstat(handle.fileno())
+            if self._at_path() != (status.st_dev, status.st_ino):
+                # the file was removed or replaced between our open and our lock (a holder that was
+                # finishing removes it): what we locked is no longer what others will open
+                raise LockHeldError(f"the lock {self.path} changed while it was being taken (another radscan run "
+                                    "starting or finishing?); try again")
+            try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()}\n")
+                handle.flush()
+            except OSError as exc:  # a full disk
+                raise OutputError(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from None
+        except BaseException:
+            handle.close()
+            raise
+        self._handle, self._identity = handle, (status.st_dev, status.st_ino)
+
+    def confirm(self) -> None:
+        """Check, before shared outputs are written, that the file at `path` is still the one this
+        run locked. If it was deleted, lock a new one (a warning); if another run has locked a new
+        file there, raise LockHeldError (exit 75) rather than write beside it."""
+        if self._at_path() == self._identity:
+            return
+        log.warning("the lock file %s was removed or replaced while this run held it; taking it again", self.path)
+        old = self._handle
+        self.acquire()
+        old.close()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing releases the lock
+            self._handle = None
+
+    def _at_path(self) -> tuple[int, int] | None:
+        try:
+            status = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+
 @contextmanager
-def hold_lock(path: Path) -> Iterator[None]:
+def hold_lock(path: Path) -> Iterator[OutputLock]:
     """Hold an exclusive lock on `path` for the duration, or fail at once with exit code 75.
-    The lock file is opened without following a symbolic link (exit 73 if it is one)."""
+    The lock file is opened without following a symbolic link (exit 73 if it is one). Call the
+    yielded lock's `confirm` before writing what the lock protects."""
     if fcntl is None:
         raise SettingError("radscan score locks its outputs with POSIX flock, which this system lacks: run it on "
                            "Linux or macOS (scan, train, info and evaluate work here)")
-    refuse_link(path)
+    lock = OutputLock(path)
+    lock.acquire()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    handle = os.fdopen(descriptor, "r+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            raise LockHeldError(f"another radscan run ({holder or 'unknown pid'}) is writing these outputs "
-                                f"(lock {path}); try again later") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}\n")
-            handle.flush()
-        except OSError as exc:  # a full disk
-            raise OutputError(f"cannot write the lock file {path}: {exc.strerror or exc}") from None
-        yield
+        yield lock
     finally:
-        handle.close()  # closing releases the lock
+        lock.release()
 
 
 @dataclass(frozen=True)

@@ -341,3 +341,26 @@ def test_info_without_a_folder_describes_the_model_score_uses(tmp_path, monkeypa
     assert shipped.exit_code == 0 and json.loads(shipped.output)["name"] == "kermany-tiny"
     monkeypatch.setenv("RADSCAN_MODEL", str(tmp_path / "missing"))
     assert _run("info").exit_code == ExitCode.DATA  # the model it would use is checked, not another
+
+
+@pytest.mark.parametrize("command", [["scan", "--out", "{out}/inventory.csv"],
+                                     ["score", "--out", "{out}/report.csv", "--no-residuals"],
+                                     ["train", "--out", "{out}/model"]])
+def test_an_input_that_cannot_be_read_is_exit_66_with_the_reason(study_folder, tmp_path, monkeypatch, command):
+    """Issue 22 item 11: an unreadable input folder was Click's usage error (exit 2). Run as root
+    this test stands in for the permissions: listing the folder and access() are refused."""
+    real_scandir, real_access = os.scandir, os.access
+    refused = str(study_folder)
+
+    def scandir(path="."):
+        if os.fspath(path) == refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != refused and real_access(path, mode,
+                                                                                                          **kw))
+    args = [part.format(out=tmp_path / "out") for part in command]
+    result = _run(args[0], refused, *args[1:])
+    assert result.exit_code == ExitCode.NO_INPUT, result.output
+    assert f"cannot read input path: {refused} (Permission denied)" in result.output

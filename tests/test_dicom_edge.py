@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -194,6 +196,32 @@ def test_window_width_below_one_is_skipped_for_the_next_pair(tmp_path):
     assert (record.status, record.voi_source) == ("ok", "percentile"), record.reason
     low, high = percentile_window(stored)
     assert np.abs(image - np.clip((stored - low) / (high - low) * 255, 0, 255)).max() <= 1.0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slope=st.sampled_from([0.001, 0.0025, 0.01, 0.1, 0.5]), share=st.floats(0.05, 0.9),
+       middle=st.floats(0.3, 0.7))
+def test_a_window_narrower_than_one_after_a_fractional_slope_is_used(tmp_path, slope, share, middle):
+    """Issue 22 item 7: after Rescale Slope s the rescaled values step by s, so a LINEAR window
+    narrower than 1 (but at least s) spans many stored values: a real window in rescaled units.
+    LINEAR's formula divides by (w - 1); below 1 it is applied as (x - c) / w + 0.5 (LINEAR_EXACT)."""
+    stored = _ramp(0, 4095)
+    rescaled = stored * slope
+    width = max(slope, share * min(1.0, 4095 * slope))
+    if width >= 1:
+        return  # an ordinary LINEAR window, tested above
+    center = middle * 4095 * slope
+    shown = _display(_write(tmp_path / "w.dcm", stored, bits_stored=12, RescaleSlope=str(slope),
+                            RescaleIntercept="0", WindowCenter=round(center, 6), WindowWidth=round(width, 6)))
+    expected = np.clip(((rescaled - round(center, 6)) / round(width, 6) + 0.5) * 255.0, 0, 255)
+    assert np.abs(shown - expected).max() <= 1.5
+
+
+def test_a_window_narrower_than_one_stored_step_is_still_skipped(tmp_path):
+    """Below one stored value (here 0.5 with slope 1) the window is a threshold, not a window."""
+    stored = _ramp(0, 1023)
+    record, _ = _ingest(_write(tmp_path / "half.dcm", stored, bits_stored=10, WindowCenter=400, WindowWidth=0.5))
+    assert (record.status, record.voi_source) == ("ok", "percentile"), record.reason
 
 
 def test_window_outside_the_data_is_skipped(tmp_path):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from radscan.ingest import Found, find_files, ingest_file, iter_ingested, sniff_kind
 from radscan.policy import Policy
@@ -48,8 +53,32 @@ def test_chest_jpeg_and_png_load_at_any_size(path):
     assert 20 < image.mean() < 235 and image.std() > 10  # a picture, not a flat field
 
 
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "P"])
+def test_a_transparent_png_shows_as_a_viewer_shows_it(tmp_path, mode):
+    """Issue 22 item 7: alpha was dropped, so a transparent region showed the grey stored under it
+    (here black) where a viewer shows the white page. Composited over white: alpha * grey +
+    (1 - alpha) * 255, for grey+alpha, colour+alpha and a palette with a transparent entry."""
+    grey = np.tile(np.linspace(0, 200, 256).round().astype(np.uint8), (256, 1))
+    alpha = np.tile(np.linspace(0, 255, 256).round().astype(np.uint8)[:, None], (1, 256))
+    if mode == "P":  # palette: grey levels 0..254, entry 255 transparent where alpha is below half
+        alpha = np.where(alpha < 128, 0, 255).astype(np.uint8)
+        indices = np.where(alpha == 0, 255, np.minimum(grey, 254)).astype(np.uint8)
+        image = Image.fromarray(indices, "P")
+        image.putpalette([v for level in range(256) for v in (level, level, level)])
+        image.save(tmp_path / "film.png", transparency=255)
+    else:
+        bands = [grey, alpha] if mode == "LA" else [grey, grey, grey, alpha]
+        Image.fromarray(np.stack(bands, axis=-1), mode).save(tmp_path / "film.png")
+    record, image = _ingest(tmp_path / "film.png")
+    assert record.status == "ok", record.reason
+    a = alpha.astype(float) / 255
+    expected = np.asarray(Image.fromarray((a * grey + (1 - a) * 255).round().astype(np.uint8)).resize(
+        (128, 128), Image.Resampling.BICUBIC)).astype(float)
+    assert np.abs(image.astype(float) - expected).max() <= 3
+    assert image[:8].mean() > 240  # the transparent top is white, not the black stored there
+
+
 def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
-    from PIL import Image
 
     ramp = np.tile(np.linspace(1000, 5000, 300, dtype=np.uint16), (200, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
@@ -400,3 +429,26 @@ def test_a_header_value_with_a_right_to_left_override_is_shown_as_it_is(tmp_path
     record, _ = ingest_file(Found(str(tmp_path), "rlo.dcm"), Policy())
     assert record.AccessionNumber == "A\\u202e12345"
     assert not set(record.as_row()["AccessionNumber"]) & set(_BIDI)
+
+
+def test_decoding_workers_end_with_a_killed_run(tmp_path):
+    """Issue 22 item 11: joblib keeps its workers for reuse, and after `kill -9` of a run they went
+    on decoding for minutes. Each worker watches the run that started it and ends within a second."""
+    psutil = pytest.importorskip("psutil")
+    command = [sys.executable, "-m", "radscan", "scan", str(CXR_DIR / "kermany_pediatric_224/train_normal"),
+               "--out", str(tmp_path / "inventory.csv"), "--workers", "2"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            workers = [child for child in psutil.Process(run.pid).children(recursive=True)
+                       if "loky.backend.popen_loky_posix" in " ".join(child.cmdline())]
+        assert len(workers) >= 2, "the run never started its decoding workers"
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} worker(s) still running 5 s after the run was killed"

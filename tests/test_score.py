@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radscan.cli import cli
-from radscan.errors import ExitCode
+from radscan.errors import ExitCode, LockHeldError
 from radscan.score import REPORT_COLUMNS, STUDY_COLUMNS
 from radscan.state import hold_lock
 
@@ -207,6 +207,93 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
         result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model))
     assert result.exit_code == ExitCode.LOCKED and "try again later" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("second_run", [True, False], ids=["another run took the path", "nobody took it"])
+def test_a_lock_file_deleted_mid_run_never_lets_two_runs_write(studies, tiny_model, tmp_path, monkeypatch,
+                                                               second_run):
+    """Issue 22 item 11: deleting report.lock mid-run let a second run in. The run notices before it
+    writes the shared outputs: it stops (exit 75, nothing written) if another run holds a new lock
+    at that path, and takes the lock again if nobody does."""
+    import radscan.score as score_module
+
+    out = tmp_path / "out" / "report.csv"
+    lock_path = out.with_name("report.lock")
+    held = []
+    real_score_new = score_module._score_new
+
+    def score_then_lose_the_lock(*args, **kwargs):
+        real_score_new(*args, **kwargs)
+        lock_path.unlink()
+        if second_run:  # another run starts: it creates a new lock file and holds it
+            held.append(hold_lock(lock_path))
+            held[-1].__enter__()
+
+    monkeypatch.setattr(score_module, "_score_new", score_then_lose_the_lock)
+    try:
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    finally:
+        for lock in held:
+            lock.__exit__(None, None, None)
+    if second_run:
+        assert result.exit_code == ExitCode.LOCKED and "another radscan run" in result.output
+        assert not out.exists() and not out.with_name("report_studies.csv").exists()
+    else:
+        assert result.exit_code == ExitCode.OK, result.output
+        assert out.exists() and lock_path.exists()
+
+
+def test_the_worklist_files_are_put_in_place_together(studies, tiny_model, tmp_path, monkeypatch):
+    """Issue 22 item 11: a run killed between the renames of report.csv and report_studies.csv left
+    a mismatched pair. Every file is written and synced first; a failure before the renames leaves
+    all of the previous list; the renames then follow back to back, report.csv last."""
+    import errno
+
+    import radscan.report as report_module
+    import radscan.score as score_module
+
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert _run(*args).exit_code == ExitCode.OK
+    names = ("report.csv", "report_studies.csv", "report.html")
+    before = {name: out.with_name(name).read_bytes() for name in names}
+    shutil.copy(DICOM_DIR / "nih-cxr14-udacity/test2_cardiomegaly.dcm", studies / "new.dcm")
+
+    def page_fails(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(score_module, "render_worklist_html", page_fails)
+        assert _run(*args).exit_code == ExitCode.CANT_CREATE
+    assert {name: out.with_name(name).read_bytes() for name in names} == before
+    assert not list(out.parent.glob(".*.tmp"))
+
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(report_module.os, "replace", lambda src, dst: (renamed.append(Path(dst).name),
+                                                                       real_replace(src, dst)))
+    assert _run(*args).exit_code == ExitCode.OK
+    first = renamed.index("report_studies.csv")
+    assert renamed[first:first + 3] == ["report_studies.csv", "report.html", "report.csv"]
+    assert "new.dcm" in out.read_text() and "new.dcm" in out.with_name("report_studies.csv").read_text()
+
+
+def test_a_lock_file_replaced_while_it_is_taken_is_refused(tmp_path, monkeypatch):
+    """A holder that finishes removes its lock file; a run that opened the old file just before
+    must not go on holding a lock nobody else can see."""
+    import radscan.state as state_module
+
+    lock_path = tmp_path / "report.lock"
+    real_flock = state_module.fcntl.flock
+
+    def replaced_before_the_lock(handle, operation):
+        lock_path.unlink()
+        lock_path.write_text("pid 1\n")
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(state_module.fcntl, "flock", replaced_before_the_lock)
+    with pytest.raises(LockHeldError, match="changed while it was being taken"):
+        with hold_lock(lock_path):
+            pass
 
 
 @pytest.mark.slow
