@@ -3,7 +3,7 @@ calibration normals: validation only (the model's held-out calibration normals a
 validation pneumonias), so that the views can be chosen without the test split.
 
 One view (shift 0) costs a quarter of four (the shipped models' 0.05): the critics are most of
-what scoring a film without a picture costs (README "Benchmarks").
+what scoring a film without a picture costs (benchmarks/README.md).
 
     python benchmarks/views.py MODEL_DIR OUT_DIR [--view-shift 0]
     python benchmarks/shift.py OUT_DIR          # its robustness to acquisition changes

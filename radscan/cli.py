@@ -301,7 +301,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="JSON or TOML file of model settings that override the preset (see SimSIDConfig).")
 @click.option("--memory", type=click.Choice(["queue", "learned"]), help="Memory matrix variant (overrides the preset).")
 @click.option("--score", "score_kind", type=click.Choice(list(SCORE_KINDS)), default=MODEL_SETTINGS["score_kind"],
-              show_default=True, help="What the anomaly score is made of (see README 'Score kinds').")
+              show_default=True, help="What the anomaly score is made of (see docs/model.md, 'Score kinds').")
 @click.option("--density-grid", type=click.IntRange(0), default=MODEL_SETTINGS["density_grid"], show_default=True,
               help="Regions per side of the feature density model (the density score and its map); 0: none.")
 @click.option("--critic-blur", type=FiniteFloatRange(0, 8), metavar="SIGMA",

@@ -17,8 +17,7 @@ standardised to zero mean and unit variance. A film's *distance* is its mean squ
 outside that subspace (distance from feature space). An upright frontal chest is closer to the
 subspace than any turned, mirrored or inverted copy of itself; a dental panoramic, a hand or a
 photograph is far from it whichever way it is turned. Every limit is calibrated on the training
-normals when the model is trained (`fit_reference`) and recorded in the reference (README "Input
-quality control").
+normals when the model is trained (`fit_reference`) and recorded in the reference (docs/quality-control.md).
 """
 
 from __future__ import annotations
@@ -53,10 +52,11 @@ FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to s
 # width (white or black) then does not make a chest look like something else
 BORDER = 2
 CENTRE = FEATURE_SIDE - 2 * BORDER
-COMPONENTS = 25  # principal components kept; chosen on validation chest films and non-chest images (README)
+# principal components kept; chosen on validation chest films and non-chest images (docs/quality-control.md)
+COMPONENTS = 25
 FOLDS = 10  # cross-validation folds for the held-out distances the limits are calibrated on
 # a turned copy must fit at least this many times better than a film as it is before the film is
-# failed as turned (or warned as mirrored); chosen on validation films (README "Input quality control")
+# failed as turned (or warned as mirrored); chosen on validation films (docs/quality-control.md)
 MIN_CLARITY = 1.5
 _LATERAL = {"LL", "RL", "LAT", "LATERAL"}
 _DECUBITUS = {"LLD", "RLD"}
@@ -233,7 +233,7 @@ def fit_reference(train: np.ndarray) -> QCReference:
 
     The subspace is fitted on all N films; the distance and orientation limits come from
     held-out distances (`_held_out_distances`), so that they describe films the subspace has not
-    seen, whatever N is (README "Input quality control" gives the curve against N)."""
+    seen, whatever N is (docs/quality-control.md gives the curve against N)."""
     if len(train) < 50:
         raise ValueError(f"the QC reference needs at least 50 training normals, got {len(train)}")
     small = _thumbnails(train)

@@ -2,7 +2,7 @@
 
 `radscan train NORMALS --out DIR` with no other option trains this recipe; the CLI's defaults and
 help are read from here, and the model card's command is this one plus paths. Every value was
-chosen on validation data (README "Ablation"). Imports nothing heavy: `radscan --help` reads it.
+chosen on validation data (docs/research-log.md "Ablation"). Imports nothing heavy: `radscan --help` reads it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ __all__ = ["TrainConfig", "PRESET", "MODEL_SETTINGS"]
 
 PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs take about 20 minutes on 2 cores
 # settings over the preset: five snapshot critics, and the score is the feature density of the last
-# epoch's critic on an 8 x 8 grid of regions (README "Score kinds")
+# epoch's critic on an 8 x 8 grid of regions (docs/model.md "Score kinds")
 MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a model is trained. The defaults are the recipe of the shipped model (README "Ablation":
+    """How a model is trained. The defaults are the recipe of the shipped model (docs/research-log.md "Ablation":
     recipe C, 30 epochs at lr 1e-3 with the cosine over the same 30, acquisition and aspect
     augmentation), so `radscan train NORMALS --out DIR` makes what was validated."""
 

@@ -3,7 +3,7 @@
 Training follows the reference recipe (shared/design/SIMSID.md part B): random shift/scale
 augmentation; the discriminator steps every batch and the generator every second batch on the
 same forward pass; Adam (betas 0.5/0.999), weight decay and a cosine schedule on the generator.
-radscan adds, each measured on validation (README "Ablation"): variation of the acquisition
+radscan adds, each measured on validation (docs/research-log.md "Ablation"): variation of the acquisition
 (gamma, contrast, blur, noise) so the critic judges anatomy rather than exposure, and snapshot
 critics: the discriminators of the last K epochs travel with the model and their z-scored
 verdicts are averaged, so the score does not hang on one epoch of the adversarial game.
@@ -101,7 +101,7 @@ def vary_acquisition(images: torch.Tensor, generator: torch.Generator, tcfg: Tra
     differ between sites and years. (B, 1, H, W) in [-1, 1] -> same shape and range.
 
     Without it the critic learns the training site's grey levels along with the anatomy, and a
-    normal film from another setting looks abnormal to it (README "Ablation")."""
+    normal film from another setting looks abnormal to it (docs/research-log.md "Ablation")."""
     if not (tcfg.gamma or tcfg.contrast or tcfg.blur or tcfg.noise):
         return images
     b, device = images.shape[0], images.device
@@ -130,7 +130,7 @@ def local_anomalies(images: torch.Tensor, generator: torch.Generator) -> torch.T
     Shown to the discriminator as fake, next to whole films that vary_acquisition blurred,
     brightened or flattened as real, they teach the critic that a film differing from itself in
     one region is abnormal and one differing from the training site everywhere is not (the
-    global-sharpness confound of README "Robustness to the acquisition"). The defects are generic
+    global-sharpness confound of docs/research-log.md "Robustness to the acquisition"). The defects are generic
     (the family of CutPaste, NSA and DRAEM's synthetic anomalies), not modelled on any test film."""
     b, _, h, w = images.shape
     device = images.device

@@ -18,8 +18,8 @@ CXR_DIR = DATA / "cxr"
 
 # names whose use in a test or in one of its fixtures means the test reads the shared data
 _DATA_NAMES = ("DATA", "CXR_DIR", "DICOM_DIR", "EDGE_DIR", "cxr_dir", "dicom_dir", "dicom_manifest", "_real_batch")
-_MISSING = (f"needs the real test data at {DATA}: chest X-rays and DICOM files from public sources (README "
-            "'Tests' says which and where they come from); put them there or set RADSCAN_TEST_DATA")
+_MISSING = (f"needs the real test data at {DATA}: chest X-rays and DICOM files from public sources (docs/testing.md "
+            "says which and where they come from); put them there or set RADSCAN_TEST_DATA")
 
 
 def _reads_data(item: pytest.Item) -> bool:

@@ -7,7 +7,7 @@ the shipped settings) and concatenated (C channels). Fitted on the training norm
 of them moved, zoomed and turned a little (`framing_copies`), so that a film framed differently
 from the training site's (collimation, inspiration, position) is not a region-by-region surprise.
 
-Why it replaced the critic's verdict as the score (README "Score kinds"): the verdict learns what
+Why it replaced the critic's verdict as the score (docs/model.md "Score kinds"): the verdict learns what
 separates films from reconstructions, above all sharpness; the features below it describe what
 each region looks like, and their density asks whether that region looks like the same region of
 a normal chest. On validation it holds under blur, resizing and framing where the verdict does not,

@@ -12,7 +12,7 @@ Data flow for the reference preset (B images, P = 4 patches):
     teacher Decoder(detached bottleneck and skips, no memories)          -> (B, 1, 128, 128)
     Discriminator(image) -> one logit per image (high = looks real)
 
-Scoring (radscan's choice, measured on validation; see README "Score kinds"): the discriminator,
+Scoring (radscan's choice, measured on validation; see docs/model.md "Score kinds"): the discriminator,
 trained to tell normal films from reconstructions, learns features of what a normal chest looks
 like. The default score ("density") asks how unlikely each region of the film is in those
 features, under a Gaussian of the same region fitted to the training normals (radscan.model.density);
@@ -248,7 +248,7 @@ class Discriminator(nn.Module):
     With `critic_blur_sigma` > 0 the critic sees its input through a fixed Gaussian low-pass
     (replicated edges). Reconstructions are smoother than films, so an unrestricted critic learns
     sharpness as its main cue, and a normal film that is a little softer (another detector, another
-    resizing) then looks as abnormal as pneumonia (README "Robustness to the acquisition")."""
+    resizing) then looks as abnormal as pneumonia (docs/research-log.md "Robustness to the acquisition")."""
 
     def __init__(self, cfg: SimSIDConfig):
         super().__init__()
@@ -378,7 +378,7 @@ class SimSID(nn.Module):
         each diagonal, black fill (within the training's shift augmentation), or the film itself.
 
         Test-time views: one film seen four ways is judged more steadily than one view (validation
-        AUC 0.886 -> 0.960 for the shipped model, README "Ablation")."""
+        AUC 0.886 -> 0.960 for the shipped model, docs/research-log.md "Ablation")."""
         step = round(self.cfg.critic_view_shift * images.shape[-1])
         if step == 0:
             return [images]
