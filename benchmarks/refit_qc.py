@@ -1,8 +1,9 @@
 """Refit a trained model directory's QC reference (``qc.safetensors``) with the current rule
 (`radscan.qc.fit_reference`: limits from held-out distances) without retraining.
 
-Reads the model's own training split (`training_split.csv`, paths relative to the training
-folder), fits the reference on its "train" films as `radscan train` does, and saves the model to
+Reads the model's own normals (`training_split.csv`, paths relative to the training folder),
+fits the reference on all of them (training and calibration split) as `radscan train` does, and
+saves the model to
 OUT as a new version (the weights' tensors are unchanged; their sealed header carries the new
 reference's sha256, so the old reference is refused with the new weights file and vice versa).
 
@@ -35,7 +36,7 @@ def main() -> None:
         parser.error(f"{args.out} exists: choose a new directory")
     model, metadata = load_model(args.model)
     rows = list(csv.DictReader((args.model / "training_split.csv").open(newline="")))
-    train = [str(args.train / r["path"]) for r in rows if r["split"] == "train"]
+    train = [str(args.train / r["path"]) for r in rows]
     images = load_images(train, Policy(), workers=2, progress=False)[0]
     shutil.copytree(args.model, args.out)
     old_limits = metadata["qc"]["limits"]

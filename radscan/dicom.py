@@ -340,7 +340,9 @@ def _display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nd
         values, (low, high) = voi
         record.voi_source = "lut"
     elif window is not None:
-        values, (low, high) = apply_windowing(values, window), _window_range(window)
+        window, step = window
+        values = apply_windowing(values if step == 1 else values / step, window)
+        low, high = _window_range(window)
         record.voi_source = "window"
     elif (_int(ds, "BitsStored") or 16) <= 8 and values is source and source.dtype.kind in "ui":
         low, high = _stored_range(ds)  # BitsStored, not the 16-bit word that may hold 8-bit data
@@ -444,18 +446,24 @@ def _usable_lut(item: Dataset, bits: tuple[int, ...]) -> bool:
     return count >= (entries or 2**16)
 
 
-def _first_usable_window(ds: Dataset, shown: np.ndarray) -> Dataset | None:
+def _first_usable_window(ds: Dataset, shown: np.ndarray) -> tuple[Dataset, float] | None:
     """The first usable Window Center / Width pair (PS3.3 C.11.2.1.2), as a small dataset for
-    pydicom's `apply_windowing`; None when no pair is usable.
+    pydicom's `apply_windowing` and the step its input is to be divided by; None when no pair is
+    usable.
 
     A pair is unusable when a value is absent, empty or not a finite number, when the width is
     out of range for its function (LINEAR needs >= 1, LINEAR_EXACT and SIGMOID > 0: C.11.2.1.2.1,
-    C.11.2.1.3; the 1 is one stored value, so after a fractional Rescale Slope s a LINEAR width
-    down to |s| is a real window in rescaled units, applied as LINEAR_EXACT below 1), or when
-    every pixel of the image (`shown`, the rescaled values of a sample without padding) lies on
-    one side of the window, which would display a blank image. The VOI LUT
+    C.11.2.1.3), or when every pixel of the image (`shown`, the rescaled values of a sample without
+    padding) lies on one side of the window, which would display a blank image. The VOI LUT
     Function (C.11.2.1.3) is read case-insensitively; empty or unknown means LINEAR, the default;
     a single value applies to every pair and several are paired with the windows by position.
+
+    LINEAR's 1 and 0.5 (the minimum width, and the half-step its formula shifts by) are one stored
+    value: after a fractional Rescale Slope s the rescaled values step by |s|, and taking them as
+    one rescaled unit made a window of width 1.1 over values stepping by 0.001 a tenth as wide as
+    the same window stored with slope 1 (issue 22). LINEAR is applied in units of the step: the
+    values, centre and width divided by |s| (< 1; 1 otherwise), so a file displays as its twin
+    stored with slope 1 and a width down to |s| is a window.
 
     The dataset handed to pydicom holds only the chosen pair and an unsigned 16-bit output range.
     pydicom derives the output range from the stored range put through the rescale, and with a
@@ -466,27 +474,22 @@ def _first_usable_window(ds: Dataset, shown: np.ndarray) -> Dataset | None:
     centers, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
     functions = [_VOI_FUNCTIONS.get(name, "LINEAR") for name in _texts(ds, "VOILUTFunction")] or ["LINEAR"]
     low, high = (float(shown.min()), float(shown.max())) if shown.size else (-np.inf, np.inf)
-    # "Window Width >= 1" assumes one unit per stored value; after a Rescale Slope s the rescaled
-    # values step by |s|, and a window of 0.5 over values stepping by 0.001 spans 500 of them
-    step = 1.0 if "ModalityLUTSequence" in ds else min(1.0, abs(_number(ds, "RescaleSlope") or 1.0))
+    rescale_step = 1.0 if "ModalityLUTSequence" in ds else min(1.0, abs(_number(ds, "RescaleSlope") or 1.0))
     for index, (center, width) in enumerate(zip(centers, widths, strict=False)):  # unequal counts: the pairs there are
         if len(functions) == 1:
             function = functions[0]
         else:
             function = functions[index] if index < len(functions) else "LINEAR"
+        step = rescale_step if function == "LINEAR" else 1.0
         if center is None or width is None or width < (step if function == "LINEAR" else np.nextafter(0, 1)):
             continue
-        if function == "LINEAR" and width < 1:
-            # C.11.2.1.2.1's LINEAR divides by (width - 1): below one unit it is undefined, and its
-            # limit as the ramp shrinks is LINEAR_EXACT's (x - c) / w + 0.5 on the same window
-            function = "LINEAR_EXACT"
         if high <= center - width / 2 or low > center + width / 2:
             continue
         window = Dataset()
         window.PhotometricInterpretation = "MONOCHROME2"
         window.BitsStored, window.PixelRepresentation = 16, 0
-        window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center, width, function
-        return window
+        window.WindowCenter, window.WindowWidth, window.VOILUTFunction = center / step, width / step, function
+        return window, step
     return None
 
 

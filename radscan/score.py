@@ -730,6 +730,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
     for study in store.studies():
         note = _study_note(study)
         top = study.pop("top")
+        study.pop("skip_reasons")
         studies += 1
         flagged += study["images_flagged"] > 0
         row = {
@@ -759,7 +760,10 @@ def _study_note(study: dict[str, Any]) -> str:
     if study["images_error"]:
         notes.append(f"{study['images_error']} image(s) could not be read")
     if study["images_skipped"]:
-        reason = study["top"]["reason"] if study["images_skipped"] == study["images"] else "see their rows"
+        reason = "see their rows"
+        if study["images_skipped"] == study["images"]:  # the top row is then a skipped image
+            others = study["skip_reasons"] - 1
+            reason = study["top"]["reason"] + (f"; {others} other reason(s): see their rows" if others else "")
         notes.append(f"{study['images_skipped']} image(s) skipped by the selection policy ({reason})")
     if notes and not study["images_scored"]:
         notes.append("no image of this study was scored: review it yourself")

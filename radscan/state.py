@@ -103,11 +103,17 @@ class OutputLock:
 
     def confirm(self) -> None:
         """Check, before shared outputs are written, that the file at `path` is still the one this
-        run locked. If it was deleted, lock a new one (a warning); if another run has locked a new
-        file there, raise LockHeldError (exit 75) rather than write beside it."""
-        if self._at_path() == self._identity:
+        run locked. If it was deleted and nobody made a new one, lock a new one (a warning). If
+        another file is there, another run took the lock while this one held it, and may have
+        written the outputs and pruned the store meanwhile (or still be doing so): raise
+        LockHeldError (exit 75) rather than write a worklist from a store that is not this run's."""
+        found = self._at_path()
+        if found == self._identity:
             return
-        log.warning("the lock file %s was removed or replaced while this run held it; taking it again", self.path)
+        if found is not None:
+            raise LockHeldError(f"the lock {self.path} was replaced during this run: another radscan run took it and "
+                                "may have changed these outputs; nothing was written, rerun")
+        log.warning("the lock file %s was removed while this run held it; taking it again", self.path)
         old = self._handle
         self.acquire()
         old.close()
@@ -345,12 +351,16 @@ class StateStore:
 
     _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
     _STUDY = """study AS (
-        SELECT study_key, MAX(score) AS study_score, COUNT(*) AS images, SUM(status = 'ok') AS images_scored,
+        SELECT study_key, MAX(score) AS study_score,
+               SUM(status IN ('ok', 'error', 'rejected') OR """ + _SKIPPED_DICOM + """) AS images,
+               SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
                SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
-               SUM(status = 'skipped') AS images_skipped
+               SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
+               COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
+                   AS skip_reasons
         FROM current GROUP BY study_key
         HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0 OR SUM(""" + _SKIPPED_DICOM + """) > 0)"""
 
@@ -377,15 +387,15 @@ class StateStore:
                                                 sort_path) AS n
                 FROM current WHERE status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, r.row
+                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY s.images_skipped = s.images, s.study_score IS NOT NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, row in \
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, row in \
                 self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
-                   "top": json.loads(row)}
+                   "skip_reasons": reasons, "top": json.loads(row)}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

@@ -585,11 +585,14 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     }
     if age_range:
         metadata["population"] = {"age_years": list(age_range)}
-    if len(train_images) >= 50:  # the QC step's reference: what an upright frontal training film looks like
-        metadata["qc"] = save_reference(fit_reference(train_images), out_dir)
+    # the QC step's reference: what an upright frontal film of this site looks like. Every normal
+    # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
+    # gets one, where the training split alone would fall short of 50
+    if len(images) >= 50:
+        metadata["qc"] = save_reference(fit_reference(images), out_dir)
     else:
-        log.warning("only %d training images: no QC reference (needs 50); wrong-way-round and non-chest "
-                    "images will not be caught when this model scores", len(train_images))
+        log.warning("only %d normal images: no QC reference (needs 50); wrong-way-round and non-chest "
+                    "images will not be caught when this model scores", len(images))
     save_model(model, out_dir, metadata)
     checkpoint_path.unlink(missing_ok=True)
     _write_report(model, out_dir, [name for name, held in zip(names, is_calibration, strict=True) if held], calibration,

@@ -198,23 +198,22 @@ def test_window_width_below_one_is_skipped_for_the_next_pair(tmp_path):
     assert np.abs(image - np.clip((stored - low) / (high - low) * 255, 0, 255)).max() <= 1.0
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(slope=st.sampled_from([0.001, 0.0025, 0.01, 0.1, 0.5]), share=st.floats(0.05, 0.9),
-       middle=st.floats(0.3, 0.7))
-def test_a_window_narrower_than_one_after_a_fractional_slope_is_used(tmp_path, slope, share, middle):
-    """Issue 22 item 7: after Rescale Slope s the rescaled values step by s, so a LINEAR window
-    narrower than 1 (but at least s) spans many stored values: a real window in rescaled units.
-    LINEAR's formula divides by (w - 1); below 1 it is applied as (x - c) / w + 0.5 (LINEAR_EXACT)."""
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slope=st.sampled_from([0.001, 0.0025, 0.01, 0.1, 0.5]), width_steps=st.integers(1, 4095),
+       middle=st.floats(0.2, 0.8))
+def test_a_window_after_a_fractional_slope_shows_as_its_slope_one_twin(tmp_path, slope, width_steps, middle):
+    """Issue 22 item 7: LINEAR's minimum width and half-step are one stored value. After Rescale
+    Slope s the rescaled values step by s, so a window of width w there is w / s stored values:
+    a file displays exactly as its twin stored with slope 1 and the window scaled by 1 / s, whether
+    w is below 1 (it was skipped as invalid) or above (it was a tenth as wide at w = 1.1)."""
     stored = _ramp(0, 4095)
-    rescaled = stored * slope
-    width = max(slope, share * min(1.0, 4095 * slope))
-    if width >= 1:
-        return  # an ordinary LINEAR window, tested above
-    center = middle * 4095 * slope
-    shown = _display(_write(tmp_path / "w.dcm", stored, bits_stored=12, RescaleSlope=str(slope),
-                            RescaleIntercept="0", WindowCenter=round(center, 6), WindowWidth=round(width, 6)))
-    expected = np.clip(((rescaled - round(center, 6)) / round(width, 6) + 0.5) * 255.0, 0, 255)
-    assert np.abs(shown - expected).max() <= 1.5
+    center_steps = round(middle * 4095)
+    shown = _display(_write(tmp_path / "s.dcm", stored, bits_stored=12, RescaleSlope=repr(slope),
+                            RescaleIntercept="0", WindowCenter=repr(center_steps * slope),
+                            WindowWidth=repr(width_steps * slope)))
+    twin = _display(_write(tmp_path / "t.dcm", stored, bits_stored=12, WindowCenter=center_steps,
+                           WindowWidth=width_steps))
+    assert np.abs(shown - twin).max() <= 1
 
 
 def test_a_window_narrower_than_one_stored_step_is_still_skipped(tmp_path):

@@ -74,6 +74,32 @@ def test_a_small_site_reference_passes_unseen_chests_normal_or_not(sites, site, 
         assert statuses.count("fail") <= 0.02 * len(films), (site, n_train, len(films))
 
 
+def test_copies_of_the_training_films_do_not_tighten_the_limits(sites):
+    """A folder of 30 films each copied under a second name: a copy in the other folds fitted like
+    the film itself, and the limits failed 8% of unseen chests. Copies share a fold."""
+    normal, pneumonia = sites["children"]
+    fitted = QualityControl(reference=fit_reference(np.concatenate([normal[300:330]] * 2)))
+    for films in (normal[400:700], pneumonia):
+        statuses = [v.status for v in _verdicts(fitted, films)]
+        assert statuses.count("fail") <= 0.02 * len(films)
+
+
+def test_a_site_with_fifty_normals_gets_a_qc_reference(cxr_dir, tmp_path):
+    """Every normal serves the QC reference (its limits are cross-validated), so 52 normals, of
+    which the training split alone holds fewer than 50, still give one."""
+    from radscan.model.config import preset
+    from radscan.train import TrainConfig, train
+
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for path in sorted((cxr_dir / "kermany_pediatric_224/train_normal").iterdir())[200:252]:
+        shutil.copy(path, normals / path.name)
+    train([str(normals)], tmp_path / "model", preset("tiny"), TrainConfig(epochs=1, batch_size=8), workers=1,
+          progress=False)
+    metadata = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert metadata["training"]["n_train"] < 50 and metadata["qc"]["n_reference"] == 52
+
+
 def test_a_small_site_reference_still_stops_turned_films(sites):
     normal = sites["adults"][0]  # adults: the least distinct orientation of the two sites
     fitted = QualityControl(reference=fit_reference(normal[:60]))

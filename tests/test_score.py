@@ -118,9 +118,14 @@ def test_a_study_whose_every_image_the_policy_skips_still_says_so(studies, tiny_
     ds.Modality, ds.StudyInstanceUID, ds.SOPInstanceUID = modality, generate_uid(), generate_uid()
     (studies / "other").mkdir()
     ds.save_as(studies / "other" / "chest.dcm")
-    ds.StudyInstanceUID = pydicom.dcmread(studies / "nih" / "a.dcm").StudyInstanceUID  # a third image of nih
-    ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.SOPInstanceUID = "CT", generate_uid()  # a second image, skipped for another reason
+    ds.save_as(studies / "other" / "scout.dcm")
+    nih_study = pydicom.dcmread(studies / "nih" / "a.dcm").StudyInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SOPInstanceUID = modality, nih_study, generate_uid()  # a third nih image
     ds.save_as(studies / "nih" / "c.dcm")
+    report = pydicom.dcmread(studies / "nih" / "sr.dcm")  # a report in the nih study: not an image
+    report.StudyInstanceUID = nih_study
+    report.save_as(studies / "nih" / "sr.dcm")
     out = tmp_path / "out" / "report.csv"
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert result.exit_code == ExitCode.OK, result.output
@@ -129,8 +134,9 @@ def test_a_study_whose_every_image_the_policy_skips_still_says_so(studies, tiny_
     assert len(study_rows) == 10
     last = study_rows[-1]
     assert last["top_path"] == "other/chest.dcm" and last["study_flag"] == "false" and not last["study_score"]
-    assert (last["images"], last["images_scored"], last["images_skipped"]) == ("1", "0", "1")
+    assert (last["images"], last["images_scored"], last["images_skipped"]) == ("2", "0", "2")
     assert f"skipped by the selection policy (Modality {modality} is not scored" in last["study_note"]
+    assert "1 other reason(s): see their rows" in last["study_note"]
     assert "review it yourself" in last["study_note"]
     nih = next(s for s in study_rows if s["top_path"].startswith("nih/"))
     assert (nih["images"], nih["images_scored"], nih["images_skipped"]) == ("3", "2", "1")
@@ -209,12 +215,14 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("second_run", [True, False], ids=["another run took the path", "nobody took it"])
+@pytest.mark.parametrize("second_run", ["holding", "finished", None],
+                         ids=["another run holds the path", "another run came and went", "nobody took it"])
 def test_a_lock_file_deleted_mid_run_never_lets_two_runs_write(studies, tiny_model, tmp_path, monkeypatch,
                                                                second_run):
-    """Issue 22 item 11: deleting report.lock mid-run let a second run in. The run notices before it
-    writes the shared outputs: it stops (exit 75, nothing written) if another run holds a new lock
-    at that path, and takes the lock again if nobody does."""
+    """Issue 22 item 11: deleting report.lock mid-run let a second run in, which pruned the first
+    run's rows from the store. The run notices before it writes the shared outputs: it stops (exit
+    75, nothing written) when another lock file is at that path, whether its run still holds it or
+    has finished, and takes the lock again when nobody made a new one."""
     import radscan.score as score_module
 
     out = tmp_path / "out" / "report.csv"
@@ -225,9 +233,11 @@ def test_a_lock_file_deleted_mid_run_never_lets_two_runs_write(studies, tiny_mod
     def score_then_lose_the_lock(*args, **kwargs):
         real_score_new(*args, **kwargs)
         lock_path.unlink()
-        if second_run:  # another run starts: it creates a new lock file and holds it
+        if second_run:  # another run starts: it creates a new lock file and holds it (or has finished)
             held.append(hold_lock(lock_path))
             held[-1].__enter__()
+            if second_run == "finished":
+                held.pop().__exit__(None, None, None)
 
     monkeypatch.setattr(score_module, "_score_new", score_then_lose_the_lock)
     try:
@@ -236,7 +246,7 @@ def test_a_lock_file_deleted_mid_run_never_lets_two_runs_write(studies, tiny_mod
         for lock in held:
             lock.__exit__(None, None, None)
     if second_run:
-        assert result.exit_code == ExitCode.LOCKED and "another radscan run" in result.output
+        assert result.exit_code == ExitCode.LOCKED, result.output
         assert not out.exists() and not out.with_name("report_studies.csv").exists()
     else:
         assert result.exit_code == ExitCode.OK, result.output
