@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -188,8 +189,10 @@ json_option = click.option(
 
 
 def _echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
-    """The --json summary of a finished command: the same two leading keys for every command."""
-    click.echo(json.dumps({"ok": True, "exit_code": int(exit_code), **payload}))
+    """The --json summary of a finished command: the same two leading keys for every command.
+    "ok" is true only for exit code 0: a run that finished with unreadable files or unsent
+    results (exit 3) is not a good night for monitoring."""
+    click.echo(json.dumps({"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), **payload}))
 
 
 model_option = click.option(
@@ -557,7 +560,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                              views=parse_list(views), pictures=pictures,
                              send=Destination.parse(send_to, called_ae, ae_title) if send_to else None,
                              scheduler=scheduler)
-    summary = run_score(paths, outputs, settings)
+    summary = _score_recording_failure(run_score, paths, outputs, settings)
     results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
     exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
     if as_json:
@@ -573,6 +576,31 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                        "images without results: see dicom_result and reason in the worklist", err=True)
     if exit_code != ExitCode.OK:
         ctx.exit(exit_code)
+
+
+def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], outputs: Any, settings: Any) -> Any:
+    """`run_score`, and when it fails, a record of the failure in the worklist page it leaves as
+    it was (radscan.htmlreport.record_failed_run), so that the page says its list is stale. A run
+    refused because another one holds the lock records nothing: that one will write the page."""
+    from datetime import datetime, timezone
+
+    from radscan.errors import LockHeldError, RadscanError
+    from radscan.htmlreport import record_failed_run
+
+    try:
+        return run_score(paths, outputs, settings)
+    except LockHeldError:
+        raise
+    except BaseException as exc:
+        if outputs.html is not None:
+            code = (exc.exit_code if isinstance(exc, RadscanError) else ExitCode.TERMINATED
+                    if isinstance(exc, _Terminated) else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
+                    else ExitCode.CRASH)
+            words = exc.format_message() if isinstance(exc, RadscanError) else (
+                "stopped" if isinstance(exc, (_Terminated, KeyboardInterrupt)) else "crashed: see the log")
+            record_failed_run(outputs.html, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                             "exit_code": int(code), "error": words})
+        raise
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

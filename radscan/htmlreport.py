@@ -10,18 +10,26 @@ with `textContent`, never as markup.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from radscan.errors import OutputError
 from radscan.report import atomic_output
 
 __all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html",
-           "render_worklist_html"]
+           "render_worklist_html", "record_failed_run"]
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100  # studies drawn at a time
+# The page's record of the runs (last attempt, last success): a JSON block that a failed run, which
+# has no list to draw, rewrites in the page it leaves, so that a stale list says it is stale
+_STATUS_OPEN = '<script type="application/json" id="run-status">'
 
 
 def _environment() -> jinja2.Environment:
@@ -53,7 +61,9 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
 
     `studies`: study_entry dicts in worklist order. `summary`: disclaimer, model_name,
     model_version, model_sha256, score_kind, threshold (0..1), run_id, finished_at,
-    radscan_version, report_name, studies_name, studies, flagged_studies, counts (status -> files).
+    radscan_version, report_name, studies_name, studies, flagged_studies, counts (status -> files),
+    run_status ({"last_attempt": {at, run_id, ok, problems}, "last_success": {at, ...}}; times ISO
+    8601, shown in the reader's local time; `record_failed_run` rewrites it after a failed run).
     """
     with atomic_output(path) as handle:
         handle.write(render_worklist_html(studies, summary))
@@ -85,3 +95,31 @@ def write_training_html(path: Path, metadata: dict[str, Any], last_epoch: dict[s
         epochs=epochs)
     with atomic_output(path) as handle:
         handle.write(page)
+
+
+def record_failed_run(path: Path, attempt: dict[str, Any]) -> bool:
+    """Record in an existing worklist page that a later run failed, so that the page says its list
+    is older than the last attempt. `attempt`: at (ISO 8601 UTC), exit_code, error (plain words).
+    The page's list and its last success stay as they were; only its run-status block changes,
+    atomically. Returns False (nothing written) when there is no page, it is not a regular file,
+    or it has no run-status block (a page of radscan before 0.3)."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        page = path.read_text(encoding="utf-8")
+        start = page.index(_STATUS_OPEN) + len(_STATUS_OPEN)
+        end = page.index("</script>", start)  # the block's JSON escapes "<": its first end is its own
+        status = json.loads(page[start:end])
+        status["last_attempt"] = {**attempt, "ok": False}
+        with atomic_output(path) as handle:
+            handle.write(page[:start] + _script_json(status) + page[end:])
+        return True
+    except (OSError, ValueError, OutputError) as exc:  # a page that cannot be changed: the run's error stands
+        log.warning("could not mark %s as out of date: %s", path, exc)
+        return False
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe inside a <script> element: as Jinja2's `tojson` writes it (<, >, & and ' escaped)."""
+    return (json.dumps(value, sort_keys=True).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026").replace("'", "\\u0027"))

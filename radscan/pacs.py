@@ -72,6 +72,7 @@ class Delivery:
     sent: int = 0  # objects the destination accepted this run
     not_sent: int = 0  # objects still waiting for the destination (kept in the folder)
     not_made: int = 0  # scored DICOM images whose results could not be made (the row says why)
+    send_failure: str = ""  # why the first object that was not sent this run was not (the PACS's words)
 
     @property
     def complete(self) -> bool:
@@ -184,6 +185,7 @@ def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _S
                 sent_now.add(uid)
                 delivery.sent += 1
         if failures:
+            delivery.send_failure = delivery.send_failure or failures[0]
             row["dicom_result"] = f"not sent: {failures[0]}"
             row["reason"] = (f"{NOT_SENT} {scu.destination}: {failures[0]}; kept in {writer.folder.name}/ and sent "
                              "by the next run")

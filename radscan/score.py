@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,9 @@ class ScoreSummary:
     model_version: str = ""
     model_sha256: str = ""
     dicom: dict[str, Any] | None = None  # radscan.pacs.Delivery, with --dicom-out
+    # what an operator must act on, in plain words (also logged as WARNING lines): files that could
+    # not be read apart from results that did not reach the PACS; empty after a clean night
+    problems: list[str] = dataclass_field(default_factory=list)
     started_at: str = ""
     finished_at: str = ""
     disclaimer: str = DISCLAIMER
@@ -451,14 +455,18 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
             counts = store.counts()
+            problems = _problems(counts, delivery, outputs)
             lock.confirm()
-            studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)))
+            studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)),
+                                     problems=problems)
             _write_readme(outputs, metadata, pictures)
             _forget(store.prune(), outputs)
         finally:
             store.close()
 
     duration = time.monotonic() - started
+    for problem in problems:
+        log.warning("%s", problem)
     flagged_images = counts.pop("flagged")
     log.info("run %s finished in %.1f s: %d files, %s; %d of %d studies flagged", run_id, duration, len(files),
              ", ".join(f"{count} {status}" for status, count in counts.items()), studies[1], studies[0])
@@ -470,8 +478,26 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
         model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
-        dicom=delivery.as_dict() if delivery else None,
+        dicom=delivery.as_dict() if delivery else None, problems=problems,
     )
+
+
+def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths) -> list[str]:
+    """What needs an operator after a run that finished, each kind in its own words: files that
+    could not be read (the source, or the share) apart from results that did not reach the PACS
+    (the network or the PACS), so that monitoring never reads a PACS outage as a good night."""
+    problems = []
+    if counts["error"]:
+        problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
+                        f"{outputs.report.name}")
+    if delivery is not None and delivery.not_sent:
+        problems.append(f"{delivery.not_sent} DICOM result object(s) not sent to {delivery.destination} "
+                        f"({delivery.send_failure or 'see the worklist'}): kept in {delivery.folder} and sent by the "
+                        "next run")
+    if delivery is not None and delivery.not_made:
+        problems.append(f"{delivery.not_made} scored DICOM image(s) have no DICOM results: see their reason in "
+                        f"{outputs.report.name}")
+    return problems
 
 
 @contextlib.contextmanager
@@ -676,11 +702,12 @@ def _listed(values: tuple[str, ...] | None) -> str:
 
 
 def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, metadata: dict[str, Any],
-                   run: tuple[str, dict[str, int]]) -> tuple[int, int]:
+                   run: tuple[str, dict[str, int]], problems: Sequence[str] = ()) -> tuple[int, int]:
     """Stream the image and study CSVs from the store and render the web page of the studies
     (`outputs.html`) to temporary files, then put them in place together (`commit_together`:
     report.csv last, so that a new report.csv always comes with its own study list and page).
-    `run` is (run id, file counts by status). Returns (studies, flagged studies)."""
+    `run` is (run id, file counts by status); `problems` what needs an operator (`_problems`), shown
+    on the page. Returns (studies, flagged studies)."""
     pending: list[AtomicFile] = []
     try:
         report = CsvStream(outputs.report, REPORT_COLUMNS)
@@ -695,11 +722,14 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
             pending.insert(1, page)
             counts = dict(run[1])
             flagged_images = counts.pop("flagged", 0)
+            finished = _now()
+            this_run = {"at": finished, "run_id": run[0], "ok": True, "problems": list(problems)}
             page.handle.write(render_worklist_html(entries, {
                 "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
                 "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
                 "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
-                "run_id": run[0], "finished_at": _now(), "radscan_version": __version__,
+                "run_id": run[0], "finished_at": finished, "radscan_version": __version__,
+                "run_status": {"last_attempt": this_run, "last_success": this_run},
                 "report_name": outputs.report.name, "studies": studies,
                 "studies_name": os.path.relpath(outputs.studies, outputs.report.parent),
                 "flagged_studies": flagged, "counts": {**counts, "flagged images": flagged_images}}))

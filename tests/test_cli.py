@@ -317,6 +317,35 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     assert not list((tmp_path / "out").glob(".last-run.json*"))  # each run's own temporary file, renamed
 
 
+def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
+    """Issue 21 item 5: with the PACS port closed the run exits 3, yet last-run.json said "ok": true,
+    the wrapper touched last_success, logged "see status=error rows" (there were none) and cron
+    mailed nothing. Now the summary names the unsent results apart from unreadable files, the log
+    has WARNING lines with the reason, last_success stays, and stderr carries a line for cron."""
+    pytest.importorskip("pynetdicom")
+    from .conftest import free_port
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm", tmp_path / "in" / "a.dcm")
+    out = tmp_path / "out"
+    (tmp_path / "radscan.toml").write_text(
+        f'[score]\nworkers = 1\ndicom_out = "{tmp_path / "dicom"}"\nsend = "127.0.0.1:{free_port()}"\n')
+    env = {**os.environ, "RADSCAN_INPUT": str(tmp_path / "in"), "RADSCAN_OUTPUT": str(out),
+           "RADSCAN_VENV": sys.prefix, "RADSCAN_CONFIG": str(tmp_path / "radscan.toml")}
+    done = subprocess.run(["bash", str(REPO / "examples" / "nightly" / "radscan-nightly.sh")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == ExitCode.PARTIAL, done.stderr
+    summary = json.loads((out / "last-run.json").read_text())
+    assert summary["ok"] is False and summary["exit_code"] == 3 and summary["counts"]["error"] == 0
+    assert summary["dicom"]["not_sent"] == 2 and summary["dicom"]["send_failure"]
+    assert len(summary["problems"]) == 1 and "not sent to" in summary["problems"][0]
+    assert "could not be read" not in summary["problems"][0]
+    assert not (out / "last_success").exists() and (out / "last_attempt").is_file()
+    assert "DICOM results were not delivered (exit 3)" in done.stderr and "not sent to" in done.stderr
+    log = next((out / "logs").glob("*.log")).read_text()
+    assert "WARNING" in log and "status=error" not in log
+
+
 def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):
     """A typo in RADSCAN_CONFIG used to run on the defaults (--phi keep: raw identifiers) with exit 0."""
     env = {**os.environ, "RADSCAN_CONFIG": str(tmp_path / "radscan.tmol"), "RADSCAN_OUTPUT": str(tmp_path / "o")}

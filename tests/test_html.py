@@ -103,7 +103,9 @@ def test_ten_thousand_studies_are_drawn_a_page_at_a_time(tmp_path, browser):
     summary = {"disclaimer": "research only", "model_name": "m", "model_version": "1", "model_sha256": "0" * 64,
                "score_kind": "critic", "threshold": 0.95, "run_id": "r", "finished_at": "now",
                "radscan_version": "x", "report_name": "report.csv", "studies_name": "report_studies.csv",
-               "studies": 10_000, "flagged_studies": 500, "counts": {"ok": 10_000}}
+               "studies": 10_000, "flagged_studies": 500, "counts": {"ok": 10_000},
+               "run_status": {"last_attempt": {"at": "2026-12-03T02:00:00+00:00", "ok": True, "problems": []},
+                              "last_success": {"at": "2026-12-03T02:00:00+00:00"}}}
     write_worklist_html(tmp_path / "report.html", entries, summary)
     page, problems = _open(browser, tmp_path / "report.html")
     assert page.locator("#rows tr").count() == PAGE_SIZE
@@ -116,3 +118,35 @@ def test_ten_thousand_studies_are_drawn_a_page_at_a_time(tmp_path, browser):
     page.get_by_role("button", name="All").click()
     assert page.locator("#rows tr").count() == 1
     assert not problems, problems
+
+
+def test_a_failed_night_leaves_a_page_that_says_its_list_is_stale(studies, tiny_model, tmp_path,  # noqa: F811
+                                                                     browser):
+    """Issue 21 item 6: after a failed night (exit 66) report.html was byte-identical to the night
+    before, with no banner. The failed run rewrites only the page's run record: the list stays, and
+    the page says, in local time, that it is older than the last attempt and why; the next good run
+    clears it."""
+    out = tmp_path / "out" / "report.csv"
+    args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model), "--workers", "1", "--no-residuals"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    page, problems = _open(browser, out.with_name("report.html"))
+    assert not page.locator("#stale").is_visible() and "Last attempt" in page.locator("#runs").inner_text()
+    before = page.locator("#rows").inner_text()
+    page.close()
+
+    studies.rename(studies.with_name("unmounted"))  # the share is gone tonight
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 66
+    page, problems = _open(browser, out.with_name("report.html"))
+    banner = page.locator("#stale")
+    assert banner.is_visible() and "out of date" in banner.inner_text() and "exit 66" in banner.inner_text()
+    assert "input path does not exist" in banner.inner_text() and "FAILED" in page.locator("#runs").inner_text()
+    assert page.locator("#rows").inner_text() == before  # the list is still there to read
+    page.screenshot(path=ARTIFACTS / "worklist-stale.png", full_page=True)
+    page.close()
+
+    studies.with_name("unmounted").rename(studies)
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    page, more = _open(browser, out.with_name("report.html"))
+    assert not page.locator("#stale").is_visible()
+    assert not problems and not more, problems + more

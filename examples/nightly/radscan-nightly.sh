@@ -33,10 +33,26 @@ if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summa
 fi
 chmod 644 "$summary"
 mv -f "$summary" "$output/last-run.json"
+date -Is >"$output/last_attempt"
+# the summary's "problems" (plain words, one per line) and whether DICOM results failed to arrive
+problems() {
+  "$venv/bin/python" -c 'import json, sys; print(*json.load(open(sys.argv[1])).get("problems", []), sep="\n")' \
+    "$output/last-run.json" 2>/dev/null
+}
+undelivered() {
+  "$venv/bin/python" -c 'import json, sys; d = json.load(open(sys.argv[1])).get("dicom") or {}
+sys.exit(0 if d.get("not_sent") or d.get("not_made") else 1)' "$output/last-run.json" 2>/dev/null
+}
 case $status in
-  0)  date -Is >"$output/last_success" ;;                                # all scored: for monitoring
-  3)  date -Is >"$output/last_success"
-      echo "$(date -Is) some files could not be used: see status=error rows" >>"$log" ;;
+  0)  date -Is >"$output/last_success" ;;                                # all scored and delivered
+  3)  problems | while IFS= read -r line; do echo "$(date -Is) WARNING $line" >>"$log"; done
+      if undelivered; then
+        # results that did not reach the PACS: not a good night. last_success stays as it was, and
+        # the line on stderr makes cron mail it
+        echo "radscan nightly run: DICOM results were not delivered (exit 3): $(problems | tr '\n' ' ')see $log" >&2
+      else
+        date -Is >"$output/last_success"  # the worklist is complete for every file that could be read
+      fi ;;
   75) echo "$(date -Is) previous run still holds the lock; skipped" >>"$log"; status=0 ;;
   *)  echo "$(date -Is) radscan failed with exit code $status" >>"$log"
       # a line on stderr: cron mails it (MAILTO), so a failed night does not go unnoticed
