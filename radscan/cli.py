@@ -6,6 +6,7 @@ Every option can also come from a ``RADSCAN_<COMMAND>_<OPTION>`` environment var
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -515,6 +516,10 @@ def info(model_dir: Path | None, as_json: bool) -> None:
               help="Read and score on a Dask cluster: a scheduler address (tcp://HOST:8786) whose workers see the "
                    "inputs and the model at the same paths, or local:N to start N worker processes here. The "
                    "outputs are written here, as without it. Needs radscan[dask].")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also write the run's metrics (exit code, last success, files by status, flagged share, results "
+                   "not sent) to FILE in the Prometheus text format, for node_exporter's textfile collector; "
+                   "written after every run, failed ones too.")
 @qc_option
 @views_option
 @selection_options
@@ -524,8 +529,8 @@ def info(model_dir: Path | None, as_json: bool) -> None:
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
           phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None, send_to: str | None,
-          ae_title: str, called_ae: str, scheduler: str | None, qc_mode: str, views: str, policy: Policy, workers: int,
-          as_json: bool) -> None:
+          ae_title: str, called_ae: str, scheduler: str | None, metrics: Path | None, qc_mode: str, views: str,
+          policy: Policy, workers: int, as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
     Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
@@ -560,9 +565,17 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                              views=parse_list(views), pictures=pictures,
                              send=Destination.parse(send_to, called_ae, ae_title) if send_to else None,
                              scheduler=scheduler)
-    summary = _score_recording_failure(run_score, paths, outputs, settings)
+    if metrics is not None:
+        from radscan.ingest import check_outputs_apart
+
+        check_outputs_apart(paths, [metrics])
+    summary = _score_recording_failure(run_score, paths, outputs, settings, metrics)
     results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
     exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
+    if metrics is not None:
+        from radscan.metrics import write_metrics
+
+        write_metrics(metrics, exit_code, summary.as_dict())
     if as_json:
         _echo_json(summary.as_dict(), exit_code)
     elif not ctx.obj["quiet"]:
@@ -578,10 +591,12 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         ctx.exit(exit_code)
 
 
-def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], outputs: Any, settings: Any) -> Any:
+def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], outputs: Any, settings: Any,
+                             metrics: Path | None) -> Any:
     """`run_score`, and when it fails, a record of the failure in the worklist page it leaves as
-    it was (radscan.htmlreport.record_failed_run), so that the page says its list is stale. A run
-    refused because another one holds the lock records nothing: that one will write the page."""
+    it was (radscan.htmlreport.record_failed_run), so that the page says its list is stale, and in
+    the metrics file. A run refused because another one holds the lock records nothing: that one
+    will write them."""
     from datetime import datetime, timezone
 
     from radscan.errors import LockHeldError, RadscanError
@@ -592,14 +607,19 @@ def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], output
     except LockHeldError:
         raise
     except BaseException as exc:
+        code = (exc.exit_code if isinstance(exc, RadscanError) else ExitCode.TERMINATED
+                if isinstance(exc, _Terminated) else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
+                else ExitCode.CRASH)
         if outputs.html is not None:
-            code = (exc.exit_code if isinstance(exc, RadscanError) else ExitCode.TERMINATED
-                    if isinstance(exc, _Terminated) else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                    else ExitCode.CRASH)
             words = exc.format_message() if isinstance(exc, RadscanError) else (
                 "stopped" if isinstance(exc, (_Terminated, KeyboardInterrupt)) else "crashed: see the log")
             record_failed_run(outputs.html, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                              "exit_code": int(code), "error": words})
+        if metrics is not None:
+            from radscan.metrics import write_metrics
+
+            with contextlib.suppress(RadscanError):  # the run's own error is the one to report
+                write_metrics(metrics, code, None)
         raise
 
 

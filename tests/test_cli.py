@@ -393,3 +393,37 @@ def test_an_input_that_cannot_be_read_is_exit_66_with_the_reason(study_folder, t
     result = _run(args[0], refused, *args[1:])
     assert result.exit_code == ExitCode.NO_INPUT, result.output
     assert f"cannot read input path: {refused} (Permission denied)" in result.output
+
+
+def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
+    """Issue 21 item 7: a node_exporter textfile after every run: exit code, last attempt and last
+    success, files by status, flagged share. A failed run keeps the last success it had."""
+    import re
+
+    (tmp_path / "in").mkdir()
+    for jpeg in sorted((cxr_dir / "kermany_pediatric_224/test_normal").iterdir())[:2]:
+        shutil.copy(jpeg, tmp_path / "in" / jpeg.name)
+    metrics = tmp_path / "textfile" / "radscan.prom"
+    args = ["score", str(tmp_path / "in"), "--out", str(tmp_path / "out" / "report.csv"), "--no-residuals",
+            "--workers", "1", "--metrics", str(metrics)]
+    assert _run(*args).exit_code == ExitCode.OK
+
+    def read() -> dict[str, float]:
+        text = metrics.read_text()
+        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[a-z_ ]+"(,[a-z_]+="[a-z_ ]+")*\})? -?[0-9][0-9.e+-]*$')
+        assert all(line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line)
+                   for line in text.splitlines()), text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if not line.startswith("#")}
+
+    good = read()
+    assert good["radscan_last_exit_code"] == 0 and good['radscan_files{status="ok"}'] == 2
+    assert 0 <= good["radscan_flagged_share"] <= 1 and good["radscan_last_success_timestamp_seconds"] > 0
+    shutil.rmtree(tmp_path / "in")
+    (tmp_path / "in").mkdir()  # an empty share tonight: exit 66
+    assert _run(*args).exit_code == ExitCode.NO_INPUT
+    bad = read()
+    assert bad["radscan_last_exit_code"] == 66
+    assert bad["radscan_last_success_timestamp_seconds"] == good["radscan_last_success_timestamp_seconds"]
+    assert bad["radscan_last_attempt_timestamp_seconds"] >= good["radscan_last_attempt_timestamp_seconds"]
+    assert not any(name.startswith("radscan_files") for name in bad)

@@ -275,7 +275,14 @@ def test_the_worklist_files_are_put_in_place_together(studies, tiny_model, tmp_p
     with monkeypatch.context() as patch:
         patch.setattr(score_module, "render_worklist_html", page_fails)
         assert _run(*args).exit_code == ExitCode.CANT_CREATE
-    assert {name: out.with_name(name).read_bytes() for name in names} == before
+    after = {name: out.with_name(name).read_bytes() for name in names}
+    assert after["report.csv"] == before["report.csv"] and after["report_studies.csv"] == before["report_studies.csv"]
+
+    def studies_block(page: bytes) -> bytes:  # the list the page shows; its run record says the run failed
+        return page.split(b'id="studies">')[1].split(b"</script>")[0]
+
+    assert studies_block(after["report.html"]) == studies_block(before["report.html"])
+    assert b'"ok": false' in after["report.html"]
     assert not list(out.parent.glob(".*.tmp"))
 
     renamed, real_replace = [], os.replace

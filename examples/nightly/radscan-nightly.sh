@@ -25,7 +25,9 @@ log="$output/logs/$(date +%Y-%m-%d).log"
 # SIGTERM included); it is written to a temporary file of this run's own (overlapping runs do not
 # share one) and renamed, so last-run.json is never empty or half-written.
 summary=$(mktemp "$output/.last-run.json.XXXXXX") || exit 73
-"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --json >"$summary" 2>>"$log"
+# --metrics: for node_exporter's textfile collector (set RADSCAN_METRICS to its directory's file)
+"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --metrics "${RADSCAN_METRICS:-$output/radscan.prom}" \
+  --json >"$summary" 2>>"$log"
 status=$?
 if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summary of its own
   printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
