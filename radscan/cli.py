@@ -611,8 +611,9 @@ def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], output
                 if isinstance(exc, _Terminated) else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
                 else ExitCode.CRASH)
         if outputs.html is not None:
-            words = exc.format_message() if isinstance(exc, RadscanError) else (
-                "stopped" if isinstance(exc, (_Terminated, KeyboardInterrupt)) else "crashed: see the log")
+            words = (exc.format_message() if isinstance(exc, RadscanError) else "stopped by SIGTERM"
+                     if isinstance(exc, _Terminated) else "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                     else "crashed: see the log")
             record_failed_run(outputs.html, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                              "exit_code": int(code), "error": words})
         if metrics is not None:

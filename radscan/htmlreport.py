@@ -22,7 +22,7 @@ from radscan.errors import OutputError
 from radscan.report import atomic_output
 
 __all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html",
-           "render_worklist_html", "record_failed_run"]
+           "render_worklist_html", "record_failed_run", "previous_success"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
     `studies`: study_entry dicts in worklist order. `summary`: disclaimer, model_name,
     model_version, model_sha256, score_kind, threshold (0..1), run_id, finished_at,
     radscan_version, report_name, studies_name, studies, flagged_studies, counts (status -> files),
-    run_status ({"last_attempt": {at, run_id, ok, problems}, "last_success": {at, ...}}; times ISO
-    8601, shown in the reader's local time; `record_failed_run` rewrites it after a failed run).
+    run_status ({"last_attempt": {at, run_id, ok, problems}, "last_success": {at, ...} or None,
+    "listed": {at, run_id}, the run that wrote the list}; times ISO 8601, shown in the reader's
+    local time; `record_failed_run` rewrites it after a failed run).
     """
     with atomic_output(path) as handle:
         handle.write(render_worklist_html(studies, summary))
@@ -104,12 +105,10 @@ def record_failed_run(path: Path, attempt: dict[str, Any]) -> bool:
     atomically. Returns False (nothing written) when there is no page, it is not a regular file,
     or it has no run-status block (a page of radscan before 0.3)."""
     try:
-        if not path.is_file() or path.is_symlink():
+        found = _run_status_block(path)
+        if found is None:
             return False
-        page = path.read_text(encoding="utf-8")
-        start = page.index(_STATUS_OPEN) + len(_STATUS_OPEN)
-        end = page.index("</script>", start)  # the block's JSON escapes "<": its first end is its own
-        status = json.loads(page[start:end])
+        page, start, end, status = found
         status["last_attempt"] = {**attempt, "ok": False}
         with atomic_output(path) as handle:
             handle.write(page[:start] + _script_json(status) + page[end:])
@@ -117,6 +116,28 @@ def record_failed_run(path: Path, attempt: dict[str, Any]) -> bool:
     except (OSError, ValueError, OutputError) as exc:  # a page that cannot be changed: the run's error stands
         log.warning("could not mark %s as out of date: %s", path, exc)
         return False
+
+
+def previous_success(path: Path) -> dict[str, Any] | None:
+    """The last success recorded in the worklist page at `path`, if there is one (a run that
+    finished with results still undelivered keeps it, as the nightly wrapper's last_success)."""
+    try:
+        found = _run_status_block(path)
+    except (OSError, ValueError):
+        return None
+    return found[3].get("last_success") if found else None
+
+
+def _run_status_block(path: Path) -> tuple[str, int, int, dict[str, Any]] | None:
+    """(page text, start and end of its run-status JSON, that JSON), or None without one."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    page = path.read_text(encoding="utf-8")
+    if _STATUS_OPEN not in page:
+        return None
+    start = page.index(_STATUS_OPEN) + len(_STATUS_OPEN)
+    end = page.index("</script>", start)  # the block's JSON escapes "<": its first end is its own
+    return page, start, end, json.loads(page[start:end])
 
 
 def _script_json(value: Any) -> str:

@@ -26,31 +26,51 @@ def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = N
                   now: float | None = None) -> None:
     """Write the metrics of a run that ended with `exit_code` to `path` (atomically; OutputError,
     exit 73, if it cannot be written). `summary` is `radscan score`'s summary (ScoreSummary.as_dict)
-    when the run finished, None when it failed; a failed run keeps the previous file's last success.
-    A run that finished (exit 0 or 3) is a success: its worklist is complete for what could be read."""
+    when the run finished, None when it failed.
+
+    A success is a run that wrote its worklist and delivered every DICOM result (exit 0, or exit 3
+    for unreadable files only), as the nightly wrapper's `last_success` means: a PACS outage is not
+    one. A failed run changes only the exit code and the last attempt, and keeps the rest of the
+    previous file (the last finished run's counts, and results still pending), so that an alert on
+    pending results does not clear itself when the next night fails."""
     now = time.time() if now is None else now
-    last_success = now if summary is not None else _previous_last_success(path)
-    lines = _metric("radscan_last_exit_code", "Exit code of the last radscan score run.", exit_code)
-    lines += _metric("radscan_last_attempt_timestamp_seconds", "When the last run ended (Unix time).", now)
-    if last_success is not None:
-        lines += _metric(_LAST_SUCCESS, "When the last run that wrote a worklist ended (Unix time).", last_success)
+    blocks = _previous_blocks(path) if summary is None else {}
+    blocks["radscan_last_exit_code"] = _metric("radscan_last_exit_code", "Exit code of the last radscan score run.",
+                                               exit_code)
+    blocks["radscan_last_attempt_timestamp_seconds"] = _metric(
+        "radscan_last_attempt_timestamp_seconds", "When the last run ended (Unix time).", now)
     if summary is not None:
-        counts = summary["counts"]
-        lines += _metric("radscan_files", "Files of the last run by status.",
-                         *((count, {"status": status}) for status, count in counts.items()))
-        scored = counts.get("ok", 0)
-        lines += _metric("radscan_flagged_images", "Images flagged in the last run.", summary["flagged_images"])
-        lines += _metric("radscan_flagged_share", "Share of the last run's scored images that were flagged.",
-                         summary["flagged_images"] / scored if scored else 0.0)
-        lines += _metric("radscan_studies", "Studies in the worklist, and those flagged.",
-                         (summary["studies"], {"kind": "all"}), (summary["flagged_studies"], {"kind": "flagged"}))
-        lines += _metric("radscan_run_duration_seconds", "Duration of the last run.", summary["duration_s"])
+        blocks.update(_run_blocks(summary))
         dicom = summary.get("dicom") or {}
-        lines += _metric("radscan_dicom_results_pending", "DICOM result objects not sent, and images without results.",
-                         (dicom.get("not_sent", 0), {"kind": "not_sent"}),
-                         (dicom.get("not_made", 0), {"kind": "not_made"}))
+        if not (dicom.get("not_sent") or dicom.get("not_made")):
+            blocks[_LAST_SUCCESS] = _metric(_LAST_SUCCESS, "When the last run that wrote its worklist and "
+                                            "delivered every DICOM result ended (Unix time).", now)
+        else:
+            blocks.update({key: lines for key, lines in _previous_blocks(path).items() if key == _LAST_SUCCESS})
     with atomic_output(path) as handle:
-        handle.write("\n".join(lines) + "\n")
+        handle.write("\n".join(line for lines in blocks.values() for line in lines) + "\n")
+
+
+def _run_blocks(summary: dict[str, Any]) -> dict[str, list[str]]:
+    counts = summary["counts"]
+    scored = counts.get("ok", 0)
+    dicom = summary.get("dicom") or {}
+    return {
+        "radscan_files": _metric("radscan_files", "Files of the last finished run by status.",
+                                 *((count, {"status": status}) for status, count in counts.items())),
+        "radscan_flagged_images": _metric("radscan_flagged_images", "Images flagged in the last finished run.",
+                                          summary["flagged_images"]),
+        "radscan_flagged_share": _metric("radscan_flagged_share", "Share of the last finished run's scored images "
+                                         "that were flagged.", summary["flagged_images"] / scored if scored else 0.0),
+        "radscan_studies": _metric("radscan_studies", "Studies in the worklist, and those flagged.",
+                                   (summary["studies"], {"kind": "all"}),
+                                   (summary["flagged_studies"], {"kind": "flagged"})),
+        "radscan_run_duration_seconds": _metric("radscan_run_duration_seconds", "Duration of the last finished run.",
+                                                summary["duration_s"]),
+        "radscan_dicom_results_pending": _metric(
+            "radscan_dicom_results_pending", "DICOM result objects not sent, and images without results.",
+            (dicom.get("not_sent", 0), {"kind": "not_sent"}), (dicom.get("not_made", 0), {"kind": "not_made"})),
+    }
 
 
 def _metric(name: str, text: str, *samples: Any) -> list[str]:
@@ -64,9 +84,12 @@ def _metric(name: str, text: str, *samples: Any) -> list[str]:
     return lines
 
 
-def _previous_last_success(path: Path) -> float | None:
+def _previous_blocks(path: Path) -> dict[str, list[str]]:
+    """The previous file's metrics (radscan's own file), each with its HELP, TYPE and sample lines."""
+    blocks: dict[str, list[str]] = {}
     with contextlib.suppress(OSError, ValueError):
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.startswith(_LAST_SUCCESS + " "):
-                return float(line.split()[1])
-    return None
+            name = line.split()[2] if line.startswith("#") and len(line.split()) > 2 else line.split("{")[0].split()[0]
+            if name.startswith("radscan_"):
+                blocks.setdefault(name, []).append(line)
+    return blocks

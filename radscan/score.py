@@ -36,7 +36,7 @@ from tqdm import tqdm
 from radscan import __version__
 from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
-from radscan.htmlreport import render_worklist_html, study_entry
+from radscan.htmlreport import previous_success, render_worklist_html, study_entry
 from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
 from radscan.model.metadata import read_metadata
 from radscan.pacs import Delivery, Destination, deliver, forget_results
@@ -458,7 +458,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             problems = _problems(counts, delivery, outputs)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)),
-                                     problems=problems)
+                                     problems=problems, delivered=delivery is None or delivery.complete)
             _write_readme(outputs, metadata, pictures)
             _forget(store.prune(), outputs)
         finally:
@@ -702,12 +702,14 @@ def _listed(values: tuple[str, ...] | None) -> str:
 
 
 def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, metadata: dict[str, Any],
-                   run: tuple[str, dict[str, int]], problems: Sequence[str] = ()) -> tuple[int, int]:
+                   run: tuple[str, dict[str, int]], problems: Sequence[str] = (), delivered: bool = True
+                   ) -> tuple[int, int]:
     """Stream the image and study CSVs from the store and render the web page of the studies
     (`outputs.html`) to temporary files, then put them in place together (`commit_together`:
     report.csv last, so that a new report.csv always comes with its own study list and page).
     `run` is (run id, file counts by status); `problems` what needs an operator (`_problems`), shown
-    on the page. Returns (studies, flagged studies)."""
+    on the page; `delivered` whether every DICOM result reached the PACS (else the page keeps its
+    last success). Returns (studies, flagged studies)."""
     pending: list[AtomicFile] = []
     try:
         report = CsvStream(outputs.report, REPORT_COLUMNS)
@@ -724,12 +726,16 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
             flagged_images = counts.pop("flagged", 0)
             finished = _now()
             this_run = {"at": finished, "run_id": run[0], "ok": True, "problems": list(problems)}
+            # a success also delivered every DICOM result: a PACS outage keeps the last one (as the
+            # nightly wrapper's last_success and the metrics do)
+            success = this_run if delivered else previous_success(outputs.html)
             page.handle.write(render_worklist_html(entries, {
                 "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
                 "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
                 "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
                 "run_id": run[0], "finished_at": finished, "radscan_version": __version__,
-                "run_status": {"last_attempt": this_run, "last_success": this_run},
+                "run_status": {"last_attempt": this_run, "last_success": success,
+                               "listed": {"at": finished, "run_id": run[0]}},
                 "report_name": outputs.report.name, "studies": studies,
                 "studies_name": os.path.relpath(outputs.studies, outputs.report.parent),
                 "flagged_studies": flagged, "counts": {**counts, "flagged images": flagged_images}}))

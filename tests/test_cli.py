@@ -344,6 +344,9 @@ def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
     assert "DICOM results were not delivered (exit 3)" in done.stderr and "not sent to" in done.stderr
     log = next((out / "logs").glob("*.log")).read_text()
     assert "WARNING" in log and "status=error" not in log
+    metrics = (out / "radscan.prom").read_text()  # the wrapper's metrics agree: no success, results pending
+    assert "radscan_last_exit_code 3" in metrics and 'radscan_dicom_results_pending{kind="not_sent"} 2' in metrics
+    assert "radscan_last_success_timestamp_seconds" not in metrics
 
 
 def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):
@@ -426,4 +429,4 @@ def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
     assert bad["radscan_last_exit_code"] == 66
     assert bad["radscan_last_success_timestamp_seconds"] == good["radscan_last_success_timestamp_seconds"]
     assert bad["radscan_last_attempt_timestamp_seconds"] >= good["radscan_last_attempt_timestamp_seconds"]
-    assert not any(name.startswith("radscan_files") for name in bad)
+    assert bad['radscan_files{status="ok"}'] == 2  # the last finished run's counts stay for monitoring

@@ -140,7 +140,8 @@ def test_a_failed_night_leaves_a_page_that_says_its_list_is_stale(studies, tiny_
     page, problems = _open(browser, out.with_name("report.html"))
     banner = page.locator("#stale")
     assert banner.is_visible() and "out of date" in banner.inner_text() and "exit 66" in banner.inner_text()
-    assert "input path does not exist" in banner.inner_text() and "FAILED" in page.locator("#runs").inner_text()
+    assert "no files found" in banner.inner_text() or "does not exist" in banner.inner_text(), banner.inner_text()
+    assert "FAILED" in page.locator("#runs").inner_text()
     assert page.locator("#rows").inner_text() == before  # the list is still there to read
     page.screenshot(path=ARTIFACTS / "worklist-stale.png", full_page=True)
     page.close()

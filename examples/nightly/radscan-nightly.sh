@@ -47,11 +47,10 @@ sys.exit(0 if d.get("not_sent") or d.get("not_made") else 1)' "$output/last-run.
 }
 case $status in
   0)  date -Is >"$output/last_success" ;;                                # all scored and delivered
-  3)  problems | while IFS= read -r line; do echo "$(date -Is) WARNING $line" >>"$log"; done
-      if undelivered; then
+  3)  if undelivered; then  # radscan's own WARNING lines in the log give each problem
         # results that did not reach the PACS: not a good night. last_success stays as it was, and
         # the line on stderr makes cron mail it
-        echo "radscan nightly run: DICOM results were not delivered (exit 3): $(problems | tr '\n' ' ')see $log" >&2
+        echo "radscan nightly run: DICOM results were not delivered (exit 3): $(problems | tr '\n' ';') see $log" >&2
       else
         date -Is >"$output/last_success"  # the worklist is complete for every file that could be read
       fi ;;
