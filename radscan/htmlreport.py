@@ -37,12 +37,14 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def study_entry(study: dict[str, Any], qc_reason: str = "") -> dict[str, Any]:
+def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = None) -> dict[str, Any]:
     """The fields of one row of the study CSV that the page shows, under short names.
 
     `study` is a row as write_worklist builds it (STUDY_COLUMNS); identifiers are already as the
     PHI mode writes them. `score` is None for a study none of whose images was scored.
-    `qc_reason`: the quality-control verdict on the study's top image, if it warned or failed."""
+    `qc_reason`: the quality-control verdict on the study's top image, if it warned or failed.
+    `z`: the top image's score as a z-score (calibration normals' spreads above their mean; the
+    score is its sigmoid), which keeps the order where the score saturates near 1."""
     score = study.get("study_score")
     return {
         "rank": study["study_rank"], "score": None if score is None else round(float(score), 4),
@@ -52,7 +54,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "") -> dict[str, Any]:
         "patient": study.get("PatientID", ""), "accession": study.get("AccessionNumber", ""),
         "uid": study.get("StudyInstanceUID", ""), "date": study.get("StudyDate", ""),
         "modality": study.get("Modality", ""), "path": study["top_path"],
-        "picture": study["top_residual_png"] or "", "qc": qc_reason,
+        "picture": study["top_residual_png"] or "", "qc": qc_reason, "z": z,
     }
 
 

@@ -75,8 +75,8 @@ DISCLAIMER = ("radscan scores are for research and triage support only: they ord
 PHI_FIELDS = ("PatientID", "AccessionNumber")
 # which scored images get an explanation picture; "flagged" skips the gradient pass of the rest
 PICTURE_MODES = ("all", "flagged", "none")
-RESULT_COLUMNS = ("rank", "score", "score_raw", "threshold", "flag", "new_this_run", "study_score", "study_flag",
-                  "residual_png", "dicom_result", "dicom_sr", "dicom_sc")
+RESULT_COLUMNS = ("rank", "score", "score_z", "score_raw", "threshold", "flag", "new_this_run", "study_score",
+                  "study_flag", "residual_png", "dicom_result", "dicom_sr", "dicom_sc")
 PROVENANCE_COLUMNS = ("model_name", "model_version", "model_sha256", "preprocess_version", "radscan_version",
                       "scored_at", "run_id")
 _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "reason", "study_key",
@@ -290,6 +290,9 @@ class _Scorer:
         result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all",
                               components=self.pictures == "all")
         scores, raws = result.scores.numpy(), result.raw_scores.numpy()
+        # the score's own z (sigmoid(z) = score): it keeps the order at the top of the list, where the
+        # 0..1 score saturates (a z of 7 and one of 12 both print as 1.000)
+        zs = self.model.calibrated(result.components)[1].numpy() if len(scores) else scores
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         explain = range(len(images)) if self.pictures == "all" else (
             np.flatnonzero((scores >= threshold) | self._dicom(records)) if self.pictures == "flagged" else [])
@@ -300,7 +303,7 @@ class _Scorer:
                                                            result.residual_maps.numpy(), strict=True), strict=True))
         scored_at = _now()
         rows, pictures = [], []
-        for index, (record, image, score, raw) in enumerate(zip(records, images, scores, raws, strict=True)):
+        for index, (record, image, score, raw, z) in enumerate(zip(records, images, scores, raws, zs, strict=True)):
             flag = bool(score >= threshold)
             if index in maps:
                 explanation, residual = maps[index]
@@ -311,9 +314,9 @@ class _Scorer:
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
                 pictures.append((self._picture_path(record), None))
-            record.extra.update(score=round(float(score), 6), score_raw=round(float(raw), 6),
-                                threshold=round(threshold, 6), flag=flag, scored_at=scored_at,
-                                **self.provenance)
+            record.extra.update(score=round(float(score), 6), score_z=round(float(z), 3),
+                                score_raw=round(float(raw), 6), threshold=round(threshold, 6), flag=flag,
+                                scored_at=scored_at, **self.provenance)
             rows.append(record.as_row())
         return rows, pictures
 
@@ -781,7 +784,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         study_csv.write(row)
         if with_entries:
             qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
-            entries.append(study_entry(row, qc_reason=qc))
+            entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z")))
     return entries, studies, flagged
 
 

@@ -73,6 +73,12 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     assert [int(r) for r in page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.rank)")] == \
         [int(row["study_rank"]) for row in rows]
     assert page.get_by_text(HOSTILE).count() == 1 and page.title().startswith("radscan worklist")  # text, not markup
+    # issue 21 item 3: each score with its z, the bar centred on the threshold, wider for a higher z
+    labels = page.locator("#rows .bar + div").all_inner_texts()
+    assert labels and all(" z " in label for label in labels)
+    widths = page.locator("#rows .bar .fill").evaluate_all("fills => fills.map(f => parseFloat(f.style.width))")
+    assert widths == sorted(widths, reverse=True)  # the studies come in score order
+    assert page.locator("#rows .bar .threshold").first.evaluate("m => m.style.left") == "50%"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "worklist.png", full_page=True)
 

@@ -78,6 +78,7 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     assert [int(r["rank"]) for r in scored] == list(range(1, 11))
     for r in scored:
         assert 0.0 < float(r["score"]) < 1.0
+        assert 1 / (1 + np.exp(-float(r["score_z"]))) == pytest.approx(float(r["score"]), abs=1e-3)  # sigmoid(z)
         assert (r["flag"] == "true") == (float(r["score"]) >= float(r["threshold"]))
         assert r["model_sha256"] and r["preprocess_version"] == "rs-pre-1" and r["run_id"] == summary["run_id"]
     nih = [r for r in rows if r["path"].startswith("nih/") and r["status"] == "ok"]
