@@ -7,6 +7,7 @@ Every option can also come from a ``RADSCAN_<COMMAND>_<OPTION>`` environment var
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -189,6 +190,11 @@ json_option = click.option(
 )
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 file', '2 files': the summary lines a person reads."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
     """The --json summary of a finished command: the same two leading keys for every command.
     "ok" is true only for exit code 0: a run that finished with unreadable files or unsent
@@ -266,7 +272,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(
-            f"{summary.files} files: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
+            f"{_count(summary.files, 'file')}: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
             f"{counts['skipped']} skipped, {counts['error']} error -> {summary.inventory}",
             err=True,
         )
@@ -407,7 +413,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     if as_json:
         _echo_json(summary)
     elif not ctx.obj["quiet"]:
-        click.echo(f"model written to {result.model_dir} ({result.epochs_run} epochs)", err=True)
+        click.echo(f"model written to {result.model_dir} ({_count(result.epochs_run, 'epoch')})", err=True)
 
 
 def _model_in_use() -> Path:
@@ -546,7 +552,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
       radscan score /archive/mimic --out report.csv --scheduler tcp://scheduler:8786
     """
     from radscan.pacs import Destination
-    from radscan.score import OutputPaths, ScoreSettings, load_phi_key
+    from radscan.score import OutputPaths, ScoreSettings, check_dicom_settings, load_phi_key
     from radscan.score import score as run_score
 
     if residuals and no_residuals:
@@ -557,14 +563,16 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         from radscan.ingest import check_outputs_apart
 
         check_outputs_apart(paths, [phi_key_file])
-    key = load_phi_key(phi_key, phi_key_file) if phi == "hash" else None
     outputs = OutputPaths.beside(out, studies, residuals, write_residuals=not no_residuals, write_html=not no_html,
                                  dicom=dicom_out)
     settings = ScoreSettings(model_dir=model, batch_size=batch_size, device=device, workers=workers, phi=phi,
-                             phi_key=key, policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
+                             policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
                              views=parse_list(views), pictures=pictures,
                              send=Destination.parse(send_to, called_ae, ae_title) if send_to else None,
                              scheduler=scheduler)
+    check_dicom_settings(outputs, settings)  # a refused combination must not create the PHI key file first
+    if phi == "hash":
+        settings = dataclasses.replace(settings, phi_key=load_phi_key(phi_key, phi_key_file))
     if metrics is not None:
         from radscan.ingest import check_outputs_apart
 
@@ -580,7 +588,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         _echo_json(summary.as_dict(), exit_code)
     elif not ctx.obj["quiet"]:
         counts = summary.counts
-        click.echo(f"{summary.files} files: {counts['ok']} scored ({summary.reused} unchanged), "
+        click.echo(f"{_count(summary.files, 'file')}: {counts['ok']} scored ({summary.reused} unchanged), "
                    f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
                    f"{summary.flagged_studies} of "
                    f"{summary.studies} studies flagged -> {summary.report}", err=True)

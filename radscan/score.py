@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from radscan.model.simsid import SimSID
 
 __all__ = ["ScoreSettings", "ScoreSummary", "score", "OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS",
-           "default_model_dir", "PHI_FIELDS", "load_phi_key"]
+           "default_model_dir", "PHI_FIELDS", "load_phi_key", "check_dicom_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     pictures = settings.pictures if outputs.residuals is not None else "none"
     if pictures not in PICTURE_MODES:
         raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
-    _check_dicom_settings(outputs, settings)
+    check_dicom_settings(outputs, settings)
     if settings.scheduler is not None:  # a malformed address is a usage error before anything is made
         from radscan.cluster import parse_scheduler
 
@@ -524,7 +524,7 @@ def _cluster(settings: ScoreSettings, model_dir: Path, metadata: dict[str, Any],
         cluster.close()
 
 
-def _check_dicom_settings(outputs: OutputPaths, settings: ScoreSettings) -> None:
+def check_dicom_settings(outputs: OutputPaths, settings: ScoreSettings) -> None:
     """DICOM results go into the source's study in the PACS: they need the study's real patient
     identity (decided for 0.3: no de-identified results, whose UIDs and dates would still link them
     to the patient) and the explanation pictures their Secondary Captures are made of."""

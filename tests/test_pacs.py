@@ -322,6 +322,15 @@ def test_dicom_settings_that_cannot_work_are_usage_errors(studies, tiny_model, t
     assert not (tmp_path / "r.csv").exists()
 
 
+def test_a_refused_dicom_setting_creates_no_phi_key_file(studies, tiny_model, tmp_path):
+    """Issue 21: `--dicom-out` with `--phi hash` was refused only after the PHI key file was made."""
+    key_file = tmp_path / "keys" / "phi.key"
+    result, _ = _score(str(studies), "--out", str(tmp_path / "out" / "report.csv"), "--model", str(tiny_model),
+                       "--dicom-out", str(tmp_path / "dicom"), "--phi", "hash", "--phi-key-file", str(key_file))
+    assert result.exit_code == ExitCode.USAGE and "--phi keep" in result.output
+    assert not key_file.exists() and not key_file.parent.exists()
+
+
 def test_send_without_dicom_out_and_dicom_out_inside_the_inputs_are_usage_errors(studies, tiny_model, tmp_path):
     result, _ = _score(str(studies), "--out", str(tmp_path / "r.csv"), "--send", "pacs:104")
     assert result.exit_code == ExitCode.USAGE and "give --dicom-out" in result.output
