@@ -615,13 +615,8 @@ def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], output
     except LockHeldError:
         raise
     except BaseException as exc:
-        code = (exc.exit_code if isinstance(exc, RadscanError) else ExitCode.TERMINATED
-                if isinstance(exc, _Terminated) else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                else ExitCode.CRASH)
+        code, words = _failure(exc)
         if outputs.html is not None:
-            words = (exc.format_message() if isinstance(exc, RadscanError) else "stopped by SIGTERM"
-                     if isinstance(exc, _Terminated) else "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
-                     else "crashed: see the log")
             record_failed_run(outputs.html, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                              "exit_code": int(code), "error": words})
         if metrics is not None:
@@ -785,25 +780,35 @@ def main() -> None:
     try:
         code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
     except click.ClickException as exc:
-        _json_failure(exc.exit_code, exc.format_message())
+        _json_failure(*_failure(exc))
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, _Terminated) as exc:
         # the run unwinds like any failure (temporary files removed, lock released, earlier outputs
         # intact) and says so, so that a wrapper's summary is never empty
-        sigterm = isinstance(exc, _Terminated)
-        exit_code = ExitCode.TERMINATED if sigterm else ExitCode.INTERRUPTED
-        message = (f"{'stopped by SIGTERM' if sigterm else 'interrupted'}: earlier outputs are intact; run again "
-                   "to finish")
+        exit_code, message = _failure(exc)
         _json_failure(exit_code, message)
         click.echo(f"Error: {message}", err=True)
         sys.exit(exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
-        _json_failure(ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)")
+        _json_failure(*_failure(exc))
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the words of a command that failed with `exc`: one reading for the
+    --json summary, stderr, the worklist page and the metrics file."""
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code, exc.format_message()
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt, _Terminated)):
+        sigterm = isinstance(exc, _Terminated)
+        return (ExitCode.TERMINATED if sigterm else ExitCode.INTERRUPTED,
+                f"{'stopped by SIGTERM' if sigterm else 'interrupted'}: earlier outputs are intact; run again "
+                "to finish")
+    return ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)"
 
 
 class _Terminated(BaseException):

@@ -45,8 +45,8 @@ def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = N
         if not (dicom.get("not_sent") or dicom.get("not_made")):
             blocks[_LAST_SUCCESS] = _metric(_LAST_SUCCESS, "When the last run that wrote its worklist and "
                                             "delivered every DICOM result ended (Unix time).", now)
-        else:
-            blocks.update({key: lines for key, lines in _previous_blocks(path).items() if key == _LAST_SUCCESS})
+        elif previous := _previous_blocks(path).get(_LAST_SUCCESS):
+            blocks[_LAST_SUCCESS] = previous
     with atomic_output(path) as handle:
         handle.write("\n".join(line for lines in blocks.values() for line in lines) + "\n")
 

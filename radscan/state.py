@@ -175,6 +175,8 @@ class StoredRow:
 # every image of it was skipped. Reports, presentation states and other non-images (no Rows) do.
 _SKIPPED_DICOM = ("(status = 'skipped' AND COALESCE(json_extract(row, '$.StudyInstanceUID'), '') != '' "
                   "AND json_extract(row, '$.rows') IS NOT NULL)")
+# the images a study lists: scored, failed, rejected, and the DICOM images the policy skipped
+_LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})"
 
 
 class StateStore:
@@ -352,7 +354,7 @@ class StateStore:
     _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
     _STUDY = """study AS (
         SELECT study_key, MAX(score) AS study_score,
-               SUM(status IN ('ok', 'error', 'rejected') OR """ + _SKIPPED_DICOM + """) AS images,
+               SUM(""" + _LISTED + """) AS images,
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
@@ -362,7 +364,7 @@ class StateStore:
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
                    AS skip_reasons
         FROM current GROUP BY study_key
-        HAVING SUM(status IN ('ok', 'error', 'rejected')) > 0 OR SUM(""" + _SKIPPED_DICOM + """) > 0)"""
+        HAVING images > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
         """This run's rows, by study score then score (highest first), with their study's result."""
@@ -385,7 +387,7 @@ class StateStore:
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
                 PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, sort_root,
                                                 sort_path) AS n
-                FROM current WHERE status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})
+                FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
