@@ -24,7 +24,15 @@ import click
 from radscan import __version__
 from radscan.errors import ExitCode
 from radscan.model.config import SCORE_KINDS
-from radscan.policy import DEFAULT_BODY_PARTS, DEFAULT_MODALITIES, FRAME_POLICIES, Policy, parse_list
+from radscan.policy import (
+    DEFAULT_BODY_PARTS,
+    DEFAULT_MODALITIES,
+    FOLDER_STUDY_LIMIT,
+    FRAME_POLICIES,
+    STUDY_KEYS,
+    Policy,
+    parse_list,
+)
 from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
 from radscan.recipe import MODEL_SETTINGS, PRESET, TrainConfig
 
@@ -502,6 +510,11 @@ def info(model_dir: Path | None, as_json: bool) -> None:
               help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
               help="Study-level worklist CSV [default: <out>_studies.csv].")
+@click.option("--study-key", type=click.Choice(STUDY_KEYS), default="auto", show_default=True,
+              help="What a study is for files that name none (JPEG, PNG, DICOM without StudyInstanceUID): their "
+                   f"folder, each file, or auto: the folder unless it holds more than {FOLDER_STUDY_LIMIT} files (an "
+                   "export of many films), when each file is a study. DICOM files with a StudyInstanceUID are "
+                   "grouped by it.")
 @click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
               help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed.")
 @click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY).")
@@ -534,9 +547,9 @@ def info(model_dir: Path | None, as_json: bool) -> None:
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
-          phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None, send_to: str | None,
-          ae_title: str, called_ae: str, scheduler: str | None, metrics: Path | None, qc_mode: str, views: str,
-          policy: Policy, workers: int, as_json: bool) -> None:
+          study_key: str, phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None,
+          send_to: str | None, ae_title: str, called_ae: str, scheduler: str | None, metrics: Path | None,
+          qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
     Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
@@ -569,7 +582,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                              policy=policy, progress=not ctx.obj["quiet"], qc=qc_mode,
                              views=parse_list(views), pictures=pictures,
                              send=Destination.parse(send_to, called_ae, ae_title) if send_to else None,
-                             scheduler=scheduler)
+                             scheduler=scheduler, study_key=study_key)
     check_dicom_settings(outputs, settings)  # a refused combination must not create the PHI key file first
     if phi == "hash":
         settings = dataclasses.replace(settings, phi_key=load_phi_key(phi_key, phi_key_file))

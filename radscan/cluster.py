@@ -137,9 +137,9 @@ class _ModelPlugin(WorkerPlugin):
         self.model = self.qc = None
 
 
-def _score_batch(files: list[tuple[str, str, str]], job: _BatchJob) -> tuple[list[dict[str, Any]],
+def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tuple[list[dict[str, Any]],
                                                                               list[tuple[Path, bytes | None]]]:
-    """On a worker: read (resolved root, given root, path) files, judge and score them; rows in
+    """On a worker: read (resolved root, given root, path, study key) files, judge and score them; rows in
     order and the pictures as PNG bytes (None: remove the stale one)."""
     from distributed import get_worker
 
@@ -149,8 +149,8 @@ def _score_batch(files: list[tuple[str, str, str]], job: _BatchJob) -> tuple[lis
     if plugin.error is not None:
         raise plugin.error
     items = []
-    for resolved, given, path in files:
-        record, image = _read(Found(resolved, path), job.policy, job.read_timeout)
+    for resolved, given, path, study_key in files:
+        record, image = _read(Found(resolved, path, study_key=study_key), job.policy, job.read_timeout)
         record.root = given  # rows name the root as it was given, as on one machine
         if record.reason.startswith(CANNOT_READ):
             record.reason += f" (on Dask worker {get_worker().address}: are the inputs mounted there?)"
@@ -295,7 +295,8 @@ class Cluster:
         waiting: dict[Any, list[tuple[Found, FileIdentity]]] = {}
 
         def submit(batch: list[tuple[Found, FileIdentity]]) -> Any:
-            files = [(self.job.resolved_roots[found.root], found.root, found.path) for found, _ in batch]
+            files = [(self.job.resolved_roots[found.root], found.root, found.path, found.study_key)
+                     for found, _ in batch]
             future = self.client.submit(_score_batch, files, self.job, pure=False)
             waiting[future] = batch
             return future

@@ -21,12 +21,15 @@ import jinja2
 from radscan.errors import OutputError
 from radscan.report import atomic_output
 
-__all__ = ["study_entry", "write_evaluation_html", "write_training_html", "write_worklist_html",
-           "render_worklist_html", "record_failed_run", "previous_success"]
+__all__ = ["study_entry", "image_entry", "IMAGES_PER_STUDY", "write_evaluation_html", "write_training_html",
+           "write_worklist_html", "render_worklist_html", "record_failed_run", "previous_success"]
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100  # studies drawn at a time
+# images of one study listed on the page (the rest are in the image CSV): a study is a few views, but a
+# DICOM study or a folder may hold many
+IMAGES_PER_STUDY = 50
 # The page's record of the runs (last attempt, last success): a JSON block that a failed run, which
 # has no list to draw, rewrites in the page it leaves, so that a stale list says it is stale
 _STATUS_OPEN = '<script type="application/json" id="run-status">'
@@ -37,14 +40,27 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = None) -> dict[str, Any]:
+def image_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One image of a study, as the page lists it under the study: a row of the image CSV
+    (REPORT_COLUMNS) -> its path, picture (relative link, "" when none), score (None when not scored),
+    z, flag and status, and the reason when it was not scored."""
+    score = row.get("score")
+    return {"path": row["path"], "picture": row.get("residual_png") or "",
+            "score": None if score is None else round(float(score), 4), "z": row.get("score_z"),
+            "flag": row.get("flag") is True, "status": row["status"],
+            "reason": "" if row["status"] == "ok" else row.get("reason", "")}
+
+
+def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = None,
+                images: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The fields of one row of the study CSV that the page shows, under short names.
 
     `study` is a row as write_worklist builds it (STUDY_COLUMNS); identifiers are already as the
     PHI mode writes them. `score` is None for a study none of whose images was scored.
     `qc_reason`: the quality-control verdict on the study's top image, if it warned or failed.
     `z`: the top image's score as a z-score (calibration normals' spreads above their mean; the
-    score is its sigmoid), which keeps the order where the score saturates near 1."""
+    score is its sigmoid), which keeps the order where the score saturates near 1. `images`: the
+    study's images (image_entry), listed under the study when it has more than one."""
     score = study.get("study_score")
     return {
         "rank": study["study_rank"], "score": None if score is None else round(float(score), 4),
@@ -55,6 +71,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
         "uid": study.get("StudyInstanceUID", ""), "date": study.get("StudyDate", ""),
         "modality": study.get("Modality", ""), "path": study["top_path"],
         "picture": study["top_residual_png"] or "", "qc": qc_reason, "z": z,
+        "members": images if images and len(images) > 1 else [],
     }
 
 

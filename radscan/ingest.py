@@ -8,6 +8,7 @@ files there are.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -23,14 +24,15 @@ from tqdm import tqdm
 
 from radscan.dicom import read_dicom
 from radscan.errors import NoInputError, SettingError
-from radscan.policy import Policy
+from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
 from radscan.preprocess import PREPROCESS_VERSION, to_model_input
 from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
 __all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "distinct_inputs", "find_files",
-           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs", "folder_study_key"]
+           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs",
+           "fallback_study_key", "assign_study_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ _IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima", ".jpg", ".jpeg", ".png"}
 _FIRST_GROUPS = (0x0002, 0x0008)
 
 
+
 @dataclass(frozen=True)
 class Found:
     """A file found under a root; `problem` is set when it could not even be listed or opened."""
@@ -51,6 +54,8 @@ class Found:
     root: str
     path: str  # relative to root, forward slashes
     problem: str = ""
+    # the study when the content names none (assign_study_keys; "" = its folder): not part of the file's identity
+    study_key: str = dataclasses.field(default="", compare=False)
 
     @property
     def full_path(self) -> Path:
@@ -118,8 +123,11 @@ def distinct_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return kept
 
 
-def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
-    """Every file under `inputs` (files or folders), sorted, each once (see distinct_inputs).
+def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = (),
+               study_key: str = "auto") -> list[Found]:
+    """Every file under `inputs` (files or folders), sorted, each once (see distinct_inputs), with
+    the study it belongs to when its content names none (`study_key`, one of STUDY_KEYS; see
+    assign_study_keys).
 
     Symbolic links are followed, but a folder is entered only once (by device and inode), so link
     loops end. Folders that cannot be listed and broken links are returned with a `problem`.
@@ -134,7 +142,27 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
             found.extend(_walk(path, seen_dirs, excluded))
         else:
             found.append(Found(str(path.parent), path.name))
-    return found
+    return assign_study_keys(found, study_key)
+
+
+def assign_study_keys(found: list[Found], mode: str) -> list[Found]:
+    """`found` with `study_key` set by `mode` (STUDY_KEYS): "folder" the folder's key
+    (folder_study_key), "file" the file's (the folder's key joined with its name), "auto" the
+    folder's unless more than FOLDER_STUDY_LIMIT files were found directly in that folder. Counted
+    over the files found, whatever their kind: a folder of many films is a flat export, not one
+    examination. Raises SettingError for another mode."""
+    if mode not in STUDY_KEYS:
+        raise SettingError(f"--study-key must be one of {', '.join(STUDY_KEYS)}, not {mode!r}")
+    folders = [folder_study_key(each) for each in found]
+    sizes: dict[str, int] = {}
+    for folder in folders:
+        sizes[folder] = sizes.get(folder, 0) + 1
+    keyed = []
+    for each, folder in zip(found, folders, strict=True):
+        by_file = mode == "file" or (mode == "auto" and sizes[folder] > FOLDER_STUDY_LIMIT)
+        name = printable(Path(each.path).name)
+        keyed.append(dataclasses.replace(each, study_key=f"{folder.rstrip('/')}/{name}" if by_file else folder))
+    return keyed
 
 
 def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
@@ -247,9 +275,9 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
 
     Never raises: whatever goes wrong becomes the record's status and reason.
     """
-    # the folder is the study unless the file says otherwise (DICOM StudyInstanceUID)
+    # the crawl's study (a folder, or the file) unless the file says otherwise (DICOM StudyInstanceUID)
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
-                         study_key=folder_study_key(found))
+                         study_key=fallback_study_key(found))
     if found.problem:
         return record.fail(found.problem), None
     path = found.full_path
@@ -281,6 +309,12 @@ def _unexpected(record: ImageRecord, found: Found, exc: Exception) -> Ingested:
     log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
     log.debug("traceback", exc_info=True)
     return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
+
+
+def fallback_study_key(found: Found) -> str:
+    """The study of a file whose content names none: the one the crawl assigned (assign_study_keys),
+    else its folder's (folder_study_key)."""
+    return found.study_key or folder_study_key(found)
 
 
 def folder_study_key(found: Found) -> str:
@@ -424,7 +458,7 @@ def _ingest_isolated(found: Found, policy: Policy, timeout: float) -> Ingested:
 def failed_record(found: Found, reason: str) -> ImageRecord:
     """The record of a file whose reading did not come back (its worker died or hung)."""
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
-                         study_key=folder_study_key(found))
+                         study_key=fallback_study_key(found))
     return record.fail(reason)
 
 

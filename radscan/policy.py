@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "parse_list"]
+__all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "STUDY_KEYS", "FOLDER_STUDY_LIMIT",
+           "parse_list"]
 
 FRAME_POLICIES = ("skip", "first", "middle")
 DEFAULT_MODALITIES = ("CR", "DX")
 # Values seen in the wild for a chest film; an empty BodyPartExamined is accepted (often unset).
 DEFAULT_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS")
+# What a study is for a file whose content names none (JPEG, PNG, a DICOM without StudyInstanceUID):
+# "folder" its folder, "file" the file alone, "auto" the folder unless the folder holds more files
+# than one examination has (FOLDER_STUDY_LIMIT), when each file is its own study. A chest study is one
+# to a few views (PA, lateral, a repeat); a folder of dozens of films is an export or an archive, and
+# as one study its films would be one row, only the top one linked from the page (issue 21;
+# radscan.ingest.assign_study_keys).
+STUDY_KEYS = ("auto", "folder", "file")
+FOLDER_STUDY_LIMIT = 8
 
 
 @dataclass(frozen=True)

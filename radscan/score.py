@@ -36,8 +36,16 @@ from tqdm import tqdm
 from radscan import __version__
 from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
-from radscan.htmlreport import previous_success, render_worklist_html, study_entry
-from radscan.ingest import Found, check_inputs, check_outputs_apart, distinct_inputs, find_files, iter_ingested
+from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, render_worklist_html, study_entry
+from radscan.ingest import (
+    Found,
+    check_inputs,
+    check_outputs_apart,
+    distinct_inputs,
+    fallback_study_key,
+    find_files,
+    iter_ingested,
+)
 from radscan.model.metadata import read_metadata
 from radscan.pacs import Delivery, Destination, deliver, forget_results
 from radscan.policy import Policy
@@ -139,6 +147,7 @@ class ScoreSettings:
     pictures: str = "flagged"  # all | flagged: which scored images get an explanation picture (PICTURE_MODES)
     send: Destination | None = None  # where the DICOM results go (needs OutputPaths.dicom)
     scheduler: str | None = None  # a Dask scheduler address, or local:N (radscan.cluster)
+    study_key: str = "auto"  # what a study is for files whose content names none (radscan.ingest.STUDY_KEYS)
 
 
 @dataclass
@@ -432,7 +441,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         _tidy_outputs(outputs)
         loading = loader.submit(_load_model, model_dir, settings.device)
         files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
-                                            *(folder for folder in (outputs.residuals, outputs.dicom) if folder)])
+                                            *(folder for folder in (outputs.residuals, outputs.dicom) if folder)],
+                           study_key=settings.study_key)
         if not files:
             raise NoInputError(f"no files found under {', '.join(inputs)}")
         with_files = {Path(found.root) for found in files}
@@ -607,7 +617,8 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
                   dicom_pictures: bool = False) -> list[tuple[Found, FileIdentity]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by. Files with errors are always retried; a scored row
-    whose explanation PNG has gone is scored again (with `dicom_pictures`, every DICOM image has one)."""
+    whose explanation PNG has gone is scored again (with `dicom_pictures`, every DICOM image has one),
+    and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys)."""
     todo, unchanged = [], []
     for found in files:
         identity = _identity(found)
@@ -616,7 +627,9 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
             pictures == "all" or (pictures == "flagged" and (row.get("flag") is True or (
                 dicom_pictures and row.get("kind") == "dicom"))))
         usable = row is not None and row["status"] != Status.ERROR and (
-            not wants_picture or (link_base / row.get("residual_png", "")).is_file())
+            not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and (
+            # a study named by the crawl, not the file, moves when --study-key or the folder's size does
+            row.get("StudyInstanceUID") or row.get("study_key") == fallback_study_key(found))
         if usable:
             unchanged.append(identity)
         else:
@@ -717,11 +730,11 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
     try:
         report = CsvStream(outputs.report, REPORT_COLUMNS)
         pending.append(report.file)
-        _write_image_rows(report, store)
+        members = _write_image_rows(report, store)
         study_csv = CsvStream(outputs.studies, STUDY_COLUMNS)
         pending.insert(0, study_csv.file)
         entries, studies, flagged = _write_study_rows(study_csv, store, threshold, metadata,
-                                                      with_entries=outputs.html is not None)
+                                                      members if outputs.html is not None else None)
         if outputs.html is not None:
             page = AtomicFile(outputs.html)
             pending.insert(1, page)
@@ -752,19 +765,28 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
     return studies, flagged
 
 
-def _write_image_rows(report: CsvStream, store: StateStore) -> None:
+def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[dict[str, Any]]]:
+    """The image list; returns the images each study lists, in the list's order (radscan.htmlreport.image_entry;
+    at most IMAGES_PER_STUDY each), for the page."""
     rank = 0
+    members: dict[str, list[dict[str, Any]]] = {}
     for row in store.worklist():
         if row["status"] == Status.OK:
             rank += 1
             row["rank"] = rank
         row["new_this_run"] = row.get("read_by_run") == store.run_id
         report.write(row)
+        if row.pop("listed"):
+            images = members.setdefault(row["study_key"], [])
+            if len(images) < IMAGES_PER_STUDY:
+                images.append(image_entry(row))
+    return members
 
 
 def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, metadata: dict[str, Any],
-                      with_entries: bool) -> tuple[list[dict[str, Any]], int, int]:
-    """The study list; returns the page's entries (when `with_entries`), studies, flagged studies."""
+                      members: dict[str, list[dict[str, Any]]] | None) -> tuple[list[dict[str, Any]], int, int]:
+    """The study list; returns the page's entries (with `members`, the images of each study:
+    _write_image_rows), studies, flagged studies."""
     entries, studies, flagged = [], 0, 0
     for study in store.studies():
         note = _study_note(study)
@@ -782,9 +804,10 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
             "model_version": metadata.get("version", ""),
         }
         study_csv.write(row)
-        if with_entries:
+        if members is not None:
             qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
-            entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z")))
+            entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z"),
+                                       images=members.get(study["study_key"], [])))
     return entries, studies, flagged
 
 

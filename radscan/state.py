@@ -367,14 +367,16 @@ class StateStore:
         HAVING images > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
-        """This run's rows, by study score then score (highest first), with their study's result."""
+        """This run's rows, by study score then score (highest first), with their study's result and
+        whether the study lists the image (`listed`: not a non-image file the policy skipped)."""
         query = f"""WITH {self._CURRENT}, {self._STUDY}
-            SELECT c.row, s.study_score, s.images_flagged > 0 FROM current c LEFT JOIN study s USING (study_key)
+            SELECT c.row, s.study_score, s.images_flagged > 0, """ + _LISTED + """
+            FROM current c LEFT JOIN study s USING (study_key)
             ORDER BY s.study_score IS NULL, s.study_score DESC, c.score IS NULL, c.score DESC, c.sort_root,
                      c.sort_path"""
-        for row, study_score, study_flag in self._db.execute(query, {"run": self.run_id}):
+        for row, study_score, study_flag, listed in self._db.execute(query, {"run": self.run_id}):
             yield {**json.loads(row), "study_score": study_score,
-                   "study_flag": None if study_flag is None else bool(study_flag)}
+                   "study_flag": None if study_flag is None else bool(study_flag), "listed": bool(listed)}
 
     def studies(self) -> Iterator[dict[str, Any]]:
         """One entry per study with a scored, failed or rejected image, or with a DICOM image the

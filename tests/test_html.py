@@ -8,6 +8,7 @@ build/test-artifacts) for a person to look at.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -157,3 +158,51 @@ def test_a_failed_night_leaves_a_page_that_says_its_list_is_stale(studies, tiny_
     page, more = _open(browser, out.with_name("report.html"))
     assert not page.locator("#stale").is_visible()
     assert not problems and not more, problems + more
+
+
+def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_path, browser):
+    """Issue 21 item 1: a flat folder of films is a study per film (auto), a folder of a few views one
+    study whose every image opens from its row; --study-key folder regroups the stored rows on a rerun."""
+    films = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:15]
+    flat, views = tmp_path / "export", tmp_path / "export" / "patient1"
+    views.mkdir(parents=True)
+    for film in films[:12]:
+        shutil.copy(film, flat / film.name)
+    for film in films[12:]:
+        shutil.copy(film, views / film.name)
+    out = tmp_path / "out" / "report.csv"
+    pictures = out.parent / "report_residuals"
+
+    def run(mode: str) -> dict:
+        result = CliRunner().invoke(cli, ["score", str(flat), "--out", str(out), "--model", str(tiny_model),
+                                          "--workers", "1", "--pictures", "all", "--study-key", mode, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def linked(page) -> set[str]:
+        page.locator("#rows details").evaluate_all("all => all.forEach(details => { details.open = true; })")
+        hrefs = page.locator("#rows img").evaluate_all("images => images.map(i => i.getAttribute('src'))")
+        hrefs += page.locator("#rows ol.members a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+        return {Path(href).name for href in hrefs}
+
+    assert run("auto")["studies"] == 13
+    page, problems = _open(browser, out.with_name("report.html"))
+    assert page.locator("#rows tr").count() == 13 and page.locator("#rows details").count() == 1
+    page.locator("#rows details summary").click()  # "3 scored of 3" opens the study's list
+    assert page.locator("#rows ol.members a").nth(0).is_visible()
+    assert linked(page) == {png.name for png in pictures.glob("*.png")} and len(linked(page)) == 15
+    members = page.locator("#rows ol.members a")
+    assert members.count() == 3
+    members.nth(2).click()
+    assert page.locator("#viewer").is_visible()
+    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
+    assert page.locator("#viewer-caption").inner_text().startswith("patient1/")
+    assert not problems, problems
+
+    summary = run("folder")  # the 12 films whose study the crawl named anew are read again; patient1's kept
+    assert summary["studies"] == 2 and summary["scored_now"] == 12
+    assert run("folder")["scored_now"] == 0  # and then kept
+    page, problems = _open(browser, out.with_name("report.html"))
+    assert page.locator("#rows tr").count() == 2
+    assert linked(page) == {png.name for png in pictures.glob("*.png")} and len(linked(page)) == 15
+    assert not problems, problems

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from radscan.ingest import Found, find_files, ingest_file, iter_ingested, sniff_kind
-from radscan.policy import Policy
+from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
 from radscan.preprocess import to_model_input
 
 from .conftest import CXR_DIR, DICOM_DIR
@@ -452,3 +452,36 @@ def test_decoding_workers_end_with_a_killed_run(tmp_path):
     for process in alive:
         process.kill()
     assert not alive, f"{len(alive)} worker(s) still running 5 s after the run was killed"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(1, 2 * FOLDER_STUDY_LIMIT + 2), min_size=1, max_size=5),
+       in_root=st.integers(0, 12), mode=st.sampled_from(STUDY_KEYS))
+def test_a_study_is_a_folder_of_a_few_films_and_a_file_of_a_flat_export(tmp_path_factory, sizes, in_root, mode):
+    """Issue 21 item 1: files whose content names no study (JPEG, PNG) are grouped by the crawl. A
+    folder of one examination's few views is one study; a flat folder of many films (an export) is
+    not, or the page links only its top film; --study-key folder and file force either."""
+    root = tmp_path_factory.mktemp("studies")
+    layout = {f"p{index}": size for index, size in enumerate(sizes)} | ({"": in_root} if in_root else {})
+    for folder, size in layout.items():
+        (root / folder).mkdir(exist_ok=True)
+        for number in range(size):
+            (root / folder / f"im{number}.png").write_bytes(b"x")
+    found = find_files([root], study_key=mode)
+    keys = {each.path: each.study_key for each in found}
+    assert len(keys) == sum(layout.values())
+    for folder, size in layout.items():
+        mine = {key for path, key in keys.items() if path.rpartition("/")[0] == folder}
+        one_study = mode == "folder" or (mode == "auto" and size <= FOLDER_STUDY_LIMIT)
+        assert len(mine) == (1 if one_study else size)
+        others = {key for path, key in keys.items() if path.rpartition("/")[0] != folder}
+        assert not mine & others  # no study spans two folders
+    assert find_files([root], study_key=mode) == found and [f.study_key for f in find_files([root], study_key=mode)] \
+        == [f.study_key for f in found]  # the same keys run after run
+
+
+def test_an_unknown_study_key_mode_is_refused(tmp_path):
+    from radscan.errors import SettingError
+
+    with pytest.raises(SettingError, match="--study-key"):
+        find_files([tmp_path], study_key="patient")

@@ -439,7 +439,8 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     studies = _rows(tmp_path / "report_studies.csv")
     assert studies[0]["images_scored"] == "0"  # studies of which nothing could be judged come first
     folder = next(s for s in studies if s["top_path"] == "good.jpeg")
-    assert folder["study_key"] == bad.resolve().as_posix()  # the folder (here the root itself) is the study
+    # a folder of 11 files is an export, not one examination: each file is a study (--study-key auto)
+    assert folder["study_key"] == (bad.resolve() / "good.jpeg").as_posix()
     truncated = next(s for s in studies if s["top_path"] == "truncated.dcm")  # its own StudyInstanceUID
     assert (truncated["images_scored"], truncated["images_error"], truncated["study_score"]) == ("0", "1", "")
     assert not any(path.startswith("loop/") for path in rows)
