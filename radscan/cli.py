@@ -485,10 +485,39 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "
         f"{training.get('minutes')} min on {training.get('device')}",
-        f"metrics         {json.dumps(metadata.get('metrics', {}))}",
+        *_describe_metrics(metadata.get("metrics", {})),
         f"weights sha256  {metadata['weights']['sha256']}",
+        "use             research and triage support only, not a diagnosis",
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The model's measured figures in words, one line per data set (validation, test), with what a
+    reader must know about each; `--json` gives them as stored."""
+    lines = []
+    for prefix, what in (("val", "validation"), ("test", "test")):
+        auc = metrics.get(f"{prefix}_auc")
+        if auc is None:
+            continue
+        interval = metrics.get(f"{prefix}_auc_ci95")
+        line = f"{what} AUC {auc:.3f}" + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+        if f"{prefix}_sensitivity" in metrics:
+            line += (f"; at the threshold {metrics[f'{prefix}_sensitivity']:.0%} of abnormal films flagged, "
+                     f"{metrics.get(f'{prefix}_specificity', float('nan')):.0%} of normal films not")
+        if prefix == "test":
+            line += (" (a held-out split read once, after every choice was made; another site's films differ: "
+                     "measure on your own with radscan evaluate)")
+        else:
+            line += " (the data every choice was made on: optimistic)"
+        lines.append(line)
+    if "calibration_specificity" in metrics:
+        lines.append(f"calibration normals below the threshold: {metrics['calibration_specificity']:.1%}")
+    if "measured_by" in metrics:
+        lines.append(f"measured by {metrics['measured_by']}")
+    if not lines:
+        return ["metrics         none recorded (train with --val-abnormal, or run radscan evaluate)"]
+    return [f"{'metrics' if index == 0 else '':16s}{line}" for index, line in enumerate(lines)]
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -143,7 +143,7 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
     order and the pictures as PNG bytes (None: remove the stale one)."""
     from distributed import get_worker
 
-    from radscan.score import PictureJob, _Scorer, judge_and_score, prepare_record
+    from radscan.score import _Scorer, judge_and_score, prepare_record
 
     plugin = get_worker().plugins[job.plugin]
     if plugin.error is not None:
@@ -161,7 +161,7 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
     scorer = _Scorer(loaded, job.metadata, job.residuals, job.link_base, job.run_id, job.pictures,
                      dicom_pictures=job.dicom_pictures, resolved_roots=job.resolved_roots)
     rows, pictures = judge_and_score(items, plugin.qc, scorer)
-    return rows, [(path, picture.png() if isinstance(picture, PictureJob) else picture)
+    return rows, [(path, picture if picture is None or isinstance(picture, bytes) else picture.png())
                   for path, picture in pictures]
 
 

@@ -184,10 +184,7 @@ class ResultWriter:
                                   value=round(score, 6), unit=codes.UCUM.NoUnits, algorithm_id=algorithm),
                 hd.sr.Measurement(name=_code("THRESHOLD", "Anomaly score threshold"), value=round(threshold, 6),
                                   unit=codes.UCUM.NoUnits)],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=_code("TRIAGE", "Triage flag"),
-                value=_code("FLAGGED", "Flagged for priority reading") if flag else _code("NOT-FLAGGED",
-                                                                                          "Not flagged"))],
+            qualitative_evaluations=_evaluations(flag, row.get("qc_status", "")),
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 source, referenced_frame_numbers=_frames(source, row))])
         content = hd.sr.MeasurementReport(
@@ -225,6 +222,33 @@ class ResultWriter:
         if source.get("StudyDescription"):
             capture.StudyDescription = source.StudyDescription
         return capture
+
+
+# The flag as the SR states it (code value <= 16 characters, a DICOM SH; meaning <= 64), and quality control's verdict
+# on the input beside it (issue 21 item 8): a worklist engine that acts on the flag alone must not
+# read a film quality control warned about (an adult under a children's model, a mirrored film) as
+# one the model judged with confidence, nor an unflagged one as a sign of normal.
+_FLAGS = {(True, False): ("FLAGGED", "Flagged for priority reading"),
+          (False, False): ("NOT-FLAGGED", "Not flagged"),
+          (True, True): ("FLAGGED-QCWARN", "Flagged for priority reading; quality control warning"),
+          (False, True): ("NOT-FLAGGED-QCW", "Not flagged; quality control warning: not a sign of normal")}
+_QC_VERDICTS = {"pass": ("QC-PASS", "Passed: the film suits the model"),
+                "warn": ("QC-WARNING", "Warning: check the film before acting on the flag"),
+                "fail": ("QC-FAIL", "Failed, scored under --qc warn: the score may not apply")}
+
+
+def _evaluations(flag: bool, qc_status: str) -> list[Any]:
+    """The SR's qualitative evaluations of one scored film: the triage flag, said with the quality
+    control warning when there is one, and the quality control verdict itself (absent when quality
+    control did not run: --qc off)."""
+    import highdicom as hd
+
+    evaluations = [hd.sr.QualitativeEvaluation(name=_code("TRIAGE", "Triage flag"),
+                                               value=_code(*_FLAGS[flag, qc_status in ("warn", "fail")]))]
+    if qc_status in _QC_VERDICTS:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=_code("QC", "Input quality control"),
+                                                       value=_code(*_QC_VERDICTS[qc_status])))
+    return evaluations
 
 
 def _code(value: str, meaning: str) -> Any:

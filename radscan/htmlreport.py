@@ -71,7 +71,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
         "uid": study.get("StudyInstanceUID", ""), "date": study.get("StudyDate", ""),
         "modality": study.get("Modality", ""), "path": study["top_path"],
         "picture": study["top_residual_png"] or "", "qc": qc_reason, "z": z,
-        "members": images if images and len(images) > 1 else [],
+        "members": images if images and len(images) > 1 else [], "section": study.get("study_section", "reading"),
     }
 
 

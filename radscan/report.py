@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from radscan.errors import OutputError
 
-__all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
+__all__ = ["render_film", "atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
            "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "write_png_bytes", "encode_png",
            "png_name", "render_explanation"]
 
@@ -337,4 +337,21 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     draw.text((width + _MARGIN + 4, top + _PANEL + 4),
               "where it raises the anomaly score\n(coloured: more than 95% of normal films show there)",
               fill="white", font=_font(13))
+    return np.asarray(canvas)
+
+
+def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndarray:
+    """The picture of a film that was read but not judged (quality control rejected it), (H, W, 3)
+    uint8: the caption on top and the film as the model would have seen it (`image`, (128, 128)
+    uint8) at its own width/height ratio `aspect` (clamped to 0.5..2), enlarged pixel for pixel, so
+    that a reader can judge the rejection (a chest the wrong way round, or not a chest at all)."""
+    width = round(_PANEL * min(2.0, max(0.5, aspect)))
+    lines = caption.splitlines() or [""]
+    top = 12 + 20 * len(lines)
+    text_width = max(_font(15).getlength(line) for line in lines) + 2 * _MARGIN
+    canvas = Image.new("RGB", (max(width, round(text_width)), top + _PANEL), "black")
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
+    canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     return np.asarray(canvas)

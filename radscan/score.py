@@ -64,6 +64,7 @@ from radscan.report import (
     refuse_special,
     remove_stale_temporaries,
     render_explanation,
+    render_film,
     write_png_bytes,
 )
 from radscan.state import FileIdentity, StateStore, hold_lock, store_files
@@ -91,7 +92,7 @@ _QC = tuple(c for c in RECORD_COLUMNS if c not in ("path", "root", "status", "re
                                                    "preprocess_version", *DICOM_FIELDS))
 REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *PROVENANCE_COLUMNS,
                   "status", "reason", *_QC)
-STUDY_COLUMNS = ("study_rank", "study_key", "study_score", "study_flag", "images", "images_scored",
+STUDY_COLUMNS = ("study_rank", "study_section", "study_key", "study_score", "study_flag", "images", "images_scored",
                  "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note",
                  "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate",
                  "Modality", "threshold", "model_name", "model_version")
@@ -256,8 +257,20 @@ class PictureJob:
                                              self.score_kind, self.aspect))
 
 
+@dataclass(frozen=True)
+class FilmPicture:
+    """The picture of a film quality control rejected (the arguments of render_film)."""
+
+    image: np.ndarray
+    caption: str
+    aspect: float
+
+    def png(self) -> bytes:
+        return encode_png(render_film(self.image, self.caption, self.aspect))
+
+
 # what a batch does to the pictures folder: draw a picture at a path, or remove the stale one (None)
-PictureActions = list[tuple[Path, "PictureJob | bytes | None"]]
+PictureActions = list[tuple[Path, "PictureJob | FilmPicture | bytes | None"]]
 
 
 class _Scorer:
@@ -329,6 +342,19 @@ class _Scorer:
             rows.append(record.as_row())
         return rows, pictures
 
+    def rejected(self, records: list[ImageRecord], images: list[np.ndarray]) -> tuple[list[dict[str, Any]],
+                                                                                    PictureActions]:
+        """Rows of `records` quality control rejected (in order) and their pictures: the film with
+        the verdict, so that a reader can judge the rejection (none with --no-residuals)."""
+        rows, pictures = [], []
+        for record, image in zip(records, images, strict=True):
+            if self.residuals is not None:
+                path = self._picture_path(record)
+                pictures.append((path, FilmPicture(image, rejected_caption(record, self.provenance), _aspect(record))))
+                record.extra["residual_png"] = os.path.relpath(path, self.link_base)
+            rows.append(record.as_row())
+        return rows, pictures
+
     def _picture_path(self, record: ImageRecord) -> Path:
         root = self.resolved_roots.get(record.root) or str(Path(record.root).resolve())
         return self.residuals / png_name(root, record.path)
@@ -344,15 +370,17 @@ def judge_and_score(items: list[tuple[ImageRecord, np.ndarray | None]], qc: Qual
     readable = [(index, record, image) for index, (record, image) in enumerate(items) if image is not None]
     passed = apply_qc(qc, [record for _, record, _ in readable], [image for _, _, image in readable])
     to_score = [item for item, ok in zip(readable, passed, strict=True) if ok]
+    refused = [item for item, ok in zip(readable, passed, strict=True) if not ok]
     scored, pictures = scorer.score([record for _, record, _ in to_score], [image for _, _, image in to_score])
+    judged, films = scorer.rejected([record for _, record, _ in refused], [image for _, _, image in refused])
     rows = [record.as_row() for record, _ in items]
-    for (index, _, _), row in zip(to_score, scored, strict=True):
+    for (index, _, _), row in zip(to_score + refused, scored + judged, strict=True):
         rows[index] = row
-    return rows, pictures
+    return rows, pictures + films
 
 
 def write_pictures(pictures: PictureActions, pool: ThreadPoolExecutor) -> None:
-    """Draw (a PictureJob) or store (PNG bytes) each picture atomically, in `pool` (PNG encoding
+    """Draw (a PictureJob or FilmPicture) or store (PNG bytes) each picture atomically, in `pool` (PNG encoding
     releases the GIL), or remove a stale one (None); returns when all are done. A picture that
     cannot be written fails the run loudly (exit 73), not silently."""
     writes = [pool.submit(_write_picture, path, picture) for path, picture in pictures if picture is not None]
@@ -380,6 +408,19 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
 
 
+def rejected_caption(record: ImageRecord, provenance: dict[str, Any]) -> str:
+    """The caption of a rejected film's picture: the verdict and the disclaimer, then its identity
+    as the PHI mode left it (as picture_caption), one line per field."""
+    lines = [f"NOT JUDGED by the model: failed quality control ({record.qc_reason}).",
+             "Check the film yourself.  For research and triage support only, not a diagnosis."]
+    identity = [f"patient {record.PatientID}" if record.PatientID else "",
+                f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
+                record.ViewPosition, record.StudyDate, record.path]
+    lines.append("  ·  ".join(part for part in identity if part)
+                 + f"  ·  model {provenance['model_name']} {provenance['model_version']}")
+    return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
+
+
 def _aspect(record: ImageRecord) -> float:
     """The film's width/height before it was squashed to the model's square (1 when unknown)."""
     return record.columns / record.rows if record.rows and record.columns else 1.0
@@ -393,9 +434,9 @@ def _load_model(model_dir: Path, device_name: str) -> SimSID:
     return load_model(model_dir, resolve_device(device_name))[0]
 
 
-def _write_picture(path: Path, picture: PictureJob | bytes) -> None:
+def _write_picture(path: Path, picture: PictureJob | FilmPicture | bytes) -> None:
     try:
-        write_png_bytes(path, picture.png() if isinstance(picture, PictureJob) else picture)
+        write_png_bytes(path, picture if isinstance(picture, bytes) else picture.png())
     except OSError as exc:
         raise OutputError(f"cannot write explanation PNG {path}: {exc.strerror or exc}") from None
 
@@ -616,16 +657,16 @@ def _identity(found: Found) -> FileIdentity:
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
                   dicom_pictures: bool = False) -> list[tuple[Found, FileIdentity]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
-    with the identity they were looked up by. Files with errors are always retried; a scored row
-    whose explanation PNG has gone is scored again (with `dicom_pictures`, every DICOM image has one),
+    with the identity they were looked up by. Files with errors are always retried; a scored (or
+    rejected) row whose picture has gone is read again (with `dicom_pictures`, every DICOM image has one),
     and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys)."""
     todo, unchanged = [], []
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
-        wants_picture = row is not None and row["status"] == Status.OK and (
-            pictures == "all" or (pictures == "flagged" and (row.get("flag") is True or (
-                dicom_pictures and row.get("kind") == "dicom"))))
+        wants_picture = row is not None and pictures != "none" and (row["status"] == Status.REJECTED or (
+            row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
+                row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom"))))))
         usable = row is not None and row["status"] != Status.ERROR and (
             not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and (
             # a study named by the crawl, not the file, moves when --study-key or the folder's size does

@@ -32,7 +32,8 @@ try:  # POSIX: a kernel lock that is released however its holder dies (never sta
 except ImportError:  # Windows: radscan imports and scans, but `score` cannot lock its outputs
     fcntl = None
 
-__all__ = ["hold_lock", "OutputLock", "StateStore", "StoredRow", "FileIdentity", "refuse_link", "store_files"]
+__all__ = ["hold_lock", "OutputLock", "StateStore", "StoredRow", "FileIdentity", "refuse_link", "store_files",
+           "SECTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,12 @@ _SKIPPED_DICOM = ("(status = 'skipped' AND COALESCE(json_extract(row, '$.StudyIn
                   "AND json_extract(row, '$.rows') IS NOT NULL)")
 # the images a study lists: scored, failed, rejected, and the DICOM images the policy skipped
 _LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})"
+# Who a study is for (the study CSV's `study_section`): "reading", a reader (an image scored, or one
+# quality control rejected: the reader judges the rejection); "unreadable", IT (no file of it could
+# be read: nothing a reader can look at); "skipped", every image skipped by the selection policy.
+SECTIONS = ("reading", "unreadable", "skipped")
+_SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
+                   WHEN s.images_scored = 0 AND s.images_rejected = 0 THEN 'unreadable' ELSE 'reading' END)"""
 
 
 class StateStore:
@@ -382,24 +389,29 @@ class StateStore:
         """One entry per study with a scored, failed or rejected image, or with a DICOM image the
         selection policy skipped (a DX chest whose Modality says DR must not vanish from the list),
         with the row of its top image (highest score, else its first unscored, else its first
-        skipped image). Studies of which no image could be judged come first (someone must look at
-        them), then the rest by study score, highest first, then those whose every image was
-        skipped by the policy."""
+        skipped image) and its `study_section` (SECTIONS). The reading list comes first: flagged
+        studies by study score, highest first, then studies whose films quality control rejected
+        and none was scored (a reader judges the rejection), then the rest by study score; then
+        the studies none of whose files could be read (for IT, not a reader); then those whose
+        every image was skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
                 PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, sort_root,
                                                 sort_path) AS n
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row
+                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row,
+                   """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
-            ORDER BY s.images_skipped = s.images, s.study_score IS NOT NULL, s.study_score DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, row in \
-                self._db.execute(query, {"run": self.run_id}):
+            ORDER BY CASE section WHEN 'reading' THEN 0 WHEN 'unreadable' THEN 1 ELSE 2 END,
+                     COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
+                     s.study_key"""
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, row, section \
+                in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
-                   "skip_reasons": reasons, "top": json.loads(row)}
+                   "skip_reasons": reasons, "top": json.loads(row), "study_section": section}
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

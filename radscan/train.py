@@ -647,7 +647,7 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     device = device or torch.device("cpu")
     check_outputs_apart(normals, [out_dir or model_dir])
     model, metadata = load_model(model_dir, device)
-    images = load_images(normals, policy or Policy(), workers, progress, label="calibration normals")[0]
+    images, names, _ = load_images(normals, policy or Policy(), workers, progress, label="calibration normals")
     scores = calibrate(model, images, 64, device, target_specificity)[0]
     out_dir = Path(out_dir or model_dir)
     if out_dir.resolve() != Path(model_dir).resolve():
@@ -672,5 +672,36 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         save_model(model, out_dir, kept)
     except OSError as exc:
         raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
+    _describe_recalibration(model, out_dir, names, scores, metadata)
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
             "calibration_specificity": specificity}
+
+
+def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], scores: np.ndarray,
+                            before: dict[str, Any]) -> None:
+    """Make the model directory tell one story after `recalibrate`: the calibration scores and the
+    training report redrawn with the new normals and threshold, and a model card (README.md), when
+    there is one, headed by what changed. The model is saved before: a description that cannot be
+    written costs a warning."""
+    from radscan.trainreport import CALIBRATION_SCORES_FILE, write_training_report
+
+    threshold = float(model.threshold)
+    try:
+        with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
+            for name, score in zip(names, scores, strict=True):
+                table.write({"path": name, "score": round(float(score), 6)})
+        write_training_report(out_dir)
+        card = out_dir / "README.md"
+        if card.is_file():
+            old = float(before.get("calibration", {}).get("threshold", float("nan")))
+            notice = (f"> **Recalibrated** on {len(names)} normals of a site "
+                      f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
+                      f"**{threshold:.4f}** (was {old:.4f}), version in `model.json`. The figures below that depend on "
+                      "the threshold (flagged shares, sensitivity, specificity) describe the model before; AUCs do "
+                      "not depend on it.\n\n")
+            text = card.read_text(encoding="utf-8")
+            title, _, rest = text.partition("\n\n")
+            with atomic_output(card, "w") as handle:
+                handle.write(f"{title}\n\n{notice}{rest}")
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("the recalibrated model was saved, but its report could not be redrawn: %s", exc)

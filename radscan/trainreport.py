@@ -158,6 +158,16 @@ def warnings_for(metadata: dict[str, Any], epochs: list[dict[str, Any]], n_calib
                      "model ranks abnormal films.")
     if metadata.get("training", {}).get("stopped_by_budget"):
         notes.append("Training stopped at its time budget (--max-minutes), before the planned epochs.")
+    if "qc" not in metadata:
+        notes.append("No quality control reference (it needs at least 50 normals): films the wrong way round and "
+                     "images that are not chest films will not be caught when this model scores.")
+    recalibrated = metadata.get("recalibrated_from")
+    if recalibrated:
+        calibration = metadata.get("calibration", {})
+        notes.append(f"Recalibrated (radscan calibrate, {calibration.get('recalibrated_at', '')}) on "
+                     f"{calibration.get('n_calibration', '?')} normals, from version {recalibrated.get('version')}: "
+                     "the threshold and the calibration histogram are the new ones; the curves and validation "
+                     "figures are the training run's.")
     return notes
 
 

@@ -119,7 +119,32 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
     original = load_model(tiny_model)[1]
     assert metadata["version"] != original["version"]  # a recalibrated model is another version
     assert metadata["recalibrated_from"] == {"version": original["version"], "sha256": original["weights"]["sha256"]}
+    # issue 21 item 9: the directory tells one story: its calibration scores, report and card are the new ones
+    with open(out / "calibration_scores.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 12
+    report = (out / "training_report.html").read_text()
+    assert "Recalibrated" in report and "No quality control reference" in report  # 48 normals: no QC
+    assert f"{float(metadata['calibration']['threshold']):.4f}" in report
+
     # never in place by accident, never over another model
     for args in ([], ["--out", str(out)]):
         refused = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), *args])
         assert refused.exit_code == 2, refused.output
+
+
+def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
+    """Issue 21 item 9: after `radscan calibrate`, the shipped model's card (README.md) says first that the
+    model was recalibrated and gives the threshold `radscan info` gives."""
+    normal, _ = labelled
+    out = tmp_path / "site"
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
+    result = CliRunner().invoke(cli, ["calibrate", str(shipped), "--normals", str(normal), "--out", str(out),
+                                      "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    threshold = float(load_model(out)[0].threshold)
+    card = (out / "README.md").read_text()
+    title, notice = card.split("\n\n")[:2]
+    assert title == (shipped / "README.md").read_text().split("\n\n")[0]
+    assert "Recalibrated" in notice and f"{threshold:.4f}" in notice
+    info = CliRunner().invoke(cli, ["info", str(out)])
+    assert f"{threshold:.4f}"[:5] in info.output

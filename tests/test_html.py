@@ -64,15 +64,22 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     shutil.copy(source, studies / "evil" / HOSTILE)
     (studies / "broken").mkdir()
     (studies / "broken" / "half.jpeg").write_bytes(source.read_bytes()[:400])
+    (studies / "normal0" / "half.jpeg").write_bytes(source.read_bytes()[:400])  # a study read in part
     out = tmp_path / "out" / "report.csv"
     result = CliRunner().invoke(cli, ["score", str(studies), "--out", str(out), "--model", str(tiny_model),
                                       "--workers", "1"])
     assert result.exit_code == 3, result.output  # the broken file: finished, some files not used
-    rows = _studies_csv(out.with_name("report_studies.csv"))
+    every = _studies_csv(out.with_name("report_studies.csv"))
+    rows = [row for row in every if row["study_section"] != "unreadable"]
     page, problems = _open(browser, out.with_name("report.html"))
     assert page.locator("#rows tr").count() == len(rows)
     assert [int(r) for r in page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.rank)")] == \
         [int(row["study_rank"]) for row in rows]
+    # issue 21 item 2: a file nothing could be read of is for IT, listed apart, after the reading list
+    unreadable = [row for row in every if row["study_section"] == "unreadable"]
+    assert [row["top_path"] for row in unreadable] == ["broken/half.jpeg"]
+    assert page.locator("#it-rows tr").count() == 1 and "could not be read" in page.locator("#it").inner_text()
+    assert int(unreadable[0]["study_rank"]) > max(int(row["study_rank"]) for row in rows if row["study_score"])
     assert page.get_by_text(HOSTILE).count() == 1 and page.title().startswith("radscan worklist")  # text, not markup
     # issue 21 item 3: each score with its z, the bar centred on the threshold, wider for a higher z
     labels = page.locator("#rows .bar + div").all_inner_texts()
@@ -89,7 +96,7 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     attention = [row for row in rows if row["images_error"] != "0" or row["images_rejected"] != "0"
                  or not row["study_score"]]
     assert page.locator("#rows tr").count() == len(attention) >= 1
-    assert "could not be read" in page.locator("#rows").inner_text()
+    assert "could not be read" in page.locator("#rows").inner_text()  # normal0's broken file, beside its film
     page.get_by_role("button", name="All").click()
     page.get_by_placeholder("Filter by ID").fill("pneumonia")
     assert page.locator("#rows tr").count() == sum("pneumonia" in row["top_path"] for row in rows)
@@ -205,4 +212,49 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
     page, problems = _open(browser, out.with_name("report.html"))
     assert page.locator("#rows tr").count() == 2
     assert linked(page) == {png.name for png in pictures.glob("*.png")} and len(linked(page)) == 15
+    assert not problems, problems
+
+
+def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp_path, browser):
+    """Issue 21 item 2: a film quality control rejected keeps its place in the reading list with a
+    picture of the film (the reader judges the rejection); a study none of whose files could be read
+    goes to IT's section, after the reading list; flagged studies come first."""
+    from PIL import Image
+
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
+    inputs = tmp_path / "in"
+    films = {"normal": sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3],
+             "pneumonia": sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:3]}
+    for label, paths in films.items():
+        for index, path in enumerate(paths):
+            (inputs / f"{label}{index}").mkdir(parents=True)
+            shutil.copy(path, inputs / f"{label}{index}" / path.name)
+    (inputs / "turned").mkdir()
+    Image.open(films["normal"][0]).convert("L").transpose(Image.Transpose.ROTATE_180).save(inputs / "turned/a.png")
+    (inputs / "broken").mkdir()
+    (inputs / "broken" / "page.dcm").write_text("<html>not a film</html>")
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["score", str(inputs), "--out", str(out), "--model", str(shipped),
+                                      "--workers", "1"])
+    assert result.exit_code == 3, result.output  # the page that is not a film
+    rows = _studies_csv(out.with_name("report_studies.csv"))
+    sections = [row["study_section"] for row in rows]
+    assert sections == sorted(sections, key=["reading", "unreadable", "skipped"].index)
+    reading = [row for row in rows if row["study_section"] == "reading"]
+    kinds = ["flagged" if row["study_flag"] == "true" else "not judged" if not row["study_score"] else "rest"
+             for row in reading]
+    assert kinds == sorted(kinds, key=["flagged", "not judged", "rest"].index) and "not judged" in kinds
+    turned = next(row for row in reading if row["top_path"] == "turned/a.png")
+    assert turned["images_rejected"] == "1" and (out.parent / turned["top_residual_png"]).is_file()
+    assert [row["top_path"] for row in rows if row["study_section"] == "unreadable"] == ["broken/page.dcm"]
+
+    page, problems = _open(browser, out.with_name("report.html"))
+    assert page.locator("#rows tr").count() == len(reading)
+    picture = page.locator("#rows img[alt='the film, not judged by the model']")
+    assert picture.count() == 1
+    picture.click()
+    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
+    page.keyboard.press("Escape")
+    assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
+    assert "broken/page.dcm" not in page.locator("#rows").inner_text()
     assert not problems, problems

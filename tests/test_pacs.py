@@ -159,6 +159,7 @@ def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny
     assert next(row for row in rows if row["path"] == "nih/sr.dcm")["status"] == "skipped"
 
     dciodvfy = _needs("dciodvfy", "dicom3tools")
+    statuses = set()
     for row, sr_path, sc_path in _results(rows, out):
         source = pydicom.dcmread(studies / row["path"], stop_before_pixels=True, force=True)
         for path in (sr_path, sc_path):
@@ -183,7 +184,14 @@ def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny
         threshold = values["Anomaly score threshold"].MeasuredValueSequence[0].NumericValue
         assert abs(float(threshold) - float(row["threshold"])) < 1e-5
         flag = values["Triage flag"].ConceptCodeSequence[0].CodeMeaning
-        assert flag == ("Flagged for priority reading" if row["flag"] == "true" else "Not flagged")
+        # issue 21 item 8: the SR carries quality control's verdict, and the flag says when it warned
+        warned = row["qc_status"] in ("warn", "fail")
+        assert flag == ("Flagged for priority reading" if row["flag"] == "true" else "Not flagged") + (
+            "; quality control warning" if warned else "") + (": not a sign of normal" if warned and
+                                                              row["flag"] != "true" else "")
+        verdict = values["Input quality control"].ConceptCodeSequence[0].CodeValue
+        assert verdict == {"pass": "QC-PASS", "warn": "QC-WARNING", "fail": "QC-FAIL"}[row["qc_status"]]
+        statuses.add(row["qc_status"])
         algorithm = values["Algorithm Name"].TextValue
         assert algorithm == f"radscan {row['model_name']}"
         parameters = [item.TextValue for item in _items(report) if
@@ -193,6 +201,27 @@ def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny
         capture = pydicom.dcmread(sc_path)
         assert capture.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and capture.BurnedInAnnotation == "YES"
         assert capture.pixel_array.ndim == 3 and capture.pixel_array[5, 5, 0] > 100  # the red banner
+    assert statuses and statuses <= {"pass", "warn", "fail"}
+
+
+def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
+    """Issue 21 item 8: an adult film under the shipped children's model is scored with a warning;
+    its SR carries the verdict and a flag that is not read as a confident result."""
+    import highdicom as hd
+
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
+    (tmp_path / "in").mkdir()
+    shutil.copy(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm", tmp_path / "in" / "adult.dcm")
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder))
+    assert result.exit_code == ExitCode.OK, result.output
+    row = _rows(out)[0]
+    assert row["qc_status"] == "warn" and "age" in row["qc_reason"]
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out.parent / row["dicom_sr"]))
+    values = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in _items(report)}
+    assert values["Input quality control"].ConceptCodeSequence[0].CodeValue == "QC-WARNING"
+    flag = values["Triage flag"].ConceptCodeSequence[0]
+    assert flag.CodeValue in ("FLAGGED-QCWARN", "NOT-FLAGGED-QCW") and "quality control warning" in flag.CodeMeaning
 
 
 def _items(dataset):

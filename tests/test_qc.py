@@ -245,7 +245,8 @@ def test_score_rejects_wrong_way_round_and_foreign_films_end_to_end(cxr_dir, dic
     assert studies["p1"]["images_rejected"] == "2" and "2 image(s) not judged" in studies["p1"]["study_note"]
     dental = next(r for key, r in studies.items() if key != "p1")  # keyed by its StudyInstanceUID
     assert dental["images_scored"] == "0" and "review it yourself" in dental["study_note"]
-    assert dental["study_rank"] == "1"  # nothing of it could be judged: it goes first, not last
+    # nothing of it was judged: after the flagged studies, before the unflagged ones, not last
+    assert dental["study_rank"] == ("2" if studies["p1"]["study_flag"] == "true" else "1")
 
     # --qc warn: the same films are scored, and marked
     warned = tmp_path / "warn" / "report.csv"
