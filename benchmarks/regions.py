@@ -24,6 +24,7 @@ levels) that do not touch its border; the thorax closes the gap between them (20
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy
-from shift import DATA, calibration_normals
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shift import DATA, calibration_normals  # noqa: E402
 
 
 def lung_fields(mean_film: np.ndarray) -> np.ndarray:

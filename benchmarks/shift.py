@@ -79,6 +79,24 @@ def vertical(factor: float, anchor: str = "centre") -> Callable[[Image.Image], I
     return restretch
 
 
+def collimated(margin: float) -> Change:
+    """Each side masked over a depth drawn in [0, margin) of the size, in black, white or a grey,
+    one fill per film (seeded): an electronic shutter, unexposed film, a processing mask."""
+    def mask(images: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(7)
+        out = images.copy()
+        side = images.shape[1]
+        for film in out:
+            top, bottom, left, right = (rng.uniform(0, margin, 4) * side).astype(int)
+            fill = rng.choice([0, 255, int(rng.integers(0, 256))])
+            film[:top] = fill
+            film[side - bottom:] = fill
+            film[:, :left] = fill
+            film[:, side - right:] = fill
+        return out
+    return mask
+
+
 def gamma(power: float) -> Change:
     return lambda images: np.round(255 * (images / 255.0) ** power).astype(np.uint8)
 
@@ -105,6 +123,7 @@ CHANGES: dict[str, Change] = {
     "field 10% taller": each_image(vertical(0.9)),
     "field 10% shorter": each_image(vertical(1.1)),
     "diaphragm 8% lower (apices kept)": each_image(vertical(1.08, anchor="top")),
+    "collimated (up to 15% a side masked)": collimated(0.15),
 }
 
 

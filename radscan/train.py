@@ -36,7 +36,7 @@ from tqdm import tqdm
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
-from radscan.model.density import framing_copies
+from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
@@ -55,6 +55,7 @@ LOG_FILE = "train_log.jsonl"
 EXPLANATION_NORMAL_QUANTILE = 0.95
 MIN_CALIBRATION = 5
 FRAMING_COPIES = 2  # framings of each training normal in the feature density's fit (validation: 2 and 4 alike)
+COLLIMATION_COPIES = 2  # and collimations (radscan.model.density.COLLIMATION)
 
 
 @dataclass
@@ -274,9 +275,9 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torch.device,
                 batch_size: int = 64) -> None:
     """Fit the model's feature density (if it has one) to the training normals ((N, 128, 128)
-    uint8) and FRAMING_COPIES framings of each (radscan.model.density.framing_copies), with the
-    live discriminator as it is now. Raises ModelError when its features are not finite (a
-    diverged discriminator)."""
+    uint8), FRAMING_COPIES framings and COLLIMATION_COPIES collimations of each
+    (radscan.model.density), with the live discriminator as it is now. Raises ModelError when its
+    features are not finite (a diverged discriminator)."""
     if model.density is None:
         return
     generator = torch.Generator().manual_seed(seed)
@@ -284,7 +285,8 @@ def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torc
     with torch.inference_mode():
         for batch in iter_batches(train_images, batch_size):
             films = to_model_tensor(batch, device)
-            films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator)])
+            films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator),
+                               collimation_copies(films, COLLIMATION_COPIES, generator)])
             parts.append(model.density.features(model.discriminator.stages(films)).cpu())
     try:
         model.density.fit(torch.cat(parts).to(device))
