@@ -332,10 +332,15 @@ def folder_study_key(found: Found) -> str:
     return printable((Path(_resolved(found.root)) / found.path).parent.as_posix())
 
 
-@functools.lru_cache(maxsize=256)
 def _resolved(root: str) -> str:
-    """A root resolved once per process, not once per file."""
-    return str(Path(root).resolve())
+    """A root resolved once per process and working directory, not once per file (a relative root
+    names another folder once the working directory changes)."""
+    return _resolved_in(root, "" if os.path.isabs(root) else os.getcwd())
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved_in(root: str, cwd: str) -> str:
+    return str(Path(cwd, root).resolve())
 
 
 # compressed files and archives, by their signatures (research exports ship .dcm.gz and .zip)
