@@ -32,6 +32,10 @@ DICOM_FIELDS = (
     "BodyPartExamined",
     "ImageType",
     "PatientAge",
+    # the acquisition device, so that flag rates can be read per scanner (issue 21 item 7)
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
 )
 
 
@@ -56,6 +60,9 @@ class ImageRecord:
     BodyPartExamined: str = ""
     ImageType: str = ""  # values joined with backslashes, as the standard writes them
     PatientAge: str = ""  # Age String (nnnD/W/M/Y); 90 years and over are written as 090Y outside --phi keep
+    Manufacturer: str = ""
+    ManufacturerModelName: str = ""
+    StationName: str = ""
     # quality control (radscan.qc): pass / warn / fail, and why
     qc_status: str = ""
     qc_reason: str = ""

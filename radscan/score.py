@@ -95,7 +95,8 @@ REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *
 STUDY_COLUMNS = ("study_rank", "study_section", "study_key", "study_score", "study_flag", "images", "images_scored",
                  "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note",
                  "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate",
-                 "Modality", "threshold", "model_name", "model_version")
+                 "Modality", "Manufacturer", "ManufacturerModelName", "StationName", "threshold", "model_name",
+                 "model_version")
 
 
 def default_model_dir() -> Path:
@@ -836,8 +837,9 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         studies += 1
         flagged += study["images_flagged"] > 0
         row = {
-            **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID",
-                                                 "StudyDate", "Modality")},
+            **{key: top.get(key, "") for key in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate",
+                                                 "Modality", "Manufacturer", "ManufacturerModelName",
+                                                 "StationName")},
             **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
             "study_note": note,
             "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),

@@ -83,10 +83,15 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
         assert r["model_sha256"] and r["preprocess_version"] == "rs-pre-1" and r["run_id"] == summary["run_id"]
     nih = [r for r in rows if r["path"].startswith("nih/") and r["status"] == "ok"]
     assert float(nih[0]["study_score"]) == pytest.approx(max(float(r["score"]) for r in nih))
+    # the device, for flag rates per scanner (issue 21 item 7): as the headers give it, in both lists
+    devices = {r["path"]: (r["Manufacturer"], r["ManufacturerModelName"], r["StationName"]) for r in rows}
+    assert devices["cr1/IM1"] == ("FUJI PHOTO FILM CO. LTD.", "9000", "")
+    assert devices["cr1/IM2"] == ("FUJIFILM Corporation", "", "DEVO") and devices["nih/a.dcm"] == ("", "", "")
 
     study_rows = _rows(out.parent / "report_studies.csv")
     assert tuple(study_rows[0]) == STUDY_COLUMNS
     assert len(study_rows) == 9  # cr1 holds two studies (two StudyInstanceUIDs); nih is one
+    assert {r["StationName"] for r in study_rows if r["top_path"] == "cr1/IM2"} == {"DEVO"}
     assert [float(s["study_score"]) for s in study_rows] == sorted((float(s["study_score"]) for s in study_rows),
                                                                    reverse=True)
     nih_study = next(s for s in study_rows if s["top_path"].startswith("nih/"))
