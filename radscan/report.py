@@ -325,17 +325,19 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
     canvas.paste(grey.resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     canvas.paste(_overlay(grey, score_map / SCORE_MAP_SCALE_MAX, (width, _PANEL)), (width + _MARGIN, top))
-    _colour_bar(draw, canvas, 2 * width + _MARGIN + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g}", "0")
+    _colour_bar(draw, canvas, 2 * width + _MARGIN + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g} z", "0 z")
     small_height = round(_SMALL / min(2.0, max(0.5, aspect)))
     draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
     canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
     _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
-    note = ("not used by the score: pneumonia often\nreconstructs closer than normal"
-            if score_kind in ("critic", "density") else f"the {score_kind} score is made from it")
+    note = ("scale 0 to 0.5: a quarter of the grey range\nnot used by the score: pneumonia often\n"
+            "reconstructs closer than normal" if score_kind in ("critic", "density")
+            else f"scale 0 to 0.5: a quarter of the grey range\nthe {score_kind} score is made from it")
     draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
     draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
     draw.text((width + _MARGIN + 4, top + _PANEL + 4),
-              "where it raises the anomaly score\n(coloured: more than 95% of normal films show there)",
+              "where this film raises the anomaly score: coloured where it does\n"
+              "so more than 95% of normal films do (z: the score's units)",
               fill="white", font=_font(13))
     return np.asarray(canvas)
 

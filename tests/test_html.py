@@ -258,3 +258,23 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
     assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
     assert "broken/page.dcm" not in page.locator("#rows").inner_text()
     assert not problems, problems
+
+
+def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp_path, browser):  # noqa: F811
+    """Issue 21 item 4: at a phone's width (390 px) every row's score, z and flag are on screen without
+    scrolling sideways."""
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["score", str(studies), "--out", str(out), "--model", str(tiny_model),
+                                      "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(out.with_name("report.html").as_uri())
+    page.wait_for_selector("#rows tr")
+    labels = page.locator("#rows .bar + div")
+    assert labels.count() >= 1
+    for index in range(labels.count()):
+        box = labels.nth(index).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "worklist-phone.png", full_page=True)
