@@ -89,7 +89,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None)
     option names with underscores), then the defaults.
     """
     _configure_logging(-1 if quiet else verbose)
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "config": config_file}
     if config_file:
         ctx.default_map = _read_config(config_file)
 
@@ -822,6 +822,7 @@ def main() -> None:
     try:
         code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
     except click.ClickException as exc:
+        _name_the_source(exc)
         _json_failure(*_failure(exc))
         exc.show()
         sys.exit(exc.exit_code)
@@ -838,6 +839,21 @@ def main() -> None:
         _json_failure(*_failure(exc))
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _name_the_source(exc: click.ClickException) -> None:
+    """A bad value that came from a RADSCAN_* variable or the --config file is blamed on it, not
+    on the command-line option the user never typed."""
+    if not isinstance(exc, click.BadParameter) or exc.ctx is None or exc.param is None or not exc.param.name:
+        return
+    source = exc.ctx.get_parameter_source(exc.param.name)
+    if source == click.core.ParameterSource.ENVIRONMENT and isinstance(exc.param, click.Option):
+        names = exc.param.envvar if isinstance(exc.param.envvar, (list, tuple)) else [exc.param.envvar]
+        given = [name for name in names if name and name in os.environ]
+        exc.param_hint = f"the environment variable {given[0] if given else names[0]}"
+    elif source == click.core.ParameterSource.DEFAULT_MAP:
+        config = (exc.ctx.obj or {}).get("config")
+        exc.param_hint = f"'{exc.param.name}' in the [{exc.ctx.info_name}] table of {config or 'the --config file'}"
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:

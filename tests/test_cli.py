@@ -217,6 +217,14 @@ def test_json_asked_for_by_variable_or_settings_file_also_speaks_on_failure(tmp_
     unreadable = subprocess.run([*base, *missing], capture_output=True, text=True,
                                 env={**os.environ, "RADSCAN_SCORE_JSON": "maybe"})  # the variable itself is wrong
     assert unreadable.returncode == ExitCode.USAGE and json.loads(unreadable.stdout)["exit_code"] == ExitCode.USAGE
+    # a bad value is blamed on where it came from, not on an option nobody typed (issue 21)
+    assert "RADSCAN_SCORE_JSON" in unreadable.stderr and "'--json'" not in unreadable.stderr
+    (tmp_path / "bad.toml").write_text('[score]\nworkers = "some"\n')
+    blamed = subprocess.run([*base, "--config", str(tmp_path / "bad.toml"), *missing], capture_output=True, text=True)
+    assert blamed.returncode == ExitCode.USAGE
+    assert f"'workers' in the [score] table of {tmp_path / 'bad.toml'}" in blamed.stderr, blamed.stderr
+    typed = subprocess.run([*base, *missing, "--workers", "some"], capture_output=True, text=True)
+    assert typed.returncode == ExitCode.USAGE and "'--workers'" in typed.stderr
     shipped = str(Path(__file__).parents[1] / "models" / "kermany-tiny")
     info = json.loads(subprocess.run([*base, "info", "--json", shipped], capture_output=True, text=True).stdout)
     assert info["ok"] is True and info["exit_code"] == 0 and info["weights"]["sha256"]
