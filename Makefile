@@ -17,12 +17,18 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/radscan score examples/studies --out out/report.csv
 	@echo "open out/report.html (the worklist page); CSVs: out/report_studies.csv, out/report.csv; pictures: out/report_residuals/"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
+# the demo needs radscan and the image codecs; the tests also need the dev extras (pytest, hypothesis,
+# Playwright, ruff, and the pacs and dask extras): a user trying the demo does not install them
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(INDEX) "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[codecs]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,codecs]'
 	touch $@
