@@ -482,6 +482,10 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     if len(train_images) < tcfg.batch_size:
         raise NoInputError(f"only {len(train_images)} training images after the calibration split; "
                            f"need at least one batch of {tcfg.batch_size}")
+    if len(calibration) < MIN_CALIBRATION:  # refused now, not after the epochs (calibrate needs them)
+        raise NoInputError(f"only {len(calibration)} calibration normals after the split (--calibration-fraction "
+                           f"{tcfg.calibration_fraction:g} of {len(images)}); at least {MIN_CALIBRATION} are needed: "
+                           "give more normals or a larger --calibration-fraction")
     validation = None
     if val_abnormal:
         validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals")[0]

@@ -307,6 +307,12 @@ def test_train_never_overwrites_a_model_and_calibration_needs_normals(trained, n
                                       str(tmp_path / "recalibrated"), "--workers", "1"])
     assert result.exit_code == ExitCode.NO_INPUT and "at least 5" in result.output
     assert load_model(trained)[0] is not None  # the model itself is untouched
+    # too few normals for the calibration split: refused before the first epoch, not after the last
+    for path in sorted(normals.iterdir())[2:21]:
+        shutil.copy(path, few / path.name)
+    refused = CliRunner().invoke(cli, ["train", str(few), "--out", str(tmp_path / "early"), "--batch-size", "8"])
+    assert refused.exit_code == ExitCode.NO_INPUT and "calibration normals after the split" in refused.output
+    assert not (tmp_path / "early" / "train_log.jsonl").exists() and not (tmp_path / "early" / WEIGHTS_FILE).exists()
 
 
 def test_weights_file_named_elsewhere_is_refused(trained, tmp_path):
