@@ -70,7 +70,24 @@ def _run_blocks(summary: dict[str, Any]) -> dict[str, list[str]]:
         "radscan_dicom_results_pending": _metric(
             "radscan_dicom_results_pending", "DICOM result objects not sent, and images without results.",
             (dicom.get("not_sent", 0), {"kind": "not_sent"}), (dicom.get("not_made", 0), {"kind": "not_made"})),
+        **_drift_blocks(summary.get("drift") or {}),
     }
+
+
+def _drift_blocks(drift: dict[str, Any]) -> dict[str, list[str]]:
+    """The drift check of the last finished run (radscan.drift): the flagged share of its new films,
+    the history's share it was held against, and 1 when it moved beyond chance."""
+    if not drift:
+        return {}
+    warning = int(bool(drift["warning"]))
+    blocks = {"radscan_drift_warning": _metric("radscan_drift_warning", "1 when the last finished run's flagged "
+                                               "share moved beyond chance (radscan.drift).", warning)}
+    if drift.get("share") is not None:
+        blocks["radscan_new_flagged_share"] = _metric(
+            "radscan_new_flagged_share", "Share of the films scored anew in the last finished run that were flagged, "
+            "and the share of the run history it was checked against.", (drift["share"], {"of": "this_run"}),
+            *(((drift["baseline"], {"of": "history"}),) if drift.get("baseline") is not None else ()))
+    return blocks
 
 
 def _metric(name: str, text: str, *samples: Any) -> list[str]:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.dicomresults import ResultWriter, require_highdicom
+from radscan.drift import check_drift
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, render_worklist_html, study_entry
 from radscan.ingest import (
@@ -175,6 +176,8 @@ class ScoreSummary:
     # what an operator must act on, in plain words (also logged as WARNING lines): files that could
     # not be read apart from results that did not reach the PACS; empty after a clean night
     problems: list[str] = dataclass_field(default_factory=list)
+    # the flagged share of the films scored anew, against the run history and the calibration (radscan.drift)
+    drift: dict[str, Any] | None = None
     started_at: str = ""
     finished_at: str = ""
     disclaimer: str = DISCLAIMER
@@ -510,11 +513,14 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
             counts = store.counts()
-            problems = _problems(counts, delivery, outputs)
+            drift = check_drift(*store.scored_now(), store.run_history(),
+                                metadata.get("calibration", {}).get("target_specificity"))
+            problems = _problems(counts, delivery, outputs) + ([drift.warning] if drift.warning else [])
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
             _write_readme(outputs, metadata, pictures)
+            store.record_run(_now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
         finally:
             store.close()
@@ -533,7 +539,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
         model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=_now(),
-        dicom=delivery.as_dict() if delivery else None, problems=problems,
+        dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
     )
 
 

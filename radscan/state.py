@@ -226,6 +226,18 @@ class StateStore:
         )
     """
 
+    # One row per finished run: how many films it scored anew and flagged, the drift check's history
+    # (radscan.drift). Kept when the results table is rebuilt, and when the model changes: a new
+    # model's first nights are checked against the old one's shares, which is what an operator asks.
+    _RUNS = """
+        CREATE TABLE IF NOT EXISTS runs (
+            run_id TEXT PRIMARY KEY,
+            finished_at TEXT NOT NULL,
+            scored INTEGER NOT NULL,
+            flagged INTEGER NOT NULL
+        )
+    """
+
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
         for part in store_files(path):
@@ -265,6 +277,7 @@ class StateStore:
                 self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
+            self._db.execute(self._RUNS)
             self._prepare_sent()
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
             if columns != self._COLUMNS:  # a table of the same name made by something else
@@ -412,6 +425,23 @@ class StateStore:
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
                    "skip_reasons": reasons, "top": json.loads(row), "study_section": section}
+
+    def scored_now(self) -> tuple[int, int]:
+        """(films scored, films flagged) among the files this run read anew (not those kept)."""
+        scored, flagged = self._db.execute(
+            "SELECT COUNT(*), SUM(flag) FROM results WHERE seen = :run AND status = 'ok' "
+            "AND json_extract(row, '$.read_by_run') = :run", {"run": self.run_id}).fetchone()
+        return scored, flagged or 0
+
+    def run_history(self, limit: int = 100) -> list[tuple[int, int]]:
+        """(scored, flagged) of earlier finished runs, newest first."""
+        return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? ORDER BY finished_at DESC "
+                                "LIMIT ?", (self.run_id, limit)).fetchall()
+
+    def record_run(self, finished_at: str, scored: int, flagged: int) -> None:
+        with self._writing(), self._db:
+            self._db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)",
+                             (self.run_id, finished_at, scored, flagged))
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

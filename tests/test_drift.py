@@ -1,0 +1,67 @@
+"""The drift check (issue 21 item 7): a night's flagged share against its own history and the model's
+calibration, as a function and end to end (the summary, the WARNING line, the page, the metrics)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from radscan.cli import cli
+from radscan.drift import ALPHA, MIN_FILMS, MIN_RUNS, check_drift
+
+from .conftest import CXR_DIR
+
+SHIPPED = Path(__file__).parents[1] / "models" / "kermany-tiny"
+
+
+@settings(deadline=None)  # the first call imports scipy.stats
+@given(share=st.floats(0.02, 0.6), scored=st.integers(MIN_FILMS, 2000), runs=st.integers(MIN_RUNS, 40))
+def test_a_night_like_its_history_raises_nothing(share, scored, runs):
+    flagged = max(1, round(share * scored))
+    history = [(scored, flagged)] * runs
+    drift = check_drift(scored, flagged, history, target_specificity=None)
+    assert drift.warning == "" and drift.p_history is not None and drift.p_history > ALPHA
+
+
+def test_a_share_that_moves_beyond_chance_is_named_and_small_samples_are_not_judged():
+    history = [(200, 20)] * 10  # 10% flagged, night after night
+    up = check_drift(200, 60, history, target_specificity=0.95)
+    assert "60 of 200 new films flagged (30%) against 10% over the last 10 runs" in up.warning
+    down = check_drift(200, 1, history, target_specificity=0.95)
+    assert "against 10%" in down.warning and "fewer than the 5% of normal films" in down.warning
+    assert check_drift(MIN_FILMS - 1, MIN_FILMS - 1, history, 0.95).warning == ""  # too few films to say
+    assert check_drift(200, 60, history[:MIN_RUNS - 1], 0.95).baseline is None  # too little history
+    assert check_drift(200, 60, [(5, 5)] * 10, None).baseline is None  # small nights do not count as history
+
+
+def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_path):
+    films = sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:MIN_FILMS + MIN_FILMS // 2]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for film in films[:MIN_FILMS // 2]:
+        shutil.copy(film, inputs / film.name)
+    out, metrics = tmp_path / "out" / "report.csv", tmp_path / "radscan.prom"
+    args = ["score", str(inputs), "--out", str(out), "--json", "--workers", "1", "--no-residuals",
+            "--metrics", str(metrics), "--model", str(SHIPPED)]
+    first = json.loads(CliRunner().invoke(cli, args).stdout)
+    assert first["drift"]["scored"] == MIN_FILMS // 2 and first["drift"]["warning"] == ""  # too few to judge
+    with sqlite3.connect(out.with_name("report.state.sqlite")) as db:  # five quiet nights: 1% flagged
+        assert db.execute("SELECT scored FROM runs").fetchall() == [(MIN_FILMS // 2,)]
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)",
+                       [(f"r{n}", f"2026-11-2{n}T02:00:00+00:00", 100, 1) for n in range(5)])
+    for film in films[MIN_FILMS // 2:]:  # tonight: 20 new pneumonias beside the 10 of last night
+        shutil.copy(film, inputs / film.name)
+    result = CliRunner().invoke(cli, args)
+    summary = json.loads(result.stdout)
+    assert summary["drift"]["scored"] == MIN_FILMS  # only the films read anew
+    assert summary["drift"]["baseline"] < 0.05 and "over the last 5 runs" in summary["drift"]["warning"]
+    assert summary["drift"]["warning"] in summary["problems"] and result.exit_code == 0
+    assert "WARNING" in result.stderr and "over the last 5 runs" in result.stderr
+    text = metrics.read_text()
+    assert "radscan_drift_warning 1" in text and 'radscan_new_flagged_share{of="history"}' in text
