@@ -110,7 +110,9 @@ class ResultWriter:
         object that names the one before it, and a rewritten file never gives one UID two contents."""
         name = hashlib.sha256(b"radscan dicom results\0" + file_key).hexdigest()[:24]
         sr_path, sc_path = self.folder / f"SR_{name}.dcm", self.folder / f"SC_{name}.dcm"
-        result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag")]
+        # everything the SR states: a new QC verdict alone (another --qc mode) is a new object too
+        result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag",
+                                                "qc_status")]
         earlier = _our_report(sr_path, row.get("StudyInstanceUID", ""))
         before = _predecessor_uid(earlier) if earlier is not None else ""
         if earlier is not None and earlier.SOPInstanceUID == derived_uid("sr", self._version, *result, before):

@@ -149,14 +149,15 @@ def assign_study_keys(found: list[Found], mode: str) -> list[Found]:
     """`found` with `study_key` set by `mode` (STUDY_KEYS): "folder" the folder's key
     (folder_study_key), "file" the file's (the folder's key joined with its name), "auto" the
     folder's unless more than FOLDER_STUDY_LIMIT files were found directly in that folder. Counted
-    over the files found, whatever their kind: a folder of many films is a flat export, not one
-    examination. Raises SettingError for another mode."""
+    by name, before any file is read (hidden files, Thumbs.db, DICOMDIR and text, web, archive
+    files are not counted): a folder of many films is a flat export, not one examination. Raises
+    SettingError for another mode."""
     if mode not in STUDY_KEYS:
         raise SettingError(f"--study-key must be one of {', '.join(STUDY_KEYS)}, not {mode!r}")
     folders = [folder_study_key(each) for each in found]
     sizes: dict[str, int] = {}
-    for folder in folders:
-        sizes[folder] = sizes.get(folder, 0) + 1
+    for folder, each in zip(folders, found, strict=True):
+        sizes[folder] = sizes.get(folder, 0) + _may_be_an_image(each.path)
     keyed = []
     for each, folder in zip(found, folders, strict=True):
         by_file = mode == "file" or (mode == "auto" and sizes[folder] > FOLDER_STUDY_LIMIT)
@@ -309,6 +310,20 @@ def _unexpected(record: ImageRecord, found: Found, exc: Exception) -> Ingested:
     log.warning("unexpected error on %s: %s: %s", found.path, type(exc).__name__, one_line(exc))
     log.debug("traceback", exc_info=True)
     return record.fail("unexpected error while reading this file (a radscan bug: the log says more)"), None
+
+
+# Files that sit beside the films of an examination and are never one: a stray .DS_Store or
+# Thumbs.db must not turn a folder of 8 views into 8 studies (a DICOM file may have any name, so
+# only these are left out of the count)
+_NEVER_IMAGES = {"thumbs.db", "desktop.ini", "dicomdir"}
+_NEVER_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".xml", ".html", ".htm", ".pdf", ".md", ".log", ".ini", ".db",
+                         ".sqlite", ".zip", ".gz", ".tar", ".7z"}
+
+
+def _may_be_an_image(path: str) -> bool:
+    name = Path(path).name
+    return not (name.startswith(".") or name.lower() in _NEVER_IMAGES
+                or Path(name).suffix.lower() in _NEVER_IMAGE_SUFFIXES)
 
 
 def fallback_study_key(found: Found) -> str:

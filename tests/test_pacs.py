@@ -213,8 +213,14 @@ def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
     (tmp_path / "in").mkdir()
     shutil.copy(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm", tmp_path / "in" / "adult.dcm")
     out, folder = tmp_path / "report.csv", tmp_path / "dicom"
-    result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder))
+    result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder),
+                       "--qc", "off")  # first without quality control: an SR with no verdict
     assert result.exit_code == ExitCode.OK, result.output
+    unchecked = pydicom.dcmread(out.parent / _rows(out)[0]["dicom_sr"]).SOPInstanceUID
+    result, summary = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out",
+                             str(folder))
+    assert result.exit_code == ExitCode.OK, result.output
+    assert summary["dicom"]["written"] == 2  # the verdict alone changed: a new SR (and its picture)
     row = _rows(out)[0]
     assert row["qc_status"] == "warn" and "age" in row["qc_reason"]
     report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out.parent / row["dicom_sr"]))
@@ -222,6 +228,9 @@ def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
     assert values["Input quality control"].ConceptCodeSequence[0].CodeValue == "QC-WARNING"
     flag = values["Triage flag"].ConceptCodeSequence[0]
     assert flag.CodeValue in ("FLAGGED-QCWARN", "NOT-FLAGGED-QCW") and "quality control warning" in flag.CodeMeaning
+    assert report.SOPInstanceUID != unchecked
+    assert report.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == unchecked
 
 
 def _items(dataset):
