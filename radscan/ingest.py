@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -499,15 +499,20 @@ def _inject_fault(found: Found) -> None:
 
 
 def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
-                inventory: Path | None = None, label: str = "") -> tuple[np.ndarray, list[str], list[str]]:
+                inventory: Path | None = None, label: str = "",
+                judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None
+                ) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
     Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
     `inventory`, every file found is listed there with its status (nothing silently dropped).
+    `judge` (e.g. quality control: radscan.qc.apply_qc) says which read images to keep; those it
+    drops, like the files that could not be read, are counted in a WARNING line.
+    Raises NoInputError when no image is left.
     """
     check_inputs(paths)
     files = find_files(paths)
-    images, names, studies = [], [], []
+    images, names, studies, records = [], [], [], []
     counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}
     stream = CsvStream(inventory, ("path", "root", "kind", "status", "reason")) if inventory else None
     for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
@@ -519,10 +524,22 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             images.append(image)
             names.append(record.path)
             studies.append(record.study_key)
+            records.append(record)
     if stream:
         stream.commit()
     log.info("%s: %d usable images (%d skipped, %d errors)", label or "input", counts[Status.OK],
              counts[Status.SKIPPED], counts[Status.ERROR])
+    if counts[Status.ERROR]:
+        log.warning("%s: %d file(s) could not be read and are not used", label or "input", counts[Status.ERROR])
+    if judge is not None and images:
+        keep = judge(records, images)
+        dropped = [record for record, kept in zip(records, keep, strict=True) if not kept]
+        if dropped:
+            log.warning("%s: %d of %d images failed quality control and are not used (e.g. %s: %s)", label or "input",
+                        len(dropped), len(images), dropped[0].path, dropped[0].qc_reason)
+        images = [image for image, kept in zip(images, keep, strict=True) if kept]
+        names = [name for name, kept in zip(names, keep, strict=True) if kept]
+        studies = [study for study, kept in zip(studies, keep, strict=True) if kept]
     if not images:
         raise NoInputError(f"no usable images under {', '.join(paths)}")
     return np.stack(images), names, studies

@@ -41,7 +41,7 @@ from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
-from radscan.qc import fit_reference, save_reference
+from radscan.qc import DEFAULT_VIEWS, apply_qc, fit_reference, quality_control, save_reference
 from radscan.recipe import TrainConfig
 from radscan.report import CsvStream, atomic_output, cannot_write
 
@@ -653,7 +653,11 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     device = device or torch.device("cpu")
     check_outputs_apart(normals, [out_dir or model_dir])
     model, metadata = load_model(model_dir, device)
-    images, names, _ = load_images(normals, policy or Policy(), workers, progress, label="calibration normals")
+    # the normals a threshold is set on are the films the model would score: what quality control
+    # rejects when scoring (turned, inverted, foreign) is not one of them
+    qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
+    images, names, _ = load_images(normals, policy or Policy(), workers, progress, label="calibration normals",
+                                   judge=lambda records, films: apply_qc(qc, records, films))
     scores = calibrate(model, images, 64, device, target_specificity)[0]
     out_dir = Path(out_dir or model_dir)
     if out_dir.resolve() != Path(model_dir).resolve():

@@ -136,11 +136,18 @@ def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
     """Issue 21 item 9: after `radscan calibrate`, the shipped model's card (README.md) says first that the
     model was recalibrated and gives the threshold `radscan info` gives."""
     normal, _ = labelled
+    normals = tmp_path / "normals"
+    shutil.copytree(normal, normals)
+    first = sorted(normals.iterdir())[0]
+    Image.open(first).convert("L").rotate(180).save(normals / "turned.png")  # not a film the model would score
     out = tmp_path / "site"
     shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
-    result = CliRunner().invoke(cli, ["calibrate", str(shipped), "--normals", str(normal), "--out", str(out),
+    result = CliRunner().invoke(cli, ["calibrate", str(shipped), "--normals", str(normals), "--out", str(out),
                                       "--workers", "1"])
     assert result.exit_code == 0, result.output
+    assert "1 of 13 images failed quality control and are not used (e.g. turned.png" in result.stderr
+    with open(out / "calibration_scores.csv", newline="") as handle:
+        assert "turned.png" not in {row["path"] for row in csv.DictReader(handle)}
     threshold = float(load_model(out)[0].threshold)
     card = (out / "README.md").read_text()
     title, notice = card.split("\n\n")[:2]
