@@ -877,7 +877,10 @@ def _study_note(study: dict[str, Any]) -> str:
             reason = study["top"]["reason"] + (f"; {others} other reason(s): see their rows" if others else "")
         notes.append(f"{study['images_skipped']} image(s) skipped by the selection policy ({reason})")
     if notes and not study["images_scored"]:
-        notes.append("no image of this study was scored: review it yourself")
+        if study["images_rejected"] or study["images_skipped"]:  # there is a film a reader can look at
+            notes.append("no image of this study was scored: review it yourself")
+        else:  # nothing could be read: a reader has nothing to look at
+            notes.append("no file of this study could be read: for IT (the reasons are in the image list)")
     return "; ".join(notes)
 
 

@@ -445,6 +445,7 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     # the reading list first (the one scored film), then, for IT, the studies nothing could be read of
     assert [s["study_section"] for s in studies] == ["reading"] + ["unreadable"] * (len(studies) - 1)
     assert studies[0]["top_path"] == "good.jpeg" and all(s["images_scored"] == "0" for s in studies[1:])
+    assert all("for IT" in s["study_note"] and "review it yourself" not in s["study_note"] for s in studies[1:])
     folder = next(s for s in studies if s["top_path"] == "good.jpeg")
     # a folder of 11 files is an export, not one examination: each file is a study (--study-key auto)
     assert folder["study_key"] == (bad.resolve() / "good.jpeg").as_posix()
