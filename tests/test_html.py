@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from radscan.cli import cli
 from radscan.htmlreport import PAGE_SIZE, write_worklist_html
 
-from .conftest import CXR_DIR
+from .conftest import CXR_DIR, DICOM_DIR
 from .test_score import studies  # noqa: F401 (the fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,12 +65,14 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     (studies / "broken").mkdir()
     (studies / "broken" / "half.jpeg").write_bytes(source.read_bytes()[:400])
     (studies / "normal0" / "half.jpeg").write_bytes(source.read_bytes()[:400])  # a study read in part
+    (studies / "ct").mkdir()
+    shutil.copy(DICOM_DIR / "pydicom/CT_small.dcm", studies / "ct" / "slice.dcm")  # skipped by policy
     out = tmp_path / "out" / "report.csv"
     result = CliRunner().invoke(cli, ["score", str(studies), "--out", str(out), "--model", str(tiny_model),
                                       "--workers", "1"])
     assert result.exit_code == 3, result.output  # the broken file: finished, some files not used
     every = _studies_csv(out.with_name("report_studies.csv"))
-    rows = [row for row in every if row["study_section"] != "unreadable"]
+    rows = [row for row in every if row["study_section"] == "reading"]
     page, problems = _open(browser, out.with_name("report.html"))
     assert page.locator("#rows tr").count() == len(rows)
     assert [int(r) for r in page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.rank)")] == \
@@ -80,6 +82,10 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     assert [row["top_path"] for row in unreadable] == ["broken/half.jpeg"]
     assert page.locator("#it-rows tr").count() == 1 and "could not be read" in page.locator("#it").inner_text()
     assert int(unreadable[0]["study_rank"]) > max(int(row["study_rank"]) for row in rows if row["study_score"])
+    # and one the selection policy skipped has its own section too, not a place in the reading list
+    assert [row["top_path"] for row in every if row["study_section"] == "skipped"] == ["ct/slice.dcm"]
+    assert "ct/slice.dcm" in page.locator("#skipped").inner_text() and page.locator("#skipped").is_visible()
+    assert "ct/slice.dcm" not in page.locator("#rows").inner_text()
     assert page.get_by_text(HOSTILE).count() == 1 and page.title().startswith("radscan worklist")  # text, not markup
     # issue 21 item 3: each score with its z, the bar centred on the threshold, wider for a higher z
     labels = page.locator("#rows .bar + div").all_inner_texts()
