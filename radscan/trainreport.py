@@ -153,7 +153,7 @@ def warnings_for(metadata: dict[str, Any], epochs: list[dict[str, Any]], n_calib
         for kind, auc in better.items():
             notes.append(f"On the validation data, the {kind} score (AUC {auc:.3f}) beat the chosen {chosen} score "
                          f"(AUC {aucs[chosen]:.3f}) at the last epoch.")
-    elif epochs:
+    elif epochs and "val_auc" not in metadata.get("metrics", {}):  # measured since by radscan evaluate, or not
         notes.append("No labelled validation data was given (--val-abnormal): the report cannot say how well the "
                      "model ranks abnormal films.")
     if metadata.get("training", {}).get("stopped_by_budget"):

@@ -153,5 +153,8 @@ def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
     title, notice = card.split("\n\n")[:2]
     assert title == (shipped / "README.md").read_text().split("\n\n")[0]
     assert "Recalibrated" in notice and f"{threshold:.4f}" in notice
+    report = (out / "training_report.html").read_text()  # the validation figures evaluate measured, not "none"
+    measured = load_model(shipped)[1]["metrics"]["val_auc"]
+    assert "No labelled validation data" not in report and f"validation AUC {measured:.3f}" in report
     info = CliRunner().invoke(cli, ["info", str(out)])
     assert f"{threshold:.4f}"[:5] in info.output
