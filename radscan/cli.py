@@ -230,6 +230,11 @@ def _check_views(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+study_key_option = click.option(
+    "--study-key", type=click.Choice(STUDY_KEYS), default="auto", show_default=True,
+    help="What a study is for files that name none (JPEG, PNG, DICOM without StudyInstanceUID): their folder, "
+         f"each file, or auto: the folder unless it holds more than {FOLDER_STUDY_LIMIT} files (an export of many "
+         "films), when each file is a study. DICOM files with a StudyInstanceUID are grouped by it.")
 views_option = click.option(
     "--views", default=",".join(DEFAULT_VIEWS), show_default=True, callback=_check_views,
     help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
@@ -251,6 +256,7 @@ def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityCon
 @click.option("--previews", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the exact 128x128 model inputs as 8-bit PNGs.")
 @model_option
+@study_key_option
 @qc_option
 @views_option
 @selection_options
@@ -258,7 +264,7 @@ def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityCon
 @json_option
 @click.pass_context
 def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path | None, model: Path | None,
-         qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
+         study_key: str, qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Inventory PATHS: one CSV row per file with its kind, status, reason, study keys and QC fields.
 
     Files are recognised by content (any name, no extension needed). Usable images get the quality
@@ -274,7 +280,8 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     from radscan.scan import scan as run_scan
 
     qc = _quality_control(model, qc_mode, views) if qc_mode != "off" else None
-    summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc)
+    summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc,
+                       study_key=study_key)
     if as_json:
         _echo_json(summary.as_dict(), ExitCode.PARTIAL if summary.counts["error"] else ExitCode.OK)
     elif not ctx.obj["quiet"]:
@@ -539,11 +546,7 @@ def _describe_metrics(metrics: dict[str, Any]) -> list[str]:
               help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
 @click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
               help="Study-level worklist CSV [default: <out>_studies.csv].")
-@click.option("--study-key", type=click.Choice(STUDY_KEYS), default="auto", show_default=True,
-              help="What a study is for files that name none (JPEG, PNG, DICOM without StudyInstanceUID): their "
-                   f"folder, each file, or auto: the folder unless it holds more than {FOLDER_STUDY_LIMIT} files (an "
-                   "export of many films), when each file is a study. DICOM files with a StudyInstanceUID are "
-                   "grouped by it.")
+@study_key_option
 @click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
               help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed.")
 @click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY).")

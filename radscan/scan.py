@@ -49,13 +49,14 @@ def scan(
     workers: int = -1,
     progress: bool = True,
     qc: QualityControl | None = None,
+    study_key: str = "auto",
 ) -> ScanSummary:
     """Read every file under `inputs` and write one inventory row per file to `out`.
 
     With `previews`, each usable image's 128x128 model input is written there as an 8-bit PNG
     named by a hash of its path (no patient identifiers), and the row links to it. With `qc`,
     each usable image gets the verdict `radscan score` would give it (status `rejected` when it
-    fails).
+    fails). `study_key` decides the study of files whose content names none (radscan.ingest.assign_study_keys).
     """
     started = time.monotonic()
     policy = policy or Policy()
@@ -64,7 +65,7 @@ def scan(
     refuse_special(out)
     if previews is not None:
         prepare_folder(previews, "--previews")
-    files = find_files(inputs, exclude=[p for p in (out, previews) if p is not None])
+    files = find_files(inputs, exclude=[p for p in (out, previews) if p is not None], study_key=study_key)
     if not files:
         raise NoInputError(f"no files found under {', '.join(inputs)}")
     log.info("found %d files under %d input path(s)", len(files), len(inputs))

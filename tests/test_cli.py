@@ -438,3 +438,20 @@ def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
     assert bad["radscan_last_success_timestamp_seconds"] == good["radscan_last_success_timestamp_seconds"]
     assert bad["radscan_last_attempt_timestamp_seconds"] >= good["radscan_last_attempt_timestamp_seconds"]
     assert bad['radscan_files{status="ok"}'] == 2  # the last finished run's counts stay for monitoring
+
+
+def test_scan_groups_studies_as_score_does(tmp_path):
+    """--study-key on scan: the inventory's study keys are the ones score would use."""
+    for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:4]):
+        (tmp_path / "in" / f"p{index % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(jpeg, tmp_path / "in" / f"p{index % 2}" / jpeg.name)
+    keys = {}
+    for mode in ("folder", "file"):
+        out = tmp_path / f"{mode}.csv"
+        result = CliRunner().invoke(cli, ["scan", str(tmp_path / "in"), "--out", str(out), "--study-key", mode,
+                                          "--qc", "off", "--workers", "1"])
+        assert result.exit_code == 0, result.output
+        with open(out, newline="") as handle:
+            keys[mode] = {row["path"]: row["study_key"] for row in csv.DictReader(handle)}
+    assert len(set(keys["folder"].values())) == 2 and len(set(keys["file"].values())) == 4
+    assert all(keys["file"][path].endswith(path) for path in keys["file"])
