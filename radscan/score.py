@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from radscan import __version__
 from radscan.dicomresults import ResultWriter, require_highdicom
-from radscan.drift import check_drift
+from radscan.drift import Drift, check_drift
 from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, render_worklist_html, study_entry
 from radscan.ingest import (
@@ -401,27 +401,31 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     path, the model; a QC verdict on a third line. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
     lines = [f"anomaly score {score:.3f} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
-             "only, not a diagnosis."]
-    identity = [f"patient {record.PatientID}" if record.PatientID else "",
-                f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
-                record.ViewPosition, record.StudyDate, record.path]
-    lines.append("  ·  ".join(part for part in identity if part)
-                 + f"  ·  model {provenance['model_name']} {provenance['model_version']}")
+             "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
         lines.append(f"quality control {record.qc_status}: {record.qc_reason}")
-    return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
+    return _caption(lines)
 
 
 def rejected_caption(record: ImageRecord, provenance: dict[str, Any]) -> str:
     """The caption of a rejected film's picture: the verdict and the disclaimer, then its identity
     as the PHI mode left it (as picture_caption), one line per field."""
-    lines = [f"NOT JUDGED by the model: failed quality control ({record.qc_reason}).",
-             "Check the film yourself.  For research and triage support only, not a diagnosis."]
+    return _caption([f"NOT JUDGED by the model: failed quality control ({record.qc_reason}).",
+                     "Check the film yourself.  For research and triage support only, not a diagnosis.",
+                     _identity_line(record, provenance)])
+
+
+def _identity_line(record: ImageRecord, provenance: dict[str, Any]) -> str:
+    """A caption's identity line: patient and accession as the PHI mode left them, view, date, path, model."""
     identity = [f"patient {record.PatientID}" if record.PatientID else "",
                 f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
                 record.ViewPosition, record.StudyDate, record.path]
-    lines.append("  ·  ".join(part for part in identity if part)
-                 + f"  ·  model {provenance['model_name']} {provenance['model_version']}")
+    return "  ·  ".join(part for part in identity if part) + \
+        f"  ·  model {provenance['model_name']} {provenance['model_version']}"
+
+
+def _caption(lines: list[str]) -> str:
+    """Caption lines as drawn: header text shown escaped, on one line each, at most 200 characters."""
     return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
 
 
@@ -515,7 +519,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(),
                                 metadata.get("calibration", {}).get("target_specificity"))
-            problems = _problems(counts, delivery, outputs) + ([drift.warning] if drift.warning else [])
+            problems = _problems(counts, delivery, outputs, drift)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
@@ -543,10 +547,11 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     )
 
 
-def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths) -> list[str]:
+def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift) -> list[str]:
     """What needs an operator after a run that finished, each kind in its own words: files that
     could not be read (the source, or the share) apart from results that did not reach the PACS
-    (the network or the PACS), so that monitoring never reads a PACS outage as a good night."""
+    (the network or the PACS), so that monitoring never reads a PACS outage as a good night; and a
+    flagged share that moved beyond chance (radscan.drift)."""
     problems = []
     if counts["error"]:
         problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
@@ -558,6 +563,8 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
     if delivery is not None and delivery.not_made:
         problems.append(f"{delivery.not_made} scored DICOM image(s) have no DICOM results: see their reason in "
                         f"{outputs.report.name}")
+    if drift.warning:
+        problems.append(drift.warning)
     return problems
 
 

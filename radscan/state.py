@@ -184,6 +184,7 @@ _LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})"
 SECTIONS = ("reading", "unreadable", "skipped")
 _SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
                    WHEN s.images_scored = 0 AND s.images_rejected = 0 THEN 'unreadable' ELSE 'reading' END)"""
+_SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
 
 
 class StateStore:
@@ -416,7 +417,7 @@ class StateStore:
                    s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
-            ORDER BY CASE section WHEN 'reading' THEN 0 WHEN 'unreadable' THEN 1 ELSE 2 END,
+            ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
                      s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, row, section \
