@@ -6,9 +6,13 @@ functions: modality LUT -> VOI LUT or window -> MONOCHROME1 inversion. See `rads
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -122,7 +126,8 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     index = {"skip": 0, "first": 0, "middle": frames // 2}[policy.frames]
     record.frame_used = index
     try:
-        stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
+        with _decoder_messages(path):
+            stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
     except Exception as exc:
         log.debug("cannot decode %s", path, exc_info=True)
         record.fail(_decode_failure(ds, exc))
@@ -133,6 +138,37 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         log.warning("display pipeline failed on %s", path, exc_info=True)
         record.fail("cannot apply the display values of the header (Modality LUT, VOI LUT or window)")
         return None
+
+
+_decoder_stderr: list = []  # one scratch file per process, reused
+
+
+@contextlib.contextmanager
+def _decoder_messages(path: object) -> Iterator[None]:
+    """Catch what the codec libraries write straight to the process's stderr while a file decodes
+    (OpenJPEG prints "Stream too short, expected SOT" from C): it bypassed `-q` and named no file.
+    It goes to the log at DEBUG, with the file's path; the failure itself is reported in the file's
+    row. File descriptor 2 is the whole process's, so for the decode's duration anything else written
+    to stderr goes to the same place: decoding runs in worker processes that write nothing else
+    (with `--workers 1`, in the run itself, where the main thread is the one decoding)."""
+    if not _decoder_stderr:
+        _decoder_stderr.append(tempfile.TemporaryFile())
+    scratch = _decoder_stderr[0]
+    scratch.seek(0)
+    scratch.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(scratch.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        scratch.seek(0)
+        said = scratch.read(4096).decode("utf-8", "replace").strip()
+        if said:
+            log.debug("the decoder wrote, for %s: %s", path, " / ".join(said.splitlines()))
 
 
 def skip_reason(ds: Dataset, policy: Policy) -> str:

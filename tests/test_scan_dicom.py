@@ -209,3 +209,34 @@ def test_study_dates_are_iso_or_empty_never_wrong(value, expected):
     from radscan.dicom import iso_date
 
     assert iso_date(value) == expected
+
+
+def test_decoder_messages_go_to_the_log_with_the_file_not_to_stderr(dicom_dir, capfd, caplog):
+    """OpenJPEG writes "Stream too short" from C straight to the process's stderr, past -q."""
+    import logging
+
+    from radscan.dicom import read_dicom
+    from radscan.records import ImageRecord
+
+    path = dicom_dir / "pylibjpeg-data" / "966.dcm"
+    record = ImageRecord(path="966.dcm", root=str(path.parent), kind="dicom")
+    with caplog.at_level(logging.DEBUG, logger="radscan.dicom"):
+        image = read_dicom(path, record, Policy())
+    assert image is None and "cannot decode the pixel data" in record.reason
+    assert capfd.readouterr().err == ""
+    assert any("966.dcm" in message and "Stream too short" in message for message in caplog.messages)
+
+
+@pytest.mark.parametrize("said", [b"", b"x", b"Failed to decode tile 1/1\n" * 3, "\u00e9\u20ac\n".encode(),
+                                  b"\xff\xfe not text", b"y" * 10_000])
+def test_anything_a_codec_writes_to_stderr_while_decoding_is_caught(said, capfd, caplog):
+    import logging
+    import os
+
+    from radscan.dicom import _decoder_messages
+
+    with caplog.at_level(logging.DEBUG, logger="radscan.dicom"), _decoder_messages("film.dcm"):
+        os.write(2, said)
+    os.write(2, b"after\n")  # stderr is the terminal's again
+    assert capfd.readouterr().err == "after\n"
+    assert bool([m for m in caplog.messages if "film.dcm" in m]) == bool(said.strip())
