@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from radscan.errors import OutputError
-from radscan.report import atomic_output
+from radscan.report import PICTURE_LAYOUT, atomic_output
 
 __all__ = ["study_entry", "image_entry", "IMAGES_PER_STUDY", "write_evaluation_html", "write_training_html",
            "write_worklist_html", "render_worklist_html", "record_failed_run", "previous_success"]
@@ -92,7 +92,7 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
 def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The worklist page as text (see `write_worklist_html` for the arguments)."""
     return _environment().get_template("worklist.html.j2").render(
-        studies=list(studies), summary=summary, page_size=PAGE_SIZE)
+        studies=list(studies), summary=summary, page_size=PAGE_SIZE, layout=PICTURE_LAYOUT)
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],

@@ -261,6 +261,15 @@ _PANEL = 512  # height of the main panels, pixels
 _SMALL = 256
 _BAR = 16
 _MARGIN = 8
+_BESIDE = _BAR + 44  # a colour bar and its labels
+_BELOW = 44  # the panels' labels
+# Where the main panel lies in a picture, for the worklist page, which shows it alone as the row's
+# thumbnail and finds it from the picture's size (worklist.html.j2, `panelBox`): an explanation
+# picture is PICTURE_LAYOUT["fixed_width"] + 2 x the panel's width wide and its caption + panel +
+# "below" high, the map panel right of the film's panel (after "margin"); a rejected film's picture
+# is its caption + panel high, the film at the left.
+PICTURE_LAYOUT = {"panel": _PANEL, "margin": _MARGIN, "below": _BELOW,
+                  "fixed_width": 3 * _BESIDE + _MARGIN + _SMALL}
 
 
 @functools.lru_cache(maxsize=1)
@@ -318,8 +327,8 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     width = round(_PANEL * min(2.0, max(0.5, aspect)))
     lines = caption.splitlines() or [""]
     top = 12 + 20 * len(lines)
-    small_x = 2 * width + 2 * (_BAR + 44) + _MARGIN
-    canvas = Image.new("RGB", (small_x + _SMALL + _BAR + 44, top + _PANEL + 44), "black")
+    small_x = 2 * width + 2 * _BESIDE + _MARGIN
+    canvas = Image.new("RGB", (small_x + _SMALL + _BESIDE, top + _PANEL + _BELOW), "black")
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(lines):
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))

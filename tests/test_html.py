@@ -284,3 +284,44 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "worklist-phone.png", full_page=True)
+
+
+@pytest.mark.parametrize(("lines", "aspect"), [(2, 1.0), (5, 0.62), (9, 1.9)])
+def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_model, tmp_path, browser, lines,
+                                                                         aspect):
+    """Issue 21 item 4: the thumbnail shows the map panel alone (not the whole picture squeezed to a
+    stamp), whatever the caption's length and the film's width/height ratio."""
+    import numpy as np
+    from PIL import Image
+
+    from radscan.report import SCORE_MAP_SCALE_MAX, render_explanation
+
+    films = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:2]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for film in films:
+        shutil.copy(film, inputs / film.name)
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["score", str(inputs), "--out", str(out), "--model", str(tiny_model),
+                                      "--workers", "1", "--pictures", "all"])
+    assert result.exit_code == 0, result.output
+    # a picture whose main panel is known by its colour: a map saturated everywhere over a grey film
+    picture = sorted((out.parent / "report_residuals").glob("*.png"))[0]
+    drawn = render_explanation(np.full((128, 128), 128, np.uint8), np.full((128, 128), SCORE_MAP_SCALE_MAX),
+                               np.zeros((128, 128)), "\n".join(f"caption line {i}" for i in range(lines)),
+                               aspect=aspect)
+    Image.fromarray(drawn).save(picture)
+    hot = (np.abs(drawn.astype(int) - drawn[-100, drawn.shape[1] // 2 - 60]).sum(-1) < 6)  # inside the panel
+    columns, rows = (np.flatnonzero(hot.sum(axis) > hot.sum(axis).max() / 2) for axis in (0, 1))
+    expected = [columns[0], rows[0], columns[-1] + 1 - columns[0], rows[-1] + 1 - rows[0]]
+
+    page, problems = _open(browser, out.with_name("report.html"))
+    frame = page.locator(f"#rows .frame:has(img[src$='{picture.name}'])")
+    frame.locator("img").evaluate("img => img.complete || new Promise(done => img.onload = done)")
+    page.wait_for_function("frame => frame.dataset.panel", arg=frame.element_handle())
+    shown = [float(value) for value in frame.get_attribute("data-panel").split(",")]
+    assert shown == pytest.approx(expected, abs=1), (shown, expected)
+    box = frame.bounding_box()
+    assert box["height"] == pytest.approx(96, abs=1)  # the panel at 96 px high: about a fifth of its size
+    assert box["width"] == pytest.approx(96 * expected[2] / expected[3], abs=2)
+    assert not problems, problems
