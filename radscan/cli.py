@@ -23,7 +23,7 @@ import click
 
 from radscan import __version__
 from radscan.errors import ExitCode
-from radscan.model.config import SCORE_KINDS
+from radscan.model.config import FIELDS, SCORE_KINDS
 from radscan.policy import (
     DEFAULT_BODY_PARTS,
     DEFAULT_MODALITIES,
@@ -329,6 +329,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               show_default=True, help="What the anomaly score is made of (see docs/model.md, 'Score kinds').")
 @click.option("--density-grid", type=click.IntRange(0), default=MODEL_SETTINGS["density_grid"], show_default=True,
               help="Regions per side of the feature density model (the density score and its map); 0: none.")
+@click.option("--field", type=click.Choice(list(FIELDS)), default=MODEL_SETTINGS["field"], show_default=True,
+              help="What the networks see: the whole film, or the thorax of the training normals' mean film "
+                   "(the rest mid grey), so that collimation, arms and markers cannot rank (docs/model.md).")
 @click.option("--critic-blur", type=FiniteFloatRange(0, 8), metavar="SIGMA",
               help="Gaussian low-pass (pixels) in front of the discriminator, so that the critic judges "
                    "anatomy and opacity rather than sharpness (overrides the preset; 0 = none).")
@@ -378,7 +381,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.pass_context
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
-          score_kind: str, density_grid: int, critic_blur: float | None, critic_snapshots: int, epochs: int,
+          score_kind: str, density_grid: int, field: str, critic_blur: float | None, critic_snapshots: int, epochs: int,
           max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, synthetic: float, seed: int,
@@ -405,7 +408,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
 
     overrides = _read_settings(settings_file) if settings_file else {}
     for option, key in (("memory", "memory_kind"), ("score_kind", "score_kind"),
-                        ("critic_snapshots", "critic_snapshots"), ("density_grid", "density_grid")):
+                        ("critic_snapshots", "critic_snapshots"), ("density_grid", "density_grid"),
+                        ("field", "field")):
         given = ctx.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT
         if ctx.params[option] is not None and (given or key not in overrides):  # a settings file beats a default
             overrides[key] = ctx.params[option]
@@ -488,6 +492,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         else "parameters      ?",
         f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
         f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
+        f"field           {config.get('field', 'film')}: {FIELDS.get(config.get('field', 'film'), '?')}",
         f"quality control {_describe_qc(reference, metadata)}",
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "

@@ -15,7 +15,7 @@ __all__ = ["TrainConfig", "PRESET", "MODEL_SETTINGS"]
 PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs take about 20 minutes on 2 cores
 # settings over the preset: five snapshot critics, and the score is the feature density of the last
 # epoch's critic on an 8 x 8 grid of regions (docs/model.md "Score kinds")
-MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density"}
+MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density", "field": "film"}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.density import collimation_copies, framing_copies
+from radscan.model.field import thorax_field
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
@@ -287,11 +288,24 @@ def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torc
             films = to_model_tensor(batch, device)
             films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator),
                                collimation_copies(films, COLLIMATION_COPIES, generator)])
-            parts.append(model.density.features(model.discriminator.stages(films)).cpu())
+            # copies framed before the field is applied: the field stays where it is, the chest moves
+            parts.append(model.density.features(model.discriminator.stages(model.restrict(films))).cpu())
     try:
         model.density.fit(torch.cat(parts).to(device))
     except ValueError as exc:
         raise ModelError(f"cannot fit the feature density: {exc} (the discriminator diverged?)") from None
+
+
+def set_thorax_field(model: SimSID, train_images: np.ndarray) -> None:
+    """Set the model's thorax field from the mean of the training normals ((N, 128, 128) uint8;
+    radscan.model.field). Raises SettingError when the mean shows no lung fields (not frontal chest
+    films framed alike: train with --field film)."""
+    try:
+        field = thorax_field(train_images.mean(axis=0, dtype=np.float64))
+    except ValueError as exc:
+        raise SettingError(f"cannot find the thorax field: {exc}; or train with --field film") from None
+    model.field_mask.copy_(torch.from_numpy(field.astype(np.float32)))
+    log.info("thorax field: %.0f%% of the film (the rest is mid grey to the model)", 100 * field.mean())
 
 
 def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
@@ -324,7 +338,7 @@ def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndar
         for kind, z in model.z_scores(components).items():
             if z.isfinite().all():
                 metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
-        live = _in_batches(model.discriminator, images, batch_size, device)
+        live = _in_batches(lambda films: model.discriminator(model.restrict(films)), images, batch_size, device)
         metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
 
@@ -333,7 +347,7 @@ def _fidelity(model: SimSID, images: np.ndarray, device: torch.device) -> dict[s
     """Reconstruction MSE and histogram KL of the student on (up to 256 of) the calibration normals."""
     from radscan.trainreport import reconstruction_fidelity
 
-    batch = to_model_tensor(images[:256], device)
+    batch = model.restrict(to_model_tensor(images[:256], device))
     with torch.inference_mode():
         return reconstruction_fidelity(batch, model.generate(batch, with_teacher=False).student)
 
@@ -505,6 +519,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
                                "settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
+    if model_cfg.field == "thorax" and init_from is None and not resuming:  # a resumed run's is in its checkpoint
+        set_thorax_field(trainer.model, train_images)
     start_epoch = 0
     if resuming:
         try:
@@ -537,8 +553,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             for index in bar:
                 rows = order[index * tcfg.batch_size:(index + 1) * tcfg.batch_size]
                 batch = augment(to_model_tensor(tensor_images[rows], device), generator, tcfg)
-                batch = vary_acquisition(batch, generator, tcfg)
-                anomalies = local_anomalies(batch, generator) if tcfg.synthetic else None
+                batch = trainer.model.restrict(vary_acquisition(batch, generator, tcfg))
+                anomalies = trainer.model.restrict(local_anomalies(batch, generator)) if tcfg.synthetic else None
                 losses = trainer.step(batch, generator_step=index % tcfg.g_every == tcfg.g_every - 1,
                                       anomalies=anomalies)
                 _stop_if_diverged(losses, epoch, index, tcfg)

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from radscan.model.config import PRESETS, SimSIDConfig, preset
 from radscan.model.density import FeatureDensity
@@ -357,3 +359,74 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError):
         SimSIDConfig.from_dict({"widths": [1, 2], "nonsense": 1})
     assert SimSIDConfig.from_dict(PRESETS["small"].to_dict()) == PRESETS["small"]
+
+
+def _mean_normal_film(count: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    from radscan.preprocess import to_model_input
+
+    files = sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[:count]
+    return np.stack([to_model_input(np.asarray(Image.open(f).convert("L"))) for f in files]).astype(float).mean(0)
+
+
+def test_thorax_field_of_real_normals_holds_both_lungs_and_not_the_film_edge():
+    from radscan.model.field import lung_fields, thorax_field
+
+    mean = _mean_normal_film()
+    lungs, field = lung_fields(mean), thorax_field(mean)
+    assert lungs.shape == field.shape == (128, 128) and (field | ~lungs).all()  # the field holds the lungs
+    assert lungs[:, :64].sum() > 200 and lungs[:, 64:].sum() > 200  # a lung field each side of the midline
+    assert 0.15 < field.mean() < 0.6 and field[:, 60:68].any(0).all()  # joined over the mediastinum
+    assert not field[0].any() and not field[-1].any() and not field[:, 0].any() and not field[:, -1].any()
+
+
+@pytest.mark.parametrize("what", ["flat", "noise", "one dark blob"])
+def test_thorax_field_is_refused_when_the_mean_film_shows_no_lungs(what):
+    from radscan.model.field import thorax_field
+
+    rng = np.random.default_rng(0)
+    film = {"flat": np.full((128, 128), 120.0), "noise": rng.uniform(0, 255, (128, 128)),
+            "one dark blob": np.pad(np.zeros((40, 40)), 44, constant_values=200.0)}[what]
+    with pytest.raises(ValueError, match="lung fields"):
+        thorax_field(film)
+
+
+@settings(max_examples=12, deadline=None)
+@given(top=st.integers(0, 127), left=st.integers(0, 127), height=st.integers(1, 128), width=st.integers(1, 128),
+       grey=st.integers(0, 255))
+def test_nothing_outside_the_thorax_field_moves_the_score_or_the_map(top, left, height, width, grey):
+    """Whatever lies outside the field (collimation, arms, markers, text) cannot raise a score."""
+    model = _thorax_model()
+    films = _real_batch(2)
+    outside = ~model.field_mask.bool()
+    patch = torch.zeros_like(outside)
+    patch[top:top + height, left:left + width] = True
+    changed = films.clone()
+    changed[:, 0][:, patch & outside] = grey / 127.5 - 1
+    before, after = model.score(films), model.score(changed)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.explanation_maps, after.explanation_maps)
+    assert (after.explanation_maps[:, outside] == 0).all()
+
+
+_THORAX: list[SimSID] = []
+
+
+def _thorax_model() -> SimSID:
+    """A tiny density model with the thorax field of real normals, its density fitted through it."""
+    if not _THORAX:
+        from radscan.model.field import thorax_field
+
+        torch.manual_seed(0)
+        model = SimSID(preset("tiny", score_kind="density", density_grid=8, field="thorax"))
+        model.field_mask.copy_(torch.from_numpy(thorax_field(_mean_normal_film()).astype(np.float32)))
+        model.train()
+        model.generate(_real_batch(16))
+        model.eval()
+        from radscan.train import fit_density
+
+        fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
+                    torch.device("cpu"))
+        model.explanation_normal.fill_(-5.0)  # show the whole map, so that zero means "nothing there"
+        _THORAX.append(model)
+    return _THORAX[0]

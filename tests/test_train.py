@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from radscan.cli import cli
 from radscan.errors import ExitCode, ModelError
@@ -388,3 +389,38 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(nor
             with pytest.raises(LockHeldError, match="another radscan run"):
                 train([str(normals)], out, TINY, FAST, workers=1, progress=False, resume=resume)
     assert not (out / "model.json").exists()
+
+
+def test_a_thorax_field_model_is_found_trained_sealed_and_blind_outside_it(normals, tmp_path):
+    """`--field thorax`: the field comes from the training normals' mean film, travels sealed with
+    the weights, and nothing outside it changes a score or a map."""
+    out = tmp_path / "thorax"
+    result = CliRunner().invoke(cli, [
+        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "2", "--batch-size", "8",
+        "--workers", "1", "--critic-snapshots", "2", "--field", "thorax", "--json"])
+    assert result.exit_code == 0, result.output
+    model, metadata = load_model(out)
+    assert metadata["config"]["field"] == "thorax"
+    field = model.field_mask.bool()
+    assert 0.15 < field.float().mean() < 0.6 and field[64, 20:108].any()
+    assert "field           thorax" in CliRunner().invoke(cli, ["info", str(out)]).output
+    images = load_images([str(normals)], Policy(), workers=1, progress=False)[0][:8]
+    framed = images.copy()
+    framed[:, ~field.numpy()] = 255  # white collimation, arms, markers: anything outside the field
+    before, after = score_arrays(model, images, explain=True), score_arrays(model, framed, explain=True)
+    assert torch.equal(before.scores, after.scores)
+    assert torch.equal(before.explanation_maps, after.explanation_maps)
+    assert (after.explanation_maps[:, ~field] == 0).all()
+
+
+def test_a_thorax_field_is_refused_for_normals_that_show_no_chest(tmp_path):
+    folder = tmp_path / "not-chests"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(48):  # films of noise: their mean shows no lung fields
+        Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(folder / f"{index}.png")
+    result = CliRunner().invoke(cli, ["-q", "train", str(folder), "--out", str(tmp_path / "m"), "--preset", "tiny",
+                                      "--epochs", "2", "--batch-size", "8", "--workers", "1", "--critic-snapshots",
+                                      "2", "--field", "thorax"])
+    assert result.exit_code != 0 and "lung fields" in result.output and "--field film" in result.output
+    assert not (tmp_path / "m" / "model.safetensors").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS"]
+__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "FIELDS"]
 
 # The anomaly scores a model can report (high = anomalous), each z-scored on held-out normals.
 SCORE_KINDS: dict[str, str] = {
@@ -17,6 +17,13 @@ SCORE_KINDS: dict[str, str] = {
     "density": "how unlikely the critic's features of each region of the film are under a Gaussian model of "
                "the same region in the training normals (PaDiM-style), averaged over the regions: one "
                "discriminator pass, and a map of the regions that raise it",
+}
+
+# What the networks see of a film (radscan.model.field).
+FIELDS: dict[str, str] = {
+    "film": "the whole film",
+    "thorax": "the thorax of the training normals' mean film (lung fields, mediastinum and a margin); the rest "
+              "is set to mid grey before the networks see the film, in training and scoring alike",
 }
 
 
@@ -61,6 +68,8 @@ class SimSIDConfig:
     # critic's features from these stages (0 = the first convolution's output); grid 0: no density model
     density_grid: int = 0
     density_stages: tuple[int, ...] = (1, 2, 3)
+    # what the networks see (FIELDS); the thorax is found when training starts and stored with the weights
+    field: str = "film"
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
     explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
@@ -73,6 +82,8 @@ class SimSIDConfig:
             raise ValueError("memory_levels must be a non-empty subset of ('patch', 'image')")
         if self.d_norm not in ("instance", "batch"):
             raise ValueError(f"d_norm must be 'instance' or 'batch', not {self.d_norm!r}")
+        if self.field not in FIELDS:
+            raise ValueError(f"unknown field {self.field!r} (choose from {', '.join(FIELDS)})")
         if self.score_kind not in SCORE_KINDS:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
         if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:

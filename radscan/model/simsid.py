@@ -351,6 +351,10 @@ class SimSID(nn.Module):
         self.register_buffer("threshold", torch.tensor(0.5))
         self.register_buffer("normal_mean", torch.zeros(cfg.image_size, cfg.image_size))
         self.register_buffer("explanation_normal", torch.zeros(cfg.image_size, cfg.image_size))
+        # the thorax field (cfg.field "thorax"): 1 inside, 0 outside; set by radscan.train from the training
+        # normals' mean film before the first epoch, stored and sealed with the weights (radscan.model.field)
+        if cfg.field == "thorax":
+            self.register_buffer("field_mask", torch.ones(cfg.image_size, cfg.image_size))
         self.register_buffer("blur_kernel", _gaussian_kernel(cfg.residual_blur_sigma), persistent=False)
         self.register_buffer("explanation_kernel", _gaussian_kernel(cfg.explanation_blur_sigma), persistent=False)
 
@@ -359,8 +363,18 @@ class SimSID(nn.Module):
         """The live discriminator, then the snapshots, newest first."""
         return [self.discriminator, *self.snapshot_critics]
 
+    def restrict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [-1, 1] -> the same with everything outside the model's field set to 0 (mid
+        grey); the films themselves for a model that sees the whole film. Idempotent, so every entry
+        point applies it (generate, the critics, the density, score) and the training step too."""
+        if self.cfg.field == "film":
+            return images
+        return images * self.field_mask.to(images)
+
     def generate(self, images: torch.Tensor, with_teacher: bool = True) -> Generated:
-        """(B, 1, H, W) in [-1, 1] -> student (and teacher) reconstructions."""
+        """(B, 1, H, W) in [-1, 1] -> student (and teacher) reconstructions of the films in the
+        model's field (`restrict`)."""
+        images = self.restrict(images)
         features = self.encoder(split_patches(images, self.cfg.patch_grid))
         bottleneck, skips = features[-1], features[-3:-1]
         query = None
@@ -390,7 +404,7 @@ class SimSID(nn.Module):
     def critic_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B, K) negated logit of every critic, averaged over the views (high =
         does not look like a normal film)."""
-        views = self.critic_views(images)
+        views = self.critic_views(self.restrict(images))
         return torch.stack([sum(-critic(view).float() for view in views) / len(views) for critic in self.critics],
                            dim=1)
 
@@ -403,7 +417,7 @@ class SimSID(nn.Module):
         """(B, 1, H, W) -> (B, g, g): how unlikely each region of the film is under the training
         normals' Gaussian of that region (squared Mahalanobis distance of the live discriminator's
         pooled features; radscan.model.density). Their mean is the raw density score."""
-        return self.density.distances(self.density.features(self.discriminator.stages(images)))
+        return self.density.distances(self.density.features(self.discriminator.stages(self.restrict(images))))
 
     def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, 1, H, W) -> raw scores (B, 4) of every kind (COMPONENTS order; high = anomalous; the
@@ -447,6 +461,7 @@ class SimSID(nn.Module):
         if explain and self.cfg.score_kind != "density" and torch.is_inference_mode_enabled():
             raise RuntimeError("explanation maps need a gradient: call score(..., explain=False) "
                                "inside torch.inference_mode()")
+        images = self.restrict(images)
         count, chunk = images.shape[0], _SCORE_CHUNK[images.device.type == "cuda"]
         padded = F.pad(images, (0, 0, 0, 0, 0, 0, 0, (-count) % chunk))
         parts = [self._score_chunk(padded[start:start + chunk], explain, components)
@@ -501,11 +516,13 @@ class SimSID(nn.Module):
         Each region's distance calibrated like the score (so a map that is c everywhere belongs to a
         film of z-score c: the map's mean is the film's z), enlarged bilinearly, smoothed over
         regions (`explanation_blur_sigma`), and shown where it exceeds the 95th percentile of the
-        calibration normals' maps at that pixel (`explanation_normal`)."""
+        calibration normals' maps at that pixel (`explanation_normal`); zero outside the model's field
+        (the networks saw nothing there)."""
         column = COMPONENTS.index("density")
         z = (regions - self.calibration_mean[column]) / self.calibration_std[column]
         smoothed = self.smooth(upsample_regions(z.float(), self.cfg.image_size), self.explanation_kernel)
-        return (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
+        shown = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
+        return shown if self.cfg.field == "film" else shown * self.field_mask.to(shown)
 
     @staticmethod
     def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

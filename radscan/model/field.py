@@ -1,0 +1,63 @@
+"""The field the model sees: the whole film, or the thorax of the site's mean normal film.
+
+Why a thorax field (score field "thorax", docs/model.md "The thorax field"): on validation, the
+feature density of the whole film ranked the children's pneumonias by the film's periphery
+(collimation, arms, positioning, the detector's edge: regions outside the thorax alone 0.947, inside
+0.802), an acquisition signal of the same kind as the critic's sharpness, and one that does not
+travel to another site. With the thorax field everything outside the thorax of the training normals'
+mean film is set to mid grey before any network sees the film, in training and in scoring alike, so
+nothing outside the chest can raise a score and the map has no mass outside the body.
+
+The field is fixed per model (found once, from the training normals' mean film, stored with the
+weights and sealed with them), not per film: a film framed differently from the site's mean shows a
+little more or less of its chest through the same window, which the density's fit on framed copies
+of every training normal covers (radscan.model.density.framing_copies).
+
+Shapes: mean film (H, W) float grey 0..255; masks (H, W) bool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["lung_fields", "thorax_field"]
+
+# The lung fields' share of the mean film that is plausible for a frontal chest film at 128 px (the
+# Kermany paediatric and NIH adult means: 19% and 16%); outside it, the normals are not frontal chest
+# films framed alike and no common field exists.
+LUNG_SHARE = (0.05, 0.40)
+# Closing joins the two lung fields over the mediastinum (pixels at 128 px); the margin keeps the
+# costophrenic angles and the lung edges of films framed a little differently (chosen on validation,
+# NIH adults: margins 0 and 4 gave 0.745 and 0.704 with the shipped weights, grey fill;
+# docs/research-log.md, 2026-12-03 "The thorax field").
+CLOSING_PX, MARGIN_PX = 20, 4
+
+
+def lung_fields(mean_film: np.ndarray) -> np.ndarray:
+    """(H, W) grey 0..255 mean normal film -> (H, W) bool: its two largest regions darker than
+    their surroundings (fine-scale minus coarse-scale Gaussian, sigma 2 and 12 px, by more than
+    2 grey levels) that do not touch the border. On a frontal chest film these are the lung fields.
+
+    Raises ValueError when the result is not plausible for a frontal chest film (fewer than two
+    regions, or a share of the film outside LUNG_SHARE)."""
+    film = np.asarray(mean_film, dtype=np.float64)
+    fine, coarse = ndimage.gaussian_filter(film, 2), ndimage.gaussian_filter(film, 12)
+    labels, count = ndimage.label(fine < coarse - 2)
+    border = set(np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]]).tolist())
+    sizes = sorted((int((labels == i).sum()), i) for i in range(1, count + 1) if i not in border)
+    lungs = np.isin(labels, [i for _, i in sizes[-2:]])
+    share = float(lungs.mean())
+    if len(sizes) < 2 or not LUNG_SHARE[0] <= share <= LUNG_SHARE[1]:
+        raise ValueError(f"the mean of the training normals shows no two lung fields ({min(len(sizes), 2)} dark "
+                         f"regions, {share:.0%} of the film; expected {LUNG_SHARE[0]:.0%}-{LUNG_SHARE[1]:.0%}): "
+                         "are they frontal chest films framed alike?")
+    return lungs
+
+
+def thorax_field(mean_film: np.ndarray) -> np.ndarray:
+    """(H, W) grey 0..255 mean normal film -> (H, W) bool: the lung fields joined over the
+    mediastinum (binary closing, CLOSING_PX) and widened by MARGIN_PX. Raises ValueError as
+    `lung_fields` does."""
+    thorax = ndimage.binary_closing(lung_fields(mean_film), iterations=CLOSING_PX)
+    return ndimage.binary_dilation(thorax, iterations=MARGIN_PX)
