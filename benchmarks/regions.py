@@ -84,6 +84,9 @@ def main() -> None:
         print("  " + " ".join(f"{value:.2f}" for value in row))
     cover = thorax.reshape(grid, side, grid, side).mean((1, 3)).ravel()
     for name, weight in (("inside the thorax (lung fields and mediastinum)", cover), ("outside it", 1 - cover)):
+        if weight.sum() == 0:  # a film cropped to the thorax has no region outside it
+            print(f"score over the regions {name}: none")
+            continue
         weight = weight / weight.sum()
         print(f"score over the regions {name} ({(weight > 0).sum()} regions): "
               f"AUC {auc(regions_n @ weight, regions_a @ weight):.3f}")

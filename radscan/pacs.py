@@ -151,6 +151,10 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
             after = page[-1].key
             changed = [item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery, sent_now)]
             store.update(changed)
+        after = b""
+        while page := store.scored(after, page_size, status="rejected"):
+            after = page[-1].key
+            store.update([item for item in page if _no_results_for_rejected(item, writer)])
     finally:
         if scu is not None:
             scu.close()
@@ -192,6 +196,28 @@ def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _S
         else:
             row["dicom_result"] = f"sent to {scu.destination}"
     return before != (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))
+
+
+REJECTED_RESULT = "none: quality control rejected the film, so the model did not judge it"
+
+
+def _no_results_for_rejected(item: StoredRow, writer: ResultWriter) -> bool:
+    """A DICOM film quality control rejected has no results; results an earlier run made for it (under
+    another --qc, or another model's QC reference) are removed from the folder, since they are no
+    longer its verdict. True when the row changed. (What a PACS was already sent stays there: an SR
+    cannot be withdrawn by C-STORE.)"""
+    row = item.row
+    if row.get("kind") != "dicom":
+        return False
+    before = (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"))
+    planned = writer.plan(item.key, row)
+    stale = [path for path, _ in planned.objects if path.is_file()]
+    for path in stale:
+        _remove_result(path, writer.folder)
+    if stale:
+        log.info("removed the earlier DICOM results of a film quality control now rejects (%s)", row.get("path"))
+    row["dicom_result"], row["dicom_sr"], row["dicom_sc"] = REJECTED_RESULT, "", ""
+    return before != (row["dicom_result"], row["dicom_sr"], row["dicom_sc"])
 
 
 def _results_of(item: StoredRow, writer: ResultWriter, link_base: Path,

@@ -130,6 +130,11 @@ class OutputPaths:
         return [path for path in (self.report, self.studies, self.readme, self.html) if path is not None]
 
     @property
+    def default_residuals(self) -> Path:
+        """Where the pictures go unless --residuals names a folder (tidied even under --no-residuals)."""
+        return Path(f"{self.report.with_suffix('')}_residuals")
+
+    @property
     def readme(self) -> Path:
         """The note beside the worklist for whoever opens the folder."""
         return Path(f"{self.report.with_suffix('')}_README.txt")
@@ -526,6 +531,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             _write_readme(outputs, metadata, pictures)
             store.record_run(_now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
+            _remove_unlinked_pictures(store, outputs, resolved_roots)
         finally:
             store.close()
 
@@ -647,9 +653,7 @@ def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
     if rows:
         log.info("%d files are no longer among the inputs: their rows and pictures are removed", len(rows))
     forget_results(rows, outputs.dicom, outputs.report.parent)
-    if outputs.residuals is None:
-        return
-    folder = outputs.residuals.resolve()
+    folder = (outputs.residuals or outputs.default_residuals).resolve()
     for row in rows:
         name = row.get("residual_png")
         if not name:
@@ -657,6 +661,28 @@ def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
         picture = (outputs.report.parent / name).resolve()
         if picture.parent == folder and picture.suffix == ".png":
             picture.unlink(missing_ok=True)
+
+
+def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths, resolved_roots: dict[str, str]) -> None:
+    """Remove the picture of every listed film that has none now: one scored again without a picture
+    (it fell under the threshold, quality control passed it, or the run had --no-residuals: then in
+    the default folder) keeps no picture of an earlier run beside the list. Only the film's own
+    picture name (radscan.report.png_name) is removed, so a folder shared with another worklist
+    keeps that list's pictures; never a symbolic link or a folder."""
+    folder = outputs.residuals or outputs.default_residuals
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    removed = 0
+    for row in store.worklist():
+        if row.get("residual_png"):
+            continue
+        root = resolved_roots.get(row["root"]) or str(Path(row["root"]).resolve())
+        picture = folder / png_name(root, row["path"])
+        if picture.is_file() and not picture.is_symlink():
+            picture.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d pictures of films that have none now (%s)", removed, folder)
 
 
 def _identity(found: Found) -> FileIdentity:
@@ -829,7 +855,7 @@ def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[di
         if row["status"] == Status.OK:
             rank += 1
             row["rank"] = rank
-        row["new_this_run"] = row.get("read_by_run") == store.run_id
+        row["new_this_run"] = (row.get("listed_since") or row.get("read_by_run")) == store.run_id
         report.write(row)
         if row.pop("listed"):
             images = members.setdefault(row["study_key"], [])

@@ -335,7 +335,14 @@ class StateStore:
                                  [(self.run_id, _blob(i.key)) for i in identities])
 
     def save(self, items: Iterable[tuple[FileIdentity, dict[str, Any]]]) -> None:
-        """Store rows (seen by this run) in one transaction: all or nothing (exit 73 if it cannot)."""
+        """Store rows (seen by this run) in one transaction: all or nothing (exit 73 if it cannot).
+
+        Each row gets `listed_since`, the run that first listed the file as it is now: a file read
+        again only because the settings changed (another model, --qc, --pictures, --study-key) keeps
+        the run it was first listed by, so "new this run" means a film that was not on the list."""
+        items = list(items)
+        for identity, row in items:
+            row["listed_since"] = self._listed_since(identity) or self.run_id
         rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], row["study_key"],
                  row.get("score"), int(row.get("flag") is True), row["root"], row["path"], self.run_id,
                  json.dumps(row, default=str))
@@ -344,13 +351,20 @@ class StateStore:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def scored(self, after: bytes = b"", limit: int = 500) -> list[StoredRow]:
-        """Up to `limit` of this run's scored rows with keys after `after`, in key order. Paging by
-        key lets the caller `update` the rows it was given without disturbing the next page.
-        Returns [] when done."""
+    def _listed_since(self, identity: FileIdentity) -> str | None:
+        """The run that first listed this file with this size and modification time, if stored."""
+        found = self._db.execute("SELECT row FROM results WHERE key = ? AND size = ? AND mtime_ns = ?",
+                                 (_blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
+        row = _parse_row(found[0]) if found else None
+        return (row.get("listed_since") or row.get("read_by_run")) if row else None
+
+    def scored(self, after: bytes = b"", limit: int = 500, status: str = "ok") -> list[StoredRow]:
+        """Up to `limit` of this run's rows of `status` (scored, by default) with keys after `after`,
+        in key order. Paging by key lets the caller `update` the rows it was given without disturbing
+        the next page. Returns [] when done."""
         found = self._db.execute(
-            "SELECT key, row FROM results WHERE seen = ? AND status = 'ok' AND key > ? ORDER BY key LIMIT ?",
-            (self.run_id, after, limit)).fetchall()
+            "SELECT key, row FROM results WHERE seen = ? AND status = ? AND key > ? ORDER BY key LIMIT ?",
+            (self.run_id, status, after, limit)).fetchall()
         return [StoredRow(bytes(key), parsed) for key, text in found if (parsed := _parse_row(text)) is not None]
 
     def update(self, rows: Iterable[StoredRow]) -> None:
@@ -379,7 +393,8 @@ class StateStore:
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
-               SUM(json_extract(row, '$.read_by_run') IS :run) AS images_new,
+               SUM(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)
+                   AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)

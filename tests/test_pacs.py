@@ -233,6 +233,36 @@ def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
         .ReferencedSOPInstanceUID == unchecked
 
 
+@pytest.mark.parametrize("how", ["upside down", "turned a quarter", "mirrored and upside down"])
+def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_path, how):
+    """A DICOM film scored under --qc off, then rejected by the default quality control: its row says
+    why it has no result, and the results of the earlier run are no longer in the folder."""
+    import numpy as np
+
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    pixels = ds.pixel_array
+    pixels = {"upside down": np.rot90(pixels, 2), "turned a quarter": np.rot90(pixels, 1),
+              "mirrored and upside down": np.flipud(pixels)}[how]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.PatientAge = "008Y"  # a child: no age warning, only the orientation matters
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "film.dcm")
+    out, folder = tmp_path / "report.csv", tmp_path / "dicom"
+    result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder),
+                       "--qc", "off")
+    assert result.exit_code == ExitCode.OK, result.output
+    assert _rows(out)[0]["dicom_result"] == "written" and len(list(folder.iterdir())) == 2
+    result, summary = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out",
+                             str(folder))
+    assert result.exit_code == ExitCode.OK, result.output
+    row = _rows(out)[0]
+    assert row["status"] == "rejected", row
+    assert row["dicom_result"].startswith("none: quality control rejected") and not row["dicom_sr"]
+    assert list(folder.iterdir()) == []
+
+
 def _items(dataset):
     """Every content item of an SR tree, depth first."""
     for item in dataset.get("ContentSequence", []):

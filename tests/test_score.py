@@ -590,6 +590,29 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     assert json.loads(_run(*args).stdout)["scored_now"] == 0
 
 
+def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(studies, tiny_model, tmp_path):
+    """A rerun with fewer pictures (--pictures flagged after all, then --no-residuals) leaves no picture
+    of an earlier run beside the list; a folder shared with another list keeps that list's pictures."""
+    out = tmp_path / "out" / "report.csv"
+    folder = out.parent / "report_residuals"
+    other = folder / f"{'ab' * 12}.png"  # another worklist's picture in the same folder
+
+    def run(*extra: str) -> set[str]:
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra)
+        assert result.exit_code == 0, result.output
+        return {Path(row["residual_png"]).name for row in _rows(out) if row["residual_png"]}
+
+    linked = run("--pictures", "all")
+    other.write_bytes(b"not ours")
+    assert {p.name for p in folder.iterdir()} == linked | {other.name} and len(linked) >= 8
+    flagged = run("--pictures", "flagged")
+    assert flagged and flagged < linked
+    assert {p.name for p in folder.iterdir()} == flagged | {other.name}
+    assert run("--no-residuals") == set()
+    assert [p.name for p in folder.iterdir()] == [other.name]
+    assert "No pictures were written" in out.with_name("report_README.txt").read_text()
+
+
 @pytest.mark.parametrize("name", ["report.csv", "report.lock", "report.state.sqlite", "report.state.sqlite-journal",
                                   "report.html"])
 def test_outputs_that_are_not_regular_files_are_refused_and_left_alone(studies, tiny_model, tmp_path, name):
@@ -701,6 +724,17 @@ def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model,
     assert [k for k, r in by_study.items() if r["images_new"] != "0"] == [str((studies / "late").resolve())]
     dates = {r["StudyDate"] for r in rows if r["StudyDate"]}
     assert dates and all(len(d) == 10 and d[4] == d[7] == "-" for d in dates)  # ISO 8601, not DICOM's YYYYMMDD
+    # read again only because the settings changed (pictures, quality control, study grouping): not new;
+    # a file whose content changed is
+    for extra in (("--pictures", "all"), ("--qc", "warn"), ("--study-key", "file")):
+        result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra, "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout)["scored_now"] > 0, result.output
+        assert {r["new_this_run"] for r in _rows(out)} == {"false"}, extra
+        assert {r["images_new"] for r in _rows(out.with_name("report_studies.csv"))} == {"0"}, extra
+    (studies / "late" / "x.jpeg").write_bytes(next((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())
+                                              .read_bytes())
+    assert _run(*args).exit_code == 0
+    assert [r["path"] for r in _rows(out) if r["new_this_run"] == "true"] == ["late/x.jpeg"]
 
 
 def test_an_emptied_root_stops_the_run_before_anything_is_pruned(studies, tiny_model, tmp_path):
