@@ -296,11 +296,10 @@ def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_mod
 
     from radscan.report import SCORE_MAP_SCALE_MAX, render_explanation
 
-    films = sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:2]
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    for film in films:
-        shutil.copy(film, inputs / film.name)
+    for index, film in enumerate(sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:2]):
+        (inputs / f"study{index}").mkdir(parents=True)  # a study each: every picture is a row's thumbnail
+        shutil.copy(film, inputs / f"study{index}" / film.name)
     out = tmp_path / "out" / "report.csv"
     result = CliRunner().invoke(cli, ["score", str(inputs), "--out", str(out), "--model", str(tiny_model),
                                       "--workers", "1", "--pictures", "all"])
