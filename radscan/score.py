@@ -214,6 +214,17 @@ class PhiFilter:
             else:
                 setattr(record, field, hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:16])
 
+    def token(self, values: Sequence[str]) -> str:
+        """A short token standing for `values` (identifiers), as the mode allows: keyed (HMAC) under
+        hash, a plain digest under keep (the identifiers are shown anyway), none under drop (nothing
+        of them may remain). Stable from run to run with the same key."""
+        if self.mode == "drop" or not any(values):
+            return ""
+        text = "\0".join(values).encode("utf-8", "surrogateescape")
+        if self.mode == "hash":
+            return hmac.new(self._key, b"study\0" + text, hashlib.sha256).hexdigest()[:12]
+        return hashlib.sha256(b"study\0" + text).hexdigest()[:12]
+
     @property
     def fingerprint(self) -> str:
         """Changes when the mode or key changes (stored rows must then be rebuilt)."""
@@ -710,7 +721,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
         usable = row is not None and row["status"] != Status.ERROR and (
             not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and (
             # a study named by the crawl, not the file, moves when --study-key or the folder's size does
-            row.get("StudyInstanceUID") or row.get("study_key") == fallback_study_key(found))
+            row.get("StudyInstanceUID") or _crawl_study(row.get("study_key", "")) == fallback_study_key(found))
         if usable:
             unchanged.append(identity)
         else:
@@ -768,9 +779,26 @@ def _judged(pending: list[tuple[FileIdentity, ImageRecord, np.ndarray | None]], 
     return [identity for identity, _, _ in pending], rows, pictures
 
 
+STUDY_TOKEN = "#patient-"  # between a folder's study key and the token of a UID-less DICOM file's patient
+
+
+def _crawl_study(study_key: str) -> str:
+    """The study the crawl named (the folder's), without a UID-less DICOM file's patient token."""
+    return study_key.rpartition(STUDY_TOKEN)[0] or study_key
+
+
 def prepare_record(record: ImageRecord, phi: PhiFilter, run_id: str) -> None:
-    """What every read record gets before it is judged: identifiers as the PHI mode allows, and
-    the run that read it (for new_this_run)."""
+    """What every read record gets before it is judged: its study, identifiers as the PHI mode
+    allows, and the run that read it (for new_this_run).
+
+    A DICOM image without a StudyInstanceUID (ACR-NEMA files, some exports) belongs to its folder's
+    study (radscan.ingest.folder_study_key); two patients' such files in one folder are told apart by
+    patient, accession and date, as a token the PHI mode allows appended to the folder's key
+    (`PhiFilter.token`; under --phi drop nothing of them remains, and the folder is one study)."""
+    if record.kind == "dicom" and not record.StudyInstanceUID:
+        token = phi.token([record.PatientID, record.AccessionNumber, record.StudyDate])
+        if token:
+            record.study_key = f"{record.study_key}{STUDY_TOKEN}{token}"
     phi.apply(record)
     record.extra["read_by_run"] = run_id
 

@@ -761,3 +761,30 @@ def test_two_outputs_on_one_path_or_inside_the_model_are_refused(studies, tiny_m
     result = _run("score", str(studies), "--out", str(tiny_model / "model.json"), "--model", str(tiny_model))
     assert result.exit_code == ExitCode.USAGE
     assert json.loads((tiny_model / "model.json").read_text())["format"]  # still the model's metadata
+
+
+@pytest.mark.parametrize("phi", ["keep", "hash", "drop"])
+def test_dicom_files_without_a_study_uid_are_told_apart_by_patient_as_the_phi_mode_allows(tiny_model, tmp_path,
+                                                                                        phi):
+    """Two patients' DICOM files without StudyInstanceUID in one folder were one study."""
+    import pydicom
+
+    folder = tmp_path / "in" / "export"
+    folder.mkdir(parents=True)
+    source = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    del source.StudyInstanceUID
+    for index, (patient, accession) in enumerate([("P-1001", "A1"), ("P-1001", "A1"), ("P-2002", "A7")]):
+        source.PatientID, source.AccessionNumber = patient, accession
+        source.SOPInstanceUID = f"1.2.3.4.{index}"
+        source.save_as(folder / f"im{index}.dcm")
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--phi", phi,
+            "--phi-key", "site-key", "--json")
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    studies = _rows(out.with_name("report_studies.csv"))
+    assert sorted(int(row["images"]) for row in studies) == ([3] if phi == "drop" else [1, 2])
+    for row in studies:
+        assert "P-1001" not in row["study_key"] and "P-2002" not in row["study_key"] and "A7" not in row["study_key"]
+    again = _run(*args)
+    assert json.loads(again.stdout)["scored_now"] == 0  # the split keys are stable from run to run
