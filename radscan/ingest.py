@@ -36,6 +36,11 @@ __all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "d
            "fallback_study_key", "assign_study_keys"]
 
 log = logging.getLogger(__name__)
+# A run stopped early (Ctrl-C, SIGTERM, an error) drops joblib's result generator with decoded files
+# unused, and joblib then warns "N tasks have been successfully executed but not used" after radscan
+# has said the run was interrupted: nothing is lost (the next run reads them). Closing the generator
+# explicitly instead can hang in loky's shutdown when the workers were interrupted too.
+warnings.filterwarnings("ignore", message=r".*successfully executed\s+but not used", category=UserWarning)
 
 CANNOT_READ = "cannot read this file"  # how the reason of a file that the system would not give starts
 CRASHED = "the decoder crashed on this file (its worker process died)"
@@ -412,9 +417,8 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
         end = min(done + max(_WINDOW, 2 * ahead), len(files))
         parallel = _workers(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
                             timeout=timeout)
-        results = parallel(delayed(ingest_file)(found, policy) for found in files[done:end])
         try:
-            for result in results:
+            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:end]):
                 yield result
                 done += 1
         except Exception as exc:  # TerminatedWorkerError, TimeoutError: a worker died or hung
@@ -422,17 +426,6 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
             for found in files[done:min(end, done + ahead + _BATCH * effective_n_jobs(workers))]:
                 yield _ingest_isolated(found, policy, timeout)
                 done += 1
-        finally:
-            _close_quietly(results)
-
-
-def _close_quietly(results: Any) -> None:
-    """Close joblib's result generator. A run stopped early (Ctrl-C, SIGTERM, an error) leaves decoded
-    files unused, and joblib warns about them ("N tasks have been successfully executed but not
-    used") after radscan has said the run was interrupted: nothing is lost, the next run reads them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*successfully executed\s+but not used", category=UserWarning)
-        results.close()
 
 
 def _workers(**kwargs: Any) -> Any:

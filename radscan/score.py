@@ -350,7 +350,7 @@ class _Scorer:
             if index in maps:
                 explanation, residual = maps[index]
                 path = self._picture_path(record)
-                pictures.append((path, PictureJob(image, explanation, residual,
+                pictures.append((path, PictureJob(self._as_seen(image), explanation, residual,
                                                   picture_caption(record, float(score), threshold, self.provenance),
                                                   self.model.cfg.score_kind, _aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
@@ -374,6 +374,12 @@ class _Scorer:
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             rows.append(record.as_row())
         return rows, pictures
+
+    def _as_seen(self, image: np.ndarray) -> np.ndarray:
+        """The (128, 128) uint8 film as the model saw it: outside a thorax field's window, mid grey."""
+        if self.model.cfg.field == "film":
+            return image
+        return np.where(self.model.field_mask.cpu().numpy() > 0, image, 128).astype(np.uint8)
 
     def _picture_path(self, record: ImageRecord) -> Path:
         root = self.resolved_roots.get(record.root) or str(Path(record.root).resolve())

@@ -49,9 +49,9 @@ def lung_fields(mean_film: np.ndarray) -> np.ndarray:
     lungs = np.isin(labels, [i for _, i in sizes[-2:]])
     share = float(lungs.mean())
     if len(sizes) < 2 or not LUNG_SHARE[0] <= share <= LUNG_SHARE[1]:
-        raise ValueError(f"the mean of the training normals shows no two lung fields ({min(len(sizes), 2)} dark "
-                         f"regions, {share:.0%} of the film; expected {LUNG_SHARE[0]:.0%}-{LUNG_SHARE[1]:.0%}): "
-                         "are they frontal chest films framed alike?")
+        raise ValueError(f"the mean of the training normals shows no lung fields ({len(sizes)} dark regions away "
+                         f"from the edge, covering {share:.0%} of the film where lungs cover "
+                         f"{LUNG_SHARE[0]:.0%}-{LUNG_SHARE[1]:.0%}): are they frontal chest films framed alike?")
     return lungs
 
 
