@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,16 +145,12 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
     send). Pages through the store: memory stays flat in the number of files."""
     delivery = Delivery(folder=str(writer.folder), destination=str(destination) if destination else None)
     scu = _StoreSCU(destination) if destination else None
-    after = b""
     sent_now: set[str] = set()  # accepted in this run (twins of one SOP Instance UID are sent once)
     try:
-        while page := store.scored(after, page_size):
-            after = page[-1].key
-            changed = [item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery, sent_now)]
-            store.update(changed)
-        after = b""
-        while page := store.scored(after, page_size, status="rejected"):
-            after = page[-1].key
+        for page in _pages(store, "ok", page_size):
+            store.update([item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery,
+                                                                sent_now)])
+        for page in _pages(store, "rejected", page_size):
             store.update([item for item in page if _no_results_for_rejected(item, writer)])
     finally:
         if scu is not None:
@@ -163,6 +160,14 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
                  f", {delivery.sent} sent to {destination}, {delivery.not_sent} waiting to be sent" if destination
                  else "", f"; {delivery.not_made} scored DICOM images without results" if delivery.not_made else "")
     return delivery
+
+
+def _pages(store: StateStore, status: str, page_size: int) -> Iterator[list[StoredRow]]:
+    """This run's rows of `status`, a page at a time (memory flat in the number of files)."""
+    after = b""
+    while page := store.scored(after, page_size, status=status):
+        after = page[-1].key
+        yield page
 
 
 def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _StoreSCU | None, store: StateStore,

@@ -681,17 +681,17 @@ def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
 
 
 def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths, resolved_roots: dict[str, str]) -> None:
-    """Remove the picture of every listed film that has none now: one scored again without a picture
-    (it fell under the threshold, quality control passed it, or the run had --no-residuals: then in
-    the default folder) keeps no picture of an earlier run beside the list. Only the film's own
-    picture name (radscan.report.png_name) is removed, so a folder shared with another worklist
-    keeps that list's pictures; never a symbolic link or a folder."""
-    folder = outputs.residuals or outputs.default_residuals
-    if folder.is_symlink() or not folder.is_dir():
+    """Under --no-residuals, remove from the default pictures folder the picture an earlier run drew
+    of each film this run read (with a pictures folder, each batch already removes the picture of a
+    film it scores without one: write_pictures). Only the film's own picture name
+    (radscan.report.png_name) is removed, so a folder shared with another worklist keeps that list's
+    pictures; never a symbolic link or a folder."""
+    folder = outputs.default_residuals
+    if outputs.residuals is not None or folder.is_symlink() or not folder.is_dir():
         return
     removed = 0
     for row in store.worklist():
-        if row.get("residual_png"):
+        if row.get("residual_png") or row.get("read_by_run") != store.run_id:
             continue
         root = resolved_roots.get(row["root"]) or str(Path(row["root"]).resolve())
         picture = folder / png_name(root, row["path"])
@@ -889,7 +889,6 @@ def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[di
         if row["status"] == Status.OK:
             rank += 1
             row["rank"] = rank
-        row["new_this_run"] = (row.get("listed_since") or row.get("read_by_run")) == store.run_id
         report.write(row)
         if row.pop("listed"):
             images = members.setdefault(row["study_key"], [])

@@ -184,6 +184,8 @@ _LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})"
 SECTIONS = ("reading", "unreadable", "skipped")
 _SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
                    WHEN s.images_scored = 0 AND s.images_rejected = 0 THEN 'unreadable' ELSE 'reading' END)"""
+# whether a row was first listed by this run (rows of stores before `listed_since`: the run that read it)
+_NEW = "(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)"
 _SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
 
 
@@ -353,10 +355,11 @@ class StateStore:
 
     def _listed_since(self, identity: FileIdentity) -> str | None:
         """The run that first listed this file with this size and modification time, if stored."""
-        found = self._db.execute("SELECT row FROM results WHERE key = ? AND size = ? AND mtime_ns = ?",
-                                 (_blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
-        row = _parse_row(found[0]) if found else None
-        return (row.get("listed_since") or row.get("read_by_run")) if row else None
+        found = self._db.execute(
+            "SELECT COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) FROM results "
+            "WHERE key = ? AND size = ? AND mtime_ns = ? AND json_valid(row)",
+            (_blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
+        return found[0] if found else None
 
     def scored(self, after: bytes = b"", limit: int = 500, status: str = "ok") -> list[StoredRow]:
         """Up to `limit` of this run's rows of `status` (scored, by default) with keys after `after`,
@@ -393,8 +396,7 @@ class StateStore:
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
-               SUM(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)
-                   AS images_new,
+               SUM(""" + _NEW + """) AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
@@ -403,16 +405,18 @@ class StateStore:
         HAVING images > 0)"""
 
     def worklist(self) -> Iterator[dict[str, Any]]:
-        """This run's rows, by study score then score (highest first), with their study's result and
-        whether the study lists the image (`listed`: not a non-image file the policy skipped)."""
+        """This run's rows, by study score then score (highest first), with their study's result,
+        whether the study lists the image (`listed`: not a non-image file the policy skipped) and
+        whether this run listed it first (`new_this_run`)."""
         query = f"""WITH {self._CURRENT}, {self._STUDY}
-            SELECT c.row, s.study_score, s.images_flagged > 0, """ + _LISTED + """
+            SELECT c.row, s.study_score, s.images_flagged > 0, """ + _LISTED + ", " + _NEW + """
             FROM current c LEFT JOIN study s USING (study_key)
             ORDER BY s.study_score IS NULL, s.study_score DESC, c.score IS NULL, c.score DESC, c.sort_root,
                      c.sort_path"""
-        for row, study_score, study_flag, listed in self._db.execute(query, {"run": self.run_id}):
+        for row, study_score, study_flag, listed, new in self._db.execute(query, {"run": self.run_id}):
             yield {**json.loads(row), "study_score": study_score,
-                   "study_flag": None if study_flag is None else bool(study_flag), "listed": bool(listed)}
+                   "study_flag": None if study_flag is None else bool(study_flag), "listed": bool(listed),
+                   "new_this_run": bool(new)}
 
     def studies(self) -> Iterator[dict[str, Any]]:
         """One entry per study with a scored, failed or rejected image, or with a DICOM image the

@@ -289,7 +289,7 @@ def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torc
             films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator),
                                collimation_copies(films, COLLIMATION_COPIES, generator)])
             # copies framed before the field is applied: the field stays where it is, the chest moves
-            parts.append(model.density.features(model.discriminator.stages(model.restrict(films))).cpu())
+            parts.append(model.density_features(films).cpu())
     try:
         model.density.fit(torch.cat(parts).to(device))
     except ValueError as exc:

@@ -417,7 +417,12 @@ class SimSID(nn.Module):
         """(B, 1, H, W) -> (B, g, g): how unlikely each region of the film is under the training
         normals' Gaussian of that region (squared Mahalanobis distance of the live discriminator's
         pooled features; radscan.model.density). Their mean is the raw density score."""
-        return self.density.distances(self.density.features(self.discriminator.stages(self.restrict(images))))
+        return self.density.distances(self.density_features(images))
+
+    def density_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, C, g, g) the live discriminator's pooled features of the films in the
+        model's field: what the density is fitted to and scores."""
+        return self.density.features(self.discriminator.stages(self.restrict(images)))
 
     def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, 1, H, W) -> raw scores (B, 4) of every kind (COMPONENTS order; high = anomalous; the
