@@ -12,9 +12,10 @@ On validation data only: the model's calibration normals (held out from training
 3. **The map's mass**: the share of each abnormal film's explanation map that lies inside the lung
    fields (issue 20's goal: at least 80%; the lung fields' share of the area is the chance level).
 
-The lung fields are those of the model's mean normal film (`normal_mean`): the two largest dark
-regions (the film smoothed by 2 px is darker than the film smoothed by 12 px by more than 2 grey
-levels) that do not touch its border; the thorax closes the gap between them (20 px).
+The lung fields are those of the model's mean normal film (`normal_mean`;
+radscan.model.field.lung_fields); the thorax closes the gap between them (20 px). A thorax-box
+model's are its own `lung_mask` (found on the whole film's mean when it was trained, as the box
+shows them), and the first line gives its score as computed (over the lung fields only).
 
     python benchmarks/regions.py models/kermany-tiny
     python benchmarks/regions.py MODEL --train ../shared/data/cxr/nih_adult_512/train_normal \\
@@ -33,22 +34,12 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from radscan.ingest import load_images
+from radscan.model.field import lung_fields
 from radscan.model.io import load_model
 from radscan.model.simsid import to_model_tensor
-from radscan.policy import Policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import DATA, calibration_normals  # noqa: E402
-
-
-def lung_fields(mean_film: np.ndarray) -> np.ndarray:
-    """(H, W) grey 0..255 mean normal film -> (H, W) bool: its two largest dark regions that do not
-    touch the border."""
-    fine, coarse = ndimage.gaussian_filter(mean_film, 2), ndimage.gaussian_filter(mean_film, 12)
-    labels, count = ndimage.label(fine < coarse - 2)
-    border = set(np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    sizes = sorted((int((labels == i).sum()), i) for i in range(1, count + 1) if i not in border)
-    return np.isin(labels, [i for _, i in sizes[-2:]])
+from shift import DATA, calibration_normals, reading  # noqa: E402
 
 
 def auc(normal: np.ndarray, abnormal: np.ndarray) -> float:
@@ -65,18 +56,23 @@ def main() -> None:
     if model.density is None:
         raise SystemExit(f"{args.model} has no feature density (score kind 'density')")
     normals = to_model_tensor(calibration_normals(args.model, args.train))
-    abnormal = to_model_tensor(load_images([str(args.val_abnormal)], Policy(), workers=2, progress=False)[0])
+    abnormal = to_model_tensor(load_images([str(args.val_abnormal)], reading(args.model), workers=2,
+                                           progress=False)[0])
     with torch.inference_mode():
-        regions_n = model.density_regions(normals).flatten(1).double().numpy()
-        regions_a = model.density_regions(abnormal).flatten(1).double().numpy()
+        regions_n, regions_a = model.density_regions(normals), model.density_regions(abnormal)
+        shipped = auc(model.density_score(regions_n).numpy(), model.density_score(regions_a).numpy())
+        regions_n, regions_a = regions_n.flatten(1).double().numpy(), regions_a.flatten(1).double().numpy()
         maps = model.score(abnormal).explanation_maps.double().numpy()
-    mean_film = (model.normal_mean.squeeze().double().numpy() + 1) * 127.5
-    lungs = lung_fields(mean_film)
+    if model.cfg.field == "thorax-box":  # found on the whole film's mean when training (none shows inside the box)
+        lungs = model.lung_mask.bool().numpy()
+    else:
+        lungs = lung_fields((model.normal_mean.squeeze().double().numpy() + 1) * 127.5)
     thorax = ndimage.binary_closing(lungs, iterations=20)
     grid = model.density.grid
     side = lungs.shape[0] // grid
 
     print(f"\n{args.model}: {len(normals)} calibration normals against {len(abnormal)} films of {args.val_abnormal}")
+    print(f"the density score as the model computes it: AUC {shipped:.3f}")
     print(f"score over all {grid * grid} regions: AUC {auc(regions_n.mean(1), regions_a.mean(1)):.3f}")
     per_region = np.array([auc(regions_n[:, r], regions_a[:, r]) for r in range(grid * grid)]).reshape(grid, grid)
     print("AUC of each region alone (rows top to bottom; the film's edges are the outer rows and columns):")

@@ -30,8 +30,9 @@ from sklearn.metrics import roc_auc_score
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model
+from radscan.model.metadata import read_metadata
 from radscan.model.runtime import score_arrays
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "kermany_pediatric_224"
 Change = Callable[[np.ndarray], np.ndarray]  # (N, 128, 128) uint8 -> same
@@ -130,10 +131,15 @@ CHANGES: dict[str, Change] = {
 def calibration_normals(model_dir: Path, train: Path) -> np.ndarray:
     rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
     paths = [str(train / row["path"]) for row in rows if row["split"] == "calibration"]
-    return load_images(paths, Policy(), workers=2, progress=False)[0]
+    return load_images(paths, reading(model_dir), workers=2, progress=False)[0]
 
 
-def measure(model_dir: Path, abnormal: np.ndarray, train: Path) -> list[tuple[str, float, float, float]]:
+def reading(model_dir: Path) -> Policy:
+    """How the model reads films (a thorax-box model: cut to its box)."""
+    return for_model(Policy(), read_metadata(model_dir))
+
+
+def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:
     """Rows (change, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
     model, _ = load_model(model_dir)
     model.eval()
@@ -147,6 +153,7 @@ def measure(model_dir: Path, abnormal: np.ndarray, train: Path) -> list[tuple[st
         p = np.clip(p, 1e-12, 1 - 1e-12)
         return np.log(p / (1 - p))
 
+    abnormal = load_images([str(abnormal_dir)], reading(model_dir), workers=2, progress=False)[0]
     normals, pneumonia = calibration_normals(model_dir, train), scores(abnormal)
     labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
     rows = []
@@ -163,9 +170,8 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=DATA / "train_normal")
     parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
     args = parser.parse_args()
-    abnormal = load_images([str(args.val_abnormal)], Policy(), workers=2, progress=False)[0]
     for model_dir in args.models:
-        rows = measure(model_dir, abnormal, args.train)
+        rows = measure(model_dir, args.val_abnormal, args.train)
         print(f"\n{model_dir}: calibration normals changed, validation pneumonias as they are")
         print("| change | normals' mean z | normals flagged | AUC |")
         print("|---|---|---|---|")

@@ -330,14 +330,18 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--density-grid", type=click.IntRange(0), default=MODEL_SETTINGS["density_grid"], show_default=True,
               help="Regions per side of the feature density model (the density score and its map); 0: none.")
 @click.option("--field", type=click.Choice(list(FIELDS)), default=MODEL_SETTINGS["field"], show_default=True,
-              help="What the networks see: the whole film, or the thorax of the training normals' mean film "
-                   "(the rest mid grey), so that collimation, arms and markers cannot rank (docs/model.md).")
+              help="What the networks see: the whole film; the thorax of the training normals' mean film (the "
+                   "rest mid grey); or that thorax's bounding box cut from each film at its own resolution, "
+                   "the density over the lung fields (docs/model.md).")
 @click.option("--critic-blur", type=FiniteFloatRange(0, 8), metavar="SIGMA",
               help="Gaussian low-pass (pixels) in front of the discriminator, so that the critic judges "
                    "anatomy and opacity rather than sharpness (overrides the preset; 0 = none).")
 @click.option("--critic-snapshots", type=click.IntRange(1), default=MODEL_SETTINGS["critic_snapshots"],
               show_default=True, help="Average the critics of the last K epochs (the critic score).")
 @click.option("--epochs", type=click.IntRange(1), default=_RECIPE.epochs, show_default=True)
+@click.option("--keep", type=click.Choice(["last", "best"]), default=_RECIPE.keep, show_default=True,
+              help="Which epoch's model is saved: the last, or the one with the highest validation AUC of its "
+                   "score (needs --val-abnormal; judge that model on other films).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
               help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=_RECIPE.batch_size, show_default=True)
@@ -382,7 +386,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
           score_kind: str, density_grid: int, field: str, critic_blur: float | None, critic_snapshots: int, epochs: int,
-          max_minutes: float | None,
+          keep: str, max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, synthetic: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
@@ -392,8 +396,9 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
 
     The defaults are the recipe of the shipped model (about 20 minutes for 1,000 films on 2 CPU
     cores). A calibration share of the normals is held out; it sets the score's scale and the
-    flag threshold. The last epoch's weights are shipped (with the critics of the last
-    --critic-snapshots epochs), and the feature density is fitted to the training normals.
+    flag threshold. The last epoch's weights are shipped (or, with --keep best, the epoch's with the
+    highest validation AUC), with the critics of the last --critic-snapshots epochs, and the feature
+    density is fitted to the training normals.
     Checkpoints are written every epoch: an interrupted run continues with --resume.
 
     \b
@@ -418,7 +423,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
-        tcfg = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+        tcfg = TrainConfig(epochs=epochs, keep=keep, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
                            noise=noise, synthetic=synthetic, seed=seed, calibration_fraction=calibration_fraction,
                            target_specificity=target_specificity)
@@ -452,6 +457,11 @@ def _age_range(text: str) -> tuple[float, float]:
     if not sep or ages is None or not 0 <= ages[0] <= ages[1] <= 130:
         raise ValueError(f"--age-range must be MIN-MAX in years, e.g. 1-5, not {text!r}")
     return ages
+
+
+def _describe_box(crop: list[float]) -> str:
+    left, top, right, bottom = (100 * float(f) for f in crop)
+    return f"{left:.0f}-{right:.0f}% across, {top:.0f}-{bottom:.0f}% down every film"
 
 
 def _describe_qc(reference: QCReference | None, metadata: dict) -> str:
@@ -493,6 +503,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
         f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
         f"field           {config.get('field', 'film')}: {FIELDS.get(config.get('field', 'film'), '?')}",
+        *([f"box             {_describe_box(config['crop'])}"] if config.get("crop") else []),
         f"quality control {_describe_qc(reference, metadata)}",
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "

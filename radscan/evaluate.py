@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, f1_score,
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import resolve_device, score_arrays
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 from radscan.report import CsvStream, atomic_output
 
 __all__ = ["evaluate", "metrics_at", "bootstrap_auc", "paired_bootstrap_auc_difference"]
@@ -97,17 +97,25 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     torch_device = resolve_device(device)
     loaded = [load_model(Path(model_dir), torch_device) for model_dir in model_dirs]  # verify all before reading
-    normals, normal_names, _ = load_images(normal, policy, workers, progress, label="normals")
-    abnormals, abnormal_names, _ = load_images(abnormal, policy, workers, progress, label="abnormals")
-    images = np.concatenate([normals, abnormals])
-    labels = np.r_[np.zeros(len(normals), dtype=int), np.ones(len(abnormals), dtype=int)]
+    read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # once per way of reading (a model's box)
+    for _, metadata in loaded:
+        reading = for_model(policy, metadata)
+        if reading not in read:
+            normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals")
+            abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals")
+            read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
+    # cutting a box never makes a file unreadable: every reading has the same files in the same order
+    _, normal_names, abnormal_names = next(iter(read.values()))
+    labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
     results, all_scores = [], []
     for model_dir, (model, metadata) in zip(model_dirs, loaded, strict=True):
+        images = read[for_model(policy, metadata)][0]
         scores = score_arrays(model, images, batch_size, torch_device).scores.double().numpy()
         all_scores.append(scores)
         results.append({
             "model": str(model_dir), "model_name": metadata.get("name"), "model_version": metadata.get("version"),
-            "model_sha256": metadata["weights"]["sha256"], "normal": len(normals), "abnormal": len(abnormals),
+            "model_sha256": metadata["weights"]["sha256"], "normal": len(normal_names),
+            "abnormal": len(abnormal_names),
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),
             "at_model_threshold": metrics_at(labels, scores, float(model.threshold)),

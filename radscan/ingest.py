@@ -302,7 +302,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
-        return record, to_model_input(grey)
+        return record, to_model_input(grey, policy.crop)
     except OSError as exc:
         if exc.errno is not None:  # the system's: gone since it was listed, unreadable, an unmounted share
             return record.fail(f"{CANNOT_READ}: {_os_reason(exc)}"), None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "STUDY_KEYS", "FOLDER_STUDY_LIMIT",
-           "parse_list"]
+           "parse_list", "for_model"]
 
 FRAME_POLICIES = ("skip", "first", "middle")
 DEFAULT_MODALITIES = ("CR", "DX")
@@ -23,7 +24,8 @@ FOLDER_STUDY_LIMIT = 8
 
 @dataclass(frozen=True)
 class Policy:
-    """Selection rules for DICOM images (JPEG/PNG files carry no header and are always used).
+    """Selection rules for DICOM images (JPEG/PNG files carry no header and are always used), the
+    limits on reading any file, and the part of the film the model is given.
 
     Attributes
     ----------
@@ -34,6 +36,9 @@ class Policy:
         data that is not meant for display; off by default)
     max_pixels : refuse images larger than this per frame (decompression bombs, corrupt headers)
     read_timeout : give up a file whose decoding takes longer than this many seconds
+    crop : the model's box (fractions of the film: left, top, right, bottom) cut from every film
+        before resizing (radscan.preprocess.to_model_input); None for the whole film. Set from the
+        model (`for_model`), never by the user.
     """
 
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
@@ -42,10 +47,25 @@ class Policy:
     for_processing: bool = False
     max_pixels: int = 100_000_000
     read_timeout: float = 300.0
+    crop: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:
             raise ValueError(f"frames must be one of {FRAME_POLICIES}, not {self.frames!r}")
+        if self.crop is not None:
+            left, top, right, bottom = self.crop
+            if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
+                raise ValueError(f"crop must be (left, top, right, bottom) fractions with left < right and "
+                                 f"top < bottom, not {self.crop!r}")
+
+
+def for_model(policy: Policy, metadata: dict[str, Any]) -> Policy:
+    """`policy` reading films as the model in `metadata` (its model.json) was trained on them: cut to
+    its box when it has one (model setting ``crop``; field "thorax-box"). model.json is read before
+    the weights are verified; load_model refuses a run whose model.json differs from the settings
+    sealed in the weights, before any score is kept."""
+    crop = (metadata.get("config") or {}).get("crop") or None
+    return replace(policy, crop=tuple(float(f) for f in crop) if crop else None)
 
 
 def parse_list(text: str) -> tuple[str, ...] | None:

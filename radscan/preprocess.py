@@ -13,7 +13,10 @@ Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling):
    the full stored range (8-bit data such as JPEGs)
 3. MONOCHROME1 inverted exactly once, so that air is dark in every output
 4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs)
-5. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
+5. for a model whose field is the thorax's bounding box (field "thorax-box"), cut to that box,
+   given as fractions of the film and fixed per model (radscan.model.field.thorax_box), at the
+   film's own resolution, so that the chest gets every pixel the file has
+6. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
    reference and the Kermany 224 px training set both squash the whole film into a square.
 
 Bump `PREPROCESS_VERSION` whenever any step changes output pixels: model files record it and
@@ -33,12 +36,16 @@ __all__ = [
     "subsample",
     "window_to_uint8",
     "to_model_input",
+    "crop_pixels",
+    "Crop",
 ]
 
 MODEL_SIZE = 128
 PREPROCESS_VERSION = "rs-pre-1"
 # Robust window for data that carries none: ignores collimator edges, labels and burnt-in text.
 PERCENTILE_WINDOW = (0.5, 99.5)
+# A box as fractions of the film's width and height: (left, top, right, bottom), 0 <= left < right <= 1.
+Crop = tuple[float, float, float, float]
 
 
 def subsample(image: np.ndarray, size: int = 512) -> np.ndarray:
@@ -70,12 +77,22 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
     return 255 - grey if invert else np.ascontiguousarray(grey)
 
 
-def to_model_input(grey: np.ndarray) -> np.ndarray:
-    """Resize a display-correct 8-bit grey image to the model's input.
+def crop_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int]:
+    """A box in fractions -> (left, top, right, bottom) pixel bounds in an (height, width) image,
+    rounded to the nearest pixel and at least one pixel wide and high."""
+    left, top, right, bottom = (round(f * n) for f, n in zip(crop, (width, height, width, height), strict=True))
+    left, top = min(left, width - 1), min(top, height - 1)
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def to_model_input(grey: np.ndarray, crop: Crop | None = None) -> np.ndarray:
+    """Cut a display-correct 8-bit grey image to `crop` (if given) and resize it to the model's input.
 
     Parameters
     ----------
     grey : (H, W) uint8, display-correct (air dark, bone bright)
+    crop : the model's box as fractions of the film (left, top, right, bottom), or None for the
+        whole film; cut at the film's own resolution, before resizing
 
     Returns
     -------
@@ -84,6 +101,8 @@ def to_model_input(grey: np.ndarray) -> np.ndarray:
     if grey.dtype != np.uint8 or grey.ndim != 2:
         raise ValueError(f"expected a 2-D uint8 grey image, got {grey.dtype} {grey.shape}")
     image = Image.fromarray(grey)
+    if crop is not None:
+        image = image.crop(crop_pixels(crop, *grey.shape))
     if image.size != (MODEL_SIZE, MODEL_SIZE):
         image = image.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BICUBIC)
     return np.asarray(image)

@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +49,7 @@ from radscan.ingest import (
 )
 from radscan.model.metadata import read_metadata
 from radscan.pacs import Delivery, Destination, deliver, forget_results
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, age_in_years, age_string, apply_qc, quality_control
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, ImageRecord, Status, printable
@@ -352,7 +352,7 @@ class _Scorer:
                 path = self._picture_path(record)
                 pictures.append((path, PictureJob(self._as_seen(image), explanation, residual,
                                                   picture_caption(record, float(score), threshold, self.provenance),
-                                                  self.model.cfg.score_kind, _aspect(record))))
+                                                  self.model.cfg.score_kind, self._aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
                 pictures.append((self._picture_path(record), None))
@@ -370,16 +370,25 @@ class _Scorer:
         for record, image in zip(records, images, strict=True):
             if self.residuals is not None:
                 path = self._picture_path(record)
-                pictures.append((path, FilmPicture(image, rejected_caption(record, self.provenance), _aspect(record))))
+                pictures.append((path, FilmPicture(image, rejected_caption(record, self.provenance),
+                                                   self._aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             rows.append(record.as_row())
         return rows, pictures
 
     def _as_seen(self, image: np.ndarray) -> np.ndarray:
-        """The (128, 128) uint8 film as the model saw it: outside a thorax field's window, mid grey."""
-        if self.model.cfg.field == "film":
+        """The (128, 128) uint8 film as the model saw it: outside a thorax field's window, mid grey (a
+        thorax box was cut when the film was read)."""
+        if self.model.cfg.field != "thorax":
             return image
         return np.where(self.model.field_mask.cpu().numpy() > 0, image, 128).astype(np.uint8)
+
+    def _aspect(self, record: ImageRecord) -> float:
+        """The width/height of what the model was given before it was squashed to its square: the
+        film, or a thorax-box model's box of it (1 when unknown)."""
+        crop = self.model.cfg.crop
+        box = (crop[2] - crop[0]) / (crop[3] - crop[1]) if crop else 1.0
+        return _aspect(record) * box
 
     def _picture_path(self, record: ImageRecord) -> Path:
         root = self.resolved_roots.get(record.root) or str(Path(record.root).resolve())
@@ -498,6 +507,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
+    settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,11 @@ from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.density import collimation_copies, framing_copies
-from radscan.model.field import thorax_field
+from radscan.model.field import lungs_in_box, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, fit_reference, quality_control, save_reference
 from radscan.recipe import TrainConfig
 from radscan.report import CsvStream, atomic_output, cannot_write
@@ -308,6 +308,34 @@ def set_thorax_field(model: SimSID, train_images: np.ndarray) -> None:
     log.info("thorax field: %.0f%% of the film (the rest is mid grey to the model)", 100 * field.mean())
 
 
+def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
+                    progress: bool) -> tuple[SimSIDConfig, Policy, np.ndarray]:
+    """A first pass over the normals, as whole films: the thorax box of their mean film
+    (radscan.model.field.thorax_box) set in the model settings and the reading policy, and the lung
+    fields as the box shows them ((128, 128) bool, the model's `lung_mask`). Every normal serves, the
+    calibration ones too: the box is part of the preprocessing, found without labels. Raises
+    SettingError when the mean shows no lung fields."""
+    films = load_images(normals, replace(policy, crop=None), workers, progress, label="normals (whole films)")[0]
+    mean = films.mean(axis=0, dtype=np.float64)
+    try:
+        box = thorax_box(mean)
+        lungs = lungs_in_box(mean, box, model_cfg.image_size)
+    except ValueError as exc:
+        raise SettingError(f"cannot find the thorax box: {exc}; or train with --field film") from None
+    log.info("thorax box: %.0f-%.0f%% across, %.0f-%.0f%% down the film; lung fields %.0f%% of it",
+             100 * box[0], 100 * box[2], 100 * box[1], 100 * box[3], 100 * lungs.mean())
+    return replace(model_cfg, crop=box), replace(policy, crop=box), lungs
+
+
+def _better(best: dict[str, Any] | None, model: SimSID, epoch: int, auc: float) -> dict[str, Any] | None:
+    """`best` (weights, epoch, validation AUC), or this epoch's model when its AUC is higher (ties keep
+    the earlier epoch)."""
+    if best is not None and auc <= best["auc"]:
+        return best
+    return {"model": {key: value.detach().clone() for key, value in model.state_dict().items()},
+            "epoch": epoch, "auc": float(auc)}
+
+
 def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
     """A loss that is not finite means the weights are lost (too high a learning rate, or a
     checkpoint whose weights are NaN): stop before anything is saved. Raises ModelError."""
@@ -470,6 +498,10 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     if checkpoint_path.exists() and not resume:
         raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")
+    if tcfg.keep not in ("last", "best"):
+        raise SettingError(f"keep must be 'last' or 'best', not {tcfg.keep!r}")
+    if tcfg.keep == "best" and not val_abnormal:
+        raise SettingError("--keep best chooses the epoch by validation AUC: it needs --val-abnormal")
     if val_normal and not val_abnormal:
         raise SettingError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
                            "are the validation normals)")
@@ -482,6 +514,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise cannot_write(out_dir, exc) from None
+    lungs = None
+    if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
+        model_cfg, policy, lungs = find_thorax_box(normals, model_cfg, policy, workers, progress)
 
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
                                          label="normals")
@@ -521,10 +556,14 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
     if model_cfg.field == "thorax" and init_from is None and not resuming:  # a resumed run's is in its checkpoint
         set_thorax_field(trainer.model, train_images)
+    if lungs is not None and init_from is None and not resuming:
+        trainer.model.lung_mask.copy_(torch.from_numpy(lungs.astype(np.float32)))
     start_epoch = 0
+    best: dict[str, Any] | None = None  # with --keep best: the weights, epoch and AUC of the best epoch so far
     if resuming:
         try:
-            start_epoch = trainer.restore(_load_checkpoint(checkpoint_path, device))
+            checkpoint = _load_checkpoint(checkpoint_path, device)
+            start_epoch = trainer.restore(checkpoint)
         except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
             raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
                              "resume with the settings it was started with, or choose another --out") from None
@@ -532,6 +571,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             raise ModelError(f"the training checkpoint {checkpoint_path} says {start_epoch} epochs were run, outside "
                              f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
         log.info("resumed after epoch %d", start_epoch)
+        best = checkpoint.get("best")
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
     stopped_by_budget = False
     epoch = start_epoch
@@ -575,7 +615,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             training_log.write(json.dumps(record) + "\n")
             training_log.flush()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            _save_checkpoint(trainer.state(epoch + 1), checkpoint_path)
+            if tcfg.keep == "best":
+                best = _better(best, trainer.model, epoch + 1, metrics[f"val_auc_{model_cfg.score_kind}"])
+            _save_checkpoint({**trainer.state(epoch + 1), **({"best": best} if best else {})}, checkpoint_path)
             if stopped_by_budget:
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
@@ -584,6 +626,11 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
                            "snapshots: raise --max-minutes and rerun with --resume")
 
     model = trainer.model.eval()
+    if best is not None:  # its density was fitted and its calibration set when it was evaluated
+        model.load_state_dict(best["model"])
+        density_fitted = True
+        log.info("keeping epoch %d of %d: validation AUC %.3f (%s)", best["epoch"], epoch + 1, best["auc"],
+                 model_cfg.score_kind)
     if not density_fitted:  # resumed after the last epoch: nothing was fitted in this process
         fit_density(model, train_images, tcfg.seed, device)
     metrics, calibration_scores = finalize(model, calibration, validation, tcfg, device)
@@ -598,7 +645,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             "n_images": int(len(images)), "n_train": int(len(train_images)),
             "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
                            "abnormal": [str(p) for p in val_abnormal]} if validation else None,
-            "epochs_run": epoch + 1, "shipped": "last epoch",
+            "epochs_run": epoch + 1,
+            "shipped": (f"epoch {best['epoch']}: the highest validation AUC of the {model_cfg.score_kind} score "
+                        f"({best['auc']:.3f})" if best else "last epoch"),
             "stopped_by_budget": stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(device), "train_config": asdict(tcfg),
             "init_from": str(init_from) if init_from else None,
@@ -672,7 +721,8 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # the normals a threshold is set on are the films the model would score: what quality control
     # rejects when scoring (turned, inverted, foreign) is not one of them
     qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
-    images, names, _ = load_images(normals, policy or Policy(), workers, progress, label="calibration normals",
+    images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
+                                   label="calibration normals",
                                    judge=lambda records, films: apply_qc(qc, records, films))
     scores = calibrate(model, images, 64, device, target_specificity)[0]
     out_dir = Path(out_dir or model_dir)

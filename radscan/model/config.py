@@ -24,6 +24,9 @@ FIELDS: dict[str, str] = {
     "film": "the whole film",
     "thorax": "the thorax of the training normals' mean film (lung fields, mediastinum and a margin); the rest "
               "is set to mid grey before the networks see the film, in training and scoring alike",
+    "thorax-box": "the bounding box of the thorax of the training normals' mean film, cut from every film at its "
+                  "own resolution and resized to 128 px (the chest gets more pixels, the film's edge none); the "
+                  "density is averaged over the regions of the lung fields only",
 }
 
 
@@ -70,6 +73,9 @@ class SimSIDConfig:
     density_stages: tuple[int, ...] = (1, 2, 3)
     # what the networks see (FIELDS); the thorax is found when training starts and stored with the weights
     field: str = "film"
+    # the box of field "thorax-box" as fractions of the film (left, top, right, bottom); found when training
+    # starts (radscan.model.field.thorax_box), part of the preprocessing (radscan.preprocess.to_model_input)
+    crop: tuple[float, ...] = ()
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
     explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
@@ -84,6 +90,10 @@ class SimSIDConfig:
             raise ValueError(f"d_norm must be 'instance' or 'batch', not {self.d_norm!r}")
         if self.field not in FIELDS:
             raise ValueError(f"unknown field {self.field!r} (choose from {', '.join(FIELDS)})")
+        if self.crop and (self.field != "thorax-box" or len(self.crop) != 4
+                          or not (0 <= self.crop[0] < self.crop[2] <= 1 and 0 <= self.crop[1] < self.crop[3] <= 1)):
+            raise ValueError(f"crop must be four fractions (left, top, right, bottom) of a thorax-box model, "
+                             f"not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
         if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:

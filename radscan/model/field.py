@@ -13,15 +13,28 @@ weights and sealed with them), not per film: a film framed differently from the 
 little more or less of its chest through the same window, which the density's fit on framed copies
 of every training normal covers (radscan.model.density.framing_copies).
 
-Shapes: mean film (H, W) float grey 0..255; masks (H, W) bool.
+Why a thorax box (field "thorax-box", docs/research-log.md 2026-12-03 "The thorax's bounding box"):
+the grey fill of the thorax field still carries each film's global grey statistics into every
+region, and at 128 px for the whole film the lungs get few pixels. Cut to the thorax's bounding box
+at the film's own resolution, the chest fills the model's input (1.4x the pixels of a 224 px film,
+2.4x of a 512 px one), the film's edge, arms and collimation fall away, and on validation the
+children's lung fields alone ranked their pneumonias at 0.95 (whole film: 0.86). The density is
+then averaged over the lung fields of the box (`lungs_in_box`), so the score and its map rest on
+the lungs.
+
+Shapes: mean film (H, W) float grey 0..255; masks (H, W) bool; a box is (left, top, right, bottom)
+fractions of the film (radscan.preprocess.Crop).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-__all__ = ["lung_fields", "thorax_field"]
+from radscan.preprocess import Crop, crop_pixels
+
+__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box"]
 
 # The lung fields' share of the mean film that is plausible for a frontal chest film at 128 px (the
 # Kermany paediatric and NIH adult means: 19% and 16%); outside it, the normals are not frontal chest
@@ -61,3 +74,22 @@ def thorax_field(mean_film: np.ndarray) -> np.ndarray:
     `lung_fields` does."""
     thorax = ndimage.binary_closing(lung_fields(mean_film), iterations=CLOSING_PX)
     return ndimage.binary_dilation(thorax, iterations=MARGIN_PX)
+
+
+def thorax_box(mean_film: np.ndarray) -> Crop:
+    """(H, W) grey 0..255 mean normal film -> the bounding box of its thorax field (`thorax_field`)
+    as fractions (left, top, right, bottom), rounded to 1/1000. Raises ValueError as `lung_fields`."""
+    rows, columns = np.nonzero(thorax_field(mean_film))
+    height, width = mean_film.shape
+    return (round(columns.min() / width, 3), round(rows.min() / height, 3),
+            round((columns.max() + 1) / width, 3), round((rows.max() + 1) / height, 3))
+
+
+def lungs_in_box(mean_film: np.ndarray, box: Crop, size: int) -> np.ndarray:
+    """The lung fields of the (H, W) mean normal film (`lung_fields`) as seen in the model's input:
+    cut to `box` and resized to (size, size) bool (bilinear, half-covered pixels in). They are found on
+    the whole film: inside the box the lungs touch its edge, and `lung_fields` counts regions that
+    touch the border out. Raises ValueError as `lung_fields`."""
+    lungs = Image.fromarray(lung_fields(mean_film).astype(np.float32))
+    cut = lungs.crop(crop_pixels(box, *mean_film.shape)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(cut) >= 0.5

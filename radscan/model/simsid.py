@@ -355,6 +355,11 @@ class SimSID(nn.Module):
         # normals' mean film before the first epoch, stored and sealed with the weights (radscan.model.field)
         if cfg.field == "thorax":
             self.register_buffer("field_mask", torch.ones(cfg.image_size, cfg.image_size))
+        # the thorax box (cfg.field "thorax-box"; the box itself is cut in preprocessing): 1 on the lung fields
+        # of the training normals' mean film as the box shows them, where the density is averaged and its
+        # map drawn; set by radscan.train, stored and sealed with the weights (radscan.model.field.lungs_in_box)
+        if cfg.field == "thorax-box":
+            self.register_buffer("lung_mask", torch.ones(cfg.image_size, cfg.image_size))
         self.register_buffer("blur_kernel", _gaussian_kernel(cfg.residual_blur_sigma), persistent=False)
         self.register_buffer("explanation_kernel", _gaussian_kernel(cfg.explanation_blur_sigma), persistent=False)
 
@@ -367,7 +372,7 @@ class SimSID(nn.Module):
         """(B, 1, H, W) in [-1, 1] -> the same with everything outside the model's field set to 0 (mid
         grey); the films themselves for a model that sees the whole film. Idempotent, so every entry
         point applies it (generate, the critics, the density, score) and the training step too."""
-        if self.cfg.field == "film":
+        if self.cfg.field != "thorax":  # the whole film, or a thorax box already cut in preprocessing
             return images
         return images * self.field_mask.to(images)
 
@@ -416,8 +421,17 @@ class SimSID(nn.Module):
     def density_regions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B, g, g): how unlikely each region of the film is under the training
         normals' Gaussian of that region (squared Mahalanobis distance of the live discriminator's
-        pooled features; radscan.model.density). Their mean is the raw density score."""
+        pooled features; radscan.model.density). `density_score` averages them."""
         return self.density.distances(self.density_features(images))
+
+    def density_score(self, regions: torch.Tensor) -> torch.Tensor:
+        """(B, g, g) region distances -> (B,) the raw density score: their mean, or for a thorax-box
+        model their mean weighted by each region's share of the lung fields (`lung_mask`), so that
+        only the lungs count."""
+        if self.cfg.field != "thorax-box":
+            return regions.flatten(1).mean(1)
+        weights = F.adaptive_avg_pool2d(self.lung_mask[None, None].to(regions), regions.shape[-1])[0, 0]
+        return (regions * weights).flatten(1).sum(1) / weights.sum().clamp_min(1e-6)
 
     def density_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B, C, g, g) the live discriminator's pooled features of the films in the
@@ -436,7 +450,7 @@ class SimSID(nn.Module):
         residual = (images - student).abs().squeeze(1)
         seed = -self.discriminator(student).float()  # D says "real" for normal reconstructions
         regions = self.density_regions(images) if self.density is not None else None
-        density = regions.flatten(1).mean(1) if regions is not None else torch.full_like(seed, torch.nan)
+        density = self.density_score(regions) if regions is not None else torch.full_like(seed, torch.nan)
         return torch.stack([self.critic_score(images), seed, residual.flatten(1).mean(1).float(), density],
                            dim=1), residual, regions
 
@@ -497,7 +511,7 @@ class SimSID(nn.Module):
                 if not components and kind in ("critic", "density"):  # what the score needs alone: no generator
                     values = torch.full((len(images), len(COMPONENTS)), torch.nan, device=images.device)
                     regions = self.density_regions(images) if kind == "density" else None
-                    values[:, COMPONENTS.index(kind)] = (regions.flatten(1).mean(1) if regions is not None
+                    values[:, COMPONENTS.index(kind)] = (self.density_score(regions) if regions is not None
                                                          else self.critic_score(images).float())
                     return values, zeros, self.density_map(regions) if explain else zeros
                 components, residual, regions = self.raw_scores(images)
@@ -522,12 +536,15 @@ class SimSID(nn.Module):
         film of z-score c: the map's mean is the film's z), enlarged bilinearly, smoothed over
         regions (`explanation_blur_sigma`), and shown where it exceeds the 95th percentile of the
         calibration normals' maps at that pixel (`explanation_normal`); zero outside the model's field
-        (the networks saw nothing there)."""
+        (the networks saw nothing there) and, for a thorax-box model, outside the lung fields (the score
+        counts nothing there)."""
         column = COMPONENTS.index("density")
         z = (regions - self.calibration_mean[column]) / self.calibration_std[column]
         smoothed = self.smooth(upsample_regions(z.float(), self.cfg.image_size), self.explanation_kernel)
         shown = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
-        return shown if self.cfg.field == "film" else shown * self.field_mask.to(shown)
+        if self.cfg.field == "film":
+            return shown
+        return shown * (self.field_mask if self.cfg.field == "thorax" else self.lung_mask).to(shown)
 
     @staticmethod
     def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
