@@ -171,7 +171,8 @@ def _driver(tmp_path: Path, rows: list[dict], pngs: list[bytes], flagged: float,
     """Seconds per image of the driver's writes for 2,000 images (PNGs for the flagged share)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from radscan.score import OutputPaths, write_pictures, write_worklist
+    from radscan.batch import write_pictures
+    from radscan.worklist import OutputPaths, write_worklist
 
     count = 2000
     outputs = OutputPaths.beside(tmp_path / "driver" / "report.csv")

@@ -612,9 +612,12 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
       radscan score /data/incoming --out report.csv --dicom-out results/ --send pacs:104 --called-ae PACS
       radscan score /archive/mimic --out report.csv --scheduler tcp://scheduler:8786
     """
+    from radscan.batch import ScoreSettings
     from radscan.pacs import Destination
-    from radscan.score import OutputPaths, ScoreSettings, check_dicom_settings, load_phi_key
+    from radscan.phi import load_phi_key
+    from radscan.score import check_dicom_settings
     from radscan.score import score as run_score
+    from radscan.worklist import OutputPaths
 
     if residuals and no_residuals:
         raise click.UsageError("--residuals and --no-residuals exclude each other")

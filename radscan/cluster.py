@@ -4,7 +4,7 @@ The driver (the `radscan score` process) lists the files, looks them up in the s
 submits the files to read in batches of `--batch-size` as Dask tasks, a bounded window of them at
 a time. Each worker loads and verifies the model once (a worker plugin), reads its batch by path
 from storage that every worker mounts at the same place, applies the PHI mode, quality control and
-the model with the same functions as a single-machine run (radscan.score.judge_and_score), draws
+the model with the same functions as a single-machine run (radscan.batch.judge_and_score), draws
 the explanation pictures, and sends back only rows and encoded PNGs. The driver stays the single
 writer of the pictures, the state store, the CSVs and the page, so everything a single-machine run
 promises still holds: the lock, incremental reruns, atomic outputs, a killed driver losing at
@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover - Cluster() says what to install
     WorkerPlugin = object
 
 if TYPE_CHECKING:
-    from radscan.score import PhiFilter, ScoredBatch, ScoreSettings
+    from radscan.batch import ScoredBatch, ScoreSettings
+    from radscan.phi import PhiFilter
     from radscan.state import FileIdentity
 
 __all__ = ["Cluster", "parse_scheduler"]
@@ -143,7 +144,7 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
     order and the pictures as PNG bytes (None: remove the stale one)."""
     from distributed import get_worker
 
-    from radscan.score import _Scorer, judge_and_score, prepare_record
+    from radscan.batch import BatchScorer, judge_and_score, prepare_record
 
     plugin = get_worker().plugins[job.plugin]
     if plugin.error is not None:
@@ -158,7 +159,7 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
         items.append((record, image))
     loaded: Future = Future()
     loaded.set_result(plugin.model)
-    scorer = _Scorer(loaded, job.metadata, job.residuals, job.link_base, job.run_id, job.pictures,
+    scorer = BatchScorer(loaded, job.metadata, job.residuals, job.link_base, job.run_id, job.pictures,
                      dicom_pictures=job.dicom_pictures, resolved_roots=job.resolved_roots)
     rows, pictures = judge_and_score(items, plugin.qc, scorer)
     return rows, [(path, picture if picture is None or isinstance(picture, bytes) else picture.png())
@@ -288,7 +289,7 @@ class Cluster:
         from distributed import KilledWorker, as_completed
         from distributed.comm.core import CommClosedError
 
-        from radscan.score import prepare_record
+        from radscan.batch import prepare_record
 
         size = self.settings.batch_size
         batches = (todo[start:start + size] for start in range(0, len(todo), size))

@@ -2,6 +2,10 @@
 
 The grey pipeline follows the DICOM grayscale display pipeline (PS3.4 N.2.1.1) with pydicom's own
 functions: modality LUT -> VOI LUT or window -> MONOCHROME1 inversion. See `radscan.preprocess`.
+
+Importing this module changes two of pydicom's process-wide settings (below the imports): values
+that break the standard are read as they are (reading validation IGNORE, not a warning per element),
+and pydicom's logger shows errors only. Every process that reads DICOM for radscan imports it.
 """
 
 from __future__ import annotations

@@ -330,6 +330,16 @@ def _holds(path: Path, uid: str) -> bool:
     return str(found.get("SOPInstanceUID", "")) == uid
 
 
+def sop_instance_uid(path: Path) -> str:
+    """The SOP Instance UID of the DICOM file in `path` (its header only), or "" when it has none or
+    cannot be read."""
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                   .get("SOPInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - a damaged file names no object
+        return ""
+
+
 def _our_report(path: Path, study_uid: str) -> Dataset | None:
     """The header of the SR in `path` when it is one of radscan's, of the same study (the only
     kind a new SR may name as replaced, PS3.3 C.17.2.3), else None."""

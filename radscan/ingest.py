@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -441,7 +442,7 @@ _watched_parent: int | None = None
 
 def _watch_parent(parent: int) -> None:
     """Start (once per worker, as it starts) a thread that ends this process within a second of
-    `parent` dying.
+    `parent` dying; the worker ignores SIGINT (Ctrl-C is the run's to handle).
 
     Why: joblib's workers are kept for reuse and only notice a dead parent when they next ask it for
     work; a run killed with SIGKILL left them decoding for minutes (issue 22). PR_SET_PDEATHSIG is
@@ -450,6 +451,9 @@ def _watch_parent(parent: int) -> None:
     global _watched_parent
     if _watched_parent == parent:
         return
+    # Ctrl-C reaches every process of the terminal's foreground group: the run stops its workers
+    # itself, and a worker that took the signal printed its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent:  # loky starts its workers from the run itself: the run is gone already
         os._exit(1)
     _watched_parent = parent

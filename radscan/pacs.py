@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from radscan.dicomresults import DicomResult, ResultWriter
+from radscan.dicomresults import DicomResult, ResultWriter, sop_instance_uid
 from radscan.errors import OutputError, SettingError
 from radscan.records import one_line
 from radscan.state import StateStore, StoredRow
@@ -151,7 +151,7 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
             store.update([item for item in page if _deliver_row(item, writer, link_base, scu, store, delivery,
                                                                 sent_now)])
         for page in _pages(store, "rejected", page_size):
-            store.update([item for item in page if _no_results_for_rejected(item, writer)])
+            store.update([item for item in page if _no_results_for_rejected(item, writer, store)])
     finally:
         if scu is not None:
             scu.close()
@@ -206,22 +206,34 @@ def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _S
 REJECTED_RESULT = "none: quality control rejected the film, so the model did not judge it"
 
 
-def _no_results_for_rejected(item: StoredRow, writer: ResultWriter) -> bool:
+def _no_results_for_rejected(item: StoredRow, writer: ResultWriter, store: StateStore) -> bool:
     """A DICOM film quality control rejected has no results; results an earlier run made for it (under
     another --qc, or another model's QC reference) are removed from the folder, since they are no
-    longer its verdict. True when the row changed. (What a PACS was already sent stays there: an SR
-    cannot be withdrawn by C-STORE.)"""
+    longer its verdict. What a PACS was already sent stays there (C-STORE cannot withdraw an object):
+    the row's dicom_result and a WARNING name the PACS and the objects' SOP Instance UIDs (UIDs of
+    radscan's own results, no patient data), for the PACS staff to remove. True when the row changed."""
     row = item.row
     if row.get("kind") != "dicom":
         return False
     before = (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"))
     planned = writer.plan(item.key, row)
-    stale = [path for path, _ in planned.objects if path.is_file()]
+    stale = {path: sop_instance_uid(path) for path, _ in planned.objects if path.is_file()}
     for path in stale:
         _remove_result(path, writer.folder)
     if stale:
         log.info("removed the earlier DICOM results of a film quality control now rejects (%s)", row.get("path"))
-    row["dicom_result"], row["dicom_sr"], row["dicom_sc"] = REJECTED_RESULT, "", ""
+    sent = {uid: store.destinations(uid) for uid in stale.values() if uid}
+    where = sorted({destination for destinations in sent.values() for destination in destinations})
+    result = REJECTED_RESULT
+    if where:
+        uids = ", ".join(uid for uid, destinations in sent.items() if destinations)
+        result = (f"{REJECTED_RESULT}; results of an earlier run were sent to {', '.join(where)} and are still "
+                  f"there: remove SOP Instance UID {uids}")
+        log.warning("%s: the PACS %s holds results radscan sent earlier for a film quality control now rejects; "
+                    "remove them there (SOP Instance UID %s)", row.get("path"), ", ".join(where), uids)
+    elif str(row.get("dicom_result", "")).startswith(f"{REJECTED_RESULT}; "):
+        result = row["dicom_result"]  # said by an earlier run, which removed the files: still true
+    row["dicom_result"], row["dicom_sr"], row["dicom_sc"] = result, "", ""
     return before != (row["dicom_result"], row["dicom_sr"], row["dicom_sc"])
 
 

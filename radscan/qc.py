@@ -38,7 +38,7 @@ from radscan.errors import ModelError
 from radscan.records import ImageRecord, Status
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
-           "fit_reference", "save_reference", "load_reference", "features", "age_in_years", "age_string",
+           "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
            "quality_control",
            "apply_qc"]
 
@@ -357,12 +357,6 @@ def age_in_years(text: str) -> float | None:
         return None
     unit = (match.group(2) or "Y")[0].upper()
     return int(match.group(1)) / _AGE_UNITS[unit]
-
-
-def age_string(years: float) -> str:
-    """Years -> the Age String (PS3.5 6.2) radscan writes outside --phi keep: whole years, and
-    ages of 90 and over as 090Y (HIPAA Safe Harbor makes them one category)."""
-    return f"{min(int(years), 90):03d}Y"
 
 
 @dataclass

@@ -382,6 +382,11 @@ class StateStore:
         return self._db.execute("SELECT 1 FROM sent WHERE sop_instance_uid = ? AND destination = ?",
                                 (sop_instance_uid, destination)).fetchone() is not None
 
+    def destinations(self, sop_instance_uid: str) -> list[str]:
+        """Where a DICOM result was sent (sorted; empty when nowhere)."""
+        return [row[0] for row in self._db.execute("SELECT destination FROM sent WHERE sop_instance_uid = ? "
+                                                   "ORDER BY destination", (sop_instance_uid,))]
+
     def mark_sent(self, sop_instance_uids: Iterable[str], destination: str, sent_at: str) -> None:
         """Record objects the destination accepted, in one transaction."""
         with self._writing(), self._db:

@@ -16,6 +16,7 @@ images, when given, are only measured, epoch by epoch, into the training log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOCK = "train.lock"  # held while a run trains into the folder; removed when it ends
 LOG_FILE = "train_log.jsonl"
+INPUTS_FILE = "training_inputs.csv"  # every file found among the normals, with its status
+SPLIT_FILE = "training_split.csv"  # which normals were trained on and which calibrate
 EXPLANATION_NORMAL_QUANTILE = 0.95
 MIN_CALIBRATION = 5
 FRAMING_COPIES = 2  # framings of each training normal in the feature density's fit (validation: 2 and 4 alike)
@@ -475,13 +478,32 @@ def train(
     while another run trains into the same `out_dir` (two runs would interleave checkpoints)."""
     from radscan.state import hold_lock
 
-    lock = Path(out_dir) / TRAIN_LOCK
-    with hold_lock(lock):
-        try:
-            return _train(normals, Path(out_dir), model_cfg, tcfg, val_normal, val_abnormal, policy, device, workers,
-                          resume, progress, name, init_from, age_range)
-        finally:
-            lock.unlink(missing_ok=True)
+    out_dir = Path(out_dir)
+    fresh = not out_dir.exists()
+    lock = out_dir / TRAIN_LOCK
+    try:
+        with hold_lock(lock):
+            try:
+                return _train(normals, out_dir, model_cfg, tcfg, val_normal, val_abnormal, policy, device, workers,
+                              resume, progress, name, init_from, age_range)
+            except BaseException:
+                _remove_unfinished(out_dir)
+                raise
+            finally:
+                lock.unlink(missing_ok=True)
+    finally:
+        if fresh:  # a refused or failed first run leaves no folder behind (a folder with files stays)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+
+
+def _remove_unfinished(out_dir: Path) -> None:
+    """A run that stops before its first checkpoint (refused: too few normals, no lung fields; or
+    interrupted) leaves no inventory or split behind: they describe a model that does not exist.
+    Called only while holding the run's lock; a checkpoint (to --resume) or a model keeps them."""
+    if not (out_dir / CHECKPOINT_FILE).exists() and not (out_dir / METADATA_FILE).exists():
+        for name in (INPUTS_FILE, SPLIT_FILE):
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig | None,
@@ -490,7 +512,65 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
            init_from: Path | None, age_range: tuple[float, float] | None) -> TrainingResult:
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
-    out_dir = Path(out_dir)
+    _refuse_settings(out_dir, model_cfg, tcfg, resume, val_normal, val_abnormal, init_from)
+    # a model written among the normals would be read back as training images next time
+    check_outputs_apart([*normals, *val_normal, *val_abnormal], [out_dir])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(out_dir, exc) from None
+    data = _read_films(normals, out_dir, model_cfg, tcfg, policy, val_normal, val_abnormal, workers, progress)
+    log.info("training on %d images, calibrating on %d, device %s", len(data.train_images), len(data.calibration),
+             device)
+    trainer = Trainer(data.model_cfg, tcfg, device)
+    run = _start(trainer, data, out_dir, tcfg, device, resume, init_from)
+    _run_epochs(trainer, data, run, out_dir, tcfg, device, progress, started)
+    if run.epochs < data.model_cfg.critic_snapshots and init_from is None:
+        raise SettingError(f"stopped after {run.epochs} epochs, fewer than the {data.model_cfg.critic_snapshots} "
+                           "critic snapshots: raise --max-minutes and rerun with --resume")
+    model = _kept_model(trainer, data, run, tcfg, device)
+    metrics, calibration_scores = finalize(model, data.calibration, data.validation, tcfg, device)
+    metadata = {
+        "name": name or out_dir.name,
+        "version": datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "calibration": {"method": f"calibration normals at specificity {tcfg.target_specificity}",
+                        "n_calibration": int(len(data.calibration)), "target_specificity": tcfg.target_specificity},
+        "training": {
+            "inputs": [str(p) for p in normals],
+            "n_images": int(len(data.images)), "n_train": int(len(data.train_images)),
+            "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
+                           "abnormal": [str(p) for p in val_abnormal]} if data.validation else None,
+            "epochs_run": run.epochs,
+            "shipped": (f"epoch {run.best['epoch']}: the highest validation AUC of the {model.cfg.score_kind} score "
+                        f"({run.best['auc']:.3f})" if run.best else "last epoch"),
+            "stopped_by_budget": run.stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
+            "device": str(device), "train_config": asdict(tcfg),
+            "init_from": str(init_from) if init_from else None,
+        },
+        "metrics": metrics,
+    }
+    if age_range:
+        metadata["population"] = {"age_years": list(age_range)}
+    # the QC step's reference: what an upright frontal film of this site looks like. Every normal
+    # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
+    # gets one, where the training split alone would fall short of 50
+    if len(data.images) >= 50:
+        metadata["qc"] = save_reference(fit_reference(data.images), out_dir)
+    else:
+        log.warning("only %d normal images: no QC reference (needs 50); wrong-way-round and non-chest "
+                    "images will not be caught when this model scores", len(data.images))
+    save_model(model, out_dir, metadata)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    _write_report(model, out_dir, [name for name, held in zip(data.names, data.is_calibration, strict=True) if held],
+                  data.calibration, calibration_scores)
+    return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget)
+
+
+def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, resume: bool,
+                     val_normal: Sequence[str], val_abnormal: Sequence[str], init_from: Path | None) -> None:
+    """Raise SettingError (exit 2) for a run that cannot start: a finished model or an unfinished run
+    in `out_dir` (without --resume), or settings that do not fit together."""
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if (out_dir / METADATA_FILE).exists() and not checkpoint_path.exists():
         raise SettingError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
@@ -508,79 +588,115 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
         raise SettingError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
                            "train longer or keep fewer snapshots")
-    # a model written among the normals would be read back as training images next time
-    check_outputs_apart([*normals, *val_normal, *val_abnormal], [out_dir])
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cannot_write(out_dir, exc) from None
+
+
+@dataclass
+class _Films:
+    """What a run trains, calibrates and validates on, read as the model will read films."""
+
+    images: np.ndarray  # (N, 128, 128) uint8: every usable normal
+    names: list[str]  # their paths relative to the inputs
+    is_calibration: np.ndarray  # (N,) bool: held out to calibrate (split by study)
+    validation: tuple[np.ndarray, np.ndarray] | None  # (normal, abnormal) films, with --val-abnormal
+    model_cfg: SimSIDConfig  # the settings asked for, with a thorax box's crop once found
+    lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
+
+    @property
+    def train_images(self) -> np.ndarray:
+        return self.images[~self.is_calibration]
+
+    @property
+    def calibration(self) -> np.ndarray:
+        return self.images[self.is_calibration]
+
+
+def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, policy: Policy,
+                val_normal: Sequence[str], val_abnormal: Sequence[str], workers: int, progress: bool) -> _Films:
+    """Read the normals (listed in INPUTS_FILE), split them by study into training and calibration
+    (SPLIT_FILE), and read the validation films. Raises NoInputError when either side of the split
+    is too small, SettingError when a thorax field's normals show no lung fields."""
     lungs = None
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs = find_thorax_box(normals, model_cfg, policy, workers, progress)
-
-    images, names, studies = load_images(normals, policy, workers, progress, out_dir / "training_inputs.csv",
-                                         label="normals")
+    images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals")
     is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
     # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
     # digest of each, enough to see which images went to one side together
-    with CsvStream(out_dir / "training_split.csv", ("path", "study_key", "split")) as split_csv:
+    with CsvStream(out_dir / SPLIT_FILE, ("path", "study_key", "split")) as split_csv:
         for path, study, held_out in zip(names, studies, is_calibration, strict=True):
             split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
-    train_images, calibration = images[~is_calibration], images[is_calibration]
-    if len(train_images) < tcfg.batch_size:
-        raise NoInputError(f"only {len(train_images)} training images after the calibration split; "
+    films = _Films(images, names, is_calibration, None, model_cfg, lungs)
+    if len(films.train_images) < tcfg.batch_size:
+        raise NoInputError(f"only {len(films.train_images)} training images after the calibration split; "
                            f"need at least one batch of {tcfg.batch_size}")
-    if len(calibration) < MIN_CALIBRATION:  # refused now, not after the epochs (calibrate needs them)
-        raise NoInputError(f"only {len(calibration)} calibration normals after the split (--calibration-fraction "
-                           f"{tcfg.calibration_fraction:g} of {len(images)}); at least {MIN_CALIBRATION} are needed: "
-                           "give more normals or a larger --calibration-fraction")
-    validation = None
+    if len(films.calibration) < MIN_CALIBRATION:  # refused now, not after the epochs (calibrate needs them)
+        raise NoInputError(f"only {len(films.calibration)} calibration normals after the split "
+                           f"(--calibration-fraction {tcfg.calibration_fraction:g} of {len(images)}); at least "
+                           f"{MIN_CALIBRATION} are needed: give more normals or a larger --calibration-fraction")
     if val_abnormal:
         validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals")[0]
-                              if val_normal else calibration)
-        validation = (validation_normals,
-                      load_images(val_abnormal, policy, workers, progress, label="validation abnormals")[0])
-    log.info("training on %d images, calibrating on %d, device %s", len(train_images), len(calibration), device)
+                              if val_normal else films.calibration)
+        films.validation = (validation_normals,
+                            load_images(val_abnormal, policy, workers, progress, label="validation abnormals")[0])
+    return films
 
-    trainer = Trainer(model_cfg, tcfg, device)
-    resuming = resume and checkpoint_path.exists()
-    if init_from is not None and not resuming:
+
+@dataclass
+class _Run:
+    """Where a run stands: epochs completed, and what the epochs leave for the end."""
+
+    epochs: int = 0
+    stopped_by_budget: bool = False
+    density_fitted: bool = False  # evaluate_epoch fits it to each epoch's weights
+    best: dict[str, Any] | None = None  # with --keep best: the weights, epoch and AUC of the best epoch so far
+
+
+def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, device: torch.device, resume: bool,
+           init_from: Path | None) -> _Run:
+    """The weights to start from: a checkpoint to resume (it holds the model's field), an existing
+    model's (--init-from), or new ones with the field found from the normals. Raises ModelError for a
+    checkpoint that is not this run's, SettingError for an --init-from of another architecture."""
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    if resume and checkpoint_path.exists():
+        try:
+            checkpoint = _load_checkpoint(checkpoint_path, device)
+            epochs = trainer.restore(checkpoint)
+        except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
+            raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
+                             "resume with the settings it was started with, or choose another --out") from None
+        if not 0 <= epochs <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
+            raise ModelError(f"the training checkpoint {checkpoint_path} says {epochs} epochs were run, outside "
+                             f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
+        log.info("resumed after epoch %d", epochs)
+        return _Run(epochs=epochs, best=checkpoint.get("best") if tcfg.keep == "best" else None)
+    if init_from is not None:
         from radscan.model.io import load_model
 
         start, start_metadata = load_model(init_from)
-        if start.cfg != model_cfg:
+        if start.cfg != films.model_cfg:
             raise SettingError(f"{init_from} has another architecture than the one asked for: use its preset and "
                                "settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
-    if model_cfg.field == "thorax" and init_from is None and not resuming:  # a resumed run's is in its checkpoint
-        set_thorax_field(trainer.model, train_images)
-    if lungs is not None and init_from is None and not resuming:
-        trainer.model.lung_mask.copy_(torch.from_numpy(lungs.astype(np.float32)))
-    start_epoch = 0
-    best: dict[str, Any] | None = None  # with --keep best: the weights, epoch and AUC of the best epoch so far
-    if resuming:
-        try:
-            checkpoint = _load_checkpoint(checkpoint_path, device)
-            start_epoch = trainer.restore(checkpoint)
-        except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
-            raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
-                             "resume with the settings it was started with, or choose another --out") from None
-        if not 0 <= start_epoch <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
-            raise ModelError(f"the training checkpoint {checkpoint_path} says {start_epoch} epochs were run, outside "
-                             f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
-        log.info("resumed after epoch %d", start_epoch)
-        best = checkpoint.get("best")
+        return _Run()
+    if films.model_cfg.field == "thorax":
+        set_thorax_field(trainer.model, films.train_images)
+    if films.lungs is not None:
+        trainer.model.lung_mask.copy_(torch.from_numpy(films.lungs.astype(np.float32)))
+    return _Run()
+
+
+def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg: TrainConfig, device: torch.device,
+                progress: bool, started: float) -> None:
+    """Train from `run.epochs` to `tcfg.epochs` (or until the time budget), evaluating each epoch into
+    the training log and writing a checkpoint after it; updates `run`."""
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
-    stopped_by_budget = False
-    epoch = start_epoch
+    train_images = films.train_images
     tensor_images = torch.from_numpy(train_images)
     batches_per_epoch = len(train_images) // tcfg.batch_size  # drop the ragged last batch
-
-    density_fitted = False  # evaluate_epoch fits it to each epoch's weights, the last ones included
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as training_log:
-        for epoch in range(start_epoch, tcfg.epochs):
+        for epoch in range(run.epochs, tcfg.epochs):
             trainer.take_snapshot()
             generator = torch.Generator().manual_seed(tcfg.seed * 100_003 + epoch)
             torch.manual_seed(tcfg.seed * 100_003 + epoch)
@@ -603,12 +719,13 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
                     counts[key] = counts.get(key, 0) + 1
                 bar.set_postfix({k: f"{sums[k] / counts[k]:.4f}" for k in ("d", "student") if k in sums})
                 if time.monotonic() - started > budget_s:
-                    stopped_by_budget = True
+                    run.stopped_by_budget = True
                     break
             bar.close()
             trainer.schedule.step()
-            metrics = evaluate_epoch(trainer.model, train_images, calibration, validation, 64, device, tcfg.seed)
-            density_fitted = True
+            metrics = evaluate_epoch(trainer.model, train_images, films.calibration, films.validation, 64, device,
+                                     tcfg.seed)
+            run.epochs, run.density_fitted = epoch + 1, True
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
@@ -616,59 +733,26 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             training_log.flush()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
             if tcfg.keep == "best":
-                best = _better(best, trainer.model, epoch + 1, metrics[f"val_auc_{model_cfg.score_kind}"])
-            _save_checkpoint({**trainer.state(epoch + 1), **({"best": best} if best else {})}, checkpoint_path)
-            if stopped_by_budget:
+                run.best = _better(run.best, trainer.model, epoch + 1,
+                                   metrics[f"val_auc_{trainer.model.cfg.score_kind}"])
+            _save_checkpoint({**trainer.state(epoch + 1), **({"best": run.best} if run.best else {})},
+                             out_dir / CHECKPOINT_FILE)
+            if run.stopped_by_budget:
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
-    if epoch + 1 < model_cfg.critic_snapshots and init_from is None:
-        raise SettingError(f"stopped after {epoch + 1} epochs, fewer than the {model_cfg.critic_snapshots} critic "
-                           "snapshots: raise --max-minutes and rerun with --resume")
 
+
+def _kept_model(trainer: Trainer, films: _Films, run: _Run, tcfg: TrainConfig, device: torch.device) -> SimSID:
+    """The model to save, in eval mode: the last epoch's, or with --keep best the best epoch's, its
+    feature density fitted."""
     model = trainer.model.eval()
-    if best is not None:  # its density was fitted and its calibration set when it was evaluated
-        model.load_state_dict(best["model"])
-        density_fitted = True
-        log.info("keeping epoch %d of %d: validation AUC %.3f (%s)", best["epoch"], epoch + 1, best["auc"],
-                 model_cfg.score_kind)
-    if not density_fitted:  # resumed after the last epoch: nothing was fitted in this process
-        fit_density(model, train_images, tcfg.seed, device)
-    metrics, calibration_scores = finalize(model, calibration, validation, tcfg, device)
-    metadata = {
-        "name": name or out_dir.name,
-        "version": datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S"),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "calibration": {"method": f"calibration normals at specificity {tcfg.target_specificity}",
-                        "n_calibration": int(len(calibration)), "target_specificity": tcfg.target_specificity},
-        "training": {
-            "inputs": [str(p) for p in normals],
-            "n_images": int(len(images)), "n_train": int(len(train_images)),
-            "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
-                           "abnormal": [str(p) for p in val_abnormal]} if validation else None,
-            "epochs_run": epoch + 1,
-            "shipped": (f"epoch {best['epoch']}: the highest validation AUC of the {model_cfg.score_kind} score "
-                        f"({best['auc']:.3f})" if best else "last epoch"),
-            "stopped_by_budget": stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
-            "device": str(device), "train_config": asdict(tcfg),
-            "init_from": str(init_from) if init_from else None,
-        },
-        "metrics": metrics,
-    }
-    if age_range:
-        metadata["population"] = {"age_years": list(age_range)}
-    # the QC step's reference: what an upright frontal film of this site looks like. Every normal
-    # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
-    # gets one, where the training split alone would fall short of 50
-    if len(images) >= 50:
-        metadata["qc"] = save_reference(fit_reference(images), out_dir)
-    else:
-        log.warning("only %d normal images: no QC reference (needs 50); wrong-way-round and non-chest "
-                    "images will not be caught when this model scores", len(images))
-    save_model(model, out_dir, metadata)
-    checkpoint_path.unlink(missing_ok=True)
-    _write_report(model, out_dir, [name for name, held in zip(names, is_calibration, strict=True) if held], calibration,
-                  calibration_scores)
-    return TrainingResult(out_dir, epoch + 1, metrics, stopped_by_budget)
+    if run.best is not None:  # its density was fitted and its calibration set when it was evaluated
+        model.load_state_dict(run.best["model"])
+        log.info("keeping epoch %d of %d: validation AUC %.3f (%s)", run.best["epoch"], run.epochs, run.best["auc"],
+                 model.cfg.score_kind)
+    elif not run.density_fitted:  # resumed after the last epoch: nothing was fitted in this process
+        fit_density(model, films.train_images, tcfg.seed, device)
+    return model
 
 
 def _write_report(model: SimSID, out_dir: Path, names: Sequence[str], calibration: np.ndarray,

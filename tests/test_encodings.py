@@ -69,9 +69,15 @@ def variants(tmp_path_factory, cxr_dir) -> dict[str, Path]:
         "dcm_16bit_mono1_j2k": lambda p: _dicom(p, 65535 - wide, "MONOCHROME1", JPEG2000Lossless,
                                                 window=full_window),
     }
+    written = {}
     for name, write in made.items():  # DICOM files without extension: kind comes from content
-        write(folder / name)
-    return {name: folder / name for name in made}
+        try:
+            write(folder / name)
+        except (RuntimeError, NotImplementedError) as exc:  # pydicom finds no encoder: the codecs extra is missing
+            written[name] = f"cannot encode without the codecs extra (pip install -e .[codecs]): {exc}"
+            continue
+        written[name] = folder / name
+    return written
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,8 @@ def reference(tmp_path_factory, cxr_dir) -> np.ndarray:
     "dcm_16bit_window", "dcm_16bit_mono1_j2k",
 ])
 def test_every_encoding_gives_the_same_model_input(variants, reference, name):
+    if isinstance(variants[name], str):
+        pytest.skip(variants[name])
     assert np.array_equal(_model_input(variants[name]), reference)
 
 

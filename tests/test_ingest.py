@@ -333,6 +333,46 @@ def test_to_model_input_rejects_anything_but_8bit_grey():
         to_model_input(np.zeros((10, 10), dtype=np.float32))
 
 
+_fractions = st.floats(0, 1, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 600), width=st.integers(1, 600), a=_fractions, b=_fractions, c=_fractions, d=_fractions)
+@example(height=1, width=1, a=0.0, b=0.0, c=1.0, d=1.0)
+def test_a_models_box_is_cut_from_films_of_any_size_at_their_own_resolution(height, width, a, b, c, d):
+    """A thorax-box model's crop (fractions of the film) is cut before resizing, from films of any
+    size, down to one pixel; what comes out is always the model's 128 x 128 input, and the box's
+    content is what it shows."""
+    from radscan.preprocess import crop_pixels
+
+    left, right = sorted((a, c))
+    top, bottom = sorted((b, d))
+    if not (left < right and top < bottom):
+        with pytest.raises(ValueError, match="crop must be"):
+            Policy(crop=(left, top, right, bottom))
+        return
+    crop = Policy(crop=(left, top, right, bottom)).crop
+    x0, y0, x1, y1 = crop_pixels(crop, height, width)
+    assert 0 <= x0 < x1 <= max(width, x0 + 1) and 0 <= y0 < y1 <= max(height, y0 + 1) and x1 <= width and y1 <= height
+    film = np.zeros((height, width), dtype=np.uint8)
+    film[y0:y1, x0:x1] = 200  # the box bright, the rest black
+    model_input = to_model_input(film, crop)
+    assert model_input.shape == (128, 128) and model_input.dtype == np.uint8
+    assert model_input.min() >= 199  # nothing from outside the box
+    assert np.array_equal(to_model_input(film), to_model_input(film, None))
+
+
+def test_ingest_cuts_the_models_box_from_dicom_and_raster_files_alike(tmp_path):
+    crop = (0.1, 0.2, 0.8, 0.9)
+    for found in find_files([str(CXR_DIR / "kermany_pediatric_fullres"), str(DICOM_DIR / "fo-dicom")])[:40]:
+        record, whole = ingest_file(found, Policy(modalities=None, body_parts=None))
+        if whole is None:
+            continue
+        cut = ingest_file(found, Policy(modalities=None, body_parts=None, crop=crop))[1]
+        assert cut.shape == (128, 128), record.path
+        assert not np.array_equal(cut, whole) or whole.min() == whole.max(), record.path
+
+
 @functools.cache
 def _seeds() -> dict[str, bytes]:
     """Real files of each kind, the starting points of the damage (read on first use)."""

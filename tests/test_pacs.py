@@ -254,6 +254,14 @@ def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_
                        "--qc", "off")
     assert result.exit_code == ExitCode.OK, result.output
     assert _rows(out)[0]["dicom_result"] == "written" and len(list(folder.iterdir())) == 2
+    uids = sorted(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in folder.iterdir())
+    sent = how == "upside down"
+    if sent:  # as a run with --send records what the PACS accepted
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "report.state.sqlite") as db:
+            db.executemany("INSERT INTO sent VALUES (?, 'PACS@127.0.0.1:104', '2026-12-01T02:00:00+00:00')",
+                           [(uid,) for uid in uids])
     result, summary = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out",
                              str(folder))
     assert result.exit_code == ExitCode.OK, result.output
@@ -261,6 +269,12 @@ def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_
     assert row["status"] == "rejected", row
     assert row["dicom_result"].startswith("none: quality control rejected") and not row["dicom_sr"]
     assert list(folder.iterdir()) == []
+    # what the PACS was sent earlier cannot be withdrawn by C-STORE: the row and a WARNING say where it is
+    assert ("PACS@127.0.0.1:104" in row["dicom_result"] and all(uid in row["dicom_result"] for uid in uids)) == sent
+    assert ("holds results radscan sent earlier" in result.output) == sent
+    if sent:  # a later run, with nothing left in the folder, still says where those results are
+        _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder))
+        assert all(uid in _rows(out)[0]["dicom_result"] for uid in uids)
 
 
 def _items(dataset):

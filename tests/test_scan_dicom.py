@@ -149,10 +149,13 @@ def test_decode_errors_say_what_to_do(wide_rows):
 
 def test_reasons_are_plain_words(default_rows, wide_rows):
     # decoders' and Python's own messages go to the log; a row's reason is for a PACS admin
+    checked = 0
     for rows in (default_rows, wide_rows):
         for row in rows.values():
-            if row["status"] == "error":
+            if row["status"] in ("error", "skipped"):
                 assert_plain(row["reason"])
+                checked += 1
+    assert checked >= 10  # the collection holds damaged, foreign and unsupported files: the test has work
 
 
 def _lungs_darker_than_mediastinum(preview: np.ndarray) -> bool:

@@ -21,8 +21,8 @@ from PIL import Image
 
 from radscan.cli import cli
 from radscan.errors import ExitCode, LockHeldError
-from radscan.score import REPORT_COLUMNS, STUDY_COLUMNS
 from radscan.state import hold_lock
+from radscan.worklist import REPORT_COLUMNS, STUDY_COLUMNS
 
 from .conftest import CXR_DIR, DICOM_DIR
 
@@ -266,7 +266,7 @@ def test_the_worklist_files_are_put_in_place_together(studies, tiny_model, tmp_p
     import errno
 
     import radscan.report as report_module
-    import radscan.score as score_module
+    import radscan.worklist as worklist_module
 
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
@@ -279,7 +279,7 @@ def test_the_worklist_files_are_put_in_place_together(studies, tiny_model, tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(score_module, "render_worklist_html", page_fails)
+        patch.setattr(worklist_module, "render_worklist_html", page_fails)
         assert _run(*args).exit_code == ExitCode.CANT_CREATE
     after = {name: out.with_name(name).read_bytes() for name in names}
     assert after["report.csv"] == before["report.csv"] and after["report_studies.csv"] == before["report_studies.csv"]
@@ -394,8 +394,9 @@ def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
 
 
 def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
+    from radscan.batch import picture_caption
+    from radscan.phi import PhiFilter
     from radscan.records import ImageRecord
-    from radscan.score import PhiFilter, picture_caption
 
     record = ImageRecord(path="nih/a.dcm", root="/in", kind="dicom", PatientID=PATIENT_ID,
                          AccessionNumber="ACC\n42", ViewPosition="PA", StudyDate="2026-11-29")

@@ -413,7 +413,8 @@ def test_a_thorax_field_model_is_found_trained_sealed_and_blind_outside_it(norma
     assert (after.explanation_maps[:, ~field] == 0).all()
 
 
-def test_a_thorax_field_is_refused_for_normals_that_show_no_chest(tmp_path):
+@pytest.mark.parametrize("field", ["thorax", "thorax-box"])
+def test_a_thorax_field_is_refused_for_normals_that_show_no_chest(tmp_path, field):
     folder = tmp_path / "not-chests"
     folder.mkdir()
     rng = np.random.default_rng(1)
@@ -421,6 +422,111 @@ def test_a_thorax_field_is_refused_for_normals_that_show_no_chest(tmp_path):
         Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(folder / f"{index}.png")
     result = CliRunner().invoke(cli, ["-q", "train", str(folder), "--out", str(tmp_path / "m"), "--preset", "tiny",
                                       "--epochs", "2", "--batch-size", "8", "--workers", "1", "--critic-snapshots",
-                                      "2", "--field", "thorax"])
-    assert result.exit_code != 0 and "lung fields" in result.output and "--field film" in result.output
-    assert not (tmp_path / "m" / "model.safetensors").exists()
+                                      "2", "--field", field])
+    assert result.exit_code == ExitCode.USAGE and "lung fields" in result.output and "--field film" in result.output
+    assert not (tmp_path / "m").exists()  # a refused run leaves nothing behind, not even its inventory
+
+
+def test_a_refused_run_leaves_no_inventory_in_a_folder_it_did_not_make(normals, tmp_path):
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(normals.iterdir())[:12]:
+        shutil.copy(path, few / path.name)
+    result = CliRunner().invoke(cli, ["-q", "train", str(few), "--out", str(out), "--preset", "tiny", "--epochs", "2",
+                                      "--batch-size", "8", "--workers", "1", "--critic-snapshots", "2"])
+    assert result.exit_code != 0 and "calibration normals" in result.output
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_thorax_box_model_reads_every_film_cut_to_its_box_and_counts_only_the_lungs(normals, trained, tmp_path):
+    """`--field thorax-box`: the box comes from the normals' mean film, is sealed with the weights,
+    and every command that reads films for the model cuts them to it at their own resolution; the
+    density averages the lung fields only and its map has no mass outside them."""
+    from radscan.model.metadata import read_metadata
+    from radscan.policy import for_model
+    from radscan.preprocess import to_model_input
+
+    out = tmp_path / "box"
+    result = CliRunner().invoke(cli, [
+        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "2", "--batch-size", "8",
+        "--workers", "1", "--critic-snapshots", "2", "--field", "thorax-box", "--score", "density", "--json"])
+    assert result.exit_code == 0, result.output
+    model, metadata = load_model(out)
+    left, top, right, bottom = metadata["config"]["crop"]
+    assert 0.02 < left < 0.3 and 0.7 < right < 0.98 and 0.02 < top < 0.35 and 0.7 < bottom <= 1.0
+    lungs = model.lung_mask.bool()
+    assert 0.2 < lungs.float().mean() < 0.8  # the lungs fill much more of the box than of the film (16-19%)
+    assert "box             " in CliRunner().invoke(cli, ["info", str(out)]).output
+
+    reading = for_model(Policy(), read_metadata(out))
+    assert reading.crop == (left, top, right, bottom)
+    films = load_images([str(normals)], reading, workers=1, progress=False)[0][:6]
+    by_hand = np.stack([to_model_input(np.asarray(Image.open(path).convert("L")), reading.crop)
+                        for path in sorted(normals.iterdir())[:6]])
+    assert np.array_equal(films, by_hand)
+
+    # only the lungs count: the regions they do not cover add nothing to the score, and the map is
+    # drawn on the lung fields alone (the networks see the whole box: what lies there still shapes
+    # the features of the lung regions)
+    weights = torch.nn.functional.adaptive_avg_pool2d(model.lung_mask[None, None], 8)[0, 0]
+    assert (weights == 0).any() and (weights > 0).any()
+    before = score_arrays(model, films, explain=True)
+    with torch.inference_mode():
+        regions = model.density_regions(to_model_tensor(films))
+    torch.testing.assert_close(model.density_score(regions), before.raw_scores)
+    elsewhere = regions.clone()
+    elsewhere[:, weights == 0] += 1000.0
+    torch.testing.assert_close(model.density_score(elsewhere), model.density_score(regions))
+    assert not torch.allclose(model.density_score(regions), regions.flatten(1).mean(1))
+    assert (before.explanation_maps[:, ~lungs] == 0).all() and (before.explanation_maps[:, lungs] > 0).any()
+
+    # scoring from the command line cuts the films the same way
+    report = tmp_path / "report.csv"
+    scored = CliRunner().invoke(cli, ["-q", "score", str(normals), "--model", str(out), "--out", str(report),
+                                      "--workers", "1", "--qc", "off"])
+    assert scored.exit_code in (0, 1), scored.output
+    import csv
+
+    rows = {row["path"]: float(row["score_raw"]) for row in csv.DictReader(report.open()) if row["score_raw"]}
+    names = [path.name for path in sorted(normals.iterdir())[:6]]
+    np.testing.assert_allclose([rows[name] for name in names], before.raw_scores.numpy(), rtol=1e-5)
+
+    # evaluate reads the films once per way of reading: a box model beside a whole-film one, compared
+    abnormal = tmp_path / "pneumonia"
+    abnormal.mkdir()
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:12]:
+        shutil.copy(path, abnormal / path.name)
+    evaluated = CliRunner().invoke(cli, ["-q", "evaluate", "--normal", str(normals), "--abnormal", str(abnormal),
+                                         "--model", str(out), "--model", str(trained), "--workers", "1", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    summary = json.loads(evaluated.stdout)
+    assert [model["normal"] for model in summary["models"]] == [48, 48] and len(summary["comparisons"]) == 1
+    from sklearn.metrics import roc_auc_score
+
+    box_scores = score_arrays(model, np.concatenate([
+        load_images([str(normals)], reading, workers=1, progress=False)[0],
+        load_images([str(abnormal)], reading, workers=1, progress=False)[0]])).scores.numpy()
+    assert abs(summary["auc"] - roc_auc_score(np.r_[np.zeros(48), np.ones(12)], box_scores)) < 1e-9
+
+
+def test_keep_best_saves_the_epoch_with_the_highest_validation_auc(normals, tmp_path):
+    abnormal = tmp_path / "pneumonia"
+    abnormal.mkdir()
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:16]:
+        shutil.copy(path, abnormal / path.name)
+    with pytest.raises(Exception, match="needs --val-abnormal"):
+        train([str(normals)], tmp_path / "refused", TINY, TrainConfig(epochs=3, batch_size=8, keep="best"),
+              workers=1, progress=False)
+    out = tmp_path / "best"
+    train([str(normals)], out, TINY, TrainConfig(epochs=3, batch_size=8, seed=3, keep="best"),
+          val_abnormal=[str(abnormal)], workers=1, progress=False)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    aucs = [entry["val_auc_critic"] for entry in log]
+    best = int(np.argmax(aucs)) + 1  # the first of equal ones
+    metadata = json.loads((out / "model.json").read_text())
+    assert metadata["training"]["shipped"].startswith(f"epoch {best}:")
+    assert metadata["training"]["epochs_run"] == 3
+    assert abs(metadata["metrics"]["val_auc"] - aucs[best - 1]) < 1e-6
