@@ -94,8 +94,8 @@ PictureActions = list[tuple[Path, "PictureJob | FilmPicture | bytes | None"]]
 
 class BatchScorer:
     """The model side of the pipeline: batches in, rows and explanation pictures out. The model
-    arrives from a loading thread (importing torch and loading weights takes 1-2 s, hidden behind
-    the first decodes); the first use waits for it and raises the loader's error, if any. Pure: it
+    arrives from a loading thread (reading and verifying the weights, hidden behind the first
+    decodes); the first use waits for it and raises the loader's error, if any. Pure: it
     writes nothing, so that it runs the same on a cluster's workers (radscan.cluster)."""
 
     def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
@@ -121,9 +121,9 @@ class BatchScorer:
     def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> tuple[list[dict[str, Any]],
                                                                                    PictureActions]:
         """Rows of the scored `records` (in order) and what to do to their pictures."""
-        from radscan.model.runtime import score_arrays
-
         threshold = self.threshold  # also makes sure the model loaded before any row is saved
+        from radscan.model.runtime import score_arrays  # imported by then (not alongside the loader)
+
         if not records:
             return [], []
         batch = np.stack(images)

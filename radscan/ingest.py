@@ -8,6 +8,7 @@ files there are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -419,7 +420,9 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
         parallel = _workers(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
                             timeout=timeout)
         try:
-            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:end]):
+            with _ctrl_c_blocked():  # the call starts the workers (joblib primes its generator)
+                results = parallel(delayed(ingest_file)(found, policy) for found in files[done:end])
+            for result in results:
                 yield result
                 done += 1
         except Exception as exc:  # TerminatedWorkerError, TimeoutError: a worker died or hung
@@ -427,6 +430,22 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
             for found in files[done:min(end, done + ahead + _BATCH * effective_n_jobs(workers))]:
                 yield _ingest_isolated(found, policy, timeout)
                 done += 1
+
+
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while it starts worker processes. They inherit the mask, so a
+    Ctrl-C during their start-up (before `_watch_parent` makes them ignore it) does not print their
+    import tracebacks; this process still gets it (in another thread, or here when unblocked: a
+    blocked signal waits, it is not lost)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _workers(**kwargs: Any) -> Any:

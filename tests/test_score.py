@@ -789,3 +789,32 @@ def test_dicom_files_without_a_study_uid_are_told_apart_by_patient_as_the_phi_mo
         assert "P-1001" not in row["study_key"] and "P-2002" not in row["study_key"] and "A7" not in row["study_key"]
     again = _run(*args)
     assert json.loads(again.stdout)["scored_now"] == 0  # the split keys are stable from run to run
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test run started in the background ignores SIGINT
+
+
+@pytest.mark.parametrize("after_s", [0.9, 1.4, 2.5])
+def test_ctrl_c_in_the_first_seconds_stops_the_run_cleanly(tmp_path, after_s):
+    """Issue 21: a terminal's Ctrl-C reaches every process of the run. In its first seconds (decoding
+    workers starting, torch loading) it printed the workers' KeyboardInterrupt tracebacks, and once
+    in seven tries hung the run in Python's import lock. It must stop with exit 130, one line, and no
+    worker left behind."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "radscan", "score", str(CXR_DIR / "kermany_pediatric_224/val_abnormal"),
+         "--out", str(tmp_path / "report.csv"), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_default_sigint)
+    time.sleep(after_s)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop within 60 s of Ctrl-C")
+    assert process.returncode == ExitCode.INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # the group is empty: no decoding worker survived the run
+        os.killpg(process.pid, 0)
