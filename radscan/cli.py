@@ -33,7 +33,7 @@ from radscan.policy import (
     Policy,
     parse_list,
 )
-from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, QualityControl, quality_control
+from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, quality_control
 from radscan.recipe import MODEL_SETTINGS, PRESET, TrainConfig
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
@@ -240,15 +240,6 @@ views_option = click.option(
     help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
 
 
-def _quality_control(model: Path | None, qc_mode: str, views: str) -> QualityControl:
-    """The QC step of `model` (default: the shipped one), as `radscan score` runs it."""
-    from radscan.model.metadata import read_metadata
-    from radscan.score import default_model_dir
-
-    model_dir = model or default_model_dir()
-    return quality_control(model_dir, read_metadata(model_dir), qc_mode, parse_list(views))
-
-
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("paths", nargs=-1, required=True, type=INPUT_PATH)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -277,9 +268,18 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
       radscan scan /data/incoming --out inventory.csv --previews previews/
       radscan scan /data/incoming --out inventory.csv --qc off --modalities all
     """
+    from radscan.model.metadata import read_metadata, verify_without_loading
+    from radscan.policy import for_model
     from radscan.scan import scan as run_scan
+    from radscan.score import default_model_dir
 
-    qc = _quality_control(model, qc_mode, views) if qc_mode != "off" else None
+    qc = None
+    if model is not None or qc_mode != "off":  # read films as that model does: a thorax-box model's box
+        model_dir = model or default_model_dir()
+        metadata = read_metadata(model_dir)
+        verify_without_loading(model_dir, metadata)
+        policy = for_model(policy, metadata)
+        qc = quality_control(model_dir, metadata, qc_mode, parse_list(views)) if qc_mode != "off" else None
     summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc,
                        study_key=study_key)
     if as_json:
@@ -507,7 +507,8 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"quality control {_describe_qc(reference, metadata)}",
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "
-        f"{training.get('minutes')} min on {training.get('device')}",
+        f"{training.get('minutes')} min on {training.get('device')}"
+        + (f"; kept {training['shipped']}" if str(training.get("shipped", "last epoch")) != "last epoch" else ""),
         *_describe_metrics(metadata.get("metrics", {})),
         f"weights sha256  {metadata['weights']['sha256']}",
         "use             research and triage support only, not a diagnosis",

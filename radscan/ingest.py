@@ -34,7 +34,7 @@ from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
 __all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "distinct_inputs", "find_files",
-           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs",
+           "sniff_kind", "ingest_file", "iter_ingested", "ctrl_c_deferred", "Ingested", "load_images", "check_inputs",
            "fallback_study_key", "assign_study_keys"]
 
 log = logging.getLogger(__name__)
@@ -420,9 +420,7 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
         parallel = _workers(n_jobs=workers, return_as="generator", batch_size=_BATCH, pre_dispatch=str(ahead),
                             timeout=timeout)
         try:
-            with _ctrl_c_blocked():  # the call starts the workers (joblib primes its generator)
-                results = parallel(delayed(ingest_file)(found, policy) for found in files[done:end])
-            for result in results:
+            for result in parallel(delayed(ingest_file)(found, policy) for found in files[done:end]):
                 yield result
                 done += 1
         except Exception as exc:  # TerminatedWorkerError, TimeoutError: a worker died or hung
@@ -433,11 +431,12 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
 
 
 @contextlib.contextmanager
-def _ctrl_c_blocked() -> Iterator[None]:
-    """SIGINT blocked in this thread while it starts worker processes. They inherit the mask, so a
-    Ctrl-C during their start-up (before `_watch_parent` makes them ignore it) does not print their
-    import tracebacks; this process still gets it (in another thread, or here when unblocked: a
-    blocked signal waits, it is not lost)."""
+def ctrl_c_deferred() -> Iterator[None]:
+    """SIGINT blocked in this (main) thread for the block: a Ctrl-C waits, it is not lost, and is
+    raised when the block ends (or taken at once by another thread of the process, if one runs).
+    For imports that must not be interrupted: a KeyboardInterrupt inside torch's C++ start-up
+    aborts the process (exit 134). (Worker processes do not inherit the mask: loky's spawn resets
+    it, so a Ctrl-C in their first second still prints their import tracebacks.)"""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from radscan.errors import ModelError
+
 __all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "STUDY_KEYS", "FOLDER_STUDY_LIMIT",
            "parse_list", "for_model"]
 
@@ -63,9 +65,18 @@ def for_model(policy: Policy, metadata: dict[str, Any]) -> Policy:
     """`policy` reading films as the model in `metadata` (its model.json) was trained on them: cut to
     its box when it has one (model setting ``crop``; field "thorax-box"). model.json is read before
     the weights are verified; load_model refuses a run whose model.json differs from the settings
-    sealed in the weights, before any score is kept."""
+    sealed in the weights, before any score is kept. Raises ModelError (exit 65) for a crop that is
+    not a box (model.json edited)."""
     crop = (metadata.get("config") or {}).get("crop") or None
-    return replace(policy, crop=tuple(float(f) for f in crop) if crop else None)
+    if crop is None:
+        return replace(policy, crop=None)
+    try:
+        if not isinstance(crop, list) or len(crop) != 4 or not all(isinstance(f, (int, float)) for f in crop):
+            raise ValueError("not four numbers")
+        return replace(policy, crop=tuple(float(f) for f in crop))
+    except ValueError:
+        raise ModelError(f"the model's crop in model.json ({str(crop)[:80]}) is not a box of four fractions, left < "
+                         "right and top < bottom: the file was edited; restore it") from None
 
 
 def parse_list(text: str) -> tuple[str, ...] | None:

@@ -49,6 +49,7 @@ from radscan.ingest import (
     Found,
     check_inputs,
     check_outputs_apart,
+    ctrl_c_deferred,
     distinct_inputs,
     fallback_study_key,
     find_files,
@@ -162,8 +163,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     # loading thread only reads the weights: a Ctrl-C that lands inside Python's import machinery
     # while a second thread imports (the loader, importing torch) can leave the import lock held and
     # hang the run instead of stopping it (seen, 1 in 7 runs interrupted in their first 2 s)
-    import radscan.model.io
-    import radscan.model.runtime  # noqa: F401
+    with ctrl_c_deferred():  # and not inside torch's C++ start-up, which aborts on it (exit 134)
+        import radscan.model.io
+        import radscan.model.runtime  # noqa: F401
 
     with hold_lock(outputs.lock) as lock, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:

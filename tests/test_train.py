@@ -494,6 +494,27 @@ def test_a_thorax_box_model_reads_every_film_cut_to_its_box_and_counts_only_the_
     names = [path.name for path in sorted(normals.iterdir())[:6]]
     np.testing.assert_allclose([rows[name] for name in names], before.raw_scores.numpy(), rtol=1e-5)
 
+    # scan shows what the model sees, and refuses a model whose box was edited, as score does
+    previews = tmp_path / "previews"
+    scanned = CliRunner().invoke(cli, ["-q", "scan", str(normals), "--out", str(tmp_path / "inv.csv"), "--model",
+                                       str(out), "--previews", str(previews), "--workers", "1"])
+    assert scanned.exit_code == 0, scanned.output
+    preview = {row["path"]: row["preview_png"] for row in csv.DictReader((tmp_path / "inv.csv").open())}
+    assert np.array_equal(np.asarray(Image.open(tmp_path / preview[names[0]])), films[0])
+    for crop in ("0.1,0.1,0.9,0.9", [0.9, 0.9, 0.1, 0.1], [0.1, 0.1, 0.9], [left, top, right, bottom + 0.01]):
+        edited = tmp_path / "edited"
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(out, edited)
+        metadata_file = edited / "model.json"
+        changed_metadata = json.loads(metadata_file.read_text())
+        changed_metadata["config"]["crop"] = crop
+        metadata_file.write_text(json.dumps(changed_metadata))
+        for command in (["score", str(normals), "--out", str(tmp_path / "e" / "r.csv")],
+                        ["scan", str(normals), "--out", str(tmp_path / "e" / "inv.csv")]):
+            refused = CliRunner().invoke(cli, ["-q", *command, "--model", str(edited), "--workers", "1"])
+            assert refused.exit_code == ExitCode.DATA, (crop, command, refused.output)  # not a traceback (exit 1)
+    assert not (tmp_path / "e" / "r.csv").exists()
+
     # evaluate reads the films once per way of reading: a box model beside a whole-film one, compared
     abnormal = tmp_path / "pneumonia"
     abnormal.mkdir()

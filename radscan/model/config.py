@@ -90,10 +90,11 @@ class SimSIDConfig:
             raise ValueError(f"d_norm must be 'instance' or 'batch', not {self.d_norm!r}")
         if self.field not in FIELDS:
             raise ValueError(f"unknown field {self.field!r} (choose from {', '.join(FIELDS)})")
-        if self.crop and (self.field != "thorax-box" or len(self.crop) != 4
+        if self.crop and self.field != "thorax-box":
+            raise ValueError(f"a crop is a thorax-box model's setting, not a {self.field!r} field's")
+        if self.crop and (len(self.crop) != 4
                           or not (0 <= self.crop[0] < self.crop[2] <= 1 and 0 <= self.crop[1] < self.crop[3] <= 1)):
-            raise ValueError(f"crop must be four fractions (left, top, right, bottom) of a thorax-box model, "
-                             f"not {self.crop!r}")
+            raise ValueError(f"crop must be four fractions (left, top, right, bottom), not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
         if not isinstance(self.critic_snapshots, int) or self.critic_snapshots < 1:

@@ -11,7 +11,7 @@ from typing import Any
 from radscan.errors import ModelError
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "sealed_extras",
-           "sealed_settings", "read_sealed", "check_sealed_extras"]
+           "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -114,3 +114,22 @@ def _check_shape(metadata: dict[str, Any], path: Path) -> None:
     ages = (metadata.get("population") or {}).get("age_years")
     if ages is not None and (len(ages) != 2 or not all(isinstance(a, (int, float)) for a in ages) or ages[0] > ages[1]):
         raise ModelError(f"{path}: population.age_years must be [min, max] in years")
+
+
+def verify_without_loading(directory: Path, metadata: dict[str, Any]) -> None:
+    """What load_model verifies of the files, without torch and without loading the weights, for
+    commands that use a model's settings but not its network (`radscan scan`): the weights file's
+    sha256 is the one model.json names, and the settings sealed in it are model.json's. Raises
+    ModelError (exit 65) otherwise."""
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"weights file missing: {weights}")
+    if sha256_file(weights) != metadata["weights"]["sha256"]:
+        raise ModelError(f"{weights} does not match the sha256 in {METADATA_FILE}: the file was altered or corrupted; "
+                         "restore it or retrain")
+    sealed = read_sealed(directory)
+    if (sealed.get("format"), sealed.get("preprocess_version"), sealed.get("config")) != \
+            (metadata.get("format"), metadata.get("preprocess_version"), metadata.get("config")):
+        raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the weights file: "
+                         "the metadata was edited; retrain or restore it")
+    check_sealed_extras(sealed, metadata)
