@@ -156,6 +156,11 @@ def warnings_for(metadata: dict[str, Any], epochs: list[dict[str, Any]], n_calib
     elif epochs and "val_auc" not in metadata.get("metrics", {}):  # measured since by radscan evaluate, or not
         notes.append("No labelled validation data was given (--val-abnormal): the report cannot say how well the "
                      "model ranks abnormal films.")
+    shipped = str(metadata.get("training", {}).get("shipped", "last epoch"))
+    if shipped != "last epoch":
+        notes.append(f"The model is that of {shipped} (radscan train --keep best), not of the last epoch shown "
+                     "below: the validation data chose it, so its validation figures are optimistic; measure it on "
+                     "other films (radscan evaluate).")
     if metadata.get("training", {}).get("stopped_by_budget"):
         notes.append("Training stopped at its time budget (--max-minutes), before the planned epochs.")
     if "qc" not in metadata:

@@ -551,3 +551,5 @@ def test_keep_best_saves_the_epoch_with_the_highest_validation_auc(normals, tmp_
     assert metadata["training"]["shipped"].startswith(f"epoch {best}:")
     assert metadata["training"]["epochs_run"] == 3
     assert abs(metadata["metrics"]["val_auc"] - aucs[best - 1]) < 1e-6
+    assert f"The model is that of epoch {best}:" in (out / "training_report.html").read_text()
+    assert f"kept epoch {best}:" in CliRunner().invoke(cli, ["info", str(out)]).output
