@@ -97,9 +97,9 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     torch_device = resolve_device(device)
     loaded = [load_model(Path(model_dir), torch_device) for model_dir in model_dirs]  # verify all before reading
-    read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # once per way of reading (a model's box)
-    for _, metadata in loaded:
-        reading = for_model(policy, metadata)
+    readings = [for_model(policy, metadata) for _, metadata in loaded]  # how each model reads films (its box)
+    read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
+    for reading in readings:
         if reading not in read:
             normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals")
             abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals")
@@ -108,8 +108,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     _, normal_names, abnormal_names = next(iter(read.values()))
     labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
     results, all_scores = [], []
-    for model_dir, (model, metadata) in zip(model_dirs, loaded, strict=True):
-        images = read[for_model(policy, metadata)][0]
+    for model_dir, (model, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
+        images = read[reading][0]
         scores = score_arrays(model, images, batch_size, torch_device).scores.double().numpy()
         all_scores.append(scores)
         results.append({

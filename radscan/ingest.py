@@ -8,7 +8,6 @@ files there are.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -34,7 +33,7 @@ from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
 __all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "distinct_inputs", "find_files",
-           "sniff_kind", "ingest_file", "iter_ingested", "ctrl_c_deferred", "Ingested", "load_images", "check_inputs",
+           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs",
            "fallback_study_key", "assign_study_keys"]
 
 log = logging.getLogger(__name__)
@@ -428,23 +427,6 @@ def iter_ingested(files: Sequence[Found], policy: Policy, workers: int = -1, in_
             for found in files[done:min(end, done + ahead + _BATCH * effective_n_jobs(workers))]:
                 yield _ingest_isolated(found, policy, timeout)
                 done += 1
-
-
-@contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """SIGINT blocked in this (main) thread for the block: a Ctrl-C waits, it is not lost, and is
-    raised when the block ends (or taken at once by another thread of the process, if one runs).
-    For imports that must not be interrupted: a KeyboardInterrupt inside torch's C++ start-up
-    aborts the process (exit 134). (Worker processes do not inherit the mask: loky's spawn resets
-    it, so a Ctrl-C in their first second still prints their import tracebacks.)"""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _workers(**kwargs: Any) -> Any:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from radscan.errors import ModelError
+from radscan.preprocess import is_box
 
 __all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "STUDY_KEYS", "FOLDER_STUDY_LIMIT",
            "parse_list", "for_model"]
@@ -54,11 +55,9 @@ class Policy:
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:
             raise ValueError(f"frames must be one of {FRAME_POLICIES}, not {self.frames!r}")
-        if self.crop is not None:
-            left, top, right, bottom = self.crop
-            if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
-                raise ValueError(f"crop must be (left, top, right, bottom) fractions with left < right and "
-                                 f"top < bottom, not {self.crop!r}")
+        if self.crop is not None and not is_box(self.crop):
+            raise ValueError(f"crop must be (left, top, right, bottom) fractions with left < right and "
+                             f"top < bottom, not {self.crop!r}")
 
 
 def for_model(policy: Policy, metadata: dict[str, Any]) -> Policy:

@@ -25,6 +25,8 @@ refuse input made by another version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image
 
@@ -37,6 +39,7 @@ __all__ = [
     "window_to_uint8",
     "to_model_input",
     "crop_pixels",
+    "is_box",
     "Crop",
 ]
 
@@ -75,6 +78,12 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
         scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)
         grey = np.rint(np.clip(scaled, 0.0, 255.0, out=scaled)).astype(np.uint8)
     return 255 - grey if invert else np.ascontiguousarray(grey)
+
+
+def is_box(crop: Sequence[float]) -> bool:
+    """Whether `crop` is a box: four fractions (left, top, right, bottom), left < right, top < bottom,
+    all within [0, 1] (NaN is not)."""
+    return len(crop) == 4 and 0 <= crop[0] < crop[2] <= 1 and 0 <= crop[1] < crop[3] <= 1
 
 
 def crop_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int]:

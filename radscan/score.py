@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -49,7 +51,6 @@ from radscan.ingest import (
     Found,
     check_inputs,
     check_outputs_apart,
-    ctrl_c_deferred,
     distinct_inputs,
     fallback_study_key,
     find_files,
@@ -163,7 +164,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     # loading thread only reads the weights: a Ctrl-C that lands inside Python's import machinery
     # while a second thread imports (the loader, importing torch) can leave the import lock held and
     # hang the run instead of stopping it (seen, 1 in 7 runs interrupted in their first 2 s)
-    with ctrl_c_deferred():  # and not inside torch's C++ start-up, which aborts on it (exit 134)
+    with _ctrl_c_deferred():  # and not inside torch's C++ start-up, which aborts on it (exit 134)
         import radscan.model.io
         import radscan.model.runtime  # noqa: F401
 
@@ -228,6 +229,23 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=now(),
         dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
     )
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """SIGINT blocked in this (main) thread for the block: a Ctrl-C waits, it is not lost, and is
+    raised when the block ends (or taken at once by another thread of the process, if one runs).
+    For imports that must not be interrupted: a KeyboardInterrupt inside torch's C++ start-up
+    aborts the process (exit 134). (Worker processes do not inherit the mask: loky's spawn resets
+    it, so a Ctrl-C in their first second still prints their import tracebacks.)"""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift) -> list[str]:

@@ -816,7 +816,7 @@ def test_ctrl_c_in_the_first_seconds_stops_the_run_cleanly(tmp_path, after_s):
     assert process.returncode == ExitCode.INTERRUPTED, stderr
     assert "interrupted" in stderr and "terminate called" not in stderr, stderr
     # the run's own code never shows a traceback (a worker interrupted while it starts may print
-    # its import's: loky's spawn resets the signal mask, see radscan.ingest.ctrl_c_deferred)
+    # its import's: loky's spawn resets the signal mask, see radscan.score._ctrl_c_deferred)
     assert "radscan/" not in "".join(line for line in stderr.splitlines(True) if line.startswith("  File")), stderr
     deadline = time.monotonic() + 10
     while _live_members(process.pid) and time.monotonic() < deadline:

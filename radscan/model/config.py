@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from radscan.preprocess import is_box
+
 __all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "FIELDS"]
 
 # The anomaly scores a model can report (high = anomalous), each z-scored on held-out normals.
@@ -92,8 +94,7 @@ class SimSIDConfig:
             raise ValueError(f"unknown field {self.field!r} (choose from {', '.join(FIELDS)})")
         if self.crop and self.field != "thorax-box":
             raise ValueError(f"a crop is a thorax-box model's setting, not a {self.field!r} field's")
-        if self.crop and (len(self.crop) != 4
-                          or not (0 <= self.crop[0] < self.crop[2] <= 1 and 0 <= self.crop[1] < self.crop[3] <= 1)):
+        if self.crop and not is_box(self.crop):
             raise ValueError(f"crop must be four fractions (left, top, right, bottom), not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:
             raise ValueError(f"unknown score_kind {self.score_kind!r} (choose from {', '.join(SCORE_KINDS)})")
