@@ -12,7 +12,8 @@ most the batches in flight.
 
 A worker that dies (a decoder that crashes its process, a machine lost) costs nothing: Dask gives
 its tasks to another worker; a batch whose workers keep dying is split and each of its files
-retried alone, and the one that still kills its worker gets an error row, as on one machine.
+retried alone, and the one that still kills its worker with nothing else in flight gets an error
+row, as on one machine.
 """
 
 from __future__ import annotations
@@ -284,12 +285,7 @@ class Cluster:
         """Batches of `todo` scored on the workers, as they complete (any order), with a window of
         2 batches per worker in flight (workers that join during the run count too): the driver's
         memory does not grow with the run."""
-        from concurrent.futures import CancelledError
-
-        from distributed import KilledWorker, as_completed
-        from distributed.comm.core import CommClosedError
-
-        from radscan.batch import prepare_record
+        from distributed import as_completed
 
         size = self.settings.batch_size
         batches = (todo[start:start + size] for start in range(0, len(todo), size))
@@ -304,30 +300,60 @@ class Cluster:
 
         running = as_completed([submit(batch) for batch in islice(batches, 2 * max(self.workers, 1))],
                                loop=self.client.loop)
+        suspects: list[tuple[Found, FileIdentity]] = []
         for future in self._completed(running):
             batch = waiting.pop(future)
-            try:
-                rows, pictures = future.result()
-            except (CancelledError, CommClosedError, OSError) as exc:
-                raise UnavailableError(f"lost the Dask scheduler during the run ({type(exc).__name__}): what was "
-                                       "scored is kept; rerun to finish") from None
-            except KilledWorker:
-                future.release()
-                if len(batch) > 1:  # find the file that kills its worker: each alone
-                    log.warning("a Dask worker died on a batch of %d files; retrying them one by one", len(batch))
-                    for item in batch:
-                        running.add(submit([item]))
-                    continue
-                found = batch[0][0]
-                log.warning("the worker reading %s died", found.path)
-                record = failed_record(found, CRASHED)
-                prepare_record(record, self.job.phi, self.job.run_id)
-                rows, pictures = [record.as_row()], []
-            future.release()
-            yield [identity for _, identity in batch], rows, pictures
+            scored = self._collect(future, batch)
+            if scored is None and len(batch) > 1:  # find the file that kills its worker: each alone
+                log.warning("a Dask worker died on a batch of %d files; retrying them one by one", len(batch))
+                for item in batch:
+                    running.add(submit([item]))
+                continue
+            if scored is None:
+                suspects.append(batch[0])
+                continue
+            yield scored
             # two batches per worker, counting workers that joined since (a cluster that scales up)
             for following in islice(batches, max(1, 2 * self._worker_count() - len(waiting))):
                 running.add(submit(following))
+        # A dying worker takes the tasks queued on it along (Dask counts the death against each of
+        # them), so a file retried beside the one that kills workers can reach Dask's limit of
+        # deaths too. Each suspect is judged again with nothing else in flight: only a file that
+        # still kills its worker alone gets the error row.
+        for item in suspects:
+            alone = submit([item])
+            for future in self._completed(as_completed([alone], loop=self.client.loop)):
+                waiting.pop(future)
+                yield self._collect(future, [item]) or self._crashed(item)
+
+    def _collect(self, future: Any, batch: list[tuple[Found, FileIdentity]]) -> ScoredBatch | None:
+        """The scored `batch` of a completed `future`, or None when its workers kept dying (Dask's
+        KilledWorker); UnavailableError when the scheduler was lost."""
+        from concurrent.futures import CancelledError
+
+        from distributed import KilledWorker
+        from distributed.comm.core import CommClosedError
+
+        try:
+            rows, pictures = future.result()
+        except (CancelledError, CommClosedError, OSError) as exc:
+            raise UnavailableError(f"lost the Dask scheduler during the run ({type(exc).__name__}): what was "
+                                   "scored is kept; rerun to finish") from None
+        except KilledWorker:
+            return None
+        finally:
+            future.release()
+        return [identity for _, identity in batch], rows, pictures
+
+    def _crashed(self, item: tuple[Found, FileIdentity]) -> ScoredBatch:
+        """The error row of a file that kills the worker reading it, every time and alone."""
+        from radscan.batch import prepare_record
+
+        found, identity = item
+        log.warning("the worker reading %s died", found.path)
+        record = failed_record(found, CRASHED)
+        prepare_record(record, self.job.phi, self.job.run_id)
+        return [identity], [record.as_row()], []
 
     def _completed(self, running: Any) -> Iterator[Any]:
         """The futures of `running` as they complete; UnavailableError when the cluster has had no
