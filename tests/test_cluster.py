@@ -72,7 +72,10 @@ def _pictures(folder: Path) -> dict[str, str]:
 
 def _assert_same_outputs(one: Path, other: Path) -> None:
     """Two worklists of the same inputs: equal row for row, apart from run id and timestamps."""
-    assert _table(one) == _table(other)
+    rows, others = _table(one), _table(other)
+    differences = {row["path"]: {key: (value, twin.get(key)) for key, value in row.items() if twin.get(key) != value}
+                   for row, twin in zip(rows, others, strict=False)}
+    assert rows == others, {path: change for path, change in differences.items() if change}
     assert _table(one.with_name(one.stem + "_studies.csv")) == _table(other.with_name(other.stem + "_studies.csv"))
     pictures = _pictures(one.with_name(one.stem + "_residuals"))
     assert pictures and pictures == _pictures(other.with_name(other.stem + "_residuals"))
