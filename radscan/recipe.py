@@ -49,8 +49,9 @@ class TrainConfig:
     # weight of a third discriminator term: films with one local synthetic anomaly count as fake
     # (see local_anomalies); 0 turns it off
     synthetic: float = 0.0
-    # which epoch's model is kept: the "last", or the "best" by the validation AUC of the model's score kind
-    # (needs labelled validation abnormals; the epoch is then chosen on them, so judge it on other films)
+    # which epoch's model is kept: the "last", the "best" by the validation AUC of the model's score kind
+    # (needs labelled validation abnormals; the epoch is then chosen on them, so judge it on other films),
+    # or by a label-free measure of the density ("held-out", "synthetic"; radscan.train.KEEP_RULES)
     keep: str = "last"
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95

@@ -8,8 +8,9 @@ radscan adds, each measured on validation (docs/research-log.md "Ablation"): var
 critics: the discriminators of the last K epochs travel with the model and their z-scored
 verdicts are averaged, so the score does not hang on one epoch of the adversarial game.
 
-The shipped weights are those of the last epoch (no epoch is picked with labelled data; the
-recipe's length is). A calibration split of the normals is never trained on: it gives each
+The saved weights are those of the last epoch, or of the epoch a `--keep` rule chose (`KEEP_RULES`:
+by validation AUC, which needs labelled films, or by one of two label-free measures of the feature
+density). A calibration split of the normals is never trained on: it gives each
 score's mean and spread, the mean normal film and the flag threshold. Labelled validation
 images, when given, are only measured, epoch by epoch, into the training log.
 """
@@ -330,13 +331,33 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     return replace(model_cfg, crop=box), replace(policy, crop=box), lungs
 
 
-def _better(best: dict[str, Any] | None, model: SimSID, epoch: int, auc: float) -> dict[str, Any] | None:
-    """`best` (weights, epoch, validation AUC), or this epoch's model when its AUC is higher (ties keep
-    the earlier epoch)."""
-    if best is not None and auc <= best["auc"]:
+@dataclass(frozen=True)
+class KeepRule:
+    """How `--keep` chooses the epoch whose model is saved: the epoch's training-log entry `measure`,
+    highest (`sign` 1) or lowest (-1) wins; ties keep the earlier epoch."""
+
+    measure: str  # a key of the training log; "{kind}" stands for the model's score kind
+    sign: int
+    says: str  # what the kept epoch had, for model.json and the report: "... (0.836)"
+    needs_labels: bool
+
+
+KEEP_RULES = {
+    "best": KeepRule("val_auc_{kind}", 1, "the highest validation AUC of the {kind} score", True),
+    "held-out": KeepRule("density_gap", -1, "the held-out normals' density closest to the training normals'", False),
+    "synthetic": KeepRule("synthetic_auc_density", 1, "the highest AUC of the density on synthetic defects", False),
+}
+
+
+def _better(best: dict[str, Any] | None, model: SimSID, epoch: int, metrics: dict[str, float],
+            rule: KeepRule) -> dict[str, Any] | None:
+    """`best` (weights, epoch, the rule's measure as "auc"), or this epoch's model when its measure is
+    better (ties keep the earlier epoch)."""
+    value = metrics[rule.measure.format(kind=model.cfg.score_kind)]
+    if best is not None and rule.sign * value <= rule.sign * best["auc"]:
         return best
     return {"model": {key: value.detach().clone() for key, value in model.state_dict().items()},
-            "epoch": epoch, "auc": float(auc)}
+            "epoch": epoch, "auc": float(value)}
 
 
 def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
@@ -361,6 +382,8 @@ def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndar
     metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
                for column, kind in enumerate(COMPONENTS) if kind != "critic" and components[:, column].isfinite().all()}
     metrics.update({f"calibration_{key}": value for key, value in _fidelity(model, calibration, device).items()})
+    if model.density is not None:
+        metrics.update(label_free_measures(model, train_images, calibration, batch_size, device, seed))
     if validation is not None:
         normal, abnormal = validation
         images = np.concatenate([normal, abnormal])
@@ -372,6 +395,37 @@ def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndar
         live = _in_batches(lambda films: model.discriminator(model.restrict(films)), images, batch_size, device)
         metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
     return metrics
+
+
+def label_free_measures(model: SimSID, train_images: np.ndarray, calibration: np.ndarray, batch_size: int,
+                        device: torch.device, seed: int = 0) -> dict[str, float]:
+    """Two measures of how well an epoch's fitted feature density will rank abnormal films, with no
+    labels: what `--keep held-out` and `--keep synthetic` choose by (docs/research-log.md,
+    "2026-12-04 (later)").
+
+    - `density_gap`: the held-out calibration normals' mean raw density over the training normals'
+      (>= about 1; the smaller, the less the density is fitted to the very films it was fitted on).
+    - `synthetic_auc_density`: the AUC of the raw density separating the calibration normals from the
+      same films each given one generic local defect (`local_anomalies`, a fixed draw per seed).
+
+    `train_images`, `calibration`: (N, 128, 128) uint8. The model's density must be fitted."""
+    def density(films: torch.Tensor) -> torch.Tensor:
+        return model.density_score(model.density_regions(films))
+
+    with torch.inference_mode():
+        trained = torch.cat([density(to_model_tensor(batch, device)).cpu()
+                             for batch in iter_batches(train_images, batch_size)])
+        generator = torch.Generator().manual_seed(seed * 100_003 + 7)
+        normal, defect = [], []
+        for batch in iter_batches(calibration, batch_size):
+            films = to_model_tensor(batch, device)
+            normal.append(density(films).cpu())
+            defect.append(density(local_anomalies(films, generator)).cpu())
+    normal_scores, defect_scores = torch.cat(normal).double(), torch.cat(defect).double()
+    labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(defect_scores))]
+    return {"train_density_mean": float(trained.double().mean()),
+            "density_gap": float(normal_scores.mean() / trained.double().mean().clamp_min(1e-12)),
+            "synthetic_auc_density": float(roc_auc_score(labels, torch.cat([normal_scores, defect_scores]).numpy()))}
 
 
 def _fidelity(model: SimSID, images: np.ndarray, device: torch.device) -> dict[str, float]:
@@ -542,8 +596,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
                            "abnormal": [str(p) for p in val_abnormal]} if data.validation else None,
             "epochs_run": run.epochs,
-            "shipped": (f"epoch {run.best['epoch']}: the highest validation AUC of the {model.cfg.score_kind} score "
-                        f"({run.best['auc']:.3f})" if run.best else "last epoch"),
+            "shipped": (f"epoch {run.best['epoch']}: "
+                        f"{KEEP_RULES[tcfg.keep].says.format(kind=model.cfg.score_kind)} ({run.best['auc']:.3f})"
+                        if run.best else "last epoch"),
             "stopped_by_budget": run.stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(device), "train_config": asdict(tcfg),
             "init_from": str(init_from) if init_from else None,
@@ -578,10 +633,13 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
     if checkpoint_path.exists() and not resume:
         raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")
-    if tcfg.keep not in ("last", "best"):
-        raise SettingError(f"keep must be 'last' or 'best', not {tcfg.keep!r}")
+    if tcfg.keep != "last" and tcfg.keep not in KEEP_RULES:
+        raise SettingError(f"keep must be one of last, {', '.join(KEEP_RULES)}, not {tcfg.keep!r}")
     if tcfg.keep == "best" and not val_abnormal:
         raise SettingError("--keep best chooses the epoch by validation AUC: it needs --val-abnormal")
+    if tcfg.keep in ("held-out", "synthetic") and model_cfg.score_kind != "density":
+        raise SettingError(f"--keep {tcfg.keep} chooses the epoch by the feature density: it needs the density "
+                           f"score kind, not {model_cfg.score_kind!r}")
     if val_normal and not val_abnormal:
         raise SettingError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
                            "are the validation normals)")
@@ -649,7 +707,7 @@ class _Run:
     epochs: int = 0
     stopped_by_budget: bool = False
     density_fitted: bool = False  # evaluate_epoch fits it to each epoch's weights
-    best: dict[str, Any] | None = None  # with --keep best: the weights, epoch and AUC of the best epoch so far
+    best: dict[str, Any] | None = None  # with a --keep rule: the weights, epoch and measure of the best epoch so far
 
 
 def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, device: torch.device, resume: bool,
@@ -669,7 +727,8 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
             raise ModelError(f"the training checkpoint {checkpoint_path} says {epochs} epochs were run, outside "
                              f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
         log.info("resumed after epoch %d", epochs)
-        return _Run(epochs=epochs, best=checkpoint.get("best") if tcfg.keep == "best" else None)
+        return _Run(epochs=epochs, best=checkpoint.get("best") if checkpoint.get("keep", "best") == tcfg.keep
+                    and tcfg.keep != "last" else None)
     if init_from is not None:
         from radscan.model.io import load_model
 
@@ -732,10 +791,10 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
             training_log.write(json.dumps(record) + "\n")
             training_log.flush()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if tcfg.keep == "best":
-                run.best = _better(run.best, trainer.model, epoch + 1,
-                                   metrics[f"val_auc_{trainer.model.cfg.score_kind}"])
-            _save_checkpoint({**trainer.state(epoch + 1), **({"best": run.best} if run.best else {})},
+            if tcfg.keep != "last":
+                run.best = _better(run.best, trainer.model, epoch + 1, metrics, KEEP_RULES[tcfg.keep])
+            _save_checkpoint({**trainer.state(epoch + 1),
+                              **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
             if run.stopped_by_budget:
                 log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
@@ -748,8 +807,8 @@ def _kept_model(trainer: Trainer, films: _Films, run: _Run, tcfg: TrainConfig, d
     model = trainer.model.eval()
     if run.best is not None:  # its density was fitted and its calibration set when it was evaluated
         model.load_state_dict(run.best["model"])
-        log.info("keeping epoch %d of %d: validation AUC %.3f (%s)", run.best["epoch"], run.epochs, run.best["auc"],
-                 model.cfg.score_kind)
+        log.info("keeping epoch %d of %d: %s (%.3f)", run.best["epoch"], run.epochs,
+                 KEEP_RULES[tcfg.keep].says.format(kind=model.cfg.score_kind), run.best["auc"])
     elif not run.density_fitted:  # resumed after the last epoch: nothing was fitted in this process
         fit_density(model, films.train_images, tcfg.seed, device)
     return model

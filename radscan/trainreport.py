@@ -156,11 +156,14 @@ def warnings_for(metadata: dict[str, Any], epochs: list[dict[str, Any]], n_calib
     elif epochs and "val_auc" not in metadata.get("metrics", {}):  # measured since by radscan evaluate, or not
         notes.append("No labelled validation data was given (--val-abnormal): the report cannot say how well the "
                      "model ranks abnormal films.")
-    shipped = str(metadata.get("training", {}).get("shipped", "last epoch"))
+    training = metadata.get("training", {})
+    shipped = str(training.get("shipped", "last epoch"))
     if shipped != "last epoch":
-        notes.append(f"The model is that of {shipped} (radscan train --keep best), not of the last epoch shown "
-                     "below: the validation data chose it, so its validation figures are optimistic; measure it on "
-                     "other films (radscan evaluate).")
+        keep = training.get("train_config", {}).get("keep", "best")
+        notes.append(f"The model is that of {shipped} (radscan train --keep {keep}), not of the last epoch shown "
+                     "below" + (": the validation data chose it, so its validation figures are optimistic; measure "
+                                "it on other films (radscan evaluate)." if keep == "best" else
+                                ", chosen without labels."))
     if metadata.get("training", {}).get("stopped_by_budget"):
         notes.append("Training stopped at its time budget (--max-minutes), before the planned epochs.")
     if "qc" not in metadata:

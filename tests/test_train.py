@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radscan.cli import cli
-from radscan.errors import ExitCode, ModelError
+from radscan.errors import ExitCode, ModelError, SettingError
 from radscan.ingest import load_images
 from radscan.model.config import preset
 from radscan.model.io import WEIGHTS_FILE, load_model
@@ -553,3 +554,22 @@ def test_keep_best_saves_the_epoch_with_the_highest_validation_auc(normals, tmp_
     assert abs(metadata["metrics"]["val_auc"] - aucs[best - 1]) < 1e-6
     assert f"The model is that of epoch {best}:" in (out / "training_report.html").read_text()
     assert f"kept epoch {best}:" in CliRunner().invoke(cli, ["info", str(out)]).output
+
+
+@pytest.mark.parametrize("keep, measure, better", [("held-out", "density_gap", np.argmin),
+                                                   ("synthetic", "synthetic_auc_density", np.argmax)])
+def test_a_label_free_keep_rule_saves_its_epoch_without_validation_films(normals, tmp_path, keep, measure, better):
+    with pytest.raises(SettingError, match="needs the density score kind"):
+        train([str(normals)], tmp_path / "refused", TINY, TrainConfig(epochs=3, batch_size=8, keep=keep),
+              workers=1, progress=False)
+    out = tmp_path / keep
+    train([str(normals)], out, replace(TINY, score_kind="density"),
+          TrainConfig(epochs=3, batch_size=8, seed=3, keep=keep), workers=1, progress=False)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(abs(entry["density_gap"] - entry["calibration_density_mean"] / entry["train_density_mean"]) < 1e-6
+               and 0 <= entry["synthetic_auc_density"] <= 1 for entry in log)
+    kept = int(better([entry[measure] for entry in log])) + 1  # the first of equal ones
+    metadata = json.loads((out / "model.json").read_text())
+    assert metadata["training"]["shipped"].startswith(f"epoch {kept}:")
+    assert "chosen without labels" in (out / "training_report.html").read_text()
+    assert f"kept epoch {kept}:" in CliRunner().invoke(cli, ["info", str(out)]).output
