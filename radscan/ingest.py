@@ -303,6 +303,8 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
+        if policy.crop is not None:  # quality control judges the whole film, the model its box
+            record.qc_image = to_model_input(grey)
         return record, to_model_input(grey, policy.crop)
     except OSError as exc:
         if exc.errno is not None:  # the system's: gone since it was listed, unreadable, an unmounted share

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line", "printable"]
@@ -79,6 +79,9 @@ class ImageRecord:
     file_size: int | None = None
     preprocess_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # not a column: the (128, 128) uint8 whole film that quality control judges when the model reads
+    # only part of it (a thorax-box model's box; radscan.ingest.ingest_file). Dropped once judged.
+    qc_image: Any = field(default=None, repr=False, compare=False)
 
     def skip(self, reason: str) -> ImageRecord:
         self.status, self.reason = Status.SKIPPED, reason
@@ -90,14 +93,13 @@ class ImageRecord:
 
     def as_row(self) -> dict[str, Any]:
         """A flat dict for CSV writing; `extra` columns (e.g. preview_png) come last."""
-        row = asdict(self)
+        row = {name: getattr(self, name) for name in RECORD_COLUMNS}
         row["path"], row["root"] = printable(self.path), printable(self.root)
-        extra = row.pop("extra")
-        row.update(extra)
+        row.update(self.extra)
         return row
 
 
-RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name != "extra")
+RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("extra", "qc_image"))
 
 
 # Unicode's explicit directional formatting characters (UAX #9, 2.1-2.4): embeddings, overrides and

@@ -313,12 +313,13 @@ def set_thorax_field(model: SimSID, train_images: np.ndarray) -> None:
 
 
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
-                    progress: bool) -> tuple[SimSIDConfig, Policy, np.ndarray]:
+                    progress: bool) -> tuple[SimSIDConfig, Policy, np.ndarray, np.ndarray]:
     """A first pass over the normals, as whole films: the thorax box of their mean film
     (radscan.model.field.thorax_box) set in the model settings and the reading policy, and the lung
-    fields as the box shows them ((128, 128) bool, the model's `lung_mask`). Every normal serves, the
-    calibration ones too: the box is part of the preprocessing, found without labels. Raises
-    SettingError when the mean shows no lung fields."""
+    fields as the box shows them ((128, 128) bool, the model's `lung_mask`), and the whole films
+    ((N, 128, 128) uint8: quality control's reference is fitted to them, as it judges whole films).
+    Every normal serves, the calibration ones too: the box is part of the preprocessing, found
+    without labels. Raises SettingError when the mean shows no lung fields."""
     films = load_images(normals, replace(policy, crop=None), workers, progress, label="normals (whole films)")[0]
     mean = films.mean(axis=0, dtype=np.float64)
     try:
@@ -328,7 +329,7 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
         raise SettingError(f"cannot find the thorax box: {exc}; or train with --field film") from None
     log.info("thorax box: %.0f-%.0f%% across, %.0f-%.0f%% down the film; lung fields %.0f%% of it",
              100 * box[0], 100 * box[2], 100 * box[1], 100 * box[3], 100 * lungs.mean())
-    return replace(model_cfg, crop=box), replace(policy, crop=box), lungs
+    return replace(model_cfg, crop=box), replace(policy, crop=box), lungs, films
 
 
 @dataclass(frozen=True)
@@ -610,8 +611,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     # the QC step's reference: what an upright frontal film of this site looks like. Every normal
     # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
     # gets one, where the training split alone would fall short of 50
-    if len(data.images) >= 50:
-        metadata["qc"] = save_reference(fit_reference(data.images), out_dir)
+    if len(data.images) >= 50:  # of whole films, whatever part of them the model reads (ingest_file)
+        metadata["qc"] = save_reference(fit_reference(data.images if data.whole_films is None else data.whole_films),
+                                        out_dir)
     else:
         log.warning("only %d normal images: no QC reference (needs 50); wrong-way-round and non-chest "
                     "images will not be caught when this model scores", len(data.images))
@@ -658,6 +660,7 @@ class _Films:
     validation: tuple[np.ndarray, np.ndarray] | None  # (normal, abnormal) films, with --val-abnormal
     model_cfg: SimSIDConfig  # the settings asked for, with a thorax box's crop once found
     lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
+    whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
 
     @property
     def train_images(self) -> np.ndarray:
@@ -673,9 +676,9 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     """Read the normals (listed in INPUTS_FILE), split them by study into training and calibration
     (SPLIT_FILE), and read the validation films. Raises NoInputError when either side of the split
     is too small, SettingError when a thorax field's normals show no lung fields."""
-    lungs = None
+    lungs = whole_films = None
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
-        model_cfg, policy, lungs = find_thorax_box(normals, model_cfg, policy, workers, progress)
+        model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress)
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals")
     is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
     # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
@@ -684,7 +687,7 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         for path, study, held_out in zip(names, studies, is_calibration, strict=True):
             split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
-    films = _Films(images, names, is_calibration, None, model_cfg, lungs)
+    films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films)
     if len(films.train_images) < tcfg.batch_size:
         raise NoInputError(f"only {len(films.train_images)} training images after the calibration split; "
                            f"need at least one batch of {tcfg.batch_size}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import pickle
 import shutil
@@ -24,7 +25,7 @@ from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy
 from radscan.train import TrainConfig, Trainer, train
 
-from .conftest import CXR_DIR
+from .conftest import CXR_DIR, DICOM_DIR
 
 TINY = preset("tiny", critic_snapshots=2, density_grid=8)  # the density is fitted, the critic scores
 FAST = TrainConfig(epochs=2, batch_size=8, seed=3, aspect=0.2, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
@@ -573,3 +574,32 @@ def test_a_label_free_keep_rule_saves_its_epoch_without_validation_films(normals
     assert metadata["training"]["shipped"].startswith(f"epoch {kept}:")
     assert "chosen without labels" in (out / "training_report.html").read_text()
     assert f"kept epoch {kept}:" in CliRunner().invoke(cli, ["info", str(out)]).output
+
+
+@pytest.mark.parametrize("film, verdict", [("nema-wg04/RG3_RLE.dcm", "rejected"),  # a lower-leg CR
+                                           ("fo-dicom/CR-MONO1-10-chest", "ok")])  # an adult chest CR
+def test_a_thorax_box_model_has_quality_control_judge_the_whole_film(tmp_path, film, verdict):
+    """The model reads the box of the thorax, quality control the whole film against a reference of
+    whole films: the box of a lower leg looked enough like a chest's box to pass (and be flagged)."""
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[:64]:
+        shutil.copy(path, normals / path.name)
+    out = tmp_path / "box"
+    result = CliRunner().invoke(cli, [
+        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--batch-size", "8",
+        "--workers", "1", "--critic-snapshots", "1", "--field", "thorax-box", "--score", "density"])
+    assert result.exit_code == 0, result.output
+    reference = load_images([str(normals)], Policy(), workers=1, progress=False)[0]
+    from radscan.model.metadata import read_metadata
+    from radscan.qc import fit_reference, load_reference
+
+    assert np.allclose(load_reference(out, read_metadata(out)).basis, fit_reference(reference).basis)
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(DICOM_DIR / film, tmp_path / "in" / "film.dcm")
+    report = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(tmp_path / "in"), "--out", str(report), "--model", str(out),
+                                      "--workers", "1", "--body-parts", "all", "--no-residuals"])
+    row = next(csv.DictReader(report.open()))
+    assert row["status"] == verdict, row
