@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,8 +150,8 @@ class BatchScorer:
             if index in maps:
                 explanation, residual = maps[index]
                 path = self._picture_path(record)
-                pictures.append((path, PictureJob(self._as_seen(image), explanation, residual,
-                                                  picture_caption(record, float(score), threshold, self.provenance),
+                caption = picture_caption(record, float(score), threshold, self.provenance, float(z))
+                pictures.append((path, PictureJob(self._as_seen(image), explanation, residual, caption,
                                                   self.model.cfg.score_kind, self._aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
@@ -225,12 +226,16 @@ def write_pictures(pictures: PictureActions, pool: ThreadPoolExecutor) -> None:
         write.result()
 
 
-def picture_caption(record: ImageRecord, score: float, threshold: float, provenance: dict[str, Any]) -> str:
-    """The explanation picture's caption: the result and the disclaimer; the film's identity as
-    the PHI mode left it in `record` (hashed or dropped outside --phi keep), its view, date and
-    path, the model; a QC verdict on a third line. Header text is put on one line per field."""
+def picture_caption(record: ImageRecord, score: float, threshold: float, provenance: dict[str, Any],
+                    z: float | None = None) -> str:
+    """The explanation picture's caption: the result (the 0..1 score cut, not rounded, to three
+    decimals, so that 0.9999 never reads as 1.000, and its z, which keeps the order where the score
+    saturates) and the disclaimer; the film's identity as the PHI mode left it in `record` (hashed
+    or dropped outside --phi keep), its view, date and path, the model; a QC verdict on a third
+    line. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
-    lines = [f"anomaly score {score:.3f} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
+    shown = f"{math.floor(score * 1000) / 1000:.3f}" + (f", z {z:+.1f}" if z is not None else "")
+    lines = [f"anomaly score {shown} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
              "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
         lines.append(f"quality control {record.qc_status}: {record.qc_reason}")

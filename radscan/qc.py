@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 QC_FILE = "qc.safetensors"
 QC_MODES = ("strict", "warn", "off")
 DEFAULT_VIEWS = ("PA", "AP")
+# the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
+# a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
+MIN_SIDE = 32
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -410,6 +413,10 @@ class QualityControl:
 
     def _header_problems(self, record: ImageRecord) -> list[str]:
         problems = []
+        if record.rows and record.columns and min(record.rows, record.columns) < MIN_SIDE:
+            # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
+            return [f"only {record.columns}x{record.rows} pixels: too small to be a radiograph (at least {MIN_SIDE} "
+                    "pixels a side)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
             kind = ("a lateral view" if view in _LATERAL else "a decubitus view" if view in _DECUBITUS

@@ -141,6 +141,16 @@ def test_blank_noise_and_gradient_images_fail(qc):
     assert all("blank" in v.reason or "black or white" in v.reason for v in verdicts[:3])
 
 
+@pytest.mark.parametrize("columns, rows", [(2, 2), (16, 16), (300, 8), (31, 400)])
+def test_images_of_a_few_pixels_fail_as_too_small_whatever_they_show(qc, normals, columns, rows):
+    """A 2x2 image blown up to 128 px was called "wrong way round"; what it shows does not matter."""
+    noise = np.random.default_rng(columns).integers(0, 256, (1, 128, 128)).astype(np.uint8)
+    for image in (noise, normals[1][:1]):
+        verdict = _verdicts(qc, image, rows=rows, columns=columns)[0]
+        assert verdict.status == "fail" and verdict.reason.startswith(f"only {columns}x{rows} pixels: too small")
+    assert _verdicts(qc, normals[1][:1], rows=64, columns=64)[0].status != "fail"  # NIH's 64 px copies
+
+
 def test_left_right_mirror_is_a_warning_not_a_failure(qc, normals):
     verdicts = _verdicts(qc, normals[1][:, :, ::-1])
     assert sum(v.status == "fail" for v in verdicts) <= 0.02 * len(verdicts)

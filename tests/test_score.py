@@ -409,6 +409,8 @@ def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
     assert "FLAGGED" in lines[0] and "not a diagnosis" in lines[0]
     assert all(part in lines[1] for part in ("PA", "2026-11-29", "nih/a.dcm", "kermany-tiny 2026.11.29"))
     assert len(lines) == 2  # no QC verdict, and a header value with a newline stays on its line
+    # near 1 the score is cut, not rounded up to a certainty it does not have, and its z keeps the order
+    assert picture_caption(record, 0.99991, 0.8, model, z=9.27).startswith("anomaly score 0.999, z +9.3 (")
 
 
 def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
