@@ -239,9 +239,12 @@ def _fidelity_figure(epochs: list[dict[str, Any]]):
     middle.set(title="KL divergence of grey histograms", xlabel="epoch")
     for kind in kinds:
         right.plot(x, [e.get(f"val_auc_{kind}", np.nan) for e in epochs], label=kind)
+    synthetic = [e.get("synthetic_auc_density", np.nan) for e in epochs]
+    if np.isfinite(synthetic).any():  # what --keep synthetic chooses by: no labels
+        right.plot(x, synthetic, color="black", linestyle="--", label="density, synthetic defects")
     right.axhline(0.5, color="grey", linestyle=":")
     right.set(title="validation AUC by score kind", xlabel="epoch", ylim=(0, 1))
-    if kinds:
+    if right.get_lines()[:-1]:
         right.legend(fontsize=7)
     for ax in (left, middle, right):
         ax.grid(alpha=0.3)
