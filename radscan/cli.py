@@ -339,12 +339,11 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--critic-snapshots", type=click.IntRange(1), default=MODEL_SETTINGS["critic_snapshots"],
               show_default=True, help="Average the critics of the last K epochs (the critic score).")
 @click.option("--epochs", type=click.IntRange(1), default=_RECIPE.epochs, show_default=True)
-@click.option("--keep", type=click.Choice(["last", "best", "held-out", "synthetic"]), default=_RECIPE.keep,
-              show_default=True,
+@click.option("--keep", type=click.Choice(["last", "best", "synthetic"]), default=_RECIPE.keep, show_default=True,
               help="Which epoch's model is saved: the last; 'best', the highest validation AUC of its score "
-                   "(needs --val-abnormal; judge that model on other films); or, without labels, the epoch whose "
-                   "density fits the held-out normals most like the training normals ('held-out') or best tells "
-                   "normals from copies given a synthetic local defect ('synthetic'). See docs/training.md.")
+                   "(needs --val-abnormal; judge that model on other films); or 'synthetic', without labels, the "
+                   "epoch whose density best tells the calibration normals from copies of them given one "
+                   "synthetic local defect each (recommended with --field thorax-box; see docs/training.md).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
               help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=_RECIPE.batch_size, show_default=True)

@@ -345,7 +345,6 @@ class KeepRule:
 
 KEEP_RULES = {
     "best": KeepRule("val_auc_{kind}", 1, "the highest validation AUC of the {kind} score", True),
-    "held-out": KeepRule("density_gap", -1, "the held-out normals' density closest to the training normals'", False),
     "synthetic": KeepRule("synthetic_auc_density", 1, "the highest AUC of the density on synthetic defects", False),
 }
 
@@ -401,8 +400,9 @@ def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndar
 def label_free_measures(model: SimSID, train_images: np.ndarray, calibration: np.ndarray, batch_size: int,
                         device: torch.device, seed: int = 0) -> dict[str, float]:
     """Two measures of how well an epoch's fitted feature density will rank abnormal films, with no
-    labels: what `--keep held-out` and `--keep synthetic` choose by (docs/research-log.md,
-    "2026-12-04 (later)").
+    labels, logged for every epoch; `--keep synthetic` chooses by the second (docs/research-log.md,
+    "choosing the epoch without labels": the first, the rule fixed first, kept too early an epoch on
+    children's films).
 
     - `density_gap`: the held-out calibration normals' mean raw density over the training normals'
       (>= about 1; the smaller, the less the density is fitted to the very films it was fitted on).
@@ -639,7 +639,7 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
         raise SettingError(f"keep must be one of last, {', '.join(KEEP_RULES)}, not {tcfg.keep!r}")
     if tcfg.keep == "best" and not val_abnormal:
         raise SettingError("--keep best chooses the epoch by validation AUC: it needs --val-abnormal")
-    if tcfg.keep in ("held-out", "synthetic") and model_cfg.score_kind != "density":
+    if tcfg.keep == "synthetic" and model_cfg.score_kind != "density":
         raise SettingError(f"--keep {tcfg.keep} chooses the epoch by the feature density: it needs the density "
                            f"score kind, not {model_cfg.score_kind!r}")
     if val_normal and not val_abnormal:
