@@ -319,19 +319,13 @@ def load_reference(directory: Path, metadata: dict[str, Any]) -> QCReference | N
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    from radscan.model.metadata import sealed_settings
+    from radscan.model.metadata import read_verified, sealed_settings
 
     block = metadata.get("qc")
     if block is None:
         return None
     path = Path(directory) / QC_FILE
-    try:
-        data = path.read_bytes()
-    except OSError:
-        raise ModelError(f"QC reference missing: {path} (model.json names one); restore it or retrain") from None
-    if not isinstance(block, dict) or block.get("file") != QC_FILE \
-            or hashlib.sha256(data).hexdigest() != block.get("sha256"):
-        raise ModelError(f"{path} does not match the sha256 in model.json: the file was altered or corrupted")
+    data = read_verified(directory, block, QC_FILE, "QC reference")
     try:
         tensors = load(data)
         sealed = sealed_settings(data, "radscan-qc")

@@ -9,7 +9,6 @@ weights file, a pickle, another preprocessing version, keys that do not match th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ from radscan.model.metadata import (
     WEIGHTS_FILE,
     check_sealed_extras,
     read_metadata,
+    read_verified,
     sealed_extras,
     sealed_settings,
     sha256_file,
@@ -93,18 +93,11 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
             f"({metadata.get('radscan_version')})"
         )
     weights = directory / WEIGHTS_FILE
-    if metadata.get("weights", {}).get("file", WEIGHTS_FILE) != WEIGHTS_FILE:
-        raise ModelError(f"{METADATA_FILE} names another weights file than {WEIGHTS_FILE}: it was edited")
-    if not weights.is_file():
-        raise ModelError(f"weights file missing: {weights}")
-    data = weights.read_bytes()
+    data = read_verified(directory, metadata.get("weights", {}), WEIGHTS_FILE, "weights")
     if not _looks_like_safetensors(data):
         kind = ("a pickle (torch.save) file: radscan never unpickles model files"
                 if data.startswith(_PICKLE_SIGNATURES) else "not safetensors")
         raise ModelError(f"{weights} is {kind}")
-    if hashlib.sha256(data).hexdigest() != metadata.get("weights", {}).get("sha256"):
-        raise ModelError(f"{weights} does not match the sha256 in {METADATA_FILE}: the file was altered or "
-                         "corrupted; restore it or retrain")
     try:
         config = SimSIDConfig.from_dict(metadata["config"])
         state = safetensors.torch.load(data)

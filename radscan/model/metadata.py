@@ -10,8 +10,8 @@ from typing import Any
 
 from radscan.errors import ModelError
 
-__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "sealed_extras",
-           "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading"]
+__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "read_verified",
+           "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -24,6 +24,25 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_verified(directory: Path, block: Any, name: str, what: str) -> bytes:
+    """The bytes of the model directory's file `name` (the weights, the QC reference), checked
+    against the block of model.json that names it ({"file": name, "sha256": ...}): the bytes
+    returned are the bytes that were hashed, so nothing can change between check and use. Raises
+    ModelError (exit 65) when the block names another file, the file is missing or unreadable, or its
+    sha256 differs."""
+    path = Path(directory) / name
+    if not isinstance(block, dict) or block.get("file", name) != name:
+        raise ModelError(f"{METADATA_FILE} names another {what} file than {name}: it was edited")
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it or retrain") from None
+    if hashlib.sha256(data).hexdigest() != block.get("sha256"):
+        raise ModelError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was altered or "
+                         "corrupted; restore it or retrain")
+    return data
 
 
 def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
