@@ -172,6 +172,7 @@ def _driver(tmp_path: Path, rows: list[dict], pngs: list[bytes], flagged: float,
     from concurrent.futures import ThreadPoolExecutor
 
     from radscan.batch import write_pictures
+    from radscan.model.metadata import ModelIdentity
     from radscan.worklist import OutputPaths, write_worklist
 
     count = 2000
@@ -192,7 +193,7 @@ def _driver(tmp_path: Path, rows: list[dict], pngs: list[bytes], flagged: float,
             store.save(batch)
     store.mark_seen([])
     write_worklist(store, OutputPaths.beside(outputs.report, write_html=False), 0.5,
-                   {"weights": {"sha256": "x"}, "name": "bench"}, run=("run", {}))
+                   ModelIdentity("bench", "", "x", "density", 0.5, 0.95, ""), run=("run", {}))
     seconds = (time.perf_counter() - started) / count
     store.close()
     return seconds

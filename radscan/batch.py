@@ -31,6 +31,7 @@ from radscan.report import encode_png, png_name, render_explanation, render_film
 from radscan.state import FileIdentity
 
 if TYPE_CHECKING:
+    from radscan.model.metadata import ModelIdentity
     from radscan.model.simsid import SimSID
     from radscan.pacs import Destination
 
@@ -99,17 +100,14 @@ class BatchScorer:
     decodes); the first use waits for it and raises the loader's error, if any. Pure: it
     writes nothing, so that it runs the same on a cluster's workers (radscan.cluster)."""
 
-    def __init__(self, loading: Future, metadata: dict[str, Any], residuals: Path | None, link_base: Path,
+    def __init__(self, loading: Future, identity: ModelIdentity, residuals: Path | None, link_base: Path,
                  run_id: str, pictures: str, dicom_pictures: bool = False,
                  resolved_roots: dict[str, str] | None = None):
         self._loading, self.residuals, self.link_base, self.pictures = loading, residuals, link_base, pictures
         self.dicom_pictures = dicom_pictures  # every DICOM image gets one: its Secondary Capture is made of it
         self.resolved_roots = resolved_roots or {}  # root as given -> resolved (on the machine that lists files)
-        self.provenance = {
-            "model_name": metadata.get("name", ""), "model_version": metadata.get("version", ""),
-            "model_sha256": metadata["weights"]["sha256"], "preprocess_version": PREPROCESS_VERSION,
-            "radscan_version": __version__, "run_id": run_id,
-        }
+        self.provenance = {**identity.provenance(), "preprocess_version": PREPROCESS_VERSION,
+                           "radscan_version": __version__, "run_id": run_id}
 
     @functools.cached_property
     def model(self) -> SimSID:

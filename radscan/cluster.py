@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Cluster() says what to install
 
 if TYPE_CHECKING:
     from radscan.batch import ScoredBatch, ScoreSettings
+    from radscan.model.metadata import ModelIdentity
     from radscan.phi import PhiFilter
     from radscan.state import FileIdentity
 
@@ -79,7 +80,7 @@ class _BatchJob:
 
     policy: Any  # radscan.policy.Policy
     phi: PhiFilter
-    metadata: dict[str, Any]
+    identity: ModelIdentity
     residuals: Path | None
     link_base: Path
     run_id: str
@@ -160,7 +161,7 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
         items.append((record, image))
     loaded: Future = Future()
     loaded.set_result(plugin.model)
-    scorer = BatchScorer(loaded, job.metadata, job.residuals, job.link_base, job.run_id, job.pictures,
+    scorer = BatchScorer(loaded, job.identity, job.residuals, job.link_base, job.run_id, job.pictures,
                      dicom_pictures=job.dicom_pictures, resolved_roots=job.resolved_roots)
     rows, pictures = judge_and_score(items, plugin.qc, scorer)
     return rows, [(path, picture if picture is None or isinstance(picture, bytes) else picture.png())
@@ -274,11 +275,9 @@ class Cluster:
         except Exception as exc:  # noqa: BLE001 - whatever Dask raises, the run cannot use these workers
             raise UnavailableError(f"the Dask workers could not be asked: {one_line(exc)}") from None
 
-    def prepare(self, phi: PhiFilter, metadata: dict[str, Any], residuals: Path | None, link_base: Path, run_id: str,
+    def prepare(self, phi: PhiFilter, identity: ModelIdentity, residuals: Path | None, link_base: Path, run_id: str,
                 pictures: str, dicom_pictures: bool, resolved_roots: dict[str, str]) -> None:
-        provenance = {"name": metadata.get("name", ""), "version": metadata.get("version", ""),
-                      "weights": {"sha256": metadata["weights"]["sha256"]}}  # what the scorer reads: small
-        self.job = _BatchJob(self.settings.policy, phi, provenance, residuals, link_base, run_id, pictures,
+        self.job = _BatchJob(self.settings.policy, phi, identity, residuals, link_base, run_id, pictures,
                              dicom_pictures, resolved_roots, self.settings.policy.read_timeout, self.plugin)
 
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:

@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, f1_score,
 
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.io import load_model
+from radscan.model.metadata import ModelIdentity
 from radscan.model.runtime import resolve_device, score_arrays
 from radscan.policy import Policy, for_model
 from radscan.report import CsvStream, atomic_output
@@ -113,8 +114,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         scores = score_arrays(model, images, batch_size, torch_device).scores.double().numpy()
         all_scores.append(scores)
         results.append({
-            "model": str(model_dir), "model_name": metadata.get("name"), "model_version": metadata.get("version"),
-            "model_sha256": metadata["weights"]["sha256"], "normal": len(normal_names),
+            "model": str(model_dir), **ModelIdentity.of(metadata).provenance(), "normal": len(normal_names),
             "abnormal": len(abnormal_names),
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),

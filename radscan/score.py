@@ -56,7 +56,7 @@ from radscan.ingest import (
     find_files,
     iter_ingested,
 )
-from radscan.model.metadata import read_metadata
+from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
 from radscan.policy import for_model
@@ -150,15 +150,16 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
+    identity = ModelIdentity.of(metadata)
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
-    fingerprint = "|".join([metadata["weights"]["sha256"], PREPROCESS_VERSION, repr(settings.policy),
+    fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy),
                             phi.fingerprint, pictures + ("+dicom" if outputs.dicom else ""), qc.fingerprint])
     run_id = uuid.uuid4().hex[:12]
     started_at = now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
-             metadata.get("name"), metadata.get("version"), metadata["weights"]["sha256"][:12])
+             identity.name, identity.version, identity.sha256[:12])
 
     # torch and the model code are imported here, before any other thread of the run starts, and the
     # loading thread only reads the weights: a Ctrl-C that lands inside Python's import machinery
@@ -189,24 +190,23 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
-            scorer = BatchScorer(loading, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
+            scorer = BatchScorer(loading, identity, outputs.residuals, outputs.report.parent, run_id, pictures,
                              dicom_pictures=bool(outputs.dicom), resolved_roots=resolved_roots)
             with _cluster(settings, model_dir, metadata, resolved_roots, todo) as cluster:
                 if cluster is not None:
-                    cluster.prepare(phi, metadata, outputs.residuals, outputs.report.parent, run_id, pictures,
+                    cluster.prepare(phi, identity, outputs.residuals, outputs.report.parent, run_id, pictures,
                                     bool(outputs.dicom), resolved_roots)
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             threshold = scorer.threshold  # the model is verified even when nothing was new
             lock.confirm()  # the shared outputs follow: never beside another run's
-            delivery = _deliver(store, outputs, settings, scorer.provenance, metadata)
+            delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
-            drift = check_drift(*store.scored_now(), store.run_history(),
-                                metadata.get("calibration", {}).get("target_specificity"))
+            drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             problems = _problems(counts, delivery, outputs, drift)
             lock.confirm()
-            studies = write_worklist(store, outputs, threshold, metadata, run=(run_id, dict(counts)),
+            studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
-            write_readme(outputs, metadata, pictures)
+            write_readme(outputs, identity, pictures)
             store.record_run(now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
             _remove_unlinked_pictures(store, outputs, resolved_roots)
@@ -225,8 +225,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
-        model_name=metadata.get("name", ""), model_version=metadata.get("version", ""),
-        model_sha256=metadata["weights"]["sha256"], started_at=started_at, finished_at=now(),
+        model_name=identity.name, model_version=identity.version, model_sha256=identity.sha256,
+        started_at=started_at, finished_at=now(),
         dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
     )
 
@@ -309,11 +309,11 @@ def check_dicom_settings(outputs: OutputPaths, settings: ScoreSettings) -> None:
 
 
 def _deliver(store: StateStore, outputs: OutputPaths, settings: ScoreSettings, provenance: dict[str, Any],
-             metadata: dict[str, Any]) -> Delivery | None:
+             identity: ModelIdentity) -> Delivery | None:
     """The DICOM results of the scored DICOM images, written and sent (radscan.pacs)."""
     if outputs.dicom is None:
         return None
-    writer = ResultWriter(outputs.dicom, provenance, metadata.get("config", {}).get("score_kind", ""))
+    writer = ResultWriter(outputs.dicom, provenance, identity.score_kind)
     return deliver(store, writer, outputs.report.parent, settings.send)
 
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radscan import __version__
 from radscan.batch import now
@@ -20,6 +20,9 @@ from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, 
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, Status
 from radscan.report import AtomicFile, CsvStream, atomic_output, commit_together
 from radscan.state import StateStore
+
+if TYPE_CHECKING:
+    from radscan.model.metadata import ModelIdentity
 
 __all__ = ["OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS", "DISCLAIMER", "write_worklist", "write_readme"]
 
@@ -75,7 +78,7 @@ class OutputPaths:
         return Path(f"{self.report.with_suffix('')}_README.txt")
 
 
-def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, metadata: dict[str, Any],
+def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, identity: ModelIdentity,
                    run: tuple[str, dict[str, int]], problems: Sequence[str] = (), delivered: bool = True
                    ) -> tuple[int, int]:
     """Stream the image and study CSVs from the store and render the web page of the studies
@@ -91,7 +94,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
         members = _write_image_rows(report, store)
         study_csv = CsvStream(outputs.studies, STUDY_COLUMNS)
         pending.insert(0, study_csv.file)
-        entries, studies, flagged = _write_study_rows(study_csv, store, threshold, metadata,
+        entries, studies, flagged = _write_study_rows(study_csv, store, threshold, identity,
                                                       members if outputs.html is not None else None)
         if outputs.html is not None:
             page = AtomicFile(outputs.html)
@@ -104,9 +107,8 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, me
             # nightly wrapper's last_success and the metrics do)
             success = this_run if delivered else previous_success(outputs.html)
             page.handle.write(render_worklist_html(entries, {
-                "disclaimer": DISCLAIMER, "model_name": metadata.get("name", ""),
-                "model_version": metadata.get("version", ""), "model_sha256": metadata["weights"]["sha256"],
-                "score_kind": metadata.get("config", {}).get("score_kind", ""), "threshold": float(threshold),
+                "disclaimer": DISCLAIMER, **identity.provenance(),
+                "score_kind": identity.score_kind, "threshold": float(threshold),
                 "run_id": run[0], "finished_at": finished, "radscan_version": __version__,
                 "run_status": {"last_attempt": this_run, "last_success": success,
                                "listed": {"at": finished, "run_id": run[0]}},
@@ -140,7 +142,7 @@ def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[di
     return members
 
 
-def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, metadata: dict[str, Any],
+def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, identity: ModelIdentity,
                       members: dict[str, list[dict[str, Any]]] | None) -> tuple[list[dict[str, Any]], int, int]:
     """The study list; returns the page's entries (with `members`, the images of each study:
     _write_image_rows), studies, flagged studies."""
@@ -158,8 +160,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
             **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
             "study_note": note,
             "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
-            "threshold": round(threshold, 6), "model_name": metadata.get("name", ""),
-            "model_version": metadata.get("version", ""),
+            "threshold": round(threshold, 6), "model_name": identity.name, "model_version": identity.version,
         }
         study_csv.write(row)
         if members is not None:
@@ -202,7 +203,7 @@ def _pictures_note(outputs: OutputPaths, pictures: str) -> str:
             "  |input - reconstruction| (the density and critic scores do not use it).")
 
 
-def write_readme(outputs: OutputPaths, metadata: dict[str, Any], pictures: str) -> None:
+def write_readme(outputs: OutputPaths, identity: ModelIdentity, pictures: str) -> None:
     """A short note beside the worklist, for whoever opens the folder."""
     text = f"""About {outputs.report.name} (written by radscan {__version__})
 
@@ -213,9 +214,9 @@ def write_readme(outputs: OutputPaths, metadata: dict[str, Any], pictures: str) 
 {outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
 {_pictures_note(outputs, pictures)}
 {outputs.html.name + ": the worklist as a web page (open it in a browser)." if outputs.html else ""}
-Model: {metadata.get("name")} {metadata.get("version")} (sha256 {metadata["weights"]["sha256"][:16]}...),
-  score {metadata.get("config", {}).get("score_kind")},
-  threshold {float(metadata["calibration"]["threshold"]):.4f} chosen by {metadata["calibration"].get("method")}.
+Model: {identity.name} {identity.version} (sha256 {identity.sha256[:16]}...),
+  score {identity.score_kind},
+  threshold {identity.threshold:.4f} chosen by {identity.calibrated_by}.
 """
     with atomic_output(outputs.readme) as handle:
         handle.write(text)

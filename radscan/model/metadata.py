@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from radscan.errors import ModelError
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "read_verified",
-           "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading"]
+           "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
+           "ModelIdentity"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -102,6 +104,36 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is not a {FORMAT} file{hint}")
     _check_shape(metadata, path)
     return metadata
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every output says about the model that made it, read once from a model.json that
+    `read_metadata` checked (small and picklable: Dask sends it with each batch).
+
+    threshold : the calibrated flag threshold on the 0..1 score (model.json calibration.threshold).
+    target_specificity : the share of calibration normals the threshold keeps unflagged, or None.
+    """
+
+    name: str
+    version: str
+    sha256: str  # of the weights file
+    score_kind: str
+    threshold: float
+    target_specificity: float | None
+    calibrated_by: str  # how the threshold was chosen, in words
+
+    @classmethod
+    def of(cls, metadata: dict[str, Any]) -> ModelIdentity:
+        calibration = metadata["calibration"]
+        return cls(name=str(metadata.get("name", "")), version=str(metadata.get("version", "")),
+                   sha256=metadata["weights"]["sha256"], score_kind=str(metadata["config"].get("score_kind", "")),
+                   threshold=float(calibration["threshold"]), target_specificity=calibration.get("target_specificity"),
+                   calibrated_by=str(calibration.get("method", "")))
+
+    def provenance(self) -> dict[str, str]:
+        """The model's columns of every worklist row."""
+        return {"model_name": self.name, "model_version": self.version, "model_sha256": self.sha256}
 
 
 # What every reader of model.json relies on, with the type it must have: a file edited by hand
