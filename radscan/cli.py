@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from radscan import __version__
-from radscan.errors import ExitCode
+from radscan.errors import ExitCode, exit_codes_help
 from radscan.model.config import FIELDS, SCORE_KINDS
 from radscan.policy import (
     DEFAULT_BODY_PARTS,
@@ -42,20 +42,7 @@ _RECIPE = TrainConfig()  # the default recipe (radscan.recipe): every default of
 log = logging.getLogger("radscan")
 
 DISCLAIMER_SHORT = "research and triage support only, not a diagnosis"
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0   success
-  1   crash (a bug: please report it with the traceback)
-  2   usage error (bad option or argument)
-  3   finished, but some files could not be used (rows with status "error"),
-      or DICOM results were not made or not sent (kept for the next run)
-  65  missing or invalid model
-  66  no input: a path does not exist, cannot be read or holds no files
-  69  the Dask scheduler (--scheduler) cannot be used or was lost (rerun to finish)
-  73  an output cannot be written
-  75  another run holds the lock on these outputs (try again later)
-  130 interrupted (Ctrl-C); 143 stopped by SIGTERM: earlier outputs are intact, rerun to finish
-"""
+EXIT_CODES_HELP = exit_codes_help()
 
 
 # Input paths are checked by radscan, not by Click: a path that is missing or cannot be read is

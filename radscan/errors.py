@@ -37,6 +37,42 @@ class ExitCode(IntEnum):
     TERMINATED = 143  # 128 + SIGTERM (systemd stop, kill): the run unwound, earlier outputs intact
 
 
+# What each code means, in one place: `--help` prints them, and the README's table is checked against
+# them (tests/test_cli.py); docs/scoring.md gives the details of each.
+EXIT_CODE_MEANINGS: dict[tuple[int, ...], str] = {
+    (ExitCode.OK,): "success",
+    (ExitCode.CRASH,): "crash: a bug (please report it with the traceback)",
+    (ExitCode.USAGE,): "usage error: a bad option, argument or setting; an output inside the inputs",
+    (ExitCode.PARTIAL,): "finished, but some files could not be used (status `error` rows), or, with `--dicom-out`, "
+                         "some DICOM results were not made or not sent (kept for the next run)",
+    (ExitCode.DATA,): "missing or invalid model (a missing, altered or edited file; training that diverged)",
+    (ExitCode.NO_INPUT,): "no input: a path does not exist, cannot be read (permissions) or holds no files",
+    (ExitCode.UNAVAILABLE,): "the Dask scheduler cannot be used or was lost (rerun to finish)",
+    (ExitCode.CANT_CREATE,): "an output cannot be written (read-only folder, full disk, an output that is a link)",
+    (ExitCode.LOCKED,): "another run holds the lock on these outputs: try again later",
+    (ExitCode.INTERRUPTED, ExitCode.TERMINATED): "interrupted (Ctrl-C) / stopped by SIGTERM: earlier outputs intact, "
+                                                 "rerun to finish",
+}
+
+
+def exit_code_rows() -> list[str]:
+    """The README's table of exit codes, one Markdown row per entry of EXIT_CODE_MEANINGS."""
+    return [f"| {' / '.join(str(int(code)) for code in codes)} | {meaning} |"
+            for codes, meaning in EXIT_CODE_MEANINGS.items()]
+
+
+def exit_codes_help() -> str:
+    """The exit codes for `--help` epilogs (Click keeps a paragraph after \\b as written)."""
+    import textwrap
+
+    lines = ["\b", "Exit codes:"]
+    for codes, meaning in EXIT_CODE_MEANINGS.items():
+        wrapped = textwrap.wrap(meaning.replace("`", ""), 66)
+        lines.append(f"  {'/'.join(str(int(code)) for code in codes):<7} {wrapped[0]}")
+        lines.extend(f"  {'':<7} {line}" for line in wrapped[1:])
+    return "\n".join(lines) + "\n"
+
+
 class RadscanError(click.ClickException):
     """An error the user can act on: printed as one line, no traceback, with its own exit code."""
 

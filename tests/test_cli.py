@@ -455,3 +455,20 @@ def test_scan_groups_studies_as_score_does(tmp_path):
             keys[mode] = {row["path"]: row["study_key"] for row in csv.DictReader(handle)}
     assert len(set(keys["folder"].values())) == 2 and len(set(keys["file"].values())) == 4
     assert all(keys["file"][path].endswith(path) for path in keys["file"])
+
+
+def test_the_exit_codes_are_told_alike_in_help_readme_and_guide():
+    """One list of exit codes (radscan.errors.EXIT_CODE_MEANINGS): `--help` prints it, the README's
+    table is it word for word, and the scoring guide details each of its codes and no other."""
+    import re
+
+    from radscan.errors import EXIT_CODE_MEANINGS, exit_code_rows
+
+    readme = (REPO / "README.md").read_text()
+    table = [line for line in readme.split("## Exit codes", 1)[1].splitlines() if re.match(r"\| \d", line)]
+    assert table == exit_code_rows()
+    guide = (REPO / "docs/scoring.md").read_text().split("## Exit codes", 1)[1]
+    detailed = [line.split("|")[1].strip() for line in guide.splitlines() if re.match(r"\| \d", line)]
+    assert detailed == [" / ".join(str(int(code)) for code in codes) for codes in EXIT_CODE_MEANINGS]
+    shown = CliRunner().invoke(cli, ["--help"]).output
+    assert all(str(int(code)) in shown for codes in EXIT_CODE_MEANINGS for code in codes)
