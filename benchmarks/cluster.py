@@ -87,10 +87,11 @@ def parts(args: argparse.Namespace, tmp_path: Path) -> dict[str, float]:
     from radscan.ingest import Found, ingest_file
     from radscan.model.io import load_model
     from radscan.model.metadata import read_metadata
+    from radscan.pictures import render_explanation
     from radscan.policy import Policy
     from radscan.qc import apply_qc, quality_control
     from radscan.records import Status
-    from radscan.report import encode_png, render_explanation
+    from radscan.report import encode_png
     from radscan.state import FileIdentity, StateStore
 
     torch.set_num_threads(1)

@@ -23,11 +23,12 @@ import numpy as np
 from radscan import __version__
 from radscan.errors import OutputError
 from radscan.phi import PhiFilter
+from radscan.pictures import render_explanation, render_film
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc
 from radscan.records import ImageRecord, printable
-from radscan.report import encode_png, png_name, render_explanation, render_film, write_png_bytes
+from radscan.report import encode_png, png_name, write_png_bytes
 from radscan.state import FileIdentity
 
 if TYPE_CHECKING:

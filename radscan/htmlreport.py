@@ -19,7 +19,8 @@ from typing import Any
 import jinja2
 
 from radscan.errors import OutputError
-from radscan.report import PICTURE_LAYOUT, atomic_output
+from radscan.pictures import PICTURE_LAYOUT
+from radscan.report import atomic_output
 
 __all__ = ["study_entry", "image_entry", "IMAGES_PER_STUDY", "write_evaluation_html", "write_training_html",
            "write_worklist_html", "render_worklist_html", "record_failed_run", "previous_success"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -18,13 +17,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from radscan.errors import OutputError
 
-__all__ = ["render_film", "atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
+__all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
            "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "write_png_bytes", "encode_png",
-           "png_name", "render_explanation"]
+           "png_name"]
 
 
 def _file_mode() -> int:
@@ -249,120 +248,3 @@ def write_png_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
         except OSError as exc:
             raise cannot_write(path, exc) from None
-
-
-# Maps are shown on fixed scales, so that colours mean the same in every picture. The score map
-# is in z-score units per image area (see SimSID._score_chunk): 0 .. SCORE_MAP_SCALE_MAX; the
-# reconstruction difference in model units (the image spans -1..1, so 0.5 is a quarter of it).
-SCORE_MAP_SCALE_MAX = 30.0
-RESIDUAL_SCALE_MAX = 0.5
-COLOUR_MAP = "inferno"  # perceptually uniform and readable in grey print (matplotlib)
-_PANEL = 512  # height of the main panels, pixels
-_SMALL = 256
-_BAR = 16
-_MARGIN = 8
-_BESIDE = _BAR + 44  # a colour bar and its labels
-_BELOW = 44  # the panels' labels
-# Where the main panel lies in a picture, for the worklist page, which shows it alone as the row's
-# thumbnail and finds it from the picture's size (worklist.html.j2, `panelBox`): an explanation
-# picture is PICTURE_LAYOUT["fixed_width"] + 2 x the panel's width wide and its caption + panel +
-# "below" high, the map panel right of the film's panel (after "margin"); a rejected film's picture
-# is its caption + panel high, the film at the left.
-PICTURE_LAYOUT = {"panel": _PANEL, "margin": _MARGIN, "below": _BELOW,
-                  "fixed_width": 3 * _BESIDE + _MARGIN + _SMALL}
-
-
-@functools.lru_cache(maxsize=1)
-def _colour_table() -> np.ndarray:
-    """(256, 3) uint8 RGB of COLOUR_MAP (matplotlib is imported once, on the first picture)."""
-    from matplotlib import colormaps
-
-    return (colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
-
-
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """0..1 -> COLOUR_MAP colours (black-purple-orange-yellow), as (..., 3) uint8."""
-    return _colour_table()[(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)]
-
-
-@functools.lru_cache(maxsize=4)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
-def _overlay(grey: Image.Image, heat: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """`heat` (128, 128) in 0..1 blended over the grey input (more opaque where hotter), then
-    enlarged to `size` (width, height) pixel for pixel (nearest neighbour)."""
-    opacity = Image.fromarray((0.75 * 255 * np.clip(heat, 0.0, 1.0)).astype(np.uint8))
-    blended = Image.composite(Image.fromarray(heat_colours(heat)), grey, opacity)
-    return blended.resize(size, Image.Resampling.NEAREST)
-
-
-def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, height: int, top: str,
-                bottom: str) -> None:
-    bar = np.repeat(heat_colours(np.linspace(1.0, 0.0, height))[:, None, :], _BAR, axis=1)
-    canvas.paste(Image.fromarray(bar), (x, y))
-    draw.text((x + _BAR + 4, y), top, fill="white", font=_font(12))
-    draw.text((x + _BAR + 4, y + height - 14), bottom, fill="white", font=_font(12))
-
-
-def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str,
-                       score_kind: str = "critic", aspect: float = 1.0) -> np.ndarray:
-    """The picture of one scored film, (H, W, 3) uint8, for a reader:
-
-    - a caption on top (`caption`, one or more lines: score, flag, identity as the PHI mode
-      allows, view, date, model; written by the caller);
-    - left: the film as the model saw it (`image`, (128, 128) uint8), shown at the film's own
-      width/height ratio `aspect` (clamped to 0.5..2; the model input is squashed to a square);
-    - middle, the main panel: where the film raises the anomaly score (`score_map`, (128, 128)
-      float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX), over the film
-      at the same ratio, in a perceptually uniform colour map with its scale;
-    - right, small: how differently the model redrew the film (`residual`, |input - reconstruction|,
-      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), and whether the score uses it (`score_kind`).
-
-    Overlays are blended at model resolution and enlarged pixel for pixel (nearest neighbour): the
-    picture shows the pixels the model saw, and the blocky result deflates about 5x smaller and 3x
-    faster than a smoothed one (this runs once per image)."""
-    grey = Image.fromarray(image).convert("RGB")
-    width = round(_PANEL * min(2.0, max(0.5, aspect)))
-    lines = caption.splitlines() or [""]
-    top = 12 + 20 * len(lines)
-    small_x = 2 * width + 2 * _BESIDE + _MARGIN
-    canvas = Image.new("RGB", (small_x + _SMALL + _BESIDE, top + _PANEL + _BELOW), "black")
-    draw = ImageDraw.Draw(canvas)
-    for index, line in enumerate(lines):
-        draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
-    canvas.paste(grey.resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
-    canvas.paste(_overlay(grey, score_map / SCORE_MAP_SCALE_MAX, (width, _PANEL)), (width + _MARGIN, top))
-    _colour_bar(draw, canvas, 2 * width + _MARGIN + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g} z", "0 z")
-    small_height = round(_SMALL / min(2.0, max(0.5, aspect)))
-    draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
-    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
-    _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
-    note = ("scale 0 to 0.5: a quarter of the grey range\nnot used by the score: pneumonia often\n"
-            "reconstructs closer than normal" if score_kind in ("critic", "density")
-            else f"scale 0 to 0.5: a quarter of the grey range\nthe {score_kind} score is made from it")
-    draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
-    draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
-    draw.text((width + _MARGIN + 4, top + _PANEL + 4),
-              "where this film raises the anomaly score: coloured where it does\n"
-              "so more than 95% of normal films do (z: the score's units)",
-              fill="white", font=_font(13))
-    return np.asarray(canvas)
-
-
-def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndarray:
-    """The picture of a film that was read but not judged (quality control rejected it), (H, W, 3)
-    uint8: the caption on top and the film as the model would have seen it (`image`, (128, 128)
-    uint8) at its own width/height ratio `aspect` (clamped to 0.5..2), enlarged pixel for pixel, so
-    that a reader can judge the rejection (a chest the wrong way round, or not a chest at all)."""
-    width = round(_PANEL * min(2.0, max(0.5, aspect)))
-    lines = caption.splitlines() or [""]
-    top = 12 + 20 * len(lines)
-    text_width = max(_font(15).getlength(line) for line in lines) + 2 * _MARGIN
-    canvas = Image.new("RGB", (max(width, round(text_width)), top + _PANEL), "black")
-    draw = ImageDraw.Draw(canvas)
-    for index, line in enumerate(lines):
-        draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
-    canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
-    return np.asarray(canvas)

@@ -294,7 +294,7 @@ def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_mod
     import numpy as np
     from PIL import Image
 
-    from radscan.report import SCORE_MAP_SCALE_MAX, render_explanation
+    from radscan.pictures import SCORE_MAP_SCALE_MAX, render_explanation
 
     inputs = tmp_path / "in"
     for index, film in enumerate(sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:2]):
