@@ -52,6 +52,8 @@ from radscan.records import DICOM_FIELDS, ImageRecord, visible_controls
 __all__ = ["read_dicom", "skip_reason"]
 
 # Invalid values in real-world headers are common; read them as they are instead of warning on each.
+# NB: a process-wide pydicom setting, made when this module is imported (by radscan.ingest): a program
+# that imports radscan and reads DICOM itself reads it with the same leniency.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 log = logging.getLogger(__name__)

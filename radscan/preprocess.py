@@ -1,23 +1,29 @@
-"""The one preprocessing function: display-correct grey image -> the model's 128x128 input.
+"""The last step of preprocessing, and the helpers the readers share: display-correct grey image
+-> the model's 128x128 input.
 
-Every path through radscan (scan previews, training, scoring, evaluation) ends here, so a model
-only ever sees images made by this code. The readers (`radscan.dicom`, `radscan.raster`) bring any
-file to a display-correct 8-bit grey image with the helpers below; `to_model_input` resizes it.
+Every path through radscan (scan previews, training, scoring, evaluation) ends in
+`to_model_input`, so a model only ever sees images made by this code. The steps before it live in
+the readers, which bring any file to a display-correct 8-bit grey image with the helpers below:
+`radscan.dicom` (`_display_grey`) for DICOM, `radscan.raster` (`_to_grey`) for JPEG/PNG.
 
 Notes
 -----
-Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling):
+Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling), and where each step is:
 
-1. stored values -> modality LUT (rescale slope/intercept or LUT sequence)
+1. stored values -> modality LUT (rescale slope/intercept or LUT sequence): radscan.dicom
+   `_modality_values`
 2. VOI LUT sequence, else the first window, else a robust percentile window (>8-bit data), else
-   the full stored range (8-bit data such as JPEGs)
-3. MONOCHROME1 inverted exactly once, so that air is dark in every output
-4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs)
+   the full stored range (8-bit data such as JPEGs): radscan.dicom `_display_grey` with
+   `percentile_window` below
+3. MONOCHROME1 inverted exactly once, so that air is dark in every output: `window_to_uint8` below
+4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs): `window_to_uint8`;
+   JPEG/PNG are 8-bit already (radscan.raster: colour to grey, transparency over white)
 5. for a model whose field is the thorax's bounding box (field "thorax-box"), cut to that box,
    given as fractions of the film and fixed per model (radscan.model.field.thorax_box), at the
    film's own resolution, so that the chest gets every pixel the file has
 6. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
-   reference and the Kermany 224 px training set both squash the whole film into a square.
+   reference and the Kermany 224 px training set both squash the whole film into a square
+   (steps 5 and 6: `to_model_input`).
 
 Bump `PREPROCESS_VERSION` whenever any step changes output pixels: model files record it and
 refuse input made by another version.
