@@ -95,20 +95,33 @@ class FilmPicture:
 PictureActions = list[tuple[Path, "PictureJob | FilmPicture | bytes | None"]]
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What scoring a batch needs to know about its run, the same on one machine and on a Dask
+    worker (small and picklable: radscan.cluster sends it with each batch)."""
+
+    identity: ModelIdentity
+    run_id: str
+    phi: PhiFilter  # how identifiers are kept, hashed or dropped (--phi)
+    residuals: Path | None  # the pictures folder, or None (--no-residuals)
+    link_base: Path  # the folder the worklist's links to pictures are relative to
+    pictures: str  # which films get a picture: all, flagged or none (--pictures)
+    dicom_pictures: bool  # every DICOM image gets one: its Secondary Capture is made of it (--dicom-out)
+    resolved_roots: dict[str, str]  # each root as given -> resolved (on the machine that lists the files)
+
+
 class BatchScorer:
     """The model side of the pipeline: batches in, rows and explanation pictures out. The model
     arrives from a loading thread (reading and verifying the weights, hidden behind the first
     decodes); the first use waits for it and raises the loader's error, if any. Pure: it
     writes nothing, so that it runs the same on a cluster's workers (radscan.cluster)."""
 
-    def __init__(self, loading: Future, identity: ModelIdentity, residuals: Path | None, link_base: Path,
-                 run_id: str, pictures: str, dicom_pictures: bool = False,
-                 resolved_roots: dict[str, str] | None = None):
-        self._loading, self.residuals, self.link_base, self.pictures = loading, residuals, link_base, pictures
-        self.dicom_pictures = dicom_pictures  # every DICOM image gets one: its Secondary Capture is made of it
-        self.resolved_roots = resolved_roots or {}  # root as given -> resolved (on the machine that lists files)
-        self.provenance = {**identity.provenance(), "preprocess_version": PREPROCESS_VERSION,
-                           "radscan_version": __version__, "run_id": run_id}
+    def __init__(self, loading: Future, run: RunContext):
+        self._loading, self.residuals, self.link_base = loading, run.residuals, run.link_base
+        self.pictures = run.pictures
+        self.dicom_pictures, self.resolved_roots = run.dicom_pictures, run.resolved_roots
+        self.provenance = {**run.identity.provenance(), "preprocess_version": PREPROCESS_VERSION,
+                           "radscan_version": __version__, "run_id": run.run_id}
 
     @functools.cached_property
     def model(self) -> SimSID:

@@ -44,9 +44,7 @@ except ImportError:  # pragma: no cover - Cluster() says what to install
     WorkerPlugin = object
 
 if TYPE_CHECKING:
-    from radscan.batch import ScoredBatch, ScoreSettings
-    from radscan.model.metadata import ModelIdentity
-    from radscan.phi import PhiFilter
+    from radscan.batch import RunContext, ScoredBatch, ScoreSettings
     from radscan.state import FileIdentity
 
 __all__ = ["Cluster", "parse_scheduler"]
@@ -79,14 +77,7 @@ class _BatchJob:
     """What every batch task needs besides its files (sent with each task; small)."""
 
     policy: Any  # radscan.policy.Policy
-    phi: PhiFilter
-    identity: ModelIdentity
-    residuals: Path | None
-    link_base: Path
-    run_id: str
-    pictures: str
-    dicom_pictures: bool
-    resolved_roots: dict[str, str]
+    run: RunContext
     read_timeout: float
     plugin: str  # the name of this run's model plugin on the workers
 
@@ -157,12 +148,11 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
         record.root = given  # rows name the root as it was given, as on one machine
         if record.reason.startswith(CANNOT_READ):
             record.reason += f" (on Dask worker {get_worker().address}: are the inputs mounted there?)"
-        prepare_record(record, job.phi, job.run_id)
+        prepare_record(record, job.run.phi, job.run.run_id)
         items.append((record, image))
     loaded: Future = Future()
     loaded.set_result(plugin.model)
-    scorer = BatchScorer(loaded, job.identity, job.residuals, job.link_base, job.run_id, job.pictures,
-                     dicom_pictures=job.dicom_pictures, resolved_roots=job.resolved_roots)
+    scorer = BatchScorer(loaded, job.run)
     rows, pictures = judge_and_score(items, plugin.qc, scorer)
     return rows, [(path, picture if picture is None or isinstance(picture, bytes) else picture.png())
                   for path, picture in pictures]
@@ -275,10 +265,8 @@ class Cluster:
         except Exception as exc:  # noqa: BLE001 - whatever Dask raises, the run cannot use these workers
             raise UnavailableError(f"the Dask workers could not be asked: {one_line(exc)}") from None
 
-    def prepare(self, phi: PhiFilter, identity: ModelIdentity, residuals: Path | None, link_base: Path, run_id: str,
-                pictures: str, dicom_pictures: bool, resolved_roots: dict[str, str]) -> None:
-        self.job = _BatchJob(self.settings.policy, phi, identity, residuals, link_base, run_id, pictures,
-                             dicom_pictures, resolved_roots, self.settings.policy.read_timeout, self.plugin)
+    def prepare(self, run: RunContext) -> None:
+        self.job = _BatchJob(self.settings.policy, run, self.settings.policy.read_timeout, self.plugin)
 
     def score(self, todo: list[tuple[Found, FileIdentity]]) -> Iterator[ScoredBatch]:
         """Batches of `todo` scored on the workers, as they complete (any order), with a window of
@@ -291,7 +279,7 @@ class Cluster:
         waiting: dict[Any, list[tuple[Found, FileIdentity]]] = {}
 
         def submit(batch: list[tuple[Found, FileIdentity]]) -> Any:
-            files = [(self.job.resolved_roots[found.root], found.root, found.path, found.study_key)
+            files = [(self.job.run.resolved_roots[found.root], found.root, found.path, found.study_key)
                      for found, _ in batch]
             future = self.client.submit(_score_batch, files, self.job, pure=False)
             waiting[future] = batch
@@ -351,7 +339,7 @@ class Cluster:
         found, identity = item
         log.warning("the worker reading %s died", found.path)
         record = failed_record(found, CRASHED)
-        prepare_record(record, self.job.phi, self.job.run_id)
+        prepare_record(record, self.job.run.phi, self.job.run.run_id)
         return [identity], [record.as_row()], []
 
     def _completed(self, running: Any) -> Iterator[Any]:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from radscan.batch import (
     BatchScorer,
+    RunContext,
     ScoredBatch,
     ScoreSettings,
     crawl_study,
@@ -190,12 +191,12 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
-            scorer = BatchScorer(loading, identity, outputs.residuals, outputs.report.parent, run_id, pictures,
+            run = RunContext(identity, run_id, phi, outputs.residuals, outputs.report.parent, pictures,
                              dicom_pictures=bool(outputs.dicom), resolved_roots=resolved_roots)
+            scorer = BatchScorer(loading, run)
             with _cluster(settings, model_dir, metadata, resolved_roots, todo) as cluster:
                 if cluster is not None:
-                    cluster.prepare(phi, identity, outputs.residuals, outputs.report.parent, run_id, pictures,
-                                    bool(outputs.dicom), resolved_roots)
+                    cluster.prepare(run)
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             threshold = scorer.threshold  # the model is verified even when nothing was new
             lock.confirm()  # the shared outputs follow: never beside another run's
