@@ -44,12 +44,14 @@ def _environment() -> jinja2.Environment:
 def image_entry(row: dict[str, Any]) -> dict[str, Any]:
     """One image of a study, as the page lists it under the study: a row of the image CSV
     (REPORT_COLUMNS) -> its path, picture (relative link, "" when none), score (None when not scored),
-    z, flag and status, and the reason when it was not scored."""
+    z, flag and status, the reason when it was not scored, and quality control's warning or
+    failure when it has one (a warned image that is not the study's top one must show it too)."""
     score = row.get("score")
     return {"path": row["path"], "picture": row.get("residual_png") or "",
             "score": None if score is None else round(float(score), 4), "z": row.get("score_z"),
             "flag": row.get("flag") is True, "status": row["status"],
-            "reason": "" if row["status"] == "ok" else row.get("reason", "")}
+            "reason": "" if row["status"] == "ok" else row.get("reason", ""),
+            "qc": row.get("qc_reason", "") if row.get("qc_status") in ("warn", "fail") else ""}
 
 
 def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = None,

@@ -179,7 +179,9 @@ def _study_note(study: dict[str, Any]) -> str:
     if study["images_rejected"]:
         notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
     if study["images_error"]:
-        notes.append(f"{study['images_error']} image(s) could not be read")
+        top = study["top"]  # when nothing was read, the top row is an unreadable file: say why
+        why = f" ({top['reason']})" if top.get("status") == Status.ERROR and top.get("reason") else ""
+        notes.append(f"{study['images_error']} image(s) could not be read{why}")
     if study["images_skipped"]:
         reason = "see their rows"
         if study["images_skipped"] == study["images"]:  # the top row is then a skipped image
@@ -190,7 +192,8 @@ def _study_note(study: dict[str, Any]) -> str:
         if study["images_rejected"] or study["images_skipped"]:  # there is a film a reader can look at
             notes.append("no image of this study was scored: review it yourself")
         else:  # nothing could be read: a reader has nothing to look at
-            notes.append("no file of this study could be read: for IT (the reasons are in the image list)")
+            notes.append("no file of this study could be read: for IT first, then for reading once its films open "
+                         "(every reason is in the image list)")
     return "; ".join(notes)
 
 

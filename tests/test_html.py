@@ -210,7 +210,19 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
     assert page.locator("#viewer").is_visible()
     assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
     assert page.locator("#viewer-caption").inner_text().startswith("patient1/")
+    page.keyboard.press("Escape")
+    for name in [members.nth(index).inner_text() for index in range(3)]:  # any image finds its study
+        page.locator("#search").fill(name)
+        assert page.locator("#rows tr").count() == 1 and "patient1" in page.locator("#rows").inner_text(), name
     assert not problems, problems
+    # on a phone the image column gives way: the study's images are listed under its identity
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone.goto(out.with_name("report.html").as_uri())
+    phone.wait_for_selector("#rows tr")
+    phone.locator("#rows details summary").click()
+    links = phone.locator("#rows ol.members a")
+    assert links.count() == 3 and all(links.nth(index).is_visible() for index in range(3))
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1
 
     summary = run("folder")  # the 12 films whose study the crawl named anew are read again; patient1's kept
     assert summary["studies"] == 2 and summary["scored_now"] == 12
@@ -268,11 +280,15 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
 
 def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp_path, browser):  # noqa: F811
     """Issue 21 item 4: at a phone's width (390 px) every row's score, z and flag are on screen without
-    scrolling sideways."""
+    scrolling sideways, also beside a study with a 56-character accession number."""
+    inputs = tmp_path / "in"
+    shutil.copytree(studies, inputs)
+    (inputs / "long").mkdir()
+    shutil.copy(DICOM_DIR / "pylibjpeg-data/966_fixed.dcm", inputs / "long" / "IM1")
     out = tmp_path / "out" / "report.csv"
-    result = CliRunner().invoke(cli, ["score", str(studies), "--out", str(out), "--model", str(tiny_model),
+    result = CliRunner().invoke(cli, ["score", str(inputs), "--out", str(out), "--model", str(tiny_model),
                                       "--workers", "1"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code in (0, 3), result.output  # 3: the film's codec may be missing
     page = browser.new_page(viewport={"width": 390, "height": 844})
     page.goto(out.with_name("report.html").as_uri())
     page.wait_for_selector("#rows tr")
