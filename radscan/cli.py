@@ -35,6 +35,7 @@ from radscan.policy import (
 )
 from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES, QCReference, quality_control
 from radscan.recipe import MODEL_SETTINGS, PRESET, TrainConfig
+from radscan.records import counted
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
 _RECIPE = TrainConfig()  # the default recipe (radscan.recipe): every default of `radscan train` comes from it
@@ -185,11 +186,6 @@ json_option = click.option(
 )
 
 
-def _count(number: int, noun: str) -> str:
-    """'1 file', '2 files': the summary lines a person reads."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
 def _echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
     """The --json summary of a finished command: the same two leading keys for every command.
     "ok" is true only for exit code 0: a run that finished with unreadable files or unsent
@@ -274,7 +270,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     elif not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(
-            f"{_count(summary.files, 'file')}: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
+            f"{counted(summary.files, 'file')}: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
             f"{counts['skipped']} skipped, {counts['error']} error -> {summary.inventory}",
             err=True,
         )
@@ -426,7 +422,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     if as_json:
         _echo_json(summary)
     elif not ctx.obj["quiet"]:
-        click.echo(f"model written to {result.model_dir} ({_count(result.epochs_run, 'epoch')})", err=True)
+        click.echo(f"model written to {result.model_dir} ({counted(result.epochs_run, 'epoch')})", err=True)
 
 
 def _model_in_use() -> Path:
@@ -642,7 +638,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         _echo_json(summary.as_dict(), exit_code)
     elif not ctx.obj["quiet"]:
         counts = summary.counts
-        click.echo(f"{_count(summary.files, 'file')}: {counts['ok']} scored ({summary.reused} unchanged), "
+        click.echo(f"{counted(summary.files, 'file')}: {counts['ok']} scored ({summary.reused} unchanged), "
                    f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
                    f"{summary.flagged_studies} of "
                    f"{summary.studies} studies flagged -> {summary.report}", err=True)

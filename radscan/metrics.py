@@ -47,6 +47,9 @@ def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = N
                                             "delivered every DICOM result ended (Unix time).", now)
         elif previous := _previous_blocks(path).get(_LAST_SUCCESS):
             blocks[_LAST_SUCCESS] = previous
+    if _LAST_SUCCESS not in blocks:  # none yet: 0, so that an alert on its age fires on a new install too
+        blocks[_LAST_SUCCESS] = _metric(_LAST_SUCCESS, "When the last run that wrote its worklist and delivered "
+                                        "every DICOM result ended (Unix time; 0: none yet).", 0)
     with atomic_output(path) as handle:
         handle.write("\n".join(line for lines in blocks.values() for line in lines) + "\n")
 

@@ -6,7 +6,12 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line", "printable"]
+__all__ = ["ImageRecord", "Status", "DICOM_FIELDS", "RECORD_COLUMNS", "one_line", "printable", "counted"]
+
+
+def counted(number: int, noun: str) -> str:
+    """'1 file', '2 files', '1 epoch': a count in the words a person reads (regular plurals only)."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")

@@ -46,6 +46,7 @@ from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, fit_reference, quality_control, save_reference
 from radscan.recipe import TrainConfig
+from radscan.records import counted
 from radscan.report import CsvStream, atomic_output, cannot_write
 
 __all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
@@ -581,8 +582,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     run = _start(trainer, data, out_dir, tcfg, device, resume, init_from)
     _run_epochs(trainer, data, run, out_dir, tcfg, device, progress, started)
     if run.epochs < data.model_cfg.critic_snapshots and init_from is None:
-        raise SettingError(f"stopped after {run.epochs} epochs, fewer than the {data.model_cfg.critic_snapshots} "
-                           "critic snapshots: raise --max-minutes and rerun with --resume")
+        raise SettingError(f"stopped after {counted(run.epochs, 'epoch')}, fewer than the "
+                           f"{data.model_cfg.critic_snapshots} critic snapshots: raise --max-minutes and rerun with "
+                           "--resume")
     model = _kept_model(trainer, data, run, tcfg, device)
     metrics, calibration_scores = finalize(model, data.calibration, data.validation, tcfg, device)
     metadata = {
@@ -646,8 +648,8 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
         raise SettingError("--val-normal needs --val-abnormal (without --val-normal, the calibration normals "
                            "are the validation normals)")
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
-        raise SettingError(f"{tcfg.epochs} epochs cannot fill {model_cfg.critic_snapshots} critic snapshots: "
-                           "train longer or keep fewer snapshots")
+        raise SettingError(f"{counted(tcfg.epochs, 'epoch')} cannot fill {model_cfg.critic_snapshots} critic "
+                           "snapshots: train longer or keep fewer snapshots")
 
 
 @dataclass

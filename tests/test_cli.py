@@ -354,7 +354,7 @@ def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
     assert "WARNING" in log and "status=error" not in log
     metrics = (out / "radscan.prom").read_text()  # the wrapper's metrics agree: no success, results pending
     assert "radscan_last_exit_code 3" in metrics and 'radscan_dicom_results_pending{kind="not_sent"} 2' in metrics
-    assert "radscan_last_success_timestamp_seconds" not in metrics
+    assert "radscan_last_success_timestamp_seconds 0" in metrics  # none yet: an alert on its age fires
 
 
 def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):
