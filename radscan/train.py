@@ -40,7 +40,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.field import lungs_in_box, thorax_box, thorax_field
-from radscan.model.io import METADATA_FILE, save_model
+from radscan.model.io import METADATA_FILE, WEIGHTS_FILE, save_model, sha256_file
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
@@ -880,7 +880,8 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         except (OSError, shutil.Error) as exc:
             raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
     kept = {k: v for k, v in metadata.items()
-            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights")}
+            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights",
+                         "previous_version")}  # recalibrated_from names the one predecessor
     # a recalibrated model scores differently: it is another version of the model
     kept["version"] = datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
     kept["recalibrated_from"] = {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"]}
@@ -920,9 +921,10 @@ def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], 
             old = float(before.get("calibration", {}).get("threshold", float("nan")))
             notice = (f"> **Recalibrated** on {len(names)} normals of a site "
                       f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
-                      f"**{threshold:.4f}** (was {old:.4f}), version in `model.json`. The figures below that depend on "
-                      "the threshold (flagged shares, sensitivity, specificity) describe the model before; AUCs do "
-                      "not depend on it.\n\n")
+                      f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
+                      "version in `model.json`. Everything below describes the model before, version "
+                      f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
+                      "specificity); AUCs do not depend on the threshold.\n\n")
             text = card.read_text(encoding="utf-8")
             title, _, rest = text.partition("\n\n")
             with atomic_output(card, "w") as handle:

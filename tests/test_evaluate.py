@@ -153,7 +153,11 @@ def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
     title, notice = card.split("\n\n")[:2]
     assert title == (shipped / "README.md").read_text().split("\n\n")[0]
     assert "Recalibrated" in notice and f"{threshold:.4f}" in notice
+    metadata = json.loads((out / "model.json").read_text())  # the new weights, and one predecessor named
+    assert metadata["weights"]["sha256"] in notice and "previous_version" not in metadata
+    assert metadata["recalibrated_from"]["version"] in notice
     report = (out / "training_report.html").read_text()  # the validation figures evaluate measured, not "none"
+    assert "12 normals of a site" in report
     measured = load_model(shipped)[1]["metrics"]["val_auc"]
     assert "No labelled validation data" not in report and f"validation AUC {measured:.3f}" in report
     info = CliRunner().invoke(cli, ["info", str(out)])
