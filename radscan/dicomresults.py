@@ -41,6 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radscan import __version__
 from radscan.errors import SettingError
+from radscan.qc import WARN_AGE, WARN_MIRRORED
 from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
@@ -112,7 +113,7 @@ class ResultWriter:
         sr_path, sc_path = self.folder / f"SR_{name}.dcm", self.folder / f"SC_{name}.dcm"
         # everything the SR states: a new QC verdict alone (another --qc mode) is a new object too
         result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag",
-                                                "qc_status")]
+                                                "qc_status", "qc_reason")]
         earlier = _our_report(sr_path, row.get("StudyInstanceUID", ""))
         before = _predecessor_uid(earlier) if earlier is not None else ""
         if earlier is not None and earlier.SOPInstanceUID == derived_uid("sr", self._version, *result, before):
@@ -186,7 +187,7 @@ class ResultWriter:
                                   value=round(score, 6), unit=codes.UCUM.NoUnits, algorithm_id=algorithm),
                 hd.sr.Measurement(name=_code("THRESHOLD", "Anomaly score threshold"), value=round(threshold, 6),
                                   unit=codes.UCUM.NoUnits)],
-            qualitative_evaluations=_evaluations(flag, row.get("qc_status", "")),
+            qualitative_evaluations=_evaluations(flag, row.get("qc_status", ""), row.get("qc_reason", "")),
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 source, referenced_frame_numbers=_frames(source, row))])
         content = hd.sr.MeasurementReport(
@@ -239,10 +240,16 @@ _QC_VERDICTS = {"pass": ("QC-PASS", "Passed: the film suits the model"),
                 "fail": ("QC-FAIL", "Failed, scored under --qc warn: the score may not apply")}
 
 
-def _evaluations(flag: bool, qc_status: str) -> list[Any]:
+# what a warning is about, coded, so that an engine can tell a film to check (mirrored) from a
+# patient the model was not made for (age) without parsing the worklist's words
+_QC_FINDINGS = {WARN_MIRRORED: ("QC-MIRRORED", "May be mirrored left to right: check the side marker"),
+                WARN_AGE: ("QC-AGE", "Patient age outside the model's training population")}
+
+
+def _evaluations(flag: bool, qc_status: str, qc_reason: str = "") -> list[Any]:
     """The SR's qualitative evaluations of one scored film: the triage flag, said with the quality
-    control warning when there is one, and the quality control verdict itself (absent when quality
-    control did not run: --qc off)."""
+    control warning when there is one, the quality control verdict itself (absent when quality
+    control did not run: --qc off), and what each warning is about (`_QC_FINDINGS`)."""
     import highdicom as hd
 
     evaluations = [hd.sr.QualitativeEvaluation(name=_code("TRIAGE", "Triage flag"),
@@ -250,6 +257,11 @@ def _evaluations(flag: bool, qc_status: str) -> list[Any]:
     if qc_status in _QC_VERDICTS:
         evaluations.append(hd.sr.QualitativeEvaluation(name=_code("QC", "Input quality control"),
                                                        value=_code(*_QC_VERDICTS[qc_status])))
+    if qc_status == "warn":
+        evaluations += [hd.sr.QualitativeEvaluation(name=_code("QC-FINDING", "Quality control finding"),
+                                                    value=_code(*finding))
+                        for opening, finding in _QC_FINDINGS.items()
+                        if any(part.strip().startswith(opening) for part in qc_reason.split(";"))]
     return evaluations
 
 

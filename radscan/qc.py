@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 QC_FILE = "qc.safetensors"
 QC_MODES = ("strict", "warn", "off")
 DEFAULT_VIEWS = ("PA", "AP")
+# The warnings quality control gives a film it lets through, each recognisable by its opening words
+# (the DICOM results code them: radscan.dicomresults).
+WARN_MIRRORED = "may be mirrored left to right"
+WARN_AGE = "patient age"
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32
@@ -451,13 +455,13 @@ class QualityControl:
         mirrored = distances is not None and \
             distances["mirror"][index] < self.limits.mirror_margin * distances["upright"][index]
         if mirrored:
-            warnings.append("may be mirrored left to right (heart on the right?): check the side marker")
+            warnings.append(f"{WARN_MIRRORED} (heart on the right?): check the side marker")
         age = age_in_years(record.PatientAge) if record.PatientAge else None
         # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
         if age is not None and self.age_range is not None and not self.age_range[0] <= age < self.age_range[1] + 1:
             low, high = self.age_range
             shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
-            warnings.append(f"patient age {shown} years is outside the model's training population "
+            warnings.append(f"{WARN_AGE} {shown} years is outside the model's training population "
                             f"({low:g}-{high:g} years): its score is not comparable, do not read a flag as a finding")
         return warnings
 

@@ -228,6 +228,8 @@ def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
     assert values["Input quality control"].ConceptCodeSequence[0].CodeValue == "QC-WARNING"
     flag = values["Triage flag"].ConceptCodeSequence[0]
     assert flag.CodeValue in ("FLAGGED-QCWARN", "NOT-FLAGGED-QCW") and "quality control warning" in flag.CodeMeaning
+    # and why: the film is fine, the patient is not one the model was made for
+    assert values["Quality control finding"].ConceptCodeSequence[0].CodeValue == "QC-AGE"
     assert report.SOPInstanceUID != unchecked
     assert report.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
         .ReferencedSOPInstanceUID == unchecked
