@@ -5,8 +5,9 @@ first in the share of films it flags. Two checks on the films scored in one run 
 files, not the ones kept from earlier runs), each a binomial test (scipy.stats.binomtest) at
 ALPHA, so that a night raises a false alarm about once in a thousand:
 
-- **against the run's own history**: the pooled flagged share of the last HISTORY_RUNS runs that
-  scored at least MIN_FILMS films (at least MIN_RUNS of them), two-sided: a share that moved up
+- **against the run's own history**: the pooled flagged share of the last HISTORY_RUNS runs with the
+  same model and settings that scored at least MIN_FILMS films (at least MIN_RUNS of them; a new
+  model, or a recalibrated one, starts a new history), two-sided: a share that moved up
   (normal films scoring higher) or down (scores collapsing) beyond chance;
 - **against the model's calibration**: a share below the false-positive rate its threshold was
   set to on normal films (1 - target specificity), one-sided: a night's worklist holds abnormal

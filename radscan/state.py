@@ -229,15 +229,17 @@ class StateStore:
         )
     """
 
-    # One row per finished run: how many films it scored anew and flagged, the drift check's history
-    # (radscan.drift). Kept when the results table is rebuilt, and when the model changes: a new
-    # model's first nights are checked against the old one's shares, which is what an operator asks.
+    # One row per finished run: how many films it scored anew and flagged, and with which model and
+    # settings (the store's fingerprint): the drift check's history (radscan.drift). Kept when the
+    # results table is rebuilt; a run is checked only against runs of its own model and settings, since
+    # another model's share (or a night that rescored everything for a new one) says nothing about drift.
     _RUNS = """
         CREATE TABLE IF NOT EXISTS runs (
             run_id TEXT PRIMARY KEY,
             finished_at TEXT NOT NULL,
             scored INTEGER NOT NULL,
-            flagged INTEGER NOT NULL
+            flagged INTEGER NOT NULL,
+            fingerprint TEXT
         )
     """
 
@@ -281,6 +283,8 @@ class StateStore:
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
             self._db.execute(self._RUNS)
+            if "fingerprint" not in [row[1] for row in self._db.execute("PRAGMA table_info(runs)")]:
+                self._db.execute("ALTER TABLE runs ADD COLUMN fingerprint TEXT")  # a store of 0.2's runs
             self._prepare_sent()
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
             if columns != self._COLUMNS:  # a table of the same name made by something else
@@ -459,14 +463,15 @@ class StateStore:
         return scored, flagged or 0
 
     def run_history(self, limit: int = 100) -> list[tuple[int, int]]:
-        """(scored, flagged) of earlier finished runs, newest first."""
-        return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? ORDER BY finished_at DESC "
-                                "LIMIT ?", (self.run_id, limit)).fetchall()
+        """(scored, flagged) of earlier finished runs with this store's model and settings (its
+        fingerprint), newest first."""
+        return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? AND fingerprint = ? "
+                                "ORDER BY finished_at DESC LIMIT ?", (self.run_id, self.fingerprint, limit)).fetchall()
 
     def record_run(self, finished_at: str, scored: int, flagged: int) -> None:
         with self._writing(), self._db:
-            self._db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)",
-                             (self.run_id, finished_at, scored, flagged))
+            self._db.execute("INSERT OR REPLACE INTO runs (run_id, finished_at, scored, flagged, fingerprint) "
+                             "VALUES (?, ?, ?, ?, ?)", (self.run_id, finished_at, scored, flagged, self.fingerprint))
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

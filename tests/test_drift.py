@@ -53,8 +53,12 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
     assert first["drift"]["scored"] == MIN_FILMS // 2 and first["drift"]["warning"] == ""  # too few to judge
     with sqlite3.connect(out.with_name("report.state.sqlite")) as db:  # five quiet nights: 1% flagged
         assert db.execute("SELECT scored FROM runs").fetchall() == [(MIN_FILMS // 2,)]
-        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?)",
-                       [(f"r{n}", f"2026-11-2{n}T02:00:00+00:00", 100, 1) for n in range(5)])
+        fingerprint = db.execute("SELECT fingerprint FROM runs").fetchone()[0]
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                       [(f"r{n}", f"2026-11-2{n}T02:00:00+00:00", 100, 1, fingerprint) for n in range(5)])
+        # later nights of another model (or settings) flagged half their films: not this model's history
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                       [(f"o{n}", f"2026-11-2{n}T03:00:00+00:00", 100, 50, "another model") for n in range(5)])
     for film in films[MIN_FILMS // 2:]:  # tonight: 20 new pneumonias beside the 10 of last night
         shutil.copy(film, inputs / film.name)
     result = CliRunner().invoke(cli, args)
@@ -65,3 +69,24 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
     assert "WARNING" in result.stderr and "over the last 5 runs" in result.stderr
     text = metrics.read_text()
     assert "radscan_drift_warning 1" in text and 'radscan_new_flagged_share{of="history"}' in text
+
+
+def test_a_store_of_runs_without_a_model_column_is_upgraded_and_starts_a_new_history(tmp_path):
+    """Stores written before the runs table said which model ran: their rows stay, and do not count
+    as the history of any model."""
+    from radscan.state import StateStore
+
+    path = tmp_path / "report.state.sqlite"
+    StateStore(path, "model A", "run1").close()
+    with sqlite3.connect(path) as db:  # as 0.2 wrote it: four columns
+        db.execute("DROP TABLE runs")
+        db.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, finished_at TEXT NOT NULL, scored INTEGER NOT NULL, "
+                   "flagged INTEGER NOT NULL)")
+        db.execute("INSERT INTO runs VALUES ('old', '2026-11-01T02:00:00+00:00', 100, 3)")
+    store = StateStore(path, "model A", "run2")
+    assert store.run_history() == []
+    store.record_run("2026-11-02T02:00:00+00:00", 50, 2)
+    store.close()
+    later = StateStore(path, "model A", "run3")
+    assert later.run_history() == [(50, 2)] and StateStore(path, "model B", "run4").run_history() == []
+    later.close()
