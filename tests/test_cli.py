@@ -318,11 +318,21 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     (killed_venv / "bin").mkdir(parents=True)
     (killed_venv / "bin" / "radscan").write_text("#!/bin/sh\nkill -9 $$\n")
     (killed_venv / "bin" / "radscan").chmod(0o755)
+    (killed_venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (killed_venv / "bin" / "python").chmod(0o755)
     killed = subprocess.run(["bash", script], env={**env, "RADSCAN_VENV": str(killed_venv)}, capture_output=True,
                             text=True)
     assert killed.returncode == 137
     assert json.loads((tmp_path / "out" / "last-run.json").read_text())["exit_code"] == 137
     assert not list((tmp_path / "out").glob(".last-run.json*"))  # each run's own temporary file, renamed
+    # monitoring sees a night that could not write its own metrics (killed; refused its settings)
+    metrics = tmp_path / "out" / "radscan.prom"
+    assert "radscan_last_exit_code 137" in metrics.read_text()
+    (tmp_path / "radscan.toml").write_text("[score]\nworkers = 1\nbatch_size = 0\n")
+    refused = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert refused.returncode == ExitCode.USAGE and "radscan_last_exit_code 2" in metrics.read_text()
+    assert "radscan_files" in metrics.read_text()  # the last finished run's counts are kept
+    assert not list((tmp_path / "out").glob(".run-started*"))
 
 
 def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):

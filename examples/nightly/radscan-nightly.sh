@@ -26,13 +26,23 @@ log="$output/logs/$(date +%Y-%m-%d).log"
 # share one) and renamed, so last-run.json is never empty or half-written.
 summary=$(mktemp "$output/.last-run.json.XXXXXX") || exit 73
 # --metrics: for node_exporter's textfile collector (set RADSCAN_METRICS to its directory's file)
-"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --metrics "${RADSCAN_METRICS:-$output/radscan.prom}" \
+metrics="${RADSCAN_METRICS:-$output/radscan.prom}"
+started=$(mktemp "$output/.run-started.XXXXXX") || exit 73  # its time: did the run write its metrics?
+"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --metrics "$metrics" \
   --json >"$summary" 2>>"$log"
 status=$?
 if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summary of its own
   printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
     "$status" "$log" >"$summary"
 fi
+# a run that could not write its metrics (refused its settings before starting: exit 2; killed with
+# SIGKILL) must not leave the last good night's exit code there: the failed attempt is written here,
+# the rest kept (a run refused by the lock, exit 75, is another run's night and changes nothing)
+if [ "$status" -ne 75 ] && ! [ "$metrics" -nt "$started" ]; then
+  "$venv/bin/python" -c 'import sys; from pathlib import Path; from radscan.metrics import write_metrics
+write_metrics(Path(sys.argv[1]), int(sys.argv[2]))' "$metrics" "$status" 2>>"$log"
+fi
+rm -f "$started"
 chmod 644 "$summary"
 mv -f "$summary" "$output/last-run.json"
 date -Is >"$output/last_attempt"
