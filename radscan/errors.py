@@ -8,6 +8,7 @@ sysexits(3). 1 is left for genuine crashes (an uncaught exception) and 2 for usa
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 import click
 
@@ -77,6 +78,14 @@ class RadscanError(click.ClickException):
     """An error the user can act on: printed as one line, no traceback, with its own exit code."""
 
     exit_code = ExitCode.CRASH
+
+    def show(self, file: Any = None) -> None:
+        """The line on stderr, stamped like the log's lines (radscan.cli), so that a nightly log
+        reads in order and says when the run failed."""
+        from datetime import datetime
+
+        stamp = datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M:%S%z")
+        click.echo(f"{stamp} radscan ERROR: {self.format_message()}", file=file, err=True)
 
 
 class NoInputError(RadscanError):
