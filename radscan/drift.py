@@ -2,12 +2,13 @@
 
 A model whose inputs drift (a new detector, a processing change, a positioning habit) shows it
 first in the share of films it flags. Two checks on the films scored in one run (new or changed
-files, not the ones kept from earlier runs), each a binomial test (scipy.stats.binomtest) at
-ALPHA, so that a night raises a false alarm about once in a thousand:
+files, not the ones kept from earlier runs; a run with fewer than MIN_FILMS is pooled with the runs
+just before it, up to POOL_RUNS, so that a small site is checked too), each a binomial test
+(scipy.stats.binomtest) at ALPHA, so that a night raises a false alarm about once in a thousand:
 
-- **against the run's own history**: the pooled flagged share of the last HISTORY_RUNS runs with the
-  same model and settings that scored at least MIN_FILMS films (at least MIN_RUNS of them; a new
-  model, or a recalibrated one, starts a new history), two-sided: a share that moved up
+- **against the run's own history**: the pooled flagged share of the HISTORY_RUNS runs before those
+  judged, with the same model and settings (at least MIN_RUNS runs and MIN_RUNS x MIN_FILMS films; a
+  new model, or a recalibrated one, starts a new history), two-sided: a share that moved up
   (normal films scoring higher) or down (scores collapsing) beyond chance;
 - **against the model's calibration**: a share below the false-positive rate its threshold was
   set to on normal films (1 - target specificity), one-sided: a night's worklist holds abnormal
@@ -22,19 +23,24 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Drift", "check_drift", "ALPHA", "MIN_FILMS", "MIN_RUNS", "HISTORY_RUNS"]
+from radscan.records import counted
+
+__all__ = ["Drift", "check_drift", "ALPHA", "MIN_FILMS", "MIN_RUNS", "HISTORY_RUNS", "POOL_RUNS"]
 
 ALPHA = 0.001
-MIN_FILMS = 20  # a run with fewer scored films says too little about a share
-MIN_RUNS = 5
+MIN_FILMS = 20  # fewer films say too little about a share: a small site's nights are pooled until there are this many
+MIN_RUNS = 5  # the history needs this many runs, and MIN_RUNS x MIN_FILMS films in them
 HISTORY_RUNS = 30
+POOL_RUNS = 7  # a week of nights at most is pooled with a small night; fewer films than MIN_FILMS then: not checked
 
 
 @dataclass(frozen=True)
 class Drift:
-    """The check of one run: `share` flagged of `scored` new films; `baseline` the history's pooled
-    share over `history_runs` runs (None without enough history); p-values of both tests (None when
-    not run); `warning` plain words when one fails, else ""."""
+    """The check of one run: `flagged` of its `scored` new films (`share`); the films judged, this run's
+    pooled with the runs just before it while fewer than MIN_FILMS (`judged` films, `judged_flagged` of
+    them flagged, from `judged_runs` runs, this one included); `baseline` the pooled share of the
+    `history_runs` runs before those (None without enough history); p-values of both tests (None when
+    not run); `warning` plain words when one fails, else ""; `note` what was checked, in plain words."""
 
     scored: int
     flagged: int
@@ -45,6 +51,10 @@ class Drift:
     p_history: float | None
     p_calibration: float | None
     warning: str = ""
+    judged: int = 0
+    judged_flagged: int = 0
+    judged_runs: int = 0
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,27 +63,54 @@ class Drift:
 def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
                 target_specificity: float | None) -> Drift:
     """Check `flagged` of `scored` new films against `history`, the (scored, flagged) counts of earlier
-    runs, newest first, and against the model's `target_specificity` (None: not known)."""
+    runs, newest first, and against the model's `target_specificity` (None: not known). A run with
+    fewer than MIN_FILMS new films is pooled with the runs just before it (at most POOL_RUNS in all),
+    so that a small site's nights are checked too; a run with no new films is not checked."""
     from scipy.stats import binomtest
 
     share = flagged / scored if scored else None
-    usable = [(n, k) for n, k in history if n >= MIN_FILMS][:HISTORY_RUNS]
-    baseline = sum(k for _, k in usable) / sum(n for n, _ in usable) if len(usable) >= MIN_RUNS else None
+    judged, judged_flagged, pooled = scored, flagged, 0
+    while scored and judged < MIN_FILMS and pooled < min(len(history), POOL_RUNS - 1):
+        judged, judged_flagged, pooled = judged + history[pooled][0], judged_flagged + history[pooled][1], pooled + 1
+    earlier = list(history[pooled:pooled + HISTORY_RUNS])
+    earlier_films = sum(n for n, _ in earlier)
+    baseline = (sum(k for _, k in earlier) / earlier_films
+                if len(earlier) >= MIN_RUNS and earlier_films >= MIN_RUNS * MIN_FILMS else None)
     expected = 1 - target_specificity if target_specificity is not None else None
+    judged_share = judged_flagged / judged if judged else 0.0
+    which = f"{judged_flagged} of {judged} new films" + (f" of this run and the {counted(pooled, 'run')} before it"
+                                                          if pooled else "")
     p_history = p_calibration = None
     warnings = []
-    if scored >= MIN_FILMS and baseline is not None and 0 < baseline < 1:
-        p_history = float(binomtest(flagged, scored, baseline).pvalue)
+    checkable = bool(scored) and judged >= MIN_FILMS
+    if checkable and baseline is not None and 0 < baseline < 1:
+        p_history = float(binomtest(judged_flagged, judged, baseline).pvalue)
         if p_history < ALPHA:
-            warnings.append(f"{flagged} of {scored} new films flagged ({share:.0%}) against {baseline:.0%} over the "
-                            f"last {len(usable)} runs (p = {p_history:.1g}): the films or the scanners may have "
+            warnings.append(f"{which} flagged ({judged_share:.0%}) against {baseline:.0%} over the last "
+                            f"{len(earlier)} runs (p = {p_history:.1g}): the films or the scanners may have "
                             "changed; check the flagged share per scanner (StationName) and recalibrate if the normals "
                             "moved")
-    if scored >= MIN_FILMS and expected is not None and 0 < expected < 1:
-        p_calibration = float(binomtest(flagged, scored, expected, alternative="less").pvalue)
+    if checkable and expected is not None and 0 < expected < 1:
+        p_calibration = float(binomtest(judged_flagged, judged, expected, alternative="less").pvalue)
         if p_calibration < ALPHA:
-            warnings.append(f"{flagged} of {scored} new films flagged ({share:.0%}), fewer than the {expected:.0%} of "
+            warnings.append(f"{which} flagged ({judged_share:.0%}), fewer than the {expected:.0%} of "
                             f"normal films alone the threshold was set to flag (p = {p_calibration:.1g}): the scores "
                             "may have drifted down")
-    return Drift(scored, flagged, share, baseline, len(usable), expected, p_history, p_calibration,
-                 "; ".join(warnings))
+    return Drift(scored, flagged, share, baseline, len(earlier), expected, p_history, p_calibration,
+                 "; ".join(warnings), judged if checkable else 0, judged_flagged if checkable else 0,
+                 pooled + 1 if checkable else 0, _note(scored, judged, pooled, checkable, p_history, earlier))
+
+
+def _note(scored: int, judged: int, pooled: int, checkable: bool, p_history: float | None,
+          earlier: list[tuple[int, int]]) -> str:
+    """What the check looked at, for the summary: a quiet check and a check not made read alike otherwise."""
+    if not scored:
+        return "not checked: no new films in this run"
+    if not checkable:
+        where = f"this run and the {counted(pooled, 'run')} before it" if pooled else "this run"
+        return f"not checked: {counted(judged, 'new film')} in {where} (at least {MIN_FILMS} are needed)"
+    what = counted(judged, "new film") + (f" of this run and the {counted(pooled, 'run')} before it" if pooled else "")
+    if p_history is None:
+        return (f"checked {what} against the calibration only: the history holds {counted(len(earlier), 'run')} "
+                f"({sum(n for n, _ in earlier)} films; {MIN_RUNS} runs and {MIN_RUNS * MIN_FILMS} films are needed)")
+    return f"checked {what} against the calibration and the last {counted(len(earlier), 'run')}"

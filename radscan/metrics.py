@@ -71,8 +71,10 @@ def _run_blocks(summary: dict[str, Any]) -> dict[str, list[str]]:
         "radscan_run_duration_seconds": _metric("radscan_run_duration_seconds", "Duration of the last finished run.",
                                                 summary["duration_s"]),
         "radscan_dicom_results_pending": _metric(
-            "radscan_dicom_results_pending", "DICOM result objects not sent, and images without results.",
-            (dicom.get("not_sent", 0), {"kind": "not_sent"}), (dicom.get("not_made", 0), {"kind": "not_made"})),
+            "radscan_dicom_results_pending", "DICOM result objects not sent (refused: of those, the ones the PACS "
+            "refuses until its configuration changes), and images without results.",
+            (dicom.get("not_sent", 0), {"kind": "not_sent"}), (dicom.get("refused", 0), {"kind": "refused"}),
+            (dicom.get("not_made", 0), {"kind": "not_made"})),
         **_drift_blocks(summary.get("drift") or {}),
     }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from radscan.dicomresults import DicomResult, ResultWriter, sop_instance_uid
 from radscan.errors import OutputError, SettingError
-from radscan.records import one_line
+from radscan.records import counted, one_line
 from radscan.state import StateStore, StoredRow
 
 __all__ = ["Destination", "Delivery", "deliver", "forget_results", "NOT_SENT"]
@@ -34,6 +34,13 @@ _NAME = re.compile(r"^S[RC]_[0-9a-f]{24}\.dcm$")  # the names radscan gives its 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success, and the warnings coercion of data
 # elements (B000), elements discarded (B006) and data set does not match SOP class (B007)
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+# C-STORE failures that the next run meets again unless the PACS's configuration changes (PS3.4 B.2.3,
+# PS3.7 C): refused because the SOP class is not supported (0122) or not authorised (0124), data set does not
+# match the SOP class (A9xx), cannot understand (Cxxx). Out of resources (A7xx) and the rest may pass later.
+def _lasting(code: int) -> bool:
+    return code in (0x0122, 0x0124) or code >> 8 == 0xA9 or code >> 12 == 0xC
+
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 characters, no backslash
 
 
@@ -74,6 +81,8 @@ class Delivery:
     not_sent: int = 0  # objects still waiting for the destination (kept in the folder)
     not_made: int = 0  # scored DICOM images whose results could not be made (the row says why)
     send_failure: str = ""  # why the first object that was not sent this run was not (the PACS's words)
+    refused: int = 0  # of not_sent: objects the PACS refuses, which no rerun sends until its configuration changes
+    refusal: str = ""  # why the first of those was refused
 
     @property
     def complete(self) -> bool:
@@ -93,16 +102,20 @@ class _StoreSCU:
         from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo dataset contents
-        self.destination, self._assoc, self._broken = destination, None, ""
+        self.destination, self._assoc = destination, None
+        self._broken: tuple[str, bool] | None = None  # why no association is left, and whether for good
         self._ae = AE(ae_title=destination.calling_ae)
         self._ae.connection_timeout = self._ae.acse_timeout = timeout_s
         self._ae.dimse_timeout = self._ae.network_timeout = 2 * timeout_s
         for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
             self._ae.add_requested_context(sop_class)
 
-    def send(self, path: Path, uid: str) -> str:
-        """Send the object `uid` from `path`; "" when the destination stored it, else why not (one
-        line). The file is sent only if it still holds that object."""
+    def send(self, path: Path, uid: str) -> tuple[str, bool]:
+        """Send the object `uid` from `path`: ("", False) when the destination stored it, else why not
+        (one line) and whether the PACS refuses it for good (its configuration must change: an
+        association rejected, a SOP class it does not accept, a lasting failure status) rather than
+        for now (unreachable, out of resources, a dropped connection). The file is sent only if it
+        still holds that object."""
         import pydicom
 
         if self._broken:
@@ -113,24 +126,28 @@ class _StoreSCU:
             if not self._assoc.is_established:
                 why = "association rejected" if self._assoc.is_rejected else "no association (refused, unreachable " \
                     "or timed out)"
-                self._broken = f"{why}; check --send, --called-ae and that the PACS knows AE title " \
-                               f"{self.destination.calling_ae}"
+                self._broken = (f"{why}; check --send, --called-ae and that the PACS knows AE title "
+                                f"{self.destination.calling_ae}", self._assoc.is_rejected)
                 return self._broken
         try:
             dataset = pydicom.dcmread(path)
         except Exception as exc:  # noqa: BLE001 - a damaged file is a reason, never a crashed night
-            return f"cannot read {path.name}: {one_line(exc)}; it is written again by the next run"
+            return f"cannot read {path.name}: {one_line(exc)}; it is written again by the next run", False
         if str(dataset.get("SOPInstanceUID", "")) != uid:
-            return f"{path.name} was changed since it was written; it is written again by the next run"
+            return f"{path.name} was changed since it was written; it is written again by the next run", False
+        sop_class = str(dataset.get("SOPClassUID", ""))
+        if sop_class not in {context.abstract_syntax for context in self._assoc.accepted_contexts}:
+            name = getattr(dataset.get("SOPClassUID"), "name", sop_class)
+            return f"the PACS does not accept {name} objects (it accepted no presentation context for them)", True
         try:
             status = self._assoc.send_c_store(dataset)
-        except (ValueError, RuntimeError, OSError) as exc:  # no accepted context, a dropped connection
-            return one_line(exc)
+        except (ValueError, RuntimeError, OSError) as exc:  # a dropped connection
+            return one_line(exc), False
         code = status.get("Status") if status else None
         if code is None:
-            self._broken = "the association was aborted or timed out during C-STORE"
+            self._broken = "the association was aborted or timed out during C-STORE", False
             return self._broken
-        return "" if code in _STORED else f"C-STORE refused with status 0x{code:04X}"
+        return ("", False) if code in _STORED else (f"C-STORE refused with status 0x{code:04X}", _lasting(code))
 
     def close(self) -> None:
         if self._assoc is not None and self._assoc.is_established:
@@ -155,6 +172,9 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
     finally:
         if scu is not None:
             scu.close()
+    if delivery.refused:
+        log.warning("the PACS %s refuses %s of radscan's DICOM results (%s): no rerun sends them until its "
+                    "configuration changes", destination, counted(delivery.refused, "object"), delivery.refusal)
     if delivery.written or delivery.sent or not delivery.complete:
         log.info("DICOM results: %d objects written to %s%s%s", delivery.written, writer.folder,
                  f", {delivery.sent} sent to {destination}, {delivery.not_sent} waiting to be sent" if destination
@@ -185,19 +205,24 @@ def _deliver_row(item: StoredRow, writer: ResultWriter, link_base: Path, scu: _S
                    if uid not in sent_now and not store.was_sent(uid, str(scu.destination))]
         failures = []
         for path, uid in waiting:
-            why = scu.send(path, uid)
+            why, lasting = scu.send(path, uid)
             if why:
-                failures.append(why)
+                failures.append((why, lasting))
                 delivery.not_sent += 1
+                delivery.refused += lasting
+                delivery.refusal = delivery.refusal or (why if lasting else "")
             else:  # recorded at once: a run killed after this object is not sent it again
                 store.mark_sent([uid], str(scu.destination), datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 sent_now.add(uid)
                 delivery.sent += 1
         if failures:
-            delivery.send_failure = delivery.send_failure or failures[0]
-            row["dicom_result"] = f"not sent: {failures[0]}"
-            row["reason"] = (f"{NOT_SENT} {scu.destination}: {failures[0]}; kept in {writer.folder.name}/ and sent "
-                             "by the next run")
+            why, lasting = next((failure for failure in failures if failure[1]), failures[0])
+            delivery.send_failure = delivery.send_failure or why
+            row["dicom_result"] = f"not sent: {why}"
+            then = "sent by the next run" if not lasting else (
+                f"tried again by every run in vain until the PACS's administrator lets AE title "
+                f"{scu.destination.calling_ae} store them (or --send is dropped)")
+            row["reason"] = f"{NOT_SENT} {scu.destination}: {why}; kept in {writer.folder.name}/ and {then}"
         else:
             row["dicom_result"] = f"sent to {scu.destination}"
     return before != (row.get("dicom_result"), row.get("dicom_sr"), row.get("dicom_sc"), row.get("reason"))

@@ -24,7 +24,17 @@ _SMALL = 256
 _BAR = 16
 _MARGIN = 8
 _BESIDE = _BAR + 44  # a colour bar and its labels
-_BELOW = 44  # the panels' labels
+_BELOW = 62  # the panels' labels: three lines
+# What the map panel's colours are, in words, by score kind: a region's z and the film's z are on the same
+# scale, so the reader must be told how the two relate (the film's z is the regions' mean, not their peak)
+_MAP_LABELS = {
+    "density": "where this film raises the anomaly score: each region's z, coloured\n"
+               "where it exceeds what 95% of normal films show there; the film's z\n"
+               "(in the caption) is the mean of its regions' z, so one region can show more",
+    "critic": "where this film raises the anomaly score: each place's share of the\n"
+              "film's z, coloured where it exceeds what 95% of normal films show there;\n"
+              "the film's z (in the caption) is the map's mean before that part is removed",
+}
 # Where the main panel lies in a picture, for the worklist page, which shows it alone as the row's
 # thumbnail and finds it from the picture's size (worklist.html.j2, `panelBox`): an explanation
 # picture is PICTURE_LAYOUT["fixed_width"] + 2 x the panel's width wide and its caption + panel +
@@ -106,9 +116,7 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
             else f"scale 0 to 0.5: a quarter of the grey range\nthe {score_kind} score is made from it")
     draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
     draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
-    draw.text((width + _MARGIN + 4, top + _PANEL + 4),
-              "where this film raises the anomaly score: coloured where it does\n"
-              "so more than 95% of normal films do (z: the score's units)",
+    draw.text((width + _MARGIN + 4, top + _PANEL + 4), _MAP_LABELS.get(score_kind, _MAP_LABELS["critic"]),
               fill="white", font=_font(13))
     return np.asarray(canvas)
 

@@ -60,10 +60,10 @@ from radscan.ingest import (
 from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
-from radscan.policy import for_model
+from radscan.policy import FOLDER_STUDY_LIMIT, for_model
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, quality_control
-from radscan.records import ImageRecord, Status
+from radscan.records import ImageRecord, Status, counted
 from radscan.report import (
     cannot_write,
     png_name,
@@ -258,10 +258,14 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
     if counts["error"]:
         problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
                         f"{outputs.report.name}")
-    if delivery is not None and delivery.not_sent:
-        problems.append(f"{delivery.not_sent} DICOM result object(s) not sent to {delivery.destination} "
-                        f"({delivery.send_failure or 'see the worklist'}): kept in {delivery.folder} and sent by the "
-                        "next run")
+    if delivery is not None and delivery.refused:
+        problems.append(f"{counted(delivery.refused, 'DICOM result object')} refused by {delivery.destination} "
+                        f"({delivery.refusal}): kept in {delivery.folder}; no rerun sends them until the PACS's "
+                        "configuration changes")
+    if delivery is not None and delivery.not_sent > delivery.refused:
+        problems.append(f"{counted(delivery.not_sent - delivery.refused, 'DICOM result object')} not sent to "
+                        f"{delivery.destination} ({delivery.send_failure or 'see the worklist'}): kept in "
+                        f"{delivery.folder} and sent by the next run")
     if delivery is not None and delivery.not_made:
         problems.append(f"{delivery.not_made} scored DICOM image(s) have no DICOM results: see their reason in "
                         f"{outputs.report.name}")
@@ -392,21 +396,28 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
     with the identity they were looked up by. Files with errors are always retried; a scored (or
     rejected) row whose picture has gone is read again (with `dicom_pictures`, every DICOM image has one),
     and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys)."""
-    todo, unchanged = [], []
+    todo, unchanged, regrouped = [], [], 0
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
+        same_study = row is None or bool(row.get("StudyInstanceUID")) or (
+            # a study named by the crawl, not the file, moves when --study-key or the folder's size does
+            crawl_study(row.get("study_key", "")) == fallback_study_key(found))
+        regrouped += not same_study
         wants_picture = row is not None and pictures != "none" and (row["status"] == Status.REJECTED or (
             row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
                 row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom"))))))
         usable = row is not None and row["status"] != Status.ERROR and (
-            not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and (
-            # a study named by the crawl, not the file, moves when --study-key or the folder's size does
-            row.get("StudyInstanceUID") or crawl_study(row.get("study_key", "")) == fallback_study_key(found))
+            not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and same_study
         if usable:
             unchanged.append(identity)
         else:
             todo.append((found, identity))
+    if regrouped:  # counts only: a folder's name may carry a patient's
+        log.warning("%s without a study UID %s grouped into studies differently from the last run: with --study-key "
+                    "auto a folder of more than %d films lists each film as its own study (set --study-key folder "
+                    "or file to keep one grouping)", counted(regrouped, "film"), "is" if regrouped == 1 else "are",
+                    FOLDER_STUDY_LIMIT)
     store.mark_seen(unchanged)
     return todo
 

@@ -35,9 +35,28 @@ def test_a_share_that_moves_beyond_chance_is_named_and_small_samples_are_not_jud
     assert "60 of 200 new films flagged (30%) against 10% over the last 10 runs" in up.warning
     down = check_drift(200, 1, history, target_specificity=0.95)
     assert "against 10%" in down.warning and "fewer than the 5% of normal films" in down.warning
-    assert check_drift(MIN_FILMS - 1, MIN_FILMS - 1, history, 0.95).warning == ""  # too few films to say
+    alone = check_drift(MIN_FILMS - 1, MIN_FILMS - 1, [], 0.95)  # too few films to say, and nothing to pool with
+    assert alone.warning == "" and alone.note == f"not checked: {MIN_FILMS - 1} new films in this run (at least " \
+        f"{MIN_FILMS} are needed)"
     assert check_drift(200, 60, history[:MIN_RUNS - 1], 0.95).baseline is None  # too little history
-    assert check_drift(200, 60, [(5, 5)] * 10, None).baseline is None  # small nights do not count as history
+    assert check_drift(200, 60, [(5, 5)] * 10, None).baseline is None  # 50 films are too few as history
+    assert check_drift(0, 0, history, 0.95).note == "not checked: no new films in this run"
+
+
+def test_a_small_sites_nights_are_pooled_until_there_are_enough_films():
+    """A site that scores a few films a night is checked too: tonight with the nights just before it."""
+    history = [(8, 1)] * 40  # 8 films a night, one flagged
+    quiet = check_drift(8, 1, history, target_specificity=0.95)
+    assert quiet.warning == "" and quiet.judged == 24 and quiet.judged_runs == 3 and quiet.baseline == 1 / 8
+    assert quiet.note == "checked 24 new films of this run and the 2 runs before it against the calibration and the " \
+        "last 30 runs"
+    history = [(8, 7), (8, 8)] + history  # two nights of nearly every film flagged, then tonight
+    moved = check_drift(8, 8, history, target_specificity=0.95)
+    assert "23 of 24 new films of this run and the 2 runs before it flagged (96%) against 12% over the last 30" \
+        in moved.warning
+    few = check_drift(2, 0, [(2, 0)] * 3, target_specificity=0.95)  # 8 films in all: still too few
+    assert few.warning == "" and few.judged == 0 and few.note.startswith("not checked: 8 new films in this run and "
+                                                                          "the 3 runs before it")
 
 
 def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_path):
@@ -51,6 +70,7 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
             "--metrics", str(metrics), "--model", str(SHIPPED)]
     first = json.loads(CliRunner().invoke(cli, args).stdout)
     assert first["drift"]["scored"] == MIN_FILMS // 2 and first["drift"]["warning"] == ""  # too few to judge
+    assert first["drift"]["note"].startswith(f"not checked: {MIN_FILMS // 2} new films in this run")
     with sqlite3.connect(out.with_name("report.state.sqlite")) as db:  # five quiet nights: 1% flagged
         assert db.execute("SELECT scored FROM runs").fetchall() == [(MIN_FILMS // 2,)]
         fingerprint = db.execute("SELECT fingerprint FROM runs").fetchone()[0]
@@ -64,9 +84,10 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
     result = CliRunner().invoke(cli, args)
     summary = json.loads(result.stdout)
     assert summary["drift"]["scored"] == MIN_FILMS  # only the films read anew
-    assert summary["drift"]["baseline"] < 0.05 and "over the last 5 runs" in summary["drift"]["warning"]
+    # the history: last night's 10 films and the five quiet nights
+    assert summary["drift"]["baseline"] < 0.05 and "over the last 6 runs" in summary["drift"]["warning"]
     assert summary["drift"]["warning"] in summary["problems"] and result.exit_code == 0
-    assert "WARNING" in result.stderr and "over the last 5 runs" in result.stderr
+    assert "WARNING" in result.stderr and "over the last 6 runs" in result.stderr
     text = metrics.read_text()
     assert "radscan_drift_warning 1" in text and 'radscan_new_flagged_share{of="history"}' in text
 

@@ -92,6 +92,11 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     assert labels and all(" z " in label for label in labels)
     widths = page.locator("#rows .bar .fill").evaluate_all("fills => fills.map(f => parseFloat(f.style.width))")
     assert widths == sorted(widths, reverse=True)  # the studies come in score order
+    zs = [float(label.split(" z ")[1].split()[0]) for label in labels]
+    # the bar keeps the order of the list's top: only the farthest study fills it, distinct z, distinct bars
+    assert max(widths) <= 100 and sum(width == 100 for width in widths) <= 1
+    pairs = zip(widths, widths[1:], zs, zs[1:], strict=False)
+    assert all(a > b for a, b, za, zb in pairs if za > zb + 0.05), (widths, zs)
     assert page.locator("#rows .bar .threshold").first.evaluate("m => m.style.left") == "50%"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "worklist.png", full_page=True)
@@ -190,7 +195,10 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
         result = CliRunner().invoke(cli, ["score", str(flat), "--out", str(out), "--model", str(tiny_model),
                                           "--workers", "1", "--pictures", "all", "--study-key", mode, "--json"])
         assert result.exit_code == 0, result.output
+        warnings.append(result.stderr)
         return json.loads(result.stdout)
+
+    warnings: list[str] = []
 
     def linked(page) -> set[str]:
         page.locator("#rows details").evaluate_all("all => all.forEach(details => { details.open = true; })")
@@ -226,7 +234,9 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
 
     summary = run("folder")  # the 12 films whose study the crawl named anew are read again; patient1's kept
     assert summary["studies"] == 2 and summary["scored_now"] == 12
+    assert "12 films without a study UID are grouped into studies differently" in warnings[-1]  # said, not silent
     assert run("folder")["scored_now"] == 0  # and then kept
+    assert "grouped into studies differently" not in warnings[-1]
     page, problems = _open(browser, out.with_name("report.html"))
     assert page.locator("#rows tr").count() == 2
     assert linked(page) == {png.name for png in pictures.glob("*.png")} and len(linked(page)) == 15

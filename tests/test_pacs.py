@@ -352,6 +352,40 @@ def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_mod
     assert "check --send, --called-ae" in next(row for row in _rows(out) if row["dicom_sr"])["reason"]
 
 
+@pytest.mark.parametrize("refusal", ["no SR context", "status 0x0122"])
+def test_a_pacs_that_refuses_for_good_is_not_promised_the_next_run(studies, tiny_model, tmp_path, refusal):
+    """Issue 21: a PACS that accepts no SR (or answers SOP class not supported) refuses it every night;
+    the rows, the summary, the log and the metrics say so instead of "sent by the next run"."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+    def store(event):  # keeps nothing; the SR is refused by its status in the second case
+        return 0x0122 if event.request.AffectedSOPClassUID == Comprehensive3DSRStorage else 0x0000
+
+    ae = AE(ae_title="PICKY")
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    if refusal != "no SR context":
+        ae.add_supported_context(Comprehensive3DSRStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        out, metrics = tmp_path / "report.csv", tmp_path / "radscan.prom"
+        result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
+                                 str(tmp_path / "dicom"), "--send", f"127.0.0.1:{port}", "--called-ae", "PICKY",
+                                 "--metrics", str(metrics))
+    finally:
+        server.shutdown()
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert summary["dicom"]["sent"] == 4 and summary["dicom"]["not_sent"] == summary["dicom"]["refused"] == 4
+    rows = [row for row in _rows(out) if row["dicom_sr"]]
+    assert len(rows) == 4 and all("in vain until the PACS's administrator lets AE title RADSCAN store them"
+                                  in row["reason"] and "next run" not in row["reason"] for row in rows)
+    assert any("no rerun sends them" in problem for problem in summary["problems"])
+    assert not any("sent by the next run" in problem for problem in summary["problems"])
+    assert "WARNING" in result.stderr and "refuses 4 objects" in result.stderr
+    assert 'radscan_dicom_results_pending{kind="refused"} 4' in metrics.read_text()
+
+
 def test_an_image_whose_results_cannot_be_made_says_why_and_exits_3(studies, tiny_model, tmp_path):
     ds = pydicom.dcmread(studies / "nih" / "b.dcm")
     ds.SOPInstanceUID += ".2"  # 66 characters: not a valid UID, and no object may reference it
