@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from radscan.calibration import calibrate, fit_density
 from radscan.ingest import load_images
 from radscan.model.io import load_model, save_model
 from radscan.model.simsid import SimSID
 from radscan.policy import Policy
-from radscan.train import calibrate, fit_density
 
 
 def main() -> None:

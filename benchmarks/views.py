@@ -25,12 +25,12 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).parent))
 from shift import DATA, calibration_normals  # noqa: E402
 
+from radscan.calibration import calibrate  # noqa: E402
 from radscan.ingest import load_images  # noqa: E402
 from radscan.model.io import load_model, save_model  # noqa: E402
 from radscan.model.runtime import score_arrays  # noqa: E402
 from radscan.model.simsid import SimSID  # noqa: E402
 from radscan.policy import Policy  # noqa: E402
-from radscan.train import calibrate  # noqa: E402
 
 
 def main() -> None:

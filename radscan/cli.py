@@ -768,8 +768,8 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
       radscan calibrate models/kermany-tiny --normals /data/site-normals --out models/site-calibrated
       radscan calibrate models/site-calibrated --normals /data/more-normals --in-place
     """
+    from radscan.calibration import recalibrate
     from radscan.model.runtime import resolve_device
-    from radscan.train import recalibrate
 
     if bool(out) == in_place:
         raise click.UsageError("give --out NEW_DIR (a recalibrated copy) or --in-place (replace MODEL_DIR's "

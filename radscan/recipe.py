@@ -51,7 +51,7 @@ class TrainConfig:
     synthetic: float = 0.0
     # which epoch's model is kept: the "last", the "best" by the validation AUC of the model's score kind
     # (needs labelled validation abnormals; the epoch is then chosen on them, so judge it on other films),
-    # or without labels by the density's AUC on synthetic defects ("synthetic"; radscan.train.KEEP_RULES)
+    # or without labels by the density's AUC on synthetic defects ("synthetic"; radscan.epochs.KEEP_RULES)
     keep: str = "last"
     calibration_fraction: float = 0.15
     target_specificity: float = 0.95

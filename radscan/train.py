@@ -8,11 +8,16 @@ radscan adds, each measured on validation (docs/research-log.md "Ablation"): var
 critics: the discriminators of the last K epochs travel with the model and their z-scored
 verdicts are averaged, so the score does not hang on one epoch of the adversarial game.
 
-The saved weights are those of the last epoch, or of the epoch a `--keep` rule chose (`KEEP_RULES`:
-by validation AUC, which needs labelled films, or by one of two label-free measures of the feature
-density). A calibration split of the normals is never trained on: it gives each
-score's mean and spread, the mean normal film and the flag threshold. Labelled validation
-images, when given, are only measured, epoch by epoch, into the training log.
+The saved weights are those of the last epoch, or of the epoch a `--keep` rule chose
+(radscan.epochs.KEEP_RULES: by validation AUC, which needs labelled films, or by a label-free
+measure of the feature density). A calibration split of the normals is never trained on: it gives
+each score's mean and spread, the mean normal film and the flag threshold (radscan.calibration).
+Labelled validation images, when given, are only measured, epoch by epoch, into the training log.
+
+Where each part lives: the augmentation in radscan.augment, what an epoch is measured by in
+radscan.epochs, the density fit and the calibration in radscan.calibration; this module reads
+the films, runs the epochs (`Trainer`), checkpoints, and saves the model directory, in the
+phases `_train` names.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,24 +37,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from radscan.errors import ModelError, NoInputError, OutputError, SettingError
+from radscan.augment import augment, local_anomalies, vary_acquisition
+from radscan.calibration import MIN_CALIBRATION, finalize, fit_density
+from radscan.epochs import KEEP_RULES, better_epoch, evaluate_epoch
+from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
-from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.field import lungs_in_box, thorax_box, thorax_field
-from radscan.model.io import METADATA_FILE, WEIGHTS_FILE, save_model, sha256_file
-from radscan.model.runtime import autocast, iter_batches, score_arrays
-from radscan.model.simsid import COMPONENTS, Generated, SimSID, to_model_tensor
-from radscan.policy import Policy, for_model
-from radscan.qc import DEFAULT_VIEWS, apply_qc, fit_reference, quality_control, save_reference
+from radscan.model.io import METADATA_FILE, save_model
+from radscan.model.runtime import autocast
+from radscan.model.simsid import Generated, SimSID, to_model_tensor
+from radscan.policy import Policy
+from radscan.qc import fit_reference, save_reference
 from radscan.recipe import TrainConfig
 from radscan.records import counted
 from radscan.report import CsvStream, atomic_output, cannot_write
 
-__all__ = ["TrainConfig", "train", "TrainingResult", "recalibrate"]
+__all__ = ["TrainConfig", "train", "TrainingResult", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,6 @@ TRAIN_LOCK = "train.lock"  # held while a run trains into the folder; removed wh
 LOG_FILE = "train_log.jsonl"
 INPUTS_FILE = "training_inputs.csv"  # every file found among the normals, with its status
 SPLIT_FILE = "training_split.csv"  # which normals were trained on and which calibrate
-EXPLANATION_NORMAL_QUANTILE = 0.95
-MIN_CALIBRATION = 5
-FRAMING_COPIES = 2  # framings of each training normal in the feature density's fit (validation: 2 and 4 alike)
-COLLIMATION_COPIES = 2  # and collimations (radscan.model.density.COLLIMATION)
 
 
 @dataclass
@@ -83,94 +85,6 @@ def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndar
     mask = np.zeros(len(studies), dtype=bool)
     mask[rng.permutation(len(studies))[: max(1, round(fraction * len(studies)))]] = True
     return mask
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, tcfg: TrainConfig) -> torch.Tensor:
-    """Random translation (up to `shift` of the size), zoom and, with `aspect`, a change of the
-    width/height ratio (films are squashed to a square from many shapes); nearest neighbour,
-    black fill. (B, 1, H, W) in [-1, 1] -> same."""
-    b = images.shape[0]
-    rand = torch.rand(b, 3, generator=generator).to(images.device)
-    zoom = tcfg.scale[0] + (tcfg.scale[1] - tcfg.scale[0]) * rand[:, 0]
-    stretch = torch.ones_like(zoom)
-    if tcfg.aspect:
-        stretch = torch.exp((2 * torch.rand(b, generator=generator).to(images.device) - 1) * math.log1p(tcfg.aspect))
-    theta = torch.zeros(b, 2, 3, device=images.device)
-    theta[:, 0, 0] = 1.0 / (zoom * stretch.sqrt())
-    theta[:, 1, 1] = stretch.sqrt() / zoom
-    theta[:, :, 2] = (rand[:, 1:] * 2 - 1) * tcfg.shift * 2  # normalised coordinates span 2
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1
-
-
-def vary_acquisition(images: torch.Tensor, generator: torch.Generator, tcfg: TrainConfig) -> torch.Tensor:
-    """Per-image random gamma, contrast, blur and noise: how exposure, processing and detector
-    differ between sites and years. (B, 1, H, W) in [-1, 1] -> same shape and range.
-
-    Without it the critic learns the training site's grey levels along with the anatomy, and a
-    normal film from another setting looks abnormal to it (docs/research-log.md "Ablation")."""
-    if not (tcfg.gamma or tcfg.contrast or tcfg.blur or tcfg.noise):
-        return images
-    b, device = images.shape[0], images.device
-    draw = torch.rand(b, 5, generator=generator).to(device)
-    x = (images + 1) / 2
-    if tcfg.gamma:
-        x = x.clamp_min(1e-6) ** torch.exp((2 * draw[:, 0] - 1) * math.log1p(tcfg.gamma)).view(b, 1, 1, 1)
-    if tcfg.contrast:
-        factor = torch.exp((2 * draw[:, 1] - 1) * math.log1p(tcfg.contrast)).view(b, 1, 1, 1)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - mean) * factor + mean).clamp(0, 1)
-    if tcfg.blur:
-        sigma = torch.where(draw[:, 2] < 0.5, draw[:, 3] * 2 * tcfg.blur, torch.zeros_like(draw[:, 3]))
-        x = _blur_each(x, sigma, radius=max(1, math.ceil(3 * tcfg.blur)))
-    if tcfg.noise:
-        level = draw[:, 4].view(b, 1, 1, 1) * tcfg.noise
-        x = (x + level * torch.randn(x.shape, generator=generator).to(device)).clamp(0, 1)
-    return x * 2 - 1
-
-
-def local_anomalies(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each film with one generic local defect in a soft-edged ellipse: a haze (blur of 2-4 px), a
-    brighter or darker region (0.15-0.4 of the grey range), lost contrast (towards the region's
-    mean) or added noise. (B, 1, H, W) in [-1, 1] -> same shape and range.
-
-    Shown to the discriminator as fake, next to whole films that vary_acquisition blurred,
-    brightened or flattened as real, they teach the critic that a film differing from itself in
-    one region is abnormal and one differing from the training site everywhere is not (the
-    global-sharpness confound of docs/research-log.md "Robustness to the acquisition"). The defects are generic
-    (the family of CutPaste, NSA and DRAEM's synthetic anomalies), not modelled on any test film."""
-    b, _, h, w = images.shape
-    device = images.device
-    draw = torch.rand(b, 8, generator=generator).to(device)
-    ys = torch.linspace(-1, 1, h, device=device).view(1, h, 1)
-    xs = torch.linspace(-1, 1, w, device=device).view(1, 1, w)
-    centre_y, centre_x = (draw[:, 0] * 1.2 - 0.6).view(b, 1, 1), (draw[:, 1] * 1.2 - 0.6).view(b, 1, 1)
-    radius_y, radius_x = (0.12 + 0.38 * draw[:, 2]).view(b, 1, 1), (0.12 + 0.38 * draw[:, 3]).view(b, 1, 1)
-    distance = ((ys - centre_y) / radius_y) ** 2 + ((xs - centre_x) / radius_x) ** 2
-    mask = ((1.3 - distance) / 0.6).clamp(0, 1).unsqueeze(1)  # 1 inside, soft rim, 0 outside
-    mask = mask * mask * (3 - 2 * mask)  # smoothstep: no sharp edge for the critic to find
-    x = (images + 1) / 2
-    kind = (draw[:, 4] * 4).long().view(b, 1, 1, 1)
-    strength = draw[:, 5].view(b, 1, 1, 1)
-    hazy = _blur_each(x, 2 + 2 * draw[:, 5], radius=12)
-    sign = torch.where(draw[:, 6] < 0.5, -1.0, 1.0).view(b, 1, 1, 1)
-    shifted = x + sign * (0.15 + 0.25 * strength)
-    region_mean = (x * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
-    flattened = region_mean + (x - region_mean) * (0.2 + 0.4 * strength)
-    noisy = x + (0.03 + 0.07 * strength) * torch.randn(x.shape, generator=generator).to(device)
-    defect = torch.where(kind == 0, hazy, torch.where(kind == 1, shifted, torch.where(kind == 2, flattened, noisy)))
-    return ((x + mask * (defect - x)).clamp(0, 1)) * 2 - 1
-
-
-def _blur_each(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with its own sigma (pixels; 0 = unchanged) for each image."""
-    b = images.shape[0]
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    weights = torch.exp(-(offsets**2) / (2 * sigma.clamp_min(1e-3).view(b, 1) ** 2))
-    weights = (weights / weights.sum(dim=1, keepdim=True)).view(b, 1, 1, -1)
-    flat = F.pad(images.transpose(0, 1), (radius, radius, radius, radius), mode="replicate")  # (1, B, H, W)
-    flat = F.conv2d(flat, weights, groups=b)
-    return F.conv2d(flat, weights.transpose(-1, -2), groups=b).transpose(0, 1)
 
 
 class Trainer:
@@ -278,29 +192,6 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
                          "train from the start, or choose another --out") from None
 
 
-def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torch.device,
-                batch_size: int = 64) -> None:
-    """Fit the model's feature density (if it has one) to the training normals ((N, 128, 128)
-    uint8), FRAMING_COPIES framings and COLLIMATION_COPIES collimations of each
-    (radscan.model.density), with the live discriminator as it is now. Raises ModelError when its
-    features are not finite (a diverged discriminator)."""
-    if model.density is None:
-        return
-    generator = torch.Generator().manual_seed(seed)
-    parts = []
-    with torch.inference_mode():
-        for batch in iter_batches(train_images, batch_size):
-            films = to_model_tensor(batch, device)
-            films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator),
-                               collimation_copies(films, COLLIMATION_COPIES, generator)])
-            # copies framed before the field is applied: the field stays where it is, the chest moves
-            parts.append(model.density_features(films).cpu())
-    try:
-        model.density.fit(torch.cat(parts).to(device))
-    except ValueError as exc:
-        raise ModelError(f"cannot fit the feature density: {exc} (the discriminator diverged?)") from None
-
-
 def set_thorax_field(model: SimSID, train_images: np.ndarray) -> None:
     """Set the model's thorax field from the mean of the training normals ((N, 128, 128) uint8;
     radscan.model.field). Raises SettingError when the mean shows no lung fields (not frontal chest
@@ -333,34 +224,6 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     return replace(model_cfg, crop=box), replace(policy, crop=box), lungs, films
 
 
-@dataclass(frozen=True)
-class KeepRule:
-    """How `--keep` chooses the epoch whose model is saved: the epoch's training-log entry `measure`,
-    highest (`sign` 1) or lowest (-1) wins; ties keep the earlier epoch."""
-
-    measure: str  # a key of the training log; "{kind}" stands for the model's score kind
-    sign: int
-    says: str  # what the kept epoch had, for model.json and the report: "... (0.836)"
-    needs_labels: bool
-
-
-KEEP_RULES = {
-    "best": KeepRule("val_auc_{kind}", 1, "the highest validation AUC of the {kind} score", True),
-    "synthetic": KeepRule("synthetic_auc_density", 1, "the highest AUC of the density on synthetic defects", False),
-}
-
-
-def _better(best: dict[str, Any] | None, model: SimSID, epoch: int, metrics: dict[str, float],
-            rule: KeepRule) -> dict[str, Any] | None:
-    """`best` (weights, epoch, the rule's measure as "auc"), or this epoch's model when its measure is
-    better (ties keep the earlier epoch)."""
-    value = metrics[rule.measure.format(kind=model.cfg.score_kind)]
-    if best is not None and rule.sign * value <= rule.sign * best["auc"]:
-        return best
-    return {"model": {key: value.detach().clone() for key, value in model.state_dict().items()},
-            "epoch": epoch, "auc": float(value)}
-
-
 def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
     """A loss that is not finite means the weights are lost (too high a learning rate, or a
     checkpoint whose weights are NaN): stop before anything is saved. Raises ModelError."""
@@ -369,141 +232,6 @@ def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: Tr
         raise ModelError(f"training diverged in epoch {epoch + 1}, batch {batch + 1}: the "
                          f"{', '.join(f'{name} loss is {value}' for name, value in bad.items())}; no model was "
                          f"written. Start again with a lower --lr (this run: {tcfg.lr:g}) in a new --out")
-
-
-def evaluate_epoch(model: SimSID, train_images: np.ndarray, calibration: np.ndarray,
-                   validation: tuple[np.ndarray, np.ndarray] | None, batch_size: int, device: torch.device,
-                   seed: int = 0) -> dict[str, float]:
-    """Fit the feature density to the training normals, calibrate on the held-out normals, then,
-    with labelled validation data, the validation AUC of every score kind the model computes, and
-    of the live discriminator alone (no snapshots)."""
-    model.eval()
-    fit_density(model, train_images, seed, device, batch_size)
-    components = calibrate(model, calibration, batch_size, device, target_specificity=None, explanation=False)[1]
-    metrics = {f"calibration_{kind}_mean": float(components[:, column].mean())
-               for column, kind in enumerate(COMPONENTS) if kind != "critic" and components[:, column].isfinite().all()}
-    metrics.update({f"calibration_{key}": value for key, value in _fidelity(model, calibration, device).items()})
-    if model.density is not None:
-        metrics.update(label_free_measures(model, train_images, calibration, batch_size, device, seed))
-    if validation is not None:
-        normal, abnormal = validation
-        images = np.concatenate([normal, abnormal])
-        components = score_arrays(model, images, batch_size, device).components
-        labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
-        for kind, z in model.z_scores(components).items():
-            if z.isfinite().all():
-                metrics[f"val_auc_{kind}"] = float(roc_auc_score(labels, z.numpy()))
-        live = _in_batches(lambda films: model.discriminator(model.restrict(films)), images, batch_size, device)
-        metrics["val_auc_critic_live"] = float(roc_auc_score(labels, -live.numpy()))
-    return metrics
-
-
-def label_free_measures(model: SimSID, train_images: np.ndarray, calibration: np.ndarray, batch_size: int,
-                        device: torch.device, seed: int = 0) -> dict[str, float]:
-    """Two measures of how well an epoch's fitted feature density will rank abnormal films, with no
-    labels, logged for every epoch; `--keep synthetic` chooses by the second (docs/research-log.md,
-    "choosing the epoch without labels": the first, the rule fixed first, kept too early an epoch on
-    children's films).
-
-    - `density_gap`: the held-out calibration normals' mean raw density over the training normals'
-      (>= about 1; the smaller, the less the density is fitted to the very films it was fitted on).
-    - `synthetic_auc_density`: the AUC of the raw density separating the calibration normals from the
-      same films each given one generic local defect (`local_anomalies`, a fixed draw per seed).
-
-    `train_images`, `calibration`: (N, 128, 128) uint8. The model's density must be fitted."""
-    def density(films: torch.Tensor) -> torch.Tensor:
-        return model.density_score(model.density_regions(films))
-
-    with torch.inference_mode():
-        trained = torch.cat([density(to_model_tensor(batch, device)).cpu()
-                             for batch in iter_batches(train_images, batch_size)])
-        generator = torch.Generator().manual_seed(seed * 100_003 + 7)
-        normal, defect = [], []
-        for batch in iter_batches(calibration, batch_size):
-            films = to_model_tensor(batch, device)
-            normal.append(density(films).cpu())
-            defect.append(density(local_anomalies(films, generator)).cpu())
-    normal_scores, defect_scores = torch.cat(normal).double(), torch.cat(defect).double()
-    labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(defect_scores))]
-    return {"train_density_mean": float(trained.double().mean()),
-            "density_gap": float(normal_scores.mean() / trained.double().mean().clamp_min(1e-12)),
-            "synthetic_auc_density": float(roc_auc_score(labels, torch.cat([normal_scores, defect_scores]).numpy()))}
-
-
-def _fidelity(model: SimSID, images: np.ndarray, device: torch.device) -> dict[str, float]:
-    """Reconstruction MSE and histogram KL of the student on (up to 256 of) the calibration normals."""
-    from radscan.trainreport import reconstruction_fidelity
-
-    batch = model.restrict(to_model_tensor(images[:256], device))
-    with torch.inference_mode():
-        return reconstruction_fidelity(batch, model.generate(batch, with_teacher=False).student)
-
-
-def _in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """`network` over (N, 128, 128) uint8 model inputs, batch by batch, without autograd; results
-    concatenated as float32 on the CPU."""
-    with torch.inference_mode():
-        return torch.cat([network(to_model_tensor(batch, device)).float().cpu()
-                          for batch in iter_batches(images, batch_size)])
-
-
-def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch.device,
-              target_specificity: float | None, explanation: bool = True) -> tuple[np.ndarray, torch.Tensor]:
-    """Calibrate `model` in place on held-out normal images ((N, 128, 128) uint8):
-
-    1. the mean normal film (the explanation maps' reference);
-    2. each critic's negated-logit mean and spread, so the snapshot critics average as z-scores;
-    3. mean and spread of every score kind's raw value (each kind's z-score is relative to them);
-    4. with `explanation`, per pixel, the 95th percentile of the normals' explanation maps (the
-       maps show only what exceeds it);
-    5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
-
-    Returns the normals' 0..1 scores (N,) and raw components (N, 4). Raises NoInputError for fewer
-    than MIN_CALIBRATION normals (a spread and a quantile need more than a handful)."""
-    if len(normals) < MIN_CALIBRATION:
-        raise NoInputError(f"only {len(normals)} usable calibration normals; at least {MIN_CALIBRATION} are needed "
-                           "(a few hundred give a threshold that transfers)")
-    model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
-                                            model.normal_mean.device)[0, 0])
-    with autocast(device):  # the same precision as scoring
-        logits = _in_batches(model.critic_logits, normals, batch_size, device)
-    model.critic_mean.copy_(logits.mean(0))
-    model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
-    components = score_arrays(model, normals, batch_size, device).components
-    computed = [c for c, kind in enumerate(COMPONENTS) if kind != "density" or model.density is not None]
-    if not (components[:, computed].isfinite().all() and model.critic_std.isfinite().all()
-            and model.critic_mean.isfinite().all()):
-        raise ModelError("the model's scores are not finite on the calibration normals: its weights are lost "
-                         "(training diverged: start again with a lower --lr); no model was written")
-    # a kind the model cannot compute (NaN: the density of a model without one) keeps mean 0, spread 1
-    model.calibration_mean.copy_(components.mean(0).nan_to_num(0.0))
-    model.calibration_std.copy_(components.std(0).nan_to_num(1.0).clamp_min(1e-6))
-    if explanation:
-        model.explanation_normal.zero_()
-        maps = score_arrays(model, normals, batch_size, device, explain=True).explanation_maps
-        model.explanation_normal.copy_(torch.quantile(maps, EXPLANATION_NORMAL_QUANTILE, dim=0))
-    scores = torch.sigmoid(model.calibrated(components)[1]).numpy()
-    if target_specificity is not None:
-        # the smallest threshold that keeps at least the target share of these normals unflagged
-        kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
-        model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
-        _warn_if_unsupported(scores, float(model.threshold), target_specificity)
-    return scores, components
-
-
-def _warn_if_unsupported(scores: np.ndarray, threshold: float, target_specificity: float) -> None:
-    """A threshold at specificity s is a quantile of the normals' scores: with fewer than 5 normals
-    expected above it, it is mostly noise; and ties can make it flag more normals than intended."""
-    expected_above = len(scores) * (1 - target_specificity)
-    if expected_above < 5:
-        log.warning("the threshold rests on %d calibration normals, so only %.1f are expected above it at "
-                    "specificity %.2f: it will move a lot with other normals; use at least %d",
-                    len(scores), expected_above, target_specificity, int(np.ceil(5 / (1 - target_specificity) - 1e-9)))
-    flagged = float((scores >= threshold).mean())
-    if flagged > 2 * (1 - target_specificity):
-        log.warning("the threshold flags %.0f%% of the calibration normals, more than twice the %.0f%% aimed for",
-                    100 * flagged, 100 * (1 - target_specificity))
 
 
 def train(
@@ -797,7 +525,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
             training_log.flush()
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
             if tcfg.keep != "last":
-                run.best = _better(run.best, trainer.model, epoch + 1, metrics, KEEP_RULES[tcfg.keep])
+                run.best = better_epoch(run.best, trainer.model, epoch + 1, metrics, KEEP_RULES[tcfg.keep])
             _save_checkpoint({**trainer.state(epoch + 1),
                               **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
@@ -836,98 +564,3 @@ def _write_report(model: SimSID, out_dir: Path, names: Sequence[str], calibratio
                     exc, out_dir)
 
 
-def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
-             tcfg: TrainConfig, device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
-    """Calibrate the final weights with the threshold at the target specificity on the calibration
-    normals; with validation data, its AUC and the sensitivity/specificity at that threshold.
-    Returns the metrics and the calibration normals' 0..1 scores."""
-    cal_scores = calibrate(model, calibration, 64, device, tcfg.target_specificity)[0]
-    metrics: dict[str, Any] = {"calibration_specificity": float((cal_scores < float(model.threshold)).mean())}
-    if validation is not None:
-        normal, abnormal = validation
-        scores = score_arrays(model, np.concatenate([normal, abnormal]), 64, device).scores.numpy()
-        labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
-        flagged = scores >= float(model.threshold)
-        metrics.update(val_auc=float(roc_auc_score(labels, scores)),
-                       val_sensitivity=float(flagged[labels == 1].mean()),
-                       val_specificity=float(1 - flagged[labels == 0].mean()))
-    return metrics, cal_scores
-
-
-def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, target_specificity: float,
-                policy: Policy | None = None, workers: int = -1, device: torch.device | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Re-derive a model's score scale and threshold from a site's own normal images (never from
-    images it will be evaluated on), writing the model to `out_dir` (default: in place)."""
-    import shutil
-
-    from radscan.model.io import load_model
-
-    device = device or torch.device("cpu")
-    check_outputs_apart(normals, [out_dir or model_dir])
-    model, metadata = load_model(model_dir, device)
-    # the normals a threshold is set on are the films the model would score: what quality control
-    # rejects when scoring (turned, inverted, foreign) is not one of them
-    qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
-    images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
-                                   label="calibration normals",
-                                   judge=lambda records, films: apply_qc(qc, records, films))
-    scores = calibrate(model, images, 64, device, target_specificity)[0]
-    out_dir = Path(out_dir or model_dir)
-    if out_dir.resolve() != Path(model_dir).resolve():
-        try:
-            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
-        except (OSError, shutil.Error) as exc:
-            raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
-    kept = {k: v for k, v in metadata.items()
-            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights",
-                         "previous_version")}  # recalibrated_from names the one predecessor
-    # a recalibrated model scores differently: it is another version of the model
-    kept["version"] = datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
-    kept["recalibrated_from"] = {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"]}
-    kept["calibration"] = {"method": f"{len(images)} normals at specificity {target_specificity}",
-                           "n_calibration": len(images), "target_specificity": target_specificity,
-                           "normals": [str(p) for p in normals],
-                           "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    specificity = float((scores < float(model.threshold)).mean())
-    # figures taken at the old threshold no longer describe the model; AUCs do not depend on it
-    kept["metrics"] = {**{k: v for k, v in metadata.get("metrics", {}).items() if "auc" in k},
-                       "calibration_specificity": specificity}
-    try:
-        save_model(model, out_dir, kept)
-    except OSError as exc:
-        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
-    _describe_recalibration(model, out_dir, names, scores, metadata)
-    return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
-            "calibration_specificity": specificity}
-
-
-def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], scores: np.ndarray,
-                            before: dict[str, Any]) -> None:
-    """Make the model directory tell one story after `recalibrate`: the calibration scores and the
-    training report redrawn with the new normals and threshold, and a model card (README.md), when
-    there is one, headed by what changed. The model is saved before: a description that cannot be
-    written costs a warning."""
-    from radscan.trainreport import CALIBRATION_SCORES_FILE, write_training_report
-
-    threshold = float(model.threshold)
-    try:
-        with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
-            for name, score in zip(names, scores, strict=True):
-                table.write({"path": name, "score": round(float(score), 6)})
-        write_training_report(out_dir)
-        card = out_dir / "README.md"
-        if card.is_file():
-            old = float(before.get("calibration", {}).get("threshold", float("nan")))
-            notice = (f"> **Recalibrated** on {len(names)} normals of a site "
-                      f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
-                      f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
-                      "version in `model.json`. Everything below describes the model before, version "
-                      f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
-                      "specificity); AUCs do not depend on the threshold.\n\n")
-            text = card.read_text(encoding="utf-8")
-            title, _, rest = text.partition("\n\n")
-            with atomic_output(card, "w") as handle:
-                handle.write(f"{title}\n\n{notice}{rest}")
-    except (OSError, ValueError, RuntimeError) as exc:
-        log.warning("the recalibrated model was saved, but its report could not be redrawn: %s", exc)

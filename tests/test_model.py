@@ -121,7 +121,7 @@ def _calibrated_tiny(**overrides) -> SimSID:
     model.generate(_real_batch(16))  # move BN running statistics away from their initial values
     model.eval()
     if model.density is not None:  # a density fitted to real films, as after training
-        from radscan.train import fit_density
+        from radscan.calibration import fit_density
 
         fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
                     torch.device("cpu"))
@@ -423,7 +423,7 @@ def _thorax_model() -> SimSID:
         model.train()
         model.generate(_real_batch(16))
         model.eval()
-        from radscan.train import fit_density
+        from radscan.calibration import fit_density
 
         fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
                     torch.device("cpu"))

@@ -194,7 +194,7 @@ def test_train_defaults_are_the_shipped_recipe():
 
 
 def test_acquisition_variation_keeps_shape_and_range_and_can_be_off():
-    from radscan.train import vary_acquisition
+    from radscan.augment import vary_acquisition
 
     images = to_model_tensor(np.random.default_rng(0).integers(0, 256, (6, 128, 128), dtype=np.uint8))
     off = vary_acquisition(images, torch.Generator().manual_seed(0), TrainConfig(gamma=0, contrast=0, blur=0, noise=0))
@@ -207,7 +207,7 @@ def test_acquisition_variation_keeps_shape_and_range_and_can_be_off():
 
 
 def test_synthetic_anomalies_are_local_and_count_as_fake():
-    from radscan.train import local_anomalies
+    from radscan.augment import local_anomalies
 
     images = load_images([str(CXR_DIR / "kermany_pediatric_224/train_normal")], Policy(), workers=1,
                          progress=False)[0][:8]

@@ -339,7 +339,7 @@ class SimSID(nn.Module):
         self.snapshot_critics = nn.ModuleList(Discriminator(cfg) for _ in range(cfg.critic_snapshots - 1))
         # the live discriminator's features, region by region, against the training normals' (fitted after training)
         self.density = FeatureDensity(cfg) if cfg.density_grid else None
-        # Calibration travels with the weights (all set by radscan.train.calibrate on held-out normals):
+        # Calibration travels with the weights (all set by radscan.calibration.calibrate on held-out normals):
         # each critic's logit mean/spread, then mean/spread of every score kind's raw value, the flag
         # threshold on the 0..1 score, the mean normal film (the explanation's reference) and, per
         # pixel, the 95th percentile of the normals' explanation maps (what a normal film shows).

@@ -1,0 +1,227 @@
+"""What is fitted without gradients, at the end of training and by `radscan calibrate`.
+
+The feature density is fitted to the training normals (`fit_density`); the calibration normals,
+held out from training, give each score's mean and spread, the mean normal film, the explanation
+maps' normal level and the flag threshold (`calibrate`); `finalize` does that for a new model and
+measures it, `recalibrate` for a site's own normals on an existing model, which becomes a new
+version whose directory tells one story (`_describe_recalibration`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from radscan.errors import ModelError, NoInputError, OutputError
+from radscan.ingest import check_outputs_apart, load_images
+from radscan.model.density import collimation_copies, framing_copies
+from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
+from radscan.model.runtime import autocast, iter_batches, score_arrays
+from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
+from radscan.policy import Policy, for_model
+from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
+from radscan.recipe import TrainConfig
+from radscan.report import CsvStream, atomic_output
+
+__all__ = ["fit_density", "calibrate", "finalize", "recalibrate", "in_batches", "MIN_CALIBRATION"]
+
+log = logging.getLogger(__name__)
+
+FRAMING_COPIES = 2  # framings of each training normal in the feature density's fit (validation: 2 and 4 alike)
+COLLIMATION_COPIES = 2  # and collimations (radscan.model.density.COLLIMATION)
+EXPLANATION_NORMAL_QUANTILE = 0.95
+MIN_CALIBRATION = 5
+
+
+def fit_density(model: SimSID, train_images: np.ndarray, seed: int, device: torch.device,
+                batch_size: int = 64) -> None:
+    """Fit the model's feature density (if it has one) to the training normals ((N, 128, 128)
+    uint8), FRAMING_COPIES framings and COLLIMATION_COPIES collimations of each
+    (radscan.model.density), with the live discriminator as it is now. Raises ModelError when its
+    features are not finite (a diverged discriminator)."""
+    if model.density is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    with torch.inference_mode():
+        for batch in iter_batches(train_images, batch_size):
+            films = to_model_tensor(batch, device)
+            films = torch.cat([films, framing_copies(films, FRAMING_COPIES, generator),
+                               collimation_copies(films, COLLIMATION_COPIES, generator)])
+            # copies framed before the field is applied: the field stays where it is, the chest moves
+            parts.append(model.density_features(films).cpu())
+    try:
+        model.density.fit(torch.cat(parts).to(device))
+    except ValueError as exc:
+        raise ModelError(f"cannot fit the feature density: {exc} (the discriminator diverged?)") from None
+
+
+def in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """`network` over (N, 128, 128) uint8 model inputs, batch by batch, without autograd; results
+    concatenated as float32 on the CPU."""
+    with torch.inference_mode():
+        return torch.cat([network(to_model_tensor(batch, device)).float().cpu()
+                          for batch in iter_batches(images, batch_size)])
+
+
+def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch.device,
+              target_specificity: float | None, explanation: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+    """Calibrate `model` in place on held-out normal images ((N, 128, 128) uint8):
+
+    1. the mean normal film (the explanation maps' reference);
+    2. each critic's negated-logit mean and spread, so the snapshot critics average as z-scores;
+    3. mean and spread of every score kind's raw value (each kind's z-score is relative to them);
+    4. with `explanation`, per pixel, the 95th percentile of the normals' explanation maps (the
+       maps show only what exceeds it);
+    5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
+
+    Returns the normals' 0..1 scores (N,) and raw components (N, 4). Raises NoInputError for fewer
+    than MIN_CALIBRATION normals (a spread and a quantile need more than a handful)."""
+    if len(normals) < MIN_CALIBRATION:
+        raise NoInputError(f"only {len(normals)} usable calibration normals; at least {MIN_CALIBRATION} are needed "
+                           "(a few hundred give a threshold that transfers)")
+    model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
+                                            model.normal_mean.device)[0, 0])
+    with autocast(device):  # the same precision as scoring
+        logits = in_batches(model.critic_logits, normals, batch_size, device)
+    model.critic_mean.copy_(logits.mean(0))
+    model.critic_std.copy_(logits.std(0).clamp_min(1e-6))
+    components = score_arrays(model, normals, batch_size, device).components
+    computed = [c for c, kind in enumerate(COMPONENTS) if kind != "density" or model.density is not None]
+    if not (components[:, computed].isfinite().all() and model.critic_std.isfinite().all()
+            and model.critic_mean.isfinite().all()):
+        raise ModelError("the model's scores are not finite on the calibration normals: its weights are lost "
+                         "(training diverged: start again with a lower --lr); no model was written")
+    # a kind the model cannot compute (NaN: the density of a model without one) keeps mean 0, spread 1
+    model.calibration_mean.copy_(components.mean(0).nan_to_num(0.0))
+    model.calibration_std.copy_(components.std(0).nan_to_num(1.0).clamp_min(1e-6))
+    if explanation:
+        model.explanation_normal.zero_()
+        maps = score_arrays(model, normals, batch_size, device, explain=True).explanation_maps
+        model.explanation_normal.copy_(torch.quantile(maps, EXPLANATION_NORMAL_QUANTILE, dim=0))
+    scores = torch.sigmoid(model.calibrated(components)[1]).numpy()
+    if target_specificity is not None:
+        # the smallest threshold that keeps at least the target share of these normals unflagged
+        kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
+        model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
+        _warn_if_unsupported(scores, float(model.threshold), target_specificity)
+    return scores, components
+
+
+def _warn_if_unsupported(scores: np.ndarray, threshold: float, target_specificity: float) -> None:
+    """A threshold at specificity s is a quantile of the normals' scores: with fewer than 5 normals
+    expected above it, it is mostly noise; and ties can make it flag more normals than intended."""
+    expected_above = len(scores) * (1 - target_specificity)
+    if expected_above < 5:
+        log.warning("the threshold rests on %d calibration normals, so only %.1f are expected above it at "
+                    "specificity %.2f: it will move a lot with other normals; use at least %d",
+                    len(scores), expected_above, target_specificity, int(np.ceil(5 / (1 - target_specificity) - 1e-9)))
+    flagged = float((scores >= threshold).mean())
+    if flagged > 2 * (1 - target_specificity):
+        log.warning("the threshold flags %.0f%% of the calibration normals, more than twice the %.0f%% aimed for",
+                    100 * flagged, 100 * (1 - target_specificity))
+
+
+def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
+             tcfg: TrainConfig, device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
+    """Calibrate the final weights with the threshold at the target specificity on the calibration
+    normals; with validation data, its AUC and the sensitivity/specificity at that threshold.
+    Returns the metrics and the calibration normals' 0..1 scores."""
+    cal_scores = calibrate(model, calibration, 64, device, tcfg.target_specificity)[0]
+    metrics: dict[str, Any] = {"calibration_specificity": float((cal_scores < float(model.threshold)).mean())}
+    if validation is not None:
+        normal, abnormal = validation
+        scores = score_arrays(model, np.concatenate([normal, abnormal]), 64, device).scores.numpy()
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
+        flagged = scores >= float(model.threshold)
+        metrics.update(val_auc=float(roc_auc_score(labels, scores)),
+                       val_sensitivity=float(flagged[labels == 1].mean()),
+                       val_specificity=float(1 - flagged[labels == 0].mean()))
+    return metrics, cal_scores
+
+
+def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, target_specificity: float,
+                policy: Policy | None = None, workers: int = -1, device: torch.device | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Re-derive a model's score scale and threshold from a site's own normal images (never from
+    images it will be evaluated on), writing the model to `out_dir` (default: in place)."""
+    import shutil
+
+    from radscan.model.io import load_model
+
+    device = device or torch.device("cpu")
+    check_outputs_apart(normals, [out_dir or model_dir])
+    model, metadata = load_model(model_dir, device)
+    # the normals a threshold is set on are the films the model would score: what quality control
+    # rejects when scoring (turned, inverted, foreign) is not one of them
+    qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
+    images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
+                                   label="calibration normals",
+                                   judge=lambda records, films: apply_qc(qc, records, films))
+    scores = calibrate(model, images, 64, device, target_specificity)[0]
+    out_dir = Path(out_dir or model_dir)
+    if out_dir.resolve() != Path(model_dir).resolve():
+        try:
+            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        except (OSError, shutil.Error) as exc:
+            raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
+    kept = {k: v for k, v in metadata.items()
+            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights",
+                         "previous_version")}  # recalibrated_from names the one predecessor
+    # a recalibrated model scores differently: it is another version of the model
+    kept["version"] = datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
+    kept["recalibrated_from"] = {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"]}
+    kept["calibration"] = {"method": f"{len(images)} normals at specificity {target_specificity}",
+                           "n_calibration": len(images), "target_specificity": target_specificity,
+                           "normals": [str(p) for p in normals],
+                           "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    specificity = float((scores < float(model.threshold)).mean())
+    # figures taken at the old threshold no longer describe the model; AUCs do not depend on it
+    kept["metrics"] = {**{k: v for k, v in metadata.get("metrics", {}).items() if "auc" in k},
+                       "calibration_specificity": specificity}
+    try:
+        save_model(model, out_dir, kept)
+    except OSError as exc:
+        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
+    _describe_recalibration(model, out_dir, names, scores, metadata)
+    return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
+            "calibration_specificity": specificity}
+
+
+def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], scores: np.ndarray,
+                            before: dict[str, Any]) -> None:
+    """Make the model directory tell one story after `recalibrate`: the calibration scores and the
+    training report redrawn with the new normals and threshold, and a model card (README.md), when
+    there is one, headed by what changed. The model is saved before: a description that cannot be
+    written costs a warning."""
+    from radscan.trainreport import CALIBRATION_SCORES_FILE, write_training_report
+
+    threshold = float(model.threshold)
+    try:
+        with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
+            for name, score in zip(names, scores, strict=True):
+                table.write({"path": name, "score": round(float(score), 6)})
+        write_training_report(out_dir)
+        card = out_dir / "README.md"
+        if card.is_file():
+            old = float(before.get("calibration", {}).get("threshold", float("nan")))
+            notice = (f"> **Recalibrated** on {len(names)} normals of a site "
+                      f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
+                      f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
+                      "version in `model.json`. Everything below describes the model before, version "
+                      f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
+                      "specificity); AUCs do not depend on the threshold.\n\n")
+            text = card.read_text(encoding="utf-8")
+            title, _, rest = text.partition("\n\n")
+            with atomic_output(card, "w") as handle:
+                handle.write(f"{title}\n\n{notice}{rest}")
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("the recalibrated model was saved, but its report could not be redrawn: %s", exc)
