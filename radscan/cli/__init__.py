@@ -1,0 +1,177 @@
+"""The `radscan` command line: parses options, calls the library, maps outcomes to exit codes.
+
+Every option can also come from a ``RADSCAN_<COMMAND>_<OPTION>`` environment variable (e.g.
+``RADSCAN_SCAN_WORKERS=4``), which suits cron jobs. The group, its settings (TOML, variables) and
+the entry point are here; the commands live in radscan.cli.scoring (scan, score) and
+radscan.cli.models (train, info, evaluate, calibrate, report), the options they share in
+radscan.cli.common.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from radscan import __version__
+from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, log, read_settings
+from radscan.cli.models import calibrate, evaluate, info, report, train
+from radscan.cli.scoring import scan, score
+
+__all__ = ["cli", "main"]
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s radscan %(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="radscan")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr, no progress bar.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="RADSCAN_CONFIG", help="TOML settings file with one table per command (e.g. [score]).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None) -> None:
+    """radscan: unsupervised anomaly triage of chest radiographs (DICOM, JPEG, PNG).
+
+    For research and triage support only: radscan does not diagnose.
+
+    Settings come from, highest first: command-line options, RADSCAN_<COMMAND>_<OPTION>
+    environment variables, the --config TOML file (tables [scan], [train], [score]; keys are
+    option names with underscores), then the defaults.
+    """
+    _configure_logging(-1 if quiet else verbose)
+    ctx.obj = {"quiet": quiet, "config": config_file}
+    if config_file:
+        ctx.default_map = _read_config(config_file)
+
+
+def _read_config(path: Path) -> dict:
+    """TOML tables [scan], [train], [score] of option names -> Click's default_map."""
+    try:
+        settings = read_settings(path)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    default_map = {}
+    for name, table in settings.items():
+        command = cli.commands.get(name)
+        if command is None or not isinstance(table, dict):
+            raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
+        by_option = {opt.lstrip("-").replace("-", "_"): param for param in command.params
+                     for opt in param.opts if opt.startswith("--")}
+        unknown = sorted(k for k in table if k.replace("-", "_") not in by_option)
+        if unknown:
+            raise click.BadParameter(f"[{name}] in {path}: unknown option(s) {', '.join(unknown)}",
+                                     param_hint="--config")
+        default_map[name] = {by_option[k.replace("-", "_")].name: _setting(by_option[k.replace("-", "_")], v)
+                             for k, v in table.items()}
+    return default_map
+
+
+def _setting(param: click.Parameter, value: object) -> object:
+    """A TOML value as the option expects it: a list for a comma-separated option (modalities =
+    ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
+    if isinstance(value, list) and not getattr(param, "multiple", False):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, bool) and not getattr(param, "is_flag", False):
+        raise click.BadParameter(f"{param.name} = {str(value).lower()}: expected a value, not true/false",
+                                 param_hint="--config")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
+        raise click.BadParameter(f"{param.name} = {value!r}: expected a whole number", param_hint="--config")
+    wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
+    if wants_text and not getattr(param, "is_flag", False) and not isinstance(value, (str, list)):
+        raise click.BadParameter(f"{param.name} = {value!r}: expected text in quotes", param_hint="--config")
+    return value
+
+
+for _command in (scan, train, info, score, evaluate, calibrate, report):  # in the order --help lists them
+    cli.add_command(_command)
+
+
+def _name_environment_variables() -> None:
+    """RADSCAN_<COMMAND>_<OPTION> after the option's name as typed (RADSCAN_SCORE_JSON for --json),
+    not Click's default, the Python parameter's name (which would be RADSCAN_SCORE_AS_JSON)."""
+    for command_name, command in cli.commands.items():
+        for param in command.params:
+            long_names = [name for name in param.opts if name.startswith("--")]
+            if isinstance(param, click.Option) and param.envvar is None and long_names:
+                option = long_names[0][2:].replace("-", "_").upper()
+                param.envvar = f"RADSCAN_{command_name.upper()}_{option}"
+
+
+_name_environment_variables()
+
+
+def main() -> None:
+    """The `radscan` entry point. With --json, a run that fails still prints one JSON object on
+    stdout ({"ok": false, "exit_code": ..., "error": ...}), so that a wrapper never keeps an empty
+    or stale summary."""
+    _reopen_closed_standard_streams()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
+    except click.ClickException as exc:
+        _name_the_source(exc)
+        json_failure(*failure(exc))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, Terminated) as exc:
+        # the run unwinds like any failure (temporary files removed, lock released, earlier outputs
+        # intact) and says so, so that a wrapper's summary is never empty
+        exit_code, message = failure(exc)
+        json_failure(exit_code, message)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        json_failure(*failure(exc))
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _name_the_source(exc: click.ClickException) -> None:
+    """A bad value that came from a RADSCAN_* variable or the --config file is blamed on it, not
+    on the command-line option the user never typed."""
+    if not isinstance(exc, click.BadParameter) or exc.ctx is None or exc.param is None or not exc.param.name:
+        return
+    source = exc.ctx.get_parameter_source(exc.param.name)
+    if source == click.core.ParameterSource.ENVIRONMENT and isinstance(exc.param, click.Option):
+        names = exc.param.envvar if isinstance(exc.param.envvar, (list, tuple)) else [exc.param.envvar]
+        given = [name for name in names if name and name in os.environ]
+        exc.param_hint = f"the environment variable {given[0] if given else names[0]}"
+    elif source == click.core.ParameterSource.DEFAULT_MAP:
+        config = (exc.ctx.obj or {}).get("config")
+        exc.param_hint = f"'{exc.param.name}' in the [{exc.ctx.info_name}] table of {config or 'the --config file'}"
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+def _reopen_closed_standard_streams() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`, some schedulers), radscan and its
+    decoding workers would fail on every file; the closed stream is pointed at /dev/null instead
+    (what it would have received is lost, as its closer intended) and the run goes on."""
+    for descriptor, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != descriptor:
+                os.dup2(null, descriptor)  # dup2 makes it inheritable
+                os.close(null)
+            else:  # os.open gives non-inheritable descriptors: the decoding workers need this one
+                os.set_inheritable(descriptor, True)
+            mode = "r" if descriptor == 0 else "w"
+            setattr(sys, name, open(descriptor, mode, closefd=False))  # noqa: SIM115 (lives as long as the process)
