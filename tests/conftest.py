@@ -1,11 +1,11 @@
 """Shared fixtures: the real data sets live in ../shared/data beside the repository (also in CI),
-or wherever RADSCAN_TEST_DATA points. Without them, the tests that read them are skipped with a
-message that says what they need, and the rest run."""
+or wherever RADSCAN_TEST_DATA points. tests/unit needs none of them and runs in seconds; every
+other test is end to end on the real data (marker `data`) and is skipped with a message that says
+what it needs where the data are missing."""
 
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 from pathlib import Path
 
@@ -16,34 +16,22 @@ DATA = Path(os.environ.get("RADSCAN_TEST_DATA", REPO.parent / "shared" / "data")
 DICOM_DIR = DATA / "dicom"
 CXR_DIR = DATA / "cxr"
 
-# names whose use in a test or in one of its fixtures means the test reads the shared data
-_DATA_NAMES = ("DATA", "CXR_DIR", "DICOM_DIR", "EDGE_DIR", "cxr_dir", "dicom_dir", "dicom_manifest", "_real_batch")
 _MISSING = (f"needs the real test data at {DATA}: chest X-rays and DICOM files from public sources (docs/testing.md "
             "says which and where they come from); put them there or set RADSCAN_TEST_DATA")
-
-
-def _reads_data(item: pytest.Item) -> bool:
-    if item.get_closest_marker("data"):
-        return True
-    sources = [item.function] if hasattr(item, "function") else []
-    for definitions in item._fixtureinfo.name2fixturedefs.values():
-        sources += [definition.func for definition in definitions]
-    for source in sources:
-        try:
-            text = inspect.getsource(source)
-        except (OSError, TypeError):
-            continue
-        if any(name in text for name in _DATA_NAMES):
-            return True
-    return False
+UNIT = Path(__file__).parent / "unit"  # tests of pure functions on inputs made in the test: no shared data
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test outside tests/unit is end to end and reads the shared data (marker `data`):
+    without the data those are skipped with a message that says what they need."""
+    for item in items:
+        if UNIT not in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.data)
     if DATA.is_dir():
         return
     skip = pytest.mark.skip(reason=_MISSING)
     for item in items:
-        if _reads_data(item):
+        if item.get_closest_marker("data"):
             item.add_marker(skip)
 
 

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radscan.cli import cli
-from radscan.evaluate import bootstrap_auc, metrics_at
 from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.runtime import score_arrays
@@ -86,16 +85,6 @@ def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny
     assert "not a diagnosis" in page and "paired bootstrap" in page.lower() and f"{second['auc']:.3f}" in page
     for figure in ("roc.png", "histogram.png"):
         assert Image.open(out / figure).size[0] == 640
-
-
-def test_metrics_at_a_threshold():
-    labels = np.array([0, 0, 0, 1, 1])
-    scores = np.array([0.1, 0.4, 0.6, 0.7, 0.3])
-    m = metrics_at(labels, scores, 0.5)
-    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.5, pytest.approx(2 / 3), 0.6)
-    assert m["f1"] == pytest.approx(0.5)
-    low, high = bootstrap_auc(labels, scores, rounds=200)
-    assert 0.0 <= low <= high <= 1.0
 
 
 def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_path):
