@@ -32,8 +32,8 @@ from radscan.report import encode_png, png_name, write_png_bytes
 from radscan.state import FileIdentity
 
 if TYPE_CHECKING:
+    from radscan.model.engine import Engine
     from radscan.model.metadata import ModelIdentity
-    from radscan.model.simsid import SimSID
     from radscan.pacs import Destination
 
 __all__ = ["ScoreSettings", "BatchScorer", "PictureJob", "FilmPicture", "PictureActions", "ScoredBatch",
@@ -124,37 +124,33 @@ class BatchScorer:
                            "radscan_version": __version__, "run_id": run.run_id}
 
     @functools.cached_property
-    def model(self) -> SimSID:
+    def engine(self) -> Engine:
         return self._loading.result()
 
     @functools.cached_property
     def threshold(self) -> float:
-        return float(self.model.threshold)
+        return float(self.engine.threshold)
 
     def score(self, records: list[ImageRecord], images: list[np.ndarray]) -> tuple[list[dict[str, Any]],
                                                                                    PictureActions]:
         """Rows of the scored `records` (in order) and what to do to their pictures."""
         threshold = self.threshold  # also makes sure the model loaded before any row is saved
-        from radscan.model.runtime import score_arrays  # imported by then (not alongside the loader)
-
         if not records:
             return [], []
         batch = np.stack(images)
         # without pictures, only the score itself is computed (for the critic: no generator pass)
-        result = score_arrays(self.model, batch, batch_size=len(images), explain=self.pictures == "all",
-                              components=self.pictures == "all")
-        scores, raws = result.scores.numpy(), result.raw_scores.numpy()
+        result = self.engine.score(batch, explain=self.pictures == "all", components=self.pictures == "all")
         # the score's own z (sigmoid(z) = score): it keeps the order at the top of the list, where the
         # 0..1 score saturates (a z of 7 and one of 12 both print as 1.000)
-        zs = self.model.calibrated(result.components)[1].numpy() if len(scores) else scores
+        scores, raws, zs = result.scores, result.raw, result.z
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         explain = range(len(images)) if self.pictures == "all" else (
             np.flatnonzero((scores >= threshold) | self._dicom(records)) if self.pictures == "flagged" else [])
         if self.pictures == "flagged" and len(explain):  # the gradient pass for the flagged images only
-            result = score_arrays(self.model, batch[explain], batch_size=len(explain), explain=True)
+            result = self.engine.score(batch[explain], explain=True, components=True)
         if len(explain):
-            maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps.numpy(),
-                                                           result.residual_maps.numpy(), strict=True), strict=True))
+            maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps, result.residual_maps,
+                                                           strict=True), strict=True))
         scored_at = now()
         rows, pictures = [], []
         for index, (record, image, score, raw, z) in enumerate(zip(records, images, scores, raws, zs, strict=True)):
@@ -164,7 +160,7 @@ class BatchScorer:
                 path = self._picture_path(record)
                 caption = picture_caption(record, float(score), threshold, self.provenance, float(z))
                 pictures.append((path, PictureJob(self._as_seen(image), explanation, residual, caption,
-                                                  self.model.cfg.score_kind, self._aspect(record))))
+                                                  self.engine.score_kind, self._aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either
                 pictures.append((self._picture_path(record), None))
@@ -191,14 +187,14 @@ class BatchScorer:
     def _as_seen(self, image: np.ndarray) -> np.ndarray:
         """The (128, 128) uint8 film as the model saw it: outside a thorax field's window, mid grey (a
         thorax box was cut when the film was read)."""
-        if self.model.cfg.field != "thorax":
+        if self.engine.field_mask is None:
             return image
-        return np.where(self.model.field_mask.cpu().numpy() > 0, image, 128).astype(np.uint8)
+        return np.where(self.engine.field_mask, image, 128).astype(np.uint8)
 
     def _aspect(self, record: ImageRecord) -> float:
         """The width/height of what the model was given before it was squashed to its square: the
         film, or a thorax-box model's box of it (1 when unknown)."""
-        crop = self.model.cfg.crop
+        crop = self.engine.crop
         box = (crop[2] - crop[0]) / (crop[3] - crop[1]) if crop else 1.0
         return _aspect(record) * box
 
@@ -281,12 +277,12 @@ def _aspect(record: ImageRecord) -> float:
     return record.columns / record.rows if record.rows and record.columns else 1.0
 
 
-def load_model_for_scoring(model_dir: Path, device_name: str) -> SimSID:
-    """Import torch, pick the device and load (and verify) the weights: run in a thread."""
-    from radscan.model.io import load_model
-    from radscan.model.runtime import resolve_device
+def load_model_for_scoring(model_dir: Path, device_name: str) -> Engine:
+    """Load (and verify) the model's engine: torch on the device, or ONNX Runtime for an exported
+    model (radscan.model.engine). Run in a thread: it imports torch or ONNX Runtime."""
+    from radscan.model.engine import load_engine
 
-    return load_model(model_dir, resolve_device(device_name))[0]
+    return load_engine(model_dir, device_name)[0]
 
 
 def _write_picture(path: Path, picture: PictureJob | FilmPicture | bytes) -> None:

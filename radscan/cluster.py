@@ -97,11 +97,8 @@ class _ModelPlugin(WorkerPlugin):
         self.error: BaseException | None = None
 
     def setup(self, worker: Any = None) -> None:
-        import torch
-
-        from radscan.model.io import load_model
-        from radscan.model.metadata import read_metadata
-        from radscan.model.runtime import resolve_device
+        from radscan.model.engine import load_engine
+        from radscan.model.metadata import is_exported, read_metadata
         from radscan.qc import quality_control
 
         where = f"Dask worker {getattr(worker, 'address', '?')}"
@@ -110,8 +107,8 @@ class _ModelPlugin(WorkerPlugin):
                 raise UnavailableError(f"{where} runs radscan {_versions()[0]} (preprocessing {_versions()[1]}), the "
                                        f"driver {self.versions[0]} ({self.versions[1]}): install the same radscan on "
                                        "every worker")
-            # as many torch threads as the worker runs tasks (one per core: --nthreads 1 --nworkers N)
-            torch.set_num_threads(self.torch_threads or max(1, int(getattr(worker, "nthreads", 1) or 1)))
+            # as many threads as the worker runs tasks (one per core: --nthreads 1 --nworkers N)
+            threads = self.torch_threads or max(1, int(getattr(worker, "nthreads", 1) or 1))
             directory = Path(self.model_dir)
             if not directory.is_dir():
                 raise ModelError(f"{where} cannot see the model {directory}: it must be on storage every worker "
@@ -120,7 +117,11 @@ class _ModelPlugin(WorkerPlugin):
             if metadata["weights"]["sha256"] != self.sha256:
                 raise ModelError(f"the model at {directory} on {where} is not the driver's (sha256 "
                                  f"{metadata['weights']['sha256'][:12]}... instead of {self.sha256[:12]}...)")
-            self.model = load_model(directory, resolve_device(self.device))[0]
+            if not is_exported(metadata):  # an exported model's ONNX Runtime takes its threads when it loads
+                import torch
+
+                torch.set_num_threads(threads)
+            self.model = load_engine(directory, self.device, threads)[0]
             self.qc = quality_control(directory, metadata, self.qc_mode, self.views)
         except ModelError as exc:
             self.error = ModelError(exc.message if exc.message.startswith(where) else f"{where}: {exc.message}")

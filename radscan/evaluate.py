@@ -20,9 +20,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from radscan.ingest import check_outputs_apart, load_images
-from radscan.model.io import load_model
+from radscan.model.engine import load_engine
 from radscan.model.metadata import ModelIdentity
-from radscan.model.runtime import resolve_device, score_arrays
 from radscan.policy import Policy, for_model
 from radscan.report import CsvStream, atomic_output
 
@@ -96,8 +95,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     policy = policy or Policy()
     outputs = [roc_png, out_dir]
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
-    torch_device = resolve_device(device)
-    loaded = [load_model(Path(model_dir), torch_device) for model_dir in model_dirs]  # verify all before reading
+    loaded = [load_engine(Path(model_dir), device) for model_dir in model_dirs]  # verify all before reading
     readings = [for_model(policy, metadata) for _, metadata in loaded]  # how each model reads films (its box)
     read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
     for reading in readings:
@@ -109,16 +107,17 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     _, normal_names, abnormal_names = next(iter(read.values()))
     labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
     results, all_scores = [], []
-    for model_dir, (model, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
+    for model_dir, (engine, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
         images = read[reading][0]
-        scores = score_arrays(model, images, batch_size, torch_device).scores.double().numpy()
+        scores = np.concatenate([engine.score(images[start:start + batch_size], components=False).scores
+                                 for start in range(0, len(images), batch_size)]).astype(np.float64)
         all_scores.append(scores)
         results.append({
             "model": str(model_dir), **ModelIdentity.of(metadata).provenance(), "normal": len(normal_names),
             "abnormal": len(abnormal_names),
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),
-            "at_model_threshold": metrics_at(labels, scores, float(model.threshold)),
+            "at_model_threshold": metrics_at(labels, scores, float(engine.threshold)),
             "at_best_accuracy_threshold_on_this_set": metrics_at(labels, scores,
                                                                  _best_accuracy_threshold(labels, scores)),
         })

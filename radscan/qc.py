@@ -482,11 +482,12 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
     """The QC step for a model: its verified QC reference and training population (ModelError, exit
     65, if the reference does not check out). A model made without a reference gets the header and
     contrast checks only, with a warning."""
-    from radscan.model.metadata import check_sealed_extras, read_sealed
+    from radscan.model.metadata import check_sealed_extras, is_exported, read_sealed
 
     reference = None
     if mode != "off":
-        check_sealed_extras(read_sealed(model_dir), metadata)
+        if not is_exported(metadata):  # an export's graphs are checked as its engine loads, before any score
+            check_sealed_extras(read_sealed(model_dir), metadata)
         reference = load_reference(model_dir, metadata)
         if reference is None:
             log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "

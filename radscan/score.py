@@ -57,6 +57,7 @@ from radscan.ingest import (
     find_files,
     iter_ingested,
 )
+from radscan.model.engine import import_engine
 from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
@@ -162,13 +163,13 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
              identity.name, identity.version, identity.sha256[:12])
 
-    # torch and the model code are imported here, before any other thread of the run starts, and the
-    # loading thread only reads the weights: a Ctrl-C that lands inside Python's import machinery
-    # while a second thread imports (the loader, importing torch) can leave the import lock held and
-    # hang the run instead of stopping it (seen, 1 in 7 runs interrupted in their first 2 s)
+    # torch (or, for an exported model, ONNX Runtime) and the model code are imported here, before any
+    # other thread of the run starts, and the loading thread only reads the weights: a Ctrl-C that lands
+    # inside Python's import machinery while a second thread imports (the loader, importing torch) can
+    # leave the import lock held and hang the run instead of stopping it (seen, 1 in 7 runs interrupted
+    # in their first 2 s)
     with _ctrl_c_deferred():  # and not inside torch's C++ start-up, which aborts on it (exit 134)
-        import radscan.model.io
-        import radscan.model.runtime  # noqa: F401
+        import_engine(metadata)
 
     with hold_lock(outputs.lock) as lock, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:

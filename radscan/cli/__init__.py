@@ -19,7 +19,7 @@ import click
 
 from radscan import __version__
 from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, log, read_settings
-from radscan.cli.models import calibrate, evaluate, info, report, train
+from radscan.cli.models import calibrate, evaluate, export, info, report, train
 from radscan.cli.scoring import scan, score
 
 __all__ = ["cli", "main"]
@@ -93,7 +93,7 @@ def _setting(param: click.Parameter, value: object) -> object:
     return value
 
 
-for _command in (scan, train, info, score, evaluate, calibrate, report):  # in the order --help lists them
+for _command in (scan, train, info, score, evaluate, calibrate, report, export):  # in the order --help lists them
     cli.add_command(_command)
 
 

@@ -200,11 +200,11 @@ def info(model_dir: Path | None, as_json: bool) -> None:
       radscan info
       radscan info models/site-2026 --json
     """
-    from radscan.model.io import load_model
+    from radscan.model.engine import load_engine
     from radscan.qc import load_reference
 
     model_dir = model_dir or model_in_use()
-    _, metadata = load_model(model_dir)
+    _, metadata = load_engine(model_dir, "cpu")
     reference = load_reference(model_dir, metadata)
     if as_json:
         echo_json(metadata)
@@ -226,7 +226,9 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"{training.get('minutes')} min on {training.get('device')}"
         + (f"; kept {training['shipped']}" if str(training.get("shipped", "last epoch")) != "last epoch" else ""),
         *_describe_metrics(metadata.get("metrics", {})),
-        f"weights sha256  {metadata['weights']['sha256']}",
+        f"weights sha256  {metadata['weights']['sha256']}" + (
+            f" ({metadata['weights'].get('file')}, ONNX Runtime; exported from the weights "
+            f"{metadata.get('exported_from', {}).get('sha256', '?')[:12]}...)" if metadata.get("engine") else ""),
         "use             research and triage support only, not a diagnosis",
     ]
     click.echo("\n".join(lines))
@@ -388,3 +390,28 @@ def report(model_dir: Path, out: Path | None, as_json: bool) -> None:
         echo_json({"report": str(page)})
     else:
         click.echo(f"training report: {page}", err=True)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the exported model (new or empty).")
+@json_option
+def export(model_dir: Path, out: Path, as_json: bool) -> None:
+    """Export a model for ONNX Runtime: a model directory that `radscan score`, `scan`, `info` and
+    `evaluate` use without importing torch (ONNX Runtime: pip install 'radscan[onnx]'), with the
+    same scores (within 1e-6) and maps, sealed and verified like the weights. Models whose score is
+    the feature density (the default) only; training and `radscan calibrate` need the torch model.
+
+    \b
+    Example:
+      radscan export models/kermany-tiny --out models/kermany-tiny-onnx
+      radscan score /data/incoming --out report.csv --model models/kermany-tiny-onnx
+    """
+    from radscan.model.export import export_model
+
+    summary = export_model(model_dir, out)
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"exported for ONNX Runtime ({summary['bytes'] / 1e6:.1f} MB) -> {summary['model']}", err=True)

@@ -62,7 +62,8 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
       radscan scan /data/incoming --out inventory.csv --previews previews/
       radscan scan /data/incoming --out inventory.csv --qc off --modalities all
     """
-    from radscan.model.metadata import read_metadata, verify_without_loading
+    from radscan.model.engine import verify_files
+    from radscan.model.metadata import read_metadata
     from radscan.policy import for_model
     from radscan.scan import scan as run_scan
     from radscan.score import default_model_dir
@@ -71,7 +72,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
     if model is not None or qc_mode != "off":  # read films as that model does: a thorax-box model's box
         model_dir = model or default_model_dir()
         metadata = read_metadata(model_dir)
-        verify_without_loading(model_dir, metadata)
+        verify_files(model_dir, metadata)
         policy = for_model(policy, metadata)
         qc = quality_control(model_dir, metadata, qc_mode, parse_list(views)) if qc_mode != "off" else None
     summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc,

@@ -7,7 +7,7 @@ from typing import Any
 
 from radscan.preprocess import is_box
 
-__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "FIELDS"]
+__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "COMPONENTS", "FIELDS"]
 
 # The anomaly scores a model can report (high = anomalous), each z-scored on held-out normals.
 SCORE_KINDS: dict[str, str] = {
@@ -20,6 +20,10 @@ SCORE_KINDS: dict[str, str] = {
                "the same region in the training normals (PaDiM-style), averaged over the regions: one "
                "discriminator pass, and a map of the regions that raise it",
 }
+
+# the columns of every kind's raw score (ScoreResult.components, the exported explain graph's output), in
+# SCORE_KINDS order; models saved before "density" have three (radscan.model.io pads them)
+COMPONENTS = tuple(SCORE_KINDS)
 
 # What the networks see of a film (radscan.model.field).
 FIELDS: dict[str, str] = {

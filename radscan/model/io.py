@@ -27,6 +27,7 @@ from radscan.model.metadata import (
     METADATA_FILE,
     WEIGHTS_FILE,
     check_sealed_extras,
+    is_exported,
     read_metadata,
     read_verified,
     sealed_extras,
@@ -86,6 +87,11 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     Raises ModelError (exit 65) with a one-line reason for anything that does not check out."""
     directory = Path(directory)
     metadata = read_metadata(directory)
+    if is_exported(metadata):
+        source = metadata.get("exported_from") or {}
+        raise ModelError(f"{directory} is a model exported for ONNX Runtime (radscan export): it scores, but "
+                         "training and calibration need the torch model it was exported from (version "
+                         f"{source.get('version')}, weights sha256 {str(source.get('sha256'))[:12]}...)")
     if metadata.get("preprocess_version") != PREPROCESS_VERSION:
         raise ModelError(
             f"model made for preprocessing {metadata.get('preprocess_version')!r}, but this radscan "

@@ -11,13 +11,23 @@ from typing import Any
 
 from radscan.errors import ModelError
 
-__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "read_metadata", "sha256_file", "read_verified",
+__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS", "is_exported",
+           "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
            "ModelIdentity"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+SEAL_KEY = "radscan"  # where the settings are sealed: the safetensors header, an ONNX graph's metadata
+# an exported model (radscan.model.export): model.json's "engine", and its graphs' files
+ONNX_ENGINE = "onnxruntime"
+ONNX_GRAPHS = {"score": "score.onnx", "explain": "explain.onnx"}
+
+
+def is_exported(metadata: dict[str, Any]) -> bool:
+    """Whether a model directory scores with ONNX Runtime (radscan export) rather than torch."""
+    return metadata.get("engine") == ONNX_ENGINE
 
 
 def sha256_file(path: Path) -> str:
@@ -54,7 +64,7 @@ def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
     return {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
 
 
-def sealed_settings(header: bytes, key: str = "radscan") -> dict[str, Any]:
+def sealed_settings(header: bytes, key: str = SEAL_KEY) -> dict[str, Any]:
     """The settings sealed under `key` in a safetensors file's header (pass at least its first
     8 + n bytes, or the whole file), or {}."""
     try:
@@ -171,7 +181,7 @@ def verify_without_loading(directory: Path, metadata: dict[str, Any]) -> None:
     """What load_model verifies of the files, without torch and without loading the weights, for
     commands that use a model's settings but not its network (`radscan scan`): the weights file's
     sha256 is the one model.json names, and the settings sealed in it are model.json's. Raises
-    ModelError (exit 65) otherwise."""
+    ModelError (exit 65) otherwise. An exported model's graphs: radscan.model.engine.verify_files."""
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"weights file missing: {weights}")

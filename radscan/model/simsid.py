@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radscan.model.config import SimSIDConfig
+from radscan.model.config import COMPONENTS, SimSIDConfig
 from radscan.model.density import FeatureDensity, upsample_regions
 from radscan.model.memory import MemoryBank, SpaceAwareMemory
 
@@ -316,8 +316,6 @@ class ScoreResult(NamedTuple):
     components: torch.Tensor  # (B, 4) raw scores of every kind, columns in COMPONENTS order (NaN: not computed)
 
 
-# the columns of ScoreResult.components; models saved before "density" have three (radscan.model.io pads them)
-COMPONENTS = ("critic", "seed", "residual", "density")
 
 # Images per model call when scoring: CPU, GPU (larger chunks keep a GPU busy).
 _SCORE_CHUNK = (16, 128)
@@ -398,7 +396,7 @@ class SimSID(nn.Module):
 
         Test-time views: one film seen four ways is judged more steadily than one view (validation
         AUC 0.886 -> 0.960 for the shipped model, docs/research-log.md "Ablation")."""
-        step = round(self.cfg.critic_view_shift * images.shape[-1])
+        step = round(self.cfg.critic_view_shift * int(images.shape[-1]))  # int(): a plain number when traced
         if step == 0:
             return [images]
         padded = F.pad(images, (step, step, step, step), value=-1.0)  # -1 is black

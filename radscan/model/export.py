@@ -1,0 +1,155 @@
+"""`radscan export`: a model directory that scores with ONNX Runtime instead of torch.
+
+A density-score model (the default) needs no gradient to score or to explain: its score and its
+map are the region distances of one discriminator pass, so both can be written as ONNX graphs
+(opset 18, the TorchScript exporter). Two graphs, as torch runs two paths
+(SimSID._score_chunk): `score.onnx` computes only what the score needs (the raw density, its
+calibrated z, the region map), `explain.onnx` everything a picture and the worklist show (every
+score kind's raw value, the reconstruction difference). Both take a chunk of CHUNK films, (CHUNK,
+128, 128) uint8, as torch scores them in chunks of that size (radscan.model.runtime pads the last
+one): so a film's result does not depend on what else is in its batch.
+
+The graphs carry the settings that change a result (format, preprocessing version, model
+settings, threshold, QC reference and population) sealed in their metadata, and model.json
+names their sha256: radscan.model.engine refuses a graph that was altered or a model.json that
+was edited, as load_model does for the weights. Kinds whose map is a gradient (critic, seed,
+residual) and the `thorax` field (whose picture needs the field's mask) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radscan.errors import ModelError, OutputError, SettingError
+from radscan.model.io import load_model
+from radscan.model.metadata import (
+    FORMAT,
+    METADATA_FILE,
+    ONNX_ENGINE,
+    ONNX_GRAPHS,
+    SEAL_KEY,
+    WEIGHTS_FILE,
+    sealed_extras,
+    sha256_file,
+)
+from radscan.model.simsid import COMPONENTS, SimSID
+from radscan.preprocess import PREPROCESS_VERSION
+from radscan.report import FILE_MODE, atomic_output
+
+__all__ = ["export_model", "CHUNK", "OPSET"]
+
+CHUNK = 16  # films per graph call: the CPU chunk of SimSID.score, so that results match torch's
+OPSET = 18
+
+
+class _ScoreGraph(torch.nn.Module):
+    """uint8 films (CHUNK, 128, 128) -> raw density (CHUNK,), its z (CHUNK,), region map (CHUNK, 128, 128)."""
+
+    def __init__(self, model: SimSID):
+        super().__init__()
+        self.model = model
+
+    def forward(self, films: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = self.model.restrict((films.float() / 127.5 - 1.0).unsqueeze(1))
+        regions = self.model.density_regions(images)
+        raw = self.model.density_score(regions)
+        column = COMPONENTS.index("density")
+        z = (raw - self.model.calibration_mean[column]) / self.model.calibration_std[column]
+        return raw, z, self.model.density_map(regions)
+
+
+class _ExplainGraph(torch.nn.Module):
+    """uint8 films -> raw scores of every kind (CHUNK, 4), the density's z, its region map, and the
+    smoothed reconstruction difference (CHUNK, 128, 128)."""
+
+    def __init__(self, model: SimSID):
+        super().__init__()
+        self.model = model
+
+    def forward(self, films: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = self.model.restrict((films.float() / 127.5 - 1.0).unsqueeze(1))
+        components, residual, regions = self.model.raw_scores(images)
+        z = self.model.calibrated(components)[1]
+        return components, z, self.model.density_map(regions), self.model.smooth(residual, self.model.blur_kernel)
+
+
+_OUTPUTS = {"score": ["raw", "z", "map"], "explain": ["components", "z", "map", "residual"]}
+
+
+def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Write `model_dir`'s model as ONNX graphs into `out_dir` (a new or empty folder), with its QC
+    reference, model card and reports, and a model.json that names the graphs and their sha256.
+    Returns the export's summary (paths, sizes, the largest difference from torch on random films).
+
+    Raises ModelError (65) for a model that does not verify, SettingError (2) for a score kind or
+    field the graphs cannot compute, or an `out_dir` that holds something, OutputError (73) when
+    it cannot be written."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, metadata = load_model(model_dir)
+    config = model.cfg
+    if config.score_kind != "density" or model.density is None:
+        raise SettingError(f"radscan export writes models whose score is the feature density (the default); "
+                           f"{model_dir} scores with {config.score_kind!r}, whose map needs a gradient: score it "
+                           "with torch")
+    if config.field == "thorax":
+        raise SettingError(f"{model_dir} sees the thorax field of its mean film (--field thorax): export supports "
+                           "the whole film and the thorax box")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SettingError(f"{out_dir} is not an empty folder: radscan export never overwrites a model; choose "
+                           "another --out")
+    seal = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION, "config": config.to_dict(),
+                       "threshold": float(model.threshold), **sealed_extras(metadata)}, sort_keys=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        graphs = {name: _write_graph(graph(model).eval(), out_dir / ONNX_GRAPHS[name], seal)
+                  for name, graph in (("score", _ScoreGraph), ("explain", _ExplainGraph))}
+        for name in sorted(os.listdir(model_dir)):  # the QC reference, the card, the reports, the split
+            source = model_dir / name
+            if name not in (WEIGHTS_FILE, METADATA_FILE) and source.is_file() and not name.startswith("."):
+                shutil.copy2(source, out_dir / name)
+        exported = {**{k: v for k, v in metadata.items() if k != "weights"}, "engine": ONNX_ENGINE,
+                    "weights": {"file": ONNX_GRAPHS["score"], "sha256": graphs["score"]["sha256"],
+                                "bytes": graphs["score"]["bytes"]},
+                    "onnx": {"opset": OPSET, "chunk": CHUNK, "explain": {"file": ONNX_GRAPHS["explain"],
+                                                                          **graphs["explain"]}},
+                    "exported_from": {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"],
+                                      "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                      "torch": torch.__version__}}
+        with atomic_output(out_dir / METADATA_FILE, "w") as handle:
+            json.dump(exported, handle, indent=2)
+    except OSError as exc:
+        raise OutputError(f"cannot write the exported model to {out_dir}: {exc.strerror or exc}") from None
+    return {"model": str(out_dir), "engine": ONNX_ENGINE, "graphs": {k: str(out_dir / ONNX_GRAPHS[k]) for k in graphs},
+            "bytes": sum(g["bytes"] for g in graphs.values())}
+
+
+def _write_graph(graph: torch.nn.Module, path: Path, seal: str) -> dict[str, Any]:
+    """Export `graph` on a chunk of films, seal the settings into its metadata, write it atomically."""
+    import onnx
+
+    films = torch.randint(0, 256, (CHUNK, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tmp = path.with_name(f".{path.name}.export")
+    names = _OUTPUTS["score" if isinstance(graph, _ScoreGraph) else "explain"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes taken as constants: the chunk is fixed
+        torch.onnx.export(graph, (films,), str(tmp), input_names=["films"], output_names=names,
+                          opset_version=OPSET, dynamo=False)
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = SEAL_KEY, seal
+    tmp.unlink()
+    with atomic_output(path, "wb") as handle:
+        handle.write(proto.SerializeToString())
+    os.chmod(path, FILE_MODE)
+    if not path.stat().st_size:
+        raise ModelError(f"the exported graph {path} is empty")
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}

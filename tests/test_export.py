@@ -1,0 +1,127 @@
+"""`radscan export` and scoring without torch (issue 24 part 1): the exported shipped model gives
+torch's scores, z and maps on the examples and on the official test split, `radscan score`,
+`scan`, `info` and `evaluate` use it, and a graph or a model.json that was altered is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from radscan.cli import cli
+from radscan.errors import ExitCode
+from radscan.ingest import load_images
+from radscan.model.engine import load_engine
+from radscan.model.metadata import read_metadata
+from radscan.policy import Policy, for_model
+
+from .conftest import CXR_DIR, REPO
+
+pytest.importorskip("onnxruntime", reason="needs radscan[onnx]: pip install -e '.[dev]'")
+pytest.importorskip("onnx", reason="needs radscan[onnx]: pip install -e '.[dev]'")
+
+SHIPPED = REPO / "models" / "kermany-tiny"
+EXAMPLES = REPO / "examples" / "studies"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "kermany-tiny-onnx"
+    result = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["engine"] == "onnxruntime"
+    return out
+
+
+def test_the_export_scores_and_explains_as_torch_does(exported):
+    """Same scores and z within 1e-4, the same order, the same maps (to 1e-4 of the map's scale) on the
+    test split's films and the examples, whichever path (score only, with maps, with every kind)."""
+    films = load_images([str(CXR_DIR / "kermany_pediatric_224/test_normal"), str(CXR_DIR / "kermany_pediatric_224/"
+                        "test_abnormal"), str(EXAMPLES)], for_model(Policy(), read_metadata(SHIPPED)), workers=2,
+                        progress=False)[0]
+    torch_engine, onnx_engine = load_engine(SHIPPED, "cpu")[0], load_engine(exported)[0]
+    assert onnx_engine.threshold == torch_engine.threshold
+    first = torch_engine.score(films, components=False).scores, onnx_engine.score(films, components=False).scores
+    assert len(films) > 600 and np.abs(first[0] - first[1]).max() <= 1e-4
+    assert (np.argsort(-first[0], kind="stable") == np.argsort(-first[1], kind="stable")).all()
+    some = films[::40]  # 16 films or so: the full path is three networks
+    for explain, components in ((True, False), (True, True)):
+        a, b = torch_engine.score(some, explain, components), onnx_engine.score(some, explain, components)
+        for field in ("scores", "z"):
+            assert np.abs(getattr(a, field) - getattr(b, field)).max() <= 1e-4, field
+        assert np.abs(a.explanation_maps - b.explanation_maps).max() <= 30 * 1e-4  # the picture's scale: 0-30 z
+        assert a.explanation_maps.max() > 1  # maps with something in them were compared
+        assert np.abs(a.residual_maps - b.residual_maps).max() <= 1e-4
+
+
+def test_score_scan_info_and_evaluate_use_it_without_importing_torch(exported, tmp_path):
+    program = f"""
+import json, sys
+from click.testing import CliRunner
+from radscan.cli import cli
+runner = CliRunner()
+score = runner.invoke(cli, ["score", {str(EXAMPLES)!r}, "--out", {str(tmp_path / "onnx" / "report.csv")!r},
+                            "--model", {str(exported)!r}, "--workers", "1", "--json"])
+scan = runner.invoke(cli, ["scan", {str(EXAMPLES)!r}, "--out", {str(tmp_path / "inventory.csv")!r},
+                           "--model", {str(exported)!r}, "--workers", "1"])
+info = runner.invoke(cli, ["info", {str(exported)!r}])
+evaluate = runner.invoke(cli, ["evaluate", "--normal", {str(EXAMPLES / "ped-normal-01")!r},
+                               "--normal", {str(EXAMPLES / "ped-normal-02")!r},
+                               "--abnormal", {str(EXAMPLES / "ped-pneumonia-01")!r},
+                               "--model", {str(exported)!r}, "--workers", "1", "--json"])
+print(json.dumps({{"codes": [score.exit_code, scan.exit_code, info.exit_code, evaluate.exit_code],
+                  "torch": "torch" in sys.modules, "info": info.stdout, "errors": [score.output[-300:]]}}))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, timeout=600)
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["codes"] == [0, 0, 0, 0], outcome
+    assert outcome["torch"] is False  # the scoring path of an exported model never imports torch
+    assert "ONNX Runtime" in outcome["info"]
+    assert CliRunner().invoke(cli, ["score", str(EXAMPLES), "--out", str(tmp_path / "torch" / "report.csv"),
+                                    "--model", str(SHIPPED), "--workers", "1"]).exit_code == 0
+    rows = {side: {row["path"]: row for row in csv.DictReader(open(tmp_path / side / "report.csv", encoding="utf-8"))}
+            for side in ("onnx", "torch")}
+    assert rows["onnx"].keys() == rows["torch"].keys()
+    for path, row in rows["onnx"].items():
+        other = rows["torch"][path]
+        assert abs(float(row["score"]) - float(other["score"])) <= 1e-4 and row["rank"] == other["rank"], path
+        assert row["flag"] == other["flag"] and bool(row["residual_png"]) == bool(other["residual_png"])
+
+
+def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path):
+    import shutil
+
+    for damage in ("graph", "threshold", "qc"):
+        copy = tmp_path / damage
+        shutil.copytree(exported, copy)
+        if damage == "graph":
+            data = bytearray((copy / "explain.onnx").read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            (copy / "explain.onnx").write_bytes(bytes(data))
+        else:
+            metadata = json.loads((copy / "model.json").read_text())
+            if damage == "threshold":
+                metadata["calibration"]["threshold"] = 0.99
+            else:
+                del metadata["qc"]
+            (copy / "model.json").write_text(json.dumps(metadata))
+        result = CliRunner().invoke(cli, ["score", str(EXAMPLES), "--out", str(tmp_path / f"out-{damage}" / "out.csv"),
+                                          "--model", str(copy), "--workers", "1"])
+        assert result.exit_code == ExitCode.DATA, (damage, result.output)
+        assert ("sha256" in result.stderr) if damage == "graph" else ("edited" in result.stderr), result.stderr
+
+
+def test_what_export_cannot_do_is_refused_in_words(exported, tiny_model, tmp_path):
+    critic = CliRunner().invoke(cli, ["export", str(tiny_model), "--out", str(tmp_path / "critic")])
+    assert critic.exit_code == ExitCode.USAGE and "needs a gradient" in critic.stderr
+    again = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(exported)])
+    assert again.exit_code == ExitCode.USAGE and "never overwrites" in again.stderr
+    calibrate = CliRunner().invoke(cli, ["calibrate", str(exported), "--normals", str(EXAMPLES / "ped-normal-01"),
+                                         "--out", str(tmp_path / "cal")])
+    assert calibrate.exit_code == ExitCode.DATA and "need the torch model it was exported from" in calibrate.stderr
