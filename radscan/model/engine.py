@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError, SettingError
-from radscan.model.config import COMPONENTS, SimSIDConfig
+from radscan.model.config import SimSIDConfig
 from radscan.model.metadata import (
     FORMAT,
     METADATA_FILE,
@@ -128,11 +128,8 @@ class OnnxEngine(Engine):
         parts = [self.sessions[name].run(None, {"films": padded[start:start + self.chunk]})
                  for start in range(0, len(padded), self.chunk)]
         columns = [np.concatenate(column)[:count] for column in zip(*parts, strict=True)]
-        if name == "explain":
-            every_kind, z, maps, residual = columns
-            raw = every_kind[:, COMPONENTS.index("density")]
-        else:
-            (raw, z, maps), residual = columns, empty
+        raw, z, maps = columns[:3]
+        residual = columns[3] if name == "explain" else empty
         return Scores(_sigmoid(z), z.astype(np.float32), raw.astype(np.float32), maps if explain else empty,
                       residual)
 

@@ -4,8 +4,8 @@ A density-score model (the default) needs no gradient to score or to explain: it
 map are the region distances of one discriminator pass, so both can be written as ONNX graphs
 (opset 18, the TorchScript exporter). Two graphs, as torch runs two paths
 (SimSID._score_chunk): `score.onnx` computes only what the score needs (the raw density, its
-calibrated z, the region map), `explain.onnx` everything a picture and the worklist show (every
-score kind's raw value, the reconstruction difference). Both take a chunk of CHUNK films, (CHUNK,
+calibrated z, the region map), `explain.onnx` that and the reconstruction difference a picture
+shows beside the map. Both take a chunk of CHUNK films, (CHUNK,
 128, 128) uint8, as torch scores them in chunks of that size (radscan.model.runtime pads the last
 one): so a film's result does not depend on what else is in its batch.
 
@@ -50,6 +50,19 @@ CHUNK = 16  # films per graph call: the CPU chunk of SimSID.score, so that resul
 OPSET = 18
 
 
+def _model_input(model: SimSID, films: torch.Tensor) -> torch.Tensor:
+    """(B, 128, 128) uint8 -> (B, 1, 128, 128) in [-1, 1] in the model's field (to_model_tensor, restrict)."""
+    return model.restrict((films.float() / 127.5 - 1.0).unsqueeze(1))
+
+
+def _density(model: SimSID, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw density score (B,), its calibrated z (B,) and its region map (B, 128, 128)."""
+    regions = model.density_regions(images)
+    raw = model.density_score(regions)
+    column = COMPONENTS.index("density")
+    return raw, (raw - model.calibration_mean[column]) / model.calibration_std[column], model.density_map(regions)
+
+
 class _ScoreGraph(torch.nn.Module):
     """uint8 films (CHUNK, 128, 128) -> raw density (CHUNK,), its z (CHUNK,), region map (CHUNK, 128, 128)."""
 
@@ -58,30 +71,28 @@ class _ScoreGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, films: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        images = self.model.restrict((films.float() / 127.5 - 1.0).unsqueeze(1))
-        regions = self.model.density_regions(images)
-        raw = self.model.density_score(regions)
-        column = COMPONENTS.index("density")
-        z = (raw - self.model.calibration_mean[column]) / self.model.calibration_std[column]
-        return raw, z, self.model.density_map(regions)
+        return _density(self.model, _model_input(self.model, films))
 
 
 class _ExplainGraph(torch.nn.Module):
-    """uint8 films -> raw scores of every kind (CHUNK, 4), the density's z, its region map, and the
-    smoothed reconstruction difference (CHUNK, 128, 128)."""
+    """uint8 films -> what a picture adds to the score: the raw density (CHUNK,), its z, its region map,
+    and the smoothed reconstruction difference (CHUNK, 128, 128) of the student generator (the
+    picture's second panel). The other kinds' raw values (torch's `components`) are not exported:
+    nothing an exported model writes uses them, and their critics would double the graph."""
 
     def __init__(self, model: SimSID):
         super().__init__()
         self.model = model
 
     def forward(self, films: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        images = self.model.restrict((films.float() / 127.5 - 1.0).unsqueeze(1))
-        components, residual, regions = self.model.raw_scores(images)
-        z = self.model.calibrated(components)[1]
-        return components, z, self.model.density_map(regions), self.model.smooth(residual, self.model.blur_kernel)
+        images = _model_input(self.model, films)
+        raw, z, regions_map = _density(self.model, images)
+        student = self.model.generate(images, with_teacher=False).student
+        residual = (images - student).abs().squeeze(1)
+        return raw, z, regions_map, self.model.smooth(residual, self.model.blur_kernel)
 
 
-_OUTPUTS = {"score": ["raw", "z", "map"], "explain": ["components", "z", "map", "residual"]}
+_OUTPUTS = {"score": ["raw", "z", "map"], "explain": ["raw", "z", "map", "residual"]}
 
 
 def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
