@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(INDEX) "$(TORCH)"
-	$(PY) -m pip install --quiet -e '.[codecs]'
+	$(PY) -m pip install --quiet -e '.[torch,codecs]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -21,12 +21,14 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from radscan.report import atomic_output
+
+if TYPE_CHECKING:  # torch only where a model is drawn: `radscan report` redraws from files without it
+    import torch
 
 __all__ = ["reconstruction_fidelity", "draw_samples", "write_training_report", "CALIBRATION_SCORES_FILE",
            "SAMPLES_FILE"]
@@ -47,6 +49,8 @@ def reconstruction_fidelity(inputs: torch.Tensor, reconstructions: torch.Tensor)
     histograms (HISTOGRAM_BINS bins over 0..1, pooled over the batch, +1e-6 smoothing), for
     (B, 1, H, W) tensors in the model range -1..1: how closely, and with which grey levels, the
     generator redraws normal films (the method's report measures both)."""
+    import torch
+
     x, y = ((t.float().clamp(-1, 1) + 1) / 2 for t in (inputs, reconstructions))
     p = torch.histc(x, bins=HISTOGRAM_BINS, min=0.0, max=1.0) + 1e-6
     q = torch.histc(y, bins=HISTOGRAM_BINS, min=0.0, max=1.0) + 1e-6
@@ -59,6 +63,7 @@ def draw_samples(model: Any, images: np.ndarray, path: Path, patch: tuple[int, i
     input, teacher reconstruction, student reconstruction (from the in-painted features; the
     patch grid drawn) and |input - student|; below, the memory slots that patch `patch` (row, column)
     of the first film was read from and their weights."""
+    import torch
     from matplotlib.figure import Figure
 
     from radscan.model.simsid import split_patches, to_model_tensor

@@ -129,6 +129,9 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
       radscan train /data/normals --out models/site-2026
       radscan train /data/normals --out models/try --val-abnormal /data/pneumonia-val --max-minutes 30
     """
+    from radscan.model.engine import require_torch
+
+    require_torch("radscan train")
     from radscan.model.config import preset as make_preset
     from radscan.model.runtime import resolve_device
     from radscan.train import TrainConfig
@@ -352,6 +355,9 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
       radscan calibrate models/kermany-tiny --normals /data/site-normals --out models/site-calibrated
       radscan calibrate models/site-calibrated --normals /data/more-normals --in-place
     """
+    from radscan.model.engine import require_torch
+
+    require_torch("radscan calibrate")
     from radscan.calibration import recalibrate
     from radscan.model.runtime import resolve_device
 
@@ -408,6 +414,9 @@ def export(model_dir: Path, out: Path, as_json: bool) -> None:
       radscan export models/kermany-tiny --out models/kermany-tiny-onnx
       radscan score /data/incoming --out report.csv --model models/kermany-tiny-onnx
     """
+    from radscan.model.engine import require_torch
+
+    require_torch("radscan export")
     from radscan.model.export import export_model
 
     summary = export_model(model_dir, out)

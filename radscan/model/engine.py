@@ -31,7 +31,8 @@ from radscan.model.metadata import (
 )
 from radscan.preprocess import PREPROCESS_VERSION
 
-__all__ = ["Scores", "Engine", "TorchEngine", "OnnxEngine", "load_engine", "import_engine", "verify_files"]
+__all__ = ["Scores", "Engine", "TorchEngine", "OnnxEngine", "load_engine", "import_engine", "require_torch",
+           "verify_files"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,16 @@ def verify_files(directory: Path, metadata: dict[str, Any]) -> None:
         verify_without_loading(directory, metadata)
 
 
+def require_torch(purpose: str) -> None:
+    """SettingError (exit 2) that says how to install torch when it is not installed: an
+    installation with the onnx extra alone scores exported models only."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SettingError(f"{purpose} needs torch, which is not installed here: pip install 'radscan[torch]' "
+                           "(this installation scores models exported for ONNX Runtime: radscan export)") from None
+
+
 def import_engine(metadata: dict[str, Any]) -> None:
     """Import what `load_engine` will need for this model (torch and the model code, or ONNX
     Runtime), so that a caller can do it at a moment of its choosing (radscan.score: before any
@@ -200,6 +211,7 @@ def import_engine(metadata: dict[str, Any]) -> None:
     if is_exported(metadata):
         _onnxruntime()
     else:
+        require_torch(f"the model {metadata.get('name', '')} (torch weights)")
         import radscan.model.io
         import radscan.model.runtime  # noqa: F401
 
@@ -214,6 +226,7 @@ def load_engine(directory: Path, device: str = "auto", threads: int = 0) -> tupl
             raise SettingError(f"an exported model scores with ONNX Runtime on the CPU: --device {device} needs the "
                                "torch model it was exported from")
         return OnnxEngine(Path(directory), metadata, threads), metadata
+    require_torch(f"the model at {directory} (torch weights)")
     from radscan.model.io import load_model
     from radscan.model.runtime import resolve_device
 
