@@ -20,7 +20,7 @@ import click
 from radscan import __version__
 from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, log, read_settings
 from radscan.cli.models import calibrate, evaluate, export, info, report, train
-from radscan.cli.scoring import scan, score
+from radscan.cli.scoring import listen, scan, score
 
 __all__ = ["cli", "main"]
 
@@ -93,7 +93,8 @@ def _setting(param: click.Parameter, value: object) -> object:
     return value
 
 
-for _command in (scan, train, info, score, evaluate, calibrate, report, export):  # in the order --help lists them
+# added in this order (--help sorts them)
+for _command in (scan, train, info, score, listen, evaluate, calibrate, report, export):
     cli.add_command(_command)
 
 

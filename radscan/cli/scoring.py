@@ -14,6 +14,7 @@ import click
 from radscan.cli.common import (
     EXIT_CODES_HELP,
     INPUT_PATH,
+    FiniteFloatRange,
     device_option,
     echo_json,
     failure,
@@ -90,55 +91,68 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
         ctx.exit(ExitCode.PARTIAL)
 
 
+def run_options(command: Callable) -> Callable:
+    """The options of a scoring run (outputs, model, pictures, PHI, DICOM results, metrics, QC,
+    selection): shared by `score` and `listen`, which run the same job."""
+    for option in reversed(_RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
+_RUN_OPTIONS = [
+    click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Image-level worklist CSV (replaced atomically). The study CSV, explanation PNGs, state "
+                      "store and lock go beside it."),
+    model_option,
+    click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True),
+    device_option,
+    click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
+                 help="Folder for the explanation PNGs (score map and reconstruction difference) "
+                      "[default: <out>_residuals/]."),
+    click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass)."),
+    click.option("--pictures", type=click.Choice(["all", "flagged"]), default="flagged", show_default=True,
+                 help="Which scored images get an explanation picture: only the flagged ones (the rest are scored "
+                      "without the generator and gradient passes: about 2x faster), or all. --no-residuals: none."),
+    click.option("--no-html", is_flag=True,
+                 help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server)."),
+    click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Study-level worklist CSV [default: <out>_studies.csv]."),
+    study_key_option,
+    click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
+                 help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed."),
+    click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY)."),
+    click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
+                 default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
+                 help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600)."),
+    click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                 help="Write DICOM results for the PACS into DIR: per scored DICOM image a Structured Report (score, "
+                      "threshold, flag, model) and a Secondary Capture of its explanation picture, in the source "
+                      "study, marked not for diagnostic use. Needs radscan[pacs] and --phi keep."),
+    click.option("--send", "send_to", metavar="HOST:PORT",
+                 help="Send the DICOM results the PACS has not yet accepted by C-STORE (needs --dicom-out). A failed "
+                      "send keeps them in DIR, says so in the rows, exits 3, and is retried by the next run."),
+    click.option("--ae-title", default="RADSCAN", show_default=True,
+                 help="radscan's own AE title when sending (the PACS must know it)."),
+    click.option("--called-ae", default="ANY-SCP", show_default=True, help="The PACS's AE title."),
+    click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                 help="Also write the run's metrics (exit code, last success, files by status, flagged share, results "
+                      "not sent) to FILE in the Prometheus text format, for node_exporter's textfile collector; "
+                      "written after every run, failed ones too."),
+    qc_option,
+    views_option,
+    selection_options,
+    workers_option,
+    json_option,
+]
+
+
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("paths", nargs=-1, required=True, type=INPUT_PATH)
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Image-level worklist CSV (replaced atomically). The study CSV, explanation PNGs, state "
-                   "store and lock go beside it.")
-@model_option
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@device_option
-@click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the explanation PNGs (score map and reconstruction difference) "
-                   "[default: <out>_residuals/].")
-@click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass).")
-@click.option("--pictures", type=click.Choice(["all", "flagged"]), default="flagged", show_default=True,
-              help="Which scored images get an explanation picture: only the flagged ones (the rest are scored "
-                   "without the generator and gradient passes: about 2x faster), or all. --no-residuals: none.")
-@click.option("--no-html", is_flag=True,
-              help="Do not write the web page of the worklist (<out>.html: opens from a file share, no server).")
-@click.option("--studies", type=click.Path(dir_okay=False, path_type=Path),
-              help="Study-level worklist CSV [default: <out>_studies.csv].")
-@study_key_option
-@click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
-              help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed.")
-@click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY).")
-@click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("~/.config/radscan/phi.key").expanduser(), show_default=True,
-              help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600).")
-@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Write DICOM results for the PACS into DIR: per scored DICOM image a Structured Report (score, "
-                   "threshold, flag, model) and a Secondary Capture of its explanation picture, in the source "
-                   "study, marked not for diagnostic use. Needs radscan[pacs] and --phi keep.")
-@click.option("--send", "send_to", metavar="HOST:PORT",
-              help="Send the DICOM results the PACS has not yet accepted by C-STORE (needs --dicom-out). A failed "
-                   "send keeps them in DIR, says so in the rows, exits 3, and is retried by the next run.")
-@click.option("--ae-title", default="RADSCAN", show_default=True,
-              help="radscan's own AE title when sending (the PACS must know it).")
-@click.option("--called-ae", default="ANY-SCP", show_default=True, help="The PACS's AE title.")
 @click.option("--scheduler", metavar="ADDRESS|local:N",
               help="Read and score on a Dask cluster: a scheduler address (tcp://HOST:8786) whose workers see the "
                    "inputs and the model at the same paths, or local:N to start N worker processes here. The "
                    "outputs are written here, as without it. Needs radscan[dask].")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-              help="Also write the run's metrics (exit code, last success, files by status, flagged share, results "
-                   "not sent) to FILE in the Prometheus text format, for node_exporter's textfile collector; "
-                   "written after every run, failed ones too.")
-@qc_option
-@views_option
-@selection_options
-@workers_option
-@json_option
+@run_options
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
@@ -159,11 +173,28 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
       radscan score /data/incoming --out report.csv --dicom-out results/ --send pacs:104 --called-ae PACS
       radscan score /archive/mimic --out report.csv --scheduler tcp://scheduler:8786
     """
+    from radscan.score import score as run_score
+
+    outputs, settings = _run_settings(ctx, paths, out, model, batch_size, device, residuals, no_residuals, pictures,
+                                      no_html, studies, study_key, phi, phi_key, phi_key_file, dicom_out, send_to,
+                                      ae_title, called_ae, scheduler, metrics, qc_mode, views, policy, workers)
+    summary = _score_recording_failure(run_score, paths, outputs, settings, metrics)
+    exit_code = _report_run(ctx, summary, metrics, as_json)
+    if exit_code != ExitCode.OK:
+        ctx.exit(exit_code)
+
+
+def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
+                  device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool,
+                  studies: Path | None, study_key: str, phi: str, phi_key: str | None, phi_key_file: Path,
+                  dicom_out: Path | None, send_to: str | None, ae_title: str, called_ae: str, scheduler: str | None,
+                  metrics: Path | None, qc_mode: str, views: str, policy: Policy, workers: int) -> tuple[Any, Any]:
+    """The outputs and settings of a scoring run from its options, refused combinations refused
+    before anything is created (the PHI key file included)."""
     from radscan.batch import ScoreSettings
     from radscan.pacs import Destination
     from radscan.phi import load_phi_key
     from radscan.score import check_dicom_settings
-    from radscan.score import score as run_score
     from radscan.worklist import OutputPaths
 
     if residuals and no_residuals:
@@ -188,7 +219,11 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         from radscan.ingest import check_outputs_apart
 
         check_outputs_apart(paths, [metrics])
-    summary = _score_recording_failure(run_score, paths, outputs, settings, metrics)
+    return outputs, settings
+
+
+def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json: bool) -> int:
+    """A finished run's exit code, metrics file, --json summary or stderr line."""
     results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
     exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
     if metrics is not None:
@@ -206,8 +241,8 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
         if results_kept:
             click.echo(f"DICOM results: {summary.dicom['not_sent']} objects not sent, {summary.dicom['not_made']} "
                        "images without results: see dicom_result and reason in the worklist", err=True)
-    if exit_code != ExitCode.OK:
-        ctx.exit(exit_code)
+    return exit_code
+
 
 
 def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], outputs: Any, settings: Any,
@@ -236,3 +271,57 @@ def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], output
             with contextlib.suppress(RadscanError):  # the run's own error is the one to report
                 write_metrics(metrics, code, None)
         raise
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="TCP port to listen on (e.g. 11112).")
+@click.option("--bind", default="", help="Address to listen on [default: every interface].")
+@click.option("--allow-ae", multiple=True,
+              help="Calling AE titles accepted (repeatable); associations from others are rejected. Default: any.")
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the received instances: incoming/ while a study arrives, studies/ once complete "
+                   "(the scoring runs' input) [default: <out>_spool/ beside --out].")
+@click.option("--quiet-seconds", type=FiniteFloatRange(0), default=30.0, show_default=True,
+              help="A study is complete, and scored, when no instance of it has arrived for this long.")
+@run_options
+@click.pass_context
+def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], spool: Path | None,
+           quiet_seconds: float, out: Path, model: Path | None, batch_size: int, device: str, residuals: Path | None,
+           no_residuals: bool, pictures: str, no_html: bool, studies: Path | None, study_key: str, phi: str,
+           phi_key: str | None, phi_key_file: Path, dicom_out: Path | None, send_to: str | None, ae_title: str,
+           called_ae: str, metrics: Path | None, qc_mode: str, views: str, policy: Policy, workers: int,
+           as_json: bool) -> None:
+    """Receive studies from the PACS (a DICOM storage SCP) and score each one when it is complete.
+
+    radscan's AE title (--ae-title) is the one the PACS sends to, and the one it sends DICOM results
+    from. Every instance is written to the spool before the sender is answered; a study with no new
+    instance for --quiet-seconds is scored into the same worklist, page, state store and DICOM
+    results as `radscan score SPOOL/studies --out OUT` (which can run beside it: the worklist's lock
+    makes one wait for the other). SIGTERM or Ctrl-C finishes the scoring run in hand and exits; a
+    restart scores what arrived and was not scored. With --json, one line per scored study.
+
+    \b
+    Example:
+      radscan listen --port 11112 --ae-title RADSCAN --out /data/worklist/report.csv --spool /data/spool
+      radscan listen --port 11112 --allow-ae PACS1 --spool /data/spool --out report.csv --dicom-out results/ \\
+          --send pacs:104 --called-ae PACS1 --json
+    """
+    from radscan.listen import ListenSettings, Spool, status_line
+    from radscan.listen import listen as run_listen
+    from radscan.score import score as run_score
+
+    settings = ListenSettings(port=port, ae_title=ae_title, bind=bind, allow_ae=allow_ae, quiet_s=quiet_seconds)
+    spool = spool or out.parent / f"{out.stem}_spool"
+    outputs, run = _run_settings(ctx, (str(spool / "studies"),), out, model, batch_size, device, residuals,
+                                 no_residuals, pictures, no_html, studies, study_key, phi, phi_key, phi_key_file,
+                                 dicom_out, send_to, ae_title, called_ae, None, metrics, qc_mode, views, policy,
+                                 workers)
+    received = Spool(spool, settings.min_free_bytes)  # after the settings were checked: a refusal creates nothing
+
+    def score_studies(inputs: list[Path]) -> dict:
+        summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
+        exit_code = _report_run(ctx, summary, metrics, as_json=False)
+        return {"run_id": summary.run_id, "exit_code": int(exit_code), "files": summary.files,
+                "flagged_studies": summary.flagged_studies, "worklist": str(summary.report)}
+
+    run_listen(settings, received, score_studies, (lambda entry: click.echo(status_line(entry))) if as_json else None)

@@ -1,0 +1,222 @@
+"""`radscan listen`: a DICOM storage SCP that scores the studies the PACS sends it.
+
+The PACS (or a router, a modality) sends images by C-STORE (PS3.4 Annex B; pynetdicom). Each
+instance is written to the spool before the sender is answered: into `SPOOL/incoming/<study>/`,
+as a temporary file that is flushed, fsynced and renamed (a crash leaves a whole file or none,
+never half of one), under names that are digests of its UIDs, never header text. A study is
+complete when no instance of it has arrived for `quiet_s` seconds: its files move to
+`SPOOL/studies/<study>/`, and a scoring run over `SPOOL/studies` (radscan.score, the same state
+store, worklist, page and DICOM results as `radscan score`, under the same lock) scores what is new.
+A nightly `radscan score SPOOL/studies --out` the same worklist is the same run, so the two never
+write at once (the one that finds the lock held waits; the listener tries again).
+
+Refused: associations from calling AE titles not in `allow_ae` (when given), an instance when the
+spool's disk has less than `min_free_bytes` left (status A700, out of resources: the sender keeps it
+and retries; nothing already received is lost). Every storage SOP class is accepted and kept; what
+radscan does not score (a CT, an SR) is listed as skipped with the reason, as in any folder.
+
+On SIGTERM or Ctrl-C the listener stops accepting, finishes the scoring run in hand and exits;
+studies still arriving stay in `incoming/` and a restart scores them once they are quiet.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radscan.errors import LockHeldError, OutputError, SettingError
+
+__all__ = ["ListenSettings", "Spool", "listen"]
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    """How the listener is reached and when a study is complete."""
+
+    port: int
+    ae_title: str = "RADSCAN"
+    bind: str = ""  # every interface
+    allow_ae: tuple[str, ...] = ()  # calling AE titles accepted; empty: any
+    quiet_s: float = 30.0  # a study with no new instance for this long is complete
+    min_free_bytes: int = 256 * 1024 * 1024  # refuse instances (A700) below this much free space
+    poll_s: float = 1.0
+
+
+def _digest(text: str) -> str:
+    """A file or folder name for a UID: its digest, so that no header text ever becomes a path."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+class Spool:
+    """The listener's folder: `incoming/` (studies still arriving) and `studies/` (complete ones,
+    the input of the scoring runs). Thread-safe: pynetdicom answers each association in a thread."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0):
+        self.root, self.min_free_bytes = Path(root), min_free_bytes
+        self.incoming, self.studies = self.root / "incoming", self.root / "studies"
+        try:
+            for folder in (self.incoming, self.studies):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the spool {self.root}: {exc.strerror or exc}") from None
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}  # study folder -> when its last instance arrived (monotonic)
+        for folder in self.incoming.iterdir():  # a restart: what was received before counts as arrived now
+            if folder.is_dir():
+                self._last[folder.name] = time.monotonic()
+
+    def store(self, encoded: bytes, study_uid: str, sop_uid: str) -> Path:
+        """Write one instance (its encoded file, preamble and meta included) durably; its path.
+        Raises OSError (ENOSPC when the disk is below the reserve)."""
+        if shutil.disk_usage(self.root).free < len(encoded) + self.min_free_bytes:
+            raise OSError(errno.ENOSPC, "the spool's disk is full (below the reserve)")
+        study = _digest(study_uid or f"no study UID: {sop_uid}")
+        folder = self.incoming / study
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{_digest(sop_uid)}.dcm"
+        tmp = folder / f".{path.name}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(encoded)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self._last[study] = time.monotonic()
+        return path
+
+    def complete(self, quiet_s: float) -> list[tuple[str, int]]:
+        """Move the studies quiet for `quiet_s` seconds to `studies/`; (study, instances moved) of each."""
+        now, done = time.monotonic(), []
+        with self._lock:
+            quiet = [study for study, last in self._last.items() if now - last >= quiet_s]
+            for study in quiet:
+                del self._last[study]
+        for study in quiet:
+            source, target = self.incoming / study, self.studies / study
+            target.mkdir(exist_ok=True)
+            moved = 0
+            for path in sorted(source.glob("*.dcm")):
+                os.replace(path, target / path.name)  # a resent instance replaces the earlier copy
+                moved += 1
+            for leftover in source.glob(".*.part"):  # a write a crash interrupted: never acknowledged
+                leftover.unlink(missing_ok=True)
+            try:
+                source.rmdir()
+            except OSError:  # an instance arrived meanwhile: it completes with the next quiet period
+                with self._lock:
+                    self._last.setdefault(study, time.monotonic())
+            done.append((study, moved))
+        return done
+
+
+def _store_handler(spool: Spool, stopping: threading.Event) -> Callable[[Any], int]:
+    def handle(event: Any) -> int:
+        if stopping.is_set():
+            return OUT_OF_RESOURCES  # shutting down: the sender keeps the instance and sends it again later
+        try:
+            sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+            study_uid = str(event.dataset.get("StudyInstanceUID", "") or "")
+            encoded = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - a data set pydicom cannot read is the sender's error
+            log.warning("refused an instance that cannot be read (%s): status C000", type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if not sop_uid:
+            return CANNOT_UNDERSTAND
+        try:
+            spool.store(encoded, study_uid, sop_uid)
+        except OSError as exc:
+            log.error("cannot keep an instance (%s): answered A700, out of resources; the sender keeps it",
+                      exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        return SUCCESS
+
+    return handle
+
+
+def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Path]], dict[str, Any]],
+           status: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None) -> int:
+    """Receive, spool and score until SIGTERM, Ctrl-C or `stop`; returns the number of scoring runs.
+
+    `run_score(inputs)` scores the given folders into the worklist and returns its summary (it
+    raises LockHeldError while another run holds the worklist: the listener tries again at the next
+    poll). `status` receives one dict per completed study (its folder, instances, the run's exit
+    code and counts), for the `--json` lines."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo data set contents
+    stop = stop or threading.Event()
+    stopping = threading.Event()
+    ae = AE(ae_title=settings.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    if settings.allow_ae:
+        ae.require_calling_aet = list(settings.allow_ae)
+    try:
+        server = ae.start_server((settings.bind, settings.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, _store_handler(spool, stopping))])
+    except OSError as exc:
+        raise SettingError(f"cannot listen on port {settings.port}: {exc.strerror or exc}") from None
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("listening as %s on port %d; spool %s; a study is complete after %gs without a new instance",
+             settings.ae_title, settings.port, spool.root, settings.quiet_s)
+    runs, waiting = 0, [study for study in spool.studies.iterdir() if study.is_dir()]  # a restart rescans
+    try:
+        while not stop.is_set():
+            completed = spool.complete(settings.quiet_s)
+            if completed or waiting:
+                outcome = _score_once(run_score, spool)
+                if outcome is None:  # another run holds the worklist: try again at the next poll
+                    waiting = waiting or [spool.studies / study for study, _ in completed] or [spool.studies]
+                else:
+                    runs += 1
+                    waiting = []
+                    for study, instances in completed:
+                        log.info("study %s complete (%d instances): scored by run %s", study, instances,
+                                 outcome.get("run_id"))
+                        if status:
+                            status({"study": study, "instances": instances, **outcome})
+            stop.wait(settings.poll_s)
+    finally:
+        stopping.set()
+        server.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("stopped listening; studies still arriving stay in %s and are scored after a restart",
+                 spool.incoming)
+    return runs
+
+
+def _score_once(run_score: Callable[[list[Path]], dict[str, Any]], spool: Spool) -> dict[str, Any] | None:
+    """One scoring run over the complete studies; None while another run holds the worklist's lock."""
+    try:
+        return run_score([spool.studies])
+    except LockHeldError:
+        log.info("another run holds the worklist: the listener scores after it")
+        return None
+
+
+def status_line(entry: dict[str, Any]) -> str:
+    """A study's --json status line."""
+    return json.dumps(entry, default=str)
