@@ -178,25 +178,27 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
                                  evt_handlers=[(evt.EVT_C_STORE, _store_handler(spool, stopping))])
     except OSError as exc:
         raise SettingError(f"cannot listen on port {settings.port}: {exc.strerror or exc}") from None
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM and Ctrl-C end the loop after the run in hand (a handler can only be set from the main thread)
+    previous = ({sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
     log.info("listening as %s on port %d; spool %s; a study is complete after %gs without a new instance",
              settings.ae_title, settings.port, spool.root, settings.quiet_s)
-    runs, waiting = 0, [study for study in spool.studies.iterdir() if study.is_dir()]  # a restart rescans
+    # a restart scores the complete studies once (the state store skips what was scored before)
+    runs, rescan = 0, any(folder.is_dir() for folder in spool.studies.iterdir())
+    pending: list[tuple[str, int]] = []  # complete studies not yet scored: (folder, instances)
     try:
         while not stop.is_set():
-            completed = spool.complete(settings.quiet_s)
-            if completed or waiting:
+            pending += spool.complete(settings.quiet_s)
+            if pending or rescan:
                 outcome = _score_once(run_score, spool)
-                if outcome is None:  # another run holds the worklist: try again at the next poll
-                    waiting = waiting or [spool.studies / study for study, _ in completed] or [spool.studies]
-                else:
-                    runs += 1
-                    waiting = []
-                    for study, instances in completed:
+                if outcome is not None:  # else another run holds the worklist: try again at the next poll
+                    runs, rescan = runs + 1, False
+                    for study, instances in pending:
                         log.info("study %s complete (%d instances): scored by run %s", study, instances,
                                  outcome.get("run_id"))
                         if status:
                             status({"study": study, "instances": instances, **outcome})
+                    pending = []
             stop.wait(settings.poll_s)
     finally:
         stopping.set()

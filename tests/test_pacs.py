@@ -75,7 +75,7 @@ class Orthanc:
 
     AET = "ORTHANC"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, modalities: dict[str, list] | None = None):
         self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
         folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -83,7 +83,7 @@ class Orthanc:
             "DicomAet": self.AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "DicomCheckCalledAet": True, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "Plugins": [],
-            "DicomModalities": {"tests": ["RADSCANTEST", "127.0.0.1", 11112]},
+            "DicomModalities": {"tests": ["RADSCANTEST", "127.0.0.1", 11112], **(modalities or {})},
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")  # noqa: SIM115 - closed in stop()
@@ -101,6 +101,11 @@ class Orthanc:
 
     def rest(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as answer:
+            return json.loads(answer.read())
+
+    def post(self, path: str, body: bytes) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as answer:
             return json.loads(answer.read())
 
     def instances(self) -> int:

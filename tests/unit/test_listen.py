@@ -1,0 +1,85 @@
+"""The listener's spool and loop without a sender: names that are digests, never header text; a full
+disk answered A700 with nothing lost; a study completed only when quiet; a worklist locked by another
+run scored after it."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from radscan.errors import LockHeldError
+from radscan.listen import OUT_OF_RESOURCES, SUCCESS, ListenSettings, Spool, _store_handler, listen
+from tests.conftest import free_port
+
+
+@settings(max_examples=40, deadline=None)
+@given(study=st.text(max_size=80), sop=st.text(min_size=1, max_size=80))
+def test_an_instance_lands_under_digests_whatever_its_uids_say(tmp_path_factory, study, sop):
+    spool = Spool(tmp_path_factory.mktemp("spool"))
+    path = spool.store(b"DICM data", study, sop)
+    assert path.parent.parent == spool.incoming and path.read_bytes() == b"DICM data"
+    assert len(path.parent.name) == 24 and path.name == path.name.lower() and len(path.stem) == 24
+    assert not list(spool.root.rglob("*.part"))
+
+
+def test_a_full_disk_is_out_of_resources_and_nothing_is_lost(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    kept = spool.store(b"first", "1.2.3", "1.2.3.4")
+    full = Spool(tmp_path / "spool", min_free_bytes=1 << 62)  # less free space than the reserve
+    with pytest.raises(OSError) as refused:
+        full.store(b"second", "1.2.3", "1.2.3.5")
+    assert refused.value.errno == errno.ENOSPC and kept.read_bytes() == b"first"
+    event = SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3.6"),
+                            dataset={"StudyInstanceUID": "1.2.3"}, encoded_dataset=lambda include_meta: b"third")
+    assert _store_handler(full, threading.Event())(event) == OUT_OF_RESOURCES
+    assert _store_handler(spool, threading.Event())(event) == SUCCESS
+    stopping = threading.Event()
+    stopping.set()
+    assert _store_handler(spool, stopping)(event) == OUT_OF_RESOURCES  # shutting down: the sender keeps it
+
+
+def test_a_study_completes_when_quiet_and_a_restart_finds_what_was_left(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"a", "1.2.3", "1.2.3.1")
+    spool.store(b"b", "1.2.3", "1.2.3.2")
+    assert spool.complete(quiet_s=60) == []  # still arriving
+    again = Spool(tmp_path / "spool")  # a restart: what was received counts as just arrived
+    assert again.complete(quiet_s=60) == []
+    done = again.complete(quiet_s=0)
+    assert [count for _, count in done] == [2] and len(list(again.studies.rglob("*.dcm"))) == 2
+    assert not any(again.incoming.iterdir())
+
+
+def test_a_worklist_locked_by_another_run_is_scored_after_it(tmp_path):
+    pytest.importorskip("pynetdicom", reason="needs radscan[pacs]")
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"a", "1.2.3", "1.2.3.1")
+    calls, lines, stop = [], [], threading.Event()
+
+    def run_score(inputs):
+        calls.append(inputs)
+        if len(calls) == 1:
+            raise LockHeldError("held by the nightly run")
+        stop.set()
+        return {"run_id": "r2", "exit_code": 0}
+
+    runner = threading.Thread(target=listen, args=(ListenSettings(port=free_port(), quiet_s=0, poll_s=0.05), spool,
+                                                   run_score, lines.append, stop))
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive() and len(calls) == 2 and calls[1] == [spool.studies]
+    assert [line["run_id"] for line in lines] == ["r2"] and lines[0]["instances"] == 1
+
+
+def test_a_study_that_goes_on_arriving_is_not_completed(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"a", "1.2.3", "1.2.3.1")
+    time.sleep(0.2)
+    spool.store(b"b", "1.2.3", "1.2.3.2")
+    assert spool.complete(quiet_s=0.15) == []  # its last instance is newer than that
