@@ -2,11 +2,12 @@
 
 Exports MODEL (`radscan export`) into a temporary folder, then scores the same films with both
 engines (radscan.model.engine), alternating the two, in this one process and with the same number
-of threads: the score alone (what an unflagged film costs), and the score with the map and every
-kind (what a flagged film's picture costs). Prints images/s and milliseconds per film of each,
+of threads: the score alone (what an unflagged film costs), and the score with the map and the
+reconstruction difference (what a flagged film's picture costs; torch computes every score kind's
+raw value on that path, the export only the density's). Prints images/s and milliseconds per film of each,
 the ratio ONNX Runtime / torch, and the largest difference of their scores.
 
-    python benchmarks/onnx.py models/kermany-tiny --films 512 --repeats 3 --threads 1
+    python benchmarks/engines.py models/kermany-tiny --films 512 --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
                    "onnxruntime": load_engine(Path(folder) / "onnx", threads=args.threads)[0]}
         print(f"{len(films)} films, {args.threads} thread(s), median of {args.repeats}")
         for label, explain, components, count in (("score only", False, False, len(films)),
-                                                  ("score, map and every kind", True, True, max(16, len(films) // 8))):
+                                                  ("score, map and picture", True, True, max(16, len(films) // 8))):
             times: dict[str, list[float]] = {name: [] for name in engines}
             results = {}
             for _ in range(args.repeats):
