@@ -23,9 +23,7 @@ from radscan.cli.common import (
     workers_option,
 )
 from radscan.model.config import FIELDS, SCORE_KINDS
-from radscan.policy import (
-    Policy,
-)
+from radscan.policy import Policy
 from radscan.qc import QCReference
 from radscan.recipe import MODEL_SETTINGS, PRESET
 from radscan.records import counted

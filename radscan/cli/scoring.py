@@ -27,10 +27,7 @@ from radscan.cli.common import (
     workers_option,
 )
 from radscan.errors import ExitCode
-from radscan.policy import (
-    Policy,
-    parse_list,
-)
+from radscan.policy import Policy, parse_list
 from radscan.qc import quality_control
 from radscan.records import counted
 
