@@ -23,6 +23,7 @@ from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
+from radscan.model.metadata import recalibrated
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
@@ -173,20 +174,8 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
             shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
         except (OSError, shutil.Error) as exc:
             raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
-    kept = {k: v for k, v in metadata.items()
-            if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights",
-                         "previous_version")}  # recalibrated_from names the one predecessor
-    # a recalibrated model scores differently: it is another version of the model
-    kept["version"] = datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
-    kept["recalibrated_from"] = {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"]}
-    kept["calibration"] = {"method": f"{len(images)} normals at specificity {target_specificity}",
-                           "n_calibration": len(images), "target_specificity": target_specificity,
-                           "normals": [str(p) for p in normals],
-                           "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     specificity = float((scores < float(model.threshold)).mean())
-    # figures taken at the old threshold no longer describe the model; AUCs do not depend on it
-    kept["metrics"] = {**{k: v for k, v in metadata.get("metrics", {}).items() if "auc" in k},
-                       "calibration_specificity": specificity}
+    kept = recalibrated(metadata, [str(p) for p in normals], len(images), target_specificity, specificity)
     try:
         save_model(model, out_dir, kept)
     except OSError as exc:

@@ -47,6 +47,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.field import lungs_in_box, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
+from radscan.model.metadata import new_version
 from radscan.model.runtime import autocast
 from radscan.model.simsid import Generated, SimSID, to_model_tensor
 from radscan.policy import Policy
@@ -317,7 +318,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     metrics, calibration_scores = finalize(model, data.calibration, data.validation, tcfg, device)
     metadata = {
         "name": name or out_dir.name,
-        "version": datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S"),
+        "version": new_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "calibration": {"method": f"calibration normals at specificity {tcfg.target_specificity}",
                         "n_calibration": int(len(data.calibration)), "target_specificity": tcfg.target_specificity},

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from radscan.model.metadata import (
     ONNX_GRAPHS,
     SEAL_KEY,
     WEIGHTS_FILE,
+    exported,
     sealed_extras,
     sha256_file,
 )
@@ -126,16 +126,9 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
             source = model_dir / name
             if name not in (WEIGHTS_FILE, METADATA_FILE) and source.is_file() and not name.startswith("."):
                 shutil.copy2(source, out_dir / name)
-        exported = {**{k: v for k, v in metadata.items() if k != "weights"}, "engine": ONNX_ENGINE,
-                    "weights": {"file": ONNX_GRAPHS["score"], "sha256": graphs["score"]["sha256"],
-                                "bytes": graphs["score"]["bytes"]},
-                    "onnx": {"opset": OPSET, "chunk": CHUNK, "explain": {"file": ONNX_GRAPHS["explain"],
-                                                                          **graphs["explain"]}},
-                    "exported_from": {"version": metadata.get("version"), "sha256": metadata["weights"]["sha256"],
-                                      "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                      "torch": torch.__version__}}
+        written = exported(metadata, graphs, OPSET, CHUNK, torch.__version__)
         with atomic_output(out_dir / METADATA_FILE, "w") as handle:
-            json.dump(exported, handle, indent=2)
+            json.dump(written, handle, indent=2)
     except OSError as exc:
         raise OutputError(f"cannot write the exported model to {out_dir}: {exc.strerror or exc}") from None
     return {"model": str(out_dir), "engine": ONNX_ENGINE, "graphs": {k: str(out_dir / ONNX_GRAPHS[k]) for k in graphs},

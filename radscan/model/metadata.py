@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from radscan.errors import ModelError
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS", "is_exported",
            "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
-           "ModelIdentity"]
+           "ModelIdentity", "new_version", "recalibrated", "exported"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -55,6 +56,45 @@ def read_verified(directory: Path, block: Any, name: str, what: str) -> bytes:
         raise ModelError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was altered or "
                          "corrupted; restore it or retrain")
     return data
+
+
+# How model.json changes, in one place: train writes a new one (radscan.train, completed by
+# radscan.model.io.save_model with the format, settings, weights and calibration), `radscan calibrate`
+# makes a new version of it (`recalibrated`), `radscan export` an exported copy (`exported`).
+
+def new_version() -> str:
+    """A model version: the UTC time it was made, e.g. 2026.12.04-121500."""
+    return datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M%S")
+
+
+def recalibrated(before: dict[str, Any], normals: list[str], n_calibration: int, target_specificity: float,
+                 calibration_specificity: float) -> dict[str, Any]:
+    """The model.json of `before` recalibrated on `n_calibration` site normals (save_model adds the
+    format, settings, weights and the calibration values). A new version that names the one it came
+    from; figures taken at the old threshold are dropped (AUCs do not depend on it)."""
+    kept = {key: value for key, value in before.items()
+            if key not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights",
+                           "previous_version")}  # recalibrated_from names the one predecessor
+    return {**kept, "version": new_version(),
+            "recalibrated_from": {"version": before.get("version"), "sha256": before["weights"]["sha256"]},
+            "calibration": {"method": f"{n_calibration} normals at specificity {target_specificity}",
+                            "n_calibration": n_calibration, "target_specificity": target_specificity,
+                            "normals": list(normals),
+                            "recalibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            "metrics": {**{k: v for k, v in before.get("metrics", {}).items() if "auc" in k},
+                        "calibration_specificity": calibration_specificity}}
+
+
+def exported(before: dict[str, Any], graphs: dict[str, dict[str, Any]], opset: int, chunk: int,
+             torch_version: str) -> dict[str, Any]:
+    """The model.json of `before` exported for ONNX Runtime: `graphs` maps "score" and "explain" to
+    {"sha256", "bytes"}; the score graph stands where the weights did (what every output names as
+    the model's sha256), and `exported_from` names the weights it came from."""
+    return {**{key: value for key, value in before.items() if key != "weights"}, "engine": ONNX_ENGINE,
+            "weights": {"file": ONNX_GRAPHS["score"], **graphs["score"]},
+            "onnx": {"opset": opset, "chunk": chunk, "explain": {"file": ONNX_GRAPHS["explain"], **graphs["explain"]}},
+            "exported_from": {"version": before.get("version"), "sha256": before["weights"]["sha256"],
+                              "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch_version}}
 
 
 def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
