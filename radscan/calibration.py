@@ -197,7 +197,7 @@ def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], 
     try:
         with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
             for name, score in zip(names, scores, strict=True):
-                table.write({"path": name, "score": round(float(score), 6)})
+                table.write({"path": name, "score": round(float(score), 9)})  # 9: a tie with the threshold shows
         write_training_report(out_dir)
         card = out_dir / "README.md"
         if card.is_file():

@@ -96,21 +96,33 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
             warnings.append(f"{which} flagged ({judged_share:.0%}), fewer than the {expected:.0%} of "
                             f"normal films alone the threshold was set to flag (p = {p_calibration:.1g}): the scores "
                             "may have drifted down")
-    return Drift(scored, flagged, share, baseline, len(earlier), expected, p_history, p_calibration,
-                 "; ".join(warnings), judged if checkable else 0, judged_flagged if checkable else 0,
-                 pooled + 1 if checkable else 0, _note(scored, judged, pooled, checkable, p_history, earlier))
+    return Drift(scored, flagged, share, baseline, len(earlier), None if expected is None else round(expected, 6),
+                 p_history, p_calibration, "; ".join(warnings), judged if checkable else 0,
+                 judged_flagged if checkable else 0, pooled + 1 if checkable else 0,
+                 _note(scored, judged, judged_share, pooled, checkable, p_history, earlier, expected))
 
 
-def _note(scored: int, judged: int, pooled: int, checkable: bool, p_history: float | None,
-          earlier: list[tuple[int, int]]) -> str:
-    """What the check looked at, for the summary: a quiet check and a check not made read alike otherwise."""
+def _note(scored: int, judged: int, judged_share: float, pooled: int, checkable: bool, p_history: float | None,
+          earlier: list[tuple[int, int]], expected: float | None) -> str:
+    """What the check looked at, for the summary: a quiet check and a check not made read alike otherwise.
+    The calibration test is one-sided (a night holds abnormal films too): the note says so, and says when
+    the share is far above what normal films alone give while no history can judge it."""
     if not scored:
         return "not checked: no new films in this run"
     if not checkable:
         where = f"this run and the {counted(pooled, 'run')} before it" if pooled else "this run"
         return f"not checked: {counted(judged, 'new film')} in {where} (at least {MIN_FILMS} are needed)"
-    what = counted(judged, "new film") + (f" of this run and the {counted(pooled, 'run')} before it" if pooled else "")
+    what = (counted(judged, "new film") + (f" of this run and the {counted(pooled, 'run')} before it" if pooled
+                                           else "") + f", {judged_share:.0%} flagged,")
+    against = "" if expected is None else (f" (which tests only a fall below the {expected:.0%} that normal films "
+                                           "alone give: a night holds abnormal films too)")
     if p_history is None:
-        return (f"checked {what} against the calibration only: the history holds {counted(len(earlier), 'run')} "
-                f"({sum(n for n, _ in earlier)} films; {MIN_RUNS} runs and {MIN_RUNS * MIN_FILMS} films are needed)")
-    return f"checked {what} against the calibration and the last {counted(len(earlier), 'run')}"
+        note = (f"checked {what} against the calibration only{against}: the history holds "
+                f"{counted(len(earlier), 'run')} ({sum(n for n, _ in earlier)} films; {MIN_RUNS} runs and "
+                f"{MIN_RUNS * MIN_FILMS} films are needed to test a rise)")
+        if expected is not None and judged_share > 3 * expected:
+            note += (f"; {judged_share:.0%} is many times the {expected:.0%} of normal films: if most of these films "
+                     "are normal, the model's scale does not fit this site's films: recalibrate on its normals "
+                     "(radscan calibrate)")
+        return note
+    return f"checked {what} against the calibration{against} and the last {counted(len(earlier), 'run')}"

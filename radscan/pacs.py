@@ -177,7 +177,8 @@ def deliver(store: StateStore, writer: ResultWriter, link_base: Path, destinatio
                     "configuration changes", destination, counted(delivery.refused, "object"), delivery.refusal)
     if delivery.written or delivery.sent or not delivery.complete:
         log.info("DICOM results: %d objects written to %s%s%s", delivery.written, writer.folder,
-                 f", {delivery.sent} sent to {destination}, {delivery.not_sent} waiting to be sent" if destination
+                 f", {delivery.sent} sent to {destination}, {delivery.not_sent - delivery.refused} waiting to be sent"
+                 + (f", {delivery.refused} refused" if delivery.refused else "") if destination
                  else "", f"; {delivery.not_made} scored DICOM images without results" if delivery.not_made else "")
     return delivery
 

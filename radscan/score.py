@@ -189,7 +189,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         resolved_roots = {root: str(Path(root).resolve()) for root in {found.root for found in files}}
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
-            todo = _reuse_stored(files, store, outputs.report.parent, pictures, dicom_pictures=bool(outputs.dicom))
+            todo, regrouped = _reuse_stored(files, store, outputs.report.parent, pictures,
+                                            dicom_pictures=bool(outputs.dicom))
             log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
                      len(todo))
             run = RunContext(identity, run_id, phi, outputs.residuals, outputs.report.parent, pictures,
@@ -204,7 +205,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
-            problems = _problems(counts, delivery, outputs, drift)
+            problems = _problems(counts, delivery, outputs, drift, regrouped)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
@@ -250,7 +251,8 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift) -> list[str]:
+def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift,
+              regrouped: int = 0) -> list[str]:
     """What needs an operator after a run that finished, each kind in its own words: files that
     could not be read (the source, or the share) apart from results that did not reach the PACS
     (the network or the PACS), so that monitoring never reads a PACS outage as a good night; and a
@@ -272,6 +274,11 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
                         f"{outputs.report.name}")
     if drift.warning:
         problems.append(drift.warning)
+    if regrouped:  # counts only: a folder's name may carry a patient's
+        problems.append(f"{counted(regrouped, 'film')} without a study UID {'is' if regrouped == 1 else 'are'} "
+                        "grouped into studies differently from the last run (--study-key changed, or with "
+                        f"--study-key auto their folder crossed {FOLDER_STUDY_LIMIT} films): set --study-key folder "
+                        "or file to keep one grouping")
     return problems
 
 
@@ -392,11 +399,12 @@ def _identity(found: Found) -> FileIdentity:
 
 
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
-                  dicom_pictures: bool = False) -> list[tuple[Found, FileIdentity]]:
+                  dicom_pictures: bool = False) -> tuple[list[tuple[Found, FileIdentity]], int]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by. Files with errors are always retried; a scored (or
     rejected) row whose picture has gone is read again (with `dicom_pictures`, every DICOM image has one),
-    and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys)."""
+    and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys):
+    how many such rows there were is returned too."""
     todo, unchanged, regrouped = [], [], 0
     for found in files:
         identity = _identity(found)
@@ -414,13 +422,8 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
             unchanged.append(identity)
         else:
             todo.append((found, identity))
-    if regrouped:  # counts only: a folder's name may carry a patient's
-        log.warning("%s without a study UID %s grouped into studies differently from the last run: with --study-key "
-                    "auto a folder of more than %d films lists each film as its own study (set --study-key folder "
-                    "or file to keep one grouping)", counted(regrouped, "film"), "is" if regrouped == 1 else "are",
-                    FOLDER_STUDY_LIMIT)
     store.mark_seen(unchanged)
-    return todo
+    return todo, regrouped
 
 
 def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,

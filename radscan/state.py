@@ -456,10 +456,12 @@ class StateStore:
                    "skip_reasons": reasons, "top": json.loads(row), "study_section": section}
 
     def scored_now(self) -> tuple[int, int]:
-        """(films scored, films flagged) among the files this run read anew (not those kept)."""
+        """(films scored, films flagged) among the files this run listed first (new or changed files):
+        not those kept, nor those read again only because the settings or their study's grouping
+        changed, which an earlier run already counted (the drift check tests each film once)."""
         scored, flagged = self._db.execute(
             "SELECT COUNT(*), SUM(flag) FROM results WHERE seen = :run AND status = 'ok' "
-            "AND json_extract(row, '$.read_by_run') = :run", {"run": self.run_id}).fetchone()
+            "AND json_extract(row, '$.read_by_run') = :run AND " + _NEW, {"run": self.run_id}).fetchone()
         return scored, flagged or 0
 
     def run_history(self, limit: int = 100) -> list[tuple[int, int]]:

@@ -556,7 +556,7 @@ def _write_report(model: SimSID, out_dir: Path, names: Sequence[str], calibratio
 
     with CsvStream(out_dir / CALIBRATION_SCORES_FILE, ("path", "score")) as table:
         for name, score in zip(names, scores, strict=True):
-            table.write({"path": name, "score": round(float(score), 6)})
+            table.write({"path": name, "score": round(float(score), 9)})  # 9: a tie with the threshold shows
     try:
         draw_samples(model, calibration[:4], out_dir / SAMPLES_FILE)
         log.info("training report: %s", write_training_report(out_dir))

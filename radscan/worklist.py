@@ -189,8 +189,11 @@ def _study_note(study: dict[str, Any]) -> str:
             reason = study["top"]["reason"] + (f"; {others} other reason(s): see their rows" if others else "")
         notes.append(f"{study['images_skipped']} image(s) skipped by the selection policy ({reason})")
     if notes and not study["images_scored"]:
-        if study["images_rejected"] or study["images_skipped"]:  # there is a film a reader can look at
+        if study["images_rejected"]:  # a chest film quality control would not judge: a reader can
             notes.append("no image of this study was scored: review it yourself")
+        elif study["images_skipped"]:  # by its header not a chest film this list is for (or a kind not scored)
+            notes.append("no image of this study was scored: not on this list (if it is a chest film, see the "
+                         "reason and --modalities, --body-parts, --frames)")
         else:  # nothing could be read: a reader has nothing to look at
             notes.append("no file of this study could be read: for IT first, then for reading once its films open "
                          "(every reason is in the image list)")
@@ -213,8 +216,10 @@ def write_readme(outputs: OutputPaths, identity: ModelIdentity, pictures: str) -
 {DISCLAIMER}.
 
 {outputs.report.name}: one row per input file, sorted by study score then image score, highest first.
-  score 0..1 (high = anomalous); flag = score >= threshold; status ok/skipped/error with a reason.
-{outputs.studies.name}: one row per study with a scored or failed image, for the reading worklist.
+  score 0..1 (high = anomalous), score_z its z; flag = score >= threshold, compared before both are
+  rounded to 6 decimals; status ok/rejected/skipped/error with a reason.
+{outputs.studies.name}: one row per study, for the reading worklist: those with a scored or rejected
+  image first (study_section reading), then those for IT (unreadable) and those the policy skipped.
 {_pictures_note(outputs, pictures)}
 {outputs.html.name + ": the worklist as a web page (open it in a browser)." if outputs.html else ""}
 Model: {identity.name} {identity.version} (sha256 {identity.sha256[:16]}...),

@@ -39,8 +39,12 @@ def test_a_small_sites_nights_are_pooled_until_there_are_enough_films():
     history = [(8, 1)] * 40  # 8 films a night, one flagged
     quiet = check_drift(8, 1, history, target_specificity=0.95)
     assert quiet.warning == "" and quiet.judged == 24 and quiet.judged_runs == 3 and quiet.baseline == 1 / 8
-    assert quiet.note == "checked 24 new films of this run and the 2 runs before it against the calibration and the " \
-        "last 30 runs"
+    assert quiet.note == "checked 24 new films of this run and the 2 runs before it, 12% flagged, against the " \
+        "calibration (which tests only a fall below the 5% that normal films alone give: a night holds abnormal " \
+        "films too) and the last 30 runs"
+    # a first night that flags far more than normal films would: said, with what to do, not a warning
+    first = check_drift(20, 18, [], target_specificity=0.95)
+    assert first.warning == "" and "90% flagged" in first.note and "recalibrate on its normals" in first.note
     history = [(8, 7), (8, 8)] + history  # two nights of nearly every film flagged, then tonight
     moved = check_drift(8, 8, history, target_specificity=0.95)
     assert "23 of 24 new films of this run and the 2 runs before it flagged (96%) against 12% over the last 30" \

@@ -1,0 +1,24 @@
+"""The explanation picture on made-up maps: a flagged film whose map is blank on the picture's scale
+says so in words, instead of reading as "nothing there"."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radscan.pictures import PICTURE_LAYOUT, SCORE_MAP_SCALE_MAX, render_explanation
+
+
+def _label_box(picture: np.ndarray) -> np.ndarray:
+    """Where the map panel's note would be: its top left corner (caption one line high)."""
+    top, left = 12 + 20, PICTURE_LAYOUT["panel"] + PICTURE_LAYOUT["margin"]
+    return picture[top:top + 40, left:left + 300]
+
+
+def test_a_map_with_no_region_above_normal_says_so():
+    film, zeros = np.zeros((128, 128), np.uint8), np.zeros((128, 128), np.float32)
+    blank = render_explanation(film, zeros, zeros, "caption", "density")
+    shown = render_explanation(film, np.full((128, 128), SCORE_MAP_SCALE_MAX / 2, np.float32), zeros, "caption",
+                               "density")
+    white = lambda box: int((box == 255).all(axis=-1).sum())  # noqa: E731
+    assert white(_label_box(blank)) > 50  # the note's letters
+    assert white(_label_box(shown)) == 0  # a map that shows something needs no note
