@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
+from radscan.records import printable
 
 __all__ = ["ListenSettings", "Spool", "listen"]
 
@@ -58,6 +59,7 @@ class ListenSettings:
     quiet_s: float = 30.0  # a study with no new instance for this long is complete
     min_free_bytes: int = 256 * 1024 * 1024  # refuse instances (A700) below this much free space
     poll_s: float = 1.0
+    retry_s: float = 300.0  # DICOM results a run could not send are tried again this often, new studies or not
 
 
 def _digest(text: str) -> str:
@@ -92,6 +94,9 @@ class Spool:
         folder = self.incoming / study
         folder.mkdir(exist_ok=True)
         path = folder / f"{_digest(sop_uid)}.dcm"
+        if path.exists() or (self.studies / study / path.name).exists():
+            log.warning("an instance was sent again with a SOP Instance UID already received: the new copy replaces "
+                        "the earlier one, and its result replaces the earlier result (study %s)", study)
         tmp = folder / f".{path.name}.{threading.get_ident()}.part"
         try:
             with open(tmp, "wb") as handle:
@@ -171,11 +176,16 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     ae = AE(ae_title=settings.ae_title)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.require_called_aet = True  # an association addressed to another AE title is rejected
     if settings.allow_ae:
         ae.require_calling_aet = list(settings.allow_ae)
+    handlers = [(evt.EVT_C_STORE, _store_handler(spool, stopping)),
+                (evt.EVT_REJECTED, _log_association("rejected (calling or called AE title not accepted)",
+                                                    logging.WARNING)),
+                (evt.EVT_ACCEPTED, _log_association("accepted", logging.INFO)),
+                (evt.EVT_ABORTED, _log_association("aborted by the sender or the network", logging.WARNING))]
     try:
-        server = ae.start_server((settings.bind, settings.port), block=False,
-                                 evt_handlers=[(evt.EVT_C_STORE, _store_handler(spool, stopping))])
+        server = ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers)
     except OSError as exc:
         raise SettingError(f"cannot listen on port {settings.port}: {exc.strerror or exc}") from None
     # SIGTERM and Ctrl-C end the loop after the run in hand (a handler can only be set from the main thread)
@@ -186,13 +196,20 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     # a restart scores the complete studies once (the state store skips what was scored before)
     runs, rescan = 0, any(folder.is_dir() for folder in spool.studies.iterdir())
     pending: list[tuple[str, int]] = []  # complete studies not yet scored: (folder, instances)
+    retry_at = None  # when to run again for DICOM results a run could not send (a PACS that was down)
     try:
         while not stop.is_set():
             pending += spool.complete(settings.quiet_s)
+            if retry_at is not None and time.monotonic() >= retry_at:
+                rescan, retry_at = True, None
             if pending or rescan:
                 outcome = _score_once(run_score, spool)
                 if outcome is not None:  # else another run holds the worklist: try again at the next poll
                     runs, rescan = runs + 1, False
+                    if outcome.get("results_pending"):
+                        retry_at = time.monotonic() + settings.retry_s
+                        log.warning("DICOM results of this run are waiting to be sent: tried again in %gs",
+                                    settings.retry_s)
                     for study, instances in pending:
                         log.info("study %s complete (%d instances): scored by run %s", study, instances,
                                  outcome.get("run_id"))
@@ -208,6 +225,15 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
         log.info("stopped listening; studies still arriving stay in %s and are scored after a restart",
                  spool.incoming)
     return runs
+
+
+def _log_association(what: str, level: int) -> Callable[[Any], None]:
+    def handle(event: Any) -> None:
+        requestor = event.assoc.requestor
+        log.log(level, "association from %s (%s:%s) %s", printable(str(requestor.ae_title).strip()),
+                requestor.address, requestor.port, what)
+
+    return handle
 
 
 def _score_once(run_score: Callable[[list[Path]], dict[str, Any]], spool: Spool) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from radscan.errors import OutputError, SettingError
 from radscan.records import counted, one_line
 from radscan.state import StateStore, StoredRow
 
-__all__ = ["Destination", "Delivery", "deliver", "forget_results", "NOT_SENT"]
+__all__ = ["Destination", "Delivery", "deliver", "forget_results", "NOT_SENT", "check_ae_title"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ def _lasting(code: int) -> bool:
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 characters, no backslash
 
 
+def check_ae_title(option: str, title: str) -> str:
+    """`title` stripped, or SettingError (exit 2) unless it is a valid AE title (PS3.5 AE VR)."""
+    if not _AE_TITLE.match(title) or not title.strip():
+        raise SettingError(f"{option} must be 1-16 printable ASCII characters without a backslash, not {title!r}")
+    return title.strip()
+
+
 @dataclass(frozen=True)
 class Destination:
     """A DICOM storage SCP (a PACS or router) as an association needs it."""
@@ -61,9 +68,7 @@ class Destination:
         if not match or not 0 < int(match.group(2)) < 65536:
             raise SettingError(f"--send must be HOST:PORT (e.g. pacs.example.org:104), not {address!r}")
         for option, title in (("--called-ae", called_ae), ("--ae-title", calling_ae)):
-            if not _AE_TITLE.match(title) or not title.strip():
-                raise SettingError(f"{option} must be 1-16 printable ASCII characters without a backslash, not "
-                                   f"{title!r}")
+            check_ae_title(option, title)
         return cls(match.group(1), int(match.group(2)), called_ae.strip(), calling_ae.strip())
 
     def __str__(self) -> str:

@@ -58,7 +58,7 @@ from radscan.ingest import (
     iter_ingested,
 )
 from radscan.model.engine import import_engine
-from radscan.model.metadata import ModelIdentity, read_metadata
+from radscan.model.metadata import ModelIdentity, is_exported, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
 from radscan.policy import FOLDER_STUDY_LIMIT, for_model
@@ -152,6 +152,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
+    if is_exported(metadata) and settings.device not in ("auto", "cpu"):  # refused before any output is made
+        raise SettingError(f"an exported model scores with ONNX Runtime on the CPU: --device {settings.device} needs "
+                           "the torch model it was exported from")
     identity = ModelIdentity.of(metadata)
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)

@@ -97,7 +97,7 @@ print(json.dumps({{"codes": [score.exit_code, scan.exit_code, info.exit_code, ev
 def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path):
     import shutil
 
-    for damage in ("graph", "threshold", "qc"):
+    for damage in ("graph", "threshold", "qc", "calibration", "no graphs"):
         copy = tmp_path / damage
         shutil.copytree(exported, copy)
         if damage == "graph":
@@ -108,6 +108,10 @@ def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path)
             metadata = json.loads((copy / "model.json").read_text())
             if damage == "threshold":
                 metadata["calibration"]["threshold"] = 0.99
+            elif damage == "calibration":  # the values people read, held as constants in the graphs
+                metadata["calibration"]["mean"][3] = 70.0
+            elif damage == "no graphs":
+                del metadata["onnx"]
             else:
                 del metadata["qc"]
             (copy / "model.json").write_text(json.dumps(metadata))
@@ -115,6 +119,7 @@ def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path)
                                           "--model", str(copy), "--workers", "1"])
         assert result.exit_code == ExitCode.DATA, (damage, result.output)
         assert ("sha256" in result.stderr) if damage == "graph" else ("edited" in result.stderr), result.stderr
+        assert "Traceback" not in result.output
 
 
 def test_what_export_cannot_do_is_refused_in_words(exported, tiny_model, tmp_path):
@@ -122,6 +127,14 @@ def test_what_export_cannot_do_is_refused_in_words(exported, tiny_model, tmp_pat
     assert critic.exit_code == ExitCode.USAGE and "needs a gradient" in critic.stderr
     again = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(exported)])
     assert again.exit_code == ExitCode.USAGE and "never overwrites" in again.stderr
+    inside = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(SHIPPED / "onnx-inside")])
+    assert inside.exit_code == ExitCode.USAGE and "inside the model" in inside.stderr
+    assert not (SHIPPED / "onnx-inside").exists()
+    gpu = CliRunner().invoke(cli, ["score", str(EXAMPLES), "--out", str(tmp_path / "gpu" / "report.csv"), "--model",
+                                   str(exported), "--device", "cuda"])
+    assert gpu.exit_code == ExitCode.USAGE and "ONNX Runtime on the CPU" in gpu.stderr
+    assert not (tmp_path / "gpu").exists()  # refused before any output was made
+    assert "Exported for ONNX Runtime" in (exported / "README.md").read_text()  # the card says what changed
     calibrate = CliRunner().invoke(cli, ["calibrate", str(exported), "--normals", str(EXAMPLES / "ped-normal-01"),
                                          "--out", str(tmp_path / "cal")])
     assert calibrate.exit_code == ExitCode.DATA and "need the torch model it was exported from" in calibrate.stderr

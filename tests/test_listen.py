@@ -37,7 +37,7 @@ class Listener:
         self.out = folder / "worklist" / "report.csv"
         self.stdout, self.stderr = open(folder / "stdout.txt", "a"), open(folder / "stderr.txt", "a")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "radscan", "-v", "listen", "--port", str(self.port), "--out", str(self.out),
+            [sys.executable, "-m", "radscan", "listen", "--port", str(self.port), "--out", str(self.out),
              "--spool", str(folder / "spool"), "--quiet-seconds", "1", "--workers", "1", "--json", *extra],
             stdout=self.stdout, stderr=self.stderr, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._wait(lambda: "listening as" in self.log(), "the listener did not start")
@@ -45,8 +45,12 @@ class Listener:
     def log(self) -> str:
         return (self.folder / "stderr.txt").read_text()
 
-    def lines(self) -> list[dict]:
+    def events(self) -> list[dict]:
         return [json.loads(line) for line in (self.folder / "stdout.txt").read_text().splitlines() if line.strip()]
+
+    def lines(self) -> list[dict]:
+        """The --json lines of scored studies (the last line, when it stops, says so)."""
+        return [event for event in self.events() if "study" in event]
 
     def rows(self) -> list[dict[str, str]]:
         with open(self.out, encoding="utf-8") as handle:
@@ -101,7 +105,9 @@ def test_studies_sent_at_once_are_spooled_scored_and_listed(tmp_path):
         assert all(len(part.removesuffix(".dcm")) == 24 for name in names for part in name.split("/")[1:]), names
     finally:
         assert listener.stop() == 0  # SIGTERM: a clean end
-    assert "stopped listening" in listener.log()
+    assert "stopped listening" in listener.log() and listener.events()[-1]["event"] == "stopped"
+    assert all(line["ok"] is True and line["results_pending"] is False for line in listener.lines())
+    assert "association from PACS" in listener.log()  # logged without -v: a service's associations
 
 
 def test_a_sender_that_aborts_keeps_what_was_acknowledged_and_strangers_are_refused(tmp_path):
@@ -112,6 +118,11 @@ def test_a_sender_that_aborts_keeps_what_was_acknowledged_and_strangers_are_refu
     try:
         stranger = _storescu(listener.port, CHESTS[0], calling="STRANGER")
         assert stranger.returncode != 0 or "rejected" in (stranger.stdout + stranger.stderr).lower()
+        listener._wait(lambda: "association from STRANGER" in listener.log(), "a rejected association is not logged")
+        misaddressed = subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+                                       str(listener.port), str(CHESTS[0]), "-aet", "PACS", "-aec", "SOMEONE", "-cx"],
+                                      capture_output=True, text=True, timeout=120)
+        assert misaddressed.returncode != 0 or "rejected" in (misaddressed.stdout + misaddressed.stderr).lower()
         dataset = pydicom.dcmread(CHESTS[0])
         ae = AE(ae_title="PACS")
         ae.add_requested_context(ComputedRadiographyImageStorage, dataset.file_meta.TransferSyntaxUID)
@@ -170,3 +181,16 @@ def test_orthanc_sends_a_study_that_reaches_the_worklist(tmp_path):
     finally:
         orthanc.stop()
         shutil.rmtree(tmp_path / "orthanc", ignore_errors=True)
+
+
+@pytest.mark.parametrize("option", [["--ae-title", "RADSCAN_TOO_LONG_AET"], ["--ae-title", "A\\B"],
+                                    ["--allow-ae", ""], ["--allow-ae", "   "]])
+def test_an_ae_title_that_dicom_forbids_is_a_usage_error_and_creates_nothing(tmp_path, option):
+    from click.testing import CliRunner
+
+    from radscan.cli import cli
+
+    result = CliRunner().invoke(cli, ["listen", "--port", str(free_port()), "--out", str(tmp_path / "wl" / "r.csv"),
+                                      *option])
+    assert result.exit_code == 2 and "1-16 printable ASCII characters" in result.stderr, result.output
+    assert not (tmp_path / "wl").exists()

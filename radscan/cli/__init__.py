@@ -50,7 +50,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None)
     option names with underscores), then the defaults.
     """
     _configure_logging(-1 if quiet else verbose)
-    ctx.obj = {"quiet": quiet, "config": config_file}
+    ctx.obj = {"quiet": quiet, "verbose": verbose, "config": config_file}
     if config_file:
         ctx.default_map = _read_config(config_file)
 

@@ -201,11 +201,18 @@ def info(model_dir: Path | None, as_json: bool) -> None:
       radscan info
       radscan info models/site-2026 --json
     """
-    from radscan.model.engine import load_engine
+    import importlib.util
+
+    from radscan.model.engine import load_engine, verify_files
+    from radscan.model.metadata import is_exported, read_metadata
     from radscan.qc import load_reference
 
     model_dir = model_dir or model_in_use()
-    _, metadata = load_engine(model_dir, "cpu")
+    metadata = read_metadata(model_dir)
+    if is_exported(metadata) or importlib.util.find_spec("torch") is not None:
+        _, metadata = load_engine(model_dir, "cpu")  # everything loading checks (the calibration copy too)
+    else:  # without torch: the weights' sha256 and sealed settings, not loaded
+        verify_files(model_dir, metadata)
     reference = load_reference(model_dir, metadata)
     if as_json:
         echo_json(metadata)

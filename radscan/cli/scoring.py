@@ -219,8 +219,8 @@ def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: 
     return outputs, settings
 
 
-def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json: bool) -> int:
-    """A finished run's exit code, metrics file, --json summary or stderr line."""
+def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json: bool, say: bool = True) -> int:
+    """A finished run's exit code, metrics file, --json summary or (`say`) stderr line."""
     results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
     exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
     if metrics is not None:
@@ -229,7 +229,7 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
         write_metrics(metrics, exit_code, summary.as_dict())
     if as_json:
         echo_json(summary.as_dict(), exit_code)
-    elif not ctx.obj["quiet"]:
+    elif say and not ctx.obj["quiet"]:
         counts = summary.counts
         click.echo(f"{counted(summary.files, 'file')}: {counts['ok']} scored ({summary.reused} unchanged), "
                    f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
@@ -294,8 +294,9 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     from. Every instance is written to the spool before the sender is answered; a study with no new
     instance for --quiet-seconds is scored into the same worklist, page, state store and DICOM
     results as `radscan score SPOOL/studies --out OUT` (which can run beside it: the worklist's lock
-    makes one wait for the other). SIGTERM or Ctrl-C finishes the scoring run in hand and exits; a
-    restart scores what arrived and was not scored. With --json, one line per scored study.
+    makes one wait for the other). SIGTERM or Ctrl-C finishes the scoring run in hand and exits 0; a
+    restart scores what arrived and was not scored. With --json, one line per scored study (its spool
+    folder, instances, the run's ok and exit code, the worklist's totals) and one when it stops.
 
     \b
     Example:
@@ -303,11 +304,18 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
       radscan listen --port 11112 --allow-ae PACS1 --spool /data/spool --out report.csv --dicom-out results/ \\
           --send pacs:104 --called-ae PACS1 --json
     """
+    import logging
+
     from radscan.listen import ListenSettings, Spool, status_line
     from radscan.listen import listen as run_listen
+    from radscan.pacs import check_ae_title
     from radscan.score import score as run_score
 
-    settings = ListenSettings(port=port, ae_title=ae_title, bind=bind, allow_ae=allow_ae, quiet_s=quiet_seconds)
+    allowed = tuple(check_ae_title("--allow-ae", title) for title in allow_ae)
+    settings = ListenSettings(port=port, ae_title=check_ae_title("--ae-title", ae_title), bind=bind,
+                              allow_ae=allowed, quiet_s=quiet_seconds)
+    if not ctx.obj["quiet"]:  # a service: its start, associations and studies are logged without -v
+        logging.getLogger("radscan.listen").setLevel(logging.DEBUG if ctx.obj.get("verbose", 0) > 1 else logging.INFO)
     spool = spool or out.parent / f"{out.stem}_spool"
     outputs, run = _run_settings(ctx, (str(spool / "studies"),), out, model, batch_size, device, residuals,
                                  no_residuals, pictures, no_html, studies, study_key, phi, phi_key, phi_key_file,
@@ -317,8 +325,13 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
 
     def score_studies(inputs: list[Path]) -> dict:
         summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
-        exit_code = _report_run(ctx, summary, metrics, as_json=False)
-        return {"run_id": summary.run_id, "exit_code": int(exit_code), "files": summary.files,
-                "flagged_studies": summary.flagged_studies, "worklist": str(summary.report)}
+        exit_code = _report_run(ctx, summary, metrics, as_json=False, say=False)
+        pending = bool(summary.dicom and (summary.dicom["not_sent"] or summary.dicom["not_made"]))
+        return {"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), "run_id": summary.run_id,
+                "worklist_files": summary.files, "worklist_flagged_studies": summary.flagged_studies,
+                "results_pending": pending, "worklist": str(summary.report)}
 
-    run_listen(settings, received, score_studies, (lambda entry: click.echo(status_line(entry))) if as_json else None)
+    runs = run_listen(settings, received, score_studies,
+                      (lambda entry: click.echo(status_line(entry))) if as_json else None)
+    if as_json:  # the last line: the listener ended as asked (SIGTERM, Ctrl-C)
+        click.echo(status_line({"ok": True, "exit_code": 0, "event": "stopped", "scoring_runs": runs}))

@@ -105,13 +105,13 @@ class OnnxEngine(Engine):
 
     def __init__(self, directory: Path, metadata: dict[str, Any], threads: int = 0):
         ort = _onnxruntime()
-        self.chunk = int(metadata["onnx"]["chunk"])
+        graphs = _graphs(directory, metadata)  # first: an export whose model.json lost its blocks is refused (65)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's choice (the physical cores)
-        self.sessions = {}
-        for name, graph in _graphs(directory, metadata).items():
-            self.sessions[name] = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.sessions = {name: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+                         for name, graph in graphs.items()}
         self.threshold = _check_seal(self.sessions, metadata)
+        self.chunk = int(self.sessions["score"].get_inputs()[0].shape[0])  # the graphs' own, whatever model.json says
         self.config = _settings(metadata["config"]) or {}
 
     @classmethod
@@ -151,7 +151,7 @@ def _onnxruntime() -> Any:
 def _graphs(directory: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
     """The graphs' bytes, each checked against the sha256 model.json names."""
     onnx = metadata.get("onnx")
-    if not isinstance(onnx, dict) or not isinstance(onnx.get("chunk"), int) or onnx["chunk"] < 1:
+    if not isinstance(onnx, dict) or not isinstance(onnx.get("explain"), dict):
         raise ModelError(f"{METADATA_FILE} of {directory} names no ONNX graphs: it was edited; export the model again")
     return {"score": read_verified(directory, metadata["weights"], ONNX_GRAPHS["score"], "score graph"),
             "explain": read_verified(directory, onnx.get("explain"), ONNX_GRAPHS["explain"], "explain graph")}
@@ -159,7 +159,9 @@ def _graphs(directory: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
 
 def _check_seal(sessions: dict[str, Any], metadata: dict[str, Any]) -> float:
     """The threshold sealed in the graphs, after checking that what they seal is model.json's."""
-    stated = (FORMAT, PREPROCESS_VERSION, _settings(metadata.get("config")), metadata["calibration"]["threshold"])
+    calibration = metadata["calibration"]
+    stated = (FORMAT, PREPROCESS_VERSION, _settings(metadata.get("config")),
+              {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")})
     for name, session in sessions.items():
         try:
             sealed = json.loads(session.get_modelmeta().custom_metadata_map.get(SEAL_KEY, "{}"))
@@ -169,7 +171,7 @@ def _check_seal(sessions: dict[str, Any], metadata: dict[str, Any]) -> float:
             raise ModelError(f"model made for preprocessing {metadata.get('preprocess_version')!r}, but this radscan "
                              f"preprocesses with {PREPROCESS_VERSION!r}: export it again with this radscan")
         found = (sealed.get("format"), sealed.get("preprocess_version"), _settings(sealed.get("config")),
-                 sealed.get("threshold"))
+                 sealed.get("calibration"))
         if found != stated:
             raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the {name} graph: "
                              "the metadata was edited; export the model again")

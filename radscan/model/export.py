@@ -113,11 +113,13 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     if config.field == "thorax":
         raise SettingError(f"{model_dir} sees the thorax field of its mean film (--field thorax): export supports "
                            "the whole film and the thorax box")
+    if out_dir.resolve() == model_dir.resolve() or model_dir.resolve() in out_dir.resolve().parents:
+        raise SettingError(f"{out_dir} is inside the model {model_dir}: export it beside the model, not into it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SettingError(f"{out_dir} is not an empty folder: radscan export never overwrites a model; choose "
                            "another --out")
     seal = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION, "config": config.to_dict(),
-                       "threshold": float(model.threshold), **sealed_extras(metadata)}, sort_keys=True)
+                       "calibration": _calibration_values(metadata), **sealed_extras(metadata)}, sort_keys=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         graphs = {name: _write_graph(graph(model).eval(), out_dir / ONNX_GRAPHS[name], seal)
@@ -129,10 +131,35 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
         written = exported(metadata, graphs, OPSET, CHUNK, torch.__version__)
         with atomic_output(out_dir / METADATA_FILE, "w") as handle:
             json.dump(written, handle, indent=2)
+        _head_the_card(out_dir, written)
     except OSError as exc:
         raise OutputError(f"cannot write the exported model to {out_dir}: {exc.strerror or exc}") from None
     return {"model": str(out_dir), "engine": ONNX_ENGINE, "graphs": {k: str(out_dir / ONNX_GRAPHS[k]) for k in graphs},
             "bytes": sum(g["bytes"] for g in graphs.values())}
+
+
+def _calibration_values(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The calibration values model.json shows people (the graphs hold them as constants): sealed, so
+    that an edit of them is refused as the torch model refuses it."""
+    calibration = metadata["calibration"]
+    return {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")}
+
+
+def _head_the_card(out_dir: Path, written: dict[str, Any]) -> None:
+    """The copied model card (README.md), headed by what the export changed: its files and sha256."""
+    card = out_dir / "README.md"
+    if not card.is_file():
+        return
+    source = written["exported_from"]
+    notice = (f"> **Exported for ONNX Runtime** ({source['at'][:10]}, `radscan export`): this folder scores with "
+              f"`{ONNX_GRAPHS['score']}` (sha256 `{written['weights']['sha256']}`) and `{ONNX_GRAPHS['explain']}` "
+              f"(sha256 `{written['onnx']['explain']['sha256']}`), exported from the weights `{WEIGHTS_FILE}` "
+              f"(sha256 `{source['sha256']}`, version {source['version']}) that the card below describes; the "
+              "scores are the same (within 1e-6). Training and `radscan calibrate` need that torch model.\n\n")
+    text = card.read_text(encoding="utf-8")
+    title, _, rest = text.partition("\n\n")
+    with atomic_output(card, "w") as handle:
+        handle.write(f"{title}\n\n{notice}{rest}")
 
 
 def _write_graph(graph: torch.nn.Module, path: Path, seal: str) -> dict[str, Any]:

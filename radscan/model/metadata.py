@@ -51,10 +51,11 @@ def read_verified(directory: Path, block: Any, name: str, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError:
-        raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it or retrain") from None
+        raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it, or retrain (export "
+                         "again)") from None
     if hashlib.sha256(data).hexdigest() != block.get("sha256"):
         raise ModelError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was altered or "
-                         "corrupted; restore it or retrain")
+                         "corrupted; restore it, or retrain (export again)")
     return data
 
 
@@ -131,8 +132,8 @@ def check_sealed_extras(sealed: dict[str, Any], metadata: dict[str, Any]) -> Non
     for key, stated in sealed_extras(metadata).items():
         if key in sealed and sealed[key] != stated:  # weights sealed before radscan 0.3 carry neither
             what = "QC reference" if key == "qc_sha256" else "training population"
-            raise ModelError(f"the {what} in {METADATA_FILE} differs from the one sealed in {WEIGHTS_FILE}: the "
-                             "metadata was edited; restore it")
+            raise ModelError(f"the {what} in {METADATA_FILE} differs from the one sealed in the model's weights (or "
+                             "graphs): the metadata was edited; restore it")
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
