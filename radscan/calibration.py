@@ -29,7 +29,7 @@ from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
 from radscan.recipe import TrainConfig
-from radscan.report import CsvStream, atomic_output
+from radscan.report import CsvStream, head_card
 
 __all__ = ["fit_density", "calibrate", "finalize", "recalibrate", "in_batches", "MIN_CALIBRATION"]
 
@@ -199,18 +199,13 @@ def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], 
             for name, score in zip(names, scores, strict=True):
                 table.write({"path": name, "score": round(float(score), 9)})  # 9: a tie with the threshold shows
         write_training_report(out_dir)
-        card = out_dir / "README.md"
-        if card.is_file():
-            old = float(before.get("calibration", {}).get("threshold", float("nan")))
-            notice = (f"> **Recalibrated** on {len(names)} normals of a site "
-                      f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
-                      f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
-                      "version in `model.json`. Everything below describes the model before, version "
-                      f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
-                      "specificity); AUCs do not depend on the threshold.\n\n")
-            text = card.read_text(encoding="utf-8")
-            title, _, rest = text.partition("\n\n")
-            with atomic_output(card, "w") as handle:
-                handle.write(f"{title}\n\n{notice}{rest}")
+        old = float(before.get("calibration", {}).get("threshold", float("nan")))
+        head_card(out_dir / "README.md",
+                  f"> **Recalibrated** on {len(names)} normals of a site "
+                  f"({datetime.now(timezone.utc).date().isoformat()}, `radscan calibrate`): threshold "
+                  f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
+                  "version in `model.json`. Everything below describes the model before, version "
+                  f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
+                  "specificity); AUCs do not depend on the threshold.")
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("the recalibrated model was saved, but its report could not be redrawn: %s", exc)

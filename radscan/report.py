@@ -22,8 +22,8 @@ from PIL import Image
 from radscan.errors import OutputError
 
 __all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
-           "remove_stale_temporaries", "cannot_write", "CsvStream", "write_png", "write_png_bytes", "encode_png",
-           "png_name"]
+           "remove_stale_temporaries", "cannot_write", "head_card", "CsvStream", "write_png", "write_png_bytes",
+           "encode_png", "png_name"]
 
 
 def _file_mode() -> int:
@@ -116,6 +116,16 @@ def atomic_output(path: Path, mode: str = "w", durable: bool = True) -> Iterator
     except BaseException:
         file.abort()
         raise
+
+
+def head_card(card: Path, notice: str) -> None:
+    """Put `notice` (Markdown) under the title of a model card (README.md), when there is one: what a
+    later step (`radscan calibrate`, `radscan export`) changed in the model the card describes."""
+    if not card.is_file():
+        return
+    title, _, rest = card.read_text(encoding="utf-8").partition("\n\n")
+    with atomic_output(card, "w") as handle:
+        handle.write(f"{title}\n\n{notice}\n\n{rest}")
 
 
 def refuse_special(path: Path) -> None:

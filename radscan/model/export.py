@@ -42,7 +42,7 @@ from radscan.model.metadata import (
 )
 from radscan.model.simsid import COMPONENTS, SimSID
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.report import FILE_MODE, atomic_output
+from radscan.report import FILE_MODE, atomic_output, head_card
 
 __all__ = ["export_model", "CHUNK", "OPSET"]
 
@@ -147,19 +147,13 @@ def _calibration_values(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def _head_the_card(out_dir: Path, written: dict[str, Any]) -> None:
     """The copied model card (README.md), headed by what the export changed: its files and sha256."""
-    card = out_dir / "README.md"
-    if not card.is_file():
-        return
     source = written["exported_from"]
-    notice = (f"> **Exported for ONNX Runtime** ({source['at'][:10]}, `radscan export`): this folder scores with "
+    head_card(out_dir / "README.md",
+              f"> **Exported for ONNX Runtime** ({source['at'][:10]}, `radscan export`): this folder scores with "
               f"`{ONNX_GRAPHS['score']}` (sha256 `{written['weights']['sha256']}`) and `{ONNX_GRAPHS['explain']}` "
               f"(sha256 `{written['onnx']['explain']['sha256']}`), exported from the weights `{WEIGHTS_FILE}` "
               f"(sha256 `{source['sha256']}`, version {source['version']}) that the card below describes; the "
-              "scores are the same (within 1e-6). Training and `radscan calibrate` need that torch model.\n\n")
-    text = card.read_text(encoding="utf-8")
-    title, _, rest = text.partition("\n\n")
-    with atomic_output(card, "w") as handle:
-        handle.write(f"{title}\n\n{notice}{rest}")
+              "scores are the same (within 1e-6). Training and `radscan calibrate` need that torch model.")
 
 
 def _write_graph(graph: torch.nn.Module, path: Path, seal: str) -> dict[str, Any]:
