@@ -168,7 +168,10 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     raises LockHeldError while another run holds the worklist: the listener tries again at the next
     poll). `status` receives one dict per completed study (its folder, instances, the run's exit
     code and counts), for the `--json` lines."""
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+    try:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+    except ImportError:
+        raise SettingError("radscan listen needs pynetdicom: pip install 'radscan[pacs]'") from None
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo data set contents
     stop = stop or threading.Event()
