@@ -89,7 +89,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     Returns the first model's metrics at the top level (auc, auc_ci95, average_precision,
     at_model_threshold with tp/fp/tn/fn, ...), every model's under "models", and, for each further
     model, "comparisons" against the first (paired bootstrap of the AUC difference). `out_dir`
-    receives per_image.csv (path, label, model, score, flag), roc.png, histogram.png and
+    receives per_image.csv (path, label, model, model_version, model_sha256, score, flag), roc.png, histogram.png and
     evaluation.html; `roc_png` the ROC figure alone. Raises SettingError (exit 2) for an output
     inside the inputs, ModelError (65) for a model that cannot be verified."""
     policy = policy or Policy()
@@ -122,8 +122,10 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                                                  _best_accuracy_threshold(labels, scores)),
         })
     comparisons = [{"first": results[0]["model"], "second": result["model"],
-                    "first_name": f"{results[0]['model_name']} {results[0]['model_version']}",
-                    "second_name": f"{result['model_name']} {result['model_version']}",
+                    # an export and its torch model share name and version: the sha256 tells them apart
+                    "first_name": f"{results[0]['model_name']} {results[0]['model_version']} "
+                                  f"({results[0]['model_sha256'][:12]})",
+                    "second_name": f"{result['model_name']} {result['model_version']} ({result['model_sha256'][:12]})",
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
                    for result, scores in zip(results[1:], all_scores[1:], strict=True)]
     summary = {**results[0], "models": results, "comparisons": comparisons, "disclaimer": DISCLAIMER}
@@ -142,12 +144,14 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
     from radscan.htmlreport import write_evaluation_html
 
     paths = {name: out_dir / name for name in ("per_image.csv", "roc.png", "histogram.png", "evaluation.html")}
-    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "score", "flag")) as table:
+    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "model_sha256", "score",
+                                            "flag")) as table:
         for scores, result in zip(all_scores, results, strict=True):
             threshold = result["at_model_threshold"]["threshold"]
             for name, label, score in zip(names, labels, scores, strict=True):  # two versions of one model differ
                 table.write({"path": name, "label": "abnormal" if label else "normal", "model": result["model_name"],
-                             "model_version": result["model_version"], "score": round(float(score), 6),
+                             "model_version": result["model_version"], "model_sha256": result["model_sha256"],
+                             "score": round(float(score), 6),
                              "flag": bool(score >= threshold)})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])

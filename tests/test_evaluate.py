@@ -78,6 +78,7 @@ def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * (12 + 10) and {row["model"] for row in rows} == {first["model_name"],
                                                                              second["model_name"]}
+    assert {row["model_sha256"] for row in rows} == {first["model_sha256"], second["model_sha256"]}
     shipped_rows = [row for row in rows if row["model"] == second["model_name"]]
     assert sum(row["flag"] == "true" and row["label"] == "abnormal" for row in shipped_rows) == \
         second["at_model_threshold"]["tp"]
