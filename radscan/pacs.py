@@ -67,9 +67,8 @@ class Destination:
         match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", address.strip())
         if not match or not 0 < int(match.group(2)) < 65536:
             raise SettingError(f"--send must be HOST:PORT (e.g. pacs.example.org:104), not {address!r}")
-        for option, title in (("--called-ae", called_ae), ("--ae-title", calling_ae)):
-            check_ae_title(option, title)
-        return cls(match.group(1), int(match.group(2)), called_ae.strip(), calling_ae.strip())
+        return cls(match.group(1), int(match.group(2)), check_ae_title("--called-ae", called_ae),
+                   check_ae_title("--ae-title", calling_ae))
 
     def __str__(self) -> str:
         return f"{self.called_ae}@{self.host}:{self.port}"

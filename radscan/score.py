@@ -57,8 +57,8 @@ from radscan.ingest import (
     find_files,
     iter_ingested,
 )
-from radscan.model.engine import import_engine
-from radscan.model.metadata import ModelIdentity, is_exported, read_metadata
+from radscan.model.engine import check_device, import_engine
+from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
 from radscan.policy import FOLDER_STUDY_LIMIT, for_model
@@ -124,6 +124,11 @@ class ScoreSummary:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def results_pending(self) -> bool:
+        """DICOM results of this run not made or not sent (kept for the next run)."""
+        return bool(self.dicom and (self.dicom["not_sent"] or self.dicom["not_made"]))
+
 
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
     """Score every image under `inputs` and write the worklist; see the module docstring."""
@@ -152,9 +157,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if not model_dir.exists():
         raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
     metadata = read_metadata(model_dir)
-    if is_exported(metadata) and settings.device not in ("auto", "cpu"):  # refused before any output is made
-        raise SettingError(f"an exported model scores with ONNX Runtime on the CPU: --device {settings.device} needs "
-                           "the torch model it was exported from")
+    check_device(metadata, settings.device)  # refused before any output is made
     identity = ModelIdentity.of(metadata)
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)

@@ -221,8 +221,7 @@ def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: 
 
 def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json: bool, say: bool = True) -> int:
     """A finished run's exit code, metrics file, --json summary or (`say`) stderr line."""
-    results_kept = summary.dicom is not None and (summary.dicom["not_sent"] or summary.dicom["not_made"])
-    exit_code = ExitCode.PARTIAL if summary.counts["error"] or results_kept else ExitCode.OK
+    exit_code = ExitCode.PARTIAL if summary.counts["error"] or summary.results_pending else ExitCode.OK
     if metrics is not None:
         from radscan.metrics import write_metrics
 
@@ -235,7 +234,7 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
                    f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
                    f"{summary.flagged_studies} of "
                    f"{summary.studies} studies flagged -> {summary.report}", err=True)
-        if results_kept:
+        if summary.results_pending:
             click.echo(f"DICOM results: {summary.dicom['not_sent']} objects not sent, {summary.dicom['not_made']} "
                        "images without results: see dicom_result and reason in the worklist", err=True)
     return exit_code
@@ -326,10 +325,9 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     def score_studies(inputs: list[Path]) -> dict:
         summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
         exit_code = _report_run(ctx, summary, metrics, as_json=False, say=False)
-        pending = bool(summary.dicom and (summary.dicom["not_sent"] or summary.dicom["not_made"]))
         return {"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), "run_id": summary.run_id,
                 "worklist_files": summary.files, "worklist_flagged_studies": summary.flagged_studies,
-                "results_pending": pending, "worklist": str(summary.report)}
+                "results_pending": summary.results_pending, "worklist": str(summary.report)}
 
     runs = run_listen(settings, received, score_studies,
                       (lambda entry: click.echo(status_line(entry))) if as_json else None)

@@ -27,12 +27,13 @@ from radscan.model.metadata import (
     is_exported,
     read_metadata,
     read_verified,
+    sealed_calibration,
     verify_without_loading,
 )
 from radscan.preprocess import PREPROCESS_VERSION
 
-__all__ = ["Scores", "Engine", "TorchEngine", "OnnxEngine", "load_engine", "import_engine", "require_torch",
-           "verify_files"]
+__all__ = ["Scores", "Engine", "TorchEngine", "OnnxEngine", "load_engine", "import_engine", "check_device",
+           "require_torch", "verify_files"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Engine:
 class TorchEngine(Engine):
     """The torch model (radscan.model.simsid), on a device."""
 
-    def __init__(self, model: Any, metadata: dict[str, Any]):
+    def __init__(self, model: Any):
         self.model, self.config = model, model.cfg.to_dict()
         self.threshold = float(model.threshold)
         self.field_mask = model.field_mask.cpu().numpy() > 0 if self.field == "thorax" else None
@@ -159,17 +160,15 @@ def _graphs(directory: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
 
 def _check_seal(sessions: dict[str, Any], metadata: dict[str, Any]) -> float:
     """The threshold sealed in the graphs, after checking that what they seal is model.json's."""
-    calibration = metadata["calibration"]
-    stated = (FORMAT, PREPROCESS_VERSION, _settings(metadata.get("config")),
-              {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")})
+    if metadata.get("preprocess_version") != PREPROCESS_VERSION:
+        raise ModelError(f"model made for preprocessing {metadata.get('preprocess_version')!r}, but this radscan "
+                         f"preprocesses with {PREPROCESS_VERSION!r}: export it again with this radscan")
+    stated = (FORMAT, PREPROCESS_VERSION, _settings(metadata.get("config")), sealed_calibration(metadata))
     for name, session in sessions.items():
         try:
             sealed = json.loads(session.get_modelmeta().custom_metadata_map.get(SEAL_KEY, "{}"))
         except ValueError:
             sealed = {}
-        if metadata.get("preprocess_version") != PREPROCESS_VERSION:
-            raise ModelError(f"model made for preprocessing {metadata.get('preprocess_version')!r}, but this radscan "
-                             f"preprocesses with {PREPROCESS_VERSION!r}: export it again with this radscan")
         found = (sealed.get("format"), sealed.get("preprocess_version"), _settings(sealed.get("config")),
                  sealed.get("calibration"))
         if found != stated:
@@ -218,19 +217,24 @@ def import_engine(metadata: dict[str, Any]) -> None:
         import radscan.model.runtime  # noqa: F401
 
 
+def check_device(metadata: dict[str, Any], device: str) -> None:
+    """SettingError (exit 2) for a device an exported model cannot run on: ONNX Runtime scores on the CPU."""
+    if is_exported(metadata) and device not in ("auto", "cpu"):
+        raise SettingError(f"an exported model scores with ONNX Runtime on the CPU: --device {device} needs the "
+                           "torch model it was exported from")
+
+
 def load_engine(directory: Path, device: str = "auto", threads: int = 0) -> tuple[Engine, dict[str, Any]]:
     """The verified engine of a model directory and its model.json: ONNX Runtime for an exported model
     (on the CPU; `device` must be auto or cpu), else torch on `device`. Raises ModelError (65) for
     files that do not verify, SettingError (2) for an engine or device that is not available."""
     metadata = read_metadata(Path(directory))
+    check_device(metadata, device)
     if is_exported(metadata):
-        if device not in ("auto", "cpu"):
-            raise SettingError(f"an exported model scores with ONNX Runtime on the CPU: --device {device} needs the "
-                               "torch model it was exported from")
         return OnnxEngine(Path(directory), metadata, threads), metadata
     require_torch(f"the model at {directory} (torch weights)")
     from radscan.model.io import load_model
     from radscan.model.runtime import resolve_device
 
     model, metadata = load_model(Path(directory), resolve_device(device))
-    return TorchEngine(model, metadata), metadata
+    return TorchEngine(model), metadata

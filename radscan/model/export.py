@@ -30,18 +30,17 @@ import torch
 from radscan.errors import ModelError, OutputError, SettingError
 from radscan.model.io import load_model
 from radscan.model.metadata import (
-    FORMAT,
     METADATA_FILE,
     ONNX_ENGINE,
     ONNX_GRAPHS,
     SEAL_KEY,
     WEIGHTS_FILE,
     exported,
-    sealed_extras,
+    seal,
+    sealed_calibration,
     sha256_file,
 )
 from radscan.model.simsid import COMPONENTS, SimSID
-from radscan.preprocess import PREPROCESS_VERSION
 from radscan.report import FILE_MODE, atomic_output, head_card
 
 __all__ = ["export_model", "CHUNK", "OPSET"]
@@ -98,7 +97,7 @@ _OUTPUTS = {"score": ["raw", "z", "map"], "explain": ["raw", "z", "map", "residu
 def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write `model_dir`'s model as ONNX graphs into `out_dir` (a new or empty folder), with its QC
     reference, model card and reports, and a model.json that names the graphs and their sha256.
-    Returns the export's summary (paths, sizes, the largest difference from torch on random films).
+    Returns the export's summary (the folder, the engine, the graphs' paths and their bytes).
 
     Raises ModelError (65) for a model that does not verify, SettingError (2) for a score kind or
     field the graphs cannot compute, or an `out_dir` that holds something, OutputError (73) when
@@ -118,11 +117,10 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SettingError(f"{out_dir} is not an empty folder: radscan export never overwrites a model; choose "
                            "another --out")
-    seal = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION, "config": config.to_dict(),
-                       "calibration": _calibration_values(metadata), **sealed_extras(metadata)}, sort_keys=True)
+    sealed = seal(config.to_dict(), metadata, calibration=sealed_calibration(metadata))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        graphs = {name: _write_graph(graph(model).eval(), out_dir / ONNX_GRAPHS[name], seal)
+        graphs = {name: _write_graph(graph(model).eval(), out_dir / ONNX_GRAPHS[name], sealed)
                   for name, graph in (("score", _ScoreGraph), ("explain", _ExplainGraph))}
         for name in sorted(os.listdir(model_dir)):  # the QC reference, the card, the reports, the split
             source = model_dir / name
@@ -138,13 +136,6 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
             "bytes": sum(g["bytes"] for g in graphs.values())}
 
 
-def _calibration_values(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The calibration values model.json shows people (the graphs hold them as constants): sealed, so
-    that an edit of them is refused as the torch model refuses it."""
-    calibration = metadata["calibration"]
-    return {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")}
-
-
 def _head_the_card(out_dir: Path, written: dict[str, Any]) -> None:
     """The copied model card (README.md), headed by what the export changed: its files and sha256."""
     source = written["exported_from"]
@@ -156,7 +147,7 @@ def _head_the_card(out_dir: Path, written: dict[str, Any]) -> None:
               "scores are the same (within 1e-6). Training and `radscan calibrate` need that torch model.")
 
 
-def _write_graph(graph: torch.nn.Module, path: Path, seal: str) -> dict[str, Any]:
+def _write_graph(graph: torch.nn.Module, path: Path, sealed: str) -> dict[str, Any]:
     """Export `graph` on a chunk of films, seal the settings into its metadata, write it atomically."""
     import onnx
 
@@ -170,7 +161,7 @@ def _write_graph(graph: torch.nn.Module, path: Path, seal: str) -> dict[str, Any
     proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
-    entry.key, entry.value = SEAL_KEY, seal
+    entry.key, entry.value = SEAL_KEY, sealed
     tmp.unlink()
     with atomic_output(path, "wb") as handle:
         handle.write(proto.SerializeToString())

@@ -25,12 +25,13 @@ from radscan.model.config import SimSIDConfig
 from radscan.model.metadata import (
     FORMAT,
     METADATA_FILE,
+    SEAL_KEY,
     WEIGHTS_FILE,
     check_sealed_extras,
     is_exported,
     read_metadata,
     read_verified,
-    sealed_extras,
+    seal,
     sealed_settings,
     sha256_file,
 )
@@ -53,9 +54,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     # what changes scores besides the tensors (format, preprocessing, settings) is sealed inside the
     # hashed weights file too, so an edit of model.json alone is refused by load_model. One metadata
     # key: safetensors writes several in a random order, and the same seed must give the same bytes.
-    sealed = json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION,
-                         "config": model.cfg.to_dict(), **sealed_extras(metadata)}, sort_keys=True)
-    save_file(state, str(tmp), metadata={"radscan": sealed})
+    save_file(state, str(tmp), metadata={SEAL_KEY: seal(model.cfg.to_dict(), metadata)})
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, weights)
     calibration = metadata.setdefault("calibration", {})

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import ModelError
+from radscan.preprocess import PREPROCESS_VERSION
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS", "is_exported",
            "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
-           "ModelIdentity", "new_version", "recalibrated", "exported"]
+           "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
@@ -96,6 +97,21 @@ def exported(before: dict[str, Any], graphs: dict[str, dict[str, Any]], opset: i
             "onnx": {"opset": opset, "chunk": chunk, "explain": {"file": ONNX_GRAPHS["explain"], **graphs["explain"]}},
             "exported_from": {"version": before.get("version"), "sha256": before["weights"]["sha256"],
                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch_version}}
+
+
+def sealed_calibration(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The calibration values model.json shows people, which an export holds as constants in its graphs:
+    sealed in them, so that an edit is refused as the torch model refuses it (radscan.model.io)."""
+    calibration = metadata["calibration"]
+    return {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")}
+
+
+def seal(config: dict[str, Any], metadata: dict[str, Any], **more: Any) -> str:
+    """The JSON sealed in a weights file or an exported graph: what changes a result besides the
+    tensors (format, preprocessing, model settings, sealed_extras, and `more`). Sorted keys: the
+    same model gives the same bytes."""
+    return json.dumps({"format": FORMAT, "preprocess_version": PREPROCESS_VERSION, "config": config,
+                       **sealed_extras(metadata), **more}, sort_keys=True)
 
 
 def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
