@@ -67,6 +67,14 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
+def _same_bytes(path: Path, encoded: bytes) -> bool:
+    """Whether the file at `path` holds exactly `encoded` (False when it cannot be read)."""
+    try:
+        return path.stat().st_size == len(encoded) and path.read_bytes() == encoded
+    except OSError:
+        return False
+
+
 class Spool:
     """The listener's folder: `incoming/` (studies still arriving) and `studies/` (complete ones,
     the input of the scoring runs). Thread-safe: pynetdicom answers each association in a thread."""
@@ -92,11 +100,18 @@ class Spool:
             raise OSError(errno.ENOSPC, "the spool's disk is full (below the reserve)")
         study = _digest(study_uid or f"no study UID: {sop_uid}")
         folder = self.incoming / study
-        folder.mkdir(exist_ok=True)
         path = folder / f"{_digest(sop_uid)}.dcm"
-        if path.exists() or (self.studies / study / path.name).exists():
-            log.warning("an instance was sent again with a SOP Instance UID already received: the new copy replaces "
-                        "the earlier one, and its result replaces the earlier result (study %s)", study)
+        earlier = [copy for copy in (path, self.studies / study / path.name) if copy.is_file()]
+        if any(_same_bytes(copy, encoded) for copy in earlier):
+            # a sender's retry (a lost acknowledgement, a PACS resending a study): nothing new to score,
+            # and leaving the earlier file untouched keeps its result (the state store knows it unchanged)
+            log.info("an identical copy of an instance already received was sent again: kept the earlier one "
+                     "(study %s)", study)
+            return earlier[0]
+        if earlier:
+            log.warning("an instance was sent again with a SOP Instance UID already received and other content: "
+                        "the new copy replaces the earlier one, and its result the earlier result (study %s)", study)
+        folder.mkdir(exist_ok=True)
         tmp = folder / f".{path.name}.{threading.get_ident()}.part"
         try:
             with open(tmp, "wb") as handle:

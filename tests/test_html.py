@@ -312,6 +312,17 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "worklist-phone.png", full_page=True)
+    # the enlarged picture keeps a readable height and scrolls sideways, not a 390 px strip of panels
+    page.locator("#rows img").first.click()
+    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    picture = page.locator("#viewer-image").bounding_box()
+    assert picture is not None and picture["height"] >= 0.5 * 844, picture
+    assert page.evaluate("(f => f.scrollWidth > f.clientWidth)(document.getElementById('viewer-frame'))")
+    assert page.locator(".swipe-hint").is_visible() and not page.locator(".esc-hint").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    page.screenshot(path=ARTIFACTS / "worklist-phone-picture.png")
+    page.locator("#viewer-caption").click()  # a tap closes it
+    assert not page.locator("#viewer").is_visible()
 
 
 @pytest.mark.parametrize(("lines", "aspect"), [(2, 1.0), (5, 0.62), (9, 1.9)])

@@ -61,8 +61,8 @@ from radscan.records import counted
               help="Which epoch's model is saved: the last; 'best', the highest validation AUC of its score "
                    "(needs --val-abnormal; judge that model on other films); or 'synthetic', without labels, the "
                    "epoch whose density best tells the calibration normals from copies of them given one "
-                   "synthetic local defect each (for populations whose training drifts, e.g. adults with "
-                   "--field thorax-box; see docs/training.md).")
+                   "synthetic local defect each (experimental: it kept a good epoch in 5 of 7 seeds; check the "
+                   "kept epoch against the training report's curve; see docs/training.md).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
               help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=RECIPE.batch_size, show_default=True)

@@ -56,6 +56,23 @@ def test_a_study_completes_when_quiet_and_a_restart_finds_what_was_left(tmp_path
     assert not any(again.incoming.iterdir())
 
 
+def test_an_identical_resend_keeps_the_earlier_file_and_a_changed_one_replaces_it(tmp_path):
+    """A sender's retry of an instance already scored leaves its file (size and mtime: the state
+    store's identity) as it was, so it is not scored again; other content under the same UID replaces it."""
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"first", "1.2.3", "1.2.3.1")
+    spool.complete(quiet_s=0)
+    [scored] = spool.studies.rglob("*.dcm")
+    before = scored.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert spool.store(b"first", "1.2.3", "1.2.3.1") == scored
+    assert spool.complete(quiet_s=0) == [] and not any(spool.incoming.iterdir())
+    assert scored.stat().st_mtime_ns == before and scored.read_bytes() == b"first"
+    spool.store(b"second", "1.2.3", "1.2.3.1")
+    assert [count for _, count in spool.complete(quiet_s=0)] == [1]
+    assert scored.read_bytes() == b"second"
+
+
 def test_a_worklist_locked_by_another_run_is_scored_after_it(tmp_path):
     pytest.importorskip("pynetdicom", reason="needs radscan[pacs]")
     spool = Spool(tmp_path / "spool")
