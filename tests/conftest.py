@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RADSCAN_TEST_DATA", REPO.parent / "shared" / "data"))
 DICOM_DIR = DATA / "dicom"
 CXR_DIR = DATA / "cxr"
+PATIENT_ID = "TEST^SECRET-4711"  # written into a test study; must never reach a log, name or cache
 
 _MISSING = (f"needs the real test data at {DATA}: chest X-rays and DICOM files from public sources (docs/testing.md "
             "says which and where they come from); put them there or set RADSCAN_TEST_DATA")
@@ -74,3 +76,26 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     train([str(normals)], out, preset("tiny"), TrainConfig(epochs=1, batch_size=8), workers=1, progress=False)
     return out
+
+
+@pytest.fixture()
+def studies(tmp_path) -> Path:
+    """DICOM studies (one with two images, one with an identifier to protect), JPEG studies, an SR."""
+    import pydicom
+
+    root = tmp_path / "incoming"
+    (root / "cr1").mkdir(parents=True)
+    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "cr1" / "IM1")
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", root / "cr1" / "IM2")  # another study UID
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    ds.PatientID = PATIENT_ID
+    (root / "nih").mkdir()
+    ds.save_as(root / "nih" / "a.dcm")
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+    ds.save_as(root / "nih" / "b.dcm")
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "nih" / "sr.dcm")
+    for label, folder in (("normal", "test_normal"), ("pneumonia", "test_abnormal")):
+        for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / folder).iterdir())[:3]):
+            (root / f"{label}{index}").mkdir()
+            shutil.copy(jpeg, root / f"{label}{index}" / jpeg.name)
+    return root

@@ -18,7 +18,7 @@ from PIL import Image
 
 from radscan.ingest import find_files, iter_ingested
 from radscan.policy import Policy
-from tests.unit.test_dicom_edge import _ingest, assert_plain
+from tests.support import assert_plain, ingest_one
 
 from .conftest import DATA
 
@@ -90,7 +90,7 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
 
     source = DATA / "dicom" / name
     policy = Policy(modalities=None, frames="first")
-    expected = _ingest(source, policy)[1]
+    expected = ingest_one(source, policy)[1]
     assert expected is not None
     ds = pydicom.dcmread(source)
     if planar is None:
@@ -99,7 +99,7 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
         ds.PlanarConfiguration = planar
     changed = tmp_path / "changed.dcm"
     ds.save_as(changed)
-    record, image = _ingest(changed, policy)
+    record, image = ingest_one(changed, policy)
     assert record.status == "ok", record.reason
     assert np.array_equal(image, expected)
 

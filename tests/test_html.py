@@ -20,7 +20,6 @@ from radscan.cli import cli
 from radscan.htmlreport import PAGE_SIZE, write_worklist_html
 
 from .conftest import CXR_DIR, DICOM_DIR
-from .test_score import studies  # noqa: F401 (the fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e .[dev]")

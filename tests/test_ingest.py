@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from radscan.ingest import Found, find_files, ingest_file, iter_ingested, sniff_kind
 from radscan.policy import Policy
-from tests.unit.test_dicom_edge import assert_plain
-from tests.unit.test_ingest import _BIDI, _ingest, _remove_chain
+from tests.support import BIDI, assert_plain, ingest_one, remove_chain
 
 from .conftest import CXR_DIR, DICOM_DIR
 
@@ -84,7 +83,7 @@ def test_radscan_scan_reads_a_film_1900_folders_down(tmp_path):
         done = subprocess.run([sys.executable, "-m", "radscan", "-q", "scan", str(root), "--out",
                                str(tmp_path / "inventory.csv"), "--workers", "1"], capture_output=True, text=True)
     finally:
-        _remove_chain(root, "d", 1900, "film.jpeg")
+        remove_chain(root, "d", 1900, "film.jpeg")
     assert done.returncode == 0, done.stderr[-500:]
     rows = (tmp_path / "inventory.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("/".join(["d"] * 1900) + "/film.jpeg,")
@@ -274,7 +273,7 @@ def test_a_header_value_with_a_right_to_left_override_is_shown_as_it_is(tmp_path
     ds.save_as(tmp_path / "rlo.dcm")
     record, _ = ingest_file(Found(str(tmp_path), "rlo.dcm"), Policy())
     assert record.AccessionNumber == "A\\u202e12345"
-    assert not set(record.as_row()["AccessionNumber"]) & set(_BIDI)
+    assert not set(record.as_row()["AccessionNumber"]) & set(BIDI)
 
 
 def test_decoding_workers_end_with_a_killed_run(tmp_path):
@@ -315,7 +314,7 @@ RASTERS = (
 
 @pytest.mark.parametrize("path", RASTERS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_chest_jpeg_and_png_load_at_any_size(path):
-    record, image = _ingest(path)
+    record, image = ingest_one(path)
     assert record.status == "ok", record.reason
     assert record.kind == ("jpeg" if path.suffix == ".jpeg" else "png")
     assert image.shape == (128, 128) and image.dtype == np.uint8

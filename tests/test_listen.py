@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from .conftest import DICOM_DIR, REPO, free_port
-from .test_pacs import Orthanc, _needs
+from .support import Orthanc, needs
 
 pytest.importorskip("pynetdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
 
@@ -153,7 +153,7 @@ def test_a_restart_scores_what_arrived_before_it_stopped(tmp_path):
 
 
 def test_orthanc_sends_a_study_that_reaches_the_worklist(tmp_path):
-    _needs("Orthanc", "orthanc")
+    needs("Orthanc", "orthanc")
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"radscan": ["RADSCAN", "127.0.0.1", port]})
     try:

@@ -11,40 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radscan.model.config import preset
-from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
+from radscan.model.simsid import COMPONENTS, SimSID
 
 from .conftest import CXR_DIR, REPO
-
-
-def _real_batch(count: int) -> torch.Tensor:
-    from PIL import Image
-
-    from radscan.preprocess import to_model_input
-
-    files = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:count]
-    return to_model_tensor(np.stack([to_model_input(np.asarray(Image.open(f).convert("L"))) for f in files]))
-
-
-def _calibrated_tiny(**overrides) -> SimSID:
-    """A tiny model with moved BN statistics and a small calibration spread, as after training."""
-    torch.manual_seed(0)
-    model = SimSID(preset("tiny", **overrides))
-    model.train()
-    model.generate(_real_batch(16))  # move BN running statistics away from their initial values
-    model.eval()
-    if model.density is not None:  # a density fitted to real films, as after training
-        from radscan.calibration import fit_density
-
-        fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
-                    torch.device("cpu"))
-    model.calibration_std.fill_(1e-3)  # a small spread, as after training, magnifies any difference
-    return model
+from .support import calibrated_tiny, real_batch
 
 
 @pytest.mark.parametrize(("d_norm", "score_kind"), [("instance", "critic"), ("batch", "seed"), ("instance", "density")])
 def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
-    model = _calibrated_tiny(d_norm=d_norm, score_kind=score_kind, critic_snapshots=2, density_grid=8)
-    batch = torch.cat([_real_batch(16), _real_batch(24)[8:]])  # 32 images
+    model = calibrated_tiny(d_norm=d_norm, score_kind=score_kind, critic_snapshots=2, density_grid=8)
+    batch = torch.cat([real_batch(16), real_batch(24)[8:]])  # 32 images
     together = model.score(batch)
     assert together.explanation_maps.shape == (32, 128, 128) and (together.explanation_maps >= 0).all()
     assert together.explanation_maps.abs().sum() > 0
@@ -60,10 +36,10 @@ def test_score_and_explanation_are_batch_invariant(d_norm, score_kind):
 
 _SCORE_ON_CAPABILITY = """
 import sys, torch
-from tests.test_model import _calibrated_tiny, _real_batch
+from tests.support import calibrated_tiny, real_batch
 saved = {}
 for kind in ("critic", "density"):
-    result = _calibrated_tiny(critic_snapshots=2, density_grid=8, score_kind=kind).score(_real_batch(16))
+    result = calibrated_tiny(critic_snapshots=2, density_grid=8, score_kind=kind).score(real_batch(16))
     saved.update({f"{kind} {f}": getattr(result, f) for f in ("raw_scores", "residual_maps", "explanation_maps")})
 torch.save(saved, sys.argv[1])
 """
@@ -98,8 +74,8 @@ def test_scores_agree_across_cpu_instruction_sets(tmp_path):
 def test_scoring_without_the_other_components_gives_the_same_scores(score_kind):
     """Without pictures, radscan score asks only for the configured score (for the critic, no
     generator pass): the scores must be bit-identical to the full computation."""
-    model = _calibrated_tiny(score_kind=score_kind, critic_snapshots=2, density_grid=8)
-    batch = _real_batch(16)
+    model = calibrated_tiny(score_kind=score_kind, critic_snapshots=2, density_grid=8)
+    batch = real_batch(16)
     full = model.score(batch, explain=False)
     lean = model.score(batch, explain=False, components=False)
     assert torch.equal(lean.scores, full.scores) and torch.equal(lean.raw_scores, full.raw_scores)
@@ -117,10 +93,10 @@ def test_scoring_without_the_other_components_gives_the_same_scores(score_kind):
 
 
 def test_density_score_is_the_mean_of_its_region_map_in_z_units():
-    model = _calibrated_tiny(score_kind="density", density_grid=8)
+    model = calibrated_tiny(score_kind="density", density_grid=8)
     model.calibration_std.fill_(7.0)
     model.explanation_normal.fill_(-1000.0)  # nothing subtracted, nothing clamped: the map as it is
-    batch = _real_batch(4)
+    batch = real_batch(4)
     result = model.score(batch, components=False)
     with torch.no_grad():
         regions = model.density_regions(batch)
@@ -139,7 +115,7 @@ def test_density_score_is_the_mean_of_its_region_map_in_z_units():
 
 def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():
     model = SimSID(preset("tiny", critic_view_shift=0.0)).eval()  # one view: D(I) itself
-    images = _real_batch(4)
+    images = real_batch(4)
     with torch.no_grad():
         logits = model.discriminator(images)
     model.critic_mean.fill_(-logits.mean())
@@ -157,7 +133,7 @@ def test_critic_score_is_the_negated_calibrated_discriminator_of_the_input():
 
 
 def test_seed_and_residual_kinds_are_computed_as_documented():
-    images = _real_batch(4)
+    images = real_batch(4)
     for kind in ("seed", "residual"):
         model = SimSID(preset("tiny", score_kind=kind)).eval()
         with torch.no_grad():
@@ -168,7 +144,7 @@ def test_seed_and_residual_kinds_are_computed_as_documented():
 
 def test_snapshot_critics_average_their_z_scores():
     model = SimSID(preset("tiny", critic_snapshots=3, critic_view_shift=0.0)).eval()
-    images = _real_batch(4)
+    images = real_batch(4)
     with torch.no_grad():
         for critic in model.snapshot_critics:  # each snapshot its own weights, as after training
             for weight in critic.parameters():
@@ -182,7 +158,7 @@ def test_snapshot_critics_average_their_z_scores():
 
 def test_critic_judges_four_diagonally_shifted_views():
     model = SimSID(preset("tiny", critic_view_shift=0.05)).eval()
-    images = _real_batch(2)
+    images = real_batch(2)
     step = round(0.05 * 128)  # 6 pixels
     padded = torch.nn.functional.pad(images, (step,) * 4, value=-1.0)
     views = [padded[..., top:top + 128, left:left + 128] for top in (0, 2 * step) for left in (0, 2 * step)]
@@ -202,7 +178,7 @@ def test_critic_low_pass_hides_detail_finer_than_its_sigma():
     Gaussian of sigma 1.5 attenuates to about 4e-6) barely moves its verdict, while the film's
     layout still does."""
     torch.manual_seed(0)
-    images = _real_batch(2)
+    images = real_batch(2)
     checker = 0.2 * (torch.arange(128)[:, None] + torch.arange(128)[None, :]).remainder(2).float().mul(2).sub(1)
     checker = torch.nn.functional.pad(checker[8:-8, 8:-8], (8,) * 4)
     sharp = SimSID(preset("tiny")).eval()
@@ -226,7 +202,7 @@ class _LeftHalfCritic(torch.nn.Module):
 def test_explanation_is_zero_where_the_score_does_not_depend_on_the_pixels():
     model = SimSID(preset("tiny", critic_view_shift=0.0)).eval()
     model.discriminator = _LeftHalfCritic()
-    maps = model.score(_real_batch(3)).explanation_maps
+    maps = model.score(real_batch(3)).explanation_maps
     radius = model.explanation_kernel.shape[-1] // 2
     assert (maps[..., 64 + radius:] == 0).all()
     assert (maps[..., :64 - radius] > 0).float().mean() > 0.2
@@ -258,7 +234,7 @@ def test_thorax_field_of_real_normals_holds_both_lungs_and_not_the_film_edge():
 def test_nothing_outside_the_thorax_field_moves_the_score_or_the_map(top, left, height, width, grey):
     """Whatever lies outside the field (collimation, arms, markers, text) cannot raise a score."""
     model = _thorax_model()
-    films = _real_batch(2)
+    films = real_batch(2)
     outside = ~model.field_mask.bool()
     patch = torch.zeros_like(outside)
     patch[top:top + height, left:left + width] = True
@@ -281,11 +257,11 @@ def _thorax_model() -> SimSID:
         model = SimSID(preset("tiny", score_kind="density", density_grid=8, field="thorax"))
         model.field_mask.copy_(torch.from_numpy(thorax_field(_mean_normal_film()).astype(np.float32)))
         model.train()
-        model.generate(_real_batch(16))
+        model.generate(real_batch(16))
         model.eval()
         from radscan.calibration import fit_density
 
-        fit_density(model, (_real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
+        fit_density(model, (real_batch(24).squeeze(1).numpy() * 127.5 + 127.5).round().astype(np.uint8), 0,
                     torch.device("cpu"))
         model.explanation_normal.fill_(-5.0)  # show the whole map, so that zero means "nothing there"
         _THORAX.append(model)

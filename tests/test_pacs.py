@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -21,24 +19,10 @@ from radscan.dicomresults import NOT_FOR_DIAGNOSIS
 from radscan.errors import ExitCode
 
 from .conftest import CXR_DIR, DICOM_DIR, free_port
-from .test_score import _rows
+from .support import Orthanc, needs, read_rows
 
 hd = pytest.importorskip("highdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
 pytest.importorskip("pynetdicom", reason="needs radscan[pacs]: pip install -e '.[dev]'")
-
-IN_CI = bool(os.environ.get("CI"))
-
-
-def _needs(program: str, package: str) -> str:
-    """The path of `program`, or a skip that says how to install it (a failure in CI, which installs it)."""
-    found = shutil.which(program)
-    if found is None:
-        message = f"needs {program} (Debian package {package}: apt-get install {package}; .ci/run installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
 
 def _score(*args: str):
     result = CliRunner().invoke(cli, ["score", *args, "--json"], auto_envvar_prefix="RADSCAN")
@@ -70,75 +54,6 @@ def _another(uid: str, number: int) -> str:
     return uid[:-2] + f"{number:02d}"
 
 
-class Orthanc:
-    """A real Orthanc on loopback ports, with its own storage, for one test module."""
-
-    AET = "ORTHANC"
-
-    def __init__(self, folder: Path, modalities: dict[str, list] | None = None):
-        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "radscan-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "DicomAet": self.AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "DicomCheckCalledAet": True, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "Plugins": [],
-            "DicomModalities": {"tests": ["RADSCANTEST", "127.0.0.1", 11112], **(modalities or {})},
-        }
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(folder / "orthanc.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([_needs("Orthanc", "orthanc"), str(folder / "orthanc.json")],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.rest("/system")
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
-
-    def rest(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as answer:
-            return json.loads(answer.read())
-
-    def post(self, path: str, body: bytes) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return json.loads(answer.read())
-
-    def instances(self) -> int:
-        return len(self.rest("/instances"))
-
-    def find_images(self, study_uid: str) -> list[tuple[str, str, str]]:
-        """(SOPClassUID, SOPInstanceUID, SeriesDescription) of the study's instances, by C-FIND."""
-        from pynetdicom import AE
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
-
-        ae = AE(ae_title="RADSCANTEST")
-        ae.add_requested_context(Find)
-        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=self.AET)
-        assert assoc.is_established
-        query = pydicom.Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
-        query.StudyInstanceUID = study_uid
-        query.SeriesInstanceUID = ""
-        query.SOPInstanceUID = query.SOPClassUID = query.SeriesDescription = ""
-        found = [(str(i.SOPClassUID), str(i.SOPInstanceUID), str(i.get("SeriesDescription", "")))
-                 for status, i in assoc.send_c_find(query, Find) if i is not None]
-        assoc.release()
-        return found
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
-
-
 @pytest.fixture()
 def orthanc(tmp_path):
     server = Orthanc(tmp_path / "orthanc")
@@ -154,7 +69,7 @@ def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny
     out, folder = tmp_path / "out" / "report.csv", tmp_path / "out" / "dicom"
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), "--dicom-out", str(folder))
     assert result.exit_code == ExitCode.OK, result.output
-    rows = _rows(out)
+    rows = read_rows(out)
     scored = [row for row in rows if row["status"] == "ok"]
     dicom = [row for row in scored if row["kind"] == "dicom"]
     assert len(dicom) == 4 and summary["dicom"]["written"] == 8 and summary["dicom"]["not_made"] == 0
@@ -163,7 +78,7 @@ def test_results_carry_the_score_reference_the_source_and_validate(studies, tiny
     assert jpeg["dicom_result"].startswith("none: a JPEG or PNG file has no DICOM study") and not jpeg["dicom_sr"]
     assert next(row for row in rows if row["path"] == "nih/sr.dcm")["status"] == "skipped"
 
-    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    dciodvfy = needs("dciodvfy", "dicom3tools")
     statuses = set()
     for row, sr_path, sc_path in _results(rows, out):
         source = pydicom.dcmread(studies / row["path"], stop_before_pixels=True, force=True)
@@ -221,12 +136,12 @@ def test_the_sr_of_a_film_quality_control_warned_about_says_so(tmp_path):
     result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder),
                        "--qc", "off")  # first without quality control: an SR with no verdict
     assert result.exit_code == ExitCode.OK, result.output
-    unchecked = pydicom.dcmread(out.parent / _rows(out)[0]["dicom_sr"]).SOPInstanceUID
+    unchecked = pydicom.dcmread(out.parent / read_rows(out)[0]["dicom_sr"]).SOPInstanceUID
     result, summary = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out",
                              str(folder))
     assert result.exit_code == ExitCode.OK, result.output
     assert summary["dicom"]["written"] == 2  # the verdict alone changed: a new SR (and its picture)
-    row = _rows(out)[0]
+    row = read_rows(out)[0]
     assert row["qc_status"] == "warn" and "age" in row["qc_reason"]
     report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out.parent / row["dicom_sr"]))
     values = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in _items(report)}
@@ -260,7 +175,7 @@ def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_
     result, _ = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder),
                        "--qc", "off")
     assert result.exit_code == ExitCode.OK, result.output
-    assert _rows(out)[0]["dicom_result"] == "written" and len(list(folder.iterdir())) == 2
+    assert read_rows(out)[0]["dicom_result"] == "written" and len(list(folder.iterdir())) == 2
     uids = sorted(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in folder.iterdir())
     sent = how == "upside down"
     if sent:  # as a run with --send records what the PACS accepted
@@ -272,7 +187,7 @@ def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_
     result, summary = _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out",
                              str(folder))
     assert result.exit_code == ExitCode.OK, result.output
-    row = _rows(out)[0]
+    row = read_rows(out)[0]
     assert row["status"] == "rejected", row
     assert row["dicom_result"].startswith("none: quality control rejected") and not row["dicom_sr"]
     assert list(folder.iterdir()) == []
@@ -281,7 +196,7 @@ def test_a_film_quality_control_now_rejects_says_so_and_keeps_no_old_result(tmp_
     assert ("holds results radscan sent earlier" in result.output) == sent
     if sent:  # a later run, with nothing left in the folder, still says where those results are
         _score(str(tmp_path / "in"), "--out", str(out), "--model", str(shipped), "--dicom-out", str(folder))
-        assert all(uid in _rows(out)[0]["dicom_result"] for uid in uids)
+        assert all(uid in read_rows(out)[0]["dicom_result"] for uid in uids)
 
 
 def _items(dataset):
@@ -311,7 +226,7 @@ def test_results_arrive_in_orthanc_once_and_are_found_in_the_source_study(studie
     assert result.exit_code == ExitCode.OK, result.output
     assert summary["dicom"]["sent"] == 8 and summary["dicom"]["not_sent"] == 0
     assert orthanc.instances() == 8
-    rows = _rows(out)
+    rows = read_rows(out)
     for row, sr_path, sc_path in _results(rows, out):
         assert row["dicom_result"] == f"{Orthanc.AET}@127.0.0.1:{orthanc.dicom_port}".join(["sent to ", ""])
         source = pydicom.dcmread(studies / row["path"], stop_before_pixels=True, force=True)
@@ -339,7 +254,7 @@ def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_mod
     assert result.exit_code == ExitCode.PARTIAL, result.output
     assert summary["exit_code"] == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8
     assert len(list(folder.glob("*.dcm"))) == 8
-    waiting = [row for row in _rows(out) if row["dicom_sr"]]
+    waiting = [row for row in read_rows(out) if row["dicom_sr"]]
     assert len(waiting) == 4 and all(row["reason"].startswith("results not sent to") for row in waiting)
     assert all(row["dicom_result"].startswith("not sent: ") and row["status"] == "ok" for row in waiting)
 
@@ -347,14 +262,14 @@ def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_mod
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *up)
     assert result.exit_code == ExitCode.OK and summary["scored_now"] == 0 and summary["dicom"]["sent"] == 8
     assert orthanc.instances() == 8
-    assert all(row["reason"] == "" for row in _rows(out) if row["status"] == "ok")
+    assert all(row["reason"] == "" for row in read_rows(out) if row["status"] == "ok")
 
     # a PACS that refuses the called AE title: a reason that says what to check, exit 3
     wrong = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", "NOTORTHANC"]
     shutil.rmtree(folder)  # written again, and not yet accepted by this (other) destination
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *wrong)
     assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8
-    assert "check --send, --called-ae" in next(row for row in _rows(out) if row["dicom_sr"])["reason"]
+    assert "check --send, --called-ae" in next(row for row in read_rows(out) if row["dicom_sr"])["reason"]
 
 
 @pytest.mark.parametrize("refusal", ["no SR context", "status 0x0122"])
@@ -382,7 +297,7 @@ def test_a_pacs_that_refuses_for_good_is_not_promised_the_next_run(studies, tiny
         server.shutdown()
     assert result.exit_code == ExitCode.PARTIAL, result.output
     assert summary["dicom"]["sent"] == 4 and summary["dicom"]["not_sent"] == summary["dicom"]["refused"] == 4
-    rows = [row for row in _rows(out) if row["dicom_sr"]]
+    rows = [row for row in read_rows(out) if row["dicom_sr"]]
     assert len(rows) == 4 and all("in vain until the PACS's administrator lets AE title RADSCAN store them"
                                   in row["reason"] and "next run" not in row["reason"] for row in rows)
     assert any("no rerun sends them" in problem for problem in summary["problems"])
@@ -400,7 +315,7 @@ def test_an_image_whose_results_cannot_be_made_says_why_and_exits_3(studies, tin
                              "--dicom-out", str(tmp_path / "dicom"))
     assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 1
     assert summary["dicom"]["written"] == 6
-    row = next(row for row in _rows(out) if row["path"] == "nih/b.dcm")
+    row = next(row for row in read_rows(out) if row["path"] == "nih/b.dcm")
     assert row["status"] == "ok" and row["dicom_result"] == "none: the file's SOPInstanceUID is missing or not a " \
         "valid UID"
 
@@ -422,7 +337,7 @@ def test_a_full_disk_under_dicom_out_costs_the_results_not_the_worklist(studies,
     assert result.exit_code == ExitCode.PARTIAL, result.output
     assert summary["dicom"]["written"] == 0 and summary["dicom"]["not_made"] >= 1
     assert out.exists() and (tmp_path / "report_studies.csv").exists() and (tmp_path / "report.html").exists()
-    dicom_rows = [row for row in _rows(out) if row["kind"] == "dicom" and row["status"] == "ok"]
+    dicom_rows = [row for row in read_rows(out) if row["kind"] == "dicom" and row["status"] == "ok"]
     assert dicom_rows and all(row["dicom_result"].startswith("none: cannot write them") for row in dicom_rows)
     assert all("No space left on device" in row["dicom_result"] for row in dicom_rows)
     assert "Traceback" not in result.output
@@ -469,7 +384,7 @@ def test_changed_sources_and_tampered_results_are_rewritten_and_resent(studies, 
     send = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
     result, _ = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
     assert result.exit_code == ExitCode.OK and orthanc.instances() == 8
-    before = {row["path"]: row for row in _rows(out)}
+    before = {row["path"]: row for row in read_rows(out)}
     old_sr = pydicom.dcmread(out.parent / before["nih/a.dcm"]["dicom_sr"])
 
     ds = pydicom.dcmread(studies / "nih" / "a.dcm")
@@ -487,7 +402,7 @@ def test_changed_sources_and_tampered_results_are_rewritten_and_resent(studies, 
 
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
     assert result.exit_code == ExitCode.OK, result.output
-    after = {row["path"]: row for row in _rows(out)}
+    after = {row["path"]: row for row in read_rows(out)}
     assert after["nih/a.dcm"]["score"] != before["nih/a.dcm"]["score"]
     new_sr = pydicom.dcmread(out.parent / after["nih/a.dcm"]["dicom_sr"])
     assert new_sr.SOPInstanceUID != old_sr.SOPInstanceUID
@@ -527,10 +442,10 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
                              str(tmp_path / "dicom"), "--qc", "off", "--frames", "middle", "--modalities", "all",
                              "--body-parts", "all", "--views", "all")
     assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 1, result.output
-    rows = {row["path"]: row for row in _rows(out)}
+    rows = {row["path"]: row for row in read_rows(out)}
     assert rows["longid.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM")
     assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
-    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    dciodvfy = needs("dciodvfy", "dicom3tools")
     for name in ("latin.dcm", "sided.dcm", "frames.dcm"):
         for key in ("dicom_sr", "dicom_sc"):
             path = out.parent / rows[name][key]
@@ -555,7 +470,7 @@ def test_every_new_verdict_is_a_new_object_and_damage_is_repaired_in_place(studi
 
     def run():
         result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
-        return result, summary, {row["path"]: row for row in _rows(out)}
+        return result, summary, {row["path"]: row for row in read_rows(out)}
 
     _, _, rows = run()
     first = pydicom.dcmread(out.parent / rows["nih/a.dcm"]["dicom_sr"])
@@ -608,9 +523,9 @@ def test_a_uid_with_an_illegal_root_or_an_unsupported_deidentification_claim(dic
     out = tmp_path / "report.csv"
     result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
                              str(tmp_path / "dicom"), "--qc", "off")
-    rows = {row["path"]: row for row in _rows(out)}
+    rows = {row["path"]: row for row in read_rows(out)}
     assert result.exit_code == ExitCode.PARTIAL and rows["root9.dcm"]["dicom_result"].startswith("none: the file's")
-    dciodvfy = _needs("dciodvfy", "dicom3tools")
+    dciodvfy = needs("dciodvfy", "dicom3tools")
     for key in ("dicom_sr", "dicom_sc"):
         checked = subprocess.run([dciodvfy, str(out.parent / rows["claims.dcm"][key])], capture_output=True, text=True)
         assert not [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]

@@ -13,7 +13,7 @@ from PIL import Image
 from radscan.policy import Policy
 from radscan.scan import scan
 
-from .test_dicom_edge import assert_plain
+from .support import assert_plain
 
 HAVE_LIBJPEG = importlib.util.find_spec("libjpeg") is not None
 

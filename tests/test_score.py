@@ -3,7 +3,6 @@ bad input."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -25,41 +24,12 @@ from radscan.pictures import PICTURE_LAYOUT
 from radscan.state import hold_lock
 from radscan.worklist import REPORT_COLUMNS, STUDY_COLUMNS
 
-from .conftest import CXR_DIR, DICOM_DIR
-
-PATIENT_ID = "TEST^SECRET-4711"
+from .conftest import CXR_DIR, DICOM_DIR, PATIENT_ID
+from .support import read_rows
 
 
 def _run(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, list(args), env=env, auto_envvar_prefix="RADSCAN")
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-@pytest.fixture()
-def studies(tmp_path) -> Path:
-    """DICOM studies (one with two images, one with an identifier to protect), JPEG studies, an SR."""
-    import pydicom
-
-    root = tmp_path / "incoming"
-    (root / "cr1").mkdir(parents=True)
-    shutil.copy(DICOM_DIR / "fo-dicom/CR-MONO1-10-chest", root / "cr1" / "IM1")
-    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", root / "cr1" / "IM2")  # another study UID
-    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
-    ds.PatientID = PATIENT_ID
-    (root / "nih").mkdir()
-    ds.save_as(root / "nih" / "a.dcm")
-    ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
-    ds.save_as(root / "nih" / "b.dcm")
-    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", root / "nih" / "sr.dcm")
-    for label, folder in (("normal", "test_normal"), ("pneumonia", "test_abnormal")):
-        for index, jpeg in enumerate(sorted((CXR_DIR / "kermany_pediatric_224" / folder).iterdir())[:3]):
-            (root / f"{label}{index}").mkdir()
-            shutil.copy(jpeg, root / f"{label}{index}" / jpeg.name)
-    return root
 
 
 def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
@@ -70,7 +40,7 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["files"] == 11 and summary["counts"] == {"ok": 10, "skipped": 1, "error": 0, "rejected": 0}
 
-    rows = _rows(out)
+    rows = read_rows(out)
     assert tuple(rows[0]) == REPORT_COLUMNS
     assert len(rows) == 11 and len({r["path"] for r in rows}) == 11
     scored = [r for r in rows if r["status"] == "ok"]
@@ -89,7 +59,7 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     assert devices["cr1/IM1"] == ("FUJI PHOTO FILM CO. LTD.", "9000", "")
     assert devices["cr1/IM2"] == ("FUJIFILM Corporation", "", "DEVO") and devices["nih/a.dcm"] == ("", "", "")
 
-    study_rows = _rows(out.parent / "report_studies.csv")
+    study_rows = read_rows(out.parent / "report_studies.csv")
     assert tuple(study_rows[0]) == STUDY_COLUMNS
     assert len(study_rows) == 9  # cr1 holds two studies (two StudyInstanceUIDs); nih is one
     assert {r["StationName"] for r in study_rows if r["top_path"] == "cr1/IM2"} == {"DEVO"}
@@ -137,7 +107,7 @@ def test_a_study_whose_every_image_the_policy_skips_still_says_so(studies, tiny_
     result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert result.exit_code == ExitCode.OK, result.output
 
-    study_rows = _rows(out.parent / "report_studies.csv")
+    study_rows = read_rows(out.parent / "report_studies.csv")
     assert len(study_rows) == 10
     last = study_rows[-1]
     assert last["top_path"] == "other/chest.dcm" and last["study_flag"] == "false" and not last["study_score"]
@@ -155,11 +125,11 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     out = tmp_path / "report.csv"
     args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json"]
     first = json.loads(_run(*args).stdout)
-    first_rows = {r["path"]: r for r in _rows(out)}
+    first_rows = {r["path"]: r for r in read_rows(out)}
     again = json.loads(_run(*args).stdout)
     assert (again["scored_now"], again["reused"]) == (0, 11)
-    assert {r["path"]: r["score"] for r in _rows(out)} == {p: r["score"] for p, r in first_rows.items()}
-    assert {r["run_id"] for r in _rows(out) if r["status"] == "ok"} == {first["run_id"]}
+    assert {r["path"]: r["score"] for r in read_rows(out)} == {p: r["score"] for p, r in first_rows.items()}
+    assert {r["run_id"] for r in read_rows(out) if r["status"] == "ok"} == {first["run_id"]}
 
     new = studies / "normal9"
     new.mkdir()
@@ -187,7 +157,7 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     (other_model / "model.json").write_text(json.dumps(meta))
     fourth = json.loads(_run("score", str(studies), "--out", str(out), "--model", str(other_model), "--json").stdout)
     assert (fourth["scored_now"], fourth["reused"]) == (12, 0)
-    assert {r["threshold"] for r in _rows(out) if r["status"] == "ok"} == {"0.5"}
+    assert {r["threshold"] for r in read_rows(out) if r["status"] == "ok"} == {"0.5"}
 
 
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
@@ -203,15 +173,15 @@ def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkey
     args = ["--out", str(out), "--model", str(tiny_model), "--json", "--workers", "1", "--no-residuals"]
     first = json.loads(_run("score", str(tmp_path / "rootA"), str(tmp_path / "rootB"), *args).stdout)
     assert (first["files"], first["studies"]) == (3, 3)
-    keys = {row["study_key"] for row in _rows(out.parent / "report_studies.csv")}
+    keys = {row["study_key"] for row in read_rows(out.parent / "report_studies.csv")}
     assert keys == {(tmp_path / name).resolve().as_posix() for name in ("rootA/p1", "rootB/p1", "rootB")}
-    for row in _rows(out):
+    for row in read_rows(out):
         assert row["study_key"] == (Path(row["root"]).resolve() / row["path"]).parent.as_posix()
 
     monkeypatch.chdir(tmp_path)
     again = json.loads(_run("score", "rootA/", "./rootB", *args).stdout)
     assert (again["scored_now"], again["reused"], again["studies"]) == (0, 3, 3)
-    assert {row["study_key"] for row in _rows(out.parent / "report_studies.csv")} == keys
+    assert {row["study_key"] for row in read_rows(out.parent / "report_studies.csv")} == keys
 
 
 def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_path):
@@ -362,12 +332,12 @@ def test_killed_mid_run_then_rerun_completes_without_duplicates(stop, cluster, t
         assert not list(out.parent.glob(".*.tmp")) and not list(out.parent.glob("*_residuals/.*.tmp"))
 
     subprocess.run(command(out), check=True)
-    rows = _rows(out)
+    rows = read_rows(out)
     assert len(rows) == 60 and len({r["path"] for r in rows}) == 60
     assert all(r["status"] == "ok" for r in rows)
     clean = tmp_path / "clean" / "report.csv"
     subprocess.run(command(clean), check=True)
-    assert {r["path"]: r["score"] for r in rows} == {r["path"]: r["score"] for r in _rows(clean)}
+    assert {r["path"]: r["score"] for r in rows} == {r["path"]: r["score"] for r in read_rows(clean)}
 
 
 def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
@@ -380,7 +350,7 @@ def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
         assert PATIENT_ID not in result.output
         text = out.read_text() + (out.parent / "report_studies.csv").read_text() + out.with_suffix(".html").read_text()
         assert (PATIENT_ID in text) == (not extra)
-        return {r["PatientID"] for r in _rows(out) if r["path"].startswith("nih/") and r["status"] == "ok"}
+        return {r["PatientID"] for r in read_rows(out) if r["path"].startswith("nih/") and r["status"] == "ok"}
 
     assert patient_ids() == {PATIENT_ID}
     hashed = patient_ids("--phi", "hash", "--phi-key", "k1")
@@ -438,14 +408,14 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     out = tmp_path / "report.csv"
     result = _run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json")
     assert result.exit_code == ExitCode.PARTIAL, result.output
-    rows = {r["path"]: r for r in _rows(out)}
+    rows = {r["path"]: r for r in read_rows(out)}
     assert rows["good.jpeg"]["status"] == "ok"
     for name in ("truncated.dcm", "random.dcm", "empty.dcm", "headless", "bomb.png", "corrupt.jpeg",
                  "dangling.dcm", "huge.dcm", "bad-\\xff\\xfe-name.dcm"):  # undecodable bytes shown escaped
         assert rows[name]["status"] == "error", (name, rows[name])
         assert rows[name]["reason"], name
     assert "exceeds the limit" in rows["huge.dcm"]["reason"]
-    studies = _rows(tmp_path / "report_studies.csv")
+    studies = read_rows(tmp_path / "report_studies.csv")
     # the reading list first (the one scored film), then, for IT, the studies nothing could be read of
     assert [s["study_section"] for s in studies] == ["reading"] + ["unreadable"] * (len(studies) - 1)
     assert studies[0]["top_path"] == "good.jpeg" and all(s["images_scored"] == "0" for s in studies[1:])
@@ -582,9 +552,9 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     out = tmp_path / "flagged" / "report.csv"
     args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--pictures", "flagged", "--json")
     assert _run(*args).exit_code == 0
-    rows = {row["path"]: row for row in _rows(out)}
+    rows = {row["path"]: row for row in read_rows(out)}
     assert {p: (r["score"], r["flag"]) for p, r in rows.items()} == \
-        {row["path"]: (row["score"], row["flag"]) for row in _rows(everything)}
+        {row["path"]: (row["score"], row["flag"]) for row in read_rows(everything)}
     scored = [row for row in rows.values() if row["status"] == "ok"]
     assert any(row["flag"] == "true" for row in scored) and any(row["flag"] == "false" for row in scored)
     for row in scored:
@@ -604,7 +574,7 @@ def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(s
     def run(*extra: str) -> set[str]:
         result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra)
         assert result.exit_code == 0, result.output
-        return {Path(row["residual_png"]).name for row in _rows(out) if row["residual_png"]}
+        return {Path(row["residual_png"]).name for row in read_rows(out) if row["residual_png"]}
 
     linked = run("--pictures", "all")
     other.write_bytes(b"not ours")
@@ -666,7 +636,7 @@ def test_what_a_killed_run_left_is_cleaned_and_bad_stored_rows_are_rescored(stud
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
     assert _run(*args).exit_code == 0
-    first = _rows(out)
+    first = read_rows(out)
     left = [out.parent / ".report.csv.k1ll3d.tmp", out.parent / "report_residuals" / ".abc.png.x9.tmp"]
     for path in left:
         path.write_text(PATIENT_ID)
@@ -675,7 +645,7 @@ def test_what_a_killed_run_left_is_cleaned_and_bad_stored_rows_are_rescored(stud
     result = _run(*args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["scored_now"] == 2 and not any(path.exists() for path in left)
-    assert sorted(row["path"] for row in _rows(out)) == sorted(row["path"] for row in first)  # no duplicates
+    assert sorted(row["path"] for row in read_rows(out)) == sorted(row["path"] for row in first)  # no duplicates
     # a sort column or a score edited apart from its row, or another program's table: never trusted
     for tamper, rescored in (("UPDATE results SET score = 'x' WHERE status = 'ok' AND rowid = "
                               "(SELECT MIN(rowid) FROM results WHERE status = 'ok')", 1),
@@ -688,7 +658,7 @@ def test_what_a_killed_run_left_is_cleaned_and_bad_stored_rows_are_rescored(stud
         result = _run(*args)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["scored_now"] == rescored, tamper
-        assert all(row["score"] == "" or 0 < float(row["score"]) < 1 for row in _rows(out))  # no "abc", no 7.5
+        assert all(row["score"] == "" or 0 < float(row["score"]) < 1 for row in read_rows(out))  # no "abc", no 7.5
 
 
 def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outlive_a_switch_to_hash(
@@ -698,13 +668,13 @@ def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outliv
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json")
     assert _run(*args).exit_code == 0
-    pictures = {r["path"]: r["residual_png"] for r in _rows(out) if r["residual_png"]}
+    pictures = {r["path"]: r["residual_png"] for r in read_rows(out) if r["residual_png"]}
     gone = [path for path in pictures if path.startswith("normal0/")]
     assert gone and all((out.parent / pictures[p]).is_file() for p in gone)
     shutil.rmtree(studies / "normal0")
     result = _run(*args)
     assert result.exit_code == 0 and json.loads(result.stdout)["scored_now"] == 0
-    assert not any(r["path"].startswith("normal0/") for r in _rows(out))
+    assert not any(r["path"].startswith("normal0/") for r in read_rows(out))
     assert not any((out.parent / pictures[p]).exists() for p in gone)
     assert all((out.parent / pictures[p]).is_file() for p in pictures if p not in gone)
     state = out.with_name("report.state.sqlite")
@@ -718,13 +688,13 @@ def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model,
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
     assert _run(*args).exit_code == 0
-    assert {r["new_this_run"] for r in _rows(out)} == {"true"}
+    assert {r["new_this_run"] for r in read_rows(out)} == {"true"}
     (studies / "late").mkdir()
     shutil.copy(next((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir()), studies / "late" / "x.jpeg")
     assert _run(*args).exit_code == 0
-    rows = _rows(out)
+    rows = read_rows(out)
     assert [r["path"] for r in rows if r["new_this_run"] == "true"] == ["late/x.jpeg"]
-    by_study = {r["study_key"]: r for r in _rows(out.with_name("report_studies.csv"))}
+    by_study = {r["study_key"]: r for r in read_rows(out.with_name("report_studies.csv"))}
     assert [k for k, r in by_study.items() if r["images_new"] != "0"] == [str((studies / "late").resolve())]
     dates = {r["StudyDate"] for r in rows if r["StudyDate"]}
     assert dates and all(len(d) == 10 and d[4] == d[7] == "-" for d in dates)  # ISO 8601, not DICOM's YYYYMMDD
@@ -733,12 +703,12 @@ def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model,
     for extra in (("--pictures", "all"), ("--qc", "warn"), ("--study-key", "file")):
         result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra, "--json")
         assert result.exit_code == 0 and json.loads(result.stdout)["scored_now"] > 0, result.output
-        assert {r["new_this_run"] for r in _rows(out)} == {"false"}, extra
-        assert {r["images_new"] for r in _rows(out.with_name("report_studies.csv"))} == {"0"}, extra
+        assert {r["new_this_run"] for r in read_rows(out)} == {"false"}, extra
+        assert {r["images_new"] for r in read_rows(out.with_name("report_studies.csv"))} == {"0"}, extra
     (studies / "late" / "x.jpeg").write_bytes(next((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())
                                               .read_bytes())
     assert _run(*args).exit_code == 0
-    assert [r["path"] for r in _rows(out) if r["new_this_run"] == "true"] == ["late/x.jpeg"]
+    assert [r["path"] for r in read_rows(out) if r["new_this_run"] == "true"] == ["late/x.jpeg"]
 
 
 def test_an_emptied_root_stops_the_run_before_anything_is_pruned(studies, tiny_model, tmp_path):
@@ -786,7 +756,7 @@ def test_dicom_files_without_a_study_uid_are_told_apart_by_patient_as_the_phi_mo
             "--phi-key", "site-key", "--json")
     result = _run(*args)
     assert result.exit_code == 0, result.output
-    studies = _rows(out.with_name("report_studies.csv"))
+    studies = read_rows(out.with_name("report_studies.csv"))
     assert sorted(int(row["images"]) for row in studies) == ([3] if phi == "drop" else [1, 2])
     for row in studies:
         assert "P-1001" not in row["study_key"] and "P-2002" not in row["study_key"] and "A7" not in row["study_key"]

@@ -4,7 +4,6 @@ shared dicom-edge files are read by tests/test_dicom_edge.py."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -16,23 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from radscan.ingest import Found, ingest_file
-from radscan.policy import Policy
 from radscan.preprocess import percentile_window
-
-# What Python, pydicom or Pillow say to programmers, never to a PACS admin.
-_INTERNAL = re.compile(r"Traceback|\w+(Error|Exception)\b|NoneType|object has no attribute|invalid literal|"
-                       r"<[^>]*>|\bdtype\b|\bndarray\b|'\w+' object|\(0x[0-9a-f]+\)")
-
-
-def assert_plain(reason: str) -> None:
-    """A reason is one line of plain words: no exception names, reprs or tracebacks."""
-    assert reason and "\n" not in reason, reason
-    assert not _INTERNAL.search(reason), reason
-
-
-def _ingest(path: Path, policy: Policy | None = None):
-    return ingest_file(Found(str(path.parent), path.name), policy or Policy())
+from tests.support import assert_plain, ingest_one
 
 
 def _write(path: Path, stored: np.ndarray, *, bits_stored: int | None = None, photometric: str = "MONOCHROME2",
@@ -64,7 +48,7 @@ def _write(path: Path, stored: np.ndarray, *, bits_stored: int | None = None, ph
 
 
 def _display(path: Path) -> np.ndarray:
-    record, image = _ingest(path)
+    record, image = ingest_one(path)
     assert record.status == "ok", record.reason
     assert image is not None and image.shape == (128, 128)
     return image.astype(float)
@@ -133,7 +117,7 @@ def test_window_width_below_one_is_skipped_for_the_next_pair(tmp_path):
     shown = _display(_write(tmp_path / "two.dcm", stored, bits_stored=10, WindowCenter=[400, 400],
                             WindowWidth=[0, 500]))
     assert np.abs(shown - _linear_window(stored.astype(float), 400, 500)).max() <= 1.0
-    record, image = _ingest(_write(tmp_path / "zero.dcm", stored, bits_stored=10, WindowCenter=400, WindowWidth=0))
+    record, image = ingest_one(_write(tmp_path / "zero.dcm", stored, bits_stored=10, WindowCenter=400, WindowWidth=0))
     assert (record.status, record.voi_source) == ("ok", "percentile"), record.reason
     low, high = percentile_window(stored)
     assert np.abs(image - np.clip((stored - low) / (high - low) * 255, 0, 255)).max() <= 1.0
@@ -160,7 +144,7 @@ def test_a_window_after_a_fractional_slope_shows_as_its_slope_one_twin(tmp_path,
 def test_a_window_narrower_than_one_stored_step_is_still_skipped(tmp_path):
     """Below one stored value (here 0.5 with slope 1) the window is a threshold, not a window."""
     stored = _ramp(0, 1023)
-    record, _ = _ingest(_write(tmp_path / "half.dcm", stored, bits_stored=10, WindowCenter=400, WindowWidth=0.5))
+    record, _ = ingest_one(_write(tmp_path / "half.dcm", stored, bits_stored=10, WindowCenter=400, WindowWidth=0.5))
     assert (record.status, record.voi_source) == ("ok", "percentile"), record.reason
 
 
@@ -168,7 +152,7 @@ def test_window_outside_the_data_is_skipped(tmp_path):
     """PS3.3 C.11.2.1.2.1: every value below the window shows as the minimum output. A window
     above every pixel of the image would show a black frame: the next choice is used instead."""
     stored = _ramp(100, 900)
-    record, _ = _ingest(_write(tmp_path / "a.dcm", stored, bits_stored=12, WindowCenter=3000, WindowWidth=200))
+    record, _ = ingest_one(_write(tmp_path / "a.dcm", stored, bits_stored=12, WindowCenter=3000, WindowWidth=200))
     assert (record.status, record.voi_source) == ("ok", "percentile")
 
 
@@ -258,7 +242,7 @@ def test_one_or_two_pad_bytes_are_tolerated(tmp_path):
     """PS3.5 7.1.1 / 8.1.1: a value has even length, so 8-bit pixel data of odd size ends in one
     pad byte (written here by pydicom); one extra 16-bit word is tolerated as well."""
     odd = np.tile(np.arange(127, dtype=np.uint8), (127, 1))  # 127 x 127 = 16,129 bytes + 1 pad byte
-    record, _ = _ingest(_write(tmp_path / "odd.dcm", odd))
+    record, _ = ingest_one(_write(tmp_path / "odd.dcm", odd))
     assert record.status == "ok", record.reason
     ramp = _ramp(0, 1023)
     two = _display(_write(tmp_path / "two.dcm", ramp, bits_stored=10, pixel_bytes=ramp.tobytes() + b"\0\0",
@@ -271,11 +255,11 @@ def test_more_pixel_data_than_rows_x_columns_is_an_error_not_a_sheared_image(tmp
     Ten bytes more than that (plus padding) means Rows or Columns are wrong: reading the first
     part would shear the image, so it is an error that names the mismatch."""
     ramp = _ramp(0, 1023)
-    record, image = _ingest(_write(tmp_path / "wide.dcm", ramp, bits_stored=10, columns=123))
+    record, image = ingest_one(_write(tmp_path / "wide.dcm", ramp, bits_stored=10, columns=123))
     assert (record.status, image) == ("error", None)
     assert "more pixel data than" in record.reason and "128 x 123" in record.reason, record.reason
     assert_plain(record.reason)
-    record, image = _ingest(_write(tmp_path / "tall.dcm", ramp, bits_stored=10, rows=130))
+    record, image = ingest_one(_write(tmp_path / "tall.dcm", ramp, bits_stored=10, rows=130))
     assert (record.status, image) == ("error", None)
     assert "too little pixel data" in record.reason, record.reason
     assert_plain(record.reason)
@@ -286,11 +270,11 @@ def test_missing_or_odd_image_pixel_values_fall_back_or_error_plainly(tmp_path):
     Photometric Interpretation is a defined term (read without regard to case); without Rows
     there is no image to lay out."""
     ramp = _ramp(0, 255, np.uint8)
-    record, image = _ingest(_write(tmp_path / "bits.dcm", ramp, bits_stored=12))
+    record, image = ingest_one(_write(tmp_path / "bits.dcm", ramp, bits_stored=12))
     assert record.status == "ok" and np.abs(image.astype(float) - ramp).max() <= 0.5, record.reason
-    record, image = _ingest(_write(tmp_path / "case.dcm", ramp, photometric="monochrome1"))
+    record, image = ingest_one(_write(tmp_path / "case.dcm", ramp, photometric="monochrome1"))
     assert record.status == "ok" and record.inverted and np.abs(image.astype(float) - (255 - ramp)).max() <= 0.5
-    record, image = _ingest(_write(tmp_path / "rows.dcm", ramp, rows=0))
+    record, image = ingest_one(_write(tmp_path / "rows.dcm", ramp, rows=0))
     assert (record.status, image) == ("error", None) and "Rows" in record.reason
     assert_plain(record.reason)
 
@@ -303,7 +287,7 @@ def test_reasons_of_damaged_files_carry_no_python_messages(tmp_path):
     (tmp_path / "bad.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 100)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 100)
     for name in ("cut.dcm", "bad.jpeg", "bad.png"):
-        record, image = _ingest(tmp_path / name)
+        record, image = ingest_one(tmp_path / name)
         assert record.status == "error" and image is None, (name, record.status)
         assert_plain(record.reason)
 
@@ -314,12 +298,12 @@ def test_bits_allocated_that_is_not_whole_bytes_is_read_as_the_words_it_is_store
     where 0.2 blamed Rows/Columns with arithmetic of 1.5 bytes per pixel."""
     stored = _ramp(0, 4095)
     path = _write(tmp_path / "b.dcm", stored, bits_stored=12, BitsAllocated=allocated)
-    record, image = _ingest(path)
+    record, image = ingest_one(path)
     assert record.status == "ok", record.reason
-    assert np.array_equal(image, _ingest(_write(tmp_path / "ok.dcm", stored, bits_stored=12))[1])
+    assert np.array_equal(image, ingest_one(_write(tmp_path / "ok.dcm", stored, bits_stored=12))[1])
     packed = _write(tmp_path / "packed.dcm", stored, bits_stored=12, BitsAllocated=allocated,
                     pixel_bytes=b"\0" * (128 * 128 * allocated // 8 + 1 & ~1))
-    record, image = _ingest(packed)
+    record, image = ingest_one(packed)
     assert image is None and f"Bits Allocated {allocated} is not valid" in record.reason
     assert "Rows" not in record.reason
     assert_plain(record.reason)
@@ -329,7 +313,7 @@ def test_rgb_bytes_labelled_ybr_full_422_blame_the_photometric_interpretation(tm
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path = _write(tmp_path / "ybr.dcm", rgb[..., 0], photometric="YBR_FULL_422", pixel_bytes=rgb.tobytes(),
                   SamplesPerPixel=3, PlanarConfiguration=0)
-    record, image = _ingest(path)
+    record, image = ingest_one(path)
     assert image is None and "Photometric Interpretation in the header is wrong" in record.reason
     assert "Rows/Columns" not in record.reason
     assert_plain(record.reason)

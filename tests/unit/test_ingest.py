@@ -4,7 +4,6 @@ depth, folder walking, study keys, names that print alike, hostile bytes and lin
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,33 +11,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from radscan.ingest import Found, find_files, ingest_file, iter_ingested
+from radscan.ingest import Found, find_files, iter_ingested
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
 from radscan.preprocess import to_model_input
-
-
-def _remove_chain(root: Path, name: str, depth: int, leaf: str) -> None:
-    """Remove root/name/name/.../leaf without recursion or long paths (shutil.rmtree, and so
-    pytest's clean-up of old temporary folders, recurses once per level)."""
-    descriptor = os.open(root, os.O_RDONLY)
-    for _ in range(depth):
-        inner = os.open(name, os.O_RDONLY, dir_fd=descriptor)
-        os.close(descriptor)
-        descriptor = inner
-    os.unlink(leaf, dir_fd=descriptor)
-    for _ in range(depth):
-        parent = os.open("..", os.O_RDONLY, dir_fd=descriptor)
-        os.close(descriptor)
-        os.rmdir(name, dir_fd=parent)
-        descriptor = parent
-    os.close(descriptor)
-
-
-_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-
-
-def _ingest(path: Path):
-    return ingest_file(Found(str(path.parent), path.name), Policy())
+from tests.support import BIDI, ingest_one, remove_chain
 
 
 @pytest.mark.parametrize("mode", ["LA", "RGBA", "P"])
@@ -57,7 +33,7 @@ def test_a_transparent_png_shows_as_a_viewer_shows_it(tmp_path, mode):
     else:
         bands = [grey, alpha] if mode == "LA" else [grey, grey, grey, alpha]
         Image.fromarray(np.stack(bands, axis=-1), mode).save(tmp_path / "film.png")
-    record, image = _ingest(tmp_path / "film.png")
+    record, image = ingest_one(tmp_path / "film.png")
     assert record.status == "ok", record.reason
     a = alpha.astype(float) / 255
     expected = np.asarray(Image.fromarray((a * grey + (1 - a) * 255).round().astype(np.uint8)).resize(
@@ -70,7 +46,7 @@ def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
 
     ramp = np.tile(np.linspace(1000, 5000, 300, dtype=np.uint16), (200, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    record, image = _ingest(tmp_path / "ramp16.png")
+    record, image = ingest_one(tmp_path / "ramp16.png")
     assert record.status == "ok" and record.bits_stored == 16 and record.voi_source == "percentile"
     assert image[:, 0].mean() < 10 and image[:, -1].mean() > 245  # 12-bit content fills the 8 bits
 
@@ -100,7 +76,7 @@ def test_a_tree_of_any_depth_is_crawled_or_says_why_not(tmp_path_factory, depth,
     try:
         found = find_files([root])
     finally:
-        _remove_chain(root, "d" * name_length, depth, "film.png")
+        remove_chain(root, "d" * name_length, depth, "film.png")
     assert len(found) == 1
     expected = "/".join(["d" * name_length] * depth)
     if not found[0].problem:
@@ -198,14 +174,14 @@ def test_names_that_printed_alike_in_0_2_are_told_apart(tmp_path):
     assert sorted(printable(p) for p in paths) == ["caf\\\\xe9.dcm", "caf\\xe9.dcm"]
 
 
-@given(st.text(alphabet=st.sampled_from(list(_BIDI) + list("A1\\u2e ")), max_size=20))
+@given(st.text(alphabet=st.sampled_from(list(BIDI) + list("A1\\u2e ")), max_size=20))
 def test_bidirectional_controls_are_written_out_never_kept(text):
     """Issue 22, item 8: an override in a value or a name reversed the rest of a study line."""
     from radscan.records import printable, visible_controls
 
     for shown in (visible_controls(text), printable(text)):
-        assert not set(shown) & set(_BIDI)
-        assert shown.count("\\u") >= sum(text.count(ch) for ch in _BIDI)
+        assert not set(shown) & set(BIDI)
+        assert shown.count("\\u") >= sum(text.count(ch) for ch in BIDI)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
