@@ -133,39 +133,16 @@ class ScoreSummary:
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
-    check_inputs(inputs)
-    inputs = distinct_inputs(inputs)
-    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme,
-                    outputs.html, outputs.dicom]
-    check_outputs_apart(inputs, every_output)
-    named = [Path(path).resolve() for path in every_output if path is not None]
-    if len(set(named)) < len(named):
-        raise SettingError("two outputs have the same path (--out, --studies, --residuals or the files beside "
-                           "them): give each its own")
-    pictures = settings.pictures if outputs.residuals is not None else "none"
-    if pictures not in PICTURE_MODES:
-        raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
-    check_dicom_settings(outputs, settings)
-    if settings.scheduler is not None:  # a malformed address is a usage error before anything is made
-        from radscan.cluster import parse_scheduler
-
-        parse_scheduler(settings.scheduler)
-    model_dir = settings.model_dir or default_model_dir()
-    check_outputs_apart([model_dir], every_output)
-    for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):
-        refuse_special(path)  # before anything is created beside them (e.g. --out /dev/null)
-    if not model_dir.exists():
-        raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
+    inputs, pictures, model_dir = _check_request(inputs, outputs, settings)  # before any output is made
     metadata = read_metadata(model_dir)
-    check_device(metadata, settings.device)  # refused before any output is made
+    check_device(metadata, settings.device)
     identity = ModelIdentity.of(metadata)
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy),
                             phi.fingerprint, pictures + ("+dicom" if outputs.dicom else ""), qc.fingerprint])
-    run_id = uuid.uuid4().hex[:12]
-    started_at = now()
+    run_id, started_at = uuid.uuid4().hex[:12], now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
              identity.name, identity.version, identity.sha256[:12])
 
@@ -181,18 +158,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="radscan-load") as loader:
         _tidy_outputs(outputs)
         loading = loader.submit(load_model_for_scoring, model_dir, settings.device)
-        files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
-                                            *(folder for folder in (outputs.residuals, outputs.dicom) if folder)],
-                           study_key=settings.study_key)
-        if not files:
-            raise NoInputError(f"no files found under {', '.join(inputs)}")
-        with_files = {Path(found.root) for found in files}
-        empty = [str(root) for root in inputs if Path(root).is_dir() and Path(root) not in with_files]
-        if empty:  # an unmounted share looks like an empty folder: its studies must not be pruned
-            raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
-                               "was changed; remove it from the command line if it is meant to be empty")
-        # the folder each file was found under (a file given itself is found under its folder)
-        resolved_roots = {root: str(Path(root).resolve()) for root in {found.root for found in files}}
+        files, resolved_roots = _find_inputs(inputs, outputs, settings)
         store = StateStore(outputs.state, fingerprint, run_id)
         try:
             todo, regrouped = _reuse_stored(files, store, outputs.report.parent, pictures,
@@ -238,6 +204,57 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         started_at=started_at, finished_at=now(),
         dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
     )
+
+
+def _check_request(inputs: Sequence[str], outputs: OutputPaths,
+                   settings: ScoreSettings) -> tuple[list[str], str, Path]:
+    """Every check that needs no lock, before anything is created: the inputs exist and are
+    distinct, no output lies inside an input or the model or is another output, the settings are
+    consistent, the model directory exists. Returns (distinct inputs, picture mode, model
+    directory). Raises SettingError, NoInputError, ModelError or OutputError."""
+    check_inputs(inputs)
+    inputs = distinct_inputs(inputs)
+    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme,
+                    outputs.html, outputs.dicom]
+    check_outputs_apart(inputs, every_output)
+    named = [Path(path).resolve() for path in every_output if path is not None]
+    if len(set(named)) < len(named):
+        raise SettingError("two outputs have the same path (--out, --studies, --residuals or the files beside "
+                           "them): give each its own")
+    pictures = settings.pictures if outputs.residuals is not None else "none"
+    if pictures not in PICTURE_MODES:
+        raise SettingError(f"pictures must be one of {', '.join(PICTURE_MODES)}, not {pictures!r}")
+    check_dicom_settings(outputs, settings)
+    if settings.scheduler is not None:  # a malformed address is a usage error before anything is made
+        from radscan.cluster import parse_scheduler
+
+        parse_scheduler(settings.scheduler)
+    model_dir = settings.model_dir or default_model_dir()
+    check_outputs_apart([model_dir], every_output)
+    for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):
+        refuse_special(path)  # before anything is created beside them (e.g. --out /dev/null)
+    if not model_dir.exists():
+        raise ModelError(f"no model at {model_dir}: pass --model DIR (a directory made by radscan train)")
+    return inputs, pictures, model_dir
+
+
+def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSettings) -> tuple[list[Found],
+                                                                                            dict[str, str]]:
+    """The files to list (never the run's own outputs) and the resolved folder each was found under
+    (a file given itself is found under its folder). Raises NoInputError when there is none, or
+    when a folder given is empty: an unmounted share looks like one, and its studies must not be
+    pruned from the worklist."""
+    files = find_files(inputs, exclude=[outputs.report, outputs.studies, outputs.state, outputs.lock,
+                                        *(folder for folder in (outputs.residuals, outputs.dicom) if folder)],
+                       study_key=settings.study_key)
+    if not files:
+        raise NoInputError(f"no files found under {', '.join(inputs)}")
+    with_files = {Path(found.root) for found in files}
+    empty = [str(root) for root in inputs if Path(root).is_dir() and Path(root) not in with_files]
+    if empty:
+        raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
+                           "was changed; remove it from the command line if it is meant to be empty")
+    return files, {root: str(Path(root).resolve()) for root in {found.root for found in files}}
 
 
 @contextlib.contextmanager
