@@ -2,8 +2,9 @@
 
 A model whose inputs drift (a new detector, a processing change, a positioning habit) shows it
 first in the share of films it flags. Two checks on the films scored in one run (new or changed
-files, not the ones kept from earlier runs; a run with fewer than MIN_FILMS is pooled with the runs
-just before it, up to POOL_RUNS, so that a small site is checked too), each a binomial test
+files, not the ones kept from earlier runs; a run with fewer than MIN_FILMS, none included, is pooled
+with the runs just before it, up to POOL_RUNS, so that a small site is checked too and a warning does
+not switch off on a night without new films), each a binomial test
 (scipy.stats.binomtest) at ALPHA, so that a night raises a false alarm about once in a thousand:
 
 - **against the run's own history**: the pooled flagged share of the HISTORY_RUNS runs before those
@@ -65,12 +66,13 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
     """Check `flagged` of `scored` new films against `history`, the (scored, flagged) counts of earlier
     runs, newest first, and against the model's `target_specificity` (None: not known). A run with
     fewer than MIN_FILMS new films is pooled with the runs just before it (at most POOL_RUNS in all),
-    so that a small site's nights are checked too; a run with no new films is not checked."""
+    so that a small site's nights are checked too; a run with no new films is judged by the runs
+    before it, so that a warning stays raised until new films tell otherwise."""
     from scipy.stats import binomtest
 
     share = flagged / scored if scored else None
     judged, judged_flagged, pooled = scored, flagged, 0
-    while scored and judged < MIN_FILMS and pooled < min(len(history), POOL_RUNS - 1):
+    while judged < MIN_FILMS and pooled < min(len(history), POOL_RUNS - 1):
         judged, judged_flagged, pooled = judged + history[pooled][0], judged_flagged + history[pooled][1], pooled + 1
     earlier = list(history[pooled:pooled + HISTORY_RUNS])
     earlier_films = sum(n for n, _ in earlier)
@@ -82,7 +84,7 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
                                                           if pooled else "")
     p_history = p_calibration = None
     warnings = []
-    checkable = bool(scored) and judged >= MIN_FILMS
+    checkable = judged >= MIN_FILMS
     if checkable and baseline is not None and 0 < baseline < 1:
         p_history = float(binomtest(judged_flagged, judged, baseline).pvalue)
         if p_history < ALPHA:
@@ -107,8 +109,8 @@ def _note(scored: int, judged: int, judged_share: float, pooled: int, checkable:
     """What the check looked at, for the summary: a quiet check and a check not made read alike otherwise.
     The calibration test is one-sided (a night holds abnormal films too): the note says so, and says when
     the share is far above what normal films alone give while no history can judge it."""
-    if not scored:
-        return "not checked: no new films in this run"
+    if not checkable and not judged:
+        return "not checked: no new films in this run or the runs before it"
     if not checkable:
         where = f"this run and the {counted(pooled, 'run')} before it" if pooled else "this run"
         return f"not checked: {counted(judged, 'new film')} in {where} (at least {MIN_FILMS} are needed)"

@@ -31,7 +31,11 @@ def test_a_share_that_moves_beyond_chance_is_named_and_small_samples_are_not_jud
         f"{MIN_FILMS} are needed)"
     assert check_drift(200, 60, history[:MIN_RUNS - 1], 0.95).baseline is None  # too little history
     assert check_drift(200, 60, [(5, 5)] * 10, None).baseline is None  # 50 films are too few as history
-    assert check_drift(0, 0, history, 0.95).note == "not checked: no new films in this run"
+    assert check_drift(0, 0, [], 0.95).note == "not checked: no new films in this run or the runs before it"
+    # a night without new films keeps the verdict of the nights before it (the alarm does not switch off)
+    raised = [(20, 19)] + history
+    assert check_drift(0, 0, raised, 0.95).warning and check_drift(0, 0, history, 0.95).warning == ""
+    assert check_drift(0, 0, raised, 0.95).judged == 20
 
 
 def test_a_small_sites_nights_are_pooled_until_there_are_enough_films():
