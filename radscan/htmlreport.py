@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 
@@ -41,13 +42,19 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+def page_link(relative_path: str | None) -> str:
+    """A path relative to the page as a URL the browser resolves to that file ("" for none): a
+    folder or file name with '#', '?', '%' or a space would otherwise end the path or be decoded."""
+    return quote(relative_path) if relative_path else ""
+
+
 def image_entry(row: dict[str, Any]) -> dict[str, Any]:
     """One image of a study, as the page lists it under the study: a row of the image CSV
     (REPORT_COLUMNS) -> its path, picture (relative link, "" when none), score (None when not scored),
     z, flag and status, the reason when it was not scored, and quality control's warning or
     failure when it has one (a warned image that is not the study's top one must show it too)."""
     score = row.get("score")
-    return {"path": row["path"], "picture": row.get("residual_png") or "",
+    return {"path": row["path"], "picture": page_link(row.get("residual_png")),
             "score": None if score is None else round(float(score), 4), "z": row.get("score_z"),
             "flag": row.get("flag") is True, "status": row["status"],
             "reason": "" if row["status"] == "ok" else row.get("reason", ""),
@@ -73,7 +80,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
         "patient": study.get("PatientID", ""), "accession": study.get("AccessionNumber", ""),
         "uid": study.get("StudyInstanceUID", ""), "date": study.get("StudyDate", ""),
         "modality": study.get("Modality", ""), "path": study["top_path"],
-        "picture": study["top_residual_png"] or "", "qc": qc_reason, "z": z,
+        "picture": page_link(study["top_residual_png"]), "qc": qc_reason, "z": z,
         "members": images if images and len(images) > 1 else [], "section": study.get("study_section", "reading"),
     }
 

@@ -243,6 +243,10 @@ class StateStore:
         )
     """
 
+    # Runs that opened the store and have not finished (killed, crashed, out of memory): the rows they
+    # saved were never on a published list, so the run that finishes next lists them as its own new ones.
+    _STARTED = "CREATE TABLE IF NOT EXISTS started (run_id TEXT PRIMARY KEY)"
+
     def __init__(self, path: Path, fingerprint: str, run_id: str):
         self.fingerprint, self.run_id = fingerprint, run_id
         for part in store_files(path):
@@ -264,6 +268,24 @@ class StateStore:
                     with contextlib.suppress(OSError):
                         os.chmod(moved, 0o600)
             self._db = self._open(path)
+        self._adopt_unfinished()
+
+    def _adopt_unfinished(self) -> None:
+        """Register this run as started, and make the rows of runs that started and never finished
+        this run's: their films were read and saved batch by batch, but no worklist listed them, so
+        they are new to this run's list and its drift check (which would otherwise count them never)."""
+        with self._writing(), self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(self._STARTED)
+            unfinished = "(SELECT run_id FROM started)"
+            self._db.execute(
+                "UPDATE results SET row = json_set(row, '$.listed_since', :run, '$.read_by_run', "
+                "CASE WHEN json_extract(row, '$.read_by_run') IN " + unfinished + " THEN :run "
+                "ELSE json_extract(row, '$.read_by_run') END) "
+                "WHERE json_valid(row) AND COALESCE(json_extract(row, '$.listed_since'), "
+                "json_extract(row, '$.read_by_run')) IN " + unfinished, {"run": self.run_id})
+            self._db.execute("DELETE FROM started")
+            self._db.execute("INSERT INTO started VALUES (?)", (self.run_id,))
 
     def _open(self, path: Path) -> sqlite3.Connection:
         """Connect, check and prepare the store. A file that is not a database or fails SQLite's
@@ -471,9 +493,12 @@ class StateStore:
                                 "ORDER BY finished_at DESC LIMIT ?", (self.run_id, self.fingerprint, limit)).fetchall()
 
     def record_run(self, finished_at: str, scored: int, flagged: int) -> None:
+        """This run finished and listed its rows (it is no longer one whose rows the next run adopts)."""
         with self._writing(), self._db:
+            self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO runs (run_id, finished_at, scored, flagged, fingerprint) "
                              "VALUES (?, ?, ?, ?, ?)", (self.run_id, finished_at, scored, flagged, self.fingerprint))
+            self._db.execute("DELETE FROM started WHERE run_id = ?", (self.run_id,))
 
     def counts(self) -> dict[str, int]:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM results WHERE seen = ? GROUP BY status",

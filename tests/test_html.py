@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     page.get_by_placeholder("Filter by ID").fill("")
     page.locator("#rows img").first.click()
     assert page.locator("#viewer").is_visible()
-    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0  # the PNG loads
+    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")  # the PNG loads
     page.keyboard.press("Escape")
     assert not page.locator("#viewer").is_visible()
     assert not problems, problems
@@ -216,7 +217,7 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
     assert members.count() == 3
     members.nth(2).click()
     assert page.locator("#viewer").is_visible()
-    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
+    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
     assert page.locator("#viewer-caption").inner_text().startswith("patient1/")
     page.keyboard.press("Escape")
     for name in [members.nth(index).inner_text() for index in range(3)]:  # any image finds its study
@@ -241,6 +242,32 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
     page, problems = _open(browser, out.with_name("report.html"))
     assert page.locator("#rows tr").count() == 2
     assert linked(page) == {png.name for png in pictures.glob("*.png")} and len(linked(page)) == 15
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", ["wl#1 50%?.csv", "a b%20c.csv"])
+def test_pictures_and_lists_open_whatever_characters_the_output_names_hold(tiny_model, tmp_path, browser, name):
+    """A helper's trial (issue 21): with '#', '?' or '%' in the worklist's or the pictures folder's
+    name every thumbnail, enlarged picture and list link failed (the links were raw paths)."""
+    films = tmp_path / "in #2"
+    films.mkdir()
+    for film in sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:3]:
+        shutil.copy(film, films / film.name)
+    out = tmp_path / "out?" / name
+    result = CliRunner().invoke(cli, ["score", str(films), "--out", str(out), "--model", str(tiny_model),
+                                      "--workers", "1", "--pictures", "all", "--residuals",
+                                      str(out.parent / "case #7 100%"), "--study-key", "file"])
+    assert result.exit_code == 0, result.output
+    page, problems = _open(browser, out.with_suffix(".html"))
+    page.wait_for_function("[...document.querySelectorAll('#rows img')].every(i => i.complete)")
+    loaded = page.locator("#rows img").evaluate_all("images => images.map(i => i.naturalWidth)")
+    assert len(loaded) == 3 and all(width > 0 for width in loaded), loaded
+    page.locator("#rows img").first.click()
+    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    page.keyboard.press("Escape")
+    for link in page.locator("header a[href$='.csv']").all():  # the full lists open the files themselves
+        target = page.evaluate("href => new URL(href, document.baseURI).pathname", link.get_attribute("href"))
+        assert Path(urllib.parse.unquote(target)).is_file(), target
     assert not problems, problems
 
 
@@ -282,7 +309,7 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
     picture = page.locator("#rows img[alt='the film, not judged by the model']")
     assert picture.count() == 1
     picture.click()
-    assert page.evaluate("document.getElementById('viewer-image').naturalWidth") > 0
+    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
     page.keyboard.press("Escape")
     assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
     assert "broken/page.dcm" not in page.locator("#rows").inner_text()
@@ -317,6 +344,8 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     picture = page.locator("#viewer-image").bounding_box()
     assert picture is not None and picture["height"] >= 0.5 * 844, picture
     assert page.evaluate("(f => f.scrollWidth > f.clientWidth)(document.getElementById('viewer-frame'))")
+    # it opens on the map panel the thumbnail showed, not on the plain film at its left
+    assert page.evaluate("document.getElementById('viewer-frame').scrollLeft") > 100
     assert page.locator(".swipe-hint").is_visible() and not page.locator(".esc-hint").is_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     page.screenshot(path=ARTIFACTS / "worklist-phone-picture.png")
