@@ -11,15 +11,32 @@ Format: https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from radscan.report import atomic_output
+from radscan.errors import OutputError
+from radscan.report import atomic_output, refuse_special
 
-__all__ = ["write_metrics"]
+__all__ = ["write_metrics", "check_metrics_path"]
 
 _LAST_SUCCESS = "radscan_last_success_timestamp_seconds"
+
+
+def check_metrics_path(path: Path) -> None:
+    """Refuse (OutputError, exit 73) a metrics file that could not be written, before the run
+    scores anything: a run that finished must not fail at its very end for its metrics, leaving a
+    page that says it succeeded beside an exit code that says it did not. Its folder is made when
+    missing."""
+    refuse_special(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the metrics file {path}: cannot make its folder ({exc.strerror or exc}); "
+                          "nothing was scored") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the metrics file {path}: its folder is not writable; nothing was scored")
 
 
 def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = None,

@@ -18,6 +18,7 @@ from radscan.cli import cli
 from radscan.errors import ExitCode
 
 from .conftest import CXR_DIR, DICOM_DIR
+from .support import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,6 +334,22 @@ def test_the_nightly_wrapper_keeps_monitoring_files_and_speaks_on_failure(tmp_pa
     assert refused.returncode == ExitCode.USAGE and "radscan_last_exit_code 2" in metrics.read_text()
     assert "radscan_files" in metrics.read_text()  # the last finished run's counts are kept
     assert not list((tmp_path / "out").glob(".run-started*"))
+    # and the page read by the radiologists says its list is older than that failed attempt
+    from radscan.htmlreport import _run_status_block
+
+    status = _run_status_block(tmp_path / "out" / "worklist.html")[3]
+    assert status["last_attempt"]["ok"] is False and status["last_attempt"]["exit_code"] == 2
+    assert status["last_success"]["run_id"] == status["listed"]["run_id"]
+    # a night refused by the lock (another run's) leaves that run's files alone
+    before = (tmp_path / "out" / "last-run.json").read_bytes(), (tmp_path / "out" / "last_attempt").read_bytes()
+    (tmp_path / "radscan.toml").write_text("[score]\nworkers = 1\n")
+    from radscan.state import hold_lock
+
+    with hold_lock(tmp_path / "out" / "worklist.lock"):
+        locked = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert locked.returncode == 0 and locked.stderr == ""
+    after = (tmp_path / "out" / "last-run.json").read_bytes(), (tmp_path / "out" / "last_attempt").read_bytes()
+    assert after == before
 
 
 def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
@@ -448,6 +465,13 @@ def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
     assert bad["radscan_last_success_timestamp_seconds"] == good["radscan_last_success_timestamp_seconds"]
     assert bad["radscan_last_attempt_timestamp_seconds"] >= good["radscan_last_attempt_timestamp_seconds"]
     assert bad['radscan_files{status="ok"}'] == 2  # the last finished run's counts stay for monitoring
+    # a metrics file that cannot be written is refused before anything is scored (a helper's trial: the
+    # run scored and wrote its page, then failed with exit 73 at its very end)
+    shutil.copy(sorted((cxr_dir / "kermany_pediatric_224/test_normal").iterdir())[0], tmp_path / "in")
+    (tmp_path / "afile").write_text("")
+    refused = _run(*args[:-1], str(tmp_path / "afile" / "radscan.prom"))
+    assert refused.exit_code == ExitCode.CANT_CREATE and "nothing was scored" in refused.output
+    assert read()["radscan_last_exit_code"] == 66 and len(read_rows(tmp_path / "out" / "report.csv")) == 2
 
 
 def test_scan_groups_studies_as_score_does(tmp_path):

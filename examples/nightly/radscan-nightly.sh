@@ -35,17 +35,37 @@ if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summa
   printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
     "$status" "$log" >"$summary"
 fi
-# a run that could not write its metrics (refused its settings before starting: exit 2; killed with
-# SIGKILL) must not leave the last good night's exit code there: the failed attempt is written here,
-# the rest kept (a run refused by the lock, exit 75, is another run's night and changes nothing)
+# a run that could not record its own failure (refused its settings before starting: exit 2; killed
+# with SIGKILL, out of memory) must not leave the last good night's exit code in the metrics, nor a
+# page that reads as tonight's list: the failed attempt is written into both here, the rest kept
 if [ "$status" -ne 75 ] && ! [ "$metrics" -nt "$started" ]; then
-  "$venv/bin/python" -c 'import sys; from pathlib import Path; from radscan.metrics import write_metrics
-write_metrics(Path(sys.argv[1]), int(sys.argv[2]))' "$metrics" "$status" 2>>"$log"
+  "$venv/bin/python" - "$metrics" "$status" "$output/worklist.html" 2>>"$log" <<'PY'
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from radscan.errors import RadscanError
+from radscan.htmlreport import record_failed_run
+from radscan.metrics import write_metrics
+
+metrics, status, page = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+try:
+    write_metrics(metrics, status)
+except RadscanError as exc:
+    print(f"radscan nightly: the metrics could not be written either: {exc}", file=sys.stderr)
+record_failed_run(page, {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "exit_code": status,
+                         "error": f"radscan ended with exit code {status} before it could record its failure "
+                                  "(killed, out of memory, or a refused setting): see the nightly log"})
+PY
 fi
 rm -f "$started"
-chmod 644 "$summary"
-mv -f "$summary" "$output/last-run.json"
-date -Is >"$output/last_attempt"
+if [ "$status" -eq 75 ]; then  # refused by the lock: another run's night, whose files these are
+  rm -f "$summary"
+else
+  chmod 644 "$summary"
+  mv -f "$summary" "$output/last-run.json"
+  date -Is >"$output/last_attempt"
+fi
 # the summary's "problems" (plain words, one per line) and whether DICOM results failed to arrive
 problems() {
   "$venv/bin/python" -c 'import json, sys; print(*json.load(open(sys.argv[1])).get("problems", []), sep="\n")' \

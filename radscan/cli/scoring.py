@@ -214,8 +214,10 @@ def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: 
         settings = dataclasses.replace(settings, phi_key=load_phi_key(phi_key, phi_key_file))
     if metrics is not None:
         from radscan.ingest import check_outputs_apart
+        from radscan.metrics import check_metrics_path
 
         check_outputs_apart(paths, [metrics])
+        check_metrics_path(metrics)
     return outputs, settings
 
 
