@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,10 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
 
 def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The worklist page as text (see `write_worklist_html` for the arguments)."""
+    studies = list(studies)
+    sections = Counter(study.get("section", "reading") for study in studies)  # to read, for IT, not scored by the selection
     return _environment().get_template("worklist.html.j2").render(
-        studies=list(studies), summary=summary, page_size=PAGE_SIZE, layout=PICTURE_LAYOUT)
+        studies=studies, summary=summary, sections=sections, page_size=PAGE_SIZE, layout=PICTURE_LAYOUT)
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],

@@ -312,6 +312,9 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
     page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
     page.keyboard.press("Escape")
     assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
+    # the header counts the studies to read apart from those for IT (a helper read "39 studies" above "9 of 9")
+    counts = page.locator("#counts").inner_text()
+    assert f"{page.locator('#rows tr').count()} studies to read" in counts and "1 for IT" in counts, counts
     assert "broken/page.dcm" not in page.locator("#rows").inner_text()
     assert not problems, problems
 
