@@ -9,6 +9,8 @@ version whose directory tells one story (`_describe_recalibration`).
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -167,7 +169,10 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
                                    label="calibration normals",
                                    judge=lambda records, films: apply_qc(qc, records, films))
-    scores = calibrate(model, images, 64, device, target_specificity)[0]
+    kind = COMPONENTS.index(model.cfg.score_kind)
+    before = float(model.calibration_mean[kind]), float(model.calibration_std[kind])
+    scores, components = calibrate(model, images, 64, device, target_specificity)
+    seen = _warn_if_seen_in_training(Path(model_dir), names, (components[:, kind].numpy() - before[0]) / before[1])
     out_dir = Path(out_dir or model_dir)
     if out_dir.resolve() != Path(model_dir).resolve():
         try:
@@ -180,13 +185,39 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         save_model(model, out_dir, kept)
     except OSError as exc:
         raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
-    _describe_recalibration(model, out_dir, names, scores, metadata)
+    _describe_recalibration(model, out_dir, names, scores, metadata, seen)
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
-            "calibration_specificity": specificity}
+            "calibration_specificity": specificity, "warning": seen}
+
+
+# Normals whose scores on the model's previous scale sit this many spreads below its own held-out
+# normals look like films it was trained on (a model scores its training films lower than any other
+# normals): a threshold set on them is too low, and most new films are flagged.
+SEEN_IN_TRAINING_Z = -1.0
+
+
+def _warn_if_seen_in_training(model_dir: Path, names: Sequence[str], z_before: np.ndarray) -> str:
+    """A warning (also returned; "" when none) when the calibration normals look like the model's
+    training films: their mean z on the previous scale below SEEN_IN_TRAINING_Z, or names that its
+    training_split.csv lists as trained on. Counts only: a name may carry a patient's."""
+    trained: set[str] = set()
+    with contextlib.suppress(OSError, csv.Error, KeyError):
+        with open(model_dir / "training_split.csv", newline="") as handle:
+            trained = {Path(row["path"]).name for row in csv.DictReader(handle) if row["split"] == "train"}
+    named = sum(Path(name).name in trained for name in names)
+    mean_z = float(np.mean(z_before)) if len(z_before) else 0.0
+    if mean_z >= SEEN_IN_TRAINING_Z and named * 2 < len(names):
+        return ""
+    warning = (f"these {len(names)} normals score {mean_z:+.1f} spreads from the normals the model was calibrated on"
+               + (f", and {named} have the names of films it was trained on" if named else "")
+               + ": if they include its training films, the threshold is set too low and most new films will be "
+                 "flagged; calibrate on normals of the site that the model has not seen")
+    log.warning("%s", warning)
+    return warning
 
 
 def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], scores: np.ndarray,
-                            before: dict[str, Any]) -> None:
+                            before: dict[str, Any], warning: str = "") -> None:
     """Make the model directory tell one story after `recalibrate`: the calibration scores and the
     training report redrawn with the new normals and threshold, and a model card (README.md), when
     there is one, headed by what changed. The model is saved before: a description that cannot be
@@ -206,6 +237,7 @@ def _describe_recalibration(model: SimSID, out_dir: Path, names: Sequence[str], 
                   f"**{threshold:.4f}** (was {old:.4f}), weights sha256 `{sha256_file(out_dir / WEIGHTS_FILE)}`, "
                   "version in `model.json`. Everything below describes the model before, version "
                   f"{before.get('version')} (its threshold, weights sha256, flagged shares, sensitivity and "
-                  "specificity); AUCs do not depend on the threshold.")
+                  "specificity); AUCs do not depend on the threshold."
+                  + (f"\n>\n> **Warning**: {warning}." if warning else ""))
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("the recalibrated model was saved, but its report could not be redrawn: %s", exc)

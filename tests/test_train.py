@@ -310,6 +310,13 @@ def test_train_never_overwrites_a_model_and_calibration_needs_normals(trained, n
                                       str(tmp_path / "recalibrated"), "--workers", "1"])
     assert result.exit_code == ExitCode.NO_INPUT and "at least 5" in result.output
     assert load_model(trained)[0] is not None  # the model itself is untouched
+    # the model's own training films are not a site's normals: said, in the log and on the card
+    result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(normals), "--out",
+                                      str(tmp_path / "on-its-own"), "--workers", "1"])
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "have the names of films it was trained on" in result.output
+    card = tmp_path / "on-its-own" / "README.md"
+    assert not card.is_file() or "have the names of films it was trained on" in card.read_text()
     # too few normals for the calibration split: refused before the first epoch, not after the last
     for path in sorted(normals.iterdir())[2:21]:
         shutil.copy(path, few / path.name)
