@@ -6,6 +6,7 @@ radscan.report's atomic PNG writer).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -63,7 +64,15 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+    """DejaVu Sans (shipped with matplotlib): Latin with every accent, Greek and Cyrillic, so that a
+    folder named for Zürich or São Paulo reads in the caption (Pillow's default font has ASCII only);
+    a script it lacks (Chinese, Arabic) still shows as boxes. Pillow's default when it is missing."""
+    import matplotlib
+
+    try:
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except OSError:
+        return ImageFont.load_default(size=size)
 
 
 def _overlay(grey: Image.Image, heat: np.ndarray, size: tuple[int, int]) -> Image.Image:

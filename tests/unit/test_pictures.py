@@ -22,3 +22,16 @@ def test_a_map_with_no_region_above_normal_says_so():
     white = lambda box: int((box == 255).all(axis=-1).sum())  # noqa: E731
     assert white(_label_box(blank)) > 50  # the note's letters
     assert white(_label_box(shown)) == 0  # a map that shows something needs no note
+
+
+def test_a_caption_shows_accented_greek_and_cyrillic_letters():
+    """A helper's trial (issue 21): folder names of Zürich or São Paulo showed as boxes in the picture
+    and the DICOM Secondary Capture. A font without a letter draws every missing one as the same box."""
+    film, zeros = np.zeros((128, 128), np.uint8), np.zeros((128, 128), np.float32)
+
+    def caption_pixels(text: str) -> np.ndarray:
+        return render_explanation(film, zeros, zeros, text, "density")[:30, :200]
+
+    letters = ["ü", "é", "ñ", "ã", "λ", "ж"]
+    drawn = {letter: caption_pixels(f"a{letter}b").tobytes() for letter in letters}
+    assert len(set(drawn.values())) == len(letters)  # each letter its own glyph
