@@ -143,12 +143,33 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
     uint8) at its own width/height ratio `aspect` (clamped to 0.5..2), enlarged pixel for pixel, so
     that a reader can judge the rejection (a chest the wrong way round, or not a chest at all)."""
     width = round(_PANEL * min(2.0, max(0.5, aspect)))
-    lines = caption.splitlines() or [""]
+    # the caption wraps to the film's width, so that the picture is exactly as wide as the film and
+    # the page can show the film alone as the row's thumbnail, however wide the film
+    lines = [part for line in caption.splitlines() or [""] for part in _wrap(line, _font(15), width - 2 * _MARGIN)]
     top = 12 + 20 * len(lines)
-    text_width = max(_font(15).getlength(line) for line in lines) + 2 * _MARGIN
-    canvas = Image.new("RGB", (max(width, round(text_width)), top + _PANEL), "black")
+    canvas = Image.new("RGB", (width, top + _PANEL), "black")
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(lines):
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
     canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     return np.asarray(canvas)
+
+
+def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """`line` in lines no wider than `width` pixels: broken at spaces, and inside a word (a path)
+    only when the word alone is wider."""
+    lines, current = [], ""
+    for word in line.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = ""
+        for character in word:
+            if current and font.getlength(current + character) > width:
+                lines.append(current)
+                current = ""
+            current += character
+    return [*lines, current]

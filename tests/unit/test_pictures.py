@@ -35,3 +35,15 @@ def test_a_caption_shows_accented_greek_and_cyrillic_letters():
     letters = ["ü", "é", "ñ", "ã", "λ", "ж"]
     drawn = {letter: caption_pixels(f"a{letter}b").tobytes() for letter in letters}
     assert len(set(drawn.values())) == len(letters)  # each letter its own glyph
+
+
+def test_a_rejected_films_picture_is_as_wide_as_the_film_whatever_its_caption():
+    """The page shows a rejected film's picture below its caption as the row's thumbnail, taking the
+    picture's width for the film's: a caption wider than the film cut a landscape film in half."""
+    from radscan.pictures import render_film
+
+    film = np.zeros((128, 128), np.uint8)
+    caption = "NOT JUDGED: " + "a long reason " * 20 + "\n" + "folder/" * 40 + "IM1.dcm"
+    for aspect in (0.5, 1.0, 1.9, 3.0):
+        picture = render_film(film, caption, aspect)
+        assert picture.shape[1] == round(PICTURE_LAYOUT["panel"] * min(2.0, max(0.5, aspect)))
