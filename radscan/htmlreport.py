@@ -103,7 +103,8 @@ def write_worklist_html(path: Path, studies: Iterable[dict[str, Any]], summary: 
 def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The worklist page as text (see `write_worklist_html` for the arguments)."""
     studies = list(studies)
-    sections = Counter(study.get("section", "reading") for study in studies)  # to read, for IT, not scored by the selection
+    # the header counts the studies to read apart from those for IT and those the selection skipped
+    sections = Counter(study.get("section", "reading") for study in studies)
     return _environment().get_template("worklist.html.j2").render(
         studies=studies, summary=summary, sections=sections, page_size=PAGE_SIZE, layout=PICTURE_LAYOUT)
 

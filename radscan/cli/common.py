@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from radscan.errors import ExitCode, exit_codes_help
+from radscan.model.config import DEVICES
 from radscan.policy import (
     DEFAULT_BODY_PARTS,
     DEFAULT_MODALITIES,
@@ -160,7 +161,7 @@ study_key_option = click.option(
 views_option = click.option(
     "--views", default=",".join(DEFAULT_VIEWS), show_default=True, callback=_check_views,
     help="ViewPosition values that are judged (comma-separated, or 'all'); an absent tag is accepted.")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
                              show_default=True, help="Where the model runs: auto picks CUDA, then MPS, then CPU.")
 
 

@@ -7,7 +7,10 @@ from typing import Any
 
 from radscan.preprocess import is_box
 
-__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "COMPONENTS", "FIELDS"]
+__all__ = ["SimSIDConfig", "PRESETS", "preset", "SCORE_KINDS", "COMPONENTS", "FIELDS", "DEVICES"]
+
+# where a model may run (`--device`; radscan.model.runtime.resolve_device): torch-free, for the command line
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # The anomaly scores a model can report (high = anomalous), each z-scored on held-out normals.
 SCORE_KINDS: dict[str, str] = {

@@ -11,9 +11,7 @@ import torch
 from radscan.errors import SettingError
 from radscan.model.simsid import COMPONENTS, ScoreResult, SimSID, to_model_tensor
 
-__all__ = ["resolve_device", "autocast", "score_arrays", "DEVICES"]
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+__all__ = ["resolve_device", "autocast", "score_arrays"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
