@@ -114,13 +114,18 @@ class ResultWriter:
         # everything the SR states: a new QC verdict alone (another --qc mode) is a new object too
         result = [str(row.get(key)) for key in ("SOPInstanceUID", "frame_used", "score", "threshold", "flag",
                                                 "qc_status", "qc_reason")]
+        # and the study it joins: one SOP Instance UID sent in two studies (a sender's error, or a study
+        # merged) gets two results, not one UID for two objects; results derived before the study was part
+        # of it (radscan 0.2) are still recognised as the current verdict, so an upgrade sends nothing again
+        study = str(row.get("StudyInstanceUID", ""))
         earlier = _our_report(sr_path, row.get("StudyInstanceUID", ""))
         before = _predecessor_uid(earlier) if earlier is not None else ""
-        if earlier is not None and earlier.SOPInstanceUID == derived_uid("sr", self._version, *result, before):
+        if earlier is not None and earlier.SOPInstanceUID in (derived_uid("sr", self._version, *result, study, before),
+                                                              derived_uid("sr", self._version, *result, before)):
             sr_uid, predecessor, write_sr = str(earlier.SOPInstanceUID), before, False  # the current verdict
         else:
             predecessor = str(earlier.SOPInstanceUID) if earlier is not None else ""
-            sr_uid, write_sr = derived_uid("sr", self._version, *result, predecessor), True
+            sr_uid, write_sr = derived_uid("sr", self._version, *result, study, predecessor), True
         sc_uid = derived_uid("sc", sr_uid)
         return DicomResult(sr_path, sr_uid, sc_path, sc_uid, predecessor, write_sr,
                            write_sr or not _holds(sc_path, sc_uid))

@@ -62,12 +62,15 @@ class Destination:
 
     @classmethod
     def parse(cls, address: str, called_ae: str, calling_ae: str) -> Destination:
-        """`HOST:PORT` (a bracketed IPv6 address allowed) and the AE titles; SettingError (exit 2)
+        """`HOST:PORT` (a bracketed IPv6 address allowed), or `AE@HOST:PORT` as radscan writes a
+        destination (the AE title there replaces `called_ae`), and the AE titles; SettingError (exit 2)
         with what to write instead when one is malformed."""
-        match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", address.strip())
+        title, at, address = address.strip().rpartition("@")
+        match = re.fullmatch(r"\[?([^\[\]\s@]+?)\]?:(\d{1,5})", address)
         if not match or not 0 < int(match.group(2)) < 65536:
-            raise SettingError(f"--send must be HOST:PORT (e.g. pacs.example.org:104), not {address!r}")
-        return cls(match.group(1), int(match.group(2)), check_ae_title("--called-ae", called_ae),
+            raise SettingError(f"--send must be HOST:PORT or AE@HOST:PORT (e.g. pacs.example.org:104), not "
+                               f"{(title + at + address)!r}")
+        return cls(match.group(1), int(match.group(2)), check_ae_title("--called-ae", title if at else called_ae),
                    check_ae_title("--ae-title", calling_ae))
 
     def __str__(self) -> str:
@@ -125,8 +128,13 @@ class _StoreSCU:
         if self._broken:
             return self._broken
         if self._assoc is None or not self._assoc.is_established:
-            self._assoc = self._ae.associate(self.destination.host, self.destination.port,
-                                             ae_title=self.destination.called_ae)
+            try:
+                self._assoc = self._ae.associate(self.destination.host, self.destination.port,
+                                                 ae_title=self.destination.called_ae)
+            except OSError as exc:  # a host name that does not resolve (socket.gaierror), no route
+                self._broken = (f"cannot reach {self.destination.host}: {exc.strerror or one_line(exc)}; check "
+                                "--send", False)
+                return self._broken
             if not self._assoc.is_established:
                 why = "association rejected" if self._assoc.is_rejected else "no association (refused, unreachable " \
                     "or timed out)"

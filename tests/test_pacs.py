@@ -245,6 +245,16 @@ def test_results_arrive_in_orthanc_once_and_are_found_in_the_source_study(studie
     ds.save_as(studies / "nih" / "c.dcm")
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
     assert result.exit_code == ExitCode.OK and summary["dicom"]["sent"] == 2 and orthanc.instances() == 10
+    # the same SOP Instance UID in another study (a sender's error): results of their own, which arrive in
+    # that study; one UID for both made the second "sent" while the PACS had nothing (a helper's trial)
+    ds.StudyInstanceUID = _another(ds.StudyInstanceUID, 7)
+    (studies / "moved").mkdir()
+    ds.save_as(studies / "moved" / "c.dcm")
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *send)
+    assert result.exit_code == ExitCode.OK and summary["dicom"]["sent"] == 2 and orthanc.instances() == 12
+    moved = next(row for row in read_rows(out) if row["path"] == "moved/c.dcm")
+    assert {uid for _, uid, _ in orthanc.find_images(ds.StudyInstanceUID)} >= {
+        pydicom.dcmread(out.parent / moved["dicom_sr"]).SOPInstanceUID}
 
 
 def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_model, tmp_path, orthanc):
@@ -258,7 +268,14 @@ def test_a_failed_send_loses_nothing_and_the_next_run_delivers(studies, tiny_mod
     assert len(waiting) == 4 and all(row["reason"].startswith("results not sent to") for row in waiting)
     assert all(row["dicom_result"].startswith("not sent: ") and row["status"] == "ok" for row in waiting)
 
-    up = ["--dicom-out", str(folder), "--send", f"127.0.0.1:{orthanc.dicom_port}", "--called-ae", Orthanc.AET]
+    # a host name that does not resolve is a PACS that cannot be reached, not a crash (a helper's trial)
+    nowhere = ["--dicom-out", str(folder), "--send", "nosuchhost.invalid:104"]
+    result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *nowhere)
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_sent"] == 8, result.output
+    assert "cannot reach nosuchhost.invalid" in summary["dicom"]["send_failure"]
+
+    # the destination as radscan writes it in the rows (AE@HOST:PORT) is accepted as --send
+    up = ["--dicom-out", str(folder), "--send", f"{Orthanc.AET}@127.0.0.1:{orthanc.dicom_port}"]
     result, summary = _score(str(studies), "--out", str(out), "--model", str(tiny_model), *up)
     assert result.exit_code == ExitCode.OK and summary["scored_now"] == 0 and summary["dicom"]["sent"] == 8
     assert orthanc.instances() == 8

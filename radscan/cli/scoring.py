@@ -125,8 +125,9 @@ _RUN_OPTIONS = [
                  help="Write DICOM results for the PACS into DIR: per scored DICOM image a Structured Report (score, "
                       "threshold, flag, model) and a Secondary Capture of its explanation picture, in the source "
                       "study, marked not for diagnostic use. Needs radscan[pacs] and --phi keep."),
-    click.option("--send", "send_to", metavar="HOST:PORT",
-                 help="Send the DICOM results the PACS has not yet accepted by C-STORE (needs --dicom-out). A failed "
+    click.option("--send", "send_to", metavar="[AE@]HOST:PORT",
+                 help="Send the DICOM results the PACS has not yet accepted by C-STORE (needs --dicom-out; AE@ "
+                      "names the PACS's AE title, as --called-ae does). A failed "
                       "send keeps them in DIR, says so in the rows, exits 3, and is retried by the next run."),
     click.option("--ae-title", default="RADSCAN", show_default=True,
                  help="radscan's own AE title when sending (the PACS must know it)."),
