@@ -87,6 +87,9 @@ class Spool:
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the spool {self.root}: {exc.strerror or exc}") from None
+        if not all(os.access(folder, os.W_OK | os.X_OK) for folder in (self.incoming, self.studies)):
+            # found at the start, not by answering every instance 0xA700 while looking healthy
+            raise OutputError(f"cannot write in the spool {self.root} (read-only, or another user's)")
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}  # study folder -> when its last instance arrived (monotonic)
         for folder in self.incoming.iterdir():  # a restart: what was received before counts as arrived now
@@ -189,15 +192,14 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
         raise SettingError("radscan listen needs pynetdicom: pip install 'radscan[pacs]'") from None
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo data set contents
-    stop = stop or threading.Event()
-    stopping = threading.Event()
+    stop = stop or threading.Event()  # set: instances are answered 0xA700, and the loop ends after the run in hand
     ae = AE(ae_title=settings.ae_title)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.require_called_aet = True  # an association addressed to another AE title is rejected
     if settings.allow_ae:
         ae.require_calling_aet = list(settings.allow_ae)
-    handlers = [(evt.EVT_C_STORE, _store_handler(spool, stopping)),
+    handlers = [(evt.EVT_C_STORE, _store_handler(spool, stop)),
                 (evt.EVT_REJECTED, _log_association("rejected (calling or called AE title not accepted)",
                                                     logging.WARNING)),
                 (evt.EVT_ACCEPTED, _log_association("accepted", logging.INFO)),
@@ -212,44 +214,61 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     log.info("listening as %s on port %d; spool %s; a study is complete after %gs without a new instance",
              settings.ae_title, settings.port, spool.root, settings.quiet_s)
     # a restart scores the complete studies once (the state store skips what was scored before)
-    runs, rescan = 0, any(folder.is_dir() for folder in spool.studies.iterdir())
+    runs, rescan = 0, "restart" if any(folder.is_dir() for folder in spool.studies.iterdir()) else ""
     pending: list[tuple[str, int]] = []  # complete studies not yet scored: (folder, instances)
     retry_at = None  # when to run again for DICOM results a run could not send (a PACS that was down)
     try:
         while not stop.is_set():
             pending += spool.complete(settings.quiet_s)
             if retry_at is not None and time.monotonic() >= retry_at:
-                rescan, retry_at = True, None
+                rescan, retry_at = rescan or "retry", None
             if pending or rescan:
                 outcome = _score_once(run_score, spool)
                 if outcome is not None:  # else another run holds the worklist: try again at the next poll
-                    runs, rescan = runs + 1, False
+                    runs += 1
                     if outcome.get("results_pending"):
                         retry_at = time.monotonic() + settings.retry_s
                         log.warning("DICOM results of this run are waiting to be sent: tried again in %gs",
                                     settings.retry_s)
-                    for study, instances in pending:
-                        log.info("study %s complete (%d instances): scored by run %s", study, instances,
-                                 outcome.get("run_id"))
+                    # every run says what it was for, so that monitoring sees pending results clear too
+                    for entry in _run_entries(pending, rescan, outcome):
                         if status:
-                            status({"study": study, "instances": instances, **outcome})
-                    pending = []
+                            status(entry)
+                    pending, rescan = [], ""
             stop.wait(settings.poll_s)
     finally:
-        stopping.set()
+        stop.set()
         server.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        log.info("stopped listening; studies still arriving stay in %s and are scored after a restart",
-                 spool.incoming)
+        waiting = sum(1 for _ in spool.incoming.glob("*/*.dcm"))
+        log.info("stopped listening; %d instance(s) of studies still arriving stay in %s and are scored after a "
+                 "restart", waiting, spool.incoming)
     return runs
+
+
+def _run_entries(pending: list[tuple[str, int]], rescan: str,
+                 outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log lines and --json entries of one scoring run: one per study it was run for, or one
+    for the run itself when it was run after a restart or to send waiting DICOM results again."""
+    for study, instances in pending:
+        log.info("study %s complete (%d instances): scored by run %s", study, instances, outcome.get("run_id"))
+    if pending:
+        return [{"study": study, "instances": instances, **outcome} for study, instances in pending]
+    why = {"restart": "the complete studies found at the start (those scored before are kept)",
+           "retry": "DICOM results that were waiting to be sent"}[rescan]
+    log.info("run %s: %s; DICOM results still pending: %s", outcome.get("run_id"), why,
+             "yes" if outcome.get("results_pending") else "none")
+    return [{"study": None, "instances": 0, "event": rescan, **outcome}]
 
 
 def _log_association(what: str, level: int) -> Callable[[Any], None]:
     def handle(event: Any) -> None:
         requestor = event.assoc.requestor
-        log.log(level, "association from %s (%s:%s) %s", printable(str(requestor.ae_title).strip()),
-                requestor.address, requestor.port, what)
+        # both titles: a rejection may be for the title the sender called, not for its own
+        called = getattr(requestor.primitive, "called_ae_title", "") or ""
+        log.log(level, "association from %s (%s:%s) to AE title %s %s", printable(str(requestor.ae_title).strip()),
+                requestor.address, requestor.port, printable(str(called).strip()) or "(no title)", what)
 
     return handle
 

@@ -78,7 +78,7 @@ from radscan.worklist import DISCLAIMER, OutputPaths, write_readme, write_workli
 if TYPE_CHECKING:
     from radscan.cluster import Cluster
 
-__all__ = ["ScoreSummary", "score", "default_model_dir", "check_dicom_settings"]
+__all__ = ["ScoreSummary", "score", "default_model_dir", "check_dicom_settings", "check_request"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ScoreSummary:
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
     """Score every image under `inputs` and write the worklist; see the module docstring."""
     started = time.monotonic()
-    inputs, pictures, model_dir = _check_request(inputs, outputs, settings)  # before any output is made
+    inputs, pictures, model_dir = check_request(inputs, outputs, settings)  # before any output is made
     metadata = read_metadata(model_dir)
     check_device(metadata, settings.device)
     identity = ModelIdentity.of(metadata)
@@ -206,7 +206,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     )
 
 
-def _check_request(inputs: Sequence[str], outputs: OutputPaths,
+def check_request(inputs: Sequence[str], outputs: OutputPaths,
                    settings: ScoreSettings) -> tuple[list[str], str, Path]:
     """Every check that needs no lock, before anything is created: the inputs exist and are
     distinct, no output lies inside an input or the model or is another output, the settings are

@@ -145,11 +145,21 @@ def test_a_restart_scores_what_arrived_before_it_stopped(tmp_path):
     finally:
         assert listener.stop() == 0
     assert not listener.out.exists() and len(list((folder / "spool" / "incoming").rglob("*.dcm"))) == 1
+    assert "1 instance(s) of studies still arriving stay in" in listener.log()
     again = Listener(folder)  # --quiet-seconds 1: the study it kept completes
     try:
         assert again.wait_for_studies(1)[0]["instances"] == 1 and len(again.rows()) == 1
     finally:
         assert again.stop() == 0
+    # a run made at the start (or to send waiting results again) has its log and --json lines too
+    third = Listener(folder)
+    try:
+        third._wait(lambda: any(event.get("event") == "restart" for event in third.events()), "no restart line")
+        restart = next(event for event in third.events() if event.get("event") == "restart")
+        assert restart["study"] is None and restart["ok"] is True and restart["results_pending"] is False
+        assert "the complete studies found at the start" in third.log() and len(third.rows()) == 1
+    finally:
+        assert third.stop() == 0
 
 
 def test_orthanc_sends_a_study_that_reaches_the_worklist(tmp_path):
@@ -194,3 +204,26 @@ def test_an_ae_title_that_dicom_forbids_is_a_usage_error_and_creates_nothing(tmp
                                       *option])
     assert result.exit_code == 2 and "1-16 printable ASCII characters" in result.stderr, result.output
     assert not (tmp_path / "wl").exists()
+
+
+def test_what_the_first_run_would_refuse_is_refused_before_listening(tmp_path):
+    """A helper's trial (issue 24): a worklist inside the spool, or an edited model, was found only by
+    the first scoring run, after studies had been acknowledged; now the listener does not start."""
+    import json as json_module
+
+    from click.testing import CliRunner
+
+    from radscan.cli import cli
+
+    spool = tmp_path / "spool"
+    inside = CliRunner().invoke(cli, ["listen", "--port", str(free_port()), "--spool", str(spool),
+                                      "--out", str(spool / "studies" / "report.csv")])
+    assert inside.exit_code == 2 and "listening as" not in inside.output, inside.output
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "kermany-tiny", model)
+    metadata = json_module.loads((model / "model.json").read_text())
+    metadata["calibration"]["threshold"] = 0.5
+    (model / "model.json").write_text(json_module.dumps(metadata))
+    edited = CliRunner().invoke(cli, ["listen", "--port", str(free_port()), "--spool", str(tmp_path / "s2"),
+                                      "--out", str(tmp_path / "wl" / "report.csv"), "--model", str(model)])
+    assert edited.exit_code == 65 and "listening as" not in edited.output, edited.output

@@ -244,6 +244,24 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
 
 
 
+def _check_before_listening(spool: Any, outputs: Any, settings: Any) -> None:
+    """What the first scoring run would find wrong, found before the listener accepts a study: the
+    scoring run's own checks (outputs apart from the spool, the model there), a worklist folder that
+    can be written, and the model's sealed files verified (exit 2, 65 or 73)."""
+    import os
+
+    from radscan.batch import load_model_for_scoring
+    from radscan.errors import OutputError
+    from radscan.report import prepare_folder
+    from radscan.score import check_request, default_model_dir
+
+    check_request((str(spool.studies),), outputs, settings)
+    prepare_folder(outputs.report.parent, "--out")
+    if not os.access(outputs.report.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the worklist in {outputs.report.parent} (read-only, or another user's)")
+    load_model_for_scoring(settings.model_dir or default_model_dir(), settings.device)
+
+
 def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], outputs: Any, settings: Any,
                              metrics: Path | None) -> Any:
     """`run_score`, and when it fails, a record of the failure in the worklist page it leaves as
@@ -324,6 +342,7 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
                                  dicom_out, send_to, ae_title, called_ae, None, metrics, qc_mode, views, policy,
                                  workers)
     received = Spool(spool, settings.min_free_bytes)  # after the settings were checked: a refusal creates nothing
+    _check_before_listening(received, outputs, run)
 
     def score_studies(inputs: list[Path]) -> dict:
         summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
