@@ -172,8 +172,9 @@ def _check_seal(sessions: dict[str, Any], metadata: dict[str, Any]) -> float:
         found = (sealed.get("format"), sealed.get("preprocess_version"), _settings(sealed.get("config")),
                  sealed.get("calibration"))
         if found != stated:
-            raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the {name} graph: "
-                             "the metadata was edited; export the model again")
+            raise ModelError(f"the model settings in {METADATA_FILE} (its threshold, calibration or preprocessing) "
+                             f"differ from the ones its exported file {ONNX_GRAPHS[name]} was made with: "
+                             f"{METADATA_FILE} was edited; restore it, or export the model again")
         check_sealed_extras(sealed, metadata)
     return float(metadata["calibration"]["threshold"])
 

@@ -89,7 +89,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     if is_exported(metadata):
         source = metadata.get("exported_from") or {}
         raise ModelError(f"{directory} is a model exported for ONNX Runtime (radscan export): it scores, but "
-                         "training and calibration need the torch model it was exported from (version "
+                         "training, calibration and export need the torch model it was exported from (version "
                          f"{source.get('version')}, weights sha256 {str(source.get('sha256'))[:12]}...)")
     if metadata.get("preprocess_version") != PREPROCESS_VERSION:
         raise ModelError(

@@ -52,11 +52,11 @@ def read_verified(directory: Path, block: Any, name: str, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError:
-        raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it, or retrain (export "
-                         "again)") from None
+        raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it from the model's "
+                         "release (or train, or export, the model again)") from None
     if hashlib.sha256(data).hexdigest() != block.get("sha256"):
         raise ModelError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was altered or "
-                         "corrupted; restore it, or retrain (export again)")
+                         "corrupted; restore it from the model's release (or train, or export, the model again)")
     return data
 
 
