@@ -4,16 +4,17 @@
 Every path through radscan (scan previews, training, scoring, evaluation) ends in
 `to_model_input`, so a model only ever sees images made by this code. The steps before it live in
 the readers, which bring any file to a display-correct 8-bit grey image with the helpers below:
-`radscan.dicom` (`_display_grey`) for DICOM, `radscan.raster` (`_to_grey`) for JPEG/PNG.
+`radscan.dicom` (reading and decoding) and `radscan.display` (`display_grey`) for DICOM,
+`radscan.raster` (`_to_grey`) for JPEG/PNG.
 
 Notes
 -----
 Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling), and where each step is:
 
-1. stored values -> modality LUT (rescale slope/intercept or LUT sequence): radscan.dicom
+1. stored values -> modality LUT (rescale slope/intercept or LUT sequence): radscan.display
    `_modality_values`
 2. VOI LUT sequence, else the first window, else a robust percentile window (>8-bit data), else
-   the full stored range (8-bit data such as JPEGs): radscan.dicom `_display_grey` with
+   the full stored range (8-bit data such as JPEGs): radscan.display `display_grey` with
    `percentile_window` below
 3. MONOCHROME1 inverted exactly once, so that air is dark in every output: `window_to_uint8` below
 4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs): `window_to_uint8`;
