@@ -32,6 +32,9 @@ class TrainConfig:
     g_weight_decay: float = 1e-5
     cosine_t_max: int = 30  # epochs
     cosine_eta_min: float = 1e-5
+    # the discriminator's learning rate: "constant" (the shipped recipe), or "cosine", annealed as the
+    # generator's is, so that the critic's features stop moving as the generator settles
+    d_schedule: str = "constant"
     g_every: int = 2  # generator step every second batch, on the same forward pass
     w_student: float = 10.0
     w_teacher: float = 0.01

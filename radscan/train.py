@@ -103,6 +103,9 @@ class Trainer:
         self.opt_d = torch.optim.Adam(d_params, lr=tcfg.lr, betas=tcfg.betas)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_g, T_max=tcfg.cosine_t_max,
                                                                    eta_min=tcfg.cosine_eta_min)
+        self.schedule_d = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_d, T_max=tcfg.cosine_t_max,
+                                                                      eta_min=tcfg.cosine_eta_min)
+                           if tcfg.d_schedule == "cosine" else None)
         self.model.snapshot_critics.requires_grad_(False)
 
     @torch.no_grad()
@@ -161,8 +164,17 @@ class Trainer:
                 "distill": distill.item(), "adversarial": adversarial.item()}
 
     def state(self, epoch: int) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(), "epoch": epoch}
+        state = {"model": self.model.state_dict(), "opt_g": self.opt_g.state_dict(),
+                 "opt_d": self.opt_d.state_dict(), "schedule": self.schedule.state_dict(), "epoch": epoch}
+        if self.schedule_d is not None:
+            state["schedule_d"] = self.schedule_d.state_dict()
+        return state
+
+    def step_schedules(self) -> None:
+        """The end of an epoch: the learning rates move one step along their schedules."""
+        self.schedule.step()
+        if self.schedule_d is not None:
+            self.schedule_d.step()
 
     def restore(self, state: dict[str, Any]) -> int:
         """Load a checkpoint; returns the number of epochs it had completed."""
@@ -170,6 +182,8 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.schedule_d is not None and "schedule_d" in state:
+            self.schedule_d.load_state_dict(state["schedule_d"])
         return int(state["epoch"])
 
 
@@ -515,7 +529,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
                     run.stopped_by_budget = True
                     break
             bar.close()
-            trainer.schedule.step()
+            trainer.step_schedules()
             metrics = evaluate_epoch(trainer.model, train_images, films.calibration, films.validation, 64, device,
                                      tcfg.seed)
             run.epochs, run.density_fitted = epoch + 1, True

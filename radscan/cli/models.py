@@ -63,6 +63,9 @@ from radscan.records import counted
                    "epoch whose density best tells the calibration normals from copies of them given one "
                    "synthetic local defect each (experimental: it kept a good epoch in 5 of 7 seeds; check the "
                    "kept epoch against the training report's curve; see docs/training.md).")
+@click.option("--d-schedule", type=click.Choice(["constant", "cosine"]), default=RECIPE.d_schedule,
+              show_default=True, help="The discriminator's learning rate: constant, or annealed with the "
+                                      "generator's cosine (experimental).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
               help="Time budget; training stops after the batch that crosses it.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=RECIPE.batch_size, show_default=True)
@@ -107,7 +110,7 @@ from radscan.records import counted
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
           score_kind: str, density_grid: int, field: str, critic_blur: float | None, critic_snapshots: int, epochs: int,
-          keep: str, max_minutes: float | None,
+          keep: str, d_schedule: str, max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, synthetic: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
@@ -147,7 +150,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
-        tcfg = TrainConfig(epochs=epochs, keep=keep, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+        tcfg = TrainConfig(epochs=epochs, keep=keep, d_schedule=d_schedule, max_minutes=max_minutes,
+                           batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
                            noise=noise, synthetic=synthetic, seed=seed, calibration_fraction=calibration_fraction,
                            target_specificity=target_specificity)
