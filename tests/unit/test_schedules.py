@@ -11,7 +11,7 @@ from radscan.recipe import TrainConfig
 from radscan.train import Trainer
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")  # no batch is trained here
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # no batch is trained here
 @pytest.mark.parametrize("d_schedule", ["constant", "cosine"])
 def test_the_discriminators_rate_follows_its_schedule_across_a_checkpoint(d_schedule):
     config = TrainConfig(d_schedule=d_schedule, cosine_t_max=10)
