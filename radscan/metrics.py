@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from radscan.errors import OutputError
+from radscan.errors import OutputError, SettingError
 from radscan.report import atomic_output, refuse_special
 
 __all__ = ["write_metrics", "check_metrics_path"]
@@ -24,11 +26,15 @@ __all__ = ["write_metrics", "check_metrics_path"]
 _LAST_SUCCESS = "radscan_last_success_timestamp_seconds"
 
 
-def check_metrics_path(path: Path) -> None:
-    """Refuse (OutputError, exit 73) a metrics file that could not be written, before the run
-    scores anything: a run that finished must not fail at its very end for its metrics, leaving a
-    page that says it succeeded beside an exit code that says it did not. Its folder is made when
-    missing."""
+def check_metrics_path(path: Path, outputs: Sequence[Path] = ()) -> None:
+    """Refuse a metrics file that would be one of the run's `outputs` (SettingError, exit 2: it would
+    replace the worklist or the state store) or that could not be written (OutputError, exit 73),
+    before the run scores anything: a run that finished must not fail at its very end for its
+    metrics, leaving a page that says it succeeded beside an exit code that says it did not. Its
+    folder is made when missing."""
+    if Path(path).resolve() in {Path(output).resolve() for output in outputs}:
+        raise SettingError(f"--metrics {path} is one of the run's own outputs (the worklist, the page, the lock or "
+                           "the state store): give the metrics a file of their own")
     refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +43,21 @@ def check_metrics_path(path: Path) -> None:
                           "nothing was scored") from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write the metrics file {path}: its folder is not writable; nothing was scored")
+    if path.exists() and not _replaceable(path):
+        raise OutputError(f"cannot replace the metrics file {path} (immutable, or another user's in a shared "
+                          "folder); nothing was scored")
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether a file can be replaced by renaming another onto it: not immutable (an open for
+    writing fails with EPERM; nothing is written), and in a sticky folder (/tmp) owned by this user
+    or in a folder this user owns."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError:
+        return False
+    folder = path.parent.stat()
+    return not folder.st_mode & stat.S_ISVTX or os.geteuid() in (0, path.stat().st_uid, folder.st_uid)
 
 
 def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = None,

@@ -472,6 +472,11 @@ def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
     refused = _run(*args[:-1], str(tmp_path / "afile" / "radscan.prom"))
     assert refused.exit_code == ExitCode.CANT_CREATE and "nothing was scored" in refused.output
     assert read()["radscan_last_exit_code"] == 66 and len(read_rows(tmp_path / "out" / "report.csv")) == 2
+    # nor may it be one of the run's own outputs, which it would replace (a second trial: the state store)
+    for own in ("report.csv", "report.html", "report.lock", "report.state.sqlite"):
+        clash = _run(*args[:-1], str(tmp_path / "out" / own))
+        assert clash.exit_code == ExitCode.USAGE and "one of the run's own outputs" in clash.output, own
+    assert len(read_rows(tmp_path / "out" / "report.csv")) == 2
 
 
 def test_scan_groups_studies_as_score_does(tmp_path):

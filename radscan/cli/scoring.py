@@ -216,9 +216,10 @@ def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: 
     if metrics is not None:
         from radscan.ingest import check_outputs_apart
         from radscan.metrics import check_metrics_path
+        from radscan.state import store_files
 
         check_outputs_apart(paths, [metrics])
-        check_metrics_path(metrics)
+        check_metrics_path(metrics, [*outputs.files, outputs.lock, *store_files(outputs.state)])
     return outputs, settings
 
 
