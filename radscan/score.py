@@ -159,7 +159,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         _tidy_outputs(outputs)
         loading = loader.submit(load_model_for_scoring, model_dir, settings.device)
         files, resolved_roots = _find_inputs(inputs, outputs, settings)
-        store = StateStore(outputs.state, fingerprint, run_id)
+        store = StateStore(outputs.state, fingerprint, run_id, history_key="|".join(
+            [identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint]))
         try:
             todo, regrouped = _reuse_stored(files, store, outputs.report.parent, pictures,
                                             dicom_pictures=bool(outputs.dicom))

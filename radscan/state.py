@@ -247,8 +247,10 @@ class StateStore:
     # saved were never on a published list, so the run that finishes next lists them as its own new ones.
     _STARTED = "CREATE TABLE IF NOT EXISTS started (run_id TEXT PRIMARY KEY)"
 
-    def __init__(self, path: Path, fingerprint: str, run_id: str):
-        self.fingerprint, self.run_id = fingerprint, run_id
+    def __init__(self, path: Path, fingerprint: str, run_id: str, history_key: str | None = None):
+        # history_key: which runs are one drift history (the model and what decides a flag, not how the
+        # list is drawn: --pictures or --phi change the fingerprint, not the history); the fingerprint by default
+        self.fingerprint, self.run_id, self.history_key = fingerprint, run_id, history_key or fingerprint
         for part in store_files(path):
             refuse_link(part)
         try:
@@ -487,17 +489,18 @@ class StateStore:
         return scored, flagged or 0
 
     def run_history(self, limit: int = 100) -> list[tuple[int, int]]:
-        """(scored, flagged) of earlier finished runs with this store's model and settings (its
-        fingerprint), newest first."""
-        return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? AND fingerprint = ? "
-                                "ORDER BY finished_at DESC LIMIT ?", (self.run_id, self.fingerprint, limit)).fetchall()
+        """(scored, flagged) of earlier finished runs that scored new films, with this store's model and
+        the settings that decide a flag (its history key), newest first: a night without new films is
+        no night of the history (the pooling of a small site's nights would otherwise run out on them)."""
+        return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? AND fingerprint = ? AND scored > 0 "
+                                "ORDER BY finished_at DESC LIMIT ?", (self.run_id, self.history_key, limit)).fetchall()
 
     def record_run(self, finished_at: str, scored: int, flagged: int) -> None:
         """This run finished and listed its rows (it is no longer one whose rows the next run adopts)."""
         with self._writing(), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO runs (run_id, finished_at, scored, flagged, fingerprint) "
-                             "VALUES (?, ?, ?, ?, ?)", (self.run_id, finished_at, scored, flagged, self.fingerprint))
+                             "VALUES (?, ?, ?, ?, ?)", (self.run_id, finished_at, scored, flagged, self.history_key))
             self._db.execute("DELETE FROM started WHERE run_id = ?", (self.run_id,))
 
     def counts(self) -> dict[str, int]:

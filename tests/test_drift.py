@@ -51,3 +51,11 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
     assert "radscan_drift_warning 1" in text and 'radscan_new_flagged_share{of="history"}' in text
 
 
+    # nights without new films keep the warning: however many there are, and whatever --pictures says
+    # (a second trial: it cleared after six empty runs, and at once with --pictures all)
+    with sqlite3.connect(out.with_name("report.state.sqlite")) as db:
+        history_key = db.execute("SELECT fingerprint FROM runs ORDER BY finished_at DESC LIMIT 1").fetchone()[0]
+        db.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                       [(f"e{n}", f"2099-01-0{n + 1}T02:00:00+00:00", 0, 0, history_key) for n in range(8)])
+    quiet = json.loads(CliRunner().invoke(cli, [*args, "--pictures", "all"]).stdout)
+    assert quiet["drift"]["scored"] == 0 and "24 of 30 new films" in quiet["drift"]["warning"], quiet["drift"]
