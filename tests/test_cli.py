@@ -386,11 +386,17 @@ def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
 
 def test_the_nightly_wrapper_refuses_a_settings_file_that_is_not_there(tmp_path):
     """A typo in RADSCAN_CONFIG used to run on the defaults (--phi keep: raw identifiers) with exit 0."""
-    env = {**os.environ, "RADSCAN_CONFIG": str(tmp_path / "radscan.tmol"), "RADSCAN_OUTPUT": str(tmp_path / "o")}
+    env = {**os.environ, "RADSCAN_CONFIG": str(tmp_path / "radscan.tmol"), "RADSCAN_OUTPUT": str(tmp_path / "o"),
+           "RADSCAN_VENV": sys.prefix}
     done = subprocess.run(["bash", str(REPO / "examples" / "nightly" / "radscan-nightly.sh")], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "is not a file" in done.stderr
-    assert not (tmp_path / "o").exists()
+    # and monitoring sees the night that did not start (a second trial: it stayed green)
+    assert json.loads((tmp_path / "o" / "last-run.json").read_text())["exit_code"] == 2
+    assert "radscan_last_exit_code 2" in (tmp_path / "o" / "radscan.prom").read_text()
+    assert (tmp_path / "o" / "last_attempt").is_file() and not (tmp_path / "o" / "last_success").exists()
+    assert "is not a file" in next((tmp_path / "o" / "logs").glob("*.log")).read_text()
+    assert not list((tmp_path / "o").glob(".*"))  # no temporary file left
 
 
 def test_without_posix_locks_score_refuses_with_a_reason(tmp_path, monkeypatch, cxr_dir):

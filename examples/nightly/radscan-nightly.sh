@@ -5,41 +5,17 @@
 #
 # Settings: /etc/radscan.toml (or RADSCAN_CONFIG), RADSCAN_* variables, or the defaults below.
 set -u
-# A settings file that was asked for but is missing is an error (its PHI mode, model... would be
-# silently replaced by the defaults); only the default location may be absent.
-if [ -n "${RADSCAN_CONFIG:-}" ]; then
-  if [ ! -f "$RADSCAN_CONFIG" ]; then
-    echo "radscan nightly run not started: RADSCAN_CONFIG=$RADSCAN_CONFIG is not a file" >&2
-    exit 2
-  fi
-elif [ -f /etc/radscan.toml ]; then
-  export RADSCAN_CONFIG=/etc/radscan.toml
-fi
 input="${RADSCAN_INPUT:-/data/pacs-export}"
 output="${RADSCAN_OUTPUT:-/data/radscan}"
 venv="${RADSCAN_VENV:-/opt/radscan/.venv}"
-mkdir -p "$output/logs"
-log="$output/logs/$(date +%Y-%m-%d).log"
-
-# --json prints one object even when the run fails ({"ok": false, "exit_code": ..., "error": ...},
-# SIGTERM included); it is written to a temporary file of this run's own (overlapping runs do not
-# share one) and renamed, so last-run.json is never empty or half-written.
-summary=$(mktemp "$output/.last-run.json.XXXXXX") || exit 73
 # --metrics: for node_exporter's textfile collector (set RADSCAN_METRICS to its directory's file)
 metrics="${RADSCAN_METRICS:-$output/radscan.prom}"
-started=$(mktemp "$output/.run-started.XXXXXX") || exit 73  # its time: did the run write its metrics?
-"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --metrics "$metrics" \
-  --json >"$summary" 2>>"$log"
-status=$?
-if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summary of its own
-  printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
-    "$status" "$log" >"$summary"
-fi
-# a run that could not record its own failure (refused its settings before starting: exit 2; killed
-# with SIGKILL, out of memory) must not leave the last good night's exit code in the metrics, nor a
-# page that reads as tonight's list: the failed attempt is written into both here, the rest kept
-if [ "$status" -ne 75 ] && ! [ "$metrics" -nt "$started" ]; then
-  "$venv/bin/python" - "$metrics" "$status" "$output/worklist.html" 2>>"$log" <<'PY'
+
+# A night that fails without radscan recording it (refused here, killed, out of memory, a refused
+# setting) must not leave the last good night's exit code in the metrics, nor a page that reads as
+# tonight's list: the failed attempt is written into both, the rest kept.
+record_failure() {  # STATUS
+  "$venv/bin/python" - "$metrics" "$1" "$output/worklist.html" 2>>"$log" <<'PY'
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +33,44 @@ record_failed_run(page, {"at": datetime.now(timezone.utc).isoformat(timespec="se
                          "error": f"radscan ended with exit code {status} before it could record its failure "
                                   "(killed, out of memory, or a refused setting): see the nightly log"})
 PY
+}
+
+mkdir -p "$output/logs"
+log="$output/logs/$(date +%Y-%m-%d).log"
+# A settings file that was asked for but is missing is an error (its PHI mode, model... would be
+# silently replaced by the defaults); only the default location may be absent.
+if [ -n "${RADSCAN_CONFIG:-}" ]; then
+  if [ ! -f "$RADSCAN_CONFIG" ]; then
+    message="radscan nightly run not started: RADSCAN_CONFIG=$RADSCAN_CONFIG is not a file"
+    echo "$(date -Is) $message" >>"$log"
+    echo "$message" >&2
+    record_failure 2
+    printf '{"ok": false, "exit_code": 2, "error": "RADSCAN_CONFIG is not a file: see %s"}\n' "$log" \
+      >"$output/.last-run.json.tmp" && mv -f "$output/.last-run.json.tmp" "$output/last-run.json"
+    date -Is >"$output/last_attempt"
+    exit 2
+  fi
+elif [ -f /etc/radscan.toml ]; then
+  export RADSCAN_CONFIG=/etc/radscan.toml
+fi
+
+# --json prints one object even when the run fails ({"ok": false, "exit_code": ..., "error": ...},
+# SIGTERM included); it is written to a temporary file of this run's own (overlapping runs do not
+# share one) and renamed, so last-run.json is never empty or half-written.
+summary=$(mktemp "$output/.last-run.json.XXXXXX") || exit 73
+started=$(mktemp "$output/.run-started.XXXXXX") || exit 73  # its time: did the run write its metrics?
+trap 'rm -f "$summary" "$started"' EXIT  # a wrapper killed itself leaves no temporary file behind
+"$venv/bin/radscan" -v score "$input" --out "$output/worklist.csv" --metrics "$metrics" \
+  --json >"$summary" 2>>"$log"
+status=$?
+if [ ! -s "$summary" ]; then  # killed with SIGKILL (or out of memory): no summary of its own
+  printf '{"ok": false, "exit_code": %d, "error": "radscan ended without a summary (killed?): see %s"}\n' \
+    "$status" "$log" >"$summary"
+fi
+# a run that could not record its own failure (refused its settings before starting: exit 2; killed
+# with SIGKILL, out of memory)
+if [ "$status" -ne 75 ] && ! [ "$metrics" -nt "$started" ]; then
+  record_failure "$status"
 fi
 rm -f "$started"
 if [ "$status" -eq 75 ]; then  # refused by the lock: another run's night, whose files these are
