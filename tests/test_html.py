@@ -314,7 +314,8 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
     assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
     # the header counts the studies to read apart from those for IT (a helper read "39 studies" above "9 of 9")
     counts = page.locator("#counts").inner_text()
-    assert f"{page.locator('#rows tr').count()} studies to read" in counts and "1 for IT" in counts, counts
+    assert f"Studies: {page.locator('#rows tr').count()} to read" in counts and "1 for IT" in counts, counts
+    assert page.locator("#file-counts").inner_text().startswith("Files:")  # file counts apart, labelled
     assert "broken/page.dcm" not in page.locator("#rows").inner_text()
     assert not problems, problems
 
@@ -350,6 +351,7 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     # it opens on the map panel the thumbnail showed, not on the plain film at its left
     assert page.evaluate("document.getElementById('viewer-frame').scrollLeft") > 100
     assert page.locator(".swipe-hint").is_visible() and not page.locator(".esc-hint").is_visible()
+    assert "· z" in page.locator("#viewer-caption").inner_text()  # the verdict, which the map panel leaves out
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     page.screenshot(path=ARTIFACTS / "worklist-phone-picture.png")
     page.locator("#viewer-caption").click()  # a tap closes it
