@@ -110,9 +110,10 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     faster than a smoothed one (this runs once per image)."""
     grey = Image.fromarray(image).convert("RGB")
     width = round(_PANEL * min(2.0, max(0.5, aspect)))
-    lines = caption.splitlines() or [""]
-    top = 12 + 20 * len(lines)
     small_x = 2 * width + 2 * _BESIDE + _MARGIN
+    # a long path wraps instead of running off the edge with the model's name
+    lines = _caption_lines(caption, small_x + _SMALL + _BESIDE - 2 * _MARGIN)
+    top = 12 + 20 * len(lines)
     canvas = Image.new("RGB", (small_x + _SMALL + _BESIDE, top + _PANEL + _BELOW), "black")
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(lines):
@@ -142,10 +143,13 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
     uint8: the caption on top and the film as the model would have seen it (`image`, (128, 128)
     uint8) at its own width/height ratio `aspect` (clamped to 0.5..2), enlarged pixel for pixel, so
     that a reader can judge the rejection (a chest the wrong way round, or not a chest at all)."""
-    width = round(_PANEL * min(2.0, max(0.5, aspect)))
+    drawn = min(2.0, max(0.5, aspect))
+    width = round(_PANEL * drawn)
+    if abs(drawn - aspect) > 0.05:  # a film narrower or wider than the picture shows it: said, not hidden
+        caption += f"\n(drawn at {drawn:g}:1; the film is {aspect:.1f}:1)"
     # the caption wraps to the film's width, so that the picture is exactly as wide as the film and
     # the page can show the film alone as the row's thumbnail, however wide the film
-    lines = [part for line in caption.splitlines() or [""] for part in _wrap(line, _font(15), width - 2 * _MARGIN)]
+    lines = _caption_lines(caption, width - 2 * _MARGIN)
     top = 12 + 20 * len(lines)
     canvas = Image.new("RGB", (width, top + _PANEL), "black")
     draw = ImageDraw.Draw(canvas)
@@ -153,6 +157,11 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
     canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     return np.asarray(canvas)
+
+
+def _caption_lines(caption: str, width: float) -> list[str]:
+    """The caption's lines, each wrapped to `width` pixels in the caption font."""
+    return [part for line in caption.splitlines() or [""] for part in _wrap(line, _font(15), width)]
 
 
 def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float) -> list[str]:
