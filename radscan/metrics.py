@@ -125,11 +125,18 @@ def _drift_blocks(drift: dict[str, Any]) -> dict[str, list[str]]:
     warning = int(bool(drift["warning"]))
     blocks = {"radscan_drift_warning": _metric("radscan_drift_warning", "1 when the last finished run's flagged "
                                                "share moved beyond chance (radscan.drift).", warning)}
+    samples = []
     if drift.get("share") is not None:
+        samples.append((drift["share"], {"of": "this_run"}))
+    if drift.get("judged"):  # what the check judged: this run's new films pooled with the nights before it
+        samples.append((drift["judged_flagged"] / drift["judged"], {"of": "judged"}))
+    if drift.get("baseline") is not None:
+        samples.append((drift["baseline"], {"of": "history"}))
+    if samples:
         blocks["radscan_new_flagged_share"] = _metric(
-            "radscan_new_flagged_share", "Share of the films scored anew in the last finished run that were flagged, "
-            "and the share of the run history it was checked against.", (drift["share"], {"of": "this_run"}),
-            *(((drift["baseline"], {"of": "history"}),) if drift.get("baseline") is not None else ()))
+            "radscan_new_flagged_share", "Flagged share of the films scored anew: in the last finished run "
+            "(this_run), in the films the drift check judged (judged: the run pooled with the nights before it "
+            "while it has fewer than 20), and in the history it was checked against.", *samples)
     return blocks
 
 

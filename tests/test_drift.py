@@ -59,3 +59,6 @@ def test_a_run_that_drifts_says_so_in_the_summary_the_log_and_the_metrics(tmp_pa
                        [(f"e{n}", f"2099-01-0{n + 1}T02:00:00+00:00", 0, 0, history_key) for n in range(8)])
     quiet = json.loads(CliRunner().invoke(cli, [*args, "--pictures", "all"]).stdout)
     assert quiet["drift"]["scored"] == 0 and "24 of 30 new films" in quiet["drift"]["warning"], quiet["drift"]
+    text = metrics.read_text()  # the metrics show the share the warning is about
+    assert "radscan_drift_warning 1" in text and 'radscan_new_flagged_share{of="judged"} 0.8' in text
+    assert 'of="this_run"' not in text  # no new film tonight: no share of its own
