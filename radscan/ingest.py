@@ -72,16 +72,18 @@ class Found:
 Ingested = tuple[ImageRecord, "np.ndarray | None"]
 
 
-def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[Path | None]) -> None:
+def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[Path | None],
+                        kind: str = "input") -> None:
     """Refuse (SettingError, exit 2) an output that is an input file or lies inside an input
-    folder: it would overwrite a radiograph, or be read back as an input by the next run."""
+    folder: it would overwrite a radiograph, or be read back as an input by the next run. `kind`
+    names what the `inputs` are in the message ("input", "model")."""
     roots = [Path(path).resolve() for path in inputs]
     for output in filter(None, outputs):
         target = Path(output).resolve()
         for root in roots:
             if target == root or root in target.parents:
-                what = ("an input folder" if root.is_dir() else "an input file") if target == root else \
-                    f"inside the input {root}"
+                what = (f"the {kind} folder" if root.is_dir() else f"the {kind} file") if target == root else \
+                    f"inside the {kind} {root}"
                 raise SettingError(f"the output {output} is {what}: radscan would overwrite or read back its own "
                                    "outputs; write them outside the folders it reads")
 

@@ -231,7 +231,7 @@ def check_request(inputs: Sequence[str], outputs: OutputPaths,
 
         parse_scheduler(settings.scheduler)
     model_dir = settings.model_dir or default_model_dir()
-    check_outputs_apart([model_dir], every_output)
+    check_outputs_apart([model_dir], every_output, kind="model")
     for path in (*outputs.files, outputs.lock, *store_files(outputs.state)):
         refuse_special(path)  # before anything is created beside them (e.g. --out /dev/null)
     if not model_dir.exists():
