@@ -24,7 +24,8 @@ def measure(name: str, device_name: str, steps: int, score_batches: int) -> dict
     from radscan.model.config import preset
     from radscan.model.runtime import resolve_device
     from radscan.model.simsid import to_model_tensor
-    from radscan.train import TrainConfig, Trainer
+    from radscan.recipe import TrainConfig
+    from radscan.trainer import Trainer
 
     device = resolve_device(device_name)
     trainer = Trainer(preset(name), TrainConfig(), device)

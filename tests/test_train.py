@@ -23,7 +23,8 @@ from radscan.model.io import WEIGHTS_FILE, load_model
 from radscan.model.runtime import score_arrays
 from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy
-from radscan.train import TrainConfig, Trainer, train
+from radscan.train import TrainConfig, train
+from radscan.trainer import Trainer
 
 from .conftest import CXR_DIR, DICOM_DIR
 

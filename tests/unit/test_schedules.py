@@ -8,7 +8,7 @@ import torch
 
 from radscan.model.config import preset
 from radscan.recipe import TrainConfig
-from radscan.train import Trainer
+from radscan.trainer import Trainer
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")  # no batch is trained here
