@@ -22,12 +22,15 @@ WIDTH = 100  # the help as a terminal this wide shows it, whatever the terminal 
 
 def render() -> str:
     """The page: the group's help, then each command's, in the order `radscan --help` lists them."""
-    def help_of(command: click.Command, name: str, parent: click.Context | None = None) -> str:
-        context = click.Context(command, info_name=name, parent=parent, terminal_width=WIDTH,
-                                max_content_width=WIDTH)
-        return command.get_help(context)
+    def context(command: click.Command, name: str, parent: click.Context | None = None) -> click.Context:
+        # make_context applies the command's context_settings (-h beside --help) as an invocation does
+        return command.make_context(name, [], parent=parent, resilient_parsing=True, terminal_width=WIDTH,
+                                    max_content_width=WIDTH)
 
-    root = click.Context(cli, info_name="radscan", terminal_width=WIDTH, max_content_width=WIDTH)
+    def help_of(command: click.Command, name: str, parent: click.Context | None = None) -> str:
+        return command.get_help(context(command, name, parent))
+
+    root = context(cli, "radscan")
     parts = ["# Command reference\n",
              "Generated from each command's `--help` by `python docs/reference.py`; do not edit by hand.",
              "Research and triage support only: radscan does not diagnose. Back to the [README](../README.md).\n",
