@@ -21,6 +21,7 @@ studies still arriving stay in `incoming/` and a restart scores them once they a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -30,6 +31,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,65 +94,82 @@ class Spool:
             raise OutputError(f"cannot write in the spool {self.root} (read-only, or another user's)")
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}  # study folder -> when its last instance arrived (monotonic)
+        self._writing: Counter[str] = Counter()  # study folder -> instances being written now
         for folder in self.incoming.iterdir():  # a restart: what was received before counts as arrived now
             if folder.is_dir():
                 self._last[folder.name] = time.monotonic()
 
     def store(self, encoded: bytes, study_uid: str, sop_uid: str) -> Path:
         """Write one instance (its encoded file, preamble and meta included) durably; its path.
-        Raises OSError (ENOSPC when the disk is below the reserve)."""
+        Raises OSError (ENOSPC when the disk is below the reserve).
+
+        While it writes, its study counts as arriving: `complete` never moves a study with a write
+        in progress (a study that went quiet just as one more instance came lost its half-written
+        file, and the sender got 0xA700)."""
         if shutil.disk_usage(self.root).free < len(encoded) + self.min_free_bytes:
             raise OSError(errno.ENOSPC, "the spool's disk is full (below the reserve)")
         study = _digest(study_uid or f"no study UID: {sop_uid}")
         folder = self.incoming / study
         path = folder / f"{_digest(sop_uid)}.dcm"
-        earlier = [copy for copy in (path, self.studies / study / path.name) if copy.is_file()]
-        if any(_same_bytes(copy, encoded) for copy in earlier):
-            # a sender's retry (a lost acknowledgement, a PACS resending a study): nothing new to score,
-            # and leaving the earlier file untouched keeps its result (the state store knows it unchanged)
-            log.info("an identical copy of an instance already received was sent again: kept the earlier one "
-                     "(study %s)", study)
-            return earlier[0]
-        if earlier:
-            log.warning("an instance was sent again with a SOP Instance UID already received and other content: "
-                        "the new copy replaces the earlier one, and its result the earlier result (study %s)", study)
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".{path.name}.{threading.get_ident()}.part"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(encoded)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
         with self._lock:
-            self._last[study] = time.monotonic()
-        return path
+            self._writing[study] += 1
+        wrote = False
+        try:
+            earlier = [copy for copy in (path, self.studies / study / path.name) if copy.is_file()]
+            if any(_same_bytes(copy, encoded) for copy in earlier):
+                # a sender's retry (a lost acknowledgement, a PACS resending a study): nothing new to score,
+                # and leaving the earlier file untouched keeps its result (the state store knows it unchanged)
+                log.info("an identical copy of an instance already received was sent again: kept the earlier "
+                         "one (study %s)", study)
+                return earlier[0]
+            if earlier:
+                log.warning("an instance was sent again with a SOP Instance UID already received and other bytes "
+                            "(new content, or only another transfer syntax): the new copy replaces the earlier "
+                            "one, and its result the earlier result (study %s)", study)
+            folder.mkdir(exist_ok=True)
+            tmp = folder / f".{path.name}.{threading.get_ident()}.part"
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(encoded)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            wrote = True
+            return path
+        finally:
+            with self._lock:
+                self._writing[study] -= 1
+                if not self._writing[study]:
+                    del self._writing[study]
+                if wrote or study in self._last:
+                    self._last[study] = time.monotonic()
 
     def complete(self, quiet_s: float) -> list[tuple[str, int]]:
-        """Move the studies quiet for `quiet_s` seconds to `studies/`; (study, instances moved) of each."""
+        """Move the studies quiet for `quiet_s` seconds, with no instance being written, to
+        `studies/`; (study, instances moved) of each. Holds the lock while it moves them (renames),
+        so that no instance of a study starts arriving while its files move."""
         now, done = time.monotonic(), []
         with self._lock:
-            quiet = [study for study, last in self._last.items() if now - last >= quiet_s]
+            quiet = [study for study, last in self._last.items()
+                     if now - last >= quiet_s and study not in self._writing]
             for study in quiet:
                 del self._last[study]
-        for study in quiet:
-            source, target = self.incoming / study, self.studies / study
-            target.mkdir(exist_ok=True)
-            moved = 0
-            for path in sorted(source.glob("*.dcm")):
-                os.replace(path, target / path.name)  # a resent instance replaces the earlier copy
-                moved += 1
-            for leftover in source.glob(".*.part"):  # a write a crash interrupted: never acknowledged
-                leftover.unlink(missing_ok=True)
-            try:
-                source.rmdir()
-            except OSError:  # an instance arrived meanwhile: it completes with the next quiet period
-                with self._lock:
-                    self._last.setdefault(study, time.monotonic())
-            done.append((study, moved))
+                source, target = self.incoming / study, self.studies / study
+                if not source.is_dir():
+                    continue
+                target.mkdir(exist_ok=True)
+                moved = 0
+                for path in sorted(source.glob("*.dcm")):
+                    os.replace(path, target / path.name)  # a resent instance replaces the earlier copy
+                    moved += 1
+                for leftover in source.glob(".*.part"):  # no write is in progress: a crash's, never acknowledged
+                    leftover.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    source.rmdir()
+                done.append((study, moved))
         return done
 
 
@@ -188,6 +207,7 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     code and counts), for the `--json` lines."""
     try:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
     except ImportError:
         raise SettingError("radscan listen needs pynetdicom: pip install 'radscan[pacs]'") from None
 
@@ -196,6 +216,7 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     ae = AE(ae_title=settings.ae_title)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)  # C-ECHO: how a PACS tests a new destination (pynetdicom answers it)
     ae.require_called_aet = True  # an association addressed to another AE title is rejected
     if settings.allow_ae:
         ae.require_calling_aet = list(settings.allow_ae)
@@ -211,8 +232,9 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     # SIGTERM and Ctrl-C end the loop after the run in hand (a handler can only be set from the main thread)
     previous = ({sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
                 if threading.current_thread() is threading.main_thread() else {})
-    log.info("listening as %s on port %d; spool %s; a study is complete after %gs without a new instance",
-             settings.ae_title, settings.port, spool.root, settings.quiet_s)
+    log.info("listening as %s on port %d; spool %s; a study is complete after %gs without a new instance; "
+             "accepting associations from %s", settings.ae_title, settings.port, spool.root, settings.quiet_s,
+             ", ".join(settings.allow_ae) if settings.allow_ae else "any calling AE title")
     # a restart scores the complete studies once (the state store skips what was scored before)
     runs, rescan = 0, "restart" if any(folder.is_dir() for folder in spool.studies.iterdir()) else ""
     pending: list[tuple[str, int]] = []  # complete studies not yet scored: (folder, instances)
@@ -226,7 +248,10 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
                 outcome = _score_once(run_score, spool)
                 if outcome is not None:  # else another run holds the worklist: try again at the next poll
                     runs += 1
-                    if outcome.get("results_pending"):
+                    # retried: results a PACS that was down can still take (not those that cannot be made or
+                    # that it refuses for good, which a retry would only repeat); a run that sent them clears it
+                    retry_at = None
+                    if outcome.get("results_waiting", outcome.get("results_pending")):
                         retry_at = time.monotonic() + settings.retry_s
                         log.warning("DICOM results of this run are waiting to be sent: tried again in %gs",
                                     settings.retry_s)
@@ -278,8 +303,14 @@ def _score_once(run_score: Callable[[list[Path]], dict[str, Any]], spool: Spool)
     try:
         return run_score([spool.studies])
     except LockHeldError:
-        log.info("another run holds the worklist: the listener scores after it")
+        now = time.monotonic()
+        if now - _said_waiting[0] >= 60:  # said once a minute, not once a second
+            log.info("another run holds the worklist: the listener scores after it")
+            _said_waiting[0] = now
         return None
+
+
+_said_waiting = [-float("inf")]  # when the listener last said it waits for another run's lock
 
 
 def status_line(entry: dict[str, Any]) -> str:

@@ -66,7 +66,7 @@ class Destination:
         destination (the AE title there replaces `called_ae`), and the AE titles; SettingError (exit 2)
         with what to write instead when one is malformed."""
         title, at, address = address.strip().rpartition("@")
-        match = re.fullmatch(r"\[?([^\[\]\s@]+?)\]?:(\d{1,5})", address)
+        match = re.fullmatch(r"\[?([^\[\]\s@]+?)\]?:([0-9]{1,5})", address)
         if not match or not 0 < int(match.group(2)) < 65536:
             raise SettingError(f"--send must be HOST:PORT or AE@HOST:PORT (e.g. pacs.example.org:104), not "
                                f"{(title + at + address)!r}")

@@ -87,6 +87,9 @@ def _storescu(port: int, *files: Path, calling: str = "PACS") -> subprocess.Comp
 def test_studies_sent_at_once_are_spooled_scored_and_listed(tmp_path):
     listener = Listener(tmp_path / "listener")
     try:
+        echo = subprocess.run([sys.executable, "-m", "pynetdicom", "echoscu", "127.0.0.1", str(listener.port),
+                               "-aet", "PACS", "-aec", "RADSCAN"], capture_output=True, text=True, timeout=60)
+        assert echo.returncode == 0, echo.stdout + echo.stderr  # C-ECHO: how a PACS tests a new destination
         senders = [subprocess.Popen([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(listener.port),
                                      str(path), "-aet", "PACS", "-aec", "RADSCAN", "-cx"])
                    for path in [*CHESTS, NOT_A_CHEST]]  # three associations at once
@@ -219,6 +222,9 @@ def test_what_the_first_run_would_refuse_is_refused_before_listening(tmp_path):
     inside = CliRunner().invoke(cli, ["listen", "--port", str(free_port()), "--spool", str(spool),
                                       "--out", str(spool / "studies" / "report.csv")])
     assert inside.exit_code == 2 and "listening as" not in inside.output, inside.output
+    arriving = CliRunner().invoke(cli, ["listen", "--port", str(free_port()), "--spool", str(spool),
+                                        "--out", str(spool / "incoming" / "report.csv")])  # anywhere in the spool
+    assert arriving.exit_code == 2 and "inside the spool" in arriving.output, arriving.output
     model = tmp_path / "model"
     shutil.copytree(REPO / "models" / "kermany-tiny", model)
     metadata = json_module.loads((model / "model.json").read_text())

@@ -253,13 +253,20 @@ def _check_before_listening(spool: Any, outputs: Any, settings: Any) -> None:
 
     from radscan.batch import load_model_for_scoring
     from radscan.errors import OutputError
+    from radscan.ingest import check_outputs_apart
     from radscan.report import prepare_folder
     from radscan.score import check_request, default_model_dir
 
     check_request((str(spool.studies),), outputs, settings)
-    prepare_folder(outputs.report.parent, "--out")
-    if not os.access(outputs.report.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the worklist in {outputs.report.parent} (read-only, or another user's)")
+    check_outputs_apart([spool.root], [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock,
+                                       outputs.readme, outputs.html, outputs.dicom], kind="spool")
+    for folder, option in ((outputs.report.parent, "--out"), (outputs.studies.parent, "--studies"),
+                           (outputs.residuals, "--residuals"), (outputs.dicom, "--dicom-out")):
+        if folder is None:
+            continue
+        prepare_folder(folder, option)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write in {folder} ({option}): read-only, or another user's")
     load_model_for_scoring(settings.model_dir or default_model_dir(), settings.device)
 
 
@@ -291,11 +298,20 @@ def _score_recording_failure(run_score: Callable, paths: tuple[str, ...], output
         raise
 
 
+class AeTitles(click.ParamType):
+    """AE titles, several separated by commas: an AE title may hold spaces, so a RADSCAN_* variable
+    is split at commas, not at spaces as Click splits a repeatable option's variable."""
+
+    name = "TITLE"
+    envvar_list_splitter = ","
+
+
 @click.command(epilog=EXIT_CODES_HELP)
 @click.option("--port", type=click.IntRange(1, 65535), required=True, help="TCP port to listen on (e.g. 11112).")
 @click.option("--bind", default="", help="Address to listen on [default: every interface].")
-@click.option("--allow-ae", multiple=True,
-              help="Calling AE titles accepted (repeatable); associations from others are rejected. Default: any.")
+@click.option("--allow-ae", multiple=True, type=AeTitles(),
+              help="Calling AE titles accepted (repeatable, or several separated by commas, as in "
+                   "RADSCAN_LISTEN_ALLOW_AE); associations from others are rejected. Default: any.")
 @click.option("--spool", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the received instances: incoming/ while a study arrives, studies/ once complete "
                    "(the scoring runs' input) [default: <out>_spool/ beside --out].")
@@ -332,7 +348,7 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     from radscan.pacs import check_ae_title
     from radscan.score import score as run_score
 
-    allowed = tuple(check_ae_title("--allow-ae", title) for title in allow_ae)
+    allowed = tuple(check_ae_title("--allow-ae", title) for value in allow_ae for title in value.split(","))
     settings = ListenSettings(port=port, ae_title=check_ae_title("--ae-title", ae_title), bind=bind,
                               allow_ae=allowed, quiet_s=quiet_seconds)
     if not ctx.obj["quiet"]:  # a service: its start, associations and studies are logged without -v
@@ -348,9 +364,13 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     def score_studies(inputs: list[Path]) -> dict:
         summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
         exit_code = _report_run(ctx, summary, metrics, as_json=False, say=False)
+        dicom = summary.dicom or {}
         return {"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), "run_id": summary.run_id,
                 "worklist_files": summary.files, "worklist_flagged_studies": summary.flagged_studies,
-                "results_pending": summary.results_pending, "worklist": str(summary.report)}
+                "results_pending": summary.results_pending,
+                # what a later run can still send (not the results that cannot be made, nor those refused)
+                "results_waiting": bool(dicom.get("not_sent", 0) - dicom.get("refused", 0) > 0),
+                "worklist": str(summary.report)}
 
     runs = run_listen(settings, received, score_studies,
                       (lambda entry: click.echo(status_line(entry))) if as_json else None)

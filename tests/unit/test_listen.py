@@ -100,3 +100,37 @@ def test_a_study_that_goes_on_arriving_is_not_completed(tmp_path):
     time.sleep(0.2)
     spool.store(b"b", "1.2.3", "1.2.3.2")
     assert spool.complete(quiet_s=0.15) == []  # its last instance is newer than that
+
+
+def test_a_study_that_goes_quiet_while_an_instance_is_written_keeps_it(tmp_path, monkeypatch):
+    """A second trial (issue 24): complete() moved a study whose next instance was being written,
+    deleting its half-written file; the write failed and the sender got 0xA700 on a healthy disk."""
+    import os
+
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"first", "1.2.3", "1.2.3.1")
+    real_fsync, writing = os.fsync, threading.Event()
+
+    def slow_fsync(descriptor):
+        writing.set()
+        time.sleep(0.3)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    outcome: list = []
+    writer = threading.Thread(target=lambda: outcome.append(spool.store(b"second", "1.2.3", "1.2.3.2")))
+    writer.start()
+    assert writing.wait(5)
+    moved_while_writing = spool.complete(quiet_s=0)  # the first instance is quiet; the second is being written
+    writer.join(5)
+    assert moved_while_writing == [] and len(outcome) == 1 and outcome[0].read_bytes() == b"second"
+    assert [count for _, count in spool.complete(quiet_s=0)] == [2]
+    assert sorted(path.read_bytes() for path in spool.studies.rglob("*.dcm")) == [b"first", b"second"]
+
+
+def test_allowed_ae_titles_from_a_variable_are_split_at_commas_not_spaces():
+    """A second trial: RADSCAN_LISTEN_ALLOW_AE="MY PACS" allowed MY and PACS instead (Click splits a
+    repeatable option's variable at spaces, and an AE title may hold one)."""
+    from radscan.cli.scoring import AeTitles
+
+    assert AeTitles().split_envvar_value("MY PACS,OTHER") == ["MY PACS", "OTHER"]
