@@ -349,7 +349,7 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     assert picture is not None and picture["height"] >= 0.5 * 844, picture
     assert page.evaluate("(f => f.scrollWidth > f.clientWidth)(document.getElementById('viewer-frame'))")
     # it opens on the map panel the thumbnail showed, not on the plain film at its left
-    assert page.evaluate("document.getElementById('viewer-frame').scrollLeft") > 100
+    page.wait_for_function("document.getElementById('viewer-frame').scrollLeft > 100")
     assert page.locator(".swipe-hint").is_visible() and not page.locator(".esc-hint").is_visible()
     assert "· z" in page.locator("#viewer-caption").inner_text()  # the verdict, which the map panel leaves out
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
