@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def _open(browser, page_path: Path):
     page.goto(page_path.as_uri())
     page.wait_for_selector("#rows tr")
     return page, problems
+
+
+def _until(page, expression: str, arg=None, timeout: float = 20) -> None:
+    """Wait until `expression` is truthy in the page. Not page.wait_for_function: its polling
+    evaluates the expression with eval(), which the page's Content Security Policy forbids, so it
+    fails whenever the condition is not true at once (a slower machine)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression, arg):
+        assert time.monotonic() < deadline, f"not true after {timeout} s: {expression}"
+        time.sleep(0.05)
 
 
 def _studies_csv(path: Path) -> list[dict[str, str]]:
@@ -115,7 +126,7 @@ def test_worklist_page_matches_the_csv_filters_work_and_values_stay_text(studies
     page.get_by_placeholder("Filter by ID").fill("")
     page.locator("#rows img").first.click()
     assert page.locator("#viewer").is_visible()
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")  # the PNG loads
+    _until(page, "document.getElementById('viewer-image').naturalWidth > 0")  # the PNG loads
     page.keyboard.press("Escape")
     assert not page.locator("#viewer").is_visible()
     assert not problems, problems
@@ -217,7 +228,7 @@ def test_every_picture_opens_from_the_page_whatever_a_study_is(tiny_model, tmp_p
     assert members.count() == 3
     members.nth(2).click()
     assert page.locator("#viewer").is_visible()
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    _until(page, "document.getElementById('viewer-image').naturalWidth > 0")
     assert page.locator("#viewer-caption").inner_text().startswith("patient1/")
     page.keyboard.press("Escape")
     for name in [members.nth(index).inner_text() for index in range(3)]:  # any image finds its study
@@ -259,11 +270,11 @@ def test_pictures_and_lists_open_whatever_characters_the_output_names_hold(tiny_
                                       str(out.parent / "case #7 100%"), "--study-key", "file"])
     assert result.exit_code == 0, result.output
     page, problems = _open(browser, out.with_suffix(".html"))
-    page.wait_for_function("[...document.querySelectorAll('#rows img')].every(i => i.complete)")
+    _until(page, "[...document.querySelectorAll('#rows img')].every(i => i.complete)")
     loaded = page.locator("#rows img").evaluate_all("images => images.map(i => i.naturalWidth)")
     assert len(loaded) == 3 and all(width > 0 for width in loaded), loaded
     page.locator("#rows img").first.click()
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    _until(page, "document.getElementById('viewer-image').naturalWidth > 0")
     page.keyboard.press("Escape")
     for link in page.locator("header a[href$='.csv']").all():  # the full lists open the files themselves
         target = page.evaluate("href => new URL(href, document.baseURI).pathname", link.get_attribute("href"))
@@ -309,7 +320,7 @@ def test_a_rejected_film_is_shown_to_the_reader_and_an_unreadable_file_to_it(tmp
     picture = page.locator("#rows img[alt='the film, not judged by the model']")
     assert picture.count() == 1
     picture.click()
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    _until(page, "document.getElementById('viewer-image').naturalWidth > 0")
     page.keyboard.press("Escape")
     assert "broken/page.dcm" in page.locator("#it").inner_text() and page.locator("#it").is_visible()
     # the header counts the studies to read apart from those for IT (a helper read "39 studies" above "9 of 9")
@@ -344,12 +355,12 @@ def test_on_a_phone_the_score_and_the_flag_stay_in_view(studies, tiny_model, tmp
     page.screenshot(path=ARTIFACTS / "worklist-phone.png", full_page=True)
     # the enlarged picture keeps a readable height and scrolls sideways, not a 390 px strip of panels
     page.locator("#rows img").first.click()
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    _until(page, "document.getElementById('viewer-image').naturalWidth > 0")
     picture = page.locator("#viewer-image").bounding_box()
     assert picture is not None and picture["height"] >= 0.5 * 844, picture
     assert page.evaluate("(f => f.scrollWidth > f.clientWidth)(document.getElementById('viewer-frame'))")
     # it opens on the map panel the thumbnail showed, not on the plain film at its left
-    page.wait_for_function("document.getElementById('viewer-frame').scrollLeft > 100")
+    _until(page, "document.getElementById('viewer-frame').scrollLeft > 100")
     assert page.locator(".swipe-hint").is_visible() and not page.locator(".esc-hint").is_visible()
     assert "· z" in page.locator("#viewer-caption").inner_text()  # the verdict, which the map panel leaves out
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
@@ -389,7 +400,7 @@ def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_mod
     page, problems = _open(browser, out.with_name("report.html"))
     frame = page.locator(f"#rows .frame:has(img[src$='{picture.name}'])")
     frame.locator("img").evaluate("img => img.complete || new Promise(done => img.onload = done)")
-    page.wait_for_function("frame => frame.dataset.panel", arg=frame.element_handle())
+    _until(page, "frame => frame.dataset.panel", frame.element_handle())
     shown = [float(value) for value in frame.get_attribute("data-panel").split(",")]
     assert shown == pytest.approx(expected, abs=1), (shown, expected)
     box = frame.bounding_box()
