@@ -239,13 +239,14 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     runs, rescan = 0, "restart" if any(folder.is_dir() for folder in spool.studies.iterdir()) else ""
     pending: list[tuple[str, int]] = []  # complete studies not yet scored: (folder, instances)
     retry_at = None  # when to run again for DICOM results a run could not send (a PACS that was down)
+    said_waiting = [-float("inf")]
     try:
         while not stop.is_set():
             pending += spool.complete(settings.quiet_s)
             if retry_at is not None and time.monotonic() >= retry_at:
                 rescan, retry_at = rescan or "retry", None
             if pending or rescan:
-                outcome = _score_once(run_score, spool)
+                outcome = _score_once(run_score, spool, said_waiting)
                 if outcome is not None:  # else another run holds the worklist: try again at the next poll
                     runs += 1
                     # retried: results a PACS that was down can still take (not those that cannot be made or
@@ -298,19 +299,18 @@ def _log_association(what: str, level: int) -> Callable[[Any], None]:
     return handle
 
 
-def _score_once(run_score: Callable[[list[Path]], dict[str, Any]], spool: Spool) -> dict[str, Any] | None:
-    """One scoring run over the complete studies; None while another run holds the worklist's lock."""
+def _score_once(run_score: Callable[[list[Path]], dict[str, Any]], spool: Spool,
+                said_waiting: list[float]) -> dict[str, Any] | None:
+    """One scoring run over the complete studies; None while another run holds the worklist's lock,
+    which is said once a minute, not at every poll (`said_waiting`: when it was last said)."""
     try:
         return run_score([spool.studies])
     except LockHeldError:
         now = time.monotonic()
-        if now - _said_waiting[0] >= 60:  # said once a minute, not once a second
+        if now - said_waiting[0] >= 60:
             log.info("another run holds the worklist: the listener scores after it")
-            _said_waiting[0] = now
+            said_waiting[0] = now
         return None
-
-
-_said_waiting = [-float("inf")]  # when the listener last said it waits for another run's lock
 
 
 def status_line(entry: dict[str, Any]) -> str:
