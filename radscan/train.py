@@ -46,7 +46,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.field import lungs_in_box, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
-from radscan.model.metadata import new_version
+from radscan.model.metadata import SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.qc import fit_reference, save_reference
@@ -63,7 +63,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOCK = "train.lock"  # held while a run trains into the folder; removed when it ends
 LOG_FILE = "train_log.jsonl"
 INPUTS_FILE = "training_inputs.csv"  # every file found among the normals, with its status
-SPLIT_FILE = "training_split.csv"  # which normals were trained on and which calibrate
 
 
 @dataclass

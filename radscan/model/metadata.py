@@ -13,14 +13,15 @@ from typing import Any
 from radscan.errors import ModelError
 from radscan.preprocess import PREPROCESS_VERSION
 
-__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS", "is_exported",
-           "read_metadata", "sha256_file", "read_verified",
+__all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS",
+           "is_exported", "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
            "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+SPLIT_FILE = "training_split.csv"  # which normals were trained on and which calibrate
 SEAL_KEY = "radscan"  # where the settings are sealed: the safetensors header, an ONNX graph's metadata
 # an exported model (radscan.model.export): model.json's "engine", and its graphs' files
 ONNX_ENGINE = "onnxruntime"
