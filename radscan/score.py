@@ -215,10 +215,9 @@ def check_request(inputs: Sequence[str], outputs: OutputPaths,
     directory). Raises SettingError, NoInputError, ModelError or OutputError."""
     check_inputs(inputs)
     inputs = distinct_inputs(inputs)
-    every_output = [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock, outputs.readme,
-                    outputs.html, outputs.dicom]
+    every_output = outputs.every
     check_outputs_apart(inputs, every_output)
-    named = [Path(path).resolve() for path in every_output if path is not None]
+    named = [Path(path).resolve() for path in every_output]
     if len(set(named)) < len(named):
         raise SettingError("two outputs have the same path (--out, --studies, --residuals or the files beside "
                            "them): give each its own")

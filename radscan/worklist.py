@@ -68,6 +68,13 @@ class OutputPaths:
         return [path for path in (self.report, self.studies, self.readme, self.html) if path is not None]
 
     @property
+    def every(self) -> list[Path]:
+        """Every path the run writes or holds (files, folders, the lock and the store), for the checks
+        that no output is an input, inside the model or the spool, or another output."""
+        return [path for path in (self.report, self.studies, self.residuals, self.state, self.lock, self.readme,
+                                  self.html, self.dicom) if path is not None]
+
+    @property
     def default_residuals(self) -> Path:
         """Where the pictures go unless --residuals names a folder (tidied even under --no-residuals)."""
         return Path(f"{self.report.with_suffix('')}_residuals")

@@ -258,8 +258,7 @@ def _check_before_listening(spool: Any, outputs: Any, settings: Any) -> None:
     from radscan.score import check_request, default_model_dir
 
     check_request((str(spool.studies),), outputs, settings)
-    check_outputs_apart([spool.root], [outputs.report, outputs.studies, outputs.residuals, outputs.state, outputs.lock,
-                                       outputs.readme, outputs.html, outputs.dicom], kind="spool")
+    check_outputs_apart([spool.root], outputs.every, kind="spool")
     for folder, option in ((outputs.report.parent, "--out"), (outputs.studies.parent, "--studies"),
                            (outputs.residuals, "--residuals"), (outputs.dicom, "--dicom-out")):
         if folder is None:
