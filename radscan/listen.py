@@ -252,7 +252,7 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
                     # retried: results a PACS that was down can still take (not those that cannot be made or
                     # that it refuses for good, which a retry would only repeat); a run that sent them clears it
                     retry_at = None
-                    if outcome.get("results_waiting", outcome.get("results_pending")):
+                    if outcome.get("results_waiting"):
                         retry_at = time.monotonic() + settings.retry_s
                         log.warning("DICOM results of this run are waiting to be sent: tried again in %gs",
                                     settings.retry_s)

@@ -129,6 +129,12 @@ class ScoreSummary:
         """DICOM results of this run not made or not sent (kept for the next run)."""
         return bool(self.dicom and (self.dicom["not_sent"] or self.dicom["not_made"]))
 
+    @property
+    def results_waiting(self) -> bool:
+        """Of those, results a later run can still send: not sent, and not refused by the PACS for good
+        (results that could not be made, or that it refuses, a retry would only repeat)."""
+        return bool(self.dicom and self.dicom["not_sent"] - self.dicom.get("refused", 0) > 0)
+
 
 def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) -> ScoreSummary:
     """Score every image under `inputs` and write the worklist; see the module docstring."""

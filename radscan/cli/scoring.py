@@ -363,12 +363,9 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     def score_studies(inputs: list[Path]) -> dict:
         summary = _score_recording_failure(run_score, tuple(map(str, inputs)), outputs, run, metrics)
         exit_code = _report_run(ctx, summary, metrics, as_json=False, say=False)
-        dicom = summary.dicom or {}
         return {"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), "run_id": summary.run_id,
                 "worklist_files": summary.files, "worklist_flagged_studies": summary.flagged_studies,
-                "results_pending": summary.results_pending,
-                # what a later run can still send (not the results that cannot be made, nor those refused)
-                "results_waiting": bool(dicom.get("not_sent", 0) - dicom.get("refused", 0) > 0),
+                "results_pending": summary.results_pending, "results_waiting": summary.results_waiting,
                 "worklist": str(summary.report)}
 
     runs = run_listen(settings, received, score_studies,
