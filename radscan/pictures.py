@@ -109,7 +109,7 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     picture shows the pixels the model saw, and the blocky result deflates about 5x smaller and 3x
     faster than a smoothed one (this runs once per image)."""
     grey = Image.fromarray(image).convert("RGB")
-    width = round(_PANEL * min(2.0, max(0.5, aspect)))
+    width = round(_PANEL * _drawn_ratio(aspect))
     small_x = 2 * width + 2 * _BESIDE + _MARGIN
     # a long path wraps instead of running off the edge with the model's name
     lines = _caption_lines(caption, small_x + _SMALL + _BESIDE - 2 * _MARGIN)
@@ -124,7 +124,7 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     if float(np.max(score_map, initial=0.0)) < _FAINT * SCORE_MAP_SCALE_MAX:  # a blank panel must not read as "nothing"
         draw.text((width + _MARGIN + 6, top + 6), "no region stands out above normal films:\nthe score is raised "
                   "across the lungs", fill="white", font=_font(13))
-    small_height = round(_SMALL / min(2.0, max(0.5, aspect)))
+    small_height = round(_SMALL / _drawn_ratio(aspect))
     draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
     canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
     _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
@@ -143,7 +143,7 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
     uint8: the caption on top and the film as the model would have seen it (`image`, (128, 128)
     uint8) at its own width/height ratio `aspect` (clamped to 0.5..2), enlarged pixel for pixel, so
     that a reader can judge the rejection (a chest the wrong way round, or not a chest at all)."""
-    drawn = min(2.0, max(0.5, aspect))
+    drawn = _drawn_ratio(aspect)
     width = round(_PANEL * drawn)
     if abs(drawn - aspect) > 0.05:  # a film narrower or wider than the picture shows it: said, not hidden
         caption += f"\n(drawn at {drawn:g}:1; the film is {aspect:.1f}:1)"
@@ -157,6 +157,11 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
     canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     return np.asarray(canvas)
+
+
+def _drawn_ratio(aspect: float) -> float:
+    """The width/height ratio a film is drawn at: its own, within 0.5..2 (a picture stays readable)."""
+    return min(2.0, max(0.5, aspect))
 
 
 def _caption_lines(caption: str, width: float) -> list[str]:
