@@ -148,6 +148,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy),
                             phi.fingerprint, pictures + ("+dicom" if outputs.dicom else ""), qc.fingerprint])
+    # the drift history: what decides a flag, not how the list is drawn (pictures, identifiers)
+    history_key = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint])
     run_id, started_at = uuid.uuid4().hex[:12], now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
              identity.name, identity.version, identity.sha256[:12])
@@ -165,8 +167,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         _tidy_outputs(outputs)
         loading = loader.submit(load_model_for_scoring, model_dir, settings.device)
         files, resolved_roots = _find_inputs(inputs, outputs, settings)
-        store = StateStore(outputs.state, fingerprint, run_id, history_key="|".join(
-            [identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint]))
+        store = StateStore(outputs.state, fingerprint, run_id, history_key)
         try:
             todo, regrouped = _reuse_stored(files, store, outputs.report.parent, pictures,
                                             dicom_pictures=bool(outputs.dicom))
