@@ -52,6 +52,11 @@ class TrainConfig:
     # weight of a third discriminator term: films with one local synthetic anomaly count as fake
     # (see local_anomalies); 0 turns it off
     synthetic: float = 0.0
+    # R1 penalty (Mescheder et al. 2018, "Which training methods for GANs do actually converge?"): the
+    # discriminator's squared input gradient on real films, times r1 / 2, added to its loss; it makes the
+    # adversarial game settle instead of circling and stops the critic from keying on pixel-level detail
+    # (0 turns it off)
+    r1: float = 0.0
     # which epoch's model is kept: the "last", the "best" by the validation AUC of the model's score kind
     # (needs labelled validation abnormals; the epoch is then chosen on them, so judge it on other films),
     # or without labels by the density's AUC on synthetic defects ("synthetic"; radscan.epochs.KEEP_RULES)

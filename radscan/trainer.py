@@ -17,7 +17,7 @@ from radscan.model.simsid import Generated, SimSID
 from radscan.recipe import TrainConfig
 from radscan.report import atomic_output
 
-__all__ = ["Trainer", "save_checkpoint", "load_checkpoint"]
+__all__ = ["Trainer", "r1_penalty", "save_checkpoint", "load_checkpoint"]
 
 
 class Trainer:
@@ -57,7 +57,8 @@ class Trainer:
         model.train()
         with autocast(self.device):
             out = model.generate(batch)
-            d_real = model.discriminator(batch)
+            real = batch.detach().requires_grad_(True) if t.r1 else batch
+            d_real = model.discriminator(real)
             d_fake = model.discriminator(out.student.detach())
             d_loss = t.w_discriminator * (
                 F.binary_cross_entropy_with_logits(d_real.float(), torch.ones_like(d_real, dtype=torch.float32))
@@ -67,6 +68,8 @@ class Trainer:
                 d_defect = model.discriminator(anomalies).float()
                 d_loss = d_loss + t.w_discriminator * t.synthetic * F.binary_cross_entropy_with_logits(
                     d_defect, torch.zeros_like(d_defect))
+            if t.r1:
+                d_loss = d_loss + t.w_discriminator * t.r1 / 2 * r1_penalty(d_real, real)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -117,6 +120,13 @@ class Trainer:
         if self.schedule_d is not None and "schedule_d" in state:
             self.schedule_d.load_state_dict(state["schedule_d"])
         return int(state["epoch"])
+
+
+def r1_penalty(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the squared norm of d logit / d film at the real films (B, 1, H, W):
+    a scalar that keeps its graph, so the discriminator's step descends it (double backpropagation)."""
+    (gradient,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
+    return gradient.pow(2).flatten(1).sum(1).mean()
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

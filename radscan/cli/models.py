@@ -87,6 +87,9 @@ from radscan.records import counted
 @click.option("--synthetic", type=FiniteFloatRange(0), default=RECIPE.synthetic, show_default=True,
               help="Weight of local synthetic defects (haze, brighter or darker region, lost contrast, noise) "
                    "shown to the discriminator as abnormal (0 = off).")
+@click.option("--r1", type=FiniteFloatRange(0), default=RECIPE.r1, show_default=True,
+              help="R1 penalty on the discriminator's input gradient at real films, so that it cannot key on "
+                   "pixel-level detail (experimental; 0 = off; see docs/research-log.md).")
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True,
               help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
@@ -112,7 +115,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
           score_kind: str, density_grid: int, field: str, critic_blur: float | None, critic_snapshots: int, epochs: int,
           keep: str, d_schedule: str, max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
-          noise: float, synthetic: float, seed: int,
+          noise: float, synthetic: float, r1: float, seed: int,
           calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
           name: str | None, age_range: str | None, device: str, policy: Policy, workers: int,
           as_json: bool) -> None:
@@ -153,8 +156,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         tcfg = TrainConfig(epochs=epochs, keep=keep, d_schedule=d_schedule, max_minutes=max_minutes,
                            batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
-                           noise=noise, synthetic=synthetic, seed=seed, calibration_fraction=calibration_fraction,
-                           target_specificity=target_specificity)
+                           noise=noise, synthetic=synthetic, r1=r1, seed=seed,
+                           calibration_fraction=calibration_fraction, target_specificity=target_specificity)
         ages = _age_range(age_range) if age_range else None
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
