@@ -491,9 +491,12 @@ class StateStore:
     def run_history(self, limit: int = 100) -> list[tuple[int, int]]:
         """(scored, flagged) of earlier finished runs that scored new films, with this store's model and
         the settings that decide a flag (its history key), newest first: a night without new films is
-        no night of the history (the pooling of a small site's nights would otherwise run out on them)."""
+        no night of the history (the pooling of a small site's nights would otherwise run out on them).
+        Runs that finished within the same second (times are kept to the second) are ordered as they
+        were recorded: the later record is the newer run."""
         return self._db.execute("SELECT scored, flagged FROM runs WHERE run_id != ? AND fingerprint = ? AND scored > 0 "
-                                "ORDER BY finished_at DESC LIMIT ?", (self.run_id, self.history_key, limit)).fetchall()
+                                "ORDER BY finished_at DESC, rowid DESC LIMIT ?",
+                                (self.run_id, self.history_key, limit)).fetchall()
 
     def record_run(self, finished_at: str, scored: int, flagged: int) -> None:
         """This run finished and listed its rows (it is no longer one whose rows the next run adopts)."""
