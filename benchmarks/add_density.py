@@ -24,7 +24,7 @@ from radscan.calibration import calibrate, fit_density
 from radscan.ingest import load_images
 from radscan.model.io import load_model, save_model
 from radscan.model.simsid import SimSID
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 
 
 def main() -> None:
@@ -44,8 +44,9 @@ def main() -> None:
     rows = list(csv.DictReader((args.model / "training_split.csv").open()))
     split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side]
              for side in ("train", "calibration")}
-    train_images = load_images(split["train"], Policy(), workers=2, progress=False)[0]
-    calibration = load_images(split["calibration"], Policy(), workers=2, progress=False)[0]
+    reading = for_model(Policy(), metadata)  # a thorax-box model reads every film cut to its box
+    train_images = load_images(split["train"], reading, workers=2, progress=False)[0]
+    calibration = load_images(split["calibration"], reading, workers=2, progress=False)[0]
     device = torch.device("cpu")
     fit_density(model, train_images, args.seed, device)
     target = metadata["calibration"].get("target_specificity", 0.95)

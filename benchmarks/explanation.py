@@ -23,7 +23,7 @@ import torch
 from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.simsid import to_model_tensor
-from radscan.policy import Policy
+from radscan.policy import Policy, for_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 
@@ -47,8 +47,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    model = load_model(args.model)[0]
-    images = to_model_tensor(load_images([str(args.images)], Policy(), workers=2, progress=False)[0])
+    model, metadata = load_model(args.model)
+    # a thorax-box model's films are read cut to its box, as every command reads them
+    images = to_model_tensor(load_images([str(args.images)], for_model(Policy(), metadata), workers=2,
+                                         progress=False)[0])
     result = model.score(images)
     before = model.calibrated(result.components)[1]
     count = int(args.fraction * images[0, 0].numel())

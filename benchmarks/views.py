@@ -23,14 +23,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import DATA, calibration_normals  # noqa: E402
+from shift import DATA, calibration_normals, reading  # noqa: E402
 
 from radscan.calibration import calibrate  # noqa: E402
 from radscan.ingest import load_images  # noqa: E402
 from radscan.model.io import load_model, save_model  # noqa: E402
 from radscan.model.runtime import score_arrays  # noqa: E402
 from radscan.model.simsid import SimSID  # noqa: E402
-from radscan.policy import Policy  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +53,7 @@ def main() -> None:
             if k not in ("format", "radscan_version", "preprocess_version", "config", "parameters", "weights")}
     kept["name"] = f"{metadata.get('name')}-shift{args.view_shift:g}"
     save_model(viewed, args.out, kept)
-    pneumonia = load_images([str(DATA / "val_abnormal")], Policy(), workers=2, progress=False)[0]
+    pneumonia = load_images([str(DATA / "val_abnormal")], reading(args.model), workers=2, progress=False)[0]
     scores = score_arrays(viewed, np.concatenate([normals, pneumonia])).scores.numpy()
     labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
     print(f"{args.model} with critic_view_shift {args.view_shift:g}: validation AUC "

@@ -13,16 +13,20 @@ from typing import Any
 __all__ = ["TrainConfig", "PRESET", "MODEL_SETTINGS"]
 
 PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs take about 20 minutes on 2 cores
-# settings over the preset: five snapshot critics, and the score is the feature density of the last
-# epoch's critic on an 8 x 8 grid of regions (docs/model.md "Score kinds")
-MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density", "field": "film"}
+# settings over the preset: five snapshot critics; the score is the feature density of the last epoch's
+# critic on an 8 x 8 grid of regions (docs/model.md "Score kinds"), over the lung fields of the thorax's
+# bounding box, cut from each film (docs/model.md "The thorax box"; chosen by rule 4 of
+# docs/research-log.md "2026-12-04 (evening)", with r1 below)
+MODEL_SETTINGS: dict[str, Any] = {"critic_snapshots": 5, "density_grid": 8, "score_kind": "density",
+                                  "field": "thorax-box"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How a model is trained. The defaults are the recipe of the shipped model (docs/research-log.md "Ablation":
     recipe C, 30 epochs at lr 1e-3 with the cosine over the same 30, acquisition and aspect
-    augmentation), so `radscan train NORMALS --out DIR` makes what was validated."""
+    augmentation; the R1 penalty from "2026-12-04 (evening)"), so `radscan train NORMALS --out DIR`
+    makes what was validated."""
 
     epochs: int = 30
     batch_size: int = 16
@@ -55,8 +59,8 @@ class TrainConfig:
     # R1 penalty (Mescheder et al. 2018, "Which training methods for GANs do actually converge?"): the
     # discriminator's squared input gradient on real films, times r1 / 2, added to its loss; it makes the
     # adversarial game settle instead of circling and stops the critic from keying on pixel-level detail
-    # (0 turns it off)
-    r1: float = 0.0
+    # (0 turns it off; 1 with the thorax box passed rule 4 of docs/research-log.md "2026-12-04 (evening)")
+    r1: float = 1.0
     # which epoch's model is kept: the "last", the "best" by the validation AUC of the model's score kind
     # (needs labelled validation abnormals; the epoch is then chosen on them, so judge it on other films),
     # or without labels by the density's AUC on synthetic defects ("synthetic"; radscan.epochs.KEEP_RULES)

@@ -184,11 +184,11 @@ def test_train_defaults_are_the_shipped_recipe():
     assert defaults["preset"] == PRESET == "tiny"
     for option, key in (("epochs", "epochs"), ("lr", "lr"), ("cosine_epochs", "cosine_t_max"), ("aspect", "aspect"),
                         ("gamma", "gamma"), ("contrast", "contrast"), ("blur", "blur"), ("noise", "noise"),
-                        ("batch_size", "batch_size"), ("seed", "seed"),
+                        ("batch_size", "batch_size"), ("seed", "seed"), ("r1", "r1"),
                         ("calibration_fraction", "calibration_fraction")):
         assert defaults[option] == recipe[key] == getattr(TrainConfig(), key), option
     for option, key in (("score_kind", "score_kind"), ("critic_snapshots", "critic_snapshots"),
-                        ("density_grid", "density_grid")):
+                        ("density_grid", "density_grid"), ("field", "field")):
         assert defaults[option] == MODEL_SETTINGS[key] == config[key], option
     assert defaults["synthetic"] == TrainConfig().synthetic == 0  # the shipped run predates the option: off
     assert preset(PRESET, **MODEL_SETTINGS).widths == tuple(config["widths"])

@@ -89,7 +89,7 @@ from radscan.records import counted
                    "shown to the discriminator as abnormal (0 = off).")
 @click.option("--r1", type=FiniteFloatRange(0), default=RECIPE.r1, show_default=True,
               help="R1 penalty on the discriminator's input gradient at real films, so that it cannot key on "
-                   "pixel-level detail (0 = off; 1 is recommended for adult films: see docs/training.md).")
+                   "pixel-level detail (0 = off; docs/training.md).")
 @click.option("--seed", type=int, default=RECIPE.seed, show_default=True,
               help="Same seed + same data + CPU = same model.")
 @click.option("--calibration-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),

@@ -428,7 +428,8 @@ class SimSID(nn.Module):
         only the lungs count."""
         if self.cfg.field != "thorax-box":
             return regions.flatten(1).mean(1)
-        weights = F.adaptive_avg_pool2d(self.lung_mask[None, None].to(regions), regions.shape[-1])[0, 0]
+        # the grid from the settings, not from regions.shape: an ONNX trace makes a shape a tensor
+        weights = F.adaptive_avg_pool2d(self.lung_mask[None, None].to(regions), self.cfg.density_grid)[0, 0]
         return (regions * weights).flatten(1).sum(1) / weights.sum().clamp_min(1e-6)
 
     def density_features(self, images: torch.Tensor) -> torch.Tensor:
