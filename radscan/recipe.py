@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "PRESET", "MODEL_SETTINGS"]
 
-PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs take about 20 minutes on 2 cores
+PRESET = "tiny"  # the architecture (radscan.model.config.PRESETS); 30 epochs, 1,000 films: ~16 min on 2 cores
 # settings over the preset: five snapshot critics; the score is the feature density of the last epoch's
 # critic on an 8 x 8 grid of regions (docs/model.md "Score kinds"), over the lung fields of the thorax's
 # bounding box, cut from each film (docs/model.md "The thorax box"; chosen by rule 4 of
