@@ -121,11 +121,12 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
           as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
 
-    The defaults are the recipe of the shipped model (about 20 minutes for 1,000 films on 2 CPU
-    cores). A calibration share of the normals is held out; it sets the score's scale and the
-    flag threshold. The last epoch's weights are shipped (or, with --keep best, the epoch's with the
-    highest validation AUC), with the critics of the last --critic-snapshots epochs, and the feature
-    density is fitted to the training normals.
+    The defaults are the recipe of the shipped model (about 16 minutes for 1,000 films on 2 CPU
+    cores; adult films: add --field film, see docs/training.md). A calibration share of the
+    normals is held out; it sets the score's scale and the flag threshold. The last epoch's
+    weights are shipped (or, with --keep best, the epoch's with the highest validation AUC), with
+    the critics of the last --critic-snapshots epochs, and the feature density is fitted to the
+    training normals.
     Checkpoints are written every epoch: an interrupted run continues with --resume.
 
     \b
