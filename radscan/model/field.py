@@ -45,6 +45,12 @@ LUNG_SHARE = (0.05, 0.40)
 # NIH adults: margins 0 and 4 gave 0.745 and 0.704 with the shipped weights, grey fill;
 # docs/research-log.md, 2026-12-03 "The thorax field").
 CLOSING_PX, MARGIN_PX = 20, 4
+# The lung mask of a thorax-box model (what the density averages and the map is drawn on) leaves out
+# the patches a lung field reaches through a narrow neck (at 128 px, under 2 x NECK_PX + 1 pixels): on
+# the Kermany mean film the left field ran through one into a patch below the heart, which the map
+# drew as a bow-tie (docs/research-log.md, 2026-12-04 night). The box keeps them: it errs large.
+NECK_PX = 4
+PATCH_SHARE = 0.25  # a patch is smaller than this share of the smaller lung's core (the Kermany one: 7%)
 
 
 def lung_fields(mean_film: np.ndarray) -> np.ndarray:
@@ -68,6 +74,28 @@ def lung_fields(mean_film: np.ndarray) -> np.ndarray:
     return lungs
 
 
+def _without_necked_patches(fields: np.ndarray) -> np.ndarray:
+    """(H, W) bool lung fields -> the same without the small patches that hang on them by a neck
+    narrower than 2 x NECK_PX + 1 pixels (and longer than 2 x NECK_PX). An opening of NECK_PX cuts
+    such necks; a core it leaves beside the two largest, and under PATCH_SHARE of the smaller of
+    them, is such a patch: its pixels
+    (within NECK_PX of its core, and not within NECK_PX of a lung's core) are removed, with what no
+    longer joins a lung. Everything else (outlines, apices, angles, a lung the opening splits in
+    two) is kept as it was."""
+    cores, count = ndimage.label(ndimage.binary_opening(fields, iterations=NECK_PX))
+    if count < 3:  # no core beside the two lungs': nothing hangs on them
+        return fields
+    sizes = sorted((int((cores == i).sum()), i) for i in range(1, count + 1))
+    lungs = np.isin(cores, [i for _, i in sizes[-2:]])
+    patches = np.isin(cores, [i for size, i in sizes[:-2] if size < PATCH_SHARE * sizes[-2][0]])
+    if not patches.any():
+        return fields
+    kept = fields & ~(ndimage.binary_dilation(patches, iterations=NECK_PX)
+                      & ~ndimage.binary_dilation(lungs, iterations=NECK_PX))
+    parts, _ = ndimage.label(kept)
+    return np.isin(parts, np.unique(parts[lungs & kept])) & (parts > 0)
+
+
 def thorax_field(mean_film: np.ndarray) -> np.ndarray:
     """(H, W) grey 0..255 mean normal film -> (H, W) bool: the lung fields joined over the
     mediastinum (binary closing, CLOSING_PX) and widened by MARGIN_PX. Raises ValueError as
@@ -86,10 +114,11 @@ def thorax_box(mean_film: np.ndarray) -> Crop:
 
 
 def lungs_in_box(mean_film: np.ndarray, box: Crop, size: int) -> np.ndarray:
-    """The lung fields of the (H, W) mean normal film (`lung_fields`) as seen in the model's input:
+    """The lung fields of the (H, W) mean normal film (`lung_fields`, without the patches they reach
+    through a narrow neck; the box and the thorax field keep them) as seen in the model's input:
     cut to `box` and resized to (size, size) bool (bilinear, half-covered pixels in). They are found on
     the whole film: inside the box the lungs touch its edge, and `lung_fields` counts regions that
     touch the border out. Raises ValueError as `lung_fields`."""
-    lungs = Image.fromarray(lung_fields(mean_film).astype(np.float32))
+    lungs = Image.fromarray(_without_necked_patches(lung_fields(mean_film)).astype(np.float32))
     cut = lungs.crop(crop_pixels(box, *mean_film.shape)).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(cut) >= 0.5
