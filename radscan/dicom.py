@@ -81,6 +81,15 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
         return _read_dicom(path, record, policy)
 
 
+def _image_class(ds: Dataset) -> bool:
+    """Whether the data set's SOP Class is an image storage class (CR, DX, secondary capture, ...):
+    one whose pixel data is mandatory (PS3.3 Image Pixel module)."""
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    name = getattr(uid, "name", "")
+    return isinstance(name, str) and "Image Storage" in name
+
+
 def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
     try:
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
@@ -93,6 +102,11 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         return None
 
     _fill_header_fields(ds, record)
+    if not truncated and _image_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS):
+        # an image object cut short inside its header: the tags a policy would read are missing too, so
+        # the cut is the reason, not the policy (a file without Modality would otherwise read as skipped)
+        record.fail("an image object without pixel data: truncated or incomplete file?")
+        return None
     reason = skip_reason(ds, policy)
     if reason:
         record.skip(reason)

@@ -6,8 +6,11 @@ the same images with a paired bootstrap of the AUC difference (the same resample
 both). Sensitivity, specificity, F1 and the TP/FP/TN/FN counts are reported at each model's stored
 threshold; accuracy and F1 at the threshold that is best on the evaluated set itself are reported
 too, clearly labelled, for comparison with papers that report that way (it is optimistic: the
-threshold is tuned on the test data). With an output folder: per-image scores (CSV), the ROC
-curves and score histograms (matplotlib) and one HTML page that explains them.
+threshold is tuned on the test data). Quality control judges every film first, as `radscan score`
+does (with the first model's reference): under --qc strict the films it rejects are not in the
+measure, which then describes the films the nightly job scores, and the summary counts them. With
+an output folder: per-image scores (CSV), the ROC curves and score histograms (matplotlib) and one
+HTML page that explains them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.engine import load_engine
 from radscan.model.metadata import ModelIdentity
 from radscan.policy import Policy, for_model
+from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
 from radscan.report import CsvStream, atomic_output
 
 __all__ = ["evaluate", "metrics_at", "bootstrap_auc", "paired_bootstrap_auc_difference"]
@@ -83,12 +87,15 @@ def _best_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequence[Path], batch_size: int = 64,
              device: str = "auto", workers: int = -1, policy: Policy | None = None, progress: bool = True,
-             out_dir: Path | None = None, roc_png: Path | None = None, bootstrap_rounds: int = 2000) -> dict[str, Any]:
+             out_dir: Path | None = None, roc_png: Path | None = None, bootstrap_rounds: int = 2000,
+             qc_mode: str = "strict") -> dict[str, Any]:
     """Score the labelled images with every model in `model_dirs` (the images are read once).
 
     Returns the first model's metrics at the top level (auc, auc_ci95, average_precision,
     at_model_threshold with tp/fp/tn/fn, ...), every model's under "models", and, for each further
-    model, "comparisons" against the first (paired bootstrap of the AUC difference). `out_dir`
+    model, "comparisons" against the first (paired bootstrap of the AUC difference), and
+    "rejected_by_qc": the normal and abnormal films quality control set aside (`qc_mode` "strict";
+    "warn" and "off" measure every film). `out_dir`
     receives per_image.csv (path, label, model, model_version, model_sha256, score, flag), roc.png, histogram.png and
     evaluation.html; `roc_png` the ROC figure alone. Raises SettingError (exit 2) for an output
     inside the inputs, ModelError (65) for a model that cannot be verified."""
@@ -97,11 +104,26 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     loaded = [load_engine(Path(model_dir), device) for model_dir in model_dirs]  # verify all before reading
     readings = [for_model(policy, metadata) for _, metadata in loaded]  # how each model reads films (its box)
+    # one quality control for every model (the first's reference): the models are measured on the same films.
+    # It judges the whole film, whatever part of it a model reads, so every reading keeps the same films.
+    qc = quality_control(Path(model_dirs[0]), loaded[0][1], qc_mode, DEFAULT_VIEWS)
+    rejected = {"normal": 0, "abnormal": 0}
+
+    def judge(label: str, counted: bool):
+        def verdicts(records, films) -> list[bool]:
+            keep = apply_qc(qc, records, films)
+            rejected[label] += keep.count(False) if counted else 0
+            return keep
+        return verdicts
+
     read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
     for reading in readings:
         if reading not in read:
-            normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals")
-            abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals")
+            first = not read  # each reading sets aside the same films: count them once
+            normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals",
+                                                   judge=judge("normal", first))
+            abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals",
+                                                       judge=judge("abnormal", first))
             read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
     # cutting a box never makes a file unreadable: every reading has the same files in the same order
     _, normal_names, abnormal_names = next(iter(read.values()))
@@ -128,7 +150,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                     "second_name": f"{result['model_name']} {result['model_version']} ({result['model_sha256'][:12]})",
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
                    for result, scores in zip(results[1:], all_scores[1:], strict=True)]
-    summary = {**results[0], "models": results, "comparisons": comparisons, "disclaimer": DISCLAIMER}
+    summary = {**results[0], "models": results, "comparisons": comparisons,
+               "rejected_by_qc": {**rejected, "qc": qc_mode}, "disclaimer": DISCLAIMER}
     if roc_png is not None:
         _save_figure(_roc_figure(labels, all_scores, results), roc_png)
         summary["roc_png"] = str(roc_png)

@@ -532,15 +532,13 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
                               desc=f"read {label}".strip(), disable=None if progress else True):
         counts[record.status] += 1
-        if stream:
+        if stream and image is None:  # a film read is listed once judged (below): it may be rejected yet
             stream.write(record.as_row())
         if image is not None:
             images.append(image)
             names.append(record.path)
             studies.append(record.study_key)
             records.append(record)
-    if stream:
-        stream.commit()
     log.info("%s: %d usable images (%d skipped, %d errors)", label or "input", counts[Status.OK],
              counts[Status.SKIPPED], counts[Status.ERROR])
     if counts[Status.ERROR]:
@@ -554,6 +552,10 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
         images = [image for image, kept in zip(images, keep, strict=True) if kept]
         names = [name for name, kept in zip(names, keep, strict=True) if kept]
         studies = [study for study, kept in zip(studies, keep, strict=True) if kept]
+    if stream:
+        for record in records:  # judged: a film quality control rejected is listed so, with the reason
+            stream.write(record.as_row())
+        stream.commit()
     if not images:
         raise NoInputError(f"no usable images under {', '.join(paths)}")
     return np.stack(images), names, studies

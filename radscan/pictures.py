@@ -146,7 +146,7 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
     drawn = _drawn_ratio(aspect)
     width = round(_PANEL * drawn)
     if abs(drawn - aspect) > 0.05:  # a film narrower or wider than the picture shows it: said, not hidden
-        caption += f"\n(drawn at {drawn:g}:1; the film is {aspect:.1f}:1)"
+        caption += f"\n(drawn at {drawn:g}:1; the film is {aspect:.2g}:1)"  # 2 figures: 0.005:1, not 0.0:1
     # the caption wraps to the film's width, so that the picture is exactly as wide as the film and
     # the page can show the film alone as the row's thumbnail, however wide the film
     lines = _caption_lines(caption, width - 2 * _MARGIN)

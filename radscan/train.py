@@ -49,9 +49,9 @@ from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.metadata import SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
-from radscan.qc import fit_reference, save_reference
+from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc, fit_reference, save_reference
 from radscan.recipe import TrainConfig
-from radscan.records import counted
+from radscan.records import ImageRecord, counted
 from radscan.report import CsvStream, cannot_write
 from radscan.trainer import Trainer, load_checkpoint, save_checkpoint
 
@@ -98,6 +98,18 @@ def set_thorax_field(model: SimSID, train_images: np.ndarray) -> None:
     log.info("thorax field: %.0f%% of the film (the rest is mid grey to the model)", 100 * field.mean())
 
 
+# The films trained and calibrated on pass the checks that need no reference (a lateral or other view
+# by its header, too small, nearly blank, burnt out): a blank film among a site's normals would
+# otherwise be learnt as normal and widen the QC reference fitted to them until blank films pass.
+_NORMALS_QC = QualityControl("strict", DEFAULT_VIEWS, None, None)
+
+
+def _checked(records: list[ImageRecord], films: list[np.ndarray]) -> list[bool]:
+    """`load_images`' judge for training films: reference-free quality control (rejected ones are
+    listed in training_inputs.csv with the reason, and counted in a WARNING line)."""
+    return apply_qc(_NORMALS_QC, records, films)
+
+
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
                     progress: bool) -> tuple[SimSIDConfig, Policy, np.ndarray, np.ndarray]:
     """A first pass over the normals, as whole films: the thorax box of their mean film
@@ -106,7 +118,8 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     ((N, 128, 128) uint8: quality control's reference is fitted to them, as it judges whole films).
     Every normal serves, the calibration ones too: the box is part of the preprocessing, found
     without labels. Raises SettingError when the mean shows no lung fields."""
-    films = load_images(normals, replace(policy, crop=None), workers, progress, label="normals (whole films)")[0]
+    films = load_images(normals, replace(policy, crop=None), workers, progress, label="normals (whole films)",
+                        judge=_checked)[0]
     mean = films.mean(axis=0, dtype=np.float64)
     try:
         box = thorax_box(mean)
@@ -271,7 +284,7 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
                            "are the validation normals)")
     if tcfg.epochs < model_cfg.critic_snapshots and init_from is None:  # init_from brings trained snapshots
         raise SettingError(f"{counted(tcfg.epochs, 'epoch')} cannot fill {model_cfg.critic_snapshots} critic "
-                           "snapshots: train longer or keep fewer snapshots")
+                           "snapshots: train longer (--epochs) or keep fewer (--critic-snapshots)")
 
 
 @dataclass
@@ -303,7 +316,8 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     lungs = whole_films = None
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress)
-    images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals")
+    images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
+                                         judge=_checked)
     is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
     # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
     # digest of each, enough to see which images went to one side together
@@ -320,8 +334,8 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
                            f"(--calibration-fraction {tcfg.calibration_fraction:g} of {len(images)}); at least "
                            f"{MIN_CALIBRATION} are needed: give more normals or a larger --calibration-fraction")
     if val_abnormal:
-        validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals")[0]
-                              if val_normal else films.calibration)
+        validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals",
+                                          judge=_checked)[0] if val_normal else films.calibration)
         films.validation = (validation_normals,
                             load_images(val_abnormal, policy, workers, progress, label="validation abnormals")[0])
     return films

@@ -102,7 +102,7 @@ def draw_samples(model: Any, images: np.ndarray, path: Path, patch: tuple[int, i
         row = weights[0, index].float().cpu().numpy()
         chosen = np.flatnonzero(row > 0)
         ax.bar([str(s) for s in chosen], row[chosen], color="#1a73e8")
-        ax.set(xlabel=f"memory slot of patch row {patch[0]}, column {patch[1]} (outlined above)",
+        ax.set(xlabel=f"memory slot of patch row {patch[0] + 1}, column {patch[1] + 1} of {grid} (outlined above)",
                ylabel="read weight", title="the normal-anatomy memory slots this patch was rebuilt from")
     else:
         ax.set_axis_off()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from radscan.ingest import find_files, iter_ingested
@@ -107,3 +109,34 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
 # --- reasons that name the header value that is wrong (issue 22, item 10) ------------------------
 
 
+
+
+# --- a radiograph cut short anywhere after its SOP Class: an error, never a policy skip ---------
+
+_CUT_SOURCES = ("fo-dicom/CR-MONO1-10-chest", "highdicom/dx_image.dcm")
+
+
+@pytest.mark.parametrize("source", _CUT_SOURCES)
+@settings(max_examples=15, deadline=None)
+@given(fraction=st.floats(0.0, 1.0))
+def test_a_radiograph_cut_short_is_an_error_row_wherever_the_cut(source, fraction, tmp_path_factory):
+    """A transfer that stopped inside the header loses Modality and the rest with it: the row must say
+    the file is incomplete (status error, exit 3), not that the policy skipped a film without Modality."""
+    import pydicom
+
+    whole = (DATA / "dicom" / source).read_bytes()
+    after_class = _end_of(pydicom.dcmread(DATA / "dicom" / source, stop_before_pixels=True, force=True), "SOPClassUID")
+    cut = after_class + int(fraction * (len(whole) - after_class - 1))
+    folder = tmp_path_factory.mktemp("cut")
+    (folder / "film.dcm").write_bytes(whole[:cut])
+    record, image = ingest_one(folder / "film.dcm")
+    assert image is None and record.status == "error", (cut, record.reason)
+    assert "truncated" in record.reason or "incomplete" in record.reason
+    assert_plain(record.reason)
+
+
+def _end_of(ds, keyword: str) -> int:
+    """Byte offset in the file just after the element `keyword` (its value included), from the raw
+    element pydicom keeps until the value is first used."""
+    raw = ds.get_item(keyword)
+    return raw.value_tell + raw.length

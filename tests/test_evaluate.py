@@ -152,3 +152,23 @@ def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
     assert "No labelled validation data" not in report and f"validation AUC {measured:.3f}" in report
     info = CliRunner().invoke(cli, ["info", str(out)])
     assert f"{threshold:.4f}"[:5] in info.output
+
+
+def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labelled, tiny_model, tmp_path):
+    """The measure describes the films the nightly job would score: blank films among the normals (any
+    grey, any size) are left out under --qc strict, counted, and measured under --qc warn."""
+    normal, abnormal = labelled
+    mixed = tmp_path / "normal"
+    shutil.copytree(normal, mixed)
+    blanks = [(0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 900)]
+    for grey, height, width in blanks:
+        Image.fromarray(np.full((height, width), grey, np.uint8)).save(mixed / f"blank_{grey}.png")
+    args = ["evaluate", "--normal", str(mixed), "--abnormal", str(abnormal), "--model", str(tiny_model), "--json",
+            "--workers", "1"]
+    strict = json.loads(CliRunner().invoke(cli, args).stdout)
+    assert (strict["normal"], strict["abnormal"]) == (12, 10)
+    assert strict["rejected_by_qc"] == {"normal": len(blanks), "abnormal": 0, "qc": "strict"}
+    words = CliRunner().invoke(cli, [a for a in args if a != "--json"])  # the same call, in words
+    assert f"left out by quality control (--qc strict): {len(blanks)} normal, 0 abnormal" in words.stdout
+    warned = json.loads(CliRunner().invoke(cli, [*args, "--qc", "warn"]).stdout)
+    assert warned["normal"] == 12 + len(blanks) and warned["rejected_by_qc"]["normal"] == 0

@@ -610,3 +610,27 @@ def test_a_thorax_box_model_has_quality_control_judge_the_whole_film(tmp_path, f
                                       "--workers", "1", "--body-parts", "all", "--no-residuals"])
     row = next(csv.DictReader(report.open()))
     assert row["status"] == verdict, row
+
+
+def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_the_reason(normals, tmp_path):
+    """A site's normals folder with blank films in it (any grey, any size): they are quality-control
+    rejects, listed in training_inputs.csv with the reason, and neither trained nor calibrated on, with
+    the default thorax box (whose mean film they would darken) and with the whole film."""
+    folder = tmp_path / "normals"
+    shutil.copytree(normals, folder)
+    blanks = {f"blank_{grey}.png": (grey, height, width)
+              for grey, height, width in ((0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 900))}
+    for name, (grey, height, width) in blanks.items():
+        Image.fromarray(np.full((height, width), grey, np.uint8)).save(folder / name)
+    for field in ("thorax-box", "film"):
+        out = tmp_path / field
+        result = CliRunner().invoke(cli, ["train", str(folder), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                                          "--critic-snapshots", "1", "--field", field, "--workers", "1"])
+        assert result.exit_code == 0, result.output
+        with open(out / "training_inputs.csv", newline="") as handle:
+            listed = {row["path"]: row for row in csv.DictReader(handle)}
+        for name in blanks:
+            assert listed[name]["status"] == "rejected" and "blank" in listed[name]["reason"], listed[name]
+        with open(out / "training_split.csv", newline="") as handle:
+            assert not {row["path"] for row in csv.DictReader(handle)} & set(blanks)
+        assert "quality control" in result.output or "rejected" in result.output  # the WARNING line counts them

@@ -18,6 +18,7 @@ from radscan.cli.common import (
     echo_json,
     json_option,
     model_in_use,
+    qc_option,
     read_settings,
     selection_options,
     workers_option,
@@ -290,17 +291,20 @@ def _describe_metrics(metrics: dict[str, Any]) -> list[str]:
               help="Folder for the report: evaluation.html, roc.png, histogram.png, per_image.csv.")
 @click.option("--roc", type=click.Path(dir_okay=False, path_type=Path), help="Write the ROC figure alone as a PNG.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@qc_option
 @device_option
 @selection_options
 @workers_option
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, ...], models: tuple[Path, ...],
-             out: Path | None, roc: Path | None, batch_size: int, device: str, policy: Policy, workers: int,
-             as_json: bool) -> None:
+             out: Path | None, roc: Path | None, batch_size: int, qc_mode: str, device: str, policy: Policy,
+             workers: int, as_json: bool) -> None:
     """Measure models on labelled folders: AUC with a bootstrap 95% interval, average precision,
     sensitivity / specificity / F1 and TP/FP/TN/FN at each model's threshold; with two models, a
-    paired bootstrap of their AUC difference. --out writes a report a person can read.
+    paired bootstrap of their AUC difference. Quality control judges the films first, as radscan
+    score does: the films it rejects (--qc strict) are left out of the measure and counted.
+    --out writes a report a person can read.
 
     \b
     Examples:
@@ -312,7 +316,7 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
     if not models:
         models = (model_in_use(),)
     result = run_evaluate(normal, abnormal, models, batch_size, device, workers, policy,
-                          progress=not ctx.obj["quiet"], out_dir=out, roc_png=roc)
+                          progress=not ctx.obj["quiet"], out_dir=out, roc_png=roc, qc_mode=qc_mode)
     if as_json:
         echo_json(result)
         return
@@ -331,6 +335,10 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
             f"at the best-accuracy threshold on this set (optimistic, as papers report): accuracy "
             f"{best['accuracy']:.3f}, F1 {best['f1']:.3f}",
         ]
+    left_out = result["rejected_by_qc"]
+    if left_out["normal"] or left_out["abnormal"]:
+        lines.append(f"left out by quality control (--qc strict): {left_out['normal']} normal, "
+                     f"{left_out['abnormal']} abnormal films (see the log; --qc warn measures them)")
     for comparison in result["comparisons"]:
         low, high = comparison["ci95"]
         lines.append(f"AUC of {comparison['second']} minus {comparison['first']}: {comparison['difference']:+.3f} "
