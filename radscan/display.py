@@ -29,6 +29,22 @@ _VOI_LUT_BITS = (8, *range(10, 17))
 _VOI_FUNCTIONS = {"": "LINEAR", "LINEAR": "LINEAR", "LINEAR_EXACT": "LINEAR_EXACT", "SIGMOID": "SIGMOID"}
 
 
+def _colour_range(rgb: np.ndarray, ds: Dataset, photometric: str) -> float:
+    """The full range of colour values: for PALETTE COLOR, that of its LUT entries (8 or 16 bits,
+    the third value of the LUT Descriptor, PS3.3 C.7.6.3.1.5), which pydicom returns in 16-bit words
+    either way (8-bit entries over a 16-bit range would show a film nearly black); else the dtype's.
+    A descriptor that understates the entries (values above its range) is not trusted."""
+    full = float(np.iinfo(rgb.dtype).max)
+    if photometric != "PALETTE COLOR":
+        return full
+    try:
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return full
+    top = float(2**bits - 1) if bits in (8, 16) else full
+    return top if rgb.max(initial=0) <= top else full
+
+
 def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:
     """Stored values -> (H, W) uint8 as a radiologist's display would show them.
 
@@ -44,7 +60,7 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
         # pydicom has already converted YBR to RGB; luma weights of ITU-R BT.601, as Pillow's "L"
         luma = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         record.voi_source = "full-range"
-        return window_to_uint8(luma, 0.0, float(np.iinfo(rgb.dtype).max), invert=False)
+        return window_to_uint8(luma, 0.0, _colour_range(rgb, ds, photometric), invert=False)
 
     record.inverted = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and header_text(ds, "PresentationLUTShape").upper() == "INVERSE"

@@ -317,3 +317,20 @@ def test_rgb_bytes_labelled_ybr_full_422_blame_the_photometric_interpretation(tm
     assert image is None and "Photometric Interpretation in the header is wrong" in record.reason
     assert "Rows/Columns" not in record.reason
     assert_plain(record.reason)
+
+
+@pytest.mark.parametrize("entry_bits", [8, 16])
+@pytest.mark.parametrize("stored_dtype", [np.uint8, np.uint16])
+def test_palette_colour_shows_its_lut_entries_over_their_own_range(tmp_path, entry_bits, stored_dtype):
+    """PS3.3 C.7.6.3.1.5: the third LUT Descriptor value is the bits per entry (8 or 16). A grey ramp
+    through an identity palette must display as the ramp, whatever the entries' depth (pydicom returns
+    both in 16-bit words; 8-bit entries read over a 16-bit range showed the film nearly black)."""
+    top = 2**entry_bits - 1
+    stored = _ramp(0, 255, stored_dtype)
+    lut = np.round(np.arange(256) * top / 255).astype("<u2").tobytes()
+    descriptor = [256, 0, entry_bits]
+    path = _write(tmp_path / "palette.dcm", stored, photometric="PALETTE COLOR",
+                  RedPaletteColorLookupTableDescriptor=descriptor, GreenPaletteColorLookupTableDescriptor=descriptor,
+                  BluePaletteColorLookupTableDescriptor=descriptor, RedPaletteColorLookupTableData=lut,
+                  GreenPaletteColorLookupTableData=lut, BluePaletteColorLookupTableData=lut)
+    assert np.abs(_display(path) - stored.astype(float)).mean() <= 1.0
