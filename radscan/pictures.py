@@ -124,13 +124,16 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     if float(np.max(score_map, initial=0.0)) < _FAINT * SCORE_MAP_SCALE_MAX:  # a blank panel must not read as "nothing"
         draw.text((width + _MARGIN + 6, top + 6), "no region stands out above normal films:\nthe score is raised "
                   "across the lungs", fill="white", font=_font(13))
-    small_height = round(_SMALL / _drawn_ratio(aspect))
+    # the small panel fits a square of _SMALL at the film's ratio: a tall film's would outgrow the main
+    # panels and push its note off the picture
+    ratio = _drawn_ratio(aspect)
+    small_width, small_height = round(_SMALL * min(1.0, ratio)), round(_SMALL / max(1.0, ratio))
     draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
-    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (_SMALL, small_height)), (small_x, top + 18))
-    _colour_bar(draw, canvas, small_x + _SMALL + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
-    note = ("scale 0 to 0.5: a quarter of the grey range\nnot used by the score: pneumonia often\n"
+    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (small_width, small_height)), (small_x, top + 18))
+    _colour_bar(draw, canvas, small_x + small_width + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
+    note = ("scale 0 to 0.5: a quarter of black-to-white\nnot used by the score: pneumonia often\n"
             "reconstructs closer than normal" if score_kind in ("critic", "density")
-            else f"scale 0 to 0.5: a quarter of the grey range\nthe {score_kind} score is made from it")
+            else f"scale 0 to 0.5: a quarter of black-to-white\nthe {score_kind} score is made from it")
     draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
     draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
     draw.text((width + _MARGIN + 4, top + _PANEL + 4), _MAP_LABELS.get(score_kind, _MAP_LABELS["critic"]),

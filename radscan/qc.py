@@ -54,6 +54,10 @@ WARN_AGE = "patient age"
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32
+# the longest side of a chest film over its shortest: detector formats run from 1:1 to 35 x 43 cm
+# (1.23) and film screens to 1.5; three times longer than wide is a spine, long-leg or panoramic image,
+# a strip or a damaged file, never a chest (squashed to the square model input it would look like one)
+MAX_ASPECT = 3.0
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -411,10 +415,15 @@ class QualityControl:
 
     def _header_problems(self, record: ImageRecord) -> list[str]:
         problems = []
-        if record.rows and record.columns and min(record.rows, record.columns) < MIN_SIDE:
-            # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
-            return [f"only {record.columns}x{record.rows} pixels: too small to be a radiograph (at least {MIN_SIDE} "
-                    "pixels a side)"]
+        if record.rows and record.columns:
+            short, long = sorted((record.rows, record.columns))
+            if short < MIN_SIDE:
+                # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
+                return [f"only {short} pixels on its short side ({record.columns}x{record.rows}): too small to be "
+                        f"a radiograph (at least {MIN_SIDE} pixels a side)"]
+            if long > MAX_ASPECT * short:
+                return [f"{record.columns}x{record.rows} pixels, {long / short:.1f} times longer than wide: not the "
+                        f"shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
             kind = ("a lateral view" if view in _LATERAL else "a decubitus view" if view in _DECUBITUS

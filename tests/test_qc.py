@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from radscan.cli import cli
@@ -147,8 +149,23 @@ def test_images_of_a_few_pixels_fail_as_too_small_whatever_they_show(qc, normals
     noise = np.random.default_rng(columns).integers(0, 256, (1, 128, 128)).astype(np.uint8)
     for image in (noise, normals[1][:1]):
         verdict = _verdicts(qc, image, rows=rows, columns=columns)[0]
-        assert verdict.status == "fail" and verdict.reason.startswith(f"only {columns}x{rows} pixels: too small")
+        assert verdict.status == "fail" and verdict.reason.startswith(
+            f"only {min(columns, rows)} pixels on its short side ({columns}x{rows}): too small")
     assert _verdicts(qc, normals[1][:1], rows=64, columns=64)[0].status != "fail"  # NIH's 64 px copies
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(short=st.integers(32, 3000), ratio=st.floats(1.0, 80.0), tall=st.booleans())
+def test_a_film_far_longer_than_wide_is_not_judged_as_a_chest(qc, normals, short, ratio, tall):
+    """A real chest squashed from a strip (60 x 4000) into the square input looks like a chest: its
+    header's shape tells, whatever the film shows. Chest formats (up to 1.5 to 1) are judged."""
+    long = round(short * ratio)
+    rows, columns = (long, short) if tall else (short, long)
+    verdict = _verdicts(qc, normals[1][:1], rows=rows, columns=columns)[0]
+    if long > 3 * short:
+        assert verdict.status == "fail" and "times longer than wide" in verdict.reason, verdict
+    elif long <= 1.5 * short:
+        assert "longer than wide" not in verdict.reason
 
 
 def test_left_right_mirror_is_a_warning_not_a_failure(qc, normals):
