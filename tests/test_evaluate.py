@@ -160,7 +160,7 @@ def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labe
     normal, abnormal = labelled
     mixed = tmp_path / "normal"
     shutil.copytree(normal, mixed)
-    blanks = [(0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 900)]
+    blanks = [(0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 150)]
     for grey, height, width in blanks:
         Image.fromarray(np.full((height, width), grey, np.uint8)).save(mixed / f"blank_{grey}.png")
     args = ["evaluate", "--normal", str(mixed), "--abnormal", str(abnormal), "--model", str(tiny_model), "--json",

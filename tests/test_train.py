@@ -619,7 +619,7 @@ def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_th
     folder = tmp_path / "normals"
     shutil.copytree(normals, folder)
     blanks = {f"blank_{grey}.png": (grey, height, width)
-              for grey, height, width in ((0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 900))}
+              for grey, height, width in ((0, 512, 512), (255, 300, 420), (128, 256, 256), (37, 64, 150))}
     for name, (grey, height, width) in blanks.items():
         Image.fromarray(np.full((height, width), grey, np.uint8)).save(folder / name)
     for field in ("thorax-box", "film"):
