@@ -66,5 +66,9 @@ class TrainConfig:
     # or without labels by the density's AUC on synthetic defects ("synthetic"; radscan.epochs.KEEP_RULES)
     keep: str = "last"
     calibration_fraction: float = 0.15
+    # a regular expression whose match in a file's name (its first group, if it has one) names the
+    # patient, for films whose headers name none (JPEG, PNG): the calibration split then keeps each
+    # patient's films on one side (None: DICOM studies, else folders, else single files)
+    patient_pattern: str | None = None
     target_specificity: float = 0.95
     seed: int = 0

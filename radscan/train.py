@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -71,6 +72,31 @@ class TrainingResult:
     epochs_run: int
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_budget: bool = False
+
+
+def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | None) -> list[str]:
+    """The keys the calibration split groups by: each film's study (`studies`), or with `pattern`
+    (a regular expression) the patient its file name names (the first group of the first match, else
+    the match), for films whose name it matches. Raises SettingError for a pattern that is not a
+    regular expression or that matches no file name."""
+    if not pattern:
+        return list(studies)
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise SettingError(f"--patient-pattern {pattern!r} is not a regular expression: {exc}") from None
+    keys, matched = [], 0
+    for name, study in zip(names, studies, strict=True):
+        found = compiled.search(Path(name).name)
+        matched += found is not None
+        keys.append(f"patient {found.group(1) if found and compiled.groups else found.group(0)}" if found else study)
+    if not matched:
+        raise SettingError(f"--patient-pattern {pattern!r} matches none of the {len(names)} file names "
+                           f"(e.g. {Path(names[0]).name!r})")
+    if matched < len(names):
+        log.warning("--patient-pattern matches %d of %d file names: the others are split by their study",
+                    matched, len(names))
+    return keys
 
 
 def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -318,11 +344,16 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress)
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
                                          judge=_checked)
-    is_calibration = split_calibration(studies, tcfg.calibration_fraction, tcfg.seed)
+    keys = patient_keys(names, studies, tcfg.patient_pattern)
+    if not tcfg.patient_pattern and len(set(keys)) > 0.9 * len(keys):
+        log.warning("the calibration normals are held out film by film (the films name no study or patient that "
+                    "groups them): if a patient has several films, some may be trained on and others calibrated on, "
+                    "which makes the threshold optimistic; name patients with --patient-pattern REGEX")
+    is_calibration = split_calibration(keys, tcfg.calibration_fraction, tcfg.seed)
     # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
     # digest of each, enough to see which images went to one side together
     with CsvStream(out_dir / SPLIT_FILE, ("path", "study_key", "split")) as split_csv:
-        for path, study, held_out in zip(names, studies, is_calibration, strict=True):
+        for path, study, held_out in zip(names, keys, is_calibration, strict=True):
             split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
     films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films)

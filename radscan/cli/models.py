@@ -97,6 +97,10 @@ from radscan.records import counted
               default=RECIPE.calibration_fraction,
               show_default=True,
               help="Share of the normals held out (never trained on) for calibration.")
+@click.option("--patient-pattern", metavar="REGEX",
+              help="For JPEG/PNG normals: a regular expression whose match in a file's name (its first group, if "
+                   "any) names the patient, so that the calibration split keeps each patient's films on one side "
+                   r"(e.g. 'person\d+' or '^(\d{8})_').")
 @click.option("--target-specificity", type=FiniteFloatRange(0.5, 0.999), default=RECIPE.target_specificity,
               show_default=True, help="The flag threshold keeps this share of the calibration normals unflagged.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in --out.")
@@ -117,7 +121,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
           keep: str, d_schedule: str, max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, synthetic: float, r1: float, seed: int,
-          calibration_fraction: float, target_specificity: float, resume: bool, init_from: Path | None,
+          calibration_fraction: float, patient_pattern: str | None, target_specificity: float, resume: bool,
+          init_from: Path | None,
           name: str | None, age_range: str | None, device: str, policy: Policy, workers: int,
           as_json: bool) -> None:
     """Train a SimSID model on NORMALS (folders or files of normal studies: DICOM, JPEG, PNG).
@@ -159,7 +164,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
                            batch_size=batch_size, lr=lr,
                            cosine_t_max=cosine_epochs, aspect=aspect, gamma=gamma, contrast=contrast, blur=blur,
                            noise=noise, synthetic=synthetic, r1=r1, seed=seed,
-                           calibration_fraction=calibration_fraction, target_specificity=target_specificity)
+                           calibration_fraction=calibration_fraction, patient_pattern=patient_pattern,
+                           target_specificity=target_specificity)
         ages = _age_range(age_range) if age_range else None
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
