@@ -102,6 +102,9 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         return None
 
     _fill_header_fields(ds, record)
+    if truncated and "Modality" not in ds:  # cut before the tags a policy reads: the cut is the reason
+        record.fail("the file ends inside its header (truncated or incomplete transfer?)")
+        return None
     if not truncated and _image_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS):
         # an image object cut short inside its header: the tags a policy would read are missing too, so
         # the cut is the reason, not the policy (a file without Modality would otherwise read as skipped)

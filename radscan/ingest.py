@@ -557,5 +557,9 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             stream.write(record.as_row())
         stream.commit()
     if not images:
+        if records:  # read, but every one failed quality control: say so, with an example
+            examples = "; ".join(f"{record.path}: {record.qc_reason}" for record in records[:3])
+            raise NoInputError(f"none of the {len(records)} images under {', '.join(paths)} passed quality control "
+                               f"({examples}{'; ...' if len(records) > 3 else ''})")
         raise NoInputError(f"no usable images under {', '.join(paths)}")
     return np.stack(images), names, studies

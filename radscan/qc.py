@@ -422,7 +422,7 @@ class QualityControl:
                 return [f"only {short} pixels on its short side ({record.columns}x{record.rows}): too small to be "
                         f"a radiograph (at least {MIN_SIDE} pixels a side)"]
             if long > MAX_ASPECT * short:
-                return [f"{record.columns}x{record.rows} pixels, {long / short:.1f} times longer than wide: not the "
+                return [f"{record.columns}x{record.rows} pixels, {long / short:.2f} times longer than wide: not the "
                         f"shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
@@ -438,8 +438,9 @@ class QualityControl:
                         distances: dict[str, np.ndarray] | None) -> list[str]:
         limits = self.limits
         if contrast[index] < limits.min_contrast:
-            return [f"nearly blank: only {contrast[index]:.0f} grey levels of contrast (training films have at "
-                    f"least {2 * limits.min_contrast:.0f}); check the window or the file"]
+            usual = ("training films have at least" if self.reference is not None else "chest films have about")
+            return [f"nearly blank: only {contrast[index]:.0f} grey levels of contrast ({usual} "
+                    f"{2 * limits.min_contrast:.0f}); check the window or the file"]
         if extreme[index] > limits.max_extreme:
             return [f"{extreme[index]:.0%} of the image is pure black or white: burnt out, blank or mostly border"]
         if plane > limits.max_plane_share:

@@ -84,18 +84,24 @@ def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | No
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise SettingError(f"--patient-pattern {pattern!r} is not a regular expression: {exc}") from None
-    keys, matched = [], 0
+        raise SettingError(f"--patient-pattern '{pattern}' is not a regular expression: {exc}") from None
+    keys, patients = [], set()
     for name, study in zip(names, studies, strict=True):
         found = compiled.search(Path(name).name)
-        matched += found is not None
-        keys.append(f"patient {found.group(1) if found and compiled.groups else found.group(0)}" if found else study)
+        patient = (found.group(1) if compiled.groups else found.group(0)) if found else None
+        if patient:  # an empty match (a pattern such as 'x*') names no one
+            patients.add(patient)
+        keys.append(f"patient {patient}" if patient else study)
+    matched = sum(key.startswith("patient ") for key in keys)
     if not matched:
-        raise SettingError(f"--patient-pattern {pattern!r} matches none of the {len(names)} file names "
+        raise SettingError(f"--patient-pattern '{pattern}' names a patient in none of the {len(names)} file names "
                            f"(e.g. {Path(names[0]).name!r})")
+    if len(patients) == 1 and matched > 1:
+        raise SettingError(f"--patient-pattern '{pattern}' names the same patient ({patients.pop()!r}) in all "
+                           f"{matched} file names it matches: it must capture what differs between patients")
     if matched < len(names):
-        log.warning("--patient-pattern matches %d of %d file names: the others are split by their study",
-                    matched, len(names))
+        log.warning("--patient-pattern names a patient in %d of %d file names: the others are held out as their "
+                    "study is (a JPEG/PNG film alone: film by film)", matched, len(names))
     return keys
 
 
@@ -137,15 +143,18 @@ def _checked(records: list[ImageRecord], films: list[np.ndarray]) -> list[bool]:
 
 
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
-                    progress: bool) -> tuple[SimSIDConfig, Policy, np.ndarray, np.ndarray]:
+                    progress: bool, inventory: Path | None = None) -> tuple[SimSIDConfig, Policy, np.ndarray,
+                                                                          np.ndarray]:
     """A first pass over the normals, as whole films: the thorax box of their mean film
     (radscan.model.field.thorax_box) set in the model settings and the reading policy, and the lung
     fields as the box shows them ((128, 128) bool, the model's `lung_mask`), and the whole films
     ((N, 128, 128) uint8: quality control's reference is fitted to them, as it judges whole films).
     Every normal serves, the calibration ones too: the box is part of the preprocessing, found
     without labels. Raises SettingError when the mean shows no lung fields."""
-    films = load_images(normals, replace(policy, crop=None), workers, progress, label="normals (whole films)",
-                        judge=_checked)[0]
+    # `inventory`: the list of every file with its status, written here too, so that it is there when
+    # no normal passes (the pass that cuts the box writes the same list again)
+    films = load_images(normals, replace(policy, crop=None), workers, progress, inventory,
+                        label="normals (whole films)", judge=_checked)[0]
     mean = films.mean(axis=0, dtype=np.float64)
     try:
         box = thorax_box(mean)
@@ -341,7 +350,8 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     is too small, SettingError when a thorax field's normals show no lung fields."""
     lungs = whole_films = None
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
-        model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress)
+        model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,
+                                                                out_dir / INPUTS_FILE)
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
                                          judge=_checked)
     keys = patient_keys(names, studies, tcfg.patient_pattern)

@@ -111,9 +111,10 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
 
 
 
-# --- a radiograph cut short anywhere after its SOP Class: an error, never a policy skip ---------
+# --- a radiograph cut short anywhere after the part naming its SOP Class: an error, not a skip ---
 
-_CUT_SOURCES = ("fo-dicom/CR-MONO1-10-chest", "highdicom/dx_image.dcm")
+_CUT_SOURCES = ("fo-dicom/CR-MONO1-10-chest", "highdicom/dx_image.dcm", "pylibjpeg-data/966_fixed.dcm",
+                "nih-cxr14-udacity/test1_no_finding.dcm")
 
 
 @pytest.mark.parametrize("source", _CUT_SOURCES)
@@ -125,8 +126,12 @@ def test_a_radiograph_cut_short_is_an_error_row_wherever_the_cut(source, fractio
     import pydicom
 
     whole = (DATA / "dicom" / source).read_bytes()
-    after_class = _end_of(pydicom.dcmread(DATA / "dicom" / source, stop_before_pixels=True, force=True), "SOPClassUID")
-    cut = after_class + int(fraction * (len(whole) - after_class - 1))
+    if whole[128:132] == b"DICM":  # cut anywhere after the file meta (which names the SOP class)
+        start = 132 + 12 + int.from_bytes(whole[140:144], "little")  # (0002,0000) UL: the group's length
+    else:  # no file meta: anywhere after the SOP Class UID
+        start = _end_of(pydicom.dcmread(DATA / "dicom" / source, stop_before_pixels=True, force=True), "SOPClassUID")
+    end = whole.rfind(b"\xe0\x7f\x10\x00") + 16  # just into the pixel data: the header, all of it
+    cut = start + int(fraction * (end - start))
     folder = tmp_path_factory.mktemp("cut")
     (folder / "film.dcm").write_bytes(whole[:cut])
     record, image = ingest_one(folder / "film.dcm")
