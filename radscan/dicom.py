@@ -85,9 +85,9 @@ def _image_class(ds: Dataset) -> bool:
     """Whether the data set's SOP Class is an image storage class (CR, DX, secondary capture, ...):
     one whose pixel data is mandatory (PS3.3 Image Pixel module)."""
     meta = getattr(ds, "file_meta", None)
-    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-    name = getattr(uid, "name", "")
-    return isinstance(name, str) and "Image Storage" in name
+    # either may say it: a file cut inside the data set's own SOP Class UID still has its file meta's
+    uids = (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return any("Image Storage" in str(getattr(uid, "name", "")) for uid in uids)
 
 
 def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
@@ -98,7 +98,7 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)  # keep what the header says
     except Exception:  # pydicom raises many types on malformed headers; its messages are for programmers
         log.debug("cannot parse %s", path, exc_info=True)
-        record.fail("cannot read the DICOM header: the file is damaged or not a valid DICOM data set")
+        record.fail("cannot read the DICOM header: the file is damaged, truncated or not a valid DICOM data set")
         return None
 
     _fill_header_fields(ds, record)
