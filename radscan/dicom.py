@@ -81,13 +81,16 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
         return _read_dicom(path, record, policy)
 
 
-def _image_class(ds: Dataset) -> bool:
-    """Whether the data set's SOP Class is an image storage class (CR, DX, secondary capture, ...):
-    one whose pixel data is mandatory (PS3.3 Image Pixel module)."""
-    meta = getattr(ds, "file_meta", None)
-    # either may say it: a file cut inside the data set's own SOP Class UID still has its file meta's
-    uids = (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-    return any("Image Storage" in str(getattr(uid, "name", "")) for uid in uids)
+def _sop_class(ds: Dataset) -> UID:
+    """The SOP Class: the file meta's (which a data set cut short inside its own SOP Class UID still
+    has), else the data set's."""
+    return UID(header_text(file_meta(ds), "MediaStorageSOPClassUID") or header_text(ds, "SOPClassUID"))
+
+
+def _is_image_class(sop_class: UID) -> bool:
+    """An image storage class (CR, DX, secondary capture, ...): its pixel data is mandatory (PS3.3
+    Image Pixel module)."""
+    return "Image Storage" in sop_class.name
 
 
 def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
@@ -105,7 +108,7 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     if truncated and "Modality" not in ds:  # cut before the tags a policy reads: the cut is the reason
         record.fail("the file ends inside its header (truncated or incomplete transfer?)")
         return None
-    if not truncated and _image_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS):
+    if not truncated and _is_image_class(_sop_class(ds)) and not any(tag in ds for tag in _PIXEL_TAGS):
         # an image object cut short inside its header: the tags a policy would read are missing too, so
         # the cut is the reason, not the policy (a file without Modality would otherwise read as skipped)
         record.fail("an image object without pixel data: truncated or incomplete file?")
@@ -116,9 +119,6 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         return None
     if truncated:
         record.fail("the file ends inside its pixel data (truncated or incomplete transfer?)")
-        return None
-    if not any(tag in ds for tag in _PIXEL_TAGS):
-        record.fail("an image object without pixel data: truncated or incomplete file?")
         return None
 
     frames = record.frames or 1
@@ -188,12 +188,11 @@ def _decoder_messages(path: object) -> Iterator[None]:
 
 def skip_reason(ds: Dataset, policy: Policy) -> str:
     """Why this dataset is not scored, or '' when it should be. Header only: pixels are not read."""
-    sop_class = UID(header_text(file_meta(ds), "MediaStorageSOPClassUID") or header_text(ds, "SOPClassUID"))
+    sop_class = _sop_class(ds)
     if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         return "DICOMDIR: a media index, not an image (its images are scanned as files)"
     has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
-    is_image_class = "Image Storage" in sop_class.name
-    if not has_pixels and not is_image_class:
+    if not has_pixels and not _is_image_class(sop_class):
         return f"no pixel data: not an image ({sop_class.name if sop_class else 'unknown SOP class'})"
     modality = header_text(ds, "Modality").upper()
     if policy.modalities is not None and modality not in policy.modalities:

@@ -85,14 +85,14 @@ def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | No
         compiled = re.compile(pattern)
     except re.error as exc:
         raise SettingError(f"--patient-pattern '{pattern}' is not a regular expression: {exc}") from None
-    keys, patients = [], set()
+    keys, patients, matched = [], set(), 0
     for name, study in zip(names, studies, strict=True):
         found = compiled.search(Path(name).name)
         patient = (found.group(1) if compiled.groups else found.group(0)) if found else None
         if patient:  # an empty match (a pattern such as 'x*') names no one
             patients.add(patient)
+            matched += 1
         keys.append(f"patient {patient}" if patient else study)
-    matched = sum(key.startswith("patient ") for key in keys)
     if not matched:
         raise SettingError(f"--patient-pattern '{pattern}' names a patient in none of the {len(names)} file names "
                            f"(e.g. {Path(names[0]).name!r})")
