@@ -23,7 +23,7 @@ import numpy as np
 from radscan import __version__
 from radscan.errors import OutputError
 from radscan.phi import PhiFilter
-from radscan.pictures import render_explanation, render_film
+from radscan.pictures import render_explanation, render_film, shows_reconstruction
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc
@@ -69,7 +69,7 @@ class PictureJob:
 
     image: np.ndarray
     explanation: np.ndarray
-    residual: np.ndarray
+    residual: np.ndarray | None  # the reconstruction panel's map, only where the score is made of it
     caption: str
     score_kind: str
     aspect: float
@@ -138,8 +138,11 @@ class BatchScorer:
         if not records:
             return [], []
         batch = np.stack(images)
-        # without pictures, only the score itself is computed (for the critic: no generator pass)
-        result = self.engine.score(batch, explain=self.pictures == "all", components=self.pictures == "all")
+        # only what the score and its pictures show is computed: the generator runs only for a score
+        # made of the reconstruction, whose pictures show it (pictures.shows_reconstruction)
+        reconstruction = shows_reconstruction(self.engine.score_kind)
+        result = self.engine.score(batch, explain=self.pictures == "all",
+                                   components=self.pictures == "all" and reconstruction)
         # the score's own z (sigmoid(z) = score): it keeps the order at the top of the list, where the
         # 0..1 score saturates (a z of 7 and one of 12 both print as 1.000)
         scores, raws, zs = result.scores, result.raw, result.z
@@ -147,7 +150,7 @@ class BatchScorer:
         explain = range(len(images)) if self.pictures == "all" else (
             np.flatnonzero((scores >= threshold) | self._dicom(records)) if self.pictures == "flagged" else [])
         if self.pictures == "flagged" and len(explain):  # the gradient pass for the flagged images only
-            result = self.engine.score(batch[explain], explain=True, components=True)
+            result = self.engine.score(batch[explain], explain=True, components=reconstruction)
         if len(explain):
             maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps, result.residual_maps,
                                                            strict=True), strict=True))
@@ -159,7 +162,8 @@ class BatchScorer:
                 explanation, residual = maps[index]
                 path = self._picture_path(record)
                 caption = picture_caption(record, float(score), threshold, self.provenance, float(z))
-                pictures.append((path, PictureJob(self._as_seen(image), explanation, residual, caption,
+                pictures.append((path, PictureJob(self._as_seen(image), explanation,
+                                                  residual if reconstruction else None, caption,
                                                   self.engine.score_kind, self._aspect(record))))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             elif self.residuals is not None:  # no picture now: none from an earlier version of the file either

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import jinja2
 
 from radscan.errors import OutputError
-from radscan.pictures import PICTURE_LAYOUT
+from radscan.pictures import picture_layout
 from radscan.report import atomic_output
 
 __all__ = ["study_entry", "image_entry", "IMAGES_PER_STUDY", "write_evaluation_html", "write_training_html",
@@ -106,7 +106,8 @@ def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, A
     # the header counts the studies to read apart from those for IT and those the selection skipped
     sections = Counter(study.get("section", "reading") for study in studies)
     return _environment().get_template("worklist.html.j2").render(
-        studies=studies, summary=summary, sections=sections, page_size=PAGE_SIZE, layout=PICTURE_LAYOUT)
+        studies=studies, summary=summary, sections=sections, page_size=PAGE_SIZE,
+        layout=picture_layout(str(summary.get("score_kind", ""))))
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],

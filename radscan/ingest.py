@@ -27,7 +27,7 @@ from tqdm import tqdm
 from radscan.dicom import read_dicom
 from radscan.errors import NoInputError, SettingError
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
-from radscan.preprocess import PREPROCESS_VERSION, to_model_input
+from radscan.preprocess import PREPROCESS_VERSION, to_model_input, to_qc_input
 from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
@@ -306,7 +306,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         if grey is None:
             return record, None
         if policy.crop is not None:  # quality control judges the whole film, the model its box
-            record.qc_image = to_model_input(grey)
+            record.qc_image = to_qc_input(grey)
         return record, to_model_input(grey, policy.crop)
     except OSError as exc:
         if exc.errno is not None:  # the system's: gone since it was listed, unreadable, an unmounted share

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["render_explanation", "render_film", "heat_colours", "PICTURE_LAYOUT", "SCORE_MAP_SCALE_MAX",
-           "RESIDUAL_SCALE_MAX", "COLOUR_MAP"]
+__all__ = ["render_explanation", "render_film", "heat_colours", "picture_layout", "shows_reconstruction",
+           "PICTURE_VERSION", "SCORE_MAP_SCALE_MAX", "RESIDUAL_SCALE_MAX", "COLOUR_MAP"]
 
 # Maps are shown on fixed scales, so that colours mean the same in every picture. The score map
 # is in z-score units per image area (see SimSID._score_chunk): 0 .. SCORE_MAP_SCALE_MAX; the
@@ -29,24 +29,38 @@ _SMALL = 256
 _BAR = 16
 _MARGIN = 8
 _BESIDE = _BAR + 44  # a colour bar and its labels
-_BELOW = 62  # the panels' labels: three lines
+_BELOW = 94  # the panels' labels: up to five lines, wrapped to the panel
+# Bumped whenever a picture's layout changes: part of a scoring run's fingerprint (radscan.score), so
+# that a rerun redraws the pictures of an older layout, which the worklist page would crop wrongly.
+# 2: no reconstruction panel where the score is not made of it; labels wrapped under their panels.
+PICTURE_VERSION = "2"
 # What the map panel's colours are, in words, by score kind: a region's z and the film's z are on the same
 # scale, so the reader must be told how the two relate (the film's z is the regions' mean, not their peak)
 _MAP_LABELS = {
-    "density": "where this film raises the anomaly score: each region's z, coloured\n"
-               "where it exceeds what 95% of normal films show there; the film's z\n"
-               "(in the caption) is the mean of its regions' z, so one region can show more",
-    "critic": "where this film raises the anomaly score: each place's share of the\n"
-              "film's z, coloured where it exceeds what 95% of normal films show there;\n"
-              "the film's z (in the caption) is the map's mean before that part is removed",
+    "density": "where this film raises the anomaly score: each region's z, coloured where it exceeds what "
+               "95% of normal films show there; the film's z (in the caption) is the mean of its regions' z, "
+               "so one region can show more",
+    "critic": "where this film raises the anomaly score: each place's share of the film's z, coloured where "
+              "it exceeds what 95% of normal films show there; the film's z (in the caption) is the map's "
+              "mean before that part is removed",
 }
-# Where the main panel lies in a picture, for the worklist page, which shows it alone as the row's
-# thumbnail and finds it from the picture's size (worklist.html.j2, `panelBox`): an explanation
-# picture is PICTURE_LAYOUT["fixed_width"] + 2 x the panel's width wide and its caption + panel +
-# "below" high, the map panel right of the film's panel (after "margin"); a rejected film's picture
-# is its caption + panel high, the film at the left.
-PICTURE_LAYOUT = {"panel": _PANEL, "margin": _MARGIN, "below": _BELOW,
-                  "fixed_width": 3 * _BESIDE + _MARGIN + _SMALL}
+
+
+def shows_reconstruction(score_kind: str) -> bool:
+    """Whether a picture of this score kind has the reconstruction-difference panel: only where the
+    score is made of the reconstruction (seed, residual). For the critic and density kinds it said
+    "not used by the score" and cost a generator pass per picture (9.5 ms of a 0.3 ms film on a CPU)."""
+    return score_kind in ("seed", "residual")
+
+
+def picture_layout(score_kind: str) -> dict[str, int]:
+    """Where the main panel lies in a picture of this score kind, for the worklist page, which shows it
+    alone as the row's thumbnail and finds it from the picture's size (worklist.html.j2, `panelBox`):
+    an explanation picture is "fixed_width" + 2 x the panel's width wide and its caption + "panel" +
+    "below" high, the map panel right of the film's panel (after "margin"); a rejected film's picture
+    is its caption + panel high, the film at the left."""
+    fixed = _MARGIN + _BESIDE + (2 * _BESIDE + _SMALL if shows_reconstruction(score_kind) else 0)
+    return {"panel": _PANEL, "margin": _MARGIN, "below": _BELOW, "fixed_width": fixed}
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,7 +105,7 @@ def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, 
     draw.text((x + _BAR + 4, y + height - 14), bottom, fill="white", font=_font(12))
 
 
-def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray, caption: str,
+def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.ndarray | None, caption: str,
                        score_kind: str = "critic", aspect: float = 1.0) -> np.ndarray:
     """The picture of one scored film, (H, W, 3) uint8, for a reader:
 
@@ -102,19 +116,25 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     - middle, the main panel: where the film raises the anomaly score (`score_map`, (128, 128)
       float >= 0, z-score units per image area, fixed scale 0..SCORE_MAP_SCALE_MAX), over the film
       at the same ratio, in a perceptually uniform colour map with its scale;
-    - right, small: how differently the model redrew the film (`residual`, |input - reconstruction|,
-      (128, 128), model units, 0..RESIDUAL_SCALE_MAX), and whether the score uses it (`score_kind`).
+    - right, small, only where the score is made of it (`shows_reconstruction(score_kind)`): how
+      differently the model redrew the film (`residual`, |input - reconstruction|, (128, 128), model
+      units, 0..RESIDUAL_SCALE_MAX); None otherwise.
 
-    Overlays are blended at model resolution and enlarged pixel for pixel (nearest neighbour): the
-    picture shows the pixels the model saw, and the blocky result deflates about 5x smaller and 3x
-    faster than a smoothed one (this runs once per image)."""
+    The layout is `picture_layout(score_kind)`. Overlays are blended at model resolution and enlarged
+    pixel for pixel (nearest neighbour): the picture shows the pixels the model saw, and the blocky
+    result deflates about 5x smaller and 3x faster than a smoothed one (this runs once per image).
+    Raises ValueError when `residual` is given for a kind without that panel, or missing for one with it."""
+    if (residual is not None) != shows_reconstruction(score_kind):
+        raise ValueError(f"a {score_kind} picture {'has' if shows_reconstruction(score_kind) else 'has no'} "
+                         "reconstruction panel: pass the residual map exactly when it has")
     grey = Image.fromarray(image).convert("RGB")
     width = round(_PANEL * _drawn_ratio(aspect))
-    small_x = 2 * width + 2 * _BESIDE + _MARGIN
+    layout = picture_layout(score_kind)
+    canvas_width = 2 * width + layout["fixed_width"]
     # a long path wraps instead of running off the edge with the model's name
-    lines = _caption_lines(caption, small_x + _SMALL + _BESIDE - 2 * _MARGIN)
+    lines = _caption_lines(caption, canvas_width - 2 * _MARGIN)
     top = 12 + 20 * len(lines)
-    canvas = Image.new("RGB", (small_x + _SMALL + _BESIDE, top + _PANEL + _BELOW), "black")
+    canvas = Image.new("RGB", (canvas_width, top + _PANEL + _BELOW), "black")
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(lines):
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
@@ -124,21 +144,33 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     if float(np.max(score_map, initial=0.0)) < _FAINT * SCORE_MAP_SCALE_MAX:  # a blank panel must not read as "nothing"
         draw.text((width + _MARGIN + 6, top + 6), "no region stands out above normal films:\nthe score is raised "
                   "across the lungs", fill="white", font=_font(13))
-    # the small panel fits a square of _SMALL at the film's ratio: a tall film's would outgrow the main
-    # panels and push its note off the picture
+    if residual is not None:
+        _reconstruction_panel(draw, canvas, grey, residual, 2 * width + 2 * _BESIDE + _MARGIN, top, aspect,
+                              score_kind)
+    _label(draw, "the film as the model saw it", 4, top + _PANEL + 4, width - 8)
+    _label(draw, _MAP_LABELS.get(score_kind, _MAP_LABELS["critic"]), width + _MARGIN + 4, top + _PANEL + 4,
+           canvas_width - width - _MARGIN - 8)
+    return np.asarray(canvas)
+
+
+def _reconstruction_panel(draw: ImageDraw.ImageDraw, canvas: Image.Image, grey: Image.Image, residual: np.ndarray,
+                          x: int, top: int, aspect: float, score_kind: str) -> None:
+    """The small panel right of the map: the reconstruction difference, which the score is made of.
+    It fits a square of _SMALL at the film's ratio: a tall film's would outgrow the main panels and
+    push its note off the picture."""
     ratio = _drawn_ratio(aspect)
     small_width, small_height = round(_SMALL * min(1.0, ratio)), round(_SMALL / max(1.0, ratio))
-    draw.text((small_x, top), "how differently the model redrew it", fill="white", font=_font(12))
-    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (small_width, small_height)), (small_x, top + 18))
-    _colour_bar(draw, canvas, small_x + small_width + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
-    note = ("scale 0 to 0.5: a quarter of black-to-white\nnot used by the score: pneumonia often\n"
-            "reconstructs closer than normal" if score_kind in ("critic", "density")
-            else f"scale 0 to 0.5: a quarter of black-to-white\nthe {score_kind} score is made from it")
-    draw.text((small_x, top + small_height + 24), note, fill="grey", font=_font(12))
-    draw.text((4, top + _PANEL + 4), "the film as the model saw it", fill="white", font=_font(13))
-    draw.text((width + _MARGIN + 4, top + _PANEL + 4), _MAP_LABELS.get(score_kind, _MAP_LABELS["critic"]),
-              fill="white", font=_font(13))
-    return np.asarray(canvas)
+    draw.text((x, top), "how differently the model redrew it", fill="white", font=_font(12))
+    canvas.paste(_overlay(grey, residual / RESIDUAL_SCALE_MAX, (small_width, small_height)), (x, top + 18))
+    _colour_bar(draw, canvas, x + small_width + 4, top + 18, small_height, f"{RESIDUAL_SCALE_MAX:g}", "0")
+    draw.text((x, top + small_height + 24), f"scale 0 to 0.5: a quarter of black-to-white\nthe {score_kind} score "
+              "is made from it", fill="grey", font=_font(12))
+
+
+def _label(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: float) -> None:
+    """A panel's label under it, wrapped to `width` pixels, in at most as many lines as _BELOW holds."""
+    lines = _wrap(text, _font(13), width)[:(_BELOW - 8) // 17]
+    draw.text((x, y), "\n".join(lines), fill="white", font=_font(13), spacing=2)
 
 
 def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndarray:

@@ -61,6 +61,7 @@ from radscan.model.engine import check_device, import_engine
 from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
+from radscan.pictures import PICTURE_VERSION
 from radscan.policy import FOLDER_STUDY_LIMIT, for_model
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, quality_control
@@ -147,7 +148,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy),
-                            phi.fingerprint, pictures + ("+dicom" if outputs.dicom else ""), qc.fingerprint])
+                            phi.fingerprint, _pictures_key(pictures, bool(outputs.dicom)), qc.fingerprint])
     # the drift history: what decides a flag, not how the list is drawn (pictures, identifiers)
     history_key = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint])
     run_id, started_at = uuid.uuid4().hex[:12], now()
@@ -519,6 +520,13 @@ class _ProgressLog:
             log.info("read %d of %d files (%.1f files/s)", self.done, self.total,
                      (self.done - self._last_done) / max(moment - self._last_time, 1e-9))
             self._last_time, self._last_done = moment, self.done
+
+
+def _pictures_key(pictures: str, dicom: bool) -> str:
+    """Which films get a picture, and the pictures' layout (a rerun after a layout change redraws them:
+    the worklist page finds a picture's main panel from the layout)."""
+    return pictures + ("+dicom" if dicom else "") + (f"/layout {PICTURE_VERSION}" if pictures != "none" or dicom
+                                                     else "")
 
 
 def _listed(values: tuple[str, ...] | None) -> str:

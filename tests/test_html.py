@@ -377,7 +377,8 @@ def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_mod
     import numpy as np
     from PIL import Image
 
-    from radscan.pictures import SCORE_MAP_SCALE_MAX, render_explanation
+    from radscan.model.metadata import read_metadata
+    from radscan.pictures import SCORE_MAP_SCALE_MAX, render_explanation, shows_reconstruction
 
     inputs = tmp_path / "in"
     for index, film in enumerate(sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[:2]):
@@ -389,11 +390,12 @@ def test_a_rows_thumbnail_is_the_pictures_main_panel_at_a_readable_size(tiny_mod
     assert result.exit_code == 0, result.output
     # a picture whose main panel is known by its colour: a map saturated everywhere over a grey film
     picture = sorted((out.parent / "report_residuals").glob("*.png"))[0]
+    kind = read_metadata(tiny_model)["config"]["score_kind"]  # the page lays pictures out by the model's kind
     drawn = render_explanation(np.full((128, 128), 128, np.uint8), np.full((128, 128), SCORE_MAP_SCALE_MAX),
-                               np.zeros((128, 128)), "\n".join(f"caption line {i}" for i in range(lines)),
-                               aspect=aspect)
+                               np.zeros((128, 128)) if shows_reconstruction(kind) else None,
+                               "\n".join(f"caption line {i}" for i in range(lines)), kind, aspect)
     Image.fromarray(drawn).save(picture)
-    hot = (np.abs(drawn.astype(int) - drawn[-100, drawn.shape[1] // 2 - 60]).sum(-1) < 6)  # inside the panel
+    hot = (np.abs(drawn.astype(int) - drawn[-120, int(drawn.shape[1] * 0.6)]).sum(-1) < 6)  # inside the panel
     columns, rows = (np.flatnonzero(hot.sum(axis) > hot.sum(axis).max() / 2) for axis in (0, 1))
     expected = [columns[0], rows[0], columns[-1] + 1 - columns[0], rows[-1] + 1 - rows[0]]
 

@@ -86,10 +86,11 @@ def test_scoring_without_the_other_components_gives_the_same_scores(score_kind):
         assert torch.equal(lean.components[:, column], full.components[:, column])
     else:  # the seed score needs the generator: everything is computed
         assert torch.equal(lean.components, full.components)
-    if score_kind == "density":  # its map needs no gradient: the lean path gives the same pictures
+    if score_kind in ("critic", "density"):  # a picture's map needs no generator: the lean path gives the same
         explained = model.score(batch, explain=True, components=False)
-        assert torch.equal(explained.explanation_maps, model.score(batch).explanation_maps)
-        assert explained.explanation_maps.any()
+        assert torch.equal(explained.scores, full.scores)
+        torch.testing.assert_close(explained.explanation_maps, model.score(batch).explanation_maps, rtol=0, atol=1e-5)
+        assert explained.explanation_maps.any() and not explained.residual_maps.any()
 
 
 def test_density_score_is_the_mean_of_its_region_map_in_z_units():

@@ -324,3 +324,35 @@ def test_switching_quality_control_off_through_model_json_is_refused(edit, tmp_p
         assert result.exit_code == ExitCode.DATA, (args[0], result.output)
         assert "edited" in result.output
     assert not (tmp_path / "o" / "r.csv").exists()
+
+
+def test_the_faster_whole_film_for_quality_control_gives_the_same_verdicts(cxr_dir, dicom_dir, monkeypatch):
+    """A thorax-box model's films are resized twice (the box for the model, the whole film for quality
+    control); the second resize is the faster, inexact one (radscan.preprocess.to_qc_input). Every
+    real full-resolution film and DICOM file here gets the same verdict and reason as with the exact
+    resize the QC reference was fitted to."""
+    import radscan.ingest
+    from radscan.ingest import find_files, ingest_file
+    from radscan.model.metadata import read_metadata
+    from radscan.policy import for_model
+    from radscan.preprocess import to_model_input
+    from radscan.qc import quality_control
+
+    metadata = read_metadata(SHIPPED)
+    policy = for_model(Policy(modalities=None, body_parts=None), metadata)
+    assert policy.crop is not None  # the shipped model reads a box: quality control gets its own image
+    qc = quality_control(SHIPPED, metadata, "strict", ("PA", "AP"))
+    files = find_files([str(dicom_dir), str(dicom_dir.parent / "dicom-edge"),
+                        str(cxr_dir / "kermany_pediatric_fullres")])
+
+    def verdicts() -> list[tuple[str, str, str]]:
+        read = [ingest_file(found, policy) for found in files]
+        records = [record for record, image in read if image is not None]
+        apply_qc(qc, records, [image for _, image in read if image is not None])
+        return [(record.path, record.qc_status, record.qc_reason) for record in records]
+
+    faster = verdicts()
+    monkeypatch.setattr(radscan.ingest, "to_qc_input", to_model_input)
+    exact = verdicts()
+    assert len(exact) > 100 and {status for _, status, _ in exact} == {"pass", "warn", "fail"}
+    assert faster == exact

@@ -20,7 +20,7 @@ from PIL import Image
 
 from radscan.cli import cli
 from radscan.errors import ExitCode, LockHeldError
-from radscan.pictures import PICTURE_LAYOUT
+from radscan.pictures import picture_layout
 from radscan.state import hold_lock
 from radscan.worklist import REPORT_COLUMNS, STUDY_COLUMNS
 
@@ -73,7 +73,9 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     pictures = [np.asarray(Image.open(p)) for p in pngs[:3]]
     # caption (two lines: result, identity) on top, then the film and the map at the film's own ratio
     top, width = 52, round(512 * min(2.0, max(0.5, int(scored[0]["columns"]) / int(scored[0]["rows"]))))
-    assert pictures[0].shape[0] == top + 512 + PICTURE_LAYOUT["below"]  # and three lines that say what the map is
+    assert pictures[0].shape[0] == top + 512 + picture_layout("density")["below"]  # and lines that say what the map is
+    # no reconstruction panel: the tiny model's critic score is not made of the reconstruction
+    assert pictures[0].shape[1] == 2 * width + picture_layout("critic")["fixed_width"]
     input_panel = pictures[0][top:top + 512, :width].astype(int)
     score_panel = pictures[0][top:top + 512, width + 8:2 * width + 8].astype(int)
     assert (input_panel[..., 0] == input_panel[..., 2]).all()  # the input, grey

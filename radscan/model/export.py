@@ -88,7 +88,7 @@ class _ExplainGraph(torch.nn.Module):
         raw, z, regions_map = _density(self.model, images)
         student = self.model.generate(images, with_teacher=False).student
         residual = (images - student).abs().squeeze(1)
-        return raw, z, regions_map, self.model.smooth(residual, self.model.blur_kernel)
+        return raw, z, regions_map, self.model.smooth(residual, self.model.blur_band)
 
 
 _OUTPUTS = {"score": ["raw", "z", "map"], "explain": ["raw", "z", "map", "residual"]}

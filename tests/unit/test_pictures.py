@@ -4,8 +4,11 @@ says so in words, instead of reading as "nothing there"."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from radscan.pictures import PICTURE_LAYOUT, SCORE_MAP_SCALE_MAX, render_explanation
+from radscan.pictures import SCORE_MAP_SCALE_MAX, picture_layout, render_explanation, shows_reconstruction
+
+PICTURE_LAYOUT = picture_layout("density")
 
 
 def _label_box(picture: np.ndarray) -> np.ndarray:
@@ -16,8 +19,8 @@ def _label_box(picture: np.ndarray) -> np.ndarray:
 
 def test_a_map_with_no_region_above_normal_says_so():
     film, zeros = np.zeros((128, 128), np.uint8), np.zeros((128, 128), np.float32)
-    blank = render_explanation(film, zeros, zeros, "caption", "density")
-    shown = render_explanation(film, np.full((128, 128), SCORE_MAP_SCALE_MAX / 2, np.float32), zeros, "caption",
+    blank = render_explanation(film, zeros, None, "caption", "density")
+    shown = render_explanation(film, np.full((128, 128), SCORE_MAP_SCALE_MAX / 2, np.float32), None, "caption",
                                "density")
     white = lambda box: int((box == 255).all(axis=-1).sum())  # noqa: E731
     assert white(_label_box(blank)) > 50  # the note's letters
@@ -30,7 +33,7 @@ def test_a_caption_shows_accented_greek_and_cyrillic_letters():
     film, zeros = np.zeros((128, 128), np.uint8), np.zeros((128, 128), np.float32)
 
     def caption_pixels(text: str) -> np.ndarray:
-        return render_explanation(film, zeros, zeros, text, "density")[:30, :200]
+        return render_explanation(film, zeros, None, text, "density")[:30, :200]
 
     letters = ["ü", "é", "ñ", "ã", "λ", "ж"]
     drawn = {letter: caption_pixels(f"a{letter}b").tobytes() for letter in letters}
@@ -47,3 +50,24 @@ def test_a_rejected_films_picture_is_as_wide_as_the_film_whatever_its_caption():
     for aspect in (0.5, 1.0, 1.9, 3.0):
         picture = render_film(film, caption, aspect)
         assert picture.shape[1] == round(PICTURE_LAYOUT["panel"] * min(2.0, max(0.5, aspect)))
+
+
+@pytest.mark.parametrize("score_kind", ["density", "critic", "seed", "residual"])
+@pytest.mark.parametrize("aspect", [0.3, 0.62, 1.0, 1.9, 4.0])
+def test_the_layout_the_page_reads_is_the_one_drawn(score_kind, aspect):
+    """The worklist page crops a row's thumbnail to the map panel from the picture's size and
+    picture_layout(score_kind): the panel must be exactly there, for every kind and film ratio; the
+    reconstruction panel only where the score is made of it."""
+    film = np.full((128, 128), 128, np.uint8)
+    hot = np.full((128, 128), SCORE_MAP_SCALE_MAX, np.float32)
+    residual = np.zeros((128, 128), np.float32) if shows_reconstruction(score_kind) else None
+    picture = render_explanation(film, hot, residual, "a caption\nof two lines", score_kind, aspect)
+    layout = picture_layout(score_kind)
+    width = (picture.shape[1] - layout["fixed_width"]) / 2
+    assert width == round(layout["panel"] * min(2.0, max(0.5, aspect)))
+    top = picture.shape[0] - layout["panel"] - layout["below"]
+    panel = picture[top:top + layout["panel"], int(width) + layout["margin"]:int(2 * width) + layout["margin"]]
+    assert (panel == panel[0, 0]).all() and panel[0, 0, 0] > 200  # the saturated map fills it, edge to edge
+    assert not (picture[top - 1, int(width) + layout["margin"]] == panel[0, 0]).all()  # and nothing above
+    with pytest.raises(ValueError, match="reconstruction panel"):
+        render_explanation(film, hot, None if residual is not None else hot, "caption", score_kind, aspect)
