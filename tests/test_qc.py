@@ -143,6 +143,26 @@ def test_blank_noise_and_gradient_images_fail(qc):
     assert all("blank" in v.reason or "black or white" in v.reason for v in verdicts[:3])
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.sampled_from(["halves across", "halves down", "stripes", "quadrants", "blocks"]),
+       black=st.floats(0.2, 0.8), grey=st.floats(0.0, 0.3), level=st.integers(1, 254), seed=st.integers(0, 99))
+def test_an_image_mostly_pure_black_and_white_fails_however_they_are_laid_out(qc, layout, black, grey, level, seed):
+    """A new user's trial: an image half pure black, half pure white passed quality control (the
+    share counted the larger of the two) and was scored as a chest. Whatever the layout, an image
+    more than half of which is pure black or white together fails, and says so."""
+    rows, columns = np.mgrid[0:128, 0:128]
+    position = {"halves across": columns / 128, "halves down": rows / 128, "stripes": (rows % 16) / 16,
+                "quadrants": ((rows < 64) * 0.5 + (columns < 64) * 0.25 + 0.125),
+                "blocks": np.random.default_rng(seed).random((16, 16)).repeat(8, 0).repeat(8, 1)}[layout]
+    image = np.where(position < black, 0, 255).astype(np.uint8)
+    image[(position >= 1 - grey) & (image == 255)] = level  # some of the white part grey instead
+    share = ((image == 0) | (image == 255))[::2, ::2].mean()
+    verdict = _verdicts(qc, image[None])[0]
+    if share > 0.5:
+        assert verdict.status == "fail", (share, verdict)
+        assert "pure black or white" in verdict.reason or "blank" in verdict.reason, verdict.reason
+
+
 @pytest.mark.parametrize("columns, rows", [(2, 2), (16, 16), (300, 8), (31, 400)])
 def test_images_of_a_few_pixels_fail_as_too_small_whatever_they_show(qc, normals, columns, rows):
     """A 2x2 image blown up to 128 px was called "wrong way round"; what it shows does not matter."""
