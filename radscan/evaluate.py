@@ -24,7 +24,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, f1_score,
 
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.engine import load_engine
-from radscan.model.metadata import ModelIdentity
+from radscan.model.metadata import ModelIdentity, is_exported
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
 from radscan.report import CsvStream, atomic_output
@@ -94,11 +94,14 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     Returns the first model's metrics at the top level (auc, auc_ci95, average_precision,
     at_model_threshold with tp/fp/tn/fn, ...), every model's under "models", and, for each further
     model, "comparisons" against the first (paired bootstrap of the AUC difference), and
-    "rejected_by_qc": the normal and abnormal films quality control set aside (`qc_mode` "strict";
-    "warn" and "off" measure every film). `out_dir`
-    receives per_image.csv (path, label, model, model_version, model_sha256, score, flag), roc.png, histogram.png and
-    evaluation.html; `roc_png` the ROC figure alone. Raises SettingError (exit 2) for an output
-    inside the inputs, ModelError (65) for a model that cannot be verified."""
+    "rejected_by_qc": how many normal and abnormal films quality control set aside (`qc_mode`
+    "strict"; "warn" and "off" measure every film) and, under "films", each one's path, label and
+    reason. Each model's result names its "engine" (torch, or onnxruntime for an export). `out_dir`
+    receives per_image.csv (path, label, model, model_version, model_sha256, engine, score, flag,
+    status, reason: a row per film and model, the films set aside with status "rejected by quality
+    control", no score and the reason), roc.png, histogram.png and evaluation.html; `roc_png` the
+    ROC figure alone. Raises SettingError (exit 2) for an output inside the inputs, ModelError (65)
+    for a model that cannot be verified."""
     policy = policy or Policy()
     outputs = [roc_png, out_dir]
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
@@ -108,11 +111,15 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     # It judges the whole film, whatever part of it a model reads, so every reading keeps the same films.
     qc = quality_control(Path(model_dirs[0]), loaded[0][1], qc_mode, DEFAULT_VIEWS)
     rejected = {"normal": 0, "abnormal": 0}
+    set_aside: list[dict[str, str]] = []  # path, label, reason of each
 
     def judge(label: str, counted: bool):
         def verdicts(records, films) -> list[bool]:
             keep = apply_qc(qc, records, films)
-            rejected[label] += keep.count(False) if counted else 0
+            if counted:
+                rejected[label] += keep.count(False)
+                set_aside.extend({"path": record.path, "label": label, "reason": record.qc_reason}
+                                 for record, kept in zip(records, keep, strict=True) if not kept)
             return keep
         return verdicts
 
@@ -135,7 +142,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                  for start in range(0, len(images), batch_size)]).astype(np.float64)
         all_scores.append(scores)
         results.append({
-            "model": str(model_dir), **ModelIdentity.of(metadata).provenance(), "normal": len(normal_names),
+            "model": str(model_dir), **ModelIdentity.of(metadata).provenance(),
+            "engine": "onnxruntime" if is_exported(metadata) else "torch", "normal": len(normal_names),
             "abnormal": len(abnormal_names),
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),
@@ -151,34 +159,38 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
                    for result, scores in zip(results[1:], all_scores[1:], strict=True)]
     summary = {**results[0], "models": results, "comparisons": comparisons,
-               "rejected_by_qc": {**rejected, "qc": qc_mode}, "disclaimer": DISCLAIMER}
+               "rejected_by_qc": {**rejected, "qc": qc_mode, "films": set_aside}, "disclaimer": DISCLAIMER}
     if roc_png is not None:
         _save_figure(_roc_figure(labels, all_scores, results), roc_png)
         summary["roc_png"] = str(roc_png)
     if out_dir is not None:
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
-                                           results, comparisons)
+                                           results, comparisons, summary["rejected_by_qc"])
     return summary
 
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],
-                  results: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> dict[str, str]:
+                  results: list[dict[str, Any]], comparisons: list[dict[str, Any]],
+                  rejected: dict[str, Any]) -> dict[str, str]:
     """per_image.csv, roc.png, histogram.png and evaluation.html in `out_dir` (each atomic)."""
     from radscan.htmlreport import write_evaluation_html
 
     paths = {name: out_dir / name for name in ("per_image.csv", "roc.png", "histogram.png", "evaluation.html")}
-    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "model_sha256", "score",
-                                            "flag")) as table:
+    with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "model_sha256", "engine",
+                                            "score", "flag", "status", "reason")) as table:
         for scores, result in zip(all_scores, results, strict=True):
             threshold = result["at_model_threshold"]["threshold"]
-            for name, label, score in zip(names, labels, scores, strict=True):  # two versions of one model differ
-                table.write({"path": name, "label": "abnormal" if label else "normal", "model": result["model_name"],
-                             "model_version": result["model_version"], "model_sha256": result["model_sha256"],
-                             "score": round(float(score), 6),
-                             "flag": bool(score >= threshold)})
+            model = {key: result[key] for key in ("model_version", "model_sha256", "engine")} | {
+                "model": result["model_name"]}  # two versions of one model, or a model and its export, differ
+            for name, label, score in zip(names, labels, scores, strict=True):
+                table.write({"path": name, "label": "abnormal" if label else "normal", **model,
+                             "score": round(float(score), 6), "flag": bool(score >= threshold), "status": "scored",
+                             "reason": ""})
+            for film in rejected["films"]:  # not measured, and not lost: each with its reason
+                table.write({**film, **model, "score": "", "flag": "", "status": "rejected by quality control"})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
-    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER)
+    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected)
     return {name: str(path) for name, path in paths.items()}
 
 

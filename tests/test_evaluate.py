@@ -156,7 +156,8 @@ def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):
 
 def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labelled, tiny_model, tmp_path):
     """The measure describes the films the nightly job would score: blank films among the normals (any
-    grey, any size) are left out under --qc strict, counted, and measured under --qc warn."""
+    grey, any size) are left out under --qc strict, counted, listed with their reason (JSON,
+    per_image.csv, the page: none is lost), and measured under --qc warn."""
     normal, abnormal = labelled
     mixed = tmp_path / "normal"
     shutil.copytree(normal, mixed)
@@ -165,10 +166,23 @@ def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labe
         Image.fromarray(np.full((height, width), grey, np.uint8)).save(mixed / f"blank_{grey}.png")
     args = ["evaluate", "--normal", str(mixed), "--abnormal", str(abnormal), "--model", str(tiny_model), "--json",
             "--workers", "1"]
-    strict = json.loads(CliRunner().invoke(cli, args).stdout)
+    out = tmp_path / "report"
+    strict = json.loads(CliRunner().invoke(cli, [*args, "--out", str(out)]).stdout)
     assert (strict["normal"], strict["abnormal"]) == (12, 10)
+    set_aside = strict["rejected_by_qc"].pop("films")
     assert strict["rejected_by_qc"] == {"normal": len(blanks), "abnormal": 0, "qc": "strict"}
+    names = {f"blank_{grey}.png" for grey, _, _ in blanks}
+    assert {film["path"] for film in set_aside} == names and all(film["reason"] for film in set_aside)
+    with open(out / "per_image.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 + 10 + len(blanks) and {row["engine"] for row in rows} == {"torch"}
+    rejected_rows = [row for row in rows if row["status"] == "rejected by quality control"]
+    assert {row["path"] for row in rejected_rows} == names
+    assert all(row["score"] == "" and row["reason"] and row["label"] == "normal" for row in rejected_rows)
+    page = (out / "evaluation.html").read_text()
+    assert all(name in page for name in names) and set_aside[0]["reason"].split(":")[0] in page
     words = CliRunner().invoke(cli, [a for a in args if a != "--json"])  # the same call, in words
     assert f"left out by quality control (--qc strict): {len(blanks)} normal, 0 abnormal" in words.stdout
+    assert "(torch, sha256 " in words.stdout  # a model and its ONNX export read apart
     warned = json.loads(CliRunner().invoke(cli, [*args, "--qc", "warn"]).stdout)
     assert warned["normal"] == 12 + len(blanks) and warned["rejected_by_qc"]["normal"] == 0

@@ -331,7 +331,9 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
         at, best = model_result["at_model_threshold"], model_result["at_best_accuracy_threshold_on_this_set"]
         low, high = model_result["auc_ci95"]
         lines += [
-            f"model {model_result['model_name']}: {model_result['normal']} normal, {model_result['abnormal']} "
+            f"model {model_result['model_name']} {model_result['model_version']} "
+            f"({'ONNX Runtime export' if model_result['engine'] == 'onnxruntime' else 'torch'}, sha256 "
+            f"{model_result['model_sha256'][:12]}): {model_result['normal']} normal, {model_result['abnormal']} "
             "abnormal images",
             f"AUC {model_result['auc']:.3f} (95% CI {low:.3f}-{high:.3f}), average precision "
             f"{model_result['average_precision']:.3f}",
@@ -344,7 +346,8 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
     left_out = result["rejected_by_qc"]
     if left_out["normal"] or left_out["abnormal"]:
         lines.append(f"left out by quality control (--qc strict): {left_out['normal']} normal, "
-                     f"{left_out['abnormal']} abnormal films (see the log; --qc warn measures them)")
+                     f"{left_out['abnormal']} abnormal films (listed with the reason in per_image.csv with --out, "
+                     "and in --json; --qc warn measures them)")
     for comparison in result["comparisons"]:
         low, high = comparison["ci95"]
         lines.append(f"AUC of {comparison['second']} minus {comparison['first']}: {comparison['difference']:+.3f} "
