@@ -514,14 +514,15 @@ def _inject_fault(found: Found) -> None:
 
 def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
                 inventory: Path | None = None, label: str = "",
-                judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None
-                ) -> tuple[np.ndarray, list[str], list[str]]:
+                judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None,
+                quiet: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
     Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
     `inventory`, every file found is listed there with its status (nothing silently dropped).
     `judge` (e.g. quality control: radscan.qc.apply_qc) says which read images to keep; those it
-    drops, like the files that could not be read, are counted in a WARNING line.
+    drops, like the files that could not be read, are counted in a WARNING line (`quiet`: no counts
+    or warnings, for a first pass over files that are read again, radscan.train's thorax box).
     Raises NoInputError when no image is left.
     """
     check_inputs(paths)
@@ -539,14 +540,14 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             names.append(record.path)
             studies.append(record.study_key)
             records.append(record)
-    log.info("%s: %d usable images (%d skipped, %d errors)", label or "input", counts[Status.OK],
-             counts[Status.SKIPPED], counts[Status.ERROR])
-    if counts[Status.ERROR]:
+    log.log(logging.DEBUG if quiet else logging.INFO, "%s: %d usable images (%d skipped, %d errors)", label or "input",
+            counts[Status.OK], counts[Status.SKIPPED], counts[Status.ERROR])
+    if counts[Status.ERROR] and not quiet:
         log.warning("%s: %d file(s) could not be read and are not used", label or "input", counts[Status.ERROR])
     if judge is not None and images:
         keep = judge(records, images)
         dropped = [record for record, kept in zip(records, keep, strict=True) if not kept]
-        if dropped:
+        if dropped and not quiet:
             log.warning("%s: %d of %d images failed quality control and are not used (e.g. %s: %s)", label or "input",
                         len(dropped), len(images), dropped[0].path, dropped[0].qc_reason)
         images = [image for image, kept in zip(images, keep, strict=True) if kept]

@@ -154,7 +154,7 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     # `inventory`: the list of every file with its status, written here too, so that it is there when
     # no normal passes (the pass that cuts the box writes the same list again)
     films = load_images(normals, replace(policy, crop=None), workers, progress, inventory,
-                        label="normals (whole films)", judge=_checked)[0]
+                        label="normals (whole films)", judge=_checked, quiet=True)[0]  # the next pass says it
     mean = films.mean(axis=0, dtype=np.float64)
     try:
         box = thorax_box(mean)
