@@ -149,7 +149,7 @@ class BatchScorer:
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         explain = range(len(images)) if self.pictures == "all" else (
             np.flatnonzero((scores >= threshold) | self._dicom(records)) if self.pictures == "flagged" else [])
-        if self.pictures == "flagged" and len(explain):  # the gradient pass for the flagged images only
+        if self.pictures == "flagged" and len(explain):  # the maps (a gradient, for the critic) of the flagged only
             result = self.engine.score(batch[explain], explain=True, components=reconstruction)
         if len(explain):
             maps = dict(zip((int(i) for i in explain), zip(result.explanation_maps, result.residual_maps,

@@ -58,6 +58,11 @@ MIN_SIDE = 32
 # (1.23) and film screens to 1.5; three times longer than wide is a spine, long-leg or panoramic image,
 # a strip or a damaged file, never a chest (squashed to the square model input it would look like one)
 MAX_ASPECT = 3.0
+# A film's texture spreads its pixels over many grey levels: in its 4 most common levels lie at most 28%
+# of a Kermany film's, 46% of an NIH adult's (black borders) and of a DICOM chest with 45% padding
+# (../shared/data); an image of a few flat tones (two-tone, quadrants, pure black and white) lies
+# almost wholly in them
+FLAT_TONES = 4
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -87,8 +92,10 @@ class QCLimits:
     ----------
     min_contrast : grey levels (0..255) between the 1st and 99th percentile of the 128x128 input
         below which a film is blank or washed out (half the lowest of the training normals)
-    max_extreme : share of pixels at pure black (0) or white (255) above which a film is burnt out
-        or mostly border (twice the 99.5th percentile of the training normals, at least 0.5)
+    max_extreme : share of pixels in the image's FLAT_TONES most common grey levels above which it
+        is flat tone, not a radiograph: burnt out, blank, mostly border (pure black or white, or one
+        grey) or a drawing of a few tones (twice the 99.5th percentile of the training normals, at
+        least 0.5)
     max_plane_share : share of a film's 12x12 layout (variance) that a tilted plane explains, above
         which it is a grey ramp with no anatomy (a tenth of the smallest unexplained share among
         the training normals is left)
@@ -201,9 +208,9 @@ def _plane_share(small: np.ndarray) -> np.ndarray:
 
 
 def _grey_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 128, 128) uint8 -> (p1..p99 range in grey levels, share of pixels at 0 or 255), from
-    each image's 256-bin histogram of every second pixel in each direction (a sort of every pixel
-    would cost more than the rest of QC)."""
+    """(N, 128, 128) uint8 -> (p1..p99 range in grey levels, share of pixels in the FLAT_TONES most
+    common grey levels), from each image's 256-bin histogram of every second pixel in each direction
+    (a sort of every pixel would cost more than the rest of QC)."""
     n = images.shape[0]
     flat = images[:, ::2, ::2].reshape(n, -1)
     offsets = (np.arange(n, dtype=np.int64) * 256)[:, None]
@@ -211,9 +218,9 @@ def _grey_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cumulative = np.cumsum(histograms, axis=1) / flat.shape[1]
     low = (cumulative < 0.01).sum(axis=1)  # the first grey level with >= 1% of pixels at or below it
     high = (cumulative < 0.99).sum(axis=1)
-    # black and white together: the larger of the two let an image half black, half white pass (a
-    # new user's trial); on the shared real films the two differ by at most 0.008
-    extreme = (histograms[:, 0] + histograms[:, 255]) / flat.shape[1]
+    # any few tones, not only black and white: images half black, half white, or of two or four greys,
+    # passed as chests when the share counted pixels at 0 or 255 (new users' trials)
+    extreme = np.sort(histograms, axis=1)[:, -FLAT_TONES:].sum(axis=1) / flat.shape[1]
     return (high - low).astype(np.float64), extreme
 
 
@@ -441,10 +448,11 @@ class QualityControl:
         limits = self.limits
         if contrast[index] < limits.min_contrast:
             usual = ("training films have at least" if self.reference is not None else "chest films have about")
-            return [f"nearly blank: only {contrast[index]:.0f} grey levels of contrast ({usual} "
-                    f"{2 * limits.min_contrast:.0f}); check the window or the file"]
+            return [f"nearly blank at the 128 px the model sees: only {contrast[index]:.0f} grey levels of contrast "
+                    f"({usual} {2 * limits.min_contrast:.0f}); check the window or the file"]
         if extreme[index] > limits.max_extreme:
-            return [f"{extreme[index]:.0%} of the image is pure black or white: burnt out, blank or mostly border"]
+            return [f"{extreme[index]:.0%} of the image is flat tone (in its {FLAT_TONES} most common grey levels), "
+                    "not a radiograph's texture: burnt out, blank, mostly border, or a drawing"]
         if plane > limits.max_plane_share:
             return [f"a smooth grey ramp with no anatomy ({plane:.0%} of its layout is a plane)"]
         if distances is None:
