@@ -96,10 +96,12 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     model, "comparisons" against the first (paired bootstrap of the AUC difference), and
     "rejected_by_qc": how many normal and abnormal films quality control set aside (`qc_mode`
     "strict"; "warn" and "off" measure every film) and, under "films", each one's path, label and
-    reason. Each model's result names its "engine" (torch, or onnxruntime for an export). `out_dir`
+    reason; "failed_qc_but_measured": how many films that failed quality control were measured
+    (`qc_mode` "warn"). Each model's result names its "engine" (torch, or onnxruntime for an export). `out_dir`
     receives per_image.csv (path, label, model, model_version, model_sha256, engine, score, flag,
-    status, reason: a row per film and model, the films set aside with status "rejected by quality
-    control", no score and the reason), roc.png, histogram.png and evaluation.html; `roc_png` the
+    status, qc, reason: a row per film and model with quality control's verdict (pass, warn, fail;
+    empty under "off") and reason, the films set aside with status "rejected by quality control" and
+    no score), roc.png, histogram.png and evaluation.html; `roc_png` the
     ROC figure alone. Raises SettingError (exit 2) for an output inside the inputs, ModelError (65)
     for a model that cannot be verified."""
     policy = policy or Policy()
@@ -112,6 +114,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     qc = quality_control(Path(model_dirs[0]), loaded[0][1], qc_mode, DEFAULT_VIEWS)
     rejected = {"normal": 0, "abnormal": 0}
     set_aside: list[dict[str, str]] = []  # path, label, reason of each
+    # the verdict on each film measured, in the order of the films read (`--qc warn` measures failed films, marked)
+    measured: dict[str, list[tuple[str, str]]] = {"normal": [], "abnormal": []}
 
     def judge(label: str, counted: bool):
         def verdicts(records, films) -> list[bool]:
@@ -120,6 +124,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                 rejected[label] += keep.count(False)
                 set_aside.extend({"path": record.path, "label": label, "reason": record.qc_reason}
                                  for record, kept in zip(records, keep, strict=True) if not kept)
+                measured[label] = [(record.qc_status, record.qc_reason)
+                                   for record, kept in zip(records, keep, strict=True) if kept]
             return keep
         return verdicts
 
@@ -158,39 +164,45 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                     "second_name": f"{result['model_name']} {result['model_version']} ({result['model_sha256'][:12]})",
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
                    for result, scores in zip(results[1:], all_scores[1:], strict=True)]
+    verdicts = measured["normal"] + measured["abnormal"]  # in the order of the films measured
     summary = {**results[0], "models": results, "comparisons": comparisons,
-               "rejected_by_qc": {**rejected, "qc": qc_mode, "films": set_aside}, "disclaimer": DISCLAIMER}
+               "rejected_by_qc": {**rejected, "qc": qc_mode, "films": set_aside},
+               "failed_qc_but_measured": {label: sum(status == "fail" for status, _ in measured[label])
+                                          for label in measured},
+               "disclaimer": DISCLAIMER}
     if roc_png is not None:
         _save_figure(_roc_figure(labels, all_scores, results), roc_png)
         summary["roc_png"] = str(roc_png)
     if out_dir is not None:
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
-                                           results, comparisons, summary["rejected_by_qc"])
+                                           results, comparisons, summary["rejected_by_qc"], verdicts)
     return summary
 
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],
                   results: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                  rejected: dict[str, Any]) -> dict[str, str]:
+                  rejected: dict[str, Any], verdicts: list[tuple[str, str]]) -> dict[str, str]:
     """per_image.csv, roc.png, histogram.png and evaluation.html in `out_dir` (each atomic)."""
     from radscan.htmlreport import write_evaluation_html
 
     paths = {name: out_dir / name for name in ("per_image.csv", "roc.png", "histogram.png", "evaluation.html")}
     with CsvStream(paths["per_image.csv"], ("path", "label", "model", "model_version", "model_sha256", "engine",
-                                            "score", "flag", "status", "reason")) as table:
+                                            "score", "flag", "status", "qc", "reason")) as table:
         for scores, result in zip(all_scores, results, strict=True):
             threshold = result["at_model_threshold"]["threshold"]
             model = {key: result[key] for key in ("model_version", "model_sha256", "engine")} | {
                 "model": result["model_name"]}  # two versions of one model, or a model and its export, differ
-            for name, label, score in zip(names, labels, scores, strict=True):
+            for name, label, score, (qc, reason) in zip(names, labels, scores, verdicts, strict=True):
                 table.write({"path": name, "label": "abnormal" if label else "normal", **model,
                              "score": round(float(score), 6), "flag": bool(score >= threshold), "status": "scored",
-                             "reason": ""})
+                             "qc": qc, "reason": reason})  # under --qc warn, a failed film is measured, marked
             for film in rejected["films"]:  # not measured, and not lost: each with its reason
-                table.write({**film, **model, "score": "", "flag": "", "status": "rejected by quality control"})
+                table.write({**film, **model, "score": "", "flag": "", "status": "rejected by quality control",
+                             "qc": "fail"})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
-    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected)
+    failed = sum(qc == "fail" for qc, _ in verdicts)
+    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected, failed)
     return {name: str(path) for name, path in paths.items()}
 
 

@@ -184,5 +184,16 @@ def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labe
     words = CliRunner().invoke(cli, [a for a in args if a != "--json"])  # the same call, in words
     assert f"left out by quality control (--qc strict): {len(blanks)} normal, 0 abnormal" in words.stdout
     assert "(torch, sha256 " in words.stdout  # a model and its ONNX export read apart
-    warned = json.loads(CliRunner().invoke(cli, [*args, "--qc", "warn"]).stdout)
+    warned_out = tmp_path / "warned"
+    warned = json.loads(CliRunner().invoke(cli, [*args, "--qc", "warn", "--out", str(warned_out)]).stdout)
     assert warned["normal"] == 12 + len(blanks) and warned["rejected_by_qc"]["normal"] == 0
+    # measured, but marked: a new user's trial found them scored with nothing to tell them apart
+    assert warned["failed_qc_but_measured"] == {"normal": len(blanks), "abnormal": 0}
+    with open(warned_out / "per_image.csv", newline="") as handle:
+        marked = {row["path"]: row for row in csv.DictReader(handle)}
+    assert all(marked[name]["status"] == "scored" and marked[name]["qc"] == "fail" and marked[name]["reason"]
+               for name in names)
+    assert {row["qc"] for path, row in marked.items() if path not in names} <= {"pass", "warn"}
+    assert f"{len(blanks)} of the films measured failed quality control" in (warned_out / "evaluation.html").read_text()
+    in_words = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--qc", "warn"]).stdout
+    assert f"measured although quality control failed them (--qc warn): {len(blanks)} normal" in in_words

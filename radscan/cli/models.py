@@ -348,6 +348,11 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
         lines.append(f"left out by quality control (--qc strict): {left_out['normal']} normal, "
                      f"{left_out['abnormal']} abnormal films (listed with the reason in per_image.csv with --out, "
                      "and in --json; --qc warn measures them)")
+    failed = result["failed_qc_but_measured"]
+    if failed["normal"] or failed["abnormal"]:
+        lines.append(f"measured although quality control failed them (--qc {left_out['qc']}): {failed['normal']} "
+                     f"normal, {failed['abnormal']} abnormal films (marked in per_image.csv with --out; --qc strict "
+                     "leaves them out, as radscan score does)")
     for comparison in result["comparisons"]:
         low, high = comparison["ci95"]
         lines.append(f"AUC of {comparison['second']} minus {comparison['first']}: {comparison['difference']:+.3f} "
