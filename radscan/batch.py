@@ -177,13 +177,16 @@ class BatchScorer:
     def rejected(self, records: list[ImageRecord], images: list[np.ndarray]) -> tuple[list[dict[str, Any]],
                                                                                     PictureActions]:
         """Rows of `records` quality control rejected (in order) and their pictures: the film with
-        the verdict, so that a reader can judge the rejection (none with --no-residuals)."""
+        the verdict, so that a reader can judge the rejection (none with --no-residuals). The film
+        is the whole film quality control judged (`record.qc_image`, for a thorax-box model), not
+        the box the model would have read: the verdict and its ratios are the whole film's."""
         rows, pictures = [], []
         for record, image in zip(records, images, strict=True):
             if self.residuals is not None:
                 path = self._picture_path(record)
-                pictures.append((path, FilmPicture(image, rejected_caption(record, self.provenance),
-                                                   self._aspect(record))))
+                judged, aspect = ((image, self._aspect(record)) if record.qc_image is None
+                                  else (record.qc_image, _aspect(record)))
+                pictures.append((path, FilmPicture(judged, rejected_caption(record, self.provenance), aspect)))
                 record.extra["residual_png"] = os.path.relpath(path, self.link_base)
             rows.append(record.as_row())
         return rows, pictures
@@ -262,18 +265,38 @@ def rejected_caption(record: ImageRecord, provenance: dict[str, Any]) -> str:
                      _identity_line(record, provenance)])
 
 
+CAPTION_LINE = 200  # characters of a caption line at most (the picture wraps it)
+
+
 def _identity_line(record: ImageRecord, provenance: dict[str, Any]) -> str:
-    """A caption's identity line: patient and accession as the PHI mode left them, view, date, path, model."""
-    identity = [f"patient {record.PatientID}" if record.PatientID else "",
-                f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
-                record.ViewPosition, record.StudyDate, record.path]
-    return "  ·  ".join(part for part in identity if part) + \
-        f"  ·  model {provenance['model_name']} {provenance['model_version']}"
+    """A caption's identity line: patient and accession as the PHI mode left them, view, date, path,
+    model. A path too long for the line keeps its end (the file's name and the folders nearest it):
+    cut at the line's end, a deep path named neither the film nor the model (a new user's trial)."""
+    def shown(text: str) -> str:  # as `_caption` will show it, but escaped there (once)
+        return " ".join(text.split())
+
+    before = [shown(part) for part in (f"patient {record.PatientID}" if record.PatientID else "",
+                                       f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
+                                       record.ViewPosition, record.StudyDate) if part]
+    model = shown(f"model {provenance['model_name']} {provenance['model_version']}")
+    path = shown(record.path)
+    room = CAPTION_LINE - sum(len(part) + 3 for part in [*before, model]) - 3
+    if len(path) > room:
+        path = "…" + path[len(path) - max(room - 1, 24):]
+    return " · ".join([*before, path, model])
 
 
 def _caption(lines: list[str]) -> str:
-    """Caption lines as drawn: header text shown escaped, on one line each, at most 200 characters."""
-    return "\n".join(" ".join(printable(line).split())[:200] for line in lines)
+    """Caption lines as drawn: header text shown escaped, on one line each, at most CAPTION_LINE
+    characters (a longer line loses its middle)."""
+    return "\n".join(_middle_cut(" ".join(printable(line).split())) for line in lines)
+
+
+def _middle_cut(line: str) -> str:
+    if len(line) <= CAPTION_LINE:
+        return line
+    head = (CAPTION_LINE - 3) // 3  # a third from the start, the rest from the end
+    return f"{line[:head]} … {line[head + 3 - CAPTION_LINE:]}"
 
 
 def _aspect(record: ImageRecord) -> float:

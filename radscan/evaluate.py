@@ -15,6 +15,7 @@ HTML page that explains them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
             keep = apply_qc(qc, records, films)
             if counted:
                 rejected[label] += keep.count(False)
-                set_aside.extend({"path": record.path, "label": label, "reason": record.qc_reason}
+                set_aside.extend({"path": os.path.join(record.root, record.path), "label": label,
+                                  "reason": record.qc_reason}
                                  for record, kept in zip(records, keep, strict=True) if not kept)
                 measured[label] = [(record.qc_status, record.qc_reason)
                                    for record, kept in zip(records, keep, strict=True) if kept]
@@ -133,10 +135,11 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     for reading in readings:
         if reading not in read:
             first = not read  # each reading sets aside the same films: count them once
+            # paths with their folder: two folders may hold files of one name
             normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals",
-                                                   judge=judge("normal", first))
+                                                   judge=judge("normal", first), with_roots=True)
             abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals",
-                                                       judge=judge("abnormal", first))
+                                                       judge=judge("abnormal", first), with_roots=True)
             read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
     # cutting a box never makes a file unreadable: every reading has the same files in the same order
     _, normal_names, abnormal_names = next(iter(read.values()))

@@ -515,10 +515,11 @@ def _inject_fault(found: Found) -> None:
 def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
                 inventory: Path | None = None, label: str = "",
                 judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None,
-                quiet: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+                quiet: bool = False, with_roots: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
-    Returns (N, 128, 128) uint8 inputs, their relative paths and their study keys. With
+    Returns (N, 128, 128) uint8 inputs, their paths relative to the folder given (`with_roots`: joined
+    to it, as given, so that two folders' files of one name differ) and their study keys. With
     `inventory`, every file found is listed there with its status (nothing silently dropped).
     `judge` (e.g. quality control: radscan.qc.apply_qc) says which read images to keep; those it
     drops, like the files that could not be read, are counted in a WARNING line (`quiet`: no counts
@@ -537,7 +538,7 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             stream.write(record.as_row())
         if image is not None:
             images.append(image)
-            names.append(record.path)
+            names.append(os.path.join(record.root, record.path) if with_roots else record.path)
             studies.append(record.study_key)
             records.append(record)
     log.log(logging.DEBUG if quiet else logging.INFO, "%s: %d usable images (%d skipped, %d errors)", label or "input",

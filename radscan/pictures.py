@@ -142,8 +142,8 @@ def render_explanation(image: np.ndarray, score_map: np.ndarray, residual: np.nd
     canvas.paste(_overlay(grey, score_map / SCORE_MAP_SCALE_MAX, (width, _PANEL)), (width + _MARGIN, top))
     _colour_bar(draw, canvas, 2 * width + _MARGIN + 4, top, _PANEL, f"{SCORE_MAP_SCALE_MAX:g} z", "0 z")
     if float(np.max(score_map, initial=0.0)) < _FAINT * SCORE_MAP_SCALE_MAX:  # a blank panel must not read as "nothing"
-        draw.text((width + _MARGIN + 6, top + 6), "no region stands out above normal films:\nthe score is raised "
-                  "across the lungs", fill="white", font=_font(13))
+        _label(draw, "no region stands out above normal films: the score is raised across the lungs",
+               width + _MARGIN + 6, top + 6, width - 12)
     if residual is not None:
         _reconstruction_panel(draw, canvas, grey, residual, 2 * width + 2 * _BESIDE + _MARGIN, top, aspect,
                               score_kind)

@@ -521,13 +521,14 @@ def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.nda
     """Record each verdict on its record; under --qc strict a failed image becomes status `rejected`
     with the QC reason and is not scored (under --qc warn it is scored, and keeps qc_status fail).
     Returns, per image, whether it goes on to the model. A record's `qc_image` (the whole film of a
-    thorax-box model's input) is judged instead of its image, then dropped."""
+    thorax-box model's input) is judged instead of its image (and kept: a rejected film's picture
+    shows what was judged)."""
     judged = [image if record.qc_image is None else record.qc_image
               for record, image in zip(records, images, strict=True)]
     verdicts = qc.check(records, np.stack(judged)) if records else []
     rejecting = qc.mode == "strict"
     for record, verdict in zip(records, verdicts, strict=True):
-        record.qc_status, record.qc_reason, record.qc_image = verdict.status, verdict.reason, None
+        record.qc_status, record.qc_reason = verdict.status, verdict.reason
         if rejecting and verdict.status == "fail":
             record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
     return [not (rejecting and verdict.status == "fail") for verdict in verdicts]

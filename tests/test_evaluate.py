@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny
     assert "not a diagnosis" in page and "paired bootstrap" in page.lower() and f"{second['auc']:.3f}" in page
     for figure in ("roc.png", "histogram.png"):
         assert Image.open(out / figure).size[0] == 640
+
+
+def test_files_of_one_name_in_two_folders_are_told_apart(labelled, tiny_model, tmp_path):
+    """A new user's trial: two --normal folders holding a file of the same name gave two identical
+    rows in per_image.csv; each row names its folder."""
+    normal, abnormal = labelled
+    twin = tmp_path / "other_site"
+    twin.mkdir()
+    name = sorted(normal.iterdir())[0].name
+    shutil.copy(sorted(normal.iterdir())[1], twin / name)  # another film under the same name
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--normal", str(twin), "--abnormal",
+                                      str(abnormal), "--model", str(tiny_model), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    with open(out / "per_image.csv", newline="") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle)]
+    assert len(paths) == len(set(paths)) == 12 + 1 + 10
+    assert {os.path.join(str(normal), name), os.path.join(str(twin), name)} <= set(paths)
 
 
 def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_path):
@@ -171,7 +190,7 @@ def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labe
     assert (strict["normal"], strict["abnormal"]) == (12, 10)
     set_aside = strict["rejected_by_qc"].pop("films")
     assert strict["rejected_by_qc"] == {"normal": len(blanks), "abnormal": 0, "qc": "strict"}
-    names = {f"blank_{grey}.png" for grey, _, _ in blanks}
+    names = {os.path.join(str(mixed), f"blank_{grey}.png") for grey, _, _ in blanks}  # with their folder
     assert {film["path"] for film in set_aside} == names and all(film["reason"] for film in set_aside)
     with open(out / "per_image.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

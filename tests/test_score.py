@@ -389,6 +389,12 @@ def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
     assert len(lines) == 2  # no QC verdict, and a header value with a newline stays on its line
     # near 1 the score is cut, not rounded up to a certainty it does not have, and its z keeps the order
     assert picture_caption(record, 0.99991, 0.8, model, z=9.27).startswith("anomaly score 0.999, z +9.3 (")
+    # a deep path loses its middle, never the file's name or the model (a new user's trial)
+    for depth in (5, 30, 300):
+        record.path = "/".join(f"Klinik_für_Radiologie_{i}" for i in range(depth)) + "/Patientin_Müller.jpeg"
+        identity = picture_caption(record, 0.93, 0.8, model).splitlines()[1]
+        assert len(identity) <= 200 and identity.endswith("Patientin_Müller.jpeg · model kermany-tiny 2026.11.29")
+        assert identity.startswith(f"patient {record.PatientID}") and "2026-11-29" in identity
 
 
 def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
@@ -816,3 +822,30 @@ def _live_members(group: int) -> list[int]:
         if int(fields[2]) == group and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+@pytest.mark.parametrize("size", [(784, 224), (224, 900), (300, 64)])
+def test_a_rejected_films_picture_shows_the_whole_film_quality_control_judged(tmp_path, monkeypatch, size):
+    """A new user's trial: a 3.5:1 film rejected for its shape by the shipped (thorax-box) model was
+    drawn as the box the model would have read, its note saying "the film is 3.7:1" under a reason
+    that said 3.50. The picture shows the whole film at its own ratio."""
+    import radscan.batch
+    from radscan.preprocess import to_qc_input
+
+    drawn = []
+    original = radscan.batch.render_film
+    monkeypatch.setattr(radscan.batch, "render_film", lambda *args: drawn.append(args) or original(*args))
+    film = np.asarray(Image.open(sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[0]).convert("L"))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(film).resize(size).save(inputs / "odd.png")
+    out = tmp_path / "out" / "report.csv"
+    shipped = Path(__file__).resolve().parents[1] / "models" / "kermany-tiny"
+    result = CliRunner().invoke(cli, ["score", str(inputs), "--out", str(out), "--model", str(shipped),
+                                      "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    (row,) = read_rows(out)
+    assert row["status"] == "rejected" and row["residual_png"], row
+    (image, caption, aspect), = drawn
+    whole = to_qc_input(np.asarray(Image.open(inputs / "odd.png")))
+    assert np.array_equal(image, whole) and aspect == pytest.approx(size[0] / size[1])
