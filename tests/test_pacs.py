@@ -406,7 +406,7 @@ def test_changed_sources_and_tampered_results_are_rewritten_and_resent(studies, 
 
     ds = pydicom.dcmread(studies / "nih" / "a.dcm")
     pixels = ds.pixel_array.copy()
-    pixels[: pixels.shape[0] // 2] = pixels.max()  # a white upper half: another film, the same UID
+    pixels[: pixels.shape[0] // 5] = pixels.max()  # a white upper fifth: another film, the same UID
     ds.PixelData, ds.file_meta.TransferSyntaxUID = pixels.tobytes(), pydicom.uid.ExplicitVRLittleEndian
     ds.save_as(studies / "nih" / "a.dcm", enforce_file_format=True)
     (out.parent / before["cr/IM1"]["dicom_sc"]).write_bytes(b"garbage")
@@ -493,7 +493,7 @@ def test_every_new_verdict_is_a_new_object_and_damage_is_repaired_in_place(studi
     first = pydicom.dcmread(out.parent / rows["nih/a.dcm"]["dicom_sr"])
     ds = pydicom.dcmread(source)
     pixels = ds.pixel_array.copy()
-    pixels[: pixels.shape[0] // 2] = pixels.max()
+    pixels[: pixels.shape[0] // 5] = pixels.max()  # a white upper fifth (half would be flat tone: rejected)
     ds.PixelData, ds.file_meta.TransferSyntaxUID = pixels.tobytes(), pydicom.uid.ExplicitVRLittleEndian
     ds.save_as(source, enforce_file_format=True)
     _, _, rows = run()

@@ -234,10 +234,11 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
         echo_json(summary.as_dict(), exit_code)
     elif say and not ctx.obj["quiet"]:
         counts = summary.counts
-        click.echo(f"{counted(summary.files, 'file')}: {counts['ok']} scored ({summary.reused} unchanged), "
-                   f"{counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} error; "
-                   f"{summary.flagged_studies} of "
-                   f"{summary.studies} studies flagged -> {summary.report}", err=True)
+        # files unchanged since the last run are of every status: counted apart, not as scored ones
+        click.echo(f"{counted(summary.files, 'file')} ({summary.reused} unchanged since the last run): {counts['ok']} "
+                   f"scored, {counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} "
+                   f"error; {summary.flagged_studies} of {summary.studies} studies flagged -> {summary.report}",
+                   err=True)
         if summary.results_pending:
             click.echo(f"DICOM results: {summary.dicom['not_sent']} objects not sent, {summary.dicom['not_made']} "
                        "images without results: see dicom_result and reason in the worklist", err=True)
