@@ -6,6 +6,7 @@ radscan.report's atomic PNG writer).
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +182,7 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
     drawn = _drawn_ratio(aspect)
     width = round(_PANEL * drawn)
     if abs(drawn - aspect) > 0.05:  # a film narrower or wider than the picture shows it: said, not hidden
-        caption += f"\n(drawn at {drawn:g}:1; the film is {aspect:.2g}:1)"  # 2 figures: 0.005:1, not 0.0:1
+        caption += f"\n(drawn at {_ratio(drawn)}; the film is {_ratio(aspect)}, width to height)"
     # the caption wraps to the film's width, so that the picture is exactly as wide as the film and
     # the page can show the film alone as the row's thumbnail, however wide the film
     lines = _caption_lines(caption, width - 2 * _MARGIN)
@@ -192,6 +193,12 @@ def render_film(image: np.ndarray, caption: str, aspect: float = 1.0) -> np.ndar
         draw.text((_MARGIN, 6 + 20 * index), line, fill="white", font=_font(15))
     canvas.paste(Image.fromarray(image).convert("RGB").resize((width, _PANEL), Image.Resampling.NEAREST), (0, top))
     return np.asarray(canvas)
+
+
+def _ratio(aspect: float) -> str:
+    """A width/height ratio as a reader says it: 4:1 for a wide film, 1:4 for a tall one (2 figures:
+    1:200, not 0.0:1)."""
+    return f"{aspect:.2g}:1" if aspect >= 1 else f"1:{1 / aspect:.2g}"
 
 
 def _drawn_ratio(aspect: float) -> float:
@@ -206,7 +213,8 @@ def _caption_lines(caption: str, width: float) -> list[str]:
 
 def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float) -> list[str]:
     """`line` in lines no wider than `width` pixels: broken at spaces, and inside a word (a path)
-    only when the word alone is wider."""
+    only when the word alone is wider: after a "/" where one fits (a file's name stays whole), else
+    between characters."""
     lines, current = [], ""
     for word in line.split(" "):
         candidate = f"{current} {word}" if current else word
@@ -216,9 +224,13 @@ def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
         if current:
             lines.append(current)
         current = ""
-        for character in word:
-            if current and font.getlength(current + character) > width:
+        for part in re.split(r"(?<=/)", word):  # the path's folders, each with its "/"
+            if current and font.getlength(current + part) > width:
                 lines.append(current)
                 current = ""
-            current += character
+            for character in part:  # a folder or name wider than the line on its own
+                if current and font.getlength(current + character) > width:
+                    lines.append(current)
+                    current = ""
+                current += character
     return [*lines, current]

@@ -431,8 +431,8 @@ class QualityControl:
                 return [f"only {short} pixels on its short side ({record.columns}x{record.rows}): too small to be "
                         f"a radiograph (at least {MIN_SIDE} pixels a side)"]
             if long > MAX_ASPECT * short:
-                return [f"{record.columns}x{record.rows} pixels, {long / short:.2f} times longer than wide: not the "
-                        f"shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
+                return [f"{record.columns}x{record.rows} pixels, its long side {long / short:.2f} times its short "
+                        f"side: not the shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
             kind = ("a lateral view" if view in _LATERAL else "a decubitus view" if view in _DECUBITUS

@@ -112,11 +112,18 @@ RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("ex
 # study's accession number read backwards in the page ("A12345" shown as "54321A").
 _BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 _SHOWN_CONTROLS = {ord(char): f"\\u{ord(char):04x}" for char in _BIDI_CONTROLS}
+# C0 and C1 control characters and DEL: a terminal escape (ESC [31m) in a file name or a header value
+# reached the terminal that printed the CSV, and a newline, tab or ESC drew as a space or a box in a
+# picture's caption (a new user's trial)
+# (C1 as \\u0080-\\u009f: \\x80-\\x9f are how `printable` shows bytes that are not UTF-8)
+_SHOWN_CONTROLS |= {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+_SHOWN_CONTROLS |= {code: f"\\u{code:04x}" for code in range(0x80, 0xA0)}
 
 
 def visible_controls(text: str) -> str:
-    """`text` with every bidirectional embedding, override or isolate written out as \\uXXXX, so
-    that it is seen and reorders nothing (the page also isolates every value)."""
+    """`text` with every bidirectional embedding, override or isolate written out as \\uXXXX, and
+    every control character (C0 and DEL as \\xNN: a newline, a tab, a terminal's ESC; C1 as
+    \\uXXXX), so that it is seen and reorders or does nothing (the page also isolates every value)."""
     return text.translate(_SHOWN_CONTROLS)
 
 

@@ -216,3 +216,18 @@ def test_evaluate_leaves_out_what_quality_control_rejects_and_says_how_many(labe
     assert f"{len(blanks)} of the films measured failed quality control" in (warned_out / "evaluation.html").read_text()
     in_words = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--qc", "warn"]).stdout
     assert f"measured although quality control failed them (--qc warn): {len(blanks)} normal" in in_words
+
+
+def test_json_is_strict_when_a_measure_is_undefined(capsys):
+    """A new user's trial: an evaluation with no film flagged printed "precision": NaN, which strict
+    JSON parsers refuse; an undefined measure is null, however deep."""
+    from radscan.cli.common import echo_json
+    from radscan.evaluate import metrics_at
+
+    measured = metrics_at(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4]), threshold=0.9)  # none flagged
+    assert np.isnan(measured["precision"])
+    echo_json({"models": [{"at_model_threshold": measured, "auc_ci95": (float("nan"), float("inf"))}]})
+    parsed = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    model = parsed["models"][0]
+    assert model["at_model_threshold"]["precision"] is None and model["auc_ci95"] == [None, None]
+    assert model["at_model_threshold"]["sensitivity"] == 0.0

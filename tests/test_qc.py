@@ -195,7 +195,7 @@ def test_a_film_far_longer_than_wide_is_not_judged_as_a_chest(qc, normals, short
     rows, columns = (long, short) if tall else (short, long)
     verdict = _verdicts(qc, normals[1][:1], rows=rows, columns=columns)[0]
     if long > 3 * short:
-        assert verdict.status == "fail" and "times longer than wide" in verdict.reason, verdict
+        assert verdict.status == "fail" and "times its short side" in verdict.reason, verdict
     elif long <= 1.5 * short:
         assert "longer than wide" not in verdict.reason
 

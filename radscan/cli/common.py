@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -127,8 +128,21 @@ json_option = click.option(
 def echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
     """The --json summary of a finished command: the same two leading keys for every command.
     "ok" is true only for exit code 0: a run that finished with unreadable files or unsent
-    results (exit 3) is not a good night for monitoring."""
-    click.echo(json.dumps({"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), **payload}))
+    results (exit 3) is not a good night for monitoring. A number that is not defined (NaN: the
+    precision of a model that flagged nothing) is null: strict JSON has no NaN."""
+    click.echo(json.dumps(_defined({"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), **payload}),
+                          allow_nan=False))
+
+
+def _defined(value: Any) -> Any:
+    """`value` with every float NaN or infinity, however deeply nested, as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _defined(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_defined(item) for item in value]
+    return value
 
 
 model_option = click.option(

@@ -355,8 +355,8 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
                      "leaves them out, as radscan score does)")
     for comparison in result["comparisons"]:
         low, high = comparison["ci95"]
-        lines.append(f"AUC of {comparison['second']} minus {comparison['first']}: {comparison['difference']:+.3f} "
-                     f"(95% CI {low:+.3f} to {high:+.3f}, paired bootstrap)")
+        lines.append(f"AUC of {comparison['second_name']} minus {comparison['first_name']}: "
+                     f"{comparison['difference']:+.3f} (95% CI {low:+.3f} to {high:+.3f}, paired bootstrap)")
     if "outputs" in result:
         lines.append(f"report: {result['outputs']['evaluation.html']}")
     lines.append(f"({DISCLAIMER_SHORT})")

@@ -153,6 +153,7 @@ def test_a_models_box_is_cut_from_films_of_any_size_at_their_own_resolution(heig
 @given(st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b),
                 min_size=2, max_size=6, unique=True))
 @example(names=[b"caf\xe9", b"caf\\xe9"])  # the byte 0xE9, and a typed backslash-x-e-9
+@example(names=[b"a\x85", b"a\xc2\x85", b"a\\x85", b"a\n", b"a\\x0a"])  # a byte, U+0085, typed; a newline, typed
 def test_different_file_names_never_print_alike(names):
     """Issue 22, item 6: the `path` column must tell any two file names apart, whatever their bytes
     (not UTF-8, a typed backslash-x sequence, a backslash of its own)."""
@@ -160,6 +161,8 @@ def test_different_file_names_never_print_alike(names):
 
     shown = [printable(os.fsdecode(name)) for name in names]
     assert len(set(shown)) == len(names)
+    # nothing that moves a terminal or a line: control characters are written out (a new user's trial)
+    assert not any(ch < " " or "\x7f" <= ch <= "\x9f" for text in shown for ch in text)
     assert all("\udc80" > ch or ch > "\udcff" for text in shown for ch in text)  # no lone surrogates left
 
 

@@ -71,3 +71,16 @@ def test_the_layout_the_page_reads_is_the_one_drawn(score_kind, aspect):
     assert not (picture[top - 1, int(width) + layout["margin"]] == panel[0, 0]).all()  # and nothing above
     with pytest.raises(ValueError, match="reconstruction panel"):
         render_explanation(film, hot, None if residual is not None else hot, "caption", score_kind, aspect)
+
+
+@pytest.mark.parametrize("width", [420, 900, 1400])  # each wider than the name
+def test_a_long_path_wraps_between_folders_and_keeps_the_file_name_whole(width):
+    """A new user's trial: a deep path broke inside the file's name, between two lines."""
+    from radscan.pictures import _font, _wrap
+
+    name = "patient_film_with_rather_long_name_0001.jpeg"
+    path = "/".join(f"department_of_radiology_archive_level_{i:02d}" for i in range(8)) + "/" + name
+    lines = _wrap(f"PA · {path} · model kermany-tiny", _font(15), width)
+    assert all(_font(15).getlength(line) <= width for line in lines)
+    assert any(name in line for line in lines)  # whole, on one line
+    assert "".join(lines).replace(" ", "") == f"PA·{path}·modelkermany-tiny"  # nothing lost
