@@ -193,7 +193,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             write_readme(outputs, identity, pictures)
             store.record_run(now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
-            _remove_unlinked_pictures(store, outputs, resolved_roots)
+            _remove_unlinked_pictures(store, outputs)
         finally:
             store.close()
 
@@ -398,7 +398,7 @@ def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
             picture.unlink(missing_ok=True)
 
 
-def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths, resolved_roots: dict[str, str]) -> None:
+def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths) -> None:
     """Under --no-residuals, remove from the default pictures folder the picture an earlier run drew
     of each film this run read (with a pictures folder, each batch already removes the picture of a
     film it scores without one: write_pictures). Only the film's own picture name
@@ -408,11 +408,8 @@ def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths, resolved_
     if outputs.residuals is not None or folder.is_symlink() or not folder.is_dir():
         return
     removed = 0
-    for row in store.worklist():
-        if row.get("residual_png") or row.get("read_by_run") != store.run_id:
-            continue
-        root = resolved_roots.get(row["root"]) or str(Path(row["root"]).resolve())
-        picture = folder / png_name(root, row["path"])
+    for key in store.read_without_picture():
+        picture = folder / png_name(key)  # the key is the resolved root and the path, as the picture was named
         if picture.is_file() and not picture.is_symlink():
             picture.unlink(missing_ok=True)
             removed += 1

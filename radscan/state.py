@@ -488,6 +488,15 @@ class StateStore:
             "AND json_extract(row, '$.read_by_run') = :run AND " + _NEW, {"run": self.run_id}).fetchone()
         return scored, flagged or 0
 
+    def read_without_picture(self) -> list[str]:
+        """The identity keys (resolved root, NUL, path as the file system names it: what
+        radscan.report.png_name hashes) of the files this run read that have no picture now. The
+        rows' `root` and `path` are shown escaped (radscan.records.printable): a name with a
+        backslash or a control character would name another picture."""
+        rows = self._db.execute("SELECT key FROM results WHERE seen = :run AND json_extract(row, '$.read_by_run') = "
+                                ":run AND COALESCE(json_extract(row, '$.residual_png'), '') = ''", {"run": self.run_id})
+        return [key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key for (key,) in rows]
+
     def run_history(self, limit: int = 100) -> list[tuple[int, int]]:
         """(scored, flagged) of earlier finished runs that scored new films, with this store's model and
         the settings that decide a flag (its history key), newest first: a night without new films is

@@ -589,6 +589,9 @@ def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(s
         assert result.exit_code == 0, result.output
         return {Path(row["residual_png"]).name for row in read_rows(out) if row["residual_png"]}
 
+    hostile = studies / "hostile" / "back\\slash\nnew line.jpeg"  # its row's path is shown escaped
+    hostile.parent.mkdir()
+    shutil.copy(sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[0], hostile)
     linked = run("--pictures", "all")
     other.write_bytes(b"not ours")
     assert {p.name for p in folder.iterdir()} == linked | {other.name} and len(linked) >= 8
