@@ -87,7 +87,7 @@ def parts(args: argparse.Namespace, tmp_path: Path) -> dict[str, float]:
     from radscan.ingest import Found, ingest_file
     from radscan.model.io import load_model
     from radscan.model.metadata import read_metadata
-    from radscan.pictures import render_explanation
+    from radscan.pictures import render_explanation, shows_reconstruction
     from radscan.policy import Policy
     from radscan.qc import apply_qc, quality_control
     from radscan.records import Status
@@ -120,15 +120,18 @@ def parts(args: argparse.Namespace, tmp_path: Path) -> dict[str, float]:
     result = score_arrays(model, images, batch_size=len(images), explain=False, components=False)
     cost["model, score only"] = (time.perf_counter() - started) / len(records)
     started = time.perf_counter()
-    explained = score_arrays(model, images, batch_size=len(images), explain=True, components=False)
+    kind = model.cfg.score_kind  # a picture computes and draws what it shows for this kind (radscan.batch)
+    explained = score_arrays(model, images, batch_size=len(images), explain=True,
+                             components=shows_reconstruction(kind))
     gradient = (time.perf_counter() - started) / len(records)
     flagged = float((result.scores.numpy() >= float(model.threshold)).mean())
-    cost["model, gradient pass for pictures (per picture)"] = gradient
+    cost["model, the maps of pictures (per picture)"] = gradient
     maps = explained.explanation_maps.numpy(), explained.residual_maps.numpy()
     pngs = []
     started = time.perf_counter()
     for index in range(len(records)):
-        pngs.append(encode_png(render_explanation(images[index], maps[0][index], None, "caption\nline", "critic",
+        residual = maps[1][index] if shows_reconstruction(kind) else None
+        pngs.append(encode_png(render_explanation(images[index], maps[0][index], residual, "caption\nline", kind,
                                                   1.25)))
     cost["drawing and encoding a picture (per picture)"] = (time.perf_counter() - started) / len(records)
     rows = [record.as_row() for record in records]
@@ -203,7 +206,7 @@ def _driver(tmp_path: Path, rows: list[dict], pngs: list[bytes], flagged: float,
 def project(cost: dict[str, float]) -> None:
     flagged = cost["flagged share"]
     worker = (cost["decode, large compressed DICOM"] + cost["quality control"] + cost["model, score only"]
-              + flagged * (cost["model, gradient pass for pictures (per picture)"]
+              + flagged * (cost["model, the maps of pictures (per picture)"]
                            + cost["drawing and encoding a picture (per picture)"]))
     driver = (cost["transfer worker -> driver (rows + PNGs of the flagged share)"]
               + cost["driver: write the PNG, commit the row, worklist share"])

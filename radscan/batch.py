@@ -27,7 +27,7 @@ from radscan.pictures import render_explanation, render_film, shows_reconstructi
 from radscan.policy import Policy
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc
-from radscan.records import ImageRecord, printable
+from radscan.records import ImageRecord, printable, visible_controls
 from radscan.report import encode_png, png_name, write_png_bytes
 from radscan.state import FileIdentity
 
@@ -269,27 +269,30 @@ CAPTION_LINE = 200  # characters of a caption line at most (the picture wraps it
 
 
 def _identity_line(record: ImageRecord, provenance: dict[str, Any]) -> str:
-    """A caption's identity line: patient and accession as the PHI mode left them, view, date, path,
-    model. A path too long for the line keeps its end (the file's name and the folders nearest it):
-    cut at the line's end, a deep path named neither the film nor the model (a new user's trial)."""
-    def shown(text: str) -> str:  # as `_caption` will show it, but escaped there (once)
-        return " ".join(text.split())
+    """A caption's identity line, every value escaped (radscan.records.printable: a newline, a tab
+    or a terminal's ESC in a file name is written out, not drawn as a space or a box): patient and
+    accession as the PHI mode left them, view, date, path, model. A path too long for the line
+    keeps its end (the file's name and the folders nearest it): cut at the line's end, a deep path
+    named neither the film nor the model (a new user's trial)."""
+    def shown(text: str) -> str:
+        return " ".join(printable(text).split(" "))  # escaped first: only spaces are left to collapse
 
     before = [shown(part) for part in (f"patient {record.PatientID}" if record.PatientID else "",
                                        f"accession {record.AccessionNumber}" if record.AccessionNumber else "",
                                        record.ViewPosition, record.StudyDate) if part]
     model = shown(f"model {provenance['model_name']} {provenance['model_version']}")
     path = shown(record.path)
-    room = CAPTION_LINE - sum(len(part) + 3 for part in [*before, model]) - 3
-    if len(path) > room:
-        path = "…" + path[len(path) - max(room - 1, 24):]
+    keep = max(CAPTION_LINE - sum(len(part) + 3 for part in [*before, model]) - 1, 24)  # 3: " · "; 1: "…"
+    if len(path) > keep:
+        path = "…" + path[-keep:]
     return " · ".join([*before, path, model])
 
 
 def _caption(lines: list[str]) -> str:
-    """Caption lines as drawn: header text shown escaped, on one line each, at most CAPTION_LINE
-    characters (a longer line loses its middle)."""
-    return "\n".join(_middle_cut(" ".join(printable(line).split())) for line in lines)
+    """Caption lines as drawn: on one line each, any control character written out (the identity
+    line's values are escaped already: `_identity_line`), at most CAPTION_LINE characters (a
+    longer line, with a long model name or identifier, loses its middle)."""
+    return "\n".join(_middle_cut(" ".join(visible_controls(line).split())) for line in lines)
 
 
 def _middle_cut(line: str) -> str:

@@ -28,6 +28,7 @@ from radscan.model.engine import load_engine
 from radscan.model.metadata import ModelIdentity, is_exported
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
+from radscan.records import printable
 from radscan.report import CsvStream, atomic_output
 
 __all__ = ["evaluate", "metrics_at", "bootstrap_auc", "paired_bootstrap_auc_difference"]
@@ -110,39 +111,46 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     loaded = [load_engine(Path(model_dir), device) for model_dir in model_dirs]  # verify all before reading
     readings = [for_model(policy, metadata) for _, metadata in loaded]  # how each model reads films (its box)
-    # one quality control for every model (the first's reference): the models are measured on the same films.
-    # It judges the whole film, whatever part of it a model reads, so every reading keeps the same films.
+    # one quality control for every model (the first's reference), judged once, on the first reading: the
+    # models are measured on the same films (another reading's whole film may differ by a grey level or so:
+    # radscan.preprocess.to_qc_input, and a film at a limit must not be kept for one model and not another)
     qc = quality_control(Path(model_dirs[0]), loaded[0][1], qc_mode, DEFAULT_VIEWS)
     rejected = {"normal": 0, "abnormal": 0}
-    set_aside: list[dict[str, str]] = []  # path, label, reason of each
+    set_aside: list[dict[str, str]] = []  # path (as shown), label, reason of each
     # the verdict on each film measured, in the order of the films read (`--qc warn` measures failed films, marked)
     measured: dict[str, list[tuple[str, str]]] = {"normal": [], "abnormal": []}
+    kept: dict[str, set[tuple[str, str]]] = {}  # label -> (root, path) of the films the first reading kept
 
-    def judge(label: str, counted: bool):
+    def judge(label: str):
         def verdicts(records, films) -> list[bool]:
+            if label in kept:  # a later reading: the first reading's verdicts
+                return [(record.root, record.path) in kept[label] for record in records]
             keep = apply_qc(qc, records, films)
-            if counted:
-                rejected[label] += keep.count(False)
-                set_aside.extend({"path": os.path.join(record.root, record.path), "label": label,
-                                  "reason": record.qc_reason}
-                                 for record, kept in zip(records, keep, strict=True) if not kept)
-                measured[label] = [(record.qc_status, record.qc_reason)
-                                   for record, kept in zip(records, keep, strict=True) if kept]
+            kept[label] = {(record.root, record.path) for record, ok in zip(records, keep, strict=True) if ok}
+            rejected[label] += keep.count(False)
+            set_aside.extend({"path": printable(os.path.join(record.root, record.path)), "label": label,
+                              "reason": record.qc_reason}
+                             for record, ok in zip(records, keep, strict=True) if not ok)
+            measured[label] = [(record.qc_status, record.qc_reason)
+                               for record, ok in zip(records, keep, strict=True) if ok]
             return keep
         return verdicts
 
     read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
     for reading in readings:
         if reading not in read:
-            first = not read  # each reading sets aside the same films: count them once
+            later = bool(read)  # its counts and warnings were said by the first reading
             # paths with their folder: two folders may hold files of one name
             normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals",
-                                                   judge=judge("normal", first), with_roots=True)
+                                                   judge=judge("normal"), with_roots=True, quiet=later)
             abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals",
-                                                       judge=judge("abnormal", first), with_roots=True)
+                                                       judge=judge("abnormal"), with_roots=True, quiet=later)
             read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
-    # cutting a box never makes a file unreadable: every reading has the same files in the same order
+    # cutting a box never makes a file unreadable and the verdicts are the first reading's: every reading
+    # has the same films in the same order
     _, normal_names, abnormal_names = next(iter(read.values()))
+    if any(names != (normal_names, abnormal_names) for names in ((n, a) for _, n, a in read.values())):
+        raise RuntimeError("the models' readings of the films differ: a bug, please report it")
     labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
     results, all_scores = [], []
     for model_dir, (engine, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
@@ -196,7 +204,7 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
             model = {key: result[key] for key in ("model_version", "model_sha256", "engine")} | {
                 "model": result["model_name"]}  # two versions of one model, or a model and its export, differ
             for name, label, score, (qc, reason) in zip(names, labels, scores, verdicts, strict=True):
-                table.write({"path": name, "label": "abnormal" if label else "normal", **model,
+                table.write({"path": printable(name), "label": "abnormal" if label else "normal", **model,
                              "score": round(float(score), 6), "flag": bool(score >= threshold), "status": "scored",
                              "qc": qc, "reason": reason})  # under --qc warn, a failed film is measured, marked
             for film in rejected["films"]:  # not measured, and not lost: each with its reason
@@ -204,8 +212,8 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
                              "qc": "fail"})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
-    failed = sum(qc == "fail" for qc, _ in verdicts)
-    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected, failed)
+    write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected,
+                          sum(qc == "fail" for qc, _ in verdicts))
     return {name: str(path) for name, path in paths.items()}
 
 

@@ -119,7 +119,8 @@ def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons:
     `failed_but_measured`: how many films quality control failed were measured (--qc warn)."""
     page = _environment().get_template("evaluation.html.j2").render(
         models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer,
-        rejected=rejected or {"normal": 0, "abnormal": 0, "films": []}, failed_but_measured=failed_but_measured)
+        rejected=rejected or {"normal": 0, "abnormal": 0, "qc": "strict", "films": []},
+        failed_but_measured=failed_but_measured)
     with atomic_output(path) as handle:
         handle.write(page)
 

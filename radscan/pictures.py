@@ -168,9 +168,13 @@ def _reconstruction_panel(draw: ImageDraw.ImageDraw, canvas: Image.Image, grey: 
               "is made from it", fill="grey", font=_font(12))
 
 
+_LABEL_LINES = (_BELOW - 8) // 17  # lines of 13 px text (2 px apart) under a panel
+
+
 def _label(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: float) -> None:
-    """A panel's label under it, wrapped to `width` pixels, in at most as many lines as _BELOW holds."""
-    lines = _wrap(text, _font(13), width)[:(_BELOW - 8) // 17]
+    """A panel's label under it, wrapped to `width` pixels, in at most _LABEL_LINES lines (every
+    map label fits the narrowest panel's: tests/unit/test_pictures.py)."""
+    lines = _wrap(text, _font(13), width)[:_LABEL_LINES]
     draw.text((x, y), "\n".join(lines), fill="white", font=_font(13), spacing=2)
 
 

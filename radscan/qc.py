@@ -63,6 +63,9 @@ MAX_ASPECT = 3.0
 # (../shared/data); an image of a few flat tones (two-tone, quadrants, pure black and white) lies
 # almost wholly in them
 FLAT_TONES = 4
+# Bumped whenever a rule changes what a film is judged (part of the fingerprint: a rerun judges every file
+# again). 2: flat tone (was: the larger of pure black and pure white).
+QC_RULES = 2
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -95,7 +98,9 @@ class QCLimits:
     max_extreme : share of pixels in the image's FLAT_TONES most common grey levels above which it
         is flat tone, not a radiograph: burnt out, blank, mostly border (pure black or white, or one
         grey) or a drawing of a few tones (twice the 99.5th percentile of the training normals, at
-        least 0.5)
+        least 0.5). References fitted before QC_RULES 2 hold the same limit of the larger of the
+        pure black and pure white shares, read as the flat-tone limit (on the shared real films the
+        largest shares are 0.46 and 0.45, and the shipped model's limit is the 0.5 floor)
     max_plane_share : share of a film's 12x12 layout (variance) that a tilted plane explains, above
         which it is a grey ramp with no anatomy (a tenth of the smallest unexplained share among
         the training normals is left)
@@ -401,7 +406,7 @@ class QualityControl:
         """What changes verdicts, for the run fingerprint (a changed setting re-judges every file)."""
         reference = "none" if self.reference is None else hashlib.sha256(
             self.reference.basis.tobytes() + json.dumps(asdict(self.limits)).encode()).hexdigest()[:16]
-        return f"qc={self.mode};views={self.views};ages={self.age_range};ref={reference}"
+        return f"qc={self.mode};rules={QC_RULES};views={self.views};ages={self.age_range};ref={reference}"
 
     def check(self, records: list[ImageRecord], images: np.ndarray) -> list[Verdict]:
         """Verdicts for a batch: (N,) records and (N, 128, 128) uint8 inputs."""
@@ -521,8 +526,8 @@ def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.nda
     """Record each verdict on its record; under --qc strict a failed image becomes status `rejected`
     with the QC reason and is not scored (under --qc warn it is scored, and keeps qc_status fail).
     Returns, per image, whether it goes on to the model. A record's `qc_image` (the whole film of a
-    thorax-box model's input) is judged instead of its image (and kept: a rejected film's picture
-    shows what was judged)."""
+    thorax-box model's input) is judged instead of its image, and kept only on a rejected film's
+    record (its picture shows what was judged)."""
     judged = [image if record.qc_image is None else record.qc_image
               for record, image in zip(records, images, strict=True)]
     verdicts = qc.check(records, np.stack(judged)) if records else []
@@ -531,4 +536,6 @@ def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.nda
         record.qc_status, record.qc_reason = verdict.status, verdict.reason
         if rejecting and verdict.status == "fail":
             record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
+        else:  # only a rejected film's picture shows it; training and evaluation hold every record
+            record.qc_image = None
     return [not (rejecting and verdict.status == "fail") for verdict in verdicts]

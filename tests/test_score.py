@@ -395,6 +395,13 @@ def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
         identity = picture_caption(record, 0.93, 0.8, model).splitlines()[1]
         assert len(identity) <= 200 and identity.endswith("Patientin_Müller.jpeg · model kermany-tiny 2026.11.29")
         assert identity.startswith(f"patient {record.PatientID}") and "2026-11-29" in identity
+    # a newline, a tab or a terminal's ESC in a name is written out, never drawn as a space or a box
+    record.path = "new\nline\tand\x1b[31mred.jpeg"
+    assert "new\\x0aline\\x09and\\x1b[31mred.jpeg" in picture_caption(record, 0.93, 0.8, model).splitlines()[1]
+    # identifiers as long as DICOM allows (64 characters each): the path keeps its end, never cut to nothing
+    record.path, record.PatientID, record.AccessionNumber = "a/b/short.jpeg", "P" * 64, "A" * 64
+    identity = picture_caption(record, 0.93, 0.8, model).splitlines()[1]
+    assert len(identity) <= 200 and "short.jpeg · model kermany-tiny" in identity
 
 
 def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):

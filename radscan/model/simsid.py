@@ -464,7 +464,7 @@ class SimSID(nn.Module):
         needs: for the critic and the density, the generator does not run (without maps about 30x
         faster on a CPU: the density needs one discriminator pass, the critic's its snapshots' and
         views'); the other kinds' raw components are then NaN and the residual maps zeros. Scores
-        and explanation maps are the same either way.
+        and explanation maps are the same either way (maps to float rounding).
 
         Every normalisation is per sample, but convolution and matrix kernels pick their blocking
         by batch size, which moves results in the last float bits; the calibration's division by a
@@ -523,19 +523,21 @@ class SimSID(nn.Module):
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)
             if not components and kind == "critic":  # the map of the critics alone: no generator pass
-                components = torch.full((len(images), len(COMPONENTS)), torch.nan, device=images.device)
-                components[:, COMPONENTS.index(kind)] = self.critic_score(images).float()
-                residual = torch.zeros_like(images).squeeze(1)
+                values = torch.full((len(images), len(COMPONENTS)), torch.nan, device=images.device)
+                values[:, COMPONENTS.index(kind)] = self.critic_score(images).float()
+                residual = None
             else:
-                components, residual, _ = self.raw_scores(images)
-            z = self.calibrated(components)[1]
+                values, residual, _ = self.raw_scores(images)
+            z = self.calibrated(values)[1]
             (gradient,) = torch.autograd.grad(z.sum(), images)
         # per pixel, times the pixel count: a map that is c everywhere means the film is c z-units
         # above the mean normal film (to first order), whatever the image size
         attribution = (gradient * (images - self.normal_mean.to(images))).squeeze(1) * images[0, 0].numel()
         smoothed = self.smooth(attribution, self.explanation_band)
         explanation = (smoothed - self.explanation_normal.to(smoothed)).clamp_min(0)
-        return components.detach(), self.smooth(residual.detach(), self.blur_band), explanation.detach()
+        residual = (images.new_zeros(images.shape[0], *images.shape[2:]) if residual is None
+                    else self.smooth(residual.detach(), self.blur_band))
+        return values.detach(), residual, explanation.detach()
 
     def density_map(self, regions: torch.Tensor) -> torch.Tensor:
         """The density kind's explanation: (B, g, g) region distances -> (B, H, W) >= 0.

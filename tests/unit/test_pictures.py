@@ -84,3 +84,15 @@ def test_a_long_path_wraps_between_folders_and_keeps_the_file_name_whole(width):
     assert all(_font(15).getlength(line) <= width for line in lines)
     assert any(name in line for line in lines)  # whole, on one line
     assert "".join(lines).replace(" ", "") == f"PA·{path}·modelkermany-tiny"  # nothing lost
+
+
+@pytest.mark.parametrize("score_kind", ["density", "critic"])
+def test_every_map_label_fits_under_the_narrowest_panel(score_kind):
+    """The label that says what the map's colours mean must be drawn whole, even under the panel of
+    the narrowest film drawn (half as wide as high)."""
+    from radscan.pictures import _LABEL_LINES, _MAP_LABELS, _font, _wrap
+
+    layout = picture_layout(score_kind)
+    width = layout["panel"] // 2
+    room = (2 * width + layout["fixed_width"]) - width - layout["margin"] - 8  # as render_explanation gives it
+    assert len(_wrap(_MAP_LABELS[score_kind], _font(13), room)) <= _LABEL_LINES
