@@ -231,3 +231,24 @@ def test_json_is_strict_when_a_measure_is_undefined(capsys):
     model = parsed["models"][0]
     assert model["at_model_threshold"]["precision"] is None and model["auc_ci95"] == [None, None]
     assert model["at_model_threshold"]["sensitivity"] == 0.0
+
+
+def test_models_that_read_films_differently_are_measured_on_the_same_films(labelled, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """A whole-film model and a thorax-box model read films two ways, and quality control's whole film
+    of a box reading is made by another resize (radscan.preprocess.to_qc_input): a film at a limit
+    could pass one reading and fail the other, pairing scores with the wrong labels. Quality control
+    judges once; here the box reading's whole film is made blank for a third of the films."""
+    import radscan.ingest
+    from radscan.preprocess import to_qc_input
+
+    monkeypatch.setattr(radscan.ingest, "to_qc_input",
+                        lambda grey: np.zeros((128, 128), np.uint8) if grey.sum() % 3 == 0 else to_qc_input(grey))
+    normal, abnormal = labelled
+    shipped = Path(__file__).parents[1] / "models" / "kermany-tiny"  # a thorax-box model, read second
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                      str(tiny_model), "--model", str(shipped), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(m["normal"], m["abnormal"]) for m in report["models"]] == [(12, 10), (12, 10)]
+    assert report["rejected_by_qc"]["films"] == []
