@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError
-from radscan.records import ImageRecord, Status
+from radscan.records import ImageRecord, Status, counted
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
            "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
@@ -433,8 +433,8 @@ class QualityControl:
             short, long = sorted((record.rows, record.columns))
             if short < MIN_SIDE:
                 # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
-                return [f"only {short} pixels on its short side ({record.columns}x{record.rows}): too small to be "
-                        f"a radiograph (at least {MIN_SIDE} pixels a side)"]
+                return [f"only {counted(short, 'pixel')} on its short side ({record.columns}x{record.rows}): too small "
+                        f"to be a radiograph (at least {MIN_SIDE} pixels a side)"]
             if long > MAX_ASPECT * short:
                 return [f"{record.columns}x{record.rows} pixels, its long side {long / short:.2f} times its short "
                         f"side: not the shape of a chest film (at most {MAX_ASPECT:g} to 1)"]

@@ -429,7 +429,7 @@ class StateStore:
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
-               SUM(""" + _NEW + """) AS images_new,
+               SUM(""" + _LISTED + " AND " + _NEW + """) AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)

@@ -732,6 +732,13 @@ def test_new_this_run_marks_what_arrived_since_the_last_run(studies, tiny_model,
                                               .read_bytes())
     assert _run(*args).exit_code == 0
     assert [r["path"] for r in read_rows(out) if r["new_this_run"] == "true"] == ["late/x.jpeg"]
+    # a file that is no image (a note beside the films) is no new image of its study (a new user's trial:
+    # "2 images, 4 new")
+    (studies / "normal1" / "notes.txt").write_text("seen by Dr X")
+    assert _run(*args).exit_code == 0
+    study_rows = read_rows(out.with_name("report_studies.csv"))
+    assert all(int(r["images_new"]) <= int(r["images"]) for r in study_rows)
+    assert {r["images_new"] for r in study_rows if r["study_key"].endswith("normal1")} == {"0"}
 
 
 def test_an_emptied_root_stops_the_run_before_anything_is_pruned(studies, tiny_model, tmp_path):
