@@ -433,7 +433,11 @@ class StateStore:
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
-                   AS skip_reasons
+                   AS skip_reasons,
+               -- files of the study that hold a DICOM image another of its files holds (one SOP Instance UID)
+               SUM(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.SOPInstanceUID'), '') != '')
+                   - COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.SOPInstanceUID'), '')
+                                    END) AS images_duplicated
         FROM current GROUP BY study_key
         HAVING images > 0)"""
 
@@ -466,18 +470,20 @@ class StateStore:
                                                 sort_path) AS n
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons, r.row,
+                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons,
+                   s.images_duplicated, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
                      s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, row, section \
-                in self._db.execute(query, {"run": self.run_id}):
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, duplicated, \
+                row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
-                   "skip_reasons": reasons, "top": json.loads(row), "study_section": section}
+                   "skip_reasons": reasons, "images_duplicated": duplicated or 0, "top": json.loads(row),
+                   "study_section": section}
 
     def scored_now(self) -> tuple[int, int]:
         """(films scored, films flagged) among the files this run listed first (new or changed files):

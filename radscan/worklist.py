@@ -17,6 +17,7 @@ from radscan import __version__
 from radscan.batch import now
 from radscan.errors import OutputError
 from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, render_worklist_html, study_entry
+from radscan.pictures import shows_reconstruction
 from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, Status
 from radscan.report import AtomicFile, CsvStream, atomic_output, commit_together
 from radscan.state import StateStore
@@ -158,6 +159,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         note = _study_note(study)
         top = study.pop("top")
         study.pop("skip_reasons")
+        study.pop("images_duplicated")
         studies += 1
         flagged += study["images_flagged"] > 0
         row = {
@@ -189,6 +191,9 @@ def _study_note(study: dict[str, Any]) -> str:
         top = study["top"]  # when nothing was read, the top row is an unreadable file: say why
         why = f" ({top['reason']})" if top.get("status") == Status.ERROR and top.get("reason") else ""
         notes.append(f"{study['images_error']} image(s) could not be read{why}")
+    if study["images_duplicated"]:  # a copy of a file, or a sender's error: the same image is in the list twice
+        notes.append(f"{study['images_duplicated']} file(s) hold a DICOM image that another file of this study "
+                     "holds too (the same SOPInstanceUID): a copy, listed and scored more than once")
     if study["images_skipped"]:
         reason = "see their rows"
         if study["images_skipped"] == study["images"]:  # the top row is then a skipped image
@@ -207,13 +212,15 @@ def _study_note(study: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
-def _pictures_note(outputs: OutputPaths, pictures: str) -> str:
+def _pictures_note(outputs: OutputPaths, pictures: str, score_kind: str) -> str:
     if outputs.residuals is None:
         return "No pictures were written (--no-residuals)."
     which = "each flagged image" if pictures == "flagged" else "each scored image"
+    reconstruction = (",\n  and, smaller, the reconstruction difference |input - reconstruction| the score is made of"
+                      if shows_reconstruction(score_kind) else "")
     return (f"{outputs.residuals.name}/: {which} beside a map of where it raises the anomaly score\n"
-            "  (bright = more than 95% of normal films show there), and, smaller, the reconstruction difference\n"
-            "  |input - reconstruction| (the density and critic scores do not use it).")
+            f"  (bright = more than 95% of normal films show there){reconstruction}; each image quality control\n"
+            "  rejected, the whole film with the reason.")
 
 
 def write_readme(outputs: OutputPaths, identity: ModelIdentity, pictures: str) -> None:
@@ -227,7 +234,7 @@ def write_readme(outputs: OutputPaths, identity: ModelIdentity, pictures: str) -
   rounded to 6 decimals; status ok/rejected/skipped/error with a reason.
 {outputs.studies.name}: one row per study, for the reading worklist: those with a scored or rejected
   image first (study_section reading), then those for IT (unreadable) and those the policy skipped.
-{_pictures_note(outputs, pictures)}
+{_pictures_note(outputs, pictures, identity.score_kind)}
 {outputs.html.name + ": the worklist as a web page (open it in a browser)." if outputs.html else ""}
 Model: {identity.name} {identity.version} (sha256 {identity.sha256[:16]}...),
   score {identity.score_kind},

@@ -76,6 +76,8 @@ def test_worklist_columns_sorting_and_residuals(studies, tiny_model, tmp_path):
     assert pictures[0].shape[0] == top + 512 + picture_layout("density")["below"]  # and lines that say what the map is
     # no reconstruction panel: the tiny model's critic score is not made of the reconstruction
     assert pictures[0].shape[1] == 2 * width + picture_layout("critic")["fixed_width"]
+    readme = out.with_name("report_README.txt").read_text()  # and the note beside the list says what they show
+    assert "map of where it raises the anomaly score" in readme and "reconstruction" not in readme
     input_panel = pictures[0][top:top + 512, :width].astype(int)
     score_panel = pictures[0][top:top + 512, width + 8:2 * width + 8].astype(int)
     assert (input_panel[..., 0] == input_panel[..., 2]).all()  # the input, grey
@@ -866,3 +868,17 @@ def test_a_rejected_films_picture_shows_the_whole_film_quality_control_judged(tm
     (image, caption, aspect), = drawn
     whole = to_qc_input(np.asarray(Image.open(inputs / "odd.png")))
     assert np.array_equal(image, whole) and aspect == pytest.approx(size[0] / size[1])
+
+
+def test_a_study_holding_one_dicom_image_twice_says_so(studies, tiny_model, tmp_path):
+    """A new user's trial: a DICOM file and its copy under another name (one SOP Instance UID) were one
+    study "2 scored of 2" with no word of it; the study's note says that an image is there twice."""
+    out = tmp_path / "out" / "report.csv"
+    assert _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals").exit_code == 0
+    notes = {r["top_path"].split("/")[0]: r["study_note"] for r in read_rows(out.with_name("report_studies.csv"))}
+    assert "SOPInstanceUID" not in notes["nih"]  # two images of one study, each its own
+    shutil.copy(studies / "nih" / "a.dcm", studies / "nih" / "copy of a.dcm")
+    assert _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals").exit_code == 0
+    study = next(r for r in read_rows(out.with_name("report_studies.csv")) if r["top_path"].startswith("nih/"))
+    assert study["images_scored"] == "3"
+    assert "1 file(s) hold a DICOM image that another file of this study holds too" in study["study_note"]
