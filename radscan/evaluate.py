@@ -99,7 +99,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     "rejected_by_qc": how many normal and abnormal films quality control set aside (`qc_mode`
     "strict"; "warn" and "off" measure every film) and, under "films", each one's path, label and
     reason; "failed_qc_but_measured": how many films that failed quality control were measured
-    (`qc_mode` "warn"). Each model's result names its "engine" (torch, or onnxruntime for an export). `out_dir`
+    (`qc_mode` "warn"). Each model's result names its "engine" (torch, or onnxruntime for an export)
+    and its "label" (name, version, engine, sha256), as the text, the page and comparisons show it. `out_dir`
     receives per_image.csv (path, label, model, model_version, model_sha256, engine, score, flag,
     status, qc, reason: a row per film and model with quality control's verdict (pass, warn, fail;
     empty under "off") and reason, the films set aside with status "rejected by quality control" and
@@ -115,7 +116,6 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     # models are measured on the same films (another reading's whole film may differ by a grey level or so:
     # radscan.preprocess.to_qc_input, and a film at a limit must not be kept for one model and not another)
     qc = quality_control(Path(model_dirs[0]), loaded[0][1], qc_mode, DEFAULT_VIEWS)
-    rejected = {"normal": 0, "abnormal": 0}
     set_aside: list[dict[str, str]] = []  # path (as shown), label, reason of each
     # the verdict on each film measured, in the order of the films read (`--qc warn` measures failed films, marked)
     measured: dict[str, list[tuple[str, str]]] = {"normal": [], "abnormal": []}
@@ -127,7 +127,6 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                 return [(record.root, record.path) in kept[label] for record in records]
             keep = apply_qc(qc, records, films)
             kept[label] = {(record.root, record.path) for record, ok in zip(records, keep, strict=True) if ok}
-            rejected[label] += keep.count(False)
             set_aside.extend({"path": printable(os.path.join(record.root, record.path)), "label": label,
                               "reason": record.qc_reason}
                              for record, ok in zip(records, keep, strict=True) if not ok)
@@ -149,7 +148,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     # cutting a box never makes a file unreadable and the verdicts are the first reading's: every reading
     # has the same films in the same order
     _, normal_names, abnormal_names = next(iter(read.values()))
-    if any(names != (normal_names, abnormal_names) for names in ((n, a) for _, n, a in read.values())):
+    if any((n, a) != (normal_names, abnormal_names) for _, n, a in read.values()):
         raise RuntimeError("the models' readings of the films differ: a bug, please report it")
     labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
     results, all_scores = [], []
@@ -158,9 +157,13 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         scores = np.concatenate([engine.score(images[start:start + batch_size], components=False).scores
                                  for start in range(0, len(images), batch_size)]).astype(np.float64)
         all_scores.append(scores)
+        identity, exported = ModelIdentity.of(metadata), is_exported(metadata)
         results.append({
-            "model": str(model_dir), **ModelIdentity.of(metadata).provenance(),
-            "engine": "onnxruntime" if is_exported(metadata) else "torch", "normal": len(normal_names),
+            "model": str(model_dir), **identity.provenance(), "engine": "onnxruntime" if exported else "torch",
+            # an export and its torch model share name and version: the engine and sha256 tell them apart
+            "label": f"{identity.name} {identity.version} ({'ONNX Runtime export' if exported else 'torch'}, "
+                     f"sha256 {identity.sha256[:12]})",
+            "normal": len(normal_names),
             "abnormal": len(abnormal_names),
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),
@@ -169,15 +172,13 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                                                  _best_accuracy_threshold(labels, scores)),
         })
     comparisons = [{"first": results[0]["model"], "second": result["model"],
-                    # an export and its torch model share name and version: the sha256 tells them apart
-                    "first_name": f"{results[0]['model_name']} {results[0]['model_version']} "
-                                  f"({results[0]['model_sha256'][:12]})",
-                    "second_name": f"{result['model_name']} {result['model_version']} ({result['model_sha256'][:12]})",
+                    "first_name": results[0]["label"], "second_name": result["label"],
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
                    for result, scores in zip(results[1:], all_scores[1:], strict=True)]
     verdicts = measured["normal"] + measured["abnormal"]  # in the order of the films measured
     summary = {**results[0], "models": results, "comparisons": comparisons,
-               "rejected_by_qc": {**rejected, "qc": qc_mode, "films": set_aside},
+               "rejected_by_qc": {**{label: sum(film["label"] == label for film in set_aside) for label in measured},
+                                  "qc": qc_mode, "films": set_aside},
                "failed_qc_but_measured": {label: sum(status == "fail" for status, _ in measured[label])
                                           for label in measured},
                "disclaimer": DISCLAIMER}

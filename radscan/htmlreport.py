@@ -111,16 +111,14 @@ def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, A
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                          disclaimer: str, rejected: dict[str, Any] | None = None,
-                          failed_but_measured: int = 0) -> None:
+                          disclaimer: str, rejected: dict[str, Any], failed_but_measured: int) -> None:
     """The evaluation page (`radscan evaluate --out DIR`): metrics, counts, comparisons and the
     figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results;
     `rejected`: its "rejected_by_qc" (the films quality control set aside, each with its reason);
     `failed_but_measured`: how many films quality control failed were measured (--qc warn)."""
     page = _environment().get_template("evaluation.html.j2").render(
         models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer,
-        rejected=rejected or {"normal": 0, "abnormal": 0, "qc": "strict", "films": []},
-        failed_but_measured=failed_but_measured)
+        rejected=rejected, failed_but_measured=failed_but_measured)
     with atomic_output(path) as handle:
         handle.write(page)
 

@@ -331,9 +331,7 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
         at, best = model_result["at_model_threshold"], model_result["at_best_accuracy_threshold_on_this_set"]
         low, high = model_result["auc_ci95"]
         lines += [
-            f"model {model_result['model_name']} {model_result['model_version']} "
-            f"({'ONNX Runtime export' if model_result['engine'] == 'onnxruntime' else 'torch'}, sha256 "
-            f"{model_result['model_sha256'][:12]}): {model_result['normal']} normal, {model_result['abnormal']} "
+            f"model {model_result['label']}: {model_result['normal']} normal, {model_result['abnormal']} "
             "abnormal images",
             f"AUC {model_result['auc']:.3f} (95% CI {low:.3f}-{high:.3f}), average precision "
             f"{model_result['average_precision']:.3f}",
