@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from dataclasses import field as dataclass_field
@@ -100,8 +100,9 @@ class ScoreSummary:
     flagged_images: int
     flagged_studies: int
     studies: int
-    scored_now: int
-    reused: int
+    scored_now: int  # files read this run, for the reasons in read_because
+    reused: int  # files unchanged since the last run, of every status
+    read_because: dict[str, int]  # READ_REASONS -> files (only those with any)
     duration_s: float
     images_per_s: float
     report: str
@@ -170,10 +171,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         files, resolved_roots = _find_inputs(inputs, outputs, settings)
         store = StateStore(outputs.state, fingerprint, run_id, history_key)
         try:
-            todo, regrouped = _reuse_stored(files, store, outputs.report.parent, pictures,
-                                            dicom_pictures=bool(outputs.dicom))
-            log.info("%d files: %d unchanged since the last run, %d to read", len(files), len(files) - len(todo),
-                     len(todo))
+            todo, read_because = _reuse_stored(files, store, outputs.report.parent, pictures,
+                                               dicom_pictures=bool(outputs.dicom))
+            log.info("%d files: %d unchanged since the last run, %d to read%s", len(files), len(files) - len(todo),
+                     len(todo), f" ({why_read(read_because)})" if todo else "")
             run = RunContext(identity, run_id, phi, outputs.residuals, outputs.report.parent, pictures,
                              dicom_pictures=bool(outputs.dicom), resolved_roots=resolved_roots)
             scorer = BatchScorer(loading, run)
@@ -186,7 +187,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
-            problems = _problems(counts, delivery, outputs, drift, regrouped)
+            problems = _problems(counts, delivery, outputs, drift, read_because["study"])
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
@@ -205,7 +206,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
              ", ".join(f"{count} {status}" for status, count in counts.items()), studies[1], studies[0])
     return ScoreSummary(
         files=len(files), counts=counts, flagged_images=flagged_images, flagged_studies=studies[1],
-        studies=studies[0], scored_now=len(todo), reused=len(files) - len(todo), duration_s=round(duration, 3),
+        studies=studies[0], scored_now=len(todo), reused=len(files) - len(todo),
+        read_because={reason: read_because[reason] for reason in READ_REASONS if read_because[reason]},
+        duration_s=round(duration, 3),
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
@@ -426,32 +429,53 @@ def _identity(found: Found) -> FileIdentity:
         return FileIdentity(key, -1, -1)
 
 
+# why a file is read again (ScoreSummary.read_because), in the order the one-line summary names them
+READ_REASONS = {
+    "new": "new",
+    "changed": "changed",
+    "settings": "read again under another model or settings",
+    "error": "retried after an error",
+    "picture": "whose picture was missing",
+    "study": "whose study changed",
+}
+
+
+def why_read(reasons: Mapping[str, int]) -> str:
+    """'3 new, 12 read again under another model or settings': why the files of a run were read."""
+    return ", ".join(f"{reasons[reason]} {words}" for reason, words in READ_REASONS.items() if reasons.get(reason))
+
+
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
-                  dicom_pictures: bool = False) -> tuple[list[tuple[Found, FileIdentity]], int]:
+                  dicom_pictures: bool = False) -> tuple[list[tuple[Found, FileIdentity]], Counter[str]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
-    with the identity they were looked up by. Files with errors are always retried; a scored (or
-    rejected) row whose picture has gone is read again (with `dicom_pictures`, every DICOM image has one),
-    and so is a row whose study was named by the crawl and is another now (radscan.ingest.assign_study_keys):
-    how many such rows there were is returned too."""
-    todo, unchanged, regrouped = [], [], 0
+    with the identity they were looked up by, and how many are read for each reason (READ_REASONS).
+    Files with errors are always retried; a scored (or rejected) row whose picture has gone is read
+    again (with `dicom_pictures`, every DICOM image has one), and so is a row whose study was named by
+    the crawl and is another now (radscan.ingest.assign_study_keys)."""
+    todo, unchanged, reasons = [], [], Counter()
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
-        same_study = row is None or bool(row.get("StudyInstanceUID")) or (
-            # a study named by the crawl, not the file, moves when --study-key or the folder's size does
-            crawl_study(row.get("study_key", "")) == fallback_study_key(found))
-        regrouped += not same_study
-        wants_picture = row is not None and pictures != "none" and (row["status"] == Status.REJECTED or (
-            row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
-                row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom"))))))
-        usable = row is not None and row["status"] != Status.ERROR and (
-            not wants_picture or (link_base / row.get("residual_png", "")).is_file()) and same_study
-        if usable:
-            unchanged.append(identity)
+        if row is None:
+            reason = "error" if found.problem else store.why_stale(identity)
+        elif row["status"] == Status.ERROR:
+            reason = "error"
+        elif not (row.get("StudyInstanceUID") or
+                  # a study named by the crawl, not the file, moves when --study-key or the folder's size does
+                  crawl_study(row.get("study_key", "")) == fallback_study_key(found)):
+            reason = "study"
+        elif pictures != "none" and (row["status"] == Status.REJECTED or (
+                row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
+                    row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom")))))) \
+                and not (link_base / row.get("residual_png", "")).is_file():
+            reason = "picture"
         else:
-            todo.append((found, identity))
+            unchanged.append(identity)
+            continue
+        reasons[reason] += 1
+        todo.append((found, identity))
     store.mark_seen(unchanged)
-    return todo, regrouped
+    return todo, reasons
 
 
 def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,

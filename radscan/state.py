@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -81,8 +82,7 @@ class OutputLock:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip()
-                raise LockHeldError(f"another radscan run ({holder or 'unknown pid'}) is writing these outputs "
+                raise LockHeldError(f"another radscan run ({_holder(handle.read())}) is writing these outputs "
                                     f"(lock {self.path}); try again later") from None
             status = os.fstat(handle.fileno())
             if self._at_path() != (status.st_dev, status.st_ino):
@@ -121,6 +121,9 @@ class OutputLock:
 
     def release(self) -> None:
         if self._handle is not None:
+            with contextlib.suppress(OSError):  # the next run that finds the lock held must not name this one
+                self._handle.seek(0)
+                self._handle.truncate()
             self._handle.close()  # closing releases the lock
             self._handle = None
 
@@ -130,6 +133,22 @@ class OutputLock:
         except FileNotFoundError:
             return None
         return status.st_dev, status.st_ino
+
+
+def _holder(text: str) -> str:
+    """Who holds a lock, from the "pid N" its holder wrote: the PID, said to be gone when no process
+    has it (a process the holder started, e.g. a decoding worker, can outlive it and keep the lock), or
+    "unknown pid" (a holder that has not written it yet, or text that is not a PID)."""
+    match = re.fullmatch(r"pid ([1-9]\d{0,9})", text.strip())
+    if match is None:
+        return "unknown pid"
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return f"pid {match[1]}, no longer running: a process it started may still hold the lock"
+    except (OSError, OverflowError):  # another user's process (EPERM): it exists
+        pass
+    return f"pid {match[1]}"
 
 
 @contextmanager
@@ -346,6 +365,15 @@ class StateStore:
             with self._writing(), self._db:
                 self._db.execute("DELETE FROM results WHERE key = ?", (_blob(identity.key),))
         return row
+
+    def why_stale(self, identity: FileIdentity) -> str:
+        """Why a file `lookup` found no valid row for is read again: "new" (the store has no row for
+        its path), "changed" (its size or modification time differ) or "settings" (the same file, read
+        under another fingerprint: the model, the preprocessing, quality control's rules or an option)."""
+        found = self._db.execute("SELECT size, mtime_ns FROM results WHERE key = ?", (_blob(identity.key),)).fetchone()
+        if found is None:
+            return "new"
+        return "changed" if tuple(found) != (identity.size, identity.mtime_ns) else "settings"
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

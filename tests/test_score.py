@@ -142,6 +142,7 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     third = json.loads(_run(*args).stdout)
     assert (third["files"], third["scored_now"], third["reused"]) == (12, 2, 10)
+    assert third["read_because"] == {"new": 1, "changed": 1}  # the summary says why each file was read
 
     other_model = tmp_path / "other_model"
     shutil.copytree(tiny_model, other_model)
@@ -161,7 +162,10 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     (other_model / "model.json").write_text(json.dumps(meta))
     fourth = json.loads(_run("score", str(studies), "--out", str(out), "--model", str(other_model), "--json").stdout)
     assert (fourth["scored_now"], fourth["reused"]) == (12, 0)
+    assert fourth["read_because"] == {"settings": 12}  # not "new": the files are the same, the model is not
     assert {r["threshold"] for r in read_rows(out) if r["status"] == "ok"} == {"0.5"}
+    said = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model)).stderr
+    assert "(0 unchanged since the last run; 12 read again under another model or settings)" in said
 
 
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
@@ -193,7 +197,27 @@ def test_second_run_on_the_same_outputs_is_locked_out(studies, tiny_model, tmp_p
     with hold_lock(tmp_path / "report.lock"):
         result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model))
     assert result.exit_code == ExitCode.LOCKED and "try again later" in result.output
+    assert f"(pid {os.getpid()})" in result.output  # the holder, by the PID it wrote
     assert not out.exists()
+
+
+def test_the_lock_names_its_holder_only_while_that_process_runs(tmp_path):
+    """A finished holder clears its PID; a PID whose process is gone is said to be gone (a process it
+    started may hold the lock on), so an operator is not sent after the wrong process."""
+    import subprocess
+
+    lock = tmp_path / "report.lock"
+    with hold_lock(lock):
+        assert lock.read_text() == f"pid {os.getpid()}\n"
+    assert lock.read_text() == ""
+    from radscan.state import _holder
+
+    child = subprocess.Popen(["true"])  # a PID no process has once it is reaped
+    child.wait()
+    assert _holder(f"pid {child.pid}\n").endswith("no longer running: a process it started may still hold the lock")
+    assert _holder(f"pid {os.getpid()}") == f"pid {os.getpid()}"
+    for text in ("", "pid 0", "pid -1", "pid 99999999999", "pid 12; rm -rf /", "\x1b[2J"):
+        assert _holder(text) == "unknown pid", text
 
 
 @pytest.mark.parametrize("second_run", ["holding", "finished", None],
@@ -448,6 +472,9 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     truncated = next(s for s in studies if s["top_path"] == "truncated.dcm")  # its own StudyInstanceUID
     assert (truncated["images_scored"], truncated["images_error"], truncated["study_score"]) == ("0", "1", "")
     assert not any(path.startswith("loop/") for path in rows)
+    again = json.loads(_run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json").stdout)
+    errors = sum(row["status"] == "error" for row in rows.values())
+    assert again["read_because"] == {"error": errors} and again["scored_now"] == errors  # retried every night
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -584,6 +611,9 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
         assert not row["residual_png"] or (out.parent / row["residual_png"]).is_file()
     assert len(list((out.parent / "report_residuals").iterdir())) == sum(row["flag"] == "true" for row in scored)
     assert json.loads(_run(*args).stdout)["scored_now"] == 0
+    # a picture removed by hand is drawn again
+    (out.parent / next(row for row in scored if row["residual_png"])["residual_png"]).unlink()
+    assert json.loads(_run(*args).stdout)["read_because"] == {"picture": 1}
 
 
 def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(studies, tiny_model, tmp_path):

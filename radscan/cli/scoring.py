@@ -235,7 +235,11 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
     elif say and not ctx.obj["quiet"]:
         counts = summary.counts
         # files unchanged since the last run are of every status: counted apart, not as scored ones
-        click.echo(f"{counted(summary.files, 'file')} ({summary.reused} unchanged since the last run): {counts['ok']} "
+        from radscan.score import why_read
+
+        read = why_read(summary.read_because)
+        click.echo(f"{counted(summary.files, 'file')} ({summary.reused} unchanged since the last run"
+                   f"{'; ' + read if read else ''}): {counts['ok']} "
                    f"scored, {counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} "
                    f"error; {summary.flagged_studies} of {summary.studies} studies flagged -> {summary.report}",
                    err=True)
