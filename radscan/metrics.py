@@ -99,6 +99,13 @@ def _run_blocks(summary: dict[str, Any]) -> dict[str, list[str]]:
     return {
         "radscan_files": _metric("radscan_files", "Files of the last finished run by status.",
                                  *((count, {"status": status}) for status, count in counts.items())),
+        # why the files were read (radscan.score.READ_REASONS): a night that re-read every file under new
+        # settings, or retries the same errors night after night, shows here
+        "radscan_files_read": _metric("radscan_files_read", "Files of the last finished run read anew, by why "
+                                      "(unchanged: reused from the store).",
+                                      (summary.get("reused", 0), {"reason": "unchanged"}),
+                                      *((count, {"reason": reason})
+                                        for reason, count in (summary.get("read_because") or {}).items())),
         "radscan_flagged_images": _metric("radscan_flagged_images", "Images flagged in the last finished run.",
                                           summary["flagged_images"]),
         "radscan_flagged_share": _metric("radscan_flagged_share", "Share of the last finished run's scored images "

@@ -463,6 +463,7 @@ def test_the_metrics_file_tells_monitoring_every_night(tmp_path, cxr_dir):
     good = read()
     assert good["radscan_last_exit_code"] == 0 and good['radscan_files{status="ok"}'] == 2
     assert 0 <= good["radscan_flagged_share"] <= 1 and good["radscan_last_success_timestamp_seconds"] > 0
+    assert good['radscan_files_read{reason="new"}'] == 2 and good['radscan_files_read{reason="unchanged"}'] == 0
     shutil.rmtree(tmp_path / "in")
     (tmp_path / "in").mkdir()  # an empty share tonight: exit 66
     assert _run(*args).exit_code == ExitCode.NO_INPUT
