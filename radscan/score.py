@@ -172,7 +172,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         store = StateStore(outputs.state, fingerprint, run_id, history_key)
         try:
             todo, read_because = _reuse_stored(files, store, outputs.report.parent, pictures,
-                                               dicom_pictures=bool(outputs.dicom))
+                                               dicom_pictures=bool(outputs.dicom), pictures_dir=outputs.residuals)
             log.info("%d files: %d unchanged since the last run, %d to read%s", len(files), len(files) - len(todo),
                      len(todo), f" ({why_read(read_because)})" if todo else "")
             run = RunContext(identity, run_id, phi, outputs.residuals, outputs.report.parent, pictures,
@@ -435,7 +435,7 @@ READ_REASONS = {
     "changed": "changed",
     "settings": "read again under another model or settings",
     "error": "retried after an error",
-    "picture": "whose picture was missing",
+    "picture": "whose picture was missing or in another folder",
     "study": "whose study changed",
 }
 
@@ -445,8 +445,15 @@ def why_read(reasons: Mapping[str, int]) -> str:
     return ", ".join(f"{reasons[reason]} {words}" for reason, words in READ_REASONS.items() if reasons.get(reason))
 
 
+def _picture_in(picture: Path, folder: Path | None) -> bool:
+    """Whether a stored picture is a file in this run's pictures folder (a rerun given another
+    `--residuals` folder draws its pictures there, so that the list, its README and the folder agree)."""
+    return picture.is_file() and (folder is None or picture.parent.resolve() == folder.resolve())
+
+
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
-                  dicom_pictures: bool = False) -> tuple[list[tuple[Found, FileIdentity]], Counter[str]]:
+                  dicom_pictures: bool = False, pictures_dir: Path | None = None,
+                  ) -> tuple[list[tuple[Found, FileIdentity]], Counter[str]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
     with the identity they were looked up by, and how many are read for each reason (READ_REASONS).
     Files with errors are always retried; a scored (or rejected) row whose picture has gone is read
@@ -457,7 +464,9 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
         if row is None:
-            reason = "error" if found.problem else store.why_stale(identity)
+            reason = store.why_stale(identity)  # a file that cannot even be listed is "new" the first time
+            if found.problem and reason != "new":
+                reason = "error"
         elif row["status"] == Status.ERROR:
             reason = "error"
         elif not (row.get("StudyInstanceUID") or
@@ -467,7 +476,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
         elif pictures != "none" and (row["status"] == Status.REJECTED or (
                 row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
                     row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom")))))) \
-                and not (link_base / row.get("residual_png", "")).is_file():
+                and not _picture_in(link_base / row.get("residual_png", ""), pictures_dir):
             reason = "picture"
         else:
             unchanged.append(identity)

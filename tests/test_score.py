@@ -165,7 +165,7 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     assert fourth["read_because"] == {"settings": 12}  # not "new": the files are the same, the model is not
     assert {r["threshold"] for r in read_rows(out) if r["status"] == "ok"} == {"0.5"}
     said = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model)).stderr
-    assert "(0 unchanged since the last run; 12 read again under another model or settings)" in said
+    assert "12 files (12 read again under another model or settings): " in said
 
 
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
@@ -472,6 +472,8 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     truncated = next(s for s in studies if s["top_path"] == "truncated.dcm")  # its own StudyInstanceUID
     assert (truncated["images_scored"], truncated["images_error"], truncated["study_score"]) == ("0", "1", "")
     assert not any(path.startswith("loop/") for path in rows)
+    # the first time, every file is new: a dangling link, a loop and unreadable files too
+    assert json.loads(result.stdout)["read_because"] == {"new": len(rows)}
     again = json.loads(_run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json").stdout)
     errors = sum(row["status"] == "error" for row in rows.values())
     assert again["read_because"] == {"error": errors} and again["scored_now"] == errors  # retried every night
@@ -614,6 +616,13 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     # a picture removed by hand is drawn again
     (out.parent / next(row for row in scored if row["residual_png"])["residual_png"]).unlink()
     assert json.loads(_run(*args).stdout)["read_because"] == {"picture": 1}
+    # another pictures folder: the pictures are drawn there, and the list links them there
+    moved = json.loads(_run(*args, "--residuals", str(out.parent / "elsewhere")).stdout)
+    flagged = sum(row["residual_png"] != "" for row in scored)
+    assert moved["read_because"] == {"picture": flagged}
+    links = [row["residual_png"] for row in read_rows(out) if row["residual_png"]]
+    assert len(links) == flagged and all(link.startswith("elsewhere/") and (out.parent / link).is_file()
+                                         for link in links)
 
 
 def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(studies, tiny_model, tmp_path):

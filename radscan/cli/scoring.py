@@ -237,9 +237,10 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
         # files unchanged since the last run are of every status: counted apart, not as scored ones
         from radscan.score import why_read
 
-        read = why_read(summary.read_because)
-        click.echo(f"{counted(summary.files, 'file')} ({summary.reused} unchanged since the last run"
-                   f"{'; ' + read if read else ''}): {counts['ok']} "
+        # "(3 unchanged since the last run; 1 new)", "(12 read again under another model or settings)"
+        why = "; ".join(filter(None, [f"{summary.reused} unchanged since the last run" if summary.reused else "",
+                                      why_read(summary.read_because)])) or "no files"
+        click.echo(f"{counted(summary.files, 'file')} ({why}): {counts['ok']} "
                    f"scored, {counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} "
                    f"error; {summary.flagged_studies} of {summary.studies} studies flagged -> {summary.report}",
                    err=True)
