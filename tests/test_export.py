@@ -137,4 +137,6 @@ def test_what_export_cannot_do_is_refused_in_words(exported, tiny_model, tmp_pat
     assert "Exported for ONNX Runtime" in (exported / "README.md").read_text()  # the card says what changed
     calibrate = CliRunner().invoke(cli, ["calibrate", str(exported), "--normals", str(EXAMPLES / "ped-normal-01"),
                                          "--out", str(tmp_path / "cal")])
-    assert calibrate.exit_code == ExitCode.DATA and "need the torch model it was exported from" in calibrate.stderr
+    assert calibrate.exit_code == ExitCode.USAGE and "need the torch model it was exported from" in calibrate.stderr
+    again = CliRunner().invoke(cli, ["export", str(exported), "--out", str(tmp_path / "again")])
+    assert again.exit_code == ExitCode.USAGE and "need the torch model it was exported from" in again.stderr

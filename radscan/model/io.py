@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from radscan import __version__
-from radscan.errors import ModelError
+from radscan.errors import ModelError, SettingError
 from radscan.model.config import SimSIDConfig
 from radscan.model.metadata import (
     FORMAT,
@@ -88,7 +88,8 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Sim
     metadata = read_metadata(directory)
     if is_exported(metadata):
         source = metadata.get("exported_from") or {}
-        raise ModelError(f"{directory} is a model exported for ONNX Runtime (radscan export): it scores, but "
+        # a valid model given to the wrong command: a usage error (2), not a damaged model (65)
+        raise SettingError(f"{directory} is a model exported for ONNX Runtime (radscan export): it scores, but "
                          "training, calibration and export need the torch model it was exported from (version "
                          f"{source.get('version')}, weights sha256 {str(source.get('sha256'))[:12]}...)")
     if metadata.get("preprocess_version") != PREPROCESS_VERSION:
