@@ -9,8 +9,6 @@ version whose directory tells one story (`_describe_recalibration`).
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -25,7 +23,7 @@ from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
-from radscan.model.metadata import SPLIT_FILE, recalibrated
+from radscan.model.metadata import films_it_knows, recalibrated
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
@@ -200,11 +198,7 @@ def _warn_if_seen_in_training(model_dir: Path, names: Sequence[str], z_before: n
     """A warning (also returned; "" when none) when the calibration normals look like the model's
     training films: their mean z on the previous scale below SEEN_IN_TRAINING_Z, or names that its
     SPLIT_FILE lists as trained on. Counts only: a name may carry a patient's."""
-    trained: set[str] = set()
-    with contextlib.suppress(OSError, csv.Error, KeyError):
-        with open(model_dir / SPLIT_FILE, newline="") as handle:
-            trained = {Path(row["path"]).name for row in csv.DictReader(handle) if row["split"] == "train"}
-    named = sum(Path(name).name in trained for name in names)
+    named = films_it_knows(model_dir, names)["train"]
     mean_z = float(np.mean(z_before)) if len(z_before) else 0.0
     if mean_z >= SEEN_IN_TRAINING_Z and named * 2 < len(names):
         return ""

@@ -15,6 +15,7 @@ HTML page that explains them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +26,13 @@ from sklearn.metrics import average_precision_score, confusion_matrix, f1_score,
 
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.engine import load_engine
-from radscan.model.metadata import ModelIdentity, is_exported
+from radscan.model.metadata import ModelIdentity, films_it_knows, is_exported
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
 from radscan.records import printable
 from radscan.report import CsvStream, atomic_output
+
+log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "metrics_at", "bootstrap_auc", "paired_bootstrap_auc_difference"]
 
@@ -158,6 +161,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                  for start in range(0, len(images), batch_size)]).astype(np.float64)
         all_scores.append(scores)
         identity, exported = ModelIdentity.of(metadata), is_exported(metadata)
+        known = _films_it_knows(Path(model_dir), identity, normal_names, abnormal_names)
         results.append({
             "model": str(model_dir), **identity.provenance(), "engine": "onnxruntime" if exported else "torch",
             # an export and its torch model share name and version: the engine and sha256 tell them apart
@@ -165,6 +169,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                      f"sha256 {identity.sha256[:12]})",
             "normal": len(normal_names),
             "abnormal": len(abnormal_names),
+            # films of these sets the model was trained or calibrated on: its figures here are optimistic
+            "films_it_knows": known,
             "auc": float(roc_auc_score(labels, scores)), "auc_ci95": bootstrap_auc(labels, scores, bootstrap_rounds),
             "average_precision": float(average_precision_score(labels, scores)),
             "at_model_threshold": metrics_at(labels, scores, float(engine.threshold)),
@@ -189,6 +195,20 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
                                            results, comparisons, summary["rejected_by_qc"], verdicts)
     return summary
+
+
+def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list[str],
+                    abnormal_names: list[str]) -> dict[str, int]:
+    """How many of the films measured the model was trained or calibrated on (radscan.model.metadata.
+    films_it_knows: by name), logged as a WARNING when any: an AUC on them is optimistic, and the
+    specificity at the threshold set on its calibration normals is not a measurement on new normals."""
+    known = films_it_knows(model_dir, [*normal_names, *abnormal_names])
+    counts = {"train": known["train"], "calibration": known["calibration"]}
+    if any(counts.values()):
+        log.warning("%d of the films measured have the names of films model %s %s was trained on and %d of its "
+                    "calibration normals: its figures here are optimistic; measure it on films it has not seen",
+                    counts["train"], identity.name, identity.version, counts["calibration"])
+    return counts
 
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],

@@ -21,6 +21,8 @@ from radscan.policy import Policy
 
 from .conftest import CXR_DIR
 
+SHIPPED_MODEL = Path(__file__).parents[1] / "models" / "kermany-tiny"
+
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> tuple[Path, Path]:
@@ -252,3 +254,39 @@ def test_models_that_read_films_differently_are_measured_on_the_same_films(label
     report = json.loads(result.stdout)
     assert [(m["normal"], m["abnormal"]) for m in report["models"]] == [(12, 10), (12, 10)]
     assert report["rejected_by_qc"]["films"] == []
+
+
+def test_evaluate_says_when_the_model_has_seen_the_films(labelled, tmp_path):
+    """A site that measures the shipped model on the normals it was made with gets a warning, in the
+    text, the JSON and the page, instead of a page that says the films are new to it (a trial)."""
+    rows = list(csv.DictReader((SHIPPED_MODEL / "training_split.csv").open()))
+    seen = tmp_path / "copy" / "of" / "train_normal"  # another copy of the training folder, found by name
+    seen.mkdir(parents=True)
+    for split, count in (("train", 5), ("calibration", 3)):
+        for row in [row for row in rows if row["split"] == split][:count]:
+            shutil.copy(CXR_DIR / "kermany_pediatric_224/train_normal" / row["path"], seen / row["path"])
+    _, abnormal = labelled
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(seen), "--abnormal", str(abnormal), "--model",
+                                      str(SHIPPED_MODEL), "--out", str(out), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["films_it_knows"] == {"train": 5, "calibration": 3}
+    assert "have the names of films model" in result.stderr and "optimistic" in result.stderr
+    page = (out / "evaluation.html").read_text()
+    assert "has seen some of these films" in page and "none of them among these images" not in page
+
+    fresh = CliRunner().invoke(cli, ["evaluate", "--normal", str(labelled[0]), "--abnormal", str(abnormal), "--model",
+                                     str(SHIPPED_MODEL), "--out", str(tmp_path / "fresh"), "--json", "--workers", "1"])
+    assert json.loads(fresh.stdout)["films_it_knows"] == {"train": 0, "calibration": 0}
+    assert "optimistic" not in fresh.stderr
+    page = (tmp_path / "fresh" / "evaluation.html").read_text()
+    assert "has seen some" not in page and "none of them among these images, by name" in page
+
+
+def test_films_it_knows_matches_the_end_of_a_path(tmp_path):
+    from radscan.model.metadata import SPLIT_FILE, films_it_knows
+
+    (tmp_path / SPLIT_FILE).write_text("path,study_key,split\np1/a.png,k,train\nb.png,k,calibration\n")
+    found = films_it_knows(tmp_path, ["/x/train/p1/a.png", "p2/a.png", "/y/b.png", "b.png", "/z/bb.png", "a.png"])
+    assert found == {"train": 1, "calibration": 2}
+    assert films_it_knows(tmp_path / "nowhere", ["b.png"]) == {}

@@ -3,8 +3,11 @@ a scoring run needs the model's identity before the weights are loaded (see rads
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +19,7 @@ from radscan.preprocess import PREPROCESS_VERSION
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS",
            "is_exported", "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
+           "films_it_knows",
            "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
@@ -252,3 +256,26 @@ def verify_without_loading(directory: Path, metadata: dict[str, Any]) -> None:
         raise ModelError(f"the model settings in {METADATA_FILE} differ from those sealed in the weights file: "
                          "the metadata was edited; retrain or restore it")
     check_sealed_extras(sealed, metadata)
+
+
+def films_it_knows(model_dir: Path, paths: Iterable[str]) -> Counter[str]:
+    """How many of `paths` are films the model was made with, by split ("train", "calibration"), as
+    its SPLIT_FILE names them (a path relative to the training folder, matched against the end of each
+    path, so that another copy of the training folder is found too). Names, not contents: a renamed
+    copy is not found. Counts only (a name may carry a patient's); empty when the model has no such
+    file (an exported model keeps it)."""
+    splits: dict[str, str] = {}
+    try:
+        with open(Path(model_dir) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
+            splits = {row["path"]: row["split"] for row in csv.DictReader(handle)}
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError):
+        return Counter()
+    depth = max((path.count("/") + 1 for path in splits), default=0)
+    found: Counter[str] = Counter()
+    for path in paths:
+        parts = Path(path).as_posix().split("/")
+        split = next((splits[tail] for k in range(1, depth + 1)
+                      if (tail := "/".join(parts[-k:])) in splits), None)
+        if split is not None:
+            found[split] += 1
+    return found
