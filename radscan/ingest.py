@@ -138,17 +138,20 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     the study it belongs to when its content names none (`study_key`, one of STUDY_KEYS; see
     assign_study_keys).
 
-    Symbolic links are followed, but a folder is entered only once (by device and inode), so link
-    loops end. Folders that cannot be listed and broken links are returned with a `problem`.
-    `exclude` names outputs (e.g. the previews folder) that must not be read back as inputs.
+    Symbolic links are followed, after the real entries of each root, and a folder is entered and a
+    file listed only once (by device and inode): link loops end, and what is reached both by its own
+    path and through a link is listed under its own path. Folders that cannot be listed and broken
+    links are returned with a `problem`. `exclude` names outputs (e.g. the previews folder) that must
+    not be read back as inputs.
     """
     excluded = _identities(exclude)
     seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
     found: list[Found] = []
     for given in distinct_inputs(inputs):
         path = Path(given)
         if path.is_dir():
-            found.extend(_walk(path, seen_dirs, excluded))
+            found.extend(_walk(path, seen_dirs, excluded, seen_files))
         else:
             found.append(Found(str(path.parent), path.name))
     return assign_study_keys(found, study_key)
@@ -188,17 +191,27 @@ def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
     return identities
 
 
-def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]]) -> Iterator[Found]:
+def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
+          seen_files: set[tuple[int, int]] | None = None) -> Iterator[Found]:
     """Depth first, entries in name order, with an explicit stack of folder listings: a tree of
-    any depth is crawled (recursion would end at Python's limit, about 1,000 levels)."""
+    any depth is crawled (recursion would end at Python's limit, about 1,000 levels).
+
+    Symbolic links are followed after every real entry of the root: a folder or file reached both
+    by its own path and through a link is listed under its own path (a link named earlier in name
+    order would otherwise hide the real folder, and name the study after the link), and a link to a
+    file already listed is not listed again (it would be scored twice, in two studies)."""
+    seen_files = set() if seen_files is None else seen_files
     listing, problem = _list_folder(root, root, seen, excluded)
     if problem:
         yield problem
-    stack = [iter(listing)]
-    while stack:
-        entry = next(stack[-1], None)
+    stack, links = [iter(listing)], []
+    while stack or links:
+        entry = next(stack[-1], None) if stack else links.pop(0)
         if entry is None:
             stack.pop()
+            continue
+        if stack and entry.is_symlink():
+            links.append(entry)  # after the real entries
             continue
         rel = Path(entry.path).relative_to(root).as_posix()
         try:
@@ -208,7 +221,9 @@ def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]]
                     yield problem
                 stack.append(iter(listing))
             elif entry.is_file():
-                if not (excluded and _identity(entry) in excluded):
+                identity = _identity(entry)
+                if identity not in excluded and identity not in seen_files:
+                    seen_files.add(identity)
                     yield Found(str(root), rel)
             else:
                 yield Found(str(root), rel, _not_a_file(entry))

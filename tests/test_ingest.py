@@ -115,6 +115,25 @@ def test_walk_survives_links_loops_and_excludes_outputs(tmp_path):
     assert by_path[odd].status == "error" and "empty file" in by_path[odd].reason
 
 
+@pytest.mark.parametrize("link_name", ["0-link", "m-link", "zz-link"])
+def test_what_is_reached_by_its_own_path_and_by_a_link_is_listed_once_under_its_own(tmp_path, link_name):
+    """A link named before the real folder in name order hid the real folder and named its study
+    after the link, and a link to a file listed the film twice (two studies, one film; a trial). Links
+    to what lies outside the roots are still followed."""
+    studies, outside = tmp_path / "studies", tmp_path / "outside"
+    (studies / "m-real" / "deep").mkdir(parents=True)
+    outside.mkdir()
+    for folder, name in ((studies / "m-real", "a.dcm"), (studies / "m-real" / "deep", "b.dcm"), (outside, "c.dcm")):
+        shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", folder / name)
+    (studies / link_name).symlink_to(studies / "m-real")
+    (studies / f"{link_name}.dcm").symlink_to(studies / "m-real" / "deep" / "b.dcm")
+    (studies / "m-real" / "deep" / "to-outside").symlink_to(outside)
+    paths = sorted(f.path for f in find_files([studies]))
+    assert paths == ["m-real/a.dcm", "m-real/deep/b.dcm", "m-real/deep/to-outside/c.dcm"]
+    # the same, given as two roots: the second root's films are the first's
+    assert sorted(f.path for f in find_files([studies, studies / link_name])) == paths
+
+
 def test_parallel_and_serial_ingest_agree():
     files = find_files([DICOM_DIR / "nih-cxr14-udacity", CXR_DIR / "kermany_pediatric_fullres/normal"])[:12]
     serial = list(iter_ingested(files, Policy(), workers=1))
