@@ -41,7 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radscan import __version__
 from radscan.errors import SettingError
-from radscan.qc import WARN_AGE, WARN_MIRRORED
+from radscan.qc import WARN_AGE, WARN_MIRRORED, WARN_SMALL
 from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
@@ -248,7 +248,8 @@ _QC_VERDICTS = {"pass": ("QC-PASS", "Passed: the film suits the model"),
 # what a warning is about, coded, so that an engine can tell a film to check (mirrored) from a
 # patient the model was not made for (age) without parsing the worklist's words
 _QC_FINDINGS = {WARN_MIRRORED: ("QC-MIRRORED", "May be mirrored left to right: check the side marker"),
-                WARN_AGE: ("QC-AGE", "Patient age outside the model's training population")}
+                WARN_AGE: ("QC-AGE", "Patient age outside the model's training population"),
+                WARN_SMALL: ("QC-SMALL", "Smaller than the model's input: enlarged, score not comparable")}
 
 
 def _evaluations(flag: bool, qc_status: str, qc_reason: str = "") -> list[Any]:

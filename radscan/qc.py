@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError
+from radscan.preprocess import MODEL_SIZE
 from radscan.records import ImageRecord, Status, counted
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
@@ -51,6 +52,9 @@ DEFAULT_VIEWS = ("PA", "AP")
 # (the DICOM results code them: radscan.dicomresults).
 WARN_MIRRORED = "may be mirrored left to right"
 WARN_AGE = "patient age"
+# a film below the model's input side (radscan.preprocess.MODEL_SIZE) is enlarged, and carries less detail
+# than any film the model learnt from (the shipped model flags every 64 px normal: a new user's trial)
+WARN_SMALL = "smaller than the model's input"
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32
@@ -64,8 +68,8 @@ MAX_ASPECT = 3.0
 # almost wholly in them
 FLAT_TONES = 4
 # Bumped whenever a rule changes what a film is judged (part of the fingerprint: a rerun judges every file
-# again). 2: flat tone (was: the larger of pure black and pure white).
-QC_RULES = 2
+# again). 2: flat tone (was: the larger of pure black and pure white). 3: a film under MODEL_SIZE warns.
+QC_RULES = 3
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -481,6 +485,10 @@ class QualityControl:
             distances["mirror"][index] < self.limits.mirror_margin * distances["upright"][index]
         if mirrored:
             warnings.append(f"{WARN_MIRRORED} (heart on the right?): check the side marker")
+        if record.rows and record.columns and min(record.rows, record.columns) < MODEL_SIZE:
+            warnings.append(f"{WARN_SMALL} ({record.columns}x{record.rows} pixels, the model reads {MODEL_SIZE}): "
+                            "enlarged, with less detail than the films it learnt from; its score is not comparable, "
+                            "do not read a flag as a finding")
         age = age_in_years(record.PatientAge) if record.PatientAge else None
         # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
         if age is not None and self.age_range is not None and not self.age_range[0] <= age < self.age_range[1] + 1:

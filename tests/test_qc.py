@@ -186,6 +186,16 @@ def test_images_of_a_few_pixels_fail_as_too_small_whatever_they_show(qc, normals
     assert _verdicts(qc, normals[1][:1], rows=64, columns=64)[0].status != "fail"  # NIH's 64 px copies
 
 
+@pytest.mark.parametrize("columns, rows, small", [(32, 32, True), (64, 64, True), (127, 180, True), (180, 127, True),
+                                                  (128, 128, False), (1024, 1024, False), (224, 300, False)])
+def test_a_film_smaller_than_the_model_input_is_scored_with_a_warning(qc, normals, columns, rows, small):
+    """A 64 px normal is enlarged to 128 px and flagged like pneumonia (a trial: every one of NIH's
+    64 px normals flagged, with no word): a warning says its score is not comparable."""
+    verdict = _verdicts(qc, normals[1][:1], rows=rows, columns=columns)[0]
+    assert (verdict.status == "warn" and f"smaller than the model's input ({columns}x{rows} pixels"
+            in verdict.reason) == small, verdict
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(short=st.integers(32, 3000), ratio=st.floats(1.0, 80.0), tall=st.booleans())
 def test_a_film_far_longer_than_wide_is_not_judged_as_a_chest(qc, normals, short, ratio, tall):
