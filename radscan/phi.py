@@ -74,15 +74,30 @@ def age_string(years: float) -> str:
     return f"{min(int(years), 90):03d}Y"
 
 
+# The shortest HMAC key accepted: a short key can be found by trying them all against one known patient's
+# token, and then every token reverses to its identifier by trying the site's ID format (the key radscan
+# makes has 64 hex digits)
+MIN_KEY_BYTES = 16
+
+
+def _long_enough(key: bytes, what: str) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise SettingError(f"{what} has {len(key)} characters: a key that short can be guessed, and with it every "
+                           f"hashed identifier; use at least {MIN_KEY_BYTES} random characters (or delete the "
+                           "key file to have a 64-character one made)")
+    return key
+
+
 def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
     """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use.
-    Raises SettingError (exit 2) for an empty key (given or in the file) or a key file that is not
+    Raises SettingError (exit 2) for an empty key or one under MIN_KEY_BYTES (given or in the file; the
+    message never shows the key), or a key file that is not
     a regular file (a FIFO would hang the night), OutputError (73) when it cannot be made."""
     if explicit is not None:
         if not explicit.strip():  # an unset variable expanded to "": never fall back to another key silently
             raise SettingError("the PHI key given by --phi-key or RADSCAN_PHI_KEY is empty: give the site's key, or "
                                "leave both unset to use --phi-key-file")
-        return explicit.encode()
+        return _long_enough(explicit.encode(), "the PHI key given by --phi-key or RADSCAN_PHI_KEY")
     if key_file.exists() or key_file.is_symlink():
         if not key_file.is_file():
             raise SettingError(f"the PHI key file {key_file} is not a regular file: point --phi-key-file at a file")
@@ -90,7 +105,7 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
         if not key:
             raise SettingError(f"the PHI key file {key_file} is empty: put the site's key in it, or delete it to "
                                "have a new one made (identifiers hashed before will then not match)")
-        return key
+        return _long_enough(key, f"the PHI key file {key_file}")
     try:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

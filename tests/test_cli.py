@@ -165,6 +165,7 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
         "toml true for a number": ["--config", str(tmp_path / "bool.toml"), *score],
         "empty modalities": [*score, "--modalities", " , "],
         "empty phi key": [*score, "--phi", "hash", "--phi-key", ""],
+        "short phi key": [*score, "--phi", "hash", "--phi-key", "abc"],
         "key file a fifo": [*score, "--phi", "hash", "--phi-key-file", str(tmp_path / "fifo.key")],
         "key file among the inputs": [*score, "--phi", "hash", "--phi-key-file", f"{normals}/site.key"],
         "roc onto an input": ["evaluate", "--normal", normals, "--abnormal", abnormals, "--roc",

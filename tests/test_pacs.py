@@ -362,7 +362,7 @@ def test_a_full_disk_under_dicom_out_costs_the_results_not_the_worklist(studies,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--phi", "hash", "--phi-key", "k"], "use --phi keep"),
+    (["--phi", "hash", "--phi-key", "k-0123456789abcdef"], "use --phi keep"),
     (["--phi", "drop"], "use --phi keep"),
     (["--no-residuals"], "leave out --no-residuals"),
     (["--send", "pacs"], "must be HOST:PORT"),

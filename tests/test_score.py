@@ -386,10 +386,11 @@ def test_phi_hash_and_drop(studies, tiny_model, tmp_path):
         return {r["PatientID"] for r in read_rows(out) if r["path"].startswith("nih/") and r["status"] == "ok"}
 
     assert patient_ids() == {PATIENT_ID}
-    hashed = patient_ids("--phi", "hash", "--phi-key", "k1")
+    hashed = patient_ids("--phi", "hash", "--phi-key", "k1-0123456789abcdef")
     assert len(hashed) == 1 and len(next(iter(hashed))) == 16 and hashed != {PATIENT_ID}
-    assert patient_ids("--phi", "hash", env={"RADSCAN_PHI_KEY": "k1"}) == hashed  # same key, same token
-    assert patient_ids("--phi", "hash", "--phi-key", "k2") != hashed
+    # the same key, the same token
+    assert patient_ids("--phi", "hash", env={"RADSCAN_PHI_KEY": "k1-0123456789abcdef"}) == hashed
+    assert patient_ids("--phi", "hash", "--phi-key", "k2-0123456789abcdef") != hashed
     key_file = tmp_path / "keys" / "phi.key"
     from_file = patient_ids("--phi", "hash", "--phi-key-file", str(key_file))
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -743,7 +744,7 @@ def test_files_gone_from_the_inputs_are_pruned_and_raw_identifiers_do_not_outliv
     assert all((out.parent / pictures[p]).is_file() for p in pictures if p not in gone)
     state = out.with_name("report.state.sqlite")
     assert PATIENT_ID.encode() in state.read_bytes()  # --phi keep stores it, as the CSV shows it
-    assert _run(*args, "--phi", "hash", "--phi-key", "k").exit_code == 0
+    assert _run(*args, "--phi", "hash", "--phi-key", "k-0123456789abcdef").exit_code == 0
     stored = state.read_bytes() + b"".join(p.read_bytes() for p in out.parent.glob("report.state.sqlite-*"))
     assert PATIENT_ID.encode() not in stored
 
@@ -824,7 +825,7 @@ def test_dicom_files_without_a_study_uid_are_told_apart_by_patient_as_the_phi_mo
         source.save_as(folder / f"im{index}.dcm")
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--phi", phi,
-            "--phi-key", "site-key", "--json")
+            "--phi-key", "site-key-0123456789", "--json")
     result = _run(*args)
     assert result.exit_code == 0, result.output
     studies = read_rows(out.with_name("report_studies.csv"))

@@ -117,7 +117,7 @@ _RUN_OPTIONS = [
     study_key_option,
     click.option("--phi", type=click.Choice(["keep", "hash", "drop"]), default="keep", show_default=True,
                  help="PatientID and AccessionNumber in the outputs: as they are, a keyed HMAC, or removed."),
-    click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash (or RADSCAN_PHI_KEY)."),
+    click.option("--phi-key", envvar="RADSCAN_PHI_KEY", help="HMAC key for --phi hash, at least 16 characters (or RADSCAN_PHI_KEY)."),
     click.option("--phi-key-file", type=click.Path(dir_okay=False, path_type=Path),
                  default=Path("~/.config/radscan/phi.key").expanduser(), show_default="~/.config/radscan/phi.key",
                  help="Where the HMAC key is kept when no --phi-key is given (created on first use, mode 0600)."),
