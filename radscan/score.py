@@ -187,7 +187,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
-            problems = _problems(counts, delivery, outputs, drift, read_because["study"])
+            problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
@@ -286,7 +286,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
 
 
 def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift,
-              regrouped: int = 0) -> list[str]:
+              regrouped: int = 0, moved_aside: Path | None = None) -> list[str]:
     """What needs an operator after a run that finished, each kind in its own words: files that
     could not be read (the source, or the share) apart from results that did not reach the PACS
     (the network or the PACS), so that monitoring never reads a PACS outage as a good night; and a
@@ -308,6 +308,9 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
                         f"{outputs.report.name}")
     if drift.warning:
         problems.append(drift.warning)
+    if moved_aside is not None:
+        problems.append(f"the state store was damaged and is moved aside to {moved_aside.name}: it may hold "
+                        "identifiers of earlier runs; delete it once inspected (every file was read again)")
     if regrouped:  # counts only: a folder's name may carry a patient's
         problems.append(f"{counted(regrouped, 'film')} without a study UID {'is' if regrouped == 1 else 'are'} "
                         "grouped into studies differently from the last run (--study-key changed, or with "

@@ -270,6 +270,7 @@ class StateStore:
         # history_key: which runs are one drift history (the model and what decides a flag, not how the
         # list is drawn: --pictures or --phi change the fingerprint, not the history); the fingerprint by default
         self.fingerprint, self.run_id, self.history_key = fingerprint, run_id, history_key or fingerprint
+        self.moved_aside: Path | None = None  # a damaged store, moved aside by this run (it may hold identifiers)
         for part in store_files(path):
             refuse_link(part)
         try:
@@ -277,6 +278,7 @@ class StateStore:
         except sqlite3.DatabaseError as exc:
             # a damaged store must not stop every night: the scores in it are reproducible
             aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            self.moved_aside = aside
             log.warning("the state store %s is damaged (%s): moved aside to %s (readable by its owner only; it "
                         "may hold identifiers of earlier runs: delete it once inspected); every file is scored "
                         "again", path, exc, aside.name)

@@ -193,7 +193,7 @@ def _study_note(study: dict[str, Any]) -> str:
         notes.append(f"{study['images_error']} image(s) could not be read{why}")
     if study["images_duplicated"]:  # a copy of a file, or a sender's error: the same image is in the list twice
         notes.append(f"{study['images_duplicated']} file(s) hold a DICOM image that another file of this study "
-                     "holds too (the same SOPInstanceUID): a copy, listed and scored more than once")
+                     "holds too (the same SOPInstanceUID): a copy, listed more than once (see their rows)")
     if study["images_skipped"]:
         reason = "see their rows"
         if study["images_skipped"] == study["images"]:  # the top row is then a skipped image
