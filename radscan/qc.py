@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError
+from radscan.policy import DEFAULT_BODY_PARTS
 from radscan.preprocess import MODEL_SIZE
-from radscan.records import ImageRecord, Status, counted
+from radscan.records import ImageRecord, Status, counted, visible_controls
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
            "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
@@ -425,6 +426,7 @@ class QualityControl:
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
                                                                              distances)
             if problems:
+                problems[-1] += _body_part_said(record)
                 verdicts.append(Verdict("fail", "; ".join(problems)))  # --qc warn scores it anyway
                 continue
             warnings = self._warnings(record, index, distances)
@@ -497,6 +499,17 @@ class QualityControl:
             warnings.append(f"{WARN_AGE} {shown} years is outside the model's training population "
                             f"({low:g}-{high:g} years): its score is not comparable, do not read a flag as a finding")
         return warnings
+
+
+def _body_part_said(record: ImageRecord) -> str:
+    """" (its header says BodyPartExamined HIP)" when the header names a body part that is not the
+    chest (allowed through by --body-parts all): the reason then says what the film is, not only how
+    it fails to look like a chest (a hip read as "wrong way round": a trial). Shown escaped, cut to the
+    16 characters the value may have (a CS)."""
+    part = record.BodyPartExamined.strip().upper()
+    if not part or part in DEFAULT_BODY_PARTS:
+        return ""
+    return f" (its header says BodyPartExamined {visible_controls(part[:16])})"
 
 
 def _describe(transform: str) -> str:
