@@ -11,7 +11,6 @@ the model's own weighting of the regions (a thorax-box model: its lung fields) a
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from radscan.model.io import load_model
 from radscan.model.simsid import Discriminator, SimSID, merge_patches, split_patches, to_model_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import reading  # noqa: E402
+from shift import reading, split_films  # noqa: E402
 
 GRID = 8
 
@@ -65,15 +64,8 @@ def sources(model: SimSID) -> dict[str, tuple[Callable[[torch.Tensor], list[torc
 def main() -> None:
     model_dir, train_dir, abnormal_dir = map(Path, sys.argv[1:4])
     model = load_model(model_dir)[0].eval()
-    policy = reading(model_dir)
-    split = list(csv.DictReader((model_dir / "training_split.csv").open()))
-
-    def films(paths: list[str]) -> torch.Tensor:
-        return to_model_tensor(load_images(paths, policy, workers=2, progress=False)[0])
-
-    train = films([str(train_dir / row["path"]) for row in split if row["split"] == "train"])
-    normal = films([str(train_dir / row["path"]) for row in split if row["split"] == "calibration"])
-    abnormal = films([str(abnormal_dir)])
+    train, normal = (to_model_tensor(split_films(model_dir, train_dir, split)) for split in ("train", "calibration"))
+    abnormal = to_model_tensor(load_images([str(abnormal_dir)], reading(model_dir), workers=2, progress=False)[0])
     generator = torch.Generator().manual_seed(0)
     fit = torch.cat([train, framing_copies(train, 2, generator), collimation_copies(train, 2, generator)])
     labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]

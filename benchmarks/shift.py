@@ -128,10 +128,16 @@ CHANGES: dict[str, Change] = {
 }
 
 
-def calibration_normals(model_dir: Path, train: Path) -> np.ndarray:
+def split_films(model_dir: Path, train: Path, split: str) -> np.ndarray:
+    """(N, 128, 128) uint8: the model's training normals of one split of its training_split.csv
+    ("train" or "calibration"), found under `train` and read as the model reads films."""
     rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
-    paths = [str(train / row["path"]) for row in rows if row["split"] == "calibration"]
+    paths = [str(train / row["path"]) for row in rows if row["split"] == split]
     return load_images(paths, reading(model_dir), workers=2, progress=False)[0]
+
+
+def calibration_normals(model_dir: Path, train: Path) -> np.ndarray:
+    return split_films(model_dir, train, "calibration")
 
 
 def reading(model_dir: Path) -> Policy:

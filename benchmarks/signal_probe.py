@@ -22,7 +22,6 @@ For each description two AUCs of the model's training and calibration normals ag
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from radscan.model.io import load_model
 from radscan.model.simsid import SimSID, to_model_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import reading  # noqa: E402
+from shift import reading, split_films  # noqa: E402
 
 GRID = 8
 SCALES = (1, 2, 4)
@@ -104,15 +103,8 @@ def supervised_auc(normal: torch.Tensor, abnormal: torch.Tensor, lungs: torch.Te
 def main() -> None:
     model_dir, train_dir, abnormal_dir = map(Path, sys.argv[1:4])
     model = load_model(model_dir)[0].eval()
-    policy = reading(model_dir)
-    split = list(csv.DictReader((model_dir / "training_split.csv").open()))
-
-    def films(paths: list[str]) -> torch.Tensor:
-        return to_model_tensor(load_images(paths, policy, workers=2, progress=False)[0])
-
-    train = films([str(train_dir / row["path"]) for row in split if row["split"] == "train"])
-    normal = films([str(train_dir / row["path"]) for row in split if row["split"] == "calibration"])
-    abnormal = films([str(abnormal_dir)])
+    train, normal = (to_model_tensor(split_films(model_dir, train_dir, split)) for split in ("train", "calibration"))
+    abnormal = to_model_tensor(load_images([str(abnormal_dir)], reading(model_dir), workers=2, progress=False)[0])
     weights = F.adaptive_avg_pool2d(model.lung_mask[None, None].double(), GRID)[0, 0]
     lungs = weights > 0.3
     describe = {
