@@ -138,7 +138,7 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     the study it belongs to when its content names none (`study_key`, one of STUDY_KEYS; see
     assign_study_keys).
 
-    Symbolic links are followed, after the real entries of each root, and a folder is entered and a
+    Symbolic links are followed, after the real entries of every root, and a folder is entered and a
     file listed only once (by device and inode): link loops end, and what is reached both by its own
     path and through a link is listed under its own path. Folders that cannot be listed and broken
     links are returned with a `problem`. `exclude` names outputs (e.g. the previews folder) that must
@@ -147,13 +147,17 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     excluded = _identities(exclude)
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+    links: list[Link] = []
     found: list[Found] = []
     for given in distinct_inputs(inputs):
         path = Path(given)
         if path.is_dir():
-            found.extend(_walk(path, seen_dirs, excluded, seen_files))
+            found.extend(_walk(path, seen_dirs, excluded, seen_files, links))
         else:
             found.append(Found(str(path.parent), path.name))
+    # links last, after every root's real entries: what a link of one root leads into another root (or
+    # into its own) is listed under its own path, not the link's
+    found.extend(_follow_links(links, seen_dirs, excluded, seen_files))
     return assign_study_keys(found, study_key)
 
 
@@ -191,31 +195,45 @@ def _identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
     return identities
 
 
-def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
-          seen_files: set[tuple[int, int]] | None = None) -> Iterator[Found]:
-    """Depth first, entries in name order, with an explicit stack of folder listings: a tree of
-    any depth is crawled (recursion would end at Python's limit, about 1,000 levels).
+Link = tuple[Path, os.DirEntry]  # a symbolic link met in a walk, with the root it was met under
 
-    Symbolic links are followed after every real entry of the root: a folder or file reached both
-    by its own path and through a link is listed under its own path (a link named earlier in name
-    order would otherwise hide the real folder, and name the study after the link), and a link to a
-    file already listed is not listed again (it would be scored twice, in two studies)."""
-    seen_files = set() if seen_files is None else seen_files
+
+def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
+          seen_files: set[tuple[int, int]], links: list[Link]) -> Iterator[Found]:
+    """The real entries under `root`, depth first in name order; the symbolic links met are added
+    to `links` for `_follow_links` (after every root's real entries)."""
     listing, problem = _list_folder(root, root, seen, excluded)
     if problem:
         yield problem
-    stack, links = [iter(listing)], []
-    while stack or links:
-        entry = next(stack[-1], None) if stack else links.pop(0)
+    yield from _crawl(root, listing, seen, excluded, seen_files, links)
+
+
+def _follow_links(links: list[Link], seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
+                  seen_files: set[tuple[int, int]]) -> Iterator[Found]:
+    """What the links lead to, in the order they were met, their own links after them: a folder not
+    entered before (loops end), a file not listed before."""
+    while links:
+        root, entry = links.pop(0)
+        yield from _crawl(root, [entry], seen, excluded, seen_files, links, following=True)
+
+
+def _crawl(root: Path, listing: list[os.DirEntry], seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
+           seen_files: set[tuple[int, int]], links: list[Link], following: bool = False) -> Iterator[Found]:
+    """Depth first, with an explicit stack of folder listings: a tree of any depth is crawled
+    (recursion would end at Python's limit, about 1,000 levels). A symbolic link below the first
+    level is put in `links`, not followed; `following` follows the first level's (the links given)."""
+    stack = [iter(listing)]
+    while stack:
+        entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
             continue
-        if stack and entry.is_symlink():
-            links.append(entry)  # after the real entries
+        if entry.is_symlink() and not (following and len(stack) == 1):
+            links.append((root, entry))
             continue
         rel = Path(entry.path).relative_to(root).as_posix()
         try:
-            if entry.is_dir():  # follows links; loops are cut by `seen`
+            if entry.is_dir():  # a link's target: loops are cut by `seen`
                 listing, problem = _list_folder(root, Path(entry.path), seen, excluded)
                 if problem:
                     yield problem

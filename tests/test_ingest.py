@@ -132,6 +132,18 @@ def test_what_is_reached_by_its_own_path_and_by_a_link_is_listed_once_under_its_
     assert paths == ["m-real/a.dcm", "m-real/deep/b.dcm", "m-real/deep/to-outside/c.dcm"]
     # the same, given as two roots: the second root's films are the first's
     assert sorted(f.path for f in find_files([studies, studies / link_name])) == paths
+    # a root reached through a link of an earlier root keeps its films under its own root (the run
+    # found the later root empty and stopped with exit 66; a trial), the whole folder or a part of it
+    for target in (outside, outside / "o1"):
+        (outside / "o1").mkdir(exist_ok=True)
+        shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", outside / "o1" / "d.dcm")
+        into = studies / "m-real" / "into-outside"
+        into.unlink(missing_ok=True)
+        into.symlink_to(target)
+        found = find_files([studies, outside])
+        assert sorted((Path(f.root).name, f.path) for f in found if f.root == str(outside)) == \
+            [("outside", "c.dcm"), ("outside", "o1/d.dcm")]
+        assert not any("into-outside" in f.path or "to-outside" in f.path for f in found)
 
 
 def test_parallel_and_serial_ingest_agree():
