@@ -9,6 +9,7 @@ version whose directory tells one story (`_describe_recalibration`).
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
-from radscan.model.metadata import films_it_knows, recalibrated
+from radscan.model.metadata import EARLIER_CALIBRATION, SPLIT_FILE, films_it_knows, recalibrated
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
@@ -183,9 +184,29 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         save_model(model, out_dir, kept)
     except OSError as exc:
         raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
+    _record_split(Path(model_dir), out_dir, names)
     _describe_recalibration(model, out_dir, names, scores, metadata, seen)
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
             "calibration_specificity": specificity, "warning": seen}
+
+
+def _record_split(model_dir: Path, out_dir: Path, names: Sequence[str]) -> None:
+    """The recalibrated model's SPLIT_FILE: the films it was trained on as before, its former
+    calibration normals as EARLIER_CALIBRATION, and the normals just used (their paths under the
+    folders given) as "calibration", so that `radscan evaluate` tells which films set its threshold.
+    A model without a readable SPLIT_FILE keeps none (nobody can tell what it was trained on)."""
+    try:
+        with open(model_dir / SPLIT_FILE, newline="", encoding="utf-8") as handle:
+            rows = [{**row, "split": EARLIER_CALIBRATION if row["split"] == "calibration" else row["split"]}
+                    for row in csv.DictReader(handle, strict=True)]
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError):
+        return
+    try:
+        with CsvStream(out_dir / SPLIT_FILE, ("path", "study_key", "split")) as split_csv:
+            for row in [*rows, *({"path": name, "study_key": "", "split": "calibration"} for name in names)]:
+                split_csv.write(row)
+    except OutputError as exc:  # the model is saved: a record that cannot be written costs a warning
+        log.warning("could not record the calibration normals (%s): radscan evaluate will not know them", exc)
 
 
 # Normals whose scores on the model's previous scale sit this many spreads below its own held-out
@@ -198,7 +219,7 @@ def _warn_if_seen_in_training(model_dir: Path, names: Sequence[str], z_before: n
     """A warning (also returned; "" when none) when the calibration normals look like the model's
     training films: their mean z on the previous scale below SEEN_IN_TRAINING_Z, or names that its
     SPLIT_FILE lists as trained on. Counts only: a name may carry a patient's."""
-    named = films_it_knows(model_dir, names)["train"]
+    named = (films_it_knows(model_dir, names) or {}).get("train", 0)
     mean_z = float(np.mean(z_before)) if len(z_before) else 0.0
     if mean_z >= SEEN_IN_TRAINING_Z and named * 2 < len(names):
         return ""

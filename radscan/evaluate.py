@@ -198,11 +198,17 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
 
 
 def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list[str],
-                    abnormal_names: list[str]) -> dict[str, int]:
-    """How many of the films measured the model was trained or calibrated on (radscan.model.metadata.
-    films_it_knows: by name), logged as a WARNING when any: an AUC on them is optimistic, and the
-    specificity at the threshold set on its calibration normals is not a measurement on new normals."""
+                    abnormal_names: list[str]) -> dict[str, int] | None:
+    """How many of the films measured the model was trained on ("train") or set its threshold on
+    ("calibration"; radscan.model.metadata.films_it_knows: by name), logged as a WARNING when any: an
+    AUC on them is optimistic, and the specificity at the threshold is not a measurement on new
+    normals. None, with a WARNING, when the model does not say which films it was made with."""
     known = films_it_knows(model_dir, [*normal_names, *abnormal_names])
+    if known is None:
+        log.warning("model %s %s does not say which films it was trained and calibrated on (no readable "
+                    "training_split.csv): whether it has seen these films cannot be told", identity.name,
+                    identity.version)
+        return None
     counts = {"train": known["train"], "calibration": known["calibration"]}
     if any(counts.values()):
         log.warning("%d of the films measured have the names of films model %s %s was trained on and %d of its "

@@ -77,27 +77,31 @@ def age_string(years: float) -> str:
 # The shortest HMAC key accepted: a short key can be found by trying them all against one known patient's
 # token, and then every token reverses to its identifier by trying the site's ID format (the key radscan
 # makes has 64 hex digits)
-MIN_KEY_BYTES = 16
+MIN_KEY_CHARACTERS = 16
 
 
-def _long_enough(key: bytes, what: str) -> bytes:
-    if len(key) < MIN_KEY_BYTES:
-        raise SettingError(f"{what} has {len(key)} characters: a key that short can be guessed, and with it every "
-                           f"hashed identifier; use at least {MIN_KEY_BYTES} random characters (or delete the "
-                           "key file to have a 64-character one made)")
+def _long_enough(key: bytes, what: str, remedy: str) -> bytes:
+    """`key`, or SettingError (exit 2) when it has fewer than MIN_KEY_CHARACTERS characters (the
+    message gives its length, never the key)."""
+    characters = len(key.decode("utf-8", "replace"))
+    if characters < MIN_KEY_CHARACTERS:
+        raise SettingError(f"{what} has {characters} characters: a key that short can be guessed, and with it every "
+                           f"hashed identifier; {remedy}")
     return key
 
 
 def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
     """The HMAC key: given, or read from `key_file`, which is created (mode 0600) on first use.
-    Raises SettingError (exit 2) for an empty key or one under MIN_KEY_BYTES (given or in the file; the
+    Raises SettingError (exit 2) for an empty key or one under MIN_KEY_CHARACTERS (given or in the file; the
     message never shows the key), or a key file that is not
     a regular file (a FIFO would hang the night), OutputError (73) when it cannot be made."""
     if explicit is not None:
         if not explicit.strip():  # an unset variable expanded to "": never fall back to another key silently
             raise SettingError("the PHI key given by --phi-key or RADSCAN_PHI_KEY is empty: give the site's key, or "
                                "leave both unset to use --phi-key-file")
-        return _long_enough(explicit.encode(), "the PHI key given by --phi-key or RADSCAN_PHI_KEY")
+        return _long_enough(explicit.encode(), "the PHI key given by --phi-key, RADSCAN_PHI_KEY or the settings",
+                            f"give one of at least {MIN_KEY_CHARACTERS} random characters, or none, to use the "
+                            "key file (--phi-key-file; radscan makes one of 64 characters)")
     if key_file.exists() or key_file.is_symlink():
         if not key_file.is_file():
             raise SettingError(f"the PHI key file {key_file} is not a regular file: point --phi-key-file at a file")
@@ -105,7 +109,9 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
         if not key:
             raise SettingError(f"the PHI key file {key_file} is empty: put the site's key in it, or delete it to "
                                "have a new one made (identifiers hashed before will then not match)")
-        return _long_enough(key, f"the PHI key file {key_file}")
+        return _long_enough(key, f"the PHI key file {key_file}",
+                            f"put a key of at least {MIN_KEY_CHARACTERS} random characters in it, or delete it to "
+                            "have one of 64 made (identifiers hashed before will then not match)")
     try:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

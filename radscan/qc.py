@@ -506,10 +506,11 @@ def _body_part_said(record: ImageRecord) -> str:
     chest (allowed through by --body-parts all): the reason then says what the film is, not only how
     it fails to look like a chest (a hip read as "wrong way round": a trial). Shown escaped, cut to the
     16 characters the value may have (a CS)."""
-    part = record.BodyPartExamined.strip().upper()
-    if not part or part in DEFAULT_BODY_PARTS:
+    part = record.BodyPartExamined.strip()
+    values = {value.strip().upper() for value in part.split("\\")}  # a multi-valued one: CHEST\\HIP
+    if not part or values & set(DEFAULT_BODY_PARTS):
         return ""
-    return f" (its header says BodyPartExamined {visible_controls(part[:16])})"
+    return f" (its header says BodyPartExamined {visible_controls(part[:16])})"  # as the header holds it
 
 
 def _describe(transform: str) -> str:

@@ -467,9 +467,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
         if row is None:
-            reason = store.why_stale(identity)  # a file that cannot even be listed is "new" the first time
-            if found.problem and reason != "new":
-                reason = "error"
+            reason = store.why_stale(identity)  # a file that cannot even be opened is "new" the first time
         elif row["status"] == Status.ERROR:
             reason = "error"
         elif not (row.get("StudyInstanceUID") or

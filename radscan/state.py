@@ -369,13 +369,18 @@ class StateStore:
         return row
 
     def why_stale(self, identity: FileIdentity) -> str:
-        """Why a file `lookup` found no valid row for is read again: "new" (the store has no row for
-        its path), "changed" (its size or modification time differ) or "settings" (the same file, read
-        under another fingerprint: the model, the preprocessing, quality control's rules or an option)."""
-        found = self._db.execute("SELECT size, mtime_ns FROM results WHERE key = ?", (_blob(identity.key),)).fetchone()
+        """Why a file with no valid row (`lookup`) is read: "new" (the store has no row for its path),
+        "changed" (its size or modification time differ: a file that is now a broken link too),
+        "settings" (the same file, read under another fingerprint: the model, the preprocessing,
+        quality control's rules or an option) or "error" (the same file under the same settings: one
+        that could not even be opened, retried)."""
+        found = self._db.execute("SELECT size, mtime_ns, fingerprint FROM results WHERE key = ?",
+                                 (_blob(identity.key),)).fetchone()
         if found is None:
             return "new"
-        return "changed" if tuple(found) != (identity.size, identity.mtime_ns) else "settings"
+        if tuple(found[:2]) != (identity.size, identity.mtime_ns):
+            return "changed"
+        return "settings" if found[2] != self.fingerprint else "error"
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

@@ -289,4 +289,29 @@ def test_films_it_knows_matches_the_end_of_a_path(tmp_path):
     (tmp_path / SPLIT_FILE).write_text("path,study_key,split\np1/a.png,k,train\nb.png,k,calibration\n")
     found = films_it_knows(tmp_path, ["/x/train/p1/a.png", "p2/a.png", "/y/b.png", "b.png", "/z/bb.png", "a.png"])
     assert found == {"train": 1, "calibration": 2}
-    assert films_it_knows(tmp_path / "nowhere", ["b.png"]) == {}
+    assert films_it_knows(tmp_path / "nowhere", ["b.png"]) is None  # nobody can tell
+    (tmp_path / "film_123.png").symlink_to(tmp_path / "p1" / "a.png")  # a link under another name: its target
+    assert films_it_knows(tmp_path, [str(tmp_path / "film_123.png")]) == {"train": 1}
+    (tmp_path / SPLIT_FILE).write_text("file,study_key,part\nb.png,k,calibration\n")  # not radscan's
+    assert films_it_knows(tmp_path, ["b.png"]) is None
+
+
+def test_a_recalibrated_model_knows_the_normals_that_set_its_threshold(labelled, tiny_model, tmp_path):
+    """A calibrated copy kept its source's list: evaluate on the normals that set its threshold said
+    it had seen none of them (a trial)."""
+    normal, abnormal = labelled
+    out = tmp_path / "calibrated"
+    assert CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), "--out", str(out),
+                                    "--workers", "1"]).exit_code == 0
+    splits = {row["split"] for row in csv.DictReader((out / "training_split.csv").open())}
+    assert splits == {"train", "earlier calibration", "calibration"}
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                      str(out), "--json", "--workers", "1"])
+    assert json.loads(result.stdout)["films_it_knows"] == {"train": 0, "calibration": 12}
+    (out / "training_split.csv").unlink()
+    report = tmp_path / "report"
+    unknown = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                       str(out), "--json", "--workers", "1", "--out", str(report)])
+    assert json.loads(unknown.stdout)["films_it_knows"] is None and "cannot be told" in unknown.stderr
+    page = (report / "evaluation.html").read_text()
+    assert "does not say which films it was made with" in page and "none of them among these images" not in page

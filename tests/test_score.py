@@ -478,6 +478,10 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     again = json.loads(_run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json").stdout)
     errors = sum(row["status"] == "error" for row in rows.values())
     assert again["read_because"] == {"error": errors} and again["scored_now"] == errors  # retried every night
+    (bad / "good.jpeg").unlink()
+    (bad / "good.jpeg").symlink_to(tmp_path / "gone.jpeg")  # a film that read well is now a broken link
+    third = json.loads(_run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json").stdout)
+    assert third["read_because"] == {"changed": 1, "error": errors}
 
 
 def _png_claiming(width: int, height: int) -> bytes:

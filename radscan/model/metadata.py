@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from radscan.preprocess import PREPROCESS_VERSION
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS",
            "is_exported", "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
-           "films_it_knows",
+           "films_it_knows", "EARLIER_CALIBRATION",
            "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
@@ -258,24 +259,35 @@ def verify_without_loading(directory: Path, metadata: dict[str, Any]) -> None:
     check_sealed_extras(sealed, metadata)
 
 
-def films_it_knows(model_dir: Path, paths: Iterable[str]) -> Counter[str]:
-    """How many of `paths` are films the model was made with, by split ("train", "calibration"), as
-    its SPLIT_FILE names them (a path relative to the training folder, matched against the end of each
-    path, so that another copy of the training folder is found too). Names, not contents: a renamed
-    copy is not found. Counts only (a name may carry a patient's); empty when the model has no such
-    file (an exported model keeps it)."""
+# the split of a recalibrated model's former calibration normals (radscan.calibration): neither trained
+# on nor setting its threshold any more
+EARLIER_CALIBRATION = "earlier calibration"
+
+
+def films_it_knows(model_dir: Path, paths: Iterable[str]) -> Counter[str] | None:
+    """How many of `paths` are films the model was made with, by split ("train", "calibration",
+    EARLIER_CALIBRATION), as its SPLIT_FILE names them (a path relative to the folder it was given,
+    matched against the end of each path, so that another copy of that folder is found too; a link is
+    matched by its own name and by its target's). Names, not contents: a renamed copy is not found.
+    Counts only (a name may carry a patient's). None when the model has no readable SPLIT_FILE (a
+    model from elsewhere, or one whose file was removed): then nobody can tell."""
     splits: dict[str, str] = {}
     try:
         with open(Path(model_dir) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
-            splits = {row["path"]: row["split"] for row in csv.DictReader(handle)}
-    except (OSError, csv.Error, KeyError, UnicodeDecodeError):
-        return Counter()
+            splits = {row["path"]: row["split"] for row in csv.DictReader(handle, strict=True)}
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError):
+        return None
     depth = max((path.count("/") + 1 for path in splits), default=0)
+
+    def split_of(path: str) -> str | None:
+        parts = Path(path).as_posix().split("/")
+        return next((splits[tail] for k in range(1, depth + 1) if (tail := "/".join(parts[-k:])) in splits), None)
+
     found: Counter[str] = Counter()
     for path in paths:
-        parts = Path(path).as_posix().split("/")
-        split = next((splits[tail] for k in range(1, depth + 1)
-                      if (tail := "/".join(parts[-k:])) in splits), None)
+        split = split_of(path)
+        if split is None and Path(path).is_symlink():
+            split = split_of(os.path.realpath(path))
         if split is not None:
             found[split] += 1
     return found

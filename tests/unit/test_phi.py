@@ -1,0 +1,39 @@
+"""The PHI key's checks (radscan.phi.load_phi_key): a key that can be guessed is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from radscan.errors import SettingError
+from radscan.phi import MIN_KEY_CHARACTERS, load_phi_key
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda key: key.strip()))
+def test_a_given_key_is_refused_below_sixteen_characters_and_never_shown(key):
+    if len(key) < MIN_KEY_CHARACTERS:  # characters, not bytes: eight accented letters are eight
+        with pytest.raises(SettingError) as refused:
+            load_phi_key(key, key_file=Path("/nonexistent/phi.key"))
+        assert f"has {len(key)} characters" in str(refused.value) and "or the settings" in str(refused.value)
+        assert "key file (--phi-key-file" in str(refused.value)
+    else:
+        assert load_phi_key(key, key_file=Path("/nonexistent/phi.key")) == key.encode()
+
+
+def test_the_refusal_never_shows_the_key():
+    with pytest.raises(SettingError) as refused:
+        load_phi_key("Zq9#xV-secret", Path("/nonexistent/phi.key"))
+    assert "Zq9" not in str(refused.value) and "secret" not in str(refused.value)
+
+
+def test_a_short_key_file_is_refused_with_the_file_s_remedy(tmp_path):
+    key_file = tmp_path / "phi.key"
+    key_file.write_text("abc\n")
+    with pytest.raises(SettingError, match="put a key of at least 16 random characters in it, or delete it"):
+        load_phi_key(None, key_file)
+    key_file.unlink()
+    made = load_phi_key(None, key_file)  # made on first use: 64 hex digits
+    assert len(made) == 64 and load_phi_key(None, key_file) == made
