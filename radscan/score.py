@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -448,10 +449,12 @@ def why_read(reasons: Mapping[str, int]) -> str:
     return ", ".join(f"{reasons[reason]} {words}" for reason, words in READ_REASONS.items() if reasons.get(reason))
 
 
-def _picture_in(picture: Path, folder: Path | None) -> bool:
-    """Whether a stored picture is a file in this run's pictures folder (a rerun given another
-    `--residuals` folder draws its pictures there, so that the list, its README and the folder agree)."""
-    return picture.is_file() and (folder is None or picture.parent.resolve() == folder.resolve())
+def _picture_in(link: str, link_base: Path, folder: str | None) -> bool:
+    """Whether a stored picture (`link`, relative to `link_base`, as the list links it) is a file in
+    this run's pictures folder (`folder`, relative to `link_base` too): a rerun given another
+    `--residuals` folder draws its pictures there, so that the list, its README and the folder agree.
+    Compared as the links are written (radscan.batch), without resolving paths for every film."""
+    return (folder is None or os.path.dirname(os.path.normpath(link)) == folder) and (link_base / link).is_file()
 
 
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
@@ -463,6 +466,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
     again (with `dicom_pictures`, every DICOM image has one), and so is a row whose study was named by
     the crawl and is another now (radscan.ingest.assign_study_keys)."""
     todo, unchanged, reasons = [], [], Counter()
+    folder = None if pictures_dir is None else os.path.normpath(os.path.relpath(pictures_dir, link_base))
     for found in files:
         identity = _identity(found)
         row = None if found.problem else store.lookup(identity)
@@ -477,7 +481,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
         elif pictures != "none" and (row["status"] == Status.REJECTED or (
                 row["status"] == Status.OK and (pictures == "all" or (pictures == "flagged" and (
                     row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom")))))) \
-                and not _picture_in(link_base / row.get("residual_png", ""), pictures_dir):
+                and not _picture_in(row.get("residual_png", ""), link_base, folder):
             reason = "picture"
         else:
             unchanged.append(identity)
