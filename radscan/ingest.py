@@ -8,6 +8,7 @@ files there are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -153,8 +154,13 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
         path = Path(given)
         if path.is_dir():
             found.extend(_walk(path, seen_dirs, excluded, seen_files, links))
-        else:
-            found.append(Found(str(path.parent), path.name))
+            continue
+        with contextlib.suppress(OSError):  # unreadable or broken: listed, its row says why
+            stat = path.stat()  # a file given itself (or a link to one) is listed once, as a walked one is
+            if (stat.st_dev, stat.st_ino) in seen_files:
+                continue
+            seen_files.add((stat.st_dev, stat.st_ino))
+        found.append(Found(str(path.parent), path.name))
     # links last, after every root's real entries: what a link of one root leads into another root (or
     # into its own) is listed under its own path, not the link's
     found.extend(_follow_links(links, seen_dirs, excluded, seen_files))

@@ -83,7 +83,7 @@ MIN_KEY_CHARACTERS = 16
 def _long_enough(key: bytes, what: str, remedy: str) -> bytes:
     """`key`, or SettingError (exit 2) when it has fewer than MIN_KEY_CHARACTERS characters (the
     message gives its length, never the key)."""
-    characters = len(key.decode("utf-8", "replace"))
+    characters = len(key.decode("utf-8", "replace").strip())  # padding is not randomness
     if characters < MIN_KEY_CHARACTERS:
         raise SettingError(f"{what} has {characters} characters: a key that short can be guessed, and with it every "
                            f"hashed identifier; {remedy}")

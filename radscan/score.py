@@ -262,7 +262,8 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
     if not files:
         raise NoInputError(f"no files found under {', '.join(inputs)}")
     with_files = {Path(found.root) for found in files}
-    empty = [str(root) for root in inputs if Path(root).is_dir() and Path(root) not in with_files]
+    empty = [str(root) for root in inputs
+             if Path(root).is_dir() and Path(root) not in with_files and not _holds_links(Path(root))]
     if empty:
         raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
                            "was changed; remove it from the command line if it is meant to be empty")
@@ -318,6 +319,16 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
                         f"--study-key auto their folder crossed {FOLDER_STUDY_LIMIT} films): set --study-key folder "
                         "or file to keep one grouping")
     return problems
+
+
+def _holds_links(root: Path) -> bool:
+    """Whether a folder that listed no file holds a symbolic link: its films are then listed under
+    another root or path that the link leads to (radscan.ingest.find_files), and it is not an
+    unmounted or emptied share. Walked without following links: it holds no regular file."""
+    for folder, folders, names in os.walk(root):
+        if any(os.path.islink(os.path.join(folder, name)) for name in (*folders, *names)):
+            return True
+    return False
 
 
 @contextlib.contextmanager

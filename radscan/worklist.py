@@ -18,7 +18,7 @@ from radscan.batch import now
 from radscan.errors import OutputError
 from radscan.htmlreport import IMAGES_PER_STUDY, image_entry, previous_success, render_worklist_html, study_entry
 from radscan.pictures import shows_reconstruction
-from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, Status
+from radscan.records import DICOM_FIELDS, RECORD_COLUMNS, Status, printable
 from radscan.report import AtomicFile, CsvStream, atomic_output, commit_together
 from radscan.state import StateStore
 
@@ -218,7 +218,9 @@ def _pictures_note(outputs: OutputPaths, pictures: str, score_kind: str) -> str:
     which = "each flagged image" if pictures == "flagged" else "each scored image"
     reconstruction = (",\n  and, smaller, the reconstruction difference |input - reconstruction| the score is made of"
                       if shows_reconstruction(score_kind) else "")
-    return (f"{outputs.residuals.name}/: {which} beside a map of where it raises the anomaly score\n"
+    # where the list links them: beside it, or wherever --residuals put them
+    folder = printable(os.path.relpath(outputs.residuals, outputs.report.parent))
+    return (f"{folder}/: {which} beside a map of where it raises the anomaly score\n"
             f"  (bright = more than 95% of normal films show there){reconstruction}; each image quality control\n"
             "  rejected, the whole film with the reason.")
 

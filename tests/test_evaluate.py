@@ -286,14 +286,21 @@ def test_evaluate_says_when_the_model_has_seen_the_films(labelled, tmp_path):
 def test_films_it_knows_matches_the_end_of_a_path(tmp_path):
     from radscan.model.metadata import SPLIT_FILE, films_it_knows
 
+    metadata = json.loads((SHIPPED_MODEL / "model.json").read_text())
+    metadata["training"]["n_train"], metadata["calibration"]["n_calibration"] = 1, 1
+    (tmp_path / "model.json").write_text(json.dumps(metadata))
     (tmp_path / SPLIT_FILE).write_text("path,study_key,split\np1/a.png,k,train\nb.png,k,calibration\n")
     found = films_it_knows(tmp_path, ["/x/train/p1/a.png", "p2/a.png", "/y/b.png", "b.png", "/z/bb.png", "a.png"])
     assert found == {"train": 1, "calibration": 2}
     assert films_it_knows(tmp_path / "nowhere", ["b.png"]) is None  # nobody can tell
     (tmp_path / "film_123.png").symlink_to(tmp_path / "p1" / "a.png")  # a link under another name: its target
     assert films_it_knows(tmp_path, [str(tmp_path / "film_123.png")]) == {"train": 1}
-    (tmp_path / SPLIT_FILE).write_text("file,study_key,part\nb.png,k,calibration\n")  # not radscan's
-    assert films_it_knows(tmp_path, ["b.png"]) is None
+    # not radscan's, emptied, cut, or relabelled: the counts model.json states are not there
+    for text in ("file,study_key,part\nb.png,k,calibration\n", "", "path,study_key,split\n",
+                 "path,study_key,split\np1/a.png,k,train\n",
+                 "path,study_key,split\np1/a.png,k,TRAINED\nb.png,k,calibration\n"):
+        (tmp_path / SPLIT_FILE).write_text(text)
+        assert films_it_knows(tmp_path, ["b.png"]) is None, text
 
 
 def test_a_recalibrated_model_knows_the_normals_that_set_its_threshold(labelled, tiny_model, tmp_path):

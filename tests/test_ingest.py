@@ -146,6 +146,17 @@ def test_what_is_reached_by_its_own_path_and_by_a_link_is_listed_once_under_its_
         assert not any("into-outside" in f.path or "to-outside" in f.path for f in found)
 
 
+def test_a_file_given_itself_and_reached_through_a_link_is_listed_once(tmp_path):
+    real, other = tmp_path / "real", tmp_path / "other"
+    (real / "sub").mkdir(parents=True)
+    other.mkdir()
+    shutil.copy(DICOM_DIR / "highdicom/dx_image.dcm", real / "sub" / "s1.dcm")
+    (other / "0-link").symlink_to(real / "sub")
+    (other / "flink.dcm").symlink_to(real / "sub" / "s1.dcm")
+    for inputs in ([other, real / "sub" / "s1.dcm"], [real / "sub" / "s1.dcm", other], [other, other / "flink.dcm"]):
+        assert len(find_files(inputs)) == 1, inputs
+
+
 def test_parallel_and_serial_ingest_agree():
     files = find_files([DICOM_DIR / "nih-cxr14-udacity", CXR_DIR / "kermany_pediatric_fullres/normal"])[:12]
     serial = list(iter_ingested(files, Policy(), workers=1))

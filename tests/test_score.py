@@ -632,6 +632,9 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     links = [row["residual_png"] for row in read_rows(out) if row["residual_png"]]
     assert len(links) == flagged and all(link.startswith("elsewhere/") and (out.parent / link).is_file()
                                          for link in links)
+    outside = json.loads(_run(*args, "--residuals", str(out.parent.parent / "beside")).stdout)
+    assert outside["read_because"] == {"picture": flagged}
+    assert "\n../beside/: each flagged image" in out.with_name("report_README.txt").read_text()
 
 
 def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(studies, tiny_model, tmp_path):
@@ -930,3 +933,26 @@ def test_a_study_holding_one_dicom_image_twice_says_so(studies, tiny_model, tmp_
     study = next(r for r in read_rows(out.with_name("report_studies.csv")) if r["top_path"].startswith("nih/"))
     assert study["images_scored"] == "3"
     assert "1 file(s) hold a DICOM image that another file of this study holds too" in study["study_note"]
+
+
+def test_a_root_whose_films_are_all_behind_a_link_is_not_empty(tiny_model, tmp_path):
+    """`score C B` where C holds only a link into B stopped with exit 66 ("no files found under C
+    ... an unmounted or emptied folder?"): the films are listed once, under B (a trial)."""
+    films = sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:2]
+    (tmp_path / "B" / "sub").mkdir(parents=True)
+    for film in films:
+        shutil.copy(film, tmp_path / "B" / "sub" / film.name)
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "only").symlink_to(tmp_path / "B" / "sub")
+    (tmp_path / "empty").mkdir()
+    for order in (("C", "B"), ("B", "C")):
+        out = tmp_path / "-".join(order) / "report.csv"
+        result = _run("score", *(str(tmp_path / name) for name in order), "--out", str(out), "--model",
+                      str(tiny_model), "--no-residuals")
+        assert result.exit_code == ExitCode.OK, result.output
+        assert sorted(row["path"] for row in read_rows(out)) == sorted(f"sub/{film.name}" for film in films)
+    # an empty folder beside them is still an unmounted share until said otherwise
+    refused = _run("score", str(tmp_path / "C"), str(tmp_path / "B"), str(tmp_path / "empty"), "--out",
+                   str(tmp_path / "e" / "report.csv"), "--model", str(tiny_model), "--no-residuals")
+    assert refused.exit_code == ExitCode.NO_INPUT and "empty" in refused.output and "/C" not in refused.output
+

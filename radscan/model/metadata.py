@@ -269,14 +269,20 @@ def films_it_knows(model_dir: Path, paths: Iterable[str]) -> Counter[str] | None
     EARLIER_CALIBRATION), as its SPLIT_FILE names them (a path relative to the folder it was given,
     matched against the end of each path, so that another copy of that folder is found too; a link is
     matched by its own name and by its target's). Names, not contents: a renamed copy is not found.
-    Counts only (a name may carry a patient's). None when the model has no readable SPLIT_FILE (a
-    model from elsewhere, or one whose file was removed): then nobody can tell."""
+    Counts only (a name may carry a patient's). None when the model has no readable SPLIT_FILE, or one
+    that does not list as many training and calibration films as model.json counts (a model from
+    elsewhere, a file removed, emptied, cut or edited): then nobody can tell."""
     splits: dict[str, str] = {}
     try:
         with open(Path(model_dir) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
             splits = {row["path"]: row["split"] for row in csv.DictReader(handle, strict=True)}
-    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError):
+        metadata = read_metadata(Path(model_dir))
+        stated = {"train": metadata["training"]["n_train"], "calibration": metadata["calibration"]["n_calibration"]}
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError, ModelError):
         return None
+    listed = Counter(splits.values())
+    if any(listed[split] != count for split, count in stated.items()):
+        return None  # emptied, cut or relabelled: a list that says "none of these" would be false comfort
     depth = max((path.count("/") + 1 for path in splits), default=0)
 
     def split_of(path: str) -> str | None:

@@ -37,3 +37,9 @@ def test_a_short_key_file_is_refused_with_the_file_s_remedy(tmp_path):
     key_file.unlink()
     made = load_phi_key(None, key_file)  # made on first use: 64 hex digits
     assert len(made) == 64 and load_phi_key(None, key_file) == made
+
+
+@pytest.mark.parametrize("key", ["abcdefghijklmn  ", "  abcdefghijklmn", "abcdefghijklmno\n "])
+def test_spaces_do_not_count_towards_the_length(key):
+    with pytest.raises(SettingError, match="characters: a key that short"):
+        load_phi_key(key, Path("/nonexistent/phi.key"))
