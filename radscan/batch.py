@@ -226,7 +226,10 @@ def judge_and_score(items: list[tuple[ImageRecord, np.ndarray | None]], qc: Qual
     rows = [record.as_row() for record, _ in items]
     for (index, _, _), row in zip(to_score + refused, scored + judged, strict=True):
         rows[index] = row
-    return rows, pictures + films
+    # a file that cannot be read (or is skipped) now has no picture: none of an earlier version of it either
+    stale = [] if scorer.residuals is None else [(scorer._picture_path(record), None)
+                                                 for record, image in items if image is None]
+    return rows, pictures + films + stale
 
 
 def write_pictures(pictures: PictureActions, pool: ThreadPoolExecutor) -> None:

@@ -956,3 +956,18 @@ def test_a_root_whose_films_are_all_behind_a_link_is_not_empty(tiny_model, tmp_p
                    str(tmp_path / "e" / "report.csv"), "--model", str(tiny_model), "--no-residuals")
     assert refused.exit_code == ExitCode.NO_INPUT and "empty" in refused.output and "/C" not in refused.output
 
+
+
+def test_a_film_that_can_no_longer_be_read_loses_its_picture(tiny_model, tmp_path):
+    """Its row says why it cannot be read; the picture of what it was must not stay beside the list."""
+    (tmp_path / "in").mkdir()
+    film = sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[0]
+    shutil.copy(film, tmp_path / "in" / "a.jpeg")
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--pictures", "all")
+    assert _run(*args).exit_code == ExitCode.OK
+    assert len(list((tmp_path / "out" / "report_residuals").iterdir())) == 1
+    (tmp_path / "in" / "a.jpeg").unlink()
+    (tmp_path / "in" / "a.jpeg").symlink_to(tmp_path / "gone.jpeg")
+    assert _run(*args).exit_code == ExitCode.PARTIAL
+    assert list((tmp_path / "out" / "report_residuals").iterdir()) == []
