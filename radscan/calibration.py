@@ -119,17 +119,25 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
 
 
 def _warn_if_unsupported(scores: np.ndarray, threshold: float, target_specificity: float) -> None:
-    """A threshold at specificity s is a quantile of the normals' scores: with fewer than 5 normals
-    expected above it, it is mostly noise; and ties can make it flag more normals than intended."""
+    for warning in threshold_warnings(scores, threshold, target_specificity):
+        log.warning("%s", warning)
+
+
+def threshold_warnings(scores: np.ndarray, threshold: float, target_specificity: float) -> list[str]:
+    """Why a threshold set on these normals' (N,) 0..1 scores may not hold: a threshold at specificity
+    s is a quantile of the scores, and with fewer than 5 normals expected above it, it is mostly noise;
+    ties can make it flag more normals than intended. Empty when neither applies."""
+    warnings = []
     expected_above = len(scores) * (1 - target_specificity)
     if expected_above < 5:
-        log.warning("the threshold rests on %d calibration normals, so only %.1f are expected above it at "
-                    "specificity %.2f: it will move a lot with other normals; use at least %d",
-                    len(scores), expected_above, target_specificity, int(np.ceil(5 / (1 - target_specificity) - 1e-9)))
+        warnings.append(f"the threshold rests on {len(scores)} calibration normals, so only {expected_above:.1f} are "
+                        f"expected above it at specificity {target_specificity:.2f}: it will move a lot with other "
+                        f"normals; use at least {int(np.ceil(5 / (1 - target_specificity) - 1e-9))}")
     flagged = float((scores >= threshold).mean())
     if flagged > 2 * (1 - target_specificity):
-        log.warning("the threshold flags %.0f%% of the calibration normals, more than twice the %.0f%% aimed for",
-                    100 * flagged, 100 * (1 - target_specificity))
+        warnings.append(f"the threshold flags {100 * flagged:.0f}% of the calibration normals, more than twice the "
+                        f"{100 * (1 - target_specificity):.0f}% aimed for")
+    return warnings
 
 
 def finalize(model: SimSID, calibration: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None,
@@ -186,8 +194,10 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
         raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
     _record_split(Path(model_dir), out_dir, names)
     _describe_recalibration(model, out_dir, names, scores, metadata, seen)
+    # every warning logged on the way, for --json: what an operator reads when stderr goes nowhere
+    warnings = [*threshold_warnings(scores, float(model.threshold), target_specificity), *filter(None, [seen])]
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
-            "calibration_specificity": specificity, "warning": seen}
+            "calibration_specificity": specificity, "warning": "; ".join(warnings)}
 
 
 def _record_split(model_dir: Path, out_dir: Path, names: Sequence[str]) -> None:

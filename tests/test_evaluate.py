@@ -117,6 +117,7 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
     assert result.exit_code == 0, result.output
     # 12 normals at specificity 0.9: 1.2 expected above the threshold, a quantile that is mostly noise
     assert "the threshold rests on 12 calibration normals" in result.stderr and "use at least 50" in result.stderr
+    assert "the threshold rests on 12 calibration normals" in json.loads(result.stdout)["warning"]  # --json says it
     model, metadata = load_model(out)  # verifies hash and calibration consistency
     assert metadata["calibration"]["n_calibration"] == 12
     assert metadata["calibration"]["method"] == "12 normals at specificity 0.9"
