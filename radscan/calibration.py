@@ -9,7 +9,6 @@ version whose directory tells one story (`_describe_recalibration`).
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ from radscan.errors import ModelError, NoInputError, OutputError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
-from radscan.model.metadata import EARLIER_CALIBRATION, SPLIT_FILE, films_it_knows, recalibrated
+from radscan.model.metadata import EARLIER_CALIBRATION, SPLIT_FILE, films_it_knows, read_split, recalibrated
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
@@ -205,16 +204,16 @@ def _record_split(model_dir: Path, out_dir: Path, names: Sequence[str]) -> None:
     calibration normals as EARLIER_CALIBRATION, and the normals just used (their paths under the
     folders given) as "calibration", so that `radscan evaluate` tells which films set its threshold.
     A model without a readable SPLIT_FILE keeps none (nobody can tell what it was trained on)."""
-    try:
-        with open(model_dir / SPLIT_FILE, newline="", encoding="utf-8") as handle:
-            rows = [{**row, "split": EARLIER_CALIBRATION if row["split"] == "calibration" else row["split"]}
-                    for row in csv.DictReader(handle, strict=True)]
-    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError):
+    rows = read_split(model_dir)
+    if rows is None:
         return
     try:
         with CsvStream(out_dir / SPLIT_FILE, ("path", "study_key", "split")) as split_csv:
-            for row in [*rows, *({"path": name, "study_key": "", "split": "calibration"} for name in names)]:
-                split_csv.write(row)
+            for row in rows:
+                earlier = row["split"] == "calibration"
+                split_csv.write({**row, "split": EARLIER_CALIBRATION if earlier else row["split"]})
+            for name in names:
+                split_csv.write({"path": name, "study_key": "", "split": "calibration"})
     except OutputError as exc:  # the model is saved: a record that cannot be written costs a warning
         log.warning("could not record the calibration normals (%s): radscan evaluate will not know them", exc)
 

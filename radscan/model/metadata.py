@@ -20,7 +20,7 @@ from radscan.preprocess import PREPROCESS_VERSION
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS",
            "is_exported", "read_metadata", "sha256_file", "read_verified",
            "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
-           "films_it_knows", "EARLIER_CALIBRATION",
+           "films_it_knows", "read_split", "EARLIER_CALIBRATION",
            "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
@@ -259,6 +259,18 @@ def verify_without_loading(directory: Path, metadata: dict[str, Any]) -> None:
     check_sealed_extras(sealed, metadata)
 
 
+def read_split(model_dir: Path) -> list[dict[str, str]] | None:
+    """The rows (path, study_key, split) of a model's SPLIT_FILE, or None when it is missing or not
+    radscan's (unreadable, not UTF-8, malformed, without a path or split column)."""
+    try:
+        with open(Path(model_dir) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, strict=True))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    return rows if all(isinstance(row.get("path"), str) and isinstance(row.get("split"), str) for row in rows) \
+        else None
+
+
 # the split of a recalibrated model's former calibration normals (radscan.calibration): neither trained
 # on nor setting its threshold any more
 EARLIER_CALIBRATION = "earlier calibration"
@@ -272,17 +284,16 @@ def films_it_knows(model_dir: Path, paths: Iterable[str]) -> Counter[str] | None
     Counts only (a name may carry a patient's). None when the model has no readable SPLIT_FILE, or one
     that does not list as many training and calibration films as model.json counts (a model from
     elsewhere, a file removed, emptied, cut or edited): then nobody can tell."""
-    splits: dict[str, str] = {}
+    rows = read_split(model_dir)
     try:
-        with open(Path(model_dir) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
-            splits = {row["path"]: row["split"] for row in csv.DictReader(handle, strict=True)}
         metadata = read_metadata(Path(model_dir))
         stated = {"train": metadata["training"]["n_train"], "calibration": metadata["calibration"]["n_calibration"]}
-    except (OSError, csv.Error, KeyError, UnicodeDecodeError, TypeError, ModelError):
+    except (KeyError, TypeError, ModelError):
         return None
-    listed = Counter(splits.values())
-    if any(listed[split] != count for split, count in stated.items()):
+    listed = Counter(row["split"] for row in rows or [])
+    if rows is None or any(listed[split] != count for split, count in stated.items()):
         return None  # emptied, cut or relabelled: a list that says "none of these" would be false comfort
+    splits = {row["path"]: row["split"] for row in rows}
     depth = max((path.count("/") + 1 for path in splits), default=0)
 
     def split_of(path: str) -> str | None:
