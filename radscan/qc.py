@@ -70,7 +70,8 @@ MAX_ASPECT = 3.0
 FLAT_TONES = 4
 # Bumped whenever a rule changes what a film is judged (part of the fingerprint: a rerun judges every file
 # again). 2: flat tone (was: the larger of pure black and pure white). 3: a film under MODEL_SIZE warns.
-QC_RULES = 3
+# 4: a failed film scored anyway (--qc warn) carries the warnings too.
+QC_RULES = 4
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -425,11 +426,12 @@ class QualityControl:
         for index, record in enumerate(records):
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
                                                                              distances)
+            warnings = self._warnings(record, index, distances)
             if problems:
                 problems[-1] += _body_part_said(record)
-                verdicts.append(Verdict("fail", "; ".join(problems)))  # --qc warn scores it anyway
+                # --qc warn scores it anyway: what makes its score not comparable is then said too
+                verdicts.append(Verdict("fail", "; ".join(problems + (warnings if self.mode == "warn" else []))))
                 continue
-            warnings = self._warnings(record, index, distances)
             verdicts.append(Verdict("warn", "; ".join(warnings)) if warnings else Verdict("pass"))
         return verdicts
 

@@ -194,6 +194,13 @@ def test_a_film_smaller_than_the_model_input_is_scored_with_a_warning(qc, normal
     verdict = _verdicts(qc, normals[1][:1], rows=rows, columns=columns)[0]
     assert (verdict.status == "warn" and f"smaller than the model's input ({columns}x{rows} pixels"
             in verdict.reason) == small, verdict
+    # a film that fails and is scored anyway (--qc warn) says it too; rejected ones (strict) need not
+    turned = np.ascontiguousarray(np.rot90(normals[1][:1], 1, axes=(1, 2)))
+    for mode, said in (("warn", small), ("strict", False)):
+        judge = QualityControl(mode=mode, reference=qc.reference, age_range=(1, 5))
+        failed = _verdicts(judge, turned, rows=rows, columns=columns, PatientAge="045Y")[0]
+        assert failed.status == "fail" and ("smaller than the model's input" in failed.reason) == said, failed
+        assert ("45 years is outside" in failed.reason) == (mode == "warn"), failed
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
