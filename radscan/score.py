@@ -452,6 +452,7 @@ READ_REASONS = {
     "error": "retried after an error",
     "picture": "whose picture was missing or in another folder",
     "study": "whose study changed",
+    "store": "read again because the state store was damaged",
 }
 
 

@@ -369,7 +369,8 @@ class StateStore:
         return row
 
     def why_stale(self, identity: FileIdentity) -> str:
-        """Why a file with no valid row (`lookup`) is read: "new" (the store has no row for its path),
+        """Why a file with no valid row (`lookup`) is read: "store" (this run moved a damaged store
+        aside and started an empty one), "new" (the store has no row for its path),
         "changed" (its size or modification time differ: a file that is now a broken link too),
         "settings" (the same file, read under another fingerprint: the model, the preprocessing,
         quality control's rules or an option) or "error" (the same file under the same settings: one
@@ -377,7 +378,7 @@ class StateStore:
         found = self._db.execute("SELECT size, mtime_ns, fingerprint FROM results WHERE key = ?",
                                  (_blob(identity.key),)).fetchone()
         if found is None:
-            return "new"
+            return "store" if self.moved_aside is not None else "new"
         if tuple(found[:2]) != (identity.size, identity.mtime_ns):
             return "changed"
         return "settings" if found[2] != self.fingerprint else "error"

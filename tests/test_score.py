@@ -578,6 +578,7 @@ def test_a_damaged_state_store_is_moved_aside_and_rebuilt(studies, tiny_model, t
         result = _run(*args)
         assert result.exit_code == 0, result.output
         assert "is damaged" in result.stderr and json.loads(result.stdout)["scored_now"] == 11
+        assert json.loads(result.stdout)["read_because"] == {"store": 11}  # not "new": they were scored before
         # the moved store may hold identifiers: an operator's task, in the summary's problems
         assert any("moved aside to report.state.sqlite.damaged-" in problem and "delete it" in problem
                    for problem in json.loads(result.stdout)["problems"])
