@@ -93,7 +93,7 @@ class OutputLock:
             try:
                 handle.seek(0)
                 handle.truncate()
-                handle.write(f"pid {os.getpid()}\n")
+                handle.write(_holder_text(os.getpid()))
                 handle.flush()
             except OSError as exc:  # a full disk
                 raise OutputError(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from None
@@ -135,19 +135,41 @@ class OutputLock:
         return status.st_dev, status.st_ino
 
 
+def _started(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of Linux's /proc/PID/stat), or
+    None where that cannot be read (no /proc: macOS; no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after the command's name, which may hold spaces
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _holder_text(pid: int) -> str:
+    """What a holder writes in its lock: "pid N", and where the system says it, "started T" (so that
+    a later process given the same number is not taken for the holder)."""
+    started = _started(pid)
+    return f"pid {pid}" + (f" started {started}" if started else "") + "\n"
+
+
 def _holder(text: str) -> str:
-    """Who holds a lock, from the "pid N" its holder wrote: the PID, said to be gone when no process
-    has it (a process the holder started, e.g. a decoding worker, can outlive it and keep the lock), or
-    "unknown pid" (a holder that has not written it yet, or text that is not a PID)."""
-    match = re.fullmatch(r"pid ([1-9]\d{0,9})", text.strip())
+    """Who holds a lock, from the "pid N [started T]" its holder wrote: the PID, said to be gone when
+    no process has it, or when the process that has it started at another time than T (the number
+    reused); a process the holder started, e.g. a decoding worker, can outlive it and keep the lock.
+    "unknown pid" for a holder that has not written it yet, or text that is not a PID."""
+    match = re.fullmatch(r"pid ([1-9]\d{0,9})(?: started (\d{1,20}))?", text.strip())
     if match is None:
         return "unknown pid"
+    gone = f"pid {match[1]}, no longer running: a process it started may still hold the lock"
     try:
         os.kill(int(match[1]), 0)
     except ProcessLookupError:
-        return f"pid {match[1]}, no longer running: a process it started may still hold the lock"
+        return gone
     except (OSError, OverflowError):  # another user's process (EPERM): it exists
         pass
+    if match[2] and _started(int(match[1])) not in (None, match[2]):
+        return gone  # the number is another process's now
     return f"pid {match[1]}"
 
 

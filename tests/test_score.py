@@ -208,15 +208,22 @@ def test_the_lock_names_its_holder_only_while_that_process_runs(tmp_path):
 
     lock = tmp_path / "report.lock"
     with hold_lock(lock):
-        assert lock.read_text() == f"pid {os.getpid()}\n"
+        assert lock.read_text().startswith(f"pid {os.getpid()}")
+        written = lock.read_text().strip()
     assert lock.read_text() == ""
-    from radscan.state import _holder
+    from radscan.state import _holder, _started
+
+    assert _holder(written) == f"pid {os.getpid()}"
+    started = _started(os.getpid())
+    if started is not None:  # Linux: the number taken by a process that started later is not the holder
+        reused = _holder(f"pid {os.getpid()} started {int(started) - 1}")
+        assert reused.endswith("no longer running: a process it started may still hold the lock")
 
     child = subprocess.Popen(["true"])  # a PID no process has once it is reaped
     child.wait()
     assert _holder(f"pid {child.pid}\n").endswith("no longer running: a process it started may still hold the lock")
     assert _holder(f"pid {os.getpid()}") == f"pid {os.getpid()}"
-    for text in ("", "pid 0", "pid -1", "pid 99999999999", "pid 12; rm -rf /", "\x1b[2J"):
+    for text in ("", "pid 0", "pid -1", "pid 99999999999", "pid 12; rm -rf /", "\x1b[2J", "pid 12 started x"):
         assert _holder(text) == "unknown pid", text
 
 
