@@ -79,6 +79,9 @@ BORDER = 2
 CENTRE = FEATURE_SIDE - 2 * BORDER
 # principal components kept; chosen on validation chest films and non-chest images (docs/quality-control.md)
 COMPONENTS = 25
+MIN_REFERENCE = 50  # training normals a QC reference needs (its limits are cross-validated on them)
+# thumbnails closer than this (root mean square, grey levels at 12x12) are copies of one film
+COPY_RMS = 3.0
 FOLDS = 10  # cross-validation folds for the held-out distances the limits are calibrated on
 # a turned copy must fit at least this many times better than a film as it is before the film is
 # failed as turned (or warned as mirrored); chosen on validation films (docs/quality-control.md)
@@ -262,27 +265,88 @@ def _held_out_distances(small: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _folds(small: np.ndarray) -> np.ndarray:
-    """(N,) fold of each film: films with the same thumbnail (one film copied under several names,
-    or as DICOM and JPEG) share a fold, in order of first appearance. Why: a copy in the other
-    folds fits like the film itself, and 30 films each copied twice made the held-out distances
-    in-sample ones again (8% of unseen chests failed)."""
-    keys = np.round(small, 1).reshape(len(small), -1)
-    _, group = np.unique(keys, axis=0, return_inverse=True)
-    first = {}
-    for g in group.ravel():
-        first.setdefault(int(g), len(first))
-    return np.array([first[int(g)] for g in group.ravel()]) % FOLDS
+    """(N,) fold of each film: copies of one film (`_copy_groups`) share a fold. Why: a copy in the
+    other folds fits like the film itself, and 30 films each copied twice made the held-out
+    distances in-sample ones again (8% of unseen chests failed)."""
+    return _copy_groups(small) % FOLDS
+
+
+def _copy_groups(small: np.ndarray) -> np.ndarray:
+    """(N, 12, 12) thumbnails -> (N,) group of each film, numbered in order of first appearance:
+    films whose thumbnails differ by less than COPY_RMS grey levels (root mean square) share a group,
+    and so, transitively, do their copies.
+
+    Why that distance: a film saved again as JPEG at quality 20-75 moves its thumbnail by at most 1.6
+    levels, while the two closest distinct films of Kermany's 1,201 normals differ by 9.9, of NIH's
+    400 adults by 7.2 (two films of one patient), of Kermany's 400 pneumonias by 12.2."""
+    vectors = small.reshape(len(small), -1).astype(np.float64)
+    squares = (vectors**2).sum(axis=1)
+    parent = np.arange(len(small))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = index = parent[parent[index]]
+        return index
+
+    limit = COPY_RMS**2 * vectors.shape[1]
+    for start in range(0, len(small), 1024):  # (1024, N) distances at a time: 10,000 films in 80 MB
+        block = squares[start:start + 1024, None] + squares[None, :] - 2 * vectors[start:start + 1024] @ vectors.T
+        for row, column in zip(*np.nonzero(block < limit), strict=True):
+            low, high = sorted((root(start + int(row)), root(int(column))))
+            parent[high] = low
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(root(index), len(first)) for index in range(len(small))], dtype=np.int64)
+
+
+def copy_groups(images: np.ndarray) -> np.ndarray:
+    """(N, 128, 128) uint8 inputs -> (N,) int64 group of each: copies of one film (the same film
+    under several names, as DICOM and JPEG, or re-encoded) share one, numbered in order of first
+    appearance. radscan train keeps a group on one side of its calibration split."""
+    return _copy_groups(_thumbnails(images)) if len(images) else np.zeros(0, dtype=np.int64)
+
+
+def wrong_way_round(images: np.ndarray) -> list[str]:
+    """(N, 128, 128) uint8 normals a site trains on -> per film "" or why it is set aside: it fits
+    the others' eigen-chest subspace (held out, as for the reference's limits) at least MAX_CLARITY
+    times better turned or inverted than as it is: the tightest margin quality control applies when
+    scoring. Fewer than MIN_REFERENCE films: none is set aside (no reference is fitted either).
+
+    Why: one inverted and one turned film among 60 normals put the 1st percentile of the normals'
+    ratios at 0.001, the orientation margin with it, and every turned film then passed (a trial);
+    one inverted film made the non-chest limit 4x wider. Of the shared real normals, this sets aside
+    one of NIH's 400 adults (upside down: its ratio 0.17) and none of Kermany's 1,201 (lowest 1.2)."""
+    if len(images) < MIN_REFERENCE:
+        return [""] * len(images)
+    small = _thumbnails(images)
+    found, _ = _best_turn(_held_out_distances(small))
+    reasons = [""] * len(images)
+    if found.any():
+        # said from the other normals alone: a fold's subspace that held another wrong film matched
+        # a film turned 90 degrees as "inverted and turned"
+        _, turns = _best_turn(_orientation_distances(_subspace(_standardised(small[~found])), small[found]))
+        for index, name in zip(np.flatnonzero(found), turns, strict=True):
+            reasons[index] = f"wrong way round among the normals: it matches them only if taken to be {_describe(name)}"
+    return reasons
+
+
+def _best_turn(distances: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """`_orientation_distances` -> (N,) whether a turned or inverted copy fits MAX_CLARITY times
+    better than the film as it is, and (N,) the copy that fits best."""
+    names = [name for name in distances if name not in ("upright", "mirror")]
+    stacked = np.stack([distances[name] for name in names])
+    best = stacked.argmin(axis=0)
+    return stacked.min(axis=0) * MAX_CLARITY < distances["upright"], [names[index] for index in best]
 
 
 def fit_reference(train: np.ndarray) -> QCReference:
     """Fit the eigen-chest subspace and every QC limit on (N, 128, 128) uint8 training normals
-    (N >= 50). Raises ValueError for fewer.
+    (N >= MIN_REFERENCE). Raises ValueError for fewer.
 
     The subspace is fitted on all N films; the distance and orientation limits come from
     held-out distances (`_held_out_distances`), so that they describe films the subspace has not
     seen, whatever N is (docs/quality-control.md gives the curve against N)."""
-    if len(train) < 50:
-        raise ValueError(f"the QC reference needs at least 50 training normals, got {len(train)}")
+    if len(train) < MIN_REFERENCE:
+        raise ValueError(f"the QC reference needs at least {MIN_REFERENCE} training normals, got {len(train)}")
     small = _thumbnails(train)
     reference = _subspace(_standardised(small))
     held_out = _held_out_distances(small)
@@ -294,7 +358,7 @@ def fit_reference(train: np.ndarray) -> QCReference:
         max_extreme=float(max(0.5, 2 * np.percentile(extreme, 99.5))),
         max_plane_share=float(1 - (1 - _plane_share(small).max()) / 10),
         max_distance=3 * _tail(upright),
-        orientation_margin=1 / _clarity(wrong / upright),
+        orientation_margin=1 / min(_clarity(wrong / upright), MAX_CLARITY),
         mirror_margin=1 / _clarity(held_out["mirror"] / upright),
     )
     return QCReference(reference.mean, reference.basis, limits, len(train))
@@ -321,7 +385,10 @@ def _clarity(ratios: np.ndarray) -> float:
     the training normals (another acquisition); 1 / p when they are not
     (p < 1, as for adults: 2% of NIH "no finding" adults fit some turned copy at least as well at
     12x12, and one of them really is upside down), so that no more than 1% of upright normals fail.
-    The smallest ratio (0.2) would fail every film once one normal is stored the wrong way round."""
+    The smallest ratio (0.2) would fail every film once one normal is stored the wrong way round.
+    The orientation margin is bounded by MAX_CLARITY whatever p is (`fit_reference`): a few films
+    the wrong way round among the normals (which radscan train sets aside: `wrong_way_round`) put p
+    near 0.001, and 1 / p made the margin so wide that no turned film failed."""
     p = float(np.percentile(ratios, 1))
     return max(min(p, MAX_CLARITY), 1 / p, MIN_CLARITY)
 
@@ -559,7 +626,13 @@ def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.nda
     for record, verdict in zip(records, verdicts, strict=True):
         record.qc_status, record.qc_reason = verdict.status, verdict.reason
         if rejecting and verdict.status == "fail":
-            record.status, record.reason = Status.REJECTED, f"not judged: {verdict.reason}"
+            reject(record, verdict.reason)
         else:  # only a rejected film's picture shows it; training and evaluation hold every record
             record.qc_image = None
     return [not (rejecting and verdict.status == "fail") for verdict in verdicts]
+
+
+def reject(record: ImageRecord, reason: str) -> None:
+    """Mark a film quality control failed and set aside (status `rejected`, not scored)."""
+    record.qc_status, record.qc_reason = "fail", reason
+    record.status, record.reason = Status.REJECTED, f"not judged: {reason}"

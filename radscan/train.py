@@ -50,7 +50,17 @@ from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.metadata import SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
-from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc, fit_reference, save_reference
+from radscan.qc import (
+    DEFAULT_VIEWS,
+    MIN_REFERENCE,
+    QualityControl,
+    apply_qc,
+    copy_groups,
+    fit_reference,
+    reject,
+    save_reference,
+    wrong_way_round,
+)
 from radscan.recipe import TrainConfig
 from radscan.records import ImageRecord, counted
 from radscan.report import CsvStream, cannot_write
@@ -105,6 +115,32 @@ def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | No
     return keys
 
 
+def copies_together(keys: list[str], images: np.ndarray) -> list[str]:
+    """Each film's split key (`patient_keys`), with the keys of films that are copies of one another
+    (radscan.qc.copy_groups: one film under two names, as DICOM and JPEG, re-encoded) merged, so that
+    the calibration split keeps every copy on one side: a copy trained on makes its twin among the
+    calibration normals look more normal, and the threshold optimistic (a trial: identical files on
+    both sides). (N,) keys and (N, 128, 128) uint8 films -> (N,) keys; unchanged without copies."""
+    parent = {key: key for key in keys}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            parent[key] = key = parent[parent[key]]
+        return key
+
+    first: dict[int, int] = {}  # group -> its first film
+    copies = 0
+    for index, group in enumerate(copy_groups(images).tolist()):
+        original = first.setdefault(group, index)
+        copies += original != index
+        low, high = sorted((root(keys[index]), root(keys[original])))
+        parent[high] = low
+    if copies:
+        log.info("%d of %d normals are copies of another (the same film under another name or format): each kept on "
+                 "its side of the calibration split", copies, len(keys))
+    return [root(key) for key in keys]
+
+
 def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the calibration images. Whole studies go to one side when there are enough
     of them (no study in both); a flat folder of images (one "study") is split by image."""
@@ -137,9 +173,19 @@ _NORMALS_QC = QualityControl("strict", DEFAULT_VIEWS, None, None)
 
 
 def _checked(records: list[ImageRecord], films: list[np.ndarray]) -> list[bool]:
-    """`load_images`' judge for training films: reference-free quality control (rejected ones are
-    listed in training_inputs.csv with the reason, and counted in a WARNING line)."""
-    return apply_qc(_NORMALS_QC, records, films)
+    """`load_images`' judge for training films: reference-free quality control, then the films the
+    wrong way round among the others (`radscan.qc.wrong_way_round`: they would be learnt as normal
+    and widen the reference's margins until no turned film fails). Rejected films are listed in
+    training_inputs.csv with the reason, and counted in a WARNING line."""
+    judged = [film if record.qc_image is None else record.qc_image for record, film in zip(records, films, strict=True)]
+    keep = apply_qc(_NORMALS_QC, records, films)
+    kept = [index for index, kept in enumerate(keep) if kept]
+    if kept:
+        for index, reason in zip(kept, wrong_way_round(np.stack([judged[index] for index in kept])), strict=True):
+            if reason:
+                reject(records[index], reason)
+                keep[index] = False
+    return keep
 
 
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
@@ -283,7 +329,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     # the QC step's reference: what an upright frontal film of this site looks like. Every normal
     # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
     # gets one, where the training split alone would fall short of 50
-    if len(data.images) >= 50:  # of whole films, whatever part of them the model reads (ingest_file)
+    if len(data.images) >= MIN_REFERENCE:  # of whole films, whatever part of them the model reads (ingest_file)
         metadata["qc"] = save_reference(fit_reference(data.images if data.whole_films is None else data.whole_films),
                                         out_dir)
     else:
@@ -359,6 +405,7 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         log.warning("the calibration normals are held out film by film (the films name no study or patient that "
                     "groups them): if a patient has several films, some may be trained on and others calibrated on, "
                     "which makes the threshold optimistic; name patients with --patient-pattern REGEX")
+    keys = copies_together(keys, images)
     is_calibration = split_calibration(keys, tcfg.calibration_fraction, tcfg.seed)
     # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
     # digest of each, enough to see which images went to one side together

@@ -18,7 +18,15 @@ from radscan.cli import cli
 from radscan.errors import ExitCode, ModelError
 from radscan.ingest import load_images
 from radscan.policy import Policy
-from radscan.qc import QualityControl, apply_qc, fit_reference, load_reference, save_reference
+from radscan.qc import (
+    MAX_CLARITY,
+    QualityControl,
+    apply_qc,
+    fit_reference,
+    load_reference,
+    save_reference,
+    wrong_way_round,
+)
 from radscan.records import ImageRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +117,38 @@ def test_a_small_site_reference_still_stops_turned_films(sites):
     for turned in (np.rot90(held, 1, axes=(1, 2)), np.rot90(held, 2, axes=(1, 2)), 255 - held):
         statuses = [v.status for v in _verdicts(fitted, turned)]
         assert statuses.count("fail") >= 0.95 * len(turned)
+
+
+@pytest.mark.parametrize("site", ["children", "adults"])
+@pytest.mark.parametrize("bad", [[lambda x: np.rot90(x, 1)], [lambda x: 255 - x],
+                                 [lambda x: np.rot90(x, 2), lambda x: np.rot90(x, 3), lambda x: 255 - x[::-1]]],
+                         ids=["one turned", "one inverted", "three"])
+def test_films_the_wrong_way_round_among_the_normals_are_found_and_cannot_widen_the_margin(sites, site, bad):
+    """A trial: one inverted and one turned film among 60 normals put the orientation margin at 0.0008
+    (no turned film failed any more) and the non-chest limit 4x wider. They are found among the
+    normals (radscan train sets them aside), and a reference fitted with them keeps its bound."""
+    normal = sites[site][0]
+    turned = np.stack([change(film) for change, film in zip(bad, normal[60:], strict=False)])
+    films = np.concatenate([normal[:60], turned])
+    reasons = wrong_way_round(films)
+    assert [bool(reason) for reason in reasons] == [False] * 60 + [True] * len(turned), reasons
+    assert all(reason.startswith("wrong way round among the normals") for reason in reasons[60:])
+    assert fit_reference(films).limits.orientation_margin >= 1 / MAX_CLARITY - 1e-9
+    from radscan.train import _checked  # radscan train's judge of its normals sets them aside, with the reason
+
+    records = [ImageRecord(path=f"{i}.png", root="r", kind="png") for i in range(len(films))]
+    assert _checked(records, list(films)) == [True] * 60 + [False] * len(turned)
+    assert {record.status for record in records[60:]} == {"rejected"}
+    assert all(record.reason.startswith("not judged: wrong way round among the normals") for record in records[60:])
+    screened = QualityControl(reference=fit_reference(normal[:60]))
+    held = normal[70:]
+    for change in (lambda x: np.rot90(x, 1, axes=(1, 2)), lambda x: 255 - x):
+        assert [v.status for v in _verdicts(screened, change(held))].count("fail") >= 0.95 * len(held)
+
+
+def test_real_normals_are_not_taken_for_films_the_wrong_way_round(normals):
+    assert not any(wrong_way_round(np.concatenate([normals[0][:150], normals[1]])))
+    assert wrong_way_round(normals[1][:49]) == [""] * 49  # too few to judge: no reference either
 
 
 def _verdicts(qc: QualityControl, images: np.ndarray, **header) -> list:
