@@ -140,10 +140,11 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     assign_study_keys).
 
     Symbolic links are followed, after the real entries of every root, and a folder is entered and a
-    file listed only once (by device and inode): link loops end, and what is reached both by its own
-    path and through a link is listed under its own path. Folders that cannot be listed and broken
-    links are returned with a `problem`. `exclude` names outputs (e.g. the previews folder) that must
-    not be read back as inputs.
+    file reached through a link listed only once (by device and inode): link loops end, and what is
+    reached both by its own path and through a link is listed under its own path. Every real entry is
+    listed, hard links to one file too (each is a path a user gave a film under). Folders that cannot
+    be listed and broken links are returned with a `problem`. `exclude` names outputs (e.g. the
+    previews folder) that must not be read back as inputs.
     """
     excluded = _identities(exclude)
     seen_dirs: set[tuple[int, int]] = set()
@@ -156,9 +157,7 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
             found.extend(_walk(path, seen_dirs, excluded, seen_files, links))
             continue
         with contextlib.suppress(OSError):  # unreadable or broken: listed, its row says why
-            stat = path.stat()  # a file given itself (or a link to one) is listed once, as a walked one is
-            if (stat.st_dev, stat.st_ino) in seen_files:
-                continue
+            stat = path.stat()  # a link met in a folder that leads to it is not listed again
             seen_files.add((stat.st_dev, stat.st_ino))
         found.append(Found(str(path.parent), path.name))
     # links last, after every root's real entries: what a link of one root leads into another root (or
@@ -246,7 +245,9 @@ def _crawl(root: Path, listing: list[os.DirEntry], seen: set[tuple[int, int]], e
                 stack.append(iter(listing))
             elif entry.is_file():
                 identity = _identity(entry)
-                if identity not in excluded and identity not in seen_files:
+                # every real entry is listed, hard links too (one file under two names: two rows, and the
+                # study says it holds a copy); a link only when nothing listed before is its target
+                if identity not in excluded and not (following and identity in seen_files):
                     seen_files.add(identity)
                     yield Found(str(root), rel)
             else:
