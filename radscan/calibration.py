@@ -27,7 +27,7 @@ from radscan.model.metadata import EARLIER_CALIBRATION, SPLIT_FILE, films_it_kno
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
-from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
+from radscan.qc import DEFAULT_VIEWS, apply_qc, copy_groups, quality_control
 from radscan.recipe import TrainConfig
 from radscan.report import CsvStream, head_card
 
@@ -85,10 +85,14 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     5. with a target specificity, the flag threshold: that quantile of the normals' 0..1 scores.
 
     Returns the normals' 0..1 scores (N,) and raw components (N, 4). Raises NoInputError for fewer
-    than MIN_CALIBRATION normals (a spread and a quantile need more than a handful)."""
-    if len(normals) < MIN_CALIBRATION:
-        raise NoInputError(f"only {len(normals)} usable calibration normals; at least {MIN_CALIBRATION} are needed "
-                           "(a few hundred give a threshold that transfers)")
+    than MIN_CALIBRATION distinct normals (a spread and a quantile need more than a handful; copies of
+    one film, radscan.qc.copy_groups, are one: 12 copies of one film gave a spread of 0 and z-scores
+    of 2e7, a trial)."""
+    distinct = len(np.unique(copy_groups(normals)))
+    if distinct < MIN_CALIBRATION:
+        copies = f" ({len(normals)} films, the others copies of these)" if distinct < len(normals) else ""
+        raise NoInputError(f"only {distinct} distinct usable calibration normals{copies}; at least {MIN_CALIBRATION} "
+                           "are needed (a few hundred give a threshold that transfers)")
     model.normal_mean.copy_(to_model_tensor(normals.mean(axis=0, dtype=np.float64)[None].astype(np.float32),
                                             model.normal_mean.device)[0, 0])
     with autocast(device):  # the same precision as scoring
@@ -172,9 +176,11 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # the normals a threshold is set on are the films the model would score: what quality control
     # rejects when scoring (turned, inverted, foreign) is not one of them
     qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
+    unreadable: list[str] = []
     images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
-                                   label="calibration normals",
+                                   label="calibration normals", unreadable=unreadable,
                                    judge=lambda records, films: apply_qc(qc, records, films))
+    images, names = distinct_films(images, names)
     kind = COMPONENTS.index(model.cfg.score_kind)
     before = float(model.calibration_mean[kind]), float(model.calibration_std[kind])
     scores, components = calibrate(model, images, 64, device, target_specificity)
@@ -196,7 +202,19 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # every warning logged on the way, for --json: what an operator reads when stderr goes nowhere
     warnings = [*threshold_warnings(scores, float(model.threshold), target_specificity), *filter(None, [seen])]
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
-            "calibration_specificity": specificity, "warning": "; ".join(warnings)}
+            "calibration_specificity": specificity, "warning": "; ".join(warnings),
+            "files_unreadable": len(unreadable)}
+
+
+def distinct_films(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(N, 128, 128) uint8 normals and their names -> the first of each set of copies of one film
+    (radscan.qc.copy_groups), in their order, with a WARNING when any is dropped: a copy weighs a
+    film twice in the score's spread and the threshold's quantile."""
+    first = np.sort(np.unique(copy_groups(images), return_index=True)[1])
+    if len(first) < len(images):
+        log.warning("%d of the %d calibration normals are copies of another (the same film under another name or "
+                    "format): each film counts once", len(images) - len(first), len(images))
+    return images[first], [names[index] for index in first]
 
 
 def _record_split(model_dir: Path, out_dir: Path, names: Sequence[str]) -> None:

@@ -28,7 +28,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.engine import load_engine
 from radscan.model.metadata import ModelIdentity, films_it_knows, is_exported
 from radscan.policy import Policy, for_model
-from radscan.qc import DEFAULT_VIEWS, apply_qc, quality_control
+from radscan.qc import DEFAULT_VIEWS, apply_qc, copy_groups, quality_control
 from radscan.records import printable
 from radscan.report import CsvStream, atomic_output
 
@@ -102,7 +102,9 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     "rejected_by_qc": how many normal and abnormal films quality control set aside (`qc_mode`
     "strict"; "warn" and "off" measure every film) and, under "films", each one's path, label and
     reason; "failed_qc_but_measured": how many films that failed quality control were measured
-    (`qc_mode` "warn"). Each model's result names its "engine" (torch, or onnxruntime for an export)
+    (`qc_mode` "warn"); "warnings" (`set_warnings`: copies in both classes, too few films of a class)
+    and "files_unreadable" (files that could not be read: the command exits 3). Each model's result
+    names its "engine" (torch, or onnxruntime for an export)
     and its "label" (name, version, engine, sha256), as the text, the page and comparisons show it. `out_dir`
     receives per_image.csv (path, label, model, model_version, model_sha256, engine, score, flag,
     status, qc, reason: a row per film and model with quality control's verdict (pass, warn, fail;
@@ -139,14 +141,18 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         return verdicts
 
     read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
+    unreadable: list[str] = []
     for reading in readings:
         if reading not in read:
             later = bool(read)  # its counts and warnings were said by the first reading
             # paths with their folder: two folders may hold files of one name
+            counted_here = None if later else unreadable
             normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals",
-                                                   judge=judge("normal"), with_roots=True, quiet=later)
+                                                   judge=judge("normal"), with_roots=True, quiet=later,
+                                                   unreadable=counted_here)
             abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals",
-                                                       judge=judge("abnormal"), with_roots=True, quiet=later)
+                                                       judge=judge("abnormal"), with_roots=True, quiet=later,
+                                                       unreadable=counted_here)
             read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
     # cutting a box never makes a file unreadable and the verdicts are the first reading's: every reading
     # has the same films in the same order
@@ -154,6 +160,9 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     if any((n, a) != (normal_names, abnormal_names) for _, n, a in read.values()):
         raise RuntimeError("the models' readings of the films differ: a bug, please report it")
     labels = np.r_[np.zeros(len(normal_names), dtype=int), np.ones(len(abnormal_names), dtype=int)]
+    warnings = set_warnings(labels, read[readings[0]][0])
+    for warning in warnings:
+        log.warning("%s", warning)
     results, all_scores = [], []
     for model_dir, (engine, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
         images = read[reading][0]
@@ -187,14 +196,39 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                   "qc": qc_mode, "films": set_aside},
                "failed_qc_but_measured": {label: sum(status == "fail" for status, _ in measured[label])
                                           for label in measured},
-               "disclaimer": DISCLAIMER}
+               "warnings": warnings, "files_unreadable": len(unreadable), "disclaimer": DISCLAIMER}
     if roc_png is not None:
         _save_figure(_roc_figure(labels, all_scores, results), roc_png)
         summary["roc_png"] = str(roc_png)
     if out_dir is not None:
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
-                                           results, comparisons, summary["rejected_by_qc"], verdicts)
+                                           results, comparisons, summary["rejected_by_qc"], verdicts, warnings)
     return summary
+
+
+# fewer films of a class than this, and the AUC's bootstrap interval cannot be read (one abnormal
+# film: "1.000 (1.000-1.000)")
+MIN_FILMS_PER_CLASS = 10
+
+
+def set_warnings(labels: np.ndarray, films: np.ndarray) -> list[str]:
+    """What makes a labelled set unfit to measure on, in plain words: (N,) labels (0 normal, 1
+    abnormal) and (N, 128, 128) uint8 films as read. Films of both classes that are copies of one
+    film (the same file given twice, re-encoded, DICOM and JPEG: radscan.qc.copy_groups), and classes
+    of fewer than MIN_FILMS_PER_CLASS films, whose AUC interval is degenerate or too wide to read."""
+    warnings = []
+    groups = copy_groups(films)
+    both = set(groups[labels == 0].tolist()) & set(groups[labels == 1].tolist())
+    if both:
+        films_in_both = int(np.isin(groups, list(both)).sum())
+        warnings.append(f"{films_in_both} films are copies of one another labelled both normal and abnormal (the same "
+                        "film given in both classes?): check the labels; the AUC counts them against each other")
+    small = {name: int((labels == value).sum()) for name, value in (("normal", 0), ("abnormal", 1))}
+    if min(small.values()) < MIN_FILMS_PER_CLASS:
+        warnings.append(f"only {small['normal']} normal and {small['abnormal']} abnormal films: with fewer than "
+                        f"{MIN_FILMS_PER_CLASS} of a class the AUC and its 95% interval say little (one abnormal film "
+                        "gives an interval of width 0); measure on more films")
+    return warnings
 
 
 def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list[str],
@@ -219,7 +253,7 @@ def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],
                   results: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                  rejected: dict[str, Any], verdicts: list[tuple[str, str]]) -> dict[str, str]:
+                  rejected: dict[str, Any], verdicts: list[tuple[str, str]], warnings: list[str]) -> dict[str, str]:
     """per_image.csv, roc.png, histogram.png and evaluation.html in `out_dir` (each atomic)."""
     from radscan.htmlreport import write_evaluation_html
 
@@ -240,7 +274,7 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
     write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected,
-                          sum(qc == "fail" for qc, _ in verdicts))
+                          sum(qc == "fail" for qc, _ in verdicts), warnings)
     return {name: str(path) for name, path in paths.items()}
 
 

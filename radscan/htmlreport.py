@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -111,14 +111,16 @@ def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, A
 
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                          disclaimer: str, rejected: dict[str, Any], failed_but_measured: int) -> None:
+                          disclaimer: str, rejected: dict[str, Any], failed_but_measured: int,
+                          warnings: Sequence[str] = ()) -> None:
     """The evaluation page (`radscan evaluate --out DIR`): metrics, counts, comparisons and the
     figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results;
     `rejected`: its "rejected_by_qc" (the films quality control set aside, each with its reason);
-    `failed_but_measured`: how many films quality control failed were measured (--qc warn)."""
+    `failed_but_measured`: how many films quality control failed were measured (--qc warn);
+    `warnings`: what makes the set unfit to measure on (radscan.evaluate.set_warnings), shown first."""
     page = _environment().get_template("evaluation.html.j2").render(
         models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer,
-        rejected=rejected, failed_but_measured=failed_but_measured)
+        rejected=rejected, failed_but_measured=failed_but_measured, warnings=list(warnings))
     with atomic_output(path) as handle:
         handle.write(page)
 

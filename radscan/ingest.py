@@ -555,7 +555,8 @@ def _inject_fault(found: Found) -> None:
 def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bool,
                 inventory: Path | None = None, label: str = "",
                 judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None,
-                quiet: bool = False, with_roots: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+                quiet: bool = False, with_roots: bool = False,
+                unreadable: list[str] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
     Returns (N, 128, 128) uint8 inputs, their paths relative to the folder given (`with_roots`: joined
@@ -563,7 +564,9 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     `inventory`, every file found is listed there with its status (nothing silently dropped).
     `judge` (e.g. quality control: radscan.qc.apply_qc) says which read images to keep; those it
     drops, like the files that could not be read, are counted in a WARNING line (`quiet`: no counts
-    or warnings, for a first pass over files that are read again, radscan.train's thorax box).
+    or warnings, for a first pass over files that are read again, radscan.train's thorax box). The
+    paths of files that could not be read (status error) are appended to `unreadable` when given:
+    commands that read films exit 3 for them, as `radscan score` does.
     Raises NoInputError when no image is left.
     """
     check_inputs(paths)
@@ -574,6 +577,8 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
                               desc=f"read {label}".strip(), disable=None if progress else True):
         counts[record.status] += 1
+        if unreadable is not None and record.status == Status.ERROR:
+            unreadable.append(os.path.join(record.root, record.path))
         if stream and image is None:  # a film read is listed once judged (below): it may be rejected yet
             stream.write(record.as_row())
         if image is not None:

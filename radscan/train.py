@@ -82,6 +82,7 @@ class TrainingResult:
     epochs_run: int
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_budget: bool = False
+    unreadable: int = 0  # files among the normals and validation films that could not be read (exit 3)
 
 
 def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | None) -> list[str]:
@@ -339,7 +340,7 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     _write_report(model, out_dir, [name for name, held in zip(data.names, data.is_calibration, strict=True) if held],
                   data.calibration, calibration_scores)
-    return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget)
+    return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget, len(data.unreadable))
 
 
 def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, resume: bool,
@@ -379,6 +380,7 @@ class _Films:
     model_cfg: SimSIDConfig  # the settings asked for, with a thorax box's crop once found
     lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
     whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
+    unreadable: list[str] = field(default_factory=list)  # files that could not be read (training and validation)
 
     @property
     def train_images(self) -> np.ndarray:
@@ -398,8 +400,9 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,
                                                                 out_dir / INPUTS_FILE)
+    unreadable: list[str] = []
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
-                                         judge=_checked)
+                                         judge=_checked, unreadable=unreadable)
     keys = patient_keys(names, studies, tcfg.patient_pattern)
     if not tcfg.patient_pattern and len(set(keys)) > 0.9 * len(keys):
         log.warning("the calibration normals are held out film by film (the films name no study or patient that "
@@ -413,7 +416,7 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         for path, study, held_out in zip(names, keys, is_calibration, strict=True):
             split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
-    films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films)
+    films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films, unreadable)
     if len(films.train_images) < tcfg.batch_size:
         raise NoInputError(f"only {len(films.train_images)} training images after the calibration split; "
                            f"need at least one batch of {tcfg.batch_size}")
@@ -423,9 +426,10 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
                            f"{MIN_CALIBRATION} are needed: give more normals or a larger --calibration-fraction")
     if val_abnormal:
         validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals",
-                                          judge=_checked)[0] if val_normal else films.calibration)
-        films.validation = (validation_normals,
-                            load_images(val_abnormal, policy, workers, progress, label="validation abnormals")[0])
+                                          judge=_checked, unreadable=unreadable)[0] if val_normal
+                              else films.calibration)
+        films.validation = (validation_normals, load_images(val_abnormal, policy, workers, progress,
+                                                            label="validation abnormals", unreadable=unreadable)[0])
     return films
 
 

@@ -63,6 +63,34 @@ def test_evaluate_agrees_with_an_independent_auc(labelled, tiny_model, tmp_path)
     assert (at["tp"], at["fn"]) == ((scores[1] >= at["threshold"]).sum(), (scores[1] < at["threshold"]).sum())
 
 
+def test_a_set_unfit_to_measure_on_is_said_so_and_unreadable_files_exit_3(labelled, tiny_model, tmp_path):
+    """A trial: the same film given as normal and abnormal measured AUC 0.5 without a word; 5 normals
+    against 1 abnormal reported "AUC 1.000 (1.000-1.000)"; unreadable files exited 0 where the help
+    promises 3."""
+    normal, abnormal = tmp_path / "normal", tmp_path / "abnormal"
+    shutil.copytree(labelled[0], normal)
+    abnormal.mkdir()
+    first = sorted(normal.iterdir())[0]
+    Image.open(first).save(abnormal / "same_film_again.png")  # a copy in another format
+    (normal / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                      str(tiny_model), "--json", "--workers", "1", "--out", str(out)])
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["files_unreadable"] == 1 and report["ok"] is False
+    assert [w.split(" ")[:2] for w in report["warnings"]] == [["2", "films"], ["only", "12"]], report["warnings"]
+    assert "labelled both normal and abnormal" in report["warnings"][0]
+    page = (out / "evaluation.html").read_text()
+    assert "labelled both normal and abnormal" in page and "measure on more films" in page
+    text = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                    str(tiny_model), "--workers", "1"])
+    assert text.exit_code == 3 and "WARNING: 2 films are copies" in text.stdout and "could not be read" in text.stdout
+    fine = CliRunner().invoke(cli, ["evaluate", "--normal", str(labelled[0]), "--abnormal", str(labelled[1]),
+                                    "--model", str(tiny_model), "--json", "--workers", "1"])
+    assert fine.exit_code == 0 and json.loads(fine.stdout)["warnings"] == []
+
+
 def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny_model, tmp_path):
     """--out: a page a person can read, the per-image CSV, the figures; two models: a paired bootstrap."""
     normal, abnormal = labelled
@@ -142,6 +170,30 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
     for args in ([], ["--out", str(out)]):
         refused = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(normal), *args])
         assert refused.exit_code == 2, refused.output
+
+
+def test_copies_among_calibration_normals_count_once_and_too_few_distinct_ones_are_refused(labelled, tiny_model,
+                                                                                            tmp_path):
+    """A trial: 12 copies of one film were accepted, gave the score a spread of 0, and the model then
+    flagged 58 of 62 films with z-scores of 2e7."""
+    films = sorted(labelled[0].iterdir())
+    copies, mixed = tmp_path / "copies", tmp_path / "mixed"
+    copies.mkdir()
+    shutil.copytree(labelled[0], mixed)
+    for index in range(12):
+        shutil.copy(films[0], copies / f"copy{index}.jpeg")
+        Image.open(films[index % 3]).save(mixed / f"again{index}.png")  # the same films as PNG
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(copies), "--out",
+                                      str(tmp_path / "c1"), "--workers", "1"])
+    assert result.exit_code == 66 and "only 1 distinct usable calibration normals" in result.output
+    assert "11 of the 12 calibration normals are copies of another" in result.output
+    assert not (tmp_path / "c1" / "model.json").exists()
+    (mixed / "broken.jpeg").write_bytes(films[0].read_bytes()[:300])  # a file that cannot be read: exit 3
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_model), "--normals", str(mixed), "--out",
+                                      str(tmp_path / "c2"), "--workers", "1", "--json"])
+    assert result.exit_code == 3, result.output
+    assert "12 of the 24 calibration normals are copies of another" in result.stderr
+    assert json.loads(result.stdout)["n_calibration"] == 12 and json.loads(result.stdout)["files_unreadable"] == 1
 
 
 def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):

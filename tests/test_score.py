@@ -534,6 +534,11 @@ def test_toml_lists_are_accepted_and_a_policy_that_skips_every_dicom_is_loud(stu
     result = _run("--config", str(config), "score", str(studies), "--out", str(tmp_path / "b.csv"))
     assert result.exit_code == 0, result.output
     assert "none of the 5 DICOM files read in this run was used" in result.stderr
+    # a list where one value is meant (a path, a number, one choice) is a usage error, not "no model at a,b"
+    for line in ('model = ["a", "b"]', "batch_size = [8, 16]", 'qc = ["warn", "off"]'):
+        config.write_text(f"[score]\n{line}\n")
+        result = _run("--config", str(config), "score", str(studies), "--out", str(tmp_path / "c.csv"))
+        assert result.exit_code == ExitCode.USAGE and "expected one value, not a list" in result.output, line
 
 
 def test_a_damaged_model_stops_the_run_before_anything_is_stored(studies, tiny_model, tmp_path):

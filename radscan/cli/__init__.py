@@ -81,6 +81,8 @@ def _setting(param: click.Parameter, value: object) -> object:
     """A TOML value as the option expects it: a list for a comma-separated option (modalities =
     ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
     if isinstance(value, list) and not getattr(param, "multiple", False):
+        if not isinstance(param.type, click.types.StringParamType):  # a path, a number, one choice
+            raise click.BadParameter(f"{param.name} = {value!r}: expected one value, not a list", param_hint="--config")
         return ",".join(str(item) for item in value)
     if isinstance(value, bool) and not getattr(param, "is_flag", False):
         raise click.BadParameter(f"{param.name} = {str(value).lower()}: expected a value, not true/false",

@@ -23,6 +23,7 @@ from radscan.cli.common import (
     selection_options,
     workers_option,
 )
+from radscan.errors import ExitCode
 from radscan.model.config import FIELDS, SCORE_KINDS
 from radscan.policy import Policy
 from radscan.qc import QCReference
@@ -172,11 +173,15 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
                        resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from, age_range=ages)
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
-               "stopped_by_budget": result.stopped_by_budget, **result.metrics}
+               "stopped_by_budget": result.stopped_by_budget, "files_unreadable": result.unreadable, **result.metrics}
+    exit_code = ExitCode.PARTIAL if result.unreadable else ExitCode.OK  # listed in training_inputs.csv
     if as_json:
-        echo_json(summary)
+        echo_json(summary, exit_code)
     elif not ctx.obj["quiet"]:
-        click.echo(f"model written to {result.model_dir} ({counted(result.epochs_run, 'epoch')})", err=True)
+        click.echo(f"model written to {result.model_dir} ({counted(result.epochs_run, 'epoch')})"
+                   + (f"; {counted(result.unreadable, 'file')} could not be read (training_inputs.csv)"
+                      if result.unreadable else ""), err=True)
+    ctx.exit(exit_code)
 
 
 def _age_range(text: str) -> tuple[float, float]:
@@ -323,10 +328,11 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
         models = (model_in_use(),)
     result = run_evaluate(normal, abnormal, models, batch_size, device, workers, policy,
                           progress=not ctx.obj["quiet"], out_dir=out, roc_png=roc, qc_mode=qc_mode)
+    exit_code = ExitCode.PARTIAL if result["files_unreadable"] else ExitCode.OK
     if as_json:
-        echo_json(result)
-        return
-    lines = []
+        echo_json(result, exit_code)
+        ctx.exit(exit_code)
+    lines = [f"WARNING: {warning}" for warning in result["warnings"]]
     for model_result in result["models"]:
         at, best = model_result["at_model_threshold"], model_result["at_best_accuracy_threshold_on_this_set"]
         low, high = model_result["auc_ci95"]
@@ -357,8 +363,11 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
                      f"{comparison['difference']:+.3f} (95% CI {low:+.3f} to {high:+.3f}, paired bootstrap)")
     if "outputs" in result:
         lines.append(f"report: {result['outputs']['evaluation.html']}")
+    if result["files_unreadable"]:
+        lines.append(f"{counted(result['files_unreadable'], 'file')} could not be read and are not measured (exit 3)")
     lines.append(f"({DISCLAIMER_SHORT})")
     click.echo("\n".join(lines))
+    ctx.exit(exit_code)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -401,11 +410,14 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
         raise click.UsageError(f"{out} already holds a model: radscan never overwrites one; choose another --out")
     result = recalibrate(model_dir, normals, out, target_specificity, policy, workers, resolve_device(device),
                          progress=not ctx.obj["quiet"])
+    exit_code = ExitCode.PARTIAL if result["files_unreadable"] else ExitCode.OK
     if as_json:
-        echo_json(result)
+        echo_json(result, exit_code)
     elif not ctx.obj["quiet"]:
         click.echo(f"threshold {result['threshold']:.4f} from {result['n_calibration']} normals -> "
-                   f"{result['model']}", err=True)
+                   f"{result['model']}" + (f"; {counted(result['files_unreadable'], 'file')} could not be read"
+                                          if result["files_unreadable"] else ""), err=True)
+    ctx.exit(exit_code)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
