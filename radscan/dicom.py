@@ -42,7 +42,7 @@ from pydicom.uid import (
 )
 
 from radscan.dicomheader import file_meta, header_int, header_text, header_texts
-from radscan.display import display_grey
+from radscan.display import UnusablePalette, display_grey
 from radscan.policy import Policy
 from radscan.records import DICOM_FIELDS, ImageRecord
 
@@ -149,8 +149,13 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         return None
     try:
         return display_grey(stored, ds, record)
-    except Exception:  # every header value has a fallback: reaching this is a radscan bug
-        log.warning("display pipeline failed on %s", path, exc_info=True)
+    except UnusablePalette as exc:
+        record.fail(str(exc))
+        return None
+    except Exception as exc:  # every header value has a fallback: reaching this is a radscan bug
+        log.warning("display pipeline failed on %s (%s: please report it; -vv shows the traceback)", path,
+                    type(exc).__name__)
+        log.debug("traceback", exc_info=True)
         record.fail("cannot apply the display values of the header (Modality LUT, VOI LUT or window)")
         return None
 
@@ -275,7 +280,8 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     term, absent or unknown on one-sample data -> MONOCHROME2 (no inversion); Planar Configuration
     of colour data in a JPEG, JPEG-LS or JPEG 2000 transfer syntax -> 0, because those codecs order
     the components themselves and their decoders return them interleaved (PS3.5 8.2.1: "the value
-    of Planar Configuration is irrelevant ... hence it shall be set to 0"; 8.2.3, 8.2.4 likewise).
+    of Planar Configuration is irrelevant ... hence it shall be set to 0"; 8.2.3, 8.2.4 likewise);
+    Planar Configuration of other colour data absent or not 0/1 -> 0 (interleaved, C.7.6.3.1.3).
     """
     missing = [name for keyword, name in _LAYOUT if not header_int(ds, keyword)]
     if missing:
@@ -295,6 +301,8 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
         ds.SamplesPerPixel = samples
     if samples == 3 and file_meta(ds).get("TransferSyntaxUID") in _INTERLEAVING_CODECS:
         ds.PlanarConfiguration = 0  # a stray 1 would make the decoder's interleaved output read as planes
+    elif samples == 3 and header_int(ds, "PlanarConfiguration") not in (0, 1):
+        ds.PlanarConfiguration = 0  # absent or out of range (Type 1C): interleaved, as most colour data is
     if photometric not in _KNOWN_PHOTOMETRIC:
         if samples != 1:
             shown = f"'{photometric}'" if photometric else "absent"

@@ -18,7 +18,7 @@ from radscan.dicomheader import header_int, header_number, header_numbers, heade
 from radscan.preprocess import percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
-__all__ = ["display_grey"]
+__all__ = ["display_grey", "UnusablePalette"]
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,38 @@ _VOI_LUT_BITS = (8, *range(10, 17))
 _VOI_FUNCTIONS = {"": "LINEAR", "LINEAR": "LINEAR", "LINEAR_EXACT": "LINEAR_EXACT", "SIGMOID": "SIGMOID"}
 
 
+class UnusablePalette(ValueError):
+    """A PALETTE COLOR image whose palette cannot be applied: the file's row gives the message."""
+
+
 def _colour_range(rgb: np.ndarray, ds: Dataset, photometric: str) -> float:
     """The full range of colour values: for PALETTE COLOR, that of its LUT entries (8 or 16 bits,
     the third value of the LUT Descriptor, PS3.3 C.7.6.3.1.5), which pydicom returns in 16-bit words
-    either way (8-bit entries over a 16-bit range would show a film nearly black); else the dtype's.
-    A descriptor that understates the entries (values above its range) is not trusted."""
+    either way (8-bit entries over a 16-bit range would show a film nearly black); else that of Bits
+    Stored (12-bit colour in 16-bit words showed nearly black, a trial), else the dtype's. A
+    descriptor or Bits Stored that understates the values (values above its range) is not trusted."""
     full = float(np.iinfo(rgb.dtype).max)
-    if photometric != "PALETTE COLOR":
-        return full
-    try:
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
-        return full
-    top = float(2**bits - 1) if bits in (8, 16) else full
+    if photometric == "PALETTE COLOR":
+        try:
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            return full
+        bits = bits if bits in (8, 16) else 0
+    else:
+        bits = header_int(ds, "BitsStored") or 0
+    top = float(2**bits - 1) if 0 < bits < 8 * rgb.dtype.itemsize else full
     return top if rgb.max(initial=0) <= top else full
+
+
+def _palette_applied(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's apply_color_lut, or UnusablePalette naming what is wrong (a missing or damaged
+    palette raised pydicom's own errors, and the row blamed the Modality LUT or window)."""
+    try:
+        return apply_color_lut(stored, ds)
+    except Exception:  # pydicom raises ValueError, TypeError, KeyError... for a bad palette
+        log.debug("palette unusable", exc_info=True)
+        raise UnusablePalette("a PALETTE COLOR image whose palette (Palette Color Lookup Table) is missing or "
+                              "damaged: its colours cannot be known") from None
 
 
 def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:
@@ -56,7 +74,7 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
     """
     photometric = record.photometric
     if stored.ndim == 3 or photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(stored, ds) if photometric == "PALETTE COLOR" else stored
+        rgb = _palette_applied(stored, ds) if photometric == "PALETTE COLOR" else stored
         # pydicom has already converted YBR to RGB; luma weights of ITU-R BT.601, as Pillow's "L"
         luma = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         record.voi_source = "full-range"

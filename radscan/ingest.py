@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from radscan.dicom import read_dicom
 from radscan.errors import NoInputError, SettingError
+from radscan.logs import configure as configure_log
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
 from radscan.preprocess import PREPROCESS_VERSION, to_model_input, to_qc_input
 from radscan.raster import read_raster
@@ -477,16 +478,18 @@ def _workers(**kwargs: Any) -> Any:
     """joblib's Parallel on its loky processes, each of which watches this process (`_watch_parent`)."""
     from joblib import Parallel, parallel_config
 
-    with parallel_config(backend="loky", initializer=_watch_parent, initargs=(os.getpid(),)):
+    level = logging.getLogger("radscan").getEffectiveLevel()  # the workers log as the command does
+    with parallel_config(backend="loky", initializer=_watch_parent, initargs=(os.getpid(), level)):
         return Parallel(**kwargs)
 
 
 _watched_parent: int | None = None
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_parent(parent: int, level: int = logging.WARNING) -> None:
     """Start (once per worker, as it starts) a thread that ends this process within a second of
-    `parent` dying; the worker ignores SIGINT (Ctrl-C is the run's to handle).
+    `parent` dying; the worker ignores SIGINT (Ctrl-C is the run's to handle) and logs at the
+    command's `level` in its format (radscan.logs).
 
     Why: joblib's workers are kept for reuse and only notice a dead parent when they next ask it for
     work; a run killed with SIGKILL left them decoding for minutes (issue 22). PR_SET_PDEATHSIG is
@@ -498,6 +501,7 @@ def _watch_parent(parent: int) -> None:
     # Ctrl-C reaches every process of the terminal's foreground group: the run stops its workers
     # itself, and a worker that took the signal printed its own KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_log(level)
     if os.getppid() != parent:  # loky starts its workers from the run itself: the run is gone already
         os._exit(1)
     _watched_parent = parent

@@ -106,6 +106,56 @@ def test_a_stray_planar_configuration_does_not_scramble_jpeg_colour(tmp_path, na
     assert np.array_equal(image, expected)
 
 
+def _native_colour(tmp_path: Path, name: str, pixels: np.ndarray, **header) -> Path:
+    """A native (uncompressed) Secondary Capture of `pixels` ((H, W, 3), or (H, W) with a palette)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = "RGB" if pixels.ndim == 3 else "PALETTE COLOR"
+    ds.BitsAllocated = ds.BitsStored = 8 * pixels.dtype.itemsize
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    for keyword, value in header.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_native_colour_without_planar_configuration_or_in_12_bits_displays_as_the_grey_film(tmp_path):
+    """A trial: RGB without Planar Configuration (Type 1C, absent) was an error row "does not fit the
+    header", and 12-bit RGB in 16-bit words showed nearly black and was rejected as blank; a palette
+    image without its palette blamed the Modality LUT or window."""
+    grey = np.asarray(Image.open(sorted((DATA / "cxr/kermany_pediatric_224/train_normal").iterdir())[0])
+                      .convert("L").resize((128, 128)))
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    policy = Policy(modalities=None)
+    expected = ingest_one(_native_colour(tmp_path, "rgb.dcm", rgb), policy)[1]
+    assert np.abs(expected.astype(int) - grey).mean() <= TOLERANCE
+    for name, pixels, header in (("no_planar.dcm", rgb, {"PlanarConfiguration": None}),
+                                 ("planar_7.dcm", rgb, {"PlanarConfiguration": 7}),
+                                 ("rgb12.dcm", rgb.astype(np.uint16) * 16, {"BitsStored": 12, "HighBit": 11})):
+        record, image = ingest_one(_native_colour(tmp_path, name, pixels, **header), policy)
+        assert record.status == "ok", (name, record.reason)
+        assert np.abs(image.astype(int) - expected).mean() <= TOLERANCE, name
+    record, image = ingest_one(_native_colour(tmp_path, "palette.dcm", grey), policy)
+    assert image is None and record.status == "error" and "palette" in record.reason, record.reason
+    assert_plain(record.reason)
+
+
 # --- reasons that name the header value that is wrong (issue 22, item 10) ------------------------
 
 

@@ -18,19 +18,15 @@ from pathlib import Path
 import click
 
 from radscan import __version__
-from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, log, read_settings
+from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, read_settings
 from radscan.cli.models import calibrate, evaluate, export, info, report, train
 from radscan.cli.scoring import listen, scan, score
+from radscan.logs import configure as configure_log
 
 __all__ = ["cli", "main"]
 
 def _configure_logging(verbosity: int) -> None:
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s radscan %(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    configure_log({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,7 +3,9 @@ depth, folder walking, study keys, names that print alike, hostile bytes and lin
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -222,3 +224,29 @@ def test_an_unknown_study_key_mode_is_refused(tmp_path):
 
     with pytest.raises(SettingError, match="--study-key"):
         find_files([tmp_path], study_key="patient")
+
+
+def _warn_in_a_worker(index: int) -> int:
+    logging.getLogger("radscan.dicom").warning("worker %d warns", index)
+    return index
+
+
+@pytest.mark.parametrize("level, shown", [(logging.WARNING, True), (logging.ERROR, False)])
+def test_decoding_workers_log_as_the_command_does(level, shown, capfd):
+    """A trial: a worker's warning reached stderr raw, with its traceback and no timestamp, even under -q."""
+    from joblib import delayed
+
+    from radscan.ingest import _workers
+    from radscan.logs import configure
+
+    logger = logging.getLogger("radscan")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    configure(level)
+    try:
+        assert _workers(n_jobs=2)(delayed(_warn_in_a_worker)(index) for index in range(2)) == [0, 1]
+    finally:  # as the other tests expect it (caplog listens at the root)
+        logger.handlers[:], logger.level, logger.propagate = saved
+    lines = [line for line in capfd.readouterr().err.splitlines() if "warns" in line]
+    assert len(lines) == (2 if shown else 0), lines
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} radscan WARNING: worker \d warns$", line)
+               for line in lines)
