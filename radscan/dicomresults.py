@@ -41,7 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radscan import __version__
 from radscan.errors import SettingError
-from radscan.qc import WARN_AGE, WARN_MIRRORED, WARN_SMALL
+from radscan.qc import WARN_AGE, WARN_COLOUR, WARN_MIRRORED, WARN_SMALL, WARN_TRANSPARENT
 from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
@@ -249,7 +249,9 @@ _QC_VERDICTS = {"pass": ("QC-PASS", "Passed: the film suits the model"),
 # patient the model was not made for (age) without parsing the worklist's words
 _QC_FINDINGS = {WARN_MIRRORED: ("QC-MIRRORED", "May be mirrored left to right: check the side marker"),
                 WARN_AGE: ("QC-AGE", "Patient age outside the model's training population"),
-                WARN_SMALL: ("QC-SMALL", "Smaller than the model's input: enlarged, score not comparable")}
+                WARN_SMALL: ("QC-SMALL", "Smaller than the model's input: enlarged, score not comparable"),
+                WARN_COLOUR: ("QC-COLOUR", "A colour image shown as grey: score not comparable"),
+                WARN_TRANSPARENT: ("QC-TRANSPARENT", "Partly transparent, shown over white: score not comparable")}
 
 
 def _evaluations(flag: bool, qc_status: str, qc_reason: str = "") -> list[Any]:

@@ -15,7 +15,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
 
 from radscan.dicomheader import header_int, header_number, header_numbers, header_text, header_texts
-from radscan.preprocess import percentile_window, subsample, window_to_uint8
+from radscan.preprocess import colour_notes, percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
 __all__ = ["display_grey", "UnusablePalette"]
@@ -75,10 +75,12 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
     photometric = record.photometric
     if stored.ndim == 3 or photometric == "PALETTE COLOR":
         rgb = _palette_applied(stored, ds) if photometric == "PALETTE COLOR" else stored
+        top = _colour_range(rgb, ds, photometric)
+        record.converted = colour_notes(rgb, full=top)
         # pydicom has already converted YBR to RGB; luma weights of ITU-R BT.601, as Pillow's "L"
         luma = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         record.voi_source = "full-range"
-        return window_to_uint8(luma, 0.0, _colour_range(rgb, ds, photometric), invert=False)
+        return window_to_uint8(luma, 0.0, top, invert=False)
 
     record.inverted = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and header_text(ds, "PresentationLUTShape").upper() == "INVERSE"

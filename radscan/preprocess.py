@@ -49,6 +49,7 @@ __all__ = [
     "crop_pixels",
     "is_box",
     "Crop",
+    "colour_notes",
 ]
 
 MODEL_SIZE = 128
@@ -57,6 +58,32 @@ PREPROCESS_VERSION = "rs-pre-1"
 PERCENTILE_WINDOW = (0.5, 99.5)
 # A box as fractions of the film's width and height: (left, top, right, bottom), 0 <= left < right <= 1.
 Crop = tuple[float, float, float, float]
+
+
+# mean chroma (max - min of R, G, B) above which an image is coloured, in levels of 255: a grey film
+# saved as colour JPEG has 1-2 from compression, a sepia or tinted film 20-40
+COLOUR_CHROMA = 8.0
+# share of pixels not fully opaque above which an image's transparency changes what it shows
+TRANSPARENT_SHARE = 0.01
+
+
+def colour_notes(rgb: np.ndarray | None = None, alpha: np.ndarray | None = None, full: float | None = None) -> str:
+    """What a film's grey display stands for beyond its stored values, for quality control's
+    warning: "colour" when (H, W, >=3) `rgb` (unsigned) is coloured (mean chroma above COLOUR_CHROMA
+    of its full range `full`, by default its dtype's: shown as luma, a tinted film comes out darker or lighter than
+    its grey original), "transparency" when more than TRANSPARENT_SHARE of (H, W) unsigned `alpha` is not
+    fully opaque (shown over white, washed out), both joined by "; ", or "". A trial: a normal film
+    tinted sepia, or saved with half transparency, passed quality control and was flagged."""
+    notes = []
+    if rgb is not None and rgb.ndim == 3 and rgb.shape[2] >= 3:
+        full = full or float(np.iinfo(rgb.dtype).max)
+        small = subsample(rgb[..., :3])
+        chroma = small.max(axis=2).astype(np.float32) - small.min(axis=2)
+        if chroma.mean() * 255.0 / full > COLOUR_CHROMA:
+            notes.append("colour")
+    if alpha is not None and float((alpha < np.iinfo(alpha.dtype).max).mean()) > TRANSPARENT_SHARE:
+        notes.append("transparency")
+    return "; ".join(notes)
 
 
 def subsample(image: np.ndarray, size: int = 512) -> np.ndarray:

@@ -53,6 +53,8 @@ DEFAULT_VIEWS = ("PA", "AP")
 # (the DICOM results code them: radscan.dicomresults).
 WARN_MIRRORED = "may be mirrored left to right"
 WARN_AGE = "patient age"
+WARN_COLOUR = "a colour image"
+WARN_TRANSPARENT = "partly transparent"
 # a film below the model's input side (radscan.preprocess.MODEL_SIZE) is enlarged, and carries less detail
 # than any film the model learnt from (the shipped model flags every 64 px normal: a new user's trial)
 WARN_SMALL = "smaller than the model's input"
@@ -70,7 +72,7 @@ MAX_ASPECT = 3.0
 FLAT_TONES = 4
 # Bumped whenever a rule changes what a film is judged (part of the fingerprint: a rerun judges every file
 # again). 2: flat tone (was: the larger of pure black and pure white). 3: a film under MODEL_SIZE warns.
-# 4: a failed film scored anyway (--qc warn) carries the warnings too.
+# 4: a failed film scored anyway (--qc warn) carries the warnings too; colour and transparency warn.
 QC_RULES = 4
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
@@ -560,6 +562,12 @@ class QualityControl:
             warnings.append(f"{WARN_SMALL} ({record.columns}x{record.rows} pixels, the model reads {MODEL_SIZE}): "
                             "enlarged, with less detail than the films it learnt from; its score is not comparable, "
                             "do not read a flag as a finding")
+        if "colour" in record.converted:
+            warnings.append(f"{WARN_COLOUR}, shown as grey (a tinted or coloured film comes out darker or lighter "
+                            "than a radiograph): its score is not comparable, do not read a flag as a finding")
+        if "transparency" in record.converted:
+            warnings.append(f"{WARN_TRANSPARENT}, shown over white as a viewer shows it (washed out where "
+                            "translucent): its score is not comparable, do not read a flag as a finding")
         age = age_in_years(record.PatientAge) if record.PatientAge else None
         # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
         if age is not None and self.age_range is not None and not self.age_range[0] <= age < self.age_range[1] + 1:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radscan.policy import Policy
-from radscan.preprocess import percentile_window, subsample, window_to_uint8
+from radscan.preprocess import colour_notes, percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
 __all__ = ["read_raster"]
@@ -65,7 +65,11 @@ def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
         low, high = percentile_window(subsample(values))
         return window_to_uint8(values, low, high, invert=False)
     if "A" in image.getbands() or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"))
+        record.converted = colour_notes(rgba, rgba[..., 3])
         image = _over_white(image)
+    elif image.mode != "L":  # colour, a palette, CMYK: is what is shown as luma coloured?
+        record.converted = colour_notes(np.asarray(image.convert("RGB")))
     if image.mode != "L":
         image = image.convert("L")
     record.bits_stored = 8

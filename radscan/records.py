@@ -76,6 +76,9 @@ class ImageRecord:
     photometric: str = ""
     inverted: bool = False
     voi_source: str = ""  # lut / window / full-range / percentile
+    # what the grey image stands for beyond the stored values: "colour" (coloured content shown as its
+    # luma), "transparency" (composited over white), both joined by "; ", or "" (radscan.preprocess.colour_notes)
+    converted: str = ""
     bits_stored: int | None = None
     rows: int | None = None
     columns: int | None = None

@@ -286,6 +286,15 @@ def test_header_view_and_image_type(qc, normals):
     assert _verdicts(everything, film, ViewPosition="LL")[0].status == "pass"
 
 
+@pytest.mark.parametrize("converted, words", [("colour", ["a colour image, shown as grey"]),
+                                              ("transparency", ["partly transparent, shown over white"]),
+                                              ("colour; transparency", ["a colour image", "partly transparent"]),
+                                              ("", [])])
+def test_a_coloured_or_translucent_film_is_scored_with_a_warning(qc, normals, converted, words):
+    verdict = _verdicts(qc, normals[1][:1], converted=converted)[0]
+    assert verdict.status == ("warn" if words else "pass") and all(word in verdict.reason for word in words)
+
+
 def test_patients_outside_the_training_ages_are_scored_with_a_warning(qc, normals):
     film = normals[1][:1]
     assert _verdicts(qc, film, PatientAge="003Y")[0].status == "pass"

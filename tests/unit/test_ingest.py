@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,37 @@ def test_a_transparent_png_shows_as_a_viewer_shows_it(tmp_path, mode):
         (128, 128), Image.Resampling.BICUBIC)).astype(float)
     assert np.abs(image.astype(float) - expected).max() <= 3
     assert image[:8].mean() > 240  # the transparent top is white, not the black stored there
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tint=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+       opacity=st.integers(0, 255), fmt=st.sampled_from(["PNG", "JPEG"]), palette=st.booleans())
+def test_a_coloured_or_translucent_film_is_noted_and_a_grey_one_in_any_container_is_not(tmp_path, tint, opacity,
+                                                                                     fmt, palette):
+    """A trial: a film tinted sepia, or saved half transparent, was shown darker or washed out and
+    flagged without a word. Grey content in RGB, a palette or a JPEG is not colour; a tint whose
+    channels differ by more than 8 levels on average is; alpha below 255 (PNG) is transparency."""
+    grey = np.tile(np.linspace(30, 220, 200), (160, 1))
+    rgb = np.clip(grey[..., None] * (1 - 0.3 * np.array(tint)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    if palette:
+        image = image.quantize(64)
+    if fmt == "PNG":
+        image = image.convert("RGBA")
+        image.putalpha(opacity)
+    else:
+        image = image.convert("RGB")
+    path = tmp_path / f"film.{fmt.lower()}"
+    image.save(path, fmt)
+    record, shown = ingest_one(path)
+    assert record.status == "ok" and shown is not None
+    chroma = (rgb.max(axis=2).astype(float) - rgb.min(axis=2)).mean()
+    coloured = "colour" in record.converted
+    if chroma > 10:
+        assert coloured, (chroma, record.converted)
+    elif chroma < 6:
+        assert not coloured, (chroma, record.converted)
+    assert ("transparency" in record.converted) == (fmt == "PNG" and opacity < 255)
 
 
 def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
@@ -226,27 +258,34 @@ def test_an_unknown_study_key_mode_is_refused(tmp_path):
         find_files([tmp_path], study_key="patient")
 
 
-def _warn_in_a_worker(index: int) -> int:
+_WORKER_LOG = """
+import logging, sys
+from joblib import delayed
+from radscan.ingest import _workers
+from radscan.logs import configure
+
+def warn(index):
     logging.getLogger("radscan.dicom").warning("worker %d warns", index)
     return index
 
+configure(int(sys.argv[1]))
+assert _workers(n_jobs=2)(delayed(warn)(index) for index in range(2)) == [0, 1]
+"""
+
 
 @pytest.mark.parametrize("level, shown", [(logging.WARNING, True), (logging.ERROR, False)])
-def test_decoding_workers_log_as_the_command_does(level, shown, capfd):
-    """A trial: a worker's warning reached stderr raw, with its traceback and no timestamp, even under -q."""
-    from joblib import delayed
+def test_decoding_workers_log_as_the_command_does(level, shown, tmp_path):
+    """A trial: a worker's warning reached stderr raw, with its traceback and no timestamp, even under
+    -q. In a process of its own: the suite's workers, kept for reuse, write to the stderr they began with."""
+    import subprocess
+    import sys
 
-    from radscan.ingest import _workers
-    from radscan.logs import configure
-
-    logger = logging.getLogger("radscan")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    configure(level)
-    try:
-        assert _workers(n_jobs=2)(delayed(_warn_in_a_worker)(index) for index in range(2)) == [0, 1]
-    finally:  # as the other tests expect it (caplog listens at the root)
-        logger.handlers[:], logger.level, logger.propagate = saved
-    lines = [line for line in capfd.readouterr().err.splitlines() if "warns" in line]
-    assert len(lines) == (2 if shown else 0), lines
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKER_LOG)
+    done = subprocess.run([sys.executable, str(script), str(level)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "warns" in line]
+    assert len(lines) == (2 if shown else 0), done.stderr
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} radscan WARNING: worker \d warns$", line)
                for line in lines)
