@@ -108,9 +108,14 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
     """
     if values.dtype == np.uint8 and (low, high) == (0.0, 255.0):
         grey = values  # already display values: skip the float round trip
+    elif not (high > low and np.isfinite(255.0 / (high - low))):  # one value, or none: above it is white
+        grey = np.where(values > low, 255, 0).astype(np.uint8)
     else:
-        span = max(high - low, np.finfo(np.float32).eps)
-        scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)
+        # float64 data (rescaled values) is shifted before it is narrowed: an intercept of 1e12 or a
+        # slope of 1e-30 left no difference between pixels in float32 (a trial: blank films)
+        precise = np.float64 if values.dtype == np.float64 else np.float32
+        scaled = ((values.astype(precise, copy=False) - precise(low)) * precise(255.0 / (high - low))).astype(
+            np.float32, copy=False)
         grey = np.rint(np.clip(scaled, 0.0, 255.0, out=scaled)).astype(np.uint8)
     return 255 - grey if invert else np.ascontiguousarray(grey)
 

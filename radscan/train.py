@@ -47,7 +47,7 @@ from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.field import lungs_in_box, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
-from radscan.model.metadata import SPLIT_FILE, new_version
+from radscan.model.metadata import CHECKPOINT_FILE, SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
 from radscan.qc import (
@@ -70,7 +70,6 @@ __all__ = ["TrainConfig", "train", "TrainingResult"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOCK = "train.lock"  # held while a run trains into the folder; removed when it ends
 LOG_FILE = "train_log.jsonl"
 INPUTS_FILE = "training_inputs.csv"  # every file found among the normals, with its status
@@ -454,8 +453,10 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
             checkpoint = load_checkpoint(checkpoint_path, device)
             epochs = trainer.restore(checkpoint)
         except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
-            raise ModelError(f"the training checkpoint {checkpoint_path} is of another model ({str(exc)[:120]}): "
-                             "resume with the settings it was started with, or choose another --out") from None
+            log.debug("checkpoint does not fit: %s", exc)  # torch's own words, cut anywhere, are for -vv
+            raise ModelError(f"the training checkpoint {checkpoint_path} is of another model (other settings: "
+                             "preset, field, memory, critic snapshots or density grid): resume with the settings it "
+                             "was started with, or choose another --out") from None
         if not 0 <= epochs <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
             raise ModelError(f"the training checkpoint {checkpoint_path} says {epochs} epochs were run, outside "
                              f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
@@ -530,7 +531,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
                               **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
             if run.stopped_by_budget:
-                log.warning("time budget of %.1f minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
+                log.warning("time budget of %g minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break
 
 

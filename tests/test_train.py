@@ -340,6 +340,19 @@ def test_missing_model_is_a_model_error(tmp_path):
     assert result.exit_code == ExitCode.DATA and "not found" in result.output
 
 
+def test_an_unfinished_training_run_is_named_as_such(tmp_path):
+    """A trial: score and info on a folder still training said "not a radscan model"."""
+    training, films = tmp_path / "training", tmp_path / "films"
+    training.mkdir()
+    films.mkdir()
+    (training / "checkpoint.pt").write_bytes(b"")
+    for command in (["info", str(training)], ["score", str(films), "--out", str(tmp_path / "r.csv"),
+                                              "--model", str(training)]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == ExitCode.DATA and "an unfinished training run" in result.output, result.output
+        assert "--resume" in result.output
+
+
 def test_cli_train_with_validation_and_info(normals, tmp_path):
     (tmp_path / "val_a").mkdir()
     for f in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:8]:

@@ -26,6 +26,7 @@ __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", 
 FORMAT = "radscan-model/2"  # 2: critic score kinds, snapshot critics, explanation maps
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+CHECKPOINT_FILE = "checkpoint.pt"  # radscan train's checkpoint, removed once the model is written
 SPLIT_FILE = "training_split.csv"  # which normals were trained on and which calibrate
 SEAL_KEY = "radscan"  # where the settings are sealed: the safetensors header, an ONNX graph's metadata
 # an exported model (radscan.model.export): model.json's "engine", and its graphs' files
@@ -165,6 +166,9 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise ModelError(f"model directory not found: {directory}")
     if not path.is_file():
+        if (directory / CHECKPOINT_FILE).is_file():  # a training run not finished yet
+            raise ModelError(f"{directory} is an unfinished training run (a checkpoint, no {METADATA_FILE} yet): "
+                             "finish it with radscan train ... --resume, or wait for the run that is training it")
         raise ModelError(f"{directory} is not a radscan model: {METADATA_FILE} is missing")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))

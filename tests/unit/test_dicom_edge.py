@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -334,3 +334,23 @@ def test_palette_colour_shows_its_lut_entries_over_their_own_range(tmp_path, ent
                   BluePaletteColorLookupTableDescriptor=descriptor, RedPaletteColorLookupTableData=lut,
                   GreenPaletteColorLookupTableData=lut, BluePaletteColorLookupTableData=lut)
     assert np.abs(_display(path) - stored.astype(float)).mean() <= 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(exponent=st.floats(-30.0, 6.0), intercept=st.floats(-1e12, 1e12) | st.sampled_from([1e12, -1e12]),
+       signed=st.booleans())
+def test_any_rescale_shows_the_film_its_stored_values_show(exponent, intercept, signed):
+    """A trial: Rescale Intercept 1e12 or Slope 1e-30 showed a blank film (float32 kept no difference
+    between pixels). A linear rescale does not change what the automatic window shows (PS3.3 C.11.1)."""
+    from radscan.preprocess import percentile_window, subsample, window_to_uint8
+
+    stored = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.int64)
+    slope = (-1 if signed else 1) * 10.0**exponent
+    # what float64 itself can tell apart (pydicom rescales in it): one stored step above its rounding
+    assume(np.spacing(abs(intercept) + 4096 * abs(slope)) < abs(slope) / 1000)
+    rescaled = stored * slope + intercept
+    shown = window_to_uint8(rescaled, *percentile_window(subsample(rescaled)), invert=False)
+    expected = window_to_uint8(stored.astype(np.float64), *percentile_window(subsample(stored)), invert=False)
+    if signed:  # a negative slope reverses the grey scale
+        expected = window_to_uint8(-stored.astype(np.float64), *percentile_window(subsample(-stored)), invert=False)
+    assert np.abs(shown.astype(int) - expected).max() <= 1
