@@ -416,6 +416,23 @@ _PACKED = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "zip archive"), (b"
            (b"7z\xbc\xaf\x27\x1c", "7-Zip archive"))
 
 
+# the reason of a file in an image format radscan does not read (`_other_image`), which a run counts
+READS_ONLY = "radscan reads DICOM, JPEG and PNG films (export them as DICOM or PNG)"
+# image formats radscan does not read, by their signature: a site exporting them is told to convert
+_OTHER_IMAGES = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"),
+                 (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+                 (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000 codestream"))
+
+
+def _other_image(head: bytes) -> str | None:
+    """The name of an image format radscan does not read, from a file's first bytes, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00" and len(head) >= 26:  # its reserved words are 0
+        return "BMP"
+    return next((kind for magic, kind in _OTHER_IMAGES if head.startswith(magic)), None)
+
+
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     name = path.name
     if name.startswith("._"):
@@ -425,6 +442,8 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
         reason = "empty file (0 bytes)"
     elif packed:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
+    elif _other_image(head):
+        return record.skip(f"a {_other_image(head)} image: {READS_ONLY}")
     else:
         reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
     if path.suffix.lower() in _IMAGE_SUFFIXES:

@@ -50,6 +50,7 @@ from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.drift import Drift, check_drift
 from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import (
+    READS_ONLY,
     Found,
     check_inputs,
     check_outputs_apart,
@@ -509,6 +510,7 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
     """Read, judge and score `todo`, here (decoding in worker processes while the model scores
     full batches) or on a Dask cluster; write each batch's pictures, then commit its rows."""
     dicom = Counter()  # DICOM files read this run, and those skipped: a policy that skips all is a mistake
+    other_images = 0  # TIFF, BMP, GIF...: images radscan does not read (a site exporting them sees nothing)
     progress = _ProgressLog(len(todo), quiet=not settings.progress or sys.stderr.isatty())
     batches = cluster.score(todo) if cluster is not None else _score_here(todo, settings, phi, qc, scorer)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png") as pool, \
@@ -517,8 +519,12 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
             write_pictures(pictures, pool)
             store.save(zip(identities, rows, strict=True))
             dicom.update(row["status"] for row in rows if row["kind"] == "dicom")
+            other_images += sum(READS_ONLY in row["reason"] for row in rows)
             bar.update(len(rows))
             progress.tick(len(rows))
+    if other_images:
+        log.warning("%d file(s) are images in a format radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000): listed "
+                    "as skipped, not scored; %s", other_images, READS_ONLY)
     if dicom and dicom[Status.SKIPPED] == dicom.total():
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",

@@ -289,3 +289,22 @@ def test_decoding_workers_log_as_the_command_does(level, shown, tmp_path):
     assert len(lines) == (2 if shown else 0), done.stderr
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} radscan WARNING: worker \d warns$", line)
                for line in lines)
+
+
+@pytest.mark.parametrize("fmt, name", [("TIFF", "TIFF"), ("BMP", "BMP"), ("GIF", "GIF"), ("WEBP", "WebP"),
+                                       ("JPEG2000", "JPEG 2000")])
+def test_an_image_in_a_format_radscan_does_not_read_says_which_and_what_to_do(tmp_path, fmt, name):
+    """A trial: a site exporting TIFF saw every film "not a DICOM, JPEG or PNG file (... no image
+    signature)" and nothing flagged. Its row names the format, whatever the file's name."""
+    from radscan.ingest import READS_ONLY
+
+    path = tmp_path / "film.dat"
+    try:
+        Image.fromarray(np.full((64, 64), 128, np.uint8)).save(path, fmt)
+    except (KeyError, OSError):
+        pytest.skip(f"this Pillow cannot write {fmt}")
+    record, image = ingest_one(path)
+    assert image is None and record.status == "skipped" and record.reason == f"a {name} image: {READS_ONLY}"
+    text = tmp_path / "notes.txt"
+    text.write_text("BMI of the patient\n" * 3)  # starts with BM, is not a bitmap
+    assert "BMP" not in ingest_one(text)[0].reason
