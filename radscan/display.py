@@ -93,7 +93,7 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
     padding = _tagged_padding(stored, ds)
     shown = sample_values if padding is None else sample_values[~subsample(padding)]
 
-    voi = _first_usable_voi_lut(values, ds)
+    voi = _first_usable_voi_lut(values, ds, shown)
     window = None if voi is not None else _first_usable_window(ds, shown)
     if voi is not None:
         values, (low, high) = voi
@@ -174,13 +174,25 @@ def _modality_values(source: np.ndarray, ds: Dataset) -> np.ndarray:
         return apply_modality_lut(source, ds)
 
 
-def _first_usable_voi_lut(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]] | None:
+def _first_usable_voi_lut(values: np.ndarray, ds: Dataset,
+                          shown: np.ndarray) -> tuple[np.ndarray, tuple[float, float]] | None:
     """The first usable item of the VOI LUT Sequence (PS3.3 C.11.2.1.1) applied with pydicom's
-    `apply_voi`, and the range of its entries; None when there is none."""
+    `apply_voi`, and the range of its entries; None when there is none. An item is unusable, as a
+    window is (`_first_usable_window`), when it would show a blank film: when at least
+    LUT_OUTSIDE_SHARE of the image's values (`shown`, a sample without padding) lie at or beyond the
+    ends of the values it maps (its first mapped value and entry count: the ends stand for every
+    value beyond them), or when its entries exceed the bits its descriptor gives them. A trial: a descriptor of
+    256 entries over 12-bit data, or a first mapped value of 60000, showed a blank film."""
     items = ds.get("VOILUTSequence") or []
     for index, item in enumerate(items):
-        if not _usable_lut(item, _VOI_LUT_BITS):
+        if not (_usable_lut(item, _VOI_LUT_BITS) and _lut_maps(item, shown)):
             continue
+        entries, first, depth = (int(value) for value in item.LUTDescriptor)
+        if depth == 8 and (entries or 2**16) > 256:
+            # pydicom (3.0) holds a LUT's indices in the entries' own type: with 8-bit entries an index
+            # above 255 wrapped round, and a 12-bit film through a 4096-entry 8-bit LUT showed as noise
+            # (a trial). Its entries are read the same as 16-bit ones (a word each, in OW)
+            item.LUTDescriptor = [entries, first, 16]
         # a LUT is indexed by integers (rescaled values are float)
         indices = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
         try:
@@ -188,6 +200,27 @@ def _first_usable_voi_lut(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, 
         except Exception:  # an item pydicom cannot apply: try the next, then the window
             log.debug("VOI LUT item %d unusable", index, exc_info=True)
     return None
+
+
+# share of an image's values at or beyond the ends of a VOI LUT's input range (shown as its first or
+# last entry) above which the LUT would show it blank: a radiograph is grey in more than a tenth of it
+LUT_OUTSIDE_SHARE = 0.9
+
+
+def _lut_maps(item: Dataset, shown: np.ndarray) -> bool:
+    """Whether a VOI LUT item (`_usable_lut`) maps the image: most of `shown` within its input range
+    and its entries within the bits its descriptor gives them."""
+    entries, first, depth = (int(value) for value in item.LUTDescriptor)
+    entries = entries or 2**16
+    if first >= 2**15 and shown.size and float(np.min(shown)) < 0:  # US or SS (C.11.2.1.1): signed data's
+        first -= 2**16
+    at_ends = (shown <= first) | (shown >= first + entries - 1)  # shown as the first or the last entry
+    if shown.size and float(at_ends.mean()) >= LUT_OUTSIDE_SHARE:
+        return False
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: a 16-bit word per entry, as pydicom reads it (little endian: PS3.5 A.3)
+        data = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2")
+    return not len(data) or int(np.max(data)) <= 2**depth - 1
 
 
 def _usable_lut(item: Dataset, bits: tuple[int, ...]) -> bool:

@@ -199,6 +199,36 @@ def test_unusable_voi_lut_sequence_falls_back_to_the_window(tmp_path):
     assert np.abs(shown - _linear_window(stored.astype(float), 512, 600)).max() <= 1.0
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bits=st.integers(9, 16), depth=st.sampled_from([8, 12, 16]), vr=st.sampled_from(["US", "OW"]))
+def test_a_voi_lut_of_8_bit_entries_over_many_values_maps_every_value(tmp_path, bits, depth, vr):
+    """PS3.3 C.11.2.1.1: an 8-bit entry LUT may have any number of entries. pydicom held the indices
+    in the entries' type, so values above 255 wrapped round and a 12-bit film showed as noise (a
+    trial). A linear LUT over all the stored values shows the film as the linear window does."""
+    top = 2**bits - 1
+    stored = _ramp(0, top)
+    lut = np.linspace(0, 2**depth - 1, top + 1).round().astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [(top + 1) % 2**16, 0, depth])
+    item.add_new(0x00283006, vr, lut.tobytes() if vr == "OW" else lut.tolist())
+    shown = _display(_write(tmp_path / "l.dcm", stored, bits_stored=bits, VOILUTSequence=Sequence([item])))
+    assert np.abs(shown - stored * 255.0 / top).max() <= 2.0
+
+
+@pytest.mark.parametrize("first, entries", [(0, 256), (60000, 4096), (4000, 96)],
+                         ids=["256 entries over 12 bits", "first mapped beyond the data", "only the top"])
+def test_a_voi_lut_that_would_show_a_blank_film_falls_back_to_the_next_choice(tmp_path, first, entries):
+    """A LUT that sends nine in ten of a film's values to its first or last entry shows it blank (a
+    trial: rejected as flat tone, the header never named): the window, else the automatic one."""
+    stored = _ramp(0, 4095)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [entries, first, 16])
+    item.add_new(0x00283006, "US", list(range(entries)))
+    shown = _display(_write(tmp_path / "l.dcm", stored, bits_stored=12, VOILUTSequence=Sequence([item]),
+                            WindowCenter=2048, WindowWidth=4096))
+    assert np.abs(shown - _linear_window(stored.astype(float), 2048, 4096)).max() <= 1.0
+
+
 def _padded(value: int) -> np.ndarray:
     """(128, 128) uint16: a ramp 1500..2500 inside a 24-pixel frame of `value`."""
     stored = np.full((128, 128), value, dtype=np.uint16)
