@@ -82,8 +82,12 @@ CENTRE = FEATURE_SIDE - 2 * BORDER
 # principal components kept; chosen on validation chest films and non-chest images (docs/quality-control.md)
 COMPONENTS = 25
 MIN_REFERENCE = 50  # training normals a QC reference needs (its limits are cross-validated on them)
-# thumbnails closer than this (root mean square, grey levels at 12x12) are copies of one film
-COPY_RMS = 3.0
+# share of a site's normals, least like their median film, that the screening for films the wrong
+# way round does not fit its subspace on (`wrong_way_round`): a few bad films among them cannot hide
+ATYPICAL_SHARE = 0.2
+# standardised 12x12 thumbnails closer than this (root mean square, in standard deviations) are
+# copies of one film (`_copy_groups`)
+COPY_RMS = 0.12
 FOLDS = 10  # cross-validation folds for the held-out distances the limits are calibrated on
 # a turned copy must fit at least this many times better than a film as it is before the film is
 # failed as turned (or warned as mirrored); chosen on validation films (docs/quality-control.md)
@@ -248,9 +252,10 @@ def _subspace(vectors: np.ndarray) -> QCReference:
                        QCLimits(0, 1, 1, np.inf, 0, 0), len(vectors))
 
 
-def _held_out_distances(small: np.ndarray) -> dict[str, np.ndarray]:
+def _held_out_distances(small: np.ndarray, fit_on: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """(N, 12, 12) thumbnails of the training normals -> `_orientation_distances` of each film to
-    a subspace fitted without it (FOLDS-fold cross-validation, film i in fold i mod FOLDS).
+    a subspace fitted without it (FOLDS-fold cross-validation, copies of a film in one fold), and
+    with `fit_on` ((N,) bool) on those films only.
 
     Why held out: a subspace fitted on N films fits those same films better than any film it has
     not seen, the more so the fewer they are (with 60 normals the in-sample distances are a fifth
@@ -258,10 +263,11 @@ def _held_out_distances(small: np.ndarray) -> dict[str, np.ndarray]:
     (issue 22: 33 of 40 pneumonias rejected for a model trained on 60 normals)."""
     vectors = _standardised(small)
     fold = _folds(small)
+    fit_on = np.ones(len(small), dtype=bool) if fit_on is None else fit_on
     out: dict[str, np.ndarray] = {}
     for k in range(FOLDS):
         held = fold == k
-        for name, values in _orientation_distances(_subspace(vectors[~held]), small[held]).items():
+        for name, values in _orientation_distances(_subspace(vectors[~held & fit_on]), small[held]).items():
             out.setdefault(name, np.empty(len(small)))[held] = values
     return out
 
@@ -275,13 +281,16 @@ def _folds(small: np.ndarray) -> np.ndarray:
 
 def _copy_groups(small: np.ndarray) -> np.ndarray:
     """(N, 12, 12) thumbnails -> (N,) group of each film, numbered in order of first appearance:
-    films whose thumbnails differ by less than COPY_RMS grey levels (root mean square) share a group,
-    and so, transitively, do their copies.
+    films whose standardised thumbnails (brightness and contrast taken away) differ by less than
+    COPY_RMS standard deviations (root mean square) share a group, and so, transitively, do their
+    copies: one film under two names, re-encoded, or shown with another window, gamma or brightness.
 
-    Why that distance: a film saved again as JPEG at quality 20-75 moves its thumbnail by at most 1.6
-    levels, while the two closest distinct films of Kermany's 1,201 normals differ by 9.9, of NIH's
-    400 adults by 7.2 (two films of one patient), of Kermany's 400 pneumonias by 12.2."""
-    vectors = small.reshape(len(small), -1).astype(np.float64)
+    Why that distance: saved again as JPEG at quality 20-75 a film moves by at most 0.03, shown with
+    gamma 0.8 or 1.25 by at most 0.09, with another window (clipped) 0.16 at most and 0.01 mostly,
+    while the two closest distinct films of Kermany's 1,201 normals differ by 0.23 and of NIH's 400
+    adults by 0.19 (two films of one patient). A film cropped by 2% differs like another film (up
+    to 0.33): it is not found."""
+    vectors = _standardised(small).astype(np.float64)
     squares = (vectors**2).sum(axis=1)
     parent = np.arange(len(small))
 
@@ -309,26 +318,45 @@ def copy_groups(images: np.ndarray) -> np.ndarray:
 
 def wrong_way_round(images: np.ndarray) -> list[str]:
     """(N, 128, 128) uint8 normals a site trains on -> per film "" or why it is set aside: it fits
-    the others' eigen-chest subspace (held out, as for the reference's limits) at least MAX_CLARITY
-    times better turned or inverted than as it is: the tightest margin quality control applies when
-    scoring. Fewer than MIN_REFERENCE films: none is set aside (no reference is fitted either).
+    the eigen-chest subspace of the other typical normals (held out, as for the reference's limits)
+    at least MAX_CLARITY times better turned or inverted than as it is, the tightest margin quality
+    control applies when scoring. Typical: the 1 - ATYPICAL_SHARE of films most like the median
+    film as they are (correlation of the standardised thumbnails), so that a few films the same
+    wrong way cannot teach the subspace their way. Fewer than MIN_REFERENCE films: none is set aside
+    (no reference is fitted either).
 
     Why: one inverted and one turned film among 60 normals put the 1st percentile of the normals'
-    ratios at 0.001, the orientation margin with it, and every turned film then passed (a trial);
-    one inverted film made the non-chest limit 4x wider. Of the shared real normals, this sets aside
-    one of NIH's 400 adults (upside down: its ratio 0.17) and none of Kermany's 1,201 (lowest 1.2)."""
+    ratios at 0.001, the orientation margin with it, and every turned film then passed; one
+    inverted film made the non-chest limit 4x wider; with every film in the subspace, four inverted
+    films among 64 made each other look upright (two trials). Measured (`docs/quality-control.md`)
+    on 24 draws of 50-99 real normals each with 0-6 turned, inverted, flipped or upside-down films:
+    Kermany children 0 of 56 bad films missed, no upright film set aside; NIH adults 4 of 70 missed,
+    7 of about 1,800 upright films set aside (unusual films: the reason says to check them); of the
+    shared sets whole, none of Kermany's 1,201 and two of NIH's 400 (one really upside down)."""
     if len(images) < MIN_REFERENCE:
         return [""] * len(images)
     small = _thumbnails(images)
-    found, _ = _best_turn(_held_out_distances(small))
+    typical = _typical(_standardised(small))
+    found, _ = _best_turn(_held_out_distances(small, fit_on=typical))
     reasons = [""] * len(images)
     if found.any():
-        # said from the other normals alone: a fold's subspace that held another wrong film matched
-        # a film turned 90 degrees as "inverted and turned"
-        _, turns = _best_turn(_orientation_distances(_subspace(_standardised(small[~found])), small[found]))
+        # said from the typical normals alone, without the films found: a subspace that held another
+        # wrong film matched a film turned 90 degrees as "inverted and turned"
+        _, turns = _best_turn(_orientation_distances(_subspace(_standardised(small[typical & ~found])), small[found]))
         for index, name in zip(np.flatnonzero(found), turns, strict=True):
-            reasons[index] = f"wrong way round among the normals: it matches them only if taken to be {_describe(name)}"
+            reasons[index] = (f"wrong way round among the normals: it matches them only if taken to be "
+                              f"{_describe(name)} (if it is upright, it is unlike the other normals: check it)")
     return reasons
+
+
+def _typical(vectors: np.ndarray) -> np.ndarray:
+    """(N, 144) standardised thumbnails -> (N,) bool: the films whose correlation with the median
+    film is above its ATYPICAL_SHARE quantile. A film the wrong way round correlates little or
+    negatively with the median of mostly upright films."""
+    median = np.median(vectors, axis=0)
+    median = (median - median.mean()) / max(float(median.std()), 1e-9)
+    likeness = (vectors * median).mean(axis=1)
+    return likeness >= np.quantile(likeness, ATYPICAL_SHARE)
 
 
 def _best_turn(distances: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
