@@ -176,11 +176,11 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # the normals a threshold is set on are the films the model would score: what quality control
     # rejects when scoring (turned, inverted, foreign) is not one of them
     qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
-    unreadable: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
                                    label="calibration normals", unreadable=unreadable,
                                    judge=lambda records, films: apply_qc(qc, records, films))
-    images, names = distinct_films(images, names)
+    images, names, copies = distinct_films(images, names)
     kind = COMPONENTS.index(model.cfg.score_kind)
     before = float(model.calibration_mean[kind]), float(model.calibration_std[kind])
     scores, components = calibrate(model, images, 64, device, target_specificity)
@@ -200,21 +200,24 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     _record_split(Path(model_dir), out_dir, names)
     _describe_recalibration(model, out_dir, names, scores, metadata, seen)
     # every warning logged on the way, for --json: what an operator reads when stderr goes nowhere
-    warnings = [*threshold_warnings(scores, float(model.threshold), target_specificity), *filter(None, [seen])]
+    warnings = [*filter(None, [copies]), *threshold_warnings(scores, float(model.threshold), target_specificity),
+                *filter(None, [seen])]
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
             "calibration_specificity": specificity, "warning": "; ".join(warnings),
             "files_unreadable": len(unreadable)}
 
 
-def distinct_films(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+def distinct_films(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], str]:
     """(N, 128, 128) uint8 normals and their names -> the first of each set of copies of one film
-    (radscan.qc.copy_groups), in their order, with a WARNING when any is dropped: a copy weighs a
-    film twice in the score's spread and the threshold's quantile."""
+    (radscan.qc.copy_groups), in their order, and the warning (logged) when any is dropped, else "":
+    a copy weighs a film twice in the score's spread and the threshold's quantile."""
     first = np.sort(np.unique(copy_groups(images), return_index=True)[1])
+    warning = ""
     if len(first) < len(images):
-        log.warning("%d of the %d calibration normals are copies of another (the same film under another name or "
-                    "format): each film counts once", len(images) - len(first), len(images))
-    return images[first], [names[index] for index in first]
+        warning = (f"{len(images) - len(first)} of the {len(images)} calibration normals are copies of another (the "
+                   "same film under another name or format): each film counts once")
+        log.warning("%s", warning)
+    return images[first], [names[index] for index in first], warning
 
 
 def _record_split(model_dir: Path, out_dir: Path, names: Sequence[str]) -> None:

@@ -103,7 +103,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     "strict"; "warn" and "off" measure every film) and, under "films", each one's path, label and
     reason; "failed_qc_but_measured": how many films that failed quality control were measured
     (`qc_mode` "warn"); "warnings" (`set_warnings`: copies in both classes, too few films of a class)
-    and "files_unreadable" (files that could not be read: the command exits 3). Each model's result
+    and "files_unreadable" (files that could not be read: the command exits 3; "unreadable_films" lists
+    each with its label and reason, as per_image.csv does). Each model's result
     names its "engine" (torch, or onnxruntime for an export)
     and its "label" (name, version, engine, sha256), as the text, the page and comparisons show it. `out_dir`
     receives per_image.csv (path, label, model, model_version, model_sha256, engine, score, flag,
@@ -141,18 +142,17 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         return verdicts
 
     read: dict[Policy, tuple[np.ndarray, list[str], list[str]]] = {}  # the films, once per way of reading
-    unreadable: list[str] = []
+    unreadable: dict[str, list[tuple[str, str]]] = {"normal": [], "abnormal": []}  # (path, reason) by label
     for reading in readings:
         if reading not in read:
             later = bool(read)  # its counts and warnings were said by the first reading
             # paths with their folder: two folders may hold files of one name
-            counted_here = None if later else unreadable
             normals, normal_names, _ = load_images(normal, reading, workers, progress, label="normals",
                                                    judge=judge("normal"), with_roots=True, quiet=later,
-                                                   unreadable=counted_here)
+                                                   unreadable=None if later else unreadable["normal"])
             abnormals, abnormal_names, _ = load_images(abnormal, reading, workers, progress, label="abnormals",
                                                        judge=judge("abnormal"), with_roots=True, quiet=later,
-                                                       unreadable=counted_here)
+                                                       unreadable=None if later else unreadable["abnormal"])
             read[reading] = np.concatenate([normals, abnormals]), normal_names, abnormal_names
     # cutting a box never makes a file unreadable and the verdicts are the first reading's: every reading
     # has the same films in the same order
@@ -196,13 +196,17 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                   "qc": qc_mode, "films": set_aside},
                "failed_qc_but_measured": {label: sum(status == "fail" for status, _ in measured[label])
                                           for label in measured},
-               "warnings": warnings, "files_unreadable": len(unreadable), "disclaimer": DISCLAIMER}
+               "warnings": warnings, "files_unreadable": sum(map(len, unreadable.values())),
+               "unreadable_films": [{"path": printable(path), "label": label, "reason": reason}
+                                    for label, films in unreadable.items() for path, reason in films],
+               "disclaimer": DISCLAIMER}
     if roc_png is not None:
         _save_figure(_roc_figure(labels, all_scores, results), roc_png)
         summary["roc_png"] = str(roc_png)
     if out_dir is not None:
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
-                                           results, comparisons, summary["rejected_by_qc"], verdicts, warnings)
+                                           results, comparisons, summary["rejected_by_qc"], verdicts, warnings,
+                                           summary["unreadable_films"])
     return summary
 
 
@@ -215,7 +219,8 @@ def set_warnings(labels: np.ndarray, films: np.ndarray) -> list[str]:
     """What makes a labelled set unfit to measure on, in plain words: (N,) labels (0 normal, 1
     abnormal) and (N, 128, 128) uint8 films as read. Films of both classes that are copies of one
     film (the same file given twice, re-encoded, DICOM and JPEG: radscan.qc.copy_groups), and classes
-    of fewer than MIN_FILMS_PER_CLASS films, whose AUC interval is degenerate or too wide to read."""
+    of fewer than MIN_FILMS_PER_CLASS films, whose AUC interval is degenerate or too wide to read;
+    copies within a class, which count twice."""
     warnings = []
     groups = copy_groups(films)
     both = set(groups[labels == 0].tolist()) & set(groups[labels == 1].tolist())
@@ -223,6 +228,11 @@ def set_warnings(labels: np.ndarray, films: np.ndarray) -> list[str]:
         films_in_both = int(np.isin(groups, list(both)).sum())
         warnings.append(f"{films_in_both} films are copies of one another labelled both normal and abnormal (the same "
                         "film given in both classes?): check the labels; the AUC counts them against each other")
+    within = sum(int((labels == value).sum()) - len(set(groups[labels == value].tolist())) for value in (0, 1))
+    if within:
+        warnings.append(f"{within} films are copies of another film of their own class (the same film under "
+                        "another name or format): each counts on its own in the AUC and its interval; measure on "
+                        "distinct films")
     small = {name: int((labels == value).sum()) for name, value in (("normal", 0), ("abnormal", 1))}
     if min(small.values()) < MIN_FILMS_PER_CLASS:
         warnings.append(f"only {small['normal']} normal and {small['abnormal']} abnormal films: with fewer than "
@@ -253,7 +263,8 @@ def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],
                   results: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                  rejected: dict[str, Any], verdicts: list[tuple[str, str]], warnings: list[str]) -> dict[str, str]:
+                  rejected: dict[str, Any], verdicts: list[tuple[str, str]], warnings: list[str],
+                  unreadable: list[dict[str, str]]) -> dict[str, str]:
     """per_image.csv, roc.png, histogram.png and evaluation.html in `out_dir` (each atomic)."""
     from radscan.htmlreport import write_evaluation_html
 
@@ -271,10 +282,12 @@ def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_score
             for film in rejected["films"]:  # not measured, and not lost: each with its reason
                 table.write({**film, **model, "score": "", "flag": "", "status": "rejected by quality control",
                              "qc": "fail"})
+            for film in unreadable:
+                table.write({**film, **model, "score": "", "flag": "", "status": "could not be read", "qc": ""})
     _save_figure(_roc_figure(labels, all_scores, results), paths["roc.png"])
     _save_figure(_histogram_figure(labels, all_scores, results), paths["histogram.png"])
     write_evaluation_html(paths["evaluation.html"], results, comparisons, DISCLAIMER, rejected,
-                          sum(qc == "fail" for qc, _ in verdicts), warnings)
+                          sum(qc == "fail" for qc, _ in verdicts), warnings, unreadable)
     return {name: str(path) for name, path in paths.items()}
 
 

@@ -424,13 +424,32 @@ _OTHER_IMAGES = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTI
                  (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000 codestream"))
 
 
-def _other_image(head: bytes) -> str | None:
-    """The name of an image format radscan does not read, from a file's first bytes, or None."""
+def _other_image(head: bytes, size: int) -> str | None:
+    """The name of an image format radscan does not read, from a file's first bytes and its size in
+    bytes, or None. Text that happens to begin like one ("GIF89a is ...") is not an image: a header
+    of printable characters only, or a TIFF whose first directory lies beyond the file's end."""
+    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head[:32]):
+        return None
+    if head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*"):
+        offset = int.from_bytes(head[4:8], "little" if head[:2] == b"II" else "big")
+        if not 8 <= offset < size:
+            return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
     if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00" and len(head) >= 26:  # its reserved words are 0
         return "BMP"
     return next((kind for magic, kind in _OTHER_IMAGES if head.startswith(magic)), None)
+
+
+def warn_unread_formats(records: Iterable[ImageRecord | dict]) -> int:
+    """Log one WARNING when some of `records` (or their rows) are images in a format radscan does
+    not read (`_other_image`): a site exporting TIFF would otherwise see every film skipped and
+    nothing flagged, or a threshold set on the few JPEGs beside them. Returns how many."""
+    count = sum(READS_ONLY in (each["reason"] if isinstance(each, dict) else each.reason) for each in records)
+    if count:
+        log.warning("%d file(s) are images in a format radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000): "
+                    "listed as skipped, not used; %s", count, READS_ONLY)
+    return count
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -442,8 +461,8 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
         reason = "empty file (0 bytes)"
     elif packed:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
-    elif _other_image(head):
-        return record.skip(f"a {_other_image(head)} image: {READS_ONLY}")
+    elif other := _other_image(head, record.file_size or 0):
+        return record.skip(f"a {other} image: {READS_ONLY}")
     else:
         reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
     if path.suffix.lower() in _IMAGE_SUFFIXES:
@@ -579,7 +598,7 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
                 inventory: Path | None = None, label: str = "",
                 judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None,
                 quiet: bool = False, with_roots: bool = False,
-                unreadable: list[str] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+                unreadable: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
     Returns (N, 128, 128) uint8 inputs, their paths relative to the folder given (`with_roots`: joined
@@ -588,7 +607,7 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     `judge` (e.g. quality control: radscan.qc.apply_qc) says which read images to keep; those it
     drops, like the files that could not be read, are counted in a WARNING line (`quiet`: no counts
     or warnings, for a first pass over files that are read again, radscan.train's thorax box). The
-    paths of files that could not be read (status error) are appended to `unreadable` when given:
+    (path, reason) of each file that could not be read (status error) is appended to `unreadable` when given:
     commands that read films exit 3 for them, as `radscan score` does.
     Raises NoInputError when no image is left.
     """
@@ -596,12 +615,15 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     files = find_files(paths)
     images, names, studies, records = [], [], [], []
     counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}
+    skipped: list[ImageRecord] = []
     stream = CsvStream(inventory, ("path", "root", "kind", "status", "reason")) if inventory else None
     for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
                               desc=f"read {label}".strip(), disable=None if progress else True):
         counts[record.status] += 1
+        if record.status == Status.SKIPPED:
+            skipped.append(record)
         if unreadable is not None and record.status == Status.ERROR:
-            unreadable.append(os.path.join(record.root, record.path))
+            unreadable.append((os.path.join(record.root, record.path), record.reason))
         if stream and image is None:  # a film read is listed once judged (below): it may be rejected yet
             stream.write(record.as_row())
         if image is not None:
@@ -613,6 +635,8 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             counts[Status.OK], counts[Status.SKIPPED], counts[Status.ERROR])
     if counts[Status.ERROR] and not quiet:
         log.warning("%s: %d file(s) could not be read and are not used", label or "input", counts[Status.ERROR])
+    if not quiet:
+        warn_unread_formats(skipped)
     if judge is not None and images:
         keep = judge(records, images)
         dropped = [record for record, kept in zip(records, keep, strict=True) if not kept]

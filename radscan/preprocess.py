@@ -63,7 +63,8 @@ Crop = tuple[float, float, float, float]
 # mean chroma (max - min of R, G, B) above which an image is coloured, in levels of 255: a grey film
 # saved as colour JPEG has 1-2 from compression, a sepia or tinted film 20-40
 COLOUR_CHROMA = 8.0
-# share of pixels not fully opaque above which an image's transparency changes what it shows
+# mean transparency (1 - alpha) above which it changes what an image shows: alpha 254 everywhere
+# changes nothing a reader sees (0.4%), a transparent border of 5% of the film does
 TRANSPARENT_SHARE = 0.01
 
 
@@ -71,8 +72,8 @@ def colour_notes(rgb: np.ndarray | None = None, alpha: np.ndarray | None = None,
     """What a film's grey display stands for beyond its stored values, for quality control's
     warning: "colour" when (H, W, >=3) `rgb` (unsigned) is coloured (mean chroma above COLOUR_CHROMA
     of its full range `full`, by default its dtype's: shown as luma, a tinted film comes out darker or lighter than
-    its grey original), "transparency" when more than TRANSPARENT_SHARE of (H, W) unsigned `alpha` is not
-    fully opaque (shown over white, washed out), both joined by "; ", or "". A trial: a normal film
+    its grey original), "transparency" when the mean transparency of (H, W) unsigned `alpha` exceeds
+    TRANSPARENT_SHARE (shown over white, washed out), both joined by "; ", or "". A trial: a normal film
     tinted sepia, or saved with half transparency, passed quality control and was flagged."""
     notes = []
     if rgb is not None and rgb.ndim == 3 and rgb.shape[2] >= 3:
@@ -81,7 +82,7 @@ def colour_notes(rgb: np.ndarray | None = None, alpha: np.ndarray | None = None,
         chroma = small.max(axis=2).astype(np.float32) - small.min(axis=2)
         if chroma.mean() * 255.0 / full > COLOUR_CHROMA:
             notes.append("colour")
-    if alpha is not None and float((alpha < np.iinfo(alpha.dtype).max).mean()) > TRANSPARENT_SHARE:
+    if alpha is not None and 1.0 - float(alpha.mean()) / np.iinfo(alpha.dtype).max > TRANSPARENT_SHARE:
         notes.append("transparency")
     return "; ".join(notes)
 

@@ -526,8 +526,11 @@ class QualityControl:
             warnings = self._warnings(record, index, distances)
             if problems:
                 problems[-1] += _body_part_said(record)
-                # --qc warn scores it anyway: what makes its score not comparable is then said too
-                verdicts.append(Verdict("fail", "; ".join(problems + (warnings if self.mode == "warn" else []))))
+                # --qc warn scores it anyway: what makes its score not comparable is then said too; colour
+                # or transparency may be why it failed (a false-colour film read as "inverted"): always said
+                said = warnings if self.mode == "warn" else [w for w in warnings
+                                                             if w.startswith((WARN_COLOUR, WARN_TRANSPARENT))]
+                verdicts.append(Verdict("fail", "; ".join(problems + said)))
                 continue
             verdicts.append(Verdict("warn", "; ".join(warnings)) if warnings else Verdict("pass"))
         return verdicts
@@ -643,8 +646,8 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
         reference = load_reference(model_dir, metadata)
         if reference is None:
             log.warning("model %s has no QC reference (qc.safetensors): wrong-way-round and non-chest images are not "
-                        "caught. A model gets one when it is trained on at least 50 normals by radscan 0.2 or later: "
-                        "train it on more normals", model_dir)
+                        "caught. A model gets one when it is trained on at least 50 usable normals (those quality "
+                        "control keeps) by radscan 0.2 or later: train it on more normals", model_dir)
     ages = (metadata.get("population") or {}).get("age_years")
     return QualityControl(mode, views, reference, tuple(ages) if ages else None)
 

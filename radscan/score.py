@@ -189,7 +189,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
-            problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside)
+            unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
+            problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete)
@@ -289,12 +290,15 @@ def _ctrl_c_deferred() -> Iterator[None]:
 
 
 def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift,
-              regrouped: int = 0, moved_aside: Path | None = None) -> list[str]:
+              regrouped: int = 0, moved_aside: Path | None = None, unread: int = 0) -> list[str]:
     """What needs an operator after a run that finished, each kind in its own words: files that
     could not be read (the source, or the share) apart from results that did not reach the PACS
     (the network or the PACS), so that monitoring never reads a PACS outage as a good night; and a
     flagged share that moved beyond chance (radscan.drift)."""
     problems = []
+    if unread:  # a site exporting TIFF saw every film skipped, exit 0 and nothing flagged
+        problems.append(f"{counted(unread, 'file')} {'is an image' if unread == 1 else 'are images'} in a format "
+                        f"radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000), listed as skipped: {READS_ONLY}")
     if counts["error"]:
         problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
                         f"{outputs.report.name}")
@@ -510,7 +514,6 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
     """Read, judge and score `todo`, here (decoding in worker processes while the model scores
     full batches) or on a Dask cluster; write each batch's pictures, then commit its rows."""
     dicom = Counter()  # DICOM files read this run, and those skipped: a policy that skips all is a mistake
-    other_images = 0  # TIFF, BMP, GIF...: images radscan does not read (a site exporting them sees nothing)
     progress = _ProgressLog(len(todo), quiet=not settings.progress or sys.stderr.isatty())
     batches = cluster.score(todo) if cluster is not None else _score_here(todo, settings, phi, qc, scorer)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="radscan-png") as pool, \
@@ -519,12 +522,8 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
             write_pictures(pictures, pool)
             store.save(zip(identities, rows, strict=True))
             dicom.update(row["status"] for row in rows if row["kind"] == "dicom")
-            other_images += sum(READS_ONLY in row["reason"] for row in rows)
             bar.update(len(rows))
             progress.tick(len(rows))
-    if other_images:
-        log.warning("%d file(s) are images in a format radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000): listed "
-                    "as skipped, not scored; %s", other_images, READS_ONLY)
     if dicom and dicom[Status.SKIPPED] == dicom.total():
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",

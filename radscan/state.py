@@ -586,6 +586,11 @@ class StateStore:
         return {"ok": found.get("ok", 0), "skipped": found.get("skipped", 0), "error": found.get("error", 0),
                 "rejected": found.get("rejected", 0), "flagged": flagged or 0}
 
+    def skipped_reasons(self) -> list[str]:
+        """The reasons of the rows this run listed as skipped (said every night, not only when read)."""
+        return [(_parse_row(row) or {}).get("reason", "") for (row,) in self._db.execute(
+            "SELECT row FROM results WHERE seen = ? AND status = ?", (self.run_id, "skipped"))]
+
     def prune(self) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another
         root) and return them, so that their pictures can go too. Call after a complete run."""

@@ -333,8 +333,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
         metadata["qc"] = save_reference(fit_reference(data.images if data.whole_films is None else data.whole_films),
                                         out_dir)
     else:
-        log.warning("only %d normal images: no QC reference (needs 50); wrong-way-round and non-chest "
-                    "images will not be caught when this model scores", len(data.images))
+        log.warning("only %d usable normal images (those quality control kept): no QC reference (needs %d); "
+                    "wrong-way-round and non-chest images will not be caught when this model scores: give more "
+                    "normals", len(data.images), MIN_REFERENCE)
     save_model(model, out_dir, metadata)
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     _write_report(model, out_dir, [name for name, held in zip(data.names, data.is_calibration, strict=True) if held],
@@ -379,7 +380,7 @@ class _Films:
     model_cfg: SimSIDConfig  # the settings asked for, with a thorax box's crop once found
     lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
     whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
-    unreadable: list[str] = field(default_factory=list)  # files that could not be read (training and validation)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training and validation
 
     @property
     def train_images(self) -> np.ndarray:
@@ -399,7 +400,7 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,
                                                                 out_dir / INPUTS_FILE)
-    unreadable: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
                                          judge=_checked, unreadable=unreadable)
     keys = patient_keys(names, studies, tcfg.patient_pattern)

@@ -89,6 +89,14 @@ def test_a_set_unfit_to_measure_on_is_said_so_and_unreadable_files_exit_3(labell
     fine = CliRunner().invoke(cli, ["evaluate", "--normal", str(labelled[0]), "--abnormal", str(labelled[1]),
                                     "--model", str(tiny_model), "--json", "--workers", "1"])
     assert fine.exit_code == 0 and json.loads(fine.stdout)["warnings"] == []
+    for path in sorted(labelled[1].iterdir())[:3]:  # copies within a class count twice: said
+        shutil.copy(path, abnormal / path.name)
+        Image.open(path).save(abnormal / f"{path.stem}_again.png")
+    (normal / "broken.jpeg").unlink()
+    again = CliRunner().invoke(cli, ["evaluate", "--normal", str(normal), "--abnormal", str(abnormal), "--model",
+                                     str(tiny_model), "--json", "--workers", "1"])
+    assert any(w.startswith("3 films are copies of another film of their own class")
+               for w in json.loads(again.stdout)["warnings"]), again.stdout
 
 
 def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny_model, tmp_path):
@@ -194,6 +202,7 @@ def test_copies_among_calibration_normals_count_once_and_too_few_distinct_ones_a
     assert result.exit_code == 3, result.output
     assert "12 of the 24 calibration normals are copies of another" in result.stderr
     assert json.loads(result.stdout)["n_calibration"] == 12 and json.loads(result.stdout)["files_unreadable"] == 1
+    assert "12 of the 24 calibration normals are copies" in json.loads(result.stdout)["warning"]  # --json says it
 
 
 def test_a_recalibrated_model_card_gives_the_new_threshold(labelled, tmp_path):

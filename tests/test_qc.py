@@ -295,6 +295,9 @@ def test_header_view_and_image_type(qc, normals):
 def test_a_coloured_or_translucent_film_is_scored_with_a_warning(qc, normals, converted, words):
     verdict = _verdicts(qc, normals[1][:1], converted=converted)[0]
     assert verdict.status == ("warn" if words else "pass") and all(word in verdict.reason for word in words)
+    # a film that fails says it too, under --qc strict as well: a false-colour film was "inverted" without it
+    failed = _verdicts(qc, 255 - normals[1][:1], converted=converted)[0]
+    assert failed.status == "fail" and all(word in failed.reason for word in words), failed
 
 
 def test_patients_outside_the_training_ages_are_scored_with_a_warning(qc, normals):
