@@ -63,6 +63,10 @@ Crop = tuple[float, float, float, float]
 # mean chroma (max - min of R, G, B) above which an image is coloured, in levels of 255: a grey film
 # saved as colour JPEG has 1-2 from compression, a sepia or tinted film 20-40
 COLOUR_CHROMA = 8.0
+# ... or, in the middle of the film, more than MARK_SHARE of it strongly coloured (chroma above
+# MARK_CHROMA): measurement lines or marks drawn in colour across the lungs
+MARK_CHROMA = 48.0
+MARK_SHARE = 0.005
 # mean transparency (1 - alpha) above which it changes what an image shows: alpha 254 everywhere
 # changes nothing a reader sees (0.4%), a transparent border of 5% of the film does
 TRANSPARENT_SHARE = 0.01
@@ -70,17 +74,23 @@ TRANSPARENT_SHARE = 0.01
 
 def colour_notes(rgb: np.ndarray | None = None, alpha: np.ndarray | None = None, full: float | None = None) -> str:
     """What a film's grey display stands for beyond its stored values, for quality control's
-    warning: "colour" when (H, W, >=3) `rgb` (unsigned) is coloured (mean chroma above COLOUR_CHROMA
-    of its full range `full`, by default its dtype's: shown as luma, a tinted film comes out darker or lighter than
-    its grey original), "transparency" when the mean transparency of (H, W) unsigned `alpha` exceeds
-    TRANSPARENT_SHARE (shown over white, washed out), both joined by "; ", or "". A trial: a normal film
-    tinted sepia, or saved with half transparency, passed quality control and was flagged."""
+    warning: "colour" when (H, W, >=3) `rgb` (unsigned; `full` its full range, by default its
+    dtype's) is coloured in the middle of the film, where the chest is (its central 60% each way):
+    a mean chroma above COLOUR_CHROMA levels of 255 (a tinted film, shown as luma, comes out darker
+    or lighter than its grey original) or more than MARK_SHARE of it above MARK_CHROMA (coloured
+    lines or marks across the lungs); "transparency" when the mean transparency of (H, W) unsigned
+    `alpha` exceeds TRANSPARENT_SHARE (shown over white, washed out); both joined by "; ", or "".
+    Two trials: a normal film tinted sepia, or saved with half transparency, passed quality control
+    and was flagged; a coloured ruler at the edge warned, lines drawn across the lungs did not."""
     notes = []
     if rgb is not None and rgb.ndim == 3 and rgb.shape[2] >= 3:
         full = full or float(np.iinfo(rgb.dtype).max)
-        small = subsample(rgb[..., :3])
-        chroma = small.max(axis=2).astype(np.float32) - small.min(axis=2)
-        if chroma.mean() * 255.0 / full > COLOUR_CHROMA:
+        height, width = rgb.shape[:2]
+        # the middle of the film, where the chest is: a coloured ruler or label at its edge does not
+        # change what the model reads there; coloured marks drawn across the lungs do
+        middle = subsample(rgb[height // 5:height - height // 5, width // 5:width - width // 5, :3])
+        chroma = (middle.max(axis=2).astype(np.float32) - middle.min(axis=2)) * (255.0 / full)
+        if chroma.mean() > COLOUR_CHROMA or float((chroma > MARK_CHROMA).mean()) > MARK_SHARE:
             notes.append("colour")
     if alpha is not None and 1.0 - float(alpha.mean()) / np.iinfo(alpha.dtype).max > TRANSPARENT_SHARE:
         notes.append("transparency")

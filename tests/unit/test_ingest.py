@@ -79,6 +79,28 @@ def test_a_coloured_or_translucent_film_is_noted_and_a_grey_one_in_any_container
         assert "transparency" not in record.converted
 
 
+@pytest.mark.parametrize("mark, warned", [("ruler at the edge", False), ("label in a corner", False),
+                                         ("lines across the lungs", True), ("a dot in the middle", False)])
+def test_coloured_marks_warn_where_the_chest_is_not_at_its_edge(tmp_path, mark, warned):
+    """A second trial: a coloured ruler outside the chest warned while coloured measurement lines
+    across the lungs did not; a radiologist wants the reverse."""
+    film = np.repeat(np.tile(np.linspace(30, 220, 400), (500, 1))[..., None], 3, axis=2).astype(np.uint8)
+    red = (230, 20, 20)
+    if mark == "ruler at the edge":
+        film[:, :30] = red
+    elif mark == "label in a corner":
+        film[10:60, 10:150] = red
+    elif mark == "lines across the lungs":
+        film[200:203, 60:340] = red
+        film[300:303, 60:340] = (20, 200, 20)
+    else:
+        film[248:252, 198:202] = red
+    path = tmp_path / "marked.png"
+    Image.fromarray(film).save(path)
+    record, _ = ingest_one(path)
+    assert ("colour" in record.converted) == warned, (mark, record.converted)
+
+
 def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
 
     ramp = np.tile(np.linspace(1000, 5000, 300, dtype=np.uint16), (200, 1))
