@@ -362,10 +362,16 @@ def _typical(vectors: np.ndarray) -> np.ndarray:
 def _best_turn(distances: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
     """`_orientation_distances` -> (N,) whether a turned or inverted copy fits MAX_CLARITY times
     better than the film as it is, and (N,) the copy that fits best."""
+    closest, names = _closest_turn(distances)
+    return closest * MAX_CLARITY < distances["upright"], names
+
+
+def _closest_turn(distances: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """`_orientation_distances` -> (N,) distance of each film's closest turned or inverted copy
+    (mirrored left to right is not a turn: a warning, not a failure), and (N,) which copy that is."""
     names = [name for name in distances if name not in ("upright", "mirror")]
     stacked = np.stack([distances[name] for name in names])
-    best = stacked.argmin(axis=0)
-    return stacked.min(axis=0) * MAX_CLARITY < distances["upright"], [names[index] for index in best]
+    return stacked.min(axis=0), [names[index] for index in stacked.argmin(axis=0)]
 
 
 def fit_reference(train: np.ndarray) -> QCReference:
@@ -381,7 +387,7 @@ def fit_reference(train: np.ndarray) -> QCReference:
     reference = _subspace(_standardised(small))
     held_out = _held_out_distances(small)
     upright = held_out["upright"]
-    wrong = np.min([d for k, d in held_out.items() if k not in ("upright", "mirror")], axis=0)
+    wrong = _closest_turn(held_out)[0]
     contrast, extreme = _grey_statistics(train)
     limits = QCLimits(
         min_contrast=float(contrast.min() / 2),
@@ -519,10 +525,11 @@ class QualityControl:
         small = _thumbnails(images)
         plane = _plane_share(small)
         distances = _orientation_distances(self.reference, small) if self.reference else None
+        closest = _closest_turn(distances) if distances else None
         verdicts = []
         for index, record in enumerate(records):
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
-                                                                             distances)
+                                                                             distances, closest)
             warnings = self._warnings(record, index, distances)
             if problems:
                 problems[-1] += _body_part_said(record)
@@ -557,7 +564,8 @@ class QualityControl:
         return problems
 
     def _image_problems(self, index: int, contrast: np.ndarray, extreme: np.ndarray, plane: float,
-                        distances: dict[str, np.ndarray] | None) -> list[str]:
+                        distances: dict[str, np.ndarray] | None,
+                        closest: tuple[np.ndarray, list[str]] | None) -> list[str]:
         limits = self.limits
         if contrast[index] < limits.min_contrast:
             usual = ("training films have at least" if self.reference is not None else "chest films have about")
@@ -568,11 +576,10 @@ class QualityControl:
                     "not a radiograph's texture: burnt out, blank, mostly border, or a drawing"]
         if plane > limits.max_plane_share:
             return [f"a smooth grey ramp with no anatomy ({plane:.0%} of its layout is a plane)"]
-        if distances is None:
+        if distances is None or closest is None:
             return []
         upright = distances["upright"][index]
-        name, best = min(((k, d[index]) for k, d in distances.items() if k not in ("upright", "mirror")),
-                         key=lambda item: item[1])
+        best, name = closest[0][index], closest[1][index]  # the closest turned or inverted copy
         if min(upright, best) > limits.max_distance:
             return ["does not look like a chest radiograph, whichever way it is turned (another body part, "
                     "a lateral view, a photograph or a damaged image?)"]
