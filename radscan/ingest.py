@@ -8,7 +8,6 @@ files there are.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -149,21 +148,19 @@ def find_files(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
     """
     excluded = _identities(exclude)
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
     links: list[Link] = []
     found: list[Found] = []
     for given in distinct_inputs(inputs):
         path = Path(given)
         if path.is_dir():
-            found.extend(_walk(path, seen_dirs, excluded, seen_files, links))
-            continue
-        with contextlib.suppress(OSError):  # unreadable or broken: listed, its row says why
-            stat = path.stat()  # a link met in a folder that leads to it is not listed again
-            seen_files.add((stat.st_dev, stat.st_ino))
-        found.append(Found(str(path.parent), path.name))
-    # links last, after every root's real entries: what a link of one root leads into another root (or
-    # into its own) is listed under its own path, not the link's
-    found.extend(_follow_links(links, seen_dirs, excluded, seen_files))
+            found.extend(_walk(path, seen_dirs, excluded, links))
+        else:
+            found.append(Found(str(path.parent), path.name))
+    if links:
+        # links last, after every root's real entries: what a link of one root leads into another root (or
+        # into its own) is listed under its own path, not the link's. Only then is every listed file stat'ed
+        listed = _identities(each.full_path for each in found if not each.problem)
+        found.extend(_follow_links(links, seen_dirs, excluded, listed))
     return assign_study_keys(found, study_key)
 
 
@@ -205,29 +202,33 @@ Link = tuple[Path, os.DirEntry]  # a symbolic link met in a walk, with the root 
 
 
 def _walk(root: Path, seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
-          seen_files: set[tuple[int, int]], links: list[Link]) -> Iterator[Found]:
+          links: list[Link]) -> Iterator[Found]:
     """The real entries under `root`, depth first in name order; the symbolic links met are added
     to `links` for `_follow_links` (after every root's real entries)."""
     listing, problem = _list_folder(root, root, seen, excluded)
     if problem:
         yield problem
-    yield from _crawl(root, listing, seen, excluded, seen_files, links)
+    yield from _crawl(root, listing, seen, excluded, links)
 
 
 def _follow_links(links: list[Link], seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
-                  seen_files: set[tuple[int, int]]) -> Iterator[Found]:
+                  listed: set[tuple[int, int]]) -> Iterator[Found]:
     """What the links lead to, in the order they were met, their own links after them: a folder not
-    entered before (loops end), a file not listed before."""
+    entered before (loops end), a file not `listed` before (by device and inode; added to it)."""
     while links:
         root, entry = links.pop(0)
-        yield from _crawl(root, [entry], seen, excluded, seen_files, links, following=True)
+        yield from _crawl(root, [entry], seen, excluded, links, listed)
 
 
 def _crawl(root: Path, listing: list[os.DirEntry], seen: set[tuple[int, int]], excluded: set[tuple[int, int]],
-           seen_files: set[tuple[int, int]], links: list[Link], following: bool = False) -> Iterator[Found]:
+           links: list[Link], listed: set[tuple[int, int]] | None = None) -> Iterator[Found]:
     """Depth first, with an explicit stack of folder listings: a tree of any depth is crawled
     (recursion would end at Python's limit, about 1,000 levels). A symbolic link below the first
-    level is put in `links`, not followed; `following` follows the first level's (the links given)."""
+    level is put in `links`, not followed. With `listed` (the files listed so far), what the first
+    level's links lead to is crawled: a file among `listed` is not listed again. Without it, every
+    real entry is listed, hard links to one file too (each a name a user gave a film), and no file
+    is stat'ed unless outputs are `excluded`."""
+    following = listed is not None
     stack = [iter(listing)]
     while stack:
         entry = next(stack[-1], None)
@@ -245,12 +246,12 @@ def _crawl(root: Path, listing: list[os.DirEntry], seen: set[tuple[int, int]], e
                     yield problem
                 stack.append(iter(listing))
             elif entry.is_file():
-                identity = _identity(entry)
-                # every real entry is listed, hard links too (one file under two names: two rows, and the
-                # study says it holds a copy); a link only when nothing listed before is its target
-                if identity not in excluded and not (following and identity in seen_files):
-                    seen_files.add(identity)
-                    yield Found(str(root), rel)
+                identity = _identity(entry) if following or excluded else None
+                if identity in excluded or (following and identity in listed):
+                    continue
+                if following:
+                    listed.add(identity)
+                yield Found(str(root), rel)
             else:
                 yield Found(str(root), rel, _not_a_file(entry))
         except OSError as exc:
@@ -441,15 +442,12 @@ def _other_image(head: bytes, size: int) -> str | None:
     return next((kind for magic, kind in _OTHER_IMAGES if head.startswith(magic)), None)
 
 
-def warn_unread_formats(records: Iterable[ImageRecord | dict]) -> int:
-    """Log one WARNING when some of `records` (or their rows) are images in a format radscan does
-    not read (`_other_image`): a site exporting TIFF would otherwise see every film skipped and
-    nothing flagged, or a threshold set on the few JPEGs beside them. Returns how many."""
-    count = sum(READS_ONLY in (each["reason"] if isinstance(each, dict) else each.reason) for each in records)
-    if count:
-        log.warning("%d file(s) are images in a format radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000): "
-                    "listed as skipped, not used; %s", count, READS_ONLY)
-    return count
+def unread_formats(count: int) -> str:
+    """What to say of `count` files (> 0) in an image format radscan does not read (`_other_image`):
+    a site exporting TIFF would otherwise see every film skipped and nothing flagged, or a threshold
+    set on the few JPEGs beside them. Logged by `load_images`, a problem of `radscan score`'s run."""
+    return (f"{count} file{'' if count == 1 else 's'} {'is an image' if count == 1 else 'are images'} in a format "
+            f"radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000), listed as skipped: {READS_ONLY}")
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -615,13 +613,12 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     files = find_files(paths)
     images, names, studies, records = [], [], [], []
     counts = {Status.OK: 0, Status.SKIPPED: 0, Status.ERROR: 0}
-    skipped: list[ImageRecord] = []
+    unread = 0  # skipped as an image format radscan does not read
     stream = CsvStream(inventory, ("path", "root", "kind", "status", "reason")) if inventory else None
     for record, image in tqdm(iter_ingested(files, policy, workers), total=len(files), unit="file",
                               desc=f"read {label}".strip(), disable=None if progress else True):
         counts[record.status] += 1
-        if record.status == Status.SKIPPED:
-            skipped.append(record)
+        unread += record.status == Status.SKIPPED and READS_ONLY in record.reason
         if unreadable is not None and record.status == Status.ERROR:
             unreadable.append((os.path.join(record.root, record.path), record.reason))
         if stream and image is None:  # a film read is listed once judged (below): it may be rejected yet
@@ -635,8 +632,8 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
             counts[Status.OK], counts[Status.SKIPPED], counts[Status.ERROR])
     if counts[Status.ERROR] and not quiet:
         log.warning("%s: %d file(s) could not be read and are not used", label or "input", counts[Status.ERROR])
-    if not quiet:
-        warn_unread_formats(skipped)
+    if unread and not quiet:
+        log.warning("%s: %s", label or "input", unread_formats(unread))
     if judge is not None and images:
         keep = judge(records, images)
         dropped = [record for record, kept in zip(records, keep, strict=True) if not kept]

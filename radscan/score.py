@@ -58,6 +58,7 @@ from radscan.ingest import (
     fallback_study_key,
     find_files,
     iter_ingested,
+    unread_formats,
 )
 from radscan.model.engine import check_device, import_engine
 from radscan.model.metadata import ModelIdentity, read_metadata
@@ -297,8 +298,7 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
     flagged share that moved beyond chance (radscan.drift)."""
     problems = []
     if unread:  # a site exporting TIFF saw every film skipped, exit 0 and nothing flagged
-        problems.append(f"{counted(unread, 'file')} {'is an image' if unread == 1 else 'are images'} in a format "
-                        f"radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000), listed as skipped: {READS_ONLY}")
+        problems.append(unread_formats(unread))
     if counts["error"]:
         problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
                         f"{outputs.report.name}")
