@@ -42,7 +42,7 @@ from pydicom.uid import (
 )
 
 from radscan.dicomheader import file_meta, header_int, header_text, header_texts
-from radscan.display import UnusablePalette, display_grey
+from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
 from radscan.policy import Policy
 from radscan.records import DICOM_FIELDS, ImageRecord
 
@@ -142,7 +142,7 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     record.frame_used = index
     try:
         with _decoder_messages(path):
-            stored = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
+            stored = _decoded(ds, index if frames > 1 else None)
     except Exception as exc:
         log.debug("cannot decode %s", path, exc_info=True)
         record.fail(_decode_failure(ds, exc))
@@ -158,6 +158,19 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         log.debug("traceback", exc_info=True)
         record.fail("cannot apply the display values of the header (Modality LUT, VOI LUT or window)")
         return None
+
+
+def _decoded(ds: Dataset, index: int | None) -> np.ndarray:
+    """The frame `index` (all frames when None) as pydicom decodes it, colour as RGB. pydicom turns
+    YBR_FULL and YBR_FULL_422 into RGB for 8-bit samples only: wider ones are decoded as stored and
+    converted here (radscan.display.ybr_full_to_rgb)."""
+    photometric = header_text(ds, "PhotometricInterpretation").upper()
+    if photometric not in ("YBR_FULL", "YBR_FULL_422") or (header_int(ds, "BitsAllocated") or 8) <= 8:
+        return pixel_array(ds, index=index) if index is not None else ds.pixel_array
+    stored = pixel_array(ds, index=index, raw=True)
+    bits = header_int(ds, "BitsStored") or 0
+    bits = bits if 8 < bits <= 8 * stored.dtype.itemsize else 8 * stored.dtype.itemsize
+    return ybr_full_to_rgb(stored, bits) if stored.ndim >= 3 and stored.shape[-1] == 3 else stored
 
 
 _decoder_stderr: list = []  # one scratch file per process, reused

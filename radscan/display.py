@@ -18,7 +18,7 @@ from radscan.dicomheader import header_int, header_number, header_numbers, heade
 from radscan.preprocess import colour_notes, percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
-__all__ = ["display_grey", "UnusablePalette"]
+__all__ = ["display_grey", "ybr_full_to_rgb", "UnusablePalette"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,20 @@ def _palette_applied(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         log.debug("palette unusable", exc_info=True)
         raise UnusablePalette("a PALETTE COLOR image whose palette (Palette Color Lookup Table) is missing or "
                               "damaged: its colours cannot be known") from None
+
+
+def ybr_full_to_rgb(ybr: np.ndarray, bits: int) -> np.ndarray:
+    """YBR_FULL samples (..., 3) of `bits` bits (9-16; Y, Cb, Cr in full range, chroma centred on
+    2**(bits - 1)) -> RGB of the same dtype, clipped to 0..2**bits - 1: the equations of PS3.3
+    C.7.6.3.1.2 (ITU-R BT.601 coefficients, as JPEG's JFIF), scaled from 8 bits to `bits`. pydicom
+    converts YBR to RGB for 8-bit samples only (wider ones raised "Invalid ndarray.dtype", and a
+    12-bit colour film was an error row, a trial)."""
+    top, half = float(2**bits - 1), float(2 ** (bits - 1))
+    y, cb, cr = (ybr[..., channel].astype(np.float64) for channel in range(3))
+    rgb = np.stack([y + 1.402 * (cr - half),
+                    y - 0.344136 * (cb - half) - 0.714136 * (cr - half),
+                    y + 1.772 * (cb - half)], axis=-1)
+    return np.clip(np.rint(rgb), 0, top).astype(ybr.dtype)
 
 
 def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:

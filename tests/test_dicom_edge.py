@@ -156,6 +156,29 @@ def test_native_colour_without_planar_configuration_or_in_12_bits_displays_as_th
     assert_plain(record.reason)
 
 
+@settings(max_examples=12, deadline=None)
+@given(bits=st.integers(9, 16), tint=st.sampled_from([0, 40]))
+def test_ybr_full_colour_wider_than_8_bits_displays_as_the_grey_film(tmp_path_factory, bits, tint):
+    """A trial: YBR_FULL colour in 16-bit words was an error row ("the pixel data does not fit the
+    header"): pydicom converts YBR to RGB for 8-bit samples only. Any width from 9 to 16 bits shows
+    the film as its 8-bit RGB twin does, and a tinted one (chroma off centre) is noted as colour."""
+    tmp_path = tmp_path_factory.mktemp("ybr")
+    grey = np.asarray(Image.open(sorted((DATA / "cxr/kermany_pediatric_224/train_normal").iterdir())[0])
+                      .convert("L").resize((96, 96)))
+    policy = Policy(modalities=None)
+    expected = ingest_one(_native_colour(tmp_path, "rgb.dcm", np.repeat(grey[..., None], 3, axis=2)), policy)[1]
+    top, half = 2**bits - 1, 2 ** (bits - 1)
+    y = np.rint(grey.astype(np.float64) * top / 255)
+    chroma = np.full_like(y, half + tint * (top + 1) / 256)  # a blue-red tint when tint > 0
+    ybr = np.stack([y, chroma, chroma], axis=-1).astype(np.uint16)
+    record, image = ingest_one(_native_colour(tmp_path, f"ybr{bits}.dcm", ybr, PhotometricInterpretation="YBR_FULL",
+                                              BitsStored=bits, HighBit=bits - 1), policy)
+    assert record.status == "ok", record.reason
+    assert ("colour" in record.converted) == (tint > 0), record.converted
+    if not tint:
+        assert np.abs(image.astype(int) - expected).mean() <= TOLERANCE
+
+
 # --- reasons that name the header value that is wrong (issue 22, item 10) ------------------------
 
 
