@@ -33,8 +33,8 @@ from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
-__all__ = ["CANNOT_READ", "CRASHED", "failed_record", "hung_reason", "Found", "distinct_inputs", "find_files",
-           "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs",
+__all__ = ["CANNOT_READ", "CRASHED", "READER_REVISION", "failed_record", "hung_reason", "Found", "distinct_inputs",
+           "find_files", "sniff_kind", "ingest_file", "iter_ingested", "Ingested", "load_images", "check_inputs",
            "fallback_study_key", "assign_study_keys"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ warnings.filterwarnings("ignore", message=r".*successfully executed\s+but not us
 
 CANNOT_READ = "cannot read this file"  # how the reason of a file that the system would not give starts
 CRASHED = "the decoder crashed on this file (its worker process died)"
+# Bumped when reading gives other pixels for some files while preprocessing is unchanged (a new
+# PREPROCESS_VERSION, which models record, would make every model refuse): `radscan score` then reads
+# every file once more instead of keeping what an older reader made of it. 2: 16-bit colour PNGs keep
+# their depth (were 8 bits, nearly black), YBR_FULL DICOM over 8 bits is read (was an error).
+READER_REVISION = 2
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Names that promise an image: such a file with other content is an error, not a skip.

@@ -18,6 +18,12 @@ __all__ = ["read_raster"]
 log = logging.getLogger(__name__)
 
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# Pillow reads a 16-bit colour PNG, or 16-bit grey with alpha, as 8-bit RGB(A) by keeping each
+# sample's high byte: a film whose values use 12 of the 16 bits came out nearly black (a trial). Its
+# PNG decoder can be told another raw mode of the same bits per pixel: ";16L" over big-endian samples
+# keeps the low bytes; plain "RGBA" over grey-alpha keeps all four bytes. raw mode -> (its companion,
+# the channels it holds)
+_SIXTEEN_BIT = {"RGB;16B": ("RGB;16L", 3), "RGBA;16B": ("RGBA;16L", 4), "LA;16B": ("RGBA", 2)}
 
 
 def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
@@ -44,6 +50,9 @@ def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
                         f"{policy.max_pixels:,} (corrupt header or decompression bomb)"
                     )
                     return None
+                wide = _sixteen_bit_colour(path, image)
+                if wide is not None:
+                    return _wide_to_grey(wide, record)
                 image.load()
                 return _to_grey(ImageOps.exif_transpose(image), record)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -75,6 +84,45 @@ def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
     record.bits_stored = 8
     record.voi_source = "full-range"
     return np.asarray(image)
+
+
+def _sixteen_bit_colour(path: Path, image: Image.Image) -> np.ndarray | None:
+    """For a 16-bit PNG that Pillow would reduce to 8 bits (`_SIXTEEN_BIT`; `image` opened, not yet
+    loaded): its (H, W, C) uint16 samples (C 3, 4, or 2 for grey with alpha), EXIF orientation
+    applied; else None."""
+    tile = image.tile[0] if image.format == "PNG" and len(image.tile) == 1 else None
+    if tile is None or tile[3] not in _SIXTEEN_BIT:
+        return None
+    companion, channels = _SIXTEEN_BIT[tile[3]]
+    decoded = []
+    for rawmode in ((tile[3], companion) if channels > 2 else (companion,)):
+        with Image.open(path) as twin:  # a fresh decoder per raw mode, as Pillow opens any file
+            twin.tile = [(tile[0], tile[1], tile[2], rawmode)]
+            twin.load()
+            decoded.append(np.asarray(ImageOps.exif_transpose(twin)).astype(np.uint16))
+    if channels == 2:  # bytes high, low of the grey, then of the alpha
+        both = decoded[0]
+        return np.stack([both[..., 0] << 8 | both[..., 1], both[..., 2] << 8 | both[..., 3]], axis=-1)
+    return decoded[0] << 8 | decoded[1]
+
+
+def _wide_to_grey(samples: np.ndarray, record: ImageRecord) -> np.ndarray:
+    """(H, W, C) uint16 samples of a 16-bit PNG -> (H, W) uint8: luma (ITU-R 601) composited over
+    white by its alpha, as `_to_grey` shows 8-bit colour, then the robust percentile window of
+    16-bit grey PNGs."""
+    colour = samples.shape[-1] >= 3
+    alpha = samples[..., -1] if samples.shape[-1] in (2, 4) else None
+    values = samples[..., :3].astype(np.float32) if colour else samples[..., :1].astype(np.float32)
+    luma = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if colour else values[..., 0]
+    if alpha is not None:
+        share = alpha.astype(np.float32) / np.iinfo(np.uint16).max
+        luma = share * luma + (1 - share) * np.iinfo(np.uint16).max
+    record.bits_stored = 16
+    record.voi_source = "percentile"
+    low, high = percentile_window(subsample(luma))
+    # chroma judged in the window's grey levels: 12-bit values in 16-bit words are not 16x less coloured
+    record.converted = colour_notes(samples[..., :3] if colour else None, alpha, full=max(high - low, 1.0))
+    return window_to_uint8(luma, low, high, invert=False)
 
 
 def _over_white(image: Image.Image) -> Image.Image:

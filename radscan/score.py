@@ -50,6 +50,7 @@ from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.drift import Drift, check_drift
 from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import (
+    READER_REVISION,
     READS_ONLY,
     Found,
     check_inputs,
@@ -151,8 +152,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
-    fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy),
-                            phi.fingerprint, _pictures_key(pictures, bool(outputs.dicom)), qc.fingerprint])
+    fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, f"reader {READER_REVISION}",
+                            repr(settings.policy), phi.fingerprint, _pictures_key(pictures, bool(outputs.dicom)),
+                            qc.fingerprint])
     # the drift history: what decides a flag, not how the list is drawn (pictures, identifiers)
     history_key = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint])
     run_id, started_at = uuid.uuid4().hex[:12], now()

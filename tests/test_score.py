@@ -168,6 +168,25 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     assert "12 files (12 read again under another model or settings): " in said
 
 
+def test_a_new_reader_reads_every_file_again(tiny_model, tmp_path, monkeypatch):
+    """Files an older reader read are not kept as it read them: a 16-bit colour PNG read as 8 bits
+    (nearly black) passed quality control or was rejected, and a rerun kept that row while the file
+    did not change (only error rows were retried). A new READER_REVISION reads every file once more."""
+    import radscan.score
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for source in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3]:
+        shutil.copy(source, films / source.name)
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(films), "--out", str(out), "--model", str(tiny_model), "--json")
+    assert json.loads(_run(*args).stdout)["scored_now"] == 3
+    assert json.loads(_run(*args).stdout)["reused"] == 3
+    monkeypatch.setattr(radscan.score, "READER_REVISION", radscan.score.READER_REVISION + 1)
+    again = json.loads(_run(*args).stdout)
+    assert (again["scored_now"], again["read_because"]) == (3, {"settings": 3})
+
+
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
     """JPEG/PNG studies are keyed by root and folder (issue 10, item 3): rootA/p1 and rootB/p1 are two
     studies in the worklist, a flat folder is its own study, and a rerun with the roots spelled

@@ -110,6 +110,65 @@ def test_sixteen_bit_png_keeps_its_depth_until_windowed(tmp_path):
     assert image[:, 0].mean() < 10 and image[:, -1].mean() > 245  # 12-bit content fills the 8 bits
 
 
+def _png16(samples: np.ndarray, colour_type: int, row_filter: int) -> bytes:
+    """A 16-bit PNG of (H, W, C) samples (ISO/IEC 15948: colour type 2 RGB, 4 grey+alpha, 6 RGBA),
+    every row with `row_filter` (0 none .. 4 Paeth): Pillow cannot write 16-bit colour."""
+    import struct
+    import zlib
+
+    raw = samples.astype(">u2").reshape(samples.shape[0], -1).view(np.uint8).astype(np.int64)
+    step = 2 * samples.shape[2]  # bytes per pixel: the filters' left neighbour
+    rows, above = [], np.zeros_like(raw[0])
+    for row in raw:
+        left = np.r_[np.zeros(step, np.int64), row[:-step]]
+        upper_left = np.r_[np.zeros(step, np.int64), above[:-step]]
+        if row_filter == 4:
+            p = left + above - upper_left
+            pa, pb, pc = abs(p - left), abs(p - above), abs(p - upper_left)
+            predictor = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, above, upper_left))
+        else:
+            predictor = [0 * row, left, above, (left + above) // 2][row_filter]
+        rows.append(bytes([row_filter]) + ((row - predictor) % 256).astype(np.uint8).tobytes())
+        above = row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = samples.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+            + chunk(b"IEND", b""))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(colour_type=st.sampled_from([2, 4, 6]), bits=st.integers(9, 16), row_filter=st.integers(0, 4),
+       tint=st.booleans())
+def test_sixteen_bit_colour_png_keeps_its_depth_as_grey_does(tmp_path, colour_type, bits, row_filter, tint):
+    """A trial: Pillow reads 16-bit colour (and grey with alpha) PNGs as 8 bits by keeping each
+    sample's high byte, so a film of 12-bit values in 16-bit samples came out nearly black. Any such
+    PNG (every row filter, 9-16 bits used) now shows as the 16-bit grey PNG of its luma does, and a
+    tinted one is noted as colour."""
+    rng = np.random.default_rng(bits)
+    grey = np.clip(np.tile(np.linspace(0, 1, 48), (40, 1)) + rng.normal(0, 0.05, (40, 48)), 0, 1)
+    luma = np.rint(grey * (2**bits - 1)).astype(np.uint16)
+    Image.fromarray(luma).save(tmp_path / "grey16.png")
+    expected = ingest_one(tmp_path / "grey16.png")[1]
+    opaque = np.full_like(luma, 65535)
+    if colour_type == 4:
+        samples, tint = np.stack([luma, opaque], axis=-1), False
+    else:
+        shift = (2**bits // 16) if tint else 0  # red up, blue down: luma moves by 0.185 * shift
+        channels = [luma.astype(np.int64) + shift, luma.astype(np.int64), luma.astype(np.int64) - shift]
+        samples = np.stack([np.clip(c, 0, 2**bits - 1) for c in channels] + [opaque] * (colour_type == 6), axis=-1)
+    path = tmp_path / "film.png"
+    path.write_bytes(_png16(samples, colour_type, row_filter))
+    record, image = ingest_one(path)
+    assert record.status == "ok" and record.bits_stored == 16, record.reason
+    assert ("colour" in record.converted) == tint, record.converted
+    if not tint:
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(depth=st.integers(min_value=1, max_value=2000), name_length=st.integers(min_value=1, max_value=3))
 @example(depth=1900, name_length=1)  # far past Python's recursion limit, within PATH_MAX
