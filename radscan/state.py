@@ -98,7 +98,10 @@ class OutputLock:
             except OSError as exc:  # a full disk
                 raise OutputError(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from None
         except BaseException:
-            handle.close()
+            # closing flushes again what a full disk refused: its OSError would replace the error
+            # raised here (exit 1, "a bug", where a full disk is exit 73; a trial); the file closes either way
+            with contextlib.suppress(OSError):
+                handle.close()
             raise
         self._handle, self._identity = handle, (status.st_dev, status.st_ino)
 
@@ -124,7 +127,8 @@ class OutputLock:
             with contextlib.suppress(OSError):  # the next run that finds the lock held must not name this one
                 self._handle.seek(0)
                 self._handle.truncate()
-            self._handle.close()  # closing releases the lock
+            with contextlib.suppress(OSError):  # closing releases the lock, even when its flush fails
+                self._handle.close()
             self._handle = None
 
     def _at_path(self) -> tuple[int, int] | None:

@@ -344,6 +344,41 @@ def test_a_lock_file_replaced_while_it_is_taken_is_refused(tmp_path, monkeypatch
             pass
 
 
+def test_a_disk_too_full_for_the_lock_file_is_exit_73_not_a_bug(tmp_path, monkeypatch):
+    """A trial: with 0 bytes free, writing the holder into the lock file failed (exit 73), then
+    closing the file flushed the same bytes again and its OSError replaced that error: exit 1, "a bug
+    in radscan", with a traceback. Whatever the buffer does on close, the run says the disk is full."""
+    import errno
+
+    import radscan.state as state_module
+    from radscan.errors import OutputError
+
+    class FullDisk:  # a file object on a disk with no space left: writes buffer, flushes fail
+        def __init__(self, handle):
+            self.handle, self.pending = handle, False
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def write(self, text):
+            self.pending = True
+            return len(text)
+
+        def flush(self):
+            if self.pending:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.handle.close()
+            self.flush()
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(state_module.os, "fdopen", lambda *args, **kwargs: FullDisk(real_fdopen(*args, **kwargs)))
+    with pytest.raises(OutputError, match="No space left on device"):
+        with hold_lock(tmp_path / "report.lock"):
+            pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop, cluster", [(signal.SIGKILL, []), (signal.SIGTERM, []),
                                            (signal.SIGKILL, ["--scheduler", "local:2"]),
