@@ -499,7 +499,10 @@ class StateStore:
                -- files of the study that hold a DICOM image another of its files holds (one SOP Instance UID)
                SUM(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.SOPInstanceUID'), '') != '')
                    - COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.SOPInstanceUID'), '')
-                                    END) AS images_duplicated
+                                    END) AS images_duplicated,
+               -- patients whose films the study holds: more than one is a sender's or anonymiser's error
+               COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.PatientID'), '')
+                     END) AS patients
         FROM current GROUP BY study_key
         HAVING images > 0)"""
 
@@ -533,18 +536,19 @@ class StateStore:
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons,
-                   s.images_duplicated, r.row,
+                   s.images_duplicated, s.patients, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
                      s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, duplicated, \
-                row, section in self._db.execute(query, {"run": self.run_id}):
+                patients, row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
-                   "skip_reasons": reasons, "images_duplicated": duplicated or 0, "top": json.loads(row),
+                   "skip_reasons": reasons, "images_duplicated": duplicated or 0, "patients": patients or 0,
+                   "top": json.loads(row),
                    "study_section": section}
 
     def scored_now(self) -> tuple[int, int]:

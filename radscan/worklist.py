@@ -7,6 +7,7 @@ the DICOM results); the column lists here are the CSVs' reference (docs/scoring.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from radscan.model.metadata import ModelIdentity
 
 __all__ = ["OutputPaths", "REPORT_COLUMNS", "STUDY_COLUMNS", "DISCLAIMER", "write_worklist", "write_readme"]
+
+log = logging.getLogger(__name__)
 
 DISCLAIMER = ("radscan scores are for research and triage support only: they order a reading list and "
               "are not a diagnosis")
@@ -154,12 +157,13 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
                       members: dict[str, list[dict[str, Any]]] | None) -> tuple[list[dict[str, Any]], int, int]:
     """The study list; returns the page's entries (with `members`, the images of each study:
     _write_image_rows), studies, flagged studies."""
-    entries, studies, flagged = [], 0, 0
+    entries, studies, flagged, mixed = [], 0, 0, 0
     for study in store.studies():
         note = _study_note(study)
         top = study.pop("top")
         study.pop("skip_reasons")
         study.pop("images_duplicated")
+        mixed += study.pop("patients") > 1
         studies += 1
         flagged += study["images_flagged"] > 0
         row = {
@@ -176,12 +180,18 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
             qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
             entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z"),
                                        images=members.get(study["study_key"], [])))
+    if mixed:  # counted, never named: Patient IDs stay out of the log
+        log.warning("%d studies hold films of more than one patient under one Study Instance UID (a sender's or "
+                    "anonymiser's error?): their study_note says so; read each image's row", mixed)
     return entries, studies, flagged
 
 
 def _study_note(study: dict[str, Any]) -> str:
     """What a reader must know about a study besides its score: images that were not judged."""
     notes = []
+    if study["patients"] > 1:  # one Study Instance UID sent for two patients: the row names only its top film's
+        notes.append(f"films of {study['patients']} patients (Patient ID) under one study: the study's identifiers "
+                     "are its top image's; read each image's row")
     if study["images_qc_warned"]:
         notes.append(f"{study['images_qc_warned']} scored image(s) with a quality control warning: read qc_reason "
                      "before the flag")

@@ -187,6 +187,31 @@ def test_a_new_reader_reads_every_file_again(tiny_model, tmp_path, monkeypatch):
     assert (again["scored_now"], again["read_because"]) == (3, {"settings": 3})
 
 
+@pytest.mark.parametrize("phi", ["keep", "hash"])
+def test_a_study_holding_two_patients_says_so(tiny_model, tmp_path, phi):
+    """A trial: two patients' films under one Study Instance UID (a misconfigured modality or
+    anonymiser) made one study row named after its top film's patient, and the other patient was on
+    no list. The study's note says it holds films of two patients, in the CSV and on the page, and the
+    log warns without naming them."""
+    import pydicom
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    for index, patient in enumerate(("PAT-AAAA-111", "PAT-BBBB-222")):
+        ds.PatientID, ds.SOPInstanceUID = patient, f"{ds.SOPInstanceUID}.{index}"
+        ds.save_as(inputs / f"p{index}.dcm")
+    out = tmp_path / "out" / "report.csv"
+    extra = ["--phi", "hash", "--phi-key", "k" * 32] if phi == "hash" else []
+    result = _run("score", str(inputs), "--out", str(out), "--model", str(tiny_model), *extra)
+    assert result.exit_code == ExitCode.OK, result.output
+    [study] = read_rows(out.with_name("report_studies.csv"))
+    assert study["study_note"].startswith("films of 2 patients (Patient ID) under one study"), study["study_note"]
+    assert "films of 2 patients" in out.with_suffix(".html").read_text()
+    assert "1 studies hold films of more than one patient" in result.stderr
+    assert "PAT-" not in result.stderr
+
+
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
     """JPEG/PNG studies are keyed by root and folder (issue 10, item 3): rootA/p1 and rootB/p1 are two
     studies in the worklist, a flat folder is its own study, and a rerun with the roots spelled
