@@ -188,6 +188,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                     cluster.prepare(run)
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             threshold = scorer.threshold  # the model is verified even when nothing was new
+            _refuse_filmless(inputs, store)
             lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
@@ -273,6 +274,18 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
         raise NoInputError(f"no files found under {', '.join(empty)} (an unmounted or emptied folder?): nothing "
                            "was changed; remove it from the command line if it is meant to be empty")
     return files, {root: str(Path(root).resolve()) for root in {found.root for found in files}}
+
+
+def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
+    """Raise NoInputError, before anything is written or pruned, when the inputs hold no film at all
+    while earlier runs listed films there: a share that did not mount, leaving a stray file (a
+    `.DS_Store`), looked like a night on which every film was deleted, and the list was emptied with
+    exit 0 (a trial), where an empty folder is exit 66 and keeps the list."""
+    listed, gone = store.films()
+    if not listed and gone:
+        raise NoInputError(f"no film found under {', '.join(inputs)}, only files that are not images (an unmounted "
+                           f"or emptied share?): nothing was changed, the {counted(gone, 'film')} of earlier runs stay "
+                           "listed")
 
 
 @contextlib.contextmanager

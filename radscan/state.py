@@ -599,6 +599,13 @@ class StateStore:
         return [(_parse_row(row) or {}).get("reason", "") for (row,) in self._db.execute(
             "SELECT row FROM results WHERE seen = ? AND status = ?", (self.run_id, "skipped"))]
 
+    def films(self) -> tuple[int, int]:
+        """(films this run listed, films of earlier runs it did not see, which `prune` would remove):
+        films as the study list counts them (scored, rejected, unreadable, or DICOM images skipped)."""
+        now, gone = self._db.execute(f"SELECT SUM(seen = :run), SUM(seen != :run) FROM results WHERE {_LISTED}",
+                                     {"run": self.run_id}).fetchone()
+        return now or 0, gone or 0
+
     def prune(self) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another
         root) and return them, so that their pictures can go too. Call after a complete run."""

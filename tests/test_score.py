@@ -212,6 +212,33 @@ def test_a_study_holding_two_patients_says_so(tiny_model, tmp_path, phi):
     assert "PAT-" not in result.stderr
 
 
+@pytest.mark.parametrize("stray", [".DS_Store", "README.txt", "Thumbs.db", "notes"])
+def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray):
+    """A trial: a share that did not mount, leaving only a stray file, emptied the worklist with exit 0
+    (its films' rows and pictures pruned), where an empty folder is exit 66 and keeps it. A folder
+    holding no film while earlier runs listed films there is the same: exit 66, nothing changed; once
+    a film is back the run goes on as before."""
+    films = tmp_path / "films"
+    films.mkdir()
+    sources = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3]
+    for source in sources:
+        shutil.copy(source, films / source.name)
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(films), "--out", str(out), "--model", str(tiny_model))
+    assert _run(*args).exit_code == ExitCode.OK
+    before = out.read_bytes()
+    for path in films.iterdir():
+        path.unlink()
+    (films / stray).write_bytes(b"\x00\x01 not a film")
+    result = _run(*args, "--json")
+    assert result.exit_code == ExitCode.NO_INPUT, result.output
+    assert "no film found" in result.output
+    assert out.read_bytes() == before
+    shutil.copy(sources[0], films / sources[0].name)
+    assert _run(*args).exit_code == ExitCode.OK
+    assert [row["status"] for row in read_rows(out)] == ["ok", "skipped"]
+
+
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
     """JPEG/PNG studies are keyed by root and folder (issue 10, item 3): rootA/p1 and rootB/p1 are two
     studies in the worklist, a flat folder is its own study, and a rerun with the roots spelled
