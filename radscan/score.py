@@ -117,6 +117,7 @@ class ScoreSummary:
     model_name: str = ""
     model_version: str = ""
     model_sha256: str = ""
+    qc: str = ""  # how quality control judged: strict, warn or off (off: every film scored, whatever it shows)
     dicom: dict[str, Any] | None = None  # radscan.pacs.Delivery, with --dicom-out
     # what an operator must act on, in plain words (also logged as WARNING lines): files that could
     # not be read apart from results that did not reach the PACS; empty after a clean night
@@ -160,6 +161,9 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     run_id, started_at = uuid.uuid4().hex[:12], now()
     log.info("run %s started: %s -> %s, model %s %s (sha256 %s...)", run_id, ", ".join(inputs), outputs.report,
              identity.name, identity.version, identity.sha256[:12])
+    if settings.qc == "off":  # said every run, and on the page: a reader must know nothing was set aside
+        log.warning("quality control is off (--qc off): every film is scored whatever it shows; a blank, inverted "
+                    "or non-chest image can top the list")
 
     # torch (or, for an exported model, ONNX Runtime) and the model code are imported here, before any
     # other thread of the run starts, and the loading thread only reads the weights: a Ctrl-C that lands
@@ -197,7 +201,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
-                                     problems=problems, delivered=delivery is None or delivery.complete)
+                                     problems=problems, delivered=delivery is None or delivery.complete,
+                                     qc_mode=settings.qc)
             write_readme(outputs, identity, pictures)
             store.record_run(now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
@@ -219,7 +224,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         images_per_s=round(len(todo) / duration, 2) if duration else 0.0,
         report=str(outputs.report), studies_csv=str(outputs.studies),
         residuals=str(outputs.residuals) if outputs.residuals else None, model=str(model_dir), run_id=run_id,
-        model_name=identity.name, model_version=identity.version, model_sha256=identity.sha256,
+        model_name=identity.name, model_version=identity.version, model_sha256=identity.sha256, qc=settings.qc,
         started_at=started_at, finished_at=now(),
         dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
     )

@@ -90,14 +90,15 @@ class OutputPaths:
 
 
 def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, identity: ModelIdentity,
-                   run: tuple[str, dict[str, int]], problems: Sequence[str] = (), delivered: bool = True
-                   ) -> tuple[int, int]:
+                   run: tuple[str, dict[str, int]], problems: Sequence[str] = (), delivered: bool = True,
+                   qc_mode: str = "strict") -> tuple[int, int]:
     """Stream the image and study CSVs from the store and render the web page of the studies
     (`outputs.html`) to temporary files, then put them in place together (`commit_together`:
     report.csv last, so that a new report.csv always comes with its own study list and page).
     `run` is (run id, file counts by status); `problems` what needs an operator (`_problems`), shown
     on the page; `delivered` whether every DICOM result reached the PACS (else the page keeps its
-    last success). Returns (studies, flagged studies)."""
+    last success); `qc_mode` how quality control judged (the page says when films were not set aside).
+    Returns (studies, flagged studies)."""
     pending: list[AtomicFile] = []
     try:
         report = CsvStream(outputs.report, REPORT_COLUMNS)
@@ -119,7 +120,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
             success = this_run if delivered else previous_success(outputs.html)
             page.handle.write(render_worklist_html(entries, {
                 "disclaimer": DISCLAIMER, **identity.provenance(),
-                "score_kind": identity.score_kind, "threshold": float(threshold),
+                "score_kind": identity.score_kind, "threshold": float(threshold), "qc_mode": qc_mode,
                 "run_id": run[0], "finished_at": finished, "radscan_version": __version__,
                 "run_status": {"last_attempt": this_run, "last_success": success,
                                "listed": {"at": finished, "run_id": run[0]}},

@@ -239,6 +239,24 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray)
     assert [row["status"] for row in read_rows(out)] == ["ok", "skipped"]
 
 
+@pytest.mark.parametrize("mode", ["strict", "warn", "off"])
+def test_the_list_says_how_quality_control_judged(tiny_model, tmp_path, mode):
+    """A trial: with --qc off (or RADSCAN_SCORE_QC, or qc in the settings file) a blank or inverted film
+    topped the list at 1.000 with nothing anywhere saying that nothing was set aside. The page, the
+    --json summary and the log say so."""
+    films = tmp_path / "films"
+    films.mkdir()
+    for source in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]:
+        shutil.copy(source, films / source.name)
+    out = tmp_path / "out" / "report.csv"
+    result = _run("score", str(films), "--out", str(out), "--model", str(tiny_model), "--json", "--qc", mode)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert json.loads(result.stdout)["qc"] == mode
+    page = out.with_suffix(".html").read_text()
+    assert ('id="qc-off"' in page, 'id="qc-warn"' in page) == (mode == "off", mode == "warn")
+    assert ("quality control is off" in result.stderr) == (mode == "off")
+
+
 def test_same_folder_under_two_roots_is_two_studies(tiny_model, tmp_path, monkeypatch):
     """JPEG/PNG studies are keyed by root and folder (issue 10, item 3): rootA/p1 and rootB/p1 are two
     studies in the worklist, a flat folder is its own study, and a rerun with the roots spelled
