@@ -225,6 +225,9 @@ def test_json_asked_for_by_variable_or_settings_file_also_speaks_on_failure(tmp_
     blamed = subprocess.run([*base, "--config", str(tmp_path / "bad.toml"), *missing], capture_output=True, text=True)
     assert blamed.returncode == ExitCode.USAGE
     assert f"'workers' in the [score] table of {tmp_path / 'bad.toml'}" in blamed.stderr, blamed.stderr
+    (tmp_path / "bad.toml").write_text('[score]\nqc = "bogus"\n')  # the key as written, not its parameter (qc_mode)
+    blamed = subprocess.run([*base, "--config", str(tmp_path / "bad.toml"), *missing], capture_output=True, text=True)
+    assert blamed.returncode == ExitCode.USAGE and "'qc' in the [score] table" in blamed.stderr, blamed.stderr
     typed = subprocess.run([*base, *missing, "--workers", "some"], capture_output=True, text=True)
     assert typed.returncode == ExitCode.USAGE and "'--workers'" in typed.stderr
     shipped = str(Path(__file__).parents[1] / "models" / "kermany-tiny")

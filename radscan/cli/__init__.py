@@ -150,7 +150,10 @@ def _name_the_source(exc: click.ClickException) -> None:
         exc.param_hint = f"the environment variable {given[0] if given else names[0]}"
     elif source == click.core.ParameterSource.DEFAULT_MAP:
         config = (exc.ctx.obj or {}).get("config")
-        exc.param_hint = f"'{exc.param.name}' in the [{exc.ctx.info_name}] table of {config or 'the --config file'}"
+        # the key as the file spells it: the option's name with underscores (--qc is `qc`, its parameter qc_mode)
+        longest = max((name for name in exc.param.opts if name.startswith("--")), key=len, default=exc.param.name)
+        key = longest.lstrip("-").replace("-", "_")
+        exc.param_hint = f"'{key}' in the [{exc.ctx.info_name}] table of {config or 'the --config file'}"
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
