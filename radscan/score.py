@@ -153,9 +153,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
-    fingerprint = "|".join([identity.sha256, PREPROCESS_VERSION, f"reader {READER_REVISION}",
-                            repr(settings.policy), phi.fingerprint, _pictures_key(pictures, bool(outputs.dicom)),
-                            qc.fingerprint])
+    # the model's name and version too (model.json, not sealed in the weights): every row states them
+    fingerprint = "|".join([identity.sha256, identity.name, identity.version, PREPROCESS_VERSION,
+                            f"reader {READER_REVISION}", repr(settings.policy), phi.fingerprint,
+                            _pictures_key(pictures, bool(outputs.dicom)), qc.fingerprint])
     # the drift history: what decides a flag, not how the list is drawn (pictures, identifiers)
     history_key = "|".join([identity.sha256, PREPROCESS_VERSION, repr(settings.policy), qc.fingerprint])
     run_id, started_at = uuid.uuid4().hex[:12], now()

@@ -185,6 +185,17 @@ def test_a_new_reader_reads_every_file_again(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(radscan.score, "READER_REVISION", radscan.score.READER_REVISION + 1)
     again = json.loads(_run(*args).stdout)
     assert (again["scored_now"], again["read_because"]) == (3, {"settings": 3})
+    # a model renamed in its model.json (not sealed in the weights): the rows say the new name, as the
+    # study list and the page do (a trial: reused rows kept the old one)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_model, renamed)
+    meta = json.loads((renamed / "model.json").read_text())
+    meta["name"], meta["version"] = "site-model", "7"
+    (renamed / "model.json").write_text(json.dumps(meta))
+    for _ in range(2):
+        result = _run("score", str(films), "--out", str(out), "--model", str(renamed), "--json")
+        assert result.exit_code == ExitCode.OK, result.output
+    assert {(row["model_name"], row["model_version"]) for row in read_rows(out)} == {("site-model", "7")}
 
 
 @pytest.mark.parametrize("phi", ["keep", "hash"])
