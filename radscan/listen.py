@@ -39,6 +39,7 @@ from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
 from radscan.records import printable
+from radscan.report import sync_folder
 
 __all__ = ["ListenSettings", "Spool", "listen"]
 
@@ -98,6 +99,10 @@ class Spool:
         for folder in self.incoming.iterdir():  # a restart: what was received before counts as arrived now
             if folder.is_dir():
                 self._last[folder.name] = time.monotonic()
+        # instance file name -> the study folder that holds it (arriving or complete): an instance sent
+        # again under another study (a study merge, a patient's reconciliation) must replace its copy
+        self._study_of = {path.name: path.parent.name
+                          for path in (*self.studies.glob("*/*.dcm"), *self.incoming.glob("*/*.dcm"))}
 
     def store(self, encoded: bytes, study_uid: str, sop_uid: str) -> Path:
         """Write one instance (its encoded file, preamble and meta included) durably; its path.
@@ -113,6 +118,7 @@ class Spool:
         path = folder / f"{_digest(sop_uid)}.dcm"
         with self._lock:
             self._writing[study] += 1
+            before = self._study_of.get(path.name)
         wrote = False
         try:
             earlier = [copy for copy in (path, self.studies / study / path.name) if copy.is_file()]
@@ -134,10 +140,13 @@ class Spool:
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(tmp, path)
+                sync_folder(folder)  # acknowledged next: the name must survive a power cut too
             except OSError:
                 tmp.unlink(missing_ok=True)
                 raise
             wrote = True
+            if before not in (None, study):
+                self._forget_copies(path.name, before, study)
             return path
         finally:
             with self._lock:
@@ -146,6 +155,21 @@ class Spool:
                     del self._writing[study]
                 if wrote or study in self._last:
                     self._last[study] = time.monotonic()
+                if wrote:
+                    self._study_of[path.name] = study
+
+    def _forget_copies(self, name: str, earlier: str, study: str) -> None:
+        """Remove the copies of instance file `name` that study folder `earlier` holds: it was received
+        again under `study`, which replaces them (the next scoring run drops their rows). Under the lock,
+        so that `complete` does not move a copy while it is looked for."""
+        log.warning("an instance already received was sent again under another study (a study merge or a "
+                    "patient's reconciliation?): it replaces the earlier copy, whose row leaves the list at the "
+                    "next run (study %s, earlier %s)", study, earlier)
+        with self._lock:
+            for folder in (self.incoming / earlier, self.studies / earlier):
+                if (folder / name).is_file():
+                    (folder / name).unlink(missing_ok=True)
+                    sync_folder(folder)
 
     def complete(self, quiet_s: float) -> list[tuple[str, int]]:
         """Move the studies quiet for `quiet_s` seconds, with no instance being written, to
@@ -165,6 +189,7 @@ class Spool:
                 for path in sorted(source.glob("*.dcm")):
                     os.replace(path, target / path.name)  # a resent instance replaces the earlier copy
                     moved += 1
+                sync_folder(target)  # scored next: the moved names must survive a power cut
                 for leftover in source.glob(".*.part"):  # no write is in progress: a crash's, never acknowledged
                     leftover.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
@@ -197,6 +222,27 @@ def _store_handler(spool: Spool, stopping: threading.Event) -> Callable[[Any], i
     return handle
 
 
+def _refuse_without_instance_uid(event: Any) -> None:
+    """Answer at once, with C000 (cannot understand), a C-STORE request that names no Affected SOP
+    Instance UID (an object whose SOP Instance UID is empty, though DICOM requires one): pynetdicom
+    drops such a request unanswered, so the sender waited out its timeout, aborted, and the rest of
+    its association was not delivered (a trial)."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    command = event.message.command_set
+    if command.get("CommandField") != 0x0001 or command.get("AffectedSOPInstanceUID"):  # 0x0001: C-STORE-RQ
+        return
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = command.get("MessageID")
+    if command.get("AffectedSOPClassUID"):
+        response.AffectedSOPClassUID = command.AffectedSOPClassUID
+    response.Status = CANNOT_UNDERSTAND
+    event.assoc.dimse.send_msg(response, event.message.context_id)
+    requestor = event.assoc.requestor
+    log.warning("refused an instance from %s (%s) without a SOP Instance UID (status C000): DICOM requires one; "
+                "correct the object at the sender", printable(str(requestor.ae_title).strip()), requestor.address)
+
+
 def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Path]], dict[str, Any]],
            status: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None) -> int:
     """Receive, spool and score until SIGTERM, Ctrl-C or `stop`; returns the number of scoring runs.
@@ -212,6 +258,10 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
         raise SettingError("radscan listen needs pynetdicom: pip install 'radscan[pacs]'") from None
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines echo data set contents
+    # pynetdicom's standard handlers only write the DEBUG lines silenced above, and they raise on a
+    # request that lacks a required element, which keeps EVT_DIMSE_RECV from reaching ours
+    from pynetdicom import _config as pynetdicom_config
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     stop = stop or threading.Event()  # set: instances are answered 0xA700, and the loop ends after the run in hand
     ae = AE(ae_title=settings.ae_title)
     for context in AllStoragePresentationContexts:
@@ -221,6 +271,7 @@ def listen(settings: ListenSettings, spool: Spool, run_score: Callable[[list[Pat
     if settings.allow_ae:
         ae.require_calling_aet = list(settings.allow_ae)
     handlers = [(evt.EVT_C_STORE, _store_handler(spool, stop)),
+                (evt.EVT_DIMSE_RECV, _refuse_without_instance_uid),
                 (evt.EVT_REJECTED, _log_association("rejected (calling or called AE title not accepted)",
                                                     logging.WARNING)),
                 (evt.EVT_ACCEPTED, _log_association("accepted", logging.INFO)),

@@ -23,7 +23,7 @@ from radscan.errors import OutputError
 
 __all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
            "remove_stale_temporaries", "cannot_write", "head_card", "CsvStream", "write_png", "write_png_bytes",
-           "encode_png", "png_name"]
+           "encode_png", "png_name", "sync_folder"]
 
 
 def _file_mode() -> int:
@@ -82,12 +82,26 @@ class AtomicFile:
     def commit(self) -> None:
         self.sync()
         self.replace()
+        if self._durable:
+            sync_folder(self.path.parent)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self.handle.close()
         with contextlib.suppress(OSError):
             os.unlink(self._tmp)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename or removal in it survives a power cut (POSIX keeps a file's
+    name in its folder's data: an fsynced file renamed in place can still vanish until the folder is
+    synced). Best effort: some file systems cannot open or sync a folder."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def commit_together(files: Sequence[AtomicFile]) -> None:
@@ -104,6 +118,8 @@ def commit_together(files: Sequence[AtomicFile]) -> None:
         raise
     for file in files:
         file.replace()
+    for folder in {file.path.parent for file in files if file._durable}:  # after the renames: they stay close
+        sync_folder(folder)
 
 
 @contextlib.contextmanager

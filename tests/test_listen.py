@@ -140,6 +140,36 @@ def test_a_sender_that_aborts_keeps_what_was_acknowledged_and_strangers_are_refu
         assert listener.stop() == 0
 
 
+def test_an_instance_without_its_uid_is_refused_at_once_and_the_rest_is_delivered(tmp_path):
+    """A trial: an object whose SOP Instance UID is empty got no answer at all (pynetdicom drops such
+    a request), so the sender waited out its timeout, aborted, and the instances after it in the same
+    association were never delivered. It is refused with C000 at once, said in the log, and the next
+    instance arrives and is scored."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    good = pydicom.dcmread(CHESTS[0])
+    broken = pydicom.dcmread(CHESTS[0])
+    broken.SOPInstanceUID = ""
+    listener = Listener(tmp_path / "listener")
+    try:
+        ae = AE(ae_title="PACS")
+        ae.dimse_timeout = 20
+        ae.add_requested_context(ComputedRadiographyImageStorage, good.file_meta.TransferSyntaxUID)
+        association = ae.associate("127.0.0.1", listener.port, ae_title="RADSCAN")
+        assert association.is_established
+        started = time.monotonic()
+        assert association.send_c_store(broken).Status == 0xC000
+        assert time.monotonic() - started < 10
+        assert association.send_c_store(good).Status == 0x0000
+        association.release()
+        listener.wait_for_studies(1)
+        assert [row["SOPInstanceUID"] for row in listener.rows()] == [str(good.SOPInstanceUID)]
+        assert "without a SOP Instance UID (status C000)" in listener.log()
+    finally:
+        assert listener.stop() == 0
+
+
 def test_a_restart_scores_what_arrived_before_it_stopped(tmp_path):
     folder = tmp_path / "listener"
     listener = Listener(folder, "--quiet-seconds", "600")  # nothing completes while it runs

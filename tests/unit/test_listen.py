@@ -73,6 +73,25 @@ def test_an_identical_resend_keeps_the_earlier_file_and_a_changed_one_replaces_i
     assert scored.read_bytes() == b"second"
 
 
+@pytest.mark.parametrize("complete_first", [True, False], ids=["earlier copy complete", "earlier copy arriving"])
+@pytest.mark.parametrize("restart", [False, True])
+def test_an_instance_sent_again_under_another_study_replaces_its_copy(tmp_path, complete_first, restart):
+    """A trial: a PACS that merged two studies (or reconciled a patient) sent an instance again under a
+    new Study Instance UID; the spool kept both copies, so the list showed the image twice, under the
+    old study and patient too. The new copy replaces the old one wherever it lies, after a restart too."""
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"as first sent", "1.2.3", "1.2.3.1")
+    spool.store(b"another image", "1.2.3", "1.2.3.2")
+    if complete_first:
+        spool.complete(quiet_s=0)
+    if restart:
+        spool = Spool(tmp_path / "spool")
+    spool.store(b"as sent after the merge", "1.2.9", "1.2.3.1")
+    spool.complete(quiet_s=0)
+    files = sorted(path.read_bytes() for path in spool.root.rglob("*.dcm"))
+    assert files == [b"another image", b"as sent after the merge"]
+
+
 def test_a_worklist_locked_by_another_run_is_scored_after_it(tmp_path):
     pytest.importorskip("pynetdicom", reason="needs radscan[pacs]")
     spool = Spool(tmp_path / "spool")
