@@ -132,10 +132,17 @@ class _ModelPlugin(WorkerPlugin):
         self.model = self.qc = None
 
 
-def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tuple[list[dict[str, Any]],
-                                                                              list[tuple[Path, bytes | None]]]:
-    """On a worker: read (resolved root, given root, path, study key) files, judge and score them; rows in
-    order and the pictures as PNG bytes (None: remove the stale one)."""
+# How far a worker's modification time of a file may be from the driver's: file systems shared over
+# the network keep times to 100 ns (SMB) or whole seconds (some NFS servers, FAT); a stale copy differs
+# by more, or in size.
+MTIME_SLACK_NS = 2_000_000_000
+
+
+def _score_batch(files: list[tuple[str, str, str, str, int, int]], job: _BatchJob
+                 ) -> tuple[list[dict[str, Any]], list[tuple[Path, bytes | None]]]:
+    """On a worker: read (resolved root, given root, path, study key, size, mtime_ns as the driver
+    listed it) files, judge and score them; rows in order and the pictures as PNG bytes (None:
+    remove the stale one). A file the worker sees with another size or time is an error row."""
     from distributed import get_worker
 
     from radscan.batch import BatchScorer, judge_and_score, prepare_record
@@ -144,8 +151,15 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
     if plugin.error is not None:
         raise plugin.error
     items = []
-    for resolved, given, path, study_key in files:
-        record, image = _read(Found(resolved, path, study_key=study_key), job.policy, job.read_timeout)
+    for resolved, given, path, study_key, size, mtime_ns in files:
+        found = Found(resolved, path, study_key=study_key)
+        other = _seen_otherwise(found, size, mtime_ns)
+        if other:
+            record, image = failed_record(found, f"on Dask worker {get_worker().address} {other}: a worker that sees "
+                                                 "another copy at this path (a stale or different mount?), or a file "
+                                                 "changed while it was read; the next run reads it again"), None
+        else:
+            record, image = _read(found, job.policy, job.read_timeout)
         record.root = given  # rows name the root as it was given, as on one machine
         if record.reason.startswith(CANNOT_READ):
             record.reason += f" (on Dask worker {get_worker().address}: are the inputs mounted there?)"
@@ -157,6 +171,24 @@ def _score_batch(files: list[tuple[str, str, str, str]], job: _BatchJob) -> tupl
     rows, pictures = judge_and_score(items, plugin.qc, scorer)
     return rows, [(path, picture if picture is None or isinstance(picture, bytes) else picture.png())
                   for path, picture in pictures]
+
+
+def _seen_otherwise(found: Found, size: int, mtime_ns: int) -> str:
+    """How the file at `found` differs on this worker from the driver's listing ((size, mtime_ns); -1:
+    the driver could not stat it), in words, or "" (also when this worker cannot stat it: reading it
+    says why). A worker reading other content under the same path scored the wrong film with exit 0,
+    and the stored row stayed, the driver's file being unchanged (a trial)."""
+    if size < 0:
+        return ""
+    try:
+        status = found.full_path.stat()
+    except OSError:
+        return ""
+    if status.st_size != size:
+        return f"the file has {status.st_size:,} bytes where the run listed {size:,}"
+    if abs(status.st_mtime_ns - mtime_ns) > MTIME_SLACK_NS:
+        return "the file has another modification time than the run listed"
+    return ""
 
 
 def _read(found: Found, policy: Any, timeout: float) -> tuple[ImageRecord, Any]:
@@ -280,8 +312,8 @@ class Cluster:
         waiting: dict[Any, list[tuple[Found, FileIdentity]]] = {}
 
         def submit(batch: list[tuple[Found, FileIdentity]]) -> Any:
-            files = [(self.job.run.resolved_roots[found.root], found.root, found.path, found.study_key)
-                     for found, _ in batch]
+            files = [(self.job.run.resolved_roots[found.root], found.root, found.path, found.study_key,
+                      identity.size, identity.mtime_ns) for found, identity in batch]
             future = self.client.submit(_score_batch, files, self.job, pure=False)
             waiting[future] = batch
             return future

@@ -96,6 +96,37 @@ def test_a_local_cluster_gives_the_same_worklist_and_pictures(mixed, tmp_path):
                                                       for row in _table(here)]
 
 
+@pytest.mark.parametrize("change", ["size", "mtime"])
+def test_a_worker_that_sees_another_copy_of_a_file_gives_an_error_row(mixed, tmp_path, monkeypatch, change):
+    """A trial: a worker whose mount showed other content at a path (a stale replica) scored that
+    content under the driver's listing with exit 0, and later runs kept the row, the driver's file
+    being unchanged. A file whose size or time differs on the worker is an error row (read again by the
+    next run); here the driver's listing is made to differ instead."""
+    import radscan.score
+    from radscan.state import FileIdentity
+
+    real = radscan.score._identity
+
+    def listed_otherwise(found):
+        identity = real(found)
+        if not found.path.startswith("normal00/"):
+            return identity
+        if change == "size":
+            return FileIdentity(identity.key, identity.size + 1, identity.mtime_ns)
+        return FileIdentity(identity.key, identity.size, identity.mtime_ns - 10**10)
+
+    there = tmp_path / "there" / "report.csv"
+    monkeypatch.setattr(radscan.score, "_identity", listed_otherwise)
+    result, summary = _score(str(mixed), "--out", str(there), "--batch-size", "8", "--scheduler", "local:2")
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    row = next(row for row in _table(there) if row["path"].startswith("normal00/"))
+    assert row["status"] == "error" and "on Dask worker" in row["reason"] and "stale" in row["reason"], row
+    assert summary["counts"]["error"] == 2  # and the truncated JPEG
+    monkeypatch.setattr(radscan.score, "_identity", real)
+    result, again = _score(str(mixed), "--out", str(there), "--batch-size", "8", "--scheduler", "local:2")
+    assert next(row for row in _table(there) if row["path"].startswith("normal00/"))["status"] == "ok"
+
+
 def test_a_file_that_kills_its_worker_costs_one_row_as_on_one_machine(mixed, tmp_path, monkeypatch):
     monkeypatch.setenv("RADSCAN_TEST_FAULT", "crash:IM2")  # the worker reading cr/IM2 dies, every time
     here, there = tmp_path / "here" / "report.csv", tmp_path / "there" / "report.csv"
