@@ -22,6 +22,7 @@ studies still arriving stay in `incoming/` and a restart scores them once they a
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -331,12 +332,32 @@ def _run_entries(pending: list[tuple[str, int]], rescan: str,
     for study, instances in pending:
         log.info("study %s complete (%d instances): scored by run %s", study, instances, outcome.get("run_id"))
     if pending:
-        return [{"study": study, "instances": instances, **outcome} for study, instances in pending]
+        files = _files_by_study(Path(outcome["worklist"]), {study for study, _ in pending}) if "worklist" in outcome \
+            else {}
+        return [{"study": study, "instances": instances, **outcome, "study_files": files.get(study, {}),
+                 "study_ok": not files.get(study, {}).get("error")} for study, instances in pending]
     why = {"restart": "the complete studies found at the start (those scored before are kept)",
            "retry": "DICOM results that were waiting to be sent"}[rescan]
     log.info("run %s: %s; DICOM results still pending: %s", outcome.get("run_id"), why,
              "yes" if outcome.get("results_pending") else "none")
     return [{"study": None, "instances": 0, "event": rescan, **outcome}]
+
+
+def _files_by_study(worklist: Path, studies: set[str]) -> dict[str, dict[str, int]]:
+    """The rows of each spool study folder in `worklist` (the scoring run's report CSV), counted by
+    status: a study's --json line says its own outcome, where the run's exit code counts every
+    unreadable file still in the spool (one left there made every later study's line read "ok":
+    false, a trial). Empty when the worklist cannot be read."""
+    counts: dict[str, Counter[str]] = {study: Counter() for study in studies}
+    try:
+        with open(worklist, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                folder = row.get("path", "").split("/", 1)[0]
+                if folder in counts:
+                    counts[folder][row.get("status", "")] += 1
+    except (OSError, csv.Error):
+        return {}
+    return {study: dict(found) for study, found in counts.items()}
 
 
 def _log_association(what: str, level: int) -> Callable[[Any], None]:

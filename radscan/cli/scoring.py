@@ -339,7 +339,8 @@ def listen(ctx: click.Context, port: int, bind: str, allow_ae: tuple[str, ...], 
     results as `radscan score SPOOL/studies --out OUT` (which can run beside it: the worklist's lock
     makes one wait for the other). SIGTERM or Ctrl-C finishes the scoring run in hand and exits 0; a
     restart scores what arrived and was not scored. With --json, one line per scored study (its spool
-    folder, instances, the run's ok and exit code, the worklist's totals) and one when it stops.
+    folder, instances, its own files by status, the run's ok and exit code, the worklist's totals) and
+    one when it stops.
 
     \b
     Example:

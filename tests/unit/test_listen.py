@@ -92,6 +92,21 @@ def test_an_instance_sent_again_under_another_study_replaces_its_copy(tmp_path, 
     assert files == [b"another image", b"as sent after the merge"]
 
 
+def test_each_study_line_says_its_own_outcome(tmp_path):
+    """A trial: one unreadable file left in the spool made every later study's --json line read "ok":
+    false, exit code 3 (the run's, which counts every unreadable file listed). Each line also says its
+    own study's files by status and whether they were all read."""
+    from radscan.listen import _run_entries
+
+    worklist = tmp_path / "report.csv"
+    worklist.write_text("path,status\nold/1.dcm,error\nnew/2.dcm,ok\nnew/3.dcm,rejected\nbad/4.dcm,error\n")
+    outcome = {"ok": False, "exit_code": 3, "run_id": "r", "worklist": str(worklist)}
+    entries = {entry["study"]: entry for entry in _run_entries([("new", 2), ("bad", 1)], "", outcome)}
+    assert entries["new"]["study_files"] == {"ok": 1, "rejected": 1} and entries["new"]["study_ok"] is True
+    assert entries["bad"]["study_files"] == {"error": 1} and entries["bad"]["study_ok"] is False
+    assert entries["new"]["exit_code"] == 3  # the run's, as documented
+
+
 def test_a_worklist_locked_by_another_run_is_scored_after_it(tmp_path):
     pytest.importorskip("pynetdicom", reason="needs radscan[pacs]")
     spool = Spool(tmp_path / "spool")
