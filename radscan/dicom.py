@@ -168,8 +168,8 @@ def _decoded(ds: Dataset, index: int | None) -> np.ndarray:
     if photometric not in ("YBR_FULL", "YBR_FULL_422") or (header_int(ds, "BitsAllocated") or 8) <= 8:
         return pixel_array(ds, index=index) if index is not None else ds.pixel_array
     stored = pixel_array(ds, index=index, raw=True)
-    bits = header_int(ds, "BitsStored") or 0
-    bits = bits if 8 < bits <= 8 * stored.dtype.itemsize else 8 * stored.dtype.itemsize
+    bits = header_int(ds, "BitsStored") or 0  # 8 bits in 16-bit words too: chroma is centred on 2**(bits - 1)
+    bits = bits if 0 < bits <= 8 * stored.dtype.itemsize else 8 * stored.dtype.itemsize
     return ybr_full_to_rgb(stored, bits) if stored.ndim >= 3 and stored.shape[-1] == 3 else stored
 
 

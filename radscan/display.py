@@ -64,7 +64,7 @@ def _palette_applied(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def ybr_full_to_rgb(ybr: np.ndarray, bits: int) -> np.ndarray:
-    """YBR_FULL samples (..., 3) of `bits` bits (9-16; Y, Cb, Cr in full range, chroma centred on
+    """YBR_FULL samples (..., 3) of `bits` bits (1-16; Y, Cb, Cr in full range, chroma centred on
     2**(bits - 1)) -> RGB of the same dtype, clipped to 0..2**bits - 1: the equations of PS3.3
     C.7.6.3.1.2 (ITU-R BT.601 coefficients, as JPEG's JFIF), scaled from 8 bits to `bits`. pydicom
     converts YBR to RGB for 8-bit samples only (wider ones raised "Invalid ndarray.dtype", and a

@@ -50,7 +50,7 @@ def read_raster(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
                         f"{policy.max_pixels:,} (corrupt header or decompression bomb)"
                     )
                     return None
-                wide = _sixteen_bit_colour(path, image)
+                wide = _sixteen_bit_samples(path, image)
                 if wide is not None:
                     return _wide_to_grey(wide, record)
                 image.load()
@@ -86,11 +86,16 @@ def _to_grey(image: Image.Image, record: ImageRecord) -> np.ndarray:
     return np.asarray(image)
 
 
-def _sixteen_bit_colour(path: Path, image: Image.Image) -> np.ndarray | None:
-    """For a 16-bit PNG that Pillow would reduce to 8 bits (`_SIXTEEN_BIT`; `image` opened, not yet
-    loaded): its (H, W, C) uint16 samples (C 3, 4, or 2 for grey with alpha), EXIF orientation
-    applied; else None."""
+def _sixteen_bit_samples(path: Path, image: Image.Image) -> np.ndarray | None:
+    """For a 16-bit PNG that Pillow would reduce to 8 bits (`_SIXTEEN_BIT`), or 16-bit grey with a
+    transparent key (tRNS), `image` opened and not yet loaded: its (H, W, C) uint16 samples (C 3 or 4
+    colour, 2 grey with alpha; a key becomes an alpha channel), EXIF orientation applied; else None."""
     tile = image.tile[0] if image.format == "PNG" and len(image.tile) == 1 else None
+    key = image.info.get("transparency")
+    if tile is not None and image.mode in _HIGH_DEPTH_MODES and isinstance(key, int):
+        image.load()
+        grey = np.asarray(ImageOps.exif_transpose(image)).astype(np.uint16)
+        return _with_key(grey[..., None], (key,))
     if tile is None or tile[3] not in _SIXTEEN_BIT:
         return None
     companion, channels = _SIXTEEN_BIT[tile[3]]
@@ -103,23 +108,37 @@ def _sixteen_bit_colour(path: Path, image: Image.Image) -> np.ndarray | None:
     if channels == 2:  # bytes high, low of the grey, then of the alpha
         both = decoded[0]
         return np.stack([both[..., 0] << 8 | both[..., 1], both[..., 2] << 8 | both[..., 3]], axis=-1)
-    return decoded[0] << 8 | decoded[1]
+    samples = decoded[0] << 8 | decoded[1]
+    return _with_key(samples, key) if channels == 3 and isinstance(key, tuple) else samples
+
+
+def _with_key(samples: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+    """(H, W, C) samples and a tRNS key of C values (PNG: pixels of exactly that colour are fully
+    transparent) -> (H, W, C + 1) with an alpha channel: 0 at the key, 65535 elsewhere."""
+    transparent = (samples == np.array(key, dtype=np.uint16)).all(axis=-1)
+    return np.concatenate([samples, np.where(transparent, 0, 65535).astype(np.uint16)[..., None]], axis=-1)
 
 
 def _wide_to_grey(samples: np.ndarray, record: ImageRecord) -> np.ndarray:
-    """(H, W, C) uint16 samples of a 16-bit PNG -> (H, W) uint8: luma (ITU-R 601) composited over
-    white by its alpha, as `_to_grey` shows 8-bit colour, then the robust percentile window of
-    16-bit grey PNGs."""
+    """(H, W, C) uint16 samples of a 16-bit PNG (C: 2 grey with alpha, 3 colour, 4 colour with
+    alpha) -> (H, W) uint8: luma (ITU-R 601), the robust percentile window of 16-bit grey PNGs taken
+    over the pixels drawn (more than half opaque), and transparency composited over white, as
+    `_to_grey` shows 8-bit images: white being the window's top (composited over 65535 first, a
+    12-bit film with transparent margins was windowed up to 65535 and came out black, a review)."""
     colour = samples.shape[-1] >= 3
     alpha = samples[..., -1] if samples.shape[-1] in (2, 4) else None
-    values = samples[..., :3].astype(np.float32) if colour else samples[..., :1].astype(np.float32)
-    luma = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if colour else values[..., 0]
-    if alpha is not None:
-        share = alpha.astype(np.float32) / np.iinfo(np.uint16).max
-        luma = share * luma + (1 - share) * np.iinfo(np.uint16).max
+    values = samples[..., :3].astype(np.float32) if colour else samples[..., 0].astype(np.float32)
+    luma = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if colour else values
     record.bits_stored = 16
     record.voi_source = "percentile"
-    low, high = percentile_window(subsample(luma))
+    sample = subsample(luma)
+    if alpha is not None:
+        drawn = sample[subsample(alpha) > np.iinfo(np.uint16).max // 2]
+        sample = drawn if drawn.size else sample
+    low, high = percentile_window(sample)
+    if alpha is not None:
+        share = alpha.astype(np.float32) / np.iinfo(np.uint16).max
+        luma = share * luma + (1 - share) * high
     # chroma judged in the window's grey levels: 12-bit values in 16-bit words are not 16x less coloured
     record.converted = colour_notes(samples[..., :3] if colour else None, alpha, full=max(high - low, 1.0))
     return window_to_uint8(luma, low, high, invert=False)

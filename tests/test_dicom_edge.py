@@ -157,11 +157,12 @@ def test_native_colour_without_planar_configuration_or_in_12_bits_displays_as_th
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=st.integers(9, 16), tint=st.sampled_from([0, 40]))
+@given(bits=st.integers(6, 16), tint=st.sampled_from([0, 40]))
 def test_ybr_full_colour_wider_than_8_bits_displays_as_the_grey_film(tmp_path_factory, bits, tint):
     """A trial: YBR_FULL colour in 16-bit words was an error row ("the pixel data does not fit the
-    header"): pydicom converts YBR to RGB for 8-bit samples only. Any width from 9 to 16 bits shows
-    the film as its 8-bit RGB twin does, and a tinted one (chroma off centre) is noted as colour."""
+    header"): pydicom converts YBR to RGB for 8-bit samples only. Any width from 6 to 16 bits in 16-bit
+    words (8 or fewer too: chroma centred on 2**(BitsStored - 1), a review) shows the film as its 8-bit
+    RGB twin does, and a tinted one (chroma off centre) is noted as colour."""
     tmp_path = tmp_path_factory.mktemp("ybr")
     grey = np.asarray(Image.open(sorted((DATA / "cxr/kermany_pediatric_224/train_normal").iterdir())[0])
                       .convert("L").resize((96, 96)))

@@ -169,6 +169,52 @@ def test_sixteen_bit_colour_png_keeps_its_depth_as_grey_does(tmp_path, colour_ty
         assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(colour_type=st.sampled_from([0, 2, 4, 6]), bits=st.integers(9, 16), margin=st.integers(3, 12))
+def test_transparent_margins_of_a_sixteen_bit_png_are_white_and_leave_the_film_as_it_is(tmp_path, colour_type,
+                                                                                       bits, margin):
+    """A review: a 12-bit film in a 16-bit PNG with transparent margins (alpha, or a tRNS key colour)
+    came out black: composited over 65535, its window reached up to there. The margins show white (the
+    page) and the film between them as the 16-bit grey PNG of that part alone shows it; a key colour was
+    ignored (shown black) where the 8-bit path honours it."""
+    rng = np.random.default_rng(bits)
+    grey = np.clip(np.tile(np.linspace(0.05, 0.95, 48), (40, 1)) + rng.normal(0, 0.03, (40, 48)), 0, 1)
+    luma = np.rint(grey * (2**bits - 1)).astype(np.uint16)
+    from radscan.raster import read_raster
+    from radscan.records import ImageRecord
+
+    def displayed(path: Path) -> tuple[ImageRecord, np.ndarray]:  # at the film's own size, before resizing
+        record = ImageRecord(path=path.name, root=str(path.parent), kind="png")
+        return record, read_raster(path, record, Policy())
+
+    Image.fromarray(np.ascontiguousarray(luma[:, margin:-margin])).save(tmp_path / "middle16.png")
+    expected = displayed(tmp_path / "middle16.png")[1]
+    drawn = np.zeros(luma.shape, bool)
+    drawn[:, margin:-margin] = True
+    if colour_type in (4, 6):  # an alpha channel
+        alpha = np.where(drawn, 65535, 0).astype(np.uint16)
+        samples = np.stack([luma, alpha] if colour_type == 4 else [luma, luma, luma, alpha], axis=-1)
+        key = b""
+    else:  # a key colour (tRNS): pixels of exactly that value are transparent
+        keyed = np.where(drawn, np.maximum(luma, 1), 0).astype(np.uint16)
+        samples = keyed[..., None] if colour_type == 0 else np.stack([keyed] * 3, axis=-1)
+        key = b"\x00\x00" * (1 if colour_type == 0 else 3)
+    data = _png16(samples, colour_type, 0)
+    if key:  # tRNS goes before IDAT
+        import struct
+        import zlib
+
+        chunk = struct.pack(">I", len(key)) + b"tRNS" + key + struct.pack(">I", zlib.crc32(b"tRNS" + key))
+        at = data.index(b"IDAT") - 4
+        data = data[:at] + chunk + data[at:]
+    path = tmp_path / "film.png"
+    path.write_bytes(data)
+    record, image = displayed(path)
+    assert record.status == "ok", record.reason
+    assert (image[:, :margin] == 255).all() and (image[:, -margin:] == 255).all()
+    assert np.abs(image[:, margin:-margin].astype(int) - expected.astype(int)).mean() <= 1.0
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(depth=st.integers(min_value=1, max_value=2000), name_length=st.integers(min_value=1, max_value=3))
 @example(depth=1900, name_length=1)  # far past Python's recursion limit, within PATH_MAX
