@@ -195,6 +195,10 @@ class Spool:
                     leftover.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     source.rmdir()
+                if not moved:  # its only instance went to another study (radscan.listen.Spool._forget_copies)
+                    with contextlib.suppress(OSError):
+                        target.rmdir()
+                    continue
                 done.append((study, moved))
         return done
 

@@ -165,6 +165,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     if settings.qc == "off":  # said every run, and on the page: a reader must know nothing was set aside
         log.warning("quality control is off (--qc off): every film is scored whatever it shows; a blank, inverted "
                     "or non-chest image can top the list")
+    elif settings.qc == "warn":
+        log.info("quality control only warns (--qc warn): films it would set aside are scored, their reason says why")
 
     # torch (or, for an exported model, ONNX Runtime) and the model code are imported here, before any
     # other thread of the run starts, and the loading thread only reads the weights: a Ctrl-C that lands
@@ -283,15 +285,20 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
 
 
 def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
-    """Raise NoInputError, before anything is written or pruned, when the inputs hold no film at all
-    while earlier runs listed films there: a share that did not mount, leaving a stray file (a
-    `.DS_Store`), looked like a night on which every film was deleted, and the list was emptied with
-    exit 0 (a trial), where an empty folder is exit 66 and keeps the list."""
-    listed, gone = store.films()
-    if not listed and gone:
-        raise NoInputError(f"no film found under {', '.join(inputs)}, only files that are not images (an unmounted "
-                           f"or emptied share?): nothing was changed, the {counted(gone, 'film')} of earlier runs stay "
-                           "listed")
+    """Raise NoInputError, before anything is written or pruned, when a folder given holds files but
+    no film (no DICOM image, JPEG or PNG: only a `.DS_Store`, notes): as an empty folder does. A share
+    that did not mount, leaving a stray file, looked like a night on which all its films were deleted,
+    and its films left the list with exit 0 (a trial; with a second share still mounted, a review).
+    A folder whose files this run listed under other roots (links) is not judged here."""
+    by_root = store.films_by_root()
+    for given in inputs:
+        if not Path(given).is_dir():
+            continue
+        listed, films, gone = by_root.get(str(Path(given).resolve()), (0, 0, 0))
+        if listed and not films:
+            kept = f"; the {counted(gone, 'film')} earlier runs listed there stay listed" if gone else ""
+            raise NoInputError(f"no film found under {given}, only files that are not images (an unmounted or "
+                               f"emptied share?): nothing was changed{kept}")
 
 
 @contextlib.contextmanager

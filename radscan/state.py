@@ -500,9 +500,13 @@ class StateStore:
                SUM(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.SOPInstanceUID'), '') != '')
                    - COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.SOPInstanceUID'), '')
                                     END) AS images_duplicated,
-               -- patients whose films the study holds: more than one is a sender's or anonymiser's error
+               -- patients whose films the study holds: more than one is a sender's or anonymiser's error;
+               -- films without a Patient ID beside films with one count as one more (the study row may name none)
                COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.PatientID'), '')
-                     END) AS patients
+                     END)
+                 + (MAX(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.PatientID'), '') = '')
+                    AND MAX(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.PatientID'), '') != ''))
+                   AS patients
         FROM current GROUP BY study_key
         HAVING images > 0)"""
 
@@ -599,12 +603,16 @@ class StateStore:
         return [(_parse_row(row) or {}).get("reason", "") for (row,) in self._db.execute(
             "SELECT row FROM results WHERE seen = ? AND status = ?", (self.run_id, "skipped"))]
 
-    def films(self) -> tuple[int, int]:
-        """(films this run listed, films of earlier runs it did not see, which `prune` would remove):
-        films as the study list counts them (scored, rejected, unreadable, or DICOM images skipped)."""
-        now, gone = self._db.execute(f"SELECT SUM(seen = :run), SUM(seen != :run) FROM results WHERE {_LISTED}",
-                                     {"run": self.run_id}).fetchone()
-        return now or 0, gone or 0
+    def films_by_root(self) -> dict[str, tuple[int, int, int]]:
+        """Per resolved input root: (files this run listed, films among them, films of earlier runs it
+        did not see, which `prune` would remove); films as the study list counts them (scored,
+        rejected, unreadable, or DICOM images skipped)."""
+        query = f"""SELECT substr(key, 1, instr(key, x'00') - 1) AS root, SUM(seen = :run),
+                           SUM(seen = :run AND {_LISTED}), SUM(seen != :run AND {_LISTED})
+                    FROM results GROUP BY root"""
+        return {(root.decode("utf-8", "surrogateescape") if isinstance(root, bytes) else str(root)):
+                (now or 0, films or 0, gone or 0)
+                for root, now, films, gone in self._db.execute(query, {"run": self.run_id})}
 
     def prune(self) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another

@@ -191,8 +191,8 @@ def _study_note(study: dict[str, Any]) -> str:
     """What a reader must know about a study besides its score: images that were not judged."""
     notes = []
     if study["patients"] > 1:  # one Study Instance UID sent for two patients: the row names only its top film's
-        notes.append(f"films of {study['patients']} patients (Patient ID) under one study: the study's identifiers "
-                     "are its top image's; read each image's row")
+        notes.append(f"films of {study['patients']} patients (Patient IDs differ, or some films have none) under one "
+                     "study: the study's identifiers are its top image's; read each image's row")
     if study["images_qc_warned"]:
         notes.append(f"{study['images_qc_warned']} scored image(s) with a quality control warning: read qc_reason "
                      "before the flag")

@@ -198,44 +198,56 @@ def test_a_new_reader_reads_every_file_again(tiny_model, tmp_path, monkeypatch):
     assert {(row["model_name"], row["model_version"]) for row in read_rows(out)} == {("site-model", "7")}
 
 
-@pytest.mark.parametrize("phi", ["keep", "hash"])
-def test_a_study_holding_two_patients_says_so(tiny_model, tmp_path, phi):
+@pytest.mark.parametrize("phi, patients, noted", [
+    ("keep", ("PAT-AAAA-111", "PAT-BBBB-222"), 2), ("hash", ("PAT-AAAA-111", "PAT-BBBB-222"), 2),
+    ("keep", ("PAT-AAAA-111", "PAT-BBBB-222", "PAT-CCCC-333"), 3), ("keep", ("PAT-AAAA-111", ""), 2),
+    ("keep", ("PAT-AAAA-111", "PAT-AAAA-111"), 0), ("keep", ("", ""), 0), ("drop", ("PAT-AAAA-111", "PAT-B"), 0)])
+def test_a_study_holding_two_patients_says_so(tiny_model, tmp_path, phi, patients, noted):
     """A trial: two patients' films under one Study Instance UID (a misconfigured modality or
     anonymiser) made one study row named after its top film's patient, and the other patient was on
-    no list. The study's note says it holds films of two patients, in the CSV and on the page, and the
-    log warns without naming them."""
+    no list. The study's note says how many patients it holds (a film without a Patient ID beside
+    films with one counts as one more: the study row may name none, a review), in the CSV and on the
+    page, and the log warns without naming them; under --phi drop there is nothing to compare."""
     import pydicom
 
     inputs = tmp_path / "in"
     inputs.mkdir()
     ds = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
-    for index, patient in enumerate(("PAT-AAAA-111", "PAT-BBBB-222")):
+    for index, patient in enumerate(patients):
         ds.PatientID, ds.SOPInstanceUID = patient, f"{ds.SOPInstanceUID}.{index}"
         ds.save_as(inputs / f"p{index}.dcm")
     out = tmp_path / "out" / "report.csv"
-    extra = ["--phi", "hash", "--phi-key", "k" * 32] if phi == "hash" else []
+    extra = {"hash": ["--phi", "hash", "--phi-key", "k" * 32], "drop": ["--phi", "drop"]}.get(phi, [])
     result = _run("score", str(inputs), "--out", str(out), "--model", str(tiny_model), *extra)
     assert result.exit_code == ExitCode.OK, result.output
     [study] = read_rows(out.with_name("report_studies.csv"))
-    assert study["study_note"].startswith("films of 2 patients (Patient ID) under one study"), study["study_note"]
-    assert "films of 2 patients" in out.with_suffix(".html").read_text()
-    assert "1 studies hold films of more than one patient" in result.stderr
+    page = out.with_suffix(".html").read_text()
+    if noted:
+        assert study["study_note"].startswith(f"films of {noted} patients (Patient IDs differ"), study["study_note"]
+        assert f"films of {noted} patients" in page
+        assert "1 studies hold films of more than one patient" in result.stderr
+    else:
+        assert "patients" not in study["study_note"] and "more than one patient" not in result.stderr
     assert "PAT-" not in result.stderr
 
 
-@pytest.mark.parametrize("stray", [".DS_Store", "README.txt", "Thumbs.db", "notes"])
-def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray):
+@pytest.mark.parametrize("stray, two_roots", [(".DS_Store", False), ("README.txt", False), ("Thumbs.db", False),
+                                               ("notes", False), (".DS_Store", True)])
+def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray, two_roots):
     """A trial: a share that did not mount, leaving only a stray file, emptied the worklist with exit 0
     (its films' rows and pictures pruned), where an empty folder is exit 66 and keeps it. A folder
-    holding no film while earlier runs listed films there is the same: exit 66, nothing changed; once
-    a film is back the run goes on as before."""
+    holding files but no film is the same: exit 66, nothing changed, also when another share given
+    beside it still holds films (a review); once a film is back the run goes on as before."""
     films = tmp_path / "films"
     films.mkdir()
     sources = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:3]
     for source in sources:
         shutil.copy(source, films / source.name)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(sources[1], other / sources[1].name)
     out = tmp_path / "out" / "report.csv"
-    args = ("score", str(films), "--out", str(out), "--model", str(tiny_model))
+    args = ("score", str(films), *([str(other)] if two_roots else []), "--out", str(out), "--model", str(tiny_model))
     assert _run(*args).exit_code == ExitCode.OK
     before = out.read_bytes()
     for path in films.iterdir():
@@ -247,7 +259,7 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray)
     assert out.read_bytes() == before
     shutil.copy(sources[0], films / sources[0].name)
     assert _run(*args).exit_code == ExitCode.OK
-    assert [row["status"] for row in read_rows(out)] == ["ok", "skipped"]
+    assert sorted(row["status"] for row in read_rows(out)) == ["ok"] * (1 + two_roots) + ["skipped"]
 
 
 @pytest.mark.parametrize("mode", ["strict", "warn", "off"])

@@ -92,6 +92,18 @@ def test_an_instance_sent_again_under_another_study_replaces_its_copy(tmp_path, 
     assert files == [b"another image", b"as sent after the merge"]
 
 
+def test_a_study_whose_only_instance_moved_away_is_not_reported(tmp_path):
+    """A review: an instance moved to another study while its first study was still arriving left
+    that study empty, and it was still reported complete (a --json line with 0 instances)."""
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"before the merge", "1.2.3", "1.2.3.1")
+    spool.store(b"after the merge", "1.2.9", "1.2.3.1")
+    done = spool.complete(quiet_s=0)
+    assert [count for _, count in done] == [1]
+    assert [path.read_bytes() for path in spool.root.rglob("*.dcm")] == [b"after the merge"]
+    assert len(list(spool.studies.iterdir())) == 1
+
+
 def test_each_study_line_says_its_own_outcome(tmp_path):
     """A trial: one unreadable file left in the spool made every later study's --json line read "ok":
     false, exit code 3 (the run's, which counts every unreadable file listed). Each line also says its
