@@ -53,7 +53,8 @@ EXIT_CODE_MEANINGS: dict[tuple[int, ...], str] = {
     (ExitCode.CANT_CREATE,): "an output cannot be written (read-only folder, full disk, an output that is a link)",
     (ExitCode.LOCKED,): "another run holds the lock on these outputs: try again later",
     (ExitCode.INTERRUPTED, ExitCode.TERMINATED): "interrupted (Ctrl-C) / stopped by SIGTERM: earlier outputs intact, "
-                                                 "rerun to finish",
+                                                 "rerun to finish (`radscan listen`, a service stopped as asked, "
+                                                 "exits 0)",
 }
 
 
