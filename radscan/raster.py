@@ -137,6 +137,7 @@ def _wide_to_grey(samples: np.ndarray, record: ImageRecord) -> np.ndarray:
         sample = drawn if drawn.size else sample
     low, high = percentile_window(sample)
     if alpha is not None:
+        high = max(high, low + 1.0)  # one value drawn (or none): white must still be above it
         share = alpha.astype(np.float32) / np.iinfo(np.uint16).max
         luma = share * luma + (1 - share) * high
     # chroma judged in the window's grey levels: 12-bit values in 16-bit words are not 16x less coloured

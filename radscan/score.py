@@ -286,19 +286,26 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
 
 def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
     """Raise NoInputError, before anything is written or pruned, when a folder given holds files but
-    no film (no DICOM image, JPEG or PNG: only a `.DS_Store`, notes): as an empty folder does. A share
-    that did not mount, leaving a stray file, looked like a night on which all its films were deleted,
-    and its films left the list with exit 0 (a trial; with a second share still mounted, a review).
-    A folder whose files this run listed under other roots (links) is not judged here."""
-    by_root = store.films_by_root()
+    no image (only a `.DS_Store`, notes), as an empty folder does, or when the inputs hold no film at
+    all while earlier runs listed films there (files given one by one: `radscan score S/*`). A share
+    that did not mount, leaving a stray file, looked like a night on which all its films were
+    deleted, and its films left the list with exit 0 (a trial; with a second share still mounted, a
+    review). A folder whose films are reached through its links is listed under the links' targets
+    and not judged here; images in formats radscan does not read keep their rows, which say so."""
+    by_root = store.films_by_root(READS_ONLY)
     for given in inputs:
-        if not Path(given).is_dir():
-            continue
-        listed, films, gone = by_root.get(str(Path(given).resolve()), (0, 0, 0))
-        if listed and not films:
+        listed, images, gone = by_root.get(str(Path(given).resolve()), (0, 0, 0))
+        if Path(given).is_dir() and listed and not images and not _holds_links(Path(given)):
             kept = f"; the {counted(gone, 'film')} earlier runs listed there stay listed" if gone else ""
-            raise NoInputError(f"no film found under {given}, only files that are not images (an unmounted or "
-                               f"emptied share?): nothing was changed{kept}")
+            raise NoInputError(f"no DICOM, JPEG or PNG film found under {given}, only other files (an unmounted or "
+                               f"emptied share?): nothing was changed{kept}; remove it from the command line if it "
+                               "is meant to hold none")
+    if not any(images for _, images, _ in by_root.values()):
+        gone = sum(gone for _, _, gone in by_root.values())
+        if gone:
+            raise NoInputError(f"no DICOM, JPEG or PNG film found in {', '.join(inputs)}: nothing was changed; the "
+                               f"{counted(gone, 'film')} earlier runs listed stay listed (an unmounted or emptied "
+                               "share?)")
 
 
 @contextlib.contextmanager
@@ -355,9 +362,9 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
 
 
 def _holds_links(root: Path) -> bool:
-    """Whether a folder that listed no file holds a symbolic link: its films are then listed under
-    another root or path that the link leads to (radscan.ingest.find_files), and it is not an
-    unmounted or emptied share. Walked without following links: it holds no regular file."""
+    """Whether a folder that listed no file (or no film) holds a symbolic link: its films are then
+    listed under another root or path that the link leads to (radscan.ingest.find_files), and it is
+    not an unmounted or emptied share. Walked without following links, only on that rare path."""
     for folder, folders, names in os.walk(root):
         if any(os.path.islink(os.path.join(folder, name)) for name in (*folders, *names)):
             return True

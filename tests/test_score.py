@@ -255,11 +255,34 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray,
     (films / stray).write_bytes(b"\x00\x01 not a film")
     result = _run(*args, "--json")
     assert result.exit_code == ExitCode.NO_INPUT, result.output
-    assert "no film found" in result.output
+    assert "PNG film found under" in result.output and "nothing was changed" in result.output
     assert out.read_bytes() == before
+    # the same films given one by one (a shell glob), the folder left with the stray file alone
+    result = _run("score", *map(str, films.iterdir()), "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.NO_INPUT and out.read_bytes() == before, result.output
     shutil.copy(sources[0], films / sources[0].name)
     assert _run(*args).exit_code == ExitCode.OK
     assert sorted(row["status"] for row in read_rows(out)) == ["ok"] * (1 + two_roots) + ["skipped"]
+
+
+def test_a_folder_of_links_or_unread_formats_is_not_an_empty_share(tiny_model, tmp_path):
+    """What the rule of a folder without films must not catch (a review): a folder whose films are
+    links into another folder given, beside a stray file (its films are listed under their targets),
+    and a folder of TIFF films (their rows say to export them as DICOM or PNG)."""
+    films, links, tiffs = tmp_path / "films", tmp_path / "links", tmp_path / "tiffs"
+    for folder in (films, links, tiffs):
+        folder.mkdir()
+    for source in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]:
+        shutil.copy(source, films / source.name)
+        (links / source.name).symlink_to(films / source.name)
+        Image.open(source).save(tiffs / f"{source.stem}.tif")
+    (links / ".DS_Store").write_bytes(b"\x00")
+    out = tmp_path / "out" / "report.csv"
+    result = _run("score", str(films), str(links), "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.OK, result.output
+    result = _run("score", str(tiffs), "--out", str(tmp_path / "t" / "report.csv"), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.OK, result.output
+    assert {row["reason"].split(":")[0] for row in read_rows(tmp_path / "t" / "report.csv")} == {"a TIFF image"}
 
 
 @pytest.mark.parametrize("mode", ["strict", "warn", "off"])

@@ -215,6 +215,29 @@ def test_transparent_margins_of_a_sixteen_bit_png_are_white_and_leave_the_film_a
     assert np.abs(image[:, margin:-margin].astype(int) - expected.astype(int)).mean() <= 1.0
 
 
+@pytest.mark.parametrize("colour_type", [0, 2, 4, 6])
+def test_a_wholly_transparent_sixteen_bit_png_is_white(tmp_path, colour_type):
+    """A review: a 16-bit PNG with nothing drawn (alpha 0, or a tRNS key matching every pixel) over
+    samples of one value came out black (its window had no width), where its 8-bit twin is white."""
+    import struct
+    import zlib
+
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    data = _png16(np.zeros((20, 24, channels), np.uint16), colour_type, 0)
+    if colour_type in (0, 2):
+        key = b"\x00\x00" * channels
+        chunk = struct.pack(">I", len(key)) + b"tRNS" + key + struct.pack(">I", zlib.crc32(b"tRNS" + key))
+        at = data.index(b"IDAT") - 4
+        data = data[:at] + chunk + data[at:]
+    (tmp_path / "blank.png").write_bytes(data)
+    from radscan.raster import read_raster
+    from radscan.records import ImageRecord
+
+    record = ImageRecord(path="blank.png", root=str(tmp_path), kind="png")
+    shown = read_raster(tmp_path / "blank.png", record, Policy())
+    assert record.status == "ok" and (shown == 255).all(), record.reason
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(depth=st.integers(min_value=1, max_value=2000), name_length=st.integers(min_value=1, max_value=3))
 @example(depth=1900, name_length=1)  # far past Python's recursion limit, within PATH_MAX
