@@ -47,8 +47,8 @@ EXIT_CODE_MEANINGS: dict[tuple[int, ...], str] = {
     (ExitCode.PARTIAL,): "finished, but some files could not be used (status `error` rows), or, with `--dicom-out`, "
                          "some DICOM results were not made or not sent (kept for the next run)",
     (ExitCode.DATA,): "missing or invalid model (a missing, altered or edited file; training that diverged)",
-    (ExitCode.NO_INPUT,): "no input: a path does not exist, cannot be read (permissions) or holds no film (no files, "
-                          "or only files that are not images), or too few usable films to train or calibrate on",
+    (ExitCode.NO_INPUT,): "no input: a path does not exist, cannot be read (permissions) or holds no files (or only "
+                          "files that are neither DICOM nor images), or too few usable films to train or calibrate on",
     (ExitCode.UNAVAILABLE,): "the Dask scheduler cannot be used or was lost (rerun to finish)",
     (ExitCode.CANT_CREATE,): "an output cannot be written (read-only folder, full disk, an output that is a link)",
     (ExitCode.LOCKED,): "another run holds the lock on these outputs: try again later",

@@ -286,8 +286,9 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
 
 def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
     """Raise NoInputError, before anything is written or pruned, when a folder given holds files but
-    no image (only a `.DS_Store`, notes), as an empty folder does, or when the inputs hold no film at
-    all while earlier runs listed films there (files given one by one: `radscan score S/*`). A share
+    no image and no DICOM object (only a `.DS_Store`, notes), as an empty folder does, or when the
+    inputs hold none at all while earlier runs listed films there (files given one by one: `radscan
+    score S/*`). A share
     that did not mount, leaving a stray file, looked like a night on which all its films were
     deleted, and its films left the list with exit 0 (a trial; with a second share still mounted, a
     review). A folder whose films are reached through its links is listed under the links' targets
@@ -297,13 +298,13 @@ def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
         listed, images, gone = by_root.get(str(Path(given).resolve()), (0, 0, 0))
         if Path(given).is_dir() and listed and not images and not _holds_links(Path(given)):
             kept = f"; the {counted(gone, 'film')} earlier runs listed there stay listed" if gone else ""
-            raise NoInputError(f"no DICOM, JPEG or PNG film found under {given}, only other files (an unmounted or "
+            raise NoInputError(f"no DICOM file, JPEG or PNG found under {given}, only other files (an unmounted or "
                                f"emptied share?): nothing was changed{kept}; remove it from the command line if it "
                                "is meant to hold none")
     if not any(images for _, images, _ in by_root.values()):
         gone = sum(gone for _, _, gone in by_root.values())
         if gone:
-            raise NoInputError(f"no DICOM, JPEG or PNG film found in {', '.join(inputs)}: nothing was changed; the "
+            raise NoInputError(f"no DICOM file, JPEG or PNG found in {', '.join(inputs)}: nothing was changed; the "
                                f"{counted(gone, 'film')} earlier runs listed stay listed (an unmounted or emptied "
                                "share?)")
 

@@ -606,9 +606,11 @@ class StateStore:
     def films_by_root(self, images_not_read: str) -> dict[str, tuple[int, int, int]]:
         """Per resolved input root: (files this run listed, images among them, films of earlier runs it
         did not see, which `prune` would remove). Films as the study list counts them (scored,
-        rejected, unreadable, or DICOM images skipped); images also those skipped with a reason that
+        rejected, unreadable, or DICOM images skipped); images also any other DICOM object (a
+        structured report: a PACS folder, the listener's spool) and files skipped with a reason that
         holds `images_not_read` (a TIFF: its row says to export it)."""
-        image = f"({_LISTED} OR (status = 'skipped' AND instr(json_extract(row, '$.reason'), :unread) > 0))"
+        image = (f"({_LISTED} OR json_extract(row, '$.kind') = 'dicom' "
+                 "OR (status = 'skipped' AND instr(json_extract(row, '$.reason'), :unread) > 0))")
         query = f"""SELECT substr(key, 1, instr(key, x'00') - 1) AS root, SUM(seen = :run),
                            SUM(seen = :run AND {image}), SUM(seen != :run AND {_LISTED})
                     FROM results GROUP BY root"""

@@ -255,7 +255,7 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray,
     (films / stray).write_bytes(b"\x00\x01 not a film")
     result = _run(*args, "--json")
     assert result.exit_code == ExitCode.NO_INPUT, result.output
-    assert "PNG film found under" in result.output and "nothing was changed" in result.output
+    assert "JPEG or PNG found under" in result.output and "nothing was changed" in result.output
     assert out.read_bytes() == before
     # the same films given one by one (a shell glob), the folder left with the stray file alone
     result = _run("score", *map(str, films.iterdir()), "--out", str(out), "--model", str(tiny_model))
@@ -268,10 +268,16 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray,
 def test_a_folder_of_links_or_unread_formats_is_not_an_empty_share(tiny_model, tmp_path):
     """What the rule of a folder without films must not catch (a review): a folder whose films are
     links into another folder given, beside a stray file (its films are listed under their targets),
-    and a folder of TIFF films (their rows say to export them as DICOM or PNG)."""
-    films, links, tiffs = tmp_path / "films", tmp_path / "links", tmp_path / "tiffs"
-    for folder in (films, links, tiffs):
+    a folder of TIFF films (their rows say to export them as DICOM or PNG), and a folder of DICOM
+    objects that are not images (a structured report: a PACS folder or the listener's spool, which
+    must not stop the listener)."""
+    films, links, tiffs, reports = (tmp_path / name for name in ("films", "links", "tiffs", "reports"))
+    for folder in (films, links, tiffs, reports):
         folder.mkdir()
+    shutil.copy(DICOM_DIR / "pydicom/test-SR.dcm", reports / "sr.dcm")
+    (reports / ".DS_Store").write_bytes(b"\x00")
+    result = _run("score", str(reports), "--out", str(tmp_path / "r" / "report.csv"), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.OK, result.output
     for source in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:2]:
         shutil.copy(source, films / source.name)
         (links / source.name).symlink_to(films / source.name)
