@@ -163,14 +163,17 @@ class Spool:
         """Remove the copies of instance file `name` that study folder `earlier` holds: it was received
         again under `study`, which replaces them (the next scoring run drops their rows). Under the lock,
         so that `complete` does not move a copy while it is looked for."""
-        log.warning("an instance already received was sent again under another study (a study merge or a "
-                    "patient's reconciliation?): it replaces the earlier copy, whose row leaves the list at the "
-                    "next run (study %s, earlier %s)", study, earlier)
+        removed = 0
         with self._lock:
             for folder in (self.incoming / earlier, self.studies / earlier):
                 if (folder / name).is_file():
                     (folder / name).unlink(missing_ok=True)
                     sync_folder(folder)
+                    removed += 1
+        if removed:  # else the earlier study was removed from the spool since (a cron clean-up): nothing to say
+            log.warning("an instance already received was sent again under another study (a study merge or a "
+                        "patient's reconciliation?): it replaces the earlier copy, whose row leaves the list at the "
+                        "next run (study %s, earlier %s)", study, earlier)
 
     def complete(self, quiet_s: float) -> list[tuple[str, int]]:
         """Move the studies quiet for `quiet_s` seconds, with no instance being written, to

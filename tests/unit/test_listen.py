@@ -92,6 +92,21 @@ def test_an_instance_sent_again_under_another_study_replaces_its_copy(tmp_path, 
     assert files == [b"another image", b"as sent after the merge"]
 
 
+def test_a_resend_after_its_earlier_study_was_cleaned_up_says_nothing_of_a_copy(tmp_path, caplog):
+    """The spool's index outlives a cron clean-up of `studies/`: an instance sent again under another
+    study then replaces nothing, and the log must not say it replaced an earlier copy."""
+    import shutil
+
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"first", "1.2.3", "1.2.3.1")
+    spool.complete(quiet_s=0)
+    shutil.rmtree(next(spool.studies.iterdir()))  # what `find SPOOL/studies -mtime +30 -exec rm -r` does
+    with caplog.at_level("WARNING", logger="radscan.listen"):
+        spool.store(b"again", "1.2.9", "1.2.3.1")
+    assert "replaces the earlier copy" not in caplog.text
+    assert [path.read_bytes() for path in spool.root.rglob("*.dcm")] == [b"again"]
+
+
 def test_a_study_whose_only_instance_moved_away_is_not_reported(tmp_path):
     """A review: an instance moved to another study while its first study was still arriving left
     that study empty, and it was still reported complete (a --json line with 0 instances)."""
