@@ -15,7 +15,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
 
 from radscan.dicomheader import header_int, header_number, header_numbers, header_text, header_texts
-from radscan.preprocess import colour_notes, percentile_window, subsample, window_to_uint8
+from radscan.preprocess import colour_notes, luma, percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
 __all__ = ["display_grey", "ybr_full_to_rgb", "UnusablePalette"]
@@ -91,10 +91,8 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
         rgb = _palette_applied(stored, ds) if photometric == "PALETTE COLOR" else stored
         top = _colour_range(rgb, ds, photometric)
         record.converted = colour_notes(rgb, full=top)
-        # pydicom has already converted YBR to RGB; luma weights of ITU-R BT.601, as Pillow's "L"
-        luma = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        record.voi_source = "full-range"
-        return window_to_uint8(luma, 0.0, top, invert=False)
+        record.voi_source = "full-range"  # YBR is RGB by now (pydicom, or radscan.dicom for wider samples)
+        return window_to_uint8(luma(rgb), 0.0, top, invert=False)
 
     record.inverted = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and header_text(ds, "PresentationLUTShape").upper() == "INVERSE"

@@ -42,6 +42,7 @@ __all__ = [
     "PREPROCESS_VERSION",
     "PERCENTILE_WINDOW",
     "percentile_window",
+    "luma",
     "subsample",
     "window_to_uint8",
     "to_model_input",
@@ -70,6 +71,13 @@ MARK_SHARE = 0.005
 # mean transparency (1 - alpha) above which it changes what an image shows: alpha 254 everywhere
 # changes nothing a reader sees (0.4%), a transparent border of 5% of the film does
 TRANSPARENT_SHARE = 0.01
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., >= 3) colour samples (RGB first, any numeric dtype) -> (...) float32 luma in the same
+    units: the weights of ITU-R BT.601, as Pillow's "L" conversion uses (colour DICOM and 16-bit
+    colour PNG are shown as 8-bit colour files are)."""
+    return rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def colour_notes(rgb: np.ndarray | None = None, alpha: np.ndarray | None = None, full: float | None = None) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radscan.policy import Policy
-from radscan.preprocess import colour_notes, percentile_window, subsample, window_to_uint8
+from radscan.preprocess import colour_notes, luma, percentile_window, subsample, window_to_uint8
 from radscan.records import ImageRecord
 
 __all__ = ["read_raster"]
@@ -127,11 +127,10 @@ def _wide_to_grey(samples: np.ndarray, record: ImageRecord) -> np.ndarray:
     12-bit film with transparent margins was windowed up to 65535 and came out black, a review)."""
     colour = samples.shape[-1] >= 3
     alpha = samples[..., -1] if samples.shape[-1] in (2, 4) else None
-    values = samples[..., :3].astype(np.float32) if colour else samples[..., 0].astype(np.float32)
-    luma = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if colour else values
+    grey = luma(samples) if colour else samples[..., 0].astype(np.float32)
     record.bits_stored = 16
     record.voi_source = "percentile"
-    sample = subsample(luma)
+    sample = subsample(grey)
     if alpha is not None:
         drawn = sample[subsample(alpha) > np.iinfo(np.uint16).max // 2]
         sample = drawn if drawn.size else sample
@@ -139,10 +138,10 @@ def _wide_to_grey(samples: np.ndarray, record: ImageRecord) -> np.ndarray:
     if alpha is not None:
         high = max(high, low + 1.0)  # one value drawn (or none): white must still be above it
         share = alpha.astype(np.float32) / np.iinfo(np.uint16).max
-        luma = share * luma + (1 - share) * high
+        grey = share * grey + (1 - share) * high
     # chroma judged in the window's grey levels: 12-bit values in 16-bit words are not 16x less coloured
     record.converted = colour_notes(samples[..., :3] if colour else None, alpha, full=max(high - low, 1.0))
-    return window_to_uint8(luma, low, high, invert=False)
+    return window_to_uint8(grey, low, high, invert=False)
 
 
 def _over_white(image: Image.Image) -> Image.Image:
