@@ -78,6 +78,7 @@ from radscan.report import (
     remove_stale_temporaries,
 )
 from radscan.state import FileIdentity, StateStore, hold_lock, store_files
+from radscan.stopping import raise_if_stop_asked
 from radscan.worklist import DISCLAIMER, OutputPaths, write_readme, write_worklist
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                 if cluster is not None:
                     cluster.prepare(run)
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
+            raise_if_stop_asked()  # and never lets it replace the outputs
             threshold = scorer.threshold  # the model is verified even when nothing was new
             _refuse_filmless(inputs, store)
             lock.confirm()  # the shared outputs follow: never beside another run's
@@ -312,7 +314,8 @@ def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """SIGINT blocked in this (main) thread for the block: a Ctrl-C waits, it is not lost, and is
-    raised when the block ends (or taken at once by another thread of the process, if one runs).
+    raised when the block ends (or taken at once by another thread of the process, if one runs:
+    then raised inside the import, which may swallow it; radscan.stopping raises it again later).
     For imports that must not be interrupted: a KeyboardInterrupt inside torch's C++ start-up
     aborts the process (exit 134). (Worker processes do not inherit the mask: loky's spawn resets
     it, so a Ctrl-C in their first second still prints their import tracebacks.)"""
@@ -560,6 +563,7 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
             dicom.update(row["status"] for row in rows if row["kind"] == "dicom")
             bar.update(len(rows))
             progress.tick(len(rows))
+            raise_if_stop_asked()  # a Ctrl-C that a library swallowed (radscan.stopping) stops the run here
     if dicom and dicom[Status.SKIPPED] == dicom.total():
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",

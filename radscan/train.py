@@ -64,6 +64,7 @@ from radscan.qc import (
 from radscan.recipe import TrainConfig
 from radscan.records import ImageRecord, counted
 from radscan.report import CsvStream, cannot_write
+from radscan.stopping import raise_if_stop_asked
 from radscan.trainer import Trainer, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "train", "TrainingResult"]
@@ -531,6 +532,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
             save_checkpoint({**trainer.state(epoch + 1),
                               **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
+            raise_if_stop_asked()  # a Ctrl-C that a library swallowed stops here, the epoch saved for --resume
             if run.stopped_by_budget:
                 log.warning("time budget of %g minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
                 break

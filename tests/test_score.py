@@ -1069,6 +1069,41 @@ def test_ctrl_c_in_the_first_seconds_stops_the_run_cleanly(tmp_path, after_s):
     assert not _live_members(process.pid)  # no decoding worker outlives the run (zombies not counted)
 
 
+@pytest.mark.parametrize("swallowed", ["SIGINT", "SIGTERM"])
+def test_a_stop_that_code_in_the_run_swallowed_still_stops_it(tmp_path, monkeypatch, swallowed):
+    """CI, once: a Ctrl-C 1.4 s into a run was caught where it landed (a decoding pool starting) and
+    the run went on to replace its outputs with exit 0. Whatever code catches the signal's
+    exception, the run stops at its next batch with 130 (143 for SIGTERM), its outputs untouched."""
+    import radscan.score
+    import radscan.stopping
+    from radscan.cli import main
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(radscan.stopping, "_asked", None)
+    original = radscan.score.iter_ingested
+
+    def swallowing(*args, **kwargs):
+        try:  # a library's `except BaseException: pass` where the signal landed
+            os.kill(os.getpid(), getattr(signal, swallowed))
+            time.sleep(0.5)
+        except BaseException:  # noqa: BLE001
+            pass
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(radscan.score, "iter_ingested", swallowing)
+    films = sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[:3]
+    out = tmp_path / "out" / "report.csv"
+    monkeypatch.setattr(sys, "argv", ["radscan", "score", *map(str, films), "--out", str(out), "--workers", "1"])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert stopped.value.code == (ExitCode.INTERRUPTED if swallowed == "SIGINT" else ExitCode.TERMINATED)
+    assert not out.exists()
+
+
 def _live_members(group: int) -> list[int]:
     """Processes of process group `group` that are not zombies (Linux /proc; a container's init may
     reap the run's exited workers late)."""

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import click
 
 from radscan import __version__
-from radscan.cli.common import EXIT_CODES_HELP, Terminated, failure, json_failure, read_settings
+from radscan.cli.common import EXIT_CODES_HELP, failure, json_failure, read_settings
 from radscan.cli.models import calibrate, evaluate, export, info, report, train
 from radscan.cli.scoring import listen, scan, score
 from radscan.logs import configure as configure_log
+from radscan.stopping import Terminated, install_stop_handlers
 
 __all__ = ["cli", "main"]
 
@@ -115,7 +115,7 @@ def main() -> None:
     stdout ({"ok": false, "exit_code": ..., "error": ...}), so that a wrapper never keeps an empty
     or stale summary."""
     _reopen_closed_standard_streams()
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    install_stop_handlers()
     try:
         code = cli.main(auto_envvar_prefix="RADSCAN", standalone_mode=False)
     except click.ClickException as exc:
@@ -154,11 +154,6 @@ def _name_the_source(exc: click.ClickException) -> None:
         longest = max((name for name in exc.param.opts if name.startswith("--")), key=len, default=exc.param.name)
         key = longest.lstrip("-").replace("-", "_")
         exc.param_hint = f"'{key}' in the [{exc.ctx.info_name}] table of {config or 'the --config file'}"
-
-
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated
 
 
 def _reopen_closed_standard_streams() -> None:

@@ -29,10 +29,11 @@ from radscan.policy import (
 )
 from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES
 from radscan.recipe import TrainConfig
+from radscan.stopping import Terminated
 
 __all__ = ["INPUT_PATH", "EXIT_CODES_HELP", "DISCLAIMER_SHORT", "PRESET_NAMES", "RECIPE", "FiniteFloatRange",
            "selection_options", "workers_option", "json_option", "model_option", "qc_option", "study_key_option",
-           "views_option", "device_option", "echo_json", "read_settings", "model_in_use", "failure", "Terminated",
+           "views_option", "device_option", "echo_json", "read_settings", "model_in_use", "failure",
            "json_failure", "log"]
 
 PRESET_NAMES = ("reference", "small", "tiny")  # kept here so that --help does not import torch
@@ -197,10 +198,6 @@ def failure(exc: BaseException) -> tuple[int, str]:
                 f"{'stopped by SIGTERM' if sigterm else 'interrupted'}: earlier outputs are intact; run again "
                 "to finish")
     return ExitCode.CRASH, f"{type(exc).__name__}: {exc} (a bug in radscan: please report it)"
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM (BaseException: no `except Exception` swallows it)."""
 
 
 def json_failure(exit_code: int, message: str) -> None:
