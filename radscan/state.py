@@ -231,6 +231,8 @@ _SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
                    WHEN s.images_scored = 0 AND s.images_rejected = 0 THEN 'unreadable' ELSE 'reading' END)"""
 # whether a row was first listed by this run (rows of stores before `listed_since`: the run that read it)
 _NEW = "(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)"
+# the z-score breaks ties of the stored score (sigmoid(z), rounded to 6 decimals: 1.0 from z = 14.5 up)
+_Z = "json_extract(row, '$.score_z')"
 _SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
 
 
@@ -486,7 +488,7 @@ class StateStore:
 
     _CURRENT = "current AS (SELECT * FROM results WHERE seen = :run)"
     _STUDY = """study AS (
-        SELECT study_key, MAX(score) AS study_score,
+        SELECT study_key, MAX(score) AS study_score, MAX(""" + _Z + """) AS study_z,
                SUM(""" + _LISTED + """) AS images,
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
@@ -517,8 +519,8 @@ class StateStore:
         query = f"""WITH {self._CURRENT}, {self._STUDY}
             SELECT c.row, s.study_score, s.images_flagged > 0, """ + _LISTED + ", " + _NEW + """
             FROM current c LEFT JOIN study s USING (study_key)
-            ORDER BY s.study_score IS NULL, s.study_score DESC, c.score IS NULL, c.score DESC, c.sort_root,
-                     c.sort_path"""
+            ORDER BY s.study_score IS NULL, s.study_score DESC, s.study_z DESC, c.study_key,
+                     c.score IS NULL, c.score DESC, """ + _Z + """ DESC, c.sort_root, c.sort_path"""
         for row, study_score, study_flag, listed, new in self._db.execute(query, {"run": self.run_id}):
             yield {**json.loads(row), "study_score": study_score,
                    "study_flag": None if study_flag is None else bool(study_flag), "listed": bool(listed),
@@ -535,8 +537,8 @@ class StateStore:
         every image was skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
-                PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, sort_root,
-                                                sort_path) AS n
+                PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, {_Z} DESC,
+                                                sort_root, sort_path) AS n
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons,
@@ -545,7 +547,7 @@ class StateStore:
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
-                     s.study_key"""
+                     s.study_z DESC, s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, duplicated, \
                 patients, row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,

@@ -1,0 +1,42 @@
+"""The state store's reading list: the order a reader sees (radscan.state)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from radscan.state import FileIdentity, StateStore
+
+# z-scores as a calibrated model gives them (on a 0.01 grid: the store keeps 3 decimals), many of them
+# where sigmoid(z) rounds to 1.0 (z >= 14.5)
+Z = st.one_of(st.integers(-300, 4000).map(lambda i: i / 100), st.sampled_from([14.6, 15.0, 17.9, 30.0]))
+
+
+def _row(study: str, name: str, z: float) -> dict:
+    score = round(1 / (1 + math.exp(-z)), 6)  # as radscan.batch stores it
+    return {"status": "ok", "study_key": study, "root": "/in", "path": f"{study}/{name}", "score": score,
+            "score_z": round(z, 3), "flag": score >= 0.9}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ABCDE"), Z), min_size=2, max_size=14))
+def test_the_list_follows_z_where_the_score_saturates_and_keeps_each_study_together(tmp_path_factory, films):
+    """A new user's trial: films at z 15.7 and 17.9 both score 1.0, and the list put the lower
+    first (by file name); two studies of one study score had their images interleaved."""
+    store = StateStore(tmp_path_factory.mktemp("s") / "report.state.sqlite", "model", "run1")
+    rows = [_row(study, f"f{index:02d}.png", z) for index, (study, z) in enumerate(films)]
+    store.save((FileIdentity(f"/in\0{row['path']}", 1, 1), row) for row in rows)
+
+    listed = list(store.worklist())
+    study_z = {row["study_key"]: max(r["score_z"] for r in rows if r["study_key"] == row["study_key"])
+               for row in rows}
+    ordered = [(-study_z[row["study_key"]], row["study_key"], -row["score_z"]) for row in listed]
+    assert ordered == sorted(ordered)  # by the study's top z, study by study, then by z
+    studies = [study["study_key"] for study in store.studies()]
+    assert [study_z[key] for key in studies] == sorted(study_z.values(), reverse=True)
+    assert studies == list(dict.fromkeys(row["study_key"] for row in listed))  # the same order as the file list
+    for study in store.studies():  # each study's row shows its top film
+        assert study["top"]["score_z"] == study_z[study["study_key"]]
+    store.close()
