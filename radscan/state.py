@@ -231,6 +231,8 @@ _SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
                    WHEN s.images_scored = 0 AND s.images_rejected = 0 THEN 'unreadable' ELSE 'reading' END)"""
 # whether a row was first listed by this run (rows of stores before `listed_since`: the run that read it)
 _NEW = "(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)"
+# the statuses of a file that reached the reader: scored, or rejected by quality control (the reader judges it)
+_READ = (Status.OK, Status.REJECTED)
 # the z-score breaks ties of the stored score (sigmoid(z), rounded to 6 decimals: 1.0 from z = 14.5 up)
 _Z = "json_extract(row, '$.score_z')"
 _SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
@@ -433,10 +435,17 @@ class StateStore:
 
         Each row gets `listed_since`, the run that first listed the file as it is now: a file read
         again only because the settings changed (another model, --qc, --pictures, --study-key) keeps
-        the run it was first listed by, so "new this run" means a film that was not on the list."""
+        the run it was first listed by, so "new this run" means a film that was not on the list. A
+        film that reaches the reader (scored, or rejected by quality control) for the first time is
+        new even if an earlier run listed it as unreadable (a read that timed out, a share that
+        failed): it was never on the reading list."""
         items = list(items)
         for identity, row in items:
-            row["listed_since"] = self._listed_since(identity) or self.run_id
+            read = row["status"] in _READ
+            since, was_read = self._listed_since(identity)
+            if since is None or (read and not was_read):
+                since, was_read = self.run_id, read
+            row["listed_since"], row["read_since_listed"] = since, was_read
         rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], row["study_key"],
                  row.get("score"), int(row.get("flag") is True), row["root"], row["path"], self.run_id,
                  json.dumps(row, default=str))
@@ -445,13 +454,15 @@ class StateStore:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def _listed_since(self, identity: FileIdentity) -> str | None:
-        """The run that first listed this file with this size and modification time, if stored."""
+    def _listed_since(self, identity: FileIdentity) -> tuple[str | None, bool]:
+        """(the run that first listed this file with this size and modification time, whether it
+        reached the reader then or since), or (None, False) when it is not stored."""
         found = self._db.execute(
-            "SELECT COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) FROM results "
-            "WHERE key = ? AND size = ? AND mtime_ns = ? AND json_valid(row)",
-            (_blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
-        return found[0] if found else None
+            "SELECT COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')), "
+            "COALESCE(json_extract(row, '$.read_since_listed'), status IN (?, ?)) "
+            "FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND json_valid(row)",
+            (*_READ, _blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
+        return (found[0], bool(found[1])) if found else (None, False)
 
     def scored(self, after: bytes = b"", limit: int = 500, status: str = "ok") -> list[StoredRow]:
         """Up to `limit` of this run's rows of `status` (scored, by default) with keys after `after`,

@@ -40,3 +40,27 @@ def test_the_list_follows_z_where_the_score_saturates_and_keeps_each_study_toget
     for study in store.studies():  # each study's row shows its top film
         assert study["top"]["score_z"] == study_z[study["study_key"]]
     store.close()
+
+
+def test_a_film_read_for_the_first_time_after_an_error_is_new(tmp_path):
+    """A new user's trial: a film whose read timed out one night (an unreadable row, for IT) and was
+    scored and flagged the next was not `new_this_run`: the page's "new this run" filter hid it.
+    A film already read keeps the run that first listed it, whatever a later read gave."""
+    path = tmp_path / "report.state.sqlite"
+    slow, seen = FileIdentity("/in\0slow.dcm", 10, 1), FileIdentity("/in\0seen.png", 10, 1)
+    error = {"status": "error", "study_key": "S", "root": "/in", "score": None, "flag": False}
+    first = StateStore(path, "model", "run1")
+    first.save([(slow, {**error, "path": "slow.dcm"}), (seen, {**_row("S", "seen.png", 1.0), "path": "seen.png"})])
+    first.record_run("2026-12-01T02:00:00", 1, 0)
+    first.close()
+    second = StateStore(path, "model B", "run2")  # another model: everything is read again
+    second.save([(slow, {**_row("S", "slow.dcm", 20.0), "path": "slow.dcm"}),
+                 (seen, {**error, "path": "seen.png"})])
+    new = {row["path"]: row["new_this_run"] for row in second.worklist()}
+    assert new == {"slow.dcm": True, "seen.png": False}
+    second.record_run("2026-12-02T02:00:00", 1, 1)
+    second.close()
+    third = StateStore(path, "model", "run3")
+    third.save([(seen, {**_row("S", "seen.png", 1.0), "path": "seen.png"})])
+    assert {row["path"]: row["new_this_run"] for row in third.worklist()} == {"seen.png": False}
+    third.close()
