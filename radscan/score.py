@@ -69,8 +69,9 @@ from radscan.pictures import PICTURE_VERSION
 from radscan.policy import FOLDER_STUDY_LIMIT, for_model
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, quality_control
-from radscan.records import ImageRecord, Status, counted
+from radscan.records import ImageRecord, Status, counted, printable
 from radscan.report import (
+    atomic_output,
     cannot_write,
     png_name,
     prepare_folder,
@@ -429,6 +430,8 @@ def _tidy_outputs(outputs: OutputPaths) -> None:
     for folder, option in ((outputs.residuals, "--residuals"), (outputs.dicom, "--dicom-out")):
         if folder is not None:
             prepare_folder(folder, option)
+    if outputs.residuals is not None:
+        _claim_pictures(outputs.residuals, outputs.report)
     if outputs.dicom is not None:  # found out now, not after a night of scoring
         try:
             tempfile.TemporaryFile(dir=outputs.dicom).close()
@@ -441,6 +444,33 @@ def _tidy_outputs(outputs: OutputPaths) -> None:
         removed += remove_stale_temporaries(outputs.dicom, "*.dcm")
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
+
+
+PICTURES_OWNER = ".radscan-worklist"  # in a pictures folder: the worklist whose pictures it holds
+
+
+def _claim_pictures(folder: Path, report: Path) -> None:
+    """Refuse (SettingError, exit 2) a pictures folder that holds another worklist's pictures, while
+    that worklist exists: picture names depend on the film alone, so two worklists sharing a folder
+    (one `residuals` in a TOML file used by two jobs) overwrote each other's pictures (a caption with
+    the other job's identifiers) and deleted pictures the other still linked (a trial). Else the
+    folder is marked as this worklist's. Call under the lock of the outputs."""
+    marker, owner = folder / PICTURES_OWNER, str(report.resolve())
+    try:
+        named = marker.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if named == owner:
+        return
+    if named and Path(named).exists():
+        raise SettingError(f"the pictures folder {printable(str(folder))} holds the pictures of another worklist, "
+                           f"{printable(named)}: worklists sharing one folder overwrite and delete each other's "
+                           "pictures; give each --out its own --residuals (or none: the default is beside it)")
+    try:
+        with atomic_output(marker) as handle:
+            handle.write(owner + "\n")
+    except OSError as exc:
+        raise cannot_write(marker, exc) from None
 
 
 def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:

@@ -809,7 +809,7 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
     for row in scored:
         assert bool(row["residual_png"]) == (row["flag"] == "true")
         assert not row["residual_png"] or (out.parent / row["residual_png"]).is_file()
-    assert len(list((out.parent / "report_residuals").iterdir())) == sum(row["flag"] == "true" for row in scored)
+    assert len(list((out.parent / "report_residuals").glob("*.png"))) == sum(row["flag"] == "true" for row in scored)
     assert json.loads(_run(*args).stdout)["scored_now"] == 0
     # a picture removed by hand is drawn again
     (out.parent / next(row for row in scored if row["residual_png"])["residual_png"]).unlink()
@@ -828,10 +828,10 @@ def test_pictures_for_flagged_images_only_keep_the_scores_and_rerun_incrementall
 
 def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(studies, tiny_model, tmp_path):
     """A rerun with fewer pictures (--pictures flagged after all, then --no-residuals) leaves no picture
-    of an earlier run beside the list; a folder shared with another list keeps that list's pictures."""
+    of an earlier run beside the list; a picture it did not write stays."""
     out = tmp_path / "out" / "report.csv"
     folder = out.parent / "report_residuals"
-    other = folder / f"{'ab' * 12}.png"  # another worklist's picture in the same folder
+    other = folder / f"{'ab' * 12}.png"  # a picture it did not write
 
     def run(*extra: str) -> set[str]:
         result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), *extra)
@@ -843,12 +843,12 @@ def test_the_pictures_folder_holds_what_the_list_links_whatever_the_rerun_asks(s
     shutil.copy(sorted((CXR_DIR / "kermany_pediatric_224/test_abnormal").iterdir())[0], hostile)
     linked = run("--pictures", "all")
     other.write_bytes(b"not ours")
-    assert {p.name for p in folder.iterdir()} == linked | {other.name} and len(linked) >= 8
+    assert {p.name for p in folder.glob("*.png")} == linked | {other.name} and len(linked) >= 8
     flagged = run("--pictures", "flagged")
     assert flagged and flagged < linked
-    assert {p.name for p in folder.iterdir()} == flagged | {other.name}
+    assert {p.name for p in folder.glob("*.png")} == flagged | {other.name}
     assert run("--no-residuals") == set()
-    assert [p.name for p in folder.iterdir()] == [other.name]
+    assert [p.name for p in folder.glob("*.png")] == [other.name]
     assert "No pictures were written" in out.with_name("report_README.txt").read_text()
 
 
@@ -1182,6 +1182,31 @@ def test_a_root_whose_films_are_all_behind_a_link_is_not_empty(tiny_model, tmp_p
 
 
 
+def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
+    """A new user's trial: two jobs (one for the PACS, one de-identified) given one --residuals
+    overwrote each other's pictures, a caption with the other job's identifiers, and deleted
+    pictures the other still linked. The second is refused before it reads a film; a folder whose
+    worklist was deleted is taken over."""
+    (tmp_path / "in").mkdir()
+    for film in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:2]:
+        shutil.copy(film, tmp_path / "in" / film.name)
+    pictures = tmp_path / "pictures"
+
+    def run(name: str, *extra: str):
+        return _run("score", str(tmp_path / "in"), "--out", str(tmp_path / name / "report.csv"), "--model",
+                    str(tiny_model), "--residuals", str(pictures), "--pictures", "all", *extra)
+
+    assert run("pacs").exit_code == ExitCode.OK
+    before = {png.name: png.read_bytes() for png in pictures.glob("*.png")}
+    refused = run("research", "--phi", "drop")
+    assert refused.exit_code == ExitCode.USAGE and "another worklist" in refused.output, refused.output
+    assert not (tmp_path / "research" / "report.csv").exists()
+    assert {png.name: png.read_bytes() for png in pictures.glob("*.png")} == before and len(before) == 2
+    assert run("pacs").exit_code == ExitCode.OK  # its own folder, night after night
+    shutil.rmtree(tmp_path / "pacs")
+    assert run("research", "--phi", "drop").exit_code == ExitCode.OK
+
+
 def test_a_film_that_can_no_longer_be_read_loses_its_picture(tiny_model, tmp_path):
     """Its row says why it cannot be read; the picture of what it was must not stay beside the list."""
     (tmp_path / "in").mkdir()
@@ -1190,8 +1215,8 @@ def test_a_film_that_can_no_longer_be_read_loses_its_picture(tiny_model, tmp_pat
     out = tmp_path / "out" / "report.csv"
     args = ("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--pictures", "all")
     assert _run(*args).exit_code == ExitCode.OK
-    assert len(list((tmp_path / "out" / "report_residuals").iterdir())) == 1
+    assert len(list((tmp_path / "out" / "report_residuals").glob("*.png"))) == 1
     (tmp_path / "in" / "a.jpeg").unlink()
     (tmp_path / "in" / "a.jpeg").symlink_to(tmp_path / "gone.jpeg")
     assert _run(*args).exit_code == ExitCode.PARTIAL
-    assert list((tmp_path / "out" / "report_residuals").iterdir()) == []
+    assert list((tmp_path / "out" / "report_residuals").glob("*.png")) == []
