@@ -513,7 +513,7 @@ def _identity(found: Found) -> FileIdentity:
     key = f"{Path(found.root).resolve()}\0{found.path}"
     try:
         stat = found.full_path.stat()
-        return FileIdentity(key, stat.st_size, stat.st_mtime_ns)
+        return FileIdentity(key, stat.st_size, stat.st_mtime_ns, stat.st_ino)
     except OSError:
         return FileIdentity(key, -1, -1)
 

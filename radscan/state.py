@@ -195,11 +195,16 @@ def hold_lock(path: Path) -> Iterator[OutputLock]:
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """A file as the store knows it: changed size or mtime means changed file."""
+    """A file as the store knows it: another size, modification time or inode means another file.
+
+    The inode catches a file replaced by another of the same size and time (films swapped by
+    name, a re-export that keeps sequential names and timestamps: a trial showed the previous
+    patient's row): a rename or a new copy gets a new one, a chmod or an xattr does not."""
 
     key: str  # root + NUL + relative path
     size: int
     mtime_ns: int
+    inode: int = -1  # -1: unknown (a file that cannot be read; a row stored before 0.3)
 
 
 @dataclass
@@ -261,12 +266,13 @@ class StateStore:
             sort_root TEXT NOT NULL,
             sort_path TEXT NOT NULL,
             seen TEXT NOT NULL,
-            row TEXT NOT NULL
+            row TEXT NOT NULL,
+            inode INTEGER NOT NULL DEFAULT -1
         )
     """
 
     _COLUMNS = ["key", "size", "mtime_ns", "fingerprint", "status", "study_key", "score", "flag", "sort_root",
-                "sort_path", "seen", "row"]
+                "sort_path", "seen", "row", "inode"]
     # DICOM results a PACS has accepted (radscan.pacs): what a rerun must not send again. Kept when the
     # results table is rebuilt: the UIDs of the objects say which model and source they belong to.
     _SENT = """
@@ -357,6 +363,9 @@ class StateStore:
                 self._db.execute("DROP TABLE IF EXISTS results")  # written by another radscan: start afresh
                 self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
             self._db.execute(self._SCHEMA)
+            if "inode" not in [row[1] for row in self._db.execute("PRAGMA table_info(results)")]:
+                # a store of 0.2: its rows are read once more (the inode unknown), keeping when they were listed
+                self._db.execute("ALTER TABLE results ADD COLUMN inode INTEGER NOT NULL DEFAULT -1")
             self._db.execute(self._RUNS)
             if "fingerprint" not in [row[1] for row in self._db.execute("PRAGMA table_info(runs)")]:
                 self._db.execute("ALTER TABLE runs ADD COLUMN fingerprint TEXT")  # a store of 0.2's runs
@@ -384,8 +393,8 @@ class StateStore:
         row whose score, flag and status agree with the columns they are sorted by)."""
         found = self._db.execute(
             "SELECT row, status, score, flag FROM results WHERE key = ? AND size = ? AND mtime_ns = ? "
-            "AND fingerprint = ?",
-            (_blob(identity.key), identity.size, identity.mtime_ns, self.fingerprint),
+            "AND inode = ? AND fingerprint = ?",
+            (_blob(identity.key), identity.size, identity.mtime_ns, identity.inode, self.fingerprint),
         ).fetchone()
         if not found:
             return None
@@ -405,13 +414,14 @@ class StateStore:
         "settings" (the same file, read under another fingerprint: the model, the preprocessing,
         quality control's rules or an option) or "error" (the same file under the same settings: one
         that could not even be opened, retried)."""
-        found = self._db.execute("SELECT size, mtime_ns, fingerprint FROM results WHERE key = ?",
+        found = self._db.execute("SELECT size, mtime_ns, inode, fingerprint FROM results WHERE key = ?",
                                  (_blob(identity.key),)).fetchone()
         if found is None:
             return "store" if self.moved_aside is not None else "new"
-        if tuple(found[:2]) != (identity.size, identity.mtime_ns):
+        if tuple(found[:2]) != (identity.size, identity.mtime_ns) or found[2] not in (identity.inode, -1):
             return "changed"
-        return "settings" if found[2] != self.fingerprint else "error"
+        # the inode of a row stored before it was kept is unknown: read once more, as after an upgrade
+        return "settings" if found[3] != self.fingerprint or found[2] != identity.inode else "error"
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -448,11 +458,12 @@ class StateStore:
             row["listed_since"], row["read_since_listed"] = since, was_read
         rows = [(_blob(i.key), i.size, i.mtime_ns, self.fingerprint, row["status"], row["study_key"],
                  row.get("score"), int(row.get("flag") is True), row["root"], row["path"], self.run_id,
-                 json.dumps(row, default=str))
+                 json.dumps(row, default=str), i.inode)
                 for i, row in items]
         with self._writing(), self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 rows)
 
     def _listed_since(self, identity: FileIdentity) -> tuple[str | None, bool]:
         """(the run that first listed this file with this size and modification time, whether it
@@ -460,8 +471,8 @@ class StateStore:
         found = self._db.execute(
             "SELECT COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')), "
             "COALESCE(json_extract(row, '$.read_since_listed'), status IN (?, ?)) "
-            "FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND json_valid(row)",
-            (*_READ, _blob(identity.key), identity.size, identity.mtime_ns)).fetchone()
+            "FROM results WHERE key = ? AND size = ? AND mtime_ns = ? AND inode IN (?, -1) AND json_valid(row)",
+            (*_READ, _blob(identity.key), identity.size, identity.mtime_ns, identity.inode)).fetchone()
         return (found[0], bool(found[1])) if found else (None, False)
 
     def scored(self, after: bytes = b"", limit: int = 500, status: str = "ok") -> list[StoredRow]:

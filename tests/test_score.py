@@ -1182,6 +1182,31 @@ def test_a_root_whose_films_are_all_behind_a_link_is_not_empty(tiny_model, tmp_p
 
 
 
+def test_films_swapped_under_the_same_names_sizes_and_times_are_read_again(tiny_model, tmp_path):
+    """A new user's trial: two films of one size and time swapped by name (a re-export that keeps
+    sequential names and timestamps) kept their old rows: the previous patient's score and flag."""
+    (tmp_path / "in").mkdir()
+    films = [sorted((CXR_DIR / f"kermany_pediatric_224/{kind}").iterdir())[0] for kind in ("train_normal",
+                                                                                            "val_abnormal")]
+    data = [film.read_bytes() for film in films]
+    size = max(map(len, data))
+    for name, content in zip(("IM0001.jpeg", "IM0002.jpeg"), data, strict=True):
+        (tmp_path / "in" / name).write_bytes(content + b"\0" * (size - len(content)))  # after the JPEG's end
+        os.utime(tmp_path / "in" / name, ns=(10**18, 10**18))
+    out = tmp_path / "out" / "report.csv"
+    args = ("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--study-key", "file")
+    assert _run(*args).exit_code == ExitCode.OK
+    before = {row["path"]: row["score"] for row in read_rows(out)}
+    (tmp_path / "in" / "IM0001.jpeg").rename(tmp_path / "in" / "swap")
+    (tmp_path / "in" / "IM0002.jpeg").rename(tmp_path / "in" / "IM0001.jpeg")
+    (tmp_path / "in" / "swap").rename(tmp_path / "in" / "IM0002.jpeg")
+    again = _run(*args, "--json")
+    assert json.loads(again.stdout)["read_because"] == {"changed": 2}
+    assert {row["path"]: row["score"] for row in read_rows(out)} == \
+        {"IM0001.jpeg": before["IM0002.jpeg"], "IM0002.jpeg": before["IM0001.jpeg"]}
+    assert json.loads(_run(*args, "--json").stdout)["scored_now"] == 0  # and kept from then on
+
+
 def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
     """A new user's trial: two jobs (one for the PACS, one de-identified) given one --residuals
     overwrote each other's pictures, a caption with the other job's identifiers, and deleted

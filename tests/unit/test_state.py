@@ -64,3 +64,22 @@ def test_a_film_read_for_the_first_time_after_an_error_is_new(tmp_path):
     third.save([(seen, {**_row("S", "seen.png", 1.0), "path": "seen.png"})])
     assert {row["path"]: row["new_this_run"] for row in third.worklist()} == {"seen.png": False}
     third.close()
+
+
+def test_a_store_of_0_2_reads_its_files_once_more_and_keeps_when_they_were_listed(tmp_path):
+    """Rows stored before the inode was kept: each file is read once more ("settings", as after an
+    upgrade), its `listed_since` kept, and from then on matched by its inode too."""
+    path = tmp_path / "report.state.sqlite"
+    old = StateStore(path, "model", "run1")
+    film = FileIdentity("/in\0a.png", 10, 1, inode=77)
+    old.save([(film, _row("S", "a.png", 1.0))])
+    old.record_run("2026-12-01T02:00:00", 1, 0)
+    old._db.execute("ALTER TABLE results DROP COLUMN inode")  # as 0.2 made it
+    old.close()
+    store = StateStore(path, "model", "run2")
+    assert store.lookup(film) is None and store.why_stale(film) == "settings"
+    store.save([(film, _row("S", "a.png", 1.0))])
+    assert [row["new_this_run"] for row in store.worklist()] == [False]
+    assert store.lookup(film) is not None and store.lookup(FileIdentity(film.key, 10, 1, inode=78)) is None
+    assert store.why_stale(FileIdentity(film.key, 10, 1, inode=78)) == "changed"
+    store.close()
