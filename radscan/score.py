@@ -205,6 +205,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
+            problems += filter(None, [_most_of_the_list_gone(store)])
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete,
@@ -364,6 +365,24 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
                         f"--study-key auto their folder crossed {FOLDER_STUDY_LIMIT} films): set --study-key folder "
                         "or file to keep one grouping")
     return problems
+
+
+# A run whose inputs no longer hold more of the list's films than they still hold, at least this many,
+# says so: a share that mounted in part, a restore under way (a night that lost its flagged studies
+# silently, a trial); a nightly clean-up of old studies removes far fewer at once.
+VANISHED_WARNING = 10
+
+
+def _most_of_the_list_gone(store: StateStore) -> str | None:
+    """A problem line when most films of the earlier list are gone from the inputs (they are
+    removed from the list, as any file deleted from the inputs is), else None."""
+    by_root = store.films_by_root(READS_ONLY).values()
+    gone, listed = sum(gone for _, _, gone in by_root), sum(images for _, images, _ in by_root)
+    if gone >= VANISHED_WARNING and gone > listed:
+        return (f"{counted(gone, 'film')} listed by earlier runs {'is' if gone == 1 else 'are'} no longer among the "
+                f"inputs, more than the {listed} they hold now (a share that mounted in part, a restore under "
+                "way?): they left the list; if they should be there, mount the share and run again")
+    return None
 
 
 def _holds_links(root: Path) -> bool:

@@ -1207,6 +1207,28 @@ def test_films_swapped_under_the_same_names_sizes_and_times_are_read_again(tiny_
     assert json.loads(_run(*args, "--json").stdout)["scored_now"] == 0  # and kept from then on
 
 
+def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night(tiny_model, tmp_path):
+    """A new user's trial: a share left with 1 of its 29 files (a partial mount) replaced the list
+    with a clean-looking night: exit 0, no problem. Films deleted a few at a time are not one."""
+    share = tmp_path / "in"
+    share.mkdir()
+    films = sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:14]
+    for film in films:
+        shutil.copy(film, share / film.name)
+    args = ("score", str(share), "--out", str(tmp_path / "out" / "report.csv"), "--model", str(tiny_model),
+            "--no-residuals", "--json")
+    assert json.loads(_run(*args).stdout)["problems"] == []
+    for film in films[:3]:  # an ordinary night's clean-up
+        (share / film.name).unlink()
+    assert json.loads(_run(*args).stdout)["problems"] == []
+    for film in films[3:-1]:
+        (share / film.name).unlink()
+    result = _run(*args)
+    assert result.exit_code == ExitCode.OK
+    assert any("10 films listed by earlier runs are no longer among the inputs, more than the 1" in problem
+               for problem in json.loads(result.stdout)["problems"]), result.stdout
+
+
 def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
     """A new user's trial: two jobs (one for the PACS, one de-identified) given one --residuals
     overwrote each other's pictures, a caption with the other job's identifiers, and deleted
