@@ -311,6 +311,9 @@ def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
             raise NoInputError(f"no DICOM file, JPEG or PNG found in {', '.join(inputs)}: nothing was changed; the "
                                f"{counted(gone, 'film')} earlier runs listed stay listed (an unmounted or emptied "
                                "share?)")
+        if any(listed for listed, _, _ in by_root.values()) and not any(map(_holds_links, map(Path, inputs))):
+            raise NoInputError(f"no DICOM file, JPEG or PNG found in {', '.join(inputs)}, only other files: nothing "
+                               "was written")
 
 
 @contextlib.contextmanager

@@ -265,6 +265,23 @@ def test_a_folder_left_without_films_keeps_the_list(tiny_model, tmp_path, stray,
     assert sorted(row["status"] for row in read_rows(out)) == ["ok"] * (1 + two_roots) + ["skipped"]
 
 
+@pytest.mark.parametrize("names", [["only.txt"], ["notes.txt", "Thumbs.db", ".DS_Store"]])
+def test_files_given_that_are_not_films_are_no_input(tiny_model, tmp_path, names):
+    """A new user's trial: `radscan score only.txt` was exit 0 with an empty list, where the README
+    says 66 for inputs that hold only files that are neither DICOM nor images (a folder of them was)."""
+    given = []
+    for name in names:
+        (tmp_path / name).write_bytes(b"hi\n")
+        given.append(str(tmp_path / name))
+    out = tmp_path / "out" / "report.csv"
+    result = _run("score", *given, "--out", str(out), "--model", str(tiny_model))
+    assert result.exit_code == ExitCode.NO_INPUT and "only other files" in result.output, result.output
+    assert not out.exists()
+    film = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[0]
+    assert _run("score", *given, str(film), "--out", str(out), "--model", str(tiny_model)).exit_code in (
+        ExitCode.OK, ExitCode.PARTIAL)
+
+
 def test_a_folder_of_links_or_unread_formats_is_not_an_empty_share(tiny_model, tmp_path):
     """What the rule of a folder without films must not catch (a review): a folder whose films are
     links into another folder given, beside a stray file (its films are listed under their targets),
