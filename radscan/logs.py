@@ -5,10 +5,27 @@ from __future__ import annotations
 import logging
 import sys
 
+from radscan.records import visible_controls
+
 __all__ = ["configure"]
 
 FORMAT = "%(asctime)s radscan %(levelname)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+_LINE_SEPARATORS = {0x2028: "\\u2028", 0x2029: "\\u2029"}  # Unicode's line breaks that are not controls
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Each message on one line, its control characters written out (\\x0a, \\x1b) and bytes that
+    are not UTF-8 as \\udcXX: a file name or header value with a newline forged a log line of its
+    own ("run finished, 0 errors"), and an ESC drove the terminal (a trial). A traceback (-vv)
+    follows as Python writes it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = visible_controls(record.message).translate(_LINE_SEPARATORS)
+        record.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return super().formatMessage(record)
 
 
 def configure(level: int) -> None:
@@ -17,7 +34,7 @@ def configure(level: int) -> None:
     worker's warnings reached stderr raw, traceback and all, even under `-q` (a trial)."""
     log = logging.getLogger("radscan")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    handler.setFormatter(_OneLineFormatter(FORMAT, DATE_FORMAT))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
