@@ -520,6 +520,7 @@ class StateStore:
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
                    AS skip_reasons,
+               COUNT(DISTINCT CASE WHEN status = 'error' THEN json_extract(row, '$.reason') END) AS error_reasons,
                -- files of the study that hold a DICOM image another of its files holds (one SOP Instance UID)
                SUM(""" + _LISTED + """ AND COALESCE(json_extract(row, '$.SOPInstanceUID'), '') != '')
                    - COUNT(DISTINCT CASE WHEN """ + _LISTED + """ THEN NULLIF(json_extract(row, '$.SOPInstanceUID'), '')
@@ -564,18 +565,19 @@ class StateStore:
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons,
-                   s.images_duplicated, s.patients, r.row,
+                   s.error_reasons, s.images_duplicated, s.patients, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
                      s.study_z DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, duplicated, \
-                patients, row, section in self._db.execute(query, {"run": self.run_id}):
+        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, error_reasons, \
+                duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
-                   "skip_reasons": reasons, "images_duplicated": duplicated or 0, "patients": patients or 0,
+                   "skip_reasons": reasons, "error_reasons": error_reasons or 0,
+                   "images_duplicated": duplicated or 0, "patients": patients or 0,
                    "top": json.loads(row),
                    "study_section": section}
 

@@ -163,6 +163,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         note = _study_note(study)
         top = study.pop("top")
         study.pop("skip_reasons")
+        study.pop("error_reasons")
         study.pop("images_duplicated")
         mixed += study.pop("patients") > 1
         studies += 1
@@ -200,7 +201,9 @@ def _study_note(study: dict[str, Any]) -> str:
         notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
     if study["images_error"]:
         top = study["top"]  # when nothing was read, the top row is an unreadable file: say why
-        why = f" ({top['reason']})" if top.get("status") == Status.ERROR and top.get("reason") else ""
+        others = study["error_reasons"] - 1  # and that the others' reasons differ, if they do
+        why = (f" ({top['reason']}{f'; {others} other reason(s): see their rows' if others > 0 else ''})"
+               if top.get("status") == Status.ERROR and top.get("reason") else "")
         notes.append(f"{study['images_error']} image(s) could not be read{why}")
     if study["images_duplicated"]:  # a copy of a file, or a sender's error: the same image is in the list twice
         notes.append(f"{study['images_duplicated']} file(s) hold a DICOM image that another file of this study "

@@ -1246,6 +1246,30 @@ def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night
                for problem in json.loads(result.stdout)["problems"]), result.stdout
 
 
+def test_a_study_whose_files_fail_for_different_reasons_does_not_give_one_for_all(tiny_model, tmp_path):
+    """A new user's trial: "4 image(s) could not be read (not a DICOM, JPEG or PNG file ...)" covered an
+    HTML page, a truncated JPEG and two empty files. The note gives the top file's reason and says
+    that the others differ; files failing alike get their one reason."""
+    study, alike = tmp_path / "in" / "study", tmp_path / "in" / "alike"
+    study.mkdir(parents=True)
+    alike.mkdir()
+    film = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[0]
+    (study / "zero.jpeg").write_bytes(b"")
+    (study / "page.jpeg").write_text("<html>a page</html>")
+    (study / "cut.jpeg").write_bytes(film.read_bytes()[:3000])
+    for name in ("a.jpeg", "b.jpeg"):
+        (alike / name).write_text("<html>a page</html>")
+    out = tmp_path / "out" / "report.csv"
+    assert _run("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model)).exit_code == \
+        ExitCode.PARTIAL
+    notes = {Path(row["study_key"]).name: row["study_note"] for row in read_rows(out.with_name("report_studies.csv"))}
+    reasons = {row["path"]: row["reason"] for row in read_rows(out)}
+    assert len({reasons[f"study/{name}.jpeg"] for name in ("zero", "page", "cut")}) == 3
+    assert notes["study"].startswith("3 image(s) could not be read (") and \
+        "; 2 other reason(s): see their rows)" in notes["study"], notes["study"]
+    assert notes["alike"].startswith(f"2 image(s) could not be read ({reasons['alike/a.jpeg']}); "), notes["alike"]
+
+
 def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
     """A new user's trial: two jobs (one for the PACS, one de-identified) given one --residuals
     overwrote each other's pictures, a caption with the other job's identifiers, and deleted
