@@ -56,7 +56,7 @@ def image_entry(row: dict[str, Any]) -> dict[str, Any]:
     failure when it has one (a warned image that is not the study's top one must show it too)."""
     score = row.get("score")
     return {"path": row["path"], "picture": page_link(row.get("residual_png")),
-            "score": None if score is None else round(float(score), 4), "z": row.get("score_z"),
+            "score": None if score is None else round(float(score), 6), "z": row.get("score_z"),
             "flag": row.get("flag") is True, "status": row["status"],
             "reason": "" if row["status"] == "ok" else row.get("reason", ""),
             "qc": row.get("qc_reason", "") if row.get("qc_status") in ("warn", "fail") else ""}
@@ -74,7 +74,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
     study's images (image_entry), listed under the study when it has more than one."""
     score = study.get("study_score")
     return {
-        "rank": study["study_rank"], "score": None if score is None else round(float(score), 4),
+        "rank": study["study_rank"], "score": None if score is None else round(float(score), 6),
         "flag": bool(study["study_flag"]), "new": bool(study["images_new"]),
         "images": study["images"], "scored": study["images_scored"], "errors": study["images_error"],
         "rejected": study["images_rejected"], "note": study["study_note"],
