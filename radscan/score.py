@@ -185,7 +185,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         files, resolved_roots = _find_inputs(inputs, outputs, settings)
         store = StateStore(outputs.state, fingerprint, run_id, history_key)
         try:
-            todo, read_because = _reuse_stored(files, store, outputs.report.parent, pictures,
+            todo, read_because, moved_pictures = _reuse_stored(files, store, outputs.report.parent, pictures,
                                                dicom_pictures=bool(outputs.dicom), pictures_dir=outputs.residuals)
             log.info("%d files: %d unchanged since the last run, %d to read%s", len(files), len(files) - len(todo),
                      len(todo), f" ({why_read(read_because)})" if todo else "")
@@ -214,6 +214,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             store.record_run(now(), drift.scored, drift.flagged)
             _forget(store.prune(), outputs)
             _remove_unlinked_pictures(store, outputs)
+            _remove_moved_pictures(moved_pictures, outputs)
         finally:
             store.close()
 
@@ -531,6 +532,44 @@ def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths) -> None:
         log.info("removed %d pictures of films that have none now (%s)", removed, folder)
 
 
+def _remove_moved_pictures(links: list[str], outputs: OutputPaths) -> None:
+    """Remove the pictures this worklist drew in an earlier pictures folder (`links`, as its rows
+    linked them), now drawn in this run's: their captions may carry identifiers, and nothing links
+    them (a trial found them left behind). Only PNG files in a folder marked as this worklist's
+    (PICTURES_OWNER; or its default folder, made before the mark); the mark and the folder go too
+    once no picture is left in it. Call after the list that links the new pictures is written."""
+    owner, folders, removed = str(outputs.report.resolve()), set(), 0
+    for link in links:
+        picture = outputs.report.parent / link
+        folder = picture.parent
+        if picture.suffix != ".png" or picture.is_symlink() or not picture.is_file() or \
+                not _pictures_of(folder, owner, outputs.default_residuals):
+            continue
+        picture.unlink(missing_ok=True)
+        folders.add(folder)
+        removed += 1
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if not any(folder.glob("*.png")):
+                (folder / PICTURES_OWNER).unlink(missing_ok=True)
+                folder.rmdir()  # only if nothing else is left in it
+    if removed:
+        log.info("removed %d pictures of an earlier pictures folder, drawn again in %s", removed,
+                 printable(str(outputs.residuals)))
+
+
+def _pictures_of(folder: Path, owner: str, default: Path) -> bool:
+    """Whether `folder` holds the pictures of the worklist `owner` (its mark names it, or it is the
+    worklist's default pictures folder and holds no mark)."""
+    try:
+        named = (folder / PICTURES_OWNER).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        named = str(default.resolve()) == str(folder.resolve()) and owner
+    except (OSError, UnicodeDecodeError):
+        return False
+    return named == owner
+
+
 def _identity(found: Found) -> FileIdentity:
     key = f"{Path(found.root).resolve()}\0{found.path}"
     try:
@@ -567,13 +606,14 @@ def _picture_in(link: str, link_base: Path, folder: str | None) -> bool:
 
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
                   dicom_pictures: bool = False, pictures_dir: Path | None = None,
-                  ) -> tuple[list[tuple[Found, FileIdentity]], Counter[str]]:
+                  ) -> tuple[list[tuple[Found, FileIdentity]], Counter[str], list[str]]:
     """Mark the rows still valid in the store as seen by this run; return the files left to read,
-    with the identity they were looked up by, and how many are read for each reason (READ_REASONS).
+    with the identity they were looked up by, how many are read for each reason (READ_REASONS), and
+    the links of the pictures they leave behind in another folder (an earlier --residuals).
     Files with errors are always retried; a scored (or rejected) row whose picture has gone is read
     again (with `dicom_pictures`, every DICOM image has one), and so is a row whose study was named by
     the crawl and is another now (radscan.ingest.assign_study_keys)."""
-    todo, unchanged, reasons = [], [], Counter()
+    todo, unchanged, reasons, moved = [], [], Counter(), []
     folder = None if pictures_dir is None else os.path.normpath(os.path.relpath(pictures_dir, link_base))
     for found in files:
         identity = _identity(found)
@@ -591,13 +631,15 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
                     row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom")))))) \
                 and not _picture_in(row.get("residual_png", ""), link_base, folder):
             reason = "picture"
+            if row.get("residual_png"):
+                moved.append(row["residual_png"])
         else:
             unchanged.append(identity)
             continue
         reasons[reason] += 1
         todo.append((found, identity))
     store.mark_seen(unchanged)
-    return todo, reasons
+    return todo, reasons, moved
 
 
 def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter, qc: QualityControl,

@@ -1270,6 +1270,32 @@ def test_a_study_whose_files_fail_for_different_reasons_does_not_give_one_for_al
     assert notes["alike"].startswith(f"2 image(s) could not be read ({reasons['alike/a.jpeg']}); "), notes["alike"]
 
 
+def test_pictures_left_in_an_earlier_pictures_folder_are_removed(tiny_model, tmp_path):
+    """A new user's trial: after --residuals changed (twice), the earlier folders kept every picture,
+    captions with Patient IDs, linked by nothing. A rerun drawing them in the new folder removes them
+    (and the emptied folder), never a file it did not draw nor another worklist's folder."""
+    (tmp_path / "in").mkdir()
+    for film in sorted((CXR_DIR / "kermany_pediatric_224/val_abnormal").iterdir())[:2]:
+        shutil.copy(film, tmp_path / "in" / film.name)
+    out = tmp_path / "out" / "report.csv"
+
+    def run(*extra: str) -> list[str]:
+        result = _run("score", str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_model), "--pictures",
+                      "all", *extra)
+        assert result.exit_code == ExitCode.OK, result.output
+        return sorted(row["residual_png"] for row in read_rows(out))
+
+    default = run()
+    assert len(default) == 2 and all(link.startswith("report_residuals/") for link in default)
+    (out.parent / "report_residuals" / "notes.txt").write_bytes(b"a file the user put there")
+    first = run("--residuals", str(out.parent / "pics2"))
+    assert sorted((out.parent / "report_residuals").iterdir()) == [out.parent / "report_residuals" / "notes.txt"]
+    run("--residuals", str(out.parent / "pics3"))
+    assert not (out.parent / "pics2").exists() and all((out.parent / link).is_file() for link in run(
+        "--residuals", str(out.parent / "pics3")))
+    assert first and not any((out.parent / link).exists() for link in first)
+
+
 def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
     """A new user's trial: two jobs (one for the PACS, one de-identified) given one --residuals
     overwrote each other's pictures, a caption with the other job's identifiers, and deleted
