@@ -38,6 +38,7 @@ from radscan.errors import ModelError
 from radscan.policy import DEFAULT_BODY_PARTS
 from radscan.preprocess import MODEL_SIZE
 from radscan.records import ImageRecord, Status, counted, visible_controls
+from radscan.report import FILE_MODE
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
            "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
@@ -438,6 +439,7 @@ def save_reference(reference: QCReference, directory: Path) -> dict[str, Any]:
     tmp = directory / f".{QC_FILE}.tmp"
     sealed = json.dumps({"limits": asdict(reference.limits), "n_reference": reference.n_reference}, sort_keys=True)
     save_file({"mean": reference.mean, "basis": reference.basis}, str(tmp), metadata={"radscan-qc": sealed})
+    os.chmod(tmp, FILE_MODE)  # as the weights: a scoring service's account must read it (it was 0600)
     os.replace(tmp, directory / QC_FILE)
     digest = hashlib.sha256((directory / QC_FILE).read_bytes()).hexdigest()
     return {"file": QC_FILE, "sha256": digest, "n_reference": reference.n_reference,

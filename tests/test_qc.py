@@ -474,3 +474,22 @@ def test_a_failed_film_whose_header_names_another_body_part_says_so(qc, normals,
     if said:
         shown = part.strip()[:16].replace("\x1b", "\\x1b")
         assert verdict.reason.endswith(f"BodyPartExamined {shown})")
+
+
+def test_a_models_quality_control_reference_is_readable_by_other_accounts(tmp_path):
+    """A new user's trial: `radscan train` wrote qc.safetensors with mode 0600 (the weights 0644), so
+    the account of a scoring service could not read it, and the error said "missing"."""
+    import os
+    import stat
+
+    from radscan.model.metadata import read_metadata
+    from radscan.report import FILE_MODE
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "kermany-tiny"
+    reference = load_reference(shipped, read_metadata(shipped))
+    block = save_reference(reference, tmp_path)
+    assert stat.S_IMODE((tmp_path / "qc.safetensors").stat().st_mode) == FILE_MODE  # 0644 under umask 022
+    if os.geteuid() != 0:  # root reads whatever the mode
+        (tmp_path / "qc.safetensors").chmod(0)
+        with pytest.raises(ModelError, match="cannot be read"):
+            load_reference(tmp_path, {"qc": block})

@@ -58,9 +58,12 @@ def read_verified(directory: Path, block: Any, name: str, what: str) -> bytes:
         raise ModelError(f"{METADATA_FILE} names another {what} file than {name}: it was edited")
     try:
         data = path.read_bytes()
-    except OSError:
+    except FileNotFoundError:
         raise ModelError(f"{what} missing: {path} ({METADATA_FILE} names it); restore it from the model's "
                          "release (or train, or export, the model again)") from None
+    except OSError as exc:  # there, but not readable by this account (a model trained by another user)
+        raise ModelError(f"{what} cannot be read: {path}: {exc.strerror or exc} (check its owner and "
+                         "permissions)") from None
     if hashlib.sha256(data).hexdigest() != block.get("sha256"):
         raise ModelError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was altered or "
                          "corrupted; restore it from the model's release (or train, or export, the model again)")
