@@ -10,6 +10,7 @@ version whose directory tells one story (`_describe_recalibration`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,17 +20,24 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from radscan.errors import ModelError, NoInputError, OutputError
+from radscan.errors import ModelError, NoInputError, OutputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.density import collimation_copies, framing_copies
 from radscan.model.io import WEIGHTS_FILE, save_model, sha256_file
-from radscan.model.metadata import EARLIER_CALIBRATION, SPLIT_FILE, films_it_knows, read_split, recalibrated
+from radscan.model.metadata import (
+    EARLIER_CALIBRATION,
+    METADATA_FILE,
+    SPLIT_FILE,
+    films_it_knows,
+    read_split,
+    recalibrated,
+)
 from radscan.model.runtime import autocast, iter_batches, score_arrays
 from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, copy_groups, quality_control
 from radscan.recipe import TrainConfig
-from radscan.report import CsvStream, head_card
+from radscan.report import CsvStream, head_card, swap_folders, sync_folder
 
 __all__ = ["fit_density", "calibrate", "finalize", "recalibrate", "in_batches", "MIN_CALIBRATION"]
 
@@ -172,6 +180,11 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
 
     device = device or torch.device("cpu")
     check_outputs_apart(normals, [out_dir or model_dir])
+    out_dir = Path(out_dir or model_dir)
+    if out_dir.resolve() != Path(model_dir).resolve():
+        check_outputs_apart([model_dir], [out_dir], kind="model")  # MODEL_DIR/sub: a copy of it into itself
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).is_file():
+            raise SettingError(f"{out_dir} holds files and is not a model: choose an empty or new --out")
     model, metadata = load_model(model_dir, device)
     # the normals a threshold is set on are the films the model would score: what quality control
     # rejects when scoring (turned, inverted, foreign) is not one of them
@@ -185,20 +198,28 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     before = float(model.calibration_mean[kind]), float(model.calibration_std[kind])
     scores, components = calibrate(model, images, 64, device, target_specificity)
     seen = _warn_if_seen_in_training(Path(model_dir), names, (components[:, kind].numpy() - before[0]) / before[1])
-    out_dir = Path(out_dir or model_dir)
-    if out_dir.resolve() != Path(model_dir).resolve():
-        try:
-            shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
-        except (OSError, shutil.Error) as exc:
-            raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
     specificity = float((scores < float(model.threshold)).mean())
     kept = recalibrated(metadata, [str(p) for p in normals], len(images), target_specificity, specificity)
+    # written whole in a folder beside the destination, then put in its place in one step: a model
+    # recalibrated in place and killed between its weights and its model.json was unusable, its
+    # earlier weights gone (a trial)
+    target = out_dir.resolve()  # a model reached through a link is recalibrated where it lies
+    staging = target.with_name(f".{target.name}.calibrating-{os.getpid()}")
     try:
-        save_model(model, out_dir, kept)
-    except OSError as exc:
-        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc.strerror or exc}") from None
-    _record_split(Path(model_dir), out_dir, names)
-    _describe_recalibration(model, out_dir, names, scores, metadata, seen)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(model_dir, staging)
+        save_model(model, staging, kept)
+        _record_split(Path(model_dir), staging, names)
+        _describe_recalibration(model, staging, names, scores, metadata, seen)
+        if target.is_dir():
+            swap_folders(staging, target)  # staging now holds the earlier model
+        else:
+            os.rename(staging, target)
+            sync_folder(target.parent)
+    except (OSError, shutil.Error) as exc:
+        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     # every warning logged on the way, for --json: what an operator reads when stderr goes nowhere
     warnings = [*filter(None, [copies]), *threshold_warnings(scores, float(model.threshold), target_specificity),
                 *filter(None, [seen])]

@@ -23,7 +23,7 @@ from radscan.errors import OutputError
 
 __all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
            "remove_stale_temporaries", "cannot_write", "head_card", "CsvStream", "write_png", "write_png_bytes",
-           "encode_png", "png_name", "sync_folder"]
+           "encode_png", "png_name", "sync_folder", "swap_folders"]
 
 
 def _file_mode() -> int:
@@ -102,6 +102,27 @@ def sync_folder(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def swap_folders(new: Path, old: Path) -> None:
+    """Put folder `new` in the place of folder `old` as one step; `new` then holds what `old` held
+    (for the caller to remove). Linux's renameat2(RENAME_EXCHANGE) swaps the two names atomically:
+    a process killed at any moment leaves `old`'s place holding one complete folder or the other.
+    Where the file system cannot (NFS, another OS), two renames back to back, `old` kept aside
+    under `new`'s name until the second is done. Raises OSError."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
+    if exchange is not None and exchange(at_cwd, os.fsencode(new), at_cwd, os.fsencode(old), rename_exchange) == 0:
+        sync_folder(Path(old).parent)
+        return
+    aside = Path(new).with_name(Path(new).name + ".old")
+    os.rename(old, aside)
+    os.rename(new, old)
+    os.rename(aside, new)
+    sync_folder(Path(old).parent)
 
 
 def commit_together(files: Sequence[AtomicFile]) -> None:

@@ -180,6 +180,38 @@ def test_calibrate_sets_the_threshold_on_site_normals(labelled, tiny_model, tmp_
         assert refused.exit_code == 2, refused.output
 
 
+@pytest.mark.parametrize("killed_in", ["_record_split", "_describe_recalibration", "swap_folders"])
+def test_a_model_recalibrated_in_place_and_killed_is_still_the_earlier_model(labelled, tiny_model, tmp_path,
+                                                                             monkeypatch, killed_in):
+    """A new user's trial: `calibrate --in-place` killed after the new weights replaced the old ones
+    and before model.json followed left a model every nightly run refused (exit 65), its earlier
+    weights gone. The new model is written whole beside it and put in its place in one step."""
+    import radscan.calibration
+
+    model = tmp_path / "site"
+    shutil.copytree(tiny_model, model)
+    before = {path.name: path.read_bytes() for path in model.iterdir() if path.is_file()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill at that step: nothing after it runs
+
+    monkeypatch.setattr(radscan.calibration, killed_in, killed)
+    result = CliRunner().invoke(cli, ["calibrate", str(model), "--normals", str(labelled[0]), "--in-place",
+                                      "--workers", "1"])
+    assert result.exit_code != 0
+    assert {path.name: path.read_bytes() for path in model.iterdir() if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["site"]  # nothing half-made left beside it
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, ["calibrate", str(model), "--normals", str(labelled[0]), "--in-place",
+                                      "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_model(model)[1]["version"] != load_model(tiny_model)[1]["version"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["site"]
+    inside = CliRunner().invoke(cli, ["calibrate", str(model), "--normals", str(labelled[0]), "--out",
+                                      str(model / "sub"), "--workers", "1"])
+    assert inside.exit_code == 2 and not (model / "sub").exists(), inside.output
+
+
 def test_copies_among_calibration_normals_count_once_and_too_few_distinct_ones_are_refused(labelled, tiny_model,
                                                                                             tmp_path):
     """A trial: 12 copies of one film were accepted, gave the score a spread of 0, and the model then
