@@ -459,6 +459,7 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
             raise ModelError(f"the training checkpoint {checkpoint_path} is of another model (other settings: "
                              "preset, field, memory, critic snapshots or density grid): resume with the settings it "
                              "was started with, or choose another --out") from None
+        _refuse_another_run(checkpoint.get("run"), _run_identity(films, tcfg), checkpoint_path)
         if not 0 <= epochs <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
             raise ModelError(f"the training checkpoint {checkpoint_path} says {epochs} epochs were run, outside "
                              f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
@@ -482,11 +483,43 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
     return _Run()
 
 
+def _run_identity(films: _Films, tcfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint must be resumed with for the model an uninterrupted run makes: the training
+    settings (all but --epochs and --max-minutes, which a resumed run may raise) as JSON, and a
+    sha256 of the normals with their side of the split (names, pixels, training or calibration)."""
+    settings = {key: value for key, value in asdict(tcfg).items() if key not in ("epochs", "max_minutes")}
+    digest = hashlib.sha256()
+    for name, held_out in zip(films.names, films.is_calibration, strict=True):
+        digest.update(f"{name}\0{'calibration' if held_out else 'training'}\0".encode("utf-8", "surrogateescape"))
+    digest.update(np.ascontiguousarray(films.images).tobytes())
+    return {"settings": json.dumps(settings, sort_keys=True, default=str), "films": digest.hexdigest()}
+
+
+def _refuse_another_run(began: dict[str, str] | None, now: dict[str, str], checkpoint: Path) -> None:
+    """SettingError (exit 2) when --resume is given other settings or other normals than the run
+    its checkpoint began: the films would be split again, some trained on becoming calibration
+    normals (a threshold set on films the model knows), and model.json would name settings the
+    first epochs did not use (a trial). A checkpoint of radscan 0.2 (no record) is taken as it is."""
+    if not began:
+        return
+    if began.get("settings") != now["settings"]:
+        before, after = json.loads(began["settings"]), json.loads(now["settings"])
+        changed = ", ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(after)
+                            if before.get(key) != after.get(key))
+        raise SettingError(f"the training checkpoint {checkpoint} began with other settings ({changed}): resume "
+                           "with the settings it began with, or choose another --out")
+    if began.get("films") != now["films"]:
+        raise SettingError(f"the normals differ from those the training checkpoint {checkpoint} began with (films "
+                           "added, removed or changed, or split otherwise): films it trained on would become "
+                           "calibration normals; resume with the same normals, or choose another --out")
+
+
 def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg: TrainConfig, device: torch.device,
                 progress: bool, started: float) -> None:
     """Train from `run.epochs` to `tcfg.epochs` (or until the time budget), evaluating each epoch into
     the training log and writing a checkpoint after it; updates `run`."""
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
+    identity = _run_identity(films, tcfg)
     train_images = films.train_images
     tensor_images = torch.from_numpy(train_images)
     batches_per_epoch = len(train_images) // tcfg.batch_size  # drop the ragged last batch
@@ -529,7 +562,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
             if tcfg.keep != "last":
                 run.best = better_epoch(run.best, trainer.model, epoch + 1, metrics, KEEP_RULES[tcfg.keep])
-            save_checkpoint({**trainer.state(epoch + 1),
+            save_checkpoint({**trainer.state(epoch + 1), "run": identity,
                               **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
             raise_if_stop_asked()  # a Ctrl-C that a library swallowed stops here, the epoch saved for --resume

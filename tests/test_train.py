@@ -140,6 +140,29 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == straight
 
 
+def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_path):
+    """A new user's trial: resumed with another --seed (or --calibration-fraction, or normals added
+    and removed) the films were split again, 21 films trained on becoming calibration normals (a
+    threshold set on films the model knows), and model.json named settings its first epoch never
+    used. --epochs and --max-minutes may change; the budget is what stops a run early."""
+    config = TrainConfig(epochs=3, batch_size=8, seed=5, max_minutes=1e-4)  # stops after epoch 1's first batch
+    with pytest.raises(SettingError, match="fewer than the 2 critic snapshots"):
+        train([str(normals)], tmp_path / "m", TINY, config, workers=1, progress=False)
+    with pytest.raises(SettingError, match="seed 5 -> 7"):
+        train([str(normals)], tmp_path / "m", TINY, replace(config, seed=7), workers=1, progress=False, resume=True)
+    with pytest.raises(SettingError, match="calibration_fraction"):
+        train([str(normals)], tmp_path / "m", TINY, replace(config, calibration_fraction=0.4), workers=1,
+              progress=False, resume=True)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(normals, fewer)
+    sorted(fewer.iterdir())[0].unlink()
+    with pytest.raises(SettingError, match="normals differ"):
+        train([str(fewer)], tmp_path / "m", TINY, config, workers=1, progress=False, resume=True)
+    # the same run goes on (one more epoch within the budget), to a model
+    train([str(normals)], tmp_path / "m", TINY, replace(config, epochs=4), workers=1, progress=False, resume=True)
+    assert load_model(tmp_path / "m")[1]["training"]["epochs_run"] == 2
+
+
 @pytest.mark.parametrize("how", ["learning rate 1e6", "resumed from NaN weights", "resumed from infinite weights"])
 def test_training_that_diverges_stops_with_a_clear_error_and_no_model(normals, tmp_path, how):
     """Non-finite losses or calibration stop the run (exit 65) before a model is written; before,
