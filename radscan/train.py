@@ -63,7 +63,7 @@ from radscan.qc import (
 )
 from radscan.recipe import TrainConfig
 from radscan.records import ImageRecord, counted
-from radscan.report import CsvStream, cannot_write
+from radscan.report import CsvStream, atomic_output, cannot_write
 from radscan.stopping import raise_if_stop_asked
 from radscan.trainer import Trainer, load_checkpoint, save_checkpoint
 
@@ -483,6 +483,31 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
     return _Run()
 
 
+def _trim_log(path: Path, epochs: int) -> None:
+    """Keep the training log's lines of the first `epochs` epochs, those the checkpoint holds: an
+    epoch logged and not checkpointed (a run killed or out of disk between the two) is trained
+    again, and its line was in the log twice (a trial)."""
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+
+    def epoch_of(line: str) -> int:
+        try:
+            return int(json.loads(line).get("epoch", 0))
+        except (ValueError, TypeError, AttributeError):
+            return epochs + 1  # not a line of this log: dropped
+    kept = [line for line in lines if line.endswith("\n") and epoch_of(line) <= epochs]
+    if kept != lines:
+        try:
+            with atomic_output(path) as handle:
+                handle.writelines(kept)
+        except OSError as exc:
+            raise cannot_write(path, exc) from None
+
+
 def _run_identity(films: _Films, tcfg: TrainConfig) -> dict[str, str]:
     """What a checkpoint must be resumed with for the model an uninterrupted run makes: the training
     settings (all but --epochs and --max-minutes, which a resumed run may raise) as JSON, and a
@@ -523,6 +548,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
     train_images = films.train_images
     tensor_images = torch.from_numpy(train_images)
     batches_per_epoch = len(train_images) // tcfg.batch_size  # drop the ragged last batch
+    _trim_log(out_dir / LOG_FILE, run.epochs)
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as training_log:
         for epoch in range(run.epochs, tcfg.epochs):
             trainer.take_snapshot()
@@ -557,8 +583,11 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - epoch_started, 2),
                       "lr": trainer.opt_g.param_groups[0]["lr"],
                       **{f"loss_{k}": sums[k] / counts[k] for k in sums}, **metrics}
-            training_log.write(json.dumps(record) + "\n")
-            training_log.flush()
+            try:
+                training_log.write(json.dumps(record) + "\n")
+                training_log.flush()
+            except OSError as exc:  # a full disk: exit 73, the last checkpoint kept for --resume
+                raise cannot_write(out_dir / LOG_FILE, exc) from None
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
             if tcfg.keep != "last":
                 run.best = better_epoch(run.best, trainer.model, epoch + 1, metrics, KEEP_RULES[tcfg.keep])

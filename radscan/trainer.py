@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from radscan.errors import ModelError
+from radscan.errors import ModelError, OutputError
 from radscan.model.config import SimSIDConfig
 from radscan.model.runtime import autocast
 from radscan.model.simsid import Generated, SimSID
 from radscan.recipe import TrainConfig
-from radscan.report import atomic_output
+from radscan.report import atomic_output, cannot_write
 
 __all__ = ["Trainer", "r1_penalty", "save_checkpoint", "load_checkpoint"]
 
@@ -130,9 +130,17 @@ def r1_penalty(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomic and durable: a run killed or a machine losing power mid-write keeps the previous one."""
-    with atomic_output(path, "wb") as handle:
-        torch.save(state, handle)
+    """Atomic and durable: a run killed or a machine losing power mid-write keeps the previous one.
+    Raises OutputError (exit 73) when it cannot be written (a full disk: torch reports it as a
+    RuntimeError of its C++ writer, which was exit 1 "a bug", a trial)."""
+    try:
+        with atomic_output(path, "wb") as handle:
+            torch.save(state, handle)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    except RuntimeError as exc:  # torch's writer: "[enforce fail at inline_container.cc] ... file write failed"
+        raise OutputError(f"cannot write the training checkpoint {path} (a full disk?): "
+                          f"{str(exc).splitlines()[0][:200]}") from None
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:

@@ -163,6 +163,29 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     assert load_model(tmp_path / "m")[1]["training"]["epochs_run"] == 2
 
 
+def test_a_full_disk_while_training_is_exit_73_and_the_log_keeps_one_line_per_epoch(normals, tmp_path,
+                                                                                    monkeypatch):
+    """A new user's trial: a disk that filled while the checkpoint was written was exit 1 "a bug"
+    (torch reports it as a RuntimeError), and the rerun's log held epoch 1 twice."""
+    import radscan.trainer
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    out = tmp_path / "m"
+    monkeypatch.setattr(radscan.trainer.torch, "save", full)
+    result = CliRunner().invoke(cli, ["train", str(normals), "--out", str(out), "--epochs", "2",
+                                      "--critic-snapshots", "2", "--workers", "1", "--batch-size", "8"])
+    assert result.exit_code == ExitCode.CANT_CREATE and "a full disk?" in result.output, result.output
+    monkeypatch.undo()
+    log_lines = (out / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log_lines] == [1]  # logged, never checkpointed
+    result = CliRunner().invoke(cli, ["train", str(normals), "--out", str(out), "--epochs", "2",
+                                      "--critic-snapshots", "2", "--workers", "1", "--batch-size", "8", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 @pytest.mark.parametrize("how", ["learning rate 1e6", "resumed from NaN weights", "resumed from infinite weights"])
 def test_training_that_diverges_stops_with_a_clear_error_and_no_model(normals, tmp_path, how):
     """Non-finite losses or calibration stop the run (exit 65) before a model is written; before,
