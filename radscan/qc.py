@@ -90,6 +90,11 @@ ATYPICAL_SHARE = 0.2
 # copies of one film (`_copy_groups`)
 COPY_RMS = 0.12
 FOLDS = 10  # cross-validation folds for the held-out distances the limits are calibrated on
+# a normal a site trains on is set aside as unlike the others (`unlike_the_others`) beyond this many
+# times the normals' median held-out distance: the tightest non-chest limit a reference can have
+# (3 x its floor of 3 x the median, `_tail`). Real normals reach 7.3x (Kermany, 1,200 films) and
+# 8.1x (NIH adults, 400); a noise image 20-32x, a CT slice 10-15x among 60-120 normals.
+UNLIKE_FACTOR = 9.0
 # a turned copy must fit at least this many times better than a film as it is before the film is
 # failed as turned (or warned as mirrored); chosen on validation films (docs/quality-control.md)
 MIN_CLARITY = 1.5
@@ -348,6 +353,27 @@ def wrong_way_round(images: np.ndarray) -> list[str]:
             reasons[index] = (f"wrong way round among the normals: it matches them only if taken to be "
                               f"{_describe(name)} (if it is upright, it is unlike the other normals: check it)")
     return reasons
+
+
+def unlike_the_others(images: np.ndarray) -> list[str]:
+    """(N, 128, 128) uint8 normals a site trains on (upright: after `wrong_way_round`) -> per film
+    "" or why it is set aside: its distance from the eigen-chest subspace of the typical normals
+    (held out, as for the reference's limits) is more than UNLIKE_FACTOR times the median, beyond
+    the tightest non-chest limit a reference can set. Fewer than MIN_REFERENCE films: none.
+
+    Why: one noise image among 60 normals was trained on as a normal and widened the reference's
+    non-chest limit 3.6x (its 99th percentile is about the largest of 60 films): an extremity film
+    and a CT slice then passed quality control (a trial). The median does not move with a few such
+    films; no real normal of the shared sets is set aside."""
+    if len(images) < MIN_REFERENCE:
+        return [""] * len(images)
+    small = _thumbnails(images)
+    typical = _typical(_standardised(small))
+    distances = _held_out_distances(small, fit_on=typical)["upright"]
+    times = distances / max(float(np.median(distances)), 1e-12)  # the median `_tail`'s floor is made of
+    return [f"unlike the other normals ({ratio:.0f}x their median distance from the eigen-chest): not a chest "
+            "film, or a very unusual one (check it); not trained on" if ratio > UNLIKE_FACTOR else ""
+            for ratio in times]
 
 
 def _typical(vectors: np.ndarray) -> np.ndarray:

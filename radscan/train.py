@@ -59,6 +59,7 @@ from radscan.qc import (
     fit_reference,
     reject,
     save_reference,
+    unlike_the_others,
     wrong_way_round,
 )
 from radscan.recipe import TrainConfig
@@ -176,16 +177,18 @@ _NORMALS_QC = QualityControl("strict", DEFAULT_VIEWS, None, None)
 def _checked(records: list[ImageRecord], films: list[np.ndarray]) -> list[bool]:
     """`load_images`' judge for training films: reference-free quality control, then the films the
     wrong way round among the others (`radscan.qc.wrong_way_round`: they would be learnt as normal
-    and widen the reference's margins until no turned film fails). Rejected films are listed in
-    training_inputs.csv with the reason, and counted in a WARNING line."""
+    and widen the reference's margins until no turned film fails), then the films unlike the others
+    (`radscan.qc.unlike_the_others`: a noise image or a CT slice would widen the non-chest limit).
+    Rejected films are listed in training_inputs.csv with the reason, and counted in a WARNING line."""
     judged = [film if record.qc_image is None else record.qc_image for record, film in zip(records, films, strict=True)]
     keep = apply_qc(_NORMALS_QC, records, films)
-    kept = [index for index, kept in enumerate(keep) if kept]
-    if kept:
-        for index, reason in zip(kept, wrong_way_round(np.stack([judged[index] for index in kept])), strict=True):
-            if reason:
-                reject(records[index], reason)
-                keep[index] = False
+    for screen in (wrong_way_round, unlike_the_others):  # then, among the upright, films not like a chest
+        kept = [index for index, kept in enumerate(keep) if kept]
+        if kept:
+            for index, reason in zip(kept, screen(np.stack([judged[index] for index in kept])), strict=True):
+                if reason:
+                    reject(records[index], reason)
+                    keep[index] = False
     return keep
 
 

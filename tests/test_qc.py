@@ -25,6 +25,7 @@ from radscan.qc import (
     fit_reference,
     load_reference,
     save_reference,
+    unlike_the_others,
     wrong_way_round,
 )
 from radscan.records import ImageRecord
@@ -146,6 +147,37 @@ def test_films_the_wrong_way_round_among_the_normals_are_found_and_cannot_widen_
     held = normal[70:]
     for change in (lambda x: np.rot90(x, 1, axes=(1, 2)), lambda x: 255 - x):
         assert [v.status for v in _verdicts(screened, change(held))].count("fail") >= 0.95 * len(held)
+
+
+@pytest.mark.parametrize("site", ["children", "adults"])
+def test_a_non_chest_image_among_the_normals_is_set_aside_and_cannot_switch_quality_control_off(sites, site,
+                                                                                               dicom_dir):
+    """A new user's trial: one noise image among 60 normals was trained on as a normal and widened
+    the non-chest limit 3.6x: an extremity film and a CT slice then passed quality control. Such
+    images are set aside by radscan train's judge (with the reason); no real normal of the shared
+    sets is."""
+    import pydicom
+
+    def as_film(pixels: np.ndarray) -> np.ndarray:
+        grey = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-9) * 255
+        return np.asarray(Image.fromarray(grey.astype(np.uint8)).resize((128, 128)))
+
+    foreign = [as_film(np.random.default_rng(0).random((300, 300))),
+               *(as_film(pydicom.dcmread(dicom_dir / name).pixel_array.astype(float))
+                 for name in ("pydicom/CT_small.dcm", "nema-wg04/RG3_RLE.dcm"))]
+    normal = sites[site][0]
+    assert not any(unlike_the_others(normal))  # 1,201 children, 400 adults
+    for junk in foreign:
+        films = np.concatenate([normal[:60], junk[None]])
+        from radscan.train import _checked
+
+        records = [ImageRecord(path=f"{i}.png", root="r", kind="png") for i in range(len(films))]
+        assert _checked(records, list(films)) == [True] * 60 + [False]
+        assert records[60].reason.startswith(("not judged: unlike the other normals",  # or, for one of them
+                                              "not judged: wrong way round among the normals"))
+        if site == "children":  # the trial's case: the reference of the films kept fails it when scoring
+            screened = QualityControl(reference=fit_reference(films[:60]))
+            assert [v.status for v in _verdicts(screened, junk[None])] == ["fail"]
 
 
 def test_real_normals_are_not_taken_for_films_the_wrong_way_round(normals):
