@@ -601,7 +601,8 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
                 inventory: Path | None = None, label: str = "",
                 judge: Callable[[list[ImageRecord], list[np.ndarray]], list[bool]] | None = None,
                 quiet: bool = False, with_roots: bool = False,
-                unreadable: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+                unreadable: list[tuple[str, str]] | None = None,
+                patients: list[str] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """Every usable image under `paths` through the one preprocessing function.
 
     Returns (N, 128, 128) uint8 inputs, their paths relative to the folder given (`with_roots`: joined
@@ -611,7 +612,8 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
     drops, like the files that could not be read, are counted in a WARNING line (`quiet`: no counts
     or warnings, for a first pass over files that are read again, radscan.train's thorax box). The
     (path, reason) of each file that could not be read (status error) is appended to `unreadable` when given:
-    commands that read films exit 3 for them, as `radscan score` does.
+    commands that read films exit 3 for them, as `radscan score` does. The Patient ID of each image
+    returned ("" when its file names none: JPEG, PNG) is appended to `patients` when given.
     Raises NoInputError when no image is left.
     """
     check_inputs(paths)
@@ -648,6 +650,11 @@ def load_images(paths: Sequence[str], policy: Policy, workers: int, progress: bo
         images = [image for image, kept in zip(images, keep, strict=True) if kept]
         names = [name for name, kept in zip(names, keep, strict=True) if kept]
         studies = [study for study, kept in zip(studies, keep, strict=True) if kept]
+        records_kept = [record for record, kept in zip(records, keep, strict=True) if kept]
+    else:
+        records_kept = records
+    if patients is not None:
+        patients.extend(record.PatientID or "" for record in records_kept)
     if stream:
         for record in records:  # judged: a film quality control rejected is listed so, with the reason
             stream.write(record.as_row())

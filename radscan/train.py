@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -86,30 +87,38 @@ class TrainingResult:
     unreadable: int = 0  # files among the normals and validation films that could not be read (exit 3)
 
 
-def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | None) -> list[str]:
-    """The keys the calibration split groups by: each film's study (`studies`), or with `pattern`
-    (a regular expression) the patient its file name names (the first group of the first match, else
-    the match), for films whose name it matches. Raises SettingError for a pattern that is not a
-    regular expression or that matches no file name."""
+def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | None,
+                 patients: Sequence[str] = ()) -> list[str]:
+    """The keys the calibration split groups by: each film's patient, by its DICOM Patient ID
+    (`patients`, "" for none), else its study (`studies`); with `pattern` (a regular expression)
+    the patient its file name names (the first group of the first match, else the match) comes
+    first, for films whose name it matches. Raises SettingError for a pattern that is not a
+    regular expression or that matches no file name.
+
+    Why the Patient ID: a site's DICOM normals hold several studies of one patient, and split by
+    study 8 of 12 calibration films were of a patient whose other study was trained on (a trial):
+    the threshold is then set on films the model nearly knows."""
+    by_header = [f"patient id {patient}" if patient else study
+                 for study, patient in zip(studies, patients or [""] * len(studies), strict=True)]
     if not pattern:
-        return list(studies)
+        return by_header
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
         raise SettingError(f"--patient-pattern '{pattern}' is not a regular expression: {exc}") from None
-    keys, patients, matched = [], set(), 0
-    for name, study in zip(names, studies, strict=True):
+    keys, named, matched = [], set(), 0
+    for name, study in zip(names, by_header, strict=True):
         found = compiled.search(Path(name).name)
         patient = (found.group(1) if compiled.groups else found.group(0)) if found else None
         if patient:  # an empty match (a pattern such as 'x*') names no one
-            patients.add(patient)
+            named.add(patient)
             matched += 1
         keys.append(f"patient {patient}" if patient else study)
     if not matched:
         raise SettingError(f"--patient-pattern '{pattern}' names a patient in none of the {len(names)} file names "
                            f"(e.g. {Path(names[0]).name!r})")
-    if len(patients) == 1 and matched > 1:
-        raise SettingError(f"--patient-pattern '{pattern}' names the same patient ({patients.pop()!r}) in all "
+    if len(named) == 1 and matched > 1:
+        raise SettingError(f"--patient-pattern '{pattern}' names the same patient ({named.pop()!r}) in all "
                            f"{matched} file names it matches: it must capture what differs between patients")
     if matched < len(names):
         log.warning("--patient-pattern names a patient in %d of %d file names: the others are held out as their "
@@ -151,6 +160,10 @@ def split_calibration(studies: list[str], fraction: float, seed: int) -> np.ndar
     if len(groups) >= 20:
         chosen = set(rng.permutation(groups)[: max(1, round(fraction * len(groups)))])
         return np.array([s in chosen for s in studies])
+    if 1 < len(groups) < len(studies):  # grouped, but too few groups to hold whole ones out
+        log.warning("the normals come from only %d patients or studies (fewer than 20): the calibration normals "
+                    "are held out film by film, so some patients' films are trained on and calibrated on, which "
+                    "makes the threshold optimistic; give normals of more patients", len(groups))
     mask = np.zeros(len(studies), dtype=bool)
     mask[rng.permutation(len(studies))[: max(1, round(fraction * len(studies)))]] = True
     return mask
@@ -405,20 +418,23 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,
                                                                 out_dir / INPUTS_FILE)
     unreadable: list[tuple[str, str]] = []
+    patients: list[str] = []  # kept in memory only: the split file records a digest of each key
     images, names, studies = load_images(normals, policy, workers, progress, out_dir / INPUTS_FILE, label="normals",
-                                         judge=_checked, unreadable=unreadable)
-    keys = patient_keys(names, studies, tcfg.patient_pattern)
+                                         judge=_checked, unreadable=unreadable, patients=patients)
+    keys = patient_keys(names, studies, tcfg.patient_pattern, patients)
     if not tcfg.patient_pattern and len(set(keys)) > 0.9 * len(keys):
         log.warning("the calibration normals are held out film by film (the films name no study or patient that "
                     "groups them): if a patient has several films, some may be trained on and others calibrated on, "
                     "which makes the threshold optimistic; name patients with --patient-pattern REGEX")
     keys = copies_together(keys, images)
     is_calibration = split_calibration(keys, tcfg.calibration_fraction, tcfg.seed)
-    # study keys are UIDs or absolute folders: a model directory is shared, so it records only a
-    # digest of each, enough to see which images went to one side together
+    # keys are Patient IDs, UIDs or absolute folders: a model directory is shared, so it records only
+    # a digest of each, enough to see which images went to one side together, salted by this run
+    # (a Patient ID has few enough values that its plain digest could be reversed by trying them all)
+    salt = os.urandom(16)
     with CsvStream(out_dir / SPLIT_FILE, ("path", "study_key", "split")) as split_csv:
         for path, study, held_out in zip(names, keys, is_calibration, strict=True):
-            split_csv.write({"path": path, "study_key": hashlib.sha256(study.encode("utf-8", "surrogateescape"))
+            split_csv.write({"path": path, "study_key": hashlib.sha256(salt + study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
     films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films, unreadable)
     if len(films.train_images) < tcfg.batch_size:

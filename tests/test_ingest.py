@@ -379,3 +379,22 @@ def test_chest_jpeg_and_png_load_at_any_size(path):
     assert record.rows > 0 and record.columns > 0 and record.voi_source == "full-range"
     assert record.study_key == path.parent.resolve().as_posix()
     assert 20 < image.mean() < 235 and image.std() > 10  # a picture, not a flat field
+
+
+def test_load_images_gives_each_kept_films_patient_id(tmp_path):
+    """radscan train splits a site's DICOM normals by Patient ID (a trial: split by study, a
+    patient's studies were on both sides): each image returned comes with its own, "" for a JPEG,
+    also when the judge drops some."""
+    import pydicom
+
+    from radscan.ingest import load_images
+
+    source = pydicom.dcmread(DICOM_DIR / "nih-cxr14-udacity/test1_no_finding.dcm")
+    for index, patient in enumerate(["MRN1", "MRN2", "MRN1"]):
+        source.PatientID, source.SOPInstanceUID = patient, f"1.2.3.{index}"
+        source.save_as(tmp_path / f"{index}.dcm")
+    shutil.copy(sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[0], tmp_path / "3.jpeg")
+    patients: list[str] = []
+    _, names, _ = load_images([str(tmp_path)], Policy(), 1, False, patients=patients,
+                              judge=lambda records, films: [record.path != "1.dcm" for record in records])
+    assert dict(zip(names, patients, strict=True)) == {"0.dcm": "MRN1", "2.dcm": "MRN1", "3.jpeg": ""}

@@ -30,6 +30,25 @@ def test_no_patient_is_both_trained_and_calibrated_on(films, seed, fraction):
         assert all(len(side) == 1 for side in sides.values())
 
 
+@settings(max_examples=40, deadline=None)
+@given(studies=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 3)), min_size=25, max_size=120),
+       seed=st.integers(0, 10), fraction=st.floats(0.05, 0.5))
+def test_a_patients_dicom_studies_are_never_on_both_sides(studies, seed, fraction):
+    """A new user's trial: a site's DICOM normals, several studies per patient and files named by
+    UID, were split by study: 8 of 12 calibration films were of a patient whose other study was
+    trained on. The Patient ID groups them; a film without one keeps its study."""
+    patients = [patient for patient, films in studies for _ in range(films)]
+    study_keys = [f"1.2.826.{index}" for index, (_, films) in enumerate(studies) for _ in range(films)]
+    ids = [f"MRN{patient:06d}" if patient else "" for patient in patients]  # patient 0: no Patient ID
+    keys = patient_keys([f"{key}.dcm" for key in study_keys], study_keys, None, ids)
+    assume(len(set(keys)) >= 20)
+    held = split_calibration(keys, fraction, seed)
+    sides: dict[str, set[bool]] = {}
+    for patient, study, side in zip(ids, study_keys, held, strict=True):
+        sides.setdefault(patient or study, set()).add(bool(side))
+    assert all(len(side) == 1 for side in sides.values())
+
+
 def test_the_first_group_names_the_patient_and_unmatched_names_keep_their_study():
     names = ["00001234_000.png", "00001234_001.png", "00009999_000.png", "notes.png"]
     keys = patient_keys(names, ["a", "b", "c", "d"], r"^(\d{8})_")
