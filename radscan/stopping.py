@@ -13,9 +13,10 @@ from __future__ import annotations
 import signal
 import threading
 
-__all__ = ["Terminated", "install_stop_handlers", "raise_if_stop_asked"]
+__all__ = ["Terminated", "install_stop_handlers", "raise_if_stop_asked", "outcome_said"]
 
 _asked: int | None = None  # the signal that asked the process to stop, once one has
+_installed = False  # whether this process's stop signals are radscan's (the command line), not a host's
 
 
 class Terminated(BaseException):
@@ -26,9 +27,11 @@ def install_stop_handlers() -> None:
     """SIGINT raises KeyboardInterrupt and SIGTERM `Terminated`, each also recorded for
     `raise_if_stop_asked`. A second SIGTERM ends the process at once (the default action).
     Only the main thread can set handlers: elsewhere this does nothing."""
+    global _installed
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_stop_signal)
         signal.signal(signal.SIGTERM, _on_stop_signal)
+        _installed = True
 
 
 def raise_if_stop_asked() -> None:
@@ -47,3 +50,17 @@ def _on_stop_signal(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise Terminated
     raise KeyboardInterrupt
+
+
+def outcome_said(exit_code: int) -> None:
+    """A command has printed its outcome (the --json summary): a stop asked from now on ends the
+    process with that outcome's `exit_code`, not 130/143. A SIGTERM that landed in the teardown after
+    "ok": true made the process exit 143, and a wrapper that reran as told got a usage error (the
+    model was there: a trial). Only where `install_stop_handlers` set them (the command line, not a
+    program that calls radscan's commands), and from the main thread."""
+    if _installed and threading.current_thread() is threading.main_thread():
+        def said(signum: int, frame: object) -> None:
+            raise SystemExit(exit_code)
+
+        signal.signal(signal.SIGINT, said)
+        signal.signal(signal.SIGTERM, said)

@@ -354,9 +354,11 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
                     "wrong-way-round and non-chest images will not be caught when this model scores: give more "
                     "normals", len(data.images), MIN_REFERENCE)
     save_model(model, out_dir, metadata)
-    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     _write_report(model, out_dir, [name for name, held in zip(data.names, data.is_calibration, strict=True) if held],
                   data.calibration, calibration_scores)
+    # last: until the checkpoint goes the folder is an unfinished run, and a run
+    # killed while writing its report can be finished with --resume (it said "already a model", a trial)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget, len(data.unreadable))
 
 

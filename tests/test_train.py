@@ -163,6 +163,27 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     assert load_model(tmp_path / "m")[1]["training"]["epochs_run"] == 2
 
 
+def test_a_run_killed_while_writing_its_report_is_finished_by_resume(normals, tmp_path, monkeypatch):
+    """A new user's trial: killed after model.json was written and while the training report was,
+    the folder had no report, and `--resume` said "already holds a trained model" (exit 2). Until
+    its report is written the run is unfinished (its checkpoint stays), and --resume finishes it."""
+    import radscan.train as train_module
+
+    real = train_module._write_report
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False)
+    monkeypatch.setattr(train_module, "_write_report", real)
+    assert (tmp_path / "m" / "checkpoint.pt").exists()
+    train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
+    assert (tmp_path / "m" / "training_report.html").is_file() and not (tmp_path / "m" / "checkpoint.pt").exists()
+    load_model(tmp_path / "m")
+
+
 def test_a_full_disk_while_training_is_exit_73_and_the_log_keeps_one_line_per_epoch(normals, tmp_path,
                                                                                     monkeypatch):
     """A new user's trial: a disk that filled while the checkpoint was written was exit 1 "a bug"

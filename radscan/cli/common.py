@@ -29,7 +29,7 @@ from radscan.policy import (
 )
 from radscan.qc import DEFAULT_VIEWS, KNOWN_VIEWS, QC_MODES
 from radscan.recipe import TrainConfig
-from radscan.stopping import Terminated
+from radscan.stopping import Terminated, outcome_said
 
 __all__ = ["INPUT_PATH", "EXIT_CODES_HELP", "DISCLAIMER_SHORT", "PRESET_NAMES", "RECIPE", "FiniteFloatRange",
            "selection_options", "workers_option", "json_option", "model_option", "qc_option", "study_key_option",
@@ -133,6 +133,7 @@ def echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
     precision of a model that flagged nothing) is null: strict JSON has no NaN."""
     click.echo(json.dumps(_defined({"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), **payload}),
                           allow_nan=False))
+    outcome_said(exit_code)  # the process exits with the code it printed, whatever signal comes now
 
 
 def _defined(value: Any) -> Any:
