@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -491,10 +491,17 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
         from radscan.model.io import load_model
 
         start, start_metadata = load_model(init_from)
-        if start.cfg != films.model_cfg:
-            raise SettingError(f"{init_from} has another architecture than the one asked for: use its preset and "
-                               "settings (see radscan info)")
+        # the thorax box is found again on these normals (a box that moved is not another architecture:
+        # a trial was refused for it alone); any other setting must be the start model's
+        differ = [f"{key} {getattr(start.cfg, key)!r}, asked {getattr(films.model_cfg, key)!r}"
+                  for key in (f.name for f in fields(SimSIDConfig)) if key != "crop"
+                  and getattr(start.cfg, key) != getattr(films.model_cfg, key)]
+        if differ:
+            raise SettingError(f"{init_from} has another architecture than the one asked for ({'; '.join(differ)}): "
+                               "use its preset and settings (see radscan info)")
         trainer.model.load_state_dict(start.state_dict())
+        if films.lungs is not None:  # the lung fields as this run's box shows them
+            trainer.model.lung_mask.copy_(torch.from_numpy(films.lungs.astype(np.float32)))
         log.info("starting from the weights of %s (%s)", init_from, start_metadata["weights"]["sha256"][:12])
         return _Run()
     if films.model_cfg.field == "thorax":

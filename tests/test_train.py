@@ -467,6 +467,25 @@ def test_init_from_starts_from_a_models_weights(trained, normals, tmp_path):
               init_from=trained)
 
 
+def test_init_from_a_box_model_on_normals_whose_box_moved(normals, tmp_path):
+    """A new user's trial: --init-from a thorax-box model, on its normals and 40 more, was refused as
+    "another architecture" because the box found on the new normals had moved; and the message did
+    not say which setting differed."""
+    box = preset("tiny", critic_snapshots=2, density_grid=8, field="thorax-box")
+    train([str(normals)], tmp_path / "first", box, FAST, workers=1, progress=False)
+    more = tmp_path / "more"
+    more.mkdir()
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[200:240]:
+        shutil.copy(path, more / path.name)
+    train([str(normals), str(more)], tmp_path / "second", box, FAST, workers=1, progress=False,
+          init_from=tmp_path / "first")
+    first, second = (load_model(tmp_path / name)[0] for name in ("first", "second"))
+    assert first.cfg.crop != second.cfg.crop  # the box moved, and was taken from the new normals
+    with pytest.raises(SettingError, match="critic_snapshots 2, asked 3"):
+        train([str(normals)], tmp_path / "third", replace(box, critic_snapshots=3), FAST, workers=1,
+              progress=False, init_from=tmp_path / "first")
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(normals, tmp_path):
     """Issue 22, item 11: two `radscan train` runs (one with --resume) wrote into one --out at once."""
     from radscan.errors import LockHeldError
