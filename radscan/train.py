@@ -330,7 +330,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             "inputs": [str(p) for p in normals],
             "n_images": int(len(data.images)), "n_train": int(len(data.train_images)),
             "validation": {"normal": [str(p) for p in val_normal] or ["the calibration normals"],
-                           "abnormal": [str(p) for p in val_abnormal]} if data.validation else None,
+                           "abnormal": [str(p) for p in val_abnormal],
+                           **({"warning": data.validation_warning} if data.validation_warning else {})}
+            if data.validation else None,
             "epochs_run": run.epochs,
             "shipped": (f"epoch {run.best['epoch']}: "
                         f"{KEEP_RULES[tcfg.keep].says.format(kind=model.cfg.score_kind)} ({run.best['auc']:.3f})"
@@ -400,6 +402,7 @@ class _Films:
     lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
     whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training and validation
+    validation_warning: str = ""  # validation abnormals that are copies of the normals (_abnormals_among_normals)
 
     @property
     def train_images(self) -> np.ndarray:
@@ -452,7 +455,23 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
                               else films.calibration)
         films.validation = (validation_normals, load_images(val_abnormal, policy, workers, progress,
                                                             label="validation abnormals", unreadable=unreadable)[0])
+        films.validation_warning = _abnormals_among_normals(films.images, films.validation[1])
     return films
+
+
+def _abnormals_among_normals(normals: np.ndarray, abnormal: np.ndarray) -> str:
+    """A warning (logged, and kept in model.json) when validation abnormals are copies of the
+    normals (radscan.qc.copy_groups: the same file, re-encoded, DICOM and JPEG), else "": the normals'
+    folder given as --val-abnormal made a validation AUC of 0.18 that model.json kept, with no word
+    (a trial), and --keep best would choose the shipped epoch by it."""
+    groups = copy_groups(np.concatenate([normals, abnormal]))
+    shared = int(np.isin(groups[len(normals):], groups[:len(normals)]).sum())
+    if not shared:
+        return ""
+    warning = (f"{shared} of the {len(abnormal)} validation abnormal films are copies of the normals trained or "
+               "calibrated on (the normals' folder given as --val-abnormal?): the validation AUC measures nothing")
+    log.warning("%s", warning)
+    return warning
 
 
 @dataclass
