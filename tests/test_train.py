@@ -486,13 +486,12 @@ def test_init_from_a_box_model_on_normals_whose_box_moved(normals, tmp_path):
               progress=False, init_from=tmp_path / "first")
 
 
-def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path, caplog):
+def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path):
     """A new user's trial: the normals' folder given as --val-abnormal gave a validation AUC of 0.18,
     kept in model.json without a word (and --keep best would choose the shipped epoch by it)."""
     train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, val_abnormal=[str(normals)])
     validation = load_model(tmp_path / "m")[1]["training"]["validation"]
     assert validation["warning"].startswith("48 of the 48 validation abnormal films are copies of the normals")
-    assert "copies of the normals trained or calibrated on" in caplog.text
     train([str(normals)], tmp_path / "n", TINY, FAST, workers=1, progress=False,
           val_abnormal=[str(CXR_DIR / "kermany_pediatric_224/val_abnormal")])
     assert "warning" not in load_model(tmp_path / "n")[1]["training"]["validation"]
