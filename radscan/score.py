@@ -380,13 +380,16 @@ VANISHED_WARNING = 10
 def _most_of_the_list_gone(store: StateStore) -> str | None:
     """A problem line when most films of the earlier list are gone from the inputs (they are
     removed from the list, as any file deleted from the inputs is), else None."""
-    by_root = store.films_by_root(READS_ONLY).values()
-    gone, listed = sum(gone for _, _, gone in by_root), sum(images for _, images, _ in by_root)
-    if gone >= VANISHED_WARNING and gone > listed:
-        return (f"{counted(gone, 'film')} listed by earlier runs {'is' if gone == 1 else 'are'} no longer among the "
-                f"inputs, more than the {listed} they hold now (a share that mounted in part, a restore under "
-                "way?): they left the list; if they should be there, mount the share and run again")
-    return None
+    # per input root: a share that mounted in part beside another that did not move is one too (a review)
+    lost = [(gone, listed) for _, listed, gone in store.films_by_root(READS_ONLY).values()
+            if gone >= VANISHED_WARNING and gone > listed]
+    if not lost:
+        return None
+    gone, listed = sum(gone for gone, _ in lost), sum(listed for _, listed in lost)
+    return (f"{counted(gone, 'film')} listed by earlier runs {'is' if gone == 1 else 'are'} no longer among the "
+            f"inputs, more than the {listed} {'its folder holds' if len(lost) == 1 else 'their folders hold'} now "
+            "(a share that mounted in part, a restore under way?): they left the list; if they should be there, "
+            "mount the share and run again")
 
 
 def _holds_links(root: Path) -> bool:

@@ -1244,6 +1244,19 @@ def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night
     assert result.exit_code == ExitCode.OK
     assert any("10 films listed by earlier runs are no longer among the inputs, more than the 1" in problem
                for problem in json.loads(result.stdout)["problems"]), result.stdout
+    # a review: the same beside a second share that did not move
+    other = tmp_path / "other"
+    other.mkdir()
+    for film in sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())[:14]:
+        shutil.copy(film, other / film.name)
+    for film in films:
+        shutil.copy(film, share / film.name)
+    both = ("score", str(share), str(other), *args[2:])
+    assert json.loads(_run(*both).stdout)["problems"] == []
+    for film in films[1:]:
+        (share / film.name).unlink()
+    assert any("13 films listed by earlier runs are no longer among the inputs, more than the 1" in problem
+               for problem in json.loads(_run(*both).stdout)["problems"])
 
 
 def test_a_study_whose_files_fail_for_different_reasons_does_not_give_one_for_all(tiny_model, tmp_path):
