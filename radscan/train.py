@@ -98,7 +98,8 @@ def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | No
     Why the Patient ID: a site's DICOM normals hold several studies of one patient, and split by
     study 8 of 12 calibration films were of a patient whose other study was trained on (a trial):
     the threshold is then set on films the model nearly knows."""
-    by_header = [f"patient id {patient}" if patient else study
+    # one key for a patient however named: a JPEG named by the pattern and a DICOM by its header
+    by_header = [f"patient {patient}" if patient else study
                  for study, patient in zip(studies, patients or [""] * len(studies), strict=True)]
     if not pattern:
         return by_header
@@ -121,8 +122,9 @@ def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | No
         raise SettingError(f"--patient-pattern '{pattern}' names the same patient ({named.pop()!r}) in all "
                            f"{matched} file names it matches: it must capture what differs between patients")
     if matched < len(names):
-        log.warning("--patient-pattern names a patient in %d of %d file names: the others are held out as their "
-                    "study is (a JPEG/PNG film alone: film by film)", matched, len(names))
+        log.warning("--patient-pattern names a patient in %d of %d file names: the others are held out by their "
+                    "DICOM Patient ID, else as their study is (a JPEG/PNG film alone: film by film)", matched,
+                    len(names))
     return keys
 
 
@@ -491,15 +493,16 @@ def _start(trainer: Trainer, films: _Films, out_dir: Path, tcfg: TrainConfig, de
     checkpoint that is not this run's, SettingError for an --init-from of another architecture."""
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path, device)
+        # first, so that a setting that changes shapes (--memory, --density-grid) is named too
+        _refuse_another_run(checkpoint.get("run"), _run_identity(films, tcfg), checkpoint_path)
         try:
-            checkpoint = load_checkpoint(checkpoint_path, device)
             epochs = trainer.restore(checkpoint)
         except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another preset or settings
             log.debug("checkpoint does not fit: %s", exc)  # torch's own words, cut anywhere, are for -vv
             raise ModelError(f"the training checkpoint {checkpoint_path} is of another model (other settings: "
                              "preset, field, memory, critic snapshots or density grid): resume with the settings it "
                              "was started with, or choose another --out") from None
-        _refuse_another_run(checkpoint.get("run"), _run_identity(films, tcfg), checkpoint_path)
         if not 0 <= epochs <= tcfg.epochs:  # edited, or from a run with more epochs: it is not this run
             raise ModelError(f"the training checkpoint {checkpoint_path} says {epochs} epochs were run, outside "
                              f"0..{tcfg.epochs} (--epochs): resume with the --epochs it was started with, or delete it")
@@ -557,9 +560,13 @@ def _trim_log(path: Path, epochs: int) -> None:
 
 def _run_identity(films: _Films, tcfg: TrainConfig) -> dict[str, str]:
     """What a checkpoint must be resumed with for the model an uninterrupted run makes: the training
-    settings (all but --epochs and --max-minutes, which a resumed run may raise) as JSON, and a
+    and model settings (all but --epochs and --max-minutes, which a resumed run may raise) as JSON, and a
     sha256 of the normals with their side of the split (names, pixels, training or calibration)."""
     settings = {key: value for key, value in asdict(tcfg).items() if key not in ("epochs", "max_minutes")}
+    # and the model's settings (a critic blur or score kind changes no tensor's shape: a checkpoint
+    # loads, and was finished under settings its first epochs never had, a review); the thorax box
+    # is found from the normals, which the films' digest covers
+    settings |= {f"model {key}": value for key, value in asdict(films.model_cfg).items() if key != "crop"}
     digest = hashlib.sha256()
     for name, held_out in zip(films.names, films.is_calibration, strict=True):
         digest.update(f"{name}\0{'calibration' if held_out else 'training'}\0".encode("utf-8", "surrogateescape"))

@@ -132,7 +132,7 @@ def test_resume_after_interruption_gives_the_same_model(normals, tmp_path, monke
     with pytest.raises(ModelError, match="outside"):
         train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
     (tmp_path / "resumed" / "checkpoint.pt").write_bytes(checkpoint)
-    with pytest.raises(ModelError, match="another model"):
+    with pytest.raises(SettingError, match="model critic_snapshots 2 -> 3"):  # named, exit 2
         train([str(normals)], tmp_path / "resumed", preset("tiny", critic_snapshots=3), config, workers=1,
               progress=False, resume=True)
     train([str(normals)], tmp_path / "resumed", TINY, config, workers=1, progress=False, resume=True)
@@ -153,6 +153,9 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     with pytest.raises(SettingError, match="calibration_fraction"):
         train([str(normals)], tmp_path / "m", TINY, replace(config, calibration_fraction=0.4), workers=1,
               progress=False, resume=True)
+    for other in (replace(TINY, critic_blur_sigma=2.0), replace(TINY, score_kind="residual")):  # a review
+        with pytest.raises(SettingError, match="model (critic_blur_sigma|score_kind)"):
+            train([str(normals)], tmp_path / "m", other, config, workers=1, progress=False, resume=True)
     fewer = tmp_path / "fewer"
     shutil.copytree(normals, fewer)
     sorted(fewer.iterdir())[0].unlink()

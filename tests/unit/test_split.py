@@ -49,6 +49,14 @@ def test_a_patients_dicom_studies_are_never_on_both_sides(studies, seed, fractio
     assert all(len(side) == 1 for side in sides.values())
 
 
+def test_a_patient_named_by_a_file_name_and_by_a_dicom_header_is_one_patient():
+    """A review: a patient's JPEGs named by --patient-pattern and DICOM films carrying the same
+    Patient ID got two keys, and 7 of 24 patients had films on both sides."""
+    names = ["PAT001_0.jpeg", "1.2.3.dcm", "PAT002_1.jpeg", "1.2.4.dcm"]
+    keys = patient_keys(names, ["f0", "s1", "f2", "s3"], r"^(PAT\d+)_", ["", "PAT001", "", "PAT002"])
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+
+
 def test_the_first_group_names_the_patient_and_unmatched_names_keep_their_study():
     names = ["00001234_000.png", "00001234_001.png", "00009999_000.png", "notes.png"]
     keys = patient_keys(names, ["a", "b", "c", "d"], r"^(\d{8})_")
