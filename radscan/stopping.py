@@ -52,15 +52,14 @@ def _on_stop_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def outcome_said(exit_code: int) -> None:
-    """A command has printed its outcome (the --json summary): a stop asked from now on ends the
-    process with that outcome's `exit_code`, not 130/143. A SIGTERM that landed in the teardown after
-    "ok": true made the process exit 143, and a wrapper that reran as told got a usage error (the
-    model was there: a trial). Only where `install_stop_handlers` set them (the command line, not a
+def outcome_said() -> None:
+    """A command has its outcome (its outputs are in place, its summary is being printed): stop
+    signals are ignored from now on, so that the process exits with the code it printed, not
+    130/143. A SIGTERM that landed in the teardown after "ok": true made the process exit 143, and a
+    wrapper that reran as told got a usage error (the model was there: a trial); a handler that
+    raised there was lost in Python's shutdown (a review). What is left is the teardown; SIGKILL
+    still ends it. Only where `install_stop_handlers` set the handlers (the command line, not a
     program that calls radscan's commands), and from the main thread."""
     if _installed and threading.current_thread() is threading.main_thread():
-        def said(signum: int, frame: object) -> None:
-            raise SystemExit(exit_code)
-
-        signal.signal(signal.SIGINT, said)
-        signal.signal(signal.SIGTERM, said)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1121,6 +1121,24 @@ def test_a_stop_that_code_in_the_run_swallowed_still_stops_it(tmp_path, monkeypa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("sig, after_s", [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.1), (signal.SIGTERM, 0.25),
+                                          (signal.SIGINT, 0.1)])
+def test_a_stop_after_the_summary_keeps_the_exit_code_it_printed(tmp_path, sig, after_s):
+    """A review: a SIGTERM 0.02-0.3 s after `"ok": true, "exit_code": 0` was printed (Python's
+    shutdown with torch loaded) made the process exit 143, and a wrapper that reran as told got a
+    usage error. Once the summary is printed, the process exits with its code."""
+    films = sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[:3]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "radscan", "score", *map(str, films), "--out", str(tmp_path / "report.csv"),
+         "--workers", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint)
+    line = process.stdout.readline()
+    time.sleep(after_s)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert json.loads(line)["exit_code"] == process.returncode == 0, stderr
+
+
 def _live_members(group: int) -> list[int]:
     """Processes of process group `group` that are not zombies (Linux /proc; a container's init may
     reap the run's exited workers late)."""

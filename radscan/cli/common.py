@@ -133,7 +133,7 @@ def echo_json(payload: dict, exit_code: int = ExitCode.OK) -> None:
     precision of a model that flagged nothing) is null: strict JSON has no NaN."""
     click.echo(json.dumps(_defined({"ok": exit_code == ExitCode.OK, "exit_code": int(exit_code), **payload}),
                           allow_nan=False))
-    outcome_said(exit_code)  # the process exits with the code it printed, whatever signal comes now
+    outcome_said()  # the process exits with the code it printed, whatever signal comes now
 
 
 def _defined(value: Any) -> Any:

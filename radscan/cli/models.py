@@ -29,6 +29,7 @@ from radscan.policy import Policy
 from radscan.qc import QCReference
 from radscan.recipe import MODEL_SETTINGS, PRESET
 from radscan.records import counted
+from radscan.stopping import outcome_said
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -172,6 +173,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
         raise click.UsageError(str(exc)) from None
     result = run_train(normals, out, model_cfg, tcfg, val_normal, val_abnormal, policy, torch_device, workers,
                        resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from, age_range=ages)
+    outcome_said()  # the model is written: a stop from now on does not say "interrupted"
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
                "stopped_by_budget": result.stopped_by_budget, "files_unreadable": result.unreadable, **result.metrics}
     exit_code = ExitCode.PARTIAL if result.unreadable else ExitCode.OK  # listed in training_inputs.csv

@@ -30,6 +30,7 @@ from radscan.errors import ExitCode
 from radscan.policy import Policy, parse_list
 from radscan.qc import quality_control
 from radscan.records import counted
+from radscan.stopping import outcome_said
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -178,6 +179,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
                                       no_html, studies, study_key, phi, phi_key, phi_key_file, dicom_out, send_to,
                                       ae_title, called_ae, scheduler, metrics, qc_mode, views, policy, workers)
     summary = _score_recording_failure(run_score, paths, outputs, settings, metrics)
+    outcome_said()  # the new worklist is in place: a stop from now on does not say "interrupted"
     exit_code = _report_run(ctx, summary, metrics, as_json)
     if exit_code != ExitCode.OK:
         ctx.exit(exit_code)
