@@ -752,3 +752,21 @@ def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_th
         # one WARNING line counts them, though the thorax box reads the films twice (whole, then the box)
         assert result.output.count(f"{len(blanks)} of {len(blanks) + 48} images failed quality control") == 1, \
             result.output
+
+
+def test_a_full_disk_while_saving_the_model_is_exit_73(trained, normals, tmp_path, monkeypatch):
+    """A review: a disk that filled while the weights were written (safetensors' own error) was exit
+    1 "a bug in radscan", in train and in calibrate."""
+    from safetensors import SafetensorError
+
+    import radscan.model.io
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(radscan.model.io, "save_file", full)
+    result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(normals), "--out",
+                                      str(tmp_path / "cal"), "--workers", "1"])
+    assert result.exit_code == ExitCode.CANT_CREATE and "a full disk?" in result.output, result.output
+    assert not (tmp_path / "cal").exists() and not list(tmp_path.iterdir())

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from radscan import __version__
-from radscan.errors import ModelError, SettingError
+from radscan.errors import ModelError, OutputError, SettingError
 from radscan.model.config import SimSIDConfig
 from radscan.model.metadata import (
     FORMAT,
@@ -54,9 +54,14 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     # what changes scores besides the tensors (format, preprocessing, settings) is sealed inside the
     # hashed weights file too, so an edit of model.json alone is refused by load_model. One metadata
     # key: safetensors writes several in a random order, and the same seed must give the same bytes.
-    save_file(state, str(tmp), metadata={SEAL_KEY: seal(model.cfg.to_dict(), metadata)})
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, weights)
+    try:
+        save_file(state, str(tmp), metadata={SEAL_KEY: seal(model.cfg.to_dict(), metadata)})
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, weights)
+    except (OSError, SafetensorError) as exc:  # a full disk: exit 73, not "a bug" (safetensors' own error)
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the model's weights to {weights}: {str(exc).splitlines()[0][:200]} "
+                          "(a full disk?)") from None
     calibration = metadata.setdefault("calibration", {})
     calibration.update(_calibration_copy(model))
     full = {
@@ -68,9 +73,12 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
         **metadata,
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
     }
-    with atomic_output(directory / METADATA_FILE) as handle:
-        json.dump(full, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    try:
+        with atomic_output(directory / METADATA_FILE) as handle:
+            json.dump(full, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {directory / METADATA_FILE}: {exc.strerror or exc}") from None
     return directory / METADATA_FILE
 
 
