@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +38,7 @@ from radscan.model.simsid import COMPONENTS, SimSID, to_model_tensor
 from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, copy_groups, quality_control
 from radscan.recipe import TrainConfig
+from radscan.records import one_line
 from radscan.report import CsvStream, head_card, swap_folders, sync_folder
 
 __all__ = ["fit_density", "calibrate", "finalize", "recalibrate", "in_batches", "MIN_CALIBRATION"]
@@ -174,8 +176,6 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
                 progress: bool = True) -> dict[str, Any]:
     """Re-derive a model's score scale and threshold from a site's own normal images (never from
     images it will be evaluated on), writing the model to `out_dir` (default: in place)."""
-    import shutil
-
     from radscan.model.io import load_model
 
     device = device or torch.device("cpu")
@@ -203,29 +203,48 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # written whole in a folder beside the destination, then put in its place in one step: a model
     # recalibrated in place and killed between its weights and its model.json was unusable, its
     # earlier weights gone (a trial)
-    target = out_dir.resolve()  # a model reached through a link is recalibrated where it lies
-    staging = target.with_name(f".{target.name}.calibrating-{os.getpid()}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(model_dir, staging)
-        save_model(model, staging, kept)
-        _record_split(Path(model_dir), staging, names)
-        _describe_recalibration(model, staging, names, scores, metadata, seen)
-        if target.is_dir():
-            swap_folders(staging, target)  # staging now holds the earlier model
-        else:
-            os.rename(staging, target)
-            sync_folder(target.parent)
-    except (OSError, shutil.Error) as exc:
-        raise OutputError(f"cannot write the recalibrated model to {out_dir}: {exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def write(folder: Path) -> None:
+        save_model(model, folder, kept)
+        _record_split(Path(model_dir), folder, names)
+        _describe_recalibration(model, folder, names, scores, metadata, seen)
+
+    _write_in_place(Path(model_dir), out_dir.resolve(), write)  # a model reached through a link: where it lies
     # every warning logged on the way, for --json: what an operator reads when stderr goes nowhere
     warnings = [*filter(None, [copies]), *threshold_warnings(scores, float(model.threshold), target_specificity),
                 *filter(None, [seen])]
     return {"model": str(out_dir), "n_calibration": len(images), "threshold": float(model.threshold),
             "calibration_specificity": specificity, "warning": "; ".join(warnings),
             "files_unreadable": len(unreadable)}
+
+
+def _write_in_place(model_dir: Path, target: Path, write: Callable[[Path], None]) -> None:
+    """Make `target` a copy of `model_dir` changed by `write` (given the folder to change), as one
+    step: built in `.NAME.calibrating` beside `target`, then exchanged with it (radscan.report.
+    swap_folders), so that a kill at any moment leaves a whole model at `target`. A folder that is a
+    mount point (a container's volume) cannot be exchanged: built in `.calibrating` inside it, then
+    each file renamed over its namesake back to back (a mismatched pair only within microseconds).
+    What a killed run left beside it is removed first. Raises OutputError (exit 73)."""
+    mounted = target.is_dir() and os.path.ismount(target)
+    staging = target / ".calibrating" if mounted else target.with_name(f".{target.name}.calibrating")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # a killed run's, never a model: the model is `target`
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".calibrating"))
+        write(staging)
+        if mounted:
+            for path in sorted(staging.iterdir(), key=lambda path: path.name == METADATA_FILE):  # model.json last
+                os.replace(path, target / path.name)
+            sync_folder(target)
+        elif target.is_dir():
+            swap_folders(staging, target)  # staging now holds the earlier model
+        else:
+            os.rename(staging, target)
+            sync_folder(target.parent)
+    except (OSError, shutil.Error) as exc:
+        raise OutputError(f"cannot write the recalibrated model to {target}: "
+                          f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def distinct_films(images: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], str]:

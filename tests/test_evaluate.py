@@ -212,6 +212,28 @@ def test_a_model_recalibrated_in_place_and_killed_is_still_the_earlier_model(lab
     assert inside.exit_code == 2 and not (model / "sub").exists(), inside.output
 
 
+def test_calibrate_in_place_removes_what_a_killed_run_left_and_works_on_a_mount_point(labelled, tiny_model,
+                                                                                      tmp_path, monkeypatch):
+    """A review: each kill -9 left a hidden copy of the whole model beside it (nine after twelve
+    kills), and a model folder that is a mount point (a container's volume), which cannot be
+    exchanged, was exit 73 where it used to be recalibrated."""
+    import radscan.calibration
+
+    model = tmp_path / "site"
+    shutil.copytree(tiny_model, model)
+    shutil.copytree(tiny_model, tmp_path / ".site.calibrating")  # what a killed run left
+    args = ["calibrate", str(model), "--normals", str(labelled[0]), "--in-place", "--workers", "1"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["site"]
+    first = load_model(model)[1]["version"]
+    monkeypatch.setattr(radscan.calibration.os.path, "ismount", lambda path: Path(path) == model)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert load_model(model)[1]["recalibrated_from"]["version"] == first  # the second one was written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["site"]
+    assert not (model / ".calibrating").exists()
+
+
 def test_copies_among_calibration_normals_count_once_and_too_few_distinct_ones_are_refused(labelled, tiny_model,
                                                                                             tmp_path):
     """A trial: 12 copies of one film were accepted, gave the score a spread of 0, and the model then
