@@ -7,13 +7,20 @@ import sys
 
 from radscan.records import visible_controls
 
-__all__ = ["configure"]
+__all__ = ["configure", "one_line_text"]
 
 FORMAT = "%(asctime)s radscan %(levelname)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 
 _LINE_SEPARATORS = {0x2028: "\\u2028", 0x2029: "\\u2029"}  # Unicode's line breaks that are not controls
+
+
+def one_line_text(text: str) -> str:
+    """`text` as one line of printable text: control characters and Unicode line separators written
+    out (\\x0a, \\x1b, \\u2028), bytes that are not UTF-8 as \\udcXX. For what radscan prints about
+    paths and header values: a log message, a command's last line, an error."""
+    return visible_controls(text).translate(_LINE_SEPARATORS).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -23,8 +30,7 @@ class _OneLineFormatter(logging.Formatter):
     follows as Python writes it."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        message = visible_controls(record.message).translate(_LINE_SEPARATORS)
-        record.message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        record.message = one_line_text(record.message)
         return super().formatMessage(record)
 
 

@@ -522,3 +522,21 @@ def test_the_exit_codes_are_told_alike_in_help_readme_and_guide():
     assert detailed == [" / ".join(str(int(code)) for code in codes) for codes in EXIT_CODE_MEANINGS]
     shown = CliRunner().invoke(cli, ["--help"]).output
     assert all(str(int(code)) in shown for codes in EXIT_CODE_MEANINGS for code in codes)
+
+
+def test_an_output_path_cannot_forge_a_line_of_the_summary_or_an_error(tmp_path):
+    """A review: `--out $'n\\nradscan INFO: all fine/report.csv'` printed the forged line on stderr after
+    the run's summary, and the same in an error. Paths are written out on one line."""
+    from .conftest import CXR_DIR
+
+    forged = "radscan INFO: all fine"
+    film = sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[0]
+    out = tmp_path / f"n\n{forged}" / "report.csv"
+    done = subprocess.run([sys.executable, "-m", "radscan", "score", str(film), "--out", str(out), "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.is_file(), done.stderr
+    failed = subprocess.run([sys.executable, "-m", "radscan", "score", str(tmp_path / f"gone\n{forged}"), "--out",
+                             str(tmp_path / "o" / "report.csv")], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 66, failed.stderr
+    for stderr in (done.stderr, failed.stderr):
+        assert not any(line.startswith(forged) for line in stderr.splitlines()), stderr

@@ -20,7 +20,9 @@ from radscan import __version__
 from radscan.cli.common import EXIT_CODES_HELP, failure, json_failure, read_settings
 from radscan.cli.models import calibrate, evaluate, export, info, report, train
 from radscan.cli.scoring import listen, scan, score
+from radscan.errors import RadscanError
 from radscan.logs import configure as configure_log
+from radscan.logs import one_line_text
 from radscan.stopping import Terminated, install_stop_handlers
 
 __all__ = ["cli", "main"]
@@ -121,7 +123,10 @@ def main() -> None:
     except click.ClickException as exc:
         _name_the_source(exc)
         json_failure(*failure(exc))
-        exc.show()
+        if isinstance(exc, RadscanError):  # radscan's words name paths: one line of printable text
+            click.echo(f"Error: {one_line_text(exc.format_message())}", err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, Terminated) as exc:
         # the run unwinds like any failure (temporary files removed, lock released, earlier outputs

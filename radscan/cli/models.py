@@ -24,6 +24,7 @@ from radscan.cli.common import (
     workers_option,
 )
 from radscan.errors import ExitCode
+from radscan.logs import one_line_text
 from radscan.model.config import FIELDS, SCORE_KINDS
 from radscan.policy import Policy
 from radscan.qc import QCReference
@@ -180,7 +181,7 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     if as_json:
         echo_json(summary, exit_code)
     elif not ctx.obj["quiet"]:
-        click.echo(f"model written to {result.model_dir} ({counted(result.epochs_run, 'epoch')})"
+        click.echo(f"model written to {one_line_text(str(result.model_dir))} ({counted(result.epochs_run, 'epoch')})"
                    + (f"; {counted(result.unreadable, 'file')} could not be read (training_inputs.csv)"
                       if result.unreadable else ""), err=True)
     ctx.exit(exit_code)
@@ -416,9 +417,10 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
     if as_json:
         echo_json(result, exit_code)
     elif not ctx.obj["quiet"]:
+        unread = result["files_unreadable"]
         click.echo(f"threshold {result['threshold']:.4f} from {result['n_calibration']} normals -> "
-                   f"{result['model']}" + (f"; {counted(result['files_unreadable'], 'file')} could not be read"
-                                          if result["files_unreadable"] else ""), err=True)
+                   f"{one_line_text(result['model'])}"
+                   + (f"; {counted(unread, 'file')} could not be read" if unread else ""), err=True)
     ctx.exit(exit_code)
 
 
@@ -442,7 +444,7 @@ def report(model_dir: Path, out: Path | None, as_json: bool) -> None:
     if as_json:
         echo_json({"report": str(page)})
     else:
-        click.echo(f"training report: {page}", err=True)
+        click.echo(f"training report: {one_line_text(str(page))}", err=True)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -470,4 +472,5 @@ def export(model_dir: Path, out: Path, as_json: bool) -> None:
     if as_json:
         echo_json(summary)
     else:
-        click.echo(f"exported for ONNX Runtime ({summary['bytes'] / 1e6:.1f} MB) -> {summary['model']}", err=True)
+        click.echo(f"exported for ONNX Runtime ({summary['bytes'] / 1e6:.1f} MB) -> "
+                   f"{one_line_text(str(summary['model']))}", err=True)

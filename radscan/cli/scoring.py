@@ -27,6 +27,7 @@ from radscan.cli.common import (
     workers_option,
 )
 from radscan.errors import ExitCode
+from radscan.logs import one_line_text
 from radscan.policy import Policy, parse_list
 from radscan.qc import quality_control
 from radscan.records import counted
@@ -82,7 +83,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
         counts = summary.counts
         click.echo(
             f"{counted(summary.files, 'file')}: {counts['ok']} ok, {counts['rejected']} rejected by QC, "
-            f"{counts['skipped']} skipped, {counts['error']} error -> {summary.inventory}",
+            f"{counts['skipped']} skipped, {counts['error']} error -> {one_line_text(str(summary.inventory))}",
             err=True,
         )
     if summary.counts["error"]:
@@ -245,8 +246,8 @@ def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json:
                                       why_read(summary.read_because)])) or "no files"
         click.echo(f"{counted(summary.files, 'file')} ({why}): {counts['ok']} "
                    f"scored, {counts['rejected']} rejected by QC, {counts['skipped']} skipped, {counts['error']} "
-                   f"error; {summary.flagged_studies} of {summary.studies} studies flagged -> {summary.report}",
-                   err=True)
+                   f"error; {summary.flagged_studies} of {summary.studies} studies flagged -> "
+                   f"{one_line_text(str(summary.report))}", err=True)
         if summary.results_pending:
             click.echo(f"DICOM results: {summary.dicom['not_sent']} objects not sent, {summary.dicom['not_made']} "
                        "images without results: see dicom_result and reason in the worklist", err=True)
