@@ -480,23 +480,38 @@ def _claim_pictures(folder: Path, report: Path) -> None:
     that worklist exists: picture names depend on the film alone, so two worklists sharing a folder
     (one `residuals` in a TOML file used by two jobs) overwrote each other's pictures (a caption with
     the other job's identifiers) and deleted pictures the other still linked (a trial). Else the
-    folder is marked as this worklist's. Call under the lock of the outputs."""
-    marker, owner = folder / PICTURES_OWNER, str(report.resolve())
-    try:
-        named = marker.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        named = ""
-    if named == owner:
+    folder is marked as this worklist's. Call under the lock of the outputs.
+
+    The mark names the worklist and the folder it was made in: a mark copied with its folder (a
+    worklist folder copied elsewhere) names another folder, and is not another worklist's claim;
+    a worklist exists from its first run's lock on (two first runs at once both took the folder:
+    a review)."""
+    owner, here = _pictures_owner(folder)
+    if owner == str(report.resolve()) and here:
         return
-    if named and Path(named).exists():
+    other = OutputPaths.beside(Path(owner)) if owner else None
+    if other is not None and here and any(path.exists() for path in (other.report, other.state, other.lock)):
         raise SettingError(f"the pictures folder {printable(str(folder))} holds the pictures of another worklist, "
-                           f"{printable(named)}: worklists sharing one folder overwrite and delete each other's "
+                           f"{printable(owner)}: worklists sharing one folder overwrite and delete each other's "
                            "pictures; give each --out its own --residuals (or none: the default is beside it)")
+    marker = folder / PICTURES_OWNER
     try:
         with atomic_output(marker) as handle:
-            handle.write(owner + "\n")
+            handle.write(f"{report.resolve()}\n{folder.resolve()}\n")
     except OSError as exc:
         raise cannot_write(marker, exc) from None
+
+
+def _pictures_owner(folder: Path) -> tuple[str, bool]:
+    """(the worklist a pictures folder's mark names, "" when none or unreadable; whether the mark
+    was made in this folder, not copied here with it)."""
+    try:
+        lines = (folder / PICTURES_OWNER).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return "", False
+    owner = lines[0].strip() if lines else ""
+    made_in = lines[1].strip() if len(lines) > 1 else ""
+    return owner, made_in == str(folder.resolve())
 
 
 def _forget(rows: list[dict[str, Any]], outputs: OutputPaths) -> None:
@@ -562,15 +577,12 @@ def _remove_moved_pictures(links: list[str], outputs: OutputPaths) -> None:
 
 
 def _pictures_of(folder: Path, owner: str, default: Path) -> bool:
-    """Whether `folder` holds the pictures of the worklist `owner` (its mark names it, or it is the
-    worklist's default pictures folder and holds no mark)."""
-    try:
-        named = (folder / PICTURES_OWNER).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        named = str(default.resolve()) == str(folder.resolve()) and owner
-    except (OSError, UnicodeDecodeError):
-        return False
-    return named == owner
+    """Whether `folder` holds the pictures of the worklist `owner` (its mark, made there, names it;
+    or it is the worklist's default pictures folder and holds no mark)."""
+    if not (folder / PICTURES_OWNER).exists():
+        return str(default.resolve()) == str(folder.resolve())
+    named, here = _pictures_owner(folder)
+    return here and named == owner
 
 
 def _identity(found: Found) -> FileIdentity:

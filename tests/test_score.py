@@ -1348,8 +1348,21 @@ def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
     assert not (tmp_path / "research" / "report.csv").exists()
     assert {png.name: png.read_bytes() for png in pictures.glob("*.png")} == before and len(before) == 2
     assert run("pacs").exit_code == ExitCode.OK  # its own folder, night after night
+    # a review: a worklist that has not finished its first run holds the folder from its lock on
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "report.lock").touch()
+    (pictures / ".radscan-worklist").write_text(f"{tmp_path / 'first' / 'report.csv'}\n{pictures}\n")
+    assert run("research").exit_code == ExitCode.USAGE
+    shutil.rmtree(tmp_path / "first")
     shutil.rmtree(tmp_path / "pacs")
     assert run("research", "--phi", "drop").exit_code == ExitCode.OK
+    # a review: a worklist folder copied elsewhere, pictures and mark with it, is its own
+    original = tmp_path / "site" / "report.csv"
+    _run("score", str(tmp_path / "in"), "--out", str(original), "--model", str(tiny_model), "--pictures", "all")
+    shutil.copytree(tmp_path / "site", tmp_path / "copy")
+    copied = _run("score", str(tmp_path / "in"), "--out", str(tmp_path / "copy" / "report.csv"), "--model",
+                  str(tiny_model), "--pictures", "all")
+    assert copied.exit_code == ExitCode.OK, copied.output
 
 
 def test_a_film_that_can_no_longer_be_read_loses_its_picture(tiny_model, tmp_path):
