@@ -85,6 +85,7 @@ class TrainingResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_budget: bool = False
     unreadable: int = 0  # files among the normals and validation films that could not be read (exit 3)
+    validation_warning: str = ""  # validation films that are copies of the normals (_validation_copies)
 
 
 def patient_keys(names: Sequence[str], studies: Sequence[str], pattern: str | None,
@@ -363,7 +364,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     # last: until the checkpoint goes the folder is an unfinished run, and a run
     # killed while writing its report can be finished with --resume (it said "already a model", a trial)
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget, len(data.unreadable))
+    return TrainingResult(out_dir, run.epochs, metrics, run.stopped_by_budget, len(data.unreadable),
+                          data.validation_warning)
 
 
 def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, resume: bool,
@@ -457,23 +459,32 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
                               else films.calibration)
         films.validation = (validation_normals, load_images(val_abnormal, policy, workers, progress,
                                                             label="validation abnormals", unreadable=unreadable)[0])
-        films.validation_warning = _abnormals_among_normals(films.images, films.validation[1])
+        films.validation_warning = _validation_copies(films, bool(val_normal))
     return films
 
 
-def _abnormals_among_normals(normals: np.ndarray, abnormal: np.ndarray) -> str:
-    """A warning (logged, and kept in model.json) when validation abnormals are copies of the
-    normals (radscan.qc.copy_groups: the same file, re-encoded, DICOM and JPEG), else "": the normals'
-    folder given as --val-abnormal made a validation AUC of 0.18 that model.json kept, with no word
-    (a trial), and --keep best would choose the shipped epoch by it."""
-    groups = copy_groups(np.concatenate([normals, abnormal]))
-    shared = int(np.isin(groups[len(normals):], groups[:len(normals)]).sum())
-    if not shared:
-        return ""
-    warning = (f"{shared} of the {len(abnormal)} validation abnormal films are copies of the normals trained or "
-               "calibrated on (the normals' folder given as --val-abnormal?): the validation AUC measures nothing")
-    log.warning("%s", warning)
-    return warning
+def _validation_copies(films: _Films, own_normals: bool) -> str:
+    """A warning (logged, kept in model.json and the --json summary) when validation films are
+    copies of the normals (radscan.qc.copy_groups: the same file, re-encoded, DICOM and JPEG), else
+    "": the normals' folder given as --val-abnormal made a validation AUC of 0.18 that model.json kept
+    without a word (a trial), and --keep best would choose the shipped epoch by it; given as
+    --val-normal, the validation normals were films the model was trained on (a review)."""
+    normal, abnormal = films.validation or (np.empty((0, 128, 128), np.uint8),) * 2
+    groups = copy_groups(np.concatenate([films.images, abnormal, normal]))
+    known, trained = groups[:len(films.images)], groups[:len(films.images)][~films.is_calibration]
+    said = []
+    shared = int(np.isin(groups[len(films.images):len(films.images) + len(abnormal)], known).sum())
+    if shared:
+        said.append(f"{shared} of the {len(abnormal)} validation abnormal films are copies of the normals trained "
+                    "or calibrated on (the normals' folder given as --val-abnormal?): the validation AUC measures "
+                    "nothing")
+    seen = int(np.isin(groups[len(films.images) + len(abnormal):], trained).sum()) if own_normals else 0
+    if seen:
+        said.append(f"{seen} of the {len(normal)} validation normal films are copies of films trained on (the "
+                    "normals' folder given as --val-normal?): the validation AUC is optimistic")
+    for warning in said:
+        log.warning("%s", warning)
+    return "; ".join(said)
 
 
 @dataclass

@@ -495,9 +495,19 @@ def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path):
     train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, val_abnormal=[str(normals)])
     validation = load_model(tmp_path / "m")[1]["training"]["validation"]
     assert validation["warning"].startswith("48 of the 48 validation abnormal films are copies of the normals")
-    train([str(normals)], tmp_path / "n", TINY, FAST, workers=1, progress=False,
-          val_abnormal=[str(CXR_DIR / "kermany_pediatric_224/val_abnormal")])
+    abnormal = str(CXR_DIR / "kermany_pediatric_224/val_abnormal")
+    train([str(normals)], tmp_path / "n", TINY, FAST, workers=1, progress=False, val_abnormal=[abnormal])
     assert "warning" not in load_model(tmp_path / "n")[1]["training"]["validation"]
+    # a review: the training normals given as --val-normal, said in --json too
+    result = CliRunner().invoke(cli, ["train", str(normals), "--out", str(tmp_path / "o"), "--epochs", "2",
+                                      "--critic-snapshots", "2", "--batch-size", "8", "--workers", "1", "--json",
+                                      "--val-abnormal", abnormal, "--val-normal", str(normals)])
+    assert result.exit_code == 0, result.output
+    said = json.loads(result.stdout)["validation_warning"]
+    split = (tmp_path / "o" / "training_split.csv").read_text().splitlines()
+    trained = sum(row["split"] == "train" for row in csv.DictReader(split))
+    assert said.startswith(f"{trained} of the 48 validation normal films are copies of films trained on"), said
+    assert load_model(tmp_path / "o")[1]["training"]["validation"]["warning"] == said
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(normals, tmp_path):

@@ -176,7 +176,8 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
                        resume, progress=not ctx.obj["quiet"], name=name, init_from=init_from, age_range=ages)
     outcome_said()  # the model is written: a stop from now on does not say "interrupted"
     summary = {"model": str(result.model_dir), "epochs_run": result.epochs_run,
-               "stopped_by_budget": result.stopped_by_budget, "files_unreadable": result.unreadable, **result.metrics}
+               "stopped_by_budget": result.stopped_by_budget, "files_unreadable": result.unreadable, **result.metrics,
+               **({"validation_warning": result.validation_warning} if result.validation_warning else {})}
     exit_code = ExitCode.PARTIAL if result.unreadable else ExitCode.OK  # listed in training_inputs.csv
     if as_json:
         echo_json(summary, exit_code)
