@@ -406,7 +406,7 @@ class _Films:
     lungs: np.ndarray | None  # a thorax-box model's lung fields as its box shows them, (128, 128) bool
     whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training and validation
-    validation_warning: str = ""  # validation abnormals that are copies of the normals (_abnormals_among_normals)
+    validation_warning: str = ""  # validation films that are copies of the normals (_validation_copies)
 
     @property
     def train_images(self) -> np.ndarray:
