@@ -552,8 +552,9 @@ def _remove_unlinked_pictures(store: StateStore, outputs: OutputPaths) -> None:
 
 def _remove_moved_pictures(links: list[str], outputs: OutputPaths) -> None:
     """Remove the pictures this worklist drew in an earlier pictures folder (`links`, as its rows
-    linked them), now drawn in this run's: their captions may carry identifiers, and nothing links
-    them (a trial found them left behind). Only PNG files in a folder marked as this worklist's
+    linked them), now drawn in this run's or not at all (--no-residuals): their captions may carry
+    identifiers, and nothing links them (a trial found them left behind, a review after
+    --no-residuals). Only PNG files in a folder marked as this worklist's
     (PICTURES_OWNER; or its default folder, made before the mark); the mark and the folder go too
     once no picture is left in it. Call after the list that links the new pictures is written."""
     owner, folders, removed = str(outputs.report.resolve()), set(), 0
@@ -572,8 +573,8 @@ def _remove_moved_pictures(links: list[str], outputs: OutputPaths) -> None:
                 (folder / PICTURES_OWNER).unlink(missing_ok=True)
                 folder.rmdir()  # only if nothing else is left in it
     if removed:
-        log.info("removed %d pictures of an earlier pictures folder, drawn again in %s", removed,
-                 printable(str(outputs.residuals)))
+        log.info("removed %d pictures of an earlier pictures folder (%s)", removed,
+                 f"drawn again in {printable(str(outputs.residuals))}" if outputs.residuals else "--no-residuals")
 
 
 def _pictures_of(folder: Path, owner: str, default: Path) -> bool:
@@ -646,13 +647,15 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
                     row.get("flag") is True or (dicom_pictures and row.get("kind") == "dicom")))))) \
                 and not _picture_in(row.get("residual_png", ""), link_base, folder):
             reason = "picture"
-            if row.get("residual_png"):
-                moved.append(row["residual_png"])
         else:
             unchanged.append(identity)
             continue
         reasons[reason] += 1
         todo.append((found, identity))
+        # its earlier picture, in another folder than this run's (or any, with --no-residuals), is left behind
+        link = store.stored_picture(identity.key)
+        if link and (folder is None or os.path.dirname(os.path.normpath(link)) != folder):
+            moved.append(link)
     store.mark_seen(unchanged)
     return todo, reasons, moved
 

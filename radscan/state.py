@@ -407,6 +407,13 @@ class StateStore:
                 self._db.execute("DELETE FROM results WHERE key = ?", (_blob(identity.key),))
         return row
 
+    def stored_picture(self, key: str) -> str:
+        """The picture link (`residual_png`) of the row stored for the file `key`, whatever its size,
+        time or settings, or "": a file read again leaves it behind when it lies in another folder."""
+        found = self._db.execute("SELECT json_extract(row, '$.residual_png') FROM results WHERE key = ? "
+                                 "AND json_valid(row)", (_blob(key),)).fetchone()
+        return found[0] if found and isinstance(found[0], str) else ""
+
     def why_stale(self, identity: FileIdentity) -> str:
         """Why a file with no valid row (`lookup`) is read: "store" (this run moved a damaged store
         aside and started an empty one), "new" (the store has no row for its path),

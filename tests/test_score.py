@@ -1321,10 +1321,13 @@ def test_pictures_left_in_an_earlier_pictures_folder_are_removed(tiny_model, tmp
     (out.parent / "report_residuals" / "notes.txt").write_bytes(b"a file the user put there")
     first = run("--residuals", str(out.parent / "pics2"))
     assert sorted((out.parent / "report_residuals").iterdir()) == [out.parent / "report_residuals" / "notes.txt"]
-    run("--residuals", str(out.parent / "pics3"))
+    third = run("--residuals", str(out.parent / "pics3"))
     assert not (out.parent / "pics2").exists() and all((out.parent / link).is_file() for link in run(
         "--residuals", str(out.parent / "pics3")))
     assert first and not any((out.parent / link).exists() for link in first)
+    # a review: --no-residuals after them left the pictures of the folder given last
+    assert run("--no-residuals") == ["", ""]
+    assert not (out.parent / "pics3").exists() and not any((out.parent / link).exists() for link in third)
 
 
 def test_two_worklists_never_share_a_pictures_folder(tiny_model, tmp_path):
