@@ -163,14 +163,15 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     warnings = set_warnings(labels, read[readings[0]][0])
     for warning in warnings:
         log.warning("%s", warning)
-    results, all_scores = [], []
+    results, all_scores, model_warnings = [], [], []
     for model_dir, (engine, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
         images = read[reading][0]
         scores = np.concatenate([engine.score(images[start:start + batch_size], components=False).scores
                                  for start in range(0, len(images), batch_size)]).astype(np.float64)
         all_scores.append(scores)
         identity, exported = ModelIdentity.of(metadata), is_exported(metadata)
-        known = _films_it_knows(Path(model_dir), identity, normal_names, abnormal_names)
+        known, said = _films_it_knows(Path(model_dir), identity, normal_names, abnormal_names)
+        model_warnings += filter(None, [said])  # --json says it too (only stderr did: a trial); the page apart
         results.append({
             "model": str(model_dir), **identity.provenance(), "engine": "onnxruntime" if exported else "torch",
             # an export and its torch model share name and version: the engine and sha256 tell them apart
@@ -196,7 +197,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
                                   "qc": qc_mode, "films": set_aside},
                "failed_qc_but_measured": {label: sum(status == "fail" for status, _ in measured[label])
                                           for label in measured},
-               "warnings": warnings, "files_unreadable": sum(map(len, unreadable.values())),
+               "warnings": [*warnings, *model_warnings], "files_unreadable": sum(map(len, unreadable.values())),
                "unreadable_films": [{"path": printable(path), "label": label, "reason": reason}
                                     for label, films in unreadable.items() for path, reason in films],
                "disclaimer": DISCLAIMER}
@@ -242,23 +243,25 @@ def set_warnings(labels: np.ndarray, films: np.ndarray) -> list[str]:
 
 
 def _films_it_knows(model_dir: Path, identity: ModelIdentity, normal_names: list[str],
-                    abnormal_names: list[str]) -> dict[str, int] | None:
+                    abnormal_names: list[str]) -> tuple[dict[str, int] | None, str]:
     """How many of the films measured the model was trained on ("train") or set its threshold on
-    ("calibration"; radscan.model.metadata.films_it_knows: by name), logged as a WARNING when any: an
-    AUC on them is optimistic, and the specificity at the threshold is not a measurement on new
-    normals. None, with a WARNING, when the model does not say which films it was made with."""
+    ("calibration"; radscan.model.metadata.films_it_knows: by name), and the warning (logged) when
+    any: an AUC on them is optimistic, and the specificity at the threshold is not a measurement on
+    new normals. None, with a warning, when the model does not say which films it was made with."""
     known = films_it_knows(model_dir, [*normal_names, *abnormal_names])
     if known is None:
-        log.warning("model %s %s does not say which films it was trained and calibrated on (no readable "
-                    "training_split.csv): whether it has seen these films cannot be told", identity.name,
-                    identity.version)
-        return None
+        said = (f"model {identity.name} {identity.version} does not say which films it was trained and calibrated "
+                "on (no readable training_split.csv): whether it has seen these films cannot be told")
+        log.warning("%s", said)
+        return None, said
     counts = {"train": known["train"], "calibration": known["calibration"]}
+    said = ""
     if any(counts.values()):
-        log.warning("%d of the films measured have the names of films model %s %s was trained on and %d of its "
-                    "calibration normals: its figures here are optimistic; measure it on films it has not seen",
-                    counts["train"], identity.name, identity.version, counts["calibration"])
-    return counts
+        said = (f"{counts['train']} of the films measured have the names of films model {identity.name} "
+                f"{identity.version} was trained on and {counts['calibration']} of its calibration normals: its "
+                "figures here are optimistic; measure it on films it has not seen")
+        log.warning("%s", said)
+    return counts, said
 
 
 def _write_report(out_dir: Path, labels: np.ndarray, names: list[str], all_scores: list[np.ndarray],

@@ -388,13 +388,17 @@ def test_evaluate_says_when_the_model_has_seen_the_films(labelled, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["films_it_knows"] == {"train": 5, "calibration": 3}
     assert "have the names of films model" in result.stderr and "optimistic" in result.stderr
+    # a trial: --json's warnings were [] while the WARNING was printed
+    assert any(warning.startswith("5 of the films measured have the names of films model")
+               for warning in json.loads(result.stdout)["warnings"])
     page = (out / "evaluation.html").read_text()
     assert "has seen some of these films" in page and "none of them among these images" not in page
 
     fresh = CliRunner().invoke(cli, ["evaluate", "--normal", str(labelled[0]), "--abnormal", str(abnormal), "--model",
                                      str(SHIPPED_MODEL), "--out", str(tmp_path / "fresh"), "--json", "--workers", "1"])
     assert json.loads(fresh.stdout)["films_it_knows"] == {"train": 0, "calibration": 0}
-    assert "optimistic" not in fresh.stderr
+    assert "optimistic" not in fresh.stderr and not any("films measured" in warning
+                                                          for warning in json.loads(fresh.stdout)["warnings"])
     page = (tmp_path / "fresh" / "evaluation.html").read_text()
     assert "has seen some" not in page and "none of them among these images, by name" in page
 
