@@ -376,6 +376,12 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
     if (out_dir / METADATA_FILE).exists() and not checkpoint_path.exists():
         raise SettingError(f"{out_dir} already holds a trained model: choose another --out (radscan never "
                            "overwrites a model)")
+    # a folder of something else (an evaluation's outputs, a site's files): the model's files were
+    # mixed in among them (a trial); a run's own (its inputs list, log, checkpoint) are not in the way
+    ours = {TRAIN_LOCK, INPUTS_FILE, LOG_FILE, SPLIT_FILE, CHECKPOINT_FILE, METADATA_FILE}
+    if out_dir.is_dir() and not ours & {path.name for path in out_dir.iterdir()} - {TRAIN_LOCK} \
+            and any(path.name != TRAIN_LOCK for path in out_dir.iterdir()):
+        raise SettingError(f"{out_dir} holds other files and no training run: choose a new or empty --out")
     if checkpoint_path.exists() and not resume:
         raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")

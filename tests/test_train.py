@@ -510,6 +510,22 @@ def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path):
     assert load_model(tmp_path / "o")[1]["training"]["validation"]["warning"] == said
 
 
+def test_train_into_a_folder_of_other_files_is_refused(normals, tmp_path):
+    """A new user's trial: `radscan train --out` an evaluation's folder mixed the model's files in
+    among its outputs. A folder holding other files and no training run is refused (exit 2); an
+    empty one, or one a run began in, is not."""
+    other = tmp_path / "evaluation"
+    other.mkdir()
+    (other / "evaluation.html").write_text("<html></html>")
+    result = CliRunner().invoke(cli, ["train", str(normals), "--out", str(other), "--epochs", "2",
+                                      "--critic-snapshots", "2", "--workers", "1"])
+    assert result.exit_code == ExitCode.USAGE and "holds other files" in result.output, result.output
+    assert sorted(path.name for path in other.iterdir()) == ["evaluation.html"]
+    (tmp_path / "empty").mkdir()
+    train([str(normals)], tmp_path / "empty", TINY, FAST, workers=1, progress=False)
+    assert (tmp_path / "empty" / "model.json").is_file()
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(normals, tmp_path):
     """Issue 22, item 11: two `radscan train` runs (one with --resume) wrote into one --out at once."""
     from radscan.errors import LockHeldError
@@ -562,8 +578,7 @@ def test_a_thorax_field_is_refused_for_normals_that_show_no_chest(tmp_path, fiel
 
 def test_a_refused_run_leaves_no_inventory_in_a_folder_it_did_not_make(normals, tmp_path):
     out = tmp_path / "kept"
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's")
+    out.mkdir()  # made by the user, empty (one with other files is refused: test_train_into_a_folder_of_other_files)
     few = tmp_path / "few"
     few.mkdir()
     for path in sorted(normals.iterdir())[:12]:
@@ -571,7 +586,7 @@ def test_a_refused_run_leaves_no_inventory_in_a_folder_it_did_not_make(normals, 
     result = CliRunner().invoke(cli, ["-q", "train", str(few), "--out", str(out), "--preset", "tiny", "--epochs", "2",
                                       "--batch-size", "8", "--workers", "1", "--critic-snapshots", "2"])
     assert result.exit_code != 0 and "calibration normals" in result.output
-    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    assert list(out.iterdir()) == []
 
 
 def test_a_thorax_box_model_reads_every_film_cut_to_its_box_and_counts_only_the_lungs(normals, trained, tmp_path):
