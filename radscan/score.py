@@ -198,14 +198,15 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             raise_if_stop_asked()  # and never lets it replace the outputs
             threshold = scorer.threshold  # the model is verified even when nothing was new
-            _refuse_filmless(inputs, store)
+            by_root = store.films_by_root(READS_ONLY)  # one pass over the table: what this run saw, per root
+            _refuse_filmless(inputs, by_root)
             lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
-            problems += filter(None, [_most_of_the_list_gone(store)])
+            problems += filter(None, [_most_of_the_list_gone(by_root)])
             lock.confirm()
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
                                      problems=problems, delivered=delivery is None or delivery.complete,
@@ -289,7 +290,7 @@ def _find_inputs(inputs: list[str], outputs: OutputPaths, settings: ScoreSetting
     return files, {root: str(Path(root).resolve()) for root in {found.root for found in files}}
 
 
-def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
+def _refuse_filmless(inputs: Sequence[str], by_root: Mapping[str, tuple[int, int, int]]) -> None:
     """Raise NoInputError, before anything is written or pruned, when a folder given holds files but
     no image and no DICOM object (only a `.DS_Store`, notes), as an empty folder does, or when the
     inputs hold none at all while earlier runs listed films there (files given one by one: `radscan
@@ -297,8 +298,8 @@ def _refuse_filmless(inputs: Sequence[str], store: StateStore) -> None:
     that did not mount, leaving a stray file, looked like a night on which all its films were
     deleted, and its films left the list with exit 0 (a trial; with a second share still mounted, a
     review). A folder whose films are reached through its links is listed under the links' targets
-    and not judged here; images in formats radscan does not read keep their rows, which say so."""
-    by_root = store.films_by_root(READS_ONLY)
+    and not judged here; images in formats radscan does not read keep their rows, which say so.
+    `by_root`: `StateStore.films_by_root` after this run's reading."""
     for given in inputs:
         listed, images, gone = by_root.get(str(Path(given).resolve()), (0, 0, 0))
         if Path(given).is_dir() and listed and not images and not _holds_links(Path(given)):
@@ -377,12 +378,12 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
 VANISHED_WARNING = 10
 
 
-def _most_of_the_list_gone(store: StateStore) -> str | None:
+def _most_of_the_list_gone(by_root: Mapping[str, tuple[int, int, int]]) -> str | None:
     """A problem line when most films of the earlier list are gone from the inputs (they are
-    removed from the list, as any file deleted from the inputs is), else None."""
+    removed from the list, as any file deleted from the inputs is), else None. `by_root`:
+    `StateStore.films_by_root` after this run's reading."""
     # per input root: a share that mounted in part beside another that did not move is one too (a review)
-    lost = [(gone, listed) for _, listed, gone in store.films_by_root(READS_ONLY).values()
-            if gone >= VANISHED_WARNING and gone > listed]
+    lost = [(gone, listed) for _, listed, gone in by_root.values() if gone >= VANISHED_WARNING and gone > listed]
     if not lost:
         return None
     gone, listed = sum(gone for gone, _ in lost), sum(listed for _, listed in lost)
@@ -617,7 +618,12 @@ def _picture_in(link: str, link_base: Path, folder: str | None) -> bool:
     this run's pictures folder (`folder`, relative to `link_base` too): a rerun given another
     `--residuals` folder draws its pictures there, so that the list, its README and the folder agree.
     Compared as the links are written (radscan.batch), without resolving paths for every film."""
-    return (folder is None or os.path.dirname(os.path.normpath(link)) == folder) and (link_base / link).is_file()
+    return (folder is None or _folder_of(link) == folder) and (link_base / link).is_file()
+
+
+def _folder_of(link: str) -> str:
+    """The folder of a stored picture link, as `_reuse_stored` writes this run's pictures folder."""
+    return os.path.dirname(os.path.normpath(link))
 
 
 def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictures: str,
@@ -652,9 +658,11 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
             continue
         reasons[reason] += 1
         todo.append((found, identity))
-        # its earlier picture, in another folder than this run's (or any, with --no-residuals), is left behind
-        link = store.stored_picture(identity.key)
-        if link and (folder is None or os.path.dirname(os.path.normpath(link)) != folder):
+        # its earlier picture, in another folder than this run's (or any, with --no-residuals), is left
+        # behind; a file new to the store has none (no query for each file of a first run)
+        link = row.get("residual_png", "") if row is not None else \
+            "" if reason in ("new", "store") else store.stored_picture(identity.key)
+        if link and (folder is None or _folder_of(link) != folder):
             moved.append(link)
     store.mark_seen(unchanged)
     return todo, reasons, moved
