@@ -39,7 +39,7 @@ from radscan.policy import Policy, for_model
 from radscan.qc import DEFAULT_VIEWS, apply_qc, copy_groups, quality_control
 from radscan.recipe import TrainConfig
 from radscan.records import one_line
-from radscan.report import CsvStream, head_card, swap_folders, sync_folder
+from radscan.report import CsvStream, head_card, swap_folders, sync_files, sync_folder
 
 __all__ = ["fit_density", "calibrate", "finalize", "recalibrate", "in_batches", "MIN_CALIBRATION"]
 
@@ -231,6 +231,7 @@ def _write_in_place(model_dir: Path, target: Path, write: Callable[[Path], None]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".calibrating"))
         write(staging)
+        sync_files(staging)  # the copied files too: each must be whole when the folder takes the model's place
         if mounted:
             for path in sorted(staging.iterdir(), key=lambda path: path.name == METADATA_FILE):  # model.json last
                 os.replace(path, target / path.name)

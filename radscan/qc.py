@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from radscan.errors import ModelError, OutputError
+from radscan.errors import ModelError
 from radscan.policy import DEFAULT_BODY_PARTS
 from radscan.preprocess import MODEL_SIZE
 from radscan.records import ImageRecord, Status, counted, visible_controls
-from radscan.report import FILE_MODE
+from radscan.report import write_bytes
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
            "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
@@ -457,24 +456,15 @@ def _clarity(ratios: np.ndarray) -> float:
 
 
 def save_reference(reference: QCReference, directory: Path) -> dict[str, Any]:
-    """Write ``qc.safetensors`` (tensors, with the limits sealed in its header) atomically; returns
-    the block that model.json records (file, sha256, limits) so that loading can verify it."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
+    """Write ``qc.safetensors`` (tensors, with the limits sealed in its header) atomically and fsynced
+    (radscan.report.write_bytes); returns the block that model.json records (file, sha256, limits) so
+    that loading can verify it. Raises OutputError (exit 73) when it cannot be written (a full disk)."""
+    from safetensors.numpy import save
 
-    directory = Path(directory)
-    tmp = directory / f".{QC_FILE}.tmp"
     sealed = json.dumps({"limits": asdict(reference.limits), "n_reference": reference.n_reference}, sort_keys=True)
-    try:
-        save_file({"mean": reference.mean, "basis": reference.basis}, str(tmp), metadata={"radscan-qc": sealed})
-        os.chmod(tmp, FILE_MODE)  # as the weights: a scoring service's account must read it (it was 0600)
-        os.replace(tmp, directory / QC_FILE)
-    except (OSError, SafetensorError) as exc:  # a full disk: exit 73, not "a bug"
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the QC reference to {directory / QC_FILE}: "
-                          f"{str(exc).splitlines()[0][:200]} (a full disk?)") from None
-    digest = hashlib.sha256((directory / QC_FILE).read_bytes()).hexdigest()
-    return {"file": QC_FILE, "sha256": digest, "n_reference": reference.n_reference,
+    data = save({"mean": reference.mean, "basis": reference.basis}, metadata={"radscan-qc": sealed})
+    write_bytes(Path(directory) / QC_FILE, data)
+    return {"file": QC_FILE, "sha256": hashlib.sha256(data).hexdigest(), "n_reference": reference.n_reference,
             "limits": asdict(reference.limits)}
 
 

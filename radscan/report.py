@@ -23,7 +23,7 @@ from radscan.errors import OutputError
 
 __all__ = ["atomic_output", "AtomicFile", "commit_together", "prepare_folder", "refuse_special",
            "remove_stale_temporaries", "cannot_write", "head_card", "CsvStream", "write_png", "write_png_bytes",
-           "encode_png", "png_name", "sync_folder", "swap_folders"]
+           "write_bytes", "encode_png", "png_name", "sync_folder", "sync_files", "swap_folders"]
 
 
 def _file_mode() -> int:
@@ -102,6 +102,20 @@ def sync_folder(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def sync_files(folder: Path) -> None:
+    """fsync every regular file directly in `folder`, then the folder: files copied into it (a copy
+    does not sync) survive a power cut once it is renamed into place. Raises OSError (a full disk
+    shows here at the latest)."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not path.is_symlink():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    sync_folder(folder)
 
 
 def swap_folders(new: Path, old: Path) -> None:
@@ -312,8 +326,15 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def write_png_bytes(path: Path, data: bytes) -> None:
-    """Write an encoded PNG atomically."""
-    with atomic_output(path, "wb", durable=False) as handle:
+    """Write an encoded PNG atomically (not fsynced: the many small pictures skip it)."""
+    write_bytes(path, data, durable=False)
+
+
+def write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` as the file `path`, atomically and (with `durable`) fsynced before the rename, so
+    that neither a killed process nor a power cut leaves a partial file under the name. Raises
+    OutputError (exit 73) when it cannot be written (a full disk, a read-only folder)."""
+    with atomic_output(path, "wb", durable=durable) as handle:
         try:
             handle.write(data)
         except OSError as exc:

@@ -183,3 +183,23 @@ def calibrated_tiny(**overrides) -> SimSID:
                     torch.device("cpu"))
     model.calibration_std.fill_(1e-3)  # a small spread, as after training, magnifies any difference
     return model
+
+
+def fsync_spy(synced: list[str], fail: str | None = None):
+    """An os.fsync that appends the name each synced file has or will take (a temporary ".NAME.xxx.tmp"
+    counts as NAME) to `synced`, and for the name `fail` raises a full disk as the kernel reports it
+    (ENOSPC). Linux only (/proc/self/fd)."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        temporary = re.fullmatch(r"\.(.+?)\.[^.]+\.tmp", name)
+        name = temporary.group(1) if temporary else name
+        synced.append(name)
+        if name == fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+    return fsync
+

@@ -30,6 +30,8 @@ from radscan.qc import (
 )
 from radscan.records import ImageRecord
 
+from .support import fsync_spy
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "kermany-tiny"
 
@@ -357,6 +359,24 @@ def test_modes_warn_and_off(qc, normals):
     assert apply_qc(strict, records, list(turned)) == [False, False] and records[0].status == "rejected"
     off = QualityControl(mode="off", reference=qc.reference)
     assert [v.status for v in _verdicts(off, turned)] == ["", ""]
+
+
+def test_the_reference_is_synced_before_it_takes_its_name_and_a_full_disk_is_exit_73(qc, tmp_path, monkeypatch):
+    """qc.safetensors was renamed into place unsynced (a power cut could leave it empty, and the model
+    refused), and a full disk reported by the sync would have been "a bug" (exit 1)."""
+    import os
+
+    from radscan.errors import OutputError
+
+    synced: list[str] = []
+    monkeypatch.setattr(os, "fsync", fsync_spy(synced))
+    block = save_reference(qc.reference, tmp_path / "ok")
+    assert "qc.safetensors" in synced and load_reference(tmp_path / "ok", {"qc": block}) is not None
+    monkeypatch.setattr(os, "fsync", fsync_spy([], fail="qc.safetensors"))
+    with pytest.raises(OutputError, match="No space left on device") as raised:
+        save_reference(qc.reference, tmp_path / "full")
+    assert raised.value.exit_code == ExitCode.CANT_CREATE
+    assert not list((tmp_path / "full").iterdir())  # no temporary left behind
 
 
 def test_reference_round_trip_and_verification(qc, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import shutil
 from dataclasses import replace
@@ -27,6 +28,7 @@ from radscan.train import TrainConfig, train
 from radscan.trainer import Trainer
 
 from .conftest import CXR_DIR, DICOM_DIR
+from .support import fsync_spy
 
 TINY = preset("tiny", critic_snapshots=2, density_grid=8)  # the density is fitted, the critic scores
 FAST = TrainConfig(epochs=2, batch_size=8, seed=3, aspect=0.2, gamma=0.3, contrast=0.3, blur=1.0, noise=0.02)
@@ -779,19 +781,28 @@ def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_th
             result.output
 
 
-def test_a_full_disk_while_saving_the_model_is_exit_73(trained, normals, tmp_path, monkeypatch):
+@pytest.mark.parametrize("file", [WEIGHTS_FILE, "model.json"])
+def test_a_full_disk_while_saving_the_model_is_exit_73(trained, normals, tmp_path, monkeypatch, file):
     """A review: a disk that filled while the weights were written (safetensors' own error) was exit
-    1 "a bug in radscan", in train and in calibrate."""
-    from safetensors import SafetensorError
-
-    import radscan.model.io
-
-    def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                              "\"No space left on device\" })")
-
-    monkeypatch.setattr(radscan.model.io, "save_file", full)
+    1 "a bug in radscan", in train and in calibrate. The full disk shows as the kernel reports it,
+    when the file is synced."""
+    monkeypatch.setattr(os, "fsync", fsync_spy([], fail=file))
     result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(normals), "--out",
                                       str(tmp_path / "cal"), "--workers", "1"])
-    assert result.exit_code == ExitCode.CANT_CREATE and "a full disk?" in result.output, result.output
+    assert result.exit_code == ExitCode.CANT_CREATE and "No space left on device" in result.output, result.output
+    assert f"cannot write {tmp_path}" in result.output and file in result.output, result.output
     assert not (tmp_path / "cal").exists() and not list(tmp_path.iterdir())
+
+
+def test_the_model_files_are_synced_to_disk_before_they_take_their_names(trained, normals, tmp_path, monkeypatch):
+    """The weights were renamed into place unsynced, and calibrate's copies of the other files (the
+    QC reference, the card) never synced, so a power cut soon after could leave one empty under its
+    name, and every run refused the model (its sha256 no longer matched model.json)."""
+    synced: list[str] = []
+    monkeypatch.setattr(os, "fsync", fsync_spy(synced))
+    result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(normals), "--out",
+                                      str(tmp_path / "cal"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    written = {path.name for path in (tmp_path / "cal").iterdir() if path.is_file()}
+    assert {WEIGHTS_FILE, "model.json", "training_split.csv"} <= written <= set(synced), (written, synced)
+    load_model(tmp_path / "cal")

@@ -41,7 +41,7 @@ from radscan.model.metadata import (
     sha256_file,
 )
 from radscan.model.simsid import COMPONENTS, SimSID
-from radscan.report import FILE_MODE, atomic_output, head_card
+from radscan.report import atomic_output, head_card, write_bytes
 
 __all__ = ["export_model", "CHUNK", "OPSET"]
 
@@ -163,9 +163,7 @@ def _write_graph(graph: torch.nn.Module, path: Path, sealed: str) -> dict[str, A
     entry = proto.metadata_props.add()
     entry.key, entry.value = SEAL_KEY, sealed
     tmp.unlink()
-    with atomic_output(path, "wb") as handle:
-        handle.write(proto.SerializeToString())
-    os.chmod(path, FILE_MODE)
+    write_bytes(path, proto.SerializeToString())
     if not path.stat().st_size:
         raise ModelError(f"the exported graph {path} is empty")
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}

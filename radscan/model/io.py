@@ -9,15 +9,14 @@ weights file, a pickle, another preprocessing version, keys that do not match th
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from radscan import __version__
 from radscan.errors import ModelError, OutputError, SettingError
@@ -37,7 +36,7 @@ from radscan.model.metadata import (
 )
 from radscan.model.simsid import COMPONENTS, SimSID
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.report import FILE_MODE, atomic_output
+from radscan.report import atomic_output, write_bytes
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
 
@@ -45,23 +44,17 @@ _PICKLE_SIGNATURES = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.sav
 
 
 def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path:
-    """Write weights then metadata (each atomically); returns the metadata path."""
+    """Write weights then metadata, each atomically and fsynced (radscan.report.write_bytes); returns
+    the metadata path. Raises OutputError (exit 73) when either cannot be written (a full disk)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
     # what changes scores besides the tensors (format, preprocessing, settings) is sealed inside the
     # hashed weights file too, so an edit of model.json alone is refused by load_model. One metadata
     # key: safetensors writes several in a random order, and the same seed must give the same bytes.
-    try:
-        save_file(state, str(tmp), metadata={SEAL_KEY: seal(model.cfg.to_dict(), metadata)})
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, weights)
-    except (OSError, SafetensorError) as exc:  # a full disk: exit 73, not "a bug" (safetensors' own error)
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the model's weights to {weights}: {str(exc).splitlines()[0][:200]} "
-                          "(a full disk?)") from None
+    data = safetensors.torch.save(state, metadata={SEAL_KEY: seal(model.cfg.to_dict(), metadata)})
+    write_bytes(weights, data)
     calibration = metadata.setdefault("calibration", {})
     calibration.update(_calibration_copy(model))
     full = {
@@ -71,7 +64,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
         "config": model.cfg.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         **metadata,
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
     }
     try:
         with atomic_output(directory / METADATA_FILE) as handle:
