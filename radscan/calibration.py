@@ -229,7 +229,7 @@ def _write_in_place(model_dir: Path, target: Path, write: Callable[[Path], None]
     try:
         shutil.rmtree(staging, ignore_errors=True)  # a killed run's, never a model: the model is `target`
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".calibrating"))
+        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".calibrating", ".*.tmp"))
         write(staging)
         sync_files(staging)  # the copied files too: each must be whole when the folder takes the model's place
         if mounted:

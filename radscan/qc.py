@@ -37,7 +37,7 @@ from radscan.errors import ModelError
 from radscan.policy import DEFAULT_BODY_PARTS
 from radscan.preprocess import MODEL_SIZE
 from radscan.records import ImageRecord, Status, counted, visible_controls
-from radscan.report import write_bytes
+from radscan.report import remove_stale_temporaries, write_bytes
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
            "fit_reference", "save_reference", "load_reference", "features", "age_in_years",
@@ -463,6 +463,7 @@ def save_reference(reference: QCReference, directory: Path) -> dict[str, Any]:
 
     sealed = json.dumps({"limits": asdict(reference.limits), "n_reference": reference.n_reference}, sort_keys=True)
     data = save({"mean": reference.mean, "basis": reference.basis}, metadata={"radscan-qc": sealed})
+    remove_stale_temporaries(Path(directory), QC_FILE)  # a killed save's
     write_bytes(Path(directory) / QC_FILE, data)
     return {"file": QC_FILE, "sha256": hashlib.sha256(data).hexdigest(), "n_reference": reference.n_reference,
             "limits": asdict(reference.limits)}

@@ -106,15 +106,18 @@ def sync_folder(folder: Path) -> None:
 
 def sync_files(folder: Path) -> None:
     """fsync every regular file directly in `folder`, then the folder: files copied into it (a copy
-    does not sync) survive a power cut once it is renamed into place. Raises OSError (a full disk
-    shows here at the latest)."""
+    does not sync) survive a power cut once it is renamed into place. Raises OutputError (exit 73)
+    naming the file that cannot be synced (a full disk shows here at the latest)."""
     for path in sorted(Path(folder).iterdir()):
         if path.is_file() and not path.is_symlink():
-            descriptor = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+                descriptor = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+            except OSError as exc:
+                raise cannot_write(path, exc) from None
     sync_folder(folder)
 
 

@@ -185,10 +185,11 @@ def calibrated_tiny(**overrides) -> SimSID:
     return model
 
 
-def fsync_spy(synced: list[str], fail: str | None = None):
+def fsync_spy(synced: list[str], fail: str | None = None, before_rename: list[str] | None = None):
     """An os.fsync that appends the name each synced file has or will take (a temporary ".NAME.xxx.tmp"
-    counts as NAME) to `synced`, and for the name `fail` raises a full disk as the kernel reports it
-    (ENOSPC). Linux only (/proc/self/fd)."""
+    counts as NAME) to `synced`, and to `before_rename` too when it was synced under its temporary
+    name; for the name `fail` it raises a full disk as the kernel reports it (ENOSPC). Linux only
+    (/proc/self/fd)."""
     import errno
 
     real = os.fsync
@@ -198,6 +199,8 @@ def fsync_spy(synced: list[str], fail: str | None = None):
         temporary = re.fullmatch(r"\.(.+?)\.[^.]+\.tmp", name)
         name = temporary.group(1) if temporary else name
         synced.append(name)
+        if temporary and before_rename is not None:
+            before_rename.append(name)
         if name == fail:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)

@@ -140,3 +140,25 @@ def test_what_export_cannot_do_is_refused_in_words(exported, tiny_model, tmp_pat
     assert calibrate.exit_code == ExitCode.USAGE and "need the torch model it was exported from" in calibrate.stderr
     again = CliRunner().invoke(cli, ["export", str(exported), "--out", str(tmp_path / "again")])
     assert again.exit_code == ExitCode.USAGE and "need the torch model it was exported from" in again.stderr
+
+
+def test_every_file_of_the_exported_model_is_synced_before_model_json_lists_it(tmp_path, monkeypatch):
+    """The export copied the QC reference, the card and the split without a sync: after a power cut
+    the folder could hold an empty qc.safetensors under a model.json that lists its sha256, and every
+    run refused the model."""
+    import os
+
+    from .support import fsync_spy
+
+    synced: list[str] = []
+    before_rename: list[str] = []
+    monkeypatch.setattr(os, "fsync", fsync_spy(synced, before_rename=before_rename))
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    files = {path.name for path in out.iterdir() if path.is_file()}
+    assert {"qc.safetensors", "README.md", "model.json"} <= files <= set(synced), (files, synced)
+    graphs = {name for name in files if name.endswith(".onnx")}
+    assert graphs and graphs | {"model.json"} <= set(before_rename), before_rename
+    # the copies are synced before model.json, which lists their digests, is written
+    assert synced.index("qc.safetensors") < len(synced) - 1 - synced[::-1].index("model.json")

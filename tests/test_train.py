@@ -781,7 +781,7 @@ def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_th
             result.output
 
 
-@pytest.mark.parametrize("file", [WEIGHTS_FILE, "model.json"])
+@pytest.mark.parametrize("file", [WEIGHTS_FILE, "model.json", "train_log.jsonl"])  # the last one copied
 def test_a_full_disk_while_saving_the_model_is_exit_73(trained, normals, tmp_path, monkeypatch, file):
     """A review: a disk that filled while the weights were written (safetensors' own error) was exit
     1 "a bug in radscan", in train and in calibrate. The full disk shows as the kernel reports it,
@@ -799,10 +799,16 @@ def test_the_model_files_are_synced_to_disk_before_they_take_their_names(trained
     QC reference, the card) never synced, so a power cut soon after could leave one empty under its
     name, and every run refused the model (its sha256 no longer matched model.json)."""
     synced: list[str] = []
-    monkeypatch.setattr(os, "fsync", fsync_spy(synced))
-    result = CliRunner().invoke(cli, ["calibrate", str(trained), "--normals", str(normals), "--out",
+    before_rename: list[str] = []
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    (model / f".{WEIGHTS_FILE}.x1y2z3.tmp").write_bytes(b"left by a killed save")
+    monkeypatch.setattr(os, "fsync", fsync_spy(synced, before_rename=before_rename))
+    result = CliRunner().invoke(cli, ["calibrate", str(model), "--normals", str(normals), "--out",
                                       str(tmp_path / "cal"), "--workers", "1"])
     assert result.exit_code == 0, result.output
     written = {path.name for path in (tmp_path / "cal").iterdir() if path.is_file()}
     assert {WEIGHTS_FILE, "model.json", "training_split.csv"} <= written <= set(synced), (written, synced)
+    assert {WEIGHTS_FILE, "model.json"} <= set(before_rename), before_rename  # each whole before it took its name
+    assert not [path for path in (tmp_path / "cal").iterdir() if path.name.endswith(".tmp")]  # not copied along
     load_model(tmp_path / "cal")

@@ -41,7 +41,7 @@ from radscan.model.metadata import (
     sha256_file,
 )
 from radscan.model.simsid import COMPONENTS, SimSID
-from radscan.report import atomic_output, head_card, write_bytes
+from radscan.report import atomic_output, head_card, sync_files, write_bytes
 
 __all__ = ["export_model", "CHUNK", "OPSET"]
 
@@ -126,6 +126,7 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
             source = model_dir / name
             if name not in (WEIGHTS_FILE, METADATA_FILE) and source.is_file() and not name.startswith("."):
                 shutil.copy2(source, out_dir / name)
+        sync_files(out_dir)  # the copies (a copy does not sync), before the model.json that lists them
         written = exported(metadata, graphs, OPSET, CHUNK, torch.__version__)
         with atomic_output(out_dir / METADATA_FILE, "w") as handle:
             json.dump(written, handle, indent=2)

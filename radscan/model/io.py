@@ -36,7 +36,7 @@ from radscan.model.metadata import (
 )
 from radscan.model.simsid import COMPONENTS, SimSID
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.report import atomic_output, write_bytes
+from radscan.report import atomic_output, remove_stale_temporaries, write_bytes
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
 
@@ -48,6 +48,8 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     the metadata path. Raises OutputError (exit 73) when either cannot be written (a full disk)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, METADATA_FILE):  # a killed save's (20 MB each); callers hold the folder's lock
+        remove_stale_temporaries(directory, name)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     # what changes scores besides the tensors (format, preprocessing, settings) is sealed inside the
