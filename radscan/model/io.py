@@ -48,7 +48,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
     the metadata path. Raises OutputError (exit 73) when either cannot be written (a full disk)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, METADATA_FILE):  # a killed save's (20 MB each); callers hold the folder's lock
+    for name in (WEIGHTS_FILE, METADATA_FILE):  # a killed save's (the weights: 20 MB); callers hold the lock
         remove_stale_temporaries(directory, name)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
