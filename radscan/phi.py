@@ -18,7 +18,7 @@ from pathlib import Path
 from radscan.errors import SettingError
 from radscan.qc import age_in_years
 from radscan.records import ImageRecord
-from radscan.report import cannot_write
+from radscan.report import cannot_write, sync_folder
 
 __all__ = ["PHI_FIELDS", "PhiFilter", "load_phi_key", "age_string"]
 
@@ -117,8 +117,15 @@ def load_phi_key(explicit: str | None, key_file: Path) -> bytes:
         descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise cannot_write(key_file, exc) from None
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(secrets.token_hex(32).encode() + b"\n")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_hex(32).encode() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # a key lost to a power cut would unlink every identifier hashed with it
+    except OSError as exc:  # a full disk: no empty key file left for the next run to refuse
+        key_file.unlink(missing_ok=True)
+        raise cannot_write(key_file, exc) from None
+    sync_folder(key_file.parent)
     log.warning("created a new PHI key in %s: keep it safe; hashed identifiers only link across runs "
                 "made with the same key", key_file)
     return key_file.read_bytes().strip()

@@ -43,3 +43,32 @@ def test_a_short_key_file_is_refused_with_the_file_s_remedy(tmp_path):
 def test_spaces_do_not_count_towards_the_length(key):
     with pytest.raises(SettingError, match="characters: a key that short"):
         load_phi_key(key, Path("/nonexistent/phi.key"))
+
+
+@pytest.mark.parametrize("reported_at", ["write", "sync"])
+def test_a_full_disk_while_making_the_key_is_exit_73_and_leaves_no_empty_key(tmp_path, monkeypatch, reported_at):
+    """A review: a disk that filled while a new key was written was exit 1 "a bug", and left an
+    empty key file that every later run refused ("the PHI key file ... is empty")."""
+    import errno
+    import io
+    import os
+
+    from radscan.errors import ExitCode, OutputError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullFile(io.FileIO):
+        write = full
+
+    key_file = tmp_path / "radscan" / "phi.key"
+    if reported_at == "write":
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullFile(fd, "wb"))
+    else:
+        monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match="No space left on device") as raised:
+        load_phi_key(None, key_file)
+    assert raised.value.exit_code == ExitCode.CANT_CREATE and not key_file.exists()
+    monkeypatch.undo()
+    key = load_phi_key(None, key_file)  # the next run makes one
+    assert len(key) == 64 and key_file.read_bytes().strip() == key
