@@ -162,3 +162,35 @@ def test_every_file_of_the_exported_model_is_synced_before_model_json_lists_it(t
     assert graphs and graphs | {"model.json"} <= set(before_rename), before_rename
     # the copies are synced before model.json, which lists their digests, is written
     assert synced.index("qc.safetensors") < len(synced) - 1 - synced[::-1].index("model.json")
+
+
+@pytest.mark.parametrize("failure", ["full disk", "failed trace"])
+def test_a_failed_export_leaves_nothing_and_a_rerun_completes_it(tmp_path, monkeypatch, failure):
+    """A helper's review: an export that failed half way (a full disk, an error in the ONNX trace)
+    left its temporary graph and some files in --out, and the rerun refused the folder as "not an
+    empty folder"."""
+    import os
+
+    import torch
+
+    from .support import fsync_spy
+
+    if failure == "full disk":
+        monkeypatch.setattr(os, "fsync", fsync_spy([], fail="explain.onnx"))
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("the trace failed")
+        monkeypatch.setattr(torch.onnx, "export", broken)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        result = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(out)])
+        assert result.exit_code == (ExitCode.CANT_CREATE if failure == "full disk" else ExitCode.CRASH), result.output
+        if out == empty:  # left as it was given
+            assert out.is_dir() and not list(out.iterdir())
+        else:
+            assert not out.exists()
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+

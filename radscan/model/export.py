@@ -18,6 +18,7 @@ residual) and the `thorax` field (whose picture needs the field's mask) are refu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,6 +119,7 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise SettingError(f"{out_dir} is not an empty folder: radscan export never overwrites a model; choose "
                            "another --out")
     sealed = seal(config.to_dict(), metadata, calibration=sealed_calibration(metadata))
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         graphs = {name: _write_graph(graph(model).eval(), out_dir / ONNX_GRAPHS[name], sealed)
@@ -131,10 +133,27 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
         with atomic_output(out_dir / METADATA_FILE, "w") as handle:
             json.dump(written, handle, indent=2)
         _head_the_card(out_dir, written)
-    except OSError as exc:
-        raise OutputError(f"cannot write the exported model to {out_dir}: {exc.strerror or exc}") from None
+    except BaseException as exc:  # a full disk, a failed trace, Ctrl-C: a rerun finds the folder as it was
+        _remove_partial_export(out_dir, made)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the exported model to {out_dir}: {exc.strerror or exc}") from None
+        raise
     return {"model": str(out_dir), "engine": ONNX_ENGINE, "graphs": {k: str(out_dir / ONNX_GRAPHS[k]) for k in graphs},
             "bytes": sum(g["bytes"] for g in graphs.values())}
+
+
+def _remove_partial_export(out_dir: Path, made: bool) -> None:
+    """Remove what a failed export wrote in `out_dir`: all of it, since export only writes into a new or
+    empty folder (a half-made one was refused by the rerun as "not an empty folder"); the folder too
+    if the export made it."""
+    with contextlib.suppress(OSError):
+        for path in out_dir.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if made:
+            out_dir.rmdir()
 
 
 def _head_the_card(out_dir: Path, written: dict[str, Any]) -> None:
