@@ -378,9 +378,8 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
                            "overwrites a model)")
     # a folder of something else (an evaluation's outputs, a site's files): the model's files were
     # mixed in among them (a trial); a run's own (its inputs list, log, checkpoint) are not in the way
-    ours = {TRAIN_LOCK, INPUTS_FILE, LOG_FILE, SPLIT_FILE, CHECKPOINT_FILE, METADATA_FILE}
-    if out_dir.is_dir() and not ours & {path.name for path in out_dir.iterdir()} - {TRAIN_LOCK} \
-            and any(path.name != TRAIN_LOCK for path in out_dir.iterdir()):
+    present = {path.name for path in out_dir.iterdir()} - {TRAIN_LOCK} if out_dir.is_dir() else set()
+    if present and not present & {INPUTS_FILE, LOG_FILE, SPLIT_FILE, CHECKPOINT_FILE, METADATA_FILE}:
         raise SettingError(f"{out_dir} holds other files and no training run: choose a new or empty --out")
     if checkpoint_path.exists() and not resume:
         raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "

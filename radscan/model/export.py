@@ -19,6 +19,7 @@ residual) and the `thorax` field (whose picture needs the field's mask) are refu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,6 @@ from radscan.model.metadata import (
     exported,
     seal,
     sealed_calibration,
-    sha256_file,
 )
 from radscan.model.simsid import COMPONENTS, SimSID
 from radscan.report import atomic_output, head_card, sync_files, write_bytes
@@ -183,7 +183,8 @@ def _write_graph(graph: torch.nn.Module, path: Path, sealed: str) -> dict[str, A
     entry = proto.metadata_props.add()
     entry.key, entry.value = SEAL_KEY, sealed
     tmp.unlink()
-    write_bytes(path, proto.SerializeToString())
-    if not path.stat().st_size:
+    data = proto.SerializeToString()
+    if not data:
         raise ModelError(f"the exported graph {path} is empty")
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from radscan import __version__
-from radscan.errors import ModelError, OutputError, SettingError
+from radscan.errors import ModelError, SettingError
 from radscan.model.config import SimSIDConfig
 from radscan.model.metadata import (
     FORMAT,
@@ -36,7 +36,7 @@ from radscan.model.metadata import (
 )
 from radscan.model.simsid import COMPONENTS, SimSID
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.report import atomic_output, remove_stale_temporaries, write_bytes
+from radscan.report import remove_stale_temporaries, write_bytes
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "save_model", "load_model", "read_metadata", "sha256_file"]
 
@@ -68,12 +68,7 @@ def save_model(model: SimSID, directory: Path, metadata: dict[str, Any]) -> Path
         **metadata,
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
     }
-    try:
-        with atomic_output(directory / METADATA_FILE) as handle:
-            json.dump(full, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-    except OSError as exc:
-        raise OutputError(f"cannot write {directory / METADATA_FILE}: {exc.strerror or exc}") from None
+    write_bytes(directory / METADATA_FILE, (json.dumps(full, indent=2, sort_keys=False) + "\n").encode())
     return directory / METADATA_FILE
 
 
