@@ -42,7 +42,7 @@ from radscan.model.metadata import (
     sealed_calibration,
 )
 from radscan.model.simsid import COMPONENTS, SimSID
-from radscan.report import atomic_output, head_card, sync_files, write_bytes
+from radscan.report import head_card, sync_files, write_bytes
 
 __all__ = ["export_model", "CHUNK", "OPSET"]
 
@@ -130,8 +130,7 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
                 shutil.copy2(source, out_dir / name)
         sync_files(out_dir)  # the copies (a copy does not sync), before the model.json that lists them
         written = exported(metadata, graphs, OPSET, CHUNK, torch.__version__)
-        with atomic_output(out_dir / METADATA_FILE, "w") as handle:
-            json.dump(written, handle, indent=2)
+        write_bytes(out_dir / METADATA_FILE, (json.dumps(written, indent=2) + "\n").encode())
         _head_the_card(out_dir, written)
     except BaseException as exc:  # a full disk, a failed trace, Ctrl-C: a rerun finds the folder as it was
         _remove_partial_export(out_dir, made)
