@@ -241,10 +241,28 @@ def iso_date(value: str) -> str:
         return ""
 
 
+def age_by_dates(birth: str, on: str) -> float | None:
+    """Whole years from a birth date to a date, both DA values (PS3.5 6.2; read as `iso_date`), as a
+    birthday counts them; None when either is not a real date or the birth is after the date."""
+    born, then = iso_date(birth), iso_date(on)
+    if not born or not then or born > then:
+        return None
+    (y0, m0, d0), (y1, m1, d1) = ((int(part) for part in text.split("-")) for text in (born, then))
+    return float(y1 - y0 - ((m1, d1) < (m0, d0)))
+
+
+# the dates of the film, in the order they stand for the day it was taken (PS3.3 C.7.2.1, C.7.3.1, C.7.6.1)
+_FILM_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+
 def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     for keyword in DICOM_FIELDS:
         setattr(record, keyword, header_text(ds, keyword))
     record.ImageType = "\\".join(header_texts(ds, "ImageType"))
+    # PatientAge is Type 3 and often absent where the birth date is not (a trial: a 64-year-old passed
+    # a children's model's population check); the birth date is read here and not kept
+    taken = next((iso for keyword in _FILM_DATES if (iso := iso_date(header_text(ds, keyword)))), "")
+    record.age_by_dates = age_by_dates(header_text(ds, "PatientBirthDate"), taken.replace("-", ""))
     record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = header_text(file_meta(ds), "TransferSyntaxUID")

@@ -248,7 +248,7 @@ _QC_VERDICTS = {"pass": ("QC-PASS", "Passed: the film suits the model"),
 # what a warning is about, coded, so that an engine can tell a film to check (mirrored) from a
 # patient the model was not made for (age) without parsing the worklist's words
 _QC_FINDINGS = {WARN_MIRRORED: ("QC-MIRRORED", "May be mirrored left to right: check the side marker"),
-                WARN_AGE: ("QC-AGE", "Patient age outside the model's training population"),
+                WARN_AGE: ("QC-AGE", "Patient age outside the model's population, or unreadable"),
                 WARN_SMALL: ("QC-SMALL", "Smaller than the model's input: enlarged, score not comparable"),
                 WARN_COLOUR: ("QC-COLOUR", "A colour image shown as grey: score not comparable"),
                 WARN_TRANSPARENT: ("QC-TRANSPARENT", "Partly transparent, shown over white: score not comparable")}

@@ -49,13 +49,21 @@ def page_link(relative_path: str | None) -> str:
     return quote(relative_path) if relative_path else ""
 
 
-def image_entry(row: dict[str, Any]) -> dict[str, Any]:
+def shown_path(path: str, root: str = "") -> str:
+    """A file's path as the page shows it: under its input root when `root` is given (a run of several
+    roots: "siteA" and "siteB" may both hold p1/x.jpeg, and the page showed them alike, a trial)."""
+    return f"{root.rstrip('/')}/{path}" if root else path
+
+
+def image_entry(row: dict[str, Any], with_root: bool = False) -> dict[str, Any]:
     """One image of a study, as the page lists it under the study: a row of the image CSV
-    (REPORT_COLUMNS) -> its path, picture (relative link, "" when none), score (None when not scored),
-    z, flag and status, the reason when it was not scored, and quality control's warning or
-    failure when it has one (a warned image that is not the study's top one must show it too)."""
+    (REPORT_COLUMNS) -> its path (under its root with `with_root`: shown_path), picture (relative
+    link, "" when none), score (None when not scored), z, flag and status, the reason when it was not
+    scored, and quality control's warning or failure when it has one (a warned image that is not the
+    study's top one must show it too)."""
     score = row.get("score")
-    return {"path": row["path"], "picture": page_link(row.get("residual_png")),
+    return {"path": shown_path(row["path"], row.get("root", "") if with_root else ""),
+            "picture": page_link(row.get("residual_png")),
             "score": None if score is None else round(float(score), 6), "z": row.get("score_z"),
             "flag": row.get("flag") is True, "status": row["status"],
             "reason": "" if row["status"] == "ok" else row.get("reason", ""),
@@ -63,7 +71,7 @@ def image_entry(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = None,
-                images: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                images: list[dict[str, Any]] | None = None, root: str = "") -> dict[str, Any]:
     """The fields of one row of the study CSV that the page shows, under short names.
 
     `study` is a row as write_worklist builds it (STUDY_COLUMNS); identifiers are already as the
@@ -71,7 +79,8 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
     `qc_reason`: the quality-control verdict on the study's top image, if it warned or failed.
     `z`: the top image's score as a z-score (calibration normals' spreads above their mean; the
     score is its sigmoid), which keeps the order where the score saturates near 1. `images`: the
-    study's images (image_entry), listed under the study when it has more than one."""
+    study's images (image_entry), listed under the study when it has more than one. `root`: the top
+    image's input root, shown before its path when the run had several (shown_path)."""
     score = study.get("study_score")
     return {
         "rank": study["study_rank"], "score": None if score is None else round(float(score), 6),
@@ -80,7 +89,7 @@ def study_entry(study: dict[str, Any], qc_reason: str = "", z: float | None = No
         "rejected": study["images_rejected"], "note": study["study_note"],
         "patient": study.get("PatientID", ""), "accession": study.get("AccessionNumber", ""),
         "uid": study.get("StudyInstanceUID", ""), "date": study.get("StudyDate", ""),
-        "modality": study.get("Modality", ""), "path": study["top_path"],
+        "modality": study.get("Modality", ""), "path": shown_path(study["top_path"], root),
         "picture": page_link(study["top_residual_png"]), "qc": qc_reason, "z": z,
         "members": images if images and len(images) > 1 else [], "section": study.get("study_section", "reading"),
     }

@@ -455,22 +455,43 @@ def unread_formats(count: int) -> str:
             f"radscan does not read (TIFF, BMP, GIF, WebP, JPEG 2000), listed as skipped: {READS_ONLY}")
 
 
+# the reasons of a file that is no kind of file radscan knows (not a TIFF, an archive, a resource fork)
+EMPTY_FILE = "empty file (0 bytes)"
+NOT_RECOGNISED = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
+
+
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     name = path.name
     if name.startswith("._"):
         return record.skip("macOS resource-fork file (AppleDouble), not an image")
     packed = next((kind for magic, kind in _PACKED if head.startswith(magic)), None)
     if not head:
-        reason = "empty file (0 bytes)"
+        reason = EMPTY_FILE
+    elif _may_be_an_image(str(path)) and _only_zero_bytes(path, head):  # space a copy took and never filled
+        return record.fail("the file holds only zero bytes: a copy that did not finish, or a damaged file")
     elif packed:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
     elif other := _other_image(head, record.file_size or 0):
         return record.skip(f"a {other} image: {READS_ONLY}")
     else:
-        reason = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
+        reason = NOT_RECOGNISED
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         return record.fail(f"{reason}, although named like an image: incomplete transfer or wrong file?")
     return record.skip(reason)
+
+
+_ZERO_CHECKED = 1 << 20  # bytes of a file looked at for `_only_zero_bytes`
+
+
+def _only_zero_bytes(path: Path, head: bytes) -> bool:
+    """Whether the file starts with nothing but zero bytes, as far as its first MiB shows: a transfer
+    that reserved the file's size and stopped, or a DICOM file cut within its zero preamble. A real
+    film does not (a DICOM's 128-byte preamble is followed by "DICM")."""
+    if head.count(0) != len(head):
+        return False
+    with open(path, "rb") as handle:
+        start = handle.read(_ZERO_CHECKED)
+    return start.count(0) == len(start)
 
 
 _BATCH = 4  # files per task sent to a worker

@@ -73,7 +73,8 @@ FLAT_TONES = 4
 # Bumped whenever a rule changes what a film is judged (part of the fingerprint: a rerun judges every file
 # again). 2: flat tone (was: the larger of pure black and pure white). 3: a film under MODEL_SIZE warns.
 # 4: a failed film scored anyway (--qc warn) carries the warnings too; colour and transparency warn.
-QC_RULES = 4
+# 5: the age check reads the birth and study dates too, and an unreadable PatientAge warns.
+QC_RULES = 5
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -631,14 +632,32 @@ class QualityControl:
         if "transparency" in record.converted:
             warnings.append(f"{WARN_TRANSPARENT}, shown over white as a viewer shows it (washed out where "
                             "translucent): its score is not comparable, do not read a flag as a finding")
-        age = age_in_years(record.PatientAge) if record.PatientAge else None
-        # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
-        if age is not None and self.age_range is not None and not self.age_range[0] <= age < self.age_range[1] + 1:
-            low, high = self.age_range
-            shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
-            warnings.append(f"{WARN_AGE} {shown} years is outside the model's training population "
-                            f"({low:g}-{high:g} years): its score is not comparable, do not read a flag as a finding")
+        if self.age_range is not None:
+            warnings.extend(self._population_warnings(record))
         return warnings
+
+    def _population_warnings(self, record: ImageRecord) -> list[str]:
+        """The age check against the model's training population: PatientAge, and the age its birth
+        and study dates give (radscan.dicom.age_by_dates; PatientAge is often absent, and a stale or
+        mistyped one must not hide an adult); an unreadable PatientAge with no dates is said too."""
+        assert self.age_range is not None
+        low, high = self.age_range
+        said = age_in_years(record.PatientAge) if record.PatientAge else None
+        by_dates = (record.age_by_dates, " (from its birth and study dates)")
+        ages = [(age, source) for age, source in ((said, ""), by_dates) if age is not None]
+        # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
+        outside = [(age, source) for age, source in ages if not low <= age < high + 1]
+        population = f"the model's training population ({low:g}-{high:g} years)"
+        if outside:
+            age, source = outside[0]
+            shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
+            disagree = " (its PatientAge says otherwise)" if source and said is not None else ""
+            return [f"{WARN_AGE} {shown} years{source}{disagree} is outside {population}: its score is not "
+                    "comparable, do not read a flag as a finding"]
+        if record.PatientAge and not ages:
+            return [f"{WARN_AGE} cannot be read (PatientAge '{visible_controls(record.PatientAge[:16])}', and no "
+                    f"birth date): whether the patient is in {population} is not known"]
+        return []
 
 
 def _body_part_said(record: ImageRecord) -> str:

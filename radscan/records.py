@@ -90,6 +90,10 @@ class ImageRecord:
     # not a column: the (128, 128) uint8 whole film that quality control judges when the model reads
     # only part of it (a thorax-box model's box; radscan.ingest.ingest_file). Dropped once judged.
     qc_image: Any = field(default=None, repr=False, compare=False)
+    # not a column: the patient's age in years at the study from the header's PatientBirthDate and the
+    # study's date (radscan.dicom.age_by_dates), for quality control's population check where PatientAge
+    # is absent or disagrees; the birth date itself is never kept (an identifier)
+    age_by_dates: float | None = field(default=None, repr=False, compare=False)
 
     def skip(self, reason: str) -> ImageRecord:
         self.status, self.reason = Status.SKIPPED, reason
@@ -107,7 +111,7 @@ class ImageRecord:
         return row
 
 
-RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("extra", "qc_image"))
+RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("extra", "qc_image", "age_by_dates"))
 
 
 # Unicode's explicit directional formatting characters (UAX #9, 2.1-2.4): embeddings, overrides and

@@ -50,6 +50,8 @@ from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.drift import Drift, check_drift
 from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import (
+    EMPTY_FILE,
+    NOT_RECOGNISED,
     READER_REVISION,
     READS_ONLY,
     Found,
@@ -78,7 +80,7 @@ from radscan.report import (
     refuse_special,
     remove_stale_temporaries,
 )
-from radscan.state import FileIdentity, StateStore, hold_lock, store_files
+from radscan.state import FILM_GONE_BAD, FileIdentity, StateStore, hold_lock, store_files
 from radscan.stopping import raise_if_stop_asked
 from radscan.worklist import DISCLAIMER, OutputPaths, write_readme, write_worklist
 
@@ -654,7 +656,7 @@ def _reuse_stored(files: list[Found], store: StateStore, link_base: Path, pictur
                 and not _picture_in(row.get("residual_png", ""), link_base, folder):
             reason = "picture"
         else:
-            unchanged.append(identity)
+            unchanged.append((identity, printable(found.root)))
             continue
         reasons[reason] += 1
         todo.append((found, identity))
@@ -679,6 +681,7 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
             tqdm(total=len(todo), unit="file", desc="score", disable=None if settings.progress else True) as bar:
         for identities, rows, pictures in batches:
             write_pictures(pictures, pool)
+            _fail_films_gone_bad(identities, rows, store)
             store.save(zip(identities, rows, strict=True))
             dicom.update(row["status"] for row in rows if row["kind"] == "dicom")
             bar.update(len(rows))
@@ -688,6 +691,20 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
         log.warning("none of the %d DICOM files read in this run was used: all were skipped by the selection "
                     "policy (modalities %s, body parts %s); check --modalities and --body-parts",
                     dicom.total(), _listed(settings.policy.modalities), _listed(settings.policy.body_parts))
+
+
+def _fail_films_gone_bad(identities: list[FileIdentity], rows: list[dict[str, Any]], store: StateStore) -> None:
+    """Make an error of each file skipped as no known kind of file (empty, or not recognised) that an
+    earlier run read as a film (zero-filled or cut short by a copy that did not finish, overwritten):
+    skipped, its study left the worklist with exit 0 and no word (a trial: a study flagged one night
+    was gone the next). A film since packed (gzip) or converted (TIFF) stays skipped, its row saying
+    so. Rows changed in place."""
+    for identity, row in zip(identities, rows, strict=True):
+        if row["status"] == Status.SKIPPED and row["reason"] in (EMPTY_FILE, NOT_RECOGNISED) and \
+                (was := store.stored_film_kind(identity.key)) is not None:
+            row["status"] = Status.ERROR
+            row["reason"] = (f"{row['reason']}; {FILM_GONE_BAD.format(was.upper())}: damaged, overwritten or not "
+                             "fully copied?")
 
 
 def _score_here(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter,

@@ -238,6 +238,9 @@ _SECTION = """(CASE WHEN s.images_skipped = s.images THEN 'skipped'
 _NEW = "(COALESCE(json_extract(row, '$.listed_since'), json_extract(row, '$.read_by_run')) IS :run)"
 # the statuses of a file that reached the reader: scored, or rejected by quality control (the reader judges it)
 _READ = (Status.OK, Status.REJECTED)
+_FILM_KINDS = ("dicom", "jpeg", "png")
+# the reason's words for a file an earlier run read as a film that is no film now (radscan.score)
+FILM_GONE_BAD = "an earlier run read it as a {} film"
 # the z-score breaks ties of the stored score (sigmoid(z), rounded to 6 decimals: 1.0 from z = 14.5 up)
 _Z = "json_extract(row, '$.score_z')"
 _SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
@@ -414,6 +417,21 @@ class StateStore:
                                  "AND json_valid(row)", (_blob(key),)).fetchone()
         return found[0] if found and isinstance(found[0], str) else ""
 
+    def stored_film_kind(self, key: str) -> str | None:
+        """The kind ("dicom", "jpeg", "png") of the file `key` when an earlier run read it as a film
+        (scored, rejected by quality control, or failed while being read as one, or found damaged
+        since: FILM_GONE_BAD), whatever its size, time or settings; else None (never stored,
+        skipped, or not an image)."""
+        found = self._db.execute("SELECT json_extract(row, '$.kind'), json_extract(row, '$.reason') FROM results "
+                                 "WHERE key = ? AND status != ? AND json_valid(row)",
+                                 (_blob(key), Status.SKIPPED)).fetchone()
+        if not found:
+            return None
+        if found[0] in _FILM_KINDS:
+            return found[0]
+        gone_bad = re.search(FILM_GONE_BAD.format(r"(\w+)"), str(found[1] or ""))  # damaged since: still a film
+        return gone_bad.group(1).lower() if gone_bad and gone_bad.group(1).lower() in _FILM_KINDS else None
+
     def why_stale(self, identity: FileIdentity) -> str:
         """Why a file with no valid row (`lookup`) is read: "store" (this run moved a damaged store
         aside and started an empty one), "new" (the store has no row for its path),
@@ -440,12 +458,14 @@ class StateStore:
             raise OutputError(f"cannot write the state store: {exc} (a full disk, or a store another user "
                               "owns?)") from None
 
-    def mark_seen(self, identities: Iterable[FileIdentity]) -> None:
-        """Stored rows that this run lists again, unchanged."""
+    def mark_seen(self, files: Iterable[tuple[FileIdentity, str]]) -> None:
+        """Stored rows that this run lists again, unchanged, each with its root as this run spells it
+        (the `root` column: "../in" one night and "/data/in" the next name one folder, and a row kept
+        from the first must not send a tool that joins root and path elsewhere: a trial)."""
         with self._writing(), self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("UPDATE results SET seen = ? WHERE key = ?",
-                                 [(self.run_id, _blob(i.key)) for i in identities])
+            self._db.executemany("UPDATE results SET seen = ?, sort_root = ?, row = json_set(row, '$.root', ?) "
+                                 "WHERE key = ?", [(self.run_id, root, root, _blob(i.key)) for i, root in files])
 
     def save(self, items: Iterable[tuple[FileIdentity, dict[str, Any]]]) -> None:
         """Store rows (seen by this run) in one transaction: all or nothing (exit 73 if it cannot).
@@ -587,6 +607,11 @@ class StateStore:
                    "images_duplicated": duplicated or 0, "patients": patients or 0,
                    "top": json.loads(row),
                    "study_section": section}
+
+    def roots_listed(self) -> int:
+        """How many input roots (as this run spells them) this run's rows come from."""
+        return self._db.execute("SELECT COUNT(DISTINCT sort_root) FROM results WHERE seen = ?",
+                                (self.run_id,)).fetchone()[0]
 
     def scored_now(self) -> tuple[int, int]:
         """(films scored, films flagged) among the files this run listed first (new or changed files):

@@ -140,7 +140,7 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
 def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[dict[str, Any]]]:
     """The image list; returns the images each study lists, in the list's order (radscan.htmlreport.image_entry;
     at most IMAGES_PER_STUDY each), for the page."""
-    rank = 0
+    rank, with_root = 0, store.roots_listed() > 1
     members: dict[str, list[dict[str, Any]]] = {}
     for row in store.worklist():
         if row["status"] == Status.OK:
@@ -150,7 +150,7 @@ def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[di
         if row.pop("listed"):
             images = members.setdefault(row["study_key"], [])
             if len(images) < IMAGES_PER_STUDY:
-                images.append(image_entry(row))
+                images.append(image_entry(row, with_root))
     return members
 
 
@@ -159,6 +159,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
     """The study list; returns the page's entries (with `members`, the images of each study:
     _write_image_rows), studies, flagged studies."""
     entries, studies, flagged, mixed = [], 0, 0, 0
+    with_root = store.roots_listed() > 1
     for study in store.studies():
         note = _study_note(study)
         top = study.pop("top")
@@ -181,7 +182,8 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         if members is not None:
             qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
             entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z"),
-                                       images=members.get(study["study_key"], [])))
+                                       images=members.get(study["study_key"], []),
+                                       root=top.get("root", "") if with_root else ""))
     if mixed:  # counted, never named: Patient IDs stay out of the log
         log.warning("%d studies hold films of more than one patient under one Study Instance UID (a sender's or "
                     "anonymiser's error?): their study_note says so; read each image's row", mixed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -682,6 +683,95 @@ def test_bad_input_costs_a_row_never_the_run(tiny_model, tmp_path):
     (bad / "good.jpeg").symlink_to(tmp_path / "gone.jpeg")  # a film that read well is now a broken link
     third = json.loads(_run("score", str(bad), "--out", str(out), "--model", str(tiny_model), "--json").stdout)
     assert third["read_because"] == {"changed": 1, "error": errors}
+
+
+@pytest.mark.parametrize("damage", ["zero-filled", "cut in its preamble", "overwritten by text", "emptied"])
+def test_a_film_damaged_after_a_run_read_it_stays_on_the_list_as_an_error(studies, tiny_model, tmp_path, damage):
+    """A trial: a DICOM film without an extension, flagged one night and then zero-filled by a copy
+    that did not finish (or cut short, or overwritten), was skipped the next night as "not a DICOM
+    file": its study left the worklist, the run said exit 0 and no problem. Whatever the damage, it
+    is an error row (exit 3) listed for IT, saying that the file was a film."""
+    out = tmp_path / "report.csv"
+    args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model), "--json"]
+    assert _run(*args).exit_code == ExitCode.OK
+    film = studies / "cr1" / "IM1"
+    film.write_bytes({"zero-filled": bytes(film.stat().st_size), "cut in its preamble": bytes(100),
+                      "overwritten by text": b"transfer aborted\n" * 20, "emptied": b""}[damage])
+    result = _run(*args)
+    assert result.exit_code == ExitCode.PARTIAL, result.output
+    assert json.loads(result.stdout)["counts"]["error"] == 1
+    row = {r["path"]: r for r in read_rows(out)}["cr1/IM1"]
+    assert row["status"] == "error", row
+    assert "only zero bytes" in row["reason"] or "an earlier run read it as a DICOM film" in row["reason"], row
+    listed = [s for s in read_rows(tmp_path / "report_studies.csv") if s["top_path"] == "cr1/IM1"]
+    assert len(listed) == 1 and listed[0]["study_section"] == "unreadable" and listed[0]["images_error"] == "1"
+    sr = {r["path"]: r for r in read_rows(out)}["nih/sr.dcm"]
+    assert sr["status"] == "skipped"  # a file skipped by the policy stays skipped
+    again = _run(*args)  # retried the next night, and still the film it was
+    retried = {r["path"]: r for r in read_rows(out)}["cr1/IM1"]
+    assert again.exit_code == ExitCode.PARTIAL
+    assert (retried["status"], retried["reason"]) == (row["status"], row["reason"])
+
+
+def test_a_film_packed_after_a_run_read_it_is_skipped_with_what_to_do(studies, tiny_model, tmp_path):
+    """A film compressed in place (archived) is no damage: skipped, its row saying to unpack it."""
+    import gzip
+
+    out = tmp_path / "report.csv"
+    args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model)]
+    assert _run(*args).exit_code == ExitCode.OK
+    film = studies / "cr1" / "IM1"
+    film.write_bytes(gzip.compress(film.read_bytes()))
+    assert _run(*args).exit_code == ExitCode.OK
+    row = {r["path"]: r for r in read_rows(out)}["cr1/IM1"]
+    assert row["status"] == "skipped" and "unpack it" in row["reason"], row
+
+
+def _films(root: Path, *folders: str, offset: int = 0) -> None:
+    """One Kermany test film in each of `folders` under `root`, as x.jpeg."""
+    films = sorted((CXR_DIR / "kermany_pediatric_224/test_normal").iterdir())
+    for index, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True)
+        shutil.copy(films[offset + index], root / folder / "x.jpeg")
+
+
+def test_every_row_names_its_root_as_this_run_spells_it(tiny_model, tmp_path):
+    """A trial: a run by hand with "../in", then cron's with the absolute path and one new film: the
+    films kept from the first run still said root "../in", and a tool joining root and path from
+    another folder opened nothing. Every row says the root as the run that wrote the list gave it,
+    through a symbolic link too. (Each run a process of its own in its working folder, as from a
+    shell: the test's decoding workers outlive a chdir.)"""
+    _films(tmp_path / "in", "p1", "p2")
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    out = tmp_path / "out" / "report.csv"
+    for root, new in (("../in", None), (str(tmp_path / "in"), "p3"), (str(tmp_path / "link"), None)):
+        if new:
+            _films(tmp_path / "in", new, offset=5)
+        subprocess.run([sys.executable, "-m", "radscan", "-q", "score", root, "--out", str(out), "--model",
+                        str(tiny_model)], check=True, cwd=work)
+        rows = read_rows(out)
+        assert {r["root"] for r in rows} == {root} and len(rows) == (2 if root == "../in" else 3), rows
+        assert all((work / r["root"] / r["path"]).is_file() for r in rows)
+
+
+def test_films_of_two_roots_at_the_same_path_are_told_apart_on_the_page(tiny_model, tmp_path):
+    """A trial: `radscan score siteA siteB`, both holding p1/x.jpeg, showed two studies on the page
+    labelled alike. With several roots the page shows each path under its root; with one, as before."""
+    _films(tmp_path / "siteA", "p1")
+    _films(tmp_path / "siteB", "p1", offset=3)
+
+    def shown(*roots: Path) -> list[str]:
+        out = tmp_path / f"out{len(roots)}" / "report.csv"
+        assert _run("score", *map(str, roots), "--out", str(out), "--model", str(tiny_model)).exit_code == 0
+        page = (out.parent / "report.html").read_text()
+        studies = json.loads(re.search(r'<script type="application/json" id="studies">(.*?)</script>', page, re.S)[1])
+        return sorted(study["path"] for study in studies)
+
+    assert shown(tmp_path / "siteA", tmp_path / "siteB") == [f"{tmp_path}/siteA/p1/x.jpeg",
+                                                             f"{tmp_path}/siteB/p1/x.jpeg"]
+    assert shown(tmp_path / "siteA") == ["p1/x.jpeg"]
 
 
 def _png_claiming(width: int, height: int) -> bytes:

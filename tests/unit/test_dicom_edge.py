@@ -384,3 +384,53 @@ def test_any_rescale_shows_the_film_its_stored_values_show(exponent, intercept, 
     if signed:  # a negative slope reverses the grey scale
         expected = window_to_uint8(-stored.astype(np.float64), *percentile_window(subsample(-stored)), invert=False)
     assert np.abs(shown.astype(int) - expected).max() <= 1
+
+
+@given(born=st.dates(min_value=__import__("datetime").date(1880, 1, 1)),
+       days=st.integers(-400, 50_000))
+def test_the_age_from_birth_and_study_dates_counts_birthdays(born, days):
+    """Whole years as birthdays count them (a 29 February birth turns a year older on 1 March of a
+    common year), None for a birth after the film; DA values in either form the standard allows."""
+    import datetime
+
+    from radscan.dicom import age_by_dates
+
+    try:
+        on = born + datetime.timedelta(days=days)
+    except OverflowError:
+        return
+    expected = None if on < born else float(on.year - born.year - ((on.month, on.day) < (born.month, born.day)))
+    assert age_by_dates(born.strftime("%Y%m%d"), on.strftime("%Y%m%d")) == expected
+    assert age_by_dates(born.strftime("%Y.%m.%d"), on.strftime("%Y%m%d")) == expected
+    for junk in ("", "19601399", "ABCD", "00000000"):
+        assert age_by_dates(junk, on.strftime("%Y%m%d")) is None and age_by_dates(born.strftime("%Y%m%d"), junk) is None
+
+
+@pytest.mark.parametrize("header, warned", [
+    ({"PatientBirthDate": "19600115", "StudyDate": "20240310"},
+     "patient age 64 years (from its birth and study dates)"),
+    ({"PatientBirthDate": "19600115", "AcquisitionDate": "20240310"}, "patient age 64 years (from its birth"),
+    ({"PatientAge": "003Y", "PatientBirthDate": "19600115", "StudyDate": "20240310"},
+     "patient age 64 years (from its birth and study dates) (its PatientAge says otherwise)"),
+    ({"PatientAge": "ABCD"}, "patient age cannot be read (PatientAge 'ABCD', and no birth date)"),
+    ({"PatientAge": "062Y", "PatientBirthDate": "20210301", "StudyDate": "20240310"}, "patient age 62 years is"),
+    ({"PatientAge": "ABCD", "PatientBirthDate": "20210301", "StudyDate": "20240310"}, None),  # the dates say 3
+    ({"PatientAge": "003Y", "PatientBirthDate": "20210301", "StudyDate": "20240310"}, None),
+    ({"PatientBirthDate": "19600115"}, None),  # no date of the film: nothing to count to
+    ({}, None),
+])
+def test_the_population_check_reads_the_birth_date_where_the_age_is_absent_or_wrong(tmp_path, header, warned):
+    """A trial: a 64-year-old's film with no PatientAge (Type 3, often absent) but a birth date passed
+    a children's model's quality control, as did an unreadable PatientAge; each is said now. The birth
+    date is read and not kept: no column holds it."""
+    from radscan.qc import QualityControl
+
+    texture = np.random.default_rng(0).integers(0, 4000, (128, 128), dtype=np.uint16)  # no smooth ramp
+    record, image = ingest_one(_write(tmp_path / "f.dcm", texture, **header))
+    assert record.status == "ok" and image is not None, record.reason
+    verdict = QualityControl(age_range=(1, 5)).check([record], image[None])[0]
+    if warned is None:
+        assert "patient age" not in verdict.reason, verdict
+    else:
+        assert verdict.status == "warn" and warned in verdict.reason, verdict
+    assert "1960" not in str(record.as_row()) and "2021" not in str(record.as_row())

@@ -462,3 +462,36 @@ def test_an_image_in_a_format_radscan_does_not_read_says_which_and_what_to_do(tm
         text = tmp_path / "notes.txt"  # text that begins like an image format is not called an image
         text.write_text(start * 3)
         assert "image:" not in ingest_one(text)[0].reason, start
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.one_of(st.integers(1, 300), st.integers(301, 3 << 20)),
+       name=st.sampled_from(["IM00001", "film.dcm", "x.jpeg", "1.2.840.10008.5.1", "chest.png"]),
+       stray=st.one_of(st.none(), st.integers(0, (1 << 20) - 1)))
+@example(size=100, name="IM00001", stray=None)  # a DICOM cut within its zero preamble (a trial)
+@example(size=(1 << 20) + 5, name="IM00001", stray=1 << 20)  # a byte past the first MiB: not looked at
+def test_a_file_of_zero_bytes_is_an_unfinished_copy_not_a_skipped_one(tmp_path, size, name, stray):
+    """A trial: a PACS export without extensions, a film zero-filled by a copy that did not finish,
+    was skipped as "not a DICOM, JPEG or PNG file", and its study left the worklist with exit 0.
+    A file that starts with a MiB of zero bytes (or is shorter and holds nothing else) is no file of
+    any kind: an error, whatever its name. One non-zero byte in that MiB makes it some other file."""
+    data = bytearray(size)
+    if stray is not None and stray < size:
+        data[stray] = 7
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    record, image = ingest_one(path)
+    if stray is None or stray >= min(size, 1 << 20):
+        assert image is None and record.status == "error", record
+        assert "only zero bytes" in record.reason
+    else:
+        assert record.status in ("error", "skipped") and "only zero bytes" not in record.reason, record
+
+
+@pytest.mark.parametrize("name", [".reserved", "notes.txt", "index.db", "._IM00001"])
+def test_zero_filled_files_that_are_never_films_stay_skipped(tmp_path, name):
+    """Hidden files and files named as text, databases or macOS resource forks are not films, so a
+    zero-filled one is skipped as before, not an error that turns every night's exit code to 3."""
+    (tmp_path / name).write_bytes(bytes(4096))
+    record, _ = ingest_one(tmp_path / name)
+    assert record.status == "skipped", record
