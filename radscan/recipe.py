@@ -30,7 +30,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 16
-    max_minutes: float | None = None  # a time budget: stop after the iteration that crosses it
+    max_minutes: float | None = None  # a time budget: no epoch begun that would end past it
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
     g_weight_decay: float = 1e-5

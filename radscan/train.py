@@ -451,13 +451,14 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
             split_csv.write({"path": path, "study_key": hashlib.sha256(salt + study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
     films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films, unreadable)
-    if len(films.train_images) < tcfg.batch_size:
-        raise NoInputError(f"only {len(films.train_images)} training images after the calibration split; "
-                           f"need at least one batch of {tcfg.batch_size}")
+    # both limits said at once: a user who mends one should not meet the other on the next try (a trial)
+    short = [f"{len(films.train_images)} training images after the calibration split (at least one batch of "
+             f"{tcfg.batch_size} is needed: --batch-size)"] if len(films.train_images) < tcfg.batch_size else []
     if len(films.calibration) < MIN_CALIBRATION:  # refused now, not after the epochs (calibrate needs them)
-        raise NoInputError(f"only {len(films.calibration)} calibration normals after the split "
-                           f"(--calibration-fraction {tcfg.calibration_fraction:g} of {len(images)}); at least "
-                           f"{MIN_CALIBRATION} are needed: give more normals or a larger --calibration-fraction")
+        short.append(f"{len(films.calibration)} calibration normals after the split (--calibration-fraction "
+                     f"{tcfg.calibration_fraction:g} of {len(images)}; at least {MIN_CALIBRATION} are needed)")
+    if short:
+        raise NoInputError(f"only {' and only '.join(short)}: give more normals")
     if val_abnormal:
         validation_normals = (load_images(val_normal, policy, workers, progress, label="validation normals",
                                           judge=_checked, unreadable=unreadable)[0] if val_normal
@@ -479,10 +480,14 @@ def _validation_copies(films: _Films, own_normals: bool) -> str:
     known, trained = groups[:len(films.images)], groups[:len(films.images)][~films.is_calibration]
     said = []
     shared = int(np.isin(groups[len(films.images):len(films.images) + len(abnormal)], known).sum())
-    if shared:
+    if shared > len(abnormal) / 2:
         said.append(f"{shared} of the {len(abnormal)} validation abnormal films are copies of the normals trained "
                     "or calibrated on (the normals' folder given as --val-abnormal?): the validation AUC measures "
                     "nothing")
+    elif shared:  # a few: an abnormal film filed among the normals too (a trial), not a wrong folder
+        said.append(f"{shared} of the {len(abnormal)} validation abnormal films are also among the normals trained "
+                    "or calibrated on (an abnormal film filed among the normals, or one film in both folders?): "
+                    "check them; the validation AUC counts them as both")
     seen = int(np.isin(groups[len(films.images) + len(abnormal):], trained).sum()) if own_normals else 0
     if seen:
         said.append(f"{seen} of the {len(normal)} validation normal films are copies of films trained on (the "
@@ -612,8 +617,13 @@ def _refuse_another_run(began: dict[str, str] | None, now: dict[str, str], check
 def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg: TrainConfig, device: torch.device,
                 progress: bool, started: float) -> None:
     """Train from `run.epochs` to `tcfg.epochs` (or until the time budget), evaluating each epoch into
-    the training log and writing a checkpoint after it; updates `run`."""
+    the training log and writing a checkpoint after it; updates `run`.
+
+    The budget is kept at epoch boundaries: an epoch that the last one's length says would end past
+    it is not begun (at least one epoch runs). An epoch cut within would be counted whole by the
+    checkpoint, and `--resume` would then give another model than an uninterrupted run (a trial)."""
     budget_s = tcfg.max_minutes * 60 if tcfg.max_minutes else math.inf
+    first, last_epoch_s = run.epochs, 0.0
     identity = _run_identity(films, tcfg)
     train_images = films.train_images
     tensor_images = torch.from_numpy(train_images)
@@ -621,6 +631,12 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
     _trim_log(out_dir / LOG_FILE, run.epochs)
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as training_log:
         for epoch in range(run.epochs, tcfg.epochs):
+            if epoch > first and time.monotonic() - started + last_epoch_s > budget_s:
+                run.stopped_by_budget = True
+                log.warning("time budget of %g minutes: stopped after epoch %d of %d (the next would end past it); "
+                            "rerun with --resume and a larger --max-minutes to go on", tcfg.max_minutes, epoch,
+                            tcfg.epochs)
+                break
             trainer.take_snapshot()
             generator = torch.Generator().manual_seed(tcfg.seed * 100_003 + epoch)
             torch.manual_seed(tcfg.seed * 100_003 + epoch)
@@ -642,9 +658,6 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1
                 bar.set_postfix({k: f"{sums[k] / counts[k]:.4f}" for k in ("d", "student") if k in sums})
-                if time.monotonic() - started > budget_s:
-                    run.stopped_by_budget = True
-                    break
             bar.close()
             trainer.step_schedules()
             metrics = evaluate_epoch(trainer.model, train_images, films.calibration, films.validation, 64, device,
@@ -665,9 +678,7 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
                               **({"best": run.best, "keep": tcfg.keep} if run.best else {})},
                              out_dir / CHECKPOINT_FILE)
             raise_if_stop_asked()  # a Ctrl-C that a library swallowed stops here, the epoch saved for --resume
-            if run.stopped_by_budget:
-                log.warning("time budget of %g minutes reached during epoch %d", tcfg.max_minutes, epoch + 1)
-                break
+            last_epoch_s = time.monotonic() - epoch_started  # its training, evaluation and checkpoint
 
 
 def _kept_model(trainer: Trainer, films: _Films, run: _Run, tcfg: TrainConfig, device: torch.device) -> SimSID:

@@ -194,3 +194,31 @@ def test_a_failed_export_leaves_nothing_and_a_rerun_completes_it(tmp_path, monke
     result = CliRunner().invoke(cli, ["export", str(SHIPPED), "--out", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
 
+
+
+def test_a_density_model_with_a_critic_blur_exports_and_scores_as_torch_does(tmp_path):
+    """A trial: `radscan export` of a density model trained with `--critic-blur` (a documented
+    option) failed inside torch's ONNX exporter (adaptive pooling after the blur's replicated edges)
+    and printed hundreds of lines of its graph over the --json line. It exports, and scores as torch."""
+    import shutil
+
+    from radscan.model.config import preset
+    from radscan.train import TrainConfig, train
+
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for path in sorted((CXR_DIR / "kermany_pediatric_224/train_normal").iterdir())[:48]:
+        shutil.copy(path, normals / path.name)
+    model = tmp_path / "blurred"
+    train([str(normals)], model, preset("tiny", score_kind="density", density_grid=8, critic_blur_sigma=2.0,
+                         critic_snapshots=1),
+          TrainConfig(epochs=1, batch_size=8), workers=1, progress=False)
+    out = tmp_path / "blurred-onnx"
+    done = subprocess.run([sys.executable, "-m", "radscan", "-q", "export", str(model), "--out", str(out), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["ok"] is True  # the one line on stdout
+    films = load_images([str(CXR_DIR / "kermany_pediatric_224/test_abnormal")], for_model(Policy(),
+                        read_metadata(model)), workers=2, progress=False)[0][:64]
+    a, b = load_engine(model, "cpu")[0].score(films, True, False), load_engine(out)[0].score(films, True, False)
+    assert np.abs(a.z - b.z).max() <= 1e-4 and np.abs(a.explanation_maps - b.explanation_maps).max() <= 30 * 1e-4

@@ -147,7 +147,7 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     and removed) the films were split again, 21 films trained on becoming calibration normals (a
     threshold set on films the model knows), and model.json named settings its first epoch never
     used. --epochs and --max-minutes may change; the budget is what stops a run early."""
-    config = TrainConfig(epochs=3, batch_size=8, seed=5, max_minutes=1e-4)  # stops after epoch 1's first batch
+    config = TrainConfig(epochs=3, batch_size=8, seed=5, max_minutes=1e-4)  # stops after epoch 1
     with pytest.raises(SettingError, match="fewer than the 2 critic snapshots"):
         train([str(normals)], tmp_path / "m", TINY, config, workers=1, progress=False)
     with pytest.raises(SettingError, match="seed 5 -> 7"):
@@ -166,6 +166,29 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     # the same run goes on (one more epoch within the budget), to a model
     train([str(normals)], tmp_path / "m", TINY, replace(config, epochs=4), workers=1, progress=False, resume=True)
     assert load_model(tmp_path / "m")[1]["training"]["epochs_run"] == 2
+
+
+def test_a_run_its_time_budget_stopped_resumes_to_the_uninterrupted_model(normals, tmp_path):
+    """A trial: a budget crossed within epoch 1 stopped it after one batch, the checkpoint counted the
+    epoch whole, and `--resume` (as the message advised) gave another model than an uninterrupted run,
+    whose model.json said 3 epochs and no budget stop. The budget now ends a run between epochs only:
+    resumed, it is the uninterrupted model; stopped, its record says so."""
+    config = replace(FAST, epochs=3)
+    train([str(normals)], tmp_path / "straight", TINY, config, workers=1, progress=False)
+    with pytest.raises(SettingError, match="fewer than the 2 critic snapshots"):  # one epoch, then the budget
+        train([str(normals)], tmp_path / "m", TINY, replace(config, max_minutes=1e-4), workers=1, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1]
+    result = train([str(normals)], tmp_path / "m", TINY, replace(config, max_minutes=1e-4), workers=1,
+                   progress=False, resume=True)  # one more epoch, then the budget: a model of 2 of 3 epochs
+    assert result.epochs_run == 2 and result.stopped_by_budget
+    assert load_model(tmp_path / "m")[1]["training"]["stopped_by_budget"] is True
+    again = tmp_path / "again"
+    with pytest.raises(SettingError, match="fewer than the 2 critic snapshots"):
+        train([str(normals)], again, TINY, replace(config, max_minutes=1e-4), workers=1, progress=False)
+    result = train([str(normals)], again, TINY, config, workers=1, progress=False, resume=True)
+    assert result.epochs_run == 3 and not result.stopped_by_budget
+    assert (again / WEIGHTS_FILE).read_bytes() == (tmp_path / "straight" / WEIGHTS_FILE).read_bytes()
 
 
 def test_a_run_killed_while_writing_its_report_is_finished_by_resume(normals, tmp_path, monkeypatch):
@@ -396,6 +419,14 @@ def test_train_never_overwrites_a_model_and_calibration_needs_normals(trained, n
     refused = CliRunner().invoke(cli, ["train", str(few), "--out", str(tmp_path / "early"), "--batch-size", "8"])
     assert refused.exit_code == ExitCode.NO_INPUT and "calibration normals after the split" in refused.output
     assert not (tmp_path / "early" / "train_log.jsonl").exists() and not (tmp_path / "early" / WEIGHTS_FILE).exists()
+    six = tmp_path / "six"  # a trial: told of the batch, then, once that was mended, of the calibration normals
+    six.mkdir()
+    for path in sorted(normals.iterdir())[:6]:
+        shutil.copy(path, six / path.name)
+    refused = CliRunner().invoke(cli, ["train", str(six), "--out", str(tmp_path / "six-model")])
+    assert refused.exit_code == ExitCode.NO_INPUT
+    assert "5 training images after the calibration split" in refused.output
+    assert "1 calibration normals after the split" in refused.output
 
 
 def test_weights_file_named_elsewhere_is_refused(trained, tmp_path):
@@ -500,6 +531,14 @@ def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path):
     abnormal = str(CXR_DIR / "kermany_pediatric_224/val_abnormal")
     train([str(normals)], tmp_path / "n", TINY, FAST, workers=1, progress=False, val_abnormal=[abnormal])
     assert "warning" not in load_model(tmp_path / "n")[1]["training"]["validation"]
+    few = tmp_path / "few"  # a trial: one film filed among the normals and the abnormal films is no wrong folder
+    few.mkdir()
+    for path in [*sorted(Path(abnormal).iterdir())[:20], sorted(normals.iterdir())[0]]:
+        shutil.copy(path, few / path.name)
+    train([str(normals)], tmp_path / "p", TINY, FAST, workers=1, progress=False, val_abnormal=[str(few)])
+    warning = load_model(tmp_path / "p")[1]["training"]["validation"]["warning"]
+    assert warning.startswith("1 of the 21 validation abnormal films are also among the normals trained or "
+                              "calibrated on (an abnormal film filed among the normals") and "nothing" not in warning
     # a review: the training normals given as --val-normal, said in --json too
     result = CliRunner().invoke(cli, ["train", str(normals), "--out", str(tmp_path / "o"), "--epochs", "2",
                                       "--critic-snapshots", "2", "--batch-size", "8", "--workers", "1", "--json",

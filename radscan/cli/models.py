@@ -71,7 +71,8 @@ from radscan.stopping import outcome_said
               show_default=True, help="The discriminator's learning rate: constant, or annealed with the "
                                       "generator's cosine (experimental).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
-              help="Time budget; training stops after the batch that crosses it.")
+              help="Time budget: no epoch is begun that would end past it (at least one runs); "
+                   "--resume goes on.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=RECIPE.batch_size, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0), default=RECIPE.lr, show_default=True,
               help="Adam learning rate of both networks.")
@@ -393,13 +394,14 @@ def calibrate(ctx: click.Context, model_dir: Path, normals: tuple[str, ...], tar
     """Re-derive a model's score scale and flag threshold from a site's own normal studies.
 
     Scores NORMALS with the model; their mean and spread become the score's scale and the
-    --target-specificity quantile the threshold. Use it to adapt a model (the shipped one too) to a
+    --target-specificity quantile the threshold. They replace the normals the model was calibrated on:
+    give all of them, not only those added since. Use it to adapt a model (the shipped one too) to a
     site's scanners and population before relying on its flags.
 
     \b
     Example:
       radscan calibrate models/kermany-tiny --normals /data/site-normals --out models/site-calibrated
-      radscan calibrate models/site-calibrated --normals /data/more-normals --in-place
+      radscan calibrate models/site-calibrated --normals /data/site-normals --normals /data/more-normals --in-place
     """
     from radscan.model.engine import require_torch
 

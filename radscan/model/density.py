@@ -53,6 +53,11 @@ class FeatureDensity(nn.Module):
     def __init__(self, cfg: SimSIDConfig):
         super().__init__()
         self.grid, self.stages = cfg.density_grid, tuple(cfg.density_stages)
+        # each stage's side is known from the configuration (stride-2 stages): where the grid divides it,
+        # a plain average pool of that kernel, the same numbers as adaptive pooling, which the ONNX
+        # exporter refuses once a traced shape is not static (a critic blur's replicated edges: a trial)
+        sides = {stage: cfg.image_size // 2 ** (stage + 1) for stage in self.stages}
+        self.kernels = {stage: side // self.grid if side % self.grid == 0 else 0 for stage, side in sides.items()}
         channels = sum(cfg.d_widths[stage] for stage in self.stages)
         regions = self.grid * self.grid
         self.register_buffer("mean", torch.zeros(regions, channels))
@@ -60,7 +65,9 @@ class FeatureDensity(nn.Module):
 
     def features(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
         """The discriminator's stage outputs (finest first) -> (B, C, g, g) pooled features."""
-        return torch.cat([F.adaptive_avg_pool2d(stage_outputs[stage].float(), self.grid) for stage in self.stages], 1)
+        return torch.cat([F.avg_pool2d(stage_outputs[stage].float(), self.kernels[stage]) if self.kernels[stage]
+                          else F.adaptive_avg_pool2d(stage_outputs[stage].float(), self.grid)
+                          for stage in self.stages], 1)
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, g, g) -> (B, g, g) squared Mahalanobis distance of each region from its normal mean."""
