@@ -243,9 +243,11 @@ def iso_date(value: str) -> str:
 
 def age_by_dates(birth: str, on: str) -> float | None:
     """Whole years from a birth date to a date, both DA values (PS3.5 6.2; read as `iso_date`), as a
-    birthday counts them; None when either is not a real date or the birth is after the date."""
+    birthday counts them; None when either is not a real date, the birth is after the date, or the
+    birth date is before 1901: de-identification's placeholder (19000101, three of the real files in
+    ../shared/data, one of them a 10-year-old's by its PatientAge), not a birth."""
     born, then = iso_date(birth), iso_date(on)
-    if not born or not then or born > then:
+    if not born or not then or born > then or born < "1901":
         return None
     (y0, m0, d0), (y1, m1, d1) = ((int(part) for part in text.split("-")) for text in (born, then))
     return float(y1 - y0 - ((m1, d1) < (m0, d0)))

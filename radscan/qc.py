@@ -637,24 +637,22 @@ class QualityControl:
         return warnings
 
     def _population_warnings(self, record: ImageRecord) -> list[str]:
-        """The age check against the model's training population: PatientAge, and the age its birth
-        and study dates give (radscan.dicom.age_by_dates; PatientAge is often absent, and a stale or
-        mistyped one must not hide an adult); an unreadable PatientAge with no dates is said too."""
+        """The age check against the model's training population: PatientAge, the age at the study,
+        when it can be read; else the age the birth and study dates give (radscan.dicom.age_by_dates:
+        PatientAge is Type 3 and often absent). PatientAge comes first because de-identification
+        shifts or replaces dates (real files here: 52 years by PatientAge, 56 by shifted dates). An
+        unreadable PatientAge with no dates to count is said too."""
         assert self.age_range is not None
         low, high = self.age_range
         said = age_in_years(record.PatientAge) if record.PatientAge else None
-        by_dates = (record.age_by_dates, " (from its birth and study dates)")
-        ages = [(age, source) for age, source in ((said, ""), by_dates) if age is not None]
-        # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
-        outside = [(age, source) for age, source in ages if not low <= age < high + 1]
+        age, source = (said, "") if said is not None else (record.age_by_dates, " (from its birth and study dates)")
         population = f"the model's training population ({low:g}-{high:g} years)"
-        if outside:
-            age, source = outside[0]
+        # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
+        if age is not None and not low <= age < high + 1:
             shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
-            disagree = " (its PatientAge says otherwise)" if source and said is not None else ""
-            return [f"{WARN_AGE} {shown} years{source}{disagree} is outside {population}: its score is not "
-                    "comparable, do not read a flag as a finding"]
-        if record.PatientAge and not ages:
+            return [f"{WARN_AGE} {shown} years{source} is outside {population}: its score is not comparable, do "
+                    "not read a flag as a finding"]
+        if record.PatientAge and age is None:
             return [f"{WARN_AGE} cannot be read (PatientAge '{visible_controls(record.PatientAge[:16])}', and no "
                     f"birth date): whether the patient is in {population} is not known"]
         return []
