@@ -458,6 +458,7 @@ def unread_formats(count: int) -> str:
 # the reasons of a file that is no kind of file radscan knows (not a TIFF, an archive, a resource fork)
 EMPTY_FILE = "empty file (0 bytes)"
 NOT_RECOGNISED = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
+ONLY_ZERO_BYTES = "the file holds only zero bytes: a copy that did not finish, or a damaged file"
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -468,7 +469,7 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     if not head:
         reason = EMPTY_FILE
     elif _may_be_an_image(str(path)) and _only_zero_bytes(path, head):  # space a copy took and never filled
-        return record.fail("the file holds only zero bytes: a copy that did not finish, or a damaged file")
+        return record.fail(ONLY_ZERO_BYTES)
     elif packed:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
     elif other := _other_image(head, record.file_size or 0):

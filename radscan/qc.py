@@ -649,7 +649,7 @@ class QualityControl:
         population = f"the model's training population ({low:g}-{high:g} years)"
         # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
         if age is not None and not low <= age < high + 1:
-            shown = f"{age:.1f}" if age < 2 else f"{age:.0f}"
+            shown = f"{age:.1f}" if age < 2 and not source else f"{age:.0f}"  # dates give whole years
             return [f"{WARN_AGE} {shown} years{source} is outside {population}: its score is not comparable, do "
                     "not read a flag as a finding"]
         if record.PatientAge and age is None:

@@ -52,6 +52,7 @@ from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import (
     EMPTY_FILE,
     NOT_RECOGNISED,
+    ONLY_ZERO_BYTES,
     READER_REVISION,
     READS_ONLY,
     Found,
@@ -694,17 +695,23 @@ def _score_new(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, 
 
 
 def _fail_films_gone_bad(identities: list[FileIdentity], rows: list[dict[str, Any]], store: StateStore) -> None:
-    """Make an error of each file skipped as no known kind of file (empty, or not recognised) that an
-    earlier run read as a film (zero-filled or cut short by a copy that did not finish, overwritten):
-    skipped, its study left the worklist with exit 0 and no word (a trial: a study flagged one night
-    was gone the next). A film since packed (gzip) or converted (TIFF) stays skipped, its row saying
-    so. Rows changed in place."""
+    """Each file that is no film now (any kind of file radscan does not read) and that an earlier run
+    read as one keeps that in its reason (FILM_GONE_BAD), night after night whatever its damage
+    becomes; and one skipped as no known kind of file (empty, not recognised: zero-filled or cut short
+    by a copy that did not finish, overwritten) is an error. Skipped, its study left the worklist with
+    exit 0 and no word (a trial: a study flagged one night was gone the next; then one zero-filled one
+    night and overwritten the next). A film packed (gzip) or converted (TIFF) in place stays skipped,
+    its row saying what to do. Rows changed in place."""
     for identity, row in zip(identities, rows, strict=True):
-        if row["status"] == Status.SKIPPED and row["reason"] in (EMPTY_FILE, NOT_RECOGNISED) and \
-                (was := store.stored_film_kind(identity.key)) is not None:
+        if row["kind"] != "other" or (was := store.stored_film_kind(identity.key)) is None:
+            continue
+        said = FILM_GONE_BAD.format(was.upper())
+        damaged = row["reason"] in (EMPTY_FILE, NOT_RECOGNISED, ONLY_ZERO_BYTES)
+        if damaged:
             row["status"] = Status.ERROR
-            row["reason"] = (f"{row['reason']}; {FILM_GONE_BAD.format(was.upper())}: damaged, overwritten or not "
-                             "fully copied?")
+        if said not in row["reason"]:
+            guess = ": damaged, overwritten or not fully copied?" if damaged else ""
+            row["reason"] = f"{row['reason']}; {said}{guess}"
 
 
 def _score_here(todo: list[tuple[Found, FileIdentity]], settings: ScoreSettings, phi: PhiFilter,

@@ -419,15 +419,14 @@ class StateStore:
 
     def stored_film_kind(self, key: str) -> str | None:
         """The kind ("dicom", "jpeg", "png") of the file `key` when an earlier run read it as a film
-        (scored, rejected by quality control, or failed while being read as one, or found damaged
-        since: FILM_GONE_BAD), whatever its size, time or settings; else None (never stored,
-        skipped, or not an image)."""
-        found = self._db.execute("SELECT json_extract(row, '$.kind'), json_extract(row, '$.reason') FROM results "
-                                 "WHERE key = ? AND status != ? AND json_valid(row)",
-                                 (_blob(key), Status.SKIPPED)).fetchone()
+        (scored, rejected by quality control, or failed while being read as one), or when its row says
+        an earlier run did (FILM_GONE_BAD: damaged since, whatever became of it), whatever its size,
+        time or settings; else None (never stored, skipped as no film, or not an image)."""
+        found = self._db.execute("SELECT json_extract(row, '$.kind'), json_extract(row, '$.reason'), status "
+                                 "FROM results WHERE key = ? AND json_valid(row)", (_blob(key),)).fetchone()
         if not found:
             return None
-        if found[0] in _FILM_KINDS:
+        if found[0] in _FILM_KINDS and found[2] != Status.SKIPPED:
             return found[0]
         gone_bad = re.search(FILM_GONE_BAD.format(r"(\w+)"), str(found[1] or ""))  # damaged since: still a film
         return gone_bad.group(1).lower() if gone_bad and gone_bad.group(1).lower() in _FILM_KINDS else None

@@ -321,6 +321,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
         raise SettingError(f"stopped after {counted(run.epochs, 'epoch')}, fewer than the "
                            f"{data.model_cfg.critic_snapshots} critic snapshots: raise --max-minutes and rerun with "
                            "--resume")
+    if run.stopped_by_budget:  # a model is made, and its checkpoint goes: there is nothing left to resume
+        log.warning("the model is made from %d of the %d epochs (model.json: stopped_by_budget); to train them all, "
+                    "train again into another --out with a larger --max-minutes", run.epochs, tcfg.epochs)
     model = _kept_model(trainer, data, run, tcfg, device)
     metrics, calibration_scores = finalize(model, data.calibration, data.validation, tcfg, device)
     metadata = {
@@ -633,9 +636,8 @@ def _run_epochs(trainer: Trainer, films: _Films, run: _Run, out_dir: Path, tcfg:
         for epoch in range(run.epochs, tcfg.epochs):
             if epoch > first and time.monotonic() - started + last_epoch_s > budget_s:
                 run.stopped_by_budget = True
-                log.warning("time budget of %g minutes: stopped after epoch %d of %d (the next would end past it); "
-                            "rerun with --resume and a larger --max-minutes to go on", tcfg.max_minutes, epoch,
-                            tcfg.epochs)
+                log.warning("time budget of %g minutes: stopped after epoch %d of %d (the next would end past it)",
+                            tcfg.max_minutes, epoch, tcfg.epochs)
                 break
             trainer.take_snapshot()
             generator = torch.Generator().manual_seed(tcfg.seed * 100_003 + epoch)

@@ -713,6 +713,35 @@ def test_a_film_damaged_after_a_run_read_it_stays_on_the_list_as_an_error(studie
     assert (retried["status"], retried["reason"]) == (row["status"], row["reason"])
 
 
+def test_a_film_stays_on_the_list_whatever_its_damage_becomes_night_after_night(studies, tiny_model, tmp_path):
+    """A review's trial: zero-filled one night (an error), overwritten by text the next, the film was
+    skipped and its study left the list with exit 0; so after a TIFF or its own gzip, then emptied.
+    Whatever follows whatever, a film an earlier run read stays known as one until it is mended."""
+    import gzip
+
+    out = tmp_path / "report.csv"
+    args = ["score", str(studies), "--out", str(out), "--model", str(tiny_model)]
+    film = studies / "cr1" / "IM1"
+    original = film.read_bytes()
+    assert _run(*args).exit_code == ExitCode.OK
+    tiff = tmp_path / "film.tiff"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(tiff)
+    text = b"transfer aborted\n" * 9
+    nights = [(bytes(len(original)), "error"), (text, "error"), (b"", "error"), (gzip.compress(original), "skipped"),
+              (text, "error"), (tiff.read_bytes(), "skipped"), (bytes(100), "error"), (original, "ok")]
+    for content, status in nights:
+        film.write_bytes(content)
+        result = _run(*args)
+        row = {r["path"]: r for r in read_rows(out)}["cr1/IM1"]
+        assert row["status"] == status, (content[:20], row)
+        assert result.exit_code == (ExitCode.PARTIAL if status == "error" else ExitCode.OK), result.output
+        if status != "ok":
+            assert "an earlier run read it as a DICOM film" in row["reason"], row
+        if status == "error":
+            listed = [s for s in read_rows(tmp_path / "report_studies.csv") if s["top_path"] == "cr1/IM1"]
+            assert len(listed) == 1 and listed[0]["study_section"] == "unreadable", listed
+
+
 def test_a_film_packed_after_a_run_read_it_is_skipped_with_what_to_do(studies, tiny_model, tmp_path):
     """A film compressed in place (archived) is no damage: skipped, its row saying to unpack it."""
     import gzip

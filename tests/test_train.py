@@ -168,7 +168,7 @@ def test_a_run_resumed_with_other_settings_or_normals_is_refused(normals, tmp_pa
     assert load_model(tmp_path / "m")[1]["training"]["epochs_run"] == 2
 
 
-def test_a_run_its_time_budget_stopped_resumes_to_the_uninterrupted_model(normals, tmp_path):
+def test_a_run_its_time_budget_stopped_resumes_to_the_uninterrupted_model(normals, tmp_path, caplog):
     """A trial: a budget crossed within epoch 1 stopped it after one batch, the checkpoint counted the
     epoch whole, and `--resume` (as the message advised) gave another model than an uninterrupted run,
     whose model.json said 3 epochs and no budget stop. The budget now ends a run between epochs only:
@@ -183,6 +183,10 @@ def test_a_run_its_time_budget_stopped_resumes_to_the_uninterrupted_model(normal
                    progress=False, resume=True)  # one more epoch, then the budget: a model of 2 of 3 epochs
     assert result.epochs_run == 2 and result.stopped_by_budget
     assert load_model(tmp_path / "m")[1]["training"]["stopped_by_budget"] is True
+    # a model was made and its checkpoint removed: the advice is a new run, not --resume (a review's trial)
+    said = [record.getMessage() for record in caplog.records if "epochs (model.json: stopped_by_budget)" in
+            record.getMessage()]
+    assert said and "train again into another --out" in said[-1] and "--resume" not in said[-1]
     again = tmp_path / "again"
     with pytest.raises(SettingError, match="fewer than the 2 critic snapshots"):
         train([str(normals)], again, TINY, replace(config, max_minutes=1e-4), workers=1, progress=False)
