@@ -263,8 +263,8 @@ def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     record.ImageType = "\\".join(header_texts(ds, "ImageType"))
     # PatientAge is Type 3 and often absent where the birth date is not (a trial: a 64-year-old passed
     # a children's model's population check); the birth date is read here and not kept
-    taken = next((iso for keyword in _FILM_DATES if (iso := iso_date(header_text(ds, keyword)))), "")
-    record.age_by_dates = age_by_dates(header_text(ds, "PatientBirthDate"), taken.replace("-", ""))
+    taken = next((text for keyword in _FILM_DATES if iso_date(text := header_text(ds, keyword))), "")
+    record.age_by_dates = age_by_dates(header_text(ds, "PatientBirthDate"), taken)
     record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = header_text(file_meta(ds), "TransferSyntaxUID")

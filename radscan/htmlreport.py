@@ -55,14 +55,14 @@ def shown_path(path: str, root: str = "") -> str:
     return f"{root.rstrip('/')}/{path}" if root else path
 
 
-def image_entry(row: dict[str, Any], with_root: bool = False) -> dict[str, Any]:
+def image_entry(row: dict[str, Any], root: str = "") -> dict[str, Any]:
     """One image of a study, as the page lists it under the study: a row of the image CSV
-    (REPORT_COLUMNS) -> its path (under its root with `with_root`: shown_path), picture (relative
+    (REPORT_COLUMNS) -> its path (under `root` when given: shown_path), picture (relative
     link, "" when none), score (None when not scored), z, flag and status, the reason when it was not
     scored, and quality control's warning or failure when it has one (a warned image that is not the
     study's top one must show it too)."""
     score = row.get("score")
-    return {"path": shown_path(row["path"], row.get("root", "") if with_root else ""),
+    return {"path": shown_path(row["path"], root),
             "picture": page_link(row.get("residual_png")),
             "score": None if score is None else round(float(score), 6), "z": row.get("score_z"),
             "flag": row.get("flag") is True, "status": row["status"],

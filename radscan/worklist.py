@@ -103,11 +103,12 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
     try:
         report = CsvStream(outputs.report, REPORT_COLUMNS)
         pending.append(report.file)
-        members = _write_image_rows(report, store)
+        with_root = store.roots_listed() > 1  # the page shows paths under their roots (htmlreport.shown_path)
+        members = _write_image_rows(report, store, with_root)
         study_csv = CsvStream(outputs.studies, STUDY_COLUMNS)
         pending.insert(0, study_csv.file)
         entries, studies, flagged = _write_study_rows(study_csv, store, threshold, identity,
-                                                      members if outputs.html is not None else None)
+                                                      members if outputs.html is not None else None, with_root)
         if outputs.html is not None:
             page = AtomicFile(outputs.html)
             pending.insert(1, page)
@@ -137,10 +138,10 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
     return studies, flagged
 
 
-def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[dict[str, Any]]]:
+def _write_image_rows(report: CsvStream, store: StateStore, with_root: bool) -> dict[str, list[dict[str, Any]]]:
     """The image list; returns the images each study lists, in the list's order (radscan.htmlreport.image_entry;
     at most IMAGES_PER_STUDY each), for the page."""
-    rank, with_root = 0, store.roots_listed() > 1
+    rank = 0
     members: dict[str, list[dict[str, Any]]] = {}
     for row in store.worklist():
         if row["status"] == Status.OK:
@@ -150,16 +151,16 @@ def _write_image_rows(report: CsvStream, store: StateStore) -> dict[str, list[di
         if row.pop("listed"):
             images = members.setdefault(row["study_key"], [])
             if len(images) < IMAGES_PER_STUDY:
-                images.append(image_entry(row, with_root))
+                images.append(image_entry(row, row["root"] if with_root else ""))
     return members
 
 
 def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, identity: ModelIdentity,
-                      members: dict[str, list[dict[str, Any]]] | None) -> tuple[list[dict[str, Any]], int, int]:
+                      members: dict[str, list[dict[str, Any]]] | None,
+                      with_root: bool) -> tuple[list[dict[str, Any]], int, int]:
     """The study list; returns the page's entries (with `members`, the images of each study:
-    _write_image_rows), studies, flagged studies."""
+    _write_image_rows; with `with_root`, paths under their roots), studies, flagged studies."""
     entries, studies, flagged, mixed = [], 0, 0, 0
-    with_root = store.roots_listed() > 1
     for study in store.studies():
         note = _study_note(study)
         top = study.pop("top")
