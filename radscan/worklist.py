@@ -42,9 +42,9 @@ REPORT_COLUMNS = ("path", "root", "study_key", *DICOM_FIELDS, *RESULT_COLUMNS, *
                   "status", "reason", *_QC)
 STUDY_COLUMNS = ("study_rank", "study_section", "study_key", "study_score", "study_flag", "images", "images_scored",
                  "images_flagged", "images_error", "images_rejected", "images_skipped", "images_new", "study_note",
-                 "top_path", "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate",
-                 "Modality", "Manufacturer", "ManufacturerModelName", "StationName", "threshold", "model_name",
-                 "model_version")
+                 "top_path", "top_root", "top_residual_png", "StudyInstanceUID", "AccessionNumber", "PatientID",
+                 "StudyDate", "Modality", "Manufacturer", "ManufacturerModelName", "StationName", "threshold",
+                 "model_name", "model_version")
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
                                                  "StationName")},
             **study, "study_rank": studies, "study_flag": study["images_flagged"] > 0,
             "study_note": note,
-            "top_path": top["path"], "top_residual_png": top.get("residual_png", ""),
+            "top_path": top["path"], "top_root": top.get("root", ""), "top_residual_png": top.get("residual_png", ""),
             "threshold": round(threshold, 6), "model_name": identity.name, "model_version": identity.version,
         }
         study_csv.write(row)
@@ -184,7 +184,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
             qc = top.get("qc_reason", "") if top.get("qc_status") in ("warn", "fail") else ""
             entries.append(study_entry(row, qc_reason=qc, z=top.get("score_z"),
                                        images=members.get(study["study_key"], []),
-                                       root=top.get("root", "") if with_root else ""))
+                                       root=row["top_root"] if with_root else ""))
     if mixed:  # counted, never named: Patient IDs stay out of the log
         log.warning("%d studies hold films of more than one patient under one Study Instance UID (a sender's or "
                     "anonymiser's error?): their study_note says so; read each image's row", mixed)

@@ -787,7 +787,8 @@ def test_every_row_names_its_root_as_this_run_spells_it(tiny_model, tmp_path):
 
 def test_films_of_two_roots_at_the_same_path_are_told_apart_on_the_page(tiny_model, tmp_path):
     """A trial: `radscan score siteA siteB`, both holding p1/x.jpeg, showed two studies on the page
-    labelled alike. With several roots the page shows each path under its root; with one, as before."""
+    labelled alike. With several roots the page shows each path under its root; with one, as before.
+    report_studies.csv names each study's root beside its top path (`top_root`)."""
     _films(tmp_path / "siteA", "p1")
     _films(tmp_path / "siteB", "p1", offset=3)
 
@@ -796,6 +797,9 @@ def test_films_of_two_roots_at_the_same_path_are_told_apart_on_the_page(tiny_mod
         assert _run("score", *map(str, roots), "--out", str(out), "--model", str(tiny_model)).exit_code == 0
         page = (out.parent / "report.html").read_text()
         studies = json.loads(re.search(r'<script type="application/json" id="studies">(.*?)</script>', page, re.S)[1])
+        # the study list names the top film's root too (report.csv's `root`), as the page does
+        listed = {(row["top_root"], row["top_path"]) for row in read_rows(out.with_name("report_studies.csv"))}
+        assert listed == {(str(root), "p1/x.jpeg") for root in roots}
         return sorted(study["path"] for study in studies)
 
     assert shown(tmp_path / "siteA", tmp_path / "siteB") == [f"{tmp_path}/siteA/p1/x.jpeg",
