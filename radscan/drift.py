@@ -33,6 +33,7 @@ ALPHA = 0.001
 MIN_FILMS = 20  # fewer films say too little about a share: a small site's nights are pooled until there are this many
 MIN_RUNS = 5  # the history needs this many runs, and MIN_RUNS x MIN_FILMS films in them
 HISTORY_RUNS = 30
+FAR_ABOVE = 3  # without a history, a flagged share this many times the calibration's is said as a warning
 POOL_RUNS = 7  # a week of nights at most is pooled with a small night; fewer films than MIN_FILMS then: not checked
 
 
@@ -93,6 +94,16 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
                             f"{len(earlier)} runs (p = {p_history:.1g}): the films or the scanners may have "
                             "changed; check the flagged share per scanner (StationName) and recalibrate if the normals "
                             "moved")
+    if (checkable and p_history is None and expected is not None and 0 < expected < 1
+            and judged_share > FAR_ABOVE * expected
+            and binomtest(judged_flagged, judged, expected, alternative="greater").pvalue < ALPHA):
+        # no history to compare with (a site's first nights): a share far above what normal films alone give
+        # is most often a model whose scale does not fit the site (a trial: 40 of 40 adult films flagged, said
+        # only in --json); a night of mostly abnormal films reads the same, so the words say both
+        warnings.append(f"{which} flagged ({judged_share:.0%}), many times the {expected:.0%} of normal films alone "
+                        "the threshold was set to flag, and no run history yet to compare with: if most of these "
+                        "films are normal, the model's scale does not fit this site's films: recalibrate on its "
+                        "normals (radscan calibrate)")
     if checkable and expected is not None and 0 < expected < 1:
         p_calibration = float(binomtest(judged_flagged, judged, expected, alternative="less").pvalue)
         if p_calibration < ALPHA:
@@ -123,9 +134,5 @@ def _note(scored: int, judged: int, judged_share: float, pooled: int, checkable:
         note = (f"checked {what} against the calibration only{against}: the history holds "
                 f"{counted(len(earlier), 'run')} ({sum(n for n, _ in earlier)} films; {MIN_RUNS} runs and "
                 f"{MIN_RUNS * MIN_FILMS} films are needed to test a rise)")
-        if expected is not None and judged_share > 3 * expected:
-            note += (f"; {judged_share:.0%} is many times the {expected:.0%} of normal films: if most of these films "
-                     "are normal, the model's scale does not fit this site's films: recalibrate on its normals "
-                     "(radscan calibrate)")
         return note
     return f"checked {what} against the calibration{against} and the last {counted(len(earlier), 'run')}"
