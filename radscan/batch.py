@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from radscan.pacs import Destination
 
 __all__ = ["ScoreSettings", "BatchScorer", "PictureJob", "FilmPicture", "PictureActions", "ScoredBatch",
-           "judge_and_score", "write_pictures", "picture_caption", "rejected_caption", "prepare_record",
+           "judge_and_score", "write_pictures", "picture_caption", "score_text", "rejected_caption", "prepare_record",
            "load_model_for_scoring", "STUDY_TOKEN", "crawl_study", "now"]
 
 log = logging.getLogger(__name__)
@@ -246,18 +246,31 @@ def write_pictures(pictures: PictureActions, pool: ThreadPoolExecutor) -> None:
 
 def picture_caption(record: ImageRecord, score: float, threshold: float, provenance: dict[str, Any],
                     z: float | None = None) -> str:
-    """The explanation picture's caption: the result (the 0..1 score cut, not rounded, to three
-    decimals, so that 0.9999 never reads as 1.000, and its z, which keeps the order where the score
-    saturates) and the disclaimer; the film's identity as the PHI mode left it in `record` (hashed
-    or dropped outside --phi keep), its view, date and path, the model; a QC verdict on a third
-    line. Header text is put on one line per field."""
+    """The explanation picture's caption: the result (the 0..1 score as the page shows it,
+    `score_text`, and its z, which keeps the order where the score saturates) and the disclaimer;
+    the film's identity as the PHI mode left it in `record` (hashed or dropped outside --phi keep),
+    its view, date and path, the model; a QC verdict on a third line. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
-    shown = f"{math.floor(score * 1000) / 1000:.3f}" + (f", z {z:+.1f}" if z is not None else "")
+    shown = score_text(score, threshold) + (f", z {z:+.1f}" if z is not None else "")
     lines = [f"anomaly score {shown} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
              "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
         lines.append(f"quality control {record.qc_status}: {record.qc_reason}")
     return _caption(lines)
+
+
+def score_text(score: float, threshold: float, digits: int = 3) -> str:
+    """A 0..1 score as text, as the worklist page shows it (`scoreText` in worklist.html.j2): cut, not
+    rounded, to `digits` decimals (0.99998 reads 0.999, never 1.000: certainty the model does not
+    have), and given more decimals, up to 6, until it reads on the side of the threshold (rounded to
+    as many) that its flag says: a film just under a threshold of 0.8797 never reads "0.880"."""
+    flagged = score >= threshold
+    for places in range(digits, 7):
+        # rounded to 6 places first, so that 0.29 * 1000 = 289.99999999999997 is cut to 290
+        text = f"{math.floor(round(score * 10 ** places, 6)) / 10 ** places:.{places}f}"
+        if (float(text) >= float(f"{threshold:.{places}f}")) == flagged:
+            break
+    return text
 
 
 def rejected_caption(record: ImageRecord, provenance: dict[str, Any]) -> str:

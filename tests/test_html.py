@@ -160,11 +160,15 @@ def test_ten_thousand_studies_are_drawn_a_page_at_a_time(tmp_path, browser):
 
 def test_a_score_just_under_the_threshold_never_reads_as_the_threshold(tmp_path, browser):
     """A new user's trial: a film scored 0.879631, not flagged, read "0.880 · z 2.0" under a header
-    that said "threshold 0.880". Each score and z shows the decimals it needs to read on its side."""
+    that said "threshold 0.880". Each score and z shows the decimals it needs to read on its side. A
+    second trial: the page read 1.000 where the film's picture read 0.999: both cut the score alike."""
     import math
 
+    from radscan.batch import score_text
+
     threshold = 0.879705
-    scores = [(0.879631, False), (threshold, True), (0.8801, True), (0.5, False), (0.999999, True)]
+    scores = [(0.879631, False), (threshold, True), (0.8801, True), (0.5, False), (0.999999, True), (0.29, False),
+              (0.9999, True), (0.88, True)]
     entries = [{"rank": i + 1, "score": score, "z": round(math.log(score / (1 - score)), 3), "flag": flag,
                 "new": False, "images": 1, "scored": 1, "errors": 0, "rejected": 0, "note": "", "patient": f"P{i}",
                 "accession": "", "uid": f"1.2.{i}", "date": "2026-11-29", "modality": "DX", "path": f"s{i}/im.dcm",
@@ -172,7 +176,8 @@ def test_a_score_just_under_the_threshold_never_reads_as_the_threshold(tmp_path,
     summary = {"disclaimer": "research only", "model_name": "m", "model_version": "1", "model_sha256": "0" * 64,
                "score_kind": "density", "threshold": threshold, "run_id": "r", "finished_at": "now",
                "radscan_version": "x", "report_name": "report.csv", "studies_name": "report_studies.csv",
-               "studies": len(entries), "flagged_studies": 3, "counts": {"ok": len(entries)},
+               "studies": len(entries), "flagged_studies": sum(flag for _, flag in scores),
+               "counts": {"ok": len(entries)},
                "run_status": {"last_attempt": {"at": "2026-12-03T02:00:00+00:00", "ok": True, "problems": []},
                               "last_success": {"at": "2026-12-03T02:00:00+00:00"}}}
     write_worklist_html(tmp_path / "report.html", entries, summary)
@@ -181,10 +186,12 @@ def test_a_score_just_under_the_threshold_never_reads_as_the_threshold(tmp_path,
     for rank in range(1, len(entries) + 1):
         text = page.locator(f"#rows tr[data-rank='{rank}']").inner_text()
         shown[rank] = re.search(r"(\d\.\d+) · z\s(-?\d+\.\d+)", text).groups()
-    assert shown[1] == ("0.8796", "1.989")  # threshold 0.8797 (z 1.990): under it, at the decimals that show it
-    assert shown[2] == ("0.880", "2.0") and shown[3] == ("0.880", "2.0") and shown[4] == ("0.500", "0.0")
-    for (_, flag), (text, _) in zip(scores, shown.values(), strict=True):
+    assert shown[1] == ("0.879", "1.989")  # threshold 0.8797 (z 1.990): cut, it reads under 0.880
+    assert shown[2] == ("0.8797", "2.0") and shown[3] == ("0.880", "2.0") and shown[4] == ("0.500", "0.0")
+    assert shown[5][0] == "0.999" and shown[6][0] == "0.290"  # cut, not rounded to 1.000; 0.29 not cut to 0.289
+    for (score, flag), (text, _) in zip(scores, shown.values(), strict=True):
         assert (float(text) >= float(f"{threshold:.{len(text) - 2}f}")) == flag
+        assert text == score_text(score, threshold)  # the film's picture says what its row says (a trial)
     assert not problems, problems
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from radscan.pictures import SCORE_MAP_SCALE_MAX, picture_layout, render_explanation, shows_reconstruction
 
@@ -96,3 +98,16 @@ def test_every_map_label_fits_under_the_narrowest_panel(score_kind):
     width = layout["panel"] // 2
     room = (2 * width + layout["fixed_width"]) - width - layout["margin"] - 8  # as render_explanation gives it
     assert len(_wrap(_MAP_LABELS[score_kind], _font(13), room)) <= _LABEL_LINES
+
+
+@given(score=st.floats(0, 1), threshold=st.floats(0.01, 0.99))
+def test_a_score_is_cut_and_reads_on_its_side_of_the_threshold(score, threshold):
+    """The caption's score (radscan.batch.score_text, the page's scoreText): never rounded up (0.99998
+    is not 1.000), and on the side of the threshold its flag says, at the decimals that show it."""
+    from radscan.batch import score_text
+
+    text = score_text(score, threshold)
+    places = len(text) - 2
+    assert float(text) <= score + 1e-9 and score - float(text) < 10 ** -places + 1e-9
+    if places < 6:
+        assert (float(text) >= float(f"{threshold:.{places}f}")) == (score >= threshold)
