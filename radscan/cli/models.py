@@ -250,7 +250,8 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"parameters      {metadata['parameters']:,}" if isinstance(metadata.get("parameters"), int)
         else "parameters      ?",
         f"score           {config.get('score_kind')}: {SCORE_KINDS.get(config.get('score_kind'), '?')}",
-        f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged)",
+        f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged"
+        + ("" if config.get("score_kind") == "critic" else ": the critic kind's, not this model's score") + ")",
         f"field           {config.get('field', 'film')}: {FIELDS.get(config.get('field', 'film'), '?')}",
         *([f"box             {_describe_box(config['crop'])}"] if config.get("crop") else []),
         f"quality control {_describe_qc(reference, metadata)}",
