@@ -221,8 +221,8 @@ def _study_note(study: dict[str, Any]) -> str:
         if study["images_rejected"]:  # a chest film quality control would not judge: a reader can
             notes.append("no image of this study was scored: review it yourself")
         elif study["images_skipped"]:  # by its header not a chest film this list is for (or a kind not scored)
-            notes.append("no image of this study was scored: not on this list (if it is a chest film, see the "
-                         "reason and --modalities, --body-parts, --frames)")
+            notes.append("no image of this study was scored: the selection policy skipped it (if it is a chest "
+                         "film, see the reason and --modalities, --body-parts, --frames)")
         else:  # nothing could be read: a reader has nothing to look at
             notes.append("no file of this study could be read: for IT first, then for reading once its films open "
                          "(every reason is in the image list)")

@@ -119,7 +119,7 @@ def test_a_study_whose_every_image_the_policy_skips_still_says_so(studies, tiny_
     assert (last["images"], last["images_scored"], last["images_skipped"]) == ("2", "0", "2")
     assert f"skipped by the selection policy (Modality {modality} is not scored" in last["study_note"]
     assert "1 other reason(s): see their rows" in last["study_note"]
-    assert "not on this list (if it is a chest film" in last["study_note"]  # not "review it yourself"
+    assert "the selection policy skipped it (if it is a chest film" in last["study_note"]  # not "review it yourself"
     nih = next(s for s in study_rows if s["top_path"].startswith("nih/"))
     assert (nih["images"], nih["images_scored"], nih["images_skipped"]) == ("3", "2", "1")
     assert "1 image(s) skipped by the selection policy (see their rows)" in nih["study_note"]
