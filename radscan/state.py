@@ -580,8 +580,10 @@ class StateStore:
         selection policy skipped (a DX chest whose Modality says DR must not vanish from the list),
         with the row of its top image (highest score, else its first unscored, else its first
         skipped image) and its `study_section` (SECTIONS). The reading list comes first: flagged
-        studies by study score, highest first, then studies whose films quality control rejected
-        and none was scored (a reader judges the rejection), then the rest by study score; then
+        studies by study score, highest first, then the studies with a film quality control
+        rejected (a reader judges it: those with none scored first, then by study score; a trial:
+        a rejected pneumonia beside a scored normal film sank among the quiet studies), then the
+        rest by study score; then
         the studies none of whose files could be read (for IT, not a reader); then those whose
         every image was skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
@@ -595,8 +597,8 @@ class StateStore:
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
-                     COALESCE(s.images_flagged, 0) > 0 DESC, s.study_score IS NOT NULL, s.study_score DESC,
-                     s.study_z DESC, s.study_key"""
+                     COALESCE(s.images_flagged, 0) > 0 DESC, COALESCE(s.images_rejected, 0) > 0 DESC,
+                     s.study_score IS NOT NULL, s.study_score DESC, s.study_z DESC, s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, error_reasons, \
                 duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,

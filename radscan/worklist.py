@@ -201,7 +201,8 @@ def _study_note(study: dict[str, Any]) -> str:
         notes.append(f"{study['images_qc_warned']} scored image(s) with a quality control warning: read qc_reason "
                      "before the flag")
     if study["images_rejected"]:
-        notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)")
+        notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)"
+                     + ("; review them yourself" if study["images_scored"] and not study["images_flagged"] else ""))
     if study["images_error"]:
         top = study["top"]  # when nothing was read, the top row is an unreadable file: say why
         others = study["error_reasons"] - 1  # and that the others' reasons differ, if they do

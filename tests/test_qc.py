@@ -442,6 +442,37 @@ def test_score_rejects_wrong_way_round_and_foreign_films_end_to_end(cxr_dir, dic
     assert "2 scored image(s) with a quality control warning" in studies["p1"]["study_note"]
 
 
+def test_a_study_with_a_rejected_film_beside_a_scored_one_is_read_before_the_quiet_studies(cxr_dir, tmp_path):
+    """A reader's trial: a study of one normal film and one film quality control rejected (turned)
+    was ranked among the quiet normal studies by its normal film's score, its unjudged film behind a
+    small badge. A rejected film goes to the reader: such a study comes after the flagged ones and
+    before the quiet ones, and its note says to review it."""
+    import csv as csv_module
+
+    split = csv_module.DictReader((SHIPPED / "training_split.csv").open())
+    normals = [row["path"] for row in split if row["split"] == "calibration"][:8]
+    train = cxr_dir / "kermany_pediatric_224/train_normal"
+    for index, name in enumerate(normals[1:]):
+        (tmp_path / "in" / f"quiet{index}").mkdir(parents=True)
+        shutil.copy(train / name, tmp_path / "in" / f"quiet{index}" / "film.jpeg")
+    mixed = tmp_path / "in" / "mixed"
+    mixed.mkdir()
+    shutil.copy(train / normals[0], mixed / "film.jpeg")
+    pneumonia = sorted((cxr_dir / "kermany_pediatric_224/val_abnormal").iterdir())[0]
+    Image.open(pneumonia).convert("L").transpose(Image.Transpose.ROTATE_90).save(mixed / "turned.png")
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(tmp_path / "in"), "--out", str(out), "--model",
+                                      str(SHIPPED), "--no-residuals", "--workers", "1"])
+    assert result.exit_code == ExitCode.OK, result.output
+    studies = _rows(out.with_name("report_studies.csv"))
+    flagged = sum(study["study_flag"] == "true" for study in studies)
+    ranked = [study["study_key"].rsplit("/", 1)[-1] for study in studies]
+    study = studies[ranked.index("mixed")]
+    assert study["study_flag"] == "false" and study["images_rejected"] == "1" and study["images_scored"] == "1"
+    assert ranked.index("mixed") == flagged, ranked  # right after the flagged studies
+    assert "review them yourself" in study["study_note"]
+
+
 def test_scan_inventory_carries_the_verdicts(dicom_dir, tmp_path):
     """`radscan scan` gives each usable file the verdict `radscan score` would: the dental CR
     panoramic (no BodyPartExamined, so the selection policy lets it through) and the MONOCHROME1
