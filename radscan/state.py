@@ -580,7 +580,9 @@ class StateStore:
         selection policy skipped (a DX chest whose Modality says DR must not vanish from the list),
         with the row of its top image (highest score, else its first unscored, else its first
         skipped image) and its `study_section` (SECTIONS). The reading list comes first: flagged
-        studies by study score, highest first, then the studies with a film quality control
+        studies by study score, highest first (those whose top film carries a quality control
+        warning, a score not comparable with the others, after the rest: a trial found adults' and
+        64 px films above the children's pneumonias), then the studies with a film quality control
         rejected (a reader judges it: those with none scored first, then by study score; a trial:
         a rejected pneumonia beside a scored normal film sank among the quiet studies), then the
         rest by study score; then
@@ -597,7 +599,9 @@ class StateStore:
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
-                     COALESCE(s.images_flagged, 0) > 0 DESC, COALESCE(s.images_rejected, 0) > 0 DESC,
+                     COALESCE(s.images_flagged, 0) > 0 DESC,
+                     COALESCE(s.images_flagged, 0) > 0 AND json_extract(r.row, '$.qc_status') = 'warn',
+                     COALESCE(s.images_rejected, 0) > 0 DESC,
                      s.study_score IS NOT NULL, s.study_score DESC, s.study_z DESC, s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, error_reasons, \
                 duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):

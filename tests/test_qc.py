@@ -579,3 +579,21 @@ def test_a_models_quality_control_reference_is_readable_by_other_accounts(tmp_pa
         (tmp_path / "qc.safetensors").chmod(0)
         with pytest.raises(ModelError, match="cannot be read"):
             load_reference(tmp_path, {"qc": block})
+
+
+def test_flagged_studies_whose_score_is_not_comparable_come_after_the_other_flagged_ones(tmp_path):
+    """A reader's trial: adults' films (warned: outside the children's model's ages, "do not read a
+    flag as a finding") ranked above the children's pneumonias. The example studies: two adult CR
+    films whose headers give an age warn; they follow every flagged study without a warning, in
+    score order among themselves."""
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(REPO / "examples" / "studies"), "--out", str(out),
+                                      "--model", str(SHIPPED), "--no-residuals", "--workers", "1"])
+    assert result.exit_code == ExitCode.OK, result.output
+    images = {row["study_key"]: row for row in _rows(out)}
+    flagged = [study for study in _rows(out.with_name("report_studies.csv")) if study["study_flag"] == "true"]
+    warned = [images[study["study_key"]]["qc_status"] == "warn" for study in flagged]
+    assert sum(warned) == 2 and warned == sorted(warned), [s["top_path"] for s in flagged]
+    for group in (False, True):
+        scores = [float(s["study_score"]) for s, w in zip(flagged, warned, strict=True) if w == group]
+        assert scores == sorted(scores, reverse=True)
