@@ -41,7 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radscan import __version__
 from radscan.errors import SettingError
-from radscan.qc import WARN_AGE, WARN_COLOUR, WARN_MIRRORED, WARN_SMALL, WARN_TRANSPARENT
+from radscan.qc import WARN_AGE, WARN_COLOUR, WARN_MIRRORED, WARN_OFF_CENTRE, WARN_SMALL, WARN_TRANSPARENT
 from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
@@ -251,7 +251,8 @@ _QC_FINDINGS = {WARN_MIRRORED: ("QC-MIRRORED", "May be mirrored left to right: c
                 WARN_AGE: ("QC-AGE", "Patient age outside the model's population, or unreadable"),
                 WARN_SMALL: ("QC-SMALL", "Smaller than the model's input: enlarged, score not comparable"),
                 WARN_COLOUR: ("QC-COLOUR", "A colour image shown as grey: score not comparable"),
-                WARN_TRANSPARENT: ("QC-TRANSPARENT", "Partly transparent, shown over white: score not comparable")}
+                WARN_TRANSPARENT: ("QC-TRANSPARENT", "Partly transparent, shown over white: score not comparable"),
+                WARN_OFF_CENTRE: ("QC-OFF-CENTRE", "Chest off the training films' centre: score not comparable")}
 
 
 def _evaluations(flag: bool, qc_status: str, qc_reason: str = "") -> list[Any]:

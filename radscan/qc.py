@@ -58,6 +58,10 @@ WARN_TRANSPARENT = "partly transparent"
 # a film below the model's input side (radscan.preprocess.MODEL_SIZE) is enlarged, and carries less detail
 # than any film the model learnt from (the shipped model flags every 64 px normal: a new user's trial)
 WARN_SMALL = "smaller than the model's input"
+# a chest off the training films' centre: the model reads every film where their chests lie (its box, its
+# regions), and a normal film moved 10% sideways, or widened by a black strip on one side, scored like the
+# worst pneumonia (z 7-11, a reader's trial; the density's framed copies cover moves up to 5%)
+WARN_OFF_CENTRE = "the chest is off-centre"
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32
@@ -74,7 +78,8 @@ FLAT_TONES = 4
 # again). 2: flat tone (was: the larger of pure black and pure white). 3: a film under MODEL_SIZE warns.
 # 4: a failed film scored anyway (--qc warn) carries the warnings too; colour and transparency warn.
 # 5: the age check reads the birth and study dates too, and an unreadable PatientAge warns.
-QC_RULES = 5
+# 6: a chest off the training films' centre warns.
+QC_RULES = 6
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else
@@ -101,6 +106,14 @@ MIN_CLARITY = 1.5
 # ... and at most this many times: a few dozen normals put their 1st percentile near their clearest
 # film, and turned films of another acquisition then passed (issue 22); chosen on validation films
 MAX_CLARITY = 1.75
+# Moves of the whole film, in pixels of the 128 px input (x, y), that may bring an off-centre chest to where
+# the training normals' chests lie; a film warns when its best moved copy is closer to the eigen-chest
+# subspace than OFF_CENTRE_MARGIN times the film as it is. Chosen on validation films (docs/quality-control.md):
+# with the shipped model 0 of 180 calibration normals and 4 of 400 validation pneumonias warn, and 83% of
+# those normals moved 10% sideways, 68% widened by an 18% black strip (NIH adults, their model: 1 of 61,
+# 4 of 320, 39-48%, 33%)
+_RECENTRING = tuple((dx, 0) for dx in (-16, -12, -8, 8, 12, 16)) + tuple((0, dy) for dy in (-12, -8, 8, 12))
+OFF_CENTRE_MARGIN = 0.4
 _LATERAL = {"LL", "RL", "LAT", "LATERAL"}
 _DECUBITUS = {"LLD", "RLD"}
 # ViewPosition defined terms for radiographs (PS3.3 C.8.11.7) and common variants: --views is checked
@@ -220,6 +233,24 @@ def _orientation_distances(reference: QCReference, small: np.ndarray) -> dict[st
         out[name] = reference.distance(vectors)
         out["inverted" if name == "upright" else f"inverted {name}"] = reference.distance(-vectors)
     return out
+
+
+def _moved(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """(N, S, S) films moved dx pixels right and dy down, black where nothing moved in."""
+    out = np.zeros_like(images)
+    side = images.shape[-1]
+    out[:, max(dy, 0):side + min(dy, 0), max(dx, 0):side + min(dx, 0)] = \
+        images[:, max(-dy, 0):side + min(-dy, 0), max(-dx, 0):side + min(-dx, 0)]
+    return out
+
+
+def _off_centre(reference: QCReference, images: np.ndarray, upright: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 128, 128) uint8 films and their (N,) distances as they are -> (N,) the distance of each
+    film's best moved copy (_RECENTRING) over its own, and (N, 2) that move (x, y) in pixels."""
+    moved = np.stack([reference.distance(_standardised(_thumbnails(_moved(images, dx, dy))))
+                      for dx, dy in _RECENTRING], axis=1)
+    best = moved.argmin(axis=1)
+    return moved[np.arange(len(images)), best] / np.maximum(upright, 1e-12), np.array(_RECENTRING)[best]
 
 
 def _plane_share(small: np.ndarray) -> np.ndarray:
@@ -552,11 +583,12 @@ class QualityControl:
         plane = _plane_share(small)
         distances = _orientation_distances(self.reference, small) if self.reference else None
         closest = _closest_turn(distances) if distances else None
+        recentring = _off_centre(self.reference, images, distances["upright"]) if distances else None
         verdicts = []
         for index, record in enumerate(records):
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
                                                                              distances, closest)
-            warnings = self._warnings(record, index, distances)
+            warnings = self._warnings(record, index, distances, recentring)
             if problems:
                 problems[-1] += _body_part_said(record)
                 # --qc warn scores it anyway: what makes its score not comparable is then said too; colour
@@ -616,12 +648,20 @@ class QualityControl:
             return ["does not look like a frontal chest radiograph (layout unlike every training film)"]
         return []
 
-    def _warnings(self, record: ImageRecord, index: int, distances: dict[str, np.ndarray] | None) -> list[str]:
+    def _warnings(self, record: ImageRecord, index: int, distances: dict[str, np.ndarray] | None,
+                  recentring: tuple[np.ndarray, np.ndarray] | None) -> list[str]:
         warnings = []
         mirrored = distances is not None and \
             distances["mirror"][index] < self.limits.mirror_margin * distances["upright"][index]
         if mirrored:
             warnings.append(f"{WARN_MIRRORED} (heart on the right?): check the side marker")
+        if recentring is not None and recentring[0][index] < OFF_CENTRE_MARGIN:
+            dx, dy = recentring[1][index]  # the move that fits: the chest lies the other way
+            where = (f"{abs(dx) / MODEL_SIZE:.0%} {'right' if dx < 0 else 'left'}" if dx else
+                     f"{abs(dy) / MODEL_SIZE:.0%} {'low' if dy < 0 else 'high'}")
+            warnings.append(f"{WARN_OFF_CENTRE} (about {where} of where the training films' chests lie, or the film "
+                            "has a border on one side): the model reads every film where those chests lie, so its "
+                            "score is not comparable, do not read a flag as a finding")
         if record.rows and record.columns and min(record.rows, record.columns) < MODEL_SIZE:
             warnings.append(f"{WARN_SMALL} ({record.columns}x{record.rows} pixels, the model reads {MODEL_SIZE}): "
                             "enlarged, with less detail than the films it learnt from; its score is not comparable, "

@@ -197,6 +197,38 @@ def test_upright_normals_pass(qc, normals):
     assert statuses.count("fail") == 0
 
 
+def _moved_film(films: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """(N, 128, 128) films moved dx pixels right and dy down, black where nothing moved in."""
+    out = np.zeros_like(films)
+    side = films.shape[-1]
+    out[:, max(dy, 0):side + min(dy, 0), max(dx, 0):side + min(dx, 0)] = \
+        films[:, max(-dy, 0):side + min(-dy, 0), max(-dx, 0):side + min(-dx, 0)]
+    return out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pixels=st.integers(13, 16), left=st.booleans(), strip=st.booleans())
+def test_a_chest_moved_sideways_warns_that_its_score_is_not_comparable(qc, normals, pixels, left, strip):
+    """A reader's trial: a normal film moved 10% sideways, or widened by a black strip on one side,
+    passed quality control and topped the list (z 7-11). Moved 10-12.5% either way (or squeezed
+    beside a strip of that width), most warn, and say which way; the films as they are do not."""
+    films = normals[1]
+    if strip:  # a border on one side: the film widened, then squashed to the square input as radscan reads it
+        pad = np.zeros((len(films), 128, 2 * pixels), np.uint8)
+        wide = np.concatenate([pad, films] if left else [films, pad], axis=2)
+        changed = np.stack([np.asarray(Image.fromarray(w).resize((128, 128), Image.Resampling.BICUBIC))
+                            for w in wide])
+    else:
+        changed = _moved_film(films, -pixels if left else pixels, 0)
+    verdicts = _verdicts(qc, changed)
+    warned = [v for v in verdicts if v.status == "warn" and "the chest is off-centre" in v.reason]
+    assert len(warned) >= 0.6 * len(verdicts), (len(warned), len(verdicts))
+    if not strip:  # which way it lies
+        side = "left" if left else "right"
+        assert sum(f"% {side} of where" in v.reason for v in warned) >= 0.9 * len(warned)
+    assert sum("off-centre" in v.reason for v in _verdicts(qc, films)) <= 0.01 * len(films)
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda x: np.rot90(x, 1, axes=(1, 2)), "turned 90 degrees anticlockwise"),
     (lambda x: np.rot90(x, 3, axes=(1, 2)), "turned 90 degrees clockwise"),
