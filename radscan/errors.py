@@ -45,7 +45,8 @@ EXIT_CODE_MEANINGS: dict[tuple[int, ...], str] = {
     (ExitCode.CRASH,): "crash: a bug (please report it with the traceback)",
     (ExitCode.USAGE,): "usage error: a bad option, argument or setting; an output inside the inputs",
     (ExitCode.PARTIAL,): "finished, but some files could not be used (status `error` rows), or, with `--dicom-out`, "
-                         "some DICOM results were not made or not sent (kept for the next run)",
+                         "some DICOM results were not made or not sent (kept for the next run), or most films "
+                         "of the last list are gone from the inputs (a share that mounted in part?)",
     (ExitCode.DATA,): "missing or invalid model (a missing, altered or edited file; training that diverged)",
     (ExitCode.NO_INPUT,): "no input: a path does not exist, cannot be read (permissions) or holds no files (or only "
                           "files that are neither DICOM nor images), or too few usable films to train or calibrate on",

@@ -68,7 +68,8 @@ def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = N
 
     A success is a run that wrote its worklist and delivered every DICOM result (exit 0, or exit 3
     for unreadable files only), as the nightly wrapper's `last_success` means: a PACS outage is not
-    one. A failed run changes only the exit code and the last attempt, and keeps the rest of the
+    one, nor a night most of whose listed films were gone from the inputs (a share mounted in part).
+    A failed run changes only the exit code and the last attempt, and keeps the rest of the
     previous file (the last finished run's counts, and results still pending), so that an alert on
     pending results does not clear itself when the next night fails."""
     now = time.time() if now is None else now
@@ -80,7 +81,7 @@ def write_metrics(path: Path, exit_code: int, summary: dict[str, Any] | None = N
     if summary is not None:
         blocks.update(_run_blocks(summary))
         dicom = summary.get("dicom") or {}
-        if not (dicom.get("not_sent") or dicom.get("not_made")):
+        if not (dicom.get("not_sent") or dicom.get("not_made") or summary.get("inputs_missing")):
             blocks[_LAST_SUCCESS] = _metric(_LAST_SUCCESS, "When the last run that wrote its worklist and "
                                             "delivered every DICOM result ended (Unix time).", now)
         elif previous := _previous_blocks(path).get(_LAST_SUCCESS):

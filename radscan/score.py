@@ -129,6 +129,8 @@ class ScoreSummary:
     problems: list[str] = dataclass_field(default_factory=list)
     # the flagged share of the films scored anew, against the run history and the calibration (radscan.drift)
     drift: dict[str, Any] | None = None
+    # most films of the earlier list are gone from the inputs (a share that mounted in part): not a success
+    inputs_missing: bool = False
     started_at: str = ""
     finished_at: str = ""
     disclaimer: str = DISCLAIMER
@@ -209,10 +211,15 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
-            problems += filter(None, [_most_of_the_list_gone(by_root)])
+            gone = _most_of_the_list_gone(by_root)
+            problems += filter(None, [gone])
             lock.confirm()
+            # a success wrote a list of every film there is and delivered every result: a share that
+            # mounted in part is not one (a trial: exit 0, ok and last_success on a night that lost two
+            # thirds of its films)
             studies = write_worklist(store, outputs, threshold, identity, run=(run_id, dict(counts)),
-                                     problems=problems, delivered=delivery is None or delivery.complete,
+                                     problems=problems,
+                                     delivered=(delivery is None or delivery.complete) and gone is None,
                                      qc_mode=settings.qc)
             write_readme(outputs, identity, pictures)
             store.record_run(now(), drift.scored, drift.flagged)
@@ -239,6 +246,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
         model_name=identity.name, model_version=identity.version, model_sha256=identity.sha256, qc=settings.qc,
         started_at=started_at, finished_at=now(),
         dicom=delivery.as_dict() if delivery else None, problems=problems, drift=drift.as_dict(),
+        inputs_missing=gone is not None,
     )
 
 

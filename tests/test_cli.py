@@ -380,7 +380,7 @@ def test_a_pacs_outage_is_not_a_good_night(tmp_path, dicom_dir):
     assert len(summary["problems"]) == 1 and "not sent to" in summary["problems"][0]
     assert "could not be read" not in summary["problems"][0]
     assert not (out / "last_success").exists() and (out / "last_attempt").is_file()
-    assert "DICOM results were not delivered (exit 3)" in done.stderr and "not sent to" in done.stderr
+    assert "results not delivered or films missing (exit 3)" in done.stderr and "not sent to" in done.stderr
     log = next((out / "logs").glob("*.log")).read_text()
     assert "WARNING" in log and "status=error" not in log
     metrics = (out / "radscan.prom").read_text()  # the wrapper's metrics agree: no success, results pending

@@ -85,16 +85,17 @@ problems() {
   "$venv/bin/python" -c 'import json, sys; print(*json.load(open(sys.argv[1])).get("problems", []), sep="\n")' \
     "$output/last-run.json" 2>/dev/null
 }
-undelivered() {
-  "$venv/bin/python" -c 'import json, sys; d = json.load(open(sys.argv[1])).get("dicom") or {}
-sys.exit(0 if d.get("not_sent") or d.get("not_made") else 1)' "$output/last-run.json" 2>/dev/null
+incomplete() {  # results that did not reach the PACS, or most of the list's films gone from the inputs
+  "$venv/bin/python" -c 'import json, sys; s = json.load(open(sys.argv[1])); d = s.get("dicom") or {}
+sys.exit(0 if d.get("not_sent") or d.get("not_made") or s.get("inputs_missing") else 1)' \
+    "$output/last-run.json" 2>/dev/null
 }
 case $status in
   0)  date -Is >"$output/last_success" ;;                                # all scored and delivered
-  3)  if undelivered; then  # radscan's own WARNING lines in the log give each problem
-        # results that did not reach the PACS: not a good night. last_success stays as it was, and
-        # the line on stderr makes cron mail it
-        echo "radscan nightly run: DICOM results were not delivered (exit 3): $(problems | tr '\n' ';') see $log" >&2
+  3)  if incomplete; then  # radscan's own WARNING lines in the log give each problem
+        # results that did not reach the PACS, or a share that mounted in part: not a good night.
+        # last_success stays as it was, and the line on stderr makes cron mail it
+        echo "radscan nightly run: results not delivered or films missing (exit 3): $(problems | tr '\n' ';') see $log" >&2
       else
         date -Is >"$output/last_success"  # the worklist is complete for every file that could be read
       fi ;;

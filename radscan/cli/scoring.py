@@ -229,7 +229,8 @@ def _run_settings(ctx: click.Context, paths: tuple[str, ...], out: Path, model: 
 
 def _report_run(ctx: click.Context, summary: Any, metrics: Path | None, as_json: bool, say: bool = True) -> int:
     """A finished run's exit code, metrics file, --json summary or (`say`) stderr line."""
-    exit_code = ExitCode.PARTIAL if summary.counts["error"] or summary.results_pending else ExitCode.OK
+    exit_code = (ExitCode.PARTIAL if summary.counts["error"] or summary.results_pending or summary.inputs_missing
+                 else ExitCode.OK)
     if metrics is not None:
         from radscan.metrics import write_metrics
 
