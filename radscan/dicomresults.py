@@ -38,6 +38,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
 from radscan import __version__
 from radscan.errors import SettingError
@@ -306,15 +307,33 @@ def _drop_invalid_values(source: Dataset) -> None:
     radscan reads such archives leniently, but writes nothing invalid into the PACS. An invalid
     identifying value (PatientID, PatientName, AccessionNumber) cannot be left out, or the results
     would not join their patient: ValueError, and no results for this image."""
-    for element in list(source):
-        if element.VR == "SQ" or element.tag.group < 0x0008:
+    _drop_invalid_in(source, top=True)
+
+
+def _drop_invalid_in(dataset: Dataset, top: bool) -> bool:
+    """`_drop_invalid_values` over one dataset and the items of its sequences (a trial: a code meaning
+    holding a BEL, inside a sequence, reached the PACS). At the top level an invalid value is removed;
+    inside a sequence the item that holds it is (a code without its meaning is no code), and a
+    sequence that loses all its items goes too. Returns whether `dataset` held no invalid value."""
+    valid = True
+    for element in list(dataset):
+        if element.tag.group < 0x0008:
+            continue
+        if element.VR == "SQ":
+            items = list(element.value or [])
+            element.value = [item for item in items if _drop_invalid_in(item, top=False)]
+            if items and not element.value:  # an empty sequence as the source had it stays (Type 2)
+                del dataset[element.tag]
             continue
         problem = _value_problem(element)
-        if problem and element.keyword in _IDENTITY:
+        if problem and top and element.keyword in _IDENTITY:
             raise ValueError(f"the file's {element.keyword} is not valid DICOM ({problem}): results that copy it "
                              "would not validate, and results without it would not join the patient")
         if problem:
-            del source[element.tag]
+            valid = False
+            if top:
+                del dataset[element.tag]
+    return valid
 
 
 def _value_problem(element: pydicom.DataElement) -> str:
@@ -331,7 +350,21 @@ def _value_problem(element: pydicom.DataElement) -> str:
             return str(exc).split(". ")[0]
         if element.VR == "PN" and any(len(part) > 64 for group in str(value).split("=") for part in group.split("^")):
             return "a name component longer than 64 characters"
+        if isinstance(value, str | PersonName) and (bad := _control_characters(element.VR, str(value))):
+            return f"control character {bad!r}"
     return ""
+
+
+# control characters a text value may hold (PS3.5 6.1.3, 6.2): ESC begins an ISO 2022 code extension in
+# every text VR; the long text VRs also hold line and page breaks and tabs
+_TEXT_CONTROLS = {"LT": "\x1b\r\n\f\t", "ST": "\x1b\r\n\f\t", "UT": "\x1b\r\n\f\t"}
+
+
+def _control_characters(vr: str, text: str) -> str:
+    """The first control character (C0 or DEL) that `vr` does not allow in `text`, or "" (pydicom has
+    already removed a value's trailing NUL padding)."""
+    allowed = _TEXT_CONTROLS.get(vr, "\x1b")
+    return next((char for char in text if (char < " " or char == "\x7f") and char not in allowed), "")
 
 
 def _frames(source: Dataset, row: dict[str, Any]) -> list[int] | None:

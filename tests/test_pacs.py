@@ -433,6 +433,17 @@ def test_changed_sources_and_tampered_results_are_rewritten_and_resent(studies, 
     assert pydicom.dcmread(out.parent / after["cr/IM1"]["dicom_sc"]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
 
 
+def _with_control_characters(ds: pydicom.Dataset) -> None:
+    """Descriptive text with characters its VR forbids, at the top level and inside a sequence: left
+    out of the results (what a line break means in a long text VR is kept)."""
+    ds.StudyDescription = "CHEST\r\nPA"
+    ds.InstitutionName = "Ward\x00B"
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "X1", "99LOCAL", "chest\x07"
+    ds.ProcedureCodeSequence = [item]
+    ds.ImageComments = "line one\r\nline two"
+
+
 def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tmp_path):
     """Names in Latin-1 without a character set, a source Laterality, a two-letter patient
     orientation and a multi-frame image all give results that dciodvfy passes (the multi-frame SR
@@ -446,6 +457,9 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
         "latin.dcm": lambda ds: ds.__setitem__(0x00100010, DataElement(0x00100010, "PN", b"M\xfcller^J\xfcrgen")),
         "sided.dcm": lambda ds: (setattr(ds, "Laterality", "L"), setattr(ds, "PatientOrientation", ["A", "FL"])),
         "longid.dcm": lambda ds: setattr(ds, "PatientID", "X" * 70),
+        # a trial: control characters reached the PACS (dciodvfy: "Character invalid for this VR")
+        "ctrlid.dcm": lambda ds: setattr(ds, "AccessionNumber", "ACC\x07BEL"),
+        "ctrltext.dcm": _with_control_characters,
     }.items()):
         ds = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
         ds.SOPInstanceUID = _another(base.SOPInstanceUID, 10 + number)
@@ -458,12 +472,14 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
     result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
                              str(tmp_path / "dicom"), "--qc", "off", "--frames", "middle", "--modalities", "all",
                              "--body-parts", "all", "--views", "all")
-    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 1, result.output
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 2, result.output
     rows = {row["path"]: row for row in read_rows(out)}
     assert rows["longid.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM")
+    assert rows["ctrlid.dcm"]["dicom_result"].startswith("none: the file's AccessionNumber is not valid DICOM "
+                                                         "(control character '\\x07')")
     assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
     dciodvfy = needs("dciodvfy", "dicom3tools")
-    for name in ("latin.dcm", "sided.dcm", "frames.dcm"):
+    for name in ("latin.dcm", "sided.dcm", "frames.dcm", "ctrltext.dcm"):
         for key in ("dicom_sr", "dicom_sc"):
             path = out.parent / rows[name][key]
             checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
