@@ -294,6 +294,14 @@ def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
             raise ValueError(f"the file's {keyword} is missing or not a valid UID")
     if str(source.SOPInstanceUID) != row.get("SOPInstanceUID"):
         raise ValueError("the file changed since it was scored: it is scored again by the next run")
+    # every text decoded by the source's character set, then said as UTF-8, which the results are written
+    # in: highdicom refused legal sets such as "\ISO 2022 IR 87" (an empty first value: the default
+    # repertoire with code extensions; a trial: every Japanese film had no results)
+    try:
+        source.decode()
+    except (LookupError, ValueError) as exc:
+        raise ValueError(f"cannot decode the header's text: {exc}") from None
+    source.SpecificCharacterSet = "ISO_IR 192"
     _drop_invalid_values(source)
     for keyword in _PATIENT_AND_STUDY:  # Type 2: present, and empty when the source does not know them
         if keyword not in source:

@@ -460,6 +460,10 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
         # a trial: control characters reached the PACS (dciodvfy: "Character invalid for this VR")
         "ctrlid.dcm": lambda ds: setattr(ds, "AccessionNumber", "ACC\x07BEL"),
         "ctrltext.dcm": _with_control_characters,
+        # a trial: a legal Japanese character set (its first value empty) gave no results
+        "jis.dcm": lambda ds: (setattr(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 87"]),
+                               ds.__setitem__(0x00100010, DataElement(
+                                   0x00100010, "PN", "Yamada^Tarou=山田^太郎".encode("iso2022_jp")))),
     }.items()):
         ds = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
         ds.SOPInstanceUID = _another(base.SOPInstanceUID, 10 + number)
@@ -479,13 +483,14 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
                                                          "(control character '\\x07')")
     assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
     dciodvfy = needs("dciodvfy", "dicom3tools")
-    for name in ("latin.dcm", "sided.dcm", "frames.dcm", "ctrltext.dcm"):
+    for name in ("latin.dcm", "sided.dcm", "frames.dcm", "ctrltext.dcm", "jis.dcm"):
         for key in ("dicom_sr", "dicom_sc"):
             path = out.parent / rows[name][key]
             checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
             errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
             assert not errors, f"{name} {key}: {errors}"
     assert str(pydicom.dcmread(out.parent / rows["latin.dcm"]["dicom_sr"]).PatientName) == "Müller^Jürgen"
+    assert str(pydicom.dcmread(out.parent / rows["jis.dcm"]["dicom_sr"]).PatientName) == "Yamada^Tarou=山田^太郎"
     frames = pydicom.dcmread(out.parent / rows["frames.dcm"]["dicom_sr"])
     referenced = [item.ReferencedSOPSequence[0] for item in _items(frames) if "ReferencedSOPSequence" in item]
     assert referenced and int(referenced[0].ReferencedFrameNumber) == int(rows["frames.dcm"]["frame_used"]) + 1
