@@ -141,7 +141,8 @@ def test_names_that_spreadsheets_would_run_are_written_as_text(tmp_path, cxr_dir
 USAGE_CASES = ["workers 0", "empty key file", "toml number for a path", "val-normal alone", "nan timeout",
                "inf specificity", "toml batch 1.5", "toml true for a number", "empty modalities", "empty phi key",
                "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals",
-               "absurd batch size"]
+               "absurd batch size", "toml 0 for a flag", "toml text for a number", "toml key outside a table",
+               "misspelled variable"]
 
 
 @pytest.mark.parametrize("case", USAGE_CASES)
@@ -155,6 +156,10 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     (tmp_path / "c.toml").write_text("[score]\nmodel = 5\n")
     (tmp_path / "batch.toml").write_text("[score]\nbatch_size = 1.5\n")
     (tmp_path / "bool.toml").write_text("[score]\nworkers = true\n")
+    # a trial's: an on/off option given 0 crashed (exit 1); "64" in quotes was taken; a key outside a table
+    (tmp_path / "flag.toml").write_text("[score]\nno_html = 0\n")
+    (tmp_path / "text.toml").write_text('[score]\nbatch_size = "64"\n')
+    (tmp_path / "top.toml").write_text("verbose = true\n[score]\nworkers = 1\n")
     score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
         "nan timeout": [*score, "--read-timeout", "nan"],
@@ -163,6 +168,10 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
                             "--target-specificity", "inf"],
         "toml batch 1.5": ["--config", str(tmp_path / "batch.toml"), *score],
         "toml true for a number": ["--config", str(tmp_path / "bool.toml"), *score],
+        "toml 0 for a flag": ["--config", str(tmp_path / "flag.toml"), *score],
+        "toml text for a number": ["--config", str(tmp_path / "text.toml"), *score],
+        "toml key outside a table": ["--config", str(tmp_path / "top.toml"), *score],
+        "misspelled variable": score,
         "empty modalities": [*score, "--modalities", " , "],
         "empty phi key": [*score, "--phi", "hash", "--phi-key", ""],
         "short phi key": [*score, "--phi", "hash", "--phi-key", "abc"],
@@ -179,9 +188,16 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
                                    str(tmp_path / "r.csv")],
         "val-normal alone": ["train", normals, "--out", str(tmp_path / "m"), "--val-normal", normals],
     }[case]
-    result = _run(*args)
+    # a trial: RADSCAN_SCORE_PHII=hash was ignored and patient identifiers written in clear
+    result = _run(*args, env={"RADSCAN_SCORE_PHII": "hash"} if case == "misspelled variable" else None)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "Traceback" not in result.output and result.stderr.strip().count("\n") <= 3
+    said = {"misspelled variable": "RADSCAN_SCORE_PHII names no option of radscan score (did you mean "
+                                   "RADSCAN_SCORE_PHI?)",
+            "toml key outside a table": "verbose = True in", "toml 0 for a flag": "no_html = 0: expected true or "
+                                                                                "false",
+            "toml text for a number": "batch_size = '64': expected a number"}
+    assert said.get(case, "") in " ".join(result.stderr.split())
 
 
 def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):

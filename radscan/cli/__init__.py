@@ -51,6 +51,24 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None)
     ctx.obj = {"quiet": quiet, "verbose": verbose, "config": config_file}
     if config_file:
         ctx.default_map = _read_config(config_file)
+    if ctx.invoked_subcommand in cli.commands:
+        _refuse_unknown_variables(cli.commands[ctx.invoked_subcommand])
+
+
+def _refuse_unknown_variables(command: click.Command) -> None:
+    """A RADSCAN_<COMMAND>_<OPTION> variable that names no option of the command run is a usage
+    error, as an unknown key of its --config table is (a trial: RADSCAN_SCORE_PHII=hash was ignored,
+    and patient identifiers were written in clear). Variables of other commands are not looked at."""
+    import difflib
+
+    prefix = f"RADSCAN_{command.name.upper()}_"
+    known = {param.envvar for param in command.params if isinstance(param, click.Option) and param.envvar}
+    for name in sorted(os.environ):
+        if name.startswith(prefix) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            raise click.UsageError(f"the environment variable {name} names no option of radscan {command.name}"
+                                   + (f" (did you mean {close[0]}?)" if close else "")
+                                   + f": its options' variables are {prefix}<OPTION>, e.g. {sorted(known)[0]}")
 
 
 def _read_config(path: Path) -> dict:
@@ -62,7 +80,10 @@ def _read_config(path: Path) -> dict:
     default_map = {}
     for name, table in settings.items():
         command = cli.commands.get(name)
-        if command is None or not isinstance(table, dict):
+        if not isinstance(table, dict):  # a key before any table (verbose = true): not a command's setting
+            raise click.BadParameter(f"{name} = {table!r} in {path} stands outside a table: settings go under "
+                                     f"their command's table, e.g. [score]", param_hint="--config")
+        if command is None:
             raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
         by_option = {opt.lstrip("-").replace("-", "_"): param for param in command.params
                      for opt in param.opts if opt.startswith("--")}
@@ -84,6 +105,12 @@ def _setting(param: click.Parameter, value: object) -> object:
         return ",".join(str(item) for item in value)
     if isinstance(value, bool) and not getattr(param, "is_flag", False):
         raise click.BadParameter(f"{param.name} = {str(value).lower()}: expected a value, not true/false",
+                                 param_hint="--config")
+    if getattr(param, "is_flag", False) and not isinstance(value, bool) and not getattr(param, "count", False):
+        # a trial: no_html = 0 crashed the run (exit 1, a traceback)
+        raise click.BadParameter(f"{param.name} = {value!r}: expected true or false", param_hint="--config")
+    if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, str):
+        raise click.BadParameter(f"{param.name} = {value!r}: expected a number, not text in quotes",
                                  param_hint="--config")
     if isinstance(param.type, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
         raise click.BadParameter(f"{param.name} = {value!r}: expected a whole number", param_hint="--config")
