@@ -7,7 +7,7 @@ import sys
 
 from radscan.records import visible_controls
 
-__all__ = ["configure", "one_line_text"]
+__all__ = ["configure", "one_line_text", "error_line"]
 
 FORMAT = "%(asctime)s radscan %(levelname)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
@@ -44,3 +44,19 @@ def configure(level: int) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    # libraries' warnings (pydicom's on an odd header, which may quote a header value) reached stderr raw,
+    # without a timestamp (a trial's log parser): as log lines, shown only with -vv; each film's row says
+    # what became of it
+    logging.captureWarnings(False)  # and again: it does nothing if called before and showwarning was reset since
+    logging.captureWarnings(True)
+    library = logging.getLogger("py.warnings")
+    library.handlers[:] = [handler]
+    library.setLevel(level if level <= logging.DEBUG else logging.CRITICAL + 1)
+    library.propagate = False
+
+
+def error_line(message: str) -> str:
+    """A command's last line when it fails, in the log's format (timestamped, one line), so that a
+    log parser reads it as it reads the others."""
+    return _OneLineFormatter(FORMAT, DATE_FORMAT).format(
+        logging.LogRecord("radscan", logging.ERROR, "", 0, message, None, None))

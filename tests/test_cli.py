@@ -213,6 +213,10 @@ def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):
     assert failed.returncode == ExitCode.DATA
     assert json.loads(failed.stdout) == {"ok": False, "exit_code": 65, "error": json.loads(failed.stdout)["error"]}
     assert "no model at" in json.loads(failed.stdout)["error"]
+    # every line of a failed run's log is timestamped, its last (the error) too (a trial's log parser)
+    assert failed.stderr.strip() and all(line[:4].isdigit() and line[10] == "T" and " radscan " in line
+                                         for line in failed.stderr.splitlines()), failed.stderr
+    assert failed.stderr.splitlines()[-1].split(" ", 1)[1].startswith("radscan ERROR: no model at")
     done = subprocess.run([*command, "--out", str(tmp_path / "out" / "b.csv")], capture_output=True, text=True)
     summary = json.loads(done.stdout)
     assert done.returncode == 0 and summary["ok"] and summary["exit_code"] == 0 and summary["model_sha256"]

@@ -22,7 +22,7 @@ from radscan.cli.models import calibrate, evaluate, export, info, report, train
 from radscan.cli.scoring import listen, scan, score
 from radscan.errors import RadscanError
 from radscan.logs import configure as configure_log
-from radscan.logs import one_line_text
+from radscan.logs import error_line
 from radscan.stopping import Terminated, install_stop_handlers
 
 __all__ = ["cli", "main"]
@@ -151,7 +151,7 @@ def main() -> None:
         _name_the_source(exc)
         json_failure(*failure(exc))
         if isinstance(exc, RadscanError):  # radscan's words name paths: one line of printable text
-            click.echo(f"Error: {one_line_text(exc.format_message())}", err=True)
+            click.echo(error_line(exc.format_message()), err=True)
         else:
             exc.show()
         sys.exit(exc.exit_code)
@@ -160,7 +160,7 @@ def main() -> None:
         # intact) and says so, so that a wrapper's summary is never empty
         exit_code, message = failure(exc)
         json_failure(exit_code, message)
-        click.echo(f"Error: {message}", err=True)
+        click.echo(error_line(message), err=True)
         sys.exit(exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

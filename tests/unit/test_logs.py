@@ -27,3 +27,21 @@ def test_a_file_name_cannot_forge_a_log_line_or_drive_the_terminal(name):
     assert line.endswith(" died") and " radscan WARNING: worker for " in line
     assert not any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in line)
     line.encode("utf-8")  # no lone surrogate left
+
+
+def test_a_librarys_warning_is_a_timestamped_log_line_shown_only_with_debug():
+    """A trial: pydicom's warnings on odd headers (which may quote a header value) reached the
+    nightly log raw, without a timestamp. They are log lines in the one format, shown only at -vv."""
+    import warnings
+
+    for level, shown in ((logging.WARNING, False), (logging.INFO, False), (logging.DEBUG, True)):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            configure(level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("unknown escape sequence in the patient's name\nDoe^John", UserWarning, stacklevel=1)
+        lines = stderr.getvalue().splitlines()
+        assert bool(lines) == shown, (level, lines)
+        assert all(line[:4].isdigit() and line[10] == "T" and " radscan WARNING: " in line for line in lines)
+    configure(logging.WARNING)
