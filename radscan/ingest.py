@@ -290,8 +290,11 @@ def _not_a_file(entry: os.DirEntry) -> str:
             entry.stat()  # follows the link
         except OSError:
             return "broken symbolic link"
-        return "not a regular file (a symbolic link to a device, socket or pipe)"
-    return "not a regular file (device, socket or pipe)"
+        return f"{NOT_A_REGULAR_FILE} (a symbolic link to a device, socket or pipe)"
+    return f"{NOT_A_REGULAR_FILE} (device, socket or pipe)"
+
+
+NOT_A_REGULAR_FILE = "not a regular file"
 
 
 def _os_reason(exc: OSError) -> str:
@@ -335,6 +338,8 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
     # the crawl's study (a folder, or the file) unless the file says otherwise (DICOM StudyInstanceUID)
     record = ImageRecord(path=found.path, root=found.root, kind="other", preprocess_version=PREPROCESS_VERSION,
                          study_key=fallback_study_key(found))
+    if found.problem.startswith(NOT_A_REGULAR_FILE):  # a pipe, socket or device is never a film: no error night
+        return record.skip(found.problem), None  # after night (a trial: a FIFO left in a share, exit 3 each night)
     if found.problem:
         return record.fail(found.problem), None
     path = found.full_path

@@ -101,17 +101,21 @@ def test_walk_survives_links_loops_and_excludes_outputs(tmp_path):
     (previews / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     odd = os.fsdecode(b"caf\xe9-\xff.dcm")  # not UTF-8
     (studies / odd).write_bytes(b"")
+    os.mkfifo(studies / "a" / "fifo.dcm")  # a trial: a pipe left in a share made every night exit 3
+    (studies / "a" / "to-null.dcm").symlink_to("/dev/null")
 
     found = find_files([studies], exclude=[previews])
     paths = [f.path for f in found]
     assert paths.count("a/IMG0001") == 1 and "b/IMG0001" not in paths
     assert not any(p.startswith("previews") for p in paths)
     problems = {f.path: f.problem for f in found if f.problem}
-    assert problems == {"a/dangling": "broken symbolic link"}
+    assert problems == {"a/dangling": "broken symbolic link", "a/fifo.dcm": "not a regular file (device, socket or "
+                        "pipe)", "a/to-null.dcm": "not a regular file (a symbolic link to a device, socket or pipe)"}
     records = [record for record, _ in iter_ingested(found, Policy(), workers=1)]
     by_path = {r.path: r for r in records}
     assert by_path["a/IMG0001"].status == "ok"
-    assert by_path["a/dangling"].status == "error"
+    assert by_path["a/dangling"].status == "error"  # a link to a film that is gone: for IT
+    assert by_path["a/fifo.dcm"].status == by_path["a/to-null.dcm"].status == "skipped"  # never a film
     assert by_path[odd].status == "error" and "empty file" in by_path[odd].reason
 
 
