@@ -91,8 +91,14 @@ def _read_config(path: Path) -> dict:
         if unknown:
             raise click.BadParameter(f"[{name}] in {path}: unknown option(s) {', '.join(unknown)}",
                                      param_hint="--config")
-        default_map[name] = {by_option[k.replace("-", "_")].name: _setting(by_option[k.replace("-", "_")], v)
-                             for k, v in table.items()}
+        default_map[name] = {}
+        for key, value in table.items():
+            param = by_option[key.replace("-", "_")]
+            try:
+                default_map[name][param.name] = _setting(param, value)
+            except click.BadParameter as exc:  # named as the file spells it, where it stands
+                raise click.BadParameter(f"{key!r} in the [{name}] table of {path}: {exc.message}",
+                                         param_hint="--config") from None
     return default_map
 
 
@@ -101,22 +107,22 @@ def _setting(param: click.Parameter, value: object) -> object:
     ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
     if isinstance(value, list) and not getattr(param, "multiple", False):
         if not isinstance(param.type, click.types.StringParamType):  # a path, a number, one choice
-            raise click.BadParameter(f"{param.name} = {value!r}: expected one value, not a list", param_hint="--config")
+            raise click.BadParameter(f"{value!r} is a list where one value is expected", param_hint="--config")
         return ",".join(str(item) for item in value)
     if isinstance(value, bool) and not getattr(param, "is_flag", False):
-        raise click.BadParameter(f"{param.name} = {str(value).lower()}: expected a value, not true/false",
+        raise click.BadParameter(f"{str(value).lower()} is true/false where a value is expected",
                                  param_hint="--config")
     if getattr(param, "is_flag", False) and not isinstance(value, bool) and not getattr(param, "count", False):
         # a trial: no_html = 0 crashed the run (exit 1, a traceback)
-        raise click.BadParameter(f"{param.name} = {value!r}: expected true or false", param_hint="--config")
+        raise click.BadParameter(f"{value!r} is not true or false", param_hint="--config")
     if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, str):
-        raise click.BadParameter(f"{param.name} = {value!r}: expected a number, not text in quotes",
+        raise click.BadParameter(f"{value!r} is text in quotes where a number is expected",
                                  param_hint="--config")
     if isinstance(param.type, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
-        raise click.BadParameter(f"{param.name} = {value!r}: expected a whole number", param_hint="--config")
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint="--config")
     wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
     if wants_text and not getattr(param, "is_flag", False) and not isinstance(value, (str, list)):
-        raise click.BadParameter(f"{param.name} = {value!r}: expected text in quotes", param_hint="--config")
+        raise click.BadParameter(f"{value!r} is not text in quotes", param_hint="--config")
     return value
 
 
