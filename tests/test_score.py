@@ -854,7 +854,7 @@ def test_toml_lists_are_accepted_and_a_policy_that_skips_every_dicom_is_loud(stu
     for line in ('model = ["a", "b"]', "batch_size = [8, 16]", 'qc = ["warn", "off"]'):
         config.write_text(f"[score]\n{line}\n")
         result = _run("--config", str(config), "score", str(studies), "--out", str(tmp_path / "c.csv"))
-        assert result.exit_code == ExitCode.USAGE and "expected one value, not a list" in result.output, line
+        assert result.exit_code == ExitCode.USAGE and "is a list where one value is expected" in result.output, line
 
 
 def test_a_damaged_model_stops_the_run_before_anything_is_stored(studies, tiny_model, tmp_path):
