@@ -36,7 +36,7 @@ import numpy as np
 from radscan.errors import ModelError
 from radscan.policy import DEFAULT_BODY_PARTS
 from radscan.preprocess import MODEL_SIZE
-from radscan.records import ImageRecord, Status, counted, visible_controls
+from radscan.records import VIEW_REJECTIONS, ImageRecord, Status, counted, visible_controls
 from radscan.report import remove_stale_temporaries, write_bytes
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
@@ -613,12 +613,12 @@ class QualityControl:
                         f"side: not the shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
-            kind = ("a lateral view" if view in _LATERAL else "a decubitus view" if view in _DECUBITUS
-                    else "not a frontal view")
+            lateral, decubitus, other, _ = VIEW_REJECTIONS
+            kind = lateral if view in _LATERAL else decubitus if view in _DECUBITUS else other
             problems.append(f"{kind} (ViewPosition {view}); only {', '.join(self.views)} films are judged (--views)")
         image_type = {value.strip().upper() for value in record.ImageType.split("\\")}
         if image_type & {"LOCALIZER", "SCOUT"}:
-            problems.append("a localizer/scout image (ImageType), not a radiograph to judge")
+            problems.append(f"{VIEW_REJECTIONS[3]} (ImageType), not a radiograph to judge")
         return problems
 
     def _image_problems(self, index: int, contrast: np.ndarray, extreme: np.ndarray, plane: float,

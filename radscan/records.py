@@ -17,6 +17,12 @@ def counted(number: int, noun: str) -> str:
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
+# The openings of quality control's rejections by a film's header (radscan.qc): a lateral or decubitus view, a
+# view that is not frontal, a localizer. Routine beside a study's frontal film, nothing for a reader to review
+# (radscan.state ranks studies by the other rejections).
+VIEW_REJECTIONS = ("a lateral view", "a decubitus view", "not a frontal view", "a localizer/scout image")
+
+
 class Status:
     OK = "ok"
     SKIPPED = "skipped"  # deliberately not used (policy: not an image, other modality, ...)

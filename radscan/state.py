@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
-from radscan.records import Status
+from radscan.records import VIEW_REJECTIONS, Status
 from radscan.report import cannot_write, refuse_special
 
 try:  # POSIX: a kernel lock that is released however its holder dies (never stale)
@@ -243,6 +243,9 @@ _FILM_KINDS = ("dicom", "jpeg", "png")
 FILM_GONE_BAD = "an earlier run read it as a {} film"
 # the z-score breaks ties of the stored score (sigmoid(z), rounded to 6 decimals: 1.0 from z = 14.5 up)
 _Z = "json_extract(row, '$.score_z')"
+# a film quality control rejected by its header's view (a lateral beside the PA: routine, nothing to review)
+_VIEW_REJECTED = "(" + " OR ".join(f"COALESCE(json_extract(row, '$.qc_reason'), '') LIKE '{opening}%'"
+                                   for opening in VIEW_REJECTIONS) + ")"
 _SECTION_ORDER = "CASE section " + " ".join(f"WHEN '{name}' THEN {rank}" for rank, name in enumerate(SECTIONS)) + " END"
 
 
@@ -541,6 +544,9 @@ class StateStore:
                SUM(status = 'ok') AS images_scored,
                SUM(flag) AS images_flagged, SUM(status = 'error') AS images_error,
                SUM(status = 'rejected') AS images_rejected,
+               SUM(status = 'rejected' AND NOT """ + _VIEW_REJECTED + """) AS images_to_review,
+               SUM(flag AND COALESCE(json_extract(row, '$.qc_status'), '') NOT IN ('warn', 'fail'))
+                   AS images_flagged_plainly,
                SUM(""" + _LISTED + " AND " + _NEW + """) AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
@@ -580,12 +586,12 @@ class StateStore:
         selection policy skipped (a DX chest whose Modality says DR must not vanish from the list),
         with the row of its top image (highest score, else its first unscored, else its first
         skipped image) and its `study_section` (SECTIONS). The reading list comes first: flagged
-        studies by study score, highest first (those whose top film carries a quality control
-        warning, a score not comparable with the others, after the rest: a trial found adults' and
-        64 px films above the children's pneumonias), then the studies with a film quality control
-        rejected (a reader judges it: those with none scored first, then by study score; a trial:
-        a rejected pneumonia beside a scored normal film sank among the quiet studies), then the
-        rest by study score; then
+        studies by study score, highest first (those whose every flagged film carries a quality
+        control warning or failure, a score not comparable with the others, after the rest: a trial
+        found adults' and 64 px films above the children's pneumonias), then the unflagged studies
+        with a film quality control rejected for what it shows, not for its header's view (a reader
+        judges it: those with none scored first, then by study score; a trial: a rejected pneumonia
+        beside a scored normal film sank among the quiet studies), then the rest by study score; then
         the studies none of whose files could be read (for IT, not a reader); then those whose
         every image was skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
@@ -594,19 +600,20 @@ class StateStore:
                                                 sort_root, sort_path) AS n
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
-                   s.images_rejected, s.images_new, s.images_qc_warned, s.images_skipped, s.skip_reasons,
-                   s.error_reasons, s.images_duplicated, s.patients, r.row,
+                   s.images_rejected, s.images_to_review, s.images_new, s.images_qc_warned, s.images_skipped,
+                   s.skip_reasons, s.error_reasons, s.images_duplicated, s.patients, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC,
-                     COALESCE(s.images_flagged, 0) > 0 AND json_extract(r.row, '$.qc_status') = 'warn',
-                     COALESCE(s.images_rejected, 0) > 0 DESC,
+                     COALESCE(s.images_flagged, 0) > 0 AND COALESCE(s.images_flagged_plainly, 0) = 0,
+                     COALESCE(s.images_flagged, 0) = 0 AND COALESCE(s.images_to_review, 0) > 0 DESC,
                      s.study_score IS NOT NULL, s.study_score DESC, s.study_z DESC, s.study_key"""
-        for key, study_score, images, scored, flagged, errors, rejected, new, warned, skipped, reasons, error_reasons, \
-                duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):
+        for key, study_score, images, scored, flagged, errors, rejected, to_review, new, warned, skipped, reasons, \
+                error_reasons, duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
+                   "images_to_review": to_review or 0,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
                    "skip_reasons": reasons, "error_reasons": error_reasons or 0,
                    "images_duplicated": duplicated or 0, "patients": patients or 0,

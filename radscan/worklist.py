@@ -167,6 +167,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
         study.pop("skip_reasons")
         study.pop("error_reasons")
         study.pop("images_duplicated")
+        study.pop("images_to_review")
         mixed += study.pop("patients") > 1
         studies += 1
         flagged += study["images_flagged"] > 0
@@ -202,7 +203,8 @@ def _study_note(study: dict[str, Any]) -> str:
                      "before the flag")
     if study["images_rejected"]:
         notes.append(f"{study['images_rejected']} image(s) not judged (failed quality control: see qc_reason)"
-                     + ("; review them yourself" if study["images_scored"] and not study["images_flagged"] else ""))
+                     + ("; review them yourself" if study["images_scored"] and not study["images_flagged"]
+                        and study["images_to_review"] else ""))
     if study["images_error"]:
         top = study["top"]  # when nothing was read, the top row is an unreadable file: say why
         others = study["error_reasons"] - 1  # and that the others' reasons differ, if they do

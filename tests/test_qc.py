@@ -505,6 +505,40 @@ def test_a_study_with_a_rejected_film_beside_a_scored_one_is_read_before_the_qui
     assert "review them yourself" in study["study_note"]
 
 
+def test_a_rejection_reorders_only_unflagged_studies_and_a_routine_lateral_none(cxr_dir, dicom_dir, tmp_path):
+    """A review's trial of the ordering above: a flagged study with a rejected film rose above every
+    other flagged study, and every PA+lateral study (the lateral rejected by its header's view, as it
+    is routinely) rose above the quiet studies with "review them yourself"; under --qc warn films
+    that failed, scored anyway, topped the list. Flagged studies stay in score order; a lateral is
+    no film to review; a flagged study with one plain flag is not demoted by a warned film beside it."""
+    import pydicom
+
+    val = sorted((cxr_dir / "kermany_pediatric_224/val_abnormal").iterdir())
+    for index in range(4):  # four flagged studies, one of them with a turned film beside its pneumonia
+        (tmp_path / "in" / f"p{index}").mkdir(parents=True)
+        shutil.copy(val[index], tmp_path / "in" / f"p{index}" / "film.jpeg")
+    Image.open(val[5]).convert("L").transpose(Image.Transpose.ROTATE_90).save(tmp_path / "in" / "p2" / "turned.png")
+    # a PA + lateral study of one normal DICOM film (the lateral a copy whose header says LL)
+    pa = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
+    (tmp_path / "in" / "palat").mkdir()
+    pa.save_as(tmp_path / "in" / "palat" / "pa.dcm")
+    pa.ViewPosition, pa.SOPInstanceUID = "LL", pa.SOPInstanceUID + ".9"
+    pa.save_as(tmp_path / "in" / "palat" / "lat.dcm")
+    out = tmp_path / "out" / "report.csv"
+    result = CliRunner().invoke(cli, ["-q", "score", str(tmp_path / "in"), "--out", str(out), "--model",
+                                      str(SHIPPED), "--no-residuals", "--workers", "1", "--modalities", "all"])
+    assert result.exit_code == ExitCode.OK, result.output
+    studies = _rows(out.with_name("report_studies.csv"))
+    flagged = [s for s in studies if s["study_flag"] == "true" and "quality control warning" not in s["study_note"]]
+    assert [float(s["study_score"]) for s in flagged] == sorted((float(s["study_score"]) for s in flagged),
+                                                                reverse=True), [s["top_path"] for s in flagged]
+    lateral = next(s for s in studies if s["top_path"].startswith("palat/"))
+    assert lateral["images_rejected"] == "1" and "review" not in lateral["study_note"]
+    if lateral["study_flag"] == "false":  # ranked among the quiet studies by its score, not lifted
+        assert studies.index(lateral) == len(studies) - 1 or float(lateral["study_score"]) >= max(
+            float(s["study_score"]) for s in studies[studies.index(lateral) + 1:] if s["study_score"])
+
+
 def test_scan_inventory_carries_the_verdicts(dicom_dir, tmp_path):
     """`radscan scan` gives each usable file the verdict `radscan score` would: the dental CR
     panoramic (no BodyPartExamined, so the selection policy lets it through) and the MONOCHROME1
