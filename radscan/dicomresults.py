@@ -359,20 +359,23 @@ def _value_problem(element: pydicom.DataElement) -> str:
         if element.VR == "PN" and any(len(part) > 64 for group in str(value).split("=") for part in group.split("^")):
             return "a name component longer than 64 characters"
         if isinstance(value, str | PersonName) and (bad := _control_characters(element.VR, str(value))):
-            return f"control character {bad!r}"
+            return f"{'bytes its character set cannot decode' if bad == chr(0xFFFD) else 'control character'} {bad!r}"
     return ""
 
 
-# control characters a text value may hold (PS3.5 6.1.3, 6.2): ESC begins an ISO 2022 code extension in
-# every text VR; the long text VRs also hold line and page breaks and tabs
-_TEXT_CONTROLS = {"LT": "\x1b\r\n\f\t", "ST": "\x1b\r\n\f\t", "UT": "\x1b\r\n\f\t"}
+# control characters a text value may hold (PS3.5 6.1.3, 6.2) once decoded and written in UTF-8 (no ISO 2022
+# code extension, so no ESC): the long text VRs hold line and page breaks and tabs, the others none
+_TEXT_CONTROLS = {"LT": "\r\n\f\t", "ST": "\r\n\f\t", "UT": "\r\n\f\t"}
 
 
 def _control_characters(vr: str, text: str) -> str:
-    """The first control character (C0 or DEL) that `vr` does not allow in `text`, or "" (pydicom has
-    already removed a value's trailing NUL padding)."""
-    allowed = _TEXT_CONTROLS.get(vr, "\x1b")
-    return next((char for char in text if (char < " " or char == "\x7f") and char not in allowed), "")
+    """The first character that `vr` does not allow in `text` once decoded, or "": a C0 or C1 control
+    or DEL, or U+FFFD, which stands for bytes the declared character set could not decode (a trial: a
+    PatientID of P\xe9ID01 under UTF-8 reached the PACS as another patient). pydicom has already
+    removed a value's trailing NUL padding."""
+    allowed = _TEXT_CONTROLS.get(vr, "")
+    return next((char for char in text if (char < " " or "\x7f" <= char <= "\x9f" or char == "\ufffd")
+                 and char not in allowed), "")
 
 
 def _frames(source: Dataset, row: dict[str, Any]) -> list[int] | None:

@@ -460,6 +460,9 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
         # a trial: control characters reached the PACS (dciodvfy: "Character invalid for this VR")
         "ctrlid.dcm": lambda ds: setattr(ds, "AccessionNumber", "ACC\x07BEL"),
         "ctrltext.dcm": _with_control_characters,
+        # a trial: Latin-1 bytes under a declared UTF-8 reached the PACS as another patient (P\ufffdID01)
+        "undecodable.dcm": lambda ds: (setattr(ds, "SpecificCharacterSet", "ISO_IR 192"),
+                                       ds.__setitem__(0x00100020, DataElement(0x00100020, "LO", b"P\xe9ID01"))),
         # a trial: a legal Japanese character set (its first value empty) gave no results
         "jis.dcm": lambda ds: (setattr(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 87"]),
                                ds.__setitem__(0x00100010, DataElement(
@@ -476,9 +479,11 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
     result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
                              str(tmp_path / "dicom"), "--qc", "off", "--frames", "middle", "--modalities", "all",
                              "--body-parts", "all", "--views", "all")
-    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 2, result.output
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 3, result.output
     rows = {row["path"]: row for row in read_rows(out)}
     assert rows["longid.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM")
+    assert rows["undecodable.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM "
+                                                              "(bytes its character set cannot decode")
     assert rows["ctrlid.dcm"]["dicom_result"].startswith("none: the file's AccessionNumber is not valid DICOM "
                                                          "(control character '\\x07')")
     assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
