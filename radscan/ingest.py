@@ -113,6 +113,8 @@ def _unreadable(path: str | os.PathLike) -> str:
         if os.path.isdir(path):
             with os.scandir(path):
                 pass
+        elif not os.path.isfile(path):  # opening a pipe waits for a writer: a run given one hung (a trial)
+            return "a device, socket or pipe: neither a folder nor a file"
         else:
             with open(path, "rb"):
                 pass

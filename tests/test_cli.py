@@ -142,7 +142,7 @@ USAGE_CASES = ["workers 0", "empty key file", "toml number for a path", "val-nor
                "inf specificity", "toml batch 1.5", "toml true for a number", "empty modalities", "empty phi key",
                "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals",
                "absurd batch size", "toml 0 for a flag", "toml text for a number", "toml key outside a table",
-               "misspelled variable"]
+               "misspelled variable", "toml date for a number", "toml list of lists", "model variable misnamed"]
 
 
 @pytest.mark.parametrize("case", USAGE_CASES)
@@ -160,6 +160,8 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     (tmp_path / "flag.toml").write_text("[score]\nno_html = 0\n")
     (tmp_path / "text.toml").write_text('[score]\nbatch_size = "64"\n')
     (tmp_path / "top.toml").write_text("verbose = true\n[score]\nworkers = 1\n")
+    (tmp_path / "date.toml").write_text("[score]\nbatch_size = 1979-05-27\n")
+    (tmp_path / "nested.toml").write_text('[score]\nmodalities = [["CR"]]\n')
     score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
         "nan timeout": [*score, "--read-timeout", "nan"],
@@ -172,6 +174,9 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
         "toml text for a number": ["--config", str(tmp_path / "text.toml"), *score],
         "toml key outside a table": ["--config", str(tmp_path / "top.toml"), *score],
         "misspelled variable": score,
+        "model variable misnamed": score,
+        "toml date for a number": ["--config", str(tmp_path / "date.toml"), *score],
+        "toml list of lists": ["--config", str(tmp_path / "nested.toml"), *score],
         "empty modalities": [*score, "--modalities", " , "],
         "empty phi key": [*score, "--phi", "hash", "--phi-key", ""],
         "short phi key": [*score, "--phi", "hash", "--phi-key", "abc"],
@@ -189,12 +194,17 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
         "val-normal alone": ["train", normals, "--out", str(tmp_path / "m"), "--val-normal", normals],
     }[case]
     # a trial: RADSCAN_SCORE_PHII=hash was ignored and patient identifiers written in clear
-    result = _run(*args, env={"RADSCAN_SCORE_PHII": "hash"} if case == "misspelled variable" else None)
+    env = {"misspelled variable": {"RADSCAN_SCORE_PHII": "hash"},
+           "model variable misnamed": {"RADSCAN_SCORE_MODEL": "m"}}.get(case)
+    result = _run(*args, env=env)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "Traceback" not in result.output and result.stderr.strip().count("\n") <= 3
     said = {"misspelled variable": "RADSCAN_SCORE_PHII names no option of radscan score (did you mean "
                                    "RADSCAN_SCORE_PHI?)",
-            "toml key outside a table": "verbose = True in",
+            "toml key outside a table": "verbose = true in",
+            "model variable misnamed": "(did you mean RADSCAN_MODEL?)",
+            "toml date for a number": "is not a value radscan reads",
+            "toml list of lists": "is not a value radscan reads",
             "toml 0 for a flag": "'no_html' in the [score] table of",
             "toml text for a number": "'batch_size' in the [score] table of"}
     assert said.get(case, "") in " ".join(result.stderr.split())

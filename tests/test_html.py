@@ -168,8 +168,9 @@ def test_a_score_just_under_the_threshold_never_reads_as_the_threshold(tmp_path,
 
     threshold = 0.879705
     scores = [(0.879631, False), (threshold, True), (0.8801, True), (0.5, False), (0.999999, True), (0.29, False),
-              (0.9999, True), (0.88, True)]
-    entries = [{"rank": i + 1, "score": score, "z": round(math.log(score / (1 - score)), 3), "flag": flag,
+              (0.9999, True), (0.88, True), (1.0, True)]  # 1.0: stored so from z 14.5 up (a review's trial)
+    entries = [{"rank": i + 1, "score": score, "z": round(math.log(score / (1 - score)), 3) if score < 1 else 15.2,
+                "flag": flag,
                 "new": False, "images": 1, "scored": 1, "errors": 0, "rejected": 0, "note": "", "patient": f"P{i}",
                 "accession": "", "uid": f"1.2.{i}", "date": "2026-11-29", "modality": "DX", "path": f"s{i}/im.dcm",
                 "picture": ""} for i, (score, flag) in enumerate(scores)]
@@ -185,12 +186,13 @@ def test_a_score_just_under_the_threshold_never_reads_as_the_threshold(tmp_path,
     shown = {}
     for rank in range(1, len(entries) + 1):
         text = page.locator(f"#rows tr[data-rank='{rank}']").inner_text()
-        shown[rank] = re.search(r"(\d\.\d+) · z\s(-?\d+\.\d+)", text).groups()
+        shown[rank] = re.search(r"(>?\d\.\d+) · z\s(-?\d+\.\d+)", text).groups()
     assert shown[1] == ("0.879", "1.989")  # threshold 0.8797 (z 1.990): cut, it reads under 0.880
     assert shown[2] == ("0.8797", "2.0") and shown[3] == ("0.880", "2.0") and shown[4] == ("0.500", "0.0")
     assert shown[5][0] == "0.999" and shown[6][0] == "0.290"  # cut, not rounded to 1.000; 0.29 not cut to 0.289
+    assert shown[9][0] == ">0.999"
     for (score, flag), (text, _) in zip(scores, shown.values(), strict=True):
-        assert (float(text) >= float(f"{threshold:.{len(text) - 2}f}")) == flag
+        assert text.startswith(">") or (float(text) >= float(f"{threshold:.{len(text) - 2}f}")) == flag
         assert text == score_text(score, threshold)  # the film's picture says what its row says (a trial)
     assert not problems, problems
 

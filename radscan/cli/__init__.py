@@ -62,13 +62,19 @@ def _refuse_unknown_variables(command: click.Command) -> None:
     import difflib
 
     prefix = f"RADSCAN_{command.name.upper()}_"
-    known = {param.envvar for param in command.params if isinstance(param, click.Option) and param.envvar}
+    by_option = {opt[2:].replace("-", "_").upper(): param.envvar for param in command.params
+                 if isinstance(param, click.Option) and param.envvar for opt in param.opts if opt.startswith("--")}
+    known = set(by_option.values())
+    prefixed = sorted(name for name in known if name.startswith(prefix))
     for name in sorted(os.environ):
         if name.startswith(prefix) and name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+            # an option whose variable has no command in it (--model: RADSCAN_MODEL) is named as it is
+            close = ([by_option[name[len(prefix):]]] if name[len(prefix):] in by_option
+                     else difflib.get_close_matches(name, prefixed, n=1))
             raise click.UsageError(f"the environment variable {name} names no option of radscan {command.name}"
                                    + (f" (did you mean {close[0]}?)" if close else "")
-                                   + f": its options' variables are {prefix}<OPTION>, e.g. {sorted(known)[0]}")
+                                   + f": its options' variables are {prefix}<OPTION>"
+                                   + (f", e.g. {prefixed[0]}" if prefixed else ""))
 
 
 def _read_config(path: Path) -> dict:
@@ -81,8 +87,8 @@ def _read_config(path: Path) -> dict:
     for name, table in settings.items():
         command = cli.commands.get(name)
         if not isinstance(table, dict):  # a key before any table (verbose = true): not a command's setting
-            raise click.BadParameter(f"{name} = {table!r} in {path} stands outside a table: settings go under "
-                                     f"their command's table, e.g. [score]", param_hint="--config")
+            raise click.BadParameter(f"{name} = {_as_toml(table)} in {path} stands outside a table: settings go "
+                                     "under their command's table, e.g. [score]", param_hint="--config")
         if command is None:
             raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
         by_option = {opt.lstrip("-").replace("-", "_"): param for param in command.params
@@ -102,9 +108,19 @@ def _read_config(path: Path) -> dict:
     return default_map
 
 
+def _as_toml(value: object) -> str:
+    """A value as a settings file spells it (true, not Python's True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _setting(param: click.Parameter, value: object) -> object:
     """A TOML value as the option expects it: a list for a comma-separated option (modalities =
     ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
+    # a table, a date or a list of lists is no value of any option (a trial: a date crashed, exit 1)
+    if not isinstance(value, (str, int, float, list)) or (
+            isinstance(value, list) and not all(isinstance(item, (str, int, float)) for item in value)):
+        raise click.BadParameter(f"{_as_toml(value)} is not a value radscan reads (text, a number, true/false "
+                                 "or a list of them)", param_hint="--config")
     if isinstance(value, list) and not getattr(param, "multiple", False):
         if not isinstance(param.type, click.types.StringParamType):  # a path, a number, one choice
             raise click.BadParameter(f"{value!r} is a list where one value is expected", param_hint="--config")

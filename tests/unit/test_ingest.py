@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from radscan.ingest import Found, find_files, iter_ingested
+from radscan.errors import NoInputError
+from radscan.ingest import Found, check_inputs, find_files, iter_ingested
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
 from radscan.preprocess import to_model_input
 from tests.support import BIDI, ingest_one, remove_chain
@@ -495,3 +496,19 @@ def test_zero_filled_files_that_are_never_films_stay_skipped(tmp_path, name):
     (tmp_path / name).write_bytes(bytes(4096))
     record, _ = ingest_one(tmp_path / name)
     assert record.status == "skipped", record
+
+
+def test_a_pipe_or_device_given_as_the_input_is_refused_not_opened(tmp_path):
+    """A review's trial: `radscan score PIPE` hung (opening a pipe waits for a writer). A pipe or a
+    device named on the command line is no input: exit 66 with the reason, at once."""
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-zero").symlink_to("/dev/zero")
+    for name in ("pipe", "to-zero"):
+        with pytest.raises(NoInputError, match="a device, socket or pipe"):
+            check_inputs([tmp_path / name])
+    done = subprocess.run([sys.executable, "-m", "radscan", "scan", str(tmp_path / "pipe"), "--out",
+                           str(tmp_path / "i.csv")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 66 and "a device, socket or pipe" in done.stderr
