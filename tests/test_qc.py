@@ -21,6 +21,7 @@ from radscan.policy import Policy
 from radscan.qc import (
     MAX_CLARITY,
     QualityControl,
+    _moved,  # noqa: PLC2701 (the move quality control tries, applied to the films)
     apply_qc,
     fit_reference,
     load_reference,
@@ -197,15 +198,6 @@ def test_upright_normals_pass(qc, normals):
     assert statuses.count("fail") == 0
 
 
-def _moved_film(films: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """(N, 128, 128) films moved dx pixels right and dy down, black where nothing moved in."""
-    out = np.zeros_like(films)
-    side = films.shape[-1]
-    out[:, max(dy, 0):side + min(dy, 0), max(dx, 0):side + min(dx, 0)] = \
-        films[:, max(-dy, 0):side + min(-dy, 0), max(-dx, 0):side + min(-dx, 0)]
-    return out
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pixels=st.integers(13, 16), left=st.booleans(), strip=st.booleans())
 def test_a_chest_moved_sideways_warns_that_its_score_is_not_comparable(qc, normals, pixels, left, strip):
@@ -219,7 +211,7 @@ def test_a_chest_moved_sideways_warns_that_its_score_is_not_comparable(qc, norma
         changed = np.stack([np.asarray(Image.fromarray(w).resize((128, 128), Image.Resampling.BICUBIC))
                             for w in wide])
     else:
-        changed = _moved_film(films, -pixels if left else pixels, 0)
+        changed = _moved(films, -pixels if left else pixels, 0)  # black where nothing moved in
     verdicts = _verdicts(qc, changed)
     warned = [v for v in verdicts if v.status == "warn" and "the chest is off-centre" in v.reason]
     assert len(warned) >= 0.6 * len(verdicts), (len(warned), len(verdicts))
