@@ -251,7 +251,7 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     the film's identity as the PHI mode left it in `record` (hashed or dropped outside --phi keep),
     its view, date and path, the model; a QC verdict on a third line. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
-    shown = score_text(score, threshold, score >= threshold) + (f", z {z:+.1f}" if z is not None else "")
+    shown = score_text(score, threshold) + (f", z {z:+.1f}" if z is not None else "")
     lines = [f"anomaly score {shown} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
              "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
@@ -259,14 +259,14 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     return _caption(lines)
 
 
-def score_text(score: float, threshold: float, flagged: bool | None = None, digits: int = 3) -> str:
+def score_text(score: float, threshold: float, digits: int = 3) -> str:
     """A 0..1 score as text, as the worklist page shows it (`scoreText` in worklist.html.j2), from the
     score as the lists store it (6 decimals): cut, not rounded, to `digits` decimals (0.99998 reads
     0.999, never 1.000: certainty the model does not have; a score stored as 1.0, from z 14.5 up,
     reads ">0.999"), and given more decimals, up to 6, until it reads on the side of the threshold
-    (rounded to as many) that its flag says (`flagged`, else score >= threshold): a film just under
-    a threshold of 0.8797 never reads "0.880"."""
-    flagged = score >= threshold if flagged is None else flagged
+    (rounded to as many) that its flag says (the score as it is, before that rounding, against the
+    threshold): a film just under a threshold of 0.8797 never reads "0.880"."""
+    flagged = score >= threshold
     score = round(score, 6)
     if score >= 1:
         return ">0.999"

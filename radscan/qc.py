@@ -109,7 +109,7 @@ MAX_CLARITY = 1.75
 # Moves of the whole film, in pixels of the 128 px input (x, y), that may bring an off-centre chest to where
 # the training normals' chests lie; a film warns when its best moved copy is closer to the eigen-chest
 # subspace than OFF_CENTRE_MARGIN times the film as it is. Chosen on validation films (docs/quality-control.md):
-# with the shipped model 0 of 180 calibration normals and 4 of 400 validation pneumonias warn, and 83% of
+# with the shipped model 0 of 180 calibration normals and 3 of 400 validation pneumonias warn, and 83% of
 # those normals moved 10% sideways, 68% widened by an 18% black strip (NIH adults, their model: 1 of 61,
 # 4 of 320, 39-48%, 33%)
 _RECENTRING = tuple((dx, 0) for dx in (-16, -12, -8, 8, 12, 16)) + tuple((0, dy) for dy in (-12, -8, 8, 12))

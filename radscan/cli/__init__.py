@@ -126,7 +126,7 @@ def _setting(param: click.Parameter, value: object) -> object:
             raise click.BadParameter(f"{value!r} is a list where one value is expected", param_hint="--config")
         return ",".join(str(item) for item in value)
     if isinstance(value, bool) and not getattr(param, "is_flag", False):
-        raise click.BadParameter(f"{str(value).lower()} is true/false where a value is expected",
+        raise click.BadParameter(f"{_as_toml(value)} is true/false where a value is expected",
                                  param_hint="--config")
     if getattr(param, "is_flag", False) and not isinstance(value, bool) and not getattr(param, "count", False):
         # a trial: no_html = 0 crashed the run (exit 1, a traceback)
