@@ -190,7 +190,7 @@ def recalibrate(model_dir: Path, normals: Sequence[str], out_dir: Path | None, t
     # rejects when scoring (turned, inverted, foreign) is not one of them
     qc = quality_control(Path(model_dir), metadata, "strict", DEFAULT_VIEWS)
     unreadable: list[tuple[str, str]] = []
-    images, names, _ = load_images(normals, for_model(policy or Policy(), metadata), workers, progress,
+    images, names, _ = load_images(normals, for_model(policy or Policy(), metadata, Path(model_dir)), workers, progress,
                                    label="calibration normals", unreadable=unreadable,
                                    judge=lambda records, films: apply_qc(qc, records, films))
     images, names, copies = distinct_films(images, names)

@@ -117,7 +117,8 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     outputs = [roc_png, out_dir]
     check_outputs_apart([*normal, *abnormal], outputs)  # no figure may overwrite a radiograph
     loaded = [load_engine(Path(model_dir), device) for model_dir in model_dirs]  # verify all before reading
-    readings = [for_model(policy, metadata) for _, metadata in loaded]  # how each model reads films (its box)
+    readings = [for_model(policy, metadata, Path(model_dir))  # how each model reads films (its box)
+                for model_dir, (_, metadata) in zip(model_dirs, loaded, strict=True)]
     # one quality control for every model (the first's reference), judged once, on the first reading: the
     # models are measured on the same films (another reading's whole film may differ by a grey level or so:
     # radscan.preprocess.to_qc_input, and a film at a limit must not be kept for one model and not another)

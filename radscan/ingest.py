@@ -361,7 +361,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             return record, None
         if policy.crop is not None:  # quality control judges the whole film, the model its box
             record.qc_image = to_qc_input(grey)
-        return record, to_model_input(grey, policy.crop)
+        return record, to_model_input(grey, policy.crop, policy.follow, record.qc_image)
     except OSError as exc:
         if exc.errno is not None:  # the system's: gone since it was listed, unreadable, an unmounted share
             return record.fail(f"{CANNOT_READ}: {_os_reason(exc)}"), None

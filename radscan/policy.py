@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from radscan.errors import ModelError
-from radscan.preprocess import is_box
+from radscan.preprocess import FollowReference, is_box
 
 __all__ = ["Policy", "FRAME_POLICIES", "DEFAULT_MODALITIES", "DEFAULT_BODY_PARTS", "STUDY_KEYS", "FOLDER_STUDY_LIMIT",
            "parse_list", "for_model"]
@@ -42,6 +43,8 @@ class Policy:
     crop : the model's box (fractions of the film: left, top, right, bottom) cut from every film
         before resizing (radscan.preprocess.to_model_input); None for the whole film. Set from the
         model (`for_model`), never by the user.
+    follow : for a model whose box follows the chest, the reference film each film's box is moved
+        against (radscan.preprocess.chest_offset); None for a box fixed in the film. From the model.
     """
 
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
@@ -51,6 +54,7 @@ class Policy:
     max_pixels: int = 100_000_000
     read_timeout: float = 300.0
     crop: tuple[float, float, float, float] | None = None
+    follow: FollowReference | None = None
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:
@@ -60,22 +64,34 @@ class Policy:
                              f"top < bottom, not {self.crop!r}")
 
 
-def for_model(policy: Policy, metadata: dict[str, Any]) -> Policy:
+def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path | None = None) -> Policy:
     """`policy` reading films as the model in `metadata` (its model.json) was trained on them: cut to
-    its box when it has one (model setting ``crop``; field "thorax-box"). model.json is read before
-    the weights are verified; load_model refuses a run whose model.json differs from the settings
-    sealed in the weights, before any score is kept. Raises ModelError (exit 65) for a crop that is
-    not a box (model.json edited)."""
-    crop = (metadata.get("config") or {}).get("crop") or None
+    its box when it has one (model setting ``crop``; field "thorax-box"), the box moved with the chest
+    when it follows it (setting ``follow``: its reference film is read, verified, from `model_dir`).
+    model.json is read before the weights are verified; load_model refuses a run whose model.json
+    differs from the settings sealed in the weights, before any score is kept. Raises ModelError
+    (exit 65) for a crop that is not a box (model.json edited), or a missing or altered reference film."""
+    config = metadata.get("config") or {}
+    crop = config.get("crop") or None
     if crop is None:
-        return replace(policy, crop=None)
+        return replace(policy, crop=None, follow=None)
     try:
         if not isinstance(crop, list) or len(crop) != 4 or not all(isinstance(f, (int, float)) for f in crop):
             raise ValueError("not four numbers")
-        return replace(policy, crop=tuple(float(f) for f in crop))
+        box = tuple(float(f) for f in crop)
+        if not is_box(box):
+            raise ValueError("not a box")
     except ValueError:
         raise ModelError(f"the model's crop in model.json ({str(crop)[:80]}) is not a box of four fractions, left < "
                          "right and top < bottom: the file was edited; restore it") from None
+    follow = None
+    if config.get("follow"):
+        if model_dir is None:
+            raise ModelError("this model's box follows the chest: its folder is needed to read its reference film")
+        from radscan.model.field import load_follow
+
+        follow = load_follow(model_dir, metadata)
+    return replace(policy, crop=box, follow=follow)
 
 
 def parse_list(text: str) -> tuple[str, ...] | None:

@@ -32,7 +32,9 @@ refuse input made by another version.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -51,6 +53,11 @@ __all__ = [
     "is_box",
     "Crop",
     "colour_notes",
+    "FOLLOW_SIZE",
+    "FOLLOW_REACH",
+    "FollowReference",
+    "follow_reference",
+    "chest_offset",
 ]
 
 MODEL_SIZE = 128
@@ -139,6 +146,80 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
     return 255 - grey if invert else np.ascontiguousarray(grey)
 
 
+# Registration of the box (a model setting "follow": the box moves with the chest). The whole film
+# at FOLLOW_SIZE px, standardised, is matched to the standardised mean film of the model's training
+# normals by Pearson correlation over their overlap, for every whole-pixel move up to FOLLOW_REACH
+# px each way (15.6% of the film); the box moves by the best one. Chosen on validation films (docs/
+# research-log.md, rules 10-12): a normal film moved 10% sideways scored like the worst pneumonia under
+# a fixed box, and 4-9% of such films are flagged when the box follows the chest.
+FOLLOW_SIZE = 64
+FOLLOW_REACH = 10
+
+
+@dataclass(frozen=True, eq=False)
+class FollowReference:
+    """The film a box that follows the chest is matched to: (FOLLOW_SIZE, FOLLOW_SIZE) float32,
+    zero mean and unit variance (`follow_reference`); `sha256` names it in fingerprints and repr."""
+
+    image: np.ndarray
+    sha256: str
+
+    def __repr__(self) -> str:
+        return f"FollowReference(sha256={self.sha256[:16]})"
+
+
+def follow_thumbnail(whole: np.ndarray) -> np.ndarray:
+    """(128, 128) uint8 whole film (`to_qc_input` or `to_model_input` without a box) -> (64, 64)
+    float64, averaged over 2x2 pixels and standardised (zero mean, unit variance: exposure and
+    contrast do not move the box)."""
+    small = whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
+    return (small - small.mean()) / max(float(small.std()), 1e-6)
+
+
+def follow_reference(whole_films: np.ndarray) -> FollowReference:
+    """(N, 128, 128) uint8 whole films of a model's training normals -> their standardised mean
+    thumbnail, the reference `chest_offset` matches each film to. Raises ValueError for no films."""
+    if len(whole_films) == 0:
+        raise ValueError("no films to make the reference of")
+    mean = np.mean([follow_thumbnail(film) for film in whole_films], axis=0)
+    image = ((mean - mean.mean()) / max(float(mean.std()), 1e-6)).astype(np.float32)
+    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, float]:
+    """Where the chest of a (128, 128) uint8 whole film lies against the reference: (dx, dy) as
+    fractions of the film's width and height, multiples of 1/64 within +-FOLLOW_REACH/64, positive
+    right and down. The move with the highest Pearson correlation over the overlap of the film's
+    standardised thumbnail and the reference (normalised cross-correlation; the sums of every move
+    at once by FFT); the smaller move wins a tie."""
+    film, ref = follow_thumbnail(whole), reference.image.astype(np.float64)
+    size, reach = FOLLOW_SIZE, FOLLOW_REACH
+    pad = 2 * size
+    ones = np.ones_like(film)
+
+    def spectrum(image: np.ndarray) -> np.ndarray:
+        return np.fft.rfft2(image, (pad, pad))
+
+    moves = np.arange(-reach, reach + 1) % pad
+    pick = np.ix_(moves, moves)
+
+    def summed(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # over the overlap, for each move (dy, dx)
+        return np.fft.irfft2(spectrum(a) * np.conj(spectrum(b)), (pad, pad))[pick]
+
+    count = summed(ones, ones)
+    film_sum, ref_sum = summed(film, ones), summed(ones, ref)
+    covariance = summed(film, ref) - film_sum * ref_sum / count
+    film_var = summed(film**2, ones) - film_sum**2 / count
+    ref_var = summed(ones, ref**2) - ref_sum**2 / count
+    correlation = covariance / np.sqrt(np.clip(film_var * ref_var, 1e-12, None))
+    steps = np.arange(-reach, reach + 1)
+    # the smaller move wins a tie (a blank film correlates alike everywhere: its box stays put)
+    order = np.argsort((steps[:, None] ** 2 + steps[None, :] ** 2).ravel(), kind="stable")
+    best = order[np.argmax(np.round(correlation.ravel()[order], 9))]
+    dy, dx = np.unravel_index(best, correlation.shape)
+    return float(steps[dx]) / size, float(steps[dy]) / size
+
+
 def is_box(crop: Sequence[float]) -> bool:
     """Whether `crop` is a box: four fractions (left, top, right, bottom), left < right, top < bottom,
     all within [0, 1] (NaN is not)."""
@@ -153,7 +234,8 @@ def crop_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def to_model_input(grey: np.ndarray, crop: Crop | None = None) -> np.ndarray:
+def to_model_input(grey: np.ndarray, crop: Crop | None = None, follow: FollowReference | None = None,
+                   whole: np.ndarray | None = None) -> np.ndarray:
     """Cut a display-correct 8-bit grey image to `crop` (if given) and resize it to the model's input.
 
     Parameters
@@ -161,11 +243,17 @@ def to_model_input(grey: np.ndarray, crop: Crop | None = None) -> np.ndarray:
     grey : (H, W) uint8, display-correct (air dark, bone bright)
     crop : the model's box as fractions of the film (left, top, right, bottom), or None for the
         whole film; cut at the film's own resolution, before resizing
+    follow : for a model whose box follows the chest, its reference: the box is moved by
+        `chest_offset` of the film first (what falls outside the film is black)
+    whole : the film's `to_qc_input`, when the caller has it (else made here, with `follow` only)
 
     Returns
     -------
     (128, 128) uint8. The model maps it to [-1, 1] as ``x / 127.5 - 1``.
     """
+    if crop is not None and follow is not None:
+        dx, dy = chest_offset(to_qc_input(grey) if whole is None else whole, follow)
+        crop = (crop[0] + dx, crop[1] + dy, crop[2] + dx, crop[3] + dy)
     return _resized(grey, crop)
 
 
@@ -203,8 +291,15 @@ def _resized(grey: np.ndarray, crop: Crop | None, reducing_gap: float | None = N
     if grey.dtype != np.uint8 or grey.ndim != 2:
         raise ValueError(f"expected a 2-D uint8 grey image, got {grey.dtype} {grey.shape}")
     image = Image.fromarray(grey)
-    if crop is not None:
-        image = image.crop(crop_pixels(crop, *grey.shape))
+    if crop is not None:  # a box moved with the chest can reach past the film: Pillow fills that black
+        image = image.crop(crop_pixels(crop, *grey.shape) if is_box(crop) else _moved_pixels(crop, *grey.shape))
     if image.size != (MODEL_SIZE, MODEL_SIZE):
         image = image.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BICUBIC, reducing_gap=reducing_gap)
     return np.asarray(image)
+
+
+def _moved_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int]:
+    """A box moved partly off the film (fractions below 0 or above 1) -> its pixel bounds, rounded,
+    at least one pixel wide and high, not clamped to the film."""
+    left, top, right, bottom = (round(f * n) for f, n in zip(crop, (width, height, width, height), strict=True))
+    return left, top, max(right, left + 1), max(bottom, top + 1)

@@ -553,12 +553,15 @@ class QualityControl:
     views : allowed ViewPosition values (an absent or empty tag is accepted)
     reference : the model's QC reference, or None (image checks other than contrast are then off)
     age_range : (min, max) patient age in years of the training population, or None
+    box_follows : the model's box follows the chest (radscan.preprocess.chest_offset): an off-centre
+        chest is read where it lies, so it is not warned (WARN_OFF_CENTRE is for a box fixed in the film)
     """
 
     mode: str = "strict"
     views: tuple[str, ...] | None = DEFAULT_VIEWS
     reference: QCReference | None = None
     age_range: tuple[float, float] | None = None
+    box_follows: bool = False
     limits: QCLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -572,7 +575,8 @@ class QualityControl:
         """What changes verdicts, for the run fingerprint (a changed setting re-judges every file)."""
         reference = "none" if self.reference is None else hashlib.sha256(
             self.reference.basis.tobytes() + json.dumps(asdict(self.limits)).encode()).hexdigest()[:16]
-        return f"qc={self.mode};rules={QC_RULES};views={self.views};ages={self.age_range};ref={reference}"
+        return (f"qc={self.mode};rules={QC_RULES};views={self.views};ages={self.age_range};ref={reference}"
+                + (";box follows" if self.box_follows else ""))
 
     def check(self, records: list[ImageRecord], images: np.ndarray) -> list[Verdict]:
         """Verdicts for a batch: (N,) records and (N, 128, 128) uint8 inputs."""
@@ -583,7 +587,8 @@ class QualityControl:
         plane = _plane_share(small)
         distances = _orientation_distances(self.reference, small) if self.reference else None
         closest = _closest_turn(distances) if distances else None
-        recentring = _off_centre(self.reference, images, distances["upright"]) if distances else None
+        recentring = (_off_centre(self.reference, images, distances["upright"])
+                      if distances and not self.box_follows else None)
         verdicts = []
         for index, record in enumerate(records):
             problems = self._header_problems(record) or self._image_problems(index, contrast, extreme, plane[index],
@@ -738,7 +743,8 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
                         "caught. A model gets one when it is trained on at least 50 usable normals (those quality "
                         "control keeps) by radscan 0.2 or later: train it on more normals", model_dir)
     ages = (metadata.get("population") or {}).get("age_years")
-    return QualityControl(mode, views, reference, tuple(ages) if ages else None)
+    follows = bool((metadata.get("config") or {}).get("follow"))
+    return QualityControl(mode, views, reference, tuple(ages) if ages else None, box_follows=follows)
 
 
 def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:

@@ -157,7 +157,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
     metadata = read_metadata(model_dir)
     check_device(metadata, settings.device)
     identity = ModelIdentity.of(metadata)
-    settings = replace(settings, policy=for_model(settings.policy, metadata))  # a model's box is how it reads films
+    # a model's box is how it reads films
+    settings = replace(settings, policy=for_model(settings.policy, metadata, model_dir))
     phi = PhiFilter(settings.phi, settings.phi_key)
     qc = quality_control(model_dir, metadata, settings.qc, settings.views)
     # the model's name and version too (model.json, not sealed in the weights): every row states them

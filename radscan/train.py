@@ -46,11 +46,12 @@ from radscan.epochs import KEEP_RULES, better_epoch, evaluate_epoch
 from radscan.errors import ModelError, NoInputError, SettingError
 from radscan.ingest import check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
-from radscan.model.field import lungs_in_box, thorax_box, thorax_field
+from radscan.model.field import lungs_in_box, save_follow, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.metadata import CHECKPOINT_FILE, SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
+from radscan.preprocess import FollowReference, follow_reference
 from radscan.qc import (
     DEFAULT_VIEWS,
     MIN_REFERENCE,
@@ -227,9 +228,13 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
         lungs = lungs_in_box(mean, box, model_cfg.image_size)
     except ValueError as exc:
         raise SettingError(f"cannot find the thorax box: {exc}; or train with --field film") from None
-    log.info("thorax box: %.0f-%.0f%% across, %.0f-%.0f%% down the film; lung fields %.0f%% of it",
-             100 * box[0], 100 * box[2], 100 * box[1], 100 * box[3], 100 * lungs.mean())
-    return replace(model_cfg, crop=box), replace(policy, crop=box), lungs, films
+    log.info("thorax box: %.0f-%.0f%% across, %.0f-%.0f%% down the film; lung fields %.0f%% of it%s",
+             100 * box[0], 100 * box[2], 100 * box[1], 100 * box[3], 100 * lungs.mean(),
+             "; it follows each film's chest" if model_cfg.follow else "")
+    # the box stands where the mean film's thorax is; a box that follows the chest is moved, film by
+    # film, to where that film's chest lies against the same normals' mean (radscan.preprocess.chest_offset)
+    follow = follow_reference(films) if model_cfg.follow else None
+    return replace(model_cfg, crop=box), replace(policy, crop=box, follow=follow), lungs, films
 
 
 def _stop_if_diverged(losses: dict[str, float], epoch: int, batch: int, tcfg: TrainConfig) -> None:
@@ -361,6 +366,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
         log.warning("only %d usable normal images (those quality control kept): no QC reference (needs %d); "
                     "wrong-way-round and non-chest images will not be caught when this model scores: give more "
                     "normals", len(data.images), MIN_REFERENCE)
+    if data.follow is not None:  # before the weights, which seal its sha256 (radscan.model.metadata.sealed_extras)
+        metadata["follow"] = save_follow(data.follow, out_dir)
     save_model(model, out_dir, metadata)
     _write_report(model, out_dir, [name for name, held in zip(data.names, data.is_calibration, strict=True) if held],
                   data.calibration, calibration_scores)
@@ -415,6 +422,7 @@ class _Films:
     whole_films: np.ndarray | None = None  # a thorax-box model's normals as whole films, for quality control
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): training and validation
     validation_warning: str = ""  # validation films that are copies of the normals (_validation_copies)
+    follow: FollowReference | None = None  # the reference film of a box that follows the chest
 
     @property
     def train_images(self) -> np.ndarray:
@@ -453,7 +461,8 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
         for path, study, held_out in zip(names, keys, is_calibration, strict=True):
             split_csv.write({"path": path, "study_key": hashlib.sha256(salt + study.encode("utf-8", "surrogateescape"))
                              .hexdigest()[:16], "split": "calibration" if held_out else "train"})
-    films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films, unreadable)
+    films = _Films(images, names, is_calibration, None, model_cfg, lungs, whole_films, unreadable,
+                   follow=policy.follow)
     # both limits said at once: a user who mends one should not meet the other on the next try (a trial)
     short = [f"{len(films.train_images)} training images after the calibration split (at least one batch of "
              f"{tcfg.batch_size} is needed: --batch-size)"] if len(films.train_images) < tcfg.batch_size else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,16 @@ def test_a_chest_moved_sideways_warns_that_its_score_is_not_comparable(qc, norma
         side = "left" if left else "right"
         assert sum(f"% {side} of where" in v.reason for v in warned) >= 0.9 * len(warned)
     assert sum("off-centre" in v.reason for v in _verdicts(qc, films)) <= 0.01 * len(films)
+
+
+def test_a_box_that_follows_the_chest_does_not_warn_of_an_off_centre_chest(qc, normals):
+    """The warning says a moved chest is read through a box fixed in the film; a model whose box follows
+    the chest reads it where it lies (radscan.preprocess.chest_offset), and its films are not warned."""
+    moved = _moved(normals[1], 14, 0)
+    follows = replace(qc, box_follows=True)
+    assert sum("off-centre" in v.reason for v in _verdicts(qc, moved)) >= 0.6 * len(moved)
+    assert not any("off-centre" in v.reason for v in _verdicts(follows, moved))
+    assert follows.fingerprint != qc.fingerprint  # a model's verdicts are not reused for the other's
 
 
 @pytest.mark.parametrize("change, words", [

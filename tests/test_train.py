@@ -287,7 +287,7 @@ def test_train_defaults_are_the_shipped_recipe():
                         ("calibration_fraction", "calibration_fraction")):
         assert defaults[option] == recipe[key] == getattr(TrainConfig(), key), option
     for option, key in (("score_kind", "score_kind"), ("critic_snapshots", "critic_snapshots"),
-                        ("density_grid", "density_grid"), ("field", "field")):
+                        ("density_grid", "density_grid"), ("field", "field"), ("follow", "follow")):
         assert defaults[option] == MODEL_SETTINGS[key] == config[key], option
     assert defaults["synthetic"] == TrainConfig().synthetic == 0  # the shipped run predates the option: off
     assert preset(PRESET, **MODEL_SETTINGS).widths == tuple(config["widths"])
@@ -645,7 +645,8 @@ def test_a_thorax_box_model_reads_every_film_cut_to_its_box_and_counts_only_the_
     out = tmp_path / "box"
     result = CliRunner().invoke(cli, [
         "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "2", "--batch-size", "8",
-        "--workers", "1", "--critic-snapshots", "2", "--field", "thorax-box", "--score", "density", "--json"])
+        "--workers", "1", "--critic-snapshots", "2", "--field", "thorax-box", "--fixed-box", "--score", "density",
+        "--json"])
     assert result.exit_code == 0, result.output
     model, metadata = load_model(out)
     left, top, right, bottom = metadata["config"]["crop"]
@@ -855,3 +856,87 @@ def test_the_model_files_are_synced_to_disk_before_they_take_their_names(trained
     assert {WEIGHTS_FILE, "model.json"} <= set(before_rename), before_rename  # each whole before it took its name
     assert not [path for path in (tmp_path / "cal").iterdir() if path.name.endswith(".tmp")]  # not copied along
     load_model(tmp_path / "cal")
+
+
+def _moved_film(grey: np.ndarray, dx: float) -> np.ndarray:
+    """The film moved sideways by `dx` of its width, the part it leaves black (a chest placed off-centre)."""
+    shift = round(dx * grey.shape[1])
+    moved = np.zeros_like(grey)
+    moved[:, shift:] = grey[:, :grey.shape[1] - shift]
+    return moved
+
+
+def test_a_box_that_follows_the_chest_reads_a_moved_film_as_it_reads_the_film(normals, tmp_path):
+    """`--follow-chest`: the box is moved, film by film, to where its chest lies against the training
+    normals' mean film (a reader's trial: a normal film moved 10% sideways scored like the worst
+    pneumonia under a fixed box). The reference is a file beside the weights, verified and sealed:
+    altered or unlisted, the model is refused (exit 65), not read with another box."""
+    from radscan.model.field import FOLLOW_FILE
+    from radscan.model.metadata import read_metadata
+    from radscan.policy import for_model
+    from radscan.preprocess import to_model_input, to_qc_input
+
+    out = tmp_path / "follow"
+    result = CliRunner().invoke(cli, [
+        "-q", "train", str(normals), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--batch-size", "8",
+        "--workers", "1", "--critic-snapshots", "1", "--field", "thorax-box", "--follow-chest", "--json"])
+    assert result.exit_code == 0, result.output
+    model, metadata = load_model(out)
+    assert metadata["config"]["follow"] is True and metadata["follow"]["file"] == FOLLOW_FILE
+    reading = for_model(Policy(), read_metadata(out), out)
+    assert reading.follow is not None and reading.crop == tuple(metadata["config"]["crop"])
+
+    # films moved 8-12% sideways either way: the box finds the chest within one step of 1/64 of the film
+    paths = sorted(normals.iterdir())[:6]
+    for path in paths:
+        grey = np.asarray(Image.open(path).convert("L"))
+        fixed = to_model_input(grey, reading.crop)
+        for dx in (0.08, 0.12):
+            moved = _moved_film(grey, dx)
+            followed = to_model_input(moved, reading.crop, reading.follow, to_qc_input(moved)).astype(float)
+            assert np.abs(followed - fixed).mean() < 0.5 * np.abs(to_model_input(moved, reading.crop) - fixed).mean()
+
+    # every command reads a film through the moved box: score and scan as load_images does
+    films = load_images([str(normals)], reading, workers=1, progress=False)[0][:6]
+    by_hand = np.stack([to_model_input(g, reading.crop, reading.follow, to_qc_input(g))
+                        for g in (np.asarray(Image.open(path).convert("L")) for path in paths)])
+    assert np.array_equal(films, by_hand)
+    report = tmp_path / "report.csv"
+    scored = CliRunner().invoke(cli, ["-q", "score", str(normals), "--model", str(out), "--out", str(report),
+                                      "--workers", "1", "--qc", "off"])
+    assert scored.exit_code in (0, 1), scored.output
+    rows = {row["path"]: float(row["score_raw"]) for row in csv.DictReader(report.open()) if row["score_raw"]}
+    np.testing.assert_allclose([rows[path.name] for path in paths], score_arrays(model, films).raw_scores.numpy(),
+                               rtol=1e-5)
+
+    # the reference altered, removed, or unlisted in model.json: refused, never read with a fixed box
+    for how in ("altered", "removed", "unlisted"):
+        edited = tmp_path / how
+        shutil.copytree(out, edited)
+        if how == "altered":
+            data = bytearray((edited / FOLLOW_FILE).read_bytes())
+            data[-10] ^= 0x01
+            (edited / FOLLOW_FILE).write_bytes(bytes(data))
+        elif how == "removed":
+            (edited / FOLLOW_FILE).unlink()
+        else:
+            changed = json.loads((edited / "model.json").read_text())
+            del changed["follow"]
+            (edited / "model.json").write_text(json.dumps(changed))
+        refused = CliRunner().invoke(cli, ["-q", "score", str(normals), "--model", str(edited), "--out",
+                                           str(tmp_path / "r" / how / "r.csv"), "--workers", "1"])
+        assert refused.exit_code == ExitCode.DATA and "Traceback" not in refused.output, (how, refused.output)
+        assert not (tmp_path / "r" / how / "r.csv").exists()
+
+
+def test_a_box_follows_the_chest_only_where_there_is_a_box(normals, tmp_path):
+    """The default of --follow-chest/--fixed-box applies to a thorax-box model; a whole-film model has no
+    box to move (its default is off), and asking for both is a usage error (exit 2)."""
+    from radscan.recipe import MODEL_SETTINGS
+
+    refused = CliRunner().invoke(cli, ["-q", "train", str(normals), "--out", str(tmp_path / "m"), "--field", "film",
+                                       "--follow-chest"])
+    assert refused.exit_code == ExitCode.USAGE and "thorax-box" in refused.output
+    assert not (tmp_path / "m").exists()
+    config = preset("tiny", field="film", follow=False)
+    assert config.follow is False and MODEL_SETTINGS["field"] == "thorax-box"

@@ -55,6 +55,10 @@ from radscan.stopping import outcome_said
               help="What the networks see: the whole film; the thorax of the training normals' mean film (the "
                    "rest mid grey); or that thorax's bounding box cut from each film at its own resolution, "
                    "the density over the lung fields (docs/model.md).")
+@click.option("--follow-chest/--fixed-box", "follow", default=MODEL_SETTINGS.get("follow", False), show_default=True,
+              help="With --field thorax-box: move the box, film by film, to where that film's chest lies against "
+                   "the training normals' mean film (a film framed off-centre is then read like the others), or "
+                   "cut it at the same place in every film.")
 @click.option("--critic-blur", type=FiniteFloatRange(0, 8), metavar="SIGMA",
               help="Gaussian low-pass (pixels) in front of the discriminator, so that the critic judges "
                    "anatomy and opacity rather than sharpness (overrides the preset; 0 = none).")
@@ -121,7 +125,8 @@ from radscan.stopping import outcome_said
 @click.pass_context
 def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: tuple[str, ...],
           val_abnormal: tuple[str, ...], preset: str, settings_file: Path | None, memory: str | None,
-          score_kind: str, density_grid: int, field: str, critic_blur: float | None, critic_snapshots: int, epochs: int,
+          score_kind: str, density_grid: int, field: str, follow: bool, critic_blur: float | None,
+          critic_snapshots: int, epochs: int,
           keep: str, d_schedule: str, max_minutes: float | None,
           batch_size: int, lr: float, cosine_epochs: int, aspect: float, gamma: float, contrast: float, blur: float,
           noise: float, synthetic: float, r1: float, seed: int,
@@ -161,6 +166,10 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
             overrides[key] = ctx.params[option]
     if critic_blur is not None:
         overrides["critic_blur_sigma"] = critic_blur
+    # the box follows the chest by default, where there is a box: a whole-film model has none to move
+    given = ctx.get_parameter_source("follow") is not click.core.ParameterSource.DEFAULT
+    if given or "follow" not in overrides:
+        overrides["follow"] = follow if given else follow and overrides.get("field") == "thorax-box"
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)

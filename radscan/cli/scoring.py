@@ -73,7 +73,7 @@ def scan(ctx: click.Context, paths: tuple[str, ...], out: Path, previews: Path |
         model_dir = model or default_model_dir()
         metadata = read_metadata(model_dir)
         verify_files(model_dir, metadata)
-        policy = for_model(policy, metadata)
+        policy = for_model(policy, metadata, Path(model_dir))
         qc = quality_control(model_dir, metadata, qc_mode, parse_list(views)) if qc_mode != "off" else None
     summary = run_scan(paths, out, previews, policy, workers, progress=not ctx.obj["quiet"], qc=qc,
                        study_key=study_key)

@@ -85,6 +85,9 @@ class SimSIDConfig:
     # the box of field "thorax-box" as fractions of the film (left, top, right, bottom); found when training
     # starts (radscan.model.field.thorax_box), part of the preprocessing (radscan.preprocess.to_model_input)
     crop: tuple[float, ...] = ()
+    # a thorax-box model's box follows the chest: moved per film to where its chest lies against the training
+    # normals' mean film (radscan.preprocess.chest_offset; the reference is FOLLOW_FILE beside the weights)
+    follow: bool = False
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
     explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
@@ -101,6 +104,9 @@ class SimSIDConfig:
             raise ValueError(f"unknown field {self.field!r} (choose from {', '.join(FIELDS)})")
         if self.crop and self.field != "thorax-box":
             raise ValueError(f"a crop is a thorax-box model's setting, not a {self.field!r} field's")
+        if self.follow and self.field != "thorax-box":
+            raise ValueError(f"a box that follows the chest is a thorax-box model's setting, not a {self.field!r} "
+                             "field's")
         if self.crop and not is_box(self.crop):
             raise ValueError(f"crop must be four fractions (left, top, right, bottom), not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:

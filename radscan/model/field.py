@@ -28,13 +28,24 @@ fractions of the film (radscan.preprocess.Crop).
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from radscan.preprocess import Crop, crop_pixels
+from radscan.errors import ModelError
+from radscan.preprocess import FOLLOW_SIZE, Crop, FollowReference, crop_pixels
+from radscan.report import remove_stale_temporaries, write_bytes
 
-__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box"]
+__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow"]
+
+# The reference film of a box that follows the chest (model setting `follow`; radscan.preprocess
+# `chest_offset`), beside the weights and verified by the sha256 model.json gives it: it moves every
+# box, so it changes results, and it is sealed in the weights (radscan.model.metadata.sealed_extras)
+FOLLOW_FILE = "follow.safetensors"
 
 # The lung fields' share of the mean film that is plausible for a frontal chest film at 128 px (the
 # Kermany paediatric and NIH adult means: 19% and 16%); outside it, the normals are not frontal chest
@@ -122,3 +133,37 @@ def lungs_in_box(mean_film: np.ndarray, box: Crop, size: int) -> np.ndarray:
     lungs = Image.fromarray(_without_necked_patches(lung_fields(mean_film)).astype(np.float32))
     cut = lungs.crop(crop_pixels(box, *mean_film.shape)).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(cut) >= 0.5
+
+
+def save_follow(reference: FollowReference, directory: Path) -> dict[str, Any]:
+    """Write FOLLOW_FILE atomically and fsynced; returns the block model.json records for it
+    ({"file", "sha256"}). Raises OutputError (exit 73) when it cannot be written."""
+    from safetensors.numpy import save
+
+    data = save({"reference": reference.image})
+    remove_stale_temporaries(Path(directory), FOLLOW_FILE)  # a killed save's
+    write_bytes(Path(directory) / FOLLOW_FILE, data)
+    return {"file": FOLLOW_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference:
+    """The verified reference of a model whose box follows the chest. Raises ModelError (exit 65) when
+    model.json names none, or the file is missing, altered or not a (64, 64) finite reference."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    from radscan.model.metadata import read_verified
+
+    block = metadata.get("follow")
+    if not isinstance(block, dict):
+        raise ModelError("the model's box follows the chest, but model.json names no reference film for it "
+                         f"({FOLLOW_FILE}): the file was edited; restore it")
+    data = read_verified(directory, block, FOLLOW_FILE, "reference film")
+    try:
+        image = load(data)["reference"]
+    except (KeyError, SafetensorError) as exc:
+        raise ModelError(f"cannot read the reference film {Path(directory) / FOLLOW_FILE}: {exc}") from None
+    if image.shape != (FOLLOW_SIZE, FOLLOW_SIZE) or image.dtype != np.float32 or not np.isfinite(image).all():
+        raise ModelError(f"the reference film {Path(directory) / FOLLOW_FILE} is not a finite "
+                         f"{FOLLOW_SIZE}x{FOLLOW_SIZE} float32 image")
+    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())

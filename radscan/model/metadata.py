@@ -127,8 +127,12 @@ def seal(config: dict[str, Any], metadata: dict[str, Any], **more: Any) -> str:
 def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
     """Besides the settings, what else changes a result and is sealed in the weights file: the QC
     reference (its sha256: removing the "qc" block from model.json must not switch quality control
-    off) and the training population (the age warnings)."""
-    return {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
+    off), the training population (the age warnings) and the reference film of a box that follows
+    the chest (radscan.model.field.FOLLOW_FILE)."""
+    extras = {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
+    if metadata.get("follow") is not None:  # only where there is one: the models made before it keep their seal
+        extras["follow_sha256"] = (metadata.get("follow") or {}).get("sha256")
+    return extras
 
 
 def sealed_settings(header: bytes, key: str = SEAL_KEY) -> dict[str, Any]:
@@ -154,10 +158,13 @@ def read_sealed(directory: Path) -> dict[str, Any]:
 
 
 def check_sealed_extras(sealed: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """ModelError (exit 65) when model.json's QC reference or population differs from the sealed one."""
-    for key, stated in sealed_extras(metadata).items():
-        if key in sealed and sealed[key] != stated:  # weights sealed before radscan 0.3 carry neither
-            what = "QC reference" if key == "qc_sha256" else "training population"
+    """ModelError (exit 65) when model.json's QC reference, population or reference film of a box that
+    follows the chest differs from the sealed one (or is missing where one is sealed)."""
+    stated = sealed_extras(metadata)
+    names = {"qc_sha256": "QC reference", "population": "training population",
+             "follow_sha256": "reference film of the box that follows the chest"}
+    for key, what in names.items():
+        if key in sealed and sealed[key] != stated.get(key):  # weights sealed before radscan 0.3 carry none
             raise ModelError(f"the {what} in {METADATA_FILE} differs from the one sealed in the model's weights (or "
                              "graphs): the metadata was edited; restore it")
 
@@ -223,8 +230,8 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
     "calibration": (dict,), "calibration.threshold": (int, float), "preprocess_version": (str,),
 }
 _OPTIONAL: dict[str, tuple[type, ...]] = {
-    "name": (str,), "version": (str,), "qc": (dict,), "population": (dict,), "population.age_years": (list,),
-    "metrics": (dict,), "training": (dict,),
+    "name": (str,), "version": (str,), "qc": (dict,), "follow": (dict,), "population": (dict,),
+    "population.age_years": (list,), "metrics": (dict,), "training": (dict,),
 }
 
 
