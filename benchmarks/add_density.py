@@ -44,7 +44,7 @@ def main() -> None:
     rows = list(csv.DictReader((args.model / "training_split.csv").open()))
     split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side]
              for side in ("train", "calibration")}
-    reading = for_model(Policy(), metadata)  # a thorax-box model reads every film cut to its box
+    reading = for_model(Policy(), metadata, args.model)  # a thorax-box model reads every film cut to its box
     train_images = load_images(split["train"], reading, workers=2, progress=False)[0]
     calibration = load_images(split["calibration"], reading, workers=2, progress=False)[0]
     device = torch.device("cpu")

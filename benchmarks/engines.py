@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads of both engines")
     args = parser.parse_args()
     films = load_images([str(DATA / "test_normal"), str(DATA / "test_abnormal")],
-                        for_model(Policy(), read_metadata(args.model)), workers=2, progress=False)[0][:args.films]
+                        for_model(Policy(), read_metadata(args.model), args.model), workers=2,
+                        progress=False)[0][:args.films]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         export_model(args.model, Path(folder) / "onnx")

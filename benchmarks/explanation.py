@@ -49,7 +49,7 @@ def main() -> None:
 
     model, metadata = load_model(args.model)
     # a thorax-box model's films are read cut to its box, as every command reads them
-    images = to_model_tensor(load_images([str(args.images)], for_model(Policy(), metadata), workers=2,
+    images = to_model_tensor(load_images([str(args.images)], for_model(Policy(), metadata, args.model), workers=2,
                                          progress=False)[0])
     result = model.score(images)
     before = model.calibrated(result.components)[1]

@@ -142,7 +142,7 @@ def calibration_normals(model_dir: Path, train: Path) -> np.ndarray:
 
 def reading(model_dir: Path) -> Policy:
     """How the model reads films (a thorax-box model: cut to its box)."""
-    return for_model(Policy(), read_metadata(model_dir))
+    return for_model(Policy(), read_metadata(model_dir), model_dir)
 
 
 def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:

@@ -251,8 +251,12 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     the film's identity as the PHI mode left it in `record` (hashed or dropped outside --phi keep),
     its view, date and path, the model; a QC verdict on a third line. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
-    shown = score_text(score, threshold) + (f", z {z:+.1f}" if z is not None else "")
-    lines = [f"anomaly score {shown} (threshold {threshold:.3f}): {verdict}.  For research and triage support "
+    text = score_text(score, threshold)
+    # the threshold to as many decimals as the score needed, so that the two read as the flag says (a
+    # review: "0.8798 (threshold 0.880): FLAGGED")
+    places = max(3, len(text.partition(".")[2]))
+    shown = text + (f", z {z:+.1f}" if z is not None else "")
+    lines = [f"anomaly score {shown} (threshold {threshold:.{places}f}): {verdict}.  For research and triage support "
              "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
         lines.append(f"quality control {record.qc_status}: {record.qc_reason}")
@@ -265,12 +269,16 @@ def score_text(score: float, threshold: float, digits: int = 3) -> str:
     0.999, never 1.000: certainty the model does not have; a score stored as 1.0, from z 14.5 up,
     reads ">0.999"), and given more decimals, up to 6, until it reads on the side of the threshold
     (rounded to as many) that its flag says (the score as it is, before that rounding, against the
-    threshold): a film just under a threshold of 0.8797 never reads "0.880"."""
+    threshold): a film just under a threshold of 0.8797 never reads "0.880". A score that is not a
+    number reads "not a number"."""
+    if not math.isfinite(score):
+        return "not a number"
     flagged = score >= threshold
     score = round(score, 6)
     if score >= 1:
         return ">0.999"
-    for places in range(digits, 7):
+    text = f"{score:.6f}"
+    for places in range(min(digits, 6), 7):
         # rounded to 6 places first, so that 0.29 * 1000 = 289.99999999999997 is cut to 290
         text = f"{math.floor(round(score * 10 ** places, 6)) / 10 ** places:.{places}f}"
         if (float(text) >= float(f"{threshold:.{places}f}")) == flagged:

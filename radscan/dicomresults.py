@@ -24,9 +24,11 @@ Codes that no standard coding scheme has (the score, its threshold, the flag) us
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import logging
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from pydicom.valuerep import PersonName
 from radscan import __version__
 from radscan.errors import SettingError
 from radscan.qc import WARN_AGE, WARN_COLOUR, WARN_MIRRORED, WARN_OFF_CENTRE, WARN_SMALL, WARN_TRANSPARENT
+from radscan.records import visible_controls
 from radscan.report import atomic_output, cannot_write
 
 __all__ = ["DicomResult", "ResultWriter", "require_highdicom", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER",
@@ -297,6 +300,10 @@ def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
     # every text decoded by the source's character set, then said as UTF-8, which the results are written
     # in: highdicom refused legal sets such as "\ISO 2022 IR 87" (an empty first value: the default
     # repertoire with code extensions; a trial: every Japanese film had no results)
+    unknown = _unknown_character_sets(source.get("SpecificCharacterSet"))
+    if unknown:  # pydicom would read it as its default (Latin-1), and an identifier as another's (a review)
+        raise ValueError(f"the header declares a character set DICOM does not define ({unknown}): its text "
+                         "cannot be decoded with certainty")
     try:
         source.decode()
     except (LookupError, ValueError) as exc:
@@ -307,6 +314,27 @@ def _source_header(path: Path, row: dict[str, Any]) -> Dataset:
         if keyword not in source:
             setattr(source, keyword, "")
     return source
+
+
+def _unknown_character_sets(declared: Any) -> str:
+    """The terms of a Specific Character Set (0008,0005) that pydicom cannot decode by, as printable text
+    joined by ", " ("" when it knows every one): a term DICOM defines (PS3.3 C.12.1.1.2), the misspellings
+    pydicom corrects ("ISO-IR 100"), or a Python codec's name. pydicom only warns on any other and
+    decodes by its default, Latin-1, so that a PatientID in another set reads as different text."""
+    from pydicom.charset import python_encoding
+
+    terms = [declared] if isinstance(declared, str) else list(declared or [])
+    unknown = []
+    for index, term in enumerate(str(term).strip() for term in terms):
+        corrected = re.sub(r"^ISO[^_]IR", "ISO_IR", term)
+        corrected = re.sub(r"^ISO.2022.IR.", "ISO 2022 IR ", corrected)
+        if (index == 0 and not term) or term in python_encoding or corrected in python_encoding:
+            continue
+        try:
+            codecs.lookup(term)
+        except LookupError:
+            unknown.append(visible_controls(term)[:40])
+    return ", ".join(unknown)
 
 
 def _drop_invalid_values(source: Dataset) -> None:

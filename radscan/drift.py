@@ -1,7 +1,7 @@
 """Is tonight's flagged share what chance explains? (issue 21 item 7: the drift check)
 
 A model whose inputs drift (a new detector, a processing change, a positioning habit) shows it
-first in the share of films it flags. Two checks on the films scored in one run (new or changed
+first in the share of films it flags. Checks on the films scored in one run (new or changed
 files, not the ones kept from earlier runs; a run with fewer than MIN_FILMS, none included, is pooled
 with the runs just before it, up to POOL_RUNS, so that a small site is checked too and a warning does
 not switch off on a night without new films), each a binomial test
@@ -14,7 +14,9 @@ not switch off on a night without new films), each a binomial test
   (normal films scoring higher) or down (scores collapsing) beyond chance;
 - **against the model's calibration**: a share below the false-positive rate its threshold was
   set to on normal films (1 - target specificity), one-sided: a night's worklist holds abnormal
-  films too, so fewer flags than normal films alone would give means the scores moved down.
+  films too, so fewer flags than normal films alone would give means the scores moved down;
+- **without a history** (a site's first nights): a share more than FAR_ABOVE times that rate, beyond
+  chance (one-sided), is said too: most often a model whose scale does not fit the site's films.
 
 The history lives in the state store (radscan.state, table `runs`), one row per finished run.
 """
@@ -87,14 +89,17 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
     p_history = p_calibration = None
     warnings = []
     checkable = judged >= MIN_FILMS
-    if checkable and baseline is not None and 0 < baseline < 1:
-        p_history = float(binomtest(judged_flagged, judged, baseline).pvalue)
+    if checkable and baseline is not None:
+        # a history that flagged none (or all) of its films is a share known to about half a film in its count:
+        # tested against that, not skipped (a review: from 0% to 90% in one night went unsaid)
+        tested = min(max(baseline, 0.5 / earlier_films), 1 - 0.5 / earlier_films)
+        p_history = float(binomtest(judged_flagged, judged, tested).pvalue)
         if p_history < ALPHA:
             warnings.append(f"{which} flagged ({judged_share:.0%}) against {baseline:.0%} over the last "
                             f"{len(earlier)} runs (p = {p_history:.1g}): the films or the scanners may have "
                             "changed; check the flagged share per scanner (StationName) and recalibrate if the normals "
                             "moved")
-    if (checkable and p_history is None and expected is not None and 0 < expected < 1
+    if (checkable and baseline is None and expected is not None and 0 < expected < 1
             and judged_share > FAR_ABOVE * expected
             and binomtest(judged_flagged, judged, expected, alternative="greater").pvalue < ALPHA):
         # no history to compare with (a site's first nights): a share far above what normal films alone give
@@ -119,8 +124,8 @@ def check_drift(scored: int, flagged: int, history: Sequence[tuple[int, int]],
 def _note(scored: int, judged: int, judged_share: float, pooled: int, checkable: bool, p_history: float | None,
           earlier: list[tuple[int, int]], expected: float | None) -> str:
     """What the check looked at, for the summary: a quiet check and a check not made read alike otherwise.
-    The calibration test is one-sided (a night holds abnormal films too): the note says so, and says when
-    the share is far above what normal films alone give while no history can judge it."""
+    The calibration test is one-sided (a night holds abnormal films too): the note says so; a share far
+    above what normal films alone give, while no history can judge it, is check_drift's warning."""
     if not checkable and not judged:
         return "not checked: no new films in this run or the runs before it"
     if not checkable:

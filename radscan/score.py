@@ -212,7 +212,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
-            gone = _most_of_the_list_gone(by_root)
+            gone = _most_of_the_list_gone(by_root, inputs)
             problems += filter(None, [gone])
             lock.confirm()
             # a success wrote a list of every film there is and delivered every result: a share that
@@ -390,12 +390,15 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
 VANISHED_WARNING = 10
 
 
-def _most_of_the_list_gone(by_root: Mapping[str, tuple[int, int, int]]) -> str | None:
-    """A problem line when most films of the earlier list are gone from the inputs (they are
-    removed from the list, as any file deleted from the inputs is), else None. `by_root`:
-    `StateStore.films_by_root` after this run's reading."""
+def _most_of_the_list_gone(by_root: Mapping[str, tuple[int, int, int]], inputs: Sequence[str]) -> str | None:
+    """A problem line when most films of the earlier list are gone from a folder given this run (they
+    are removed from the list, as any file deleted from the inputs is), else None. A folder given
+    before and not now is not one: the user chose other inputs (a review: it read as a partial mount).
+    `by_root`: `StateStore.films_by_root` after this run's reading."""
+    given = {str(Path(root).resolve()) for root in inputs}
     # per input root: a share that mounted in part beside another that did not move is one too (a review)
-    lost = [(gone, listed) for _, listed, gone in by_root.values() if gone >= VANISHED_WARNING and gone > listed]
+    lost = [(gone, listed) for root, (_, listed, gone) in by_root.items()
+            if root in given and gone >= VANISHED_WARNING and gone > listed]
     if not lost:
         return None
     gone, listed = sum(gone for gone, _ in lost), sum(listed for _, listed in lost)

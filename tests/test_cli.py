@@ -142,7 +142,9 @@ USAGE_CASES = ["workers 0", "empty key file", "toml number for a path", "val-nor
                "inf specificity", "toml batch 1.5", "toml true for a number", "empty modalities", "empty phi key",
                "key file a fifo", "key file among the inputs", "roc onto an input", "model among the normals",
                "absurd batch size", "toml 0 for a flag", "toml text for a number", "toml key outside a table",
-               "misspelled variable", "toml date for a number", "toml list of lists", "model variable misnamed"]
+               "misspelled variable", "toml date for a number", "toml list of lists", "model variable misnamed",
+               "toml numbers for paths", "toml true among modalities", "toml secret outside a table",
+               "toml secret of the wrong type"]
 
 
 @pytest.mark.parametrize("case", USAGE_CASES)
@@ -162,6 +164,12 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     (tmp_path / "top.toml").write_text("verbose = true\n[score]\nworkers = 1\n")
     (tmp_path / "date.toml").write_text("[score]\nbatch_size = 1979-05-27\n")
     (tmp_path / "nested.toml").write_text('[score]\nmodalities = [["CR"]]\n')
+    # a review's: numbers for repeatable paths crashed (exit 1), true among modalities read as "True", and a
+    # refusal printed the site's PHI key
+    (tmp_path / "paths.toml").write_text("[calibrate]\nnormals = [1, 2]\n")
+    (tmp_path / "modalities.toml").write_text('[score]\nmodalities = [true, "CR"]\n')
+    (tmp_path / "secret.toml").write_text('phi_key = "site-secret-4711"\n[score]\nworkers = 1\n')
+    (tmp_path / "secret2.toml").write_text("[score]\nphi_key = 4711471147114711\n")
     score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
         "nan timeout": [*score, "--read-timeout", "nan"],
@@ -177,6 +185,12 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
         "model variable misnamed": score,
         "toml date for a number": ["--config", str(tmp_path / "date.toml"), *score],
         "toml list of lists": ["--config", str(tmp_path / "nested.toml"), *score],
+        "toml numbers for paths": ["--config", str(tmp_path / "paths.toml"), "calibrate",
+                                   str(Path(__file__).parents[1] / "models/kermany-tiny"),
+                                   "--out", str(tmp_path / "m")],
+        "toml true among modalities": ["--config", str(tmp_path / "modalities.toml"), *score],
+        "toml secret outside a table": ["--config", str(tmp_path / "secret.toml"), *score],
+        "toml secret of the wrong type": ["--config", str(tmp_path / "secret2.toml"), *score],
         "empty modalities": [*score, "--modalities", " , "],
         "empty phi key": [*score, "--phi", "hash", "--phi-key", ""],
         "short phi key": [*score, "--phi", "hash", "--phi-key", "abc"],
@@ -206,8 +220,21 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
             "toml date for a number": "is not a value radscan reads",
             "toml list of lists": "is not a value radscan reads",
             "toml 0 for a flag": "'no_html' in the [score] table of",
-            "toml text for a number": "'batch_size' in the [score] table of"}
+            "toml text for a number": "'batch_size' in the [score] table of",
+            "toml numbers for paths": "holds an item that is not text in quotes",
+            "toml true among modalities": "holds an item that is not text in quotes"}
     assert said.get(case, "") in " ".join(result.stderr.split())
+    assert "4711" not in result.output  # a secret is named, never shown
+
+
+def test_help_is_shown_whatever_the_environment_holds():
+    """A review: a misspelt RADSCAN_SCORE_ variable left in the environment blocked `score --help`; the
+    command itself is still refused."""
+    env = {"RADSCAN_SCORE_PHII": "hash"}
+    for asked in (["score", "--help"], ["score", "-h"]):
+        shown = _run(*asked, env=env)
+        assert shown.exit_code == ExitCode.OK and "score [OPTIONS] PATHS" in shown.output
+    assert _run("score", ".", env=env).exit_code == ExitCode.USAGE
 
 
 def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):

@@ -467,6 +467,9 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
         "jis.dcm": lambda ds: (setattr(ds, "SpecificCharacterSet", ["", "ISO 2022 IR 87"]),
                                ds.__setitem__(0x00100010, DataElement(
                                    0x00100010, "PN", "Yamada^Tarou=山田^太郎".encode("iso2022_jp")))),
+        # a review: a character set DICOM does not define was read as Latin-1, an identifier as another's
+        "unknownset.dcm": lambda ds: (setattr(ds, "SpecificCharacterSet", "ISO_IR 999"),
+                                      ds.__setitem__(0x00100020, DataElement(0x00100020, "LO", "PÉID01".encode()))),
     }.items()):
         ds = pydicom.dcmread(dicom_dir / "nih-cxr14-udacity/test1_no_finding.dcm")
         ds.SOPInstanceUID = _another(base.SOPInstanceUID, 10 + number)
@@ -479,13 +482,15 @@ def test_awkward_headers_give_valid_results_or_say_why(dicom_dir, tiny_model, tm
     result, summary = _score(str(root), "--out", str(out), "--model", str(tiny_model), "--dicom-out",
                              str(tmp_path / "dicom"), "--qc", "off", "--frames", "middle", "--modalities", "all",
                              "--body-parts", "all", "--views", "all")
-    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 3, result.output
+    assert result.exit_code == ExitCode.PARTIAL and summary["dicom"]["not_made"] == 4, result.output
     rows = {row["path"]: row for row in read_rows(out)}
     assert rows["longid.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM")
     assert rows["undecodable.dcm"]["dicom_result"].startswith("none: the file's PatientID is not valid DICOM "
                                                               "(bytes its character set cannot decode")
     assert rows["ctrlid.dcm"]["dicom_result"].startswith("none: the file's AccessionNumber is not valid DICOM "
                                                          "(control character '\\x07')")
+    assert rows["unknownset.dcm"]["dicom_result"].startswith("none: the header declares a character set DICOM "
+                                                             "does not define (ISO_IR 999)")
     assert rows["longid.dcm"]["reason"].startswith("no DICOM results: ")
     dciodvfy = needs("dciodvfy", "dicom3tools")
     for name in ("latin.dcm", "sided.dcm", "frames.dcm", "ctrltext.dcm", "jis.dcm"):

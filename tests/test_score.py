@@ -1406,6 +1406,12 @@ def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night
         (share / film.name).unlink()
     assert any("13 films listed by earlier runs are no longer among the inputs, more than the 1" in problem
                for problem in json.loads(_run(*both).stdout)["problems"])
+    # a review: scoring another folder into the same outputs is a choice, not a share that mounted in part
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(films[0], elsewhere / films[0].name)
+    moved_on = _run("score", str(elsewhere), *args[2:])
+    assert moved_on.exit_code == ExitCode.OK and json.loads(moved_on.stdout)["inputs_missing"] is False
 
 
 def test_a_study_whose_files_fail_for_different_reasons_does_not_give_one_for_all(tiny_model, tmp_path):

@@ -885,6 +885,7 @@ def test_a_box_that_follows_the_chest_reads_a_moved_film_as_it_reads_the_film(no
     assert metadata["config"]["follow"] is True and metadata["follow"]["file"] == FOLLOW_FILE
     reading = for_model(Policy(), read_metadata(out), out)
     assert reading.follow is not None and reading.crop == tuple(metadata["config"]["crop"])
+    assert "moved with each film's chest" in CliRunner().invoke(cli, ["info", str(out)]).output
 
     # films moved 8-12% sideways either way: the box finds the chest within one step of 1/64 of the film
     paths = sorted(normals.iterdir())[:6]

@@ -31,7 +31,17 @@ def _configure_logging(verbosity: int) -> None:
     configure_log({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+class _Radscan(click.Group):
+    """The group, keeping the arguments it hands its command (ctx.meta["command_args"]): its callback
+    checks the environment only for a command that runs, not one asked for its --help."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["command_args"] = list(rest)
+        return name, command, rest
+
+
+@click.group(cls=_Radscan, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="radscan")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr, no progress bar.")
@@ -51,7 +61,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, config_file: Path | None)
     ctx.obj = {"quiet": quiet, "verbose": verbose, "config": config_file}
     if config_file:
         ctx.default_map = _read_config(config_file)
-    if ctx.invoked_subcommand in cli.commands:
+    # help is shown whatever the environment holds (a review: a stale misspelt variable blocked --help)
+    asks_help = {"-h", "--help"} & set(ctx.meta.get("command_args", ()))
+    if ctx.invoked_subcommand in cli.commands and not asks_help:
         _refuse_unknown_variables(cli.commands[ctx.invoked_subcommand])
 
 
@@ -87,8 +99,8 @@ def _read_config(path: Path) -> dict:
     for name, table in settings.items():
         command = cli.commands.get(name)
         if not isinstance(table, dict):  # a key before any table (verbose = true): not a command's setting
-            raise click.BadParameter(f"{name} = {_as_toml(table)} in {path} stands outside a table: settings go "
-                                     "under their command's table, e.g. [score]", param_hint="--config")
+            raise click.BadParameter(f"{name} = {_shown(name, table)} in {path} stands outside a table: settings "
+                                     "go under their command's table, e.g. [score]", param_hint="--config")
         if command is None:
             raise click.BadParameter(f"[{name}] in {path} is not a radscan command", param_hint="--config")
         by_option = {opt.lstrip("-").replace("-", "_"): param for param in command.params
@@ -113,32 +125,50 @@ def _as_toml(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
+# keys whose values are secrets: a refusal names the key and what is wrong, never the value (a review:
+# the site's PHI key was printed to stderr, which the nightly wrapper keeps in its log)
+SECRET_KEYS = ("phi_key",)
+
+
+def _shown(key: str, value: object) -> str:
+    """`value` as a refusal may show it: spelt as TOML, or hidden for a secret key."""
+    return "(the value, not shown)" if key.replace("-", "_") in SECRET_KEYS else _as_toml(value)
+
+
 def _setting(param: click.Parameter, value: object) -> object:
     """A TOML value as the option expects it: a list for a comma-separated option (modalities =
-    ["CR", "DX"]) is joined with commas; options given several times take the list as it is."""
+    ["CR", "DX"]) is joined with commas; options given several times take a list (one text is a list
+    of one). Raises click.BadParameter naming what is wrong (the value only where it is no secret)."""
+    shown = _shown(param.name or "", value)
     # a table, a date or a list of lists is no value of any option (a trial: a date crashed, exit 1)
     if not isinstance(value, (str, int, float, list)) or (
             isinstance(value, list) and not all(isinstance(item, (str, int, float)) for item in value)):
-        raise click.BadParameter(f"{_as_toml(value)} is not a value radscan reads (text, a number, true/false "
+        raise click.BadParameter(f"{shown} is not a value radscan reads (text, a number, true/false "
                                  "or a list of them)", param_hint="--config")
+    wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
+    if isinstance(value, list) and any(isinstance(item, bool) or (wants_text and not isinstance(item, str))
+                                       for item in value):
+        # a review: normals = [1, 2] crashed calibrate (exit 1); modalities = [true, "CR"] read as "True,CR"
+        raise click.BadParameter(f"{shown} holds an item that is not text in quotes", param_hint="--config")
+    if getattr(param, "multiple", False) and isinstance(value, str):
+        value = [value]  # one folder for a repeatable option: normals = "/data/normals"
     if isinstance(value, list) and not getattr(param, "multiple", False):
         if not isinstance(param.type, click.types.StringParamType):  # a path, a number, one choice
-            raise click.BadParameter(f"{value!r} is a list where one value is expected", param_hint="--config")
+            raise click.BadParameter(f"{shown} is a list where one value is expected", param_hint="--config")
         return ",".join(str(item) for item in value)
     if isinstance(value, bool) and not getattr(param, "is_flag", False):
-        raise click.BadParameter(f"{_as_toml(value)} is true/false where a value is expected",
+        raise click.BadParameter(f"{shown} is true/false where a value is expected",
                                  param_hint="--config")
     if getattr(param, "is_flag", False) and not isinstance(value, bool) and not getattr(param, "count", False):
         # a trial: no_html = 0 crashed the run (exit 1, a traceback)
-        raise click.BadParameter(f"{value!r} is not true or false", param_hint="--config")
+        raise click.BadParameter(f"{shown} is not true or false", param_hint="--config")
     if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, str):
-        raise click.BadParameter(f"{value!r} is text in quotes where a number is expected",
+        raise click.BadParameter(f"{shown} is text in quotes where a number is expected",
                                  param_hint="--config")
     if isinstance(param.type, click.types.IntParamType) and isinstance(value, float) and not value.is_integer():
-        raise click.BadParameter(f"{value!r} is not a whole number", param_hint="--config")
-    wants_text = isinstance(param.type, (click.Path, click.types.StringParamType, click.Choice))
+        raise click.BadParameter(f"{shown} is not a whole number", param_hint="--config")
     if wants_text and not getattr(param, "is_flag", False) and not isinstance(value, (str, list)):
-        raise click.BadParameter(f"{value!r} is not text in quotes", param_hint="--config")
+        raise click.BadParameter(f"{shown} is not text in quotes", param_hint="--config")
     return value
 
 

@@ -27,6 +27,7 @@ from radscan.errors import ExitCode
 from radscan.logs import one_line_text
 from radscan.model.config import FIELDS, SCORE_KINDS
 from radscan.policy import Policy
+from radscan.preprocess import FOLLOW_REACH, FOLLOW_SIZE
 from radscan.qc import QCReference
 from radscan.recipe import MODEL_SETTINGS, PRESET
 from radscan.records import counted
@@ -75,8 +76,9 @@ from radscan.stopping import outcome_said
               show_default=True, help="The discriminator's learning rate: constant, or annealed with the "
                                       "generator's cosine (experimental).")
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
-              help="Time budget: no epoch is begun that would end past it (at least one runs); "
-                   "--resume goes on.")
+              help="Time budget: no epoch is begun that would end past it (at least one runs). The model "
+                   "is made from the epochs run; to train them all, train again into another --out with "
+                   "a larger budget (an interrupted run, not a budget's, continues with --resume).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=RECIPE.batch_size, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0), default=RECIPE.lr, show_default=True,
               help="Adam learning rate of both networks.")
@@ -210,8 +212,11 @@ def _age_range(text: str) -> tuple[float, float]:
     return ages
 
 
-def _describe_box(crop: list[float]) -> str:
+def _describe_box(crop: list[float], follows: bool) -> str:
     left, top, right, bottom = (100 * float(f) for f in crop)
+    if follows:
+        return (f"{left:.0f}-{right:.0f}% across, {top:.0f}-{bottom:.0f}% down the training normals' mean film, moved "
+                f"with each film's chest (up to {100 * FOLLOW_REACH / FOLLOW_SIZE:.0f}% each way)")
     return f"{left:.0f}-{right:.0f}% across, {top:.0f}-{bottom:.0f}% down every film"
 
 
@@ -262,7 +267,8 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         f"critics         {config.get('critic_snapshots')} (the last epochs' discriminators, averaged"
         + ("" if config.get("score_kind") == "critic" else ": the critic kind's, not this model's score") + ")",
         f"field           {config.get('field', 'film')}: {FIELDS.get(config.get('field', 'film'), '?')}",
-        *([f"box             {_describe_box(config['crop'])}"] if config.get("crop") else []),
+        *([f"box             {_describe_box(config['crop'], bool(config.get('follow')))}"]
+          if config.get("crop") else []),
         f"quality control {_describe_qc(reference, metadata)}",
         f"threshold       {calibration.get('threshold'):.4f} ({calibration.get('method')})",
         f"training        {training.get('n_train')} images, {training.get('epochs_run')} epochs, "

@@ -83,3 +83,14 @@ def test_a_store_of_runs_without_a_model_column_is_upgraded_and_starts_a_new_his
     later = StateStore(path, "model A", "run3")
     assert later.run_history() == [(50, 2)] and StateStore(path, "model B", "run4").run_history() == []
     later.close()
+
+
+def test_a_history_that_flagged_none_or_all_still_judges_tonight():
+    """A review: a history whose flagged share was exactly 0 or 1 was not tested, so a night going from
+    0% to 90% flagged was not said, and a night of 40 of 40 against a history of all flagged read "no run
+    history yet"."""
+    jumped = check_drift(20, 18, [(20, 0)] * 6, None)
+    assert "18 of 20 new films flagged (90%) against 0% over the last 6 runs" in jumped.warning
+    assert check_drift(20, 0, [(20, 0)] * 6, None).warning == ""  # as its history
+    same = check_drift(40, 40, [(40, 40)] * 6, 0.95)
+    assert "no run history yet" not in same.warning and same.p_history is not None

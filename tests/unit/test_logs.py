@@ -44,4 +44,7 @@ def test_a_librarys_warning_is_a_timestamped_log_line_shown_only_with_debug():
         lines = stderr.getvalue().splitlines()
         assert bool(lines) == shown, (level, lines)
         assert all(line[:4].isdigit() and line[10] == "T" and " radscan WARNING: " in line for line in lines)
+        # a review: pydicom's text quotes header values (a birth date, a name); logs never show them
+        assert not any("Doe" in line or "escape sequence" in line for line in lines), lines
+        assert all("a library warning (UserWarning in " in line for line in lines)
     configure(logging.WARNING)

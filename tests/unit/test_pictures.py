@@ -3,9 +3,11 @@ says so in words, instead of reading as "nothing there"."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from radscan.pictures import SCORE_MAP_SCALE_MAX, picture_layout, render_explanation, shows_reconstruction
@@ -114,3 +116,28 @@ def test_a_score_is_cut_and_reads_on_its_side_of_the_threshold(score, threshold)
     assert float(text) <= score + 1e-6 and score - float(text) < 10 ** -places + 1e-6  # from the stored 6 decimals
     if places < 6:
         assert (float(text) >= float(f"{threshold:.{places}f}")) == (score >= threshold)
+
+
+@given(score=st.floats(0, 0.999), threshold=st.floats(0.01, 0.99))
+@example(score=0.8798, threshold=0.8797)
+@example(score=0.87969, threshold=0.8797)
+def test_a_caption_gives_the_threshold_to_the_decimals_of_its_score(score, threshold):
+    """A review: "anomaly score 0.8798 (threshold 0.880): FLAGGED" read as a score under its threshold.
+    The caption gives the threshold to as many decimals as the score needed, so that the two read as
+    the flag says (where 6 decimals can tell them apart)."""
+    from radscan.batch import picture_caption
+    from radscan.records import ImageRecord
+
+    record = ImageRecord(path="a.png", root="r", kind="png")
+    model = {"model_name": "m", "model_version": "v", "model_sha256": "0" * 64}
+    first = picture_caption(record, score, threshold, model).splitlines()[0]
+    shown, limit = (float(x) for x in re.match(r"anomaly score ([\d.]+) \(threshold ([\d.]+)\)", first).groups())
+    if abs(score - threshold) > 2e-6:
+        assert (shown >= limit) == (score >= threshold), first
+    assert ("FLAGGED" in first) == (score >= threshold)
+
+
+def test_a_score_that_is_not_a_number_reads_so():
+    from radscan.batch import score_text
+
+    assert score_text(float("nan"), 0.5) == "not a number"
