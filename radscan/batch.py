@@ -62,6 +62,9 @@ class ScoreSettings:
     send: Destination | None = None  # where the DICOM results go (needs OutputPaths.dicom)
     scheduler: str | None = None  # a Dask scheduler address, or local:N (radscan.cluster)
     study_key: str = "auto"  # what a study is for files whose content names none (radscan.ingest.STUDY_KEYS)
+    # forget the films of a folder most of whose list is gone (a deliberate clean-up); without it they are kept,
+    # off the list, and every night is exit 3 until they are back (a share that mounted in part)
+    forget_missing: bool = False
 
 @dataclass(frozen=True)
 class PictureJob:

@@ -20,8 +20,9 @@ Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling), an
 4. quantised to 8 bits at full resolution (the training images were 8-bit JPEGs): `window_to_uint8`;
    JPEG/PNG are 8-bit already (radscan.raster: colour to grey, transparency over white)
 5. for a model whose field is the thorax's bounding box (field "thorax-box"), cut to that box,
-   given as fractions of the film and fixed per model (radscan.model.field.thorax_box), at the
-   film's own resolution, so that the chest gets every pixel the file has
+   given as fractions of the film per model (radscan.model.field.thorax_box), at the film's own
+   resolution, so that the chest gets every pixel the file has; for a model whose box follows the
+   chest (setting `follow`), the box is first moved to where this film's chest lies (`chest_offset`)
 6. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
    reference and the Kermany 224 px training set both squash the whole film into a square
    (steps 5 and 6: `to_model_input`).
@@ -151,7 +152,7 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
 # normals by Pearson correlation over their overlap, for every whole-pixel move up to FOLLOW_REACH
 # px each way (15.6% of the film); the box moves by the best one. Chosen on validation films (docs/
 # research-log.md, rules 10-12): a normal film moved 10% sideways scored like the worst pneumonia under
-# a fixed box, and 4-9% of such films are flagged when the box follows the chest.
+# a fixed box, and 4-11% of films moved 10% are flagged when the box follows the chest.
 FOLLOW_SIZE = 64
 FOLLOW_REACH = 10
 

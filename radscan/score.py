@@ -212,7 +212,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
             unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
-            gone = _most_of_the_list_gone(by_root, inputs)
+            gone, kept = _most_of_the_list_gone(by_root, inputs, settings.forget_missing)
             problems += filter(None, [gone])
             lock.confirm()
             # a success wrote a list of every film there is and delivered every result: a share that
@@ -224,7 +224,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                                      qc_mode=settings.qc)
             write_readme(outputs, identity, pictures)
             store.record_run(now(), drift.scored, drift.flagged)
-            _forget(store.prune(), outputs)
+            _forget(store.prune(keep_roots=kept), outputs)
             _remove_unlinked_pictures(store, outputs)
             _remove_moved_pictures(moved_pictures, outputs)
         finally:
@@ -390,22 +390,30 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
 VANISHED_WARNING = 10
 
 
-def _most_of_the_list_gone(by_root: Mapping[str, tuple[int, int, int]], inputs: Sequence[str]) -> str | None:
-    """A problem line when most films of the earlier list are gone from a folder given this run (they
-    are removed from the list, as any file deleted from the inputs is), else None. A folder given
-    before and not now is not one: the user chose other inputs (a review: it read as a partial mount).
-    `by_root`: `StateStore.films_by_root` after this run's reading."""
+def _most_of_the_list_gone(by_root: Mapping[str, tuple[int, int, int]], inputs: Sequence[str],
+                           forget: bool = False) -> tuple[str | None, frozenset[str]]:
+    """(A problem line, the roots whose missing films are kept) when most films of the earlier list
+    are gone from a folder given this run, else (None, no roots). A folder given before and not now
+    is not one: the user chose other inputs (a review: it read as a partial mount). The missing films
+    leave tonight's list but stay in the store, so that every night says it (exit 3) until they are
+    back or `forget` (--forget-missing) lets them go: a share that stayed half mounted was a problem
+    on its first night only (a review). `by_root`: `StateStore.films_by_root` after this run's reading."""
     given = {str(Path(root).resolve()) for root in inputs}
     # per input root: a share that mounted in part beside another that did not move is one too (a review)
-    lost = [(gone, listed) for root, (_, listed, gone) in by_root.items()
-            if root in given and gone >= VANISHED_WARNING and gone > listed]
+    lost = {root: (gone, listed) for root, (_, listed, gone) in by_root.items()
+            if root in given and gone >= VANISHED_WARNING and gone > listed}
     if not lost:
-        return None
-    gone, listed = sum(gone for gone, _ in lost), sum(listed for _, listed in lost)
+        return None, frozenset()
+    gone, listed = sum(gone for gone, _ in lost.values()), sum(listed for _, listed in lost.values())
+    if forget:
+        log.info("%s listed by earlier runs %s forgotten (--forget-missing)", counted(gone, "film"),
+                 "is" if gone == 1 else "are")
+        return None, frozenset()
     return (f"{counted(gone, 'film')} listed by earlier runs {'is' if gone == 1 else 'are'} no longer among the "
             f"inputs, more than the {listed} {'its folder holds' if len(lost) == 1 else 'their folders hold'} now "
-            "(a share that mounted in part, a restore under way?): they left the list; if they should be there, "
-            "mount the share and run again")
+            "(a share that mounted in part, a restore under way?): they are not on this list, and are kept until "
+            "they are back; mount the share and run again, or, if they were removed on purpose, run once with "
+            "--forget-missing"), frozenset(lost)
 
 
 def _holds_links(root: Path) -> bool:

@@ -18,7 +18,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -689,15 +689,19 @@ class StateStore:
                 for root, now, images, gone in self._db.execute(query, {"run": self.run_id,
                                                                          "unread": images_not_read})}
 
-    def prune(self) -> list[dict[str, Any]]:
+    def prune(self, keep_roots: Collection[str] = ()) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another
-        root) and return them, so that their pictures can go too. Call after a complete run."""
-        gone = [_parse_row(row) or {} for (row,) in self._db.execute("SELECT row FROM results WHERE seen != ?",
-                                                                       (self.run_id,))]
-        if gone:
+        root), except those under `keep_roots` (resolved roots, as `films_by_root` names them: a share
+        that mounted in part), and return them, so that their pictures can go too. Call after a
+        complete run."""
+        kept = {_blob(root) for root in keep_roots}  # keys are bytes: the root, a NUL, the path
+        unseen = [(key, row) for key, row in self._db.execute("SELECT key, row FROM results WHERE seen != ?",
+                                                             (self.run_id,))
+                  if bytes(key).partition(b"\0")[0] not in kept]
+        if unseen:
             with self._writing():
-                self._db.execute("DELETE FROM results WHERE seen != ?", (self.run_id,))
-        return gone
+                self._db.executemany("DELETE FROM results WHERE key = ?", [(key,) for key, _ in unseen])
+        return [_parse_row(row) or {} for _, row in unseen]
 
     def close(self) -> None:
         """Close, folding the write-ahead log into the database (so no old page lingers in it)."""

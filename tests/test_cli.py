@@ -237,6 +237,17 @@ def test_help_is_shown_whatever_the_environment_holds():
     assert _run("score", ".", env=env).exit_code == ExitCode.USAGE
 
 
+def test_a_usage_error_ends_with_a_timestamped_line():
+    """A review: a usage error (an unknown option, a bad setting) ended with Click's bare "Error:" line,
+    which a log parser does not read as radscan's; usage and hint lines come first."""
+    failed = subprocess.run([sys.executable, "-m", "radscan", "score", ".", "--nonsense"], capture_output=True,
+                            text=True)
+    assert failed.returncode == ExitCode.USAGE
+    lines = failed.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and "--help" in lines[1]
+    assert lines[-1][:4].isdigit() and lines[-1][10] == "T" and " radscan ERROR: No such option" in lines[-1]
+
+
 def test_json_on_failure_and_timestamped_start_and_end_lines(tmp_path, cxr_dir):
     """Under cron: --json prints an object even when the run fails (a wrapper kept an empty
     last-run.json), and -v logs carry timestamps and a start and an end line with the run id."""

@@ -1379,8 +1379,10 @@ def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night
     for film in films[:3]:  # an ordinary night's clean-up
         (share / film.name).unlink()
     assert json.loads(_run(*args).stdout)["problems"] == []
+    aside = tmp_path / "aside"  # the films of a share that did not mount: still there, not seen
+    aside.mkdir()
     for film in films[3:-1]:
-        (share / film.name).unlink()
+        (share / film.name).rename(aside / film.name)
     metrics = tmp_path / "radscan.prom"
     result = _run(*args, "--metrics", str(metrics))
     # a second trial: that night was exit 0, "ok" and a last success for the page, the metrics and the
@@ -1393,6 +1395,19 @@ def test_a_share_that_holds_only_part_of_its_films_is_a_problem_not_a_good_night
     page = (tmp_path / "out" / "report.html").read_text()
     record = json.loads(re.search(r'<script type="application/json" id="run-status">(.*?)</script>', page, re.S)[1])
     assert record["last_success"]["run_id"] != record["last_attempt"]["run_id"]
+    # a review: the next night, the share still half there, was a good night again (the films had been forgotten)
+    again = _run(*args)
+    assert again.exit_code == ExitCode.PARTIAL and json.loads(again.stdout)["inputs_missing"], again.stdout
+    for film in films[3:-1]:  # the share is whole again: its films are back, read from the store, not scored again
+        (aside / film.name).rename(share / film.name)
+    back = json.loads(_run(*args).stdout)
+    assert back["ok"] and not back["inputs_missing"] and back["scored_now"] == 0 and back["files"] == 11
+    for film in films[3:-1]:  # removed on purpose: said once more, then forgotten when asked
+        (share / film.name).unlink()
+    assert _run(*args).exit_code == ExitCode.PARTIAL
+    forgotten = _run(*args, "--forget-missing")
+    assert forgotten.exit_code == ExitCode.OK and json.loads(forgotten.stdout)["problems"] == []
+    assert _run(*args).exit_code == ExitCode.OK
     # a review: the same beside a second share that did not move
     other = tmp_path / "other"
     other.mkdir()

@@ -202,10 +202,12 @@ def main() -> None:
     except click.ClickException as exc:
         _name_the_source(exc)
         json_failure(*failure(exc))
-        if isinstance(exc, RadscanError):  # radscan's words name paths: one line of printable text
-            click.echo(error_line(exc.format_message()), err=True)
-        else:
-            exc.show()
+        if isinstance(exc, click.UsageError) and not isinstance(exc, RadscanError) and exc.ctx is not None:
+            # Click's usage and hint lines, then the error as a log line: a failed run's last line is
+            # timestamped whatever failed (a review: a usage error ended with Click's bare "Error:")
+            click.echo(exc.ctx.get_usage(), err=True)
+            click.echo(f"Try '{exc.ctx.command_path} --help' for help.", err=True)
+        click.echo(error_line(exc.format_message()), err=True)
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, Terminated) as exc:
         # the run unwinds like any failure (temporary files removed, lock released, earlier outputs

@@ -153,13 +153,17 @@ _RUN_OPTIONS = [
               help="Read and score on a Dask cluster: a scheduler address (tcp://HOST:8786) whose workers see the "
                    "inputs and the model at the same paths, or local:N to start N worker processes here. The "
                    "outputs are written here, as without it. Needs radscan[dask].")
+@click.option("--forget-missing", is_flag=True,
+              help="Forget the films of earlier runs that are gone from the inputs, even most of a folder's (a "
+                   "deliberate clean-up). Without it such a night is exit 3 and, should the share have mounted in "
+                   "part, those films are kept, off the list, until they are back.")
 @run_options
 @click.pass_context
 def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | None, batch_size: int,
           device: str, residuals: Path | None, no_residuals: bool, pictures: str, no_html: bool, studies: Path | None,
           study_key: str, phi: str, phi_key: str | None, phi_key_file: Path, dicom_out: Path | None,
-          send_to: str | None, ae_title: str, called_ae: str, scheduler: str | None, metrics: Path | None,
-          qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
+          send_to: str | None, ae_title: str, called_ae: str, scheduler: str | None, forget_missing: bool,
+          metrics: Path | None, qc_mode: str, views: str, policy: Policy, workers: int, as_json: bool) -> None:
     """Score every chest radiograph under PATHS and write the triage worklist.
 
     Writes an image-level CSV (--out, sorted by study score then score, highest first, one row per
@@ -179,6 +183,7 @@ def score(ctx: click.Context, paths: tuple[str, ...], out: Path, model: Path | N
     outputs, settings = _run_settings(ctx, paths, out, model, batch_size, device, residuals, no_residuals, pictures,
                                       no_html, studies, study_key, phi, phi_key, phi_key_file, dicom_out, send_to,
                                       ae_title, called_ae, scheduler, metrics, qc_mode, views, policy, workers)
+    settings = dataclasses.replace(settings, forget_missing=forget_missing)
     summary = _score_recording_failure(run_score, paths, outputs, settings, metrics)
     outcome_said()  # the new worklist is in place: a stop from now on does not say "interrupted"
     exit_code = _report_run(ctx, summary, metrics, as_json)
