@@ -64,7 +64,7 @@ class Policy:
                              f"top < bottom, not {self.crop!r}")
 
 
-def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path | None = None) -> Policy:
+def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path) -> Policy:
     """`policy` reading films as the model in `metadata` (its model.json) was trained on them: cut to
     its box when it has one (model setting ``crop``; field "thorax-box"), the box moved with the chest
     when it follows it (setting ``follow``: its reference film is read, verified, from `model_dir`).
@@ -86,11 +86,9 @@ def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path | None =
                          "right and top < bottom: the file was edited; restore it") from None
     follow = None
     if config.get("follow"):
-        if model_dir is None:
-            raise ModelError("this model's box follows the chest: its folder is needed to read its reference film")
         from radscan.model.field import load_follow
 
-        follow = load_follow(model_dir, metadata)
+        follow = load_follow(Path(model_dir), metadata)
     return replace(policy, crop=box, follow=follow)
 
 

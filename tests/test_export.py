@@ -43,8 +43,8 @@ def test_the_export_scores_and_explains_as_torch_does(exported):
     """Same scores and z within 1e-4, the same order, the same maps (to 1e-4 of the map's scale) on the
     test split's films and the examples, whichever path (score only, with maps, with every kind)."""
     films = load_images([str(CXR_DIR / "kermany_pediatric_224/test_normal"), str(CXR_DIR / "kermany_pediatric_224/"
-                        "test_abnormal"), str(EXAMPLES)], for_model(Policy(), read_metadata(SHIPPED)), workers=2,
-                        progress=False)[0]
+                        "test_abnormal"), str(EXAMPLES)], for_model(Policy(), read_metadata(SHIPPED), SHIPPED),
+                        workers=2, progress=False)[0]
     torch_engine, onnx_engine = load_engine(SHIPPED, "cpu")[0], load_engine(exported)[0]
     assert onnx_engine.threshold == torch_engine.threshold
     first = torch_engine.score(films, components=False).scores, onnx_engine.score(films, components=False).scores
@@ -219,6 +219,6 @@ def test_a_density_model_with_a_critic_blur_exports_and_scores_as_torch_does(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["ok"] is True  # the one line on stdout
     films = load_images([str(CXR_DIR / "kermany_pediatric_224/test_abnormal")], for_model(Policy(),
-                        read_metadata(model)), workers=2, progress=False)[0][:64]
+                        read_metadata(model), model), workers=2, progress=False)[0][:64]
     a, b = load_engine(model, "cpu")[0].score(films, True, False), load_engine(out)[0].score(films, True, False)
     assert np.abs(a.z - b.z).max() <= 1e-4 and np.abs(a.explanation_maps - b.explanation_maps).max() <= 30 * 1e-4

@@ -597,7 +597,7 @@ def test_the_faster_whole_film_for_quality_control_gives_the_same_verdicts(cxr_d
     from radscan.qc import quality_control
 
     metadata = read_metadata(SHIPPED)
-    policy = for_model(Policy(modalities=None, body_parts=None), metadata)
+    policy = for_model(Policy(modalities=None, body_parts=None), metadata, SHIPPED)
     assert policy.crop is not None  # the shipped model reads a box: quality control gets its own image
     qc = quality_control(SHIPPED, metadata, "strict", ("PA", "AP"))
     files = find_files([str(dicom_dir), str(dicom_dir.parent / "dicom-edge"),

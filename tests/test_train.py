@@ -655,7 +655,7 @@ def test_a_thorax_box_model_reads_every_film_cut_to_its_box_and_counts_only_the_
     assert 0.2 < lungs.float().mean() < 0.8  # the lungs fill much more of the box than of the film (16-19%)
     assert "box             " in CliRunner().invoke(cli, ["info", str(out)]).output
 
-    reading = for_model(Policy(), read_metadata(out))
+    reading = for_model(Policy(), read_metadata(out), out)
     assert reading.crop == (left, top, right, bottom)
     films = load_images([str(normals)], reading, workers=1, progress=False)[0][:6]
     by_hand = np.stack([to_model_input(np.asarray(Image.open(path).convert("L")), reading.crop)
