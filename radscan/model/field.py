@@ -8,10 +8,11 @@ travel to another site. With the thorax field everything outside the thorax of t
 mean film is set to mid grey before any network sees the film, in training and in scoring alike, so
 nothing outside the chest can raise a score and the map has no mass outside the body.
 
-The field is fixed per model (found once, from the training normals' mean film, stored with the
-weights and sealed with them), not per film: a film framed differently from the site's mean shows a
-little more or less of its chest through the same window, which the density's fit on framed copies
-of every training normal covers (radscan.model.density.framing_copies).
+The field is found once per model (from the training normals' mean film, stored with the weights
+and sealed with them), not per film: a film framed differently from the site's mean shows a little
+more or less of its chest through the same window, which the density's fit on framed copies of every
+training normal covers (radscan.model.density.framing_copies). A thorax box may follow each film's
+chest (model setting `follow`; radscan.preprocess.chest_offset): it is then moved, not reshaped.
 
 Why a thorax box (field "thorax-box", docs/research-log.md 2026-12-03 "The thorax's bounding box"):
 the grey fill of the thorax field still carries each film's global grey statistics into every
