@@ -927,6 +927,10 @@ def test_a_box_that_follows_the_chest_reads_a_moved_film_as_it_reads_the_film(no
         refused = CliRunner().invoke(cli, ["-q", "score", str(normals), "--model", str(edited), "--out",
                                            str(tmp_path / "r" / how / "r.csv"), "--workers", "1"])
         assert refused.exit_code == ExitCode.DATA and "Traceback" not in refused.output, (how, refused.output)
+        # a trial: info passed, and export copied, a model whose reference film was missing
+        assert CliRunner().invoke(cli, ["info", str(edited)]).exit_code == ExitCode.DATA, how
+        exported = CliRunner().invoke(cli, ["-q", "export", str(edited), "--out", str(tmp_path / "x" / how)])
+        assert exported.exit_code == ExitCode.DATA and not (tmp_path / "x" / how).exists(), (how, exported.output)
         assert not (tmp_path / "r" / how / "r.csv").exists()
 
 

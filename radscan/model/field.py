@@ -41,7 +41,8 @@ from radscan.errors import ModelError
 from radscan.preprocess import FOLLOW_SIZE, Crop, FollowReference, crop_pixels
 from radscan.report import remove_stale_temporaries, write_bytes
 
-__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow"]
+__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow",
+           "check_follow"]
 
 # The reference film of a box that follows the chest (model setting `follow`; radscan.preprocess
 # `chest_offset`), beside the weights and verified by the sha256 model.json gives it: it moves every
@@ -145,6 +146,14 @@ def save_follow(reference: FollowReference, directory: Path) -> dict[str, Any]:
     remove_stale_temporaries(Path(directory), FOLLOW_FILE)  # a killed save's
     write_bytes(Path(directory) / FOLLOW_FILE, data)
     return {"file": FOLLOW_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_follow(directory: Path, metadata: dict[str, Any]) -> None:
+    """For a model whose box follows the chest, its reference film verified (`load_follow`), so that a
+    command that verifies a model without reading films (info, export) refuses what scoring would
+    (a trial: info passed, and export copied, a model whose reference film was missing)."""
+    if (metadata.get("config") or {}).get("follow"):
+        load_follow(directory, metadata)
 
 
 def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference:
