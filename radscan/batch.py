@@ -280,7 +280,6 @@ def score_text(score: float, threshold: float, digits: int = 3) -> str:
     score = round(score, 6)
     if score >= 1:
         return ">0.999"
-    text = f"{score:.6f}"
     for places in range(min(digits, 6), 7):
         # rounded to 6 places first, so that 0.29 * 1000 = 289.99999999999997 is cut to 290
         text = f"{math.floor(round(score * 10 ** places, 6)) / 10 ** places:.{places}f}"

@@ -84,12 +84,9 @@ def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path) -> Poli
     except ValueError:
         raise ModelError(f"the model's crop in model.json ({str(crop)[:80]}) is not a box of four fractions, left < "
                          "right and top < bottom: the file was edited; restore it") from None
-    follow = None
-    if config.get("follow"):
-        from radscan.model.field import load_follow
+    from radscan.model.field import load_follow
 
-        follow = load_follow(Path(model_dir), metadata)
-    return replace(policy, crop=box, follow=follow)
+    return replace(policy, crop=box, follow=load_follow(Path(model_dir), metadata))
 
 
 def parse_list(text: str) -> tuple[str, ...] | None:

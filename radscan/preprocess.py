@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
@@ -168,6 +169,22 @@ class FollowReference:
     def __repr__(self) -> str:
         return f"FollowReference(sha256={self.sha256[:16]})"
 
+    def __reduce__(self) -> tuple:
+        return FollowReference, (self.image, self.sha256)  # to a worker without the cached sums below
+
+    @cached_property
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What `chest_offset` needs of the reference alone, the same for every film: the spectra of a
+        film-sized window of ones and of the reference (conjugated), and, for each move, the overlap's
+        pixel count, the reference's sum over it and its sum of squared deviations."""
+        ones = np.ones((FOLLOW_SIZE, FOLLOW_SIZE))
+        ref = self.image.astype(np.float64)
+        window, reference = np.conj(_spectrum(ones)), np.conj(_spectrum(ref))
+        count = _overlap_sums(_spectrum(ones), window)
+        ref_sum = _overlap_sums(_spectrum(ones), reference)
+        ref_var = _overlap_sums(_spectrum(ones), np.conj(_spectrum(ref**2))) - ref_sum**2 / count
+        return window, reference, count, ref_sum, ref_var
+
 
 def follow_thumbnail(whole: np.ndarray) -> np.ndarray:
     """(128, 128) uint8 whole film (`to_qc_input` or `to_model_input` without a box) -> (64, 64)
@@ -193,32 +210,34 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
     right and down. The move with the highest Pearson correlation over the overlap of the film's
     standardised thumbnail and the reference (normalised cross-correlation; the sums of every move
     at once by FFT); the smaller move wins a tie."""
-    film, ref = follow_thumbnail(whole), reference.image.astype(np.float64)
-    size, reach = FOLLOW_SIZE, FOLLOW_REACH
-    pad = 2 * size
-    ones = np.ones_like(film)
-
-    def spectrum(image: np.ndarray) -> np.ndarray:
-        return np.fft.rfft2(image, (pad, pad))
-
-    moves = np.arange(-reach, reach + 1) % pad
-    pick = np.ix_(moves, moves)
-
-    def summed(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # over the overlap, for each move (dy, dx)
-        return np.fft.irfft2(spectrum(a) * np.conj(spectrum(b)), (pad, pad))[pick]
-
-    count = summed(ones, ones)
-    film_sum, ref_sum = summed(film, ones), summed(ones, ref)
-    covariance = summed(film, ref) - film_sum * ref_sum / count
-    film_var = summed(film**2, ones) - film_sum**2 / count
-    ref_var = summed(ones, ref**2) - ref_sum**2 / count
+    film = follow_thumbnail(whole)
+    window, ref, count, ref_sum, ref_var = reference.sums
+    spectrum = _spectrum(film)
+    film_sum = _overlap_sums(spectrum, window)
+    covariance = _overlap_sums(spectrum, ref) - film_sum * ref_sum / count
+    film_var = _overlap_sums(_spectrum(film**2), window) - film_sum**2 / count
     correlation = covariance / np.sqrt(np.clip(film_var * ref_var, 1e-12, None))
-    steps = np.arange(-reach, reach + 1)
+    steps = np.arange(-FOLLOW_REACH, FOLLOW_REACH + 1)
     # the smaller move wins a tie (a blank film correlates alike everywhere: its box stays put)
     order = np.argsort((steps[:, None] ** 2 + steps[None, :] ** 2).ravel(), kind="stable")
     best = order[np.argmax(np.round(correlation.ravel()[order], 9))]
     dy, dx = np.unravel_index(best, correlation.shape)
-    return float(steps[dx]) / size, float(steps[dy]) / size
+    return float(steps[dx]) / FOLLOW_SIZE, float(steps[dy]) / FOLLOW_SIZE
+
+
+# the thumbnails padded to twice their size, so that a move's correlation does not wrap round
+_PADDED = 2 * FOLLOW_SIZE
+_MOVES = np.ix_(*[np.arange(-FOLLOW_REACH, FOLLOW_REACH + 1) % _PADDED] * 2)
+
+
+def _spectrum(image: np.ndarray) -> np.ndarray:
+    return np.fft.rfft2(image, (_PADDED, _PADDED))
+
+
+def _overlap_sums(spectrum: np.ndarray, conjugate: np.ndarray) -> np.ndarray:
+    """(2 x FOLLOW_REACH + 1) square, [dy, dx]: sum over the overlap of a x b for each move, from a's
+    spectrum and b's conjugated spectrum (cross-correlation by FFT)."""
+    return np.fft.irfft2(spectrum * conjugate, (_PADDED, _PADDED))[_MOVES]
 
 
 def is_box(crop: Sequence[float]) -> bool:
@@ -229,7 +248,9 @@ def is_box(crop: Sequence[float]) -> bool:
 
 def crop_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int]:
     """A box in fractions -> (left, top, right, bottom) pixel bounds in an (height, width) image,
-    rounded to the nearest pixel and at least one pixel wide and high."""
+    rounded to the nearest pixel and at least one pixel wide and high. A box moved with the chest
+    may reach past the film (fractions below 0 or above 1): its bounds stay there, and Pillow's crop
+    fills that part black."""
     left, top, right, bottom = (round(f * n) for f, n in zip(crop, (width, height, width, height), strict=True))
     left, top = min(left, width - 1), min(top, height - 1)
     return left, top, max(right, left + 1), max(bottom, top + 1)
@@ -293,14 +314,8 @@ def _resized(grey: np.ndarray, crop: Crop | None, reducing_gap: float | None = N
         raise ValueError(f"expected a 2-D uint8 grey image, got {grey.dtype} {grey.shape}")
     image = Image.fromarray(grey)
     if crop is not None:  # a box moved with the chest can reach past the film: Pillow fills that black
-        image = image.crop(crop_pixels(crop, *grey.shape) if is_box(crop) else _moved_pixels(crop, *grey.shape))
+        image = image.crop(crop_pixels(crop, *grey.shape))
     if image.size != (MODEL_SIZE, MODEL_SIZE):
         image = image.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BICUBIC, reducing_gap=reducing_gap)
     return np.asarray(image)
 
-
-def _moved_pixels(crop: Crop, height: int, width: int) -> tuple[int, int, int, int]:
-    """A box moved partly off the film (fractions below 0 or above 1) -> its pixel bounds, rounded,
-    at least one pixel wide and high, not clamped to the film."""
-    left, top, right, bottom = (round(f * n) for f, n in zip(crop, (width, height, width, height), strict=True))
-    return left, top, max(right, left + 1), max(bottom, top + 1)

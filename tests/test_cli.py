@@ -155,21 +155,24 @@ def test_usage_errors_exit_2_with_one_line(case, tmp_path, cxr_dir):
     abnormals = str(cxr_dir / "kermany_pediatric_224/val_abnormal")
     (tmp_path / "empty.key").touch()
     os.mkfifo(tmp_path / "fifo.key")
-    (tmp_path / "c.toml").write_text("[score]\nmodel = 5\n")
-    (tmp_path / "batch.toml").write_text("[score]\nbatch_size = 1.5\n")
-    (tmp_path / "bool.toml").write_text("[score]\nworkers = true\n")
-    # a trial's: an on/off option given 0 crashed (exit 1); "64" in quotes was taken; a key outside a table
-    (tmp_path / "flag.toml").write_text("[score]\nno_html = 0\n")
-    (tmp_path / "text.toml").write_text('[score]\nbatch_size = "64"\n')
-    (tmp_path / "top.toml").write_text("verbose = true\n[score]\nworkers = 1\n")
-    (tmp_path / "date.toml").write_text("[score]\nbatch_size = 1979-05-27\n")
-    (tmp_path / "nested.toml").write_text('[score]\nmodalities = [["CR"]]\n')
-    # a review's: numbers for repeatable paths crashed (exit 1), true among modalities read as "True", and a
-    # refusal printed the site's PHI key
-    (tmp_path / "paths.toml").write_text("[calibrate]\nnormals = [1, 2]\n")
-    (tmp_path / "modalities.toml").write_text('[score]\nmodalities = [true, "CR"]\n')
-    (tmp_path / "secret.toml").write_text('phi_key = "site-secret-4711"\n[score]\nworkers = 1\n')
-    (tmp_path / "secret2.toml").write_text("[score]\nphi_key = 4711471147114711\n")
+    for name, text in {
+        "c.toml": "[score]\nmodel = 5\n",
+        "batch.toml": "[score]\nbatch_size = 1.5\n",
+        "bool.toml": "[score]\nworkers = true\n",
+        # a trial's: an on/off option given 0 crashed (exit 1); "64" in quotes was taken; a key outside a table
+        "flag.toml": "[score]\nno_html = 0\n",
+        "text.toml": '[score]\nbatch_size = "64"\n',
+        "top.toml": "verbose = true\n[score]\nworkers = 1\n",
+        "date.toml": "[score]\nbatch_size = 1979-05-27\n",
+        "nested.toml": '[score]\nmodalities = [["CR"]]\n',
+        # a review's: numbers for repeatable paths crashed (exit 1), true among modalities read as "True", and a
+        # refusal printed the site's PHI key
+        "paths.toml": "[calibrate]\nnormals = [1, 2]\n",
+        "modalities.toml": '[score]\nmodalities = [true, "CR"]\n',
+        "secret.toml": 'phi_key = "site-secret-4711"\n[score]\nworkers = 1\n',
+        "secret2.toml": "[score]\nphi_key = 4711471147114711\n",
+    }.items():
+        (tmp_path / name).write_text(text)
     score = ["score", normals, "--out", str(tmp_path / "r.csv")]
     args = {
         "nan timeout": [*score, "--read-timeout", "nan"],

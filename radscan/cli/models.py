@@ -243,7 +243,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
     import importlib.util
 
     from radscan.model.engine import load_engine, verify_files
-    from radscan.model.field import check_follow
+    from radscan.model.field import load_follow
     from radscan.model.metadata import is_exported, read_metadata
     from radscan.qc import load_reference
 
@@ -253,7 +253,7 @@ def info(model_dir: Path | None, as_json: bool) -> None:
         _, metadata = load_engine(model_dir, "cpu")  # everything loading checks (the calibration copy too)
     else:  # without torch: the weights' sha256 and sealed settings, not loaded
         verify_files(model_dir, metadata)
-    check_follow(Path(model_dir), metadata)
+    load_follow(Path(model_dir), metadata)  # verified, as scoring would
     reference = load_reference(model_dir, metadata)
     if as_json:
         echo_json(metadata)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from radscan.errors import ModelError, OutputError, SettingError
-from radscan.model.field import check_follow
+from radscan.model.field import load_follow
 from radscan.model.io import load_model
 from radscan.model.metadata import (
     METADATA_FILE,
@@ -106,7 +106,7 @@ def export_model(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     it cannot be written."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, metadata = load_model(model_dir)
-    check_follow(model_dir, metadata)  # copied below: an export that could never score is not made
+    load_follow(model_dir, metadata)  # copied below: an export that could never score is not made
     config = model.cfg
     if config.score_kind != "density" or model.density is None:
         raise SettingError(f"radscan export writes models whose score is the feature density (the default); "

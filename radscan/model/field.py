@@ -41,8 +41,7 @@ from radscan.errors import ModelError
 from radscan.preprocess import FOLLOW_SIZE, Crop, FollowReference, crop_pixels
 from radscan.report import remove_stale_temporaries, write_bytes
 
-__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow",
-           "check_follow"]
+__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow"]
 
 # The reference film of a box that follows the chest (model setting `follow`; radscan.preprocess
 # `chest_offset`), beside the weights and verified by the sha256 model.json gives it: it moves every
@@ -148,22 +147,19 @@ def save_follow(reference: FollowReference, directory: Path) -> dict[str, Any]:
     return {"file": FOLLOW_FILE, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def check_follow(directory: Path, metadata: dict[str, Any]) -> None:
-    """For a model whose box follows the chest, its reference film verified (`load_follow`), so that a
-    command that verifies a model without reading films (info, export) refuses what scoring would
-    (a trial: info passed, and export copied, a model whose reference film was missing)."""
-    if (metadata.get("config") or {}).get("follow"):
-        load_follow(directory, metadata)
-
-
-def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference:
-    """The verified reference of a model whose box follows the chest. Raises ModelError (exit 65) when
-    model.json names none, or the file is missing, altered or not a (64, 64) finite reference."""
+def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | None:
+    """The verified reference film of a model whose box follows the chest (model setting `follow`), or
+    None for any other model. Reading films (radscan.policy.for_model) and verifying a model without
+    reading any (info, export: a trial found them passing a model whose reference film was missing)
+    both call it. Raises ModelError (exit 65) when model.json names none, or the file is missing,
+    altered or not a (64, 64) finite reference."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
     from radscan.model.metadata import read_verified
 
+    if not (metadata.get("config") or {}).get("follow"):
+        return None
     block = metadata.get("follow")
     if not isinstance(block, dict):
         raise ModelError("the model's box follows the chest, but model.json names no reference film for it "

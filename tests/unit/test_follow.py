@@ -53,9 +53,9 @@ def test_a_box_moved_past_the_film_is_black_there():
     reference = follow_reference(_chest(1)[None])
     cut = to_model_input(film, (0.8, 0.1, 1.0, 0.9), None)  # fixed: inside the film
     assert cut.min() > 100
-    from radscan.preprocess import _moved_pixels
+    from radscan.preprocess import crop_pixels
 
-    assert _moved_pixels((0.9, 0.1, 1.1, 0.9), 200, 100) == (90, 20, 110, 180)
+    assert crop_pixels((0.9, 0.1, 1.1, 0.9), 200, 100) == (90, 20, 110, 180)
     moved = to_model_input(film, (0.9, 0.1, 1.1, 0.9))
     assert moved[:, :40].min() > 100 and moved[:, -40:].max() == 0
     assert reference.sha256 and repr(reference).startswith("FollowReference(sha256=")
