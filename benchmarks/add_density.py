@@ -3,7 +3,10 @@
 Fits the density on the model's own training split (`training_split.csv`, paths relative to the
 training folder), recalibrates every score kind on its calibration split with the same threshold
 rule as training, and saves the model to OUT with the chosen score kind (sealed and hashed like a
-trained model). The live discriminator's features are used, as `radscan train` does.
+trained model). The live discriminator's features are used, as `radscan train` does. A model whose
+box follows the chest keeps its reference film, re-saved for this radscan's matcher (FOLLOW_MATCHER;
+a model made with an earlier matcher is then read, refitted and recalibrated with this one: the
+shipped model, 2026-12-06, research log rule 13b).
 
     python benchmarks/add_density.py models/kermany-tiny ../shared/data/cxr/kermany_pediatric_224/train_normal \\
         --out /tmp/kermany-density [--score density] [--grid 8]
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +26,23 @@ import torch
 
 from radscan.calibration import calibrate, fit_density
 from radscan.ingest import load_images
+from radscan.model.field import FOLLOW_FILE, save_follow
 from radscan.model.io import load_model, save_model
+from radscan.model.metadata import read_verified
 from radscan.model.simsid import SimSID
 from radscan.policy import Policy, for_model
+from radscan.preprocess import FollowReference
+
+
+def reference_film(model_dir: Path, metadata: dict) -> FollowReference | None:
+    """The model's reference film, verified against model.json's sha256, whatever matcher it was made
+    for (radscan.model.field.load_follow refuses another matcher's), or None for a fixed box."""
+    if not (metadata.get("config") or {}).get("follow"):
+        return None
+    from safetensors.numpy import load
+
+    image = load(read_verified(model_dir, metadata["follow"], FOLLOW_FILE, "reference film"))["reference"]
+    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
 
 
 def main() -> None:
@@ -44,7 +62,10 @@ def main() -> None:
     rows = list(csv.DictReader((args.model / "training_split.csv").open()))
     split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side]
              for side in ("train", "calibration")}
-    reading = for_model(Policy(), metadata, args.model)  # a thorax-box model reads every film cut to its box
+    follow = reference_film(args.model, metadata)
+    fixed = {**metadata, "config": {**metadata["config"], "follow": False}}
+    # a thorax-box model reads every film cut to its box, moved with the chest by this radscan's matcher
+    reading = dataclasses.replace(for_model(Policy(), fixed, args.model), follow=follow)
     train_images = load_images(split["train"], reading, workers=2, progress=False)[0]
     calibration = load_images(split["calibration"], reading, workers=2, progress=False)[0]
     device = torch.device("cpu")
@@ -64,6 +85,8 @@ def main() -> None:
     metadata.update(previous_version=metadata.get("version"), version=now.strftime("%Y.%m.%d-%H%M%S"),
                     created_at=now.isoformat(timespec="seconds"))
     metadata["density"] = {"fitted_on": "training split", "added_after_training": True, "seed": args.seed}
+    if follow is not None:  # before the weights, which seal its sha256
+        metadata["follow"] = save_follow(follow, args.out)
     save_model(model, args.out, metadata)
     print(json.dumps({"out": str(args.out), "threshold": float(model.threshold)}))
 

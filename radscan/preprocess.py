@@ -149,13 +149,26 @@ def window_to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -
 
 
 # Registration of the box (a model setting "follow": the box moves with the chest). The whole film
-# at FOLLOW_SIZE px, standardised, is matched to the standardised mean film of the model's training
-# normals by Pearson correlation over their overlap, for every whole-pixel move up to FOLLOW_REACH
-# px each way (15.6% of the film); the box moves by the best one. Chosen on validation films (docs/
-# research-log.md, rules 10-12): a normal film moved 10% sideways scored like the worst pneumonia under
-# a fixed box, and 4-11% of films moved 10% are flagged when the box follows the chest.
+# at FOLLOW_SIZE px is matched to the standardised mean film of the model's training normals by
+# Pearson correlation over their overlap, for every whole-pixel move up to FOLLOW_REACH px each way
+# (15.6% of the film); the box moves by the best one. Chosen on validation films (docs/research-log.md,
+# rules 10-13): a normal film moved 10% sideways scored like the worst pneumonia under a fixed box.
+# Only the film's content is compared (`film_content`): a flat border (collimation, an unexposed
+# edge, padding) carries no anatomy, and when it was compared an even white border moved the box off a
+# centred chest (10 of 10 normals flagged; rule 13).
 FOLLOW_SIZE = 64
 FOLLOW_REACH = 10
+# the name of that matcher, recorded in a model's reference film: a model made with another matcher
+# (before rule 13, unreleased) is refused rather than read with this one (radscan.model.field.load_follow)
+FOLLOW_MATCHER = "content-ncc-1"
+# an edge line of the 128 px film with a grey-level standard deviation under FLAT_LINE_STD levels is
+# border, not content; at most FLAT_REACH of the film is trimmed from each side. Chosen on training
+# normals (no labels; rule 13): 62% of Kermany films trim nothing and the mean film loses 1.7% of its
+# area, while white, grey and black borders of 10% and one-sided strips are trimmed whole.
+FLAT_LINE_STD = 3.0
+FLAT_REACH = 1 / 3
+# a move is considered only where the overlap holds at least this share of the film's content
+MIN_OVERLAP = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,20 +183,14 @@ class FollowReference:
         return f"FollowReference(sha256={self.sha256[:16]})"
 
     def __reduce__(self) -> tuple:
-        return FollowReference, (self.image, self.sha256)  # to a worker without the cached sums below
+        return FollowReference, (self.image, self.sha256)  # to a worker without the cached spectra below
 
     @cached_property
-    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """What `chest_offset` needs of the reference alone, the same for every film: the spectra of a
-        film-sized window of ones and of the reference (conjugated), and, for each move, the overlap's
-        pixel count, the reference's sum over it and its sum of squared deviations."""
-        ones = np.ones((FOLLOW_SIZE, FOLLOW_SIZE))
-        ref = self.image.astype(np.float64)
-        window, reference = np.conj(_spectrum(ones)), np.conj(_spectrum(ref))
-        count = _overlap_sums(_spectrum(ones), window)
-        ref_sum = _overlap_sums(_spectrum(ones), reference)
-        ref_var = _overlap_sums(_spectrum(ones), np.conj(_spectrum(ref**2))) - ref_sum**2 / count
-        return window, reference, count, ref_sum, ref_var
+    def spectra(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The conjugated spectra of a film-sized window of ones, of the reference and of its square:
+        the reference's side of every sum `chest_offset` takes, the same for every film."""
+        reference = self.image.astype(np.float64)
+        return tuple(np.conj(_spectrum(a)) for a in (np.ones_like(reference), reference, reference**2))
 
 
 def follow_thumbnail(whole: np.ndarray) -> np.ndarray:
@@ -204,19 +211,53 @@ def follow_reference(whole_films: np.ndarray) -> FollowReference:
     return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
 
 
+def film_content(whole: np.ndarray) -> tuple[int, int, int, int]:
+    """(H, W) uint8 film -> (top, bottom, left, right) pixel bounds of its content: the film less the
+    flat lines at its edges (grey-level standard deviation under FLAT_LINE_STD across the content's
+    span), trimmed from each side in turn until none is left, at most FLAT_REACH of each side."""
+    values = whole.astype(np.float64)
+    height, width = values.shape
+    top, bottom, left, right = 0, height, 0, width
+    reach_y, reach_x = int(height * FLAT_REACH), int(width * FLAT_REACH)
+    trimmed = True
+    while trimmed:  # trimming columns shortens the rows, which may then be flat, and so on
+        trimmed = False
+        while top < reach_y and values[top, left:right].std() < FLAT_LINE_STD:
+            top, trimmed = top + 1, True
+        while height - bottom < reach_y and values[bottom - 1, left:right].std() < FLAT_LINE_STD:
+            bottom, trimmed = bottom - 1, True
+        while left < reach_x and values[top:bottom, left].std() < FLAT_LINE_STD:
+            left, trimmed = left + 1, True
+        while width - right < reach_x and values[top:bottom, right - 1].std() < FLAT_LINE_STD:
+            right, trimmed = right - 1, True
+    return top, bottom, left, right
+
+
 def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, float]:
     """Where the chest of a (128, 128) uint8 whole film lies against the reference: (dx, dy) as
     fractions of the film's width and height, multiples of 1/64 within +-FOLLOW_REACH/64, positive
-    right and down. The move with the highest Pearson correlation over the overlap of the film's
-    standardised thumbnail and the reference (normalised cross-correlation; the sums of every move
-    at once by FFT); the smaller move wins a tie."""
-    film = follow_thumbnail(whole)
-    window, ref, count, ref_sum, ref_var = reference.sums
-    spectrum = _spectrum(film)
-    film_sum = _overlap_sums(spectrum, window)
-    covariance = _overlap_sums(spectrum, ref) - film_sum * ref_sum / count
-    film_var = _overlap_sums(_spectrum(film**2), window) - film_sum**2 / count
+    right and down. The move with the highest Pearson correlation between the film's content
+    (`film_content`, averaged over 2x2 pixels) and the reference over their overlap, among the moves
+    whose overlap holds at least MIN_OVERLAP of the content (normalised cross-correlation with a mask,
+    Padfield 2012, IEEE TIP 21(5); the sums of every move at once by FFT); the smaller move wins a tie,
+    and a film without content (blank) is not moved."""
+    top, bottom, left, right = film_content(whole)
+    mask = np.zeros((FOLLOW_SIZE, FOLLOW_SIZE))
+    mask[-(-top // 2):bottom // 2, -(-left // 2):right // 2] = 1.0  # the 64 px pixels wholly inside it
+    film = whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
+    inside = mask > 0
+    if not inside.any():
+        return 0.0, 0.0
+    film = (film - film[inside].mean()) / max(float(film[inside].std()), 1e-6) * mask
+    ones, ref, ref_squared = reference.spectra
+    masked, values, squares = _spectrum(mask), _spectrum(film), _spectrum(film**2)
+    count = np.maximum(_overlap_sums(masked, ones), 1e-9)
+    film_sum, ref_sum = _overlap_sums(values, ones), _overlap_sums(masked, ref)
+    covariance = _overlap_sums(values, ref) - film_sum * ref_sum / count
+    film_var = _overlap_sums(squares, ones) - film_sum**2 / count
+    ref_var = _overlap_sums(masked, ref_squared) - ref_sum**2 / count
     correlation = covariance / np.sqrt(np.clip(film_var * ref_var, 1e-12, None))
+    correlation[count < MIN_OVERLAP * mask.sum()] = -np.inf
     steps = np.arange(-FOLLOW_REACH, FOLLOW_REACH + 1)
     # the smaller move wins a tie (a blank film correlates alike everywhere: its box stays put)
     order = np.argsort((steps[:, None] ** 2 + steps[None, :] ** 2).ravel(), kind="stable")

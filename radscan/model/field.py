@@ -30,6 +30,7 @@ fractions of the film (radscan.preprocess.Crop).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from PIL import Image
 from scipy import ndimage
 
 from radscan.errors import ModelError
-from radscan.preprocess import FOLLOW_SIZE, Crop, FollowReference, crop_pixels
+from radscan.preprocess import FOLLOW_MATCHER, FOLLOW_SIZE, Crop, FollowReference, crop_pixels
 from radscan.report import remove_stale_temporaries, write_bytes
 
 __all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow"]
@@ -137,11 +138,11 @@ def lungs_in_box(mean_film: np.ndarray, box: Crop, size: int) -> np.ndarray:
 
 
 def save_follow(reference: FollowReference, directory: Path) -> dict[str, Any]:
-    """Write FOLLOW_FILE atomically and fsynced; returns the block model.json records for it
-    ({"file", "sha256"}). Raises OutputError (exit 73) when it cannot be written."""
+    """Write FOLLOW_FILE atomically and fsynced, naming the matcher it is for (FOLLOW_MATCHER); returns
+    the block model.json records for it ({"file", "sha256"}). Raises OutputError (exit 73) when it cannot be written."""
     from safetensors.numpy import save
 
-    data = save({"reference": reference.image})
+    data = save({"reference": reference.image}, metadata={"matcher": FOLLOW_MATCHER})
     remove_stale_temporaries(Path(directory), FOLLOW_FILE)  # a killed save's
     write_bytes(Path(directory) / FOLLOW_FILE, data)
     return {"file": FOLLOW_FILE, "sha256": hashlib.sha256(data).hexdigest()}
@@ -152,7 +153,7 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
     None for any other model. Reading films (radscan.policy.for_model) and verifying a model without
     reading any (info, export: a trial found them passing a model whose reference film was missing)
     both call it. Raises ModelError (exit 65) when model.json names none, or the file is missing,
-    altered or not a (64, 64) finite reference."""
+    altered, made for another matcher than FOLLOW_MATCHER or not a (64, 64) finite reference."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -169,7 +170,21 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
         image = load(data)["reference"]
     except (KeyError, SafetensorError) as exc:
         raise ModelError(f"cannot read the reference film {Path(directory) / FOLLOW_FILE}: {exc}") from None
+    # the file's sha256 is sealed in the weights, so its matcher name is too
+    if _matcher(data) != FOLLOW_MATCHER:
+        raise ModelError("the model's box follows the chest by an earlier, unreleased way of matching films (an "
+                         "even border could move its box off the chest), which this radscan does not read: "
+                         "retrain the model")
     if image.shape != (FOLLOW_SIZE, FOLLOW_SIZE) or image.dtype != np.float32 or not np.isfinite(image).all():
         raise ModelError(f"the reference film {Path(directory) / FOLLOW_FILE} is not a finite "
                          f"{FOLLOW_SIZE}x{FOLLOW_SIZE} float32 image")
     return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def _matcher(data: bytes) -> str | None:
+    """The matcher a FOLLOW_FILE's bytes name in their safetensors header, or None."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        return json.loads(data[8:8 + size]).get("__metadata__", {}).get("matcher")
+    except (ValueError, AttributeError):
+        return None

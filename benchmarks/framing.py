@@ -1,0 +1,172 @@
+"""Framing of the whole film, on validation data only: how normal films framed differently (moved,
+bordered, padded, shrunk, labelled) move the calibrated score, and what they do to the ranking.
+
+`benchmarks/shift.py` changes films after the model's box is cut, so it cannot see what a framing
+change does to where the box is cut: a box that follows the chest (radscan.preprocess.chest_offset)
+was found moved off a centred chest by an even border only by a new user's trial. Here each change is
+applied to the whole decoded film of each of the model's calibration normals (held out from
+training, listed in `training_split.csv`), written as PNG and read back through radscan's own
+reading (`load_images`), so the box is placed as `radscan score` places it. The validation
+pneumonias stay as they are. A normal film framed otherwise should not look abnormal: a robust model
+keeps the share flagged at the stored threshold near 5% (specificity 0.95) under every change.
+The official test split is never read.
+
+    python benchmarks/framing.py models/kermany-tiny [OTHER_MODEL_DIR ...] [--val-abnormal HALF_B]
+
+The changes, rules 10-13 of docs/research-log.md: moves of 10% (black where nothing moved in);
+borders written over the film's edges (collimation, an unexposed edge: the film keeps its scale);
+strips padded beside the film (the film is then squeezed into the model's square, a change of
+scale the box cannot follow); the film shrunk into a border (scale again); a burnt-in label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from shift import DATA, reading
+from sklearn.metrics import roc_auc_score
+
+from radscan.ingest import load_images
+from radscan.model.io import load_model
+from radscan.model.runtime import score_arrays
+
+Framing = Callable[[np.ndarray], np.ndarray]  # (H, W) uint8 whole film -> a film of any size
+
+
+def moved(fx: float, fy: float) -> Framing:
+    """The film's content moved by (fx, fy) of its size, right and down; black where nothing moved in."""
+    def move(film: np.ndarray) -> np.ndarray:
+        h, w = film.shape
+        dx, dy = round(fx * w), round(fy * h)
+        out = np.zeros_like(film)
+        out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            film[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+        return out
+    return move
+
+
+def bordered(depth: float, sides: str, value: int) -> Framing:
+    """`sides` (t, b, l, r) written over to `depth` of the film's size with one grey level."""
+    def border(film: np.ndarray) -> np.ndarray:
+        out = film.copy()
+        h, w = film.shape
+        dy, dx = round(depth * h), round(depth * w)
+        for side in sides:
+            out[{"t": np.s_[:dy], "b": np.s_[h - dy:], "l": np.s_[:, :dx], "r": np.s_[:, w - dx:]}[side]] = value
+        return out
+    return border
+
+
+def padded(depth: float, side: str) -> Framing:
+    """A black strip of `depth` of the film's size added beside it: the film grows."""
+    def pad(film: np.ndarray) -> np.ndarray:
+        h, w = film.shape
+        k = round(depth * (w if side in "lr" else h))
+        widths = {"l": ((0, 0), (k, 0)), "r": ((0, 0), (0, k)), "t": ((k, 0), (0, 0)), "b": ((0, k), (0, 0))}[side]
+        return np.pad(film, widths)
+    return pad
+
+
+def shrunk(depth: float) -> Framing:
+    """The film shrunk into a black border of `depth` of its size on each side."""
+    def shrink(film: np.ndarray) -> np.ndarray:
+        h, w = film.shape
+        inner = Image.fromarray(film).resize((round(w * (1 - 2 * depth)), round(h * (1 - 2 * depth))),
+                                             Image.Resampling.BICUBIC)
+        out = np.zeros_like(film)
+        out[round(h * depth):round(h * depth) + inner.height, round(w * depth):round(w * depth) + inner.width] = \
+            np.asarray(inner)
+        return out
+    return shrink
+
+
+def labelled(film: np.ndarray) -> np.ndarray:
+    """A white label burnt into the top right corner (18% x 23% of the film)."""
+    out = film.copy()
+    h, w = film.shape
+    out[int(.02 * h):int(.2 * h), int(.75 * w):int(.98 * w)] = 255
+    return out
+
+
+FRAMINGS: dict[str, Framing] = {
+    "moved 10% left": moved(-0.1, 0), "moved 10% right": moved(0.1, 0),
+    "moved 10% up": moved(0, -0.1), "moved 10% down": moved(0, 0.1),
+    "white border 10% over the edges": bordered(0.1, "tblr", 255),
+    "black border 10% over the edges": bordered(0.1, "tblr", 0),
+    "grey border 10% over the edges": bordered(0.1, "tblr", 128),
+    "black bars 10% over top and bottom": bordered(0.1, "tb", 0),
+    "white strip 20% over the left side": bordered(0.2, "l", 255),
+    "black strip 18% padded on the left": padded(0.18, "l"),
+    "black strip 18% padded on the right": padded(0.18, "r"),
+    "black strip 25% padded on the right": padded(0.25, "r"),
+    "black strip 25% padded on top": padded(0.25, "t"),
+    "shrunk into a black border of 10%": shrunk(0.1),
+    "white label burnt into a corner": labelled,
+}
+
+
+def calibration_paths(model_dir: Path, train: Path) -> list[Path]:
+    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
+    return [train / row["path"] for row in rows if row["split"] == "calibration"]
+
+
+def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:
+    """Rows (framing, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
+    model, _ = load_model(model_dir)
+    model.eval()
+    policy = reading(model_dir)
+
+    def scores(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return score_arrays(model, images, components=False).scores.double().numpy()
+
+    def read(folder: Path) -> np.ndarray:
+        return load_images([str(folder)], policy, workers=2, progress=False, quiet=True)[0]
+
+    pneumonia = scores(read(abnormal_dir))
+    films = [np.asarray(Image.open(path).convert("L")) for path in calibration_paths(model_dir, train)]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, framing) in enumerate({"unchanged": lambda film: film, **FRAMINGS}.items()):
+            folder = Path(scratch) / str(index)
+            folder.mkdir()
+            for number, film in enumerate(films):
+                Image.fromarray(framing(film)).save(folder / f"{number:04d}.png")
+            normals = scores(read(folder))
+            z = np.log(np.clip(normals, 1e-12, None) / np.clip(1 - normals, 1e-12, None))
+            labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
+            rows.append((name, float(z.mean()), float((normals >= float(model.threshold)).mean()),
+                         float(roc_auc_score(labels, np.r_[normals, pneumonia]))))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--train", type=Path, default=DATA / "train_normal")
+    parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
+    args = parser.parse_args()
+    for model_dir in args.models:
+        rows = measure(model_dir, args.val_abnormal, args.train)
+        print(f"\n{model_dir}: calibration normals framed otherwise (the whole film, before preprocessing)")
+        print("| framing | normals' mean z | normals flagged | AUC |")
+        print("|---|---|---|---|")
+        for name, z, flagged, auc in rows:
+            print(f"| {name} | {z:+.2f} | {flagged:.0%} | {auc:.3f} |")
+        changed = rows[1:]
+        print(f"| **mean over the {len(changed)} framings** | {statistics.mean(r[1] for r in changed):+.2f} "
+              f"| {statistics.mean(r[2] for r in changed):.0%} | {statistics.mean(r[3] for r in changed):.3f} |")
+        worst = max(changed, key=lambda r: r[2])
+        print(f"most flagged: {worst[0]} ({worst[2]:.0%})")
+
+
+if __name__ == "__main__":
+    main()
