@@ -239,15 +239,13 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
     right and down. The move with the highest Pearson correlation between the film's content
     (`film_content`, averaged over 2x2 pixels) and the reference over their overlap, among the moves
     whose overlap holds at least MIN_OVERLAP of the content (normalised cross-correlation with a mask,
-    Padfield 2012, IEEE TIP 21(5); the sums of every move at once by FFT); the smaller move wins a tie,
-    and a film without content (blank) is not moved."""
+    Padfield 2012, IEEE TIP 21(5); the sums of every move at once by FFT); the smaller move wins a tie
+    (a blank film correlates alike everywhere: its box stays put)."""
     top, bottom, left, right = film_content(whole)
     mask = np.zeros((FOLLOW_SIZE, FOLLOW_SIZE))
     mask[-(-top // 2):bottom // 2, -(-left // 2):right // 2] = 1.0  # the 64 px pixels wholly inside it
     film = whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
-    inside = mask > 0
-    if not inside.any():
-        return 0.0, 0.0
+    inside = mask > 0  # never empty: at most a third of each side is trimmed
     film = (film - film[inside].mean()) / max(float(film[inside].std()), 1e-6) * mask
     ones, ref, ref_squared = reference.spectra
     masked, values, squares = _spectrum(mask), _spectrum(film), _spectrum(film**2)
@@ -259,7 +257,6 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
     correlation = covariance / np.sqrt(np.clip(film_var * ref_var, 1e-12, None))
     correlation[count < MIN_OVERLAP * mask.sum()] = -np.inf
     steps = np.arange(-FOLLOW_REACH, FOLLOW_REACH + 1)
-    # the smaller move wins a tie (a blank film correlates alike everywhere: its box stays put)
     order = np.argsort((steps[:, None] ** 2 + steps[None, :] ** 2).ravel(), kind="stable")
     best = order[np.argmax(np.round(correlation.ravel()[order], 9))]
     dy, dx = np.unravel_index(best, correlation.shape)
