@@ -170,6 +170,18 @@ def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str,
     return rows
 
 
+def print_table(title: str, kind: str, rows: list[tuple[str, float, float, float]]) -> None:
+    """A markdown table of `measure`'s rows (the first unchanged), with the mean over the changes."""
+    print(f"\n{title}")
+    print(f"| {kind} | normals' mean z | normals flagged | AUC |")
+    print("|---|---|---|---|")
+    for name, z, flagged, auc in rows:
+        print(f"| {name} | {z:+.2f} | {flagged:.0%} | {auc:.3f} |")
+    changed = rows[1:]
+    print(f"| **mean over the {len(changed)} {kind}s** | {statistics.mean(r[1] for r in changed):+.2f} "
+          f"| {statistics.mean(r[2] for r in changed):.0%} | {statistics.mean(r[3] for r in changed):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path)
@@ -178,15 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     for model_dir in args.models:
         rows = measure(model_dir, args.val_abnormal, args.train)
-        print(f"\n{model_dir}: calibration normals changed, validation pneumonias as they are")
-        print("| change | normals' mean z | normals flagged | AUC |")
-        print("|---|---|---|---|")
-        for name, z, flagged, auc in rows:
-            print(f"| {name} | {z:+.2f} | {flagged:.0%} | {auc:.3f} |")
-        changed = rows[1:]
-        print(f"| **mean over the {len(changed)} changes** | {statistics.mean(r[1] for r in changed):+.2f} "
-              f"| {statistics.mean(r[2] for r in changed):.0%} | {statistics.mean(r[3] for r in changed):.3f} |")
-        worst = min(changed, key=lambda r: r[3])
+        print_table(f"{model_dir}: calibration normals changed, validation pneumonias as they are", "change", rows)
+        worst = min(rows[1:], key=lambda r: r[3])
         print(f"worst: {worst[0]} (AUC {worst[3]:.3f}, {worst[2]:.0%} flagged)")
 
 
