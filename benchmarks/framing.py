@@ -22,21 +22,16 @@ that are not flat (noise, a lead marker, brightness varying along them).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from shift import DATA, print_table, reading
-from sklearn.metrics import roc_auc_score
+from shift import Row, arguments, print_table, reading, scorer, summary
 
 from radscan.ingest import load_images
-from radscan.model.io import load_model
-from radscan.model.runtime import score_arrays
 
 Framing = Callable[[np.ndarray], np.ndarray]  # (H, W) uint8 whole film -> a film of any size
 
@@ -142,15 +137,10 @@ def calibration_paths(model_dir: Path, train: Path) -> list[Path]:
     return [train / row["path"] for row in rows if row["split"] == "calibration"]
 
 
-def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:
+def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
     """Rows (framing, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
-    model, _ = load_model(model_dir)
-    model.eval()
+    scores, threshold = scorer(model_dir)
     policy = reading(model_dir)
-
-    def scores(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return score_arrays(model, images, components=False).scores.double().numpy()
 
     def read(folder: Path) -> np.ndarray:
         return load_images([str(folder)], policy, workers=2, progress=False, quiet=True)[0]
@@ -164,20 +154,12 @@ def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str,
             folder.mkdir()
             for number, film in enumerate(films):
                 Image.fromarray(framing(film)).save(folder / f"{number:04d}.png")
-            normals = scores(read(folder))
-            z = np.log(np.clip(normals, 1e-12, None) / np.clip(1 - normals, 1e-12, None))
-            labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
-            rows.append((name, float(z.mean()), float((normals >= float(model.threshold)).mean()),
-                         float(roc_auc_score(labels, np.r_[normals, pneumonia]))))
+            rows.append(summary(name, scores(read(folder)), pneumonia, threshold))
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--train", type=Path, default=DATA / "train_normal")
-    parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     for model_dir in args.models:
         rows = measure(model_dir, args.val_abnormal, args.train)
         print_table(f"{model_dir}: calibration normals framed otherwise (the whole film, before preprocessing)",

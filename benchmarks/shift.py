@@ -145,32 +145,47 @@ def reading(model_dir: Path) -> Policy:
     return for_model(Policy(), read_metadata(model_dir), model_dir)
 
 
-def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:
-    """Rows (change, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
+Row = tuple[str, float, float, float]  # (change, normals' mean z, share of normals flagged, AUC)
+
+
+def scorer(model_dir: Path) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """The model's score of (N, 128, 128) uint8 inputs, (N,) float64 in (0, 1), and its threshold."""
     model, _ = load_model(model_dir)
     model.eval()
-    threshold = float(model.threshold)
 
     def scores(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return score_arrays(model, images, components=False).scores.double().numpy()
+    return scores, float(model.threshold)
 
-    def logit(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p, 1e-12, 1 - 1e-12)
-        return np.log(p / (1 - p))
 
+def summary(name: str, normals: np.ndarray, pneumonia: np.ndarray, threshold: float) -> Row:
+    """A row from the changed normals' scores and the pneumonias' (both (N,) in (0, 1))."""
+    p = np.clip(normals, 1e-12, 1 - 1e-12)
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
+    return (name, float(np.log(p / (1 - p)).mean()), float((normals >= threshold).mean()),
+            float(roc_auc_score(labels, np.r_[normals, pneumonia])))
+
+
+def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
+    """Rows for the normals unchanged, then under each change."""
+    scores, threshold = scorer(model_dir)
     abnormal = load_images([str(abnormal_dir)], reading(model_dir), workers=2, progress=False)[0]
     normals, pneumonia = calibration_normals(model_dir, train), scores(abnormal)
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(pneumonia))]
-    rows = []
-    for name, change in {"unchanged": lambda images: images, **CHANGES}.items():
-        shifted = scores(change(normals))
-        rows.append((name, float(logit(shifted).mean()), float((shifted >= threshold).mean()),
-                     float(roc_auc_score(labels, np.r_[shifted, pneumonia]))))
-    return rows
+    return [summary(name, scores(change(normals)), pneumonia, threshold)
+            for name, change in {"unchanged": lambda images: images, **CHANGES}.items()]
 
 
-def print_table(title: str, kind: str, rows: list[tuple[str, float, float, float]]) -> None:
+def arguments(doc: str) -> argparse.Namespace:
+    """The command line both robustness benchmarks take: models, --train, --val-abnormal."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--train", type=Path, default=DATA / "train_normal")
+    parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
+    return parser.parse_args()
+
+
+def print_table(title: str, kind: str, rows: list[Row]) -> None:
     """A markdown table of `measure`'s rows (the first unchanged), with the mean over the changes."""
     print(f"\n{title}")
     print(f"| {kind} | normals' mean z | normals flagged | AUC |")
@@ -183,11 +198,7 @@ def print_table(title: str, kind: str, rows: list[tuple[str, float, float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--train", type=Path, default=DATA / "train_normal")
-    parser.add_argument("--val-abnormal", type=Path, default=DATA / "val_abnormal")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     for model_dir in args.models:
         rows = measure(model_dir, args.val_abnormal, args.train)
         print_table(f"{model_dir}: calibration normals changed, validation pneumonias as they are", "change", rows)
