@@ -6,7 +6,8 @@ change does to where the box is cut: a box that follows the chest (radscan.prepr
 was found moved off a centred chest by an even border only by a new user's trial. Here each change is
 applied to the whole decoded film of each of the model's calibration normals (held out from
 training, listed in `training_split.csv`), written as PNG and read back through radscan's own
-reading (`load_images`), so the box is placed as `radscan score` places it. The validation
+reading (`load_images`), so the box is placed as `radscan score` places it; quality control is not
+applied (a film it would reject, e.g. one mostly border, is scored here). The validation
 pneumonias stay as they are. A normal film framed otherwise should not look abnormal: a robust model
 keeps the share flagged at the stored threshold near 5% (specificity 0.95) under every change.
 The official test split is never read.

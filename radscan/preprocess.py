@@ -171,8 +171,9 @@ FOLLOW_MATCHER = "window-ncc-1"
 FLAT_LINE_STD = 3.0
 FLAT_REACH = 1 / 3
 # the reference's side of the match leaves out this many pixels (of FOLLOW_SIZE) at each edge: the
-# window is its central 69%, where the chest lies, and a film's border stays outside it unless the
-# film is moved onto it (rule 14: wrong moves on a trial's 43 kinds of border 238 -> 5 of 645 films)
+# window is its central 44 x 44 pixels (69% of each side), where the chest lies, and a film's border
+# stays outside it unless the film is moved onto it (rule 14: wrong moves on a trial's 43 kinds of
+# border 238 -> 5 of 645 films); a rough border deeper than the margin (15.6%) reaches into it
 FOLLOW_WINDOW = 10
 # a move is considered only where the film's content covers at least this share of the window
 MIN_OVERLAP = 0.5
