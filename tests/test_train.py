@@ -942,6 +942,7 @@ def test_a_box_follows_the_chest_only_where_there_is_a_box(normals, tmp_path):
     refused = CliRunner().invoke(cli, ["-q", "train", str(normals), "--out", str(tmp_path / "m"), "--field", "film",
                                        "--follow-chest"])
     assert refused.exit_code == ExitCode.USAGE and "thorax-box" in refused.output
+    assert "--fixed-box" in refused.output  # what to give instead (a trial: the refusal named no way out)
     assert not (tmp_path / "m").exists()
     config = preset("tiny", field="film", follow=False)
     assert config.follow is False and MODEL_SETTINGS["field"] == "thorax-box"

@@ -106,7 +106,7 @@ class SimSIDConfig:
             raise ValueError(f"a crop is a thorax-box model's setting, not a {self.field!r} field's")
         if self.follow and self.field != "thorax-box":
             raise ValueError(f"a box that follows the chest is a thorax-box model's setting, not a {self.field!r} "
-                             "field's")
+                             "field's (radscan train: --fixed-box with --field film)")
         if self.crop and not is_box(self.crop):
             raise ValueError(f"crop must be four fractions (left, top, right, bottom), not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:
