@@ -23,14 +23,13 @@ that are not flat (noise, a lead marker, brightness varying along them).
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from shift import Row, arguments, print_table, reading, scorer, summary
+from shift import Row, arguments, print_table, reading, scorer, split_paths, summary
 
 from radscan.ingest import load_images
 
@@ -133,11 +132,6 @@ FRAMINGS: dict[str, Framing] = {
 }
 
 
-def calibration_paths(model_dir: Path, train: Path) -> list[Path]:
-    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
-    return [train / row["path"] for row in rows if row["split"] == "calibration"]
-
-
 def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
     """Rows (framing, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
     scores, threshold = scorer(model_dir)
@@ -147,7 +141,7 @@ def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
         return load_images([str(folder)], policy, workers=2, progress=False, quiet=True)[0]
 
     pneumonia = scores(read(abnormal_dir))
-    films = [np.asarray(Image.open(path).convert("L")) for path in calibration_paths(model_dir, train)]
+    films = [np.asarray(Image.open(path).convert("L")) for path in split_paths(model_dir, train, "calibration")]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, framing) in enumerate({"unchanged": lambda film: film, **FRAMINGS}.items()):

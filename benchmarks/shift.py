@@ -128,11 +128,16 @@ CHANGES: dict[str, Change] = {
 }
 
 
+def split_paths(model_dir: Path, train: Path, split: str) -> list[Path]:
+    """The files under `train` of one split of the model's training_split.csv ("train" or "calibration")."""
+    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
+    return [train / row["path"] for row in rows if row["split"] == split]
+
+
 def split_films(model_dir: Path, train: Path, split: str) -> np.ndarray:
     """(N, 128, 128) uint8: the model's training normals of one split of its training_split.csv
     ("train" or "calibration"), found under `train` and read as the model reads films."""
-    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
-    paths = [str(train / row["path"]) for row in rows if row["split"] == split]
+    paths = [str(path) for path in split_paths(model_dir, train, split)]
     return load_images(paths, reading(model_dir), workers=2, progress=False)[0]
 
 

@@ -208,8 +208,13 @@ def follow_thumbnail(whole: np.ndarray) -> np.ndarray:
     """(128, 128) uint8 whole film (`to_qc_input` or `to_model_input` without a box) -> (64, 64)
     float64, averaged over 2x2 pixels and standardised (zero mean, unit variance: exposure and
     contrast do not move the box)."""
-    small = whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
+    small = _halved(whole)
     return (small - small.mean()) / max(float(small.std()), 1e-6)
+
+
+def _halved(whole: np.ndarray) -> np.ndarray:
+    """(128, 128) uint8 -> (FOLLOW_SIZE, FOLLOW_SIZE) float64, the mean of each 2x2 block."""
+    return whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
 
 
 def follow_reference(whole_films: np.ndarray) -> FollowReference:
@@ -256,7 +261,7 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
     top, bottom, left, right = film_content(whole)
     mask = np.zeros((FOLLOW_SIZE, FOLLOW_SIZE))
     mask[-(-top // 2):bottom // 2, -(-left // 2):right // 2] = 1.0  # the 64 px pixels wholly inside it
-    film = whole.astype(np.float64).reshape(FOLLOW_SIZE, 2, FOLLOW_SIZE, 2).mean(axis=(1, 3))
+    film = _halved(whole)
     inside = mask > 0  # never empty: at most a third of each side is trimmed
     film = (film - film[inside].mean()) / max(float(film[inside].std()), 1e-6) * mask
     window, ref, ref_squared = reference.spectra

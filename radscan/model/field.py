@@ -30,7 +30,6 @@ fractions of the film (radscan.preprocess.Crop).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +156,7 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    from radscan.model.metadata import read_verified
+    from radscan.model.metadata import header_metadata, read_verified
 
     if not (metadata.get("config") or {}).get("follow"):
         return None
@@ -171,7 +170,7 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
     except (KeyError, SafetensorError) as exc:
         raise ModelError(f"cannot read the reference film {Path(directory) / FOLLOW_FILE}: {exc}") from None
     # the file's sha256 is sealed in the weights, so its matcher name is too
-    if _matcher(data) != FOLLOW_MATCHER:
+    if header_metadata(data).get("matcher") != FOLLOW_MATCHER:
         raise ModelError("the model's box follows the chest by an earlier, unreleased way of matching films (an "
                          "even border could move its box off the chest), which this radscan does not read: "
                          "retrain the model")
@@ -180,11 +179,3 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
                          f"{FOLLOW_SIZE}x{FOLLOW_SIZE} float32 image")
     return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
 
-
-def _matcher(data: bytes) -> str | None:
-    """The matcher a FOLLOW_FILE's bytes name in their safetensors header, or None."""
-    try:
-        size = int.from_bytes(data[:8], "little")
-        return json.loads(data[8:8 + size]).get("__metadata__", {}).get("matcher")
-    except (ValueError, AttributeError):
-        return None

@@ -19,7 +19,8 @@ from radscan.preprocess import PREPROCESS_VERSION
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "METADATA_FILE", "SPLIT_FILE", "SEAL_KEY", "ONNX_ENGINE", "ONNX_GRAPHS",
            "is_exported", "read_metadata", "sha256_file", "read_verified",
-           "sealed_extras", "sealed_settings", "read_sealed", "check_sealed_extras", "verify_without_loading",
+           "sealed_extras", "header_metadata", "sealed_settings", "read_sealed", "check_sealed_extras",
+           "verify_without_loading",
            "films_it_knows", "read_split", "EARLIER_CALIBRATION",
            "ModelIdentity", "new_version", "recalibrated", "exported", "seal", "sealed_calibration"]
 
@@ -135,13 +136,22 @@ def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
     return extras
 
 
+def header_metadata(header: bytes) -> dict[str, Any]:
+    """The "__metadata__" table of a safetensors file's header (pass at least its first 8 + n bytes,
+    or the whole file), or {} when there is none or the header is not one."""
+    try:
+        metadata = json.loads(header[8:8 + int.from_bytes(header[:8], "little")]).get("__metadata__", {})
+    except (ValueError, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def sealed_settings(header: bytes, key: str = SEAL_KEY) -> dict[str, Any]:
     """The settings sealed under `key` in a safetensors file's header (pass at least its first
     8 + n bytes, or the whole file), or {}."""
     try:
-        table = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
-        sealed = json.loads(table.get("__metadata__", {}).get(key, "{}"))
-    except (ValueError, AttributeError):
+        sealed = json.loads(header_metadata(header).get(key, "{}"))
+    except ValueError:
         return {}
     return sealed if isinstance(sealed, dict) else {}
 
