@@ -15,34 +15,20 @@ shipped model, 2026-12-06, research log rule 13b).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from shift import split_paths
 
 from radscan.calibration import calibrate, fit_density
 from radscan.ingest import load_images
-from radscan.model.field import FOLLOW_FILE, save_follow
+from radscan.model.field import read_reference_film, save_follow
 from radscan.model.io import load_model, save_model
-from radscan.model.metadata import read_verified
 from radscan.model.simsid import SimSID
 from radscan.policy import Policy, for_model
-from radscan.preprocess import FollowReference
-
-
-def reference_film(model_dir: Path, metadata: dict) -> FollowReference | None:
-    """The model's reference film, verified against model.json's sha256, whatever matcher it was made
-    for (radscan.model.field.load_follow refuses another matcher's), or None for a fixed box."""
-    if not (metadata.get("config") or {}).get("follow"):
-        return None
-    from safetensors.numpy import load
-
-    image = load(read_verified(model_dir, metadata["follow"], FOLLOW_FILE, "reference film"))["reference"]
-    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
 
 
 def main() -> None:
@@ -59,10 +45,10 @@ def main() -> None:
     model = SimSID(cfg)
     model.load_state_dict(old.state_dict(), strict=False)  # everything but the (new) density buffers
     model.eval()
-    rows = list(csv.DictReader((args.model / "training_split.csv").open()))
-    split = {side: [str(args.train / r["path"]) for r in rows if r["split"] == side]
+    split = {side: [str(path) for path in split_paths(args.model, args.train, side)]
              for side in ("train", "calibration")}
-    follow = reference_film(args.model, metadata)
+    found = read_reference_film(args.model, metadata)  # whatever matcher it was made for
+    follow = found[0] if found else None
     fixed = {**metadata, "config": {**metadata["config"], "follow": False}}
     # a thorax-box model reads every film cut to its box, moved with the chest by this radscan's matcher
     reading = dataclasses.replace(for_model(Policy(), fixed, args.model), follow=follow)

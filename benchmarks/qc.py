@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shift import split_paths
 
 from radscan.ingest import find_files, iter_ingested, load_images
 from radscan.policy import Policy
@@ -48,9 +49,8 @@ def main() -> None:
     metadata = json.loads((args.model / "model.json").read_text())
     qc = QualityControl(reference=load_reference(args.model, metadata))
     cxr = DATA / "cxr"
-    with open(args.model / "training_split.csv", newline="") as handle:
-        held_out = [str(cxr / "kermany_pediatric_224/train_normal" / r["path"])
-                    for r in csv.DictReader(handle) if r["split"] == "calibration"]
+    train = cxr / "kermany_pediatric_224/train_normal"
+    held_out = [str(path) for path in split_paths(args.model, train, "calibration")]
     normals = load_images(held_out, Policy(), 2, False)[0]
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, 128)

@@ -14,11 +14,12 @@ reference's sha256, so the old reference is refused with the new weights file an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+
+from shift import split_paths
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model, save_model
@@ -35,8 +36,7 @@ def main() -> None:
     if args.out.exists():
         parser.error(f"{args.out} exists: choose a new directory")
     model, metadata = load_model(args.model)
-    rows = list(csv.DictReader((args.model / "training_split.csv").open(newline="")))
-    train = [str(args.train / r["path"]) for r in rows]
+    train = [str(path) for path in split_paths(args.model, args.train, None)]  # every film it lists
     images = load_images(train, Policy(), workers=2, progress=False)[0]
     shutil.copytree(args.model, args.out)
     old_limits = metadata["qc"]["limits"]

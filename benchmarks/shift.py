@@ -17,7 +17,6 @@ and `--val-abnormal` measure a model of another population (e.g. one trained on 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import statistics
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model
-from radscan.model.metadata import read_metadata
+from radscan.model.metadata import read_metadata, read_split
 from radscan.model.runtime import score_arrays
 from radscan.policy import Policy, for_model
 
@@ -128,10 +127,13 @@ CHANGES: dict[str, Change] = {
 }
 
 
-def split_paths(model_dir: Path, train: Path, split: str) -> list[Path]:
-    """The files under `train` of one split of the model's training_split.csv ("train" or "calibration")."""
-    rows = list(csv.DictReader((model_dir / "training_split.csv").open()))
-    return [train / row["path"] for row in rows if row["split"] == split]
+def split_paths(model_dir: Path, train: Path, split: str | None) -> list[Path]:
+    """The files under `train` of one split of the model's training_split.csv ("train" or "calibration";
+    None: every film it lists)."""
+    rows = read_split(model_dir)
+    if rows is None:
+        raise SystemExit(f"{model_dir} has no readable training_split.csv: which films it trained on is unknown")
+    return [train / row["path"] for row in rows if split is None or row["split"] == split]
 
 
 def split_films(model_dir: Path, train: Path, split: str) -> np.ndarray:

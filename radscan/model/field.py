@@ -41,7 +41,8 @@ from radscan.errors import ModelError
 from radscan.preprocess import FOLLOW_MATCHER, FOLLOW_SIZE, Crop, FollowReference, crop_pixels
 from radscan.report import remove_stale_temporaries, write_bytes
 
-__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow"]
+__all__ = ["lung_fields", "thorax_field", "thorax_box", "lungs_in_box", "FOLLOW_FILE", "save_follow", "load_follow",
+           "read_reference_film"]
 
 # The reference film of a box that follows the chest (model setting `follow`; radscan.preprocess
 # `chest_offset`), beside the weights and verified by the sha256 model.json gives it: it moves every
@@ -153,6 +154,22 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
     reading any (info, export: a trial found them passing a model whose reference film was missing)
     both call it. Raises ModelError (exit 65) when model.json names none, or the file is missing,
     altered, made for another matcher than FOLLOW_MATCHER or not a (64, 64) finite reference."""
+    found = read_reference_film(directory, metadata)
+    if found is None:
+        return None
+    reference, matcher = found
+    if matcher != FOLLOW_MATCHER:
+        raise ModelError("the model's box follows the chest by an earlier, unreleased way of matching films (a "
+                         "border over the film's edges could move its box off the chest), which this radscan "
+                         "does not read: retrain the model")
+    return reference
+
+
+def read_reference_film(directory: Path, metadata: dict[str, Any]) -> tuple[FollowReference, str] | None:
+    """`load_follow` less its matcher check: the verified (64, 64) float32 reference film and the name
+    of the matcher it was made for ("" when it names none), or None for a model with a fixed box. A
+    model made with an earlier matcher is refitted from it (benchmarks/add_density.py). Raises
+    ModelError as load_follow does for a missing, altered or malformed file."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -169,13 +186,10 @@ def load_follow(directory: Path, metadata: dict[str, Any]) -> FollowReference | 
         image = load(data)["reference"]
     except (KeyError, SafetensorError) as exc:
         raise ModelError(f"cannot read the reference film {Path(directory) / FOLLOW_FILE}: {exc}") from None
-    # the file's sha256 is sealed in the weights, so its matcher name is too
-    if header_metadata(data).get("matcher") != FOLLOW_MATCHER:
-        raise ModelError("the model's box follows the chest by an earlier, unreleased way of matching films (an "
-                         "even border could move its box off the chest), which this radscan does not read: "
-                         "retrain the model")
     if image.shape != (FOLLOW_SIZE, FOLLOW_SIZE) or image.dtype != np.float32 or not np.isfinite(image).all():
         raise ModelError(f"the reference film {Path(directory) / FOLLOW_FILE} is not a finite "
                          f"{FOLLOW_SIZE}x{FOLLOW_SIZE} float32 image")
-    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest())
+    # the file's sha256 is sealed in the weights, so its matcher name is too
+    matcher = str(header_metadata(data).get("matcher", ""))
+    return FollowReference(image, hashlib.sha256(image.tobytes()).hexdigest()), matcher
 
