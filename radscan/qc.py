@@ -645,12 +645,14 @@ class QualityControl:
         best, name = closest[0][index], closest[1][index]  # the closest turned or inverted copy
         if min(upright, best) > limits.max_distance:
             return ["does not look like a chest radiograph, whichever way it is turned (another body part, "
-                    "a lateral view, a photograph or a damaged image?)"]
+                    "a lateral view, a photograph, a damaged image, or a chest far smaller in its film "
+                    "than the training normals'?)"]
         if best < limits.orientation_margin * upright:
             return [f"wrong way round, or not a chest film framed as the training normals are: it matches an "
                     f"upright frontal chest film only if it is taken to be {_describe(name)}"]
         if upright > limits.max_distance:
-            # a trial: a small child drawn on 60% of a large dark film is stopped here (12 of 15)
+            # trials: a small child drawn on 60% of a large dark film is stopped here (12 of 15), on
+            # 50% of a grey one by the check above (15 of 15)
             return ["does not look like a frontal chest radiograph framed as the training normals are (its "
                     "layout is unlike every training film's: a chest much smaller or larger in its film, "
                     "another view, or not a chest)"]
