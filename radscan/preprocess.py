@@ -170,7 +170,7 @@ FOLLOW_MATCHER = "window-ncc-2"
 # trimmed from each side. Chosen on training normals and a trial's variants (no labels; rules 13, 15,
 # 16): 62% of Kermany films trim nothing and the mean film loses 1.7% of its area, while white, grey
 # and black borders of 10% and one-sided strips are trimmed whole; with the standard deviation alone,
-# a dark noisy border of 20% moved the box of 13 of 15 normals, with the band 0.
+# a dark noisy border of 20% moved the box of 13 of 15 normals, with the band none.
 FLAT_LINE_STD = 3.0
 FLAT_BAND = 12.0
 FLAT_SHARE = 0.9
@@ -257,7 +257,8 @@ def film_content(whole: np.ndarray) -> tuple[int, int, int, int]:
 def is_border_line(line: np.ndarray) -> bool:
     """Whether a line of grey levels (1-D, 0-255) is border rather than anatomy: nearly even (standard
     deviation under FLAT_LINE_STD) or even but for a few pixels (at least FLAT_SHARE of them within
-    FLAT_BAND levels of the line's median: noise, a marker, a dot). Rules 13 and 15 (research log)."""
+    FLAT_BAND levels of the line's median: noise, a small marker, dots). Rules 13, 15 and 16 (research
+    log); a solid marker over more than about 7% of a noisy line, text, stripes or two tones are not."""
     if line.std() < FLAT_LINE_STD:
         return True
     return bool(np.mean(np.abs(line - np.median(line)) <= FLAT_BAND) >= FLAT_SHARE)

@@ -79,7 +79,7 @@ def test_a_deep_border_with_noise_or_a_marker_does_not_move_its_box(seed, sides,
     """A border deeper than the window's margin (16-25% of the film) reaches into the compared window
     unless the film's content leaves it out: a new user's trial found a dark border of 20% with noise of
     sd 6 moving the box of 13 of 15 normals when only lines with a standard deviation under 3 counted as
-    border (rule 16). Noise, scattered dots and a lead marker in an otherwise even border are trimmed."""
+    border (rule 16). Noise and scattered dots (a small marker) in an otherwise even border are trimmed."""
     film = _chest(seed)
     reference = follow_reference(film[None])
     rng = np.random.default_rng(seed)
