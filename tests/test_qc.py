@@ -245,6 +245,28 @@ def test_wrong_way_round_films_fail_and_say_how(qc, normals, change, words):
     assert sum(words in v.reason for v in verdicts) >= 0.9 * len(verdicts)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sides=st.sets(st.sampled_from("tblr"), min_size=1), width=st.integers(6, 20), tone=st.sampled_from([0, 255]),
+       noise=st.floats(0, 4), factor=st.floats(0.15, 0.3), index=st.integers(0, 99))
+def test_a_washed_out_film_inside_a_border_fails_as_it_does_without_one(qc, normals, sides, width, tone, noise,
+                                                                        factor, index):
+    """A trial: normals at 0.35 of their contrast were rejected as nearly blank (9 of 15), but inside a
+    black border of 10% none were (all scored and flagged): the border counted as contrast. The
+    contrast is now the film's content's. A border does not make a blank film pass, and a normal film
+    inside the same border still passes."""
+    film = normals[1][index].astype(np.float64)
+    washed = (film - film.mean()) * factor + film.mean()  # the same film, its contrast cut to 15-30%
+    rng = np.random.default_rng(index)
+    inside = np.ones(film.shape, bool)
+    for side in sides:
+        inside[{"t": np.s_[:width], "b": np.s_[-width:], "l": np.s_[:, :width], "r": np.s_[:, -width:]}[side]] = False
+    border = np.clip(tone + rng.normal(0, noise, film.shape), 0, 255)
+    framed = [np.where(inside, image, border).round().astype(np.uint8) for image in (washed, film)]
+    washed_verdict, normal_verdict = _verdicts(qc, np.stack(framed))
+    assert washed_verdict.status == "fail" and "nearly blank" in washed_verdict.reason, washed_verdict
+    assert "nearly blank" not in normal_verdict.reason, normal_verdict
+
+
 def test_blank_noise_and_gradient_images_fail(qc):
     blank = np.stack([np.full((128, 128), value, np.uint8) for value in (0, 128, 255)])
     noise = np.random.default_rng(0).integers(0, 256, (5, 128, 128)).astype(np.uint8)
