@@ -33,7 +33,7 @@ from radscan.model.simsid import to_model_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from regions import auc  # noqa: E402
-from shift import reading  # noqa: E402
+from shift import reading, split_paths  # noqa: E402
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "nih_adult_512"
 VIEWS = Path(__file__).parent / "data" / "nih_adult_512_views.csv"
@@ -62,8 +62,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for model_dir in args.models:
         model = load_model(model_dir)[0].eval()
-        split = list(csv.DictReader((model_dir / "training_split.csv").open()))
-        normal_files = [f"train_normal/{row['path']}" for row in split if row["split"] == "calibration"]
+        folder = args.data / "train_normal"
+        normal_files = [str(path.relative_to(args.data)) for path in split_paths(model_dir, folder, "calibration")]
         abnormal_files = sorted(f"val_abnormal/{p.name}" for p in (args.data / "val_abnormal").glob("*.png"))
         films = {}
         for kind, files in (("normal", normal_files), ("abnormal", abnormal_files)):
@@ -74,7 +74,7 @@ def main() -> None:
                            np.array([int(Path(f).name[:8]) for f in files]))
         (dn, gn, vn, _), (da, ga, va, pa) = films["normal"], films["abnormal"]
         # the patients of every normal the model was given, not only its calibration normals
-        trained = [int(Path(row["path"]).name[:8]) for row in split]
+        trained = [int(path.name[:8]) for path in split_paths(model_dir, folder, None)]
         first, last = min(trained), max(trained)
         band = (pa >= first) & (pa <= last)
         strata = {

@@ -247,7 +247,7 @@ def test_wrong_way_round_films_fail_and_say_how(qc, normals, change, words):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sides=st.sets(st.sampled_from("tblr"), min_size=1), width=st.integers(6, 20), tone=st.sampled_from([0, 255]),
-       noise=st.floats(0, 4), factor=st.floats(0.15, 0.3), index=st.integers(0, 99))
+       noise=st.floats(0, 4), factor=st.floats(0.15, 0.25), index=st.integers(0, 99))
 def test_a_washed_out_film_inside_a_border_fails_as_it_does_without_one(qc, normals, sides, width, tone, noise,
                                                                         factor, index):
     """A trial: normals at 0.35 of their contrast were rejected as nearly blank (9 of 15), but inside a
@@ -255,7 +255,8 @@ def test_a_washed_out_film_inside_a_border_fails_as_it_does_without_one(qc, norm
     contrast is now the film's content's. A border does not make a blank film pass, and a normal film
     inside the same border still passes."""
     film = normals[1][index].astype(np.float64)
-    washed = (film - film.mean()) * factor + film.mean()  # the same film, its contrast cut to 15-30%
+    # the same film, its contrast cut to 15-25%: under the limit (75.5) even for a film of 255 levels
+    washed = (film - film.mean()) * factor + film.mean()
     rng = np.random.default_rng(index)
     inside = np.ones(film.shape, bool)
     for side in sides:

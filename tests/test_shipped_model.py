@@ -34,6 +34,8 @@ def test_shipped_model_loads_and_its_metadata_is_complete():
     assert metadata["config"]["score_kind"] == "density" and len(model.critics) == 5
     assert model.density is not None and model.density.precision.shape == (64, 112, 112)
     assert metadata["training"]["shipped"] == "last epoch"
+    # radscan info shows the test split's figures (read once, as the card gives them) beside validation's
+    assert {"test_auc", "test_auc_ci95", "test_sensitivity", "test_specificity"} <= metadata["metrics"].keys()
     assert sum(p.numel() for p in model.parameters()) == metadata["parameters"]
     assert metadata["weights"]["bytes"] < 100 * 2**20
 
