@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from shift import split_paths
+from splits import split_paths
 
 from radscan.calibration import calibrate, fit_density
 from radscan.ingest import load_images

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from shift import Row, arguments, print_table, reading, scorer, split_paths, summary
+from shift import Row, arguments, print_table, reading, scorer, summary
+from splits import split_paths
 
 from radscan.ingest import load_images
 
@@ -132,8 +133,9 @@ FRAMINGS: dict[str, Framing] = {
 }
 
 
-def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
-    """Rows (framing, normals' mean z, share of normals flagged, AUC against the pneumonias)."""
+def measure(model_dir: Path, abnormal_dir: Path, train: Path, framings: dict[str, Framing] = FRAMINGS) -> list[Row]:
+    """Rows (framing, normals' mean z, share of normals flagged, AUC against the pneumonias): the
+    unchanged films first, then each of `framings` (benchmarks/borders.py passes its own)."""
     scores, threshold = scorer(model_dir)
     policy = reading(model_dir)
 
@@ -144,7 +146,7 @@ def measure(model_dir: Path, abnormal_dir: Path, train: Path) -> list[Row]:
     films = [np.asarray(Image.open(path).convert("L")) for path in split_paths(model_dir, train, "calibration")]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (name, framing) in enumerate({"unchanged": lambda film: film, **FRAMINGS}.items()):
+        for index, (name, framing) in enumerate({"unchanged": lambda film: film, **framings}.items()):
             folder = Path(scratch) / str(index)
             folder.mkdir()
             for number, film in enumerate(films):

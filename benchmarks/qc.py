@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from shift import split_paths
+from splits import split_paths
 
 from radscan.ingest import find_files, iter_ingested, load_images
 from radscan.policy import Policy

@@ -19,7 +19,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shift import split_paths
+from splits import split_paths
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model, save_model

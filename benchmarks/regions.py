@@ -39,7 +39,8 @@ from radscan.model.io import load_model
 from radscan.model.simsid import to_model_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import DATA, calibration_normals, reading  # noqa: E402
+from shift import calibration_normals, reading  # noqa: E402
+from splits import DATA  # noqa: E402
 
 
 def auc(normal: np.ndarray, abnormal: np.ndarray) -> float:

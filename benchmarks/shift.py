@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from sklearn.metrics import roc_auc_score
+from splits import DATA, split_paths
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model
-from radscan.model.metadata import read_metadata, read_split
+from radscan.model.metadata import read_metadata
 from radscan.model.runtime import score_arrays
 from radscan.policy import Policy, for_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "kermany_pediatric_224"
 Change = Callable[[np.ndarray], np.ndarray]  # (N, 128, 128) uint8 -> same
 
 
@@ -125,15 +125,6 @@ CHANGES: dict[str, Change] = {
     "diaphragm 8% lower (apices kept)": each_image(vertical(1.08, anchor="top")),
     "collimated (up to 15% a side masked)": collimated(0.15),
 }
-
-
-def split_paths(model_dir: Path, train: Path, split: str | None) -> list[Path]:
-    """The files under `train` of one split of the model's training_split.csv ("train" or "calibration";
-    None: every film it lists)."""
-    rows = read_split(model_dir)
-    if rows is None:
-        raise SystemExit(f"{model_dir} has no readable training_split.csv: which films it trained on is unknown")
-    return [train / row["path"] for row in rows if split is None or row["split"] == split]
 
 
 def split_films(model_dir: Path, train: Path, split: str) -> np.ndarray:

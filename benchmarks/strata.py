@@ -33,7 +33,8 @@ from radscan.model.simsid import to_model_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from regions import auc  # noqa: E402
-from shift import reading, split_paths  # noqa: E402
+from shift import reading  # noqa: E402
+from splits import split_paths  # noqa: E402
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr" / "nih_adult_512"
 VIEWS = Path(__file__).parent / "data" / "nih_adult_512_views.csv"

@@ -23,7 +23,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shift import DATA, calibration_normals, reading  # noqa: E402
+from shift import calibration_normals, reading  # noqa: E402
+from splits import DATA  # noqa: E402
 
 from radscan.calibration import calibrate  # noqa: E402
 from radscan.ingest import load_images  # noqa: E402
