@@ -10,7 +10,9 @@ resolution, 8 bits. A box that follows the chest should stay where the unchanged
 table counts the films whose box moved by 2/64 or more, and by 3/64 or more, of the film's width or
 height (either way). Borders of 10% lie outside the model's box (which starts 13-16% in from the
 film's edges); borders of 20% cover the lungs' edges inside it, so even a box that holds can score
-them higher (say so, do not blame the matcher). The official test split is never read.
+them higher (say so, do not blame the matcher). The last column is the share that quality control
+rejects (not scored by `radscan score`); the scored shares with --score include them, as
+`benchmarks/framing.py`'s do. The official test split is never read.
 
     python benchmarks/borders.py models/kermany-tiny [OTHER_MODEL_DIR ...] [--score] [--val-abnormal HALF_B]
 
@@ -33,6 +35,8 @@ from splits import DATA, split_paths
 from radscan.model.field import read_reference_film
 from radscan.model.metadata import read_metadata
 from radscan.preprocess import FOLLOW_SIZE, chest_offset, to_qc_input
+from radscan.qc import DEFAULT_VIEWS, quality_control
+from radscan.records import ImageRecord
 
 Framing = Callable[[np.ndarray], np.ndarray]  # (H, W) uint8 whole film -> the same, bordered
 Paint = Callable[[int, int, np.random.Generator], np.ndarray]  # (h, w, rng) -> (h, w) float grey levels
@@ -123,24 +127,34 @@ BORDERS: dict[str, Framing] = {
 }
 
 
-def offsets(films: list[np.ndarray], model_dir: Path) -> np.ndarray:
-    """(N, 2) int: each (H, W) uint8 film's chest_offset in 1/FOLLOW_SIZE steps (dx, dy)."""
+def offsets(wholes: np.ndarray, model_dir: Path) -> np.ndarray:
+    """(N, 2) int: each (128, 128) uint8 whole film's chest_offset in 1/FOLLOW_SIZE steps (dx, dy)."""
     found = read_reference_film(model_dir, read_metadata(model_dir))
     if found is None:
         raise SystemExit(f"{model_dir}: its box does not follow the chest; nothing to measure")
-    reference = found[0]
-    return np.array([[round(v * FOLLOW_SIZE) for v in chest_offset(to_qc_input(film), reference)]
-                     for film in films])
+    return np.array([[round(v * FOLLOW_SIZE) for v in chest_offset(whole, found[0])] for whole in wholes])
 
 
-def moves(model_dir: Path, train: Path) -> list[tuple[str, float, float, float]]:
-    """Rows (border, share of films moved >= 2/64, >= 3/64, mean move in 1/64 steps)."""
+def rejected(wholes: np.ndarray, model_dir: Path) -> float:
+    """The share of (N, 128, 128) uint8 whole films that the model's quality control (strict, the
+    default views) does not let through to be scored, as `radscan score` judges them."""
+    qc = quality_control(model_dir, read_metadata(model_dir), "strict", DEFAULT_VIEWS)
+    verdicts = qc.check([ImageRecord(path="", root="", kind="png") for _ in wholes], wholes)
+    return float(np.mean([verdict.status == "fail" for verdict in verdicts]))
+
+
+def moves(model_dir: Path, train: Path) -> list[tuple[str, float, float, float, float]]:
+    """Rows (border, share of films moved >= 2/64, >= 3/64, mean move in 1/64 steps, share rejected
+    by quality control), the unchanged films first."""
     films = [np.asarray(Image.open(path).convert("L")) for path in split_paths(model_dir, train, "calibration")]
-    before = offsets(films, model_dir)
-    rows = []
+    whole = np.stack([to_qc_input(film) for film in films])
+    before = offsets(whole, model_dir)
+    rows = [("unchanged", 0.0, 0.0, 0.0, rejected(whole, model_dir))]
     for name, framing in BORDERS.items():
-        step = np.abs(offsets([framing(film) for film in films], model_dir) - before).max(axis=1)
-        rows.append((name, float((step >= 2).mean()), float((step >= 3).mean()), float(step.mean())))
+        bordered = np.stack([to_qc_input(framing(film)) for film in films])
+        step = np.abs(offsets(bordered, model_dir) - before).max(axis=1)
+        rows.append((name, float((step >= 2).mean()), float((step >= 3).mean()), float(step.mean()),
+                     rejected(bordered, model_dir)))
     return rows
 
 
@@ -154,12 +168,14 @@ def main() -> None:
     for model_dir in args.models:
         rows = moves(model_dir, args.train)
         print(f"\n{model_dir}: calibration normals' boxes moved by a border (against the unchanged film's)")
-        print("| border | moved >= 2/64 | moved >= 3/64 | mean move (1/64) |")
-        print("|---|---|---|---|")
-        for name, two, three, mean in rows:
-            print(f"| {name} | {two:.0%} | {three:.0%} | {mean:.2f} |")
-        print(f"| **mean over the {len(rows)} borders** | {statistics.mean(r[1] for r in rows):.0%} "
-              f"| {statistics.mean(r[2] for r in rows):.0%} | {statistics.mean(r[3] for r in rows):.2f} |")
+        print("| border | moved >= 2/64 | moved >= 3/64 | mean move (1/64) | rejected by quality control |")
+        print("|---|---|---|---|---|")
+        for name, two, three, mean, failed in rows:
+            print(f"| {name} | {two:.0%} | {three:.0%} | {mean:.2f} | {failed:.0%} |")
+        changed = rows[1:]
+        print(f"| **mean over the {len(changed)} borders** | {statistics.mean(r[1] for r in changed):.0%} "
+              f"| {statistics.mean(r[2] for r in changed):.0%} | {statistics.mean(r[3] for r in changed):.2f} "
+              f"| {statistics.mean(r[4] for r in changed):.0%} |")
         if args.score:  # torch only here
             from framing import measure
             from shift import print_table
