@@ -164,7 +164,7 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
     warnings = set_warnings(labels, read[readings[0]][0])
     for warning in warnings:
         log.warning("%s", warning)
-    results, all_scores, model_warnings = [], [], []
+    results, all_scores, model_warnings, flag_warnings = [], [], [], []
     for model_dir, (engine, metadata), reading in zip(model_dirs, loaded, readings, strict=True):
         images = read[reading][0]
         scores = np.concatenate([engine.score(images[start:start + batch_size], components=False).scores
@@ -187,7 +187,14 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
             "at_model_threshold": metrics_at(labels, scores, float(engine.threshold)),
             "at_best_accuracy_threshold_on_this_set": metrics_at(labels, scores,
                                                                  _best_accuracy_threshold(labels, scores)),
+            # what flagging every image (or none) scores: accuracy on a set this unbalanced says little
+            "accuracy_of_the_larger_class_alone": float(max(labels.mean(), 1 - labels.mean())),
         })
+        weak = _weak_flag(results[-1])
+        if weak:
+            log.warning("%s", weak)
+            model_warnings.append(weak)
+            flag_warnings.append(weak)  # the page shows it too (the films-it-knows warnings have their own place)
     comparisons = [{"first": results[0]["model"], "second": result["model"],
                     "first_name": results[0]["label"], "second_name": result["label"],
                     **paired_bootstrap_auc_difference(labels, all_scores[0], scores, bootstrap_rounds)}
@@ -207,9 +214,26 @@ def evaluate(normal: Sequence[str], abnormal: Sequence[str], model_dirs: Sequenc
         summary["roc_png"] = str(roc_png)
     if out_dir is not None:
         summary["outputs"] = _write_report(Path(out_dir), labels, [*normal_names, *abnormal_names], all_scores,
-                                           results, comparisons, summary["rejected_by_qc"], verdicts, warnings,
-                                           summary["unreadable_films"])
+                                           results, comparisons, summary["rejected_by_qc"], verdicts,
+                                           [*warnings, *flag_warnings], summary["unreadable_films"])
     return summary
+
+
+# a model whose stored threshold flags fewer than this share of the abnormal images measured is said
+# to flag weakly: its flags miss most of them, while its ranking may still carry what it knows (a
+# trial: an adult model of AUC 0.75 flagged 6% of 319 pneumonias at specificity 0.95)
+WEAK_FLAG_SENSITIVITY = 0.5
+
+
+def _weak_flag(result: dict[str, Any]) -> str:
+    """The warning for a model whose threshold flags few of the abnormal images measured, or ''."""
+    at = result["at_model_threshold"]
+    if not at["sensitivity"] < WEAK_FLAG_SENSITIVITY:  # nan (no abnormal image) says nothing either
+        return ""
+    return (f"at its threshold model {result['label']} flags only {at['sensitivity']:.0%} of these abnormal images "
+            f"({at['tp']} of {at['tp'] + at['fn']}; specificity {at['specificity']:.0%}): on such films its flags "
+            f"miss most abnormal ones, and the list's order (AUC {result['auc']:.3f}) is what it offers; a lower "
+            "--target-specificity in `radscan calibrate` flags more, normal films too")
 
 
 # fewer films of a class than this, and the AUC's bootstrap interval cannot be read (one abnormal
@@ -306,7 +330,8 @@ def _roc_figure(labels: np.ndarray, all_scores: list[np.ndarray], results: list[
         fpr, tpr, _ = roc_curve(labels, scores)
         low, high = result["auc_ci95"]
         line, = axes.plot(fpr, tpr, linewidth=2,
-                          label=f"{result['model_name']}: AUC {result['auc']:.3f} (95% CI {low:.3f}-{high:.3f})")
+                          label=f"{_figure_name(result, results)}: AUC {result['auc']:.3f} (95% CI "
+                                f"{low:.3f}-{high:.3f})")
         at = result["at_model_threshold"]
         axes.plot(1 - at["specificity"], at["sensitivity"], "o", markersize=9, markerfacecolor="none",
                   markeredgewidth=2, color=line.get_color(),
@@ -317,6 +342,14 @@ def _roc_figure(labels: np.ndarray, all_scores: list[np.ndarray], results: list[
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     return figure
+
+
+def _figure_name(result: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """A model's name in the figures: its name, or its whole label (version, engine, sha256) where
+    another model measured shares the name (a model and its recalibrated copy: a trial found two
+    panels titled alike)."""
+    shared = sum(other["model_name"] == result["model_name"] for other in results) > 1
+    return str(result["label"] if shared else result["model_name"])
 
 
 def _histogram_figure(labels: np.ndarray, all_scores: list[np.ndarray], results: list[dict[str, Any]]):
@@ -331,7 +364,7 @@ def _histogram_figure(labels: np.ndarray, all_scores: list[np.ndarray], results:
         axes.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"abnormal ({int((labels == 1).sum())})")
         threshold = result["at_model_threshold"]["threshold"]
         axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
-        axes.set(xlabel="anomaly score (0-1)", ylabel="images", title=str(result["model_name"]))
+        axes.set(xlabel="anomaly score (0-1)", ylabel="images", title=_figure_name(result, results))
         axes.legend(fontsize=8, loc="upper left")
     return figure
 

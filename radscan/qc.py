@@ -660,8 +660,10 @@ class QualityControl:
                     "a lateral view, a photograph, a damaged image, or a chest far smaller in its film "
                     "than the training normals'?)"]
         if best < limits.orientation_margin * upright:
+            # a trial: an upright AP film of a sick adult, one lung white, failed as turned 90 degrees
             return [f"wrong way round, or not a chest film framed as the training normals are: it matches an "
-                    f"upright frontal chest film only if it is taken to be {_describe(name)}"]
+                    f"upright frontal chest film only if it is taken to be {_describe(name)} (an upright film "
+                    "with a lung made white by disease can look so: read the film)"]
         if upright > limits.max_distance:
             # trials: a small child drawn on 60% of a large dark film is stopped here (12 of 15), on
             # 50% of a grey one by the check above (15 of 15)

@@ -61,6 +61,27 @@ def test_evaluate_agrees_with_an_independent_auc(labelled, tiny_model, tmp_path)
     assert at["sensitivity"] == pytest.approx((scores[1] >= at["threshold"]).mean())
     assert Image.open(roc).size == (640, 600)
     assert (at["tp"], at["fn"]) == ((scores[1] >= at["threshold"]).sum(), (scores[1] < at["threshold"]).sum())
+    # accuracy beside what flagging every image (or none) scores on this set; a weak flag said
+    assert report["accuracy_of_the_larger_class_alone"] == pytest.approx(12 / 22)
+    said = [warning for warning in report["warnings"] if "flags only" in warning]
+    assert len(said) == (at["sensitivity"] < 0.5)
+
+
+def test_a_weak_flag_is_said_and_models_of_one_name_are_told_apart_in_the_figures():
+    """A trial: an adult model of AUC 0.75 flagged 6% of 319 pneumonias at its threshold, and nothing
+    said so; its recalibrated copy's histogram panel had the same title as the original's."""
+    from radscan.evaluate import _figure_name, _weak_flag
+
+    def result(sensitivity: float, tp: int, fn: int, name: str = "adult", version: str = "1") -> dict:
+        return {"label": f"{name} {version} (torch, sha256 0)", "model_name": name, "auc": 0.752,
+                "at_model_threshold": {"sensitivity": sensitivity, "specificity": 0.95, "tp": tp, "fn": fn}}
+
+    weak = _weak_flag(result(20 / 319, 20, 299))
+    assert "flags only 6%" in weak and "20 of 319" in weak and "AUC 0.752" in weak
+    assert _weak_flag(result(0.5, 10, 10)) == "" and _weak_flag(result(float("nan"), 0, 0)) == ""
+    first, second, other = result(0.1, 1, 9), result(0.1, 1, 9, version="2"), result(0.1, 1, 9, name="child")
+    assert _figure_name(first, [first, second]) != _figure_name(second, [first, second])
+    assert _figure_name(first, [first, other]) == "adult"
 
 
 def test_a_set_unfit_to_measure_on_is_said_so_and_unreadable_files_exit_3(labelled, tiny_model, tmp_path):
