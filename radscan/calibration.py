@@ -126,8 +126,9 @@ def calibrate(model: SimSID, normals: np.ndarray, batch_size: int, device: torch
     scores = torch.sigmoid(model.calibrated(components)[1]).numpy()
     if target_specificity is not None:
         # just above the normals' score at the target quantile (numpy's "higher": the score at rank
-        # ceil(target x (n - 1)) from 0): at least the target share of these normals stays unflagged, a
-        # little more where n is small (180 normals: 95.6%; 40: 97.5%, one normal being 2.5% of them)
+        # ceil(target x (n - 1)) counted from 0, so that many + 1 normals stay unflagged): at least the
+        # target share, and where target x n is whole one normal more than it needs (180 normals at
+        # 0.95: 172, 95.6%, where 171 would do; 40: 39, 97.5%), about 1/n above the target
         kept = np.float32(np.quantile(scores, target_specificity, method="higher"))
         model.threshold.fill_(float(np.nextafter(kept, np.float32(np.inf))))
         _warn_if_unsupported(scores, float(model.threshold), target_specificity)

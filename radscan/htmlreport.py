@@ -121,17 +121,19 @@ def render_worklist_html(studies: Iterable[dict[str, Any]], summary: dict[str, A
 
 def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons: list[dict[str, Any]],
                           disclaimer: str, rejected: dict[str, Any], failed_but_measured: int,
-                          warnings: Sequence[str] = (), unreadable: Sequence[dict[str, str]] = ()) -> None:
+                          warnings: Sequence[str] = (), unreadable: Sequence[dict[str, str]] = (),
+                          majority: dict[str, Any] | None = None) -> None:
     """The evaluation page (`radscan evaluate --out DIR`): metrics, counts, comparisons and the
     figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results;
     `rejected`: its "rejected_by_qc" (the films quality control set aside, each with its reason);
     `failed_but_measured`: how many films quality control failed were measured (--qc warn);
     `warnings`: what makes the set unfit to measure on (radscan.evaluate.set_warnings), shown first;
-    `unreadable`: the files that could not be read (path, label, reason)."""
+    `unreadable`: the files that could not be read (path, label, reason); `majority`: the set's larger
+    class and what calling every image that class scores (majority_class, majority_class_accuracy)."""
     page = _environment().get_template("evaluation.html.j2").render(
         models=models, first=models[0], comparisons=comparisons, disclaimer=disclaimer,
         rejected=rejected, failed_but_measured=failed_but_measured, warnings=list(warnings),
-        unreadable=list(unreadable))
+        unreadable=list(unreadable), **(majority or {}))
     with atomic_output(path) as handle:
         handle.write(page)
 

@@ -368,8 +368,8 @@ def evaluate(ctx: click.Context, normal: tuple[str, ...], abnormal: tuple[str, .
             f"{at['specificity']:.3f}, F1 {at['f1']:.3f}, accuracy {at['accuracy']:.3f} (TP {at['tp']}, FP "
             f"{at['fp']}, TN {at['tn']}, FN {at['fn']})",
             f"at the best-accuracy threshold on this set (optimistic, as papers report): accuracy "
-            f"{best['accuracy']:.3f}, F1 {best['f1']:.3f} (flagging every image, or none: "
-            f"{model_result['accuracy_of_the_larger_class_alone']:.3f})",
+            f"{best['accuracy']:.3f}, F1 {best['f1']:.3f} (calling every image {result['majority_class']}: "
+            f"{result['majority_class_accuracy']:.3f})",
         ]
     left_out = result["rejected_by_qc"]
     if left_out["normal"] or left_out["abnormal"]:
