@@ -127,7 +127,8 @@ def write_evaluation_html(path: Path, models: list[dict[str, Any]], comparisons:
     figures roc.png and histogram.png beside it. `models`: radscan.evaluate's per-model results;
     `rejected`: its "rejected_by_qc" (the films quality control set aside, each with its reason);
     `failed_but_measured`: how many films quality control failed were measured (--qc warn);
-    `warnings`: what makes the set unfit to measure on (radscan.evaluate.set_warnings), shown first;
+    `warnings`, shown first: what makes the set unfit to measure on (radscan.evaluate.set_warnings) and
+    a model whose threshold flags few abnormal images (radscan.evaluate._weak_flag);
     `unreadable`: the files that could not be read (path, label, reason); `majority`: the set's larger
     class and what calling every image that class scores (majority_class, majority_class_accuracy)."""
     page = _environment().get_template("evaluation.html.j2").render(

@@ -144,6 +144,10 @@ def test_evaluation_report_compares_two_models_on_the_same_images(labelled, tiny
         second["at_model_threshold"]["tp"]
     page = (out / "evaluation.html").read_text()
     assert "not a diagnosis" in page and "paired bootstrap" in page.lower() and f"{second['auc']:.3f}" in page
+    assert f"calling every image normal scores {12 / 22:.3f}" in " ".join(page.split())
+    weak = [w for w in report["warnings"] if "flags only" in w]  # said on the page as in --json
+    assert len(weak) == sum(m["at_model_threshold"]["sensitivity"] < 0.5 for m in report["models"])
+    assert all(w.split(":")[0] in page for w in weak)
     for figure in ("roc.png", "histogram.png"):
         assert Image.open(out / figure).size[0] == 640
 
