@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from borders import bordered as painted_border
+from borders import noisy
 from PIL import Image
 from shift import Row, arguments, print_table, reading, scorer, summary
 from splits import split_paths
@@ -85,24 +87,26 @@ def shrunk(depth: float) -> Framing:
 
 
 def rough_border(depth: float, kind: str) -> Framing:
-    """A white border of `depth` over every edge that is not flat: with noise (sd 8 grey levels),
-    with a dark lead marker in its top left corner, or with its brightness falling from 255 to 170
-    along the edges (scatter). A new user's trial: each of these defeated a matcher that left out
-    only perfectly flat edge lines (13-15 of 15 normals flagged)."""
-    def border(film: np.ndarray) -> np.ndarray:
-        h, w = film.shape
-        dy, dx = round(depth * h), round(depth * w)
-        white = np.full((h, w), 255.0)
-        if kind == "noise":
-            white += np.random.default_rng(0).normal(0, 8, (h, w))
-        elif kind == "marker":
-            white[dy // 4:dy * 3 // 4, dx // 4:dx // 4 + max(dx // 3, 2)] = 40
-        else:
-            white -= 85 * np.add.outer(np.linspace(0, 1, h), np.linspace(0, 1, w)) / 2
-        inside = np.zeros((h, w), bool)
-        inside[dy:h - dy, dx:w - dx] = True
-        return np.where(inside, film, np.clip(white, 0, 255)).astype(np.uint8)
-    return border
+    """A white border of `depth` over every edge that is not flat: with noise (sd 8 grey levels,
+    drawn afresh for each film), with a dark lead marker in its top left corner, or with its
+    brightness falling from 255 to 170 along the edges (scatter); `benchmarks/borders.py`'s
+    `bordered` paints it. A new user's trial: each of these defeated a matcher that left out only
+    perfectly flat edge lines (13-15 of 15 normals flagged)."""
+    if kind == "noise":
+        return painted_border(depth, noisy(255.0, 8.0))
+    if kind == "marker":
+        return painted_border(depth, noisy(255.0, 0.0), corner_marker)
+    return painted_border(depth, fading)
+
+
+def corner_marker(canvas: np.ndarray, dy: int, dx: int) -> None:
+    """A dark lead marker (40) in the top left corner of a border dy, dx deep."""
+    canvas[dy // 4:dy * 3 // 4, dx // 4:dx // 4 + max(dx // 3, 2)] = 40
+
+
+def fading(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """White falling to 170 from the top left corner to the bottom right one (scatter)."""
+    return 255.0 - 85 * np.add.outer(np.linspace(0, 1, h), np.linspace(0, 1, w)) / 2
 
 
 def labelled(film: np.ndarray) -> np.ndarray:
