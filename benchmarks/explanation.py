@@ -6,6 +6,15 @@ the fairer baseline for a smoothed map: scattered replaced pixels look abnormal 
 A faithful map lowers the score more than either.
 
     python benchmarks/explanation.py --model models/kermany-tiny
+    python benchmarks/explanation.py --model models/kermany-tiny --regions --images HALF_A
+
+With --regions (rule 19 of docs/research-log.md; a density model with a lung mask), the test is
+asked at the scale the density's map is made of, with a fill its features know: the k regions of
+the density's grid (of those at least half inside the lung mask) where the shown map has most mass
+take the same place of a calibration normal (held out from training; brightness matched over the
+lung mask, blended in with the regions' mask smoothed by a Gaussian of FEATHER_SIGMA px; the mean
+over DONORS normals drawn at random), against k such regions drawn at random with the same donors,
+and, for information, the k with least mass.
 
 Runs on the validation pneumonias (never the test split) and prints the mean fall of the
 calibrated z-score for the map and both baselines, and the share of films where the map's pixels
@@ -15,17 +24,28 @@ lower it more.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from radscan.ingest import load_images
 from radscan.model.io import load_model
 from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy, for_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from shift import calibration_normals  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+# rule 19: regions replaced (10% of an 8 x 8 grid, the pixel test's share), normals drawn as fill per
+# film, and the blend's smoothing in pixels at 128 px
+REGIONS = 6
+DONORS = 5
+FEATHER_SIGMA = 4.0
 
 
 def z_scores(model, images: torch.Tensor) -> torch.Tensor:
@@ -39,18 +59,93 @@ def replace(images: torch.Tensor, chosen: torch.Tensor, reference: torch.Tensor)
     return flat.view_as(images)
 
 
+def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int = REGIONS,
+                    donors: int = DONORS, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rule 19's deletion test at the scale of the density's regions. `images` (B, 1, H, W) and
+    `normals` (M, 1, H, W) model inputs in [-1, 1] -> (B,) falls of the calibrated z-score for the
+    map's k regions ("map"), k random ones ("random") and the k with least mass ("least"), each the
+    mean over `donors` calibration normals as fill. Regions: the density grid's, those at least half
+    inside the model's lung mask. Raises ValueError for a model without a density or lung mask."""
+    if model.density is None or model.cfg.field != "thorax-box":
+        raise ValueError("the region test needs a density model with a lung mask (a thorax-box model)")
+    grid, size = model.cfg.density_grid, images.shape[-1]
+    side = size // grid
+    lungs = model.lung_mask.float()
+    candidates = F.avg_pool2d(lungs[None, None], side).flatten() >= 0.5  # (g*g,)
+    with torch.inference_mode():
+        result = model.score(images, explain=True, components=False)
+        before = model.calibrated(result.components)[1]
+        distance = model.density_regions(images).flatten(1)
+    mass = F.avg_pool2d(result.explanation_maps[:, None], side).flatten(1)
+    # most mass first, ties (regions the map leaves blank) by the region's own distance
+    by_distance = distance.argsort(dim=1, descending=True)
+    order = by_distance.gather(1, mass.gather(1, by_distance).argsort(dim=1, descending=True, stable=True))
+    rng = np.random.default_rng(seed)
+    inside = candidates.nonzero().flatten().numpy()
+    chosen = {"map": [], "random": [], "least": []}
+    for row in order.numpy():
+        ranked = [r for r in row if candidates[r]]
+        chosen["map"].append(ranked[:k])
+        chosen["least"].append(ranked[-k:])
+        chosen["random"].append(rng.choice(inside, k, replace=False).tolist())
+    fill = rng.integers(0, len(normals), (len(images), donors))
+    weights = lungs.flatten()
+
+    def lung_mean(films: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B,) mean over the lung mask
+        return (films.flatten(1) * weights).sum(1) / weights.sum()
+    falls = {}
+    for name, regions in chosen.items():
+        blend = np.zeros((len(images), size, size), np.float32)
+        for b, picked in enumerate(regions):
+            for r in picked:
+                row, col = divmod(int(r), grid)
+                blend[b, row * side:(row + 1) * side, col * side:(col + 1) * side] = 1.0
+            blend[b] = ndimage.gaussian_filter(blend[b], FEATHER_SIGMA, mode="constant")
+        alpha = torch.from_numpy(blend)[:, None]
+        after = []
+        for j in range(donors):
+            donor = normals[torch.from_numpy(fill[:, j])]
+            donor = (donor + (lung_mean(images) - lung_mean(donor))[:, None, None, None]).clamp(-1, 1)
+            with torch.inference_mode():
+                changed = model.score(alpha * donor + (1 - alpha) * images, explain=False, components=False)
+                after.append(model.calibrated(changed.components)[1])
+        falls[name] = before - torch.stack(after).mean(0)
+    return falls
+
+
+def main_regions(model, images: torch.Tensor, model_dir: Path, train: Path, seed: int) -> None:
+    normals = to_model_tensor(calibration_normals(model_dir, train))
+    falls = region_deletion(model, images, normals, seed=seed)
+    print(f"{len(images)} films; {REGIONS} regions of the lung mask replaced by {DONORS} calibration normals' "
+          f"({len(normals)} normals), blended over {FEATHER_SIGMA:g} px")
+    for name, fall in falls.items():
+        print(f"mean fall of z, {name:<7} {fall.mean():+.3f} (median {fall.median():+.3f})")
+    beats = (falls["map"] > falls["random"]).float().mean()
+    passed = falls["map"].mean() > falls["random"].mean() and beats > 0.5
+    print(f"films where the map's regions lower it more than random regions: {beats:.1%}; "
+          f"than the least-mass regions: {(falls['map'] > falls['least']).float().mean():.1%}")
+    print(f"rule 19: {'passes' if passed else 'fails'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "kermany-tiny")
     parser.add_argument("--images", type=Path, default=DATA / "kermany_pediatric_224" / "val_abnormal")
     parser.add_argument("--fraction", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regions", action="store_true", help="rule 19: the map's regions against random ones")
+    parser.add_argument("--train", type=Path, default=DATA / "kermany_pediatric_224" / "train_normal",
+                        help="where the model's calibration normals are (--regions)")
     args = parser.parse_args()
 
     model, metadata = load_model(args.model)
     # a thorax-box model's films are read cut to its box, as every command reads them
     images = to_model_tensor(load_images([str(args.images)], for_model(Policy(), metadata, args.model), workers=2,
                                          progress=False)[0])
+    model.eval()
+    if args.regions:
+        main_regions(model, images, args.model, args.train, args.seed)
+        return
     result = model.score(images)
     before = model.calibrated(result.components)[1]
     count = int(args.fraction * images[0, 0].numel())
