@@ -252,7 +252,8 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
     """The explanation picture's caption: the result (the 0..1 score as the page shows it,
     `score_text`, and its z, which keeps the order where the score saturates) and the disclaimer;
     the film's identity as the PHI mode left it in `record` (hashed or dropped outside --phi keep),
-    its view, date and path, the model; a QC verdict on a third line. Header text is put on one line per field."""
+    its view, date and path, the model; a QC verdict and header values read by a guess
+    (`header_notes`) on further lines. Header text is put on one line per field."""
     verdict = "FLAGGED" if score >= threshold else "not flagged"
     text = score_text(score, threshold)
     # the threshold to as many decimals as the score needed, so that the two read as the flag says (a
@@ -263,6 +264,8 @@ def picture_caption(record: ImageRecord, score: float, threshold: float, provena
              "only, not a diagnosis.", _identity_line(record, provenance)]
     if record.qc_status in ("warn", "fail"):
         lines.append(f"quality control {record.qc_status}: {record.qc_reason}")
+    if record.header_notes:  # the film was read by a guess: the reader of the picture is told too
+        lines.append(f"header read by a guess: {record.header_notes}")
     return _caption(lines)
 
 

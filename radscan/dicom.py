@@ -44,7 +44,7 @@ from pydicom.uid import (
 from radscan.dicomheader import file_meta, header_int, header_text, header_texts
 from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
 from radscan.policy import Policy
-from radscan.records import DICOM_FIELDS, ImageRecord
+from radscan.records import DICOM_FIELDS, ImageRecord, visible_controls
 
 __all__ = ["read_dicom", "skip_reason"]
 
@@ -133,7 +133,7 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     except ValueError as exc:
         record.fail(str(exc))
         return None
-    problem = _repair_image_pixel_module(ds) or _pixel_data_size_problem(ds)
+    problem = _repair_image_pixel_module(ds, record) or _pixel_data_size_problem(ds, record)
     if problem:
         record.fail(problem)
         return None
@@ -147,6 +147,10 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         log.debug("cannot decode %s", path, exc_info=True)
         record.fail(_decode_failure(ds, exc))
         return None
+    problem = _non_finite_problem(stored)
+    if problem:
+        record.fail(problem)
+        return None
     try:
         return display_grey(stored, ds, record)
     except UnusablePalette as exc:
@@ -158,6 +162,19 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         log.debug("traceback", exc_info=True)
         record.fail("cannot apply the display values of the header (Modality LUT, VOI LUT or window)")
         return None
+
+
+def _non_finite_problem(stored: np.ndarray) -> str:
+    """'' unless decoded pixel values (Float or Double Float Pixel Data) hold NaN or infinities, which
+    no display transform maps: then why the film cannot be shown. A trial: a film with 60 such rows
+    was rejected as "nearly blank", a reason that sent the reader to the window."""
+    if stored.dtype.kind != "f":
+        return ""
+    bad = int(np.count_nonzero(~np.isfinite(stored)))
+    if not bad:
+        return ""
+    return (f"damaged pixel data: {bad:,} of its {stored.size:,} pixel values ({bad / stored.size:.1%}) are not "
+            "numbers (NaN or infinite)")
 
 
 def _decoded(ds: Dataset, index: int | None) -> np.ndarray:
@@ -243,11 +260,13 @@ def iso_date(value: str) -> str:
 
 def age_by_dates(birth: str, on: str) -> float | None:
     """Whole years from a birth date to a date, both DA values (PS3.5 6.2; read as `iso_date`), as a
-    birthday counts them; None when either is not a real date, the birth is after the date, or the
-    birth date is before 1901: de-identification's placeholder (19000101, three of the real files in
-    ../shared/data, one of them a 10-year-old's by its PatientAge), not a birth."""
+    birthday counts them; negative (-1 or less) when the birth is after the date, a header that
+    cannot be right (quality control says so: a trial's films born after their study, or in 2099,
+    passed as of unknown age); None when either is not a real date, or the birth date is before
+    1901: de-identification's placeholder (19000101, three of the real files in ../shared/data, one
+    of them a 10-year-old's by its PatientAge), not a birth."""
     born, then = iso_date(birth), iso_date(on)
-    if not born or not then or born > then or born < "1901":
+    if not born or not then or born < "1901":
         return None
     (y0, m0, d0), (y1, m1, d1) = ((int(part) for part in text.split("-")) for text in (born, then))
     return float(y1 - y0 - ((m1, d1) < (m0, d0)))
@@ -301,8 +320,10 @@ def _is_encapsulated(ds: Dataset) -> bool:
     return bool(undefined) if undefined is not None else element.length == _UNDEFINED_LENGTH
 
 
-def _repair_image_pixel_module(ds: Dataset) -> str:
+def _repair_image_pixel_module(ds: Dataset, record: ImageRecord) -> str:
     """Give the Image Pixel module (PS3.3 C.7.6.3) the values the decoder needs, or say why not.
+    Each value replaced by a guess is said in `record.header_notes` (a trial: a Photometric
+    Interpretation of FOOBAR, or Bits Stored 16 in 8-bit words, were read with no word of it).
 
     Rows, Columns and Bits Allocated lay the pixel data out: without them nothing can be decoded
     (the reason names them). The others have a next valid choice that archives' viewers make too:
@@ -321,9 +342,12 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
         return f"the header gives no {' / '.join(missing)} (absent or 0): the pixel data cannot be laid out"
     allocated = header_int(ds, "BitsAllocated") or 0
     if not 0 < (header_int(ds, "BitsStored") or 0) <= allocated:
+        record.note_header(f"Bits Stored {_shown(ds, 'BitsStored')} with Bits Allocated {allocated}: read as "
+                           f"{allocated}")
         ds.BitsStored = allocated
         ds.HighBit = allocated - 1
     if header_int(ds, "PixelRepresentation") not in (0, 1):
+        record.note_header(f"Pixel Representation {_shown(ds, 'PixelRepresentation')}: read as unsigned")
         ds.PixelRepresentation = 0
     if "NumberOfFrames" in ds and (header_int(ds, "NumberOfFrames") or 0) < 1:
         ds.NumberOfFrames = 1  # empty, 0 or not a number: one frame, as without the element
@@ -331,6 +355,7 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
     samples = header_int(ds, "SamplesPerPixel")
     if samples not in (1, 3):  # absent, 0 or out of range (C.7.6.3.1.1): as the photometric says
         samples = 3 if photometric in _KNOWN_PHOTOMETRIC and photometric not in (*_GREY, "PALETTE COLOR") else 1
+        record.note_header(f"Samples per Pixel {_shown(ds, 'SamplesPerPixel')}: read as {samples}")
         ds.SamplesPerPixel = samples
     if samples == 3 and file_meta(ds).get("TransferSyntaxUID") in _INTERLEAVING_CODECS:
         ds.PlanarConfiguration = 0  # a stray 1 would make the decoder's interleaved output read as planes
@@ -340,12 +365,21 @@ def _repair_image_pixel_module(ds: Dataset) -> str:
         if samples != 1:
             shown = f"'{photometric}'" if photometric else "absent"
             return f"unknown Photometric Interpretation for colour data: {shown}, {samples} samples per pixel"
+        record.note_header(f"Photometric Interpretation {_shown(ds, 'PhotometricInterpretation')}"
+                           f"{': no defined term,' if photometric else ':'} read as MONOCHROME2 (not inverted)")
         photometric = "MONOCHROME2"
     ds.PhotometricInterpretation = photometric
     return ""
 
 
-def _pixel_data_size_problem(ds: Dataset) -> str:
+def _shown(ds: Dataset, keyword: str) -> str:
+    """A header value as a note shows it: quoted, cut to 16 characters, controls written out; or
+    "absent"."""
+    text = header_text(ds, keyword) if keyword in ds else ""
+    return f"'{visible_controls(text[:16])}'" if text else "absent"
+
+
+def _pixel_data_size_problem(ds: Dataset, record: ImageRecord) -> str:
     """'' when the length of native pixel data fits Rows x Columns x frames, else why not.
 
     PS3.5 8.1.1 and 7.1.1: native pixel data is exactly the image's bits, padded to an even
@@ -374,6 +408,8 @@ def _pixel_data_size_problem(ds: Dataset) -> str:
         whole = pixels * samples * -(-allocated // 8)
         if whole <= held <= whole + 2:  # the data is in whole bytes: the header's count is wrong, as viewers assume
             ds.BitsAllocated = 8 * -(-allocated // 8)
+            record.note_header(f"Bits Allocated {allocated}: read as {ds.BitsAllocated} (the length of the pixel "
+                               "data says so)")
             return ""
         return (f"Bits Allocated {allocated} is not valid for uncompressed pixel data (1 or a multiple of 8, "
                 f"PS3.5 8.1.1), and the {held:,} bytes of pixel data fit no whole number of bytes per sample")

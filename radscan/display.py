@@ -16,7 +16,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply
 
 from radscan.dicomheader import header_int, header_number, header_numbers, header_text, header_texts
 from radscan.preprocess import colour_notes, luma, percentile_window, subsample, window_to_uint8
-from radscan.records import ImageRecord
+from radscan.records import ImageRecord, visible_controls
 
 __all__ = ["display_grey", "ybr_full_to_rgb", "UnusablePalette"]
 
@@ -99,7 +99,8 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
     )
     domain, position = _integer_domain(stored)
     source = stored if domain is None else domain
-    values = _modality_values(source, ds)
+    said_voi, said_window = "VOILUTSequence" in ds, "WindowCenter" in ds or "WindowWidth" in ds
+    values = _modality_values(source, ds, record)
     sample = subsample(stored)
     sample_values = subsample(values) if domain is None else values[position(sample)]
     padding = _tagged_padding(stored, ds)
@@ -124,9 +125,28 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
             shown = sample_values if padding is None else sample_values[~subsample(padding)]
         low, high = percentile_window(shown)
         record.voi_source = "percentile"
+    _note_unused_voi(record, said_voi, said_window)
     grey = window_to_uint8(values, low, high, invert=record.inverted)
     grey = grey if domain is None else np.take(grey, position(stored))
     return grey if padding is None else np.where(padding, np.uint8(0), grey)
+
+
+# what was shown instead of a VOI LUT or window the header gave but that could not be used
+_INSTEAD = {"window": "its window used instead", "full-range": "its whole stored range shown",
+            "percentile": "an automatic window from the film's own values (0.5th-99.5th percentile) used"}
+
+
+def _note_unused_voi(record: ImageRecord, said_voi: bool, said_window: bool) -> None:
+    """Say in `record.header_notes` that a VOI LUT Sequence or a window the header gave was not used
+    (empty, damaged, out of range, or it would show the film blank), and what was used instead. A
+    trial: five kinds of damaged VOI LUT fell back to an automatic window with no word but
+    `voi_source`."""
+    if said_voi and record.voi_source != "lut":
+        record.note_header(f"VOI LUT Sequence unusable (empty, damaged, or it would show the film blank): "
+                           f"{_INSTEAD[record.voi_source]}")
+    if said_window and record.voi_source not in ("lut", "window"):
+        record.note_header(f"Window Center/Width unusable (absent, not a number, out of range, or it would show "
+                           f"the film blank): {_INSTEAD[record.voi_source]}")
 
 
 def _integer_domain(stored: np.ndarray) -> tuple[np.ndarray | None, Callable[[np.ndarray], np.ndarray]]:
@@ -157,19 +177,26 @@ def _stored_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
-def _modality_values(source: np.ndarray, ds: Dataset) -> np.ndarray:
+def _modality_values(source: np.ndarray, ds: Dataset, record: ImageRecord) -> np.ndarray:
     """The Modality LUT stage (PS3.3 C.11.1) with pydicom's `apply_modality_lut`.
 
     A Modality LUT Sequence that cannot be used (no descriptor or data, fewer entries than the
     descriptor says, an entry size other than 8 or 16 bits: C.11.1.1.1) is dropped in favour of
     the rescale. A Rescale Slope that is absent, empty, not a number or 0 means 1; such a Rescale
     Intercept means 0 (a slope of 0 would map every pixel to one value). An identity rescale is
-    dropped, so that 8-bit data keeps its own range.
+    dropped, so that 8-bit data keeps its own range. What was not used is said in
+    `record.header_notes`.
     """
     items = ds.get("ModalityLUTSequence")
     if items is not None and not (len(items) and _usable_lut(items[0], _MODALITY_LUT_BITS)):
+        record.note_header("Modality LUT Sequence unusable (empty, incomplete or damaged): the rescale used instead")
         del ds.ModalityLUTSequence
     slope, intercept = header_number(ds, "RescaleSlope"), header_number(ds, "RescaleIntercept")
+    if "RescaleSlope" in ds and (slope is None or slope == 0):
+        record.note_header(f"Rescale Slope '{visible_controls(header_text(ds, 'RescaleSlope')[:16])}': read as 1")
+    if "RescaleIntercept" in ds and intercept is None:
+        record.note_header(f"Rescale Intercept '{visible_controls(header_text(ds, 'RescaleIntercept')[:16])}': "
+                           "read as 0")
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         if keyword in ds:
             del ds[keyword]
@@ -182,6 +209,7 @@ def _modality_values(source: np.ndarray, ds: Dataset) -> np.ndarray:
     except Exception:  # a LUT pydicom cannot apply after all: the rescale is the next choice
         if "ModalityLUTSequence" not in ds:
             raise
+        record.note_header("Modality LUT Sequence unusable (pydicom cannot apply it): the rescale used instead")
         del ds.ModalityLUTSequence
         return apply_modality_lut(source, ds)
 

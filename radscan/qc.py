@@ -705,12 +705,16 @@ class QualityControl:
         when it can be read; else the age the birth and study dates give (radscan.dicom.age_by_dates:
         PatientAge is Type 3 and often absent). PatientAge comes first because de-identification
         shifts or replaces dates (real files here: 52 years by PatientAge, 56 by shifted dates). An
-        unreadable PatientAge with no dates to count is said too."""
+        unreadable PatientAge with no dates to count is said too, and so are dates that put the birth
+        after the film."""
         assert self.age_range is not None
         low, high = self.age_range
         said = age_in_years(record.PatientAge) if record.PatientAge else None
         age, source = (said, "") if said is not None else (record.age_by_dates, " (from its birth and study dates)")
         population = f"the model's training population ({low:g}-{high:g} years)"
+        if age is not None and age < 0:  # only the dates can say so: PatientAge holds no sign
+            return [f"{WARN_AGE} cannot be read (its birth date is after the film's date: a wrong or mixed-up "
+                    f"header?): whether the patient is in {population} is not known"]
         # a child of "5 years" is 5.0 up to 5.99: the range's upper end covers that whole year
         if age is not None and not low <= age < high + 1:
             shown = f"{age:.1f}" if age < 2 and not source else f"{age:.0f}"  # dates give whole years

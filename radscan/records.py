@@ -85,6 +85,10 @@ class ImageRecord:
     # what the grey image stands for beyond the stored values: "colour" (coloured content shown as its
     # luma), "transparency" (composited over white), both joined by "; ", or "" (radscan.preprocess.colour_notes)
     converted: str = ""
+    # header values radscan could not use and what it did instead, in plain words joined by "; " (a
+    # Photometric Interpretation that is no defined term read as MONOCHROME2, a damaged VOI LUT left for
+    # an automatic window...): the film was read by a guess or a fallback (radscan.dicom, radscan.display)
+    header_notes: str = ""
     bits_stored: int | None = None
     rows: int | None = None
     columns: int | None = None
@@ -100,6 +104,10 @@ class ImageRecord:
     # study's date (radscan.dicom.age_by_dates), for quality control's population check where PatientAge
     # is absent or disagrees; the birth date itself is never kept (an identifier)
     age_by_dates: float | None = field(default=None, repr=False, compare=False)
+
+    def note_header(self, note: str) -> None:
+        """Add `note` to `header_notes`."""
+        self.header_notes = f"{self.header_notes}; {note}" if self.header_notes else note
 
     def skip(self, reason: str) -> ImageRecord:
         self.status, self.reason = Status.SKIPPED, reason
