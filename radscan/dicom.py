@@ -41,10 +41,10 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
-from radscan.dicomheader import file_meta, header_int, header_text, header_texts
+from radscan.dicomheader import file_meta, header_int, header_quoted, header_text, header_texts
 from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
 from radscan.policy import Policy
-from radscan.records import DICOM_FIELDS, ImageRecord, visible_controls
+from radscan.records import DICOM_FIELDS, ImageRecord
 
 __all__ = ["read_dicom", "skip_reason"]
 
@@ -341,42 +341,40 @@ def _repair_image_pixel_module(ds: Dataset, record: ImageRecord) -> str:
     if missing:
         return f"the header gives no {' / '.join(missing)} (absent or 0): the pixel data cannot be laid out"
     allocated = header_int(ds, "BitsAllocated") or 0
+    integers = "PixelData" in ds  # Float and Double Float Pixel Data have no Bits Stored nor sign (C.7.6.24)
     if not 0 < (header_int(ds, "BitsStored") or 0) <= allocated:
-        record.note_header(f"Bits Stored {_shown(ds, 'BitsStored')} with Bits Allocated {allocated}: read as "
-                           f"{allocated}")
+        if integers:
+            record.note_header(f"Bits Stored {header_quoted(ds, 'BitsStored')} read as {allocated}")
         ds.BitsStored = allocated
         ds.HighBit = allocated - 1
     if header_int(ds, "PixelRepresentation") not in (0, 1):
-        record.note_header(f"Pixel Representation {_shown(ds, 'PixelRepresentation')}: read as unsigned")
+        if integers:
+            record.note_header(f"Pixel Representation {header_quoted(ds, 'PixelRepresentation')} read as 0 "
+                               "(unsigned)")
         ds.PixelRepresentation = 0
     if "NumberOfFrames" in ds and (header_int(ds, "NumberOfFrames") or 0) < 1:
+        record.note_header(f"Number of Frames {header_quoted(ds, 'NumberOfFrames')} read as 1")
         ds.NumberOfFrames = 1  # empty, 0 or not a number: one frame, as without the element
     photometric = header_text(ds, "PhotometricInterpretation").upper()
     samples = header_int(ds, "SamplesPerPixel")
     if samples not in (1, 3):  # absent, 0 or out of range (C.7.6.3.1.1): as the photometric says
         samples = 3 if photometric in _KNOWN_PHOTOMETRIC and photometric not in (*_GREY, "PALETTE COLOR") else 1
-        record.note_header(f"Samples per Pixel {_shown(ds, 'SamplesPerPixel')}: read as {samples}")
+        record.note_header(f"Samples per Pixel {header_quoted(ds, 'SamplesPerPixel')} read as {samples}")
         ds.SamplesPerPixel = samples
     if samples == 3 and file_meta(ds).get("TransferSyntaxUID") in _INTERLEAVING_CODECS:
         ds.PlanarConfiguration = 0  # a stray 1 would make the decoder's interleaved output read as planes
     elif samples == 3 and header_int(ds, "PlanarConfiguration") not in (0, 1):
+        record.note_header(f"Planar Configuration {header_quoted(ds, 'PlanarConfiguration')} read as 0")
         ds.PlanarConfiguration = 0  # absent or out of range (Type 1C): interleaved, as most colour data is
     if photometric not in _KNOWN_PHOTOMETRIC:
         if samples != 1:
             shown = f"'{photometric}'" if photometric else "absent"
             return f"unknown Photometric Interpretation for colour data: {shown}, {samples} samples per pixel"
-        record.note_header(f"Photometric Interpretation {_shown(ds, 'PhotometricInterpretation')}"
-                           f"{': no defined term,' if photometric else ':'} read as MONOCHROME2 (not inverted)")
+        record.note_header(f"Photometric Interpretation {header_quoted(ds, 'PhotometricInterpretation')} read "
+                           "as MONOCHROME2")
         photometric = "MONOCHROME2"
     ds.PhotometricInterpretation = photometric
     return ""
-
-
-def _shown(ds: Dataset, keyword: str) -> str:
-    """A header value as a note shows it: quoted, cut to 16 characters, controls written out; or
-    "absent"."""
-    text = header_text(ds, keyword) if keyword in ds else ""
-    return f"'{visible_controls(text[:16])}'" if text else "absent"
 
 
 def _pixel_data_size_problem(ds: Dataset, record: ImageRecord) -> str:
@@ -408,8 +406,7 @@ def _pixel_data_size_problem(ds: Dataset, record: ImageRecord) -> str:
         whole = pixels * samples * -(-allocated // 8)
         if whole <= held <= whole + 2:  # the data is in whole bytes: the header's count is wrong, as viewers assume
             ds.BitsAllocated = 8 * -(-allocated // 8)
-            record.note_header(f"Bits Allocated {allocated}: read as {ds.BitsAllocated} (the length of the pixel "
-                               "data says so)")
+            record.note_header(f"Bits Allocated {allocated} read as {ds.BitsAllocated} (the pixel data's length)")
             return ""
         return (f"Bits Allocated {allocated} is not valid for uncompressed pixel data (1 or a multiple of 8, "
                 f"PS3.5 8.1.1), and the {held:,} bytes of pixel data fit no whole number of bytes per sample")

@@ -10,7 +10,8 @@ from pydicom.multival import MultiValue
 
 from radscan.records import visible_controls
 
-__all__ = ["file_meta", "header_text", "header_texts", "header_numbers", "header_number", "header_int"]
+__all__ = ["file_meta", "header_text", "header_texts", "header_numbers", "header_number", "header_int",
+           "header_quoted"]
 
 
 def file_meta(ds: Dataset) -> Dataset:
@@ -33,6 +34,22 @@ def header_text(ds: Dataset, keyword: str) -> str:
 def _text_value(value: object) -> str:
     text = str(value) if not isinstance(value, bytes) else value.decode("latin-1", "replace")
     return visible_controls(" ".join(text.split()).strip("\x00 "))
+
+
+def header_quoted(ds: Dataset, keyword: str, limit: int = 16) -> str:
+    """A header value as a message quotes it: 'VALUE', several values joined by backslashes, cut to
+    `limit` characters before its controls are written out (an escape is never cut in two); "absent"
+    or "empty" when there is none."""
+    if keyword not in ds:
+        return "absent"
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return "unreadable"
+    items = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    raw = "\\".join(item.decode("latin-1", "replace") if isinstance(item, bytes) else str(item) for item in items)
+    raw = " ".join(raw.split()).strip("\x00 ")
+    return f"'{visible_controls(raw[:limit])}'" if raw else "empty"
 
 
 def header_texts(ds: Dataset, keyword: str) -> list[str]:

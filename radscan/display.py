@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
 
-from radscan.dicomheader import header_int, header_number, header_numbers, header_text, header_texts
+from radscan.dicomheader import header_int, header_number, header_numbers, header_quoted, header_text, header_texts
 from radscan.preprocess import colour_notes, luma, percentile_window, subsample, window_to_uint8
-from radscan.records import ImageRecord, visible_controls
+from radscan.records import ImageRecord
 
 __all__ = ["display_grey", "ybr_full_to_rgb", "UnusablePalette"]
 
@@ -99,7 +99,9 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
     )
     domain, position = _integer_domain(stored)
     source = stored if domain is None else domain
-    said_voi, said_window = "VOILUTSequence" in ds, "WindowCenter" in ds or "WindowWidth" in ds
+    # a VOI LUT Sequence, or a window with a value (anonymisers leave empty ones), that the header gives
+    said_voi = "VOILUTSequence" in ds
+    said_window = bool(header_text(ds, "WindowCenter") or header_text(ds, "WindowWidth"))
     values = _modality_values(source, ds, record)
     sample = subsample(stored)
     sample_values = subsample(values) if domain is None else values[position(sample)]
@@ -125,28 +127,30 @@ def display_grey(stored: np.ndarray, ds: Dataset, record: ImageRecord) -> np.nda
             shown = sample_values if padding is None else sample_values[~subsample(padding)]
         low, high = percentile_window(shown)
         record.voi_source = "percentile"
-    _note_unused_voi(record, said_voi, said_window)
+    _note_unused_voi(record, ds, said_voi, said_window)
     grey = window_to_uint8(values, low, high, invert=record.inverted)
     grey = grey if domain is None else np.take(grey, position(stored))
     return grey if padding is None else np.where(padding, np.uint8(0), grey)
 
 
 # what was shown instead of a VOI LUT or window the header gave but that could not be used
-_INSTEAD = {"window": "its window used instead", "full-range": "its whole stored range shown",
-            "percentile": "an automatic window from the film's own values (0.5th-99.5th percentile) used"}
+_INSTEAD = {"window": "window used", "full-range": "stored range shown", "percentile": "automatic window"}
 
 
-def _note_unused_voi(record: ImageRecord, said_voi: bool, said_window: bool) -> None:
+def _note_unused_voi(record: ImageRecord, ds: Dataset, said_voi: bool, said_window: bool) -> None:
     """Say in `record.header_notes` that a VOI LUT Sequence or a window the header gave was not used
-    (empty, damaged, out of range, or it would show the film blank), and what was used instead. A
-    trial: five kinds of damaged VOI LUT fell back to an automatic window with no word but
-    `voi_source`."""
+    (empty, damaged, out of range, or it would show the film blank: `_first_usable_voi_lut`,
+    `_first_usable_window`), and what was shown instead; and a VOI LUT Function that is no defined
+    term, read as LINEAR. A trial: five kinds of damaged VOI LUT fell back to an automatic window
+    with no word but `voi_source`."""
     if said_voi and record.voi_source != "lut":
-        record.note_header(f"VOI LUT Sequence unusable (empty, damaged, or it would show the film blank): "
-                           f"{_INSTEAD[record.voi_source]}")
+        record.note_header(f"VOI LUT Sequence unusable: {_INSTEAD[record.voi_source]}")
     if said_window and record.voi_source not in ("lut", "window"):
-        record.note_header(f"Window Center/Width unusable (absent, not a number, out of range, or it would show "
-                           f"the film blank): {_INSTEAD[record.voi_source]}")
+        record.note_header(f"Window Center/Width {header_quoted(ds, 'WindowCenter')}/"
+                           f"{header_quoted(ds, 'WindowWidth')} unusable: {_INSTEAD[record.voi_source]}")
+    if record.voi_source == "window" and any(name and name not in _VOI_FUNCTIONS
+                                             for name in header_texts(ds, "VOILUTFunction")):
+        record.note_header(f"VOI LUT Function {header_quoted(ds, 'VOILUTFunction')} read as LINEAR")
 
 
 def _integer_domain(stored: np.ndarray) -> tuple[np.ndarray | None, Callable[[np.ndarray], np.ndarray]]:
@@ -189,14 +193,14 @@ def _modality_values(source: np.ndarray, ds: Dataset, record: ImageRecord) -> np
     """
     items = ds.get("ModalityLUTSequence")
     if items is not None and not (len(items) and _usable_lut(items[0], _MODALITY_LUT_BITS)):
-        record.note_header("Modality LUT Sequence unusable (empty, incomplete or damaged): the rescale used instead")
+        record.note_header("Modality LUT Sequence unusable: rescale used")
         del ds.ModalityLUTSequence
     slope, intercept = header_number(ds, "RescaleSlope"), header_number(ds, "RescaleIntercept")
-    if "RescaleSlope" in ds and (slope is None or slope == 0):
-        record.note_header(f"Rescale Slope '{visible_controls(header_text(ds, 'RescaleSlope')[:16])}': read as 1")
-    if "RescaleIntercept" in ds and intercept is None:
-        record.note_header(f"Rescale Intercept '{visible_controls(header_text(ds, 'RescaleIntercept')[:16])}': "
-                           "read as 0")
+    if "ModalityLUTSequence" not in ds:  # a usable Modality LUT is applied instead of any rescale
+        if header_text(ds, "RescaleSlope") and (slope is None or slope == 0):  # an empty one says nothing
+            record.note_header(f"Rescale Slope {header_quoted(ds, 'RescaleSlope')} read as 1")
+        if header_text(ds, "RescaleIntercept") and intercept is None:
+            record.note_header(f"Rescale Intercept {header_quoted(ds, 'RescaleIntercept')} read as 0")
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         if keyword in ds:
             del ds[keyword]
@@ -209,7 +213,7 @@ def _modality_values(source: np.ndarray, ds: Dataset, record: ImageRecord) -> np
     except Exception:  # a LUT pydicom cannot apply after all: the rescale is the next choice
         if "ModalityLUTSequence" not in ds:
             raise
-        record.note_header("Modality LUT Sequence unusable (pydicom cannot apply it): the rescale used instead")
+        record.note_header("Modality LUT Sequence unusable: rescale used")
         del ds.ModalityLUTSequence
         return apply_modality_lut(source, ds)
 

@@ -49,8 +49,10 @@ CRASHED = "the decoder crashed on this file (its worker process died)"
 # Bumped when reading gives other pixels for some files while preprocessing is unchanged (a new
 # PREPROCESS_VERSION, which models record, would make every model refuse): `radscan score` then reads
 # every file once more instead of keeping what an older reader made of it. 2: 16-bit colour PNGs keep
-# their depth (were 8 bits, nearly black), YBR_FULL DICOM over 8 bits is read (was an error).
-READER_REVISION = 2
+# their depth (were 8 bits, nearly black), YBR_FULL DICOM over 8 bits is read (was an error). 3: header
+# values read by a guess are said (`header_notes`); float pixel data holding NaN or infinities is an error
+# that names them (was rejected as nearly blank).
+READER_REVISION = 3
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Names that promise an image: such a file with other content is an error, not a skip.

@@ -79,8 +79,9 @@ FLAT_TONES = 4
 # 4: a failed film scored anyway (--qc warn) carries the warnings too; colour and transparency warn.
 # 5: the age check reads the birth and study dates too, and an unreadable PatientAge warns.
 # 6: a chest off the training films' centre warns. 7: the contrast is the film's content's, its border
-# left out (a washed-out film inside a black border passed as contrasty: a trial).
-QC_RULES = 7
+# left out (a washed-out film inside a black border passed as contrasty: a trial). 8: a birth date after
+# the film's date warns that the age cannot be read (such films passed as of unknown age: a trial).
+QC_RULES = 8
 FEATURE_SIDE = 16  # the film at 16x16: its layout, not its texture (robust to sharpness and noise)
 # only the central 12x12 of it is compared: a collimation border or letterbox of up to 12.5% of the
 # width (white or black) then does not make a chest look like something else

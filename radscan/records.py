@@ -101,8 +101,9 @@ class ImageRecord:
     # only part of it (a thorax-box model's box; radscan.ingest.ingest_file). Dropped once judged.
     qc_image: Any = field(default=None, repr=False, compare=False)
     # not a column: the patient's age in years at the study from the header's PatientBirthDate and the
-    # study's date (radscan.dicom.age_by_dates), for quality control's population check where PatientAge
-    # is absent or disagrees; the birth date itself is never kept (an identifier)
+    # study's date (radscan.dicom.age_by_dates; negative when the birth is after the film: a header that
+    # cannot be right), for quality control's population check where PatientAge is absent or unreadable;
+    # the birth date itself is never kept (an identifier)
     age_by_dates: float | None = field(default=None, repr=False, compare=False)
 
     def note_header(self, note: str) -> None:

@@ -623,6 +623,13 @@ def test_picture_captions_say_what_and_whose_as_the_phi_mode_allows():
         identity = picture_caption(record, 0.93, 0.8, model).splitlines()[1]
         assert len(identity) <= 200 and identity.endswith("Patientin_Müller.jpeg · model kermany-tiny 2026.11.29")
         assert identity.startswith(f"patient {record.PatientID}") and "2026-11-29" in identity
+    # a film read by a guess says so under the verdict, whole (the trial's two notes fit one line)
+    record.qc_status, record.qc_reason = "warn", "patient age 64 years is outside the model's training population"
+    record.note_header("Window Center/Width '400'/'0' unusable: automatic window")
+    record.note_header("VOI LUT Sequence unusable: automatic window")
+    lines = picture_caption(record, 0.93, 0.8, model).splitlines()
+    assert lines[2].startswith("quality control warn: patient age 64")
+    assert lines[3] == f"header read by a guess: {record.header_notes}" and len(lines) == 4
     # a newline, a tab or a terminal's ESC in a name is written out, never drawn as a space or a box
     record.path = "new\nline\tand\x1b[31mred.jpeg"
     assert "new\\x0aline\\x09and\\x1b[31mred.jpeg" in picture_caption(record, 0.93, 0.8, model).splitlines()[1]

@@ -476,7 +476,8 @@ def test_float_pixel_data_with_nan_or_infinities_is_an_error_that_names_them(tmp
     window", a reason that sent the reader to the wrong place. Any NaN or infinity, a row or a
     single pixel, now makes the row an error that names them; the same film without them reads."""
     texture = np.random.default_rng(start).random((128, 128)).astype(dtype)
-    assert ingest_one(_write_float(tmp_path / f"clean-{start}.dcm", texture))[0].status == "ok"
+    clean = ingest_one(_write_float(tmp_path / f"clean-{start}.dcm", texture))[0]
+    assert clean.status == "ok" and clean.header_notes == ""
     damaged = texture.copy()
     damaged[start:start + rows] = bad
     damaged[start, column] = bad  # at least one
@@ -494,38 +495,58 @@ def _lut_item(entries: int, data: list[int]) -> Dataset:
     return item
 
 
+_USABLE_LUT = _lut_item(4096, list(range(0, 65536, 16)))  # a linear 12-bit VOI LUT
+
+
 @pytest.mark.parametrize("stored, header, said", [
-    (_ramp(0, 4095), {"photometric": "FOOBAR"},
-     "Photometric Interpretation 'FOOBAR': no defined term, read as MONOCHROME2 (not inverted)"),
-    (_ramp(0, 4095), {"photometric": ""}, "Photometric Interpretation absent: read as MONOCHROME2"),
-    (_ramp(0, 255, np.uint8), {"bits_stored": 16}, "Bits Stored '16' with Bits Allocated 8: read as 8"),
-    (_ramp(0, 4095), {"PixelRepresentation": 7}, "Pixel Representation '7': read as unsigned"),
-    (_ramp(0, 4095), {"BitsAllocated": 12}, "Bits Allocated 12: read as 16"),
-    (_ramp(0, 4095), {"RescaleSlope": "0"}, "Rescale Slope '0': read as 1"),
-    (_ramp(0, 4095), {"WindowCenter": 400, "WindowWidth": 0},
-     "Window Center/Width unusable (absent, not a number, out of range, or it would show the film blank): an "
-     "automatic window"),
+    (_ramp(0, 4095), {"photometric": "FOOBAR"}, "Photometric Interpretation 'FOOBAR' read as MONOCHROME2"),
+    (_ramp(0, 4095), {"photometric": ""}, "Photometric Interpretation empty read as MONOCHROME2"),
+    (_ramp(0, 255, np.uint8), {"bits_stored": 16}, "Bits Stored '16' read as 8"),
+    (_ramp(0, 4095), {"PixelRepresentation": 7}, "Pixel Representation '7' read as 0 (unsigned)"),
+    (_ramp(0, 4095), {"BitsAllocated": 12}, "Bits Allocated 12 read as 16 (the pixel data's length)"),
+    (_ramp(0, 4095), {"NumberOfFrames": "0"}, "Number of Frames '0' read as 1"),
+    (_ramp(0, 4095), {"RescaleSlope": "0"}, "Rescale Slope '0' read as 1"),
+    (_ramp(0, 4095), {"RescaleIntercept": "NaN"}, "Rescale Intercept 'NaN' read as 0"),
+    (_ramp(0, 4095), {"RescaleSlope": "", "RescaleIntercept": ""}, ""),  # empty: nothing to use, nothing guessed
+    (_ramp(0, 4095), {"WindowCenter": "400", "WindowWidth": "0"},
+     "Window Center/Width '400'/'0' unusable: automatic window"),
     (_ramp(0, 4095), {"VOILUTSequence": Sequence([_lut_item(4096, list(range(10)))]), "WindowCenter": 2048,
-                      "WindowWidth": 4096}, "VOI LUT Sequence unusable (empty, damaged, or it would show the film "
-                                            "blank): its window used instead"),
-    (_ramp(0, 4095), {"VOILUTSequence": Sequence([])}, "VOI LUT Sequence unusable"),
+                      "WindowWidth": 4096}, "VOI LUT Sequence unusable: window used"),
+    (_ramp(0, 4095), {"VOILUTSequence": Sequence([])}, "VOI LUT Sequence unusable: automatic window"),
     (_ramp(0, 4095), {"ModalityLUTSequence": Sequence([_lut_item(4096, list(range(10)))])},
-     "Modality LUT Sequence unusable (empty, incomplete or damaged): the rescale used instead"),
-], ids=["unknown photometric", "no photometric", "bits stored > allocated", "pixel representation",
-        "bits allocated 12", "rescale slope 0", "window width 0", "short VOI LUT", "empty VOI LUT",
-        "short modality LUT"])
+     "Modality LUT Sequence unusable: rescale used"),
+    (_ramp(0, 4095), {"WindowCenter": 2048, "WindowWidth": 4096, "VOILUTFunction": "CURVY"},
+     "VOI LUT Function 'CURVY' read as LINEAR"),
+    # what is used, or says nothing, gets no note
+    (_ramp(0, 4095), {"VOILUTSequence": Sequence([_USABLE_LUT]), "WindowCenter": 400, "WindowWidth": 0}, ""),
+    (_ramp(0, 4095), {"WindowCenter": [400, 2048], "WindowWidth": [0, 4096]}, ""),  # the second pair is used
+    (_ramp(0, 4095), {"WindowCenter": "", "WindowWidth": ""}, ""),  # an anonymiser's empty window
+    (_ramp(0, 4095), {"ModalityLUTSequence": Sequence([_USABLE_LUT]), "RescaleSlope": "0"}, ""),  # the LUT is used
+    (_ramp(0, 4095), {"photometric": "monochrome2 "}, ""),  # a defined term in another case
+], ids=["unknown photometric", "empty photometric", "bits stored > allocated", "pixel representation",
+        "bits allocated 12", "no frames", "rescale slope 0", "rescale intercept", "empty rescale", "window width 0",
+        "short VOI LUT", "empty VOI LUT", "short modality LUT", "unknown VOI LUT function", "usable VOI LUT",
+        "second window usable", "empty window", "usable modality LUT", "lower-case photometric"])
 def test_every_header_value_read_by_a_guess_is_said_in_header_notes(tmp_path, stored, header, said):
     """A trial: a Photometric Interpretation of FOOBAR, Bits Stored 16 over 8-bit words and five kinds
     of damaged VOI LUT were read by a guess or a fallback, scored, and passed quality control with no
-    word of it (only `voi_source` hinted). Each such value is now said in the row's `header_notes`,
-    with what was done instead; a clean header says nothing."""
+    word of it (only `voi_source` hinted). Each such value is now said, exactly, in the row's
+    `header_notes` with what was done instead; a value that is used, or an empty one, says nothing."""
     bits = header.pop("bits_stored", 12 if stored.dtype == np.uint16 else None)
     record, image = ingest_one(_write(tmp_path / "f.dcm", stored, bits_stored=bits, **header))
     assert record.status == "ok" and image is not None, record.reason
-    assert said in record.header_notes, record.header_notes
-    assert "header_notes" in record.as_row()
-    clean, _ = ingest_one(_write(tmp_path / "clean.dcm", stored, bits_stored=12 if stored.dtype == np.uint16 else None))
-    assert clean.header_notes == ""
+    assert record.header_notes == said
+    assert record.as_row()["header_notes"] == said
+
+
+def test_a_float_film_says_nothing_of_the_bits_and_sign_it_has_no_use_for(tmp_path):
+    """Float and Double Float Pixel Data define no Bits Stored nor Pixel Representation (PS3.3
+    C.7.6.24): a valid float film gets no note."""
+    texture = np.random.default_rng(0).random((128, 128))
+    for dtype in (np.float32, np.float64):
+        record, image = ingest_one(_write_float(tmp_path / f"{np.dtype(dtype).name}.dcm", texture.astype(dtype)))
+        assert record.status == "ok" and image is not None, record.reason
+        assert record.header_notes == ""
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -533,12 +554,20 @@ def test_every_header_value_read_by_a_guess_is_said_in_header_notes(tmp_path, st
                     max_size=24))
 def test_a_hostile_photometric_interpretation_is_said_escaped_and_cut(tmp_path, text):
     """Whatever the header holds where a defined term should be (markup, controls, a newline, a
-    long string), the note shows it escaped and cut to 16 characters, on one line."""
+    long string), the note quotes it on one line: cut to 16 characters, then its controls written
+    out (radscan.dicomheader.header_quoted)."""
     from radscan.dicom import _KNOWN_PHOTOMETRIC
+    from radscan.dicomheader import header_text
+    from radscan.records import visible_controls
 
-    assume(text.strip().upper() not in _KNOWN_PHOTOMETRIC and text.strip())
-    record, image = ingest_one(_write(tmp_path / "f.dcm", _ramp(0, 4095), bits_stored=12, photometric=text))
+    path = _write(tmp_path / "f.dcm", _ramp(0, 4095), bits_stored=12, photometric=text)
+    import pydicom
+
+    assume(header_text(pydicom.dcmread(path, stop_before_pixels=True), "PhotometricInterpretation").upper()
+           not in _KNOWN_PHOTOMETRIC)
+    record, image = ingest_one(path)
     assert record.status == "ok", record.reason
-    assert "read as MONOCHROME2" in record.header_notes
+    raw = " ".join(text.split()).strip("\x00 ")
+    quoted = f"'{visible_controls(raw[:16])}'" if raw else "empty"
+    assert record.header_notes == f"Photometric Interpretation {quoted} read as MONOCHROME2"
     assert not any(ord(c) < 32 or ord(c) == 127 for c in record.header_notes), repr(record.header_notes)
-    assert len(record.header_notes) < 120
