@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +64,21 @@ def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int =
                     donors: int = DONORS, seed: int = 0) -> dict[str, torch.Tensor]:
     """Rule 19's deletion test at the scale of the density's regions. `images` (B, 1, H, W) and
     `normals` (M, 1, H, W) model inputs in [-1, 1] -> (B,) falls of the calibrated z-score for the
-    map's k regions ("map"), k random ones ("random") and the k with least mass ("least"), each the
-    mean over `donors` calibration normals as fill. Regions: the density grid's, those at least half
-    inside the model's lung mask. Raises ValueError for a model without a density or lung mask."""
+    map's k regions ("map"), k random ones ("random"), the map's regions moved together to another
+    place of the lungs ("moved": as clustered as the map's, so as much seam; information; random
+    regions where no such place exists, flagged in "moved_found") and the k
+    with least mass ("least"), each the mean over `donors` calibration normals (drawn without
+    replacement) as fill. Regions: the density grid's, those at least half inside the model's lung
+    mask; k = 0 takes them all. Each film's draws come from its own generator (seeded by `seed` and
+    its pixels), so a film gets the same draws in any set. Raises ValueError for a model without a
+    density or lung mask."""
     if model.density is None or model.cfg.field != "thorax-box":
         raise ValueError("the region test needs a density model with a lung mask (a thorax-box model)")
     grid, size = model.cfg.density_grid, images.shape[-1]
     side = size // grid
     lungs = model.lung_mask.float()
-    candidates = F.avg_pool2d(lungs[None, None], side).flatten() >= 0.5  # (g*g,)
+    candidates = (F.avg_pool2d(lungs[None, None], side)[0, 0] >= 0.5).numpy()  # (g, g)
+    k = k or int(candidates.sum())
     with torch.inference_mode():
         result = model.score(images, explain=True, components=False)
         before = model.calibrated(result.components)[1]
@@ -80,19 +87,25 @@ def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int =
     # most mass first, ties (regions the map leaves blank) by the region's own distance
     by_distance = distance.argsort(dim=1, descending=True)
     order = by_distance.gather(1, mass.gather(1, by_distance).argsort(dim=1, descending=True, stable=True))
-    rng = np.random.default_rng(seed)
-    inside = candidates.nonzero().flatten().numpy()
-    chosen = {"map": [], "random": [], "least": []}
-    for row in order.numpy():
-        ranked = [r for r in row if candidates[r]]
+    inside = candidates.ravel().nonzero()[0]
+    chosen: dict[str, list[list[int]]] = {"map": [], "random": [], "moved": [], "least": []}
+    fill, found = [], []
+    for film, row in zip(images, order.numpy(), strict=True):
+        rng = np.random.default_rng([seed, zlib.crc32(film.numpy().tobytes())])
+        ranked = [int(r) for r in row if candidates.ravel()[r]]
         chosen["map"].append(ranked[:k])
         chosen["least"].append(ranked[-k:])
         chosen["random"].append(rng.choice(inside, k, replace=False).tolist())
-    fill = rng.integers(0, len(normals), (len(images), donors))
+        moved = _moved_pattern(ranked[:k], candidates, rng)
+        found.append(bool(moved))
+        chosen["moved"].append(moved or chosen["random"][-1])
+        fill.append(rng.choice(len(normals), donors, replace=False))
+    fill = np.array(fill)
     weights = lungs.flatten()
 
     def lung_mean(films: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B,) mean over the lung mask
         return (films.flatten(1) * weights).sum(1) / weights.sum()
+
     falls = {}
     for name, regions in chosen.items():
         blend = np.zeros((len(images), size, size), np.float32)
@@ -110,20 +123,43 @@ def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int =
                 changed = model.score(alpha * donor + (1 - alpha) * images, explain=False, components=False)
                 after.append(model.calibrated(changed.components)[1])
         falls[name] = before - torch.stack(after).mean(0)
+    falls["moved_found"] = torch.tensor(found, dtype=torch.float32)  # films whose pattern could be moved
     return falls
 
 
-def main_regions(model, images: torch.Tensor, model_dir: Path, train: Path, seed: int) -> None:
+def _moved_pattern(regions: list[int], candidates: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """`regions` (indices into the (g, g) grid) moved together by a whole number of regions, to a
+    place where every one is a candidate and at most half of them where the map put them; [] when
+    there is none."""
+    grid = candidates.shape[0]
+    rows, cols = np.divmod(np.array(regions), grid)
+    moves = [(dy, dx) for dy in range(-grid + 1, grid) for dx in range(-grid + 1, grid) if (dy, dx) != (0, 0)]
+    for index in rng.permutation(len(moves)):
+        dy, dx = moves[index]
+        y, x = rows + dy, cols + dx
+        if ((y >= 0) & (y < grid) & (x >= 0) & (x < grid)).all() and candidates[y, x].all() \
+                and len(set((y * grid + x).tolist()) & set(regions)) <= len(regions) // 2:
+            return (y * grid + x).tolist()
+    return []
+
+
+def main_regions(model, images: torch.Tensor | None, model_dir: Path, train: Path, seed: int, k: int) -> None:
+    """Print rule 19's figures; `images` None: the calibration normals themselves (what the fill alone
+    does to a normal film)."""
     normals = to_model_tensor(calibration_normals(model_dir, train))
-    falls = region_deletion(model, images, normals, seed=seed)
-    print(f"{len(images)} films; {REGIONS} regions of the lung mask replaced by {DONORS} calibration normals' "
+    images = normals if images is None else images
+    falls = region_deletion(model, images, normals, k=k, seed=seed)
+    print(f"{len(images)} films; {k or 'all'} regions of the lung mask replaced by {DONORS} calibration normals' "
           f"({len(normals)} normals), blended over {FEATHER_SIGMA:g} px")
+    found = falls.pop("moved_found")
     for name, fall in falls.items():
         print(f"mean fall of z, {name:<7} {fall.mean():+.3f} (median {fall.median():+.3f})")
+    print(f"the map's pattern could be moved in {found.mean():.0%} of films (else random regions stand in)")
     beats = (falls["map"] > falls["random"]).float().mean()
     passed = falls["map"].mean() > falls["random"].mean() and beats > 0.5
-    print(f"films where the map's regions lower it more than random regions: {beats:.1%}; "
-          f"than the least-mass regions: {(falls['map'] > falls['least']).float().mean():.1%}")
+    print(f"films where the map's regions lower it more than random regions: {beats:.1%}; than the map's "
+          f"regions moved: {(falls['map'] > falls['moved']).float().mean():.1%}; than the least-mass regions: "
+          f"{(falls['map'] > falls['least']).float().mean():.1%}")
     print(f"rule 19: {'passes' if passed else 'fails'}")
 
 
@@ -134,6 +170,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regions", action="store_true", help="rule 19: the map's regions against random ones")
+    parser.add_argument("--k", type=int, default=REGIONS, help="regions replaced (--regions; 0: every lung region)")
+    parser.add_argument("--on-normals", action="store_true",
+                        help="--regions on the calibration normals themselves (what the fill alone does)")
     parser.add_argument("--train", type=Path, default=DATA / "kermany_pediatric_224" / "train_normal",
                         help="where the model's calibration normals are (--regions)")
     args = parser.parse_args()
@@ -144,7 +183,7 @@ def main() -> None:
                                          progress=False)[0])
     model.eval()
     if args.regions:
-        main_regions(model, images, args.model, args.train, args.seed)
+        main_regions(model, None if args.on_normals else images, args.model, args.train, args.seed, args.k)
         return
     result = model.score(images)
     before = model.calibrated(result.components)[1]
