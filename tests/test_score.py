@@ -1324,6 +1324,33 @@ def test_a_study_holding_one_dicom_image_twice_says_so(studies, tiny_model, tmp_
     assert "1 file(s) hold a DICOM image that another file of this study holds too" in study["study_note"]
 
 
+@pytest.mark.parametrize("blank", [False, True], ids=["same pixels", "other pixels"])
+def test_one_dicom_image_under_two_studies_is_said_in_both(studies, tiny_model, tmp_path, blank):
+    """A trial: two files with one SOPInstanceUID, different pixels and different StudyInstanceUIDs, one
+    scored and one rejected, and neither row nor note said so. Each study's note now says that a file
+    of another study holds its image (which one is right is the sender's to say), and the log counts
+    the studies without naming a UID."""
+    import pydicom
+
+    out = tmp_path / "out" / "report.csv"
+    copy = pydicom.dcmread(studies / "nih" / "a.dcm")
+    copy.StudyInstanceUID = pydicom.uid.generate_uid()
+    if blank:
+        copy.PixelData = bytes(len(copy.PixelData))
+    (studies / "other").mkdir()
+    copy.save_as(studies / "other" / "b.dcm")
+    result = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model), "--no-residuals")
+    assert result.exit_code == ExitCode.OK, result.output
+    rows = read_rows(out.with_name("report_studies.csv"))
+    noted = [r for r in rows if "a file of another study holds too" in r["study_note"]]
+    assert sorted(r["StudyInstanceUID"] for r in noted) == sorted([copy.StudyInstanceUID,
+                                                                   pydicom.dcmread(studies / "nih" / "a.dcm")
+                                                                   .StudyInstanceUID])
+    assert all(r["study_note"].count("1 file(s) hold a DICOM image that a file of another study") == 1 for r in noted)
+    assert "2 studies hold a DICOM image (one SOPInstanceUID) that another study holds too" in result.stderr
+    assert copy.SOPInstanceUID not in result.stderr
+
+
 def test_a_root_whose_films_are_all_behind_a_link_is_not_empty(tiny_model, tmp_path):
     """`score C B` where C holds only a link into B stopped with exit 66 ("no files found under C
     ... an unmounted or emptied folder?"): the films are listed once, under B (a trial)."""
