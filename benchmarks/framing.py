@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from borders import bordered as painted_border
-from borders import noisy
+from painters import bordered as painted_border
+from painters import noisy
 from PIL import Image
 from shift import Row, arguments, print_table, reading, scorer, summary
 from splits import split_paths
@@ -89,7 +89,7 @@ def shrunk(depth: float) -> Framing:
 def rough_border(depth: float, kind: str) -> Framing:
     """A white border of `depth` over every edge that is not flat: with noise (sd 8 grey levels,
     drawn afresh for each film), with a dark lead marker in its top left corner, or with its
-    brightness falling from 255 to 170 along the edges (scatter); `benchmarks/borders.py`'s
+    brightness falling from 255 to 170 along the edges (scatter); `benchmarks/painters.py`'s
     `bordered` paints it. A new user's trial: each of these defeated a matcher that left out only
     perfectly flat edge lines (13-15 of 15 normals flagged)."""
     if kind == "noise":
