@@ -595,28 +595,39 @@ class StateStore:
         the studies none of whose files could be read (for IT, not a reader); then those whose
         every image was skipped by the policy."""
         query = f"""WITH {self._CURRENT}, {self._STUDY},
+            -- DICOM images (one SOP Instance UID) held by files of more than one study, and how many of each
+            -- study's files hold one: a sender's or anonymiser's error, or two images given one UID (a trial)
+            shared_sop AS (SELECT json_extract(row, '$.SOPInstanceUID') AS sop FROM current
+                WHERE {_LISTED} AND COALESCE(json_extract(row, '$.SOPInstanceUID'), '') != ''
+                GROUP BY sop HAVING COUNT(DISTINCT study_key) > 1),
+            elsewhere AS (SELECT study_key, COUNT(*) AS files FROM current
+                WHERE {_LISTED} AND json_extract(row, '$.SOPInstanceUID') IN (SELECT sop FROM shared_sop)
+                GROUP BY study_key),
             ranked AS (SELECT study_key, row, ROW_NUMBER() OVER (
                 PARTITION BY study_key ORDER BY status = 'skipped', score IS NULL, score DESC, {_Z} DESC,
                                                 sort_root, sort_path) AS n
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_to_review, s.images_new, s.images_qc_warned, s.images_skipped,
-                   s.skip_reasons, s.error_reasons, s.images_duplicated, s.patients, r.row,
+                   s.skip_reasons, s.error_reasons, s.images_duplicated, COALESCE(e.files, 0), s.patients, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
+                LEFT JOIN elsewhere e ON e.study_key = s.study_key
             ORDER BY """ + _SECTION_ORDER + """,
                      COALESCE(s.images_flagged, 0) > 0 DESC,
                      COALESCE(s.images_flagged, 0) > 0 AND COALESCE(s.images_flagged_plainly, 0) = 0,
                      COALESCE(s.images_flagged, 0) = 0 AND COALESCE(s.images_to_review, 0) > 0 DESC,
                      s.study_score IS NOT NULL, s.study_score DESC, s.study_z DESC, s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, to_review, new, warned, skipped, reasons, \
-                error_reasons, duplicated, patients, row, section in self._db.execute(query, {"run": self.run_id}):
+                error_reasons, duplicated, elsewhere, patients, row, section in self._db.execute(query,
+                                                                                         {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
                    "images_to_review": to_review or 0,
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
                    "skip_reasons": reasons, "error_reasons": error_reasons or 0,
-                   "images_duplicated": duplicated or 0, "patients": patients or 0,
+                   "images_duplicated": duplicated or 0, "images_in_another_study": elsewhere,
+                   "patients": patients or 0,
                    "top": json.loads(row),
                    "study_section": section}
 

@@ -104,12 +104,11 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
         report = CsvStream(outputs.report, REPORT_COLUMNS)
         pending.append(report.file)
         with_root = store.roots_listed() > 1  # the page shows paths under their roots (htmlreport.shown_path)
-        members, shared = _write_image_rows(report, store, with_root)
+        members = _write_image_rows(report, store, with_root)
         study_csv = CsvStream(outputs.studies, STUDY_COLUMNS)
         pending.insert(0, study_csv.file)
         entries, studies, flagged = _write_study_rows(study_csv, store, threshold, identity,
-                                                      members if outputs.html is not None else None, with_root,
-                                                      shared)
+                                                      members if outputs.html is not None else None, with_root)
         if outputs.html is not None:
             page = AtomicFile(outputs.html)
             pending.insert(1, page)
@@ -139,14 +138,11 @@ def write_worklist(store: StateStore, outputs: OutputPaths, threshold: float, id
     return studies, flagged
 
 
-def _write_image_rows(report: CsvStream, store: StateStore,
-                      with_root: bool) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+def _write_image_rows(report: CsvStream, store: StateStore, with_root: bool) -> dict[str, list[dict[str, Any]]]:
     """The image list; returns the images each study lists, in the list's order (radscan.htmlreport.image_entry;
-    at most IMAGES_PER_STUDY each), for the page, and for each study the number of its files whose
-    DICOM image (SOPInstanceUID) a file of another study holds too (`_shared_across_studies`)."""
+    at most IMAGES_PER_STUDY each), for the page."""
     rank = 0
     members: dict[str, list[dict[str, Any]]] = {}
-    studies_of: dict[str, dict[str, int]] = {}  # SOPInstanceUID -> files holding it, by study
     for row in store.worklist():
         if row["status"] == Status.OK:
             rank += 1
@@ -156,38 +152,22 @@ def _write_image_rows(report: CsvStream, store: StateStore,
             images = members.setdefault(row["study_key"], [])
             if len(images) < IMAGES_PER_STUDY:
                 images.append(image_entry(row, row["root"] if with_root else ""))
-            if row.get("SOPInstanceUID"):
-                files = studies_of.setdefault(row["SOPInstanceUID"], {})
-                files[row["study_key"]] = files.get(row["study_key"], 0) + 1
-    return members, _shared_across_studies(studies_of)
-
-
-def _shared_across_studies(studies_of: dict[str, dict[str, int]]) -> dict[str, int]:
-    """For each study, how many of its listed files hold a DICOM image whose SOPInstanceUID a file of
-    another study holds too: one image under two studies (a sender's or anonymiser's error, or two
-    different images given one UID: a trial). `studies_of`: each SOPInstanceUID's files by study."""
-    counts: dict[str, int] = {}
-    for files in studies_of.values():
-        if len(files) > 1:
-            for key, count in files.items():
-                counts[key] = counts.get(key, 0) + count
-    return counts
+    return members
 
 
 def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float, identity: ModelIdentity,
-                      members: dict[str, list[dict[str, Any]]] | None, with_root: bool,
-                      shared: dict[str, int] | None = None) -> tuple[list[dict[str, Any]], int, int]:
+                      members: dict[str, list[dict[str, Any]]] | None,
+                      with_root: bool) -> tuple[list[dict[str, Any]], int, int]:
     """The study list; returns the page's entries (with `members`, the images of each study:
-    _write_image_rows; with `with_root`, paths under their roots), studies, flagged studies.
-    `shared`: each study's files whose image another study holds too (`_shared_across_studies`)."""
-    entries, studies, flagged, mixed = [], 0, 0, 0
-    shared = shared or {}
+    _write_image_rows; with `with_root`, paths under their roots), studies, flagged studies."""
+    entries, studies, flagged, mixed, shared = [], 0, 0, 0, 0
     for study in store.studies():
-        note = _study_note({**study, "images_in_another_study": shared.get(study["study_key"], 0)})
+        note = _study_note(study)
         top = study.pop("top")
         study.pop("skip_reasons")
         study.pop("error_reasons")
         study.pop("images_duplicated")
+        shared += study.pop("images_in_another_study") > 0
         study.pop("images_to_review")
         mixed += study.pop("patients") > 1
         studies += 1
@@ -209,7 +189,7 @@ def _write_study_rows(study_csv: CsvStream, store: StateStore, threshold: float,
                                        root=row["top_root"] if with_root else ""))
     if shared:  # counted, never named: UIDs stay out of the log
         log.warning("%d studies hold a DICOM image (one SOPInstanceUID) that another study holds too (a sender's or "
-                    "anonymiser's error?): their study_note says so; read each image's row", len(shared))
+                    "anonymiser's error?): their study_note says so; read each image's row", shared)
     if mixed:  # counted, never named: Patient IDs stay out of the log
         log.warning("%d studies hold films of more than one patient under one Study Instance UID (a sender's or "
                     "anonymiser's error?): their study_note says so; read each image's row", mixed)
@@ -238,7 +218,7 @@ def _study_note(study: dict[str, Any]) -> str:
     if study["images_duplicated"]:  # a copy of a file, or a sender's error: the same image is in the list twice
         notes.append(f"{study['images_duplicated']} file(s) hold a DICOM image that another file of this study "
                      "holds too (the same SOPInstanceUID): a copy, listed more than once (see their rows)")
-    if study.get("images_in_another_study"):  # one UID under two studies: which study is the image's is unknown
+    if study["images_in_another_study"]:  # one UID under two studies: which study is the image's is unknown
         notes.append(f"{study['images_in_another_study']} file(s) hold a DICOM image that a file of another study "
                      "holds too (the same SOPInstanceUID under another StudyInstanceUID: a sender's or "
                      "anonymiser's error, or two images given one UID; see their rows)")
