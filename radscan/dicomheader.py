@@ -27,13 +27,14 @@ def header_text(ds: Dataset, keyword: str) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, MultiValue)):  # several values: joined as the standard writes them
-        return "\\".join(_text_value(item) for item in value)
-    return _text_value(value)
+        return "\\".join(visible_controls(_plain_value(item)) for item in value)
+    return visible_controls(_plain_value(value))
 
 
-def _text_value(value: object) -> str:
+def _plain_value(value: object) -> str:
+    """One value as text on one line, its padding stripped; controls not yet written out."""
     text = str(value) if not isinstance(value, bytes) else value.decode("latin-1", "replace")
-    return visible_controls(" ".join(text.split()).strip("\x00 "))
+    return " ".join(text.split()).strip("\x00 ")
 
 
 def header_quoted(ds: Dataset, keyword: str, limit: int = 16) -> str:
@@ -47,8 +48,7 @@ def header_quoted(ds: Dataset, keyword: str, limit: int = 16) -> str:
     except Exception:
         return "unreadable"
     items = list(value) if isinstance(value, (list, MultiValue)) else [value]
-    raw = "\\".join(item.decode("latin-1", "replace") if isinstance(item, bytes) else str(item) for item in items)
-    raw = " ".join(raw.split()).strip("\x00 ")
+    raw = "\\".join(_plain_value(item) for item in items)
     return f"'{visible_controls(raw[:limit])}'" if raw else "empty"
 
 
