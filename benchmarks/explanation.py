@@ -106,6 +106,11 @@ def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int =
     def lung_mean(films: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B,) mean over the lung mask
         return (films.flatten(1) * weights).sum(1) / weights.sum()
 
+    # each donor's film, brightness matched to the film it fills: the same for every choice of regions
+    matched = []
+    for j in range(donors):
+        donor = normals[torch.from_numpy(fill[:, j])]
+        matched.append((donor + (lung_mean(images) - lung_mean(donor))[:, None, None, None]).clamp(-1, 1))
     falls = {}
     for name, regions in chosen.items():
         blend = np.zeros((len(images), size, size), np.float32)
@@ -116,9 +121,7 @@ def region_deletion(model, images: torch.Tensor, normals: torch.Tensor, k: int =
             blend[b] = ndimage.gaussian_filter(blend[b], FEATHER_SIGMA, mode="constant")
         alpha = torch.from_numpy(blend)[:, None]
         after = []
-        for j in range(donors):
-            donor = normals[torch.from_numpy(fill[:, j])]
-            donor = (donor + (lung_mean(images) - lung_mean(donor))[:, None, None, None]).clamp(-1, 1)
+        for donor in matched:
             with torch.inference_mode():
                 changed = model.score(alpha * donor + (1 - alpha) * images, explain=False, components=False)
                 after.append(model.calibrated(changed.components)[1])
