@@ -571,3 +571,25 @@ def test_a_hostile_photometric_interpretation_is_said_escaped_and_cut(tmp_path, 
     quoted = f"'{visible_controls(raw[:16])}'" if raw else "empty"
     assert record.header_notes == f"Photometric Interpretation {quoted} read as MONOCHROME2"
     assert not any(ord(c) < 32 or ord(c) == 127 for c in record.header_notes), repr(record.header_notes)
+
+
+@pytest.mark.parametrize("records", [0, 1, 3])
+def test_an_image_carrying_a_stray_directory_record_sequence_is_read_not_skipped(tmp_path, records):
+    """Only the Media Storage Directory class, or a record sequence with no pixels, is a DICOMDIR
+    (PS3.10 7.2): a chest film that also carries the sequence (a bad export) is still read."""
+    sequence = Sequence([Dataset() for _ in range(records)])
+    record, image = ingest_one(_write(tmp_path / "film.dcm", _ramp(0, 4095), DirectoryRecordSequence=sequence))
+    assert record.status == "ok", record.reason
+    assert image is not None and image.shape == (128, 128)
+
+
+def test_a_record_sequence_without_pixels_is_still_a_dicomdir(tmp_path):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.3.4", generate_uid()  # no class a reader knows
+    ds.DirectoryRecordSequence = Sequence([Dataset()])
+    ds.save_as(tmp_path / "INDEX", enforce_file_format=True)
+    record, image = ingest_one(tmp_path / "INDEX")
+    assert record.status == "skipped" and record.reason.startswith("DICOMDIR"), record.reason
+    assert image is None
