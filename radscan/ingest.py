@@ -28,7 +28,14 @@ from radscan.dicom import read_dicom
 from radscan.errors import NoInputError, SettingError
 from radscan.logs import configure as configure_log
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
-from radscan.preprocess import PREPROCESS_VERSION, to_model_input, to_qc_input
+from radscan.preprocess import (
+    PREPROCESS_VERSION,
+    FollowReference,
+    film_bounds,
+    padding_note,
+    to_model_input,
+    to_qc_input,
+)
 from radscan.raster import read_raster
 from radscan.records import ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
@@ -361,6 +368,8 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
+        if policy.trim_padding and policy.follow is not None:  # the chest decides: radscan.preprocess.film_bounds
+            grey = _without_padding(grey, record, policy.follow)
         if policy.crop is not None:  # quality control judges the whole film, the model its box
             record.qc_image = to_qc_input(grey)
         return record, to_model_input(grey, policy.crop, policy.follow, record.qc_image)
@@ -370,6 +379,16 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         return _unexpected(record, found, exc)  # a library's OSError about the content
     except Exception as exc:  # the last line of defence: one bad file never stops a run
         return _unexpected(record, found, exc)
+
+
+def _without_padding(grey: np.ndarray, record: ImageRecord, follow: FollowReference) -> np.ndarray:
+    """The film the model reads (radscan.preprocess.film_bounds): the image, or the image less its
+    padding, said in the record's `converted`."""
+    top, bottom, left, right = bounds = film_bounds(grey, follow)
+    note = padding_note(bounds, *grey.shape)
+    if note:
+        record.converted = "; ".join(filter(None, [record.converted, note]))
+    return grey[top:bottom, left:right]
 
 
 def _unexpected(record: ImageRecord, found: Found, exc: Exception) -> Ingested:

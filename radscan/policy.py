@@ -45,6 +45,8 @@ class Policy:
         model (`for_model`), never by the user.
     follow : for a model whose box follows the chest, the reference film each film's box is moved
         against (radscan.preprocess.chest_offset); None for a box fixed in the film. From the model.
+    trim_padding : with `follow`, read each film less its padding where its chest matches the reference
+        better so (radscan.preprocess.film_bounds), for a model made so (setting ``trim_padding``).
     """
 
     modalities: tuple[str, ...] | None = DEFAULT_MODALITIES
@@ -55,6 +57,7 @@ class Policy:
     read_timeout: float = 300.0
     crop: tuple[float, float, float, float] | None = None
     follow: FollowReference | None = None
+    trim_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:
@@ -67,11 +70,13 @@ class Policy:
 def for_model(policy: Policy, metadata: dict[str, Any], model_dir: Path) -> Policy:
     """`policy` reading films as the model in `metadata` (its model.json) was trained on them: cut to
     its box when it has one (model setting ``crop``; field "thorax-box"), the box moved with the chest
-    when it follows it (setting ``follow``: its reference film is read, verified, from `model_dir`).
+    when it follows it (setting ``follow``: its reference film is read, verified, from `model_dir`),
+    each film less its padding when the model was made so (setting ``trim_padding``).
     model.json is read before the weights are verified; load_model refuses a run whose model.json
     differs from the settings sealed in the weights, before any score is kept. Raises ModelError
     (exit 65) for a crop that is not a box (model.json edited), or a missing or altered reference film."""
     config = metadata.get("config") or {}
+    policy = replace(policy, trim_padding=config.get("trim_padding") is True)
     crop = config.get("crop") or None
     if crop is None:
         return replace(policy, crop=None, follow=None)

@@ -63,6 +63,9 @@ __all__ = [
     "chest_offset",
     "film_content",
     "is_border_line",
+    "PAD_REACH",
+    "padding_bounds",
+    "padding_note",
 ]
 
 MODEL_SIZE = 128
@@ -271,8 +274,16 @@ def is_border_line(line: np.ndarray) -> bool:
 
 def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, float]:
     """Where the chest of a (128, 128) uint8 whole film lies against the reference: (dx, dy) as
-    fractions of the film's width and height, multiples of 1/64 within +-FOLLOW_REACH/64, positive
-    right and down. The move with the highest Pearson correlation between the film's content
+    fractions of the film's width and height (`chest_match`)."""
+    dx, dy, _ = chest_match(whole, reference)
+    return dx, dy
+
+
+def chest_match(whole: np.ndarray, reference: FollowReference) -> tuple[float, float, float]:
+    """Where the chest of a (128, 128) uint8 whole film lies against the reference, and how well it
+    matches there: (dx, dy, r), dx and dy fractions of the film's width and height, multiples of 1/64
+    within +-FOLLOW_REACH/64, positive right and down; r the correlation at that move (-1 to 1).
+    The move with the highest Pearson correlation between the film's content
     (`film_content`, averaged over 2x2 pixels) and the reference's central window (FOLLOW_WINDOW)
     over their overlap, among the moves where the content covers at least MIN_OVERLAP of the window
     (normalised cross-correlation with masks on both sides,
@@ -297,7 +308,7 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
     order = np.argsort((steps[:, None] ** 2 + steps[None, :] ** 2).ravel(), kind="stable")
     best = order[np.argmax(np.round(correlation.ravel()[order], 9))]
     dy, dx = np.unravel_index(best, correlation.shape)
-    return float(steps[dx]) / FOLLOW_SIZE, float(steps[dy]) / FOLLOW_SIZE
+    return float(steps[dx]) / FOLLOW_SIZE, float(steps[dy]) / FOLLOW_SIZE, float(correlation.ravel()[best])
 
 
 # the thumbnails padded to twice their size, so that a move's correlation does not wrap round
@@ -313,6 +324,66 @@ def _overlap_sums(spectrum: np.ndarray, conjugate: np.ndarray) -> np.ndarray:
     """(2 x FOLLOW_REACH + 1) square, [dy, dx]: sum over the overlap of a x b for each move, from a's
     spectrum and b's conjugated spectrum (cross-correlation by FFT)."""
     return np.fft.irfft2(spectrum * conjugate, (_PADDED, _PADDED))[_MOVES]
+
+
+# Padding: software that letterboxes a film into another shape, or shrinks it into a canvas, adds edge
+# lines of one grey level from end to end; no line across a radiograph's anatomy is one level throughout
+# (not even collimation under noise). A model that reads without padding (model setting `trim_padding`,
+# rule 20 of docs/research-log.md) is given the film less those lines, quality control too: a normal
+# padded with a black strip of 18-25% on one side or shrunk into a 10% border was flagged 40-86% of the
+# time, as a change of scale that the box, which follows a move, cannot undo. At most PAD_REACH of each
+# side is cut: a film of one level throughout is left for quality control to reject.
+PAD_REACH = 1 / 3
+
+
+def padding_bounds(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(H, W) uint8 film -> (top, bottom, left, right) pixel bounds of the film less its padding:
+    edge lines whose pixels all have one grey level, cut from each side in turn until none is left,
+    at most PAD_REACH of each side (so never empty). (0, H, 0, W) for a film without padding."""
+    height, width = grey.shape
+    top, bottom, left, right = 0, height, 0, width
+    reach_y, reach_x = int(height * PAD_REACH), int(width * PAD_REACH)
+
+    def even(line: np.ndarray) -> bool:
+        return bool(line.min() == line.max())
+
+    trimmed = True
+    while trimmed:  # a cut side shortens the lines across it, which may then be even too
+        trimmed = False
+        while top < reach_y and even(grey[top, left:right]):
+            top, trimmed = top + 1, True
+        while height - bottom < reach_y and even(grey[bottom - 1, left:right]):
+            bottom, trimmed = bottom - 1, True
+        while left < reach_x and even(grey[top:bottom, left]):
+            left, trimmed = left + 1, True
+        while width - right < reach_x and even(grey[top:bottom, right - 1]):
+            right, trimmed = right - 1, True
+    return top, bottom, left, right
+
+
+def film_bounds(grey: np.ndarray, reference: FollowReference) -> tuple[int, int, int, int]:
+    """(H, W) uint8 film -> (top, bottom, left, right) bounds of the film the model reads: the image
+    less its padding (`padding_bounds`) where its chest matches the reference better so
+    (`chest_match`), else the whole image. Lines of one grey level are padding beside a film (the
+    film squeezed into the image) or a mask over its edges (the film at its scale): the chest tells
+    them apart, by the scale at which it matches the training normals' mean film."""
+    height, width = grey.shape
+    bounds = padding_bounds(grey)
+    if bounds == (0, height, 0, width):
+        return bounds
+    top, bottom, left, right = bounds
+    whole_fit = chest_match(to_qc_input(grey), reference)[2]
+    cut_fit = chest_match(to_qc_input(np.ascontiguousarray(grey[top:bottom, left:right])), reference)[2]
+    return bounds if cut_fit > whole_fit else (0, height, 0, width)
+
+
+def padding_note(bounds: tuple[int, int, int, int], height: int, width: int) -> str:
+    """What `padding_bounds` cut, in words for the `converted` column ("padding cut: left 25%"), or ''."""
+    top, bottom, left, right = bounds
+    cut = {"top": top / height, "bottom": (height - bottom) / height, "left": left / width,
+           "right": (width - right) / width}
+    said = ", ".join(f"{side} {share:.0%}" if share >= 0.005 else f"{side} <1%" for side, share in cut.items() if share)
+    return f"padding cut: {said}" if said else ""
 
 
 def is_box(crop: Sequence[float]) -> bool:

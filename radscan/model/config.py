@@ -88,6 +88,10 @@ class SimSIDConfig:
     # a thorax-box model's box follows the chest: moved per film to where its chest lies against the training
     # normals' mean film (radscan.preprocess.chest_offset; the reference is FOLLOW_FILE beside the weights)
     follow: bool = False
+    # a box that follows the chest also chooses the film it is cut from: the image, or the image less its
+    # padding (edge lines of one grey level), whichever the chest matches better (radscan.preprocess.film_bounds;
+    # rule 20), before quality control, the box and the networks see it; models made before it read the image
+    trim_padding: bool = False
     residual_blur_sigma: float = 2.0  # pixels, Gaussian blur of the residual map
     explanation_blur_sigma: float = 4.0  # pixels, Gaussian blur of the explanation map (regions, not pixels)
 
@@ -107,6 +111,9 @@ class SimSIDConfig:
         if self.follow and self.field != "thorax-box":
             raise ValueError(f"a box that follows the chest is a thorax-box model's setting, not a {self.field!r} "
                              "field's (radscan train: --fixed-box with --field film)")
+        if self.trim_padding and not self.follow:
+            raise ValueError("trim_padding is a setting of a box that follows the chest (the chest decides what is "
+                             "padding): radscan train without --fixed-box")
         if self.crop and not is_box(self.crop):
             raise ValueError(f"crop must be four fractions (left, top, right, bottom), not {self.crop!r}")
         if self.score_kind not in SCORE_KINDS:
