@@ -83,7 +83,8 @@ class ImageRecord:
     inverted: bool = False
     voi_source: str = ""  # lut / window / full-range / percentile
     # what the grey image stands for beyond the stored values: "colour" (coloured content shown as its
-    # luma), "transparency" (composited over white), both joined by "; ", or "" (radscan.preprocess.colour_notes)
+    # luma), "transparency" (composited over white) (radscan.preprocess.colour_notes), "padding cut: left 25%"
+    # (radscan.preprocess.padding_note), joined by "; ", or ""
     converted: str = ""
     # header values radscan could not use and what it did instead, in plain words joined by "; " (a
     # Photometric Interpretation that is no defined term read as MONOCHROME2, a damaged VOI LUT left for

@@ -172,8 +172,6 @@ def train(ctx: click.Context, normals: tuple[str, ...], out: Path, val_normal: t
     given = ctx.get_parameter_source("follow") is not click.core.ParameterSource.DEFAULT
     if given or "follow" not in overrides:
         overrides["follow"] = follow if given else follow and overrides.get("field") == "thorax-box"
-    if "trim_padding" not in overrides:  # a box that follows the chest chooses its film too (rule 20)
-        overrides["trim_padding"] = bool(overrides["follow"]) and MODEL_SETTINGS.get("trim_padding", False)
     try:
         model_cfg = make_preset(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
         torch_device = resolve_device(device)
