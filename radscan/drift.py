@@ -10,7 +10,7 @@ not switch off on a night without new films), each a binomial test
 - **against the run's own history**: the pooled flagged share of the HISTORY_RUNS runs before those
   judged, with the same model and the settings that decide a flag (at least MIN_RUNS runs that scored
   new films and MIN_RUNS x MIN_FILMS films; a new model, a recalibrated one, another selection or QC
-  mode starts a new history), two-sided: a share that moved up
+  mode starts a new history, whose first run counts every film it scores), two-sided: a share that moved up
   (normal films scoring higher) or down (scores collapsing) beyond chance;
 - **against the model's calibration**: a share below the false-positive rate its threshold was
   set to on normal films (1 - target specificity), one-sided: a night's worklist holds abnormal

@@ -637,12 +637,19 @@ class StateStore:
                                 (self.run_id,)).fetchone()[0]
 
     def scored_now(self) -> tuple[int, int]:
-        """(films scored, films flagged) among the files this run listed first (new or changed files):
-        not those kept, nor those read again only because the settings or their study's grouping
-        changed, which an earlier run already counted (the drift check tests each film once)."""
+        """(films scored, films flagged) that the drift check counts for this run: the files it listed
+        first (new or changed files) and, on the first run of its history (another model, or other
+        settings that decide a flag: `history_key`), every film it read again too, since none was
+        counted under that history yet (a trial: a site's model put in place of another re-scored 40
+        films, 65% flagged, and the check said there were no new films). Not those kept, nor, within
+        a history, those read again only because other settings changed (pictures, a study's
+        grouping): the drift check counts each film once per history."""
+        first = self._db.execute("SELECT 1 FROM runs WHERE fingerprint IS ? AND run_id != ? LIMIT 1",
+                                 (self.history_key, self.run_id)).fetchone() is None
         scored, flagged = self._db.execute(
             "SELECT COUNT(*), SUM(flag) FROM results WHERE seen = :run AND status = 'ok' "
-            "AND json_extract(row, '$.read_by_run') = :run AND " + _NEW, {"run": self.run_id}).fetchone()
+            "AND json_extract(row, '$.read_by_run') = :run" + ("" if first else " AND " + _NEW),
+            {"run": self.run_id}).fetchone()
         return scored, flagged or 0
 
     def read_without_picture(self) -> list[str]:

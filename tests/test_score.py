@@ -164,6 +164,10 @@ def test_nightly_rerun_is_incremental_and_model_change_rescores(studies, tiny_mo
     fourth = json.loads(_run("score", str(studies), "--out", str(out), "--model", str(other_model), "--json").stdout)
     assert (fourth["scored_now"], fourth["reused"]) == (12, 0)
     assert fourth["read_because"] == {"settings": 12}  # not "new": the files are the same, the model is not
+    # but new to the drift check: a model put in place of another starts its history with every film it
+    # scores (a trial: the check said "no new films" of 40 films re-scored, 65% flagged)
+    scored = sum(r["status"] == "ok" for r in read_rows(out))
+    assert fourth["drift"]["scored"] == scored > 0 and "no new films" not in fourth["drift"]["note"]
     assert {r["threshold"] for r in read_rows(out) if r["status"] == "ok"} == {"0.5"}
     said = _run("score", str(studies), "--out", str(out), "--model", str(tiny_model)).stderr
     assert "12 files (12 read again under another model or settings): " in said
