@@ -103,17 +103,17 @@ def check_outputs_apart(inputs: Iterable[str | os.PathLike], outputs: Iterable[P
                                    "outputs; write them outside the folders it reads")
 
 
-def check_inputs(inputs: Iterable[str | os.PathLike]) -> None:
+def check_inputs(inputs: Iterable[str | os.PathLike], what: str = "input") -> None:
     """Every input path must exist (a broken link counts as missing) and be readable (a folder:
-    listable): else NoInputError, exit code 66, naming each and why. Below the inputs, what cannot
-    be read is a row with its reason instead."""
+    listable): else NoInputError, exit code 66, naming each and why, and `what` they were given as
+    (an option's name). Below the inputs, what cannot be read is a row with its reason instead."""
     inputs = list(inputs)
     missing = [str(p) for p in inputs if not os.path.exists(p)]
     if missing:
-        raise NoInputError(f"input path does not exist: {', '.join(missing)}")
+        raise NoInputError(f"{what} path does not exist: {', '.join(missing)}")
     unreadable = [f"{p} ({reason})" for p in inputs if (reason := _unreadable(p))]
     if unreadable:
-        raise NoInputError(f"cannot read input path: {', '.join(unreadable)}")
+        raise NoInputError(f"cannot read {what} path: {', '.join(unreadable)}")
 
 
 def _unreadable(path: str | os.PathLike) -> str:

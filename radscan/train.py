@@ -44,7 +44,7 @@ from radscan.augment import augment, local_anomalies, vary_acquisition
 from radscan.calibration import MIN_CALIBRATION, finalize, fit_density
 from radscan.epochs import KEEP_RULES, better_epoch, evaluate_epoch
 from radscan.errors import ModelError, NoInputError, SettingError
-from radscan.ingest import check_outputs_apart, load_images
+from radscan.ingest import check_inputs, check_outputs_apart, load_images
 from radscan.model.config import SimSIDConfig
 from radscan.model.field import lungs_in_box, save_follow, thorax_box, thorax_field
 from radscan.model.io import METADATA_FILE, save_model
@@ -310,6 +310,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     started = time.monotonic()
     tcfg, policy, device = tcfg or TrainConfig(), policy or Policy(), device or torch.device("cpu")
     _refuse_settings(out_dir, model_cfg, tcfg, resume, val_normal, val_abnormal, init_from)
+    # before the normals are read (thousands of films, minutes): a mistyped validation path is said now
+    check_inputs(val_normal, "--val-normal")
+    check_inputs(val_abnormal, "--val-abnormal")
     # a model written among the normals would be read back as training images next time
     check_outputs_apart([*normals, *val_normal, *val_abnormal], [out_dir])
     try:
@@ -394,6 +397,8 @@ def _refuse_settings(out_dir: Path, model_cfg: SimSIDConfig, tcfg: TrainConfig, 
     if checkpoint_path.exists() and not resume:
         raise SettingError(f"{out_dir} holds an unfinished training run: add --resume to continue it, "
                            "or choose another --out")
+    if resume and not checkpoint_path.exists():  # a mistyped --out after a crash would train again unsaid
+        log.warning("--resume: %s holds no checkpoint of an interrupted run: a new run starts there", out_dir)
     if tcfg.keep != "last" and tcfg.keep not in KEEP_RULES:
         raise SettingError(f"keep must be one of last, {', '.join(KEEP_RULES)}, not {tcfg.keep!r}")
     if tcfg.keep == "best" and not val_abnormal:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radscan.cli import cli
-from radscan.errors import ExitCode, ModelError, SettingError
+from radscan.errors import ExitCode, ModelError, NoInputError, SettingError
 from radscan.ingest import load_images
 from radscan.model.config import preset
 from radscan.model.io import WEIGHTS_FILE, load_model
@@ -946,3 +946,23 @@ def test_a_box_follows_the_chest_only_where_there_is_a_box(normals, tmp_path):
     assert not (tmp_path / "m").exists()
     config = preset("tiny", field="film", follow=False)
     assert config.follow is False and MODEL_SETTINGS["field"] == "thorax-box"
+
+
+def test_a_missing_validation_path_is_named_before_the_normals_are_read(normals, tmp_path, monkeypatch):
+    """A trial: a mistyped --val-abnormal was said as "input path does not exist" after every normal
+    had been read (minutes at a site); it is named by its option, before any film is read."""
+    import radscan.train
+
+    monkeypatch.setattr(radscan.train, "load_images", lambda *a, **k: pytest.fail("normals read first"))
+    for option, given in (("--val-abnormal", {"val_abnormal": [str(tmp_path / "typo")]}),
+                          ("--val-normal", {"val_normal": [str(tmp_path / "typo")], "val_abnormal": [str(normals)]})):
+        with pytest.raises(NoInputError, match=f"^{option} path does not exist: .*typo"):
+            train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, **given)
+
+
+def test_resume_without_a_checkpoint_says_a_new_run_starts(normals, tmp_path, caplog):
+    """A trial: --resume into a folder with no checkpoint (a mistyped --out after a crash) trained a
+    new model from scratch without a word."""
+    train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
+    assert any("holds no checkpoint of an interrupted run: a new run starts" in record.getMessage()
+               for record in caplog.records)
