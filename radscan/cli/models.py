@@ -78,7 +78,8 @@ from radscan.stopping import outcome_said
 @click.option("--max-minutes", type=FiniteFloatRange(0, min_open=True),
               help="Time budget: no epoch is begun that would end past it (at least one runs). The model "
                    "is made from the epochs run; to train them all, train again into another --out with "
-                   "a larger budget (an interrupted run, not a budget's, continues with --resume).")
+                   "a larger budget (an interrupted run, not a budget's, continues with --resume; so does "
+                   "a budget that stopped before the critic snapshots were filled, which makes no model).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=RECIPE.batch_size, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(0), default=RECIPE.lr, show_default=True,
               help="Adam learning rate of both networks.")

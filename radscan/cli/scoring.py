@@ -106,7 +106,8 @@ _RUN_OPTIONS = [
     click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True),
     device_option,
     click.option("--residuals", type=click.Path(file_okay=False, path_type=Path),
-                 help="Folder for the explanation PNGs (score map and reconstruction difference) "
+                 help="Folder for the explanation PNGs (the film beside the map of where it raises the score; "
+                      "a model scored by its reconstruction, seed or residual, adds the difference) "
                       "[default: <out>_residuals/]."),
     click.option("--no-residuals", is_flag=True, help="Do not write explanation PNGs (faster: no gradient pass)."),
     click.option("--pictures", type=click.Choice(["all", "flagged"]), default="flagged", show_default=True,
