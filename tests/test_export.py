@@ -97,7 +97,7 @@ print(json.dumps({{"codes": [score.exit_code, scan.exit_code, info.exit_code, ev
 def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path):
     import shutil
 
-    for damage in ("graph", "threshold", "qc", "calibration", "no graphs"):
+    for damage in ("graph", "threshold", "qc", "calibration", "no graphs", "specificity"):
         copy = tmp_path / damage
         shutil.copytree(exported, copy)
         if damage == "graph":
@@ -110,6 +110,8 @@ def test_an_altered_graph_or_an_edited_model_json_is_refused(exported, tmp_path)
                 metadata["calibration"]["threshold"] = 0.99
             elif damage == "calibration":  # the values people read, held as constants in the graphs
                 metadata["calibration"]["mean"][3] = 70.0
+            elif damage == "specificity":  # what the drift check aims at, and people read (a trial)
+                metadata["calibration"]["target_specificity"] = 0.99
             elif damage == "no graphs":
                 del metadata["onnx"]
             else:

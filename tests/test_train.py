@@ -386,6 +386,24 @@ def test_edited_threshold_or_preprocessing_is_refused(trained, tmp_path):
         load_model(copy)
 
 
+@pytest.mark.parametrize(("block", "key", "value"), [("calibration", "target_specificity", 0.99),
+                                                     ("calibration", "n_calibration", 500),
+                                                     ("metrics", "val_auc", 0.999), ("training", "n_train", 10_000)])
+def test_an_edited_account_of_training_or_calibration_is_refused(trained, tmp_path, block, key, value):
+    """A trial: a model.json edited to say specificity 0.99 (which moved the drift check), 500
+    calibration normals or a validation AUC of 0.999 was shown by radscan info and used, exit 0."""
+    copy = _copy(trained, tmp_path)
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata[block] = {**(metadata[block] or {}), key: value}
+    (copy / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="account of its training, calibration and metrics .* was edited"):
+        load_model(copy)
+    metadata = json.loads((trained / "model.json").read_text())  # a label a site may change
+    metadata["name"], metadata["version"] = "site-model", "7"
+    (copy / "model.json").write_text(json.dumps(metadata, indent=4))
+    assert load_model(copy)[1]["name"] == "site-model"
+
+
 @pytest.mark.parametrize(("key", "value"), [("score_kind", "seed"), ("memory_topk", 2),
                                             ("residual_blur_sigma", 1.0), ("critic_snapshots", 1)])
 def test_edited_model_settings_are_refused(trained, tmp_path, key, value):

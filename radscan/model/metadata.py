@@ -110,11 +110,30 @@ def exported(before: dict[str, Any], graphs: dict[str, dict[str, Any]], opset: i
                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch_version}}
 
 
+# the calibration's values, held in the weights' tensors (checked by radscan.model.io) and as constants
+# in an export's graphs (sealed there: sealed_calibration)
+CALIBRATION_VALUES = ("threshold", "mean", "std", "critic_mean", "critic_std")
+# what model.json tells people about how the model was made, calibrated and judged (radscan info, the card,
+# the drift check's aimed share): sealed as one digest (described_sha256), so that an edit is refused (a
+# trial raised a model's target specificity to 0.99, which moved the drift check, and its validation AUC to
+# 0.999, and both were shown without a word). The name and version are labels a site may change.
+DESCRIBED = ("calibration", "metrics", "training")
+
+
 def sealed_calibration(metadata: dict[str, Any]) -> dict[str, Any]:
     """The calibration values model.json shows people, which an export holds as constants in its graphs:
     sealed in them, so that an edit is refused as the torch model refuses it (radscan.model.io)."""
     calibration = metadata["calibration"]
-    return {key: calibration.get(key) for key in ("threshold", "mean", "std", "critic_mean", "critic_std")}
+    return {key: calibration.get(key) for key in CALIBRATION_VALUES}
+
+
+def described_sha256(metadata: dict[str, Any]) -> str:
+    """The sha256 of model.json's DESCRIBED blocks (the calibration's values left out: the weights hold
+    them), as JSON with sorted keys: the same text gives the same digest after any number of reads."""
+    told = {key: metadata.get(key) for key in DESCRIBED}
+    if isinstance(told["calibration"], dict):
+        told["calibration"] = {k: v for k, v in told["calibration"].items() if k not in CALIBRATION_VALUES}
+    return hashlib.sha256(json.dumps(told, sort_keys=True).encode()).hexdigest()
 
 
 def seal(config: dict[str, Any], metadata: dict[str, Any], **more: Any) -> str:
@@ -128,9 +147,11 @@ def seal(config: dict[str, Any], metadata: dict[str, Any], **more: Any) -> str:
 def sealed_extras(metadata: dict[str, Any]) -> dict[str, Any]:
     """Besides the settings, what else changes a result and is sealed in the weights file: the QC
     reference (its sha256: removing the "qc" block from model.json must not switch quality control
-    off), the training population (the age warnings) and the reference film of a box that follows
-    the chest (radscan.model.field.FOLLOW_FILE)."""
-    extras = {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population")}
+    off), the training population (the age warnings), the digest of what model.json says of the
+    model's training, calibration and metrics (described_sha256) and the reference film of a box that
+    follows the chest (radscan.model.field.FOLLOW_FILE)."""
+    extras = {"qc_sha256": (metadata.get("qc") or {}).get("sha256"), "population": metadata.get("population"),
+              "described_sha256": described_sha256(metadata)}
     if metadata.get("follow") is not None:  # only where there is one: the models made before it keep their seal
         extras["follow_sha256"] = (metadata.get("follow") or {}).get("sha256")
     return extras
@@ -172,7 +193,8 @@ def check_sealed_extras(sealed: dict[str, Any], metadata: dict[str, Any]) -> Non
     follows the chest differs from the sealed one (or is missing where one is sealed)."""
     stated = sealed_extras(metadata)
     names = {"qc_sha256": "QC reference", "population": "training population",
-             "follow_sha256": "reference film of the box that follows the chest"}
+             "follow_sha256": "reference film of the box that follows the chest",
+             "described_sha256": "account of its training, calibration and metrics"}
     for key, what in names.items():
         if key in sealed and sealed[key] != stated.get(key):  # weights sealed before radscan 0.3 carry none
             raise ModelError(f"the {what} in {METADATA_FILE} differs from the one sealed in the model's weights (or "
