@@ -34,7 +34,7 @@ refuse input made by another version.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -243,20 +243,25 @@ def film_content(whole: np.ndarray) -> tuple[int, int, int, int]:
     """(H, W) uint8 film -> (top, bottom, left, right) pixel bounds of its content: the film less the
     border lines at its edges (`is_border_line` across the content's span), trimmed from each side in
     turn until none is left, at most FLAT_REACH of each side."""
-    values = whole.astype(np.float64)
-    height, width = values.shape
+    return _trimmed(whole.astype(np.float64), is_border_line, FLAT_REACH)
+
+
+def _trimmed(image: np.ndarray, is_edge: Callable[[np.ndarray], bool], reach: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) bounds of `image` less the edge lines `is_edge` accepts, taken
+    from each side in turn until none is left, at most `reach` of each side."""
+    height, width = image.shape
     top, bottom, left, right = 0, height, 0, width
-    reach_y, reach_x = int(height * FLAT_REACH), int(width * FLAT_REACH)
+    reach_y, reach_x = int(height * reach), int(width * reach)
     trimmed = True
-    while trimmed:  # trimming columns shortens the rows, which may then be border, and so on
+    while trimmed:  # trimming columns shortens the rows, which may then be edge lines, and so on
         trimmed = False
-        while top < reach_y and is_border_line(values[top, left:right]):
+        while top < reach_y and is_edge(image[top, left:right]):
             top, trimmed = top + 1, True
-        while height - bottom < reach_y and is_border_line(values[bottom - 1, left:right]):
+        while height - bottom < reach_y and is_edge(image[bottom - 1, left:right]):
             bottom, trimmed = bottom - 1, True
-        while left < reach_x and is_border_line(values[top:bottom, left]):
+        while left < reach_x and is_edge(image[top:bottom, left]):
             left, trimmed = left + 1, True
-        while width - right < reach_x and is_border_line(values[top:bottom, right - 1]):
+        while width - right < reach_x and is_edge(image[top:bottom, right - 1]):
             right, trimmed = right - 1, True
     return top, bottom, left, right
 
@@ -340,25 +345,7 @@ def padding_bounds(grey: np.ndarray) -> tuple[int, int, int, int]:
     """(H, W) uint8 film -> (top, bottom, left, right) pixel bounds of the film less its padding:
     edge lines whose pixels all have one grey level, cut from each side in turn until none is left,
     at most PAD_REACH of each side (so never empty). (0, H, 0, W) for a film without padding."""
-    height, width = grey.shape
-    top, bottom, left, right = 0, height, 0, width
-    reach_y, reach_x = int(height * PAD_REACH), int(width * PAD_REACH)
-
-    def even(line: np.ndarray) -> bool:
-        return bool(line.min() == line.max())
-
-    trimmed = True
-    while trimmed:  # a cut side shortens the lines across it, which may then be even too
-        trimmed = False
-        while top < reach_y and even(grey[top, left:right]):
-            top, trimmed = top + 1, True
-        while height - bottom < reach_y and even(grey[bottom - 1, left:right]):
-            bottom, trimmed = bottom - 1, True
-        while left < reach_x and even(grey[top:bottom, left]):
-            left, trimmed = left + 1, True
-        while width - right < reach_x and even(grey[top:bottom, right - 1]):
-            right, trimmed = right - 1, True
-    return top, bottom, left, right
+    return _trimmed(grey, lambda line: bool(line.min() == line.max()), PAD_REACH)
 
 
 def film_bounds(grey: np.ndarray, reference: FollowReference) -> tuple[int, int, int, int]:
