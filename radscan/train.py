@@ -23,6 +23,7 @@ the epochs, and saves the model directory, in the phases `_train` names.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -354,6 +356,9 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
             "stopped_by_budget": run.stopped_by_budget, "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(device), "train_config": asdict(tcfg),
             "init_from": str(init_from) if init_from else None,
+            # the normals' files that were not trained on, by status: a run with some lost said so only in
+            # training_inputs.csv and one log line (a trial)
+            "inputs_not_used": _not_used(out_dir / INPUTS_FILE),
         },
         "metrics": metrics,
     }
@@ -709,6 +714,18 @@ def _kept_model(trainer: Trainer, films: _Films, run: _Run, tcfg: TrainConfig, d
     elif not run.density_fitted:  # resumed after the last epoch: nothing was fitted in this process
         fit_density(model, films.train_images, tcfg.seed, device)
     return model
+
+
+def _not_used(inventory: Path) -> dict[str, int]:
+    """The files of the normals' inventory (INPUTS_FILE) that were not trained on, counted by status
+    ("error": could not be read, "rejected": by quality control, "skipped": not a film to use); {}
+    when every file was used or there is no inventory."""
+    try:
+        with open(inventory, newline="", encoding="utf-8") as handle:
+            counts = Counter(row["status"] for row in csv.DictReader(handle) if row["status"] != "ok")
+    except (OSError, KeyError, csv.Error):
+        return {}
+    return dict(sorted(counts.items()))
 
 
 def _write_report(model: SimSID, out_dir: Path, names: Sequence[str], calibration: np.ndarray,

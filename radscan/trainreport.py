@@ -169,6 +169,13 @@ def warnings_for(metadata: dict[str, Any], epochs: list[dict[str, Any]], n_calib
                      "below" + (": the validation data chose it, so its validation figures are optimistic; measure "
                                 "it on other films (radscan evaluate)." if keep == "best" else
                                 ", chosen without labels."))
+    not_used = (metadata.get("training") or {}).get("inputs_not_used") or {}
+    if not_used:
+        said = {"error": "could not be read", "rejected": "were rejected by quality control",
+                "skipped": "were skipped (not a film to train on)"}
+        parts = [f"{count} {said.get(status, status)}" for status, count in not_used.items()]
+        notes.append(f"{sum(not_used.values())} of the files given as normals were not trained on: "
+                     f"{', '.join(parts)} (training_inputs.csv gives each with its reason).")
     if metadata.get("training", {}).get("stopped_by_budget"):
         notes.append("Training stopped at its time budget (--max-minutes), before the planned epochs.")
     if "qc" not in metadata:

@@ -841,6 +841,11 @@ def test_blank_films_among_the_normals_are_not_trained_on_and_are_listed_with_th
         # one WARNING line counts them, though the thorax box reads the films twice (whole, then the box)
         assert result.output.count(f"{len(blanks)} of {len(blanks) + 48} images failed quality control") == 1, \
             result.output
+        # and the model says it, as its report does (a trial: only the inventory and one log line did)
+        assert json.loads((out / "model.json").read_text())["training"]["inputs_not_used"] == {
+            "error": 1, "rejected": len(blanks)}
+        assert (f"{len(blanks) + 1} of the files given as normals were not trained on: 1 could not be read, "
+                f"{len(blanks)} were rejected by quality control") in (out / "training_report.html").read_text()
 
 
 @pytest.mark.parametrize("file", [WEIGHTS_FILE, "model.json", "train_log.jsonl"])  # the last one copied
