@@ -227,7 +227,8 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
     has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
     # A DICOMDIR is its SOP class (PS3.10 7.2), or a record sequence with no image of its own; an image
     # that merely carries a stray Directory Record Sequence is still an image and is read.
-    if sop_class == MediaStorageDirectoryStorage or ("DirectoryRecordSequence" in ds and not has_pixels):
+    if sop_class == MediaStorageDirectoryStorage or ("DirectoryRecordSequence" in ds and not has_pixels
+                                                     and not _is_image_class(sop_class)):
         return "DICOMDIR: a media index, not an image (its images are scanned as files)"
     if not has_pixels and not _is_image_class(sop_class):
         return f"no pixel data: not an image ({sop_class.name if sop_class else 'unknown SOP class'})"

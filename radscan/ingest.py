@@ -382,8 +382,8 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
 
 
 def _without_padding(grey: np.ndarray, record: ImageRecord, follow: FollowReference) -> np.ndarray:
-    """The film the model reads (radscan.preprocess.film_bounds): the image, or the image less its
-    padding, said in the record's `converted`."""
+    """The (H', W') uint8 film the model reads of an (H, W) uint8 image (radscan.preprocess.film_bounds):
+    the image, or a view of it less its padding, said in the record's `converted`."""
     top, bottom, left, right = bounds = film_bounds(grey, follow)
     note = padding_note(bounds, *grey.shape)
     if note:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,9 @@ class Policy:
     read_timeout: float = 300.0
     crop: tuple[float, float, float, float] | None = None
     follow: FollowReference | None = None
-    trim_padding: bool = False
+    # not in repr: it follows from the model, whose sha256 the store's keys hold, and a field added to the
+    # repr would make every site read every film again and start a new drift history (a review)
+    trim_padding: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_POLICIES:

@@ -22,7 +22,9 @@ Order of the grey pipeline (DICOM PS3.4 grayscale pipeline, then resampling), an
 5. for a model whose field is the thorax's bounding box (field "thorax-box"), cut to that box,
    given as fractions of the film per model (radscan.model.field.thorax_box), at the film's own
    resolution, so that the chest gets every pixel the file has; for a model whose box follows the
-   chest (setting `follow`), the box is first moved to where this film's chest lies (`chest_offset`)
+   chest (setting `follow`), the box is first moved to where this film's chest lies (`chest_offset`),
+   and, for a model made so (setting `trim_padding`), the film is first cut to its bounds less its
+   padding where its chest matches better so (`film_bounds`, called by radscan.ingest)
 6. resized to 128x128 with Pillow's antialiased bicubic filter, aspect ratio not kept: the SimSID
    reference and the Kermany 224 px training set both squash the whole film into a square
    (steps 5 and 6: `to_model_input`).
@@ -66,6 +68,8 @@ __all__ = [
     "PAD_REACH",
     "padding_bounds",
     "padding_note",
+    "film_bounds",
+    "chest_match",
 ]
 
 MODEL_SIZE = 128
@@ -247,8 +251,9 @@ def film_content(whole: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _trimmed(image: np.ndarray, is_edge: Callable[[np.ndarray], bool], reach: float) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) bounds of `image` less the edge lines `is_edge` accepts, taken
-    from each side in turn until none is left, at most `reach` of each side."""
+    """(top, bottom, left, right) pixel bounds of an (H, W) image less the edge lines (1-D slices of
+    it) that `is_edge` accepts, taken from each side in turn until none is left, at most `reach` (a
+    fraction) of each side."""
     height, width = image.shape
     top, bottom, left, right = 0, height, 0, width
     reach_y, reach_x = int(height * reach), int(width * reach)
@@ -287,7 +292,8 @@ def chest_offset(whole: np.ndarray, reference: FollowReference) -> tuple[float, 
 def chest_match(whole: np.ndarray, reference: FollowReference) -> tuple[float, float, float]:
     """Where the chest of a (128, 128) uint8 whole film lies against the reference, and how well it
     matches there: (dx, dy, r), dx and dy fractions of the film's width and height, multiples of 1/64
-    within +-FOLLOW_REACH/64, positive right and down; r the correlation at that move (-1 to 1).
+    within +-FOLLOW_REACH/64, positive right and down; r the correlation at that move (-1 to 1; -inf
+    when the content covers too little of the window at every move: a film of one grey level).
     The move with the highest Pearson correlation between the film's content
     (`film_content`, averaged over 2x2 pixels) and the reference's central window (FOLLOW_WINDOW)
     over their overlap, among the moves where the content covers at least MIN_OVERLAP of the window
@@ -343,9 +349,11 @@ PAD_REACH = 1 / 3
 
 def padding_bounds(grey: np.ndarray) -> tuple[int, int, int, int]:
     """(H, W) uint8 film -> (top, bottom, left, right) pixel bounds of the film less its padding:
-    edge lines whose pixels all have one grey level, cut from each side in turn until none is left,
-    at most PAD_REACH of each side (so never empty). (0, H, 0, W) for a film without padding."""
-    return _trimmed(grey, lambda line: bool(line.min() == line.max()), PAD_REACH)
+    edge lines of more than one pixel whose pixels all have one grey level, cut from each side in
+    turn until none is left, at most PAD_REACH of each side (so never empty; a film of one level
+    throughout loses a third of each side, and `film_bounds` keeps it whole). (0, H, 0, W) for a
+    film without padding."""
+    return _trimmed(grey, lambda line: line.size > 1 and bool(line.min() == line.max()), PAD_REACH)
 
 
 def film_bounds(grey: np.ndarray, reference: FollowReference) -> tuple[int, int, int, int]:
@@ -369,7 +377,8 @@ def padding_note(bounds: tuple[int, int, int, int], height: int, width: int) -> 
     top, bottom, left, right = bounds
     cut = {"top": top / height, "bottom": (height - bottom) / height, "left": left / width,
            "right": (width - right) / width}
-    said = ", ".join(f"{side} {share:.0%}" if share >= 0.005 else f"{side} <1%" for side, share in cut.items() if share)
+    said = ", ".join(f"{side} {share:.0%}" if f"{share:.0%}" != "0%" else f"{side} <1%"
+                     for side, share in cut.items() if share)
     return f"padding cut: {said}" if said else ""
 
 

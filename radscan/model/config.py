@@ -111,6 +111,8 @@ class SimSIDConfig:
         if self.follow and self.field != "thorax-box":
             raise ValueError(f"a box that follows the chest is a thorax-box model's setting, not a {self.field!r} "
                              "field's (radscan train: --fixed-box with --field film)")
+        if not isinstance(self.trim_padding, bool):
+            raise ValueError(f"trim_padding must be true or false, not {self.trim_padding!r}")
         if self.trim_padding and not self.follow:
             raise ValueError("trim_padding is a setting of a box that follows the chest (the chest decides what is "
                              "padding): radscan train without --fixed-box")

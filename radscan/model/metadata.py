@@ -133,7 +133,8 @@ def described_sha256(metadata: dict[str, Any]) -> str:
     told = {key: metadata.get(key) for key in DESCRIBED}
     if isinstance(told["calibration"], dict):
         told["calibration"] = {k: v for k, v in told["calibration"].items() if k not in CALIBRATION_VALUES}
-    return hashlib.sha256(json.dumps(told, sort_keys=True).encode()).hexdigest()
+    as_read = json.loads(json.dumps(told))  # as model.json gives it back (an int key comes back a string)
+    return hashlib.sha256(json.dumps(as_read, sort_keys=True).encode()).hexdigest()
 
 
 def seal(config: dict[str, Any], metadata: dict[str, Any], **more: Any) -> str:
@@ -189,8 +190,9 @@ def read_sealed(directory: Path) -> dict[str, Any]:
 
 
 def check_sealed_extras(sealed: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """ModelError (exit 65) when model.json's QC reference, population or reference film of a box that
-    follows the chest differs from the sealed one (or is missing where one is sealed)."""
+    """ModelError (exit 65) when model.json's QC reference, population, account of training,
+    calibration and metrics (described_sha256) or reference film of a box that follows the chest
+    differs from the sealed one (or is missing where one is sealed)."""
     stated = sealed_extras(metadata)
     names = {"qc_sha256": "QC reference", "population": "training population",
              "follow_sha256": "reference film of the box that follows the chest",

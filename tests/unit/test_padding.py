@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from radscan.policy import Policy, for_model
-from radscan.preprocess import PAD_REACH, follow_reference, padding_bounds, padding_note, to_qc_input
+from radscan.preprocess import PAD_REACH, film_bounds, follow_reference, padding_bounds, padding_note, to_qc_input
 from tests.support import ingest_one
 
 
@@ -69,12 +69,21 @@ def test_a_noisy_or_marked_border_is_not_padding():
 
 
 def _chest(seed: int) -> np.ndarray:
-    """(160, 128) uint8: a made-up chest, bright in the middle and dark at its edges, with detail."""
+    """(160, 128) uint8: a made-up chest whose layout every seed shares (a bright body, two dark lung
+    fields, a bright mediastinum and a diaphragm), each seed moved by a pixel or two and textured."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:160, 0:128] / np.array([159.0, 127.0])[:, None, None] - 0.5
-    body = np.exp(-(x**2 + y**2) / 0.08) * 150
-    detail = ndimage.gaussian_filter(rng.normal(0, 1, (160, 128)), 4) * 400
-    return np.clip(body + detail + 40 + rng.normal(0, 2, (160, 128)), 1, 254).astype(np.uint8)
+    y, x = y + rng.uniform(-0.01, 0.01), x + rng.uniform(-0.01, 0.01)
+    body = 150 * (np.abs(x) < 0.42) * (np.abs(y) < 0.46) + 40
+    lungs = sum(np.exp(-(((x - side) / 0.14) ** 2 + ((y + 0.02) / 0.28) ** 2) ** 2) for side in (-0.2, 0.2))
+    film = body - 110 * lungs + 60 * (y > 0.3) * (np.abs(x) < 0.42)
+    film = film + ndimage.gaussian_filter(rng.normal(0, 1, (160, 128)), 2) * 60
+    return np.clip(film + rng.normal(0, 2, (160, 128)), 1, 254).astype(np.uint8)
+
+
+def _reference():
+    """The mean of other chests than those tested: the choice is made against a population's mean."""
+    return follow_reference(np.stack([to_qc_input(_chest(seed)) for seed in range(20, 28)]))
 
 
 @pytest.mark.parametrize(("sides", "said"), [((0, 0, 40, 0), "padding cut: left 24%"),
@@ -83,7 +92,7 @@ def _chest(seed: int) -> np.ndarray:
                                              ((16, 16, 13, 13), "padding cut: top 8%, bottom 8%, left 8%, right 8%")])
 def test_padding_beside_a_film_is_cut_and_said_and_the_film_read_as_itself(tmp_path, sides, said):
     film = _chest(5)
-    reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=follow_reference(to_qc_input(film)[None]))
+    reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=_reference())
     Image.fromarray(film).save(tmp_path / "film.png")
     Image.fromarray(_padded(film, *sides, 0)).save(tmp_path / "padded.png")
     record, image = ingest_one(tmp_path / "padded.png", reading)
@@ -101,7 +110,7 @@ def test_a_mask_of_one_level_over_a_films_edges_is_not_cut(tmp_path, level, side
     """A mask written over the film (electronic shuttering, collimation shown flat) leaves the chest at
     its scale: cutting it would enlarge the chest, and the chest's match says so."""
     film = _chest(7)
-    reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=follow_reference(to_qc_input(film)[None]))
+    reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=_reference())
     masked = film.copy()
     for side in sides:
         masked[{"t": np.s_[:16], "b": np.s_[-16:], "l": np.s_[:, :13], "r": np.s_[:, -13:]}[side]] = level
@@ -114,3 +123,31 @@ def test_the_model_says_whether_it_reads_films_less_their_padding(tmp_path):
     assert for_model(Policy(), {"config": {"trim_padding": True}}, tmp_path).trim_padding
     assert not for_model(Policy(trim_padding=True), {"config": {}}, tmp_path).trim_padding  # an older model
     assert not for_model(Policy(), {"config": {"trim_padding": "yes"}}, tmp_path).trim_padding
+
+
+def test_a_film_of_one_level_is_kept_whole_and_one_pixel_lines_are_no_padding():
+    constant = np.full((90, 60), 7, np.uint8)
+    assert film_bounds(constant, _reference()) == (0, 90, 0, 60)  # nothing to match either way: kept as it is
+    strip = np.random.default_rng(1).integers(0, 256, (1, 300), dtype=np.uint8)  # every column one pixel long
+    assert padding_bounds(strip) == (0, 1, 0, 300)
+
+
+def test_the_note_never_says_zero_percent():
+    assert padding_note((0, 200, 1, 200), 200, 200) == "padding cut: left <1%"
+    assert padding_note((0, 200, 0, 198), 200, 200) == "padding cut: right 1%"
+
+
+@pytest.mark.parametrize(("settings", "error"), [({"trim_padding": "yes"}, "true or false"),
+                                                 ({"trim_padding": 1}, "true or false"),
+                                                 ({"trim_padding": True, "follow": False}, "follows the chest")])
+def test_trim_padding_is_a_boolean_of_a_box_that_follows_the_chest(settings, error):
+    from radscan.model.config import preset
+
+    with pytest.raises(ValueError, match=error):
+        preset("tiny", **{"field": "thorax-box", "follow": True, **settings})
+    assert preset("tiny", field="thorax-box", follow=True, trim_padding=True).trim_padding is True
+
+
+def test_the_reading_of_older_models_keeps_its_repr():
+    """The state store's keys hold repr(Policy): a field it showed would read every film again."""
+    assert "trim_padding" not in repr(Policy()) and "trim_padding" not in repr(Policy(trim_padding=True))
