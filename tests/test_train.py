@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -983,9 +984,10 @@ def test_a_missing_validation_path_is_named_before_the_normals_are_read(normals,
             train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, **given)
 
 
-def test_resume_without_a_checkpoint_says_a_new_run_starts(normals, tmp_path, caplog):
+def test_resume_without_a_checkpoint_says_a_new_run_starts(normals, tmp_path, caplog, monkeypatch):
     """A trial: --resume into a folder with no checkpoint (a mistyped --out after a crash) trained a
     new model from scratch without a word."""
+    monkeypatch.setattr(logging.getLogger("radscan"), "propagate", True)  # a CLI test before may have set it off
     train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
     assert any("holds no checkpoint of an interrupted run: a new run starts" in record.getMessage()
                for record in caplog.records)

@@ -118,6 +118,9 @@ CALIBRATION_VALUES = ("threshold", "mean", "std", "critic_mean", "critic_std")
 # trial raised a model's target specificity to 0.99, which moved the drift check, and its validation AUC to
 # 0.999, and both were shown without a word). The name and version are labels a site may change.
 DESCRIBED = ("calibration", "metrics", "training")
+# what varies from run to run of the same command (a duration, a date) is a label too: left out of the digest,
+# so that the same seed and data still give the same weights' bytes
+UNSEALED = {"training": ("minutes",), "calibration": ("recalibrated_at",)}
 
 
 def sealed_calibration(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -129,10 +132,13 @@ def sealed_calibration(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def described_sha256(metadata: dict[str, Any]) -> str:
     """The sha256 of model.json's DESCRIBED blocks (the calibration's values left out: the weights hold
-    them), as JSON with sorted keys: the same text gives the same digest after any number of reads."""
+    them; and the UNSEALED labels), as JSON with sorted keys: the same text gives the same digest after
+    any number of reads."""
     told = {key: metadata.get(key) for key in DESCRIBED}
-    if isinstance(told["calibration"], dict):
-        told["calibration"] = {k: v for k, v in told["calibration"].items() if k not in CALIBRATION_VALUES}
+    left_out = {**UNSEALED, "calibration": (*UNSEALED["calibration"], *CALIBRATION_VALUES)}
+    for key, names in left_out.items():
+        if isinstance(told[key], dict):
+            told[key] = {k: v for k, v in told[key].items() if k not in names}
     as_read = json.loads(json.dumps(told))  # as model.json gives it back (an int key comes back a string)
     return hashlib.sha256(json.dumps(as_read, sort_keys=True).encode()).hexdigest()
 
