@@ -987,7 +987,10 @@ def test_a_missing_validation_path_is_named_before_the_normals_are_read(normals,
 def test_resume_without_a_checkpoint_says_a_new_run_starts(normals, tmp_path, caplog, monkeypatch):
     """A trial: --resume into a folder with no checkpoint (a mistyped --out after a crash) trained a
     new model from scratch without a word."""
-    monkeypatch.setattr(logging.getLogger("radscan"), "propagate", True)  # a CLI test before may have set it off
-    train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
+    radscan_log = logging.getLogger("radscan")
+    monkeypatch.setattr(radscan_log, "level", logging.ERROR)  # as a CLI test run with -q before may leave it
+    monkeypatch.setattr(radscan_log, "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="radscan"):
+        train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
     assert any("holds no checkpoint of an interrupted run: a new run starts" in record.getMessage()
                for record in caplog.records)
