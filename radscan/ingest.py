@@ -369,8 +369,8 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         if grey is None:
             return record, None
         if policy.trim_padding and policy.follow is not None:  # the chest decides: radscan.preprocess.film_bounds
-            grey = _without_padding(grey, record, policy.follow)
-        if policy.crop is not None:  # quality control judges the whole film, the model its box
+            grey, record.qc_image = _without_padding(grey, record, policy.follow)
+        if policy.crop is not None and record.qc_image is None:  # quality control judges the whole film
             record.qc_image = to_qc_input(grey)
         return record, to_model_input(grey, policy.crop, policy.follow, record.qc_image)
     except OSError as exc:
@@ -381,14 +381,17 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         return _unexpected(record, found, exc)
 
 
-def _without_padding(grey: np.ndarray, record: ImageRecord, follow: FollowReference) -> np.ndarray:
+def _without_padding(grey: np.ndarray, record: ImageRecord,
+                     follow: FollowReference) -> tuple[np.ndarray, np.ndarray | None]:
     """The (H', W') uint8 film the model reads of an (H, W) uint8 image (radscan.preprocess.film_bounds):
-    the image, or a view of it less its padding, said in the record's `converted`."""
-    top, bottom, left, right = bounds = film_bounds(grey, follow)
+    the image, or a view of it less its padding, said in the record's `converted`; and its whole film
+    for quality control where the choice made it (else None: made by the caller)."""
+    bounds, whole = film_bounds(grey, follow)
+    top, bottom, left, right = bounds
     note = padding_note(bounds, *grey.shape)
     if note:
         record.converted = "; ".join(filter(None, [record.converted, note]))
-    return grey[top:bottom, left:right]
+    return grey[top:bottom, left:right], whole
 
 
 def _unexpected(record: ImageRecord, found: Found, exc: Exception) -> Ingested:

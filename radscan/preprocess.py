@@ -356,20 +356,23 @@ def padding_bounds(grey: np.ndarray) -> tuple[int, int, int, int]:
     return _trimmed(grey, lambda line: line.size > 1 and bool(line.min() == line.max()), PAD_REACH)
 
 
-def film_bounds(grey: np.ndarray, reference: FollowReference) -> tuple[int, int, int, int]:
+def film_bounds(grey: np.ndarray, reference: FollowReference) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
     """(H, W) uint8 film -> (top, bottom, left, right) bounds of the film the model reads: the image
     less its padding (`padding_bounds`) where its chest matches the reference better so
-    (`chest_match`), else the whole image. Lines of one grey level are padding beside a film (the
-    film squeezed into the image) or a mask over its edges (the film at its scale): the chest tells
-    them apart, by the scale at which it matches the training normals' mean film."""
+    (`chest_match`), else the whole image; with the chosen film's `to_qc_input` ((128, 128) uint8),
+    made to compare the two, or None where the image has no padding to weigh. Lines of one grey
+    level are padding beside a film (the film squeezed into the image) or a mask over its edges (the
+    film at its scale): the chest tells them apart, by the scale at which it matches the training
+    normals' mean film."""
     height, width = grey.shape
     bounds = padding_bounds(grey)
     if bounds == (0, height, 0, width):
-        return bounds
+        return bounds, None
     top, bottom, left, right = bounds
-    whole_fit = chest_match(to_qc_input(grey), reference)[2]
-    cut_fit = chest_match(to_qc_input(np.ascontiguousarray(grey[top:bottom, left:right])), reference)[2]
-    return bounds if cut_fit > whole_fit else (0, height, 0, width)
+    whole, cut = to_qc_input(grey), to_qc_input(np.ascontiguousarray(grey[top:bottom, left:right]))
+    if chest_match(cut, reference)[2] > chest_match(whole, reference)[2]:
+        return bounds, cut
+    return (0, height, 0, width), whole
 
 
 def padding_note(bounds: tuple[int, int, int, int], height: int, width: int) -> str:
