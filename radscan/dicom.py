@@ -224,13 +224,12 @@ def _decoder_messages(path: object) -> Iterator[None]:
 def skip_reason(ds: Dataset, policy: Policy) -> str:
     """Why this dataset is not scored, or '' when it should be. Header only: pixels are not read."""
     sop_class = _sop_class(ds)
-    has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
+    no_image = not any(tag in ds for tag in _PIXEL_TAGS) and not _is_image_class(sop_class)
     # A DICOMDIR is its SOP class (PS3.10 7.2), or a record sequence with no image of its own; an image
     # that merely carries a stray Directory Record Sequence is still an image and is read.
-    if sop_class == MediaStorageDirectoryStorage or ("DirectoryRecordSequence" in ds and not has_pixels
-                                                     and not _is_image_class(sop_class)):
+    if sop_class == MediaStorageDirectoryStorage or ("DirectoryRecordSequence" in ds and no_image):
         return "DICOMDIR: a media index, not an image (its images are scanned as files)"
-    if not has_pixels and not _is_image_class(sop_class):
+    if no_image:
         return f"no pixel data: not an image ({sop_class.name if sop_class else 'unknown SOP class'})"
     modality = header_text(ds, "Modality").upper()
     if policy.modalities is not None and modality not in policy.modalities:

@@ -449,7 +449,9 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     (SPLIT_FILE), and read the validation films. Raises NoInputError when either side of the split
     is too small, SettingError when a thorax field's normals show no lung fields."""
     lungs = whole_films = None
-    policy = replace(policy, trim_padding=model_cfg.trim_padding)  # every film below is read as the model will read it
+    # the films below are read as the model will read them (the first, whole-film pass of a thorax box has no
+    # reference yet to choose a film by: radscan.ingest reads those uncut)
+    policy = replace(policy, trim_padding=model_cfg.trim_padding)
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,
                                                                 out_dir / INPUTS_FILE)
