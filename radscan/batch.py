@@ -337,8 +337,10 @@ def _middle_cut(line: str) -> str:
 
 
 def _aspect(record: ImageRecord) -> float:
-    """The film's width/height before it was squashed to the model's square (1 when unknown)."""
-    return record.columns / record.rows if record.rows and record.columns else 1.0
+    """The film's width/height before it was squashed to the model's square (1 when unknown): the
+    film read, less its padding where that was cut."""
+    rows, columns = record.film_size()
+    return columns / rows if rows and columns else 1.0
 
 
 def load_model_for_scoring(model_dir: Path, device_name: str) -> Engine:

@@ -391,6 +391,7 @@ def _without_padding(grey: np.ndarray, record: ImageRecord,
     note = padding_note(bounds, *grey.shape)
     if note:
         record.converted = "; ".join(filter(None, [record.converted, note]))
+        record.film_shape = (bottom - top, right - left)
     return grey[top:bottom, left:right], whole
 
 

@@ -620,14 +620,16 @@ class QualityControl:
 
     def _header_problems(self, record: ImageRecord) -> list[str]:
         problems = []
-        if record.rows and record.columns:
-            short, long = sorted((record.rows, record.columns))
+        rows, columns = record.film_size()  # a film padded into its image is judged without the padding
+        if rows and columns:
+            size = f"{columns}x{rows}" + (" less its padding" if record.film_shape else "")
+            short, long = sorted((rows, columns))
             if short < MIN_SIDE:
                 # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
-                return [f"only {counted(short, 'pixel')} on its short side ({record.columns}x{record.rows}): too small "
+                return [f"only {counted(short, 'pixel')} on its short side ({size}): too small "
                         f"to be a radiograph (at least {MIN_SIDE} pixels a side)"]
             if long > MAX_ASPECT * short:
-                return [f"{record.columns}x{record.rows} pixels, its long side {long / short:.2f} times its short "
+                return [f"{size} pixels, its long side {long / short:.2f} times its short "
                         f"side: not the shape of a chest film (at most {MAX_ASPECT:g} to 1)"]
         view = record.ViewPosition.strip().upper()
         if view and self.views is not None and view not in self.views:
@@ -687,8 +689,10 @@ class QualityControl:
             warnings.append(f"{WARN_OFF_CENTRE} (about {where} of where the training films' chests lie, or the film "
                             "has a border on one side): the model reads every film where those chests lie, so its "
                             "score is not comparable, do not read a flag as a finding")
-        if record.rows and record.columns and min(record.rows, record.columns) < MODEL_SIZE:
-            warnings.append(f"{WARN_SMALL} ({record.columns}x{record.rows} pixels, the model reads {MODEL_SIZE}): "
+        rows, columns = record.film_size()
+        if rows and columns and min(rows, columns) < MODEL_SIZE:
+            size = f"{columns}x{rows}" + (" less its padding" if record.film_shape else "")
+            warnings.append(f"{WARN_SMALL} ({size} pixels, the model reads {MODEL_SIZE}): "
                             "enlarged, with less detail than the films it learnt from; its score is not comparable, "
                             "do not read a flag as a finding")
         if "colour" in record.converted:

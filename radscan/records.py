@@ -106,6 +106,14 @@ class ImageRecord:
     # cannot be right), for quality control's population check where PatientAge is absent or unreadable;
     # the birth date itself is never kept (an identifier)
     age_by_dates: float | None = field(default=None, repr=False, compare=False)
+    # not a column: (rows, columns) of the film read when it is less than the image (its padding cut,
+    # radscan.ingest; the `converted` column says so), else None
+    film_shape: tuple[int, int] | None = field(default=None, repr=False, compare=False)
+
+    def film_size(self) -> tuple[int | None, int | None]:
+        """(rows, columns) of the film read, in pixels: the image's (None where unknown), or less its
+        padding where that was cut. Quality control's size and shape checks and the pictures read it."""
+        return self.film_shape or (self.rows, self.columns)
 
     def note_header(self, note: str) -> None:
         """Add `note` to `header_notes`."""
@@ -127,7 +135,8 @@ class ImageRecord:
         return row
 
 
-RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("extra", "qc_image", "age_by_dates"))
+RECORD_COLUMNS = tuple(f.name for f in fields(ImageRecord) if f.name not in ("extra", "qc_image", "age_by_dates",
+                                                                                     "film_shape"))
 
 
 # Unicode's explicit directional formatting characters (UAX #9, 2.1-2.4): embeddings, overrides and

@@ -53,7 +53,7 @@ from radscan.model.io import METADATA_FILE, save_model
 from radscan.model.metadata import CHECKPOINT_FILE, SPLIT_FILE, new_version
 from radscan.model.simsid import SimSID, to_model_tensor
 from radscan.policy import Policy
-from radscan.preprocess import FollowReference, follow_reference
+from radscan.preprocess import MODEL_SIZE, FollowReference, follow_reference, padding_bounds
 from radscan.qc import (
     DEFAULT_VIEWS,
     MIN_REFERENCE,
@@ -211,6 +211,21 @@ def _checked(records: list[ImageRecord], films: list[np.ndarray]) -> list[bool]:
     return keep
 
 
+# A mean of this many chests shows their layout at the reference's 64 px (radscan.preprocess.follow_reference)
+MIN_PLAIN_FILMS = 10
+
+
+def padding_reference(whole_films: np.ndarray) -> FollowReference:
+    """(N, 128, 128) uint8 whole films, as read uncut -> the reference their chests decide what is
+    padding by (radscan.preprocess.film_bounds): the mean of the films with no edge line of one grey
+    level (at least MIN_PLAIN_FILMS of them), else of all. The mean of all would show the padding of
+    the padded ones: with half of 48 normals letterboxed by a quarter, it had 2 of the 24 cut, the
+    plain films' mean 24 of 24 (tests/test_train.py)."""
+    whole = (0, MODEL_SIZE, 0, MODEL_SIZE)
+    plain = np.array([padding_bounds(film) == whole for film in whole_films], bool)
+    return follow_reference(whole_films[plain] if plain.sum() >= MIN_PLAIN_FILMS else whole_films)
+
+
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
                     progress: bool, inventory: Path | None = None) -> tuple[SimSIDConfig, Policy, np.ndarray,
                                                                           np.ndarray]:
@@ -218,12 +233,19 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     (radscan.model.field.thorax_box) set in the model settings and the reading policy, and the lung
     fields as the box shows them ((128, 128) bool, the model's `lung_mask`), and the whole films
     ((N, 128, 128) uint8: quality control's reference is fitted to them, as it judges whole films).
-    Every normal serves, the calibration ones too: the box is part of the preprocessing, found
-    without labels. Raises SettingError when the mean shows no lung fields."""
+    With `trim_padding`, a second pass reads each film less the padding its chest chose
+    (`padding_reference` of the first pass), and those films give all three. Every normal serves, the
+    calibration ones too: the box is part of the preprocessing, found without labels. Raises
+    SettingError when the mean shows no lung fields."""
     # `inventory`: the list of every file with its status, written here too, so that it is there when
     # no normal passes (the pass that cuts the box writes the same list again)
-    films = load_images(normals, replace(policy, crop=None), workers, progress, inventory,
+    films = load_images(normals, replace(policy, crop=None, follow=None), workers, progress, inventory,
                         label="normals (whole films)", judge=_checked, quiet=True)[0]  # the next pass says it
+    if model_cfg.trim_padding and model_cfg.follow:
+        # the chest decides what is padding (radscan.preprocess.film_bounds); the box and both references are
+        # then those of the films as scoring reads them, less their padding
+        films = load_images(normals, replace(policy, crop=None, follow=padding_reference(films)), workers, progress,
+                            inventory, label="normals (whole films, less padding)", judge=_checked, quiet=True)[0]
     mean = films.mean(axis=0, dtype=np.float64)
     try:
         box = thorax_box(mean)
@@ -449,8 +471,8 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     (SPLIT_FILE), and read the validation films. Raises NoInputError when either side of the split
     is too small, SettingError when a thorax field's normals show no lung fields."""
     lungs = whole_films = None
-    # the films below are read as the model will read them (the first, whole-film pass of a thorax box has no
-    # reference yet to choose a film by: radscan.ingest reads those uncut)
+    # the films below are read as the model will read them (with `trim_padding`, less the padding their chest
+    # chose against the reference of find_thorax_box's whole-film passes)
     policy = replace(policy, trim_padding=model_cfg.trim_padding)
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,

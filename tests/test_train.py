@@ -25,7 +25,7 @@ from radscan.model.io import WEIGHTS_FILE, load_model
 from radscan.model.runtime import score_arrays
 from radscan.model.simsid import to_model_tensor
 from radscan.policy import Policy
-from radscan.train import TrainConfig, train
+from radscan.train import TrainConfig, find_thorax_box, train
 from radscan.trainer import Trainer
 
 from .conftest import CXR_DIR, DICOM_DIR
@@ -994,3 +994,29 @@ def test_resume_without_a_checkpoint_says_a_new_run_starts(normals, tmp_path, ca
         train([str(normals)], tmp_path / "m", TINY, FAST, workers=1, progress=False, resume=True)
     assert any("holds no checkpoint of an interrupted run: a new run starts" in record.getMessage()
                for record in caplog.records)
+
+
+def test_a_model_that_cuts_padding_fits_its_box_and_references_on_the_films_less_their_padding(normals, tmp_path):
+    """With `trim_padding`, every other normal letterboxed with a black strip of a quarter of the image:
+    the thorax box and the whole films quality control's reference is fitted to are those of the films
+    as scoring reads them, less their padding, not the padded images'."""
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for index, path in enumerate(sorted(normals.iterdir())):
+        film = np.asarray(Image.open(path).convert("L"))
+        if index % 2:
+            film = np.pad(film, ((0, 0), (film.shape[1] // 3, 0)))
+        Image.fromarray(film).save(folder / f"{path.stem}.png")
+    box = replace(TINY, field="thorax-box", follow=True)
+
+    def first_pass(folder: Path, trim: bool) -> tuple[tuple[float, ...], np.ndarray]:
+        config, _, _, films = find_thorax_box([str(folder)], replace(box, trim_padding=trim),
+                                              Policy(trim_padding=trim), 1, False)
+        return config.crop, films
+
+    original, _ = first_pass(normals, False)
+    cut, films = first_pass(folder, True)
+    assert films[1::2, :, :16].mean() > 20  # the strip is gone
+    assert np.abs(np.subtract(cut, original)).max() < 0.02, (cut, original)
+    uncut, padded = first_pass(folder, False)
+    assert padded[1::2, :, :16].max() == 0 and np.abs(np.subtract(uncut, original)).max() > 0.05, (uncut, original)

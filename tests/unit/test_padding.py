@@ -151,3 +151,23 @@ def test_trim_padding_is_a_boolean_of_a_box_that_follows_the_chest(settings, err
 def test_the_reading_of_older_models_keeps_its_repr():
     """The state store's keys hold repr(Policy): a field it showed would read every film again."""
     assert "trim_padding" not in repr(Policy()) and "trim_padding" not in repr(Policy(trim_padding=True))
+
+
+def test_quality_control_judges_the_size_and_shape_of_the_film_less_its_padding(tmp_path):
+    """A film letterboxed into a tall image is a chest film's shape once its padding is cut; a tiny film
+    padded into a larger canvas is still too small. Quality control reads the film, not the image."""
+    from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc
+
+    reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=_reference())
+    Image.fromarray(_padded(_chest(5), 115, 115, 0, 0, 0)).save(tmp_path / "tall.png")  # 390 x 128: over 3 to 1
+    qc = QualityControl("strict", DEFAULT_VIEWS, None, None)
+    for policy, shape, verdict in ((reading, (160, 128), "pass"), (replace(reading, trim_padding=False), None, "fail")):
+        record, image = ingest_one(tmp_path / "tall.png", policy)
+        assert record.film_shape == shape and (record.rows, record.columns) == (390, 128)
+        apply_qc(qc, [record], [image])
+        assert record.qc_status == verdict, record.qc_reason
+    assert "not the shape of a chest film" in record.qc_reason
+    record.film_shape = (24, 30)  # read less its padding from a 390 x 128 image
+    apply_qc(qc, [record], [image])
+    assert "only 24 pixels on its short side (30x24 less its padding)" in record.qc_reason
+    assert record.film_size() == (24, 30)
