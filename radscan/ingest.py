@@ -490,6 +490,8 @@ def unread_formats(count: int) -> str:
 # the reasons of a file that is no kind of file radscan knows (not a TIFF, an archive, a resource fork)
 EMPTY_FILE = "empty file (0 bytes)"
 NOT_RECOGNISED = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header, no image signature)"
+DAMAGED_MARKER = ("a DICOM file whose \"DICM\" marker (bytes 128-131) is damaged: corrupted in storage or transfer; "
+                  "send the film again")
 ONLY_ZERO_BYTES = "the file holds only zero bytes: a copy that did not finish, or a damaged file"
 
 
@@ -506,11 +508,23 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
     elif other := _other_image(head, record.file_size or 0):
         return record.skip(f"a {other} image: {READS_ONLY}")
+    elif _damaged_marker(path):  # a film lost, whatever its name: an error night, not a skip
+        return record.fail(DAMAGED_MARKER)
     else:
         reason = NOT_RECOGNISED
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         return record.fail(f"{reason}, although named like an image: incomplete transfer or wrong file?")
     return record.skip(reason)
+
+
+def _damaged_marker(path: Path) -> bool:
+    """Whether the file is a DICOM Part 10 file but for its marker: after the 128-byte preamble, where
+    "DICM" should be, other bytes, then a File Meta element, which is group 0002 in explicit VR
+    little endian (PS3.10 section 7.1)."""
+    with open(path, "rb") as handle:
+        head = handle.read(138)
+    return len(head) == 138 and int.from_bytes(head[132:134], "little") == 0x0002 and head[136:138].isalpha() \
+        and head[136:138].isupper()
 
 
 _ZERO_CHECKED = 1 << 20  # bytes of a file looked at for `_only_zero_bytes`

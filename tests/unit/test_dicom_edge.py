@@ -593,3 +593,24 @@ def test_a_record_sequence_without_pixels_is_still_a_dicomdir(tmp_path):
     record, image = ingest_one(tmp_path / "INDEX")
     assert record.status == "skipped" and record.reason.startswith("DICOMDIR"), record.reason
     assert image is None
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(marker=st.binary(min_size=4, max_size=4).filter(lambda marker: marker != b"DICM"),
+       preamble=st.sampled_from([bytes(128), b"II*\x00" + bytes(124), bytes(range(128))]),
+       name=st.sampled_from(["IM00001", "film.dcm", "1.2.840.10008.5.1.4"]))
+def test_a_dicom_file_with_a_damaged_marker_is_an_error_that_says_so(tmp_path, marker, preamble, name):
+    """A PACS export whose "DICM" marker was damaged (a byte flipped in storage or transfer) was
+    skipped as "not a DICOM, JPEG or PNG file": a film lost on a night that read as good. It is an
+    error that names the damage, whatever the file's name or preamble."""
+    from radscan.ingest import DAMAGED_MARKER
+
+    path = _write(tmp_path / "good.dcm", _ramp(0, 4095))
+    data = bytearray(path.read_bytes())
+    data[:128], data[128:132] = preamble, marker
+    (tmp_path / name).write_bytes(bytes(data))
+    record, image = ingest_one(tmp_path / name)
+    assert image is None and record.status == "error" and record.reason == DAMAGED_MARKER, record
+    data[132:136] = b"\x08\x00\x05\x00"  # no File Meta element after it: not called a DICOM file
+    (tmp_path / name).write_bytes(bytes(data))
+    assert ingest_one(tmp_path / name)[0].reason != DAMAGED_MARKER
