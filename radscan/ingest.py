@@ -313,6 +313,9 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or "the operating system refused access"
 
 
+HEAD_BYTES = 140  # what `sniff_kind` and `_damaged_marker` read of a file: the preamble, marker and an element
+
+
 def sniff_kind(head: bytes) -> str:
     """'dicom', 'jpeg', 'png' or 'other', from the first 132 bytes of a file (never its name)."""
     if head[128:132] == b"DICM":
@@ -358,7 +361,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
     try:
         record.file_size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(132)
+            head = handle.read(HEAD_BYTES)
         record.kind = sniff_kind(head)
         if record.kind == "other":
             return _not_an_image(record, path, head), None
@@ -368,6 +371,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
+        record.film_shape = grey.shape
         if policy.trim_padding and policy.follow is not None:  # the chest decides: radscan.preprocess.film_bounds
             grey, record.qc_image = _without_padding(grey, record, policy.follow)
         if policy.crop is not None and record.qc_image is None:  # quality control judges the whole film
@@ -504,12 +508,13 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
         reason = EMPTY_FILE
     elif _may_be_an_image(str(path)) and _only_zero_bytes(path, head):  # space a copy took and never filled
         return record.fail(ONLY_ZERO_BYTES)
+    elif _damaged_marker(head):  # a film lost, whatever its name or its preamble (which may hold a TIFF or
+        record.kind = "dicom"  # zip header, PS3.10 7.5): an error night, not a skip
+        return record.fail(DAMAGED_MARKER)
     elif packed:
         reason = f"a {packed} file, not an image: unpack it to score what it holds"
     elif other := _other_image(head, record.file_size or 0):
         return record.skip(f"a {other} image: {READS_ONLY}")
-    elif _damaged_marker(path):  # a film lost, whatever its name: an error night, not a skip
-        return record.fail(DAMAGED_MARKER)
     else:
         reason = NOT_RECOGNISED
     if path.suffix.lower() in _IMAGE_SUFFIXES:
@@ -517,14 +522,14 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
     return record.skip(reason)
 
 
-def _damaged_marker(path: Path) -> bool:
-    """Whether the file is a DICOM Part 10 file but for its marker: after the 128-byte preamble, where
-    "DICM" should be, other bytes, then a File Meta element, which is group 0002 in explicit VR
-    little endian (PS3.10 section 7.1)."""
-    with open(path, "rb") as handle:
-        head = handle.read(138)
-    return len(head) == 138 and int.from_bytes(head[132:134], "little") == 0x0002 and head[136:138].isalpha() \
-        and head[136:138].isupper()
+def _damaged_marker(head: bytes) -> bool:
+    """Whether a file's first HEAD_BYTES are those of a DICOM Part 10 file but for its marker: after
+    the 128-byte preamble, where "DICM" should be, other bytes, then the File Meta Information's first
+    element, (0002,0000) UL or (0002,0001) OB in explicit VR little endian (PS3.10 7.1): eight bytes
+    that other files hardly begin an element with at byte 132."""
+    element = head[132:140]
+    return (len(element) == 8 and element[:2] == b"\x02\x00" and element[2:4] in (b"\x00\x00", b"\x01\x00")
+            and element[4:6] in (b"UL", b"OB"))
 
 
 _ZERO_CHECKED = 1 << 20  # bytes of a file looked at for `_only_zero_bytes`

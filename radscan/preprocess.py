@@ -68,6 +68,7 @@ __all__ = [
     "PAD_REACH",
     "padding_bounds",
     "padding_note",
+    "PADDING_CUT",
     "film_bounds",
     "chest_match",
 ]
@@ -345,6 +346,7 @@ def _overlap_sums(spectrum: np.ndarray, conjugate: np.ndarray) -> np.ndarray:
 # time, as a change of scale that the box, which follows a move, cannot undo. At most PAD_REACH of each
 # side is cut: a film of one level throughout is left for quality control to reject.
 PAD_REACH = 1 / 3
+PADDING_CUT = "padding cut"  # how `padding_note` begins
 
 
 def padding_bounds(grey: np.ndarray) -> tuple[int, int, int, int]:
@@ -382,7 +384,7 @@ def padding_note(bounds: tuple[int, int, int, int], height: int, width: int) -> 
            "right": (width - right) / width}
     said = ", ".join(f"{side} {share:.0%}" if f"{share:.0%}" != "0%" else f"{side} <1%"
                      for side, share in cut.items() if share)
-    return f"padding cut: {said}" if said else ""
+    return f"{PADDING_CUT}: {said}" if said else ""
 
 
 def is_box(crop: Sequence[float]) -> bool:

@@ -35,7 +35,7 @@ import numpy as np
 
 from radscan.errors import ModelError
 from radscan.policy import DEFAULT_BODY_PARTS
-from radscan.preprocess import MODEL_SIZE, film_content
+from radscan.preprocess import MODEL_SIZE, PADDING_CUT, film_content
 from radscan.records import VIEW_REJECTIONS, ImageRecord, Status, counted, visible_controls
 from radscan.report import remove_stale_temporaries, write_bytes
 
@@ -622,7 +622,7 @@ class QualityControl:
         problems = []
         rows, columns = record.film_size()  # a film padded into its image is judged without the padding
         if rows and columns:
-            size = f"{columns}x{rows}" + (" less its padding" if record.film_shape else "")
+            size = _size_said(record)
             short, long = sorted((rows, columns))
             if short < MIN_SIDE:
                 # judged by its layout, a few pixels blown up to 128 px can look like a film turned round
@@ -691,8 +691,7 @@ class QualityControl:
                             "score is not comparable, do not read a flag as a finding")
         rows, columns = record.film_size()
         if rows and columns and min(rows, columns) < MODEL_SIZE:
-            size = f"{columns}x{rows}" + (" less its padding" if record.film_shape else "")
-            warnings.append(f"{WARN_SMALL} ({size} pixels, the model reads {MODEL_SIZE}): "
+            warnings.append(f"{WARN_SMALL} ({_size_said(record)} pixels, the model reads {MODEL_SIZE}): "
                             "enlarged, with less detail than the films it learnt from; its score is not comparable, "
                             "do not read a flag as a finding")
         if "colour" in record.converted:
@@ -729,6 +728,12 @@ class QualityControl:
             return [f"{WARN_AGE} cannot be read (PatientAge '{visible_controls(record.PatientAge[:16])}', and no "
                     f"birth date): whether the patient is in {population} is not known"]
         return []
+
+
+def _size_said(record: ImageRecord) -> str:
+    """The film's size as read, "WxH", with "less its padding" where padding was cut."""
+    rows, columns = record.film_size()
+    return f"{columns}x{rows}" + (" less its padding" if PADDING_CUT in record.converted else "")
 
 
 def _body_part_said(record: ImageRecord) -> str:

@@ -106,13 +106,14 @@ class ImageRecord:
     # cannot be right), for quality control's population check where PatientAge is absent or unreadable;
     # the birth date itself is never kept (an identifier)
     age_by_dates: float | None = field(default=None, repr=False, compare=False)
-    # not a column: (rows, columns) of the film read when it is less than the image (its padding cut,
-    # radscan.ingest; the `converted` column says so), else None
+    # not a column: (rows, columns) of the film read (radscan.ingest): after an EXIF orientation, less
+    # its padding where that was cut (the `converted` column says so); None until read
     film_shape: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     def film_size(self) -> tuple[int | None, int | None]:
-        """(rows, columns) of the film read, in pixels: the image's (None where unknown), or less its
-        padding where that was cut. Quality control's size and shape checks and the pictures read it."""
+        """(rows, columns) of the film read, in pixels (turned by its EXIF orientation, less its padding
+        where that was cut); the header's or the file's until it is read (None where unknown). Quality
+        control's size and shape checks and the pictures' aspect read it."""
         return self.film_shape or (self.rows, self.columns)
 
     def note_header(self, note: str) -> None:

@@ -217,13 +217,19 @@ MIN_PLAIN_FILMS = 10
 
 def padding_reference(whole_films: np.ndarray) -> FollowReference:
     """(N, 128, 128) uint8 whole films, as read uncut -> the reference their chests decide what is
-    padding by (radscan.preprocess.film_bounds): the mean of the films with no edge line of one grey
-    level (at least MIN_PLAIN_FILMS of them), else of all. The mean of all would show the padding of
-    the padded ones: with half of 48 normals letterboxed by a quarter, it had 2 of the 24 cut, the
-    plain films' mean 24 of 24 (tests/test_train.py)."""
+    padding by in `find_thorax_box`'s second pass (radscan.preprocess.film_bounds): the mean of the
+    films with no edge line of one grey level (at least MIN_PLAIN_FILMS of them), else of all, said
+    in a WARNING. The mean of all shows the padding of the padded ones: with half of 48 normals
+    letterboxed by a quarter, it had 2 of the 24 cut and showed no lung fields to find the box by;
+    the plain films' mean had all 24 cut and gave the unpadded normals' box (tests/test_train.py)."""
     whole = (0, MODEL_SIZE, 0, MODEL_SIZE)
     plain = np.array([padding_bounds(film) == whole for film in whole_films], bool)
-    return follow_reference(whole_films[plain] if plain.sum() >= MIN_PLAIN_FILMS else whole_films)
+    if plain.sum() >= MIN_PLAIN_FILMS:
+        return follow_reference(whole_films[plain])
+    log.warning("only %s of the normals have no edge line of one grey level (padding or a mask): the chest decides "
+                "what is padding against the mean of all of them, padding included, so padding common to most "
+                "normals is read as part of the film (trim_padding)", counted(int(plain.sum()), "film"))
+    return follow_reference(whole_films)
 
 
 def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Policy, workers: int,
@@ -237,13 +243,15 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     (`padding_reference` of the first pass), and those films give all three. Every normal serves, the
     calibration ones too: the box is part of the preprocessing, found without labels. Raises
     SettingError when the mean shows no lung fields."""
-    # `inventory`: the list of every file with its status, written here too, so that it is there when
-    # no normal passes (the pass that cuts the box writes the same list again)
+    # `inventory`: the list of every file with its status, written by each pass, so that it is there when
+    # no normal passes (the pass that cuts the box writes it last). Each pass reads every normal: a film the
+    # first pass rejects uncut (letterboxed past 3 to 1) is judged less its padding by the next
     films = load_images(normals, replace(policy, crop=None, follow=None), workers, progress, inventory,
                         label="normals (whole films)", judge=_checked, quiet=True)[0]  # the next pass says it
     if model_cfg.trim_padding and model_cfg.follow:
-        # the chest decides what is padding (radscan.preprocess.film_bounds); the box and both references are
-        # then those of the films as scoring reads them, less their padding
+        # the chest decides what is padding (radscan.preprocess.film_bounds) against the plain films' mean; the
+        # box and both references are those of the films less that padding. (Scoring decides against the follow
+        # reference fitted on these films, nearly the same mean: one of 48 normals in a test is cut otherwise.)
         films = load_images(normals, replace(policy, crop=None, follow=padding_reference(films)), workers, progress,
                             inventory, label="normals (whole films, less padding)", judge=_checked, quiet=True)[0]
     mean = films.mean(axis=0, dtype=np.float64)
@@ -472,7 +480,7 @@ def _read_films(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, 
     is too small, SettingError when a thorax field's normals show no lung fields."""
     lungs = whole_films = None
     # the films below are read as the model will read them (with `trim_padding`, less the padding their chest
-    # chose against the reference of find_thorax_box's whole-film passes)
+    # chose against the follow reference, as scoring reads them)
     policy = replace(policy, trim_padding=model_cfg.trim_padding)
     if model_cfg.field == "thorax-box":  # every film below, validation films too, is read cut to the box
         model_cfg, policy, lungs, whole_films = find_thorax_box(normals, model_cfg, policy, workers, progress,

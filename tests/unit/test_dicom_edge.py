@@ -597,12 +597,15 @@ def test_a_record_sequence_without_pixels_is_still_a_dicomdir(tmp_path):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(marker=st.binary(min_size=4, max_size=4).filter(lambda marker: marker != b"DICM"),
-       preamble=st.sampled_from([bytes(128), b"II*\x00" + bytes(124), bytes(range(128))]),
+       preamble=st.sampled_from([bytes(128), b"II*\x00\x08\x00\x00\x00" + bytes(120),
+                                 b"MM\x00*\x00\x00\x00\x08" + bytes(120), b"PK\x03\x04" + bytes(124),
+                                 bytes(range(128))]),
        name=st.sampled_from(["IM00001", "film.dcm", "1.2.840.10008.5.1.4"]))
 def test_a_dicom_file_with_a_damaged_marker_is_an_error_that_says_so(tmp_path, marker, preamble, name):
     """A PACS export whose "DICM" marker was damaged (a byte flipped in storage or transfer) was
     skipped as "not a DICOM, JPEG or PNG file": a film lost on a night that read as good. It is an
-    error that names the damage, whatever the file's name or preamble."""
+    error that names the damage, whatever the file's name or preamble (PS3.10 7.5 lets a TIFF or
+    other header sit there)."""
     from radscan.ingest import DAMAGED_MARKER
 
     path = _write(tmp_path / "good.dcm", _ramp(0, 4095))
@@ -611,6 +614,8 @@ def test_a_dicom_file_with_a_damaged_marker_is_an_error_that_says_so(tmp_path, m
     (tmp_path / name).write_bytes(bytes(data))
     record, image = ingest_one(tmp_path / name)
     assert image is None and record.status == "error" and record.reason == DAMAGED_MARKER, record
-    data[132:136] = b"\x08\x00\x05\x00"  # no File Meta element after it: not called a DICOM file
-    (tmp_path / name).write_bytes(bytes(data))
-    assert ingest_one(tmp_path / name)[0].reason != DAMAGED_MARKER
+    assert record.kind == "dicom"
+    for element in (b"\x08\x00\x05\x00CS", b"\x02\x00\x00\x00ul", b"\x02\x00\x10\x00UI"):
+        data[132:138] = element  # not a File Meta Information's first element: not called a DICOM file
+        (tmp_path / name).write_bytes(bytes(data))
+        assert ingest_one(tmp_path / name)[0].reason != DAMAGED_MARKER, element

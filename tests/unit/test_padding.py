@@ -154,20 +154,37 @@ def test_the_reading_of_older_models_keeps_its_repr():
 
 
 def test_quality_control_judges_the_size_and_shape_of_the_film_less_its_padding(tmp_path):
-    """A film letterboxed into a tall image is a chest film's shape once its padding is cut; a tiny film
-    padded into a larger canvas is still too small. Quality control reads the film, not the image."""
+    """A film letterboxed into a tall image is a chest film's shape once its padding is cut; a film
+    too small to judge, padded into a canvas of a judged size, is still too small. Quality control
+    reads the film, not the image."""
     from radscan.qc import DEFAULT_VIEWS, QualityControl, apply_qc
 
     reading = Policy(trim_padding=True, crop=(0.1, 0.1, 0.9, 0.9), follow=_reference())
     Image.fromarray(_padded(_chest(5), 115, 115, 0, 0, 0)).save(tmp_path / "tall.png")  # 390 x 128: over 3 to 1
     qc = QualityControl("strict", DEFAULT_VIEWS, None, None)
-    for policy, shape, verdict in ((reading, (160, 128), "pass"), (replace(reading, trim_padding=False), None, "fail")):
+    for policy, shape, verdict in ((reading, (160, 128), "pass"),
+                                   (replace(reading, trim_padding=False), (390, 128), "fail")):
         record, image = ingest_one(tmp_path / "tall.png", policy)
-        assert record.film_shape == shape and (record.rows, record.columns) == (390, 128)
+        assert record.film_size() == shape and (record.rows, record.columns) == (390, 128)
         apply_qc(qc, [record], [image])
         assert record.qc_status == verdict, record.qc_reason
     assert "not the shape of a chest film" in record.qc_reason
-    record.film_shape = (24, 30)  # read less its padding from a 390 x 128 image
+    tiny = np.asarray(Image.fromarray(_chest(5)).resize((24, 30), Image.Resampling.LANCZOS))
+    Image.fromarray(_padded(tiny, 8, 8, 7, 7, 0)).save(tmp_path / "tiny.png")  # 46 x 38: a judged size
+    record, image = ingest_one(tmp_path / "tiny.png", reading)
+    assert record.film_size() == (30, 24) and record.converted.startswith("padding cut"), record.converted
     apply_qc(qc, [record], [image])
-    assert "only 24 pixels on its short side (30x24 less its padding)" in record.qc_reason
-    assert record.film_size() == (24, 30)
+    assert "only 24 pixels on its short side (24x30 less its padding)" in record.qc_reason
+
+
+def test_the_film_read_is_turned_by_its_exif_orientation(tmp_path):
+    """A JPEG stored 300 wide and 150 high, shown turned (EXIF orientation 6): the film read, and the
+    aspect its picture is drawn at, are 150 wide and 300 high; the header columns keep the stored size."""
+    from radscan.batch import _aspect
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_film(2, 150, 300)).save(tmp_path / "turned.jpg", exif=exif)
+    record, _ = ingest_one(tmp_path / "turned.jpg")
+    assert (record.rows, record.columns) == (150, 300) and record.film_size() == (300, 150)
+    assert _aspect(record) == 0.5
