@@ -371,9 +371,9 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
             grey = read_raster(path, record, policy)
         if grey is None:
             return record, None
-        record.film_shape = grey.shape
         if policy.trim_padding and policy.follow is not None:  # the chest decides: radscan.preprocess.film_bounds
             grey, record.qc_image = _without_padding(grey, record, policy.follow)
+        record.film_shape = grey.shape  # the film read: turned by its EXIF orientation, less its padding
         if policy.crop is not None and record.qc_image is None:  # quality control judges the whole film
             record.qc_image = to_qc_input(grey)
         return record, to_model_input(grey, policy.crop, policy.follow, record.qc_image)
@@ -395,7 +395,6 @@ def _without_padding(grey: np.ndarray, record: ImageRecord,
     note = padding_note(bounds, *grey.shape)
     if note:
         record.converted = "; ".join(filter(None, [record.converted, note]))
-        record.film_shape = (bottom - top, right - left)
     return grey[top:bottom, left:right], whole
 
 

@@ -248,7 +248,7 @@ def find_thorax_box(normals: Sequence[str], model_cfg: SimSIDConfig, policy: Pol
     # first pass rejects uncut (letterboxed past 3 to 1) is judged less its padding by the next
     films = load_images(normals, replace(policy, crop=None, follow=None), workers, progress, inventory,
                         label="normals (whole films)", judge=_checked, quiet=True)[0]  # the next pass says it
-    if model_cfg.trim_padding and model_cfg.follow:
+    if model_cfg.trim_padding:  # a setting of a box that follows the chest (SimSIDConfig checks it)
         # the chest decides what is padding (radscan.preprocess.film_bounds) against the plain films' mean; the
         # box and both references are those of the films less that padding. (Scoring decides against the follow
         # reference fitted on these films, nearly the same mean: one of 48 normals in a test is cut otherwise.)
