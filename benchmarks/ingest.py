@@ -1,7 +1,9 @@
 """Ingest throughput: `radscan scan --previews` against the bare decode floor, in the same run.
 
 The mixed set is the 80 full-resolution Kermany JPEGs plus the large compressed DICOM radiographs
-(JPEG 2000, JPEG-LS, JPEG lossless, RLE; 1760-3062 px), repeated --copies times through symlinks.
+(JPEG 2000, JPEG-LS, JPEG lossless, RLE; 1760-3062 px), repeated --copies times through hard links
+(copies where the filesystem has none): radscan lists a file reached through symbolic links once, so
+symbolic links would measure one copy against a floor that decodes them all.
 
 The floor is what no ingest can beat: bare pydicom / Pillow decode of the same files plus the same
 128x128 Pillow resize, over the same number of worker processes (joblib), started as a fresh
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,10 +47,20 @@ def build_set(folder: Path, copies: int) -> list[Path]:
     for copy in range(copies):
         for index, source in enumerate(sources):
             link = folder / f"c{copy}" / f"{index:03d}_{source.name}"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source)
+            place_copy(source, link)
             files.append(link)
     return files
+
+
+def place_copy(source: Path, target: Path) -> None:
+    """`target` as another name of `source`: a hard link (each is a file radscan lists and reads), or
+    a copy where the filesystem cannot link. Never a symbolic link: radscan lists a file reached
+    through symbolic links once (radscan.ingest.find_files), so the copies would not be read."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def floor_worker(path: str) -> int:
@@ -85,7 +98,7 @@ def main() -> None:
     if args.floor_only:
         from joblib import Parallel, delayed
 
-        files = sorted(str(p) for p in Path(args.floor_only).rglob("*") if p.is_symlink())
+        files = sorted(str(p) for p in Path(args.floor_only).rglob("*") if p.is_file())
         results = Parallel(n_jobs=args.workers, return_as="generator", pre_dispatch="4*n_jobs",
                            batch_size=4)(delayed(floor_worker)(f) for f in files)
         assert sum(1 for _ in results) == len(files)

@@ -14,7 +14,7 @@ scoring process's peak memory for 1,000 vs 10,000 inputs.
    density, no generator pass), and the configured score alone (what a film without a picture pays:
    for the density, one discriminator pass).
 3. Memory: peak resident memory (VmHWM) of the `radscan score` process on 1,000 and on 10,000
-   inputs (symlinks to the 224 px Kermany images; no residual PNGs, to spare the disk).
+   inputs (hard links to the 224 px Kermany images; no residual PNGs, to spare the disk).
 
     python benchmarks/score.py --model models/kermany-tiny [--copies 2] [--large-copies 6] [--repeats 3] [--skip-memory]
                                 [--skip-speed] [--counts 1000 10000]
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest import DATA, build_set, timed  # noqa: E402  (the same mixed set and floor as benchmarks/ingest.py)
+from ingest import DATA, build_set, place_copy, timed  # noqa: E402  (the same mixed set and floor as benchmarks/ingest.py)
 
 
 def model_only(model_dir: str, device: str, explain: bool, components: bool = True) -> float:
@@ -64,6 +64,17 @@ def _flagged_share(tmp_path: Path, args: argparse.Namespace) -> float:
     return sum(row["flag"] == "true" for row in rows) / max(1, len(rows))
 
 
+def _check_every_file_listed(report: Path, expected: int) -> None:
+    """A run is timed only if its report has a row for every file of the set (the copies are read
+    like any file, not recognised as one film)."""
+    import csv
+
+    with open(report, newline="") as handle:
+        rows = sum(1 for _ in csv.DictReader(handle))
+    if rows != expected:
+        raise SystemExit(f"{report} lists {rows} files of {expected}: the timing would not be of the whole set")
+
+
 def peak_memory_mb(command: list[str]) -> float:
     """Run `command`, polling the VmHWM (peak resident set) of its main process."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -84,9 +95,7 @@ def peak_memory_mb(command: list[str]) -> float:
 def link_many(folder: Path, count: int) -> None:
     sources = sorted((DATA / "cxr/kermany_pediatric_224").glob("*/*.jpeg"))
     for index in range(count):
-        target = folder / f"s{index // 100:04d}" / f"{index:06d}.jpeg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(sources[index % len(sources)])
+        place_copy(sources[index % len(sources)], folder / f"s{index // 100:04d}" / f"{index:06d}.jpeg")
 
 
 def main() -> None:
@@ -127,6 +136,8 @@ def main() -> None:
                             sys.executable, "-m", "radscan", "-q", "score", str(folder), "--out", str(out),
                             "--model", args.model, "--modalities", "all", "--body-parts", "all", "--workers",
                             str(args.workers), "--device", args.device, *extra]))
+                        if extra is not None:
+                            _check_every_file_listed(out, counts[size])
                     medians[size, name] = statistics.median(times)
             flagged = _flagged_share(tmp_path, args)
             extra_images = counts["large"] - counts["small"]
