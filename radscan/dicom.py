@@ -113,6 +113,12 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         # the cut is the reason, not the policy (a file without Modality would otherwise read as skipped)
         record.fail("an image object without pixel data: truncated or incomplete file?")
         return None
+    if not truncated and not _sop_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS):
+        # every DICOM object names its SOP class (Type 1, PS3.3 C.12.1): without it and without pixel data
+        # nothing says the file is not a film, and a transfer cut inside its first elements reads so
+        record.fail("neither a SOP Class UID nor pixel data: a DICOM file cut short or damaged (an incomplete "
+                    "transfer?)")
+        return None
     reason = skip_reason(ds, policy)
     if reason:
         record.skip(reason)

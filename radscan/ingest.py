@@ -496,6 +496,25 @@ NOT_RECOGNISED = "not a DICOM, JPEG or PNG file (no DICM marker, no DICOM header
 DAMAGED_MARKER = ("a DICOM file whose \"DICM\" marker (bytes 128-131) is damaged: corrupted in storage or transfer; "
                   "send the film again")
 ONLY_ZERO_BYTES = "the file holds only zero bytes: a copy that did not finish, or a damaged file"
+CUT_IN_PREAMBLE = ("a DICOM file that ends inside its preamble or \"DICM\" marker (bytes 0-131): an incomplete "
+                   "transfer; send the film again")
+
+
+def _named_like_a_film(name: str) -> bool:
+    """Whether a file's name is one a film may have: an image suffix (.dcm, .jpg, ...), none at all,
+    or a number (a DICOM file named by its SOP Instance UID, 1.2.840....5, or IM0001.002): PS3.10
+    sets no name, and PACS exports seldom give one. A hidden file, a name that is never a film (a
+    text, web or archive suffix, Thumbs.db) or another suffix (.lock, .part, .tmp: a transfer still
+    under way, read by the next run) is not."""
+    suffix = Path(name).suffix.lower()
+    return _may_be_an_image(name) and (suffix in _IMAGE_SUFFIXES or suffix == "" or suffix[1:].isdigit())
+
+
+def _cut_in_preamble(head: bytes) -> bool:
+    """Whether a file of fewer than 132 bytes is a DICOM Part 10 file cut short: a preamble of zero
+    bytes (PS3.10 7.1: zeros where no application profile says otherwise), then no more than a
+    beginning of the "DICM" marker. All zeros are left to `_only_zero_bytes`."""
+    return (128 < len(head) < 132 and head[:128].count(0) == 128) and b"DICM".startswith(head[128:])
 
 
 def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
@@ -504,9 +523,15 @@ def _not_an_image(record: ImageRecord, path: Path, head: bytes) -> ImageRecord:
         return record.skip("macOS resource-fork file (AppleDouble), not an image")
     packed = next((kind for magic, kind in _PACKED if head.startswith(magic)), None)
     if not head:
+        if _named_like_a_film(name):  # a PACS names its files IM00001 or by UID: a transfer that failed
+            return record.fail(f"{EMPTY_FILE}, named like a film (a DICOM file needs no extension): an incomplete "
+                               "transfer? send the film again")
         reason = EMPTY_FILE
     elif _may_be_an_image(str(path)) and _only_zero_bytes(path, head):  # space a copy took and never filled
         return record.fail(ONLY_ZERO_BYTES)
+    elif _cut_in_preamble(head):
+        record.kind = "dicom"
+        return record.fail(CUT_IN_PREAMBLE)
     elif _damaged_marker(head):  # a film lost, whatever its name or its preamble (which may hold a TIFF or
         record.kind = "dicom"  # zip header, PS3.10 7.5): an error night, not a skip
         return record.fail(DAMAGED_MARKER)

@@ -619,3 +619,33 @@ def test_a_dicom_file_with_a_damaged_marker_is_an_error_that_says_so(tmp_path, m
         data[132:138] = element  # not a File Meta Information's first element: not called a DICOM file
         (tmp_path / name).write_bytes(bytes(data))
         assert ingest_one(tmp_path / name)[0].reason != DAMAGED_MARKER, element
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0, 1, exclude_max=True) | st.integers(0, 400),
+       name=st.sampled_from(["IM00002", "film.dcm", "1.2.826.0.1.3680043.2.1125.1234", "IM0001.002"]))
+@example(cut=0, name="IM00002")
+@example(cut=131, name="IM00002")
+@example(cut=140, name="1.2.826.0.1.3680043.2.1125.1234")
+def test_a_film_cut_short_anywhere_is_an_error_never_a_skip(tmp_path, cut, name):
+    """A PACS transfer that stopped leaves a file cut at any byte, often under a name without an
+    extension (IM00002, a SOP Instance UID). Cut at 0 bytes, inside the preamble or the marker, or
+    inside a first element, it was skipped ("empty file", "not a DICOM ... file", "no pixel data: not
+    an image") and left its study as if complete, exit 0. Wherever it is cut, it is an error, and a
+    run says so."""
+    data = _write(tmp_path / "whole.dcm", _ramp(0, 4095)).read_bytes()
+    length = int(cut * len(data)) if isinstance(cut, float) else cut
+    (tmp_path / name).write_bytes(data[:length])
+    record, image = ingest_one(tmp_path / name)
+    assert image is None and record.status == "error", (length, record.status, record.reason)
+    assert_plain(record.reason)
+
+
+@pytest.mark.parametrize("name", [".IM00002", "notes.txt", "IM00002.part", "IM00002.lock", "Thumbs.db"])
+def test_an_empty_file_named_like_no_film_stays_a_skip(tmp_path, name):
+    """An empty marker, lock or partial-download file beside the films is not a lost film: skipped,
+    so that it does not make every night an error night (a transfer still under way is read when it
+    is complete)."""
+    (tmp_path / name).write_bytes(b"")
+    record, image = ingest_one(tmp_path / name)
+    assert image is None and record.status == "skipped" and record.reason.startswith("empty file"), record
