@@ -43,7 +43,7 @@ from pydicom.uid import (
 
 from radscan.dicomheader import file_meta, header_int, header_quoted, header_text, header_texts
 from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
-from radscan.policy import Policy
+from radscan.policy import DEFAULT_BODY_PARTS, Policy, names_the_chest
 from radscan.records import DICOM_FIELDS, ImageRecord
 
 __all__ = ["read_dicom", "skip_reason"]
@@ -227,6 +227,10 @@ def _decoder_messages(path: object) -> Iterator[None]:
             log.debug("the decoder wrote, for %s: %s", path, " / ".join(said.splitlines()))
 
 
+# how the reason of a file skipped for its Modality begins (`skip_reason`), which a run counts
+MODALITY_SKIPS = ("Modality ", "no Modality")
+
+
 def skip_reason(ds: Dataset, policy: Policy) -> str:
     """Why this dataset is not scored, or '' when it should be. Header only: pixels are not read."""
     sop_class = _sop_class(ds)
@@ -239,10 +243,11 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
         return f"no pixel data: not an image ({sop_class.name if sop_class else 'unknown SOP class'})"
     modality = header_text(ds, "Modality").upper()
     if policy.modalities is not None and modality not in policy.modalities:
-        shown = f"Modality {modality} is not scored" if modality else "no Modality: not scored"
+        shown = f"{MODALITY_SKIPS[0]}{modality} is not scored" if modality else f"{MODALITY_SKIPS[1]}: not scored"
         return f"{shown} (allowed: {', '.join(policy.modalities)}; see --modalities)"
     body_part = header_text(ds, "BodyPartExamined").upper()
-    if policy.body_parts is not None and body_part and body_part not in policy.body_parts:
+    if policy.body_parts is not None and body_part and body_part not in policy.body_parts and not (
+            policy.body_parts == DEFAULT_BODY_PARTS and names_the_chest(body_part)):
         return (
             f"BodyPartExamined {body_part} is not a chest "
             f"(allowed: {', '.join(policy.body_parts)}; see --body-parts)"

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from radscan.errors import ModelError
-from radscan.policy import DEFAULT_BODY_PARTS
+from radscan.policy import names_the_chest
 from radscan.preprocess import MODEL_SIZE, PADDING_CUT, film_content
 from radscan.records import VIEW_REJECTIONS, ImageRecord, Status, counted, visible_controls
 from radscan.report import remove_stale_temporaries, write_bytes
@@ -742,8 +742,7 @@ def _body_part_said(record: ImageRecord) -> str:
     it fails to look like a chest (a hip read as "wrong way round": a trial). Shown escaped, cut to the
     16 characters the value may have (a CS)."""
     part = record.BodyPartExamined.strip()
-    values = {value.strip().upper() for value in part.split("\\")}  # a multi-valued one: CHEST\\HIP
-    if not part or values & set(DEFAULT_BODY_PARTS):
+    if not part or names_the_chest(part):  # a multi-valued one too: CHEST\\HIP
         return ""
     return f" (its header says BodyPartExamined {visible_controls(part[:16])})"  # as the header holds it
 

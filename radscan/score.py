@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from dataclasses import field as dataclass_field
@@ -46,6 +46,7 @@ from radscan.batch import (
     prepare_record,
     write_pictures,
 )
+from radscan.dicom import MODALITY_SKIPS
 from radscan.dicomresults import ResultWriter, require_highdicom
 from radscan.drift import Drift, check_drift
 from radscan.errors import ModelError, NoInputError, SettingError
@@ -69,10 +70,10 @@ from radscan.model.metadata import ModelIdentity, read_metadata
 from radscan.pacs import Delivery, deliver, forget_results
 from radscan.phi import PhiFilter
 from radscan.pictures import PICTURE_VERSION
-from radscan.policy import FOLDER_STUDY_LIMIT, for_model
+from radscan.policy import FOLDER_STUDY_LIMIT, Policy, for_model, names_the_chest
 from radscan.preprocess import PREPROCESS_VERSION
 from radscan.qc import QualityControl, quality_control
-from radscan.records import ImageRecord, Status, counted, printable
+from radscan.records import ImageRecord, Status, counted, printable, visible_controls
 from radscan.report import (
     atomic_output,
     cannot_write,
@@ -210,8 +211,10 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)
             counts = store.counts()
             drift = check_drift(*store.scored_now(), store.run_history(), identity.target_specificity)
-            unread = sum(READS_ONLY in reason for reason in store.skipped_reasons())
-            problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread)
+            skipped = store.skipped_rows()
+            unread = sum(READS_ONLY in row.get("reason", "") for row in skipped)
+            problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread,
+                                 chest_films_skipped(skipped, settings.policy))
             gone, kept = _most_of_the_list_gone(by_root, inputs, settings.forget_missing)
             problems += filter(None, [gone])
             lock.confirm()
@@ -348,8 +351,26 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def chest_films_skipped(skipped: Iterable[Mapping[str, Any]], policy: Policy) -> str:
+    """What to say of the DICOM images of the chest (a BodyPartExamined that names it) that `skipped`
+    (rows of this run) holds because of their Modality, or "": a chest film a site's equipment labels
+    DR, RG, OT or nothing was skipped with exit 0 and no word (a trial). Said every night they stay
+    skipped, with the values counted (a header value, shown escaped and cut to a CS's 16 characters)."""
+    values = Counter(visible_controls(str(row.get("Modality", ""))[:16]) or "none" for row in skipped
+                     if row.get("kind") == "dicom" and str(row.get("reason", "")).startswith(MODALITY_SKIPS)
+                     and names_the_chest(str(row.get("BodyPartExamined", ""))))
+    if not values:
+        return ""
+    said = ", ".join(f"{value} ({count})" for value, count in values.most_common(5))
+    allowed = ",".join(policy.modalities or ())
+    return (f"{counted(values.total(), 'DICOM image')} of the chest (by BodyPartExamined) "
+            f"{'was' if values.total() == 1 else 'were'} skipped for their Modality: {said}; if they are "
+            f"radiographs, add the value: --modalities {allowed},VALUE")
+
+
 def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: OutputPaths, drift: Drift,
-              regrouped: int = 0, moved_aside: Path | None = None, unread: int = 0) -> list[str]:
+              regrouped: int = 0, moved_aside: Path | None = None, unread: int = 0,
+              chest_skipped: str = "") -> list[str]:
     """What needs an operator after a run that finished, each kind in its own words: files that
     could not be read (the source, or the share) apart from results that did not reach the PACS
     (the network or the PACS), so that monitoring never reads a PACS outage as a good night; and a
@@ -357,6 +378,8 @@ def _problems(counts: dict[str, int], delivery: Delivery | None, outputs: Output
     problems = []
     if unread:  # a site exporting TIFF saw every film skipped, exit 0 and nothing flagged
         problems.append(unread_formats(unread))
+    if chest_skipped:
+        problems.append(chest_skipped)
     if counts["error"]:
         problems.append(f"{counts['error']} file(s) could not be read: see the status=error rows of "
                         f"{outputs.report.name}")

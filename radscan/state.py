@@ -686,9 +686,9 @@ class StateStore:
         return {"ok": found.get("ok", 0), "skipped": found.get("skipped", 0), "error": found.get("error", 0),
                 "rejected": found.get("rejected", 0), "flagged": flagged or 0}
 
-    def skipped_reasons(self) -> list[str]:
-        """The reasons of the rows this run listed as skipped (said every night, not only when read)."""
-        return [(_parse_row(row) or {}).get("reason", "") for (row,) in self._db.execute(
+    def skipped_rows(self) -> list[dict[str, Any]]:
+        """The rows this run listed as skipped (what they say is said every night, not only when read)."""
+        return [_parse_row(row) or {} for (row,) in self._db.execute(
             "SELECT row FROM results WHERE seen = ? AND status = ?", (self.run_id, "skipped"))]
 
     def films_by_root(self, images_not_read: str) -> dict[str, tuple[int, int, int]]:
