@@ -62,6 +62,11 @@ WARN_SMALL = "smaller than the model's input"
 # regions), and a normal film moved 10% sideways, or widened by a black strip on one side, scored like the
 # worst pneumonia (z 7-11, a reader's trial; the density's framed copies cover moves up to 5%)
 WARN_OFF_CENTRE = "the chest is off-centre"
+# a model without a QC reference (trained on fewer than 50 usable normals): the image checks do not run,
+# and a film they would have stopped read "pass" (a trial: inverted films scored 0.999 and listed first)
+WARN_UNCHECKED = "not checked for orientation or for being a chest film"
+UNCHECKED = (f"{WARN_UNCHECKED}: the model has no quality control reference (trained on fewer than 50 usable "
+             "normals), so a film turned round, inverted or of another body part is scored as a chest film")
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32
@@ -568,6 +573,8 @@ class QualityControl:
     age_range : (min, max) patient age in years of the training population, or None
     box_follows : the model's box follows the chest (radscan.preprocess.chest_offset): an off-centre
         chest is read where it lies, so it is not warned (WARN_OFF_CENTRE is for a box fixed in the film)
+    say_unchecked : without a reference, warn on every film that its image was not checked (UNCHECKED):
+        a scoring model's; training's own reference-free judging of its normals leaves it off
     """
 
     mode: str = "strict"
@@ -575,6 +582,7 @@ class QualityControl:
     reference: QCReference | None = None
     age_range: tuple[float, float] | None = None
     box_follows: bool = False
+    say_unchecked: bool = False
     limits: QCLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -589,7 +597,12 @@ class QualityControl:
         reference = "none" if self.reference is None else hashlib.sha256(
             self.reference.basis.tobytes() + json.dumps(asdict(self.limits)).encode()).hexdigest()[:16]
         return (f"qc={self.mode};rules={QC_RULES};views={self.views};ages={self.age_range};ref={reference}"
-                + (";box follows" if self.box_follows else ""))
+                + (";box follows" if self.box_follows else "") + (";unchecked said" if self.unchecked else ""))
+
+    @property
+    def unchecked(self) -> bool:
+        """Whether every film's verdict says that its image was not checked (UNCHECKED)."""
+        return self.say_unchecked and self.reference is None and self.mode != "off"
 
     def check(self, records: list[ImageRecord], images: np.ndarray) -> list[Verdict]:
         """Verdicts for a batch: (N,) records and (N, 128, 128) uint8 inputs."""
@@ -677,7 +690,7 @@ class QualityControl:
 
     def _warnings(self, record: ImageRecord, index: int, distances: dict[str, np.ndarray] | None,
                   recentring: tuple[np.ndarray, np.ndarray] | None) -> list[str]:
-        warnings = []
+        warnings = [UNCHECKED] if self.unchecked else []
         mirrored = distances is not None and \
             distances["mirror"][index] < self.limits.mirror_margin * distances["upright"][index]
         if mirrored:
@@ -776,7 +789,8 @@ def quality_control(model_dir: Path, metadata: dict[str, Any], mode: str,
                         "control keeps) by radscan 0.2 or later: train it on more normals", model_dir)
     ages = (metadata.get("population") or {}).get("age_years")
     follows = bool((metadata.get("config") or {}).get("follow"))
-    return QualityControl(mode, views, reference, tuple(ages) if ages else None, box_follows=follows)
+    return QualityControl(mode, views, reference, tuple(ages) if ages else None, box_follows=follows,
+                          say_unchecked=True)
 
 
 def apply_qc(qc: QualityControl, records: list[ImageRecord], images: list[np.ndarray]) -> list[bool]:

@@ -72,7 +72,7 @@ from radscan.phi import PhiFilter
 from radscan.pictures import PICTURE_VERSION
 from radscan.policy import FOLDER_STUDY_LIMIT, Policy, for_model, names_the_chest
 from radscan.preprocess import PREPROCESS_VERSION
-from radscan.qc import QualityControl, quality_control
+from radscan.qc import UNCHECKED, QualityControl, quality_control
 from radscan.records import ImageRecord, Status, counted, printable, visible_controls
 from radscan.report import (
     atomic_output,
@@ -215,6 +215,8 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
             unread = sum(READS_ONLY in row.get("reason", "") for row in skipped)
             problems = _problems(counts, delivery, outputs, drift, read_because["study"], store.moved_aside, unread,
                                  chest_films_skipped(skipped, settings.policy))
+            if qc.unchecked:  # said on the page and in --json too, not only in a log line (a trial)
+                problems.append(UNCHECKED)
             gone, kept = _most_of_the_list_gone(by_root, inputs, settings.forget_missing)
             problems += filter(None, [gone])
             lock.confirm()

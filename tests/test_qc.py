@@ -689,3 +689,23 @@ def test_flagged_studies_whose_score_is_not_comparable_come_after_the_other_flag
     for group in (False, True):
         scores = [float(s["study_score"]) for s, w in zip(flagged, warned, strict=True) if w == group]
         assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["strict", "warn"])
+def test_a_model_without_a_reference_says_on_every_film_that_its_image_was_not_checked(normals, mode):
+    """A model trained on fewer than 50 usable normals has no QC reference: inverted films had read
+    qc "pass", scored 0.999 and topped the list, with one log line (a trial). Every film's verdict
+    says what was not checked (warn, not pass), a turned film too; the fingerprint changes, so that
+    stored verdicts are judged again; training's reference-free judging of its normals says nothing."""
+    from radscan.qc import UNCHECKED
+
+    films = np.concatenate([normals[1][:3], np.rot90(normals[1][3:5], axes=(1, 2)), 255 - normals[1][5:7]])
+    scoring = QualityControl(mode, reference=None, say_unchecked=True)
+    verdicts = _verdicts(scoring, films)
+    assert [v.status for v in verdicts] == ["warn"] * len(films)
+    assert all(v.reason.startswith(UNCHECKED) for v in verdicts)
+    assert scoring.fingerprint != QualityControl(mode, reference=None).fingerprint
+    assert {v.status for v in _verdicts(QualityControl(mode, reference=None), films)} == {"pass"}
+    assert not QualityControl("off", reference=None, say_unchecked=True).unchecked
+    with_reference = QualityControl(mode, reference=fit_reference(normals[0]), say_unchecked=True)
+    assert not any(UNCHECKED in v.reason for v in _verdicts(with_reference, films))
