@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
+from radscan.codestream import stream_header
 from radscan.dicomheader import file_meta, header_int, header_quoted, header_text, header_texts
 from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
 from radscan.policy import DEFAULT_BODY_PARTS, Policy, names_the_chest
@@ -81,6 +83,41 @@ def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | 
         return _read_dicom(path, record, policy)
 
 
+_DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
+_META_SEARCHED = 4096  # bytes of a file searched for that UID (the File Meta Information is small)
+_MAX_BYTES_PER_PIXEL = 6  # three 16-bit samples: what a data set of max_pixels may need at most
+_INFLATE_CHUNK = 1 << 20
+
+
+def _inflates_beyond(path: Path, limit: int) -> str:
+    """'' unless the file's data set is deflated (PS3.5 A.5) and inflates to more than `limit` bytes:
+    then why it is not read. pydicom inflates a deflated data set whole before reading any element,
+    so a 2 MB file inflating to 2 GB of zeros in a private element held 4 GB and was scored (a trial);
+    here it is inflated in chunks, counted and thrown away, and read only when it fits."""
+    with open(path, "rb") as handle:
+        head = handle.read(_META_SEARCHED)
+    if _DEFLATED not in head:
+        return ""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        start = 132 + 12 + int(meta.FileMetaInformationGroupLength)  # (0002,0000) UL is 12 bytes (PS3.10 7.1)
+        if meta.TransferSyntaxUID != _DEFLATED.decode():
+            return ""
+    except Exception:  # a meta header pydicom cannot read or without its group length: dcmread says so
+        return ""
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0  # raw deflate, no zlib header (PS3.5 A.5)
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(_INFLATE_CHUNK):
+            while chunk and inflated <= limit:
+                inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                chunk = inflater.unconsumed_tail
+            if inflated > limit:
+                return (f"its deflated data set inflates to more than {limit / 2**20:,.0f} MiB, more than an image "
+                        "within the pixel limit needs (a decompression bomb or a damaged file)")
+    return ""
+
+
 def _sop_class(ds: Dataset) -> UID:
     """The SOP Class: the file meta's (which a data set cut short inside its own SOP Class UID still
     has), else the data set's."""
@@ -94,6 +131,10 @@ def _is_image_class(sop_class: UID) -> bool:
 
 
 def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
+    inflated = _inflates_beyond(path, policy.max_pixels * _MAX_BYTES_PER_PIXEL)
+    if inflated:
+        record.fail(inflated)
+        return None
     try:
         ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
         truncated = len(ds) == 0  # pydicom gives up the whole data set when the pixel data is cut short
@@ -139,7 +180,8 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
     except ValueError as exc:
         record.fail(str(exc))
         return None
-    problem = _repair_image_pixel_module(ds, record) or _pixel_data_size_problem(ds, record)
+    problem = (_repair_image_pixel_module(ds, record) or _pixel_data_size_problem(ds, record)
+               or _stream_problem(ds, policy))
     if problem:
         record.fail(problem)
         return None
@@ -299,7 +341,7 @@ def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     record.age_by_dates = age_by_dates(header_text(ds, "PatientBirthDate"), taken)
     record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
-    record.transfer_syntax = header_text(file_meta(ds), "TransferSyntaxUID")
+    record.transfer_syntax = shown_uid(header_text(file_meta(ds), "TransferSyntaxUID"))
     record.photometric = header_text(ds, "PhotometricInterpretation").upper()
     record.bits_stored = header_int(ds, "BitsStored")
     record.rows = header_int(ds, "Rows")
@@ -443,11 +485,64 @@ def _pixel_data_size_problem(ds: Dataset, record: ImageRecord) -> str:
             "Rows/Columns disagree with the pixel data, and the image would be shown sheared")
 
 
+def shown_uid(value: str) -> str:
+    """A UID from a header as a reason or column may show it: itself when it is a valid UID (PS3.5
+    9.1: digits and dots, at most 64 characters), else a description. A Transfer Syntax UID of
+    "MRN12345678.DOE.JOHN" reached the CSV, the page and the logs under --phi hash (a trial)."""
+    return value if not value or UID(value).is_valid else "a value that is not a UID"
+
+
+def _first_fragment(ds: Dataset) -> bytes:
+    """The first fragment of encapsulated pixel data (PS3.5 A.4: an item for the Basic Offset Table,
+    then one item per fragment), or b"" when there is none or the items are damaged."""
+    try:
+        data = ds.PixelData
+    except Exception:  # cut short, or no Pixel Data (Float Pixel Data is never encapsulated)
+        return b""
+    at = 0
+    for _ in range(2):  # the offset table's item, then the first fragment's
+        if len(data) < at + 8 or data[at:at + 4] != b"\xfe\xff\x00\xe0":
+            return b""
+        length = int.from_bytes(data[at + 4:at + 8], "little")
+        start, at = at + 8, at + 8 + length
+    return bytes(data[start:min(at, start + (1 << 16))])
+
+
+def _stream_problem(ds: Dataset, policy: Policy) -> str:
+    """'' unless the codestream of compressed pixel data (radscan.codestream) declares more pixels than
+    `policy.max_pixels` (a decompression bomb: a 7.8 KB file declaring 20000 x 20000 took 2.3 GB before
+    its decoder gave up), or an image of another size or number of components than the header's Rows,
+    Columns and Samples per Pixel: then why it is not decoded. It had failed as "damaged or a variant",
+    sending IT after decoders, or was shown as a 256 x 2 strip or a blank film."""
+    try:
+        if not UID(header_text(file_meta(ds), "TransferSyntaxUID")).is_encapsulated:
+            return ""
+    except ValueError:
+        return ""
+    header = stream_header(_first_fragment(ds))
+    if header is None:
+        return ""
+    declared = f"{header.width}x{header.height}"
+    if header.width * header.height > policy.max_pixels:
+        return (f"its compressed image declares {declared} pixels, beyond the limit of {policy.max_pixels:,} "
+                "(a decompression bomb or a damaged file)")
+    rows, columns = header_int(ds, "Rows"), header_int(ds, "Columns")
+    if header.height and (header.width, header.height) != (columns, rows):  # height 0: set later (a DNL marker)
+        return (f"its compressed image is {declared} pixels, but the header's Columns x Rows say {columns}x{rows}: "
+                "the file disagrees with itself; ask the sender to export it again")
+    samples = header_int(ds, "SamplesPerPixel") or 1
+    if header.components != samples:
+        return (f"its compressed image has {header.components} component(s) per pixel (3 for colour, 1 for grey), "
+                f"but the header's Samples per Pixel says {samples}: the file disagrees with itself; ask the "
+                "sender to export it again")
+    return ""
+
+
 def _decode_failure(ds: Dataset, exc: Exception) -> str:
     """A reason for a decode failure that says what to do about it (the decoder's own message is
     logged, not shown: it is written for programmers)."""
     uid = UID(header_text(file_meta(ds), "TransferSyntaxUID"))
-    syntax = f"{uid.name} ({uid})" if uid.name != uid else str(uid)
+    syntax = f"{uid.name} ({uid})" if uid.name != uid else shown_uid(uid)
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
@@ -460,6 +555,12 @@ def _decode_failure(ds: Dataset, exc: Exception) -> str:
     else:
         problem = "the pixel data does not fit the header's Image Pixel values (Bits Allocated, Samples per Pixel)"
     reason = f"cannot decode the pixel data ({syntax}): {problem}"
+    header = stream_header(_first_fragment(ds)) if uid.is_encapsulated else None
+    bits = header_int(ds, "BitsStored")
+    # a vendor's 8-bit JPEG under Bits Stored 12 (a 12-bit lossy stream under Bits Stored 10 is valid, PS3.5 8.2.1)
+    if header is not None and bits and header.precision < bits:
+        reason += (f"; its compressed image holds {header.precision}-bit samples, but the header's Bits Stored says "
+                   f"{bits}: ask the sender to export it again")
     if "libjpeg" in missing and "does not support" in str(exc):
         reason += "; the GPL-3.0 decoder pylibjpeg-libjpeg may read it: pip install 'radscan[codecs-gpl]'"
     return reason

@@ -700,3 +700,17 @@ def test_chest_films_skipped_for_their_modality_are_said_with_the_values_counted
     assert said.startswith("4 DICOM images of the chest") and "DR (2)" in said and "none (1)" in said, said
     assert "\x1b" not in said and "CT" not in said and "--modalities CR,DX,VALUE" in said
     assert chest_films_skipped([row("CT", "HEAD"), row("MR", "")], Policy()) == ""
+
+
+@pytest.mark.parametrize("syntax", [b"MRN12345678.DOE.JOHN", b"1.2.840.DOE^JOHN.1.2", b"1.2.840.10008.1.2.1-"])
+def test_a_transfer_syntax_that_is_no_uid_is_not_shown(tmp_path, syntax):
+    """A Transfer Syntax UID holding an identifier reached the reason, the CSV, the page and the
+    state store under --phi hash (a trial): a value that is not a UID is described, never shown."""
+    path = _write(tmp_path / "f.dcm", _ramp(0, 4095))
+    data = path.read_bytes()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1  # the file meta's, 20 bytes: replaced in place
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", syntax))
+    record, _ = ingest_one(path)
+    shown = " ".join([record.reason, record.transfer_syntax, record.header_notes])
+    assert syntax.decode() not in shown and "DOE" not in shown and "MRN" not in shown, shown
+    assert record.transfer_syntax == "a value that is not a UID"
