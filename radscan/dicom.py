@@ -46,7 +46,7 @@ from radscan.codestream import stream_header
 from radscan.dicomheader import file_meta, header_int, header_quoted, header_text, header_texts
 from radscan.display import UnusablePalette, display_grey, ybr_full_to_rgb
 from radscan.policy import DEFAULT_BODY_PARTS, Policy, names_the_chest
-from radscan.records import DICOM_FIELDS, ImageRecord
+from radscan.records import DICOM_FIELDS, NO_FILM_DATE, ImageRecord
 
 __all__ = ["read_dicom", "skip_reason"]
 
@@ -338,7 +338,12 @@ def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     # PatientAge is Type 3 and often absent where the birth date is not (a trial: a 64-year-old passed
     # a children's model's population check); the birth date is read here and not kept
     taken = next((text for keyword in _FILM_DATES if iso_date(text := header_text(ds, keyword))), "")
-    record.age_by_dates = age_by_dates(header_text(ds, "PatientBirthDate"), taken)
+    birth = header_text(ds, "PatientBirthDate")
+    record.age_by_dates = age_by_dates(birth, taken)
+    if record.age_by_dates is None and not taken and age_by_dates(birth, "29991231") is not None:
+        # a real birth date and no usable date of the film (StudyDate 2024-13-45, or none): the age
+        # cannot be counted, which quality control says rather than pass the film as of unknown age (a trial)
+        record.age_by_dates = NO_FILM_DATE
     record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = shown_uid(header_text(file_meta(ds), "TransferSyntaxUID"))

@@ -36,7 +36,7 @@ import numpy as np
 from radscan.errors import ModelError
 from radscan.policy import names_the_chest
 from radscan.preprocess import MODEL_SIZE, PADDING_CUT, film_content
-from radscan.records import VIEW_REJECTIONS, ImageRecord, Status, counted, visible_controls
+from radscan.records import NO_FILM_DATE, VIEW_REJECTIONS, ImageRecord, Status, counted, visible_controls
 from radscan.report import remove_stale_temporaries, write_bytes
 
 __all__ = ["QC_FILE", "QC_MODES", "DEFAULT_VIEWS", "QCLimits", "QCReference", "QualityControl", "Verdict",
@@ -729,6 +729,10 @@ class QualityControl:
         said = age_in_years(record.PatientAge) if record.PatientAge else None
         age, source = (said, "") if said is not None else (record.age_by_dates, " (from its birth and study dates)")
         population = f"the model's training population ({low:g}-{high:g} years)"
+        if age == NO_FILM_DATE:
+            return [f"{WARN_AGE} cannot be read (a birth date, but no usable date of the film: StudyDate, "
+                    f"SeriesDate, AcquisitionDate and ContentDate absent or not dates): whether the patient is in "
+                    f"{population} is not known"]
         if age is not None and age < 0:  # only the dates can say so: PatientAge holds no sign
             return [f"{WARN_AGE} cannot be read (its birth date is after the film's date: a wrong or mixed-up "
                     f"header?): whether the patient is in {population} is not known"]

@@ -30,6 +30,9 @@ class Status:
     REJECTED = "rejected"  # read, but failed quality control: not a film the model can judge (radscan.qc)
 
 
+# `ImageRecord.age_by_dates` of a film with a real birth date but no usable date of its own
+NO_FILM_DATE = float("-inf")
+
 # DICOM keywords copied verbatim into the inventory and the worklist, in column order.
 DICOM_FIELDS = (
     "StudyInstanceUID",

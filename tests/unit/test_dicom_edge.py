@@ -714,3 +714,21 @@ def test_a_transfer_syntax_that_is_no_uid_is_not_shown(tmp_path, syntax):
     shown = " ".join([record.reason, record.transfer_syntax, record.header_notes])
     assert syntax.decode() not in shown and "DOE" not in shown and "MRN" not in shown, shown
     assert record.transfer_syntax == "a value that is not a UID"
+
+
+@pytest.mark.parametrize("study_date", ["2024-13-45", "", "20241345", "garbage", "00000000"])
+def test_a_birth_date_without_a_usable_date_of_the_film_is_an_age_that_cannot_be_read(tmp_path, study_date):
+    """A 74-year-old's film whose StudyDate is 2024-13-45 (or absent) passed a children's model's
+    population check with no word (a trial): with a real birth date and no usable date of the film,
+    quality control says the age cannot be read; a usable AcquisitionDate gives the age."""
+    from radscan.qc import QualityControl
+
+    qc = QualityControl(age_range=(1.0, 5.0))
+    said = qc._population_warnings  # noqa: SLF001 (the age check alone: a ramp fails the image checks)
+    path = _write(tmp_path / "f.dcm", _ramp(0, 4095), PatientBirthDate="19500101", StudyDate=study_date)
+    [reason] = said(ingest_one(path)[0])
+    assert "age cannot be read (a birth date, but no usable date" in reason, reason
+    path = _write(tmp_path / "g.dcm", _ramp(0, 4095), PatientBirthDate="19500101", StudyDate=study_date,
+                  AcquisitionDate="20240301")
+    assert "74 years" in said(ingest_one(path)[0])[0]
+    assert said(ingest_one(_write(tmp_path / "h.dcm", _ramp(0, 4095), StudyDate=study_date))[0]) == []
