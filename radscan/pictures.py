@@ -77,17 +77,40 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return _colour_table()[(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
+def _font_file() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
 @functools.lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans (shipped with matplotlib): Latin with every accent, Greek and Cyrillic, so that a
     folder named for Zürich or São Paulo reads in the caption (Pillow's default font has ASCII only);
-    a script it lacks (Chinese, Arabic) still shows as boxes. Pillow's default when it is missing."""
-    import matplotlib
-
+    a script it lacks (Chinese, Arabic) is written as code points (`drawable`). Pillow's default
+    when it is missing."""
     try:
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+        return ImageFont.truetype(str(_font_file()), size)
     except OSError:
         return ImageFont.load_default(size=size)
+
+
+@functools.lru_cache(maxsize=1)
+def _glyphs() -> frozenset[int]:
+    """The code points the caption font draws (its character map; ASCII when it cannot be read)."""
+    try:
+        from fontTools.ttLib import TTFont  # matplotlib's own dependency
+
+        return frozenset(TTFont(str(_font_file()), lazy=True).getBestCmap())
+    except Exception:  # no font file, or fontTools missing: Pillow's default font, ASCII
+        return frozenset(range(32, 127))
+
+
+def drawable(text: str) -> str:
+    """`text` with each character the caption font has no glyph for written as its code point,
+    <U+60A3>: two patient IDs in Chinese were both drawn as boxes, "□□123", and read alike (a trial)."""
+    glyphs = _glyphs()
+    return "".join(character if ord(character) in glyphs else f"<U+{ord(character):04X}>" for character in text)
 
 
 def _overlay(grey: Image.Image, heat: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -220,7 +243,7 @@ def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
     only when the word alone is wider: after a "/" where one fits (a file's name stays whole), else
     between characters."""
     lines, current = [], ""
-    for word in line.split(" "):
+    for word in drawable(line).split(" "):
         candidate = f"{current} {word}" if current else word
         if font.getlength(candidate) <= width:
             current = candidate

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from radscan.pictures import SCORE_MAP_SCALE_MAX, picture_layout, render_explanation, shows_reconstruction
@@ -141,3 +141,19 @@ def test_a_score_that_is_not_a_number_reads_so():
     from radscan.batch import score_text
 
     assert score_text(float("nan"), 0.5) == "not a number"
+
+
+@settings(max_examples=50, deadline=None)
+@given(first=st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=6),
+       second=st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=6),
+       latin=st.text(alphabet="abcXYZ0129 äöüßéçñ-_/", max_size=10))
+def test_characters_the_caption_font_lacks_are_drawn_as_code_points_and_ids_stay_apart(first, second, latin):
+    """Two patient IDs in Chinese were both drawn as boxes ("□□123") in the picture's caption, and
+    read alike (a trial): a character without a glyph is written as its code point, so that what is
+    drawn tells different IDs apart; Latin with accents is drawn as it is."""
+    from radscan.pictures import _glyphs, drawable  # noqa: PLC2701
+
+    shown = drawable(f"patient {first}{latin}")
+    assert all(ord(character) in _glyphs() for character in shown)
+    assert shown.endswith(latin) and f"<U+{ord(first[0]):04X}>" in shown
+    assert (drawable(first) == drawable(second)) == (first == second)
