@@ -37,7 +37,7 @@ from radscan.preprocess import (
     to_qc_input,
 )
 from radscan.raster import read_raster
-from radscan.records import ImageRecord, Status, one_line, printable
+from radscan.records import READS_ONLY, ImageRecord, Status, one_line, printable
 from radscan.report import CsvStream
 
 __all__ = ["CANNOT_READ", "CRASHED", "READER_REVISION", "failed_record", "hung_reason", "Found", "distinct_inputs",
@@ -457,8 +457,6 @@ _PACKED = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "zip archive"), (b"
            (b"7z\xbc\xaf\x27\x1c", "7-Zip archive"))
 
 
-# the reason of a file in an image format radscan does not read (`_other_image`), which a run counts
-READS_ONLY = "radscan reads DICOM, JPEG and PNG films (export them as DICOM or PNG)"
 # image formats radscan does not read, by their signature: a site exporting them is told to convert
 _OTHER_IMAGES = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"),
                  (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),

@@ -30,6 +30,10 @@ class Status:
     REJECTED = "rejected"  # read, but failed quality control: not a film the model can judge (radscan.qc)
 
 
+# the reason of a file in an image format radscan does not read (radscan.ingest), which a run counts and the
+# study list lists (radscan.state): a TIFF film is a film a site must export again, not a stray file
+READS_ONLY = "radscan reads DICOM, JPEG and PNG films (export them as DICOM or PNG)"
+
 # `ImageRecord.age_by_dates` of a film with a real birth date but no usable date of its own
 NO_FILM_DATE = float("-inf")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from radscan.errors import LockHeldError, OutputError, SettingError
-from radscan.records import VIEW_REJECTIONS, Status
+from radscan.records import READS_ONLY, VIEW_REJECTIONS, Status
 from radscan.report import cannot_write, refuse_special
 
 try:  # POSIX: a kernel lock that is released however its holder dies (never stale)
@@ -226,8 +226,11 @@ class StoredRow:
 # every image of it was skipped. Reports, presentation states and other non-images (no Rows) do.
 _SKIPPED_DICOM = ("(status = 'skipped' AND COALESCE(json_extract(row, '$.StudyInstanceUID'), '') != '' "
                   "AND json_extract(row, '$.rows') IS NOT NULL)")
-# the images a study lists: scored, failed, rejected, and the DICOM images the policy skipped
-_LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM})"
+# An image in a format radscan does not read (TIFF, BMP: radscan.ingest): a film the site must export again,
+# listed for IT with its study (a trial: a night of TIFF films showed none of them, and "0 to read")
+_UNREAD_IMAGE = f"(status = 'skipped' AND instr(COALESCE(json_extract(row, '$.reason'), ''), '{READS_ONLY}') > 0)"
+# the images a study lists: scored, failed, rejected, the DICOM images the policy skipped, images not read
+_LISTED = f"(status IN ('ok', 'error', 'rejected') OR {_SKIPPED_DICOM} OR {_UNREAD_IMAGE})"
 # Who a study is for (the study CSV's `study_section`): "reading", a reader (an image scored, or one
 # quality control rejected: the reader judges the rejection); "unreadable", IT (no file of it could
 # be read: nothing a reader can look at); "skipped", every image skipped by the selection policy.
@@ -550,6 +553,7 @@ class StateStore:
                SUM(""" + _LISTED + " AND " + _NEW + """) AS images_new,
                SUM(status = 'ok' AND json_extract(row, '$.qc_status') IN ('warn', 'fail')) AS images_qc_warned,
                SUM(""" + _SKIPPED_DICOM + """) AS images_skipped,
+               SUM(""" + _UNREAD_IMAGE + """) AS images_unread,
                COUNT(DISTINCT CASE WHEN """ + _SKIPPED_DICOM + """ THEN json_extract(row, '$.reason') END)
                    AS skip_reasons,
                COUNT(DISTINCT CASE WHEN status = 'error' THEN json_extract(row, '$.reason') END) AS error_reasons,
@@ -609,7 +613,8 @@ class StateStore:
                 FROM current WHERE {_LISTED})
             SELECT s.study_key, s.study_score, s.images, s.images_scored, s.images_flagged, s.images_error,
                    s.images_rejected, s.images_to_review, s.images_new, s.images_qc_warned, s.images_skipped,
-                   s.skip_reasons, s.error_reasons, s.images_duplicated, COALESCE(e.files, 0), s.patients, r.row,
+                   s.skip_reasons, s.error_reasons, s.images_duplicated, COALESCE(e.files, 0), s.patients,
+                   s.images_unread, r.row,
                    """ + _SECTION + """ AS section
             FROM study s JOIN ranked r ON r.study_key = s.study_key AND r.n = 1
                 LEFT JOIN elsewhere e ON e.study_key = s.study_key
@@ -619,7 +624,7 @@ class StateStore:
                      COALESCE(s.images_flagged, 0) = 0 AND COALESCE(s.images_to_review, 0) > 0 DESC,
                      s.study_score IS NOT NULL, s.study_score DESC, s.study_z DESC, s.study_key"""
         for key, study_score, images, scored, flagged, errors, rejected, to_review, new, warned, skipped, reasons, \
-                error_reasons, duplicated, elsewhere, patients, row, section in self._db.execute(query,
+                error_reasons, duplicated, elsewhere, patients, unread, row, section in self._db.execute(query,
                                                                                          {"run": self.run_id}):
             yield {"study_key": key, "study_score": study_score, "images": images, "images_scored": scored,
                    "images_flagged": flagged, "images_error": errors, "images_rejected": rejected,
@@ -627,7 +632,7 @@ class StateStore:
                    "images_skipped": skipped, "images_new": new, "images_qc_warned": warned,
                    "skip_reasons": reasons, "error_reasons": error_reasons or 0,
                    "images_duplicated": duplicated or 0, "images_in_another_study": elsewhere,
-                   "patients": patients or 0,
+                   "patients": patients or 0, "images_unread": unread or 0,
                    "top": json.loads(row),
                    "study_section": section}
 

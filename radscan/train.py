@@ -152,9 +152,10 @@ def copies_together(keys: list[str], images: np.ndarray) -> list[str]:
         copies += original != index
         low, high = sorted((root(keys[index]), root(keys[original])))
         parent[high] = low
-    if copies:
-        log.info("%d of %d normals are copies of another (the same film under another name or format): each kept on "
-                 "its side of the calibration split", copies, len(keys))
+    if copies:  # a WARNING, as calibrate and evaluate give: the site may have exported its normals twice
+        log.warning("%d of %d normals are copies of another (the same film under another name or format): each kept "
+                    "on its side of the calibration split, and counted once for quality control's reference",
+                    copies, len(keys))
     return [root(key) for key in keys]
 
 
@@ -397,13 +398,15 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     # the QC step's reference: what an upright frontal film of this site looks like. Every normal
     # serves (the calibration ones too: its limits are cross-validated), so a site with 50 normals
     # gets one, where the training split alone would fall short of 50
-    if len(data.images) >= MIN_REFERENCE:  # of whole films, whatever part of them the model reads (ingest_file)
-        metadata["qc"] = save_reference(fit_reference(data.images if data.whole_films is None else data.whole_films),
-                                        out_dir)
+    whole = data.images if data.whole_films is None else data.whole_films  # whatever part the model reads
+    distinct = len(np.unique(copy_groups(whole)))  # copies of one film are one (60 files of 40 films passed as 60)
+    if distinct >= MIN_REFERENCE:
+        metadata["qc"] = save_reference(fit_reference(whole), out_dir)
     else:
-        log.warning("only %d usable normal images (those quality control kept): no QC reference (needs %d); "
-                    "wrong-way-round and non-chest images will not be caught when this model scores: give more "
-                    "normals", len(data.images), MIN_REFERENCE)
+        copies = f" ({len(whole)} files, the others copies of these)" if distinct < len(whole) else ""
+        log.warning("only %d distinct usable normal images%s (those quality control kept): no QC reference (needs "
+                    "%d); wrong-way-round and non-chest images will not be caught when this model scores: give more "
+                    "normals", distinct, copies, MIN_REFERENCE)
     if data.follow is not None:  # before the weights, which seal its sha256 (radscan.model.metadata.sealed_extras)
         metadata["follow"] = save_follow(data.follow, out_dir)
     save_model(model, out_dir, metadata)

@@ -222,6 +222,9 @@ def _study_note(study: dict[str, Any]) -> str:
         notes.append(f"{study['images_in_another_study']} file(s) hold a DICOM image that a file of another study "
                      "holds too (the same SOPInstanceUID under another StudyInstanceUID: a sender's or "
                      "anonymiser's error, or two images given one UID; see their rows)")
+    if study["images_unread"]:
+        notes.append(f"{study['images_unread']} image(s) in a format radscan does not read (TIFF, BMP, GIF, WebP, "
+                     "JPEG 2000): export them as DICOM or PNG")
     if study["images_skipped"]:
         reason = "see their rows"
         if study["images_skipped"] == study["images"]:  # the top row is then a skipped image

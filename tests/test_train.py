@@ -574,6 +574,23 @@ def test_validation_abnormals_that_are_the_normals_are_said(normals, tmp_path):
     assert load_model(tmp_path / "o")[1]["training"]["validation"]["warning"] == said
 
 
+def test_copies_among_the_normals_are_warned_and_counted_once_for_the_qc_reference(normals, tmp_path, caplog):
+    """A trial: 40 normals and 20 copies of them under other names made a model whose QC reference
+    was "of 60 training normals", with no word of the copies (calibrate and evaluate warn). Copies
+    are a WARNING, and a reference needs MIN_REFERENCE distinct films."""
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    films = sorted(normals.iterdir())[:40]
+    for index, path in enumerate([*films, *films[:12]]):
+        shutil.copy(path, folder / f"{index:03d}{path.suffix}")
+    with caplog.at_level(logging.WARNING, logger="radscan"):
+        train([str(folder)], tmp_path / "m", TINY, FAST, workers=1, progress=False)
+    said = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(line.startswith("12 of 52 normals are copies of another") for line in said), said
+    assert any(line.startswith("only 40 distinct usable normal images (52 files") for line in said), said
+    assert "qc" not in load_model(tmp_path / "m")[1]
+
+
 def test_train_into_a_folder_of_other_files_is_refused(normals, tmp_path):
     """A new user's trial: `radscan train --out` an evaluation's folder mixed the model's files in
     among its outputs. A folder holding other files and no training run is refused (exit 2); an
