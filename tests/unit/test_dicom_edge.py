@@ -425,7 +425,8 @@ def test_the_age_from_birth_and_study_dates_counts_birthdays(born, days):
     ({"PatientAge": "003Y", "PatientBirthDate": "19600115", "StudyDate": "20240310"}, None),
     ({"PatientAge": "010Y", "PatientBirthDate": "19000101", "StudyDate": "20231101"}, "patient age 10 years is"),
     ({"PatientBirthDate": "19000101", "StudyDate": "20231101"}, None),  # a placeholder, not a birth
-    ({"PatientBirthDate": "19600115"}, None),  # no date of the film: nothing to count to
+    # no date of the film: the age cannot be counted, and is said so (a trial: a 74-year-old passed as unknown)
+    ({"PatientBirthDate": "19600115"}, "patient age cannot be read (a birth date, but no usable date of the film"),
     # a trial: births after the film (the next day, a later year, 2099) passed as of unknown age
     ({"PatientBirthDate": "20231231", "StudyDate": "20230101"}, "patient age cannot be read (its birth date is after"),
     ({"PatientBirthDate": "20240311", "StudyDate": "20240310"}, "patient age cannot be read (its birth date is after"),
