@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 # Elements larger than this are read only when used: pixel data of skipped files is never loaded.
 _DEFER_SIZE = "64 KB"
 _PIXEL_DATA = 0x7FE00010
+_SOP_CLASS_UID = 0x00080016
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Image Pixel module values without which pixel data cannot be laid out (PS3.3 C.7.6.3)
@@ -71,50 +72,71 @@ _KNOWN_PHOTOMETRIC = (*_GREY, "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422"
                       "YBR_PARTIAL_420", "XYB")
 
 
-def read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
+def read_dicom(path: Path, record: ImageRecord, policy: Policy, head: bytes = b"") -> np.ndarray | None:
     """Read one DICOM file: fill `record`, decide whether it is used, decode it if so.
 
     Returns a (H, W) uint8 display image, or ``None`` when the file is skipped or unreadable
     (then ``record.status`` and ``record.reason`` say why). pydicom's warnings about malformed
-    values are silenced: what matters about a file ends up in its reason.
+    values are silenced: what matters about a file ends up in its reason. `head`: the file's first
+    DICOM_HEAD_BYTES when the caller has read them (else read here).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read_dicom(path, record, policy)
+        return _read_dicom(path, record, policy, head)
 
 
+DICOM_HEAD_BYTES = 4096  # the first bytes of a file `read_dicom` looks at before pydicom: its File Meta Information
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
-_META_SEARCHED = 4096  # bytes of a file searched for that UID (the File Meta Information is small)
 _MAX_BYTES_PER_PIXEL = 6  # three 16-bit samples: what a data set of max_pixels may need at most
 _INFLATE_CHUNK = 1 << 20
+# explicit VR little endian: VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2)
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 
 
-def _inflates_beyond(path: Path, limit: int) -> str:
-    """'' unless the file's data set is deflated (PS3.5 A.5) and inflates to more than `limit` bytes:
-    then why it is not read. pydicom inflates a deflated data set whole before reading any element,
-    so a 2 MB file inflating to 2 GB of zeros in a private element held 4 GB and was scored (a trial);
-    here it is inflated in chunks, counted and thrown away, and read only when it fits."""
-    with open(path, "rb") as handle:
-        head = handle.read(_META_SEARCHED)
+def _meta_end(head: bytes) -> int | None:
+    """Where the File Meta Information (group 0002, explicit VR little endian, PS3.10 7.1) ends in a
+    file that begins with `head`: after a 128-byte preamble and "DICM", or at byte 0 in a file without
+    them; None when its elements run past `head` or are not group 0002. Walked element by element,
+    not taken from (0002,0000), which a writer may get wrong."""
+    at = 132 if head[128:132] == b"DICM" else 0
+    if head[at:at + 2] != b"\x02\x00":
+        return None
+    while at + 8 <= len(head) and head[at:at + 2] == b"\x02\x00":
+        vr = head[at + 4:at + 6]
+        if vr in _LONG_VRS:
+            if at + 12 > len(head):
+                return None
+            at += 12 + int.from_bytes(head[at + 8:at + 12], "little")
+        else:
+            at += 8 + int.from_bytes(head[at + 6:at + 8], "little")
+    return at if at <= len(head) else None
+
+
+def _inflates_beyond(path: Path, head: bytes, limit: int) -> str:
+    """'' unless the file whose first bytes are `head` has a deflated data set (PS3.5 A.5) that
+    inflates to more than `limit` bytes: then why it is not read. pydicom inflates a deflated data
+    set whole before reading any element, so a 2 MB file inflating to 2 GB of zeros in a private
+    element held 4 GB and was scored (a trial); here it is inflated in chunks, counted and thrown
+    away, and read only when it fits. A stream that is not valid deflate is left to pydicom's reading,
+    which says so."""
     if _DEFLATED not in head:
         return ""
-    try:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        start = 132 + 12 + int(meta.FileMetaInformationGroupLength)  # (0002,0000) UL is 12 bytes (PS3.10 7.1)
-        if meta.TransferSyntaxUID != _DEFLATED.decode():
-            return ""
-    except Exception:  # a meta header pydicom cannot read or without its group length: dcmread says so
+    start = _meta_end(head)
+    if start is None or _DEFLATED not in head[:start]:  # the UID elsewhere, or a meta header too long to walk
         return ""
     inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0  # raw deflate, no zlib header (PS3.5 A.5)
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        while chunk := handle.read(_INFLATE_CHUNK):
-            while chunk and inflated <= limit:
-                inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK))
-                chunk = inflater.unconsumed_tail
-            if inflated > limit:
-                return (f"its deflated data set inflates to more than {limit / 2**20:,.0f} MiB, more than an image "
-                        "within the pixel limit needs (a decompression bomb or a damaged file)")
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            while not inflater.eof and (chunk := handle.read(_INFLATE_CHUNK)):
+                while chunk and not inflater.eof and inflated <= limit:  # bytes after the stream's end: padding
+                    inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                    chunk = inflater.unconsumed_tail
+                if inflated > limit:
+                    return (f"its deflated data set inflates to more than {limit / 2**20:,.0f} MiB, more than an "
+                            "image within the pixel limit needs (a decompression bomb or a damaged file)")
+    except zlib.error:
+        return ""
     return ""
 
 
@@ -130,8 +152,11 @@ def _is_image_class(sop_class: UID) -> bool:
     return "Image Storage" in sop_class.name
 
 
-def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray | None:
-    inflated = _inflates_beyond(path, policy.max_pixels * _MAX_BYTES_PER_PIXEL)
+def _read_dicom(path: Path, record: ImageRecord, policy: Policy, head: bytes) -> np.ndarray | None:
+    if not head:
+        with open(path, "rb") as handle:
+            head = handle.read(DICOM_HEAD_BYTES)
+    inflated = _inflates_beyond(path, head, policy.max_pixels * _MAX_BYTES_PER_PIXEL)
     if inflated:
         record.fail(inflated)
         return None
@@ -154,9 +179,11 @@ def _read_dicom(path: Path, record: ImageRecord, policy: Policy) -> np.ndarray |
         # the cut is the reason, not the policy (a file without Modality would otherwise read as skipped)
         record.fail("an image object without pixel data: truncated or incomplete file?")
         return None
-    if not truncated and not _sop_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS):
-        # every DICOM object names its SOP class (Type 1, PS3.3 C.12.1): without it and without pixel data
-        # nothing says the file is not a film, and a transfer cut inside its first elements reads so
+    if not truncated and not _sop_class(ds) and not any(tag in ds for tag in _PIXEL_TAGS) and \
+            all(tag <= _SOP_CLASS_UID for tag in ds.keys()):
+        # every stored object names its SOP class (Type 1, PS3.3 C.12.1), among its first elements: a data
+        # set that ends there without one is a transfer cut short, not a non-image. One with later elements
+        # and no SOP class (a modality worklist file, a saved query) stays a skip, as before (a review)
         record.fail("neither a SOP Class UID nor pixel data: a DICOM file cut short or damaged (an incomplete "
                     "transfer?)")
         return None
@@ -289,7 +316,7 @@ def skip_reason(ds: Dataset, policy: Policy) -> str:
         return f"{shown} (allowed: {', '.join(policy.modalities)}; see --modalities)"
     body_part = header_text(ds, "BodyPartExamined").upper()
     if policy.body_parts is not None and body_part and body_part not in policy.body_parts and not (
-            policy.body_parts == DEFAULT_BODY_PARTS and names_the_chest(body_part)):
+            set(policy.body_parts) & set(DEFAULT_BODY_PARTS) and names_the_chest(body_part)):
         return (
             f"BodyPartExamined {body_part} is not a chest "
             f"(allowed: {', '.join(policy.body_parts)}; see --body-parts)"

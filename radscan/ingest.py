@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from radscan.dicom import read_dicom
+from radscan.dicom import DICOM_HEAD_BYTES, read_dicom
 from radscan.errors import NoInputError, SettingError
 from radscan.logs import configure as configure_log
 from radscan.policy import FOLDER_STUDY_LIMIT, STUDY_KEYS, Policy
@@ -313,7 +313,9 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or "the operating system refused access"
 
 
-HEAD_BYTES = 140  # what `sniff_kind` and `_damaged_marker` read of a file: the preamble, marker and an element
+# what is read of a file first: `sniff_kind` and `_damaged_marker` read its first 140 bytes (the preamble,
+# marker and an element), `read_dicom` its File Meta Information, in one read
+HEAD_BYTES = DICOM_HEAD_BYTES
 
 
 def sniff_kind(head: bytes) -> str:
@@ -366,7 +368,7 @@ def ingest_file(found: Found, policy: Policy) -> Ingested:
         if record.kind == "other":
             return _not_an_image(record, path, head), None
         if record.kind == "dicom":
-            grey = read_dicom(path, record, policy)
+            grey = read_dicom(path, record, policy, head)
         else:
             grey = read_raster(path, record, policy)
         if grey is None:
@@ -499,13 +501,16 @@ CUT_IN_PREAMBLE = ("a DICOM file that ends inside its preamble or \"DICM\" marke
 
 
 def _named_like_a_film(name: str) -> bool:
-    """Whether a file's name is one a film may have: an image suffix (.dcm, .jpg, ...), none at all,
-    or a number (a DICOM file named by its SOP Instance UID, 1.2.840....5, or IM0001.002): PS3.10
-    sets no name, and PACS exports seldom give one. A hidden file, a name that is never a film (a
-    text, web or archive suffix, Thumbs.db) or another suffix (.lock, .part, .tmp: a transfer still
-    under way, read by the next run) is not."""
+    """Whether a file's name is one a film may have: an image suffix (.dcm, .jpg, ...), or a name
+    that holds a number and no other suffix than a number (IM00002, I0000001, a SOP Instance UID
+    1.2.840....5, IM0001.002): PS3.10 sets no name, and PACS exports seldom give one. A hidden file,
+    a name that is never a film (a text, web or archive suffix, Thumbs.db), another suffix (.lock,
+    .part, .tmp: a transfer still under way, read by the next run) or a word without a number (DONE,
+    _SUCCESS, LOCK: a folder watcher's flag, a review) is not."""
     suffix = Path(name).suffix.lower()
-    return _may_be_an_image(name) and (suffix in _IMAGE_SUFFIXES or suffix == "" or suffix[1:].isdigit())
+    if not _may_be_an_image(name):
+        return False
+    return suffix in _IMAGE_SUFFIXES or ((suffix == "" or suffix[1:].isdigit()) and any(c.isdigit() for c in name))
 
 
 def _cut_in_preamble(head: bytes) -> bool:

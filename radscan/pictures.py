@@ -87,8 +87,8 @@ def _font_file() -> Path:
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans (shipped with matplotlib): Latin with every accent, Greek and Cyrillic, so that a
     folder named for Zürich or São Paulo reads in the caption (Pillow's default font has ASCII only);
-    a script it lacks (Chinese, Arabic) is written as code points (`drawable`). Pillow's default
-    when it is missing."""
+    a script it lacks (Chinese, Japanese, Korean, Hebrew...) is written as code points (`drawable`).
+    Pillow's default when it is missing."""
     try:
         return ImageFont.truetype(str(_font_file()), size)
     except OSError:

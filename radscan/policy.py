@@ -18,21 +18,28 @@ FRAME_POLICIES = ("skip", "first", "middle")
 DEFAULT_MODALITIES = ("CR", "DX")
 # Values seen in the wild for a chest film; an empty BodyPartExamined is accepted (often unset).
 DEFAULT_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS")
-# With the default list, a BodyPartExamined one of whose words begins so names the chest too: sites
-# write the chest in their own words and languages (CHEST PA, PORT CHEST, TORAX, THORACIC, POUMON,
-# PULMAO, BRUSTKORB, TORACE, PECHO, CXR), and a chest film skipped by its name is a film lost (a
+# With a list that holds one of DEFAULT_BODY_PARTS, a BodyPartExamined one of whose words begins so names
+# the chest too: sites write the chest in their own words and languages (CHEST PA, PORT CHEST, TORAX,
+# POUMON, PULMAO, BRUSTKORB, TORACE, PECHO, CXR), and a chest film skipped by its name is a film lost (a
 # trial: five of six chest films skipped, exit 0, no word). Quality control still judges each film.
 CHEST_WORDS = ("CHEST", "THORA", "TORA", "LUNG", "POUMON", "PULM", "BRUST", "PETTO", "PECHO", "CXR")
+# ...unless the value names a part of the chest's skeleton instead, in any of those languages: the
+# thoracic spine (THORACIC SPINE, THORACOLUMBAR, BRUSTWIRBELSAEULE, COLUNA TORACICA) or the sternum
+# (BRUSTBEIN); a review found them read as chests
+NOT_THE_CHEST = ("SPIN", "WIRBEL", "COLUN", "VERTEB", "LUMB", "BEIN", "STERN", "RACHI", "DORS", "SACR", "CERVI")
 
 
 def names_the_chest(body_part: str) -> bool:
     """Whether a BodyPartExamined value (any case; words split at spaces, _, -, /, commas, dots or a
     multi-value backslash) names the chest: one of DEFAULT_BODY_PARTS, or a word that begins with one
-    of CHEST_WORDS."""
+    of CHEST_WORDS and none of its text NOT_THE_CHEST."""
     text = body_part.strip().upper()
     if text in DEFAULT_BODY_PARTS:
         return True
-    return any(word.startswith(CHEST_WORDS) for word in re.split(r"[\s_\-/\\,.]+", text) if word)
+    words = [word for word in re.split(r"[\s_\-/\\,.]+", text) if word]
+    return any(word.startswith(CHEST_WORDS) for word in words) and not any(part in text for part in NOT_THE_CHEST)
+
+
 # What a study is for a file whose content names none (JPEG, PNG, a DICOM without StudyInstanceUID):
 # "folder" its folder, "file" the file alone, "auto" the folder unless the folder holds more files
 # than one examination has (FOLDER_STUDY_LIMIT), when each file is its own study. A chest study is one
@@ -51,8 +58,8 @@ class Policy:
     Attributes
     ----------
     modalities : allowed Modality values; ``None`` allows any (``--modalities all``)
-    body_parts : allowed BodyPartExamined values when the tag is set; ``None`` allows any; the
-        default list allows any value that `names_the_chest` as well
+    body_parts : allowed BodyPartExamined values when the tag is set; ``None`` allows any; a list
+        that holds one of DEFAULT_BODY_PARTS allows any value that `names_the_chest` as well
     frames : multi-frame objects: ``skip`` them, or use the ``first`` or ``middle`` frame
     for_processing : also use images whose PresentationIntentType is FOR PROCESSING (raw detector
         data that is not meant for display; off by default)

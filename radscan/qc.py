@@ -66,7 +66,8 @@ WARN_OFF_CENTRE = "the chest is off-centre"
 # and a film they would have stopped read "pass" (a trial: inverted films scored 0.999 and listed first)
 WARN_UNCHECKED = "not checked for orientation or for being a chest film"
 UNCHECKED = (f"{WARN_UNCHECKED}: the model has no quality control reference (trained on fewer than 50 usable "
-             "normals), so a film turned round, inverted or of another body part is scored as a chest film")
+             "normals, or before radscan 0.2), so a film turned round, inverted or of another body part is scored "
+             "as a chest film")
 # the smallest side of a film worth judging: radscan reads films of 64 px (NIH's small copies) and up;
 # a 2x2 or 16x16 image is an icon, a test pattern or a damaged file
 MIN_SIDE = 32

@@ -403,8 +403,8 @@ def _train(normals: Sequence[str], out_dir: Path, model_cfg: SimSIDConfig, tcfg:
     if distinct >= MIN_REFERENCE:
         metadata["qc"] = save_reference(fit_reference(whole), out_dir)
     else:
-        copies = f" ({len(whole)} files, the others copies of these)" if distinct < len(whole) else ""
-        log.warning("only %d distinct usable normal images%s (those quality control kept): no QC reference (needs "
+        copies = f" in {len(whole)} files (the others copies of these)" if distinct < len(whole) else ""
+        log.warning("only %d distinct usable normal images%s, of those quality control kept: no QC reference (needs "
                     "%d); wrong-way-round and non-chest images will not be caught when this model scores: give more "
                     "normals", distinct, copies, MIN_REFERENCE)
     if data.follow is not None:  # before the weights, which seal its sha256 (radscan.model.metadata.sealed_extras)

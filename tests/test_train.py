@@ -587,7 +587,7 @@ def test_copies_among_the_normals_are_warned_and_counted_once_for_the_qc_referen
         train([str(folder)], tmp_path / "m", TINY, FAST, workers=1, progress=False)
     said = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any(line.startswith("12 of 52 normals are copies of another") for line in said), said
-    assert any(line.startswith("only 40 distinct usable normal images (52 files") for line in said), said
+    assert any(line.startswith("only 40 distinct usable normal images in 52 files") for line in said), said
     assert "qc" not in load_model(tmp_path / "m")[1]
 
 

@@ -83,8 +83,9 @@ def selection_options(command: Callable) -> Callable:
     @click.option("--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, callback=_check_list,
                   help="Comma-separated Modality values to use, or 'all'.")
     @click.option("--body-parts", default=",".join(DEFAULT_BODY_PARTS), show_default=True, callback=_check_list,
-                  help="BodyPartExamined values to use when the tag is set, or 'all'. The default list also "
-                       "takes a value one of whose words names the chest (CHEST PA, TORAX, POUMON).")
+                  help="BodyPartExamined values to use when the tag is set, or 'all'. A list holding CHEST, "
+                       "THORAX or LUNG also takes a value one of whose words names the chest (CHEST PA, TORAX, "
+                       "POUMON), not the spine.")
     @click.option("--frames", type=click.Choice(FRAME_POLICIES), default="skip", show_default=True,
                   help="Multi-frame objects: skip them, or use their first or middle frame.")
     @click.option("--for-processing", is_flag=True,

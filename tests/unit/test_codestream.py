@@ -144,3 +144,40 @@ def test_a_deflated_data_set_that_inflates_beyond_the_pixel_limit_is_not_read(tm
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)  # not deflated: the pixel limit is the header's
     assert ingest_one(tmp_path / "plain.dcm", Policy(max_pixels=20000))[0].status == "ok"
+
+
+def _deflated(path: Path, rows: int, columns: int, preamble: bool = True) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = DigitalXRayImageStorageForPresentation, generate_uid()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ramp = np.random.default_rng(0).integers(0, 4096, (rows, columns), dtype=np.uint16)
+    ds.PixelData = ramp.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    if not preamble:  # a file written without its preamble and marker (PS3.10 7.1 lets readers meet them)
+        path.write_bytes(path.read_bytes()[132:])
+    return path
+
+
+def test_a_deflated_film_of_more_than_a_chunk_is_read_and_a_damaged_stream_is_no_radscan_bug(tmp_path):
+    """A review: a real 1024 x 1024 deflated film (over 1 MiB inflated, a pad byte after the stream)
+    spun forever in the inflate count; a damaged stream escaped as "a radscan bug". The first is read,
+    the second is an error that says the file is damaged; without a preamble the limit holds too."""
+    path = _deflated(tmp_path / "big.dcm", 800, 800)
+    assert ingest_one(path)[0].status in ("ok", "rejected")  # read (quality control judges noise)
+    from radscan.dicom import _meta_end  # noqa: PLC2701 (where the deflated stream starts)
+
+    data = bytearray(path.read_bytes())
+    start = _meta_end(bytes(data[:4096]))
+    data[start + 5:start + 40] = b"\xff" * 35  # the stream's first block header broken (a review's file)
+    (tmp_path / "damaged.dcm").write_bytes(bytes(data))
+    record, _ = ingest_one(tmp_path / "damaged.dcm")
+    assert record.status == "error" and "radscan bug" not in record.reason, record.reason
+    bare = _deflated(tmp_path / "bare.dcm", 128, 128, preamble=False)
+    assert ingest_one(bare)[0].status in ("ok", "rejected")
+    record, _ = ingest_one(bare, Policy(max_pixels=1000))
+    assert record.status == "error" and "inflates to more than" in record.reason, record.reason
