@@ -106,6 +106,10 @@ def _glyphs() -> frozenset[int]:
         return frozenset(range(32, 127))
 
 
+# one drawn character: a character, or a code point `drawable` wrote, which a line never splits
+_DRAWN_CHARACTER = re.compile(r"<U\+[0-9A-F]{4,6}>|.", re.DOTALL)
+
+
 def drawable(text: str) -> str:
     """`text` with each character the caption font has no glyph for written as its code point,
     <U+60A3>: two patient IDs in Chinese were both drawn as boxes, "□□123", and read alike (a trial)."""
@@ -255,7 +259,7 @@ def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
             if current and font.getlength(current + part) > width:
                 lines.append(current)
                 current = ""
-            for character in part:  # a folder or name wider than the line on its own
+            for character in re.findall(_DRAWN_CHARACTER, part):  # a name wider than the line on its own
                 if current and font.getlength(current + character) > width:
                     lines.append(current)
                     current = ""

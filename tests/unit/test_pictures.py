@@ -157,3 +157,11 @@ def test_characters_the_caption_font_lacks_are_drawn_as_code_points_and_ids_stay
     assert all(ord(character) in _glyphs() for character in shown)
     assert shown.endswith(latin) and f"<U+{ord(first[0]):04X}>" in shown
     assert (drawable(first) == drawable(second)) == (first == second)
+
+
+def test_a_line_of_code_points_wider_than_the_caption_is_broken_between_them_not_inside():
+    """A review: a long name of characters without glyphs broke inside "<U+60A3>"."""
+    from radscan.pictures import _caption_lines  # noqa: PLC2701
+
+    lines = _caption_lines("患" * 60, 300)
+    assert len(lines) > 1 and all(re.fullmatch(r"(<U\+60A3>)+", line) for line in lines), lines
