@@ -340,15 +340,22 @@ def iso_date(value: str) -> str:
         return ""
 
 
+def _birth_date(value: str) -> str:
+    """A PatientBirthDate (DA) as ISO 8601 when it is a real birth date, else "": not a calendar date,
+    or before 1901 (de-identification's placeholder 19000101: see `age_by_dates`)."""
+    born = iso_date(value)
+    return born if born >= "1901" else ""
+
+
 def age_by_dates(birth: str, on: str) -> float | None:
     """Whole years from a birth date to a date, both DA values (PS3.5 6.2; read as `iso_date`), as a
     birthday counts them; negative (-1 or less) when the birth is after the date, a header that
     cannot be right (quality control says so: a trial's films born after their study, or in 2099,
     passed as of unknown age); None when either is not a real date, or the birth date is before
     1901: de-identification's placeholder (19000101, three of the real files in ../shared/data, one
-    of them a 10-year-old's by its PatientAge), not a birth."""
-    born, then = iso_date(birth), iso_date(on)
-    if not born or not then or born < "1901":
+    of them a 10-year-old's by its PatientAge), not a birth (`_birth_date`)."""
+    born, then = _birth_date(birth), iso_date(on)
+    if not born or not then:
         return None
     (y0, m0, d0), (y1, m1, d1) = ((int(part) for part in text.split("-")) for text in (born, then))
     return float(y1 - y0 - ((m1, d1) < (m0, d0)))
@@ -366,11 +373,9 @@ def _fill_header_fields(ds: Dataset, record: ImageRecord) -> None:
     # a children's model's population check); the birth date is read here and not kept
     taken = next((text for keyword in _FILM_DATES if iso_date(text := header_text(ds, keyword))), "")
     birth = header_text(ds, "PatientBirthDate")
-    record.age_by_dates = age_by_dates(birth, taken)
-    if record.age_by_dates is None and not taken and age_by_dates(birth, "29991231") is not None:
-        # a real birth date and no usable date of the film (StudyDate 2024-13-45, or none): the age
-        # cannot be counted, which quality control says rather than pass the film as of unknown age (a trial)
-        record.age_by_dates = NO_FILM_DATE
+    # a real birth date and no usable date of the film (StudyDate 2024-13-45, or none): the age cannot be
+    # counted, which quality control says rather than pass the film as of unknown age (a trial)
+    record.age_by_dates = NO_FILM_DATE if not taken and _birth_date(birth) else age_by_dates(birth, taken)
     record.StudyDate = iso_date(record.StudyDate)
     record.study_key = record.StudyInstanceUID or record.study_key
     record.transfer_syntax = shown_uid(header_text(file_meta(ds), "TransferSyntaxUID"))

@@ -205,7 +205,7 @@ def score(inputs: Sequence[str], outputs: OutputPaths, settings: ScoreSettings) 
                 _score_new(todo, settings, phi, qc, scorer, store, cluster)
             raise_if_stop_asked()  # and never lets it replace the outputs
             threshold = scorer.threshold  # the model is verified even when nothing was new
-            by_root = store.films_by_root(READS_ONLY)  # one pass over the table: what this run saw, per root
+            by_root = store.films_by_root()  # one pass over the table: what this run saw, per root
             _refuse_filmless(inputs, by_root)
             lock.confirm()  # the shared outputs follow: never beside another run's
             delivery = _deliver(store, outputs, settings, scorer.provenance, identity)

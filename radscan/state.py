@@ -696,21 +696,18 @@ class StateStore:
         return [_parse_row(row) or {} for (row,) in self._db.execute(
             "SELECT row FROM results WHERE seen = ? AND status = ?", (self.run_id, "skipped"))]
 
-    def films_by_root(self, images_not_read: str) -> dict[str, tuple[int, int, int]]:
+    def films_by_root(self) -> dict[str, tuple[int, int, int]]:
         """Per resolved input root: (files this run listed, images among them, films of earlier runs it
-        did not see, which `prune` would remove). Films as the study list counts them (scored,
-        rejected, unreadable, or DICOM images skipped); images also any other DICOM object (a
-        structured report: a PACS folder, the listener's spool) and files skipped with a reason that
-        holds `images_not_read` (a TIFF: its row says to export it)."""
-        image = (f"({_LISTED} OR json_extract(row, '$.kind') = 'dicom' "
-                 "OR (status = 'skipped' AND instr(json_extract(row, '$.reason'), :unread) > 0))")
+        did not see, which `prune` would remove). Films as the study list counts them (`_LISTED`:
+        scored, rejected, unreadable, DICOM images skipped, images in a format radscan does not read);
+        images also any other DICOM object (a structured report: a PACS folder, the listener's spool)."""
+        image = f"({_LISTED} OR json_extract(row, '$.kind') = 'dicom')"
         query = f"""SELECT substr(key, 1, instr(key, x'00') - 1) AS root, SUM(seen = :run),
                            SUM(seen = :run AND {image}), SUM(seen != :run AND {_LISTED})
                     FROM results GROUP BY root"""
         return {(root.decode("utf-8", "surrogateescape") if isinstance(root, bytes) else str(root)):
                 (now or 0, images or 0, gone or 0)
-                for root, now, images, gone in self._db.execute(query, {"run": self.run_id,
-                                                                         "unread": images_not_read})}
+                for root, now, images, gone in self._db.execute(query, {"run": self.run_id})}
 
     def prune(self, keep_roots: Collection[str] = ()) -> list[dict[str, Any]]:
         """Delete the rows of files this run did not see (deleted from the inputs, or under another
